@@ -1,0 +1,322 @@
+"""The user-facing API: `FastModel.from_pretrained`, `FastModel.get_peft_model`, `for_inference`/`for_training`.
+
+`FastModel` reads a checkpoint's config and hands over to the family class registered for its model_type
+(`FastAfmoeModel`, ...). Each family class names the transformers forwards it swaps (`patches()`) and its
+default LoRA targets; everything else is shared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from fastmoe import patching
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPUs that have it, else fp16 on a GPU, fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype()
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    raise ValueError(
+        f"dtype={dtype!r} is not supported: use torch.bfloat16, torch.float16, torch.float32 "
+        "(or their names), or None to pick the best one for this machine"
+    )
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
+
+
+def _load_config(model_name: str, token: str | None):
+    from transformers import AutoConfig
+
+    if _is_local(model_name) and not os.path.isdir(os.path.expanduser(model_name)):
+        raise FileNotFoundError(f"model path {model_name!r} does not exist")
+    try:
+        return AutoConfig.from_pretrained(model_name, token=token)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"could not load a model config from {model_name!r}: it is neither a local folder with a "
+            f"config.json nor a reachable Hugging Face Hub id ({error.__class__.__name__}: {error})"
+        ) from error
+
+
+def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def _load_tokenizer(model_name: str, token: str | None, max_seq_length: int):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name, token=token)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS (or UNK) as PAD is safe.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.model_max_length = max_seq_length
+    return tokenizer
+
+
+class FastBaseModel:
+    """What every family shares. A family subclass sets `model_type`, `default_target_modules`,
+    `default_target_parameters` and implements `patches()`."""
+
+    model_type: str = ""
+    default_target_modules: tuple[str, ...] = ()
+    default_target_parameters: tuple[str, ...] = ()
+
+    @classmethod
+    def patches(cls) -> list[patching.ForwardPatch]:
+        raise NotImplementedError(f"{cls.__name__} must list its patches")
+
+    @classmethod
+    def pre_patch(cls) -> None:
+        """Swap transformers' forwards for fastmoe's (idempotent)."""
+        patching.apply_patches(cls.patches())
+
+    @classmethod
+    def unpatch(cls) -> None:
+        patching.remove_patches(cls.patches())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        max_seq_length: int = 2048,
+        dtype: Any = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        token: str | None = None,
+        **kwargs: Any,
+    ):
+        """Load a causal LM and its tokenizer with this family's forwards patched. Returns (model, tokenizer)."""
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            raise ValueError("full_finetuning trains every weight, which quantized weights cannot: drop load_in_4bit/8bit")
+        torch_dtype = _resolve_dtype(dtype)
+        quantization_config = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+        if quantization_config is not None and not torch.cuda.is_available():
+            warnings.warn("bitsandbytes quantization without a CUDA GPU runs on its slow CPU backend", stacklevel=2)
+        config = _load_config(model_name, token)
+        if cls.model_type and config.model_type != cls.model_type:
+            raise ValueError(
+                f"{cls.__name__} loads model_type {cls.model_type!r}, but {model_name!r} is {config.model_type!r}; "
+                "use FastModel.from_pretrained to dispatch on the checkpoint's own type"
+            )
+        cls.pre_patch()
+        max_positions = getattr(config, "max_position_embeddings", None)
+        if max_positions is not None and max_seq_length > max_positions:
+            warnings.warn(
+                f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={max_positions}; "
+                "positions beyond it were never trained",
+                stacklevel=2,
+            )
+        return _load(model_name, config, max_seq_length, torch_dtype, quantization_config, full_finetuning,
+                     device_map, attn_implementation, token, kwargs)
+
+    @classmethod
+    def get_peft_model(
+        cls,
+        model,
+        r: int = 16,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | str | None = None,
+        target_parameters: list[str] | None = None,
+        bias: str = "none",
+        use_rslora: bool = False,
+        use_gradient_checkpointing: bool = True,
+        random_state: int = 3407,
+        **lora_kwargs: Any,
+    ):
+        """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):
+            raise ValueError("model already has LoRA adapters; call get_peft_model on the base model once")
+        if getattr(model, "_fastmoe_full_finetuning", False):
+            raise ValueError("the model was loaded with full_finetuning=True: train it directly, without LoRA")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if use_gradient_checkpointing not in (True, False):
+            raise ValueError(f"use_gradient_checkpointing must be True or False, got {use_gradient_checkpointing!r}")
+        family = patching.family_class(model.config.model_type) or cls
+        if target_modules is None:
+            target_modules = list(family.default_target_modules)
+            if target_parameters is None:
+                target_parameters = list(family.default_target_parameters)
+        elif isinstance(target_modules, str) and target_modules != "all-linear":
+            target_modules = [target_modules]
+        _check_targets(model, target_modules, target_parameters)
+
+        torch.manual_seed(random_state)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            target_parameters=target_parameters or None,
+            bias=bias,
+            use_rslora=use_rslora,
+            task_type="CAUSAL_LM",
+            **lora_kwargs,
+        )
+        if use_gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return get_peft_model(model, config)
+
+    @staticmethod
+    def for_inference(model):
+        """Eval mode with the KV cache on."""
+        model.eval()
+        _base_config(model).use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model):
+        """Train mode; the cache is off since gradient checkpointing recomputes the forward."""
+        model.train()
+        _base_config(model).use_cache = False
+        return model
+
+
+def _base_config(model):
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def _check_targets(model, target_modules, target_parameters) -> None:
+    """peft ignores a target name that matches nothing as long as another matches; we refuse it instead."""
+    module_names = [name for name, _ in model.named_modules()]
+    if isinstance(target_modules, list):
+        for target in target_modules:
+            if not any(name == target or name.endswith("." + target) for name in module_names):
+                raise ValueError(
+                    f"target module {target!r} matches no module of this {model.config.model_type} model; "
+                    f"its linear layers are named like: {_linear_suffixes(model)}"
+                )
+    param_names = [name for name, _ in model.named_parameters()]
+    for target in target_parameters or []:
+        if not any(name == target or name.endswith("." + target) for name in param_names):
+            raise ValueError(f"target parameter {target!r} matches no parameter of this model")
+
+
+def _linear_suffixes(model) -> list[str]:
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def _load(model_name, config, max_seq_length, dtype, quantization_config, full_finetuning,
+          device_map, attn_implementation, token, kwargs):
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(os.path.expanduser(model_name), "adapter_config.json")):
+        raise ValueError(f"{model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
+    load_kwargs = dict(dtype=dtype, token=token, **kwargs)
+    if quantization_config is not None:
+        load_kwargs["quantization_config"] = quantization_config
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
+    model.max_seq_length = max_seq_length
+    model._fastmoe_full_finetuning = full_finetuning
+    if not full_finetuning:
+        # LoRA trains adapters only; freeze the base now so a plain trainer on the returned model cannot
+        # silently update billions of weights.
+        model.requires_grad_(False)
+    tokenizer = _load_tokenizer(model_name, token, max_seq_length)
+    return model, tokenizer
+
+
+class FastModel(FastBaseModel):
+    """Dispatches on the checkpoint's `config.model_type` to the registered family class."""
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, max_seq_length: int = 2048, dtype: Any = None,
+                        load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
+                        device_map: Any = None, attn_implementation: str | None = None, token: str | None = None,
+                        **kwargs: Any):
+        if isinstance(model_name, str) and os.path.isfile(
+            os.path.join(os.path.expanduser(model_name), "adapter_config.json")
+        ):
+            return _from_adapter_folder(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit,
+                                        device_map, attn_implementation, token, kwargs)
+        config = _load_config(model_name, token)
+        family = patching.family_class(config.model_type)
+        if family is None:
+            warnings.warn(
+                f"fastmoe has no fast path for model_type {config.model_type!r} (supported: "
+                f"{', '.join(sorted(patching.FAMILIES))}); loading it as plain transformers",
+                stacklevel=2,
+            )
+            family = FastBaseModel
+            torch_dtype = _resolve_dtype(dtype)
+            return _load(model_name, config, max_seq_length, torch_dtype,
+                         _quantization_config(load_in_4bit, load_in_8bit, torch_dtype), full_finetuning,
+                         device_map, attn_implementation, token, kwargs)
+        return family.from_pretrained(model_name, max_seq_length=max_seq_length, dtype=dtype,
+                                      load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                      full_finetuning=full_finetuning, device_map=device_map,
+                                      attn_implementation=attn_implementation, token=token, **kwargs)
+
+
+def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_in_8bit, device_map,
+                         attn_implementation, token, kwargs):
+    """An adapter folder loads its base model (adapter_config.json's base_model_name_or_path), then the adapter,
+    trainable."""
+    from peft import PeftModel
+
+    with open(os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")) as handle:
+        base_name = json.load(handle).get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    model, tokenizer = FastModel.from_pretrained(
+        base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit, device_map=device_map, attn_implementation=attn_implementation,
+        token=token, **kwargs)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True), tokenizer
+
+

@@ -1,0 +1,89 @@
+"""`fastmoe train`: LoRA fine-tuning (SFT) from the command line.
+
+    fastmoe train                                   # built-in tiny AFMoE model + built-in data, CPU-friendly
+    fastmoe train --model PATH_OR_HUB_ID --dataset data.jsonl --max-steps 200 --output-dir out
+
+User errors (a missing path, an unusable data set, a bad value) print one line, `fastmoe: error: ...`, and exit
+with status 2; a failure during training itself is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fastmoe import training
+from fastmoe.training import TrainOptions
+
+EXIT_USAGE = 2
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; one line that names the problem is easier to read."""
+
+    def error(self, message: str):
+        _fail(f"{message} (see '{self.prog} --help')")
+
+
+def _fail(message: str):
+    # Errors from deeper libraries can span lines; the contract is one line.
+    print(f"fastmoe: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainOptions(output_dir="fastmoe-output")
+    parser = _OneLineErrorParser(prog="fastmoe", description="Fast LoRA fine-tuning of Mixture-of-Experts models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
+    train = commands.add_parser(
+        "train", help="LoRA fine-tune (SFT) a model on an instruction or chat data set",
+        description="LoRA fine-tune (SFT, trl's SFTTrainer) a causal LM loaded with fastmoe.FastModel. With no "
+                    "--model, a small built-in AFMoE model with random weights is used; with no --dataset, the "
+                    "instruction data shipped with fastmoe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--model", default=None,
+                       help="local checkpoint folder or Hugging Face Hub id (default: the built-in tiny AFMoE model)")
+    train.add_argument("--dataset", default=None,
+                       help='local .json/.jsonl file or Hub data set; records with "messages", "prompt"/"completion", '
+                            '"instruction"/"response" or "text" (default: the built-in instruction data)')
+    train.add_argument("--output-dir", default=defaults.output_dir,
+                       help="where the adapter, tokenizer and trainer_state.json are written")
+    train.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps")
+    train.add_argument("--max-seq-length", type=int, default=defaults.max_seq_length,
+                       help="longer examples are truncated")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per device per step")
+    train.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"peak learning rate, decaying linearly (default: {training.BUILTIN_LR} for the built-in "
+                            f"model, whose weights are random; {training.DEFAULT_LR} for any other)")
+    train.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
+    train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes)")
+    train.add_argument("--load-in-8bit", action="store_true", help="8-bit base weights (bitsandbytes)")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in the backward pass (default: on with a CUDA GPU, off on CPU)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = TrainOptions(
+        output_dir=args.output_dir, model=args.model, dataset=args.dataset, max_steps=args.max_steps,
+        max_seq_length=args.max_seq_length, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, seed=args.seed, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        gradient_checkpointing=args.gradient_checkpointing)
+
+    try:
+        trainer, model, tokenizer = training.prepare(options)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        _fail(str(error))
+    summary = training.run(options, trainer, model, tokenizer)
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

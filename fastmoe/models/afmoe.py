@@ -1,0 +1,102 @@
+"""AFMoE (Arcee Trinity): sigmoid token-choice routing with expert bias, a shared expert, QK RMSNorm,
+RoPE on sliding-window layers only, sigmoid-gated attention output, four norms per layer, dense first layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.models.afmoe import modeling_afmoe as hf
+
+from fastmoe.api import FastBaseModel
+from fastmoe.expert_lora import unwrap_expert_lora
+from fastmoe.kernels.attention_gate import attention_gate
+from fastmoe.kernels.moe_experts import moe_experts
+from fastmoe.kernels.moe_routing import route_sigmoid_topk
+from fastmoe.kernels.qk_norm_rope import qk_norm_rope
+from fastmoe.kernels.rms_norm import rms_norm
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.patching import ForwardPatch
+
+
+def rms_norm_forward(self: hf.AfmoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor):
+    router_logits = self.gate(hidden_states.view(-1, hidden_states.shape[-1])).to(torch.float32)
+    top_scores, selected_experts = route_sigmoid_topk(
+        router_logits, expert_bias, self.top_k, normalize=True, norm_eps=1e-20, scale=self.route_scale
+    )
+    return router_logits, top_scores, selected_experts
+
+
+def routed_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """(tokens, hidden) through the routed experts, with peft's expert LoRA applied unmerged by our kernels."""
+    unwrapped = unwrap_expert_lora(experts)
+    if unwrapped is None:
+        return experts(hidden, top_k_index, top_k_weights)
+    bare, loras = unwrapped
+    return moe_experts(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.down_proj,
+                       gate_up_lora=loras.get("gate_up_proj"), down_lora=loras.get("down_proj"))
+
+
+def sparse_moe_forward(self: hf.AfmoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    _, top_scores, selected_experts = self.router(hidden_states, self.expert_bias)
+    shared = self.shared_experts(flat)
+    routed = routed_experts(self.experts, flat, selected_experts, top_scores)
+    return (shared + routed).view(batch_size, seq_len, hidden_dim)
+
+
+def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embeddings, attention_mask,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    # Full-attention layers of AFMoE take no RoPE at all.
+    cos, sin = position_embeddings if self.is_local_attention else (None, None)
+    query = qk_norm_rope(self.q_proj(hidden_states).view(hidden_shape), self.q_norm.weight, cos, sin,
+                         self.q_norm.variance_epsilon, norm="rms")
+    key = qk_norm_rope(self.k_proj(hidden_states).view(hidden_shape), self.k_norm.weight, cos, sin,
+                       self.k_norm.variance_epsilon, norm="rms")
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    gate = self.gate_proj(hidden_states)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    output, attn_weights = attention_interface(
+        self, query, key, value,
+        attention_mask=attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=self.sliding_window,
+        **kwargs,
+    )
+    output = attention_gate(output.reshape(*input_shape, -1), gate)
+    return self.o_proj(output), attn_weights
+
+
+_causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
+
+
+class FastAfmoeModel(FastBaseModel):
+    model_type = "afmoe"
+    # Attention (its output gate_proj included), dense and shared-expert MLPs; routers stay frozen.
+    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    default_target_parameters = ("experts.gate_up_proj", "experts.down_proj")
+
+    @classmethod
+    def patches(cls) -> list[ForwardPatch]:
+        return [
+            ForwardPatch(hf.AfmoeRMSNorm, "forward", rms_norm_forward),
+            ForwardPatch(hf.AfmoeTokenChoiceRouter, "forward", router_forward),
+            ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward),
+            ForwardPatch(hf.AfmoeAttention, "forward", attention_forward),
+            ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward),
+        ]

@@ -1,0 +1,78 @@
+"""The causal-LM forward every family shares: transformers' own, except that a training step with labels
+computes its loss with fastmoe's chunked linear cross-entropy instead of materialising (tokens, vocab) logits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastmoe.kernels.linear_cross_entropy import linear_cross_entropy, shift_labels
+
+
+def check_sequence_length(model, input_ids, inputs_embeds) -> None:
+    limit = getattr(model, "max_seq_length", None)
+    source = input_ids if input_ids is not None else inputs_embeds
+    if limit is None or source is None or source.dim() < 2:
+        return
+    length = source.shape[1]
+    if length > limit:
+        raise ValueError(
+            f"input of {length} tokens is longer than max_seq_length={limit} given to FastModel.from_pretrained; "
+            "truncate the inputs or load the model with a larger max_seq_length"
+        )
+
+
+def _keeps_all(logits_to_keep) -> bool:
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def fused_loss_forward(original_forward):
+    """Wrap a transformers *ForCausalLM.forward so training steps with labels use the chunked fused loss.
+
+    Inference, evaluation and calls without labels run transformers' forward unchanged (logits included).
+    """
+
+    @functools.wraps(original_forward)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        check_sequence_length(self, input_ids, inputs_embeds)
+        common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        # An adapter on lm_head (or a quantized head) is applied by its module's forward, not by its .weight.
+        plain_head = type(self.lm_head) is torch.nn.Linear
+        if labels is None or not self.training or not plain_head or not _keeps_all(logits_to_keep):
+            return original_forward(self, labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
+
+        return_dict = kwargs.pop("return_dict", None)
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        captured = {}
+
+        def keep_last_hidden(module, args, output):
+            captured["hidden"] = output.last_hidden_state
+
+        # Run transformers' own forward for everything but the head: it keeps zero positions for the logits
+        # (an empty index), and the hook hands us the final hidden states.
+        handle = self.model.register_forward_hook(keep_last_hidden)
+        try:
+            empty = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
+            outputs = original_forward(self, labels=None, logits_to_keep=empty, return_dict=True, **common, **kwargs)
+        finally:
+            handle.remove()
+        hidden = captured["hidden"]
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.lm_head.weight,
+            shift_labels(labels.to(hidden.device)),
+            bias=self.lm_head.bias,
+            logit_scale=float(getattr(self, "logit_scale", 1.0)),
+            num_items_in_batch=num_items_in_batch,
+        )
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
+        outputs.loss = loss
+        outputs.logits = None
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    return forward

@@ -1,0 +1,79 @@
+"""Cohere (Command R, Aya Expanse): bias-free LayerNorm with fp32 statistics, optional per-head QK LayerNorm,
+interleaved RoPE computed in fp32, a parallel attention + MLP block under one input norm, dense SwiGLU MLP and
+`logit_scale` on the logits. A dense model: LoRA targets linear layers only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.models.cohere import modeling_cohere as hf
+
+from fastmoe.api import FastBaseModel
+from fastmoe.kernels.layer_norm import layer_norm
+from fastmoe.kernels.qk_norm_rope import qk_norm_rope
+from fastmoe.kernels.rope import apply_rope
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.patching import ForwardPatch
+
+
+def layer_norm_forward(self: hf.CohereLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    # One module class serves the (hidden,) block norms and the (heads, head_dim) QK norms; layer_norm takes both.
+    return layer_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _heads_with_rope(states: torch.Tensor, norm: hf.CohereLayerNorm | None, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, heads, head_dim) projection -> (batch, heads, seq, head_dim), QK-normed when the model has it.
+
+    transformers normalises before the transpose and rotates in fp32 with neighbour pairs (interleaved)."""
+    if norm is None:
+        return apply_rope(states.transpose(1, 2), cos, sin, interleaved=True)
+    return qk_norm_rope(states, norm.weight, cos, sin, norm.variance_epsilon, norm="layer", interleaved=True)
+
+
+def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddings, attention_mask,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    q_norm = self.q_norm if self.use_qk_norm else None
+    k_norm = self.k_norm if self.use_qk_norm else None
+    query = _heads_with_rope(self.q_proj(hidden_states).view(hidden_shape), q_norm, cos, sin)
+    key = _heads_with_rope(self.k_proj(hidden_states).view(hidden_shape), k_norm, cos, sin)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    output = output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(output), attn_weights
+
+
+# CohereForCausalLM keeps config.logit_scale as `self.logit_scale`, which fused_loss_forward applies to the fused
+# loss's logits, exactly where transformers multiplies them.
+_causal_lm_forward = fused_loss_forward(hf.CohereForCausalLM.forward)
+
+
+class FastCohereModel(FastBaseModel):
+    model_type = "cohere"
+    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    default_target_parameters = ()
+
+    @classmethod
+    def patches(cls) -> list[ForwardPatch]:
+        # The decoder layer stays transformers': its parallel block is two additions, nothing to fuse for.
+        return [
+            ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward),
+            ForwardPatch(hf.CohereAttention, "forward", attention_forward),
+            ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward),
+        ]

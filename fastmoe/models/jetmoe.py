@@ -1,0 +1,176 @@
+"""JetMoe: a mixture of MLP experts (`JetMoeMoE`) and a mixture of attention heads (`JetMoeMoA`: each expert owns
+a query and an output projection, keys and values are shared), both routed by top-k on the router logits with a
+softmax over the k chosen; an output bias after each mixture; no dense MLP.
+
+transformers groups tokens by expert on the host (`expert_size.tolist()`) and loops over experts; here routing
+stays on the device and the experts run as grouped GEMMs with peft's expert LoRA applied unmerged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from transformers.models.jetmoe import modeling_jetmoe as hf
+
+from fastmoe.api import FastBaseModel
+from fastmoe.expert_lora import unwrap_expert_lora
+from fastmoe.kernels.moe_experts import expert_map, expert_reduce, moe_experts
+from fastmoe.kernels.moe_routing import route_softmax_topk
+from fastmoe.kernels.rms_norm import rms_norm
+from fastmoe.kernels.rope import apply_rope
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.patching import ForwardPatch
+
+
+class Routing(NamedTuple):
+    """What the patched `JetMoeTopKGating` returns.
+
+    transformers records router logits (for `output_router_logits` and the aux loss) as output[4] of this module
+    (`JetMoePreTrainedModel._can_record_outputs`), so they stay at index 4 of a 5-tuple. transformers' fields 2 and 3
+    (gates and group sizes in expert-sorted order) have no use here: the kernels sort on the device themselves.
+    """
+
+    top_k_index: torch.Tensor  # (tokens, k) int64
+    top_k_weights: torch.Tensor  # (tokens, k) fp32
+    sorted_gates: None
+    expert_size: None
+    router_logits: torch.Tensor  # (tokens, experts) fp32
+
+
+def rms_norm_forward(self: hf.JetMoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def top_k_gating_forward(self: hf.JetMoeTopKGating, hidden_states: torch.Tensor) -> Routing:
+    """(tokens, hidden) -> Routing."""
+    router_logits = self.layer(hidden_states).float()
+    top_k_weights, top_k_index = route_softmax_topk(router_logits, self.top_k)
+    return Routing(top_k_index, top_k_weights, None, None, router_logits)
+
+
+def _wrapped_pairs_linear(experts: torch.nn.Module, pairs: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    """(tokens*k, in) rows in (token, slot) order through the experts module as transformers calls it: grouped by
+    expert, with the group sizes on the host. Only for layouts our kernels cannot read the LoRA of (several
+    adapters active at once); the module (peft's wrapper) then applies its own adapters."""
+    flat = top_k_index.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    expert_size = torch.bincount(flat, minlength=experts.get_base_layer().num_experts).tolist()
+    grouped = experts(pairs[order], expert_size)
+    return torch.empty_like(grouped).index_copy(0, order, grouped)
+
+
+def experts_map(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    """(tokens, H) -> (tokens, k, N) through a `JetMoeParallelExperts` (E, N, H), LoRA included."""
+    unwrapped = unwrap_expert_lora(experts)
+    if unwrapped is None:
+        num_tokens, top_k = top_k_index.shape
+        pairs = hidden.repeat_interleave(top_k, dim=0)
+        return _wrapped_pairs_linear(experts, pairs, top_k_index).view(num_tokens, top_k, -1)
+    bare, loras = unwrapped
+    return expert_map(hidden, top_k_index, bare.weight, loras.get("weight"))
+
+
+def experts_reduce(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """(tokens, k, N) -> (tokens, H): each slot through its expert of a `JetMoeParallelExperts` (E, H, N), weighted
+    and summed over slots, LoRA included."""
+    unwrapped = unwrap_expert_lora(experts)
+    if unwrapped is None:
+        num_tokens, top_k, width = x.shape
+        out = _wrapped_pairs_linear(experts, x.reshape(-1, width), top_k_index).view(num_tokens, top_k, -1)
+        return (out * top_k_weights.to(out.dtype)[..., None]).sum(dim=1)
+    bare, loras = unwrapped
+    return expert_reduce(x, top_k_index, top_k_weights, bare.weight, loras.get("weight"))
+
+
+def moe_forward(self: hf.JetMoeMoE, layer_input: torch.Tensor) -> torch.Tensor:
+    batch_size, seq_len, hidden_dim = layer_input.shape
+    flat = layer_input.reshape(-1, hidden_dim)
+    routing = self.router(flat)
+    index, weights = routing.top_k_index, routing.top_k_weights
+    gate_up = unwrap_expert_lora(self.input_linear)
+    down = unwrap_expert_lora(self.output_linear)
+    # input_linear's rows are [activation half; linear half], the (gate; up) layout of the fused SwiGLU experts.
+    if isinstance(self.activation, torch.nn.SiLU) and gate_up is not None and down is not None:
+        out = moe_experts(flat, index, weights, gate_up[0].weight, down[0].weight,
+                          gate_up_lora=gate_up[1].get("weight"), down_lora=down[1].get("weight"))
+    else:
+        gate, up = experts_map(self.input_linear, flat, index).chunk(2, dim=-1)
+        out = experts_reduce(self.output_linear, self.activation(gate) * up, index, weights)
+    return (out + self.bias).view(batch_size, seq_len, hidden_dim)
+
+
+def moa_map(self: hf.JetMoeMoA, layer_input: torch.Tensor):
+    """(batch, seq, hidden) -> ((batch, seq, k, kv_heads * head_dim) queries, router logits, routing).
+
+    The routing takes the place of transformers' topo_info: `moa_reduce` is its only reader."""
+    batch_size, seq_len, hidden_dim = layer_input.shape
+    routing = self.router(layer_input.reshape(-1, hidden_dim))
+    queries = experts_map(self.input_linear, layer_input.reshape(-1, hidden_dim), routing.top_k_index)
+    return queries.view(batch_size, seq_len, self.top_k, -1), routing.router_logits, routing
+
+
+def moa_reduce(self: hf.JetMoeMoA, layer_input: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """(batch, seq, k, kv_heads * head_dim) attention outputs -> (batch, seq, hidden)."""
+    batch_size, seq_len, top_k, width = layer_input.shape
+    out = experts_reduce(self.output_linear, layer_input.reshape(-1, top_k, width), routing.top_k_index,
+                         routing.top_k_weights)
+    return (out + self.bias).view(batch_size, seq_len, self.input_size)
+
+
+def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=None, position_embeddings=None,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+
+    query, router_logits, routing = self.experts.map(hidden_states)
+    key, value = self.kv_proj(hidden_states).chunk(2, dim=-1)
+    cos, sin = position_embeddings
+    # Query heads are (slot, kv head) flattened: slot k's expert query sees kv head h as head k * kv_heads + h.
+    query = apply_rope(query.view(hidden_shape).transpose(1, 2), cos, sin)
+    key = apply_rope(key.view(hidden_shape).transpose(1, 2), cos, sin)
+    value = value.view(hidden_shape).transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    # Tiled (repeat), not interleaved as GQA would, to match that head order; the module's
+    # num_key_value_groups is 1 so the attention functions repeat nothing more.
+    key = key.repeat(1, self.top_k, 1, 1)
+    value = value.repeat(1, self.top_k, 1, 1)
+    output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    output = self.experts.reduce(output.reshape(*input_shape, self.top_k, -1), routing)
+    return output.view(*input_shape, -1), attn_weights, router_logits
+
+
+_causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)
+
+
+class FastJetMoeModel(FastBaseModel):
+    model_type = "jetmoe"
+    # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs
+    # and MLPs are all experts, targeted as parameters of both mixtures (mlp.* and self_attention.experts.*).
+    default_target_modules = ("kv_proj",)
+    default_target_parameters = ("input_linear.weight", "output_linear.weight")
+
+    @classmethod
+    def patches(cls) -> list[ForwardPatch]:
+        return [
+            ForwardPatch(hf.JetMoeRMSNorm, "forward", rms_norm_forward),
+            ForwardPatch(hf.JetMoeTopKGating, "forward", top_k_gating_forward),
+            ForwardPatch(hf.JetMoeMoE, "forward", moe_forward),
+            ForwardPatch(hf.JetMoeMoA, "map", moa_map),
+            ForwardPatch(hf.JetMoeMoA, "reduce", moa_reduce),
+            ForwardPatch(hf.JetMoeAttention, "forward", attention_forward),
+            ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward),
+        ]

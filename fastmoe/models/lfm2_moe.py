@@ -1,0 +1,128 @@
+"""LFM2-MoE (Liquid LFM2-8B-A1B): a hybrid of gated short-convolution and attention layers (QK RMSNorm per head,
+RoPE), dense SwiGLU MLPs in the first layers, then sigmoid top-k routed experts with an expert bias used only
+for choosing experts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.accelerate import force_accelerate_hooks
+from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
+
+from fastmoe.api import FastBaseModel
+from fastmoe.expert_lora import unwrap_expert_lora
+from fastmoe.kernels.moe_experts import moe_experts
+from fastmoe.kernels.moe_routing import route_sigmoid_topk
+from fastmoe.kernels.qk_norm_rope import qk_norm_rope
+from fastmoe.kernels.rms_norm import rms_norm
+from fastmoe.kernels.short_conv import short_conv
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.patching import ForwardPatch
+
+# transformers' own short-conv forward, kept for what our op does not cover: a conv cache (generation) and
+# packed sequences.
+_original_short_conv_forward = hf.Lfm2MoeShortConv.forward
+
+
+def rms_norm_forward(self: hf.Lfm2MoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def router_forward(self: hf.Lfm2MoeTopKRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None):
+    # Logits stay in the model dtype, as transformers returns them (and records them for output_router_logits).
+    router_logits = F.linear(hidden_states, self.weight)
+    routing_weights, selected_experts = route_sigmoid_topk(
+        router_logits, expert_bias if self.use_expert_bias else None, self.top_k,
+        normalize=self.norm_topk_prob, norm_eps=1e-6, scale=self.routed_scaling_factor,
+    )
+    return router_logits, routing_weights, selected_experts
+
+
+def routed_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """(tokens, hidden) through the routed experts, with peft's expert LoRA applied unmerged by our kernels."""
+    unwrapped = unwrap_expert_lora(experts)
+    if unwrapped is None:
+        return experts(hidden, top_k_index, top_k_weights)
+    bare, loras = unwrapped
+    return moe_experts(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.down_proj,
+                       gate_up_lora=loras.get("gate_up_proj"), down_lora=loras.get("down_proj"))
+
+
+def sparse_moe_forward(self: hf.Lfm2MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    expert_bias = self.expert_bias if self.use_expert_bias else None
+    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
+    _, routing_weights, selected_experts = self.gate(flat, expert_bias)
+    routed = routed_experts(self.experts, flat, selected_experts, routing_weights)
+    return routed.view(batch_size, seq_len, hidden_dim)
+
+
+def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddings, attention_mask,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query = qk_norm_rope(self.q_proj(hidden_states).view(hidden_shape), self.q_layernorm.weight, cos, sin,
+                         self.q_layernorm.variance_epsilon, norm="rms")
+    key = qk_norm_rope(self.k_proj(hidden_states).view(hidden_shape), self.k_layernorm.weight, cos, sin,
+                       self.k_layernorm.variance_epsilon, norm="rms")
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs,
+    )
+    return self.out_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+# The conv weight is read directly, not through self.conv's forward: accelerate's offload hooks must be fired
+# by hand, as transformers does for its own forward.
+@force_accelerate_hooks("conv")
+def _short_conv_without_cache(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor,
+                              attention_mask: torch.Tensor | None) -> torch.Tensor:
+    # A 2D padding mask zeroes padded positions before in_proj, so they feed nothing into later positions.
+    hidden_states = hf.apply_mask_to_padding_states(hidden_states, attention_mask)
+    y = short_conv(self.in_proj(hidden_states), self.conv.weight, self.conv.bias)
+    return self.out_proj(y)
+
+
+def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values=None,
+                       attention_mask: torch.Tensor | None = None, **kwargs):
+    # With a cache the conv state is read and written across calls, and packed sequences must restart the
+    # convolution at every boundary: transformers' own path handles both.
+    packed = kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None
+    if past_key_values is not None or packed:
+        return _original_short_conv_forward(self, hidden_states, past_key_values=past_key_values,
+                                            attention_mask=attention_mask, **kwargs)
+    return _short_conv_without_cache(self, hidden_states, attention_mask)
+
+
+_causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)
+
+
+class FastLfm2MoeModel(FastBaseModel):
+    model_type = "lfm2_moe"
+    # Attention (q/k/v, out_proj), short-conv in_proj/out_proj (out_proj names both) and the dense SwiGLU MLPs
+    # (w1 gate, w3 up, w2 down); routers and the depthwise conv stay frozen.
+    default_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
+    default_target_parameters = ("experts.gate_up_proj", "experts.down_proj")
+
+    @classmethod
+    def patches(cls) -> list[ForwardPatch]:
+        return [
+            ForwardPatch(hf.Lfm2MoeRMSNorm, "forward", rms_norm_forward),
+            ForwardPatch(hf.Lfm2MoeTopKRouter, "forward", router_forward),
+            ForwardPatch(hf.Lfm2MoeSparseMoeBlock, "forward", sparse_moe_forward),
+            ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward),
+            ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward),
+            ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward),
+        ]

@@ -1,0 +1,361 @@
+"""What `fastmoe train` does, without the argument parsing: load a model with `FastModel`, add LoRA adapters
+(experts included), turn a data set into one of the formats trl's `SFTTrainer` knows, train, and save the
+adapter, the tokenizer and the trainer state (every step's loss) to one folder.
+
+With no model, a small AFMoE model with random weights is built once into a cache folder; with no data set, the
+instruction data shipped in the package is used. Both together make a run that learns visibly on a CPU in a
+couple of minutes, which is what the CLI's defaults are tuned for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The tiny test config is a little narrow to fit the built-in data visibly within a minute of CPU time; this one
+# keeps the architecture (every AFMoE feature exercised) and widens it. The larger init matters most: LoRA leaves
+# the embeddings and the LM head frozen, and at transformers' 0.02 the head's logits span about +-1, so no adapter
+# could make any token much likelier than the rest.
+BUILTIN_OVERRIDES: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=2048, initializer_range=0.1,
+)
+# LoRA on a pretrained model wants a small step; the built-in model has random weights and 60 steps to show it learns.
+DEFAULT_LR = 2e-4
+BUILTIN_LR = 1e-2
+
+
+@dataclass
+class TrainOptions:
+    """Everything one `fastmoe train` run needs; the CLI's flags map one to one onto these fields."""
+
+    output_dir: str
+    model: str | None = None
+    dataset: str | None = None
+    max_steps: int = 60
+    max_seq_length: int = 1024
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    # None: BUILTIN_LR for the built-in model, DEFAULT_LR for any other.
+    lr: float | None = None
+    lora_r: int = 16
+    lora_alpha: int = 16
+    seed: int = 3407
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    # None: on for CUDA (it saves activation memory), off on the CPU (where it only costs time).
+    gradient_checkpointing: bool | None = None
+
+    def validate(self) -> None:
+        """Refuse bad values before anything slow happens."""
+        positive = dict(max_steps=self.max_steps, max_seq_length=self.max_seq_length, batch_size=self.batch_size,
+                        gradient_accumulation_steps=self.gradient_accumulation_steps, lora_r=self.lora_r)
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit are exclusive: pick one")
+        if self.model is not None and _looks_like_path(self.model) and not Path(self.model).expanduser().is_dir():
+            raise FileNotFoundError(f"model path {self.model!r} does not exist (or is not a folder)")
+        if self.dataset is not None and _looks_like_path(self.dataset) and not Path(self.dataset).expanduser().exists():
+            raise FileNotFoundError(f"dataset file {self.dataset!r} does not exist")
+        output = Path(self.output_dir).expanduser()
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output-dir {self.output_dir!r} exists and is not a folder")
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    seconds: float
+    tokens: int
+    peak_memory_bytes: int
+    memory_kind: str  # "CUDA" (max_memory_allocated) or "RSS" (the process's peak resident set)
+    first_loss: float
+    final_loss: float
+    output_dir: Path
+
+    def line(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"fastmoe train: {self.steps} steps in {self.seconds:.1f}s, {rate:,.0f} tokens/s, "
+                f"peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB ({self.memory_kind}), "
+                f"loss {self.first_loss:.4f} -> {self.final_loss:.4f}; adapter saved to {self.output_dir}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything with a file suffix, a leading ./ ~ / or more slashes is a path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or name.endswith((".json", ".jsonl")) or os.path.exists(name))
+
+
+def cache_dir() -> Path:
+    """Where the built-in model lives: $FASTMOE_CACHE, else ~/.cache/fastmoe (or $XDG_CACHE_HOME/fastmoe)."""
+    if os.environ.get("FASTMOE_CACHE"):
+        return Path(os.environ["FASTMOE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastmoe"
+
+
+def builtin_model_path() -> Path:
+    """The built-in AFMoE checkpoint (random weights, tokenizer trained on the built-in data), built on first use.
+
+    It is kept in a cache rather than a temporary folder because the saved adapter names it as its base model:
+    `PeftModel.from_pretrained` and `FastModel.from_pretrained(output_dir)` find it there later.
+    """
+    from fastmoe.builtin import build_tiny_checkpoint, build_tokenizer
+
+    # Named after its recipe, so changing BUILTIN_OVERRIDES never reuses a stale cached checkpoint.
+    recipe = hashlib.sha256(json.dumps(BUILTIN_OVERRIDES, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / f"builtin-afmoe-{recipe}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: two runs starting at once must never see a half-written checkpoint.
+    staging = target.parent / f".{target.name}.{os.getpid()}"
+    build_tiny_checkpoint("afmoe", staging, seed=0, tokenizer=build_tokenizer(), **BUILTIN_OVERRIDES)
+    try:
+        staging.rename(target)
+    except OSError:
+        # Another run finished first; its checkpoint is the same.
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_records(dataset: str | None):
+    """The data set as a `datasets.Dataset`: the built-in records, a local .json/.jsonl file or a hub data set."""
+    from datasets import Dataset
+
+    if dataset is None:
+        from fastmoe.builtin import builtin_records
+
+        return Dataset.from_list(builtin_records())
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return Dataset.from_list(_read_json_records(path))
+    if path.is_dir() or not _looks_like_path(dataset):
+        return _load_hub_dataset(dataset)
+    raise FileNotFoundError(f"dataset file {dataset!r} does not exist")
+
+
+def _read_json_records(path: Path) -> list[dict]:
+    """A .jsonl file (one object per line) or a .json file holding a list of objects."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"dataset file {str(path)!r} is not valid JSON/JSON lines: {error}") from error
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"dataset file {str(path)!r} must hold JSON objects (a list of them, or one per line)")
+    if not records:
+        raise ValueError(f"dataset file {str(path)!r} holds no records")
+    return records
+
+
+def _load_hub_dataset(name: str):
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split="train")
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"could not load the data set {name!r}: it is neither a local .json/.jsonl file nor a reachable "
+            f"Hugging Face Hub data set with a train split ({error.__class__.__name__}: {error})"
+        ) from error
+    if len(loaded) == 0:
+        raise ValueError(f"data set {name!r} has no records in its train split")
+    return loaded
+
+
+def to_sft_dataset(dataset, tokenizer):
+    """Keep or convert the columns trl's SFTTrainer trains on, and say whether the loss is on assistant turns only.
+
+    Returns (dataset, assistant_only_loss). Accepted records, in order of preference:
+    "messages" (chat turns), "prompt"/"completion", "instruction"/"response" (also Alpaca's "input"/"output"),
+    and "text". Prompt/completion data trains on the completion only (trl's default); instruction data becomes
+    prompt/completion, in chat form when the tokenizer has a chat template, so the model is tuned in the format it
+    is prompted with.
+    """
+    columns = set(dataset.column_names)
+    if "messages" in columns:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the data set has chat \"messages\" but the tokenizer has no chat template to render them")
+        # Loss on the assistant's turns only where the template marks them ({% generation %}); trl cannot find them
+        # otherwise, and then the whole conversation is trained on.
+        assistant_only = "{% generation %}" in tokenizer.chat_template.replace("{%- generation %}", "{% generation %}")
+        return dataset.select_columns(["messages"]), assistant_only
+    if {"prompt", "completion"} <= columns:
+        return dataset.select_columns(["prompt", "completion"]), False
+    response_column = "response" if "response" in columns else "output" if "output" in columns else None
+    if "instruction" in columns and response_column is not None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        has_input = "input" in columns
+
+        def convert(record: dict) -> dict:
+            instruction = record["instruction"]
+            if has_input and record["input"]:
+                instruction = f"{instruction}\n\n{record['input']}"
+            if chat:
+                return {"prompt": [{"role": "user", "content": instruction}],
+                        "completion": [{"role": "assistant", "content": record[response_column]}]}
+            return {"prompt": f"{instruction}\n", "completion": record[response_column]}
+
+        return dataset.map(convert, remove_columns=dataset.column_names), False
+    if "text" in columns:
+        return dataset.select_columns(["text"]), False
+    raise ValueError(
+        f"the data set's records have no field to train on (found {sorted(columns)}); give each record "
+        '"messages", "prompt" and "completion", "instruction" and "response", or "text"'
+    )
+
+
+def _peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA"
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+
+
+def _progress_callback():
+    """A progress bar that shows the latest loss beside it, instead of printing one dict per logged step."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class LossProgressBar(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return LossProgressBar()
+
+
+def _no_trainer_checkpointing(config_class) -> dict[str, bool]:
+    # transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns); trl's SFTConfig
+    # defaults the old one to True, so say False under whichever name this release has.
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
+def prepare(options: TrainOptions):
+    """Load the model, its LoRA adapters and the data, and build the trainer. Every user error (bad paths, bad
+    values, unusable data) surfaces here as ValueError, FileNotFoundError or ImportError, before training starts.
+    """
+    options.validate()
+    import datasets
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from fastmoe import FastModel
+
+    # The training bar is the one progress bar worth watching; trl's data preparation would add five more.
+    datasets.disable_progress_bars()
+    model_name = str(options.model) if options.model is not None else str(builtin_model_path())
+    learning_rate = options.lr or (BUILTIN_LR if options.model is None else DEFAULT_LR)
+    # The data first: a bad data set should fail fast, not after loading a large model.
+    records = load_records(options.dataset)
+    model, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
+                                                 load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
+    train_dataset, assistant_only_loss = to_sft_dataset(records, tokenizer)
+
+    on_gpu = torch.cuda.is_available()
+    checkpointing = on_gpu if options.gradient_checkpointing is None else options.gradient_checkpointing
+    model = FastModel.get_peft_model(model, r=options.lora_r, lora_alpha=options.lora_alpha,
+                                     use_gradient_checkpointing=checkpointing, random_state=options.seed)
+    dtype = model.get_base_model().dtype
+    config = SFTConfig(
+        output_dir=options.output_dir,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=options.max_seq_length,
+        assistant_only_loss=assistant_only_loss,
+        # Mixed precision follows the weights the model was loaded in (fp32 on the CPU).
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not on_gpu,
+        # get_peft_model has already set checkpointing up (or not); the trainer must not redo or undo it.
+        **_no_trainer_checkpointing(SFTConfig),
+        include_num_input_tokens_seen="non_padding",
+        seed=options.seed,
+        data_seed=options.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset, args=config)
+    # Our bar replaces transformers' (and the printer it falls back to), which print one dict per logged step.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_progress_callback())
+    return trainer, model, tokenizer
+
+
+def train(options: TrainOptions) -> TrainSummary:
+    """`prepare`, then `run`."""
+    return run(options, *prepare(options))
+
+
+def run(options: TrainOptions, trainer, model, tokenizer) -> TrainSummary:
+    """Train what `prepare` built, save adapter + tokenizer + trainer_state.json, and summarise the run."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    peak, kind = _peak_memory()
+
+    output = Path(options.output_dir).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    trainer.state.save_to_json(str(output / "trainer_state.json"))
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainSummary(
+        steps=trainer.state.global_step,
+        seconds=seconds,
+        tokens=int(trainer.state.num_input_tokens_seen),
+        peak_memory_bytes=peak,
+        memory_kind=kind,
+        first_loss=losses[0] if losses else float("nan"),
+        final_loss=losses[-1] if losses else float("nan"),
+        output_dir=output,
+    )

@@ -1,0 +1,409 @@
+"""MoE experts with optional LoRA on the 3D expert weights: the SwiGLU experts block, expert_map and expert_reduce.
+
+Semantics are transformers' eager experts (e.g. ``AfmoeExperts.forward``): for every (token t, slot k) with
+expert e = top_k_index[t, k],
+
+    gate, up = (x_t @ gate_up_proj[e]^T).chunk(2)        # (+ LoRA)
+    out[t]  += top_k_weights[t, k] * ((silu(gate) * up) @ down_proj[e]^T)   # (+ LoRA)
+
+LoRA on an expert weight W (E, out, in) is ``ExpertLora(A (E, r, in), B (E, out, r), scaling)`` and adds
+``scaling * (x @ A[e]^T) @ B[e]^T``; the (out, in) delta is never formed.
+
+The Triton path (``grouped_gemm``) sorts the T*K (token, slot) pairs by expert on the device and runs:
+
+forward   L_gu = s * x[tok] A_gu^T           thin GEMM, rows gathered by token
+          h    = SwiGLU(x[tok] W_gu^T + L_gu B_gu^T)      one kernel; (gate | up) kept for the backward
+          L_d  = s * h A_d^T                 thin GEMM
+          y    = w * (h W_d^T + L_d B_d^T)   stored at its (token, slot) row, then summed over slots
+backward  d(h) = w * (g[tok] W_d + G_d A_d), G_d = s * g[tok] B_d, with the SwiGLU backward, h and d(w) in
+          the same kernel's epilogue (h is recomputed from the stored gate/up, not stored)
+          d(x) = d(gu) W_gu + G_gu A_gu, G_gu = s * d(gu) B_gu, summed over slots
+          weight and LoRA gradients: one grouped reduction over each expert's rows per tensor.
+
+Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activations (S, r): nothing of size
+(S, H) is kept between forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+from .grouped_gemm import gemm_block_m, grouped_mm, grouped_mm_swiglu, grouped_mm_swiglu_backward, grouped_wgrad
+from .moe_routing import ExpertSchedule, sort_by_expert
+
+
+@dataclass
+class ExpertLora:
+    """LoRA factors of a 3D expert weight (E, out, in). Views (e.g. peft's reshaped Linear weights) are fine."""
+
+    A: torch.Tensor  # (E, r, in)
+    B: torch.Tensor  # (E, out, r)
+    scaling: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _reference_expert_linear(
+    x: torch.Tensor, weight: torch.Tensor, lora: ExpertLora | None, expert: int
+) -> torch.Tensor:
+    """x (n, in) @ weight[expert]^T (+ LoRA) -> (n, out) in x's dtype."""
+    y = F.linear(x, weight[expert].to(x.dtype))
+    if lora is not None:
+        x_a = F.linear(x.to(lora.A.dtype), lora.A[expert])
+        y = y + (lora.scaling * F.linear(x_a, lora.B[expert])).to(y.dtype)
+    return y
+
+
+def reference_moe_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """(tokens, hidden) -> (tokens, hidden), transformers' eager experts loop with LoRA added."""
+    out = torch.zeros_like(hidden)
+    for expert in range(gate_up_proj.shape[0]):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = _reference_expert_linear(hidden[token_idx], gate_up_proj, gate_up_lora, expert).chunk(2, dim=-1)
+        y = _reference_expert_linear(F.silu(gate) * up, down_proj, down_lora, expert)
+        y = y * top_k_weights[token_idx, slot, None]
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def reference_expert_map(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, weight: torch.Tensor, lora: ExpertLora | None = None
+) -> torch.Tensor:
+    """(tokens, H) -> (tokens, k, N): out[t, k] = hidden[t] @ weight[top_k_index[t, k]]^T (+ LoRA)."""
+    num_tokens, top_k = top_k_index.shape
+    out = hidden.new_zeros(num_tokens, top_k, weight.shape[1])
+    for expert in range(weight.shape[0]):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        out = out.index_put((token_idx, slot), _reference_expert_linear(hidden[token_idx], weight, lora, expert))
+    return out
+
+
+def reference_expert_reduce(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weight: torch.Tensor,
+    lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """(tokens, k, N) -> (tokens, H): out[t] = sum_k top_k_weights[t, k] * x[t, k] @ weight[e_tk]^T (+ LoRA)."""
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for expert in range(weight.shape[0]):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        y = _reference_expert_linear(x[token_idx, slot], weight, lora, expert)
+        y = y * top_k_weights[token_idx, slot, None]
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton path: autograd Functions over grouped_gemm
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _schedule(top_k_index: torch.Tensor, num_experts: int) -> tuple[ExpertSchedule, torch.Tensor]:
+    block_m = gemm_block_m(top_k_index.device, top_k_index.numel(), num_experts)
+    schedule = sort_by_expert(top_k_index, num_experts, block_m)
+    identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=top_k_index.device)
+    return schedule, identity
+
+
+def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(T*K, N) rows in (token, slot) order -> (T, N), summed in fp32 like transformers' grouped_mm path."""
+    if top_k == 1:
+        return pairs.to(dtype)
+    return pairs.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(dtype)
+
+
+def _thin(rows: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(rows, rank, dtype=like.dtype, device=like.device)
+
+
+def _lora_grads(
+    needs_a: bool, needs_b: bool, a: torch.Tensor | None, b: torch.Tensor | None,
+    a_grad_fn, b_grad_fn,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_a = a_grad_fn(torch.empty(a.shape, dtype=a.dtype, device=a.device)) if needs_a else None
+    grad_b = b_grad_fn(torch.empty(b.shape, dtype=b.dtype, device=b.device)) if needs_b else None
+    return grad_a, grad_b
+
+
+class _MoeExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling):
+        num_tokens, top_k = top_k_index.shape
+        dtype = hidden.dtype
+        schedule, identity = _schedule(top_k_index, gate_up_proj.shape[0])
+        row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
+        w_gu, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
+        gu_a_, gu_b_ = (gu_a.to(dtype), gu_b.to(dtype)) if gu_a is not None else (None, None)
+        down_a_, down_b_ = (down_a.to(dtype), down_b.to(dtype)) if down_a is not None else (None, None)
+        num_rows = schedule.num_pairs
+
+        l_gu = None
+        if gu_a_ is not None:
+            l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
+                              identity, out_scale=gu_scaling)
+        h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, w_gu, schedule, l_gu, gu_b_,
+                                       store_gate_up=any(ctx.needs_input_grad))
+        l_down = None
+        if down_a_ is not None:
+            l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
+                                identity, out_scale=down_scaling)
+        y = torch.empty(num_rows, w_down.shape[1], dtype=dtype, device=hidden.device)
+        grouped_mm(h, identity, w_down, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
+
+        ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b)
+        ctx.schedule, ctx.identity, ctx.row_weight = schedule, identity, row_weight
+        ctx.gate_up, ctx.l_gu, ctx.l_down = gate_up, l_gu, l_down
+        ctx.operands = (w_gu, w_down, gu_a_, gu_b_, down_a_, down_b_)
+        ctx.scalings = (gu_scaling, down_scaling)
+        return _sum_slots(y, num_tokens, top_k, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b = ctx.saved_tensors
+        schedule, identity, row_weight = ctx.schedule, ctx.identity, ctx.row_weight
+        w_gu, w_down, gu_a_, gu_b_, down_a_, down_b_ = ctx.operands
+        gu_scaling, down_scaling = ctx.scalings
+        needs = ctx.needs_input_grad
+        num_tokens, top_k = top_k_weights.shape
+        num_rows = schedule.num_pairs
+        dtype = hidden.dtype
+        tok, pair = schedule.sorted_token, schedule.sorted_pair
+        g = grad_out.to(dtype)
+
+        # Down projection and SwiGLU.
+        g_down = None
+        if down_a_ is not None:
+            g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
+                                identity, out_scale=down_scaling)
+        dgu, h, d_row_weight = grouped_mm_swiglu_backward(
+            g, tok, w_down.transpose(1, 2), ctx.gate_up, row_weight, schedule,
+            g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
+        )
+        grad_weights = None
+        if needs[2]:
+            grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
+            grad_weights[pair.long()] = d_row_weight
+            grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
+        grad_down = None
+        if needs[4]:
+            grad_down = grouped_wgrad(g, tok, h, identity, schedule, torch.empty_like(down_proj), row_weight)
+        grad_down_a, grad_down_b = _lora_grads(
+            needs[8], needs[9], down_a, down_b,
+            lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight),
+            lambda out: grouped_wgrad(g, tok, ctx.l_down, identity, schedule, out, row_weight),
+        )
+
+        # Gate/up projection.
+        g_gu = None
+        if gu_a_ is not None:
+            g_gu = grouped_mm(dgu, identity, gu_b_.transpose(1, 2), schedule, _thin(num_rows, gu_a.shape[1], dgu),
+                              identity, out_scale=gu_scaling)
+        grad_hidden = None
+        if needs[0]:
+            dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
+            grouped_mm(dgu, identity, w_gu.transpose(1, 2), schedule, dx, pair,
+                       g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None)
+            grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
+        grad_gate_up = None
+        if needs[3]:
+            grad_gate_up = grouped_wgrad(dgu, identity, hidden, tok, schedule, torch.empty_like(gate_up_proj))
+        grad_gu_a, grad_gu_b = _lora_grads(
+            needs[5], needs[6], gu_a, gu_b,
+            lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out),
+            lambda out: grouped_wgrad(dgu, identity, ctx.l_gu, identity, schedule, out),
+        )
+        return (grad_hidden, None, grad_weights, grad_gate_up, grad_down,
+                grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None)
+
+
+class _ExpertMap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, top_k_index, weight, lora_a, lora_b, scaling):
+        num_tokens, top_k = top_k_index.shape
+        dtype = hidden.dtype
+        schedule, identity = _schedule(top_k_index, weight.shape[0])
+        w = weight.to(dtype)
+        a_, b_ = (lora_a.to(dtype), lora_b.to(dtype)) if lora_a is not None else (None, None)
+        tok, pair = schedule.sorted_token, schedule.sorted_pair
+        l = None
+        if a_ is not None:
+            l = grouped_mm(hidden, tok, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], hidden), identity,
+                           out_scale=scaling)
+        out = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=hidden.device)
+        grouped_mm(hidden, tok, w, schedule, out, pair, l, b_)
+        ctx.save_for_backward(hidden, weight, lora_a, lora_b)
+        ctx.schedule, ctx.identity, ctx.l, ctx.operands, ctx.scaling = schedule, identity, l, (w, a_, b_), scaling
+        return out.view(num_tokens, top_k, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, lora_a, lora_b = ctx.saved_tensors
+        schedule, identity = ctx.schedule, ctx.identity
+        w, a_, b_ = ctx.operands
+        needs = ctx.needs_input_grad
+        num_tokens, top_k, _ = grad_out.shape
+        tok, pair = schedule.sorted_token, schedule.sorted_pair
+        g = grad_out.to(hidden.dtype).reshape(num_tokens * top_k, -1)
+        g_l = None
+        if a_ is not None:
+            g_l = grouped_mm(g, pair, b_.transpose(1, 2), schedule, _thin(schedule.num_pairs, a_.shape[1], g),
+                             identity, out_scale=ctx.scaling)
+        grad_hidden = None
+        if needs[0]:
+            dx = torch.empty(schedule.num_pairs, hidden.shape[1], dtype=hidden.dtype, device=g.device)
+            grouped_mm(g, pair, w.transpose(1, 2), schedule, dx, pair, g_l,
+                       a_.transpose(1, 2) if a_ is not None else None)
+            grad_hidden = _sum_slots(dx, num_tokens, top_k, hidden.dtype)
+        grad_weight = None
+        if needs[2]:
+            grad_weight = grouped_wgrad(g, pair, hidden, tok, schedule, torch.empty_like(weight))
+        grad_a, grad_b = _lora_grads(
+            needs[3], needs[4], lora_a, lora_b,
+            lambda out: grouped_wgrad(g_l, identity, hidden, tok, schedule, out),
+            lambda out: grouped_wgrad(g, pair, ctx.l, identity, schedule, out),
+        )
+        return grad_hidden, None, grad_weight, grad_a, grad_b, None
+
+
+class _ExpertReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, top_k_index, top_k_weights, weight, lora_a, lora_b, scaling):
+        num_tokens, top_k = top_k_index.shape
+        dtype = x.dtype
+        schedule, identity = _schedule(top_k_index, weight.shape[0])
+        row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
+        w = weight.to(dtype)
+        a_, b_ = (lora_a.to(dtype), lora_b.to(dtype)) if lora_a is not None else (None, None)
+        pair = schedule.sorted_pair
+        x_pairs = x.reshape(num_tokens * top_k, -1)
+        l = None
+        if a_ is not None:
+            l = grouped_mm(x_pairs, pair, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], x), identity,
+                           out_scale=scaling)
+        y = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=x.device)
+        grouped_mm(x_pairs, pair, w, schedule, y, pair, l, b_, row_scale=row_weight)
+        ctx.save_for_backward(x, top_k_weights, weight, lora_a, lora_b)
+        ctx.schedule, ctx.identity, ctx.row_weight, ctx.l = schedule, identity, row_weight, l
+        ctx.operands, ctx.scaling = (w, a_, b_), scaling
+        return _sum_slots(y, num_tokens, top_k, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, top_k_weights, weight, lora_a, lora_b = ctx.saved_tensors
+        schedule, identity, row_weight = ctx.schedule, ctx.identity, ctx.row_weight
+        w, a_, b_ = ctx.operands
+        needs = ctx.needs_input_grad
+        num_tokens, top_k, _ = x.shape
+        tok, pair = schedule.sorted_token, schedule.sorted_pair
+        g = grad_out.to(x.dtype)
+        x_pairs = x.reshape(num_tokens * top_k, -1)
+        g_l = None
+        if a_ is not None:
+            g_l = grouped_mm(g, tok, b_.transpose(1, 2), schedule, _thin(schedule.num_pairs, a_.shape[1], g),
+                             identity, out_scale=ctx.scaling)
+        grad_x = grad_weights = None
+        if needs[0] or needs[2]:
+            # Unweighted d(x) serves both: d(x) = w * gx and d(w) = <gx, x>.
+            gx = torch.empty(schedule.num_pairs, x.shape[2], dtype=x.dtype, device=g.device)
+            grouped_mm(g, tok, w.transpose(1, 2), schedule, gx, pair, g_l,
+                       a_.transpose(1, 2) if a_ is not None else None)
+            gx32 = gx.float()
+            if needs[0]:
+                grad_x = (gx32 * top_k_weights.reshape(-1, 1).float()).to(x.dtype).view_as(x)
+            if needs[2]:
+                grad_weights = (gx32 * x_pairs.float()).sum(-1).view(num_tokens, top_k).to(top_k_weights.dtype)
+        grad_weight = None
+        if needs[3]:
+            grad_weight = grouped_wgrad(g, tok, x_pairs, pair, schedule, torch.empty_like(weight), row_weight)
+        grad_a, grad_b = _lora_grads(
+            needs[4], needs[5], lora_a, lora_b,
+            lambda out: grouped_wgrad(g_l, identity, x_pairs, pair, schedule, out, row_weight),
+            lambda out: grouped_wgrad(g, tok, ctx.l, identity, schedule, out, row_weight),
+        )
+        return grad_x, None, grad_weights, grad_weight, grad_a, grad_b, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _lora_tensors(lora: ExpertLora | None) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    return (lora.A, lora.B, float(lora.scaling)) if lora is not None else (None, None, 0.0)
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts block, transformers' eager semantics, with optional LoRA on both expert weights.
+
+    hidden: (tokens, H); top_k_index: (tokens, k) int64; top_k_weights: (tokens, k);
+    gate_up_proj: (E, 2I, H) as [gate; up]; down_proj: (E, H, I). Returns (tokens, H) in hidden's dtype.
+    Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors.
+    """
+    gu_a, gu_b, gu_s = _lora_tensors(gate_up_lora)
+    d_a, d_b, d_s = _lora_tensors(down_lora)
+    if hidden.shape[0] > 0 and use_triton(hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, d_a, d_b):
+        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                                 gu_a, gu_b, gu_s, d_a, d_b, d_s)
+    return reference_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_lora, down_lora)
+
+
+def expert_map(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, weight: torch.Tensor, lora: ExpertLora | None = None
+) -> torch.Tensor:
+    """(tokens, H) -> (tokens, k, N): out[t, k] = hidden[t] @ weight[top_k_index[t, k]]^T (+ LoRA).
+
+    weight: (E, N, H). JetMoe's mixture-of-attention query projection.
+    """
+    a, b, s = _lora_tensors(lora)
+    if hidden.shape[0] > 0 and use_triton(hidden, weight, a, b):
+        return _ExpertMap.apply(hidden, top_k_index, weight, a, b, s)
+    return reference_expert_map(hidden, top_k_index, weight, lora)
+
+
+def expert_reduce(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weight: torch.Tensor,
+    lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """(tokens, k, N) -> (tokens, H): out[t] = sum_k top_k_weights[t, k] * x[t, k] @ weight[e_tk]^T (+ LoRA).
+
+    weight: (E, H, N). JetMoe's mixture-of-attention output projection.
+    """
+    a, b, s = _lora_tensors(lora)
+    if x.shape[0] > 0 and use_triton(x, top_k_weights, weight, a, b):
+        return _ExpertReduce.apply(x, top_k_index, top_k_weights, weight, a, b, s)
+    return reference_expert_reduce(x, top_k_index, top_k_weights, weight, lora)

@@ -1,0 +1,262 @@
+"""MoE routing: top-k expert choice from router logits, and the sort of (token, slot) pairs by expert.
+
+Two routers cover the families fastmoe patches:
+
+* ``route_sigmoid_topk`` (AFMoE, LFM2-MoE): sigmoid scores, experts chosen on scores + a load-balancing bias,
+  weights taken from the unbiased scores, optionally renormalised, then scaled.
+* ``route_softmax_topk`` (JetMoe): top-k on the logits, softmax over the k chosen logits.
+
+The Triton forward runs one program per block of tokens and picks the k experts by k rounds of argmax.
+Ties go to the lowest expert index; the references use a stable descending sort so they agree exactly
+(``torch.topk`` gives no tie guarantee). The backward is a few elementwise ops on (tokens, k) plus a
+scatter into (tokens, experts), so it stays in PyTorch.
+
+``sort_by_expert`` turns ``top_k_index`` into the schedule the grouped GEMMs of ``moe_experts`` use, on the
+device and without a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+# ----------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stable_topk(values: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices of the top_k largest values along the last dim, ties broken towards the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :top_k]
+
+
+def reference_route_sigmoid_topk(
+    router_logits: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    normalize: bool,
+    norm_eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, experts) logits -> (tokens, k) float32 weights and (tokens, k) int64 expert indices."""
+    scores = torch.sigmoid(router_logits.float())
+    choice = scores if expert_bias is None else scores + expert_bias.float()
+    top_k_index = _stable_topk(choice.detach(), top_k)
+    top_k_weights = scores.gather(1, top_k_index)
+    if normalize:
+        top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + norm_eps)
+    return top_k_weights * scale, top_k_index
+
+
+def reference_route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, experts) logits -> (tokens, k) float32 softmax weights over the chosen logits, (tokens, k) int64."""
+    logits = router_logits.float()
+    top_k_index = _stable_topk(logits.detach(), top_k)
+    top_k_weights = torch.softmax(logits.gather(1, top_k_index), dim=-1)
+    return top_k_weights, top_k_index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _topk_select_kernel(
+    logits_ptr, stride_lt, stride_le,
+    bias_ptr,
+    index_ptr, chosen_ptr,  # (T, K) int64, (T, K) float32: the activated score (sigmoid or logit) of each pick
+    T, E,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask = rows < T
+    col_mask = cols < E
+    mask = row_mask[:, None] & col_mask[None, :]
+    logits = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask, other=0.0)
+    scores = logits.to(tl.float32)
+    if SIGMOID:
+        scores = tl.sigmoid(scores)
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # Padding columns can never win; picked columns are knocked out the same way.
+    choice = tl.where(col_mask[None, :], choice, float("-inf"))
+    for k in tl.static_range(TOP_K):
+        best = tl.max(choice, axis=1)
+        # Lowest index among the maxima: the tie rule the references share.
+        pick = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == pick[:, None]
+        picked_score = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        tl.store(index_ptr + rows * TOP_K + k, pick.to(tl.int64), mask=row_mask)
+        tl.store(chosen_ptr + rows * TOP_K + k, picked_score, mask=row_mask)
+        choice = tl.where(hit, float("-inf"), choice)
+
+
+def _topk_select(
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, sigmoid: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = router_logits.shape
+    index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    chosen = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    if num_tokens == 0:
+        return index, chosen
+    block_e = triton.next_power_of_2(num_experts)
+    # Keep a program's (tokens x experts) tile around 4K elements: registers on GPU, numpy size in the interpreter.
+    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(num_tokens)))
+    _topk_select_kernel[(triton.cdiv(num_tokens, block_t),)](
+        router_logits, router_logits.stride(0), router_logits.stride(1),
+        expert_bias if expert_bias is not None else router_logits,
+        index, chosen,
+        num_tokens, num_experts,
+        HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, TOP_K=top_k,
+        BLOCK_T=block_t, BLOCK_E=block_e,
+    )
+    return index, chosen
+
+
+class _RouteSigmoidTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, router_logits, expert_bias, top_k, normalize, norm_eps, scale):
+        index, scores = _topk_select(router_logits, expert_bias, top_k, sigmoid=True)
+        denom = scores.sum(dim=-1, keepdim=True) + norm_eps if normalize else None
+        weights = scores / denom * scale if normalize else scores * scale
+        ctx.save_for_backward(index, scores)
+        ctx.normalize, ctx.norm_eps, ctx.scale = normalize, norm_eps, scale
+        ctx.logits_shape, ctx.logits_dtype = router_logits.shape, router_logits.dtype
+        ctx.mark_non_differentiable(index)
+        return weights, index
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_index):
+        index, scores = ctx.saved_tensors
+        grad = grad_weights.float() * ctx.scale
+        if ctx.normalize:
+            # w_i = s_i / (S + eps)  =>  dL/ds_j = g_j / (S + eps) - sum_i g_i s_i / (S + eps)^2
+            denom = scores.sum(dim=-1, keepdim=True) + ctx.norm_eps
+            grad = grad / denom - (grad * scores).sum(dim=-1, keepdim=True) / (denom * denom)
+        grad = grad * scores * (1.0 - scores)  # through the sigmoid
+        grad_logits = torch.zeros(ctx.logits_shape, dtype=torch.float32, device=grad.device)
+        grad_logits.scatter_(1, index, grad)
+        return grad_logits.to(ctx.logits_dtype), None, None, None, None, None
+
+
+class _RouteSoftmaxTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, router_logits, top_k):
+        index, chosen_logits = _topk_select(router_logits, None, top_k, sigmoid=False)
+        weights = torch.softmax(chosen_logits, dim=-1)
+        ctx.save_for_backward(index, weights)
+        ctx.logits_shape, ctx.logits_dtype = router_logits.shape, router_logits.dtype
+        ctx.mark_non_differentiable(index)
+        return weights, index
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_index):
+        index, weights = ctx.saved_tensors
+        grad = grad_weights.float()
+        grad = weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
+        grad_logits = torch.zeros(ctx.logits_shape, dtype=torch.float32, device=grad.device)
+        grad_logits.scatter_(1, index, grad)
+        return grad_logits.to(ctx.logits_dtype), None
+
+
+def route_sigmoid_topk(
+    router_logits: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    normalize: bool,
+    norm_eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid top-k routing (AFMoE, LFM2-MoE).
+
+    router_logits: (tokens, experts); expert_bias: (experts,) or None, used only to choose experts.
+    Returns (tokens, k) float32 weights (differentiable w.r.t. router_logits) and (tokens, k) int64 indices,
+    ordered by decreasing biased score, ties to the lower expert index.
+    """
+    if use_triton(router_logits, expert_bias):
+        return _RouteSigmoidTopK.apply(router_logits, expert_bias, top_k, normalize, norm_eps, scale)
+    return reference_route_sigmoid_topk(router_logits, expert_bias, top_k, normalize, norm_eps, scale)
+
+
+def route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k on logits, softmax over the k chosen (JetMoe). (tokens, experts) -> (tokens, k) fp32, (tokens, k) int64."""
+    if use_triton(router_logits):
+        return _RouteSoftmaxTopK.apply(router_logits, top_k)
+    return reference_route_softmax_topk(router_logits, top_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sort by expert
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertSchedule:
+    """(token, slot) pairs grouped by expert, and the row tiles of the grouped GEMMs over them.
+
+    Rows of the "sorted" order are the T*K (token, slot) pairs sorted by expert (stable: by token within an
+    expert). Every tensor lives on the routing device; building it never syncs with the host.
+    """
+
+    sorted_pair: torch.Tensor  # (T*K,) int32: flat token*K+slot index of each sorted row
+    sorted_token: torch.Tensor  # (T*K,) int32: token of each sorted row (sorted_pair // K)
+    expert_offsets: torch.Tensor  # (E+1,) int32: rows of expert e are [offsets[e], offsets[e+1])
+    tile_expert: torch.Tensor  # (max_tiles,) int32: expert of each row tile, -1 for tiles past the last
+    tile_row_start: torch.Tensor  # (max_tiles,) int32: first sorted row of each tile
+    block_m: int  # rows per tile; a tile never spans two experts
+    num_experts: int
+    top_k: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.sorted_pair.numel()
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_expert.numel()
+
+
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 64) -> ExpertSchedule:
+    """(tokens, k) expert indices -> ExpertSchedule with row tiles of block_m rows.
+
+    Each expert gets ceil(count / block_m) tiles, so experts without tokens get none and no expert is padded
+    in memory. The number of tiles is only known on the device; the grid is sized by its bound
+    ceil(T*K / block_m) + E and surplus tiles carry expert -1 and exit at once.
+    """
+    num_tokens, top_k = top_k_index.shape
+    device = top_k_index.device
+    flat = top_k_index.reshape(-1)
+    sorted_expert, sorted_pair = torch.sort(flat, stable=True)
+    # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
+    bounds = torch.arange(num_experts + 1, device=device, dtype=sorted_expert.dtype)
+    expert_offsets = torch.searchsorted(sorted_expert, bounds).to(torch.int32)
+    counts = expert_offsets[1:] - expert_offsets[:-1]
+    tiles_per_expert = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)
+    max_tiles = triton.cdiv(num_tokens * top_k, block_m) + num_experts
+    tile_ids = torch.arange(max_tiles, device=device, dtype=tile_end.dtype)
+    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
+    valid = tile_expert < num_experts
+    expert_clamped = tile_expert.clamp(max=num_experts - 1)
+    first_tile = (tile_end - tiles_per_expert)[expert_clamped]
+    tile_row_start = expert_offsets[:-1][expert_clamped] + (tile_ids - first_tile) * block_m
+    return ExpertSchedule(
+        sorted_pair=sorted_pair.to(torch.int32),
+        sorted_token=(sorted_pair // top_k).to(torch.int32),
+        expert_offsets=expert_offsets,
+        tile_expert=torch.where(valid, tile_expert, -1).to(torch.int32),
+        tile_row_start=torch.where(valid, tile_row_start, 0).to(torch.int32),
+        block_m=block_m,
+        num_experts=num_experts,
+        top_k=top_k,
+    )

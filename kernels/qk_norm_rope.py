@@ -1,0 +1,273 @@
+"""Per-head q/k normalisation followed by RoPE, fused: (batch, seq, heads, head_dim) -> (batch, heads, seq, head_dim).
+
+One program normalises and rotates every head of a few (batch, position) rows, reading x once and writing the
+result once in the (batch, seq, heads, head_dim) layout the projection produced; the caller gets the
+(batch, heads, seq, head_dim) transposed view, which SDPA accepts. Backward reads x and dy once, undoes the
+rotation, and recomputes the norm statistics from x instead of saving normalised values or per-row stats.
+The weight gradient is summed per program into a (programs, heads, head_dim) fp32 buffer: no atomics.
+
+Elements are handled as pairs (first, second) of head_dim: (j, j + ceil(dim/2)) or (2j, 2j + 1) when
+interleaved, so the RoPE partner of every element is in registers; without RoPE the same split covers odd dims.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .layer_norm import reference_layer_norm
+from .rms_norm import backward_programs, reference_rms_norm
+from .rope import (
+    apply_rope,
+    broadcast_cos_sin,
+    load_pairs,
+    pair_masks,
+    reference_rope,
+    rotate_pairs,
+    store_pairs,
+)
+
+NormKind = Literal["rms", "layer"] | None
+
+
+def reference_qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    norm: NormKind = "rms",
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """x (batch, seq, heads, head_dim), weight (head_dim,) or (heads, head_dim) or None,
+    cos/sin (batch or 1, seq, head_dim) or None -> (batch, heads, seq, head_dim) in x's dtype."""
+    if norm is not None:
+        w = weight if weight is not None else torch.ones(x.shape[-1], device=x.device, dtype=torch.float32)
+        x = reference_rms_norm(x, w, eps) if norm == "rms" else reference_layer_norm(x, w, eps)
+    x = x.transpose(1, 2)
+    if cos is not None:
+        x = reference_rope(x, cos, sin, interleaved)
+    return x
+
+
+@triton.jit
+def _normalise(x1, x2, D, eps, IS_RMS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """fp32 (x - mean) * rstd on both pair members (mean = 0 for RMSNorm), and rstd per head."""
+    if IS_RMS:
+        xc1 = x1
+        xc2 = x2
+    else:
+        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        mean = (tl.sum(x1, axis=1) + tl.sum(x2, axis=1)) / D
+        # Padding lanes must stay 0 for the variance and the backward's sums.
+        xc1 = tl.where(mask_1[None, :], x1 - mean[:, None], 0.0)
+        xc2 = tl.where(mask_2[None, :], x2 - mean[:, None], 0.0)
+    rstd = tl.rsqrt((tl.sum(xc1 * xc1, axis=1) + tl.sum(xc2 * xc2, axis=1)) / D + eps)
+    return xc1 * rstd[:, None], xc2 * rstd[:, None], rstd
+
+
+@triton.jit
+def _token_head_rows(tok0, pid_h, T, S, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A tile's rows are (token, head) pairs, BLOCK_T tokens from tok0 times BLOCK_H heads: (batch, position,
+    head) index vectors (BLOCK_T * BLOCK_H,) and which rows are real. Tokens past T are clamped to the last
+    one so that every address stays in bounds; the mask keeps them from being stored or summed."""
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    heads = pid_h * BLOCK_H + r % BLOCK_H
+    tok = tok0 + r // BLOCK_H
+    live = (heads < H) & (tok < T)
+    tok = tl.minimum(tok, T - 1)
+    return (tok // S).to(tl.int64), (tok % S).to(tl.int64), heads, live
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    X, W, COS, SIN, Y,
+    stride_xb, stride_xs, stride_xh, stride_wh, stride_cb, stride_cs,
+    T, S, H, D, eps,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_T * BLOCK_H
+    b, s, heads, live = _token_head_rows(tl.program_id(0) * BLOCK_T, tl.program_id(1), T, S, H, BLOCK_T, BLOCK_H)
+
+    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+    n1, n2, rstd = _normalise(x1, x2, D, eps, IS_RMS, BLOCK_HALF)
+    if HAS_WEIGHT:
+        w1, w2 = load_pairs(W, heads * stride_wh, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        n1 = n1 * w1
+        n2 = n2 * w2
+    if HAS_ROPE:
+        cs = b * stride_cb + s * stride_cs
+        c1, c2 = load_pairs(COS, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        s1, s2 = load_pairs(SIN, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        n1, n2 = rotate_pairs(n1, n2, c1, c2, s1, s2, False)
+    # Y is a fresh contiguous (batch, seq, heads, dim) tensor.
+    store_pairs(Y, ((b * S + s) * H + heads) * D, live, n1, n2, D, INTERLEAVED, ROWS, BLOCK_HALF)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(
+    X, W, COS, SIN, DY, DX, DW_PARTIAL,
+    stride_xb, stride_xs, stride_xh, stride_wh, stride_cb, stride_cs, stride_dyb, stride_dyh, stride_dys,
+    T, S, H, D, eps, toks_per_program,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_T * BLOCK_H
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    heads = pid_h * BLOCK_H + tl.arange(0, ROWS) % BLOCK_H
+    if HAS_WEIGHT:
+        w1, w2 = load_pairs(W, heads * stride_wh, heads < H, D, INTERLEAVED, ROWS, BLOCK_HALF)
+    # Weight gradients accumulate per row of the tile and are summed over its tokens once, after the loop.
+    dw1 = tl.zeros((ROWS, BLOCK_HALF), dtype=tl.float32)
+    dw2 = tl.zeros((ROWS, BLOCK_HALF), dtype=tl.float32)
+    first_tok = pid * toks_per_program
+    for tok0 in range(first_tok, first_tok + toks_per_program, BLOCK_T):
+        b, s, heads, live = _token_head_rows(tok0, pid_h, T, S, H, BLOCK_T, BLOCK_H)
+        dy_rows = b * stride_dyb + s * stride_dys + heads * stride_dyh
+        dn1, dn2 = load_pairs(DY, dy_rows, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        if HAS_ROPE:
+            cs = b * stride_cb + s * stride_cs
+            c1, c2 = load_pairs(COS, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+            s1, s2 = load_pairs(SIN, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+            dn1, dn2 = rotate_pairs(dn1, dn2, c1, c2, s1, s2, True)
+
+        x_rows = b * stride_xb + s * stride_xs + heads * stride_xh
+        x1, x2 = load_pairs(X, x_rows, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        xh1, xh2, rstd = _normalise(x1, x2, D, eps, IS_RMS, BLOCK_HALF)
+        if HAS_WEIGHT:
+            dw1 += dn1 * xh1
+            dw2 += dn2 * xh2
+            dn1 = dn1 * w1
+            dn2 = dn2 * w2
+        # d/dx of (x - mean) * rstd: rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat));
+        # RMSNorm has no mean term.
+        c_proj = (tl.sum(dn1 * xh1, axis=1) + tl.sum(dn2 * xh2, axis=1)) / D
+        dx1 = dn1 - xh1 * c_proj[:, None]
+        dx2 = dn2 - xh2 * c_proj[:, None]
+        if not IS_RMS:
+            c_mean = (tl.sum(dn1, axis=1) + tl.sum(dn2, axis=1)) / D
+            dx1 -= c_mean[:, None]
+            dx2 -= c_mean[:, None]
+        dx_rows = ((b * S + s) * H + heads) * D
+        store_pairs(DX, dx_rows, live, dx1 * rstd[:, None], dx2 * rstd[:, None], D, INTERLEAVED, ROWS, BLOCK_HALF)
+    if HAS_WEIGHT:
+        dw1 = tl.sum(tl.reshape(dw1, (BLOCK_T, BLOCK_H, BLOCK_HALF)), axis=0)
+        dw2 = tl.sum(tl.reshape(dw2, (BLOCK_T, BLOCK_H, BLOCK_HALF)), axis=0)
+        head_block = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        dw_rows = (pid * H + head_block) * D
+        store_pairs(DW_PARTIAL, dw_rows, head_block < H, dw1, dw2, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+
+
+def _tile(heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps): all heads of a few tokens per tile, about 2K pairs in all;
+    several tokens per tile keep a few kv heads from leaving most lanes idle."""
+    block_half = triton.next_power_of_2((head_dim + 1) // 2)
+    block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
+    block_t = max(1, 2048 // (block_h * block_half))
+    num_warps = min(8, max(1, block_t * block_h * block_half // 256))
+    return block_t, block_h, block_half, num_warps
+
+
+class QKNormRopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        eps: float,
+        is_rms: bool,
+        interleaved: bool,
+    ) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        batch, seq, heads, dim = x.shape
+        has_rope = cos is not None
+        if has_rope:
+            cos, sin = broadcast_cos_sin(cos, sin, batch)
+        w = weight.contiguous() if weight is not None else None
+        y = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
+        block_t, block_h, block_half, num_warps = _tile(heads, dim)
+        _qk_norm_rope_fwd_kernel[(triton.cdiv(batch * seq, block_t), triton.cdiv(heads, block_h))](
+            x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, y,
+            x.stride(0), x.stride(1), x.stride(2),
+            # A (head_dim,) weight is shared by all heads: head stride 0.
+            w.stride(0) if w is not None and w.dim() == 2 else 0,
+            cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
+            batch * seq, seq, heads, dim, eps,
+            IS_RMS=is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved and has_rope,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+        )
+        ctx.save_for_backward(x, w, cos, sin)
+        ctx.eps, ctx.is_rms, ctx.interleaved = eps, is_rms, interleaved
+        return y.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, cos, sin = ctx.saved_tensors
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        batch, seq, heads, dim = x.shape
+        has_rope = cos is not None
+        dx = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
+        block_t, block_h, block_half, num_warps = _tile(heads, dim)
+        tokens = batch * seq
+        programs, toks_per_program = backward_programs(x.device, tokens, block_t)
+        dw_partial = (
+            torch.empty((programs, heads, dim), dtype=torch.float32, device=x.device) if w is not None else None
+        )
+        _qk_norm_rope_bwd_kernel[(programs, triton.cdiv(heads, block_h))](
+            x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, dy, dx,
+            dw_partial if w is not None else dx,
+            x.stride(0), x.stride(1), x.stride(2),
+            w.stride(0) if w is not None and w.dim() == 2 else 0,
+            cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
+            dy.stride(0), dy.stride(1), dy.stride(2),
+            tokens, seq, heads, dim, ctx.eps, toks_per_program,
+            IS_RMS=ctx.is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=ctx.interleaved and has_rope,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+        )
+        dw = None
+        if w is not None and ctx.needs_input_grad[1]:
+            dw = dw_partial.sum(0)
+            dw = (dw if w.dim() == 2 else dw.sum(0)).to(w.dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    norm: NormKind = "rms",
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """rope(norm(x).transpose(1, 2), cos, sin), fused.
+
+    x (batch, seq, heads, head_dim) as ``proj(h).view(...)`` gives it; weight (head_dim,), (heads, head_dim) or
+    None (no affine); cos/sin (batch or 1, seq, head_dim), or None for no RoPE; norm "rms" (transformers'
+    RMSNorm), "layer" (Cohere's bias-free LayerNorm) or None. Returns (batch, heads, seq, head_dim), a
+    transposed view of a contiguous (batch, seq, heads, head_dim) tensor. cos and sin receive no gradient.
+    """
+    if norm not in ("rms", "layer", None):
+        raise ValueError(f"norm must be 'rms', 'layer' or None, got {norm!r}")
+    if cos is not None and x.shape[-1] % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    if weight is not None and tuple(weight.shape) not in ((x.shape[-1],), tuple(x.shape[-2:])):
+        raise ValueError(
+            f"weight {tuple(weight.shape)} must be (head_dim,) or (heads, head_dim) for x {tuple(x.shape)}"
+        )
+    if norm is None:
+        x = x.transpose(1, 2)
+        return apply_rope(x, cos, sin, interleaved) if cos is not None else x
+    if use_triton(x, weight, cos, sin):
+        return QKNormRopeFunction.apply(x, weight, cos, sin, eps, norm == "rms", interleaved)
+    return reference_qk_norm_rope(x, weight, cos, sin, eps, norm, interleaved)

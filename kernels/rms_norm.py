@@ -1,0 +1,207 @@
+"""RMSNorm as transformers' Llama-style models compute it: statistics in fp32, weight applied in fp32.
+
+Forward stores one fp32 rstd per row; backward recomputes x_hat from x and that rstd. dweight is summed per
+program into a (programs, hidden) fp32 buffer and reduced afterwards, so no two programs touch the same address.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., hidden) -> (..., hidden), in x's dtype."""
+    input_dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * x32).to(input_dtype)
+
+
+def row_tile(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels: about 4K elements per tile keeps registers in check."""
+    block_d = triton.next_power_of_2(hidden)
+    block_m = max(1, min(32, 4096 // block_d))
+    num_warps = min(8, max(1, block_m * block_d // 512))
+    return block_m, block_d, num_warps
+
+
+def backward_programs(device: torch.device, rows: int, block_m: int) -> tuple[int, int]:
+    """(programs, rows_per_program) for a backward that accumulates a weight gradient per program.
+
+    A few programs per SM: enough to fill the GPU, few enough that the (programs, hidden) partial-sum buffer
+    and its final reduction stay small. On the CPU interpreter, fewer programs just means fewer Python loops.
+    """
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    tiles = triton.cdiv(rows, block_m)
+    programs = max(1, min(tiles, target))
+    rows_per_program = triton.cdiv(tiles, programs) * block_m
+    return triton.cdiv(rows, rows_per_program), rows_per_program
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, SUM, W, Y, RSTD,
+    stride_x, stride_r, stride_sum, stride_y, M, D, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_m = rows < M
+    mask = mask_m[:, None] & (cols < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the activation dtype before the norm sees it, as `residual + h` is in transformers.
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(SUM.dtype.element_ty)
+        tl.store(SUM + rows64[:, None] * stride_sum + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=mask_m)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    X, W, DY, DSUM, DX, RSTD, DW_PARTIAL,
+    stride_x, stride_dy, stride_dsum, stride_dx, M, D, rows_per_program,
+    HAS_DSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    w = tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for start in range(first, first + rows_per_program, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask_m = rows < M
+        mask = mask_m[:, None] & mask_d[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=mask_m, other=0.0)
+        x_hat = x * rstd[:, None]
+        dx_hat = dy * w[None, :]
+        # d/dx of x * rstd(x): rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))
+        c = tl.sum(dx_hat * x_hat, axis=1) / D
+        dx = (dx_hat - x_hat * c[:, None]) * rstd[:, None]
+        if HAS_DSUM:
+            # rms_norm_add: the residual sum is also an output, its gradient adds straight through.
+            dx += tl.load(DSUM + rows64[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(DW_PARTIAL + pid * D + cols, dw, mask=mask_d)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., hidden) -> (rows, hidden) with unit column stride, copying only when a view cannot do it."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _rms_norm_forward(
+    x2: torch.Tensor, residual2: torch.Tensor | None, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, hidden) -> normed, the normalised input (x2, or x2 + residual2), rstd (rows,) fp32."""
+    m, d = x2.shape
+    y = torch.empty((m, d), dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
+    total = torch.empty_like(y) if residual2 is not None else x2
+    r = residual2 if residual2 is not None else x2
+    block_m, block_d, num_warps = row_tile(d)
+    _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x2, r, total, w, y, rstd, x2.stride(0), r.stride(0), total.stride(0), y.stride(0), m, d, eps,
+        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return y, total, rstd
+
+
+def _rms_norm_backward(
+    x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy2: torch.Tensor, dsum2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (rows, hidden) in x's dtype (plus dsum2 when given) and dweight (hidden,) fp32."""
+    m, d = x2.shape
+    dx = torch.empty((m, d), dtype=x2.dtype, device=x2.device)
+    block_m, block_d, num_warps = row_tile(d)
+    programs, rows_per_program = backward_programs(x2.device, m, block_m)
+    dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2.device)
+    dsum = dsum2 if dsum2 is not None else dy2
+    _rms_norm_bwd_kernel[(programs,)](
+        x2, w, dy2, dsum, dx, rstd, dw_partial,
+        x2.stride(0), dy2.stride(0), dsum.stride(0), dx.stride(0), m, d, rows_per_program,
+        HAS_DSUM=dsum2 is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return dx, dw_partial.sum(0)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x2, w = _rows(x), weight.contiguous()
+        y, _, rstd = _rms_norm_forward(x2, None, w, eps)
+        ctx.save_for_backward(x2, w, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, w, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward(x2, w, rstd, _rows(dy), None)
+        return dx.view(dy.shape), dw.to(w.dtype) if ctx.needs_input_grad[1] else None, None
+
+
+class RMSNormAddFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.contiguous()
+        y, total, rstd = _rms_norm_forward(_rows(x), _rows(residual), w, eps)
+        ctx.save_for_backward(total, w, rstd)
+        return y.view(x.shape), total.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dsum: torch.Tensor):
+        total, w, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward(total, w, rstd, _rows(dy), _rows(dsum))
+        dx = dx.view(dy.shape)
+        return dx, dx, dw.to(w.dtype) if ctx.needs_input_grad[2] else None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., hidden), weight (hidden,) (fp32 or x's dtype) -> (..., hidden) in x's dtype."""
+    if use_triton(x, weight):
+        return RMSNormFunction.apply(x, weight, eps)
+    return reference_rms_norm(x, weight, eps)
+
+
+def reference_rms_norm_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (..., hidden) -> (rms_norm(x + residual), x + residual), the sum in x's dtype."""
+    total = residual + x
+    return reference_rms_norm(total, weight, eps), total
+
+
+def rms_norm_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (..., hidden) of one shape and dtype, weight (hidden,) -> (normed, x + residual).
+
+    The residual-add-then-norm of a decoder layer in one pass: the sum is written once and normalised from registers.
+    """
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"rms_norm_add needs x and residual of one shape and dtype, got {x.shape}/{x.dtype} "
+                         f"and {residual.shape}/{residual.dtype}")
+    if use_triton(x, residual, weight):
+        return RMSNormAddFunction.apply(x, residual, weight, eps)
+    return reference_rms_norm_add(x, residual, weight, eps)

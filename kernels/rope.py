@@ -1,0 +1,186 @@
+"""Rotary position embedding on (batch, heads, seq, head_dim), half-rotation (Llama) or interleaved pairs (Cohere).
+
+Each element pairs with one partner: (j, j + dim/2) for half rotation, (2j, 2j + 1) for interleaved. The kernel
+loads both members of every pair, so one program rotates a whole (batch, position) row of heads in registers.
+Backward is the transposed rotation, the same kernel with BACKWARD set; it needs only cos and sin, not x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        # Cohere pairs neighbours (0,1), (2,3), ...; its cos/sin arrive repeat-interleaved to match.
+        return torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (batch, heads, seq, head_dim), cos/sin (batch or 1, seq, head_dim) -> like x, in x's dtype.
+
+    Computed in fp32 and cast back, as Cohere's apply_rotary_pos_emb does.
+    """
+    x32 = x.float()
+    cos = cos.unsqueeze(1).float()
+    sin = sin.unsqueeze(1).float()
+    return (x32 * cos + _rotate(x32, interleaved) * sin).to(x.dtype)
+
+
+@triton.jit
+def pair_masks(D, BLOCK_HALF: tl.constexpr):
+    """(BLOCK_HALF,) masks of the valid first and second pair members: pairs (j, j + ceil(D/2)), or (2j, 2j + 1)
+    where D is even; the half split also covers an odd D (norm without RoPE), whose last pair lacks a second."""
+    j = tl.arange(0, BLOCK_HALF)
+    half = (D + 1) // 2
+    return j < half, (j < half) & (j + half < D)
+
+
+@triton.jit
+def load_pairs(base, rows, row_mask, D, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """First and second members of each rotation pair, (ROWS, BLOCK_HALF) fp32 each, of rows at element offsets
+    rows (ROWS,) from base. Masked-off elements read as 0."""
+    if INTERLEAVED:
+        # One contiguous load, de-interleaved in registers: stride-2 loads use half of every memory transaction.
+        cols = tl.arange(0, 2 * BLOCK_HALF)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(base + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (ROWS, BLOCK_HALF, 2)))
+    else:
+        j = tl.arange(0, BLOCK_HALF)
+        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        ptrs = base + rows[:, None] + j[None, :]
+        x1 = tl.load(ptrs, mask=row_mask[:, None] & mask_1[None, :], other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + (D + 1) // 2, mask=row_mask[:, None] & mask_2[None, :], other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def store_pairs(
+    base, rows, row_mask, y1, y2, D, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """Inverse of load_pairs: writes (ROWS, BLOCK_HALF) pair members, cast to base's element type."""
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_HALF)
+        y = tl.reshape(tl.join(y1, y2), (ROWS, 2 * BLOCK_HALF))
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        tl.store(base + rows[:, None] + cols[None, :], y.to(base.dtype.element_ty), mask=mask)
+    else:
+        j = tl.arange(0, BLOCK_HALF)
+        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        ptrs = base + rows[:, None] + j[None, :]
+        tl.store(ptrs, y1.to(base.dtype.element_ty), mask=row_mask[:, None] & mask_1[None, :])
+        tl.store(ptrs + (D + 1) // 2, y2.to(base.dtype.element_ty), mask=row_mask[:, None] & mask_2[None, :])
+
+
+@triton.jit
+def load_cos_sin(COS, SIN, offset, D, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin of one position as (1, BLOCK_HALF) pair members, ready to broadcast over heads."""
+    rows = tl.zeros((1,), dtype=tl.int64) + offset
+    live = tl.full((1,), 1, tl.int1)
+    c1, c2 = load_pairs(COS, rows, live, D, INTERLEAVED, 1, BLOCK_HALF)
+    s1, s2 = load_pairs(SIN, rows, live, D, INTERLEAVED, 1, BLOCK_HALF)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def rotate_pairs(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
+    """y = x * cos + rotate(x) * sin on pairs; BACKWARD applies the transpose (exact for any cos/sin)."""
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    return y1, y2
+
+
+@triton.jit
+def _rope_kernel(
+    X, COS, SIN, Y,
+    stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys, stride_cb, stride_cs,
+    S, H, D,
+    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // S).to(tl.int64)
+    s = (pid % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    live = heads < H
+    c1, c2, s1, s2 = load_cos_sin(COS, SIN, b * stride_cb + s * stride_cs, D, INTERLEAVED, BLOCK_HALF)
+    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    y1, y2 = rotate_pairs(x1, x2, c1, c2, s1, s2, BACKWARD)
+    y_rows = b * stride_yb + s * stride_ys + heads * stride_yh
+    store_pairs(Y, y_rows, live, y1, y2, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+
+
+def rope_tile(heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_HALF, num_warps): all heads of one position per program, capped near 2K pairs."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
+    num_warps = min(8, max(1, block_h * block_half // 256))
+    return block_h, block_half, num_warps
+
+
+def broadcast_cos_sin(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch or 1, seq, dim) or (seq, dim) -> (batch, seq, dim) views with unit last stride (stride 0 on a
+    broadcast batch)."""
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+
+def _launch_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, backward: bool
+) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    batch, heads, seq, dim = x.shape
+    # empty_like keeps a transposed (batch, seq, heads, dim) layout, so the output matches what SDPA is given.
+    y = torch.empty_like(x)
+    block_h, block_half, num_warps = rope_tile(heads, dim)
+    _rope_kernel[(batch * seq, triton.cdiv(heads, block_h))](
+        x, cos, sin, y,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0), cos.stride(1),
+        seq, heads, dim,
+        INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    return y
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        cos, sin = broadcast_cos_sin(cos, sin, x.shape[0])
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _launch_rope(x, cos, sin, interleaved, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        # cos and sin come from position ids, not parameters: no gradient flows to them.
+        return _launch_rope(dy, cos, sin, ctx.interleaved, backward=True), None, None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x (batch, heads, seq, head_dim) (any strides), cos/sin (batch or 1, seq, head_dim)
+    -> (batch, heads, seq, head_dim), in x's layout.
+
+    head_dim must be even. cos and sin receive no gradient.
+    """
+    if x.shape[-1] % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    if use_triton(x, cos, sin):
+        return RopeFunction.apply(x, cos, sin, interleaved)
+    return reference_rope(x, cos, sin, interleaved)

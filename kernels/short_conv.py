@@ -1,0 +1,221 @@
+"""LFM2's gated short convolution: y = C * causal_conv1d(B * x), depthwise over the sequence.
+
+The op reads the in_proj output as it is, (batch, seq, 3 * hidden) with channel blocks [B | C | x] (the order
+in which transformers' `BCx.chunk(3, dim=-2)` splits it), and writes y as (batch, seq, hidden), the layout
+out_proj takes. transformers transposes to (batch, channels, seq) for F.conv1d and back; reading channels
+along the contiguous dimension avoids both copies and keeps loads coalesced.
+
+With kernel size L, conv[t] = bias + sum_k w[k] * (B * x)[t + k - (L - 1)], rows before 0 reading as zero.
+Forward computes B * x on the fly for each of the L taps (the neighbouring rows are cache hits) and saves only
+the in_proj output. Backward recomputes conv, writes dB, dC, dx into one (batch, seq, 3 * hidden) gradient
+(so autograd needs no concatenation for in_proj), and sums dweight/dbias per program into fp32 partial
+buffers reduced afterwards, so no two programs write one address.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+
+def reference_short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bcx (batch, seq, 3 * hidden), weight (hidden, 1, L) or (hidden, L), bias (hidden,) or None
+    -> (batch, seq, hidden) in bcx's dtype, computed as transformers' torch path (`causal_conv1d_fn`) does."""
+    hidden = bcx.shape[-1] // 3
+    seq_len = bcx.shape[1]
+    kernel_size = weight.shape[-1]
+    b, c, x = bcx.transpose(-1, -2).chunk(3, dim=-2)
+    bx = b * x
+    conv = F.conv1d(bx.to(weight.dtype), weight.reshape(hidden, 1, kernel_size), bias,
+                    padding=kernel_size - 1, groups=hidden)[:, :, :seq_len].to(bx.dtype)
+    return (c * conv).transpose(-1, -2).contiguous()
+
+
+def _tile(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps): 128 channels give 512-byte rows in fp32 (fully coalesced), 16 time steps
+    keep the L shifted re-reads of each tile in L1."""
+    block_d = min(128, triton.next_power_of_2(hidden))
+    block_t = 16
+    num_warps = 4 if block_d * block_t >= 2048 else 2
+    return block_t, block_d, num_warps
+
+
+@triton.jit
+def _short_conv_fwd_kernel(
+    BCX, W, BIAS, Y,
+    stride_b, stride_s, stride_wd, stride_wk, stride_yb, stride_ys,
+    S, D,
+    L: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = tl.program_id(2).to(tl.int64)
+    mask_d = d < D
+    base = BCX + batch * stride_b
+    conv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        conv += tl.load(BIAS + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(L):
+        src = t + (k - (L - 1))
+        mask = ((src >= 0) & (src < S))[:, None] & mask_d[None, :]
+        ptr = base + src.to(tl.int64)[:, None] * stride_s + d[None, :]
+        b = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptr + 2 * D, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + d * stride_wd + k * stride_wk, mask=mask_d, other=0.0).to(tl.float32)
+        conv += w[None, :] * (b * x)
+    mask = (t < S)[:, None] & mask_d[None, :]
+    rows = t.to(tl.int64)[:, None]
+    c = tl.load(base + rows * stride_s + D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + batch * stride_yb + rows * stride_ys + d[None, :], (c * conv).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _short_conv_bwd_kernel(
+    BCX, W, BIAS, DY, DBCX, DW_PARTIAL, DBIAS_PARTIAL,
+    stride_b, stride_s, stride_wd, stride_wk, stride_dyb, stride_dys, stride_gb, stride_gs,
+    S, D, chunks, chunk_len,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid = tl.program_id(1)
+    batch = (pid // chunks).to(tl.int64)
+    first = (pid % chunks) * chunk_len
+    mask_d = d < D
+    taps = tl.arange(0, BLOCK_L)
+    base = BCX + batch * stride_b
+    dy_base = DY + batch * stride_dyb
+    grad_base = DBCX + batch * stride_gb
+    dw = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + d, mask=mask_d, other=0.0).to(tl.float32)
+    for start in range(first, first + chunk_len, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        mask = (t < S)[:, None] & mask_d[None, :]
+        rows = t.to(tl.int64)[:, None]
+        ptr = base + rows * stride_s + d[None, :]
+        b = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(ptr + D, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptr + 2 * D, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + rows * stride_dys + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dconv = dy * c
+        conv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32) + bias[None, :]
+        dbx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(L):
+            w = tl.load(W + d * stride_wd + k * stride_wk, mask=mask_d, other=0.0).to(tl.float32)
+            # Tap k reads B * x from L - 1 - k rows back...
+            src = t + (k - (L - 1))
+            mask_src = ((src >= 0) & (src < S))[:, None] & mask_d[None, :]
+            ptr_src = base + src.to(tl.int64)[:, None] * stride_s + d[None, :]
+            bx = tl.load(ptr_src, mask=mask_src, other=0.0).to(tl.float32) * \
+                tl.load(ptr_src + 2 * D, mask=mask_src, other=0.0).to(tl.float32)
+            conv += w[None, :] * bx
+            dw += tl.where(taps[:, None] == k, tl.sum(dconv * bx, axis=0)[None, :], 0.0)
+            # ...so the gradient of B * x at t gathers dconv from L - 1 - k rows ahead.
+            dst = t + ((L - 1) - k)
+            mask_dst = (dst < S)[:, None] & mask_d[None, :]
+            dst_rows = dst.to(tl.int64)[:, None]
+            dy_dst = tl.load(dy_base + dst_rows * stride_dys + d[None, :], mask=mask_dst, other=0.0).to(tl.float32)
+            c_dst = tl.load(base + dst_rows * stride_s + D + d[None, :], mask=mask_dst, other=0.0).to(tl.float32)
+            dbx += w[None, :] * (dy_dst * c_dst)
+        dbias += tl.sum(dconv, axis=0)
+        grad_ptr = grad_base + rows * stride_gs + d[None, :]
+        tl.store(grad_ptr, (dbx * x).to(DBCX.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + D, (dy * conv).to(DBCX.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + 2 * D, (dbx * b).to(DBCX.dtype.element_ty), mask=mask)
+    mask_w = (taps < L)[:, None] & mask_d[None, :]
+    tl.store(DW_PARTIAL + pid * L * D + taps[:, None] * D + d[None, :], dw, mask=mask_w)
+    if HAS_BIAS:
+        tl.store(DBIAS_PARTIAL + pid * D + d, dbias, mask=mask_d)
+
+
+def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _time_chunks(device: torch.device, batch: int, seq_len: int, block_t: int, channel_blocks: int) -> tuple[int, int]:
+    """(chunks per sequence, rows per chunk) for the backward: a few programs per SM, so the per-program
+    dweight partials (programs, L, hidden) stay small while the GPU is still full."""
+    tiles = triton.cdiv(seq_len, block_t)
+    if device.type == "cuda":
+        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    chunks = max(1, min(tiles, target // max(1, batch * channel_blocks)))
+    chunk_len = triton.cdiv(tiles, chunks) * block_t
+    return triton.cdiv(seq_len, chunk_len), chunk_len
+
+
+class ShortConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        bcx = _channels_contiguous(bcx)
+        batch, seq_len, channels = bcx.shape
+        hidden = channels // 3
+        w = weight.reshape(hidden, weight.shape[-1])
+        kernel_size = w.shape[1]
+        y = torch.empty((batch, seq_len, hidden), dtype=bcx.dtype, device=bcx.device)
+        block_t, block_d, num_warps = _tile(hidden)
+        grid = (triton.cdiv(seq_len, block_t), triton.cdiv(hidden, block_d), batch)
+        _short_conv_fwd_kernel[grid](
+            bcx, w, bias if bias is not None else w, y,
+            bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+            seq_len, hidden,
+            L=kernel_size, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        ctx.save_for_backward(bcx, w, bias)
+        ctx.weight_shape = weight.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        bcx, w, bias = ctx.saved_tensors
+        dy = _channels_contiguous(dy)
+        batch, seq_len, channels = bcx.shape
+        hidden, kernel_size = w.shape
+        block_t, block_d, num_warps = _tile(hidden)
+        channel_blocks = triton.cdiv(hidden, block_d)
+        chunks, chunk_len = _time_chunks(bcx.device, batch, seq_len, block_t, channel_blocks)
+        programs = batch * chunks
+        dbcx = torch.empty_like(bcx)
+        dw_partial = torch.empty((programs, kernel_size, hidden), dtype=torch.float32, device=bcx.device)
+        dbias_partial = torch.empty((programs, hidden) if bias is not None else (1,), dtype=torch.float32,
+                                    device=bcx.device)
+        _short_conv_bwd_kernel[(channel_blocks, programs)](
+            bcx, w, bias if bias is not None else w, dy, dbcx, dw_partial, dbias_partial,
+            bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), dy.stride(0), dy.stride(1),
+            dbcx.stride(0), dbcx.stride(1),
+            seq_len, hidden, chunks, chunk_len,
+            L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = dw_partial.sum(0).t().to(w.dtype).reshape(ctx.weight_shape)
+        dbias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbias = dbias_partial.sum(0).to(bias.dtype)
+        return dbcx, dweight, dbias
+
+
+def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """C * causal_conv1d(B * x) for LFM2's short-conv layers.
+
+    bcx: (batch, seq, 3 * hidden), the in_proj output with channel blocks [B | C | x]; weight: the depthwise
+    conv weight, (hidden, 1, L) as nn.Conv1d stores it, or (hidden, L); bias: (hidden,) or None.
+    Returns (batch, seq, hidden) in bcx's dtype. The sequence is causal from position 0: no conv state.
+    """
+    if bcx.dim() != 3 or bcx.shape[-1] % 3 != 0:
+        raise ValueError(f"short_conv needs bcx of shape (batch, seq, 3 * hidden), got {tuple(bcx.shape)}")
+    hidden = bcx.shape[-1] // 3
+    if weight.numel() != hidden * weight.shape[-1] or weight.shape[0] != hidden:
+        raise ValueError(f"conv weight {tuple(weight.shape)} does not fit hidden size {hidden}")
+    if use_triton(bcx, weight, bias):
+        return ShortConvFunction.apply(bcx, weight, bias)
+    return reference_short_conv(bcx, weight, bias)

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random checkpoints of every family, built once per session, and the comparison helpers
+every model test uses."""
+
+import os
+
+# Triton reads this when kernels are defined: set it before anything imports triton, so every kernel runs
+# (in the interpreter) on the CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from fastmoe.builtin import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """tiny_checkpoint(model_type) -> path of a random tiny checkpoint (cached for the session)."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    cache = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            cache[model_type] = build_tiny_checkpoint(
+                model_type, tmp_path_factory.mktemp(model_type), seed=0, tokenizer=tiny_tokenizer)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _restore_transformers():
+    """Every test starts and ends with transformers unpatched, so tests cannot leak patches into each other."""
+    import fastmoe
+
+    fastmoe.unpatch()
+    yield
+    fastmoe.unpatch()

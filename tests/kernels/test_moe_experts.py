@@ -1,0 +1,323 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fastmoe.kernels import reference_only  # noqa: E402
+from fastmoe.kernels.moe_experts import (  # noqa: E402
+    ExpertLora,
+    expert_map,
+    expert_reduce,
+    moe_experts,
+    reference_expert_map,
+    reference_expert_reduce,
+    reference_moe_experts,
+)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _routing(num_tokens, num_experts, top_k, used_experts=None, device="cpu", generator=None):
+    """Distinct experts per token drawn from the first used_experts (the rest receive no token)."""
+    used = used_experts or num_experts
+    index = torch.stack([torch.randperm(used, generator=generator)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1
+    return index.to(device), weights.to(device)
+
+
+def _lora(num_experts, rank, out_features, in_features, dtype, device, permuted=False):
+    """Random A and B (never peft's zero B). permuted=True returns views like peft's reshaped Linear weights."""
+    if permuted:
+        a_base = torch.randn(num_experts, in_features, rank, dtype=dtype, device=device) / in_features**0.5
+        b_base = torch.randn(rank, num_experts, out_features, dtype=dtype, device=device) / rank**0.5
+        a_base.requires_grad_(), b_base.requires_grad_()
+        return ExpertLora(a_base.transpose(1, 2), b_base.permute(1, 2, 0), 0.5), [a_base, b_base]
+    a = (torch.randn(num_experts, rank, in_features, dtype=dtype, device=device) / in_features**0.5).requires_grad_()
+    b = (torch.randn(num_experts, out_features, rank, dtype=dtype, device=device) / rank**0.5).requires_grad_()
+    return ExpertLora(a, b, 0.5), [a, b]
+
+
+def _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, device="cpu",
+                    used_experts=None, lora=True, train_weights=True, permuted=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    index, weights = _routing(num_tokens, num_experts, top_k, used_experts, device, gen)
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=device, requires_grad=True)
+    weights = weights.to(device).requires_grad_()
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device) / hidden**0.5)
+    down = (torch.randn(num_experts, hidden, inter, dtype=dtype, device=device) / inter**0.5)
+    gate_up.requires_grad_(train_weights), down.requires_grad_(train_weights)
+    params = [x, weights] + ([gate_up, down] if train_weights else [])
+    gu_lora = down_lora = None
+    if lora:
+        gu_lora, gu_params = _lora(num_experts, rank, 2 * inter, hidden, dtype, device, permuted)
+        down_lora, down_params = _lora(num_experts, rank, hidden, inter, dtype, device, permuted)
+        params += gu_params + down_params
+    return (x, index, weights, gate_up, down, gu_lora, down_lora), params
+
+
+def _run(fn, args, params, upstream_seed=1):
+    out = fn(*args)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(out)
+    return out, torch.autograd.grad(out, params, upstream)
+
+
+def _check(fn, args, params, tol):
+    out, grads = _run(fn, args, params)
+    with reference_only():
+        ref, ref_grads = _run(fn, args, params)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < tol
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.shape == ref_grad.shape
+        assert rel_err(grad, ref_grad) < tol
+
+
+def _eager_pair_loop(x, index, weights, gate_up, down, gu_lora, down_lora):
+    """The semantics spelled out one (token, slot) at a time, independent of reference_moe_experts."""
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    for t in range(x.shape[0]):
+        for k in range(index.shape[1]):
+            e = int(index[t, k])
+            gu = x[t] @ gate_up[e].T
+            if gu_lora is not None:
+                gu = gu + gu_lora.scaling * (gu_lora.B[e] @ (gu_lora.A[e] @ x[t]))
+            h = F.silu(gu[:inter]) * gu[inter:]
+            y = h @ down[e].T
+            if down_lora is not None:
+                y = y + down_lora.scaling * (down_lora.B[e] @ (down_lora.A[e] @ h))
+            out[t] = out[t] + weights[t, k] * y
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference semantics
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_pair_loop():
+    args, params = _experts_inputs(9, 40, 24, 5, 2, 3)
+    ref, ref_grads = _run(reference_moe_experts, args, params)
+    loop, loop_grads = _run(_eager_pair_loop, args, params)
+    assert rel_err(ref, loop) < 1e-5
+    for a, b in zip(ref_grads, loop_grads):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_reference_matches_transformers_eager_experts():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.afmoe.modeling_afmoe import AfmoeExperts
+
+    config = transformers.AfmoeConfig(hidden_size=40, moe_intermediate_size=24, num_experts=6,
+                                      num_experts_per_tok=2, hidden_act="silu")
+    config._experts_implementation = "eager"
+    module = AfmoeExperts(config)
+    (x, index, weights, gate_up, down, _, _), _ = _experts_inputs(11, 40, 24, 6, 2, 1, lora=False)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(gate_up)
+        module.down_proj.copy_(down)
+    expected = module(x, index, weights)
+    assert rel_err(reference_moe_experts(x, index, weights, gate_up, down), expected) < 1e-6
+    assert rel_err(moe_experts(x, index, weights, gate_up, down), expected) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------
+# Triton (interpreter) vs reference, fp32
+# --------------------------------------------------------------------------------------------------------
+
+# (tokens, hidden, inter, experts, top_k, rank, used_experts): odd H and I, k=1 and k=E, idle experts,
+# one token, r=1 and r=8.
+EXPERT_SHAPES = [
+    pytest.param(13, 40, 24, 6, 2, 3, None, id="odd-H-I"),
+    pytest.param(1, 40, 24, 6, 2, 1, None, id="one-token-r1"),
+    pytest.param(20, 32, 16, 4, 1, 8, None, id="k1-r8"),
+    pytest.param(9, 24, 40, 4, 4, 8, None, id="k-equals-E"),
+    pytest.param(40, 40, 24, 8, 2, 2, 3, id="idle-experts"),
+    pytest.param(64, 16, 16, 3, 2, 4, None, id="64-tokens"),
+]
+
+
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used", EXPERT_SHAPES)
+def test_moe_experts_lora(num_tokens, hidden, inter, num_experts, top_k, rank, used):
+    args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
+    _check(moe_experts, args, params, 1e-5)
+
+
+def test_moe_experts_no_lora_full_finetune():
+    args, params = _experts_inputs(17, 40, 24, 5, 2, 1, lora=False)
+    _check(moe_experts, args, params, 1e-5)
+
+
+def test_moe_experts_frozen_base_permuted_lora_views():
+    """peft-style: base weights frozen, LoRA factors are strided views; gradients reach the base tensors."""
+    args, params = _experts_inputs(15, 40, 24, 5, 2, 4, train_weights=False, permuted=True)
+    assert not args[5].A.is_contiguous() and not args[5].B.is_contiguous()
+    _check(moe_experts, args, params, 1e-5)
+
+
+def test_moe_experts_only_gate_up_lora():
+    (x, index, weights, gate_up, down, gu_lora, _), params = _experts_inputs(12, 24, 40, 4, 2, 2)
+    _check(moe_experts, (x, index, weights, gate_up, down, gu_lora, None), params[:6], 1e-5)
+
+
+def test_moe_experts_fp32_lora_on_fp16_base():
+    """peft may keep the adapters in fp32 over a half-precision base (autocast_adapter_dtype)."""
+    (x, index, weights, gate_up, down, gu_lora, down_lora), params = _experts_inputs(
+        10, 40, 24, 4, 2, 4, dtype=torch.float16, train_weights=False)
+    gu_lora = ExpertLora(gu_lora.A.detach().float().requires_grad_(), gu_lora.B.detach().float().requires_grad_(), 0.5)
+    down_lora = ExpertLora(down_lora.A.detach().float().requires_grad_(),
+                           down_lora.B.detach().float().requires_grad_(), 0.5)
+    params = params[:2] + [gu_lora.A, gu_lora.B, down_lora.A, down_lora.B]
+    out, grads = _run(moe_experts, (x, index, weights, gate_up, down, gu_lora, down_lora), params)
+    assert out.dtype == torch.float16
+    assert [g.dtype for g in grads[2:]] == [torch.float32] * 4
+    ref_args = (x.float(), index, weights, gate_up.float(), down.float(), gu_lora, down_lora)
+    with reference_only():
+        ref, ref_grads = _run(moe_experts, ref_args, params)
+    assert rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2
+
+
+def test_moe_experts_fp16_interpreter():
+    args, params = _experts_inputs(16, 40, 24, 4, 2, 4, dtype=torch.float16)
+    out, grads = _run(moe_experts, args, params)
+    x, index, weights, gate_up, down, gu_lora, down_lora = args
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+    ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
+    with reference_only():
+        ref, ref_grads = _run(moe_experts, ref_args, params)
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float16 or grad.dtype == torch.float32
+        assert rel_err(grad, ref_grad) < 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------
+# expert_map / expert_reduce (JetMoe mixture of attention)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _map_inputs(num_tokens, hidden, out_features, num_experts, top_k, rank, lora, used=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    index, _ = _routing(num_tokens, num_experts, top_k, used, generator=gen)
+    x = torch.randn(num_tokens, hidden, requires_grad=True)
+    weight = (torch.randn(num_experts, out_features, hidden) / hidden**0.5).requires_grad_()
+    params = [x, weight]
+    adapter = None
+    if lora:
+        adapter, lora_params = _lora(num_experts, rank, out_features, hidden, torch.float32, "cpu")
+        params += lora_params
+    return (x, index, weight, adapter), params
+
+
+MAP_SHAPES = [
+    pytest.param(13, 40, 24, 4, 2, 3, None, id="odd"),
+    pytest.param(1, 24, 40, 8, 2, 1, None, id="one-token"),
+    pytest.param(20, 32, 20, 4, 4, 8, None, id="k-equals-E"),
+    pytest.param(30, 24, 24, 8, 1, 2, 3, id="k1-idle-experts"),
+]
+
+
+@pytest.mark.parametrize("num_tokens,hidden,out_features,num_experts,top_k,rank,used", MAP_SHAPES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_expert_map(num_tokens, hidden, out_features, num_experts, top_k, rank, used, lora):
+    args, params = _map_inputs(num_tokens, hidden, out_features, num_experts, top_k, rank, lora, used)
+    _check(expert_map, args, params, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,in_features,num_experts,top_k,rank,used", MAP_SHAPES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_expert_reduce(num_tokens, hidden, in_features, num_experts, top_k, rank, used, lora):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    index, weights = _routing(num_tokens, num_experts, top_k, used, generator=gen)
+    weights.requires_grad_()
+    x = torch.randn(num_tokens, top_k, in_features, requires_grad=True)
+    weight = (torch.randn(num_experts, hidden, in_features) / in_features**0.5).requires_grad_()
+    params = [x, weights, weight]
+    adapter = None
+    if lora:
+        adapter, lora_params = _lora(num_experts, rank, hidden, in_features, torch.float32, "cpu")
+        params += lora_params
+    _check(expert_reduce, (x, index, weights, weight, adapter), params, 1e-5)
+
+
+def test_map_reduce_references_match_pair_loop():
+    (x, index, weight, adapter), _ = _map_inputs(7, 24, 16, 4, 2, 2, lora=True)
+    mapped = reference_expert_map(x, index, weight, adapter)
+    weights = torch.rand(7, 2)
+    back = torch.randn(4, 24, 16)
+    reduced = reference_expert_reduce(mapped, index, weights, back)
+    for t in range(7):
+        total = torch.zeros(24)
+        for k in range(2):
+            e = int(index[t, k])
+            expected = weight[e] @ x[t] + adapter.scaling * adapter.B[e] @ (adapter.A[e] @ x[t])
+            assert rel_err(mapped[t, k], expected) < 1e-5
+            total = total + weights[t, k] * (back[e] @ mapped[t, k])
+        assert rel_err(reduced[t], total) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU, bf16
+# --------------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [
+    pytest.param(256, 40, 24, 8, 2, 8, id="odd"),
+    pytest.param(512, 256, 128, 16, 4, 1, id="r1"),
+    pytest.param(4096, 2048, 1024, 128, 8, 16, id="trinity-mini"),
+]
+
+
+def _gpu_check(fn, args, params, ref_args):
+    out, grads = _run(fn, args, params)
+    with reference_only():
+        ref, ref_grads = _run(fn, ref_args, params)
+    assert rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank", GPU_SHAPES)
+def test_moe_experts_gpu_bf16(num_tokens, hidden, inter, num_experts, top_k, rank):
+    args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.bfloat16,
+                                   device="cuda", train_weights=num_tokens < 4096)
+    x, index, weights, gate_up, down, gu_lora, down_lora = args
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+    ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
+    _gpu_check(moe_experts, args, params, ref_args)
+
+
+@gpu
+@needs_cuda
+def test_expert_map_reduce_gpu_bf16():
+    torch.manual_seed(0)
+    index, weights = _routing(2048, 8, 2, device="cuda")
+    weights.requires_grad_()
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_map = (torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5).requires_grad_()
+    w_red = (torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16) / 256**0.5).requires_grad_()
+    lora_map, p_map = _lora(8, 16, 256, 512, torch.bfloat16, "cuda")
+    lora_red, p_red = _lora(8, 16, 512, 256, torch.bfloat16, "cuda")
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+
+    def block(x, index, weights, w_map, w_red, lora_map, lora_red):
+        return expert_reduce(expert_map(x, index, w_map, lora_map), index, weights, w_red, lora_red)
+
+    params = [x, weights, w_map, w_red] + p_map + p_red
+    args = (x, index, weights, w_map, w_red, lora_map, lora_red)
+    ref_args = (x.float(), index, weights, w_map.float(), w_red.float(), up(lora_map), up(lora_red))
+    _gpu_check(block, args, params, ref_args)

@@ -1,0 +1,154 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastmoe.kernels import reference_only  # noqa: E402
+from fastmoe.kernels.moe_routing import (  # noqa: E402
+    reference_route_sigmoid_topk,
+    reference_route_softmax_topk,
+    route_sigmoid_topk,
+    route_softmax_topk,
+    sort_by_expert,
+)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _grads(fn, logits, *args):
+    logits = logits.detach().clone().requires_grad_()
+    weights, index = fn(logits, *args)
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(1)).to(weights.device)
+    (grad,) = torch.autograd.grad(weights, logits, upstream)
+    return weights, index, grad
+
+
+def _compare(fn, logits, *args, tol=1e-5, max_index_mismatch=0.0):
+    weights, index, grad = _grads(fn, logits, *args)
+    with reference_only():
+        ref_weights, ref_index, ref_grad = _grads(fn, logits, *args)
+    assert weights.dtype == torch.float32 and index.dtype == torch.int64
+    # On GPU, tl.sigmoid and torch.sigmoid may differ by an ulp and swap two nearly equal scores.
+    mismatch = (index != ref_index).any(dim=-1)
+    assert mismatch.float().mean().item() <= max_index_mismatch
+    keep = ~mismatch
+    weights, ref_weights, index = weights[keep], ref_weights[keep], index[keep]
+    grad, ref_grad = grad[keep], ref_grad[keep]
+    assert rel_err(weights, ref_weights) < tol
+    # With normalize and k=1 the weight is s/(s+eps) == 1: its true gradient is ~eps and both paths return
+    # rounding noise, so the gradient error is measured against an RMS floor of 1e-2 (true gradients here are ~0.1).
+    floor = 1e-2 * max(ref_grad.numel(), 1) ** 0.5
+    assert (grad.float() - ref_grad.float()).norm().item() / max(ref_grad.float().norm().item(), floor) < tol
+
+
+# AFMoE (normalize, eps 1e-20), LFM2-MoE (eps 1e-6, optional normalize), no bias
+SIGMOID_CASES = [
+    (True, True, 1e-20, 2.5),
+    (True, True, 1e-6, 1.0),
+    (True, False, 1e-6, 1.5),
+    (False, True, 1e-6, 1.0),
+]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 37, 64])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 1), (12, 4), (6, 6)])
+@pytest.mark.parametrize("with_bias,normalize,norm_eps,scale", SIGMOID_CASES)
+def test_route_sigmoid_topk_matches_reference(num_tokens, num_experts, top_k, with_bias, normalize, norm_eps, scale):
+    torch.manual_seed(0)
+    logits = torch.randn(num_tokens, num_experts)
+    bias = torch.randn(num_experts) * 0.1 if with_bias else None
+    _compare(route_sigmoid_topk, logits, bias, top_k, normalize, norm_eps, scale)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 37, 64])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 1), (8, 2), (5, 5)])
+def test_route_softmax_topk_matches_reference(num_tokens, num_experts, top_k):
+    torch.manual_seed(0)
+    _compare(route_softmax_topk, torch.randn(num_tokens, num_experts), top_k)
+
+
+def test_reference_sigmoid_matches_transformers_routers():
+    """AFMoE's and LFM2-MoE's router code, written out as in transformers (no ties: topk order is unique)."""
+    torch.manual_seed(0)
+    logits, bias = torch.randn(50, 16), torch.randn(16) * 0.1
+    scores = torch.sigmoid(logits)
+    _, selected = torch.topk(scores + bias, k=4, dim=1)
+    top = scores.gather(1, selected)
+    afmoe = top / (top.sum(-1, keepdim=True) + 1e-20) * 2.5
+    weights, index = reference_route_sigmoid_topk(logits, bias, 4, True, 1e-20, 2.5)
+    assert torch.equal(index, selected) and rel_err(weights, afmoe) < 1e-6
+
+    lfm_weights, lfm_selected = torch.topk(scores, k=4, dim=-1)
+    lfm_weights = lfm_weights / (lfm_weights.sum(-1, keepdim=True) + 1e-6) * 1.5
+    weights, index = reference_route_sigmoid_topk(logits, None, 4, True, 1e-6, 1.5)
+    assert torch.equal(index, lfm_selected) and rel_err(weights, lfm_weights) < 1e-6
+
+
+def test_reference_softmax_matches_jetmoe_router():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 8)
+    top_logits, top_index = logits.topk(2, dim=1)
+    weights, index = reference_route_softmax_topk(logits, 2)
+    assert torch.equal(index, top_index) and rel_err(weights, torch.softmax(top_logits, dim=1)) < 1e-6
+
+
+def test_ties_pick_lowest_expert():
+    # Logits from a handful of values: most rows have ties, and bias 0 keeps them.
+    torch.manual_seed(0)
+    logits = torch.randint(-2, 3, (48, 10)).float()
+    _compare(route_sigmoid_topk, logits, torch.zeros(10), 4, True, 1e-20, 1.0)
+    _compare(route_sigmoid_topk, logits, None, 3, False, 1e-6, 1.0)
+    _compare(route_softmax_topk, logits, 3)
+    _, index = route_softmax_topk(torch.zeros(3, 6), 4)
+    assert index.tolist() == [[0, 1, 2, 3]] * 3
+
+
+def test_fp16_logits_under_interpreter():
+    torch.manual_seed(0)
+    logits = torch.randn(33, 12).half()
+    _compare(route_sigmoid_topk, logits, torch.randn(12) * 0.1, 4, True, 1e-20, 2.0, tol=1e-3)
+    _compare(route_softmax_topk, logits, 2, tol=1e-3)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8)])
+def test_sort_by_expert(num_tokens, num_experts, top_k, block_m):
+    torch.manual_seed(0)
+    # Only the first half of the experts receive tokens: the others must get no tile.
+    used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
+    index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
+    schedule = sort_by_expert(index, num_experts, block_m)
+    flat = index.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts)
+    assert torch.equal(schedule.expert_offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    pair = schedule.sorted_pair.long()
+    assert torch.equal(torch.sort(pair).values, torch.arange(flat.numel()))
+    assert torch.equal(flat[pair], torch.sort(flat).values)
+    assert torch.equal(schedule.sorted_token.long(), pair // top_k)
+    covered = torch.zeros(flat.numel(), dtype=torch.long)
+    for expert, start in zip(schedule.tile_expert.tolist(), schedule.tile_row_start.tolist()):
+        if expert < 0:
+            continue
+        end = min(start + block_m, int(schedule.expert_offsets[expert + 1]))
+        assert start >= int(schedule.expert_offsets[expert]) and end > start
+        covered[start:end] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    tiles_used = (schedule.tile_expert >= 0).sum().item()
+    assert tiles_used == ((counts + block_m - 1) // block_m).sum().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(4096, 128, 8), (4096, 32, 4), (1000, 8, 2)])
+def test_routing_gpu(num_tokens, num_experts, top_k):
+    torch.manual_seed(0)
+    logits = torch.randn(num_tokens, num_experts, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(num_experts, device="cuda") * 0.01
+    _compare(route_sigmoid_topk, logits, bias, top_k, True, 1e-20, 2.5, tol=1e-2, max_index_mismatch=1e-2)
+    _compare(route_softmax_topk, logits, top_k, tol=1e-2, max_index_mismatch=1e-2)

@@ -1,0 +1,22 @@
+"""AFMoE: FastModel + LoRA (experts included) against transformers + peft, fp32 on CPU."""
+
+import pytest
+
+from testing_utils import compare_with_transformers, rel_err
+
+TARGETS = dict(
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, gradient_checkpointing):
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
+        tiny_checkpoint("afmoe"), dict(r=4, lora_alpha=8, **TARGETS), gradient_checkpointing=gradient_checkpointing)
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    assert any("experts" in name for name in grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name

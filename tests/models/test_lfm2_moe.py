@@ -1,0 +1,81 @@
+"""LFM2-MoE: FastModel + LoRA (experts and short-conv projections included) against transformers + peft, fp32 on
+CPU; and unpatch() giving transformers back its own forwards."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
+
+import fastmoe
+from fastmoe import FastModel
+from fastmoe.models.lfm2_moe import FastLfm2MoeModel
+from testing_utils import batch_with_padding, compare_with_transformers, rel_err
+
+TARGETS = dict(
+    target_modules=list(FastLfm2MoeModel.default_target_modules),
+    target_parameters=list(FastLfm2MoeModel.default_target_parameters),
+)
+PATCHED = (hf.Lfm2MoeRMSNorm, hf.Lfm2MoeTopKRouter, hf.Lfm2MoeSparseMoeBlock, hf.Lfm2MoeAttention,
+           hf.Lfm2MoeShortConv, hf.Lfm2MoeForCausalLM)
+
+
+# Rank 1 with scaling 8 (alpha 8) makes this tiny model ill-conditioned: transformers' own fp32 gradients are
+# then 1.5e-5 away from its fp64 ones, so rank 1 runs at scaling 1 (fp32 vs fp64: 1.4e-6).
+@pytest.mark.parametrize("rank, alpha", [(4, 8), (1, 1)])
+def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, rank, alpha):
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
+        tiny_checkpoint("lfm2_moe"), dict(r=rank, lora_alpha=alpha, **TARGETS))
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    # Every kind of adapter is compared: experts, attention, short conv, dense MLP.
+    for part in ("experts", "self_attn.q_proj", "self_attn.out_proj", "conv.in_proj", "conv.out_proj", "w1"):
+        assert any(part in name for name in grads), part
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_unpatch_restores_transformers(tiny_checkpoint):
+    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
+    checkpoint = str(tiny_checkpoint("lfm2_moe"))
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
+
+    fastmoe.unpatch()
+    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    batch = batch_with_padding(reference.config.vocab_size)
+    with torch.no_grad():
+        ref_out = reference(**batch)
+        FastLfm2MoeModel.pre_patch()
+        out = model.eval()(**batch)
+    assert rel_err(out.logits, ref_out.logits) < 1e-5
+    assert rel_err(out.loss, ref_out.loss) < 1e-5
+
+
+def test_generation_with_cache_matches_transformers(tiny_checkpoint):
+    """Prefill and decode go through the conv cache, which the patched short conv hands to transformers."""
+    checkpoint = str(tiny_checkpoint("lfm2_moe"))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = batch_with_padding(reference.config.vocab_size, batch=1)["input_ids"]
+    settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref_out = reference.generate(prompt, **settings)
+
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+    out = FastModel.for_inference(model).generate(prompt, **settings)
+    assert torch.equal(out.sequences, ref_out.sequences)
+    for step, ref_step in zip(out.logits, ref_out.logits):
+        assert rel_err(step, ref_step) < 1e-5
+
+
+def test_router_logits_are_recorded(tiny_checkpoint):
+    checkpoint = str(tiny_checkpoint("lfm2_moe"))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    batch = batch_with_padding(reference.config.vocab_size)
+    with torch.no_grad():
+        ref_out = reference(**batch, output_router_logits=True)
+        model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+        out = model.eval()(**batch, output_router_logits=True)
+    assert len(out.router_logits) == len(ref_out.router_logits) > 0
+    for got, want in zip(out.router_logits, ref_out.router_logits):
+        assert rel_err(got, want) < 1e-5
