@@ -55,13 +55,13 @@ def reference_qk_norm_rope(
 
 
 @triton.jit
-def _normalise(x1, x2, D, eps, IS_RMS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _normalise(x1, x2, D, HALF, eps, IS_RMS: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """fp32 (x - mean) * rstd on both pair members (mean = 0 for RMSNorm), and rstd per head."""
     if IS_RMS:
         xc1 = x1
         xc2 = x2
     else:
-        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        mask_1, mask_2 = pair_masks(D, HALF, BLOCK_HALF)
         mean = (tl.sum(x1, axis=1) + tl.sum(x2, axis=1)) / D
         # Padding lanes must stay 0 for the variance and the backward's sums.
         xc1 = tl.where(mask_1[None, :], x1 - mean[:, None], 0.0)
@@ -87,33 +87,33 @@ def _token_head_rows(tok0, pid_h, T, S, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.co
 def _qk_norm_rope_fwd_kernel(
     X, W, COS, SIN, Y,
     stride_xb, stride_xs, stride_xh, stride_wh, stride_cb, stride_cs,
-    T, S, H, D, eps,
+    T, S, H, D, HALF, eps,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_T * BLOCK_H
     b, s, heads, live = _token_head_rows(tl.program_id(0) * BLOCK_T, tl.program_id(1), T, S, H, BLOCK_T, BLOCK_H)
 
-    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
-    n1, n2, rstd = _normalise(x1, x2, D, eps, IS_RMS, BLOCK_HALF)
+    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
+    n1, n2, rstd = _normalise(x1, x2, D, HALF, eps, IS_RMS, BLOCK_HALF)
     if HAS_WEIGHT:
-        w1, w2 = load_pairs(W, heads * stride_wh, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        w1, w2 = load_pairs(W, heads * stride_wh, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
         n1 = n1 * w1
         n2 = n2 * w2
     if HAS_ROPE:
         cs = b * stride_cb + s * stride_cs
-        c1, c2 = load_pairs(COS, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
-        s1, s2 = load_pairs(SIN, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        c1, c2 = load_pairs(COS, cs, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
+        s1, s2 = load_pairs(SIN, cs, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
         n1, n2 = rotate_pairs(n1, n2, c1, c2, s1, s2, False)
     # Y is a fresh contiguous (batch, seq, heads, dim) tensor.
-    store_pairs(Y, ((b * S + s) * H + heads) * D, live, n1, n2, D, INTERLEAVED, ROWS, BLOCK_HALF)
+    store_pairs(Y, ((b * S + s) * H + heads) * D, live, n1, n2, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     X, W, COS, SIN, DY, DX, DW_PARTIAL,
     stride_xb, stride_xs, stride_xh, stride_wh, stride_cb, stride_cs, stride_dyb, stride_dyh, stride_dys,
-    T, S, H, D, eps, toks_per_program,
+    T, S, H, D, HALF, eps, toks_per_program,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
@@ -122,7 +122,7 @@ def _qk_norm_rope_bwd_kernel(
     pid_h = tl.program_id(1)
     heads = pid_h * BLOCK_H + tl.arange(0, ROWS) % BLOCK_H
     if HAS_WEIGHT:
-        w1, w2 = load_pairs(W, heads * stride_wh, heads < H, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        w1, w2 = load_pairs(W, heads * stride_wh, heads < H, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
     # Weight gradients accumulate per row of the tile and are summed over its tokens once, after the loop.
     dw1 = tl.zeros((ROWS, BLOCK_HALF), dtype=tl.float32)
     dw2 = tl.zeros((ROWS, BLOCK_HALF), dtype=tl.float32)
@@ -130,16 +130,16 @@ def _qk_norm_rope_bwd_kernel(
     for tok0 in range(first_tok, first_tok + toks_per_program, BLOCK_T):
         b, s, heads, live = _token_head_rows(tok0, pid_h, T, S, H, BLOCK_T, BLOCK_H)
         dy_rows = b * stride_dyb + s * stride_dys + heads * stride_dyh
-        dn1, dn2 = load_pairs(DY, dy_rows, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+        dn1, dn2 = load_pairs(DY, dy_rows, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
         if HAS_ROPE:
             cs = b * stride_cb + s * stride_cs
-            c1, c2 = load_pairs(COS, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
-            s1, s2 = load_pairs(SIN, cs, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
+            c1, c2 = load_pairs(COS, cs, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
+            s1, s2 = load_pairs(SIN, cs, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
             dn1, dn2 = rotate_pairs(dn1, dn2, c1, c2, s1, s2, True)
 
         x_rows = b * stride_xb + s * stride_xs + heads * stride_xh
-        x1, x2 = load_pairs(X, x_rows, live, D, INTERLEAVED, ROWS, BLOCK_HALF)
-        xh1, xh2, rstd = _normalise(x1, x2, D, eps, IS_RMS, BLOCK_HALF)
+        x1, x2 = load_pairs(X, x_rows, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
+        xh1, xh2, rstd = _normalise(x1, x2, D, HALF, eps, IS_RMS, BLOCK_HALF)
         if HAS_WEIGHT:
             dw1 += dn1 * xh1
             dw2 += dn2 * xh2
@@ -155,13 +155,13 @@ def _qk_norm_rope_bwd_kernel(
             dx1 -= c_mean[:, None]
             dx2 -= c_mean[:, None]
         dx_rows = ((b * S + s) * H + heads) * D
-        store_pairs(DX, dx_rows, live, dx1 * rstd[:, None], dx2 * rstd[:, None], D, INTERLEAVED, ROWS, BLOCK_HALF)
+        store_pairs(DX, dx_rows, live, dx1 * rstd[:, None], dx2 * rstd[:, None], D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
     if HAS_WEIGHT:
         dw1 = tl.sum(tl.reshape(dw1, (BLOCK_T, BLOCK_H, BLOCK_HALF)), axis=0)
         dw2 = tl.sum(tl.reshape(dw2, (BLOCK_T, BLOCK_H, BLOCK_HALF)), axis=0)
         head_block = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         dw_rows = (pid * H + head_block) * D
-        store_pairs(DW_PARTIAL, dw_rows, head_block < H, dw1, dw2, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        store_pairs(DW_PARTIAL, dw_rows, head_block < H, dw1, dw2, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
 
 
 def _tile(heads: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -201,7 +201,7 @@ class QKNormRopeFunction(torch.autograd.Function):
             # A (head_dim,) weight is shared by all heads: head stride 0.
             w.stride(0) if w is not None and w.dim() == 2 else 0,
             cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
-            batch * seq, seq, heads, dim, eps,
+            batch * seq, seq, heads, dim, (dim + 1) // 2, eps,
             IS_RMS=is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved and has_rope,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
         )
@@ -230,7 +230,7 @@ class QKNormRopeFunction(torch.autograd.Function):
             w.stride(0) if w is not None and w.dim() == 2 else 0,
             cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
             dy.stride(0), dy.stride(1), dy.stride(2),
-            tokens, seq, heads, dim, ctx.eps, toks_per_program,
+            tokens, seq, heads, dim, (dim + 1) // 2, ctx.eps, toks_per_program,
             IS_RMS=ctx.is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=ctx.interleaved and has_rope,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
         )

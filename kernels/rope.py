@@ -34,16 +34,20 @@ def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interl
 
 
 @triton.jit
-def pair_masks(D, BLOCK_HALF: tl.constexpr):
-    """(BLOCK_HALF,) masks of the valid first and second pair members: pairs (j, j + ceil(D/2)), or (2j, 2j + 1)
-    where D is even; the half split also covers an odd D (norm without RoPE), whose last pair lacks a second."""
+def pair_masks(D, HALF, BLOCK_HALF: tl.constexpr):
+    """(BLOCK_HALF,) masks of the valid first and second pair members: pairs (j, j + HALF), or (2j, 2j + 1)
+    where D is even; HALF = ceil(D / 2), so the half split also covers an odd D (norm without RoPE).
+
+    HALF comes from the host rather than being computed here: as a kernel argument Triton specialises it
+    when it is a multiple of 16, which lets the second half's loads be vectorised."""
     j = tl.arange(0, BLOCK_HALF)
-    half = (D + 1) // 2
-    return j < half, (j < half) & (j + half < D)
+    return j < HALF, (j < HALF) & (j + HALF < D)
 
 
 @triton.jit
-def load_pairs(base, rows, row_mask, D, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def load_pairs(
+    base, rows, row_mask, D, HALF, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
     """First and second members of each rotation pair, (ROWS, BLOCK_HALF) fp32 each, of rows at element offsets
     rows (ROWS,) from base. Masked-off elements read as 0."""
     if INTERLEAVED:
@@ -54,16 +58,17 @@ def load_pairs(base, rows, row_mask, D, INTERLEAVED: tl.constexpr, ROWS: tl.cons
         x1, x2 = tl.split(tl.reshape(x, (ROWS, BLOCK_HALF, 2)))
     else:
         j = tl.arange(0, BLOCK_HALF)
-        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        mask_1, mask_2 = pair_masks(D, HALF, BLOCK_HALF)
         ptrs = base + rows[:, None] + j[None, :]
         x1 = tl.load(ptrs, mask=row_mask[:, None] & mask_1[None, :], other=0.0).to(tl.float32)
-        x2 = tl.load(ptrs + (D + 1) // 2, mask=row_mask[:, None] & mask_2[None, :], other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + HALF, mask=row_mask[:, None] & mask_2[None, :], other=0.0).to(tl.float32)
     return x1, x2
 
 
 @triton.jit
 def store_pairs(
-    base, rows, row_mask, y1, y2, D, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr
+    base, rows, row_mask, y1, y2, D, HALF,
+    INTERLEAVED: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Inverse of load_pairs: writes (ROWS, BLOCK_HALF) pair members, cast to base's element type."""
     if INTERLEAVED:
@@ -73,19 +78,19 @@ def store_pairs(
         tl.store(base + rows[:, None] + cols[None, :], y.to(base.dtype.element_ty), mask=mask)
     else:
         j = tl.arange(0, BLOCK_HALF)
-        mask_1, mask_2 = pair_masks(D, BLOCK_HALF)
+        mask_1, mask_2 = pair_masks(D, HALF, BLOCK_HALF)
         ptrs = base + rows[:, None] + j[None, :]
         tl.store(ptrs, y1.to(base.dtype.element_ty), mask=row_mask[:, None] & mask_1[None, :])
-        tl.store(ptrs + (D + 1) // 2, y2.to(base.dtype.element_ty), mask=row_mask[:, None] & mask_2[None, :])
+        tl.store(ptrs + HALF, y2.to(base.dtype.element_ty), mask=row_mask[:, None] & mask_2[None, :])
 
 
 @triton.jit
-def load_cos_sin(COS, SIN, offset, D, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def load_cos_sin(COS, SIN, offset, D, HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """cos and sin of one position as (1, BLOCK_HALF) pair members, ready to broadcast over heads."""
     rows = tl.zeros((1,), dtype=tl.int64) + offset
     live = tl.full((1,), 1, tl.int1)
-    c1, c2 = load_pairs(COS, rows, live, D, INTERLEAVED, 1, BLOCK_HALF)
-    s1, s2 = load_pairs(SIN, rows, live, D, INTERLEAVED, 1, BLOCK_HALF)
+    c1, c2 = load_pairs(COS, rows, live, D, HALF, INTERLEAVED, 1, BLOCK_HALF)
+    s1, s2 = load_pairs(SIN, rows, live, D, HALF, INTERLEAVED, 1, BLOCK_HALF)
     return c1, c2, s1, s2
 
 
@@ -105,7 +110,7 @@ def rotate_pairs(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
 def _rope_kernel(
     X, COS, SIN, Y,
     stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys, stride_cb, stride_cs,
-    S, H, D,
+    S, H, D, HALF,
     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -113,11 +118,11 @@ def _rope_kernel(
     s = (pid % S).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     live = heads < H
-    c1, c2, s1, s2 = load_cos_sin(COS, SIN, b * stride_cb + s * stride_cs, D, INTERLEAVED, BLOCK_HALF)
-    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    c1, c2, s1, s2 = load_cos_sin(COS, SIN, b * stride_cb + s * stride_cs, D, HALF, INTERLEAVED, BLOCK_HALF)
+    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
     y1, y2 = rotate_pairs(x1, x2, c1, c2, s1, s2, BACKWARD)
     y_rows = b * stride_yb + s * stride_ys + heads * stride_yh
-    store_pairs(Y, y_rows, live, y1, y2, D, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    store_pairs(Y, y_rows, live, y1, y2, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
 
 
 def rope_tile(heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -152,7 +157,7 @@ def _launch_rope(
     _rope_kernel[(batch * seq, triton.cdiv(heads, block_h))](
         x, cos, sin, y,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0), cos.stride(1),
-        seq, heads, dim,
+        seq, heads, dim, dim // 2,
         INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
     )
     return y

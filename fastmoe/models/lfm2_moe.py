@@ -21,8 +21,8 @@ from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.patching import ForwardPatch
 
-# transformers' own short-conv forward, kept for what our op does not cover: a conv cache (generation) and
-# packed sequences.
+# transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
+# (decoding) and packed sequences.
 _original_short_conv_forward = hf.Lfm2MoeShortConv.forward
 
 
@@ -84,26 +84,37 @@ def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddi
     return self.out_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
+def _starts_conv_state(self: hf.Lfm2MoeShortConv, cache) -> bool:
+    """Whether this forward is the first on `cache` for this layer (a prefill): the conv state it leaves is then
+    just the last L positions of B * x, and nothing earlier feeds the convolution."""
+    return cache.get_conv_state(self.layer_idx) is None and not cache.is_recording_past(self.layer_idx)
+
+
 # The conv weight is read directly, not through self.conv's forward: accelerate's offload hooks must be fired
 # by hand, as transformers does for its own forward.
 @force_accelerate_hooks("conv")
-def _short_conv_without_cache(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor,
-                              attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _short_conv_from_start(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values,
+                           attention_mask: torch.Tensor | None) -> torch.Tensor:
     # A 2D padding mask zeroes padded positions before in_proj, so they feed nothing into later positions.
     hidden_states = hf.apply_mask_to_padding_states(hidden_states, attention_mask)
-    y = short_conv(self.in_proj(hidden_states), self.conv.weight, self.conv.bias)
-    return self.out_proj(y)
+    bcx = self.in_proj(hidden_states)
+    if past_key_values is not None:
+        # What transformers caches after a prefill: B * x at the last L positions, (batch, hidden, L), which the
+        # cache left-pads with zeros when the prompt is shorter.
+        b, _, x = bcx[:, -self.conv_kernel_size:].transpose(-1, -2).chunk(3, dim=-2)
+        past_key_values.update_conv_state(b * x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+    return self.out_proj(short_conv(bcx, self.conv.weight, self.conv.bias))
 
 
 def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values=None,
                        attention_mask: torch.Tensor | None = None, **kwargs):
-    # With a cache the conv state is read and written across calls, and packed sequences must restart the
-    # convolution at every boundary: transformers' own path handles both.
+    # Continuing from a conv state (decode, chunked prefill, speculative rollback) and packed sequences, whose
+    # convolution must restart at every boundary, take transformers' own path.
     packed = kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None
-    if past_key_values is not None or packed:
+    if packed or (past_key_values is not None and not _starts_conv_state(self, past_key_values)):
         return _original_short_conv_forward(self, hidden_states, past_key_values=past_key_values,
                                             attention_mask=attention_mask, **kwargs)
-    return _short_conv_without_cache(self, hidden_states, attention_mask)
+    return _short_conv_from_start(self, hidden_states, past_key_values, attention_mask)
 
 
 _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)

@@ -321,3 +321,18 @@ def test_expert_map_reduce_gpu_bf16():
     args = (x, index, weights, w_map, w_red, lora_map, lora_red)
     ref_args = (x.float(), index, weights, w_map.float(), w_red.float(), up(lora_map), up(lora_red))
     _gpu_check(block, args, params, ref_args)
+
+
+@gpu
+@needs_cuda
+def test_moe_experts_gpu_no_host_sync():
+    """The whole block, routing sort included, must queue without waiting for the GPU."""
+    args, params = _experts_inputs(512, 256, 128, 16, 4, 8, dtype=torch.bfloat16, device="cuda")
+    _run(moe_experts, args, params)  # compile the kernels first: only the steady state is checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = moe_experts(*args)
+        torch.autograd.backward(out, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

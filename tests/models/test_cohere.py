@@ -31,7 +31,7 @@ def assert_matches_transformers(checkpoint, rank: int) -> None:
         assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("rank", [4, 2, 1])
+@pytest.mark.parametrize("rank", [4, 2])
 def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, rank):
     checkpoint = tiny_checkpoint("cohere")
     config = AutoModelForCausalLM.from_pretrained(checkpoint).config

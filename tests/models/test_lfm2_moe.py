@@ -57,7 +57,7 @@ def test_generation_with_cache_matches_transformers(tiny_checkpoint):
     """Prefill and decode go through the conv cache, which the patched short conv hands to transformers."""
     checkpoint = str(tiny_checkpoint("lfm2_moe"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompt = batch_with_padding(reference.config.vocab_size, batch=1)["input_ids"]
+    prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1]
     settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref_out = reference.generate(prompt, **settings)
 
