@@ -97,8 +97,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     header = (
-        f"| case | hidden | vocab | logit_scale | lm_head | HF ms | fastmoe ms | speedup | HF peak MiB "
-        f"| fastmoe peak MiB | memory saved | abs loss diff |\n"
+        "| case | hidden | vocab | logit_scale | lm_head | HF ms | fastmoe ms | speedup | HF peak MiB "
+        "| fastmoe peak MiB | memory saved | abs loss diff |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "\n".join(rows) + "\n"

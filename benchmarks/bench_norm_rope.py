@@ -154,8 +154,8 @@ def main() -> None:
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth()
     header = (
-        f"| op | fwd ours ms | fwd HF ms | fwd speedup | fwd GB/s ours (HF) | fwd+bwd ours ms | fwd+bwd HF ms "
-        f"| fwd+bwd speedup | fwd+bwd GB/s ours (HF) | fwd+bwd eager ms ours (HF) |"
+        "| op | fwd ours ms | fwd HF ms | fwd speedup | fwd GB/s ours (HF) | fwd+bwd ours ms | fwd+bwd HF ms "
+        "| fwd+bwd speedup | fwd+bwd GB/s ours (HF) | fwd+bwd eager ms ours (HF) |"
     )
     rows = [header, "|" + "---|" * 10]
     for name, ours, theirs, inputs, grads, fwd_bytes, all_bytes in cases():

@@ -252,7 +252,7 @@ def _progress_callback():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is not None and logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:

@@ -128,6 +128,27 @@ def _schedule(top_k_index: torch.Tensor, num_experts: int) -> tuple[ExpertSchedu
     return schedule, identity
 
 
+def _save(ctx, schedule: ExpertSchedule, *tensors: torch.Tensor | None) -> None:
+    """Save the schedule and tensors through save_for_backward, never as ctx attributes: saved-tensor hooks
+    (activation checkpointing, CPU offload) only see what goes through it."""
+    ctx.schedule_meta = (schedule.block_m, schedule.num_experts, schedule.top_k)
+    ctx.save_for_backward(schedule.sorted_pair, schedule.sorted_token, schedule.expert_offsets,
+                          schedule.tile_expert, schedule.tile_row_start, *tensors)
+
+
+def _saved(ctx) -> tuple[ExpertSchedule, torch.Tensor, tuple]:
+    """(schedule, identity row index, the other saved tensors) in backward."""
+    saved = ctx.saved_tensors
+    schedule = ExpertSchedule(*saved[:5], *ctx.schedule_meta)
+    identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=schedule.sorted_pair.device)
+    return schedule, identity, saved[5:]
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # Kernels take one dtype per GEMM (tl.dot); a no-op when the weight already has the activations' dtype.
+    return t.to(dtype) if t is not None else None
+
+
 def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """(T*K, N) rows in (token, slot) order -> (T, N), summed in fp32 like transformers' grouped_mm path."""
     if top_k == 1:
@@ -143,6 +164,7 @@ def _lora_grads(
     needs_a: bool, needs_b: bool, a: torch.Tensor | None, b: torch.Tensor | None,
     a_grad_fn, b_grad_fn,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a LoRA pair, each written by its grad_fn into a fresh tensor of the factor's shape/dtype."""
     grad_a = a_grad_fn(torch.empty(a.shape, dtype=a.dtype, device=a.device)) if needs_a else None
     grad_b = b_grad_fn(torch.empty(b.shape, dtype=b.dtype, device=b.device)) if needs_b else None
     return grad_a, grad_b
@@ -157,8 +179,7 @@ class _MoeExperts(torch.autograd.Function):
         schedule, identity = _schedule(top_k_index, gate_up_proj.shape[0])
         row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
         w_gu, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
-        gu_a_, gu_b_ = (gu_a.to(dtype), gu_b.to(dtype)) if gu_a is not None else (None, None)
-        down_a_, down_b_ = (down_a.to(dtype), down_b.to(dtype)) if down_a is not None else (None, None)
+        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
         num_rows = schedule.num_pairs
 
         l_gu = None
@@ -174,23 +195,23 @@ class _MoeExperts(torch.autograd.Function):
         y = torch.empty(num_rows, w_down.shape[1], dtype=dtype, device=hidden.device)
         grouped_mm(h, identity, w_down, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
 
-        ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b)
-        ctx.schedule, ctx.identity, ctx.row_weight = schedule, identity, row_weight
-        ctx.gate_up, ctx.l_gu, ctx.l_down = gate_up, l_gu, l_down
-        ctx.operands = (w_gu, w_down, gu_a_, gu_b_, down_a_, down_b_)
+        _save(ctx, schedule, hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b,
+              row_weight, gate_up, l_gu, l_down)
         ctx.scalings = (gu_scaling, down_scaling)
         return _sum_slots(y, num_tokens, top_k, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b = ctx.saved_tensors
-        schedule, identity, row_weight = ctx.schedule, ctx.identity, ctx.row_weight
-        w_gu, w_down, gu_a_, gu_b_, down_a_, down_b_ = ctx.operands
+        schedule, identity, saved = _saved(ctx)
+        (hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b,
+         row_weight, gate_up, l_gu, l_down) = saved
         gu_scaling, down_scaling = ctx.scalings
         needs = ctx.needs_input_grad
         num_tokens, top_k = top_k_weights.shape
         num_rows = schedule.num_pairs
         dtype = hidden.dtype
+        w_gu, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
+        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
         tok, pair = schedule.sorted_token, schedule.sorted_pair
         g = grad_out.to(dtype)
 
@@ -200,7 +221,7 @@ class _MoeExperts(torch.autograd.Function):
             g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
                                 identity, out_scale=down_scaling)
         dgu, h, d_row_weight = grouped_mm_swiglu_backward(
-            g, tok, w_down.transpose(1, 2), ctx.gate_up, row_weight, schedule,
+            g, tok, w_down.transpose(1, 2), gate_up, row_weight, schedule,
             g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
         )
         grad_weights = None
@@ -214,7 +235,7 @@ class _MoeExperts(torch.autograd.Function):
         grad_down_a, grad_down_b = _lora_grads(
             needs[8], needs[9], down_a, down_b,
             lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight),
-            lambda out: grouped_wgrad(g, tok, ctx.l_down, identity, schedule, out, row_weight),
+            lambda out: grouped_wgrad(g, tok, l_down, identity, schedule, out, row_weight),
         )
 
         # Gate/up projection.
@@ -234,7 +255,7 @@ class _MoeExperts(torch.autograd.Function):
         grad_gu_a, grad_gu_b = _lora_grads(
             needs[5], needs[6], gu_a, gu_b,
             lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(dgu, identity, ctx.l_gu, identity, schedule, out),
+            lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out),
         )
         return (grad_hidden, None, grad_weights, grad_gate_up, grad_down,
                 grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None)
@@ -246,8 +267,7 @@ class _ExpertMap(torch.autograd.Function):
         num_tokens, top_k = top_k_index.shape
         dtype = hidden.dtype
         schedule, identity = _schedule(top_k_index, weight.shape[0])
-        w = weight.to(dtype)
-        a_, b_ = (lora_a.to(dtype), lora_b.to(dtype)) if lora_a is not None else (None, None)
+        w, a_, b_ = weight.to(dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
         tok, pair = schedule.sorted_token, schedule.sorted_pair
         l = None
         if a_ is not None:
@@ -255,15 +275,14 @@ class _ExpertMap(torch.autograd.Function):
                            out_scale=scaling)
         out = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=hidden.device)
         grouped_mm(hidden, tok, w, schedule, out, pair, l, b_)
-        ctx.save_for_backward(hidden, weight, lora_a, lora_b)
-        ctx.schedule, ctx.identity, ctx.l, ctx.operands, ctx.scaling = schedule, identity, l, (w, a_, b_), scaling
+        _save(ctx, schedule, hidden, weight, lora_a, lora_b, l)
+        ctx.scaling = scaling
         return out.view(num_tokens, top_k, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, lora_a, lora_b = ctx.saved_tensors
-        schedule, identity = ctx.schedule, ctx.identity
-        w, a_, b_ = ctx.operands
+        schedule, identity, (hidden, weight, lora_a, lora_b, l) = _saved(ctx)
+        w, a_, b_ = weight.to(hidden.dtype), _cast(lora_a, hidden.dtype), _cast(lora_b, hidden.dtype)
         needs = ctx.needs_input_grad
         num_tokens, top_k, _ = grad_out.shape
         tok, pair = schedule.sorted_token, schedule.sorted_pair
@@ -284,7 +303,7 @@ class _ExpertMap(torch.autograd.Function):
         grad_a, grad_b = _lora_grads(
             needs[3], needs[4], lora_a, lora_b,
             lambda out: grouped_wgrad(g_l, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(g, pair, ctx.l, identity, schedule, out),
+            lambda out: grouped_wgrad(g, pair, l, identity, schedule, out),
         )
         return grad_hidden, None, grad_weight, grad_a, grad_b, None
 
@@ -296,8 +315,7 @@ class _ExpertReduce(torch.autograd.Function):
         dtype = x.dtype
         schedule, identity = _schedule(top_k_index, weight.shape[0])
         row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-        w = weight.to(dtype)
-        a_, b_ = (lora_a.to(dtype), lora_b.to(dtype)) if lora_a is not None else (None, None)
+        w, a_, b_ = weight.to(dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
         pair = schedule.sorted_pair
         x_pairs = x.reshape(num_tokens * top_k, -1)
         l = None
@@ -306,16 +324,14 @@ class _ExpertReduce(torch.autograd.Function):
                            out_scale=scaling)
         y = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=x.device)
         grouped_mm(x_pairs, pair, w, schedule, y, pair, l, b_, row_scale=row_weight)
-        ctx.save_for_backward(x, top_k_weights, weight, lora_a, lora_b)
-        ctx.schedule, ctx.identity, ctx.row_weight, ctx.l = schedule, identity, row_weight, l
-        ctx.operands, ctx.scaling = (w, a_, b_), scaling
+        _save(ctx, schedule, x, top_k_weights, weight, lora_a, lora_b, row_weight, l)
+        ctx.scaling = scaling
         return _sum_slots(y, num_tokens, top_k, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, top_k_weights, weight, lora_a, lora_b = ctx.saved_tensors
-        schedule, identity, row_weight = ctx.schedule, ctx.identity, ctx.row_weight
-        w, a_, b_ = ctx.operands
+        schedule, identity, (x, top_k_weights, weight, lora_a, lora_b, row_weight, l) = _saved(ctx)
+        w, a_, b_ = weight.to(x.dtype), _cast(lora_a, x.dtype), _cast(lora_b, x.dtype)
         needs = ctx.needs_input_grad
         num_tokens, top_k, _ = x.shape
         tok, pair = schedule.sorted_token, schedule.sorted_pair
@@ -342,7 +358,7 @@ class _ExpertReduce(torch.autograd.Function):
         grad_a, grad_b = _lora_grads(
             needs[4], needs[5], lora_a, lora_b,
             lambda out: grouped_wgrad(g_l, identity, x_pairs, pair, schedule, out, row_weight),
-            lambda out: grouped_wgrad(g, tok, ctx.l, identity, schedule, out, row_weight),
+            lambda out: grouped_wgrad(g, tok, l, identity, schedule, out, row_weight),
         )
         return grad_x, None, grad_weights, grad_weight, grad_a, grad_b, None
 

@@ -94,7 +94,8 @@ def _qk_norm_rope_fwd_kernel(
     ROWS: tl.constexpr = BLOCK_T * BLOCK_H
     b, s, heads, live = _token_head_rows(tl.program_id(0) * BLOCK_T, tl.program_id(1), T, S, H, BLOCK_T, BLOCK_H)
 
-    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
+    x_rows = b * stride_xb + s * stride_xs + heads * stride_xh
+    x1, x2 = load_pairs(X, x_rows, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
     n1, n2, rstd = _normalise(x1, x2, D, HALF, eps, IS_RMS, BLOCK_HALF)
     if HAS_WEIGHT:
         w1, w2 = load_pairs(W, heads * stride_wh, live, D, HALF, INTERLEAVED, ROWS, BLOCK_HALF)

@@ -1,7 +1,8 @@
 """Rotary position embedding on (batch, heads, seq, head_dim), half-rotation (Llama) or interleaved pairs (Cohere).
 
-Each element pairs with one partner: (j, j + dim/2) for half rotation, (2j, 2j + 1) for interleaved. The kernel
-loads both members of every pair, so one program rotates a whole (batch, position) row of heads in registers.
+Each element pairs with one partner: (j, j + dim/2) for half rotation, (2j, 2j + 1) for interleaved (loaded as
+contiguous rows and de-interleaved in registers). Both members of every pair are in registers, so one program
+rotates a whole (batch, position) row of heads. The pair helpers here are shared with qk_norm_rope.
 Backward is the transposed rotation, the same kernel with BACKWARD set; it needs only cos and sin, not x.
 """
 
@@ -119,7 +120,8 @@ def _rope_kernel(
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     live = heads < H
     c1, c2, s1, s2 = load_cos_sin(COS, SIN, b * stride_cb + s * stride_cs, D, HALF, INTERLEAVED, BLOCK_HALF)
-    x1, x2 = load_pairs(X, b * stride_xb + s * stride_xs + heads * stride_xh, live, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    x_rows = b * stride_xb + s * stride_xs + heads * stride_xh
+    x1, x2 = load_pairs(X, x_rows, live, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
     y1, y2 = rotate_pairs(x1, x2, c1, c2, s1, s2, BACKWARD)
     y_rows = b * stride_yb + s * stride_ys + heads * stride_yh
     store_pairs(Y, y_rows, live, y1, y2, D, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)

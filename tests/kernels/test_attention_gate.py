@@ -1,11 +1,7 @@
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from fastmoe.kernels.attention_gate import attention_gate, reference_attention_gate  # noqa: E402
+from fastmoe.kernels.attention_gate import attention_gate, reference_attention_gate
 
 # (batch, seq, heads * head_dim): sizes that do not fill the last block, and one spanning several blocks.
 SHAPES = [(1, 7, 40), (2, 5, 3 * 24), (2, 3, 1000)]

@@ -1,12 +1,8 @@
-import os
+import pytest
+import torch
+from transformers.models.cohere.modeling_cohere import CohereLayerNorm
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers.models.cohere.modeling_cohere import CohereLayerNorm  # noqa: E402
-
-from fastmoe.kernels.layer_norm import layer_norm, reference_layer_norm  # noqa: E402
+from fastmoe.kernels.layer_norm import layer_norm, reference_layer_norm
 
 # (x shape, weight shape): a (dim,) weight over hidden states, and Cohere's per-head (heads, dim) q/k norms.
 CASES = [

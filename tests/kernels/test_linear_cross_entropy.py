@@ -1,9 +1,3 @@
-import os
-
-# Before torch/triton: on CPU the Triton path runs in the interpreter. On a GPU machine run
-# `TRITON_INTERPRET=0 pytest -m gpu tests/kernels/test_linear_cross_entropy.py` so kernels compile for real.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss

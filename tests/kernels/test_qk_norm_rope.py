@@ -1,15 +1,11 @@
-import os
+import pytest
+import torch
+from transformers import AfmoeConfig, CohereConfig
+from transformers.models.afmoe import modeling_afmoe
+from transformers.models.cohere import modeling_cohere
+from transformers.models.lfm2_moe import modeling_lfm2_moe
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import AfmoeConfig, CohereConfig  # noqa: E402
-from transformers.models.afmoe import modeling_afmoe  # noqa: E402
-from transformers.models.cohere import modeling_cohere  # noqa: E402
-from transformers.models.lfm2_moe import modeling_lfm2_moe  # noqa: E402
-
-from fastmoe.kernels.qk_norm_rope import qk_norm_rope, reference_qk_norm_rope  # noqa: E402
+from fastmoe.kernels.qk_norm_rope import qk_norm_rope, reference_qk_norm_rope
 
 # (batch, q heads, kv heads, seq, head_dim): odd seq, GQA-like kv heads, head_dim not a power of two.
 SHAPES = [(1, 4, 2, 7, 40), (2, 3, 1, 5, 24)]

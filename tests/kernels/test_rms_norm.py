@@ -1,14 +1,10 @@
-import os
+import pytest
+import torch
+from transformers.models.afmoe.modeling_afmoe import AfmoeRMSNorm
+from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeRMSNorm
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers.models.afmoe.modeling_afmoe import AfmoeRMSNorm  # noqa: E402
-from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeRMSNorm  # noqa: E402
-
-from fastmoe.kernels import reference_only, use_triton  # noqa: E402
-from fastmoe.kernels.rms_norm import reference_rms_norm, reference_rms_norm_add, rms_norm, rms_norm_add  # noqa: E402
+from fastmoe.kernels import reference_only, use_triton
+from fastmoe.kernels.rms_norm import reference_rms_norm, reference_rms_norm_add, rms_norm, rms_norm_add
 
 SHAPES = [(1, 7, 40), (2, 5, 24), (3, 128), (2, 3, 4, 72)]
 

@@ -1,14 +1,10 @@
-import os
+import pytest
+import torch
+from transformers import AfmoeConfig, CohereConfig
+from transformers.models.afmoe import modeling_afmoe
+from transformers.models.cohere import modeling_cohere
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import AfmoeConfig, CohereConfig  # noqa: E402
-from transformers.models.afmoe import modeling_afmoe  # noqa: E402
-from transformers.models.cohere import modeling_cohere  # noqa: E402
-
-from fastmoe.kernels.rope import apply_rope, reference_rope  # noqa: E402
+from fastmoe.kernels.rope import apply_rope, reference_rope
 
 # (batch, q heads, kv heads, seq, head_dim): odd seq, GQA-like kv heads, head_dim not a power of two.
 SHAPES = [(1, 4, 2, 7, 40), (2, 3, 1, 5, 24), (2, 2, 2, 3, 128)]

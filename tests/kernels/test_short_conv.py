@@ -8,6 +8,7 @@ from transformers import Lfm2MoeConfig  # noqa: E402
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf  # noqa: E402
 
 from fastmoe.kernels import use_triton  # noqa: E402
+from fastmoe.kernels.dispatch import interpreter_enabled  # noqa: E402
 from fastmoe.kernels.short_conv import reference_short_conv, short_conv  # noqa: E402
 from fastmoe.models.lfm2_moe import short_conv_forward  # noqa: E402
 
@@ -46,6 +47,7 @@ def transformers_core(bcx, weight, bias):
     return y.transpose(-1, -2).contiguous()
 
 
+@pytest.mark.skipif(not interpreter_enabled(), reason="TRITON_INTERPRET=0 tests the PyTorch reference on the CPU")
 def test_interpreter_takes_triton_path():
     assert use_triton(torch.zeros(1))
 

@@ -79,7 +79,7 @@ def test_default_targets_cover_both_mixtures(tiny_checkpoint):
 
 def test_router_logits_and_aux_loss_match_transformers(tiny_checkpoint):
     checkpoint = tiny_checkpoint("jetmoe")
-    batch = batch_with_padding(AutoConfig.from_pretrained(checkpoint).vocab_size, seed=3)
+    batch = batch_with_padding(AutoConfig.from_pretrained(checkpoint).vocab_size, seed=3, seq=6)
     (ref_out, ref_grads), (out, grads) = reference_and_fast(
         checkpoint, lora(4), lambda model: training_step(model, batch, output_router_logits=True))
 
@@ -117,7 +117,7 @@ def test_other_activation_and_several_active_adapters(tmp_path, tiny_tokenizer):
     two adapters active at once (peft applies those itself, so the experts run through its wrapper)."""
     checkpoint = build_tiny_checkpoint("jetmoe", tmp_path, seed=5, tokenizer=tiny_tokenizer,
                                        activation_function="gelu")
-    batch = batch_with_padding(len(tiny_tokenizer), seed=4)
+    batch = batch_with_padding(len(tiny_tokenizer), seed=4, seq=6)
 
     def both_adapter_settings(model):
         steps = [training_step(model, batch)]
@@ -139,7 +139,7 @@ def test_other_activation_and_several_active_adapters(tmp_path, tiny_tokenizer):
 def test_unpatch_restores_transformers(tiny_checkpoint):
     originals = {(p.owner, p.attribute): p.owner.__dict__[p.attribute] for p in FastJetMoeModel.patches()}
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("jetmoe"), dtype=torch.float32).eval()
-    batch = batch_with_padding(model.config.vocab_size)
+    batch = batch_with_padding(model.config.vocab_size, seq=6)
     del batch["labels"]
     attended = batch["attention_mask"].bool()  # padding rows may differ, see assert_same_training_step
     with torch.no_grad():

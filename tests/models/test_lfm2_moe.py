@@ -46,19 +46,21 @@ def test_unpatch_restores_transformers(tiny_checkpoint):
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     batch = batch_with_padding(reference.config.vocab_size)
     with torch.no_grad():
-        ref_out = reference(**batch)
+        ref_out = reference(**batch, use_cache=False)
         FastLfm2MoeModel.pre_patch()
-        out = model.eval()(**batch)
+        out = model.eval()(**batch, use_cache=False)
     assert rel_err(out.logits, ref_out.logits) < 1e-5
     assert rel_err(out.loss, ref_out.loss) < 1e-5
 
 
-def test_generation_with_cache_matches_transformers(tiny_checkpoint):
-    """Prefill and decode go through the conv cache, which the patched short conv hands to transformers."""
+@pytest.mark.parametrize("prompt_len", [11, 2])
+def test_generation_with_cache_matches_transformers(tiny_checkpoint, prompt_len):
+    """Prefill runs our short conv and leaves the conv state transformers would (a prompt shorter than the kernel
+    included); decoding continues from it on transformers' own path."""
     checkpoint = str(tiny_checkpoint("lfm2_moe"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1]
-    settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1, :prompt_len]
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref_out = reference.generate(prompt, **settings)
 
     model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)

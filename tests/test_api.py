@@ -1,0 +1,208 @@
+"""The public API on the tiny AFMoE checkpoint: loading, argument checks, unsupported families, patching and
+unpatching, train/inference toggles, and adapters that move both ways between fastmoe and plain peft.
+
+The adapter tests run the ops' PyTorch references (`reference_only`): what they check is the API's plumbing,
+and the Triton kernels are compared against transformers in tests/models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import fastmoe
+from fastmoe import FastModel, patching
+from fastmoe.kernels.dispatch import reference_only
+from fastmoe.models.afmoe import FastAfmoeModel
+from testing_utils import batch_with_padding, randomize_lora, rel_err
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def _eval_logits(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(**_inputs(batch)).logits
+
+
+def _lora_config(**overrides) -> LoraConfig:
+    """What FastModel.get_peft_model builds for AFMoE with r=4, lora_alpha=8 and the default targets."""
+    kwargs = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                  target_modules=list(FastAfmoeModel.default_target_modules),
+                  target_parameters=list(FastAfmoeModel.default_target_parameters))
+    return LoraConfig(**{**kwargs, **overrides})
+
+
+def test_from_pretrained_returns_frozen_fp32_model_and_tokenizer_with_pad(tiny_checkpoint):
+    model, tokenizer = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), max_seq_length=256, dtype=None)
+    assert model.config.model_type == "afmoe"
+    assert model.dtype == torch.float32
+    assert tokenizer.pad_token is not None and tokenizer.model_max_length == 256
+    assert not any(p.requires_grad for p in model.parameters())
+    assert patching.is_patched(FastAfmoeModel.patches())
+
+
+def test_tokenizer_without_pad_token_gets_eos(tiny_checkpoint, tmp_path):
+    checkpoint = shutil.copytree(tiny_checkpoint("afmoe"), tmp_path / "no_pad")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(checkpoint)
+    assert AutoTokenizer.from_pretrained(checkpoint).pad_token is None
+    _, tokenizer = FastModel.from_pretrained(str(checkpoint), max_seq_length=256)
+    assert tokenizer.pad_token == tokenizer.eos_token is not None
+
+
+@pytest.mark.parametrize("dtype", ["float64", torch.float64, torch.int8, "int8"])
+def test_unsupported_dtype_is_refused(tiny_checkpoint, dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=dtype)
+
+
+def test_missing_path_names_the_path(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="no_such_model") as error:
+        FastModel.from_pretrained(missing)
+    assert missing in str(error.value)
+
+
+def test_4bit_and_8bit_together_are_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit"):
+        FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), load_in_4bit=True, load_in_8bit=True)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 1.5])
+def test_get_peft_model_refuses_a_bad_rank(tiny_checkpoint, rank):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), max_seq_length=256)
+    with pytest.raises(ValueError, match="rank"):
+        FastModel.get_peft_model(model, r=rank)
+
+
+def test_target_that_matches_nothing_is_refused_by_name(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), max_seq_length=256)
+    with pytest.raises(ValueError, match="'qkv_proj'"):
+        FastModel.get_peft_model(model, target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(ValueError, match="'experts.gate_proj'"):
+        FastModel.get_peft_model(model, target_modules=["q_proj"], target_parameters=["experts.gate_proj"])
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A family fastmoe does not patch, built like the tiny checkpoints."""
+    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_checkpoint):
+    with pytest.warns(UserWarning, match="llama") as record:
+        model, tokenizer = FastModel.from_pretrained(str(llama_checkpoint), max_seq_length=256)
+    message = " ".join(str(w.message) for w in record)
+    for family in patching.FAMILIES:
+        assert family in message
+    assert tokenizer.pad_token is not None
+    batch = batch_with_padding(model.config.vocab_size)
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32)
+    assert torch.equal(_eval_logits(model, batch), _eval_logits(reference, batch))
+
+
+def test_unpatch_restores_every_original_and_patching_twice_is_once():
+    families = [patching.family_class(model_type) for model_type in patching.FAMILIES]
+    assert len(families) == 4
+    originals = {(p.owner, p.attribute): p.owner.__dict__[p.attribute] for f in families for p in f.patches()}
+
+    for family in families:
+        family.pre_patch()
+        family.pre_patch()
+    for family in families:
+        assert patching.is_patched(family.patches()), family.__name__
+    for (owner, attribute), original in originals.items():
+        # A second pre_patch must not record the first one's replacement as the "original".
+        assert patching._originals[(owner, attribute)] is original, f"{owner.__name__}.{attribute}"
+
+    fastmoe.unpatch()
+    for (owner, attribute), original in originals.items():
+        assert owner.__dict__[attribute] is original, f"{owner.__name__}.{attribute}"
+    assert not patching._originals
+    fastmoe.unpatch()  # unpatching an unpatched transformers is a no-op
+    for (owner, attribute), original in originals.items():
+        assert owner.__dict__[attribute] is original
+
+
+def test_for_inference_and_for_training_toggle_mode_and_cache(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), max_seq_length=256)
+    for wrapped in (model, FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)):
+        assert FastModel.for_training(wrapped) is wrapped
+        assert wrapped.training and not wrapped.config.use_cache
+        assert all(m.training for m in wrapped.modules())
+        assert FastModel.for_inference(wrapped) is wrapped
+        assert not wrapped.training and wrapped.config.use_cache
+        assert not any(m.training for m in wrapped.modules())
+
+
+def _adapter_files(folder) -> tuple[dict, dict]:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for key in ("target_modules", "target_parameters"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])  # saved from a set: the order is arbitrary
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return config, shapes
+
+
+def test_fastmoe_adapter_loads_in_plain_peft_and_matches_plain_peft_files(tiny_checkpoint, tmp_path):
+    checkpoint = str(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(512, seed=2)
+    model, _ = FastModel.from_pretrained(checkpoint, max_seq_length=256, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert any("experts" in name for name, p in model.named_parameters() if p.requires_grad)
+    randomize_lora(model)
+    with reference_only():
+        fast_logits = _eval_logits(model, batch)
+    model.save_pretrained(tmp_path / "fast")
+
+    fastmoe.unpatch()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+                                      tmp_path / "fast")
+    assert rel_err(fast_logits, _eval_logits(plain, batch)) < 1e-5
+
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), _lora_config())
+    reference.save_pretrained(tmp_path / "plain")
+    assert _adapter_files(tmp_path / "fast") == _adapter_files(tmp_path / "plain")
+
+
+def test_plain_peft_adapter_loads_into_fastmoe_and_trains(tiny_checkpoint, tmp_path):
+    checkpoint = str(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(512, seed=4)
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), _lora_config())
+    randomize_lora(plain)
+    plain_logits = _eval_logits(plain, batch)
+    plain.save_pretrained(tmp_path / "plain")
+
+    model, _ = FastModel.from_pretrained(checkpoint, max_seq_length=256, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, tmp_path / "plain", is_trainable=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("experts" in name for name in trainable)
+    with reference_only():
+        assert rel_err(_eval_logits(model, batch), plain_logits) < 1e-5
+
+        FastModel.for_training(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        losses = []
+        for _ in range(4):
+            loss = model(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
