@@ -26,6 +26,15 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
+def _check_load_args(max_seq_length: Any, full_finetuning: bool, load_in_4bit: bool, load_in_8bit: bool) -> None:
+    if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one")
+    if full_finetuning and (load_in_4bit or load_in_8bit):
+        raise ValueError("full_finetuning trains every weight, which quantized weights cannot: drop load_in_4bit/8bit")
+
+
 def _resolve_dtype(dtype: Any) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return default_dtype()
@@ -129,10 +138,7 @@ class FastBaseModel:
         **kwargs: Any,
     ):
         """Load a causal LM and its tokenizer with this family's forwards patched. Returns (model, tokenizer)."""
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
-        if full_finetuning and (load_in_4bit or load_in_8bit):
-            raise ValueError("full_finetuning trains every weight, which quantized weights cannot: drop load_in_4bit/8bit")
+        _check_load_args(max_seq_length, full_finetuning, load_in_4bit, load_in_8bit)
         torch_dtype = _resolve_dtype(dtype)
         quantization_config = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
         if quantization_config is not None and not torch.cuda.is_available():
@@ -201,7 +207,12 @@ class FastBaseModel:
             task_type="CAUSAL_LM",
             **lora_kwargs,
         )
-        if use_gradient_checkpointing:
+        if use_gradient_checkpointing and not model.supports_gradient_checkpointing:
+            warnings.warn(
+                f"{type(model).__name__} does not support gradient checkpointing in transformers; training without it",
+                stacklevel=2,
+            )
+        elif use_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         return get_peft_model(model, config)
@@ -284,6 +295,7 @@ class FastModel(FastBaseModel):
         ):
             return _from_adapter_folder(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit,
                                         device_map, attn_implementation, token, kwargs)
+        _check_load_args(max_seq_length, full_finetuning, load_in_4bit, load_in_8bit)
         config = _load_config(model_name, token)
         family = patching.family_class(config.model_type)
         if family is None:
@@ -292,7 +304,6 @@ class FastModel(FastBaseModel):
                 f"{', '.join(sorted(patching.FAMILIES))}); loading it as plain transformers",
                 stacklevel=2,
             )
-            family = FastBaseModel
             torch_dtype = _resolve_dtype(dtype)
             return _load(model_name, config, max_seq_length, torch_dtype,
                          _quantization_config(load_in_4bit, load_in_8bit, torch_dtype), full_finetuning,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import os
 import resource
 import time
@@ -184,46 +185,59 @@ def _load_hub_dataset(name: str):
     return loaded
 
 
-def to_sft_dataset(dataset, tokenizer):
-    """Keep or convert the columns trl's SFTTrainer trains on, and say whether the loss is on assistant turns only.
-
-    Returns (dataset, assistant_only_loss). Accepted records, in order of preference:
-    "messages" (chat turns), "prompt"/"completion", "instruction"/"response" (also Alpaca's "input"/"output"),
-    and "text". Prompt/completion data trains on the completion only (trl's default); instruction data becomes
-    prompt/completion, in chat form when the tokenizer has a chat template, so the model is tuned in the format it
-    is prompted with.
-    """
-    columns = set(dataset.column_names)
+def record_format(columns) -> str:
+    """Which of the accepted record shapes a data set has, in order of preference: "messages" (chat turns),
+    "prompt_completion", "instruction" ("instruction"/"response", or Alpaca's "instruction"/"input"/"output"),
+    or "text". Raises ValueError for anything else."""
+    columns = set(columns)
     if "messages" in columns:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the data set has chat \"messages\" but the tokenizer has no chat template to render them")
-        # Loss on the assistant's turns only where the template marks them ({% generation %}); trl cannot find them
-        # otherwise, and then the whole conversation is trained on.
-        assistant_only = "{% generation %}" in tokenizer.chat_template.replace("{%- generation %}", "{% generation %}")
-        return dataset.select_columns(["messages"]), assistant_only
+        return "messages"
     if {"prompt", "completion"} <= columns:
-        return dataset.select_columns(["prompt", "completion"]), False
-    response_column = "response" if "response" in columns else "output" if "output" in columns else None
-    if "instruction" in columns and response_column is not None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-        has_input = "input" in columns
-
-        def convert(record: dict) -> dict:
-            instruction = record["instruction"]
-            if has_input and record["input"]:
-                instruction = f"{instruction}\n\n{record['input']}"
-            if chat:
-                return {"prompt": [{"role": "user", "content": instruction}],
-                        "completion": [{"role": "assistant", "content": record[response_column]}]}
-            return {"prompt": f"{instruction}\n", "completion": record[response_column]}
-
-        return dataset.map(convert, remove_columns=dataset.column_names), False
+        return "prompt_completion"
+    if "instruction" in columns and ({"response", "output"} & columns):
+        return "instruction"
     if "text" in columns:
-        return dataset.select_columns(["text"]), False
+        return "text"
     raise ValueError(
         f"the data set's records have no field to train on (found {sorted(columns)}); give each record "
         '"messages", "prompt" and "completion", "instruction" and "response", or "text"'
     )
+
+
+def to_sft_dataset(dataset, tokenizer):
+    """Keep or convert the columns trl's SFTTrainer trains on, and say whether the loss is on assistant turns only.
+
+    Returns (dataset, assistant_only_loss). Prompt/completion data trains on the completion only (trl's default);
+    instruction data becomes prompt/completion, in chat form when the tokenizer has a chat template, so the model is
+    tuned in the format it will be prompted with and the loss is on the response alone.
+    """
+    kind = record_format(dataset.column_names)
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if kind == "messages":
+        if not chat_template:
+            raise ValueError('the data set has chat "messages" but the tokenizer has no chat template to render them')
+        # Loss on the assistant's turns only where the template marks them ({% generation %}); otherwise trl cannot
+        # find them, and the whole conversation is trained on.
+        assistant_only = re.search(r"{%-?\s*generation\s*-?%}", chat_template) is not None
+        return dataset.select_columns(["messages"]), assistant_only
+    if kind == "prompt_completion":
+        return dataset.select_columns(["prompt", "completion"]), False
+    if kind == "text":
+        return dataset.select_columns(["text"]), False
+
+    response_column = "response" if "response" in dataset.column_names else "output"
+    has_input = "input" in dataset.column_names
+
+    def convert(record: dict) -> dict:
+        instruction = record["instruction"]
+        if has_input and record["input"]:
+            instruction = f"{instruction}\n\n{record['input']}"
+        if chat_template:
+            return {"prompt": [{"role": "user", "content": instruction}],
+                    "completion": [{"role": "assistant", "content": record[response_column]}]}
+        return {"prompt": f"{instruction}\n", "completion": record[response_column]}
+
+    return dataset.map(convert, remove_columns=dataset.column_names), False
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -282,10 +296,11 @@ def prepare(options: TrainOptions):
 
     # The training bar is the one progress bar worth watching; trl's data preparation would add five more.
     datasets.disable_progress_bars()
-    model_name = str(options.model) if options.model is not None else str(builtin_model_path())
-    learning_rate = options.lr or (BUILTIN_LR if options.model is None else DEFAULT_LR)
     # The data first: a bad data set should fail fast, not after loading a large model.
     records = load_records(options.dataset)
+    record_format(records.column_names)
+    model_name = str(options.model) if options.model is not None else str(builtin_model_path())
+    learning_rate = options.lr or (BUILTIN_LR if options.model is None else DEFAULT_LR)
     model, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
                                                  load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
     train_dataset, assistant_only_loss = to_sft_dataset(records, tokenizer)

@@ -177,7 +177,7 @@ class ShortConvFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         bcx, w, bias = ctx.saved_tensors
         dy = _channels_contiguous(dy)
-        batch, seq_len, channels = bcx.shape
+        batch, seq_len, _ = bcx.shape
         hidden, kernel_size = w.shape
         block_t, block_d, num_warps = _tile(hidden)
         channel_blocks = triton.cdiv(hidden, block_d)

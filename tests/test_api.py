@@ -9,15 +9,15 @@ import shutil
 
 import pytest
 import torch
+from fastmoe.kernels.dispatch import reference_only
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from testing_utils import batch_with_padding, randomize_lora, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import fastmoe
 from fastmoe import FastModel, patching
-from fastmoe.kernels.dispatch import reference_only
 from fastmoe.models.afmoe import FastAfmoeModel
-from testing_utils import batch_with_padding, randomize_lora, rel_err
 
 
 def _inputs(batch: dict) -> dict:
@@ -32,9 +32,9 @@ def _eval_logits(model, batch: dict) -> torch.Tensor:
 
 def _lora_config(**overrides) -> LoraConfig:
     """What FastModel.get_peft_model builds for AFMoE with r=4, lora_alpha=8 and the default targets."""
-    kwargs = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
-                  target_modules=list(FastAfmoeModel.default_target_modules),
-                  target_parameters=list(FastAfmoeModel.default_target_parameters))
+    kwargs = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+              "target_modules": list(FastAfmoeModel.default_target_modules),
+              "target_parameters": list(FastAfmoeModel.default_target_parameters)}
     return LoraConfig(**{**kwargs, **overrides})
 
 
@@ -155,7 +155,8 @@ def _adapter_files(folder) -> tuple[dict, dict]:
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])  # saved from a set: the order is arbitrary
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        names = handle.keys()
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
     return config, shapes
 
 

@@ -27,8 +27,7 @@ def inputs(batch, seq, hidden, kernel_size, bias, dtype=torch.float32, device="c
     weight = torch.randn(hidden, 1, kernel_size, generator=generator) * 0.5
     conv_bias = torch.randn(hidden, generator=generator) if bias else None
     dy = torch.randn(batch, seq, hidden, generator=generator)
-    move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return move(bcx), move(weight), move(conv_bias), move(dy)
+    return tuple(None if t is None else t.to(device=device, dtype=dtype) for t in (bcx, weight, conv_bias, dy))
 
 
 def run(fn, bcx, weight, bias, dy):

@@ -79,12 +79,13 @@ def test_default_targets_cover_both_mixtures(tiny_checkpoint):
 
 def test_router_logits_and_aux_loss_match_transformers(tiny_checkpoint):
     checkpoint = tiny_checkpoint("jetmoe")
-    batch = batch_with_padding(AutoConfig.from_pretrained(checkpoint).vocab_size, seed=3, seq=6)
+    config = AutoConfig.from_pretrained(checkpoint)
+    batch = batch_with_padding(config.vocab_size, seed=3, seq=8)
     (ref_out, ref_grads), (out, grads) = reference_and_fast(
         checkpoint, lora(4), lambda model: training_step(model, batch, output_router_logits=True))
 
     # Per layer: the MoA router (recorded by the router module and again by the attention), then the MoE router.
-    assert len(out.router_logits) == len(ref_out.router_logits) == 3 * AutoConfig.from_pretrained(checkpoint).num_hidden_layers
+    assert len(out.router_logits) == len(ref_out.router_logits) == 3 * config.num_hidden_layers
     # Rows of padding tokens may differ (see assert_same_training_step); the aux loss leaves them out too.
     attended = batch["attention_mask"].reshape(-1).bool()
     for logits, ref_logits in zip(out.router_logits, ref_out.router_logits):

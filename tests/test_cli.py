@@ -1,0 +1,161 @@
+"""`fastmoe train`: the default run end to end (in a subprocess, like a user), the data formats it accepts, and
+one-line errors for bad arguments."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmoe import cli, training
+from fastmoe.builtin import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def fastmoe_cache(tmp_path_factory):
+    """One built-in model for the whole module, outside the user's ~/.cache."""
+    return tmp_path_factory.mktemp("fastmoe-cache")
+
+
+@pytest.fixture(autouse=True)
+def _use_cache(monkeypatch, fastmoe_cache):
+    monkeypatch.setenv("FASTMOE_CACHE", str(fastmoe_cache))
+
+
+def run_cli(args, cache, timeout=240):
+    """Run the installed console script (or `python -m fastmoe` where the script is not on PATH)."""
+    command = [shutil.which("fastmoe")] if shutil.which("fastmoe") else [sys.executable, "-m", "fastmoe"]
+    # TRITON_INTERPRET=0: on the CPU, every op takes its PyTorch reference, which is what a CPU user runs.
+    env = dict(os.environ, TRITON_INTERPRET="0", HF_HUB_OFFLINE="1", FASTMOE_CACHE=str(cache),
+               TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def logged_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+def test_default_run_learns_and_saves_an_adapter_plain_peft_loads(tmp_path, fastmoe_cache):
+    from peft import LoraConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    output_dir = tmp_path / "out"
+    result = run_cli(["train", "--max-steps", "25", "--output-dir", str(output_dir)], fastmoe_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "25 steps" in result.stdout and "tokens/s" in result.stdout and "peak memory" in result.stdout
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json"):
+        assert (output_dir / name).is_file(), name
+    config = LoraConfig.from_pretrained(output_dir)
+    assert config.peft_type == "LORA" and config.r == 16
+    assert any(name.startswith("experts.") for name in config.target_parameters)
+
+    losses = logged_losses(output_dir)
+    assert len(losses) == 25  # one per step
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+    model = PeftModel.from_pretrained(base, output_dir)
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    loaded = {name.replace(".default.", "."): p for name, p in model.named_parameters() if "lora_" in name}
+    assert saved.keys() == loaded.keys()
+    assert any(".experts." in name for name in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.slow
+def test_messages_dataset_trains(tmp_path, fastmoe_cache):
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as handle:
+        for a, b in [(2, 3), (4, 5), (6, 7), (8, 9)]:
+            messages = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    output_dir = tmp_path / "out"
+    result = run_cli(["train", "--dataset", str(data), "--max-steps", "3", "--batch-size", "2",
+                      "--output-dir", str(output_dir)], fastmoe_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(logged_losses(output_dir)) == 3
+    assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_instruction_records_train_on_the_response_only(tmp_path):
+    trainer, _, tokenizer = training.prepare(training.TrainOptions(output_dir=str(tmp_path), max_steps=1))
+    example = trainer.train_dataset[0]
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    first = training.load_records(None)[0]
+    assert example["labels"][0] == -100
+    # The built-in chat template closes the assistant turn with "<|eos|>\n"; both belong to the completion.
+    assert tokenizer.decode(trained).rstrip("\n") == first["response"] + tokenizer.eos_token
+
+
+def test_data_formats(tiny_tokenizer):
+    from datasets import Dataset
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    dataset, assistant_only = training.to_sft_dataset(Dataset.from_list([{"messages": chat, "id": 1}]), tiny_tokenizer)
+    assert dataset.column_names == ["messages"] and assistant_only
+    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"prompt": "a", "completion": "b"}]), tiny_tokenizer)
+    assert dataset.column_names == ["prompt", "completion"]
+    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"text": "abc"}]), tiny_tokenizer)
+    assert dataset[0] == {"text": "abc"}
+    alpaca = Dataset.from_list([{"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    dataset, _ = training.to_sft_dataset(alpaca, tiny_tokenizer)
+    assert dataset[0]["prompt"] == [{"role": "user", "content": "Add\n\n2 and 3"}]
+    assert dataset[0]["completion"] == [{"role": "assistant", "content": "5"}]
+    plain = build_tokenizer()
+    plain.chat_template = None
+    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"instruction": "Q", "response": "A"}]), plain)
+    assert dataset[0] == {"prompt": "Q\n", "completion": "A"}
+
+
+def _bad_dataset(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "no usable field"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/does/not/exist"], "does not exist"),
+    (["--dataset", "/does/not/exist.jsonl"], "does not exist"),
+    (["--dataset", "BAD"], "no field to train on"),
+    (["--max-steps", "-3"], "--max-steps must be a positive integer"),
+    (["--max-steps", "many"], "invalid int value"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--load-in-4bit", "--load-in-8bit"], "exclusive"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
+    args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastmoe: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("fastmoe: error:")
+
+
+@pytest.mark.slow
+def test_console_script_error_is_one_line_without_traceback(tmp_path, fastmoe_cache):
+    result = run_cli(["train", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")],
+                     fastmoe_cache, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"fastmoe: error: model path {str(tmp_path / 'missing')!r} does not exist (or is not a folder)"]
