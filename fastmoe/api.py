@@ -215,7 +215,18 @@ class FastBaseModel:
         elif use_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        return get_peft_model(model, config)
+        requested = set(target_modules) if isinstance(target_modules, list) else None
+        peft_model = get_peft_model(model, config)
+        if requested is not None:
+            moved = requested - set(peft_model.peft_config["default"].target_modules or ())
+            if moved:
+                warnings.warn(
+                    f"peft rewrote target_modules {sorted(moved)} of this {model.config.model_type} model into expert "
+                    "target_parameters (its transformers v4->v5 MoE conversion), so Linear layers of those names get "
+                    f"no LoRA; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in sorted(moved))}]",
+                    stacklevel=2,
+                )
+        return peft_model
 
     @staticmethod
     def for_inference(model):

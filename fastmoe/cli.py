@@ -10,8 +10,12 @@ with status 2; a failure during training itself is a bug and keeps its traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
 
 from fastmoe import training
 from fastmoe.training import TrainOptions
@@ -22,11 +26,11 @@ EXIT_USAGE = 2
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage before an error; one line that names the problem is easier to read."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         _fail(f"{message} (see '{self.prog} --help')")
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     # Errors from deeper libraries can span lines; the contract is one line.
     print(f"fastmoe: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
@@ -80,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer, model, tokenizer = training.prepare(options)
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
+    if options.model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # The built-in model's matmuls, about (200 tokens, 64), are too small to split across threads, and
+        # OpenMP's barriers made steps up to 50x slower whenever another process held one of the cores.
+        torch.set_num_threads(1)
     summary = training.run(options, trainer, model, tokenizer)
     print(summary.line())
     return 0

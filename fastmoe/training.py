@@ -3,8 +3,8 @@
 adapter, the tokenizer and the trainer state (every step's loss) to one folder.
 
 With no model, a small AFMoE model with random weights is built once into a cache folder; with no data set, the
-instruction data shipped in the package is used. Both together make a run that learns visibly on a CPU in a
-couple of minutes, which is what the CLI's defaults are tuned for.
+instruction data shipped in the package is used. Both together make a run that learns visibly on a CPU in well
+under a minute, which is what the CLI's defaults are tuned for.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import os
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -300,7 +300,7 @@ def prepare(options: TrainOptions):
     records = load_records(options.dataset)
     record_format(records.column_names)
     model_name = str(options.model) if options.model is not None else str(builtin_model_path())
-    learning_rate = options.lr or (BUILTIN_LR if options.model is None else DEFAULT_LR)
+    learning_rate = options.lr if options.lr is not None else BUILTIN_LR if options.model is None else DEFAULT_LR
     model, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
                                                  load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
     train_dataset, assistant_only_loss = to_sft_dataset(records, tokenizer)
@@ -333,6 +333,7 @@ def prepare(options: TrainOptions):
         seed=options.seed,
         data_seed=options.seed,
         dataloader_num_workers=0,
+        # Our own bar, added below, shows the loss beside the progress.
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset, args=config)

@@ -87,9 +87,15 @@ _causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
 
 class FastAfmoeModel(FastBaseModel):
     model_type = "afmoe"
-    # Attention (its output gate_proj included), dense and shared-expert MLPs; routers stay frozen.
-    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    default_target_parameters = ("experts.gate_up_proj", "experts.down_proj")
+    # Attention, the attention output gate, dense and shared-expert MLPs, and the routed experts; routers stay
+    # frozen. peft 0.21 rewrites target_modules named gate_proj/up_proj/down_proj on AFMoE into the experts'
+    # fused weights (its transformers v4->v5 MoE conversion, applied again whenever an adapter is loaded), which
+    # would leave the dense and shared MLPs and the attention gate without LoRA. Targeting those Linear weights as
+    # parameters survives that conversion, and plain peft loads the adapter the same way.
+    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    default_target_parameters = (
+        "experts.gate_up_proj", "experts.down_proj", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+    )
 
     @classmethod
     def patches(cls) -> list[ForwardPatch]:

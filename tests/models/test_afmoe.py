@@ -4,9 +4,12 @@ import pytest
 
 from testing_utils import compare_with_transformers, rel_err
 
+# fastmoe's defaults: attention projections as modules; the attention gate, dense and shared MLPs and the
+# experts as parameters (see FastAfmoeModel for why).
 TARGETS = dict(
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    target_parameters=["experts.gate_up_proj", "experts.down_proj", "gate_proj.weight", "up_proj.weight",
+                       "down_proj.weight"],
 )
 
 
@@ -18,5 +21,7 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
     assert rel_err(loss, ref_loss) < 1e-5
     assert grads.keys() == ref_grads.keys()
     assert any("experts" in name for name in grads)
+    assert any("shared_experts.gate_proj" in name for name in grads)
+    assert any("self_attn.gate_proj" in name for name in grads)
     for name in ref_grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
