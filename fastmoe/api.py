@@ -226,6 +226,7 @@ class FastBaseModel:
                     f"no LoRA; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in sorted(moved))}]",
                     stacklevel=2,
                 )
+        _warn_untargeted_parameters(peft_model, target_parameters)
         return peft_model
 
     @staticmethod
@@ -261,6 +262,25 @@ def _check_targets(model, target_modules, target_parameters) -> None:
     for target in target_parameters or []:
         if not any(name == target or name.endswith("." + target) for name in param_names):
             raise ValueError(f"target parameter {target!r} matches no parameter of this model")
+
+
+def _warn_untargeted_parameters(peft_model, target_parameters) -> None:
+    """peft silently skips target_parameters it cannot wrap (bitsandbytes-quantized Linear weights): say so."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    # Nested wrappers (several parameters of one module) show up as ...experts.base_layer.<param>.
+    wrapped = [
+        f"{name}.{module.parameter_name}".replace(".base_layer", "")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, ParamWrapper)
+    ]
+    skipped = [t for t in target_parameters or [] if not any(w.endswith("." + t) for w in wrapped)]
+    if skipped:
+        warnings.warn(
+            f"peft put no LoRA on target_parameters {skipped} (quantized weights cannot be adapted as parameters); "
+            "those layers train no adapter",
+            stacklevel=3,
+        )
 
 
 def _linear_suffixes(model) -> list[str]:
