@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import warnings
 from typing import Any
 
@@ -178,6 +179,8 @@ class FastBaseModel:
         """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        from fastmoe.saving import save_pretrained_merged
+
         if isinstance(model, PeftModel):
             raise ValueError("model already has LoRA adapters; call get_peft_model on the base model once")
         if getattr(model, "_fastmoe_full_finetuning", False):
@@ -227,6 +230,7 @@ class FastBaseModel:
                     stacklevel=2,
                 )
         _warn_untargeted_parameters(peft_model, target_parameters)
+        peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
         return peft_model
 
     @staticmethod
@@ -351,6 +355,8 @@ def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_
     trainable."""
     from peft import PeftModel
 
+    from fastmoe.saving import save_pretrained_merged
+
     with open(os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")) as handle:
         base_name = json.load(handle).get("base_model_name_or_path")
     if not base_name:
@@ -359,6 +365,8 @@ def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_
         base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit, device_map=device_map, attn_implementation=attn_implementation,
         token=token, **kwargs)
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True), tokenizer
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+    return peft_model, tokenizer
 
 

@@ -9,18 +9,12 @@ import torch
 from transformers.models.afmoe import modeling_afmoe as hf
 
 from fastmoe.api import FastBaseModel
-from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.attention_gate import attention_gate
-from fastmoe.kernels.moe_experts import moe_experts
 from fastmoe.kernels.moe_routing import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
-from fastmoe.kernels.rms_norm import rms_norm
 from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import rms_norm_forward, swiglu_experts
 from fastmoe.patching import ForwardPatch
-
-
-def rms_norm_forward(self: hf.AfmoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor):
@@ -31,23 +25,12 @@ def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor,
     return router_logits, top_scores, selected_experts
 
 
-def routed_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                   top_k_weights: torch.Tensor) -> torch.Tensor:
-    """(tokens, hidden) through the routed experts, with peft's expert LoRA applied unmerged by our kernels."""
-    unwrapped = unwrap_expert_lora(experts)
-    if unwrapped is None:
-        return experts(hidden, top_k_index, top_k_weights)
-    bare, loras = unwrapped
-    return moe_experts(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.down_proj,
-                       gate_up_lora=loras.get("gate_up_proj"), down_lora=loras.get("down_proj"))
-
-
 def sparse_moe_forward(self: hf.AfmoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
     batch_size, seq_len, hidden_dim = hidden_states.shape
     flat = hidden_states.view(-1, hidden_dim)
     _, top_scores, selected_experts = self.router(hidden_states, self.expert_bias)
     shared = self.shared_experts(flat)
-    routed = routed_experts(self.experts, flat, selected_experts, top_scores)
+    routed = swiglu_experts(self.experts, flat, selected_experts, top_scores)
     return (shared + routed).view(batch_size, seq_len, hidden_dim)
 
 

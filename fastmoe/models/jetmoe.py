@@ -18,9 +18,9 @@ from fastmoe.api import FastBaseModel
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe_experts import expert_map, expert_reduce, moe_experts
 from fastmoe.kernels.moe_routing import route_softmax_topk
-from fastmoe.kernels.rms_norm import rms_norm
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import rms_norm_forward
 from fastmoe.patching import ForwardPatch
 
 
@@ -37,10 +37,6 @@ class Routing(NamedTuple):
     sorted_gates: None
     expert_size: None
     router_logits: torch.Tensor  # (tokens, experts) fp32
-
-
-def rms_norm_forward(self: hf.JetMoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def top_k_gating_forward(self: hf.JetMoeTopKGating, hidden_states: torch.Tensor) -> Routing:

@@ -12,22 +12,16 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
 from fastmoe.api import FastBaseModel
-from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe_experts import moe_experts
 from fastmoe.kernels.moe_routing import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
-from fastmoe.kernels.rms_norm import rms_norm
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import rms_norm_forward, swiglu_experts
 from fastmoe.patching import ForwardPatch
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
 # (decoding) and packed sequences.
 _original_short_conv_forward = hf.Lfm2MoeShortConv.forward
-
-
-def rms_norm_forward(self: hf.Lfm2MoeRMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def router_forward(self: hf.Lfm2MoeTopKRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None):
@@ -40,24 +34,13 @@ def router_forward(self: hf.Lfm2MoeTopKRouter, hidden_states: torch.Tensor, expe
     return router_logits, routing_weights, selected_experts
 
 
-def routed_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                   top_k_weights: torch.Tensor) -> torch.Tensor:
-    """(tokens, hidden) through the routed experts, with peft's expert LoRA applied unmerged by our kernels."""
-    unwrapped = unwrap_expert_lora(experts)
-    if unwrapped is None:
-        return experts(hidden, top_k_index, top_k_weights)
-    bare, loras = unwrapped
-    return moe_experts(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.down_proj,
-                       gate_up_lora=loras.get("gate_up_proj"), down_lora=loras.get("down_proj"))
-
-
 def sparse_moe_forward(self: hf.Lfm2MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
     batch_size, seq_len, hidden_dim = hidden_states.shape
     flat = hidden_states.view(-1, hidden_dim)
     expert_bias = self.expert_bias if self.use_expert_bias else None
     # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
     _, routing_weights, selected_experts = self.gate(flat, expert_bias)
-    routed = routed_experts(self.experts, flat, selected_experts, routing_weights)
+    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
     return routed.view(batch_size, seq_len, hidden_dim)
 
 
