@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--load-in-8bit", action="store_true", help="8-bit base weights (bitsandbytes)")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in the backward pass (default: on with a CUDA GPU, off on CPU)")
+    train.add_argument("--packing", action="store_true",
+                       help="pack several short examples into each max-seq-length row")
+    train.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
+                       help="hold out this fraction of the data and log its loss (eval_loss) during training")
+    train.add_argument("--save-steps", type=int, default=defaults.save_steps,
+                       help="write a resumable checkpoint every N steps (0: none)")
+    train.add_argument("--resume-from-checkpoint", default=None,
+                       help='a checkpoint folder, or "latest" for the newest checkpoint-* in --output-dir')
+    train.add_argument("--report-to", default=defaults.report_to, choices=["none", "tensorboard"],
+                       help="where metrics go besides trainer_state.json")
     return parser
 
 
@@ -78,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_seq_length=args.max_seq_length, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, seed=args.seed, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-        gradient_checkpointing=args.gradient_checkpointing)
+        gradient_checkpointing=args.gradient_checkpointing, packing=args.packing, eval_fraction=args.eval_fraction,
+        save_steps=args.save_steps, resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to)
 
     try:
         trainer, model, tokenizer = training.prepare(options)

@@ -10,6 +10,7 @@ under a minute, which is what the CLI's defaults are tuned for.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import hashlib
 import json
 import os
@@ -55,6 +56,15 @@ class TrainOptions:
     load_in_8bit: bool = False
     # None: on for CUDA (it saves activation memory), off on the CPU (where it only costs time).
     gradient_checkpointing: bool | None = None
+    # Pack several short examples into each max_seq_length row (trl's packing, documents kept apart by position ids).
+    packing: bool = False
+    # Hold out this fraction of the data and report its loss (eval_loss) five times over the run; 0 = no evaluation.
+    eval_fraction: float = 0.0
+    # Write a resumable checkpoint (adapter, optimizer, scheduler, RNG) every this many steps; 0 = none.
+    save_steps: int = 0
+    # A checkpoint folder to resume from, or "latest" for the newest checkpoint-* in output_dir.
+    resume_from_checkpoint: str | None = None
+    report_to: str = "none"
 
     def validate(self) -> None:
         """Refuse bad values before anything slow happens."""
@@ -73,7 +83,20 @@ class TrainOptions:
             raise FileNotFoundError(f"model path {self.model!r} does not exist (or is not a folder)")
         if self.dataset is not None and _looks_like_path(self.dataset) and not Path(self.dataset).expanduser().exists():
             raise FileNotFoundError(f"dataset file {self.dataset!r} does not exist")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.save_steps < 0:
+            raise ValueError(f"--save-steps must be 0 (no checkpoints) or positive, got {self.save_steps}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        resume = self.resume_from_checkpoint
+        if resume is not None and resume != "latest" and not Path(resume).expanduser().is_dir():
+            raise FileNotFoundError(f"checkpoint {resume!r} to resume from does not exist")
         output = Path(self.output_dir).expanduser()
+        if resume == "latest" and not any(output.glob("checkpoint-*")):
+            raise FileNotFoundError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {self.output_dir!r}")
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output-dir {self.output_dir!r} exists and is not a folder")
 
@@ -304,6 +327,10 @@ def prepare(options: TrainOptions):
     model, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
                                                  load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
     train_dataset, assistant_only_loss = to_sft_dataset(records, tokenizer)
+    eval_dataset = None
+    if options.eval_fraction > 0:
+        split = train_dataset.train_test_split(test_size=options.eval_fraction, seed=options.seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
 
     on_gpu = torch.cuda.is_available()
     checkpointing = on_gpu if options.gradient_checkpointing is None else options.gradient_checkpointing
@@ -319,8 +346,12 @@ def prepare(options: TrainOptions):
         lr_scheduler_type="linear",
         warmup_steps=0,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        report_to=options.report_to,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=max(1, options.max_steps // 5),
+        packing=options.packing,
         max_length=options.max_seq_length,
         assistant_only_loss=assistant_only_loss,
         # Mixed precision follows the weights the model was loaded in (fp32 on the CPU).
@@ -336,7 +367,8 @@ def prepare(options: TrainOptions):
         # Our own bar, added below, shows the loss beside the progress.
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset, args=config)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, args=config)
     # Our bar replaces transformers' (and the printer it falls back to), which print one dict per logged step.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -354,7 +386,8 @@ def run(options: TrainOptions, trainer, model, tokenizer) -> TrainSummary:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train()
+    resume = options.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
     seconds = time.perf_counter() - start
     peak, kind = _peak_memory()
 

@@ -132,6 +132,11 @@ def _bad_dataset(tmp_path):
     (["--lr", "-1"], "--lr must be positive"),
     (["--load-in-4bit", "--load-in-8bit"], "exclusive"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--eval-fraction", "1.5"], "--eval-fraction must be in [0, 1)"),
+    (["--save-steps", "-1"], "--save-steps must be 0"),
+    (["--resume-from-checkpoint", "/does/not/exist"], "to resume from does not exist"),
+    (["--resume-from-checkpoint", "latest"], "no checkpoint-* folder"),
+    (["--report-to", "wandb"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
@@ -159,3 +164,20 @@ def test_console_script_error_is_one_line_without_traceback(tmp_path, fastmoe_ca
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"fastmoe: error: model path {str(tmp_path / 'missing')!r} does not exist (or is not a folder)"]
+
+
+@pytest.mark.slow
+def test_eval_split_packing_checkpoints_and_resume(tmp_path, fastmoe_cache):
+    output_dir = tmp_path / "run"
+    common = ["train", "--output-dir", str(output_dir), "--eval-fraction", "0.1", "--save-steps", "4", "--packing",
+              "--batch-size", "4"]
+    first = run_cli([*common, "--max-steps", "4"], fastmoe_cache)
+    assert first.returncode == 0, first.stderr
+    assert (output_dir / "checkpoint-4").is_dir()
+    resumed = run_cli([*common, "--max-steps", "6", "--resume-from-checkpoint", "latest"], fastmoe_cache)
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert history[-1]["step"] == 6
+    assert any("eval_loss" in entry for entry in history)
+    # The resumed run trained steps 5 and 6 only; steps 1-4 come from the checkpoint's state.
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
