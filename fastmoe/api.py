@@ -78,13 +78,17 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dt
         raise ImportError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from error
     from transformers import BitsAndBytesConfig
 
+    # Routers stay 16-bit: (experts, hidden) is tiny, and top-k choices flip on 4/8-bit rounding of the logits.
+    # Naming any skip replaces transformers' default list, so lm_head is named again.
+    skip = ["lm_head", "router.gate", "router.layer"]
     if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -229,7 +233,6 @@ class FastBaseModel:
                     f"no LoRA; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in sorted(moved))}]",
                     stacklevel=2,
                 )
-        _warn_untargeted_parameters(peft_model, target_parameters)
         peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
         return peft_model
 
@@ -268,32 +271,23 @@ def _check_targets(model, target_modules, target_parameters) -> None:
             raise ValueError(f"target parameter {target!r} matches no parameter of this model")
 
 
-def _warn_untargeted_parameters(peft_model, target_parameters) -> None:
-    """peft silently skips target_parameters it cannot wrap (bitsandbytes-quantized Linear weights): say so."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    # Nested wrappers (several parameters of one module) show up as ...experts.base_layer.<param>.
-    wrapped = [
-        f"{name}.{module.parameter_name}".replace(".base_layer", "")
-        for name, module in peft_model.named_modules()
-        if isinstance(module, ParamWrapper)
-    ]
-    skipped = [t for t in target_parameters or [] if not any(w.endswith("." + t) for w in wrapped)]
-    if skipped:
-        warnings.warn(
-            f"peft put no LoRA on target_parameters {skipped} (quantized weights cannot be adapted as parameters); "
-            "those layers train no adapter",
-            stacklevel=3,
-        )
-
-
 def _linear_suffixes(model) -> list[str]:
     return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def _load(model_name, config, max_seq_length, dtype, quantization_config, full_finetuning,
           device_map, attn_implementation, token, kwargs):
+    """Load the model (and tokenizer). With 4-bit quantization, bitsandbytes quantizes the Linear layers and
+    `fastmoe.quantize.quantize_experts_` then turns the 3D expert weights into NF4, layer by layer.
+
+    Memory while loading: the checkpoint is read into a 16-bit model first (bitsandbytes quantizes Linear weights
+    as they load, but the experts arrive 16-bit), so host memory, and device memory when loading onto a GPU, peak
+    at about the 16-bit size of the experts plus the 4-bit rest before the experts are quantized; no streaming
+    quantization from the checkpoint yet. With 8-bit loading the experts stay 16-bit.
+    """
     from transformers import AutoModelForCausalLM
+
+    from fastmoe.quantize import quantize_experts_
 
     if os.path.isfile(os.path.join(os.path.expanduser(model_name), "adapter_config.json")):
         raise ValueError(f"{model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
@@ -307,6 +301,11 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
+    if quantization_config is not None and quantization_config.load_in_4bit:
+        quantize_experts_(model)
+    elif quantization_config is not None and any(p.dim() == 3 for p in model.parameters()):
+        warnings.warn("load_in_8bit quantizes Linear layers only: the 3D expert weights stay 16-bit (use "
+                      "load_in_4bit=True for NF4 experts)", stacklevel=3)
     model.max_seq_length = max_seq_length
     model._fastmoe_full_finetuning = full_finetuning
     if not full_finetuning:

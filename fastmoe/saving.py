@@ -20,6 +20,9 @@ from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 
+from fastmoe.kernels.nf4 import dequantize_nf4
+from fastmoe.quantize import is_quantized, nf4_weight
+
 SAVE_METHODS = ("lora", "merged_16bit")
 
 
@@ -28,9 +31,10 @@ def save_pretrained_merged(self, save_directory: str | os.PathLike, tokenizer=No
     """Save this LoRA model to `save_directory`.
 
     save_method "lora": the adapter only (peft's `save_pretrained`); "merged_16bit": the base model with every
-    adapter merged into its weights, bitsandbytes weights dequantized, in the model's compute dtype, as a plain
-    transformers checkpoint. `tokenizer`, when given, is saved beside it. Other keyword arguments go to
-    `save_pretrained` (`max_shard_size`, ...).
+    adapter merged into its weights and 4/8-bit weights (bitsandbytes Linear layers, fastmoe's NF4 experts)
+    dequantized, in the model's compute dtype, as a plain transformers checkpoint without quantization_config.
+    `tokenizer`, when given, is saved beside it. Other keyword arguments go to `save_pretrained`
+    (`max_shard_size`, ...).
     """
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method={save_method!r} is not one of {', '.join(map(repr, SAVE_METHODS))}")
@@ -83,7 +87,7 @@ def _leaf_owners(model: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str
             yield from _leaf_owners(child, f"{prefix}{name}.")
         return
     if isinstance(model, BaseTunerLayer):
-        raise ValueError(f"cannot merge {type(model).__name__}: merged saving handles LoRA adapters only")
+        raise TypeError(f"cannot merge {type(model).__name__}: merged saving handles LoRA adapters only")
     yield prefix, model
     for name, child in model.named_children():
         yield from _leaf_owners(child, f"{prefix}{name}.")
@@ -109,7 +113,7 @@ def _own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _merged_tensors(module: torch.nn.Module, originals: dict[str, torch.Tensor],
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`originals` with the module's adapters merged and bitsandbytes weights dequantized; untouched tensors are
+    """`originals` with the module's adapters merged and quantized weights dequantized; untouched tensors are
     returned as they are (detached views of the live parameters)."""
     wrappers = []
     while isinstance(module, LoraLayer):
@@ -118,6 +122,10 @@ def _merged_tensors(module: torch.nn.Module, originals: dict[str, torch.Tensor],
     out = {name: tensor.detach() for name, tensor in originals.items()}
     if _bnb_kind(module) is not None:
         out["weight"] = _dequantize(module).to(dtype)
+    if is_quantized(module):
+        # fastmoe's NF4 experts (load_in_4bit): the parameters are zero placeholders, the weights live in buffers.
+        for name in module._fastmoe_nf4:
+            out[name] = dequantize_nf4(nf4_weight(module, name), dtype)
     for wrapper in wrappers:
         for adapter in _unmerged_active_adapters(wrapper):
             if isinstance(wrapper, ParamWrapper):

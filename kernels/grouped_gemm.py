@@ -19,6 +19,9 @@ Kernels:
   also recomputes h and each row's partial <d(h), h> for the routing-weight gradient.
 * ``_grouped_wgrad_kernel``: dW[e] = sum over the rows of e of g[g_rows[s]]^T x[x_rows[s]] (one program per
   expert and (N, K) block, looping over the expert's rows; experts without rows store zeros).
+* ``_grouped_mm_nf4_kernel``, ``_grouped_mm_swiglu_nf4_kernel``, ``_grouped_mm_swiglu_bwd_nf4_kernel``: the first
+  three with an NF4 weight (kernels/nf4.py) dequantized per tile in registers, read as W or as W^T. No weight
+  gradient: a quantized base is frozen.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .moe_routing import ExpertSchedule
+from .nf4 import Nf4Weight, nf4_code, triton_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -489,3 +493,321 @@ def grouped_wgrad(
         **options,
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NF4 weights (QLoRA): the same GEMMs with the weight dequantized tile by tile in registers
+# ----------------------------------------------------------------------------------------------------------
+#
+# An NF4 expert weight is addressed by the flat index of its element in the row-major (N, K) expert (see
+# kernels/nf4.py): byte i // 2 (high nibble when i is even), absmax i // 64. A GEMM reads it through logical
+# element strides: (K, 1) for W itself, (1, K) for W^T (the backward's transposed access), so one tile helper
+# serves both and no 16-bit copy of an expert ever exists outside registers.
+
+
+@triton.jit
+def _nf4_tile(q_ptr, absmax_ptr, code_ptr, idx, mask, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Dequantized elements at flat indices idx of one expert: NF4[code] * absmax in fp32, rounded to the
+    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype."""
+    byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+    value = tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+    return value.to(W_DTYPE).to(OUT_DTYPE)
+
+
+@triton.jit
+def _tile_matmul_nf4(
+    acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+    q_ptr, absmax_ptr, code_ptr, stride_wn, stride_wk, offs_n, n_mask, K,
+    W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc (BLOCK_M, BLOCK_N) += a[a_rows, :K] @ W[offs_n, :K]^T, W NF4 (q_ptr, absmax_ptr at its expert) with
+    logical element (n, k) at flat index n * stride_wn + k * stride_wk."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    # Flat indices stay int32: one expert holds far fewer than 2^31 elements.
+    w_idx = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _nf4_tile(q_ptr, absmax_ptr, code_ptr, w_idx, k_mask[:, None] & n_mask[None, :],
+                      W_DTYPE, a_ptr.dtype.element_ty)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_idx += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _grouped_mm_nf4_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,
+    l_ptr, stride_lm, stride_lr,
+    b_ptr, stride_be, stride_bn, stride_br,
+    out_ptr, stride_om, stride_on, out_rows_ptr,
+    row_scale_ptr,
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    N, K, R, out_scale,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _tile_matmul_nf4(
+        acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+        q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
+        stride_wn, stride_wk, offs_n, n_mask, K,
+        W_DTYPE, BLOCK_K, DOT_PRECISION,
+    )
+    if HAS_LORA:
+        acc = _tile_lora(
+            acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+            b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+            BLOCK_R, DOT_PRECISION,
+        )
+    acc = acc * out_scale
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _grouped_mm_swiglu_nf4_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,  # (E, 2I, K): gate, then up rows
+    l_ptr, stride_lm, stride_lr,
+    b_ptr, stride_be, stride_bn, stride_br,  # (E, 2I, r)
+    h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
+    gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    I, K, R,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(I, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    q_e = q_ptr + expert.to(tl.int64) * stride_qe
+    s_e = absmax_ptr + expert.to(tl.int64) * stride_se
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = _tile_matmul_nf4(gate, a_ptr, stride_am, stride_ak, a_rows, row_mask, q_e, s_e, code_ptr,
+                            stride_wn, stride_wk, offs_n, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = _tile_matmul_nf4(up, a_ptr, stride_am, stride_ak, a_rows, row_mask, q_e, s_e, code_ptr,
+                          stride_wn, stride_wk, offs_n + I, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
+    if HAS_LORA:
+        b_e = b_ptr + expert.to(tl.int64) * stride_be
+        gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
+        up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
+    # Same epilogue as _grouped_mm_swiglu_kernel: round gate/up to the storage dtype before SwiGLU.
+    gate = gate.to(h_ptr.dtype.element_ty)
+    up = up.to(h_ptr.dtype.element_ty)
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    if STORE_GATE_UP:
+        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(gu_ptrs, gate, mask=mask)
+        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
+    gate32 = gate.to(tl.float32)
+    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_mm_swiglu_bwd_nf4_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,  # W_down read as (E, I, H)
+    l_ptr, stride_lm, stride_lr,  # scaling * d(out) @ B_down (S, r)
+    b_ptr, stride_be, stride_bn, stride_br,  # A_down as (E, I, r)
+    gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
+    row_scale_ptr,  # routing weight of each sorted row (S,) fp32
+    dgu_ptr, stride_dm, stride_dn,  # out: d(gate | up) (S, 2I)
+    h_ptr, stride_hm, stride_hn,  # out: recomputed h (S, I)
+    dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    S, I, K, R,
+    HAS_LORA: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(I, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+                          q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
+                          code_ptr, stride_wn, stride_wk, offs_n, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
+    if HAS_LORA:
+        dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+                        BLOCK_R, DOT_PRECISION)
+    # Same epilogue as _grouped_mm_swiglu_bwd_kernel.
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
+    tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
+    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dup = dh * silu
+    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, int, int]:
+    """(kernel arguments, logical N, logical K) of an NF4 stack read as W (E, N, K) or, transposed, as (E, K, N)."""
+    if weight.packed.stride(-1) != 1 or weight.absmax.stride(-1) != 1:
+        raise ValueError("NF4 packed codes and absmax must be contiguous per expert")
+    _, n, k = weight.shape
+    strides = (1, k) if transpose else (k, 1)
+    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0),
+            nf4_code(weight.device), *strides)
+    return args, (k if transpose else n), (n if transpose else k)
+
+
+def grouped_mm_nf4(
+    a: torch.Tensor,
+    a_rows: torch.Tensor,
+    weight: Nf4Weight,
+    schedule: ExpertSchedule,
+    out: torch.Tensor,
+    out_rows: torch.Tensor,
+    lora_l: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    out_scale: float = 1.0,
+    transpose: bool = False,
+) -> torch.Tensor:
+    """``grouped_mm`` with an NF4 weight: W (E, N, K), or W^T (E, K, N) when transpose, dequantized per tile."""
+    w_args, num_n, num_k = _nf4_operand(weight, transpose)
+    cap_n, cap_k, options = _config(a.device)
+    block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
+    has_lora = lora_l is not None
+    rank = lora_l.shape[1] if has_lora else 0
+    lora_l_ = lora_l if has_lora else a
+    lora_b_ = lora_b if has_lora else a[None]
+    grid = (schedule.max_tiles * triton.cdiv(num_n, block_n),)
+    _grouped_mm_nf4_kernel[grid](
+        a, a.stride(0), a.stride(1), a_rows,
+        *w_args,
+        lora_l_, lora_l_.stride(0), lora_l_.stride(-1),
+        lora_b_, lora_b_.stride(0), lora_b_.stride(1), lora_b_.stride(-1),
+        out, out.stride(0), out.stride(1), out_rows,
+        row_scale if row_scale is not None else a,
+        schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
+        num_n, num_k, rank, out_scale,
+        HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, W_DTYPE=triton_dtype(weight.dtype),
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        **options,
+    )
+    return out
+
+
+def grouped_mm_swiglu_nf4(
+    a: torch.Tensor,
+    a_rows: torch.Tensor,
+    gate_up: Nf4Weight,
+    schedule: ExpertSchedule,
+    lora_l: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    store_gate_up: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``grouped_mm_swiglu`` with an NF4 gate_up (E, 2I, H)."""
+    num_rows = schedule.num_pairs
+    w_args, two_inter, hidden = _nf4_operand(gate_up, transpose=False)
+    inter = two_inter // 2
+    h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
+    gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
+    cap_n, cap_k, options = _config(a.device)
+    block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
+    has_lora = lora_l is not None
+    rank = lora_l.shape[1] if has_lora else 0
+    lora_l_ = lora_l if has_lora else a
+    lora_b_ = lora_b if has_lora else a[None]
+    grid = (schedule.max_tiles * triton.cdiv(inter, block_n),)
+    _grouped_mm_swiglu_nf4_kernel[grid](
+        a, a.stride(0), a.stride(1), a_rows,
+        *w_args,
+        lora_l_, lora_l_.stride(0), lora_l_.stride(-1),
+        lora_b_, lora_b_.stride(0), lora_b_.stride(1), lora_b_.stride(-1),
+        h, h.stride(0), h.stride(1),
+        gu, gu.stride(0), gu.stride(1),
+        schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
+        inter, hidden, rank,
+        HAS_LORA=has_lora, STORE_GATE_UP=store_gate_up, W_DTYPE=triton_dtype(gate_up.dtype),
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        **options,
+    )
+    return h, (gu if store_gate_up else None)
+
+
+def grouped_mm_swiglu_backward_nf4(
+    grad_out: torch.Tensor,
+    grad_rows: torch.Tensor,
+    down: Nf4Weight,
+    gate_up: torch.Tensor,
+    row_scale: torch.Tensor,
+    schedule: ExpertSchedule,
+    lora_l: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grouped_mm_swiglu_backward`` with the NF4 down projection (E, H, I), read transposed inside the kernel."""
+    num_rows = schedule.num_pairs
+    w_args, inter, hidden = _nf4_operand(down, transpose=True)
+    dtype = gate_up.dtype
+    dgu = torch.empty(num_rows, 2 * inter, dtype=dtype, device=gate_up.device)
+    h = torch.empty(num_rows, inter, dtype=dtype, device=gate_up.device)
+    cap_n, cap_k, options = _config(gate_up.device)
+    block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
+    num_blocks_n = triton.cdiv(inter, block_n)
+    dscale = torch.zeros(num_blocks_n, num_rows, dtype=torch.float32, device=gate_up.device)
+    has_lora = lora_l is not None
+    rank = lora_l.shape[1] if has_lora else 0
+    lora_l_ = lora_l if has_lora else gate_up
+    lora_b_ = lora_b if has_lora else gate_up[None]
+    _grouped_mm_swiglu_bwd_nf4_kernel[(schedule.max_tiles * num_blocks_n,)](
+        grad_out, grad_out.stride(0), grad_out.stride(1), grad_rows,
+        *w_args,
+        lora_l_, lora_l_.stride(0), lora_l_.stride(-1),
+        lora_b_, lora_b_.stride(0), lora_b_.stride(1), lora_b_.stride(-1),
+        gate_up, gate_up.stride(0), gate_up.stride(1),
+        row_scale,
+        dgu, dgu.stride(0), dgu.stride(1),
+        h, h.stride(0), h.stride(1),
+        dscale,
+        schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
+        num_rows, inter, hidden, rank,
+        HAS_LORA=has_lora, W_DTYPE=triton_dtype(down.dtype),
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
+        DOT_PRECISION=_dot_precision(dtype),
+        **options,
+    )
+    return dgu, h, dscale.sum(0)

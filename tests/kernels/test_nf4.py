@@ -1,0 +1,162 @@
+"""NF4 expert weights: the quantizer against bitsandbytes, the dequantization kernel, and moe_experts_nf4 (Triton vs
+its reference vs moe_experts on the dequantized weights), forward and every gradient."""
+
+import pytest
+import torch
+from fastmoe.kernels import reference_only, use_triton
+from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
+from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4
+
+gpu = pytest.mark.gpu
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _stack(num_experts, n, k, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(num_experts, n, k, generator=gen) / k**0.5
+    w[0, 0, :5] *= 40  # an outlier: its block's absmax squeezes the other codes
+    w.view(num_experts, -1)[-1, :64] = 0  # an all-zero block (absmax 0)
+    return w.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_matches_bitsandbytes(dtype):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    w = _stack(3, 24, 40, dtype)
+    nf4 = quantize_nf4(w)
+    assert nf4.packed.shape == (3, 24 * 40 // 2) and nf4.packed.dtype == torch.uint8
+    assert nf4.absmax.shape == (3, 24 * 40 // 64) and nf4.absmax.dtype == torch.float32
+    ours = reference_dequantize_nf4(nf4)
+    assert ours.dtype == dtype and ours.shape == w.shape
+    for e in range(3):
+        packed, state = bnb_functional.quantize_4bit(w[e].contiguous(), blocksize=64, quant_type="nf4")
+        assert torch.equal(packed.view(-1), nf4.packed[e])
+        assert torch.equal(state.absmax, nf4.absmax[e])
+        # bitsandbytes' own dequantization of our codes and absmax gives our values.
+        state.absmax = nf4.absmax[e].clone()
+        assert torch.equal(bnb_functional.dequantize_4bit(nf4.packed[e].view(-1, 1), state), ours[e])
+    assert rel_err(ours, w) < 0.15  # what 4 bits keep of a Gaussian weight
+
+
+def test_quantize_refuses_blocks_that_cross_experts():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_nf4(torch.randn(2, 10, 10))
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16])
+def test_triton_dequantize_matches_reference(out_dtype):
+    nf4 = quantize_nf4(_stack(4, 40, 48))
+    assert torch.equal(dequantize_nf4(nf4, out_dtype), reference_dequantize_nf4(nf4, out_dtype))
+
+
+def test_bf16_weights_dequantize_through_bf16_rounding():
+    # bitsandbytes rounds NF4 * absmax to the weight's dtype; asking for fp32 must not skip that rounding.
+    nf4 = quantize_nf4(_stack(2, 16, 32, torch.bfloat16))
+    as_fp32 = dequantize_nf4(nf4, torch.float32)
+    assert torch.equal(as_fp32, reference_dequantize_nf4(nf4).float())
+
+
+# --------------------------------------------------------------------------------------------------------
+# moe_experts_nf4
+# --------------------------------------------------------------------------------------------------------
+
+
+def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, device="cpu",
+            used_experts=None, lora=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    used = used_experts or num_experts
+    index = torch.stack([torch.randperm(used, generator=gen)[:top_k] for _ in range(num_tokens)]).to(device)
+    weights = (torch.rand(num_tokens, top_k, generator=gen) + 0.1).to(device).requires_grad_()
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype=dtype, device=device).requires_grad_()
+    gate_up = quantize_nf4(_stack(num_experts, 2 * inter, hidden, dtype, device, seed + 1))
+    down = quantize_nf4(_stack(num_experts, hidden, inter, dtype, device, seed + 2))
+    params = [x, weights]
+    loras = [None, None]
+    if lora:
+        for i, (out_f, in_f) in enumerate([(2 * inter, hidden), (hidden, inter)]):
+            a = (torch.randn(num_experts, rank, in_f, generator=gen) / in_f**0.5).to(dtype=dtype, device=device)
+            b = (torch.randn(num_experts, out_f, rank, generator=gen) / rank**0.5).to(dtype=dtype, device=device)
+            a.requires_grad_(), b.requires_grad_()
+            loras[i] = ExpertLora(a, b, 0.5)
+            params += [a, b]
+    return (x, index, weights, gate_up, down, *loras), params
+
+
+def _run(fn, args, params):
+    out = fn(*args)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    return [out, *torch.autograd.grad(out, params, upstream)]
+
+
+def _dense(x, index, weights, gate_up, down, gu_lora, down_lora):
+    """moe_experts on the dequantized stacks: the semantics moe_experts_nf4 promises."""
+    return moe_experts(x, index, weights, dequantize_nf4(gate_up), dequantize_nf4(down), gu_lora, down_lora)
+
+
+def _check(args, params, tol):
+    results = _run(moe_experts_nf4, args, params)
+    with reference_only():
+        reference = _run(moe_experts_nf4, args, params)
+    dense = _run(_dense, args, params)
+    names = ["out", "hidden", "top_k_weights", "gate_up A", "gate_up B", "down A", "down B"]
+    for name, got, ref, den in zip(names, results, reference, dense):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert rel_err(got, ref) < tol, name
+        assert rel_err(got, den) < tol, name
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "inter", "num_experts", "top_k", "used_experts"),
+    [
+        (37, 40, 24, 6, 2, 5),  # N, K not multiples of the GEMM blocks; expert 5 gets no token
+        (21, 64, 32, 4, 1, None),  # top_k = 1
+        (50, 48, 40, 3, 3, None),  # several row tiles per expert
+    ],
+)
+def test_moe_experts_nf4_matches_reference_and_dense(num_tokens, hidden, inter, num_experts, top_k, used_experts):
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank=3, used_experts=used_experts)
+    _check(args, params, 1e-5)
+
+
+def test_moe_experts_nf4_without_lora():
+    args, params = _inputs(19, 40, 24, 5, 2, rank=0, lora=False)
+    _check(args, params, 1e-5)
+
+
+def test_moe_experts_nf4_rejects_mismatched_stacks():
+    (x, index, weights, gate_up, _, _, _), _ = _inputs(4, 40, 24, 3, 2, rank=2, lora=False)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        moe_experts_nf4(x, index, weights, gate_up, gate_up)
+
+
+@gpu
+@pytest.mark.parametrize("lora", [True, False])
+def test_moe_experts_nf4_bf16_gpu(lora):
+    args, params = _inputs(1000, 256, 192, 8, 2, rank=16, dtype=torch.bfloat16, device="cuda", used_experts=7,
+                           lora=lora)
+    _check(args, params, 1e-2)
+
+
+@gpu
+def test_dequantize_nf4_bf16_gpu():
+    nf4 = quantize_nf4(_stack(4, 256, 192, torch.bfloat16, "cuda"))
+    assert torch.equal(dequantize_nf4(nf4), reference_dequantize_nf4(nf4))
+
+
+def test_triton_path_never_dequantizes_a_whole_stack(monkeypatch):
+    import fastmoe.kernels.moe_experts as moe_experts_module
+    import fastmoe.kernels.nf4 as nf4_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole expert stack was dequantized")
+
+    if not use_triton(torch.empty(0)):
+        pytest.skip("the Triton path runs on a GPU or under TRITON_INTERPRET=1")
+    args, params = _inputs(19, 40, 24, 5, 2, rank=2)
+    monkeypatch.setattr(moe_experts_module, "reference_dequantize_nf4", refuse)
+    monkeypatch.setattr(nf4_module, "reference_dequantize_nf4", refuse)
+    monkeypatch.setattr(nf4_module, "dequantize_nf4", refuse)
+    _run(moe_experts_nf4, args, params)
