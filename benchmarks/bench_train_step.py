@@ -145,7 +145,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe")
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
-    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
+                        help="markdown file the table is appended to")
+    parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,7 +189,7 @@ def main() -> None:
     print(meta)
     print(table)
     if not args.no_record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as handle:
+        with open(args.results, "a") as handle:
             handle.write(f"\n## Training step: AFMoE {args.preset}\n\n{meta}\n\n{table}\n")
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything fastmoe checks and times on a GPU, in one call (the lent GPU machines have no package index and
+# limited device time). Run from the repository root:
+#
+#     bash benchmarks/gpu_session.sh [OUT_DIR]
+#
+# 1. installs fastmoe by copying (fastmoe/ plus kernels/ as fastmoe/kernels) into a private site folder, and any
+#    wheels carried in .whl/ (trl, datasets, bitsandbytes are not on those machines);
+# 2. runs every `gpu`-marked test (bf16 kernels against their references);
+# 3. runs the benchmarks; each appends its table to OUT_DIR/RESULTS.md (copy it into benchmarks/RESULTS.md).
+# Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path.
+set -uo pipefail
+out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
+mkdir -p "$out"
+site=/tmp/fastmoe-site
+rm -rf "$site" && mkdir -p "$site"
+cp -r fastmoe "$site/fastmoe" && cp -r kernels "$site/fastmoe/kernels"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+fi
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+cp benchmarks/RESULTS.md "$out/RESULTS.md"
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, keep going on failure
+    local name=$1 limit=$2; shift 2
+    echo "=== $name"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 12 "$out/$name.log"
+    [ $rc -eq 0 ] || { echo "=== $name failed (exit $rc)"; status=1; }
+}
+
+step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
+step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
+step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
+step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
+    --variants hf-grouped_mm,fastmoe --results "$out/RESULTS.md"
+exit $status
