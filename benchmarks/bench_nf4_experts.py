@@ -30,8 +30,11 @@ from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
 from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4
 
-SHAPE = ("Trinity-Mini", 2048, 1024, 128, 8)  # name, hidden, intermediate, experts, top_k
-RANK = 16
+# Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
+# (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
+from bench_moe_block import RANK, SHAPES, measure, routing
+
+SHAPE = SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,26 +43,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def measure(fn, leaves, grad_out, backward: bool) -> tuple[float, float]:
-    """(median ms, peak MiB above the starting allocation) of fn() [+ backward]."""
-
-    def step():
-        out = fn()
-        if backward:
-            out.backward(grad_out)
-
-    step()
-    torch.cuda.synchronize()
-    for t in leaves:
-        t.grad = None
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=leaves, return_mode="median"), peak
 
 
 def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, gate_up, down):
@@ -106,26 +89,26 @@ def main() -> None:
     nf4_mib = (gate_up_nf4.nbytes() + down_nf4.nbytes()) / 2**20
     bf16_mib = (gate_up.numel() + down.numel()) * 2 / 2**20
 
-    logits = torch.randn(num_tokens, num_experts, device=device)
-    top_logits, index = logits.topk(top_k, dim=-1)
-    weights = torch.softmax(top_logits, dim=-1).requires_grad_()
+    index, weights = routing(num_tokens, num_experts, top_k, "balanced", device)
+    weights.requires_grad_()
     x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16)
-    loras, leaves = [], [x, weights]
+    leaves = [x, weights]
     for out_f, in_f in ((2 * inter, hidden), (hidden, inter)):
         a = (torch.randn(num_experts, RANK, in_f, device=device, dtype=torch.bfloat16) * in_f**-0.5).requires_grad_()
         b = (torch.randn(num_experts, out_f, RANK, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_()
-        loras.append(ExpertLora(a, b, 2.0))
         leaves += [a, b]
 
-    def bf16_block():
-        return moe_experts(x, index, weights, gate_up, down, *loras)
+    def bf16_block(x, weights, gu_a, gu_b, down_a, down_b):
+        return moe_experts(x, index, weights, gate_up, down, ExpertLora(gu_a, gu_b, 2.0),
+                           ExpertLora(down_a, down_b, 2.0))
 
-    def nf4_block():
-        return moe_experts_nf4(x, index, weights, gate_up_nf4, down_nf4, *loras)
+    def nf4_block(x, weights, gu_a, gu_b, down_a, down_b):
+        return moe_experts_nf4(x, index, weights, gate_up_nf4, down_nf4, ExpertLora(gu_a, gu_b, 2.0),
+                               ExpertLora(down_a, down_b, 2.0))
 
     with torch.no_grad():
-        block_err = rel_err(nf4_block(), bf16_block())
+        block_err = rel_err(nf4_block(*leaves), bf16_block(*leaves))
     flops_fwd = 6 * num_tokens * top_k * hidden * inter
     rows = []
     label = f"{name} block, LoRA r={RANK}"
