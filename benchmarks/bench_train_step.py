@@ -95,7 +95,19 @@ def active_params(config_kwargs: dict) -> int:
     return layers * attn + dense * dense_mlp + (layers - dense) * moe + h * c["vocab_size"]
 
 
-def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed):
+def print_profile(model, optimizer, input_ids, rows: int = 35) -> None:
+    """One more step under torch.profiler: where the step's GPU time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False):
     model = build(variant, config_kwargs, device, dtype, skewed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -118,6 +130,9 @@ def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed):
             times.append(time.perf_counter() - start)
         loss = out.loss.item()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    if profile and device == "cuda":
+        print(f"--- profile of one {variant} step")
+        print_profile(model, optimizer, input_ids)
     del model, optimizer, out
     gc.collect()
     if device == "cuda":
@@ -147,6 +162,7 @@ def main() -> None:
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
                         help="markdown file the table is appended to")
+    parser.add_argument("--profile", action="store_true", help="print a kernel-level profile of one step per variant")
     parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
 
@@ -165,7 +181,8 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         try:
-            seconds, peak, loss = measure(variant, config_kwargs, args.batch, seq, args.steps, device, dtype, args.skewed)
+            seconds, peak, loss = measure(variant, config_kwargs, args.batch, seq, args.steps, device, dtype, args.skewed,
+                                         args.profile)
             tflops = step_flops / seconds / 1e12
             rows.append((variant, f"{tokens / seconds:,.0f}", f"{peak:.1f}", f"{tflops:.1f}",
                          f"{100 * tflops / peak_tflops:.1f}" if device == "cuda" else "-", f"{loss:.4f}"))

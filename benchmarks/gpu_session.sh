@@ -2,7 +2,9 @@
 # Everything fastmoe checks and times on a GPU, in one call (the lent GPU machines have no package index and
 # limited device time). Run from the repository root:
 #
-#     bash benchmarks/gpu_session.sh [OUT_DIR]
+#     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
+#
+# STEPs (default: all, in this order): gpu-tests moe-block nf4-experts train-step profile.
 #
 # 1. installs fastmoe by copying (fastmoe/ plus kernels/ as fastmoe/kernels) into a private site folder, and any
 #    wheels carried in .whl/ (trl, datasets, bitsandbytes are not on those machines);
@@ -11,6 +13,8 @@
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
+shift || true
+steps=" ${*:-gpu-tests moe-block nf4-experts train-step profile} "
 mkdir -p "$out"
 site=/tmp/fastmoe-site
 rm -rf "$site" && mkdir -p "$site"
@@ -24,6 +28,7 @@ status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, keep going on failure
     local name=$1 limit=$2; shift 2
+    [[ "$steps" == *" $name "* ]] || return 0
     echo "=== $name"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
@@ -35,5 +40,7 @@ step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
 step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
 step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
-    --variants hf-grouped_mm,fastmoe --results "$out/RESULTS.md"
+    --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md"
+step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
+    --variants fastmoe --profile --no-record
 exit $status

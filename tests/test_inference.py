@@ -75,3 +75,25 @@ def test_for_training_switches_back(tiny_checkpoint):
     assert model.training and all(module.training for module in model.modules())
     assert model.get_base_model().config.use_cache is False
     assert trainable and all(p.requires_grad for p in trainable)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bf16_greedy_generation_on_gpu_matches_transformers_for_32_tokens(tiny_checkpoint, model_type):
+    checkpoint = tiny_checkpoint(model_type)
+    batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
+
+    def generate_32(model):
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=32, do_sample=False)
+        return out[:, batch["input_ids"].shape[1]:]
+
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda()
+    expected = generate_32(reference)
+    del reference
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128)
+    generated = generate_32(FastModel.for_inference(model.cuda()))
+    assert generated.shape == (2, 32)
+    assert torch.equal(generated, expected)

@@ -2,14 +2,7 @@
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from testing_utils import (
-    batch_with_padding,
-    compare_with_transformers,
-    forward_backward,
-    randomize_lora,
-    rel_err,
-)
+from testing_utils import batch_with_padding, compare_with_transformers, rel_err
 from transformers import AutoModelForCausalLM
 from transformers.models.cohere import modeling_cohere as hf
 
@@ -110,36 +103,3 @@ def test_unpatch_restores_transformers_forwards(tiny_checkpoint):
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     with torch.no_grad():
         assert rel_err(patched_logits, reference(**inputs).logits) < 1e-5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_on_gpu_is_as_close_to_fp32_as_transformers(tiny_checkpoint):
-    """In bf16 the fused kernels round differently from transformers (the QK norm's output, for one, goes to RoPE
-    unrounded), so fastmoe must be as close to the fp32 answer as transformers' own bf16 run, not equal to it."""
-    checkpoint = tiny_checkpoint("cohere")
-    lora = dict(r=4, lora_alpha=8, **TARGETS)
-    batch = {k: v.cuda() for k, v in batch_with_padding(AutoModelForCausalLM.from_pretrained(checkpoint)
-                                                          .config.vocab_size, seed=0).items()}
-
-    def plain(dtype):
-        fastmoe.unpatch()
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda()
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-        randomize_lora(model)
-        return forward_backward(model, batch)
-
-    exact, reference = plain(torch.float32), plain(torch.bfloat16)
-    model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=512, dtype=torch.bfloat16)
-    model = FastModel.get_peft_model(model.cuda(), use_gradient_checkpointing=False, **lora)
-    randomize_lora(model)
-    fast = forward_backward(model, batch)
-
-    def close_enough(out, ref, truth, name):
-        assert rel_err(out, truth) <= 2 * rel_err(ref, truth) + 1e-3, name
-
-    close_enough(fast[0], reference[0], exact[0], "logits")
-    close_enough(fast[1], reference[1], exact[1], "loss")
-    assert fast[2].keys() == exact[2].keys()
-    for name in exact[2]:
-        close_enough(fast[2][name], reference[2][name], exact[2][name], name)

@@ -1,0 +1,90 @@
+"""Every family in bf16 on a CUDA GPU: fastmoe's logits, loss and every LoRA gradient must be as close to the
+fp32 answer as transformers' own bf16 run (the fused kernels round differently, so equality is not the bar), and
+4-bit experts must compute as their dequantized weights and train. Skipped without CUDA."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from testing_utils import batch_with_padding, forward_backward, randomize_lora, rel_err
+from transformers import AutoModelForCausalLM
+
+import fastmoe
+from fastmoe import FastModel, patching
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def lora_kwargs(model_type: str) -> dict:
+    family = patching.family_class(model_type)
+    return {"r": 4, "lora_alpha": 4 if model_type == "jetmoe" else 8,
+            "target_modules": list(family.default_target_modules),
+            "target_parameters": list(family.default_target_parameters) or None}
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere"])
+def test_bf16_on_gpu_is_as_close_to_fp32_as_transformers(tiny_checkpoint, model_type):
+    checkpoint = tiny_checkpoint(model_type)
+    lora = lora_kwargs(model_type)
+    vocab_size = AutoModelForCausalLM.from_pretrained(checkpoint).config.vocab_size
+    batch = {k: v.cuda() for k, v in batch_with_padding(vocab_size, seed=0).items()}
+
+    def plain(dtype):
+        fastmoe.unpatch()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, experts_implementation="eager").cuda()
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        randomize_lora(model)
+        return forward_backward(model, batch)
+
+    exact, reference = plain(torch.float32), plain(torch.bfloat16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=512, dtype=torch.bfloat16)
+    model = FastModel.get_peft_model(model.cuda(), use_gradient_checkpointing=False, **lora)
+    randomize_lora(model)
+    fast = forward_backward(model, batch)
+
+    def close_enough(out, ref, truth, name):
+        assert rel_err(out, truth) <= 2 * rel_err(ref, truth) + 1e-3, name
+
+    close_enough(fast[0], reference[0], exact[0], "logits")
+    close_enough(fast[1], reference[1], exact[1], "loss")
+    assert fast[2].keys() == exact[2].keys()
+    for name in exact[2]:
+        close_enough(fast[2][name], reference[2][name], exact[2][name], name)
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+def test_4bit_experts_on_gpu_compute_as_their_dequantized_weights_and_train(tiny_checkpoint, model_type):
+    pytest.importorskip("bitsandbytes")
+    from fastmoe.kernels.nf4 import dequantize_nf4
+    from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight
+
+    checkpoint = tiny_checkpoint(model_type)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64, load_in_4bit=True)
+    assert next(model.parameters()).is_cuda
+    experts = [m for m in model.modules() if is_quantized(m)]
+    assert experts and all(nf4_weight(m, "down_proj").absmax.is_cuda for m in experts)
+    batch = {k: v.cuda() for k, v in batch_with_padding(model.config.vocab_size).items()}
+    model.eval()
+    with torch.no_grad():
+        quantized = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # The same layers through the PyTorch reference of the dequantized weights.
+        from fastmoe.kernels.dispatch import reference_only
+
+        with reference_only():
+            dequantized = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    assert rel_err(quantized, dequantized) < 1e-2
+    for module in experts:
+        for name in SWIGLU_EXPERT_PARAMETERS:
+            assert dequantize_nf4(nf4_weight(module, name)).dtype == torch.bfloat16
+
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=[], use_gradient_checkpointing=True,
+                                     target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
