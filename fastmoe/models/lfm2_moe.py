@@ -70,7 +70,12 @@ def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddi
 def _starts_conv_state(self: hf.Lfm2MoeShortConv, cache) -> bool:
     """Whether this forward is the first on `cache` for this layer (a prefill): the conv state it leaves is then
     just the last L positions of B * x, and nothing earlier feeds the convolution."""
-    return cache.get_conv_state(self.layer_idx) is None and not cache.is_recording_past(self.layer_idx)
+    # has_previous_state(layer, state) and the layer's record_past flag exist from transformers 5.17 on;
+    # get_conv_state / is_recording_past arrived later.
+    if self.layer_idx >= len(cache.layers):
+        return True
+    recording = getattr(cache.layers[self.layer_idx], "record_past", False)
+    return not cache.has_previous_state(self.layer_idx, 0) and not recording
 
 
 # The conv weight is read directly, not through self.conv's forward: accelerate's offload hooks must be fired
