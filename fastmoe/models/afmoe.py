@@ -14,6 +14,7 @@ from fastmoe.kernels.moe_routing import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
+from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
 
 
@@ -88,4 +89,5 @@ class FastAfmoeModel(FastBaseModel):
             ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward),
             ForwardPatch(hf.AfmoeAttention, "forward", attention_forward),
             ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward),
+            *lora_linear_patches(),
         ]

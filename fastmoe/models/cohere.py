@@ -14,6 +14,7 @@ from fastmoe.kernels.layer_norm import layer_norm
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
 
 
@@ -76,4 +77,5 @@ class FastCohereModel(FastBaseModel):
             ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward),
             ForwardPatch(hf.CohereAttention, "forward", attention_forward),
             ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward),
+            *lora_linear_patches(),
         ]

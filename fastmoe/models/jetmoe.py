@@ -21,6 +21,7 @@ from fastmoe.kernels.moe_routing import route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward
+from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
 
 
@@ -169,4 +170,5 @@ class FastJetMoeModel(FastBaseModel):
             ForwardPatch(hf.JetMoeMoA, "reduce", moa_reduce),
             ForwardPatch(hf.JetMoeAttention, "forward", attention_forward),
             ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward),
+            *lora_linear_patches(),
         ]

@@ -17,6 +17,7 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
+from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
@@ -124,4 +125,5 @@ class FastLfm2MoeModel(FastBaseModel):
             ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward),
             ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward),
             ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward),
+            *lora_linear_patches(),
         ]

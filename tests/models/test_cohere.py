@@ -86,7 +86,8 @@ def test_greedy_generation_with_cache_matches_transformers(tiny_checkpoint):
 def test_unpatch_restores_transformers_forwards(tiny_checkpoint):
     originals = {(patch.owner, patch.attribute): patch.owner.__dict__[patch.attribute]
                  for patch in FastCohereModel.patches()}
-    assert {owner for owner, _ in originals} == {hf.CohereLayerNorm, hf.CohereAttention, hf.CohereForCausalLM}
+    cohere_owners = {owner for owner, _ in originals if owner.__module__.startswith("transformers")}
+    assert cohere_owners == {hf.CohereLayerNorm, hf.CohereAttention, hf.CohereForCausalLM}
 
     checkpoint = tiny_checkpoint("cohere")
     model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=512, dtype=torch.float32)

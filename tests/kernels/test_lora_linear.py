@@ -1,0 +1,90 @@
+"""kernels/lora_linear.py: the fused frozen-linear + LoRA op against its PyTorch reference, forward and backward."""
+
+import pytest
+import torch
+from fastmoe.kernels.lora_linear import lora_linear, reference_lora_linear
+from testing_utils import rel_err
+
+
+def _inputs(tokens, d_in, d_out, rank, dtype, device="cpu", bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device)
+
+    x = randn(*tokens, d_in).to(dtype).requires_grad_()
+    weight = randn(d_out, d_in, scale=d_in ** -0.5).to(dtype)
+    b = randn(d_out).to(dtype) if bias else None
+    # peft keeps adapters in float32 whatever the model's dtype
+    lora_a = randn(rank, d_in, scale=d_in ** -0.5).requires_grad_()
+    lora_b = randn(d_out, rank, scale=0.5).requires_grad_()
+    return x, weight, b, lora_a, lora_b
+
+
+def _forward_backward(fn, x, weight, b, lora_a, lora_b, scaling, seed=1):
+    out = fn(x, weight, b, lora_a, lora_b, scaling)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    x.grad = lora_a.grad = lora_b.grad = None
+    out.backward(grad)
+    return out.detach(), x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()
+
+
+@pytest.mark.parametrize("tokens,d_in,d_out,rank", [((2, 7), 33, 19, 4), ((1, 1), 8, 8, 1), ((5, 3), 64, 130, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_fp32(tokens, d_in, d_out, rank, bias):
+    args = _inputs(tokens, d_in, d_out, rank, torch.float32, bias=bias)
+    fused = _forward_backward(lora_linear, *args, scaling=1.7)
+    reference = _forward_backward(reference_lora_linear, *args, scaling=1.7)
+    assert fused[0].shape == (*tokens, d_out)
+    for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, reference):
+        assert rel_err(got, expected) < 1e-5, name
+    assert fused[2].dtype == fused[3].dtype == torch.float32
+
+
+def test_callable_weight_is_dequantized_in_forward_and_backward_only():
+    x, weight, b, lora_a, lora_b = _inputs((3, 5), 24, 10, 2, torch.float32)
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return weight
+
+    fused = _forward_backward(lora_linear, x, dequantize, b, lora_a, lora_b, scaling=0.5)
+    reference = _forward_backward(reference_lora_linear, x, weight, b, lora_a, lora_b, scaling=0.5)
+    assert len(calls) == 2  # forward GEMM and input-gradient GEMM; never kept in between
+    for got, expected in zip(fused, reference):
+        assert rel_err(got, expected) < 1e-5
+
+
+def test_no_input_gradient_skips_the_weight():
+    x, weight, b, lora_a, lora_b = _inputs((4,), 16, 12, 2, torch.float32)
+    x = x.detach()
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return weight
+
+    lora_linear(x, dequantize, b, lora_a, lora_b, 2.0).sum().backward()
+    expected_a = torch.autograd.grad(reference_lora_linear(x, weight, b, lora_a, lora_b, 2.0).sum(), lora_a)[0]
+    assert rel_err(lora_a.grad, expected_a) < 1e-5
+    assert len(calls) == 1  # the backward needs no base GEMM without an input gradient
+
+
+def test_bad_inputs_are_refused():
+    x, weight, b, lora_a, lora_b = _inputs((2,), 8, 8, 2, torch.float32)
+    with pytest.raises(TypeError, match="cast the input"):
+        lora_linear(x.double(), weight, b, lora_a, lora_b, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, weight.requires_grad_(), b, lora_a, lora_b, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_gpu_matches_fp32_reference():
+    args = _inputs((4, 1000), 2048, 1536, 16, torch.bfloat16, device="cuda")
+    fused = _forward_backward(lora_linear, *args, scaling=2.0)
+    exact_args = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in args]
+    exact = _forward_backward(reference_lora_linear, *exact_args, scaling=2.0)
+    for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, exact):
+        assert rel_err(got, expected) < 1e-2, name
