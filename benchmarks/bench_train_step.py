@@ -1,7 +1,8 @@
 """One LoRA SFT training step of a whole AFMoE model: fastmoe against transformers + peft, same run, same shapes.
 
 Variants: transformers eager experts + peft, transformers `grouped_mm` experts + peft (experts via
-`target_parameters` in both), fastmoe (patched forwards, same peft adapter). Each step is forward, backward
+`target_parameters` in both), fastmoe (patched forwards, same peft adapter), fastmoe-no-ckpt (the same without
+gradient checkpointing: reported as "OOM" where its activations do not fit). Each step is forward, backward
 and AdamW on the adapters, with gradient checkpointing. Reports tokens/s (median of the timed steps), peak
 memory and model TFLOP/s. The usual 6 x parameters x tokens would overstate LoRA work, whose frozen weights get
 no weight gradient: we count 4 x active parameters x tokens (forward 2N + input gradient 2N) plus causal
@@ -68,7 +69,8 @@ def initialise(model: torch.nn.Module, skewed: bool, seed: int) -> None:
 
 def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
     fastmoe.unpatch()
-    if variant == "fastmoe":
+    fast = variant.startswith("fastmoe")
+    if fast:
         FastAfmoeModel.pre_patch()
     config = transformers.AfmoeConfig(**config_kwargs)
     config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
@@ -78,9 +80,10 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     initialise(model, skewed, seed=0)
     model.requires_grad_(False)
     lora = dict(r=16, lora_alpha=16, target_modules=TARGET_MODULES, target_parameters=TARGET_PARAMETERS)
-    if variant == "fastmoe":
+    if fast:
         model.max_seq_length = 1 << 20
-        return FastModel.get_peft_model(model, use_gradient_checkpointing=True, **lora)
+        # fastmoe-no-ckpt: the same model without recomputation, where activations fit beside the weights
+        return FastModel.get_peft_model(model, use_gradient_checkpointing=variant != "fastmoe-no-ckpt", **lora)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))

@@ -4,17 +4,18 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block nf4-experts train-step profile.
+# STEPs (default: all, in this order): gpu-tests moe-block nf4-experts train-step-8 train-step profile.
 #
 # 1. installs fastmoe by copying (fastmoe/ plus kernels/ as fastmoe/kernels) into a private site folder, and any
 #    wheels carried in .whl/ (trl, datasets, bitsandbytes are not on those machines);
 # 2. runs every `gpu`-marked test (bf16 kernels against their references);
 # 3. runs the benchmarks; each appends its table to OUT_DIR/RESULTS.md (copy it into benchmarks/RESULTS.md).
-# Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path.
+# pytest is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; a
+# benchmark script's own folder (benchmarks/) is first on its path instead, which is what its sibling imports need.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block nf4-experts train-step profile} "
+steps=" ${*:-gpu-tests moe-block nf4-experts train-step-8 train-step profile} "
 mkdir -p "$out"
 site=/tmp/fastmoe-site
 rm -rf "$site" && mkdir -p "$site"
@@ -37,10 +38,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
 }
 
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
-step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
-step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
-step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
+step moe-block 150 python3 benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
+step nf4-experts 120 python3 benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
+step train-step-8 150 python3 benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
+    --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md"
+step train-step 240 python3 benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
     --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md"
-step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
+step profile 150 python3 benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
     --variants fastmoe --profile --no-record
 exit $status

@@ -59,6 +59,32 @@ def _tile_matmul(
 
 
 @triton.jit
+def _tile_matmul_gate_up(
+    gate, up, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+    w_ptr, stride_wn, stride_wk, offs_n, n_mask, I, K,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """gate += a[a_rows] @ w[offs_n]^T and up += a[a_rows] @ w[I + offs_n]^T in one pass over K: each A tile
+    (gathered rows) is loaded once for both products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a
+    single GEMM tile of that width would."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    up_offset = I * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+        gate = tl.dot(a, w_gate, gate, input_precision=DOT_PRECISION)
+        up = tl.dot(a, w_up, up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return gate, up
+
+
+@triton.jit
 def _tile_lora(
     acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
     b_ptr, stride_bn, stride_br, offs_n, n_mask, R,
@@ -167,11 +193,9 @@ def _grouped_mm_swiglu_kernel(
     a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
     w_e = w_ptr + expert.to(tl.int64) * stride_we
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    gate = _tile_matmul(gate, a_ptr, stride_am, stride_ak, a_rows, row_mask,
-                        w_e, stride_wn, stride_wk, offs_n, n_mask, K, BLOCK_K, DOT_PRECISION)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = _tile_matmul(up, a_ptr, stride_am, stride_ak, a_rows, row_mask,
-                      w_e, stride_wn, stride_wk, offs_n + I, n_mask, K, BLOCK_K, DOT_PRECISION)
+    gate, up = _tile_matmul_gate_up(gate, up, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+                                    w_e, stride_wn, stride_wk, offs_n, n_mask, I, K, BLOCK_K, DOT_PRECISION)
     if HAS_LORA:
         b_e = b_ptr + expert.to(tl.int64) * stride_be
         gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
