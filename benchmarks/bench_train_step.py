@@ -2,7 +2,8 @@
 
 Variants: transformers eager experts + peft, transformers `grouped_mm` experts + peft (experts via
 `target_parameters` in both), fastmoe (patched forwards, same peft adapter), fastmoe-no-ckpt (the same without
-gradient checkpointing: reported as "OOM" where its activations do not fit). Each step is forward, backward
+gradient checkpointing: reported as "OOM" where its activations do not fit); a `-flex` suffix runs attention through
+transformers' FlexAttention instead of SDPA. Each step is forward, backward
 and AdamW on the adapters, with gradient checkpointing. Reports tokens/s (median of the timed steps), peak
 memory and model TFLOP/s. The usual 6 x parameters x tokens would overstate LoRA work, whose frozen weights get
 no weight gradient: we count 4 x active parameters x tokens (forward 2N + input gradient 2N) plus causal
@@ -74,6 +75,9 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
         FastAfmoeModel.pre_patch()
     config = transformers.AfmoeConfig(**config_kwargs)
     config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
+    if variant.endswith("-flex"):
+        # transformers' FlexAttention path: block-sparse causal and sliding-window masks (compiled on first use)
+        config._attn_implementation = "flex_attention"
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)
@@ -83,7 +87,7 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     if fast:
         model.max_seq_length = 1 << 20
         # fastmoe-no-ckpt: the same model without recomputation, where activations fit beside the weights
-        return FastModel.get_peft_model(model, use_gradient_checkpointing=variant != "fastmoe-no-ckpt", **lora)
+        return FastModel.get_peft_model(model, use_gradient_checkpointing="no-ckpt" not in variant, **lora)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))

@@ -10,9 +10,11 @@ gradient (x^T g, as costly as the forward GEMM) only to reduce it to dA and dB. 
     dx = g W + s (g B) A,   dA = s (g B)^T x,   dB = s g^T (x A^T)
 
 and keeps only x and the thin x A^T (tokens, r) between forward and backward. The GEMMs are cuBLAS's (these are
-large dense matmuls, which cuBLAS already runs near peak); the win is in the work and memory not done. The thin
-products and the adapter gradients come out of the GEMMs in float32 (see _mm_float32), so the adapters train with
-the precision peft's float32 LoRA branch gives them.
+large dense matmuls, which cuBLAS already runs near peak); the win is in the work and memory not done.
+
+Precision: the LoRA factors are used in the activations' dtype (bf16 in training), as under torch.autocast, which
+is how transformers' Trainer runs peft with bf16=True; gradients return in the factors' own dtype (peft's
+float32). Without autocast, peft itself runs its LoRA branch in float32, copying the activations up.
 
 A 4-bit base weight (bitsandbytes) is passed as a zero-argument callable that dequantizes it: it is dequantized
 for the forward GEMM and again in the backward, so no 16-bit copy outlives either GEMM.
@@ -35,30 +37,6 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
     return F.linear(x, w, bias) + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
 
 
-_mm_out_dtype_works: bool | None = None
-
-
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b returned in float32 without rounding the result to a's 16-bit dtype first.
-
-    The thin LoRA products (x A^T, g B) and the adapter gradients are sums over a whole hidden size or over every
-    token; rounding such sums to bf16 costs them 8 bits, while rounding their inputs averages out. peft gets the
-    same precision by running the LoRA branch in float32 (copying x up); cuBLAS accumulates in float32 anyway and,
-    through mm's out_dtype (CUDA), can write that accumulator out directly.
-    """
-    global _mm_out_dtype_works
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return (a @ b).float()
-    if _mm_out_dtype_works is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _mm_out_dtype_works = True
-            return out
-        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=...) for this dtype
-            _mm_out_dtype_works = False
-    return a.float() @ b.float()
-
-
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
@@ -66,8 +44,8 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         out = F.linear(x2, w, bias)
-        xa = _mm_float32(x2, a.t())  # (tokens, r)
-        out.addmm_(xa.to(x.dtype), b.t(), alpha=scaling)
+        xa = x2 @ a.t()
+        out.addmm_(xa, b.t(), alpha=scaling)
         ctx.weight = None if isinstance(weight, torch.Tensor) else weight
         ctx.save_for_backward(x2, xa, a, b, weight if isinstance(weight, torch.Tensor) else None)
         ctx.scaling = scaling
@@ -81,15 +59,15 @@ class _LoraLinear(torch.autograd.Function):
         s = ctx.scaling
         needs_x, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        gb = _mm_float32(g, b)  # (tokens, r)
+        gb = g @ b  # (tokens, r)
         grad_x = grad_a = grad_b = grad_bias = None
         if needs_x:
             w = weight if weight is not None else ctx.weight()
-            grad_x = (g @ w).addmm_(gb.to(g.dtype), a, alpha=s).view(*grad_out.shape[:-1], x2.shape[-1])
+            grad_x = (g @ w).addmm_(gb, a, alpha=s).view(*grad_out.shape[:-1], x2.shape[-1])
         if needs_a:
-            grad_a = _mm_float32(gb.to(x2.dtype).t(), x2).mul_(s).to(ctx.lora_dtypes[0])
+            grad_a = (gb.t() @ x2).mul_(s).to(ctx.lora_dtypes[0])
         if needs_b:
-            grad_b = _mm_float32(g.t(), xa.to(g.dtype)).mul_(s).to(ctx.lora_dtypes[1])
+            grad_b = (g.t() @ xa).mul_(s).to(ctx.lora_dtypes[1])
         if needs_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None
