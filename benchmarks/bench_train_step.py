@@ -11,6 +11,7 @@ attention, and divide by the measured bf16 matmul peak.
 
     python benchmarks/bench_train_step.py --preset trinity-mini --layers 32   # GPU; the bar in the brief
     python benchmarks/bench_train_step.py --preset tiny                       # CPU smoke run
+    python benchmarks/bench_train_step.py --preset trinity-mini --variants fastmoe-4bit  # 4-bit, build_fastmoe_4bit
 """
 
 from __future__ import annotations
@@ -68,8 +69,56 @@ def initialise(model: torch.nn.Module, skewed: bool, seed: int) -> None:
             module.original_inv_freq.copy_(fresh.original_inv_freq)
 
 
+def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Replace the layer's nn.Linear modules, routers aside, by bitsandbytes NF4 Linear4bit quantized where they are
+    (on the GPU), with load_in_4bit's settings (double quantization, compute in the model's dtype)."""
+    import bitsandbytes as bnb
+
+    for name, linear in list(layer.named_modules()):
+        if type(linear) is not torch.nn.Linear or "router" in name:
+            continue
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", module=quantized).to(linear.weight.device)
+        if linear.bias is not None:
+            quantized.bias = linear.bias
+        layer.set_submodule(name, quantized)
+
+
+def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
+    """The model as load_in_4bit leaves it, without its 16-bit self ever existing: built on the meta device, then
+    materialised one decoder layer at a time (random weights, Linear layers to bitsandbytes NF4, experts to fastmoe's
+    NF4), so memory holds the 4-bit layers so far plus one 16-bit layer. Embeddings, lm_head, norms and routers stay
+    16-bit. With LoRA r=16 on the same targets as the other variants. On the CPU (the tiny smoke run) bitsandbytes
+    uses its CPU backend (bitsandbytes >= 0.46)."""
+    from fastmoe.quantize import quantize_experts_
+
+    FastAfmoeModel.pre_patch()
+    config = transformers.AfmoeConfig(**config_kwargs)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for index, layer in enumerate(model.model.layers):
+        layer.to_empty(device=device)
+        initialise(layer, skewed, seed=index + 1)
+        linear_layers_to_4bit_(layer, dtype)
+        quantize_experts_(layer)
+    outside_layers = torch.nn.ModuleList([model.model.embed_tokens, model.model.norm, model.model.rotary_emb,
+                                          model.lm_head])
+    outside_layers.to_empty(device=device)
+    initialise(outside_layers, skewed, seed=0)
+    model.requires_grad_(False)
+    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers with its 4-bit LoRA
+    model.max_seq_length = 1 << 20
+    return FastModel.get_peft_model(model, use_gradient_checkpointing=True, r=16, lora_alpha=16,
+                                    target_modules=TARGET_MODULES, target_parameters=TARGET_PARAMETERS)
+
+
 def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
     fastmoe.unpatch()
+    if variant == "fastmoe-4bit":
+        return build_fastmoe_4bit(config_kwargs, device, dtype, skewed)
     fast = variant.startswith("fastmoe")
     if fast:
         FastAfmoeModel.pre_patch()
@@ -165,7 +214,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe")
+    parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe",
+                        help="comma-separated, from hf-eager, hf-grouped_mm, fastmoe, fastmoe-4bit")
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
                         help="markdown file the table is appended to")

@@ -7,6 +7,7 @@ default LoRA targets; everything else is shared here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import types
@@ -277,17 +278,24 @@ def _linear_suffixes(model) -> list[str]:
 
 def _load(model_name, config, max_seq_length, dtype, quantization_config, full_finetuning,
           device_map, attn_implementation, token, kwargs):
-    """Load the model (and tokenizer). With 4-bit quantization, bitsandbytes quantizes the Linear layers and
-    `fastmoe.quantize.quantize_experts_` then turns the 3D expert weights into NF4, layer by layer.
+    """Load the model (and tokenizer).
 
-    Memory while loading: the checkpoint is read into a 16-bit model first (bitsandbytes quantizes Linear weights
-    as they load, but the experts arrive 16-bit), so host memory, and device memory when loading onto a GPU, peak
-    at about the 16-bit size of the experts plus the 4-bit rest before the experts are quantized; no streaming
-    quantization from the checkpoint yet. With 8-bit loading the experts stay 16-bit.
+    With load_in_4bit, bitsandbytes quantizes the Linear layers and fastmoe the 3D expert weights (NF4), each as it is
+    read from the checkpoint (`fastmoe.quantized_loading`): transformers reads one parameter at a time onto the target
+    device (the current CUDA device with a GPU, else the CPU), and an expert stack is quantized and its 16-bit copy
+    dropped before the next is read. Peak host and device memory while loading therefore stay near the 4-bit model's
+    size plus the 16-bit tensors of one expert parameter: for a fused gate_up_proj, transformers briefly holds its
+    per-expert slices, the gate and up stacks and their concatenation (about twice that parameter's 16-bit size).
+    The safetensors files themselves are memory-mapped, not read whole. Experts that did not come through that path
+    (a checkpoint missing them, or one whose config already names a quantization) are quantized right after loading.
+
+    With load_in_8bit, a model with MoE experts is refused before any weight is read: bitsandbytes would quantize its
+    Linear layers only, leaving nearly all of its weights 16-bit. Dense models load with 8-bit Linear layers.
     """
     from transformers import AutoModelForCausalLM
 
     from fastmoe.quantize import quantize_experts_
+    from fastmoe.quantized_loading import fastmoe_bnb_quantizers
 
     if os.path.isfile(os.path.join(os.path.expanduser(model_name), "adapter_config.json")):
         raise ValueError(f"{model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
@@ -300,12 +308,10 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
         load_kwargs["device_map"] = device_map
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
+    with fastmoe_bnb_quantizers() if quantization_config is not None else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
     if quantization_config is not None and quantization_config.load_in_4bit:
         quantize_experts_(model)
-    elif quantization_config is not None and any(p.dim() == 3 for p in model.parameters()):
-        warnings.warn("load_in_8bit quantizes Linear layers only: the 3D expert weights stay 16-bit (use "
-                      "load_in_4bit=True for NF4 experts)", stacklevel=3)
     model.max_seq_length = max_seq_length
     model._fastmoe_full_finetuning = full_finetuning
     if not full_finetuning:

@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
     train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes)")
-    train.add_argument("--load-in-8bit", action="store_true", help="8-bit base weights (bitsandbytes)")
+    train.add_argument("--load-in-4bit", action="store_true",
+                       help="QLoRA: NF4 base weights, experts included, quantized as they load")
+    train.add_argument("--load-in-8bit", action="store_true",
+                       help="8-bit Linear layers (bitsandbytes); dense models only, MoE models are refused")
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in the backward pass (default: on with a CUDA GPU, off on CPU)")
     train.add_argument("--packing", action="store_true",

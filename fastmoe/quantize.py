@@ -2,7 +2,8 @@
 
 transformers + bitsandbytes quantize nn.Linear layers only; an MoE's experts are 3D Parameters (AFMoE and
 LFM2-MoE: `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)), almost all of its weights, and
-would stay 16-bit. `quantize_experts_` turns each into NF4 (kernels/nf4.py, bitsandbytes' format and blocksize 64):
+would stay 16-bit. fastmoe turns each into NF4 (kernels/nf4.py, bitsandbytes' format and blocksize 64), while the
+checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 
 * the codes and absmax become non-persistent buffers of the experts module (`<name>_nf4_packed`,
   `<name>_nf4_absmax`): they follow `.to(device)` but stay out of state_dict, as nothing outside fastmoe reads them;
@@ -39,30 +40,48 @@ def nf4_weight(experts: torch.nn.Module, name: str) -> Nf4Weight:
                      tuple(placeholder.shape), placeholder.dtype)
 
 
-def _is_swiglu_experts(module: torch.nn.Module) -> bool:
+def is_swiglu_experts(module: torch.nn.Module) -> bool:
+    """Whether `module` holds SwiGLU expert stacks quantize_experts_ can turn into NF4 (AFMoE, LFM2-MoE)."""
     return all(isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3
                for name in SWIGLU_EXPERT_PARAMETERS)
 
 
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """Whether `module` holds a layer's routed experts: SwiGLU stacks, or a layout without an NF4 path (JetMoe)."""
+    return is_swiglu_experts(module) or type(module).__name__ in _UNSUPPORTED_EXPERTS
+
+
+def placeholder_parameter(weight: torch.Tensor) -> torch.nn.Parameter:
+    """A zero-storage stand-in of `weight`'s shape, dtype and device: a 0-d zero expanded to the full shape."""
+    placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+    return torch.nn.Parameter(placeholder, requires_grad=False)
+
+
+def install_nf4_(experts: torch.nn.Module, name: str, nf4: Nf4Weight) -> None:
+    """Make `nf4` the storage of expert parameter `name`: its NF4 buffers plus a placeholder Parameter. Once every
+    SwiGLU parameter of the module has one, the module counts as quantized and its own forward refuses to run."""
+    experts.register_buffer(f"{name}_nf4_packed", nf4.packed, persistent=False)
+    experts.register_buffer(f"{name}_nf4_absmax", nf4.absmax, persistent=False)
+    setattr(experts, name, placeholder_parameter(getattr(experts, name)))
+    if all(hasattr(experts, f"{n}_nf4_packed") for n in SWIGLU_EXPERT_PARAMETERS):
+        experts._fastmoe_nf4 = SWIGLU_EXPERT_PARAMETERS
+        # An instance attribute shadows the class's forward: only fastmoe's patched MoE block can run NF4 experts.
+        experts.forward = _refuse_unpatched_forward
+
+
 @torch.no_grad()
 def quantize_module_(experts: torch.nn.Module) -> int:
-    """Quantize one SwiGLU experts module's gate_up_proj and down_proj to NF4 in place; returns bytes saved."""
-    if is_quantized(experts):
-        return 0
-    for name in SWIGLU_EXPERT_PARAMETERS:
+    """Quantize one SwiGLU experts module's gate_up_proj and down_proj to NF4 in place (those not quantized yet);
+    returns bytes saved."""
+    pending = [name for name in SWIGLU_EXPERT_PARAMETERS if not hasattr(experts, f"{name}_nf4_packed")]
+    for name in pending:
         check_nf4_shape(getattr(experts, name).shape)
     saved = 0
-    for name in SWIGLU_EXPERT_PARAMETERS:
+    for name in pending:
         weight = getattr(experts, name)
         nf4 = quantize_nf4(weight)
-        experts.register_buffer(f"{name}_nf4_packed", nf4.packed, persistent=False)
-        experts.register_buffer(f"{name}_nf4_absmax", nf4.absmax, persistent=False)
-        placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-        setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
+        install_nf4_(experts, name, nf4)
         saved += weight.numel() * weight.element_size() - nf4.nbytes()
-    experts._fastmoe_nf4 = SWIGLU_EXPERT_PARAMETERS
-    # An instance attribute shadows the class's forward: only fastmoe's patched MoE block can run NF4 experts.
-    experts.forward = _refuse_unpatched_forward
     return saved
 
 
@@ -74,22 +93,25 @@ def _refuse_unpatched_forward(*args, **kwargs):
     )
 
 
-def quantize_experts_(model: torch.nn.Module) -> int:
-    """Quantize every SwiGLU experts module of `model` to NF4 in place, layer by layer (on a GPU the 16-bit stack of
-    each layer is freed before the next is quantized). Returns the bytes saved.
-
-    Raises ValueError for expert layouts without an NF4 path (JetMoe) rather than leaving them 16-bit
-    under a flag that promises 4 bits."""
+def refuse_unsupported_experts(model: torch.nn.Module) -> None:
+    """Raise ValueError for expert layouts without an NF4 path (JetMoe) rather than leaving them 16-bit under a flag
+    that promises 4 bits."""
     for module in model.modules():
         family = _UNSUPPORTED_EXPERTS.get(type(module).__name__)
         if family is not None:
             raise ValueError(
-                f"4-bit experts are not supported for {family} yet: load without load_in_4bit, or with "
-                "load_in_8bit=True (its Linear layers in 8 bits, experts in 16 bits)"
+                f"4-bit experts are not supported for {family} yet: load without load_in_4bit, or pass "
+                "quantization_config=BitsAndBytesConfig(load_in_8bit=True) for 8-bit Linear layers and 16-bit experts"
             )
+
+
+def quantize_experts_(model: torch.nn.Module) -> int:
+    """Quantize every SwiGLU experts module of `model` to NF4 in place, layer by layer (on a GPU the 16-bit stack of
+    each layer is freed before the next is quantized). Returns the bytes saved. Raises ValueError for JetMoe."""
+    refuse_unsupported_experts(model)
     saved = 0
     for module in list(model.modules()):
-        if _is_swiglu_experts(module):
+        if is_swiglu_experts(module):
             saved += quantize_module_(module)
             if module.gate_up_proj.is_cuda:
                 torch.cuda.empty_cache()

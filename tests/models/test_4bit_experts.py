@@ -1,15 +1,21 @@
-"""load_in_4bit=True: bitsandbytes' 4-bit Linear layers plus NF4 experts (fastmoe.quantize), fp32 on the CPU."""
+"""load_in_4bit=True: bitsandbytes' 4-bit Linear layers plus NF4 experts (fastmoe.quantize), quantized while the
+checkpoint loads (fastmoe.quantized_loading), fp32 on the CPU; and load_in_8bit's refusal of MoE models."""
 
 import pytest
 import torch
+import transformers
 from fastmoe.kernels.nf4 import dequantize_nf4
 from testing_utils import batch_with_padding, randomize_lora, rel_err
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fastmoe
 from fastmoe import FastModel
-from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight
+from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight, quantize_experts_
 
 pytestmark = pytest.mark.filterwarnings("ignore:bitsandbytes quantization without a CUDA GPU")
+gpu = pytest.mark.gpu
 EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
@@ -82,7 +88,8 @@ def test_lora_on_nf4_experts_trains(tiny_checkpoint):
     assert all(is_quantized(m) for m in _quantized_experts(model.get_base_model()))
 
 
-def test_jetmoe_4bit_experts_are_refused_clearly(tiny_checkpoint):
+def test_jetmoe_4bit_experts_are_refused_clearly(tiny_checkpoint, monkeypatch):
+    _refuse_reading_weights(monkeypatch)
     with pytest.raises(ValueError, match="4-bit experts are not supported for jetmoe"):
         _load_4bit(tiny_checkpoint("jetmoe"))
 
@@ -110,3 +117,135 @@ def test_unpatched_forward_of_nf4_experts_raises_instead_of_using_zero_experts(t
     fastmoe.unpatch()
     with pytest.raises(RuntimeError, match="NF4"):
         model(input_ids=torch.tensor([[3, 4, 5]]))
+
+
+def _load_4bit_then_quantize_experts(checkpoint):
+    """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
+    from fastmoe.api import _quantization_config
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), dtype=torch.float32, quantization_config=_quantization_config(True, False, torch.float32))
+    assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
+    quantize_experts_(model)
+    return model
+
+
+def _afmoe_checkpoint(out_dir, tokenizer, dtype=torch.float32, **sizes):
+    """A random AFMoE checkpoint shaped like the tiny one but for `sizes` (layer types follow the layer count)."""
+    from fastmoe.builtin import randomize_routers, tiny_config
+
+    fields = {**tiny_config("afmoe", len(tokenizer)).to_dict(), "layer_types": None, **sizes}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AfmoeConfig(**fields), dtype=dtype)
+    randomize_routers(model, torch.Generator().manual_seed(1))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, model_type):
+    streamed = _load_4bit(tiny_checkpoint(model_type))
+    assert quantize_experts_(streamed) == 0  # the fallback after loading found nothing left 16-bit
+    reference = _load_4bit_then_quantize_experts(tiny_checkpoint(model_type))
+    streamed_experts, reference_experts = _quantized_experts(streamed), _quantized_experts(reference)
+    assert len(streamed_experts) == len(reference_experts) == 2
+    for ours, theirs in zip(streamed_experts, reference_experts):
+        for name in SWIGLU_EXPERT_PARAMETERS:
+            a, b = nf4_weight(ours, name), nf4_weight(theirs, name)
+            assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+            assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, torch.device("cpu"))
+            placeholder = getattr(ours, name)
+            assert placeholder.untyped_storage().nbytes() <= placeholder.element_size()
+            assert not placeholder.requires_grad
+    batch = batch_with_padding(streamed.config.vocab_size)
+    assert torch.equal(_logits(streamed, batch), _logits(reference, batch))
+
+
+class ExpertStackBytes(TorchDispatchMode):
+    """Peak bytes of live storage behind floating-point (num_experts, N, K) tensors made by the ops run inside the
+    block: stacked 16-bit experts, and the gate and up stacks transformers builds to fuse them. It follows storages, not
+    tensors, because the Parameter transformers sets on the model is a new tensor over the loaded storage."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() == 3
+                    and tensor.shape[0] == self.num_experts and tensor.device.type != "meta"):
+                storage = tensor.untyped_storage()
+                if storage.nbytes() > tensor.element_size():  # NF4 placeholders hold one element
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+def test_streamed_loading_never_holds_the_16bit_expert_set(tmp_path, tiny_tokenizer):
+    checkpoint = _afmoe_checkpoint(tmp_path, tiny_tokenizer, num_hidden_layers=5)
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    experts, hidden, intermediate = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    gate_up_bytes = experts * 2 * intermediate * hidden * 4
+    expert_set_bytes = (config.num_hidden_layers - config.num_dense_layers) * experts * 3 * intermediate * hidden * 4
+
+    with ExpertStackBytes(experts) as quantized_after_loading:
+        _load_4bit_then_quantize_experts(checkpoint)
+    assert quantized_after_loading.peak >= expert_set_bytes  # the tracker sees what the old path held
+
+    with ExpertStackBytes(experts) as streamed:
+        _load_4bit(checkpoint)
+    # One parameter at a time: a whole gate_up_proj, and at most its gate and up stacks beside it while transformers
+    # concatenates them; the set of four layers is three times that.
+    assert gate_up_bytes <= streamed.peak <= 2 * gate_up_bytes < expert_set_bytes
+
+
+@gpu
+def test_streamed_loading_on_the_gpu_peaks_near_the_4bit_size(tmp_path, tiny_tokenizer):
+    # 5 MoE layers of 32 experts at hidden 1024: 64 MiB per bf16 gate_up_proj, 480 MiB for the 16-bit expert set.
+    sizes = dict(num_hidden_layers=6, hidden_size=1024, moe_intermediate_size=512, num_experts=32)
+    checkpoint = _afmoe_checkpoint(tmp_path, tiny_tokenizer, dtype=torch.bfloat16, **sizes)
+    gate_up_bytes = sizes["num_experts"] * 2 * sizes["moe_intermediate_size"] * sizes["hidden_size"] * 2
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64, load_in_4bit=True)
+    loaded = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    experts = _quantized_experts(model)
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert len(experts) == 5
+    assert all(nf4_weight(m, name).device == device for m in experts for name in SWIGLU_EXPERT_PARAMETERS)
+    # Quantizing after loading peaked above loaded + 480 MiB; streaming adds what one gate_up_proj needs while it is
+    # fused (its stacks and their concatenation) plus quantization scratch.
+    assert peak <= loaded + 2 * gate_up_bytes + 32 * 2**20, (peak / 2**20, loaded / 2**20)
+
+
+def _refuse_reading_weights(monkeypatch):
+    from transformers import core_model_loading
+
+    def read(*args, **kwargs):
+        raise AssertionError("a checkpoint tensor was read before the refusal")
+
+    monkeypatch.setattr(core_model_loading, "spawn_materialize", read)
+
+
+def test_8bit_loading_of_an_moe_model_is_refused_before_any_weight_is_read(tiny_checkpoint, monkeypatch):
+    _refuse_reading_weights(monkeypatch)
+    with pytest.raises(ValueError, match=r"load_in_8bit quantizes Linear layers only, and this model's experts \(\d+%"):
+        FastModel.from_pretrained(str(tiny_checkpoint("lfm2_moe")), dtype=torch.float32, max_seq_length=64,
+                                  load_in_8bit=True)
+
+
+def test_8bit_linear_layers_with_16bit_experts_on_request(tiny_checkpoint):
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "router.gate"])
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64,
+                                         quantization_config=config)
+    assert type(model.model.layers[1].self_attn.q_proj).__name__ == "Linear8bitLt"
+    experts = model.model.layers[1].mlp.experts
+    assert not is_quantized(experts) and experts.gate_up_proj.dtype == torch.float32
+    assert torch.isfinite(_logits(model, batch_with_padding(model.config.vocab_size))).all()

@@ -1,0 +1,139 @@
+"""Quantization while a checkpoint loads: what `load_in_4bit` / `load_in_8bit` hand to transformers' loader.
+
+transformers 5.17-5.23 loads a checkpoint one target parameter at a time (`convert_and_load_state_dict_in_model` in
+core_model_loading.py): it reads that parameter's tensors from the safetensors files onto its target device, runs the
+family's conversion (AFMoE and LFM2-MoE checkpoints, those save_pretrained writes included, hold per-expert
+`experts.<e>.gate_proj.weight`, ... that a WeightConverter stacks and concatenates into `experts.gate_up_proj`
+(E, 2I, H)), and, when the HfQuantizer's `param_needs_quantization` claims the parameter, passes the result through
+`get_quantize_ops()` before setting it on the model and reading the next one. bitsandbytes' quantizer claims Linear4bit
+weights only, so the experts, nearly all of an MoE's weights, used to arrive 16-bit: the whole 16-bit expert set existed
+before fastmoe could quantize it.
+
+`Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the SwiGLU expert stacks: each
+is quantized to fastmoe's NF4 (kernels/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
+tensors are dropped before the next parameter is read. A subclass of the quantizer rather than reading the experts
+ourselves from the safetensors files, or a hook on the model: the quantizer methods used here are the same in 5.17 and
+5.23, transformers keeps doing the per-expert fusion, renaming, sharded files, device placement and dtype casting (a
+reader of our own would have to follow each family's on-disk layout as transformers changes it), experts skipped at load
+would come back as missing keys that transformers materialises at full size, and claimed parameters count at 4 bits in
+transformers' allocator warm-up and device-map sizing. The model keeps bitsandbytes' config and quantizer type, so
+peft, trl and saving see an ordinary bitsandbytes 4-bit model.
+
+Two transformers behaviours shape the details:
+
+* with on-the-fly quantization it loads synchronously (no reader threads), so the 16-bit tensors of one parameter exist
+  at a time: for gate_up_proj, its per-expert slices, the gate and up stacks and their concatenation, briefly;
+* after loading it replaces every non-persistent buffer with `torch.empty_like`
+  (`_move_missing_keys_from_meta_to_device`), so the NF4 codes wait in a plain attribute of the experts module and
+  become its buffers in `_process_model_after_weight_loading`, which runs after that.
+
+`fastmoe_bnb_quantizers()` puts these classes in transformers' quantizer table for the duration of one load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+from transformers.quantizers import auto as auto_quantizers
+from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+from fastmoe.kernels.nf4 import check_nf4_shape, quantize_nf4
+from fastmoe.quantize import (
+    SWIGLU_EXPERT_PARAMETERS,
+    install_nf4_,
+    is_experts_module,
+    is_swiglu_experts,
+    placeholder_parameter,
+    refuse_unsupported_experts,
+)
+
+# NF4 stacks quantized during loading, by parameter name, until they can become buffers (see the module docstring).
+_STREAMED_NF4 = "_fastmoe_streamed_nf4"
+
+
+def _owner(model: torch.nn.Module, param_name: str) -> tuple[torch.nn.Module, str]:
+    module_name, _, name = param_name.rpartition(".")
+    return model.get_submodule(module_name), name
+
+
+def _is_expert_stack(model: torch.nn.Module, param_name: str) -> bool:
+    module, name = _owner(model, param_name)
+    return name in SWIGLU_EXPERT_PARAMETERS and is_swiglu_experts(module)
+
+
+class Nf4ExpertsQuantize(Bnb4bitQuantize):
+    """bitsandbytes' quantize op for Linear4bit weights; SwiGLU expert stacks go to NF4 instead."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        linear_weights, result = {}, {}
+        for param_name, value in input_dict.items():
+            if not _is_expert_stack(model, param_name):
+                linear_weights[param_name] = value
+                continue
+            weight = value[0] if isinstance(value, list) else value
+            experts, name = _owner(model, param_name)
+            experts.__dict__.setdefault(_STREAMED_NF4, {})[name] = quantize_nf4(weight)
+            result[param_name] = placeholder_parameter(weight)
+        if linear_weights:
+            result.update(super().convert(linear_weights, full_layer_name=full_layer_name, model=model, **kwargs))
+        return result
+
+
+class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
+    """bitsandbytes' 4-bit quantizer that also quantizes SwiGLU expert stacks to NF4 as they load."""
+
+    def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+        # The model is still on the meta device: refusing here costs no read of the checkpoint.
+        refuse_unsupported_experts(model)
+        for module in filter(is_swiglu_experts, model.modules()):
+            for name in SWIGLU_EXPERT_PARAMETERS:
+                check_nf4_shape(getattr(module, name).shape)
+        return super()._process_model_before_weight_loading(model, device_map, **kwargs)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return _is_expert_stack(model, param_name) or super().param_needs_quantization(model, param_name, **kwargs)
+
+    def get_quantize_ops(self):
+        return Nf4ExpertsQuantize(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():
+            for name, nf4 in module.__dict__.pop(_STREAMED_NF4, {}).items():
+                install_nf4_(module, name, nf4)
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+
+class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
+    """bitsandbytes' 8-bit quantizer, refusing MoE models: it would quantize their Linear layers only."""
+
+    def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+        experts = [m for m in model.modules() if is_experts_module(m)]
+        if experts:
+            expert_params = sum(p.numel() for m in experts for p in m.parameters())
+            share = expert_params / sum(p.numel() for p in model.parameters())
+            raise ValueError(
+                f"load_in_8bit quantizes Linear layers only, and this model's experts ({share:.0%} of its weights) "
+                "would stay 16-bit: fastmoe has no 8-bit experts yet. Use load_in_4bit=True (NF4 experts; AFMoE and "
+                "LFM2-MoE) or 16-bit weights; to load 8-bit Linear layers with 16-bit experts anyway, pass "
+                "quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead of load_in_8bit=True"
+            )
+        return super()._process_model_before_weight_loading(model, device_map, **kwargs)
+
+
+@contextlib.contextmanager
+def fastmoe_bnb_quantizers() -> Iterator[None]:
+    """Within this block, a BitsAndBytesConfig given to from_pretrained gets fastmoe's quantizers above. transformers
+    picks the quantizer class from this module-level table by quant_method and offers no other way to pass one."""
+    table = auto_quantizers.AUTO_QUANTIZER_MAPPING
+    saved = {key: table[key] for key in ("bitsandbytes_4bit", "bitsandbytes_8bit")}
+    table["bitsandbytes_4bit"] = Nf4ExpertsBnb4BitHfQuantizer
+    table["bitsandbytes_8bit"] = ExpertsRefusingBnb8BitHfQuantizer
+    try:
+        yield
+    finally:
+        table.update(saved)
