@@ -177,13 +177,18 @@ class FastBaseModel:
         target_parameters: list[str] | None = None,
         bias: str = "none",
         use_rslora: bool = False,
-        use_gradient_checkpointing: bool = True,
+        use_gradient_checkpointing: bool | str = "fastmoe",
         random_state: int = 3407,
         **lora_kwargs: Any,
     ):
-        """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`."""
+        """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`.
+
+        use_gradient_checkpointing: "fastmoe" recomputes each decoder layer in the backward pass and keeps its
+        input in host memory meanwhile (`fastmoe.offloaded_checkpointing`); True is transformers' standard
+        checkpointing, the inputs staying on the GPU; False keeps every activation."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        from fastmoe.offloaded_checkpointing import enable_offloaded_checkpointing
         from fastmoe.saving import save_pretrained_merged
 
         if isinstance(model, PeftModel):
@@ -192,8 +197,9 @@ class FastBaseModel:
             raise ValueError("the model was loaded with full_finetuning=True: train it directly, without LoRA")
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if use_gradient_checkpointing not in (True, False):
-            raise ValueError(f"use_gradient_checkpointing must be True or False, got {use_gradient_checkpointing!r}")
+        if use_gradient_checkpointing not in (True, False, "fastmoe"):
+            raise ValueError(
+                f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
         family = patching.family_class(model.config.model_type) or cls
         if target_modules is None:
             target_modules = list(family.default_target_modules)
@@ -220,6 +226,8 @@ class FastBaseModel:
                 f"{type(model).__name__} does not support gradient checkpointing in transformers; training without it",
                 stacklevel=2,
             )
+        elif use_gradient_checkpointing == "fastmoe":
+            enable_offloaded_checkpointing(model)
         elif use_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

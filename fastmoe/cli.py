@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="QLoRA: NF4 base weights, experts included, quantized as they load")
     train.add_argument("--load-in-8bit", action="store_true",
                        help="8-bit Linear layers (bitsandbytes); dense models only, MoE models are refused")
-    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                       help="recompute activations in the backward pass (default: on with a CUDA GPU, off on CPU)")
+    train.add_argument("--gradient-checkpointing", nargs="?", const="fastmoe", default=None,
+                       choices=list(training.CHECKPOINTING_MODES),
+                       help="recompute each layer in the backward pass; fastmoe (the flag alone) keeps the layer inputs "
+                            "in host memory meanwhile, standard keeps them on the GPU (default: fastmoe with a CUDA "
+                            "GPU, off on CPU)")
+    train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
+                       const="off", help="same as --gradient-checkpointing off")
     train.add_argument("--packing", action="store_true",
                        help="pack several short examples into each max-seq-length row")
     train.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,

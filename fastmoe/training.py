@@ -34,6 +34,8 @@ BUILTIN_OVERRIDES: dict[str, Any] = dict(
 # LoRA on a pretrained model wants a small step; the built-in model has random weights and 60 steps to show it learns.
 DEFAULT_LR = 2e-4
 BUILTIN_LR = 1e-2
+# --gradient-checkpointing's choices, as FastModel.get_peft_model's use_gradient_checkpointing.
+CHECKPOINTING_MODES: dict[str, bool | str] = {"fastmoe": "fastmoe", "standard": True, "off": False}
 
 
 @dataclass
@@ -54,8 +56,10 @@ class TrainOptions:
     seed: int = 3407
     load_in_4bit: bool = False
     load_in_8bit: bool = False
-    # None: on for CUDA (it saves activation memory), off on the CPU (where it only costs time).
-    gradient_checkpointing: bool | None = None
+    # "fastmoe" (each layer recomputed, its input waiting in host memory), "standard" (transformers' own, the inputs
+    # stay on the GPU) or "off". None: "fastmoe" with CUDA (it saves activation memory), "off" on the CPU (where it
+    # only costs time).
+    gradient_checkpointing: str | None = None
     # Pack several short examples into each max_seq_length row (trl's packing, documents kept apart by position ids).
     packing: bool = False
     # Hold out this fraction of the data and report its loss (eval_loss) five times over the run; 0 = no evaluation.
@@ -87,6 +91,9 @@ class TrainOptions:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.save_steps < 0:
             raise ValueError(f"--save-steps must be 0 (no checkpoints) or positive, got {self.save_steps}")
+        if self.gradient_checkpointing not in (None, *CHECKPOINTING_MODES):
+            raise ValueError(f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}, "
+                             f"got {self.gradient_checkpointing!r}")
         if self.report_to not in ("none", "tensorboard"):
             raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -333,9 +340,10 @@ def prepare(options: TrainOptions):
         train_dataset, eval_dataset = split["train"], split["test"]
 
     on_gpu = torch.cuda.is_available()
-    checkpointing = on_gpu if options.gradient_checkpointing is None else options.gradient_checkpointing
+    checkpointing = options.gradient_checkpointing or ("fastmoe" if on_gpu else "off")
     model = FastModel.get_peft_model(model, r=options.lora_r, lora_alpha=options.lora_alpha,
-                                     use_gradient_checkpointing=checkpointing, random_state=options.seed)
+                                     use_gradient_checkpointing=CHECKPOINTING_MODES[checkpointing],
+                                     random_state=options.seed)
     dtype = model.get_base_model().dtype
     config = SFTConfig(
         output_dir=options.output_dir,

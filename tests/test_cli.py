@@ -79,8 +79,9 @@ def test_messages_dataset_trains(tmp_path, fastmoe_cache):
                         {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     output_dir = tmp_path / "out"
+    # On the CPU checkpointing is off unless asked for; this run asks for the default GPU mode, through trl's trainer.
     result = run_cli(["train", "--dataset", str(data), "--max-steps", "3", "--batch-size", "2",
-                      "--output-dir", str(output_dir)], fastmoe_cache)
+                      "--gradient-checkpointing", "--output-dir", str(output_dir)], fastmoe_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(logged_losses(output_dir)) == 3
     assert (output_dir / "adapter_model.safetensors").is_file()
@@ -137,6 +138,7 @@ def _bad_dataset(tmp_path):
     (["--resume-from-checkpoint", "/does/not/exist"], "to resume from does not exist"),
     (["--resume-from-checkpoint", "latest"], "no checkpoint-* folder"),
     (["--report-to", "wandb"], "invalid choice"),
+    (["--gradient-checkpointing", "sometimes"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
@@ -148,6 +150,17 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys)
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, mode", [
+    ([], None),
+    (["--gradient-checkpointing"], "fastmoe"),
+    (["--gradient-checkpointing", "standard"], "standard"),
+    (["--gradient-checkpointing", "off"], "off"),
+    (["--no-gradient-checkpointing"], "off"),
+])
+def test_gradient_checkpointing_flags_name_a_mode(flags, mode):
+    assert cli.build_parser().parse_args(["train", *flags]).gradient_checkpointing == mode
 
 
 def test_missing_command_is_an_error(capsys):
