@@ -3,7 +3,8 @@
 Variants: transformers eager experts + peft, transformers `grouped_mm` experts + peft (experts via
 `target_parameters` in both), fastmoe (patched forwards, same peft adapter), fastmoe-no-ckpt (the same without
 gradient checkpointing: reported as "OOM" where its activations do not fit); a `-flex` suffix runs attention through
-transformers' FlexAttention instead of SDPA. Each step is forward, backward
+transformers' FlexAttention instead of SDPA; fastmoe-offload checkpoints with the layer inputs in host memory;
+fastmoe-4bit is QLoRA (NF4 Linear layers and experts). Each step is forward, backward
 and AdamW on the adapters, with gradient checkpointing. Reports tokens/s (median of the timed steps), peak
 memory and model TFLOP/s. The usual 6 x parameters x tokens would overstate LoRA work, whose frozen weights get
 no weight gradient: we count 4 x active parameters x tokens (forward 2N + input gradient 2N) plus causal
@@ -136,7 +137,9 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     if fast:
         model.max_seq_length = 1 << 20
         # fastmoe-no-ckpt: the same model without recomputation, where activations fit beside the weights
-        return FastModel.get_peft_model(model, use_gradient_checkpointing="no-ckpt" not in variant, **lora)
+        # fastmoe-offload: checkpointing with each layer's input kept in host memory (fastmoe's default mode)
+        checkpointing = False if "no-ckpt" in variant else "fastmoe" if "offload" in variant else True
+        return FastModel.get_peft_model(model, use_gradient_checkpointing=checkpointing, **lora)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
