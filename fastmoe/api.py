@@ -177,15 +177,16 @@ class FastBaseModel:
         target_parameters: list[str] | None = None,
         bias: str = "none",
         use_rslora: bool = False,
-        use_gradient_checkpointing: bool | str = "fastmoe",
+        use_gradient_checkpointing: bool | str = True,
         random_state: int = 3407,
         **lora_kwargs: Any,
     ):
         """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`.
 
-        use_gradient_checkpointing: "fastmoe" recomputes each decoder layer in the backward pass and keeps its
-        input in host memory meanwhile (`fastmoe.offloaded_checkpointing`); True is transformers' standard
-        checkpointing, the inputs staying on the GPU; False keeps every activation."""
+        use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
+        in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
+        (`fastmoe.offloaded_checkpointing`: less GPU memory at long sequences, slower, see README); False keeps
+        every activation."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
         from fastmoe.offloaded_checkpointing import enable_offloaded_checkpointing

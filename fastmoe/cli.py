@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", nargs="?", const="fastmoe", default=None,
                        choices=list(training.CHECKPOINTING_MODES),
                        help="recompute each layer in the backward pass; fastmoe (the flag alone) keeps the layer inputs "
-                            "in host memory meanwhile, standard keeps them on the GPU (default: fastmoe with a CUDA "
+                            "in host memory meanwhile, standard keeps them on the GPU (default: standard with a CUDA "
                             "GPU, off on CPU)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
                        const="off", help="same as --gradient-checkpointing off")

@@ -57,8 +57,7 @@ class TrainOptions:
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     # "fastmoe" (each layer recomputed, its input waiting in host memory), "standard" (transformers' own, the inputs
-    # stay on the GPU) or "off". None: "fastmoe" with CUDA (it saves activation memory), "off" on the CPU (where it
-    # only costs time).
+    # stay on the GPU) or "off". None: "standard" with CUDA, "off" on the CPU (where it only costs time).
     gradient_checkpointing: str | None = None
     # Pack several short examples into each max_seq_length row (trl's packing, documents kept apart by position ids).
     packing: bool = False
@@ -340,7 +339,7 @@ def prepare(options: TrainOptions):
         train_dataset, eval_dataset = split["train"], split["test"]
 
     on_gpu = torch.cuda.is_available()
-    checkpointing = options.gradient_checkpointing or ("fastmoe" if on_gpu else "off")
+    checkpointing = options.gradient_checkpointing or ("standard" if on_gpu else "off")
     model = FastModel.get_peft_model(model, r=options.lora_r, lora_alpha=options.lora_alpha,
                                      use_gradient_checkpointing=CHECKPOINTING_MODES[checkpointing],
                                      random_state=options.seed)

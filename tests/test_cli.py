@@ -79,7 +79,8 @@ def test_messages_dataset_trains(tmp_path, fastmoe_cache):
                         {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     output_dir = tmp_path / "out"
-    # On the CPU checkpointing is off unless asked for; this run asks for the default GPU mode, through trl's trainer.
+    # On the CPU checkpointing is off unless asked for; this run asks for fastmoe's offloading mode (the bare flag),
+    # through trl's trainer.
     result = run_cli(["train", "--dataset", str(data), "--max-steps", "3", "--batch-size", "2",
                       "--gradient-checkpointing", "--output-dir", str(output_dir)], fastmoe_cache)
     assert result.returncode == 0, result.stderr[-3000:]
