@@ -5,6 +5,9 @@
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
 # STEPs (default: all, in this order): gpu-tests moe-block nf4-experts train-step-8 train-step profile.
+# multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
+# five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
+# 1 GPU with the same global batch; each can also be named alone (a few minutes each, most of it start-up).
 #
 # 1. installs fastmoe by copying (fastmoe/ plus kernels/ as fastmoe/kernels) into a private site folder, and any
 #    wheels carried in .whl/ (trl, datasets, bitsandbytes are not on those machines);
@@ -46,4 +49,17 @@ step train-step 240 python3 benchmarks/bench_train_step.py --preset trinity-mini
     --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md"
 step profile 150 python3 benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
     --variants fastmoe --profile --no-record
+# Children of torchrun run `python benchmarks/bench_multi_gpu.py`: sys.path[0] is benchmarks/, so they too import
+# the fastmoe copied into $site.
+multi_gpu() {  # multi_gpu NAME GPUS ARGS...
+    local name=$1 gpus=$2; shift 2
+    step "$name" 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+        benchmarks/bench_multi_gpu.py --results "$out/RESULTS.md" "$@"
+}
+[[ "$steps" == *" multi-gpu "* ]] && steps="$steps multi-gpu-ddp multi-gpu-fsdp2 multi-gpu-fsdp2-full multi-gpu-ddp-nf4 multi-gpu-one "
+multi_gpu multi-gpu-ddp 2 --strategy ddp
+multi_gpu multi-gpu-fsdp2 2 --strategy fsdp2
+multi_gpu multi-gpu-fsdp2-full 2 --strategy fsdp2 --full-finetuning
+multi_gpu multi-gpu-ddp-nf4 2 --strategy ddp --nf4-experts
+multi_gpu multi-gpu-one 1 --strategy ddp --batch 4
 exit $status

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fastmoe import patching
+from fastmoe.distributed import QUANTIZED_FSDP_ERROR, default_device_map, exclude_nf4_from_ddp, fsdp_launch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -35,6 +36,8 @@ def _check_load_args(max_seq_length: Any, full_finetuning: bool, load_in_4bit: b
         raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one")
     if full_finetuning and (load_in_4bit or load_in_8bit):
         raise ValueError("full_finetuning trains every weight, which quantized weights cannot: drop load_in_4bit/8bit")
+    if (load_in_4bit or load_in_8bit) and fsdp_launch():
+        raise ValueError(QUANTIZED_FSDP_ERROR)
 
 
 def _resolve_dtype(dtype: Any) -> torch.dtype:
@@ -244,6 +247,7 @@ class FastBaseModel:
                     stacklevel=2,
                 )
         peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+        exclude_nf4_from_ddp(peft_model)
         return peft_model
 
     @staticmethod
@@ -289,6 +293,8 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
           device_map, attn_implementation, token, kwargs):
     """Load the model (and tokenizer).
 
+    With no device_map, `fastmoe.distributed.default_device_map` decides (each process its own GPU under torchrun).
+
     With load_in_4bit, bitsandbytes quantizes the Linear layers and fastmoe the 3D expert weights (NF4), each as it is
     read from the checkpoint (`fastmoe.quantized_loading`): transformers reads one parameter at a time onto the target
     device (the current CUDA device with a GPU, else the CPU), and an expert stack is quantized and its 16-bit copy
@@ -311,8 +317,8 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
     load_kwargs = dict(dtype=dtype, token=token, **kwargs)
     if quantization_config is not None:
         load_kwargs["quantization_config"] = quantization_config
-        if device_map is None and torch.cuda.is_available():
-            device_map = {"": torch.cuda.current_device()}
+    if device_map is None:
+        device_map = default_device_map(quantized=quantization_config is not None)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
     if attn_implementation is not None:
@@ -321,6 +327,7 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
         model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
     if quantization_config is not None and quantization_config.load_in_4bit:
         quantize_experts_(model)
+        exclude_nf4_from_ddp(model)
     model.max_seq_length = max_seq_length
     model._fastmoe_full_finetuning = full_finetuning
     if not full_finetuning:
@@ -381,6 +388,7 @@ def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_
         token=token, **kwargs)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+    exclude_nf4_from_ddp(peft_model)
     return peft_model, tokenizer
 
 

@@ -2,6 +2,8 @@
 
     fastmoe train                                   # built-in tiny AFMoE model + built-in data, CPU-friendly
     fastmoe train --model PATH_OR_HUB_ID --dataset data.jsonl --max-steps 200 --output-dir out
+    torchrun --nproc-per-node 2 -m fastmoe train ...            # DDP: every GPU a whole copy (16-bit or 4-bit)
+    torchrun --nproc-per-node 2 -m fastmoe train --fsdp ...     # FSDP2: 16-bit weights sharded per decoder layer
 
 User errors (a missing path, an unusable data set, a bad value) print one line, `fastmoe: error: ...`, and exit
 with status 2; a failure during training itself is a bug and keeps its traceback.
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='a checkpoint folder, or "latest" for the newest checkpoint-* in --output-dir')
     train.add_argument("--report-to", default=defaults.report_to, choices=["none", "tensorboard"],
                        help="where metrics go besides trainer_state.json")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard 16-bit weights across the GPUs with FSDP2 instead of a whole copy "
+                            "per GPU (DDP, the default); not with --load-in-4bit/8bit")
     return parser
 
 
@@ -96,18 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, seed=args.seed, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing, eval_fraction=args.eval_fraction,
-        save_steps=args.save_steps, resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to)
+        save_steps=args.save_steps, resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to,
+        fsdp=args.fsdp)
 
     try:
-        trainer, model, tokenizer = training.prepare(options)
+        trainer, _, _ = training.prepare(options)
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
     if options.model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # The built-in model's matmuls, about (200 tokens, 64), are too small to split across threads, and
         # OpenMP's barriers made steps up to 50x slower whenever another process held one of the cores.
         torch.set_num_threads(1)
-    summary = training.run(options, trainer, model, tokenizer)
-    print(summary.line())
+    summary = training.run(options, trainer)
+    if trainer.is_world_process_zero():
+        print(summary.line())
     return 0
 
 

@@ -12,6 +12,8 @@ checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loa
 * `experts._fastmoe_nf4` names the quantized parameters; `fastmoe.models.shared.swiglu_experts` then runs
   `moe_experts_nf4`, which dequantizes tiles inside the grouped GEMMs.
 
+DDP cannot broadcast into the placeholders: `fastmoe.distributed.exclude_nf4_from_ddp` lists them for it to skip.
+
 The placeholder reads as zeros: transformers' own experts forward (after `fastmoe.unpatch()`) would silently compute
 with zero experts, so a quantized experts module's own forward raises, and `swiglu_experts` refuses every path
 that would call it. Casting the model (`model.to(dtype)`)

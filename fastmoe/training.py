@@ -5,6 +5,10 @@ adapter, the tokenizer and the trainer state (every step's loss) to one folder.
 With no model, a small AFMoE model with random weights is built once into a cache folder; with no data set, the
 instruction data shipped in the package is used. Both together make a run that learns visibly on a CPU in well
 under a minute, which is what the CLI's defaults are tuned for.
+
+Under torchrun or `accelerate launch` every process runs all of this; the trainer (accelerate underneath) wraps the
+model in DDP, or FSDP2 with `fsdp=True` or an accelerate FSDP config, and shards each global batch across the
+processes. Only the main process writes the adapter and the trainer state.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class TrainOptions:
     # A checkpoint folder to resume from, or "latest" for the newest checkpoint-* in output_dir.
     resume_from_checkpoint: str | None = None
     report_to: str = "none"
+    # Shard 16-bit weights, gradients and optimizer state across the GPUs with FSDP2 (fastmoe.distributed.fsdp2_config)
+    # instead of giving every GPU a whole copy (DDP).
+    fsdp: bool = False
 
     def validate(self) -> None:
         """Refuse bad values before anything slow happens."""
@@ -105,6 +112,20 @@ class TrainOptions:
             raise FileNotFoundError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {self.output_dir!r}")
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output-dir {self.output_dir!r} exists and is not a folder")
+        if self.fsdp:
+            self._validate_fsdp()
+
+    def _validate_fsdp(self) -> None:
+        from fastmoe.distributed import QUANTIZED_FSDP_ERROR, local_rank
+
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ValueError(f"--fsdp: {QUANTIZED_FSDP_ERROR}")
+        if local_rank() is None:
+            raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N "
+                             "(or accelerate launch --config_file configs/accelerate_fsdp2.yaml, without --fsdp)")
+        if not torch.cuda.is_available():
+            # accelerate would quietly train with DDP instead: it runs FSDP on GPUs only.
+            raise ValueError("--fsdp needs CUDA GPUs: accelerate runs FSDP on GPUs only")
 
 
 @dataclass
@@ -117,10 +138,15 @@ class TrainSummary:
     first_loss: float
     final_loss: float
     output_dir: Path
+    # Training processes (GPUs) together: `tokens` counts all of theirs, the peak memory is this process's own.
+    processes: int = 1
 
     def line(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return (f"fastmoe train: {self.steps} steps in {self.seconds:.1f}s, {rate:,.0f} tokens/s, "
+        throughput = f"{rate:,.0f} tokens/s"
+        if self.processes > 1:
+            throughput += f" over {self.processes} processes ({rate / self.processes:,.0f} per process)"
+        return (f"fastmoe train: {self.steps} steps in {self.seconds:.1f}s, {throughput}, "
                 f"peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB ({self.memory_kind}), "
                 f"loss {self.first_loss:.4f} -> {self.final_loss:.4f}; adapter saved to {self.output_dir}")
 
@@ -322,6 +348,7 @@ def prepare(options: TrainOptions):
     from trl import SFTConfig, SFTTrainer
 
     from fastmoe import FastModel
+    from fastmoe.distributed import fsdp2_config
 
     # The training bar is the one progress bar worth watching; trl's data preparation would add five more.
     datasets.disable_progress_bars()
@@ -344,6 +371,7 @@ def prepare(options: TrainOptions):
                                      use_gradient_checkpointing=CHECKPOINTING_MODES[checkpointing],
                                      random_state=options.seed)
     dtype = model.get_base_model().dtype
+    fsdp = dict(fsdp=True, fsdp_config=fsdp2_config()) if options.fsdp else {}
     config = SFTConfig(
         output_dir=options.output_dir,
         max_steps=options.max_steps,
@@ -373,6 +401,11 @@ def prepare(options: TrainOptions):
         dataloader_num_workers=0,
         # Our own bar, added below, shows the loss beside the progress.
         disable_tqdm=True,
+        # transformers asks DDP to look for unused parameters whenever the model is not a bare PreTrainedModel (ours
+        # is a PeftModel), an extra autograd traversal per step; every LoRA factor is used in every step (the expert
+        # factors are whole (experts * r, in) tensors, whichever experts the tokens chose).
+        ddp_find_unused_parameters=False,
+        **fsdp,
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, args=config)
@@ -380,16 +413,34 @@ def prepare(options: TrainOptions):
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
+    _check_distributed_setup(trainer)
     return trainer, model, tokenizer
+
+
+def _check_distributed_setup(trainer) -> None:
+    """Refuse FSDP setups that would not do what was asked, before training."""
+    from fastmoe.distributed import fsdp_launch
+
+    if fsdp_launch() and not trainer.is_fsdp_enabled:
+        raise ValueError("accelerate was launched with an FSDP config, but accelerate runs FSDP on GPUs only and would "
+                         "train with DDP here; launch with configs/accelerate_ddp.yaml (or torchrun) instead")
+    if trainer.is_fsdp_enabled:
+        state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+        if "FULL_STATE_DICT" not in state_dict_type:
+            raise ValueError(f"FSDP with state_dict_type {state_dict_type} saves no adapter file: set "
+                             "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (as configs/"
+                             "accelerate_fsdp2.yaml does)")
 
 
 def train(options: TrainOptions) -> TrainSummary:
     """`prepare`, then `run`."""
-    return run(options, *prepare(options))
+    trainer, _, _ = prepare(options)
+    return run(options, trainer)
 
 
-def run(options: TrainOptions, trainer, model, tokenizer) -> TrainSummary:
-    """Train what `prepare` built, save adapter + tokenizer + trainer_state.json, and summarise the run."""
+def run(options: TrainOptions, trainer) -> TrainSummary:
+    """Train what `prepare` built, save adapter + tokenizer + trainer_state.json (from the main process only), and
+    summarise the run. Under torchrun every process calls this: gathering FSDP's shards for the adapter takes all."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -399,10 +450,11 @@ def run(options: TrainOptions, trainer, model, tokenizer) -> TrainSummary:
     peak, kind = _peak_memory()
 
     output = Path(options.output_dir).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    trainer.state.save_to_json(str(output / "trainer_state.json"))
+    # The trainer's save gathers FSDP shards into a full state dict and writes (adapter, tokenizer) on the main
+    # process only; model.save_pretrained would have every process write the same files at once.
+    trainer.save_model(str(output))
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(output / "trainer_state.json"))
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainSummary(
@@ -414,4 +466,5 @@ def run(options: TrainOptions, trainer, model, tokenizer) -> TrainSummary:
         first_loss=losses[0] if losses else float("nan"),
         final_loss=losses[-1] if losses else float("nan"),
         output_dir=output,
+        processes=trainer.args.world_size,
     )

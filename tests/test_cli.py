@@ -140,6 +140,8 @@ def _bad_dataset(tmp_path):
     (["--resume-from-checkpoint", "latest"], "no checkpoint-* folder"),
     (["--report-to", "wandb"], "invalid choice"),
     (["--gradient-checkpointing", "sometimes"], "invalid choice"),
+    (["--fsdp", "--load-in-4bit"], "cannot be combined with FSDP"),
+    (["--fsdp"], "launch with torchrun --nproc-per-node N"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]

@@ -27,6 +27,21 @@ def _keeps_all(logits_to_keep) -> bool:
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
+def _check_head_unsharded(weight: torch.Tensor) -> None:
+    """The fused loss reads lm_head.weight after the head's own (empty) call. FSDP2 gathers a unit's weights for its
+    forward; accelerate keeps the head's unit gathered until the backward (reshard_after_forward=False), but a layout
+    that reshards the head right after its call would hand the loss a shard."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            raise RuntimeError(
+                "lm_head.weight is still sharded (a DTensor) after the head's forward: fastmoe's fused loss needs the "
+                "whole weight. Shard lm_head with reshard_after_forward=False (as accelerate's FSDP2 does), or put it "
+                "in the root FSDP unit"
+            )
+
+
 def fused_loss_forward(original_forward):
     """Wrap a transformers *ForCausalLM.forward so training steps with labels use the chunked fused loss.
 
@@ -60,6 +75,7 @@ def fused_loss_forward(original_forward):
         finally:
             handle.remove()
         hidden = captured["hidden"]
+        _check_head_unsharded(self.lm_head.weight)
         loss = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             self.lm_head.weight,
