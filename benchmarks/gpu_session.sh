@@ -4,8 +4,8 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block nf4-experts train-step-8 train-step profile train-families
-# quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
+# STEPs (default: all, in this order): gpu-tests moe-block lora-linear nf4-experts train-step-8 train-step profile
+# train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
 #
 #     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
 #
@@ -26,7 +26,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block nf4-experts train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests moe-block lora-linear nf4-experts train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -53,6 +53,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
 
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
+step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
 step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
     --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
