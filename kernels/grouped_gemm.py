@@ -124,6 +124,91 @@ def _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, B
     return expert, offs_m, offs_m < row_end
 
 
+@triton.jit
+def _grouped_mm_epilogue(
+    acc, expert, offs_m, row_mask, offs_n, n_mask,
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+    out_ptr, stride_om, stride_on, out_rows_ptr, row_scale_ptr, out_scale,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """What a grouped_mm tile does after its base GEMM, whatever the weight's storage (16-bit or NF4): add the
+    LoRA up-projection, scale (out_scale, then each row's routing weight) and scatter the rows to out_rows."""
+    if HAS_LORA:
+        acc = _tile_lora(
+            acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+            b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+            BLOCK_R, DOT_PRECISION,
+        )
+    acc = acc * out_scale
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _swiglu_epilogue(
+    gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+    h_ptr, stride_hm, stride_hn, gu_ptr, stride_gm, stride_gn,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """After the gate/up GEMM tiles: add their LoRA up-projections, store (gate | up) if the backward needs it and
+    h = silu(gate) * up."""
+    if HAS_LORA:
+        b_e = b_ptr + expert.to(tl.int64) * stride_be
+        gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
+        up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
+    # Round gate/up to the storage dtype first, as eager does (its linear returns bf16): the backward
+    # recomputes h from the stored gate/up and must see the same h the down GEMM consumed.
+    gate = gate.to(h_ptr.dtype.element_ty)
+    up = up.to(h_ptr.dtype.element_ty)
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    if STORE_GATE_UP:
+        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(gu_ptrs, gate, mask=mask)
+        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
+    gate32 = gate.to(tl.float32)
+    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_epilogue(
+    dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+    gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
+    h_ptr, stride_hm, stride_hn, dscale_ptr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """After the d(h) GEMM tile (d(out) @ W_down, unweighted): add its LoRA term, recompute h from the stored
+    (gate | up) and store it, the partial <d(h), h> per row (the routing weight's gradient), and d(gate | up)."""
+    if HAS_LORA:
+        dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+                        BLOCK_R, DOT_PRECISION)
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
+    tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
+    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dup = dh * silu
+    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
@@ -156,18 +241,10 @@ def _grouped_mm_kernel(
         w_ptr + expert.to(tl.int64) * stride_we, stride_wn, stride_wk, offs_n, n_mask, K,
         BLOCK_K, DOT_PRECISION,
     )
-    if HAS_LORA:
-        acc = _tile_lora(
-            acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-            b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
-            BLOCK_R, DOT_PRECISION,
-        )
-    acc = acc * out_scale
-    if HAS_ROW_SCALE:
-        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
-    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
-    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
+                         l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                         out_ptr, stride_om, stride_on, out_rows_ptr, row_scale_ptr, out_scale,
+                         HAS_LORA, HAS_ROW_SCALE, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -196,25 +273,10 @@ def _grouped_mm_swiglu_kernel(
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gate, up = _tile_matmul_gate_up(gate, up, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                                     w_e, stride_wn, stride_wk, offs_n, n_mask, I, K, BLOCK_K, DOT_PRECISION)
-    if HAS_LORA:
-        b_e = b_ptr + expert.to(tl.int64) * stride_be
-        gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
-        up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
-    # Round gate/up to the storage dtype first, as eager does (its linear returns bf16): the backward
-    # recomputes h from the stored gate/up and must see the same h the down GEMM consumed.
-    gate = gate.to(h_ptr.dtype.element_ty)
-    up = up.to(h_ptr.dtype.element_ty)
-    mask = row_mask[:, None] & n_mask[None, :]
-    rows64 = offs_m[:, None].to(tl.int64)
-    if STORE_GATE_UP:
-        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-        tl.store(gu_ptrs, gate, mask=mask)
-        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
-    gate32 = gate.to(tl.float32)
-    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
-    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+    _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
+                     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                     h_ptr, stride_hm, stride_hn, gu_ptr, stride_gm, stride_gn,
+                     HAS_LORA, STORE_GATE_UP, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -246,26 +308,11 @@ def _grouped_mm_swiglu_bwd_kernel(
     dh = _tile_matmul(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                       w_ptr + expert.to(tl.int64) * stride_we, stride_wn, stride_wk, offs_n, n_mask, K,
                       BLOCK_K, DOT_PRECISION)
-    if HAS_LORA:
-        dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                        b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
-                        BLOCK_R, DOT_PRECISION)
-    mask = row_mask[:, None] & n_mask[None, :]
-    rows64 = offs_m[:, None].to(tl.int64)
-    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    h = (silu * up).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
-    tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
-    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
-    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = dh * silu
-    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
-    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+    _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
+                              l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                              gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
+                              h_ptr, stride_hm, stride_hn, dscale_ptr,
+                              HAS_LORA, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -590,18 +637,10 @@ def _grouped_mm_nf4_kernel(
         stride_wn, stride_wk, offs_n, n_mask, K,
         W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
-    if HAS_LORA:
-        acc = _tile_lora(
-            acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-            b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
-            BLOCK_R, DOT_PRECISION,
-        )
-    acc = acc * out_scale
-    if HAS_ROW_SCALE:
-        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
-    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
-    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
+                         l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                         out_ptr, stride_om, stride_on, out_rows_ptr, row_scale_ptr, out_scale,
+                         HAS_LORA, HAS_ROW_SCALE, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -633,24 +672,10 @@ def _grouped_mm_swiglu_nf4_kernel(
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = _tile_matmul_nf4(up, a_ptr, stride_am, stride_ak, a_rows, row_mask, q_e, s_e, code_ptr,
                           stride_wn, stride_wk, offs_n + I, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
-    if HAS_LORA:
-        b_e = b_ptr + expert.to(tl.int64) * stride_be
-        gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
-        up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
-    # Same epilogue as _grouped_mm_swiglu_kernel: round gate/up to the storage dtype before SwiGLU.
-    gate = gate.to(h_ptr.dtype.element_ty)
-    up = up.to(h_ptr.dtype.element_ty)
-    mask = row_mask[:, None] & n_mask[None, :]
-    rows64 = offs_m[:, None].to(tl.int64)
-    if STORE_GATE_UP:
-        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-        tl.store(gu_ptrs, gate, mask=mask)
-        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
-    gate32 = gate.to(tl.float32)
-    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
-    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+    _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
+                     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                     h_ptr, stride_hm, stride_hn, gu_ptr, stride_gm, stride_gn,
+                     HAS_LORA, STORE_GATE_UP, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
@@ -681,27 +706,11 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
                           code_ptr, stride_wn, stride_wk, offs_n, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
-    if HAS_LORA:
-        dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                        b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
-                        BLOCK_R, DOT_PRECISION)
-    # Same epilogue as _grouped_mm_swiglu_bwd_kernel.
-    mask = row_mask[:, None] & n_mask[None, :]
-    rows64 = offs_m[:, None].to(tl.int64)
-    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    h = (silu * up).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
-    tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
-    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
-    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = dh * silu
-    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
-    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+    _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
+                              l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
+                              gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
+                              h_ptr, stride_hm, stride_hn, dscale_ptr,
+                              HAS_LORA, BLOCK_R, DOT_PRECISION)
 
 
 def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, int, int]:
