@@ -44,17 +44,22 @@ def offloads_every_layer(model) -> bool:
                for layer in decoder_layers(model))
 
 
+def record_hook(monkeypatch, name: str) -> list:
+    """Route one of the saved-tensor hooks (`offload_to_host`, `reload_to_device`) through a recorder: what it
+    returned for each call, in call order."""
+    returned = []
+    hook = getattr(offloaded_checkpointing, name)
+
+    def recording_hook(argument):
+        returned.append(hook(argument))
+        return returned[-1]
+
+    monkeypatch.setattr(offloaded_checkpointing, name, recording_hook)
+    return returned
+
+
 def record_offloads(monkeypatch) -> list:
-    """Route the pack hook through a recorder: what it returned for each saved tensor, in call order."""
-    handles = []
-    offload = offloaded_checkpointing.offload_to_host
-
-    def recording_offload(tensor):
-        handles.append(offload(tensor))
-        return handles[-1]
-
-    monkeypatch.setattr(offloaded_checkpointing, "offload_to_host", recording_offload)
-    return handles
+    return record_hook(monkeypatch, "offload_to_host")
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "cohere"])
@@ -102,14 +107,7 @@ def test_backward_recomputes_each_layer_once(tiny_checkpoint, mode):
 def test_only_each_layer_input_is_saved_and_it_comes_back_for_the_recompute(tiny_checkpoint, monkeypatch):
     model = lora_model(tiny_checkpoint("lfm2_moe"), "fastmoe")
     saved = record_offloads(monkeypatch)
-    reloaded = []
-    reload = offloaded_checkpointing.reload_to_device
-
-    def recording_reload(handle):
-        reloaded.append(reload(handle))
-        return reloaded[-1]
-
-    monkeypatch.setattr(offloaded_checkpointing, "reload_to_device", recording_reload)
+    reloaded = record_hook(monkeypatch, "reload_to_device")
     layer_inputs = []
     hooks = [layer.register_forward_pre_hook(lambda module, args: layer_inputs.append(args[0].detach().clone()))
              for layer in decoder_layers(model)]
