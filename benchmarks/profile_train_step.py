@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench_train_step import PRESETS, build
+from bench_train_step import PRESETS, build, with_layers
 
 
 def step(model, optimizer, input_ids):
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config_kwargs = dict(PRESETS[args.preset], num_hidden_layers=args.layers)
+    config_kwargs = with_layers(PRESETS[args.preset], args.layers)
     seq = args.seq or (4096 if device == "cuda" else 64)
     model = build(args.variant, config_kwargs, device, dtype, skewed=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
