@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .moe_routing import ExpertSchedule
-from .nf4 import Nf4Weight, nf4_code, triton_dtype
+from .nf4 import BLOCKSIZE, Nf4Weight, nf4_code, triton_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -387,13 +387,19 @@ def _block(size: int, cap: int) -> int:
 # reduction (128x128 output, 32-row steps) with 4 warps, 4 stages.
 _GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
+# The NF4 row GEMMs have their own entry because their budget differs: with these tiles triton 3.6 gives them
+# 170-180 registers per thread on sm_90 (one program per SM) and 75 KB of shared memory, and each K step stores
+# the dequantized tile to shared memory and waits for its wgmma instead of keeping one in flight.
+_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
 
-def _config(device: torch.device, wgrad: bool = False) -> tuple[int, int, dict]:
+def _config(device: torch.device, wgrad: bool = False, nf4: bool = False) -> tuple[int, int, dict]:
     if device.type != "cuda":
         return _INTERPRETER
-    return _GPU_WGRAD if wgrad else _GPU_ROW_GEMM
+    if wgrad:
+        return _GPU_WGRAD
+    return _GPU_NF4_ROW_GEMM if nf4 else _GPU_ROW_GEMM
 
 
 def grouped_mm(
@@ -570,56 +576,91 @@ def grouped_wgrad(
 # NF4 weights (QLoRA): the same GEMMs with the weight dequantized tile by tile in registers
 # ----------------------------------------------------------------------------------------------------------
 #
-# An NF4 expert weight is addressed by the flat index of its element in the row-major (N, K) expert (see
-# kernels/nf4.py): byte i // 2 (high nibble when i is even), absmax i // 64. A GEMM reads it through logical
-# element strides: (K, 1) for W itself, (1, K) for W^T (the backward's transposed access), so one tile helper
-# serves both and no 16-bit copy of an expert ever exists outside registers.
+# An NF4 expert is its row-major (R, C) weight flattened (kernels/nf4.py): element i in byte i // 2 (high nibble
+# when i is even) with absmax i // 64. A GEMM reads it as W (forward: contraction over C, the tile's rows are W's
+# rows) or as W^T (backward: contraction over R, the tile's columns are C). Either way a tile is a block of the
+# stored (R, C) layout, loaded along C (unit stride), and the forward transposes it in registers for tl.dot.
+#
+# When C % 64 == 0 (every real model) each row starts on a byte and on an absmax block, so a tile is a
+# (rows, cols / 2) byte block split into nibbles, and a (rows, cols / 64) absmax block broadcast over its 64
+# columns. Other shapes (tests, toy models) gather each element's byte and absmax from its flat index.
 
 
 @triton.jit
-def _nf4_tile(q_ptr, absmax_ptr, code_ptr, idx, mask, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Dequantized elements at flat indices idx of one expert: NF4[code] * absmax in fp32, rounded to the
-    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype."""
-    byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-    value = tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C, ROWS_ALIGNED: tl.constexpr,
+              COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
+    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values), rounded to the weight's dtype
+    (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS. Flat indices stay
+    int32: one expert holds far fewer than 2^31 elements."""
+    if ROWS_ALIGNED:
+        # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
+        row_bytes = tl.multiple_of(C // 2, 32)
+        byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
+        packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :],
+                         mask=row_mask[:, None] & (byte_cols < row_bytes)[None, :], other=0).to(tl.int32)
+        # Element 2j is the high nibble of byte j: join puts it first, reshape interleaves the pairs in place.
+        nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], COLS))
+        # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
+        GROUPS: tl.constexpr = (COLS + 63) // 64
+        groups = col0 // 64 + tl.arange(0, GROUPS)
+        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :],
+                         mask=row_mask[:, None] & (groups < C // 64)[None, :], other=0.0)
+        scale = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // GROUPS)),
+                           (rows.shape[0], COLS))
+    else:
+        cols = col0 + tl.arange(0, COLS)
+        idx = rows[:, None] * C + cols[None, :]
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        nibbles = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+        scale = tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+    # The lookup is a register gather from the 16 codes, not a load: the pipeliner would turn a load into
+    # cp.async copies of every looked-up value into shared memory (4 bytes each, a tile of fp32 per stage).
+    flat = tl.gather(code, tl.reshape(nibbles, (nibbles.shape[0] * nibbles.shape[1],)), 0)
+    value = tl.reshape(flat, (nibbles.shape[0], nibbles.shape[1])) * scale
     return value.to(W_DTYPE).to(OUT_DTYPE)
 
 
 @triton.jit
 def _tile_matmul_nf4(
     acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
-    q_ptr, absmax_ptr, code_ptr, stride_wn, stride_wk, offs_n, n_mask, K,
-    W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr, absmax_ptr, code_ptr, offs_n, n_mask, n0, N, K,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """acc (BLOCK_M, BLOCK_N) += a[a_rows, :K] @ W[offs_n, :K]^T, W NF4 (q_ptr, absmax_ptr at its expert) with
-    logical element (n, k) at flat index n * stride_wn + k * stride_wk."""
+    """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) an NF4 expert (q_ptr, absmax_ptr
+    at it) stored as (N, K), or as (K, N) when TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU
+    forward interleaves gate and up rows); a TRANSPOSED read loads stored columns, so offs_n is n0 + arange."""
+    code = tl.load(code_ptr + tl.arange(0, 16))
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    # Flat indices stay int32: one expert holds far fewer than 2^31 elements.
-    w_idx = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _nf4_tile(q_ptr, absmax_ptr, code_ptr, w_idx, k_mask[:, None] & n_mask[None, :],
-                      W_DTYPE, a_ptr.dtype.element_ty)
+        if TRANSPOSED:
+            w = _nf4_tile(q_ptr, absmax_ptr, code, k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED,
+                          offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
+        else:
+            w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, ROWS_ALIGNED,
+                                   BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
-        w_idx += BLOCK_K * stride_wk
     return acc
 
 
 @triton.jit
 def _grouped_mm_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
-    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,
     out_ptr, stride_om, stride_on, out_rows_ptr,
     row_scale_ptr,
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
-    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -627,15 +668,16 @@ def _grouped_mm_nf4_kernel(
     expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _tile_matmul_nf4(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
-        stride_wn, stride_wk, offs_n, n_mask, K,
-        W_DTYPE, BLOCK_K, DOT_PRECISION,
+        offs_n, n_mask, n0, N, K,
+        TRANSPOSED, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
                          l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
@@ -646,14 +688,14 @@ def _grouped_mm_nf4_kernel(
 @triton.jit
 def _grouped_mm_swiglu_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
-    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,  # (E, 2I, K): gate, then up rows
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # (E, 2I, K): gate, then up rows
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,  # (E, 2I, r)
     h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
     gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R,
-    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -661,17 +703,22 @@ def _grouped_mm_swiglu_nf4_kernel(
     expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
-    q_e = q_ptr + expert.to(tl.int64) * stride_qe
-    s_e = absmax_ptr + expert.to(tl.int64) * stride_se
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    gate = _tile_matmul_nf4(gate, a_ptr, stride_am, stride_ak, a_rows, row_mask, q_e, s_e, code_ptr,
-                            stride_wn, stride_wk, offs_n, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = _tile_matmul_nf4(up, a_ptr, stride_am, stride_ak, a_rows, row_mask, q_e, s_e, code_ptr,
-                          stride_wn, stride_wk, offs_n + I, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
+    # Gate row n and up row I + n side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes
+    # and multiplies both, and the interleaved accumulator splits into gate and up without moving columns.
+    w_rows = tl.reshape(tl.join(offs_n, offs_n + I), (2 * BLOCK_N,))
+    w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc = _tile_matmul_nf4(
+        acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
+        q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
+        w_rows, w_mask, n0, 2 * I, K,
+        False, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION,
+    )
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
                      l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                      h_ptr, stride_hm, stride_hn, gu_ptr, stride_gm, stride_gn,
@@ -681,7 +728,7 @@ def _grouped_mm_swiglu_nf4_kernel(
 @triton.jit
 def _grouped_mm_swiglu_bwd_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
-    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr, stride_wn, stride_wk,  # W_down read as (E, I, H)
+    q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # W_down (E, H, I), read as (E, I, H)
     l_ptr, stride_lm, stride_lr,  # scaling * d(out) @ B_down (S, r)
     b_ptr, stride_be, stride_bn, stride_br,  # A_down as (E, I, r)
     gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
@@ -691,7 +738,7 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R,
-    HAS_LORA: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -699,13 +746,15 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
     if expert < 0:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
-                          code_ptr, stride_wn, stride_wk, offs_n, n_mask, K, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                          code_ptr, offs_n, n_mask, n0, I, K,
+                          True, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION)
     _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
                               l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                               gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
@@ -713,15 +762,15 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
                               HAS_LORA, BLOCK_R, DOT_PRECISION)
 
 
-def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, int, int]:
-    """(kernel arguments, logical N, logical K) of an NF4 stack read as W (E, N, K) or, transposed, as (E, K, N)."""
+def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, dict, int, int]:
+    """(kernel arguments, layout constexprs, logical N, logical K) of an NF4 stack (E, N, K) read as W or, when
+    transpose, as W^T (E, K, N)."""
     if weight.packed.stride(-1) != 1 or weight.absmax.stride(-1) != 1:
         raise ValueError("NF4 packed codes and absmax must be contiguous per expert")
     _, n, k = weight.shape
-    strides = (1, k) if transpose else (k, 1)
-    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0),
-            nf4_code(weight.device), *strides)
-    return args, (k if transpose else n), (n if transpose else k)
+    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device))
+    layout = {"ROWS_ALIGNED": k % BLOCKSIZE == 0, "W_DTYPE": triton_dtype(weight.dtype)}
+    return args, layout, (k if transpose else n), (n if transpose else k)
 
 
 def grouped_mm_nf4(
@@ -738,8 +787,8 @@ def grouped_mm_nf4(
     transpose: bool = False,
 ) -> torch.Tensor:
     """``grouped_mm`` with an NF4 weight: W (E, N, K), or W^T (E, K, N) when transpose, dequantized per tile."""
-    w_args, num_n, num_k = _nf4_operand(weight, transpose)
-    cap_n, cap_k, options = _config(a.device)
+    w_args, w_layout, num_n, num_k = _nf4_operand(weight, transpose)
+    cap_n, cap_k, options = _config(a.device, nf4=True)
     block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
     has_lora = lora_l is not None
     rank = lora_l.shape[1] if has_lora else 0
@@ -755,7 +804,7 @@ def grouped_mm_nf4(
         row_scale if row_scale is not None else a,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         num_n, num_k, rank, out_scale,
-        HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, W_DTYPE=triton_dtype(weight.dtype),
+        HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, TRANSPOSED=transpose, **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
@@ -774,11 +823,11 @@ def grouped_mm_swiglu_nf4(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``grouped_mm_swiglu`` with an NF4 gate_up (E, 2I, H)."""
     num_rows = schedule.num_pairs
-    w_args, two_inter, hidden = _nf4_operand(gate_up, transpose=False)
+    w_args, w_layout, two_inter, hidden = _nf4_operand(gate_up, transpose=False)
     inter = two_inter // 2
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
-    cap_n, cap_k, options = _config(a.device)
+    cap_n, cap_k, options = _config(a.device, nf4=True)
     block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
     has_lora = lora_l is not None
     rank = lora_l.shape[1] if has_lora else 0
@@ -794,7 +843,7 @@ def grouped_mm_swiglu_nf4(
         gu, gu.stride(0), gu.stride(1),
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         inter, hidden, rank,
-        HAS_LORA=has_lora, STORE_GATE_UP=store_gate_up, W_DTYPE=triton_dtype(gate_up.dtype),
+        HAS_LORA=has_lora, STORE_GATE_UP=store_gate_up, **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
@@ -814,11 +863,11 @@ def grouped_mm_swiglu_backward_nf4(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grouped_mm_swiglu_backward`` with the NF4 down projection (E, H, I), read transposed inside the kernel."""
     num_rows = schedule.num_pairs
-    w_args, inter, hidden = _nf4_operand(down, transpose=True)
+    w_args, w_layout, inter, hidden = _nf4_operand(down, transpose=True)
     dtype = gate_up.dtype
     dgu = torch.empty(num_rows, 2 * inter, dtype=dtype, device=gate_up.device)
     h = torch.empty(num_rows, inter, dtype=dtype, device=gate_up.device)
-    cap_n, cap_k, options = _config(gate_up.device)
+    cap_n, cap_k, options = _config(gate_up.device, nf4=True)
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     num_blocks_n = triton.cdiv(inter, block_n)
     dscale = torch.zeros(num_blocks_n, num_rows, dtype=torch.float32, device=gate_up.device)
@@ -838,7 +887,7 @@ def grouped_mm_swiglu_backward_nf4(
         dscale,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         num_rows, inter, hidden, rank,
-        HAS_LORA=has_lora, W_DTYPE=triton_dtype(down.dtype),
+        HAS_LORA=has_lora, **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(dtype),
         **options,

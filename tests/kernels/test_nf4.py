@@ -3,8 +3,10 @@ its reference vs moe_experts on the dequantized weights), forward and every grad
 
 import pytest
 import torch
-from fastmoe.kernels import reference_only, use_triton
+from fastmoe.kernels import grouped_gemm, reference_only, use_triton
+from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm_nf4
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
+from fastmoe.kernels.moe_routing import sort_by_expert
 from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4
 
 gpu = pytest.mark.gpu
@@ -119,6 +121,60 @@ def _check(args, params, tol):
 def test_moe_experts_nf4_matches_reference_and_dense(num_tokens, hidden, inter, num_experts, top_k, used_experts):
     args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank=3, used_experts=used_experts)
     _check(args, params, 1e-5)
+
+
+# Interpreter block caps (BLOCK_N, BLOCK_K): the default 32s, blocks wider than an absmax block (two per row
+# segment, and a masked one past the end of a row), and tiles narrower than one.
+INTERPRETER_BLOCKS = [(32, 32), (128, 128), (16, 64)]
+
+
+def _use_blocks(monkeypatch, blocks):
+    if not use_triton(torch.empty(0)):
+        pytest.skip("the Triton path runs on a GPU or under TRITON_INTERPRET=1")
+    monkeypatch.setattr(grouped_gemm, "_INTERPRETER", (*blocks, {}))
+
+
+@pytest.mark.parametrize("blocks", INTERPRETER_BLOCKS)
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "inter", "num_experts", "top_k", "used_experts"),
+    [
+        (29, 192, 64, 5, 2, 4),  # H and I multiples of 64: every GEMM loads whole-row tiles; expert 4 gets no token
+        (17, 128, 40, 4, 1, None),  # top_k = 1; gate_up rows aligned to absmax blocks, down rows not
+    ],
+)
+def test_moe_experts_nf4_aligned_rows(monkeypatch, blocks, num_tokens, hidden, inter, num_experts, top_k,
+                                      used_experts):
+    _use_blocks(monkeypatch, blocks)
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank=3, used_experts=used_experts)
+    _check(args, params, 1e-5)
+
+
+@pytest.mark.parametrize("blocks", INTERPRETER_BLOCKS)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize(
+    ("n", "k"),
+    [
+        (80, 192),  # rows of 192: byte/absmax tiles (the backward's read: 192 output columns over 80 rows)
+        (192, 80),  # rows of 80: absmax blocks straddle rows, per-element gathers
+        (24, 64),  # one absmax block per row
+    ],
+)
+def test_grouped_mm_nf4_matches_dense(monkeypatch, blocks, transpose, n, k):
+    """Both orientations of the bare NF4 GEMM against the dequantized weights: W (E, n, k), or its transpose."""
+    _use_blocks(monkeypatch, blocks)
+    num_experts, gen = 5, torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(num_experts - 1, generator=gen)[:2] for _ in range(23)])
+    schedule = sort_by_expert(index, num_experts, gemm_block_m(index.device, index.numel(), num_experts))
+    rows = torch.arange(schedule.num_pairs, dtype=torch.int32)
+    weight = quantize_nf4(_stack(num_experts, n, k, seed=4))
+    dense = reference_dequantize_nf4(weight)
+    dense = dense.transpose(1, 2) if transpose else dense
+    a = torch.randn(schedule.num_pairs, dense.shape[2], generator=gen)
+    row_expert = index.reshape(-1)[schedule.sorted_pair.long()]
+    expected = torch.einsum("sk,snk->sn", a.double(), dense[row_expert].double())
+    out = torch.full((schedule.num_pairs, dense.shape[1]), float("nan"))
+    grouped_mm_nf4(a, rows, weight, schedule, out, rows, transpose=transpose)
+    assert rel_err(out, expected) < 1e-5
 
 
 def test_moe_experts_nf4_without_lora():
