@@ -4,14 +4,17 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block lora-linear short-conv nf4-experts train-step-8 train-step
-# profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
+# STEPs (default: all, in this order): gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts
+# train-step-8 train-step profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
 #
 #     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
 #
 # short-conv (issue #5) times LFM2's gated short conv and ShortConv block against transformers (90-second limit):
 #
 #     bash benchmarks/gpu_session.sh "$OUT" short-conv
+#
+# sliding-attention (issue #5) times AFMoE's sliding-window layer: transformers' SDPA over the dense mask against the
+# flash kernel given the window (60-second limit).
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -30,7 +33,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block lora-linear short-conv nf4-experts train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -59,6 +62,7 @@ step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py --results "$out/RESULTS.md"
+step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py --results "$out/RESULTS.md"
 step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
     --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
