@@ -13,9 +13,10 @@ comparisons:
   hidden size.
 
 Weights are frozen, as in LoRA training (the conv is never adapted), so backward computes the input gradient only.
-The fwd and fwd+bwd columns are CUDA-graph replays (bench_norm_rope.bench: GPU time without launch overhead; L2 is
-not flushed between replays); the eager column and the peak memory come from bench_lora_linear.measure
-(triton's do_bench, which flushes L2; peak = allocated above the inputs during one step). GB/s: see conv_bytes.
+The fwd and fwd+bwd columns are launched eagerly (bench_norm_rope.bench_eager): transformers' conv path cannot be
+captured in a CUDA graph (its backward syncs with the legacy stream; H100, torch 2.11). The eager column and the
+peak memory come from bench_lora_linear.measure (triton's do_bench, which flushes L2; peak = allocated above the
+inputs during one step). GB/s: see conv_bytes.
 
     python benchmarks/bench_short_conv.py        # GPU; appends its table to benchmarks/RESULTS.md (or --results)
     TRITON_INTERPRET=1 python benchmarks/bench_short_conv.py --cpu   # tiny fp32 CPU smoke run, untimed;
@@ -42,7 +43,7 @@ from fastmoe.models.lfm2_moe import FastLfm2MoeModel
 
 # Scripts in benchmarks/ import each other from their folder (Python puts it first on sys.path).
 from bench_lora_linear import measure
-from bench_norm_rope import bench, copy_bandwidth, fwd_bwd
+from bench_norm_rope import bench_eager, copy_bandwidth, fwd_bwd
 from bench_train_step import PRESETS, make_config, parse_shapes
 
 SHAPES = {"cuda": "1x4096,4x2048", "cpu": "1x32,2x16"}
@@ -97,8 +98,8 @@ def run(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: st
     fwd_ms = all_ms = NAN
     if device == "cuda":
         with torch.no_grad():
-            fwd_ms = bench(lambda: module(x))
-        all_ms = bench(fwd_bwd(module, [x], [grad]))
+            fwd_ms = bench_eager(lambda: module(x))
+        all_ms = bench_eager(fwd_bwd(module, [x], [grad]))
     return dict(out=out.detach(), dx=dx, fwd=fwd_ms, all=all_ms, eager=eager_ms, peak=peak_mib)
 
 

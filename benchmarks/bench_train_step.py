@@ -10,7 +10,8 @@ peft; AFMoE and LFM2-MoE only, the families with transformers' experts switch), 
 the family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` (the same without gradient
 checkpointing: reported as "OOM" where its activations do not fit), `fastmoe-offload` (checkpointing with each
 layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix
-on any variant runs attention through transformers' FlexAttention instead of SDPA. LoRA r=16 on the family's default targets
+on any variant runs attention through transformers' FlexAttention instead of SDPA; a `-dense-mask` suffix on a
+fastmoe variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel. LoRA r=16 on the family's default targets
 (`Fast*Model.default_target_modules/default_target_parameters`) in every variant, experts via peft's
 `target_parameters`. Each step is forward, backward and AdamW on the adapters, with gradient checkpointing
 (except JetMoe: transformers has none for it). `--skewed` adds a selection bias that decays over the expert index
@@ -54,6 +55,8 @@ from peft import LoraConfig, get_peft_model
 
 import fastmoe
 from fastmoe import FastModel, patching
+from fastmoe.models import afmoe
+from fastmoe.sliding_window_attention import can_use_flash_sliding_window
 
 # LFM2-8B-A1B interleaves 18 gated short-convolution layers with 6 attention layers.
 _LFM2_ATTENTION_LAYERS = {2, 6, 10, 14, 18, 21}
@@ -244,6 +247,10 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     fast = variant.startswith("fastmoe")
     if fast:
         patching.family_class(model_type).pre_patch()
+    # -dense-mask: AFMoE's sliding layers through SDPA over transformers' dense mask, as before fastmoe gave them
+    # the flash kernel with the window (the A/B of that change within one run)
+    afmoe.can_use_flash_sliding_window = (
+        (lambda query, key: False) if variant.endswith("-dense-mask") else can_use_flash_sliding_window)
     config = make_config(config_kwargs)
     config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
     if variant.endswith("-flex"):
@@ -412,7 +419,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe",
                         help="comma-separated, from hf-eager, hf-grouped_mm, hf (the faster of those the family has), "
-                             "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention")
+                             "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention; "
+                             "-dense-mask suffix: AFMoE sliding layers without the flash window")
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
                         help="markdown file the table is appended to")

@@ -71,7 +71,7 @@ def test_the_cpu_never_takes_the_flash_path():
 @pytest.mark.parametrize("seq, window, heads, kv_heads, head_dim", [
     (4096, 2048, 8, 2, 128),   # Trinity's window at its training length
     (1000, 257, 4, 4, 64),     # sizes off every block
-    (333, 1, 6, 3, 96),        # a window of one: each query sees itself only
+    (333, 2, 6, 3, 96),        # a window of two: each query sees itself and the one before
     (128, 500, 2, 1, 32),      # a window longer than the sequence: plain causal
 ])
 def test_flash_sliding_window_matches_sdpa_over_the_dense_mask(seq, window, heads, kv_heads, head_dim):
@@ -101,8 +101,12 @@ def test_flash_sliding_window_matches_sdpa_over_the_dense_mask(seq, window, head
 
 @pytest.mark.gpu
 @needs_gpu
-def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tiny_checkpoint, monkeypatch):
-    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.bfloat16, max_seq_length=512)
+def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tmp_path, tiny_tokenizer, monkeypatch):
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    # The flash kernel needs head_dim a multiple of 8; the shared tiny AFMoE has 12.
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=512)
     model = FastModel.get_peft_model(model.cuda(), r=4, lora_alpha=4, use_gradient_checkpointing=True)
     window = model.config.sliding_window
     input_ids = torch.randint(3, model.config.vocab_size, (2, 5 * window + 3), device="cuda")
@@ -128,4 +132,35 @@ def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tiny_checkpo
         if grad.norm() > 0:
             # Two bf16 attention kernels, each within 1e-2 of fp32, through three layers and the loss.
             assert rel_err(fast_grads[name], grad) < 2e-2, name
+    fastmoe.unpatch()
+
+
+def test_afmoe_wiring_of_the_window_path_on_cpu(tmp_path, tiny_tokenizer, monkeypatch):
+    """The flash kernel is CUDA-only; with the reference standing in for it, the sliding layers' routing (mask
+    check, layouts in and out) gives the dense-mask path's loss and gradients in fp32."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=512)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
+    window = model.config.sliding_window
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 3 * window + 1))
+    taken = []
+    monkeypatch.setattr(afmoe, "flash_sliding_window_attention",
+                        lambda *a: taken.append(1) or swa.reference_sliding_window_attention(*a))
+
+    def loss_and_grads(window_path: bool):
+        monkeypatch.setattr(afmoe, "can_use_flash_sliding_window", lambda query, key: window_path)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    window_loss, window_grads = loss_and_grads(True)
+    assert taken
+    dense_loss, dense_grads = loss_and_grads(False)
+    assert rel_err(window_loss, dense_loss) < 1e-5
+    for name, grad in dense_grads.items():
+        assert rel_err(window_grads[name], grad) < 1e-5, name
     fastmoe.unpatch()
