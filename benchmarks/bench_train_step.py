@@ -37,11 +37,14 @@ benchmarks/plot_results.py) and every run as a table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gc
+import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -311,8 +314,32 @@ def step_flops(config_kwargs: dict, batch: int, seq: int) -> float:
     return 4 * active_params(model) * batch * seq + attention_flops(config, batch, seq)
 
 
-def print_profile(model, optimizer, input_ids, rows: int = 35) -> None:
-    """One more step under torch.profiler: where the step's GPU time goes, kernel by kernel."""
+def print_host_syncs(model, optimizer, input_ids) -> None:
+    """One more step with CUDA's sync debug mode on: every operation that makes the host wait for the GPU (each
+    one drains the launch queue, and the GPU then idles while Python catches up), counted by where it is called."""
+    import warnings
+
+    sites = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            sites[f"{warning.filename}:{warning.lineno}"] += 1
+    print(f"--- host syncs in one step: {sum(sites.values())}")
+    for site, count in sites.most_common(15):
+        print(f"{count:5d}  {site}")
+
+
+def print_profile(model, optimizer, input_ids, rows: int = 35, trace: str | None = None) -> None:
+    """One more step under torch.profiler: where the step's GPU time goes, kernel by kernel; with `trace`, the
+    step's timeline is also written there (gzipped Chrome trace: GPU idle gaps and the host work beside them)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -321,9 +348,16 @@ def print_profile(model, optimizer, input_ids, rows: int = 35) -> None:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+    if trace:
+        plain = trace.removesuffix(".gz")
+        prof.export_chrome_trace(plain)
+        with open(plain, "rb") as src, gzip.open(plain + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(plain)
+        print(f"wrote {plain}.gz")
 
 
-def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False):
+def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None):
     """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after two warm-up steps."""
     model = build(variant, config_kwargs, device, dtype, skewed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -349,7 +383,8 @@ def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, pr
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     if profile and device == "cuda":
         print(f"--- profile of one {variant} step")
-        print_profile(model, optimizer, input_ids)
+        print_host_syncs(model, optimizer, input_ids)
+        print_profile(model, optimizer, input_ids, trace=trace and f"{trace}.{variant}.json.gz")
     del model, optimizer, out
     _free(device)
     return statistics.median(times), peak, loss
@@ -427,6 +462,8 @@ def main() -> None:
     parser.add_argument("--jsonl", default=str(Path(__file__).with_name("results.jsonl")),
                         help="JSON-lines file every measurement is appended to")
     parser.add_argument("--profile", action="store_true", help="print a kernel-level profile of one step per variant")
+    parser.add_argument("--trace", default=None, help="with --profile: also write each variant's step timeline to "
+                        "TRACE.<variant>.json.gz")
     parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
 
@@ -459,7 +496,7 @@ def main() -> None:
                           flops_per_step=flops, peak_tflops=None if device != "cuda" else round(peak_tflops, 1))
             try:
                 seconds, peak, loss = measure(variant, config_kwargs, batch, seq, args.steps, device, dtype,
-                                              args.skewed, args.profile)
+                                              args.skewed, args.profile, args.trace)
                 tflops = flops / seconds / 1e12
                 mfu = 100 * tflops / peak_tflops if device == "cuda" else None
                 record.update(status="ok", tokens_per_s=round(batch * seq / seconds, 1),

@@ -70,7 +70,7 @@ step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity
 step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
     --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md" --jsonl "$out/results.jsonl"
 step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
-    --variants fastmoe --profile --no-record
+    --variants fastmoe --profile --trace "$out/trace" --no-record
 
 # train-families: one process per family preset, each under its own limit in seconds (a hang or a crash costs that
 # family only). FAMILY_PRESETS, FAMILY_SHAPES, FAMILY_VARIANTS and QUALITY_ARGS override the defaults (a CPU smoke
