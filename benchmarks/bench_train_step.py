@@ -6,16 +6,17 @@ Families and presets (real shapes, random weights): AFMoE `trinity-mini`, LFM2-M
 each has a `*-tiny` counterpart for CPU smoke runs (`tiny` is `afmoe-tiny`).
 
 Variants: `hf-eager` (transformers + peft, eager experts), `hf-grouped_mm` (transformers' `grouped_mm` experts +
-peft; AFMoE and LFM2-MoE only, the families with transformers' experts switch), `hf` (the faster of the two that
-the family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` (the same without gradient
+peft; AFMoE and LFM2-MoE only, the families with transformers' experts switch), `hf` (the faster of the two that the
+family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` (the same without gradient
 checkpointing: reported as "OOM" where its activations do not fit), `fastmoe-offload` (checkpointing with each
-layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix
-on any variant runs attention through transformers' FlexAttention instead of SDPA; a `-dense-mask` suffix on a
-fastmoe variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel. LoRA r=16 on the family's default targets
-(`Fast*Model.default_target_modules/default_target_parameters`) in every variant, experts via peft's
-`target_parameters`. Each step is forward, backward and AdamW on the adapters, with gradient checkpointing
-(except JetMoe: transformers has none for it). `--skewed` adds a selection bias that decays over the expert index
-(the first ~E/8 experts take most tokens: the worst case for load balance).
+layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix on
+any variant runs attention through transformers' FlexAttention instead of SDPA; a `-dense-mask` suffix on a fastmoe
+variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel. LoRA r=16
+on the family's default targets (`Fast*Model.default_target_modules/default_target_parameters`) in every variant,
+experts via peft's `target_parameters`. Each step is forward, backward and AdamW (fused on the GPU, Trainer's
+default) on the adapters, with gradient checkpointing (except JetMoe: transformers has none for it). `--skewed` adds
+a selection bias that decays over the expert index (the first ~E/8 experts take most tokens: the worst case for load
+balance).
 
 Reports tokens/s (median of the timed steps), peak memory, model TFLOP/s and its share of the bf16 matmul peak
 measured in the same run, and the loss of the last step (it should agree across variants up to bf16 noise).
@@ -360,7 +361,9 @@ def print_profile(model, optimizer, input_ids, rows: int = 35, trace: str | None
 def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None):
     """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after two warm-up steps."""
     model = build(variant, config_kwargs, device, dtype, skewed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused on the GPU, as transformers' Trainer defaults to (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  fused=device == "cuda")
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config_kwargs["vocab_size"], (batch, seq), generator=generator).to(device)
     model.train()
