@@ -6,15 +6,17 @@ Families and presets (real shapes, random weights): AFMoE `trinity-mini`, LFM2-M
 each has a `*-tiny` counterpart for CPU smoke runs (`tiny` is `afmoe-tiny`).
 
 Variants: `hf-eager` (transformers + peft, eager experts), `hf-grouped_mm` (transformers' `grouped_mm` experts +
-peft; AFMoE and LFM2-MoE only, the families with transformers' experts switch), `hf` (the faster of the two that
-the family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` (the same without gradient
+peft; AFMoE and LFM2-MoE only, the families with transformers' experts switch), `hf` (the faster of the two that the
+family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` (the same without gradient
 checkpointing: reported as "OOM" where its activations do not fit), `fastmoe-offload` (checkpointing with each
-layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix
-on any variant runs attention through transformers' FlexAttention instead of SDPA. LoRA r=16 on the family's default targets
-(`Fast*Model.default_target_modules/default_target_parameters`) in every variant, experts via peft's
-`target_parameters`. Each step is forward, backward and AdamW on the adapters, with gradient checkpointing
-(except JetMoe: transformers has none for it). `--skewed` adds a selection bias that decays over the expert index
-(the first ~E/8 experts take most tokens: the worst case for load balance).
+layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix on
+any variant runs attention through transformers' FlexAttention instead of SDPA; a `-dense-mask` suffix on a fastmoe
+variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel. LoRA r=16
+on the family's default targets (`Fast*Model.default_target_modules/default_target_parameters`) in every variant,
+experts via peft's `target_parameters`. Each step is forward, backward and AdamW (fused on the GPU, Trainer's
+default) on the adapters, with gradient checkpointing (except JetMoe: transformers has none for it). `--skewed` adds
+a selection bias that decays over the expert index (the first ~E/8 experts take most tokens: the worst case for load
+balance).
 
 Reports tokens/s (median of the timed steps), peak memory, model TFLOP/s and its share of the bf16 matmul peak
 measured in the same run, and the loss of the last step (it should agree across variants up to bf16 noise).
@@ -36,11 +38,14 @@ benchmarks/plot_results.py) and every run as a table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gc
+import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -54,6 +59,8 @@ from peft import LoraConfig, get_peft_model
 
 import fastmoe
 from fastmoe import FastModel, patching
+from fastmoe.models import afmoe
+from fastmoe.sliding_window_attention import can_use_flash_sliding_window
 
 # LFM2-8B-A1B interleaves 18 gated short-convolution layers with 6 attention layers.
 _LFM2_ATTENTION_LAYERS = {2, 6, 10, 14, 18, 21}
@@ -244,6 +251,10 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     fast = variant.startswith("fastmoe")
     if fast:
         patching.family_class(model_type).pre_patch()
+    # -dense-mask: AFMoE's sliding layers through SDPA over transformers' dense mask, as before fastmoe gave them
+    # the flash kernel with the window (the A/B of that change within one run)
+    afmoe.can_use_flash_sliding_window = (
+        (lambda query, key: False) if variant.endswith("-dense-mask") else can_use_flash_sliding_window)
     config = make_config(config_kwargs)
     config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
     if variant.endswith("-flex"):
@@ -304,8 +315,32 @@ def step_flops(config_kwargs: dict, batch: int, seq: int) -> float:
     return 4 * active_params(model) * batch * seq + attention_flops(config, batch, seq)
 
 
-def print_profile(model, optimizer, input_ids, rows: int = 35) -> None:
-    """One more step under torch.profiler: where the step's GPU time goes, kernel by kernel."""
+def print_host_syncs(model, optimizer, input_ids) -> None:
+    """One more step with CUDA's sync debug mode on: every operation that makes the host wait for the GPU (each
+    one drains the launch queue, and the GPU then idles while Python catches up), counted by where it is called."""
+    import warnings
+
+    sites = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            sites[f"{warning.filename}:{warning.lineno}"] += 1
+    print(f"--- host syncs in one step: {sum(sites.values())}")
+    for site, count in sites.most_common(15):
+        print(f"{count:5d}  {site}")
+
+
+def print_profile(model, optimizer, input_ids, rows: int = 35, trace: str | None = None) -> None:
+    """One more step under torch.profiler: where the step's GPU time goes, kernel by kernel; with `trace`, the
+    step's timeline is also written there (gzipped Chrome trace: GPU idle gaps and the host work beside them)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -314,12 +349,21 @@ def print_profile(model, optimizer, input_ids, rows: int = 35) -> None:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+    if trace:
+        plain = trace.removesuffix(".gz")
+        prof.export_chrome_trace(plain)
+        with open(plain, "rb") as src, gzip.open(plain + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(plain)
+        print(f"wrote {plain}.gz")
 
 
-def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False):
+def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None):
     """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after two warm-up steps."""
     model = build(variant, config_kwargs, device, dtype, skewed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused on the GPU, as transformers' Trainer defaults to (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  fused=device == "cuda")
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config_kwargs["vocab_size"], (batch, seq), generator=generator).to(device)
     model.train()
@@ -342,7 +386,8 @@ def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, pr
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     if profile and device == "cuda":
         print(f"--- profile of one {variant} step")
-        print_profile(model, optimizer, input_ids)
+        print_host_syncs(model, optimizer, input_ids)
+        print_profile(model, optimizer, input_ids, trace=trace and f"{trace}.{variant}.json.gz")
     del model, optimizer, out
     _free(device)
     return statistics.median(times), peak, loss
@@ -412,13 +457,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe",
                         help="comma-separated, from hf-eager, hf-grouped_mm, hf (the faster of those the family has), "
-                             "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention")
+                             "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention; "
+                             "-dense-mask suffix: AFMoE sliding layers without the flash window")
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
                         help="markdown file the table is appended to")
     parser.add_argument("--jsonl", default=str(Path(__file__).with_name("results.jsonl")),
                         help="JSON-lines file every measurement is appended to")
     parser.add_argument("--profile", action="store_true", help="print a kernel-level profile of one step per variant")
+    parser.add_argument("--trace", default=None, help="with --profile: also write each variant's step timeline to "
+                        "TRACE.<variant>.json.gz")
     parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
     args = parser.parse_args()
 
@@ -451,7 +499,7 @@ def main() -> None:
                           flops_per_step=flops, peak_tflops=None if device != "cuda" else round(peak_tflops, 1))
             try:
                 seconds, peak, loss = measure(variant, config_kwargs, batch, seq, args.steps, device, dtype,
-                                              args.skewed, args.profile)
+                                              args.skewed, args.profile, args.trace)
                 tflops = flops / seconds / 1e12
                 mfu = 100 * tflops / peak_tflops if device == "cuda" else None
                 record.update(status="ok", tokens_per_s=round(batch * seq / seconds, 1),

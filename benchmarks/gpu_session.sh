@@ -4,10 +4,17 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block lora-linear nf4-experts train-step-8 train-step profile
-# train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
+# STEPs (default: all, in this order): gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts
+# train-step-8 train-step profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
 #
 #     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
+#
+# short-conv (issue #5) times LFM2's gated short conv and ShortConv block against transformers (90-second limit):
+#
+#     bash benchmarks/gpu_session.sh "$OUT" short-conv
+#
+# sliding-attention (issue #5) times AFMoE's sliding-window layer: transformers' SDPA over the dense mask against the
+# flash kernel given the window (60-second limit).
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -26,7 +33,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block lora-linear nf4-experts train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -54,6 +61,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
+step short-conv 90 python3 -P benchmarks/bench_short_conv.py --results "$out/RESULTS.md"
+step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py --results "$out/RESULTS.md"
 step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
     --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
@@ -61,7 +70,7 @@ step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity
 step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
     --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md" --jsonl "$out/results.jsonl"
 step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
-    --variants fastmoe --profile --no-record
+    --variants fastmoe --profile --trace "$out/trace" --no-record
 
 # train-families: one process per family preset, each under its own limit in seconds (a hang or a crash costs that
 # family only). FAMILY_PRESETS, FAMILY_SHAPES, FAMILY_VARIANTS and QUALITY_ARGS override the defaults (a CPU smoke

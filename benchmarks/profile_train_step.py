@@ -36,7 +36,8 @@ def main() -> None:
     config_kwargs = with_layers(PRESETS[args.preset], args.layers)
     seq = args.seq or (4096 if device == "cuda" else 64)
     model = build(args.variant, config_kwargs, device, dtype, skewed=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  fused=device == "cuda")  # as transformers' Trainer defaults to
     input_ids = torch.randint(0, config_kwargs["vocab_size"], (1, seq), device=device)
     model.train()
     for _ in range(3):

@@ -23,9 +23,10 @@ backward  d(h) = w * (g[tok] W_d + G_d A_d), G_d = s * g[tok] B_d, with the SwiG
 Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activations (S, r): nothing of size
 (S, H) is kept between forward and backward.
 
-``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, kernels/nf4.py): the three base GEMMs
+``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, kernels/nf4.py): the four base GEMMs
 dequantize weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing
-weights and inputs get gradients, the base weights none.
+weights and inputs get gradients, the base weights none. One autograd Function runs both: only the base GEMMs
+and the base weight gradients differ, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply them.
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ def reference_moe_experts(
         y = y * top_k_weights[token_idx, slot, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out
+
+
+def reference_moe_experts_nf4(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Nf4Weight,
+    down: Nf4Weight,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """``reference_moe_experts`` on the dequantized stacks (materialises both: a reference, not a training path)."""
+    return reference_moe_experts(hidden, top_k_index, top_k_weights, reference_dequantize_nf4(gate_up),
+                                 reference_dequantize_nf4(down), gate_up_lora, down_lora)
 
 
 def reference_expert_map(
@@ -184,15 +199,99 @@ def _lora_grads(
     return grad_a, grad_b
 
 
+@dataclass
+class DenseExpertWeights:
+    """16-bit stacks gate_up (E, 2I, H) as [gate; up] and down (E, H, I), trained with the block (full
+    fine-tuning) when they require grad.
+
+    Each GEMM method is a grouped_gemm function with this weight bound as its third argument, cast to the
+    activations' dtype like the LoRA factors (see _cast).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.gate_up, self.down
+
+    def rebuilder(self):
+        """tensors() -> these weights, holding no tensor itself: backward rebuilds them from what it unpacks."""
+        return DenseExpertWeights
+
+    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
+        return grouped_mm_swiglu(a, a_rows, self.gate_up.to(a.dtype), *args, **kwargs)
+
+    def down_mm(self, a, a_rows, *args, **kwargs):
+        return grouped_mm(a, a_rows, self.down.to(a.dtype), *args, **kwargs)
+
+    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
+        down_t = self.down.to(grad_out.dtype).transpose(1, 2)
+        return grouped_mm_swiglu_backward(grad_out, grad_rows, down_t, *args, **kwargs)
+
+    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
+        return grouped_mm(a, a_rows, self.gate_up.to(a.dtype).transpose(1, 2), *args, **kwargs)
+
+    def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
+        """Gradients of tensors(), each written by its grad_fn into a tensor laid out like the weight."""
+        needs_gate_up, needs_down = needs
+        return (gate_up_grad_fn(torch.empty_like(self.gate_up)) if needs_gate_up else None,
+                down_grad_fn(torch.empty_like(self.down)) if needs_down else None)
+
+
+@dataclass
+class Nf4ExpertWeights:
+    """Frozen NF4 stacks (QLoRA, kernels/nf4.py) gate_up (E, 2I, H) and down (E, H, I): the ``*_nf4`` kernels
+    dequantize weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
+
+    gate_up: Nf4Weight
+    down: Nf4Weight
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.gate_up.packed, self.gate_up.absmax, self.down.packed, self.down.absmax
+
+    def rebuilder(self):
+        gate_up_meta = self.gate_up.shape, self.gate_up.dtype
+        down_meta = self.down.shape, self.down.dtype
+
+        def rebuild(gate_up_packed, gate_up_absmax, down_packed, down_absmax):
+            return Nf4ExpertWeights(Nf4Weight(gate_up_packed, gate_up_absmax, *gate_up_meta),
+                                    Nf4Weight(down_packed, down_absmax, *down_meta))
+        return rebuild
+
+    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
+        return grouped_mm_swiglu_nf4(a, a_rows, self.gate_up, *args, **kwargs)
+
+    def down_mm(self, a, a_rows, *args, **kwargs):
+        return grouped_mm_nf4(a, a_rows, self.down, *args, **kwargs)
+
+    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
+        return grouped_mm_swiglu_backward_nf4(grad_out, grad_rows, self.down, *args, **kwargs)
+
+    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
+        return grouped_mm_nf4(a, a_rows, self.gate_up, *args, transpose=True, **kwargs)
+
+    def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
+        return (None,) * len(needs)
+
+
+ExpertWeights = DenseExpertWeights | Nf4ExpertWeights
+
+
 class _MoeExperts(torch.autograd.Function):
+    """The SwiGLU experts block over either kind of ExpertWeights.
+
+    apply(hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, experts,
+    *experts.tensors()): the weights' tensors follow as arguments of their own because apply only tracks tensor
+    arguments (16-bit weights that require grad are trained), and they go through save_for_backward like the rest.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
-                gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling):
+    def forward(ctx, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
+                experts: ExpertWeights, *weight_tensors):
         num_tokens, top_k = top_k_index.shape
         dtype = hidden.dtype
-        schedule, identity = _schedule(top_k_index, gate_up_proj.shape[0])
+        schedule, identity = _schedule(top_k_index, experts.gate_up.shape[0])
         row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-        w_gu, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
         gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
         num_rows = schedule.num_pairs
 
@@ -200,31 +299,33 @@ class _MoeExperts(torch.autograd.Function):
         if gu_a_ is not None:
             l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
                               identity, out_scale=gu_scaling)
-        h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, w_gu, schedule, l_gu, gu_b_,
-                                       store_gate_up=any(ctx.needs_input_grad))
+        h, gate_up = experts.gate_up_swiglu(hidden, schedule.sorted_token, schedule, l_gu, gu_b_,
+                                            store_gate_up=any(ctx.needs_input_grad))
         l_down = None
         if down_a_ is not None:
             l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
                                 identity, out_scale=down_scaling)
-        y = torch.empty(num_rows, w_down.shape[1], dtype=dtype, device=hidden.device)
-        grouped_mm(h, identity, w_down, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
+        y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
+        experts.down_mm(h, identity, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
 
-        _save(ctx, schedule, hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b,
-              row_weight, gate_up, l_gu, l_down)
+        _save(ctx, schedule, hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
+              *weight_tensors)
         ctx.scalings = (gu_scaling, down_scaling)
+        ctx.rebuild_experts = experts.rebuilder()
         return _sum_slots(y, num_tokens, top_k, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         schedule, identity, saved = _saved(ctx)
-        (hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, down_a, down_b,
-         row_weight, gate_up, l_gu, l_down) = saved
+        (hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
+         *weight_tensors) = saved
+        experts = ctx.rebuild_experts(*weight_tensors)
         gu_scaling, down_scaling = ctx.scalings
-        needs = ctx.needs_input_grad
+        (needs_hidden, _, needs_weights, needs_gu_a, needs_gu_b, _, needs_down_a, needs_down_b, _, _,
+         *needs_base) = ctx.needs_input_grad
         num_tokens, top_k = top_k_weights.shape
         num_rows = schedule.num_pairs
         dtype = hidden.dtype
-        w_gu, w_down = gate_up_proj.to(dtype), down_proj.to(dtype)
         gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
         tok, pair = schedule.sorted_token, schedule.sorted_pair
         g = grad_out.to(dtype)
@@ -234,20 +335,17 @@ class _MoeExperts(torch.autograd.Function):
         if down_a_ is not None:
             g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
                                 identity, out_scale=down_scaling)
-        dgu, h, d_row_weight = grouped_mm_swiglu_backward(
-            g, tok, w_down.transpose(1, 2), gate_up, row_weight, schedule,
+        dgu, h, d_row_weight = experts.down_swiglu_backward(
+            g, tok, gate_up, row_weight, schedule,
             g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
         )
         grad_weights = None
-        if needs[2]:
+        if needs_weights:
             grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
             grad_weights[pair.long()] = d_row_weight
             grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
-        grad_down = None
-        if needs[4]:
-            grad_down = grouped_wgrad(g, tok, h, identity, schedule, torch.empty_like(down_proj), row_weight)
         grad_down_a, grad_down_b = _lora_grads(
-            needs[8], needs[9], down_a, down_b,
+            needs_down_a, needs_down_b, down_a, down_b,
             lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight),
             lambda out: grouped_wgrad(g, tok, l_down, identity, schedule, out, row_weight),
         )
@@ -258,21 +356,23 @@ class _MoeExperts(torch.autograd.Function):
             g_gu = grouped_mm(dgu, identity, gu_b_.transpose(1, 2), schedule, _thin(num_rows, gu_a.shape[1], dgu),
                               identity, out_scale=gu_scaling)
         grad_hidden = None
-        if needs[0]:
+        if needs_hidden:
             dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
-            grouped_mm(dgu, identity, w_gu.transpose(1, 2), schedule, dx, pair,
-                       g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None)
+            experts.gate_up_transposed_mm(dgu, identity, schedule, dx, pair,
+                                          g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None)
             grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
-        grad_gate_up = None
-        if needs[3]:
-            grad_gate_up = grouped_wgrad(dgu, identity, hidden, tok, schedule, torch.empty_like(gate_up_proj))
         grad_gu_a, grad_gu_b = _lora_grads(
-            needs[5], needs[6], gu_a, gu_b,
+            needs_gu_a, needs_gu_b, gu_a, gu_b,
             lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out),
             lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out),
         )
-        return (grad_hidden, None, grad_weights, grad_gate_up, grad_down,
-                grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None)
+        grad_base = experts.weight_grads(
+            tuple(needs_base),
+            lambda out: grouped_wgrad(dgu, identity, hidden, tok, schedule, out),
+            lambda out: grouped_wgrad(g, tok, h, identity, schedule, out, row_weight),
+        )
+        return (grad_hidden, None, grad_weights, grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None,
+                None, *grad_base)
 
 
 class _ExpertMap(torch.autograd.Function):
@@ -401,12 +501,37 @@ def moe_experts(
     gate_up_proj: (E, 2I, H) as [gate; up]; down_proj: (E, H, I). Returns (tokens, H) in hidden's dtype.
     Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors.
     """
-    gu_a, gu_b, gu_s = _lora_tensors(gate_up_lora)
-    d_a, d_b, d_s = _lora_tensors(down_lora)
-    if hidden.shape[0] > 0 and use_triton(hidden, top_k_weights, gate_up_proj, down_proj, gu_a, gu_b, d_a, d_b):
-        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
-                                 gu_a, gu_b, gu_s, d_a, d_b, d_s)
+    experts = DenseExpertWeights(gate_up_proj, down_proj)
+    gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
+    if hidden.shape[0] > 0 and use_triton(hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2]):
+        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, *gu, *dn, experts, *experts.tensors())
     return reference_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_lora, down_lora)
+
+
+def moe_experts_nf4(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Nf4Weight,
+    down: Nf4Weight,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """``moe_experts`` with frozen NF4 expert weights (QLoRA): gate_up (E, 2I, H), down (E, H, I) as Nf4Weight.
+
+    Same result as ``moe_experts`` on ``dequantize_nf4`` of both, without a 16-bit copy of either stack: the
+    grouped GEMMs dequantize tiles in registers. Differentiable w.r.t. hidden, top_k_weights and the LoRA factors.
+    """
+    if gate_up.shape[0] != down.shape[0] or gate_up.shape[2] != down.shape[1] or gate_up.shape[1] != 2 * down.shape[2]:
+        raise ValueError(f"NF4 experts shapes do not fit: gate_up {gate_up.shape}, down {down.shape}")
+    experts = Nf4ExpertWeights(gate_up, down)
+    gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
+    # bf16 weights are rounded to bf16 inside the kernels, which the interpreter cannot be trusted with.
+    interpreted_bf16 = not hidden.is_cuda and torch.bfloat16 in (gate_up.dtype, down.dtype)
+    if (hidden.shape[0] > 0 and not interpreted_bf16
+            and use_triton(hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2])):
+        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, *gu, *dn, experts, *experts.tensors())
+    return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora)
 
 
 def expert_map(
@@ -437,136 +562,3 @@ def expert_reduce(
     if x.shape[0] > 0 and use_triton(x, top_k_weights, weight, a, b):
         return _ExpertReduce.apply(x, top_k_index, top_k_weights, weight, a, b, s)
     return reference_expert_reduce(x, top_k_index, top_k_weights, weight, lora)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# NF4 experts (QLoRA): frozen 4-bit base weights, LoRA trained
-# ----------------------------------------------------------------------------------------------------------
-
-
-def reference_moe_experts_nf4(
-    hidden: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up: Nf4Weight,
-    down: Nf4Weight,
-    gate_up_lora: ExpertLora | None = None,
-    down_lora: ExpertLora | None = None,
-) -> torch.Tensor:
-    """``reference_moe_experts`` on the dequantized stacks (materialises both: a reference, not a training path)."""
-    return reference_moe_experts(hidden, top_k_index, top_k_weights, reference_dequantize_nf4(gate_up),
-                                 reference_dequantize_nf4(down), gate_up_lora, down_lora)
-
-
-class _MoeExpertsNf4(torch.autograd.Function):
-    """_MoeExperts with NF4 base weights dequantized per tile; the backward reads them transposed the same way."""
-
-    @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up: Nf4Weight, down: Nf4Weight,
-                gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling):
-        num_tokens, top_k = top_k_index.shape
-        dtype = hidden.dtype
-        schedule, identity = _schedule(top_k_index, gate_up.shape[0])
-        row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
-        num_rows = schedule.num_pairs
-
-        l_gu = None
-        if gu_a_ is not None:
-            l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
-                              identity, out_scale=gu_scaling)
-        h, gate_up_act = grouped_mm_swiglu_nf4(hidden, schedule.sorted_token, gate_up, schedule, l_gu, gu_b_,
-                                               store_gate_up=any(ctx.needs_input_grad))
-        l_down = None
-        if down_a_ is not None:
-            l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
-                                identity, out_scale=down_scaling)
-        y = torch.empty(num_rows, down.shape[1], dtype=dtype, device=hidden.device)
-        grouped_mm_nf4(h, identity, down, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
-
-        _save(ctx, schedule, hidden, top_k_weights, gate_up.packed, gate_up.absmax, down.packed, down.absmax,
-              gu_a, gu_b, down_a, down_b, row_weight, gate_up_act, l_gu, l_down)
-        ctx.scalings = (gu_scaling, down_scaling)
-        ctx.nf4_meta = ((gate_up.shape, gate_up.dtype), (down.shape, down.dtype))
-        return _sum_slots(y, num_tokens, top_k, dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        schedule, identity, saved = _saved(ctx)
-        (hidden, top_k_weights, gu_packed, gu_absmax, down_packed, down_absmax, gu_a, gu_b, down_a, down_b,
-         row_weight, gate_up_act, l_gu, l_down) = saved
-        (gu_shape, gu_dtype), (down_shape, down_dtype) = ctx.nf4_meta
-        gate_up = Nf4Weight(gu_packed, gu_absmax, gu_shape, gu_dtype)
-        down = Nf4Weight(down_packed, down_absmax, down_shape, down_dtype)
-        gu_scaling, down_scaling = ctx.scalings
-        needs = ctx.needs_input_grad
-        num_tokens, top_k = top_k_weights.shape
-        num_rows = schedule.num_pairs
-        dtype = hidden.dtype
-        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
-        tok, pair = schedule.sorted_token, schedule.sorted_pair
-        g = grad_out.to(dtype)
-
-        g_down = None
-        if down_a_ is not None:
-            g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
-                                identity, out_scale=down_scaling)
-        dgu, h, d_row_weight = grouped_mm_swiglu_backward_nf4(
-            g, tok, down, gate_up_act, row_weight, schedule,
-            g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
-        )
-        grad_weights = None
-        if needs[2]:
-            grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
-            grad_weights[pair.long()] = d_row_weight
-            grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
-        grad_down_a, grad_down_b = _lora_grads(
-            needs[8], needs[9], down_a, down_b,
-            lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight),
-            lambda out: grouped_wgrad(g, tok, l_down, identity, schedule, out, row_weight),
-        )
-
-        g_gu = None
-        if gu_a_ is not None:
-            g_gu = grouped_mm(dgu, identity, gu_b_.transpose(1, 2), schedule, _thin(num_rows, gu_a.shape[1], dgu),
-                              identity, out_scale=gu_scaling)
-        grad_hidden = None
-        if needs[0]:
-            dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
-            grouped_mm_nf4(dgu, identity, gate_up, schedule, dx, pair,
-                           g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True)
-            grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
-        grad_gu_a, grad_gu_b = _lora_grads(
-            needs[5], needs[6], gu_a, gu_b,
-            lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out),
-        )
-        return (grad_hidden, None, grad_weights, None, None,
-                grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None)
-
-
-def moe_experts_nf4(
-    hidden: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up: Nf4Weight,
-    down: Nf4Weight,
-    gate_up_lora: ExpertLora | None = None,
-    down_lora: ExpertLora | None = None,
-) -> torch.Tensor:
-    """``moe_experts`` with frozen NF4 expert weights (QLoRA): gate_up (E, 2I, H), down (E, H, I) as Nf4Weight.
-
-    Same result as ``moe_experts`` on ``dequantize_nf4`` of both, without a 16-bit copy of either stack: the
-    grouped GEMMs dequantize tiles in registers. Differentiable w.r.t. hidden, top_k_weights and the LoRA factors.
-    """
-    if gate_up.shape[0] != down.shape[0] or gate_up.shape[2] != down.shape[1] or gate_up.shape[1] != 2 * down.shape[2]:
-        raise ValueError(f"NF4 experts shapes do not fit: gate_up {gate_up.shape}, down {down.shape}")
-    gu_a, gu_b, gu_s = _lora_tensors(gate_up_lora)
-    d_a, d_b, d_s = _lora_tensors(down_lora)
-    # bf16 weights are rounded to bf16 inside the kernels, which the interpreter cannot be trusted with.
-    interpreted_bf16 = not hidden.is_cuda and torch.bfloat16 in (gate_up.dtype, down.dtype)
-    if (hidden.shape[0] > 0 and not interpreted_bf16
-            and use_triton(hidden, top_k_weights, gate_up.packed, down.packed, gu_a, gu_b, d_a, d_b)):
-        return _MoeExpertsNf4.apply(hidden, top_k_index, top_k_weights, gate_up, down,
-                                    gu_a, gu_b, gu_s, d_a, d_b, d_s)
-    return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora)

@@ -1,5 +1,6 @@
 """The benchmark harness's own arithmetic and output: FLOP counting of each preset (on meta-device models, so
-nothing is allocated), the JSON-lines summary, and the charts drawn from two records."""
+nothing is allocated), the JSON-lines summary, the charts drawn from two records, and the per-kernel benchmarks'
+CPU smoke modes."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_short_conv  # noqa: E402
 import bench_train_step  # noqa: E402
 import plot_results  # noqa: E402
 
@@ -87,3 +89,19 @@ def test_charts_are_drawn_from_two_records(tmp_path):
     plot_results.main()
     for name in ("train_step_tokens_per_s.png", "train_step_peak_memory.png", "quality_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
+    """--cpu: the Triton conv (interpreted) and the patched ShortConv block against transformers, recorded."""
+    results = tmp_path / "RESULTS.md"
+    sys.argv = ["bench_short_conv.py", "--cpu", "--shapes", "1x32,2x16", "--results", str(results)]
+    bench_short_conv.main()
+    rows = [line.strip("| ").split(" | ") for line in results.read_text().splitlines()
+            if line.startswith(("| conv op", "| ShortConv block"))]
+    assert [(case, impl) for case, impl, *_ in rows[:4]] == [
+        ("conv op 1x32", "transformers (torch conv1d)"), ("conv op 1x32", "fastmoe (Triton)"),
+        ("ShortConv block 1x32", "transformers"), ("ShortConv block 1x32", "fastmoe (Triton)")]
+    assert len(rows) == 8
+    for row in rows[1::2]:
+        out_err, dx_err = map(float, row[-1].split(" / "))
+        assert out_err < 1e-5 and dx_err < 1e-5, row

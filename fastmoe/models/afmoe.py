@@ -16,6 +16,11 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
 from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
+from fastmoe.sliding_window_attention import (
+    can_use_flash_sliding_window,
+    flash_sliding_window_attention,
+    is_plain_sliding_window_mask,
+)
 
 
 def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor):
@@ -35,6 +40,20 @@ def sparse_moe_forward(self: hf.AfmoeSparseMoeBlock, hidden_states: torch.Tensor
     return (shared + routed).view(batch_size, seq_len, hidden_dim)
 
 
+def _takes_flash_sliding_window(self: hf.AfmoeAttention, query, key, attention_mask, past_key_values,
+                                dropout: float) -> bool:
+    """Sliding layers under SDPA, training or scoring a whole unpadded sequence: PyTorch's flash kernel with the
+    window instead of SDPA over the dense mask (fastmoe.sliding_window_attention says why)."""
+    return (
+        self.sliding_window is not None
+        and self.config._attn_implementation == "sdpa"
+        and past_key_values is None
+        and dropout == 0.0
+        and can_use_flash_sliding_window(query, key)
+        and is_plain_sliding_window_mask(attention_mask, query.shape[2], self.sliding_window)
+    )
+
+
 def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embeddings, attention_mask,
                       past_key_values=None, **kwargs):
     input_shape = hidden_states.shape[:-1]
@@ -51,17 +70,22 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value,
-        attention_mask=attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        sliding_window=self.sliding_window,
-        **kwargs,
-    )
+    dropout = 0.0 if not self.training else self.attention_dropout
+    if _takes_flash_sliding_window(self, query, key, attention_mask, past_key_values, dropout):
+        output, attn_weights = flash_sliding_window_attention(query, key, value, self.sliding_window,
+                                                              self.scaling), None
+    else:
+        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, hf.eager_attention_forward
+        )
+        output, attn_weights = attention_interface(
+            self, query, key, value,
+            attention_mask=attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
     output = attention_gate(output.reshape(*input_shape, -1), gate)
     return self.o_proj(output), attn_weights
 

@@ -131,13 +131,14 @@ def test_reference_matches_transformers_eager_experts():
 # --------------------------------------------------------------------------------------------------------
 
 # (tokens, hidden, inter, experts, top_k, rank, used_experts): odd H and I, k=1 and k=E, idle experts,
-# one token, r=1 and r=8.
+# one token, r=1 and r=8. Base weights are trained too (full fine-tuning).
 EXPERT_SHAPES = [
     pytest.param(13, 40, 24, 6, 2, 3, None, id="odd-H-I"),
     pytest.param(1, 40, 24, 6, 2, 1, None, id="one-token-r1"),
     pytest.param(20, 32, 16, 4, 1, 8, None, id="k1-r8"),
     pytest.param(9, 24, 40, 4, 4, 8, None, id="k-equals-E"),
     pytest.param(40, 40, 24, 8, 2, 2, 3, id="idle-experts"),
+    pytest.param(19, 40, 24, 6, 1, 2, 4, id="k1-idle-experts"),
     pytest.param(64, 16, 16, 3, 2, 4, None, id="64-tokens"),
 ]
 
