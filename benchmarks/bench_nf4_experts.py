@@ -13,6 +13,11 @@ forward+backward 12*S*H*I, S = tokens * top_k); peak memory is the allocator's p
 before the measured call; "weights" is the resident size of the two expert stacks (NF4: codes + fp32 absmax).
 
     python benchmarks/bench_nf4_experts.py [--tokens 4096] [--results benchmarks/RESULTS.md]
+        [--nf4-configs 128:64:8:3,128:64:4:3,...]
+
+--nf4-configs also times the bare NF4 GEMMs under each listed launch configuration (BLOCK_N:BLOCK_K:num_warps:
+num_stages, in place of grouped_gemm._GPU_NF4_ROW_GEMM), to choose that default; the tables above it use the
+default.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 
 import torch
 import triton
+from fastmoe.kernels import grouped_gemm
 from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm, grouped_mm_nf4
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
@@ -69,10 +75,36 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
     return out
 
 
+def config_sweep(configs: str, *gemm_args) -> str:
+    """The bare NF4 GEMMs' times under each launch configuration, default first, as a markdown table."""
+    default = grouped_gemm._GPU_NF4_ROW_GEMM
+    cases = [case for case, impl, *_ in gemm_rows(*gemm_args) if impl.startswith("NF4")]
+    lines = ["| NF4 launch config (BLOCK_N:BLOCK_K:warps:stages) | " + " | ".join(cases) + " |",
+             "|---" * (1 + len(cases)) + "|"]
+    try:
+        for spec in ["default", *configs.split(",")]:
+            if spec != "default":
+                block_n, block_k, warps, stages = (int(v) for v in spec.split(":"))
+                grouped_gemm._GPU_NF4_ROW_GEMM = (block_n, block_k, {"num_warps": warps, "num_stages": stages})
+            label = "{}:{}:{}:{}".format(grouped_gemm._GPU_NF4_ROW_GEMM[0], grouped_gemm._GPU_NF4_ROW_GEMM[1],
+                                         *grouped_gemm._GPU_NF4_ROW_GEMM[2].values())
+            try:
+                times = [f"{ms:.3f} ms, {tflops:.0f} TFLOP/s" for case, impl, ms, tflops, *_ in gemm_rows(*gemm_args)
+                         if impl.startswith("NF4")]
+            except Exception as error:  # a configuration that does not fit (shared memory, registers) is a result
+                times = [f"failed: {type(error).__name__}"] * len(cases)
+            lines.append(f"| {label}{' (default)' if spec == 'default' else ''} | " + " | ".join(times) + " |")
+    finally:
+        grouped_gemm._GPU_NF4_ROW_GEMM = default
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--results", default="benchmarks/RESULTS.md", help="markdown file the table is appended to")
+    parser.add_argument("--nf4-configs", default="", help="comma-separated BLOCK_N:BLOCK_K:num_warps:num_stages "
+                        "launch configurations to sweep for the bare NF4 GEMMs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_nf4_experts.py needs a CUDA GPU")
@@ -129,6 +161,9 @@ def main() -> None:
         err_s = f"{err:.1e}" if err is not None else ""
         lines.append(f"| {case} | {impl} | {ms:.3f} | {tflops:.1f} | {mem_s} | {w_s} | {err_s} |")
     table = "\n".join(lines)
+    if args.nf4_configs:
+        table += "\n\n" + config_sweep(args.nf4_configs, name, hidden, inter, num_experts, index, gate_up_nf4,
+                                       down_nf4, gate_up, down)
     print(table)
 
     gpu = torch.cuda.get_device_name()
