@@ -63,7 +63,7 @@ step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESU
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py --results "$out/RESULTS.md"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py --results "$out/RESULTS.md"
-step nf4-experts 120 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md"
+step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md" ${NF4_CONFIGS:+--nf4-configs "$NF4_CONFIGS"}
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
     --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
     --jsonl "$out/results.jsonl"
