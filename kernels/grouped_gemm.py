@@ -387,10 +387,11 @@ def _block(size: int, cap: int) -> int:
 # reduction (128x128 output, 32-row steps) with 4 warps, 4 stages.
 _GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
-# The NF4 row GEMMs have their own entry because their budget differs: with these tiles triton 3.6 gives them
-# 170-180 registers per thread on sm_90 (one program per SM) and 75 KB of shared memory, and each K step stores
-# the dequantized tile to shared memory and waits for its wgmma instead of keeping one in flight.
-_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
+# The NF4 row GEMMs have their own entry because their budget differs: each K step stores the dequantized tile to
+# shared memory and waits for its wgmma instead of keeping one in flight, so two programs per SM hide more of it
+# than one. Measured on an H100 (bench_nf4_experts.py --nf4-configs, 2026-11-23): 4 warps 256-272 TFLOP/s on the
+# Trinity-Mini expert GEMMs against 174-180 with 8 warps; BLOCK_K 128 or BLOCK_N 64 were slower.
+_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
 
