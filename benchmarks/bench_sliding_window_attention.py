@@ -64,7 +64,8 @@ def main() -> None:
          lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=scale)[0], causal_pairs),
     ]
     peak = matmul_peak_tflops("cuda")
-    rows = ["| layer, path | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of matmul peak | peak MiB |", "|---|---|---|---|---|---|"]
+    rows = ["| layer, path | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of matmul peak | peak MiB |",
+            "|---|---|---|---|---|---|"]
     for name, fn, pairs in cases:
         with torch.no_grad():
             forward_ms = bench(lambda fn=fn: fn(*inputs))

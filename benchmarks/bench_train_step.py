@@ -11,7 +11,8 @@ family has), `fastmoe` (patched forwards, same peft adapter), `fastmoe-no-ckpt` 
 checkpointing: reported as "OOM" where its activations do not fit), `fastmoe-offload` (checkpointing with each
 layer's input in host memory), `fastmoe-4bit` (QLoRA: NF4 Linear layers and experts; AFMoE), and a `-flex` suffix on
 any variant runs attention through transformers' FlexAttention instead of SDPA; a `-dense-mask` suffix on a fastmoe
-variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel. LoRA r=16
+variant runs AFMoE's sliding-window layers through SDPA over the dense mask instead of the flash kernel; a last
+`-adamw8bit` suffix trains with bitsandbytes' 8-bit AdamW (transformers' optim="adamw_8bit") instead. LoRA r=16
 on the family's default targets (`Fast*Model.default_target_modules/default_target_parameters`) in every variant,
 experts via peft's `target_parameters`. Each step is forward, backward and AdamW (fused on the GPU, Trainer's
 default) on the adapters, with gradient checkpointing (except JetMoe: transformers has none for it). `--skewed` adds
@@ -136,6 +137,9 @@ def lora_targets(model_type: str) -> dict:
                 target_parameters=list(family.default_target_parameters) or None)
 
 
+EIGHT_BIT_ADAM = "-adamw8bit"  # a variant suffix, always last: the same model, AdamW with 8-bit states
+
+
 def resolve_variant(variant: str, model_type: str) -> str | None:
     """`hf` as the fastest transformers path the family has; None for a variant the family does not have."""
     if variant == "hf":
@@ -245,6 +249,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
 def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
     """The preset's model on `device`, randomly initialised, wrapped in the family's default LoRA adapter."""
     fastmoe.unpatch()
+    variant = variant.removesuffix(EIGHT_BIT_ADAM)  # the optimizer's choice (make_optimizer), not the model's
     model_type = config_kwargs["model_type"]
     if variant == "fastmoe-4bit":
         return build_fastmoe_4bit(config_kwargs, device, dtype, skewed)
@@ -358,12 +363,21 @@ def print_profile(model, optimizer, input_ids, rows: int = 35, trace: str | None
         print(f"wrote {plain}.gz")
 
 
+def make_optimizer(model: torch.nn.Module, variant: str, device: str) -> torch.optim.Optimizer:
+    """AdamW on the adapters: fused on the GPU, transformers Trainer's default (optim="adamw_torch_fused"); with the
+    -adamw8bit suffix, bitsandbytes' AdamW with 8-bit states, what optim="adamw_8bit" gives (the usual QLoRA choice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant.endswith(EIGHT_BIT_ADAM):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW(params, lr=1e-4, optim_bits=8)
+    return torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+
+
 def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None):
     """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after two warm-up steps."""
     model = build(variant, config_kwargs, device, dtype, skewed)
-    # fused on the GPU, as transformers' Trainer defaults to (optim="adamw_torch_fused")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                  fused=device == "cuda")
+    optimizer = make_optimizer(model, variant, device)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config_kwargs["vocab_size"], (batch, seq), generator=generator).to(device)
     model.train()
@@ -458,7 +472,8 @@ def main() -> None:
     parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe",
                         help="comma-separated, from hf-eager, hf-grouped_mm, hf (the faster of those the family has), "
                              "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention; "
-                             "-dense-mask suffix: AFMoE sliding layers without the flash window")
+                             "-dense-mask suffix: AFMoE sliding layers without the flash window; -adamw8bit suffix "
+                             "(last): bitsandbytes' 8-bit AdamW")
     parser.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
                         help="markdown file the table is appended to")

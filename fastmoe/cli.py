@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='a checkpoint folder, or "latest" for the newest checkpoint-* in --output-dir')
     train.add_argument("--report-to", default=defaults.report_to, choices=["none", "tensorboard"],
                        help="where metrics go besides trainer_state.json")
+    train.add_argument("--optim", default=None,
+                       help="transformers' optimizer name, e.g. adamw_8bit (bitsandbytes, AdamW states in 8 bits: the "
+                            "usual QLoRA choice) or adamw_torch_fused (default: the Trainer's, adamw_torch_fused)")
     train.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard 16-bit weights across the GPUs with FSDP2 instead of a whole copy "
                             "per GPU (DDP, the default); not with --load-in-4bit/8bit")
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora_alpha=args.lora_alpha, seed=args.seed, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing, eval_fraction=args.eval_fraction,
         save_steps=args.save_steps, resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to,
-        fsdp=args.fsdp)
+        fsdp=args.fsdp, optim=args.optim)
 
     try:
         trainer, _, _ = training.prepare(options)

@@ -42,6 +42,18 @@ BUILTIN_LR = 1e-2
 CHECKPOINTING_MODES: dict[str, bool | str] = {"fastmoe": "fastmoe", "standard": True, "off": False}
 
 
+def _check_optimizer(name: str) -> None:
+    """An optimizer transformers knows, and the package it needs: bitsandbytes for the 8-bit ones."""
+    from transformers.training_args import OptimizerNames
+
+    known = [option.value for option in OptimizerNames]
+    if name not in known:
+        raise ValueError(f"--optim {name!r} is not an optimizer transformers knows; e.g. adamw_torch_fused, "
+                         f"adamw_torch, adamw_8bit, paged_adamw_8bit (all: {', '.join(known)})")
+    if "8bit" in name and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"--optim {name} needs the bitsandbytes package: pip install bitsandbytes")
+
+
 @dataclass
 class TrainOptions:
     """Everything one `fastmoe train` run needs; the CLI's flags map one to one onto these fields."""
@@ -75,6 +87,10 @@ class TrainOptions:
     # Shard 16-bit weights, gradients and optimizer state across the GPUs with FSDP2 (fastmoe.distributed.fsdp2_config)
     # instead of giving every GPU a whole copy (DDP).
     fsdp: bool = False
+    # transformers' optimizer name (TrainingArguments.optim); None: the Trainer's default (adamw_torch_fused on a GPU).
+    # adamw_8bit / paged_adamw_8bit (bitsandbytes) keep AdamW's two states in 8 bits: QLoRA runs use them to fit the
+    # adapters' optimizer state in a quarter of the memory.
+    optim: str | None = None
 
     def validate(self) -> None:
         """Refuse bad values before anything slow happens."""
@@ -100,6 +116,8 @@ class TrainOptions:
         if self.gradient_checkpointing not in (None, *CHECKPOINTING_MODES):
             raise ValueError(f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}, "
                              f"got {self.gradient_checkpointing!r}")
+        if self.optim is not None:
+            _check_optimizer(self.optim)
         if self.report_to not in ("none", "tensorboard"):
             raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -396,6 +414,7 @@ def prepare(options: TrainOptions):
         # get_peft_model has already set checkpointing up (or not); the trainer must not redo or undo it.
         **_no_trainer_checkpointing(SFTConfig),
         include_num_input_tokens_seen="non_padding",
+        **({"optim": options.optim} if options.optim is not None else {}),
         seed=options.seed,
         data_seed=options.seed,
         dataloader_num_workers=0,

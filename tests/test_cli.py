@@ -142,6 +142,7 @@ def _bad_dataset(tmp_path):
     (["--gradient-checkpointing", "sometimes"], "invalid choice"),
     (["--fsdp", "--load-in-4bit"], "cannot be combined with FSDP"),
     (["--fsdp"], "launch with torchrun --nproc-per-node N"),
+    (["--optim", "sgd_with_vibes"], "is not an optimizer transformers knows"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
@@ -197,3 +198,15 @@ def test_eval_split_packing_checkpoints_and_resume(tmp_path, fastmoe_cache):
     assert any("eval_loss" in entry for entry in history)
     # The resumed run trained steps 5 and 6 only; steps 1-4 come from the checkpoint's state.
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_optim_reaches_the_trainer(tmp_path):
+    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, optim="adamw_8bit")
+    trainer, _, _ = training.prepare(options)
+    assert trainer.args.optim == "adamw_8bit"
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer).__module__.startswith("bitsandbytes") and optimizer.args.optim_bits == 8
+    default, _, _ = training.prepare(training.TrainOptions(output_dir=str(tmp_path / "default"), max_steps=1))
+    from transformers import TrainingArguments
+
+    assert default.args.optim == TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True).optim
