@@ -28,6 +28,9 @@
 #    over benchmarks/RESULTS.md, benchmarks/results.jsonl and benchmarks/quality_run.json, then draw the charts on
 #    any machine with matplotlib: python benchmarks/plot_results.py
 # 4. prints a summary table of this session's training-step and quality numbers.
+# Variables: TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8 (train-step-8) list bench_train_step.py
+# variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the NF4 GEMMs' launch configuration in
+# nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages); FAMILY_* and QUALITY_ARGS below.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path;
 # benchmarks/ is put on it instead, for the scripts that import each other.
 set -uo pipefail
@@ -44,8 +47,9 @@ fi
 export PYTHONPATH="$site:$PWD/benchmarks" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 # One id for every record of this session, so the summary at the end shows this session's numbers only.
 export FASTMOE_BENCH_RUN="${FASTMOE_BENCH_RUN:-$(date -u +%Y%m%dT%H%M%S)}" out
-cp benchmarks/RESULTS.md "$out/RESULTS.md"
-cp benchmarks/results.jsonl "$out/results.jsonl" 2>/dev/null || true
+# A second invocation with the same OUT_DIR (other steps, same device call) appends to what the first wrote.
+[ -e "$out/RESULTS.md" ] || cp benchmarks/RESULTS.md "$out/RESULTS.md"
+[ -e "$out/results.jsonl" ] || cp benchmarks/results.jsonl "$out/results.jsonl" 2>/dev/null || true
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, keep going on failure
