@@ -326,7 +326,7 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
     with fastmoe_bnb_quantizers() if quantization_config is not None else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
     if quantization_config is not None and quantization_config.load_in_4bit:
-        quantize_experts_(model)
+        quantize_experts_(model, double_quant=quantization_config.bnb_4bit_use_double_quant)
         exclude_nf4_from_ddp(model)
     model.max_seq_length = max_seq_length
     model._fastmoe_full_finetuning = full_finetuning

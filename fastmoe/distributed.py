@@ -88,6 +88,8 @@ def exclude_nf4_from_ddp(model: torch.nn.Module) -> None:
         if is_quantized(module):
             prefix = f"{module_name}." if module_name else ""
             for name in module._fastmoe_nf4:
-                names += [prefix + name, f"{prefix}{name}_nf4_packed", f"{prefix}{name}_nf4_absmax"]
+                # The codes, absmax and, when double-quantized, absmax's scale and offset.
+                buffers = [b for b, _ in module.named_buffers(recurse=False) if b.startswith(f"{name}_nf4_")]
+                names += [prefix + name, *(prefix + b for b in buffers)]
     if names:
         model._ddp_params_and_buffers_to_ignore = names

@@ -6,7 +6,9 @@ would stay 16-bit. fastmoe turns each into NF4 (kernels/nf4.py, bitsandbytes' fo
 checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 
 * the codes and absmax become non-persistent buffers of the experts module (`<name>_nf4_packed`,
-  `<name>_nf4_absmax`): they follow `.to(device)` but stay out of state_dict, as nothing outside fastmoe reads them;
+  `<name>_nf4_absmax`, and with double quantization of absmax `<name>_nf4_absmax_scale` and
+  `<name>_nf4_absmax_offset`): they follow `.to(device)` but stay out of state_dict, as nothing outside fastmoe reads
+  them;
 * the Parameter itself becomes a zero-storage placeholder of the same shape, dtype and device (a 0-d zero expanded
   to (E, N, K)), so peft's `target_parameters` still wraps it and creates LoRA factors of the right shapes;
 * `experts._fastmoe_nf4` names the quantized parameters; `fastmoe.models.shared.swiglu_experts` then runs
@@ -39,7 +41,9 @@ def nf4_weight(experts: torch.nn.Module, name: str) -> Nf4Weight:
     """The NF4 stack that replaced parameter `name` of a quantized experts module."""
     placeholder = getattr(experts, name)
     return Nf4Weight(getattr(experts, f"{name}_nf4_packed"), getattr(experts, f"{name}_nf4_absmax"),
-                     tuple(placeholder.shape), placeholder.dtype)
+                     tuple(placeholder.shape), placeholder.dtype,
+                     getattr(experts, f"{name}_nf4_absmax_scale", None),
+                     getattr(experts, f"{name}_nf4_absmax_offset", None))
 
 
 def is_swiglu_experts(module: torch.nn.Module) -> bool:
@@ -64,6 +68,9 @@ def install_nf4_(experts: torch.nn.Module, name: str, nf4: Nf4Weight) -> None:
     SwiGLU parameter of the module has one, the module counts as quantized and its own forward refuses to run."""
     experts.register_buffer(f"{name}_nf4_packed", nf4.packed, persistent=False)
     experts.register_buffer(f"{name}_nf4_absmax", nf4.absmax, persistent=False)
+    if nf4.double_quant:
+        experts.register_buffer(f"{name}_nf4_absmax_scale", nf4.absmax_scale, persistent=False)
+        experts.register_buffer(f"{name}_nf4_absmax_offset", nf4.absmax_offset, persistent=False)
     setattr(experts, name, placeholder_parameter(getattr(experts, name)))
     if all(hasattr(experts, f"{n}_nf4_packed") for n in SWIGLU_EXPERT_PARAMETERS):
         experts._fastmoe_nf4 = SWIGLU_EXPERT_PARAMETERS
@@ -72,16 +79,16 @@ def install_nf4_(experts: torch.nn.Module, name: str, nf4: Nf4Weight) -> None:
 
 
 @torch.no_grad()
-def quantize_module_(experts: torch.nn.Module) -> int:
-    """Quantize one SwiGLU experts module's gate_up_proj and down_proj to NF4 in place (those not quantized yet);
-    returns bytes saved."""
+def quantize_module_(experts: torch.nn.Module, double_quant: bool = False) -> int:
+    """Quantize one SwiGLU experts module's gate_up_proj and down_proj to NF4 in place (those not quantized yet),
+    with absmax double-quantized if double_quant; returns bytes saved."""
     pending = [name for name in SWIGLU_EXPERT_PARAMETERS if not hasattr(experts, f"{name}_nf4_packed")]
     for name in pending:
         check_nf4_shape(getattr(experts, name).shape)
     saved = 0
     for name in pending:
         weight = getattr(experts, name)
-        nf4 = quantize_nf4(weight)
+        nf4 = quantize_nf4(weight, double_quant)
         install_nf4_(experts, name, nf4)
         saved += weight.numel() * weight.element_size() - nf4.nbytes()
     return saved
@@ -107,14 +114,16 @@ def refuse_unsupported_experts(model: torch.nn.Module) -> None:
             )
 
 
-def quantize_experts_(model: torch.nn.Module) -> int:
+def quantize_experts_(model: torch.nn.Module, double_quant: bool = False) -> int:
     """Quantize every SwiGLU experts module of `model` to NF4 in place, layer by layer (on a GPU the 16-bit stack of
-    each layer is freed before the next is quantized). Returns the bytes saved. Raises ValueError for JetMoe."""
+    each layer is freed before the next is quantized), with absmax double-quantized if double_quant (what
+    BitsAndBytesConfig's bnb_4bit_use_double_quant asks of Linear layers). Returns the bytes saved. Raises ValueError
+    for JetMoe."""
     refuse_unsupported_experts(model)
     saved = 0
     for module in list(model.modules()):
         if is_swiglu_experts(module):
-            saved += quantize_module_(module)
+            saved += quantize_module_(module, double_quant)
             if module.gate_up_proj.is_cuda:
                 torch.cuda.empty_cache()
     return saved

@@ -11,7 +11,8 @@ before fastmoe could quantize it.
 
 `Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the SwiGLU expert stacks: each
 is quantized to fastmoe's NF4 (kernels/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
-tensors are dropped before the next parameter is read. A subclass of the quantizer rather than reading the experts
+tensors are dropped before the next parameter is read. The config's bnb_4bit_use_double_quant applies to the experts
+too (their absmax double-quantized as bitsandbytes does for Linear4bit). A subclass of the quantizer rather than reading the experts
 ourselves from the safetensors files, or a hook on the model: the quantizer methods used here are the same in 5.17 and
 5.23, transformers keeps doing the per-expert fusion, renaming, sharded files, device placement and dtype casting (a
 reader of our own would have to follow each family's on-disk layout as transformers changes it), experts skipped at load
@@ -77,7 +78,8 @@ class Nf4ExpertsQuantize(Bnb4bitQuantize):
                 continue
             weight = value[0] if isinstance(value, list) else value
             experts, name = _owner(model, param_name)
-            experts.__dict__.setdefault(_STREAMED_NF4, {})[name] = quantize_nf4(weight)
+            double_quant = self.hf_quantizer.quantization_config.bnb_4bit_use_double_quant
+            experts.__dict__.setdefault(_STREAMED_NF4, {})[name] = quantize_nf4(weight, double_quant)
             result[param_name] = placeholder_parameter(weight)
         if linear_weights:
             result.update(super().convert(linear_weights, full_layer_name=full_layer_name, model=model, **kwargs))

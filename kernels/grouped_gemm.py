@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .moe_routing import ExpertSchedule
-from .nf4 import BLOCKSIZE, Nf4Weight, nf4_code, triton_dtype
+from .nf4 import BLOCKSIZE, Nf4Weight, dynamic_code, nf4_absmax, nf4_code, triton_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -585,15 +585,20 @@ def grouped_wgrad(
 # When C % 64 == 0 (every real model) each row starts on a byte and on an absmax block, so a tile is a
 # (rows, cols / 2) byte block split into nibbles, and a (rows, cols / 64) absmax block broadcast over its 64
 # columns. Other shapes (tests, toy models) gather each element's byte and absmax from its flat index.
+# A double-quantized absmax (DOUBLE_QUANT) is decoded where it is loaded (nf4.nf4_absmax): its uint8 code looked up
+# in the 256-entry dynamic code (a global gather, once per 64 weights), times the scale of its 256-block, plus the
+# expert's offset, loaded once per program.
 
 
 @triton.jit
-def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C, ROWS_ALIGNED: tl.constexpr,
+def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code, rows, row_mask, col0, C,
+              ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
               COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
     (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values), rounded to the weight's dtype
-    (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS. Flat indices stay
-    int32: one expert holds far fewer than 2^31 elements."""
+    (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype; absmax is decoded by nf4_absmax (absmax_offset:
+    the expert's double-quantization offset, a value). col0 is a multiple of COLS. Flat indices stay int32: one
+    expert holds far fewer than 2^31 elements."""
     if ROWS_ALIGNED:
         # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
         row_bytes = tl.multiple_of(C // 2, 32)
@@ -605,8 +610,9 @@ def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C, ROWS_ALIGNED: tl
         # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
         GROUPS: tl.constexpr = (COLS + 63) // 64
         groups = col0 // 64 + tl.arange(0, GROUPS)
-        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :],
-                         mask=row_mask[:, None] & (groups < C // 64)[None, :], other=0.0)
+        absmax = nf4_absmax(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :],
+                            row_mask[:, None] & (groups < C // 64)[None, :],
+                            absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
         scale = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // GROUPS)),
                            (rows.shape[0], COLS))
     else:
@@ -615,7 +621,7 @@ def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C, ROWS_ALIGNED: tl
         mask = row_mask[:, None] & (cols < C)[None, :]
         byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nibbles = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-        scale = tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+        scale = nf4_absmax(absmax_ptr, idx >> 6, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
     # The lookup is a register gather from the 16 codes, not a load: the pipeliner would turn a load into
     # cp.async copies of every looked-up value into shared memory (4 bytes each, a tile of fp32 per stage).
     flat = tl.gather(code, tl.reshape(nibbles, (nibbles.shape[0] * nibbles.shape[1],)), 0)
@@ -626,24 +632,30 @@ def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C, ROWS_ALIGNED: tl
 @triton.jit
 def _tile_matmul_nf4(
     acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
-    q_ptr, absmax_ptr, code_ptr, offs_n, n_mask, n0, N, K,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    q_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, offs_n, n_mask, n0, N, K,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) an NF4 expert (q_ptr, absmax_ptr
-    at it) stored as (N, K), or as (K, N) when TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU
-    forward interleaves gate and up rows); a TRANSPOSED read loads stored columns, so offs_n is n0 + arange."""
+    at it; with DOUBLE_QUANT also absmax_scale_ptr and absmax_offset_ptr) stored as (N, K), or as (K, N) when
+    TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward interleaves gate and up rows); a TRANSPOSED
+    read loads stored columns, so offs_n is n0 + arange."""
     code = tl.load(code_ptr + tl.arange(0, 16))
+    absmax_offset = 0.0
+    if DOUBLE_QUANT:
+        absmax_offset = tl.load(absmax_offset_ptr)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if TRANSPOSED:
-            w = _nf4_tile(q_ptr, absmax_ptr, code, k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED,
+            w = _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
+                          k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, DOUBLE_QUANT,
                           offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
         else:
-            w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, ROWS_ALIGNED,
+            w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
+                                   offs_n, n_mask, k0, K, ROWS_ALIGNED, DOUBLE_QUANT,
                                    BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -654,6 +666,7 @@ def _tile_matmul_nf4(
 def _grouped_mm_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,
+    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,
     out_ptr, stride_om, stride_on, out_rows_ptr,
@@ -661,7 +674,7 @@ def _grouped_mm_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
     HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -677,8 +690,9 @@ def _grouped_mm_nf4_kernel(
     acc = _tile_matmul_nf4(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
+        absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         offs_n, n_mask, n0, N, K,
-        TRANSPOSED, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        TRANSPOSED, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
                          l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
@@ -690,13 +704,15 @@ def _grouped_mm_nf4_kernel(
 def _grouped_mm_swiglu_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # (E, 2I, K): gate, then up rows
+    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,  # (E, 2I, r)
     h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
     gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R,
-    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -716,8 +732,9 @@ def _grouped_mm_swiglu_nf4_kernel(
     acc = _tile_matmul_nf4(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
+        absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         w_rows, w_mask, n0, 2 * I, K,
-        False, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        False, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
@@ -730,6 +747,7 @@ def _grouped_mm_swiglu_nf4_kernel(
 def _grouped_mm_swiglu_bwd_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # W_down (E, H, I), read as (E, I, H)
+    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,  # scaling * d(out) @ B_down (S, r)
     b_ptr, stride_be, stride_bn, stride_br,  # A_down as (E, I, r)
     gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
@@ -739,7 +757,7 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R,
-    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -754,8 +772,9 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
-                          code_ptr, offs_n, n_mask, n0, I, K,
-                          True, ROWS_ALIGNED, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                          code_ptr, absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase,
+                          absmax_offset_ptr + expert, offs_n, n_mask, n0, I, K,
+                          True, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION)
     _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
                               l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                               gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
@@ -766,11 +785,16 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
 def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, dict, int, int]:
     """(kernel arguments, layout constexprs, logical N, logical K) of an NF4 stack (E, N, K) read as W or, when
     transpose, as W^T (E, K, N)."""
-    if weight.packed.stride(-1) != 1 or weight.absmax.stride(-1) != 1:
-        raise ValueError("NF4 packed codes and absmax must be contiguous per expert")
+    if any(t.stride(-1) != 1 for t in weight.tensors()):
+        raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
     _, n, k = weight.shape
     args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device))
-    layout = {"ROWS_ALIGNED": k % BLOCKSIZE == 0, "W_DTYPE": triton_dtype(weight.dtype)}
+    if weight.double_quant:
+        args += (dynamic_code(weight.device), weight.absmax_scale, weight.absmax_scale.stride(0), weight.absmax_offset)
+    else:
+        args += (weight.absmax, weight.absmax, 0, weight.absmax)  # unused without DOUBLE_QUANT
+    layout = {"ROWS_ALIGNED": k % BLOCKSIZE == 0, "DOUBLE_QUANT": weight.double_quant,
+              "W_DTYPE": triton_dtype(weight.dtype)}
     return args, layout, (k if transpose else n), (n if transpose else k)
 
 

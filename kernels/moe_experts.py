@@ -247,15 +247,14 @@ class Nf4ExpertWeights:
     down: Nf4Weight
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.gate_up.packed, self.gate_up.absmax, self.down.packed, self.down.absmax
+        return *self.gate_up.tensors(), *self.down.tensors()
 
     def rebuilder(self):
-        gate_up_meta = self.gate_up.shape, self.gate_up.dtype
-        down_meta = self.down.shape, self.down.dtype
+        num_gate_up = len(self.gate_up.tensors())
+        rebuild_gate_up, rebuild_down = self.gate_up.rebuilder(), self.down.rebuilder()
 
-        def rebuild(gate_up_packed, gate_up_absmax, down_packed, down_absmax):
-            return Nf4ExpertWeights(Nf4Weight(gate_up_packed, gate_up_absmax, *gate_up_meta),
-                                    Nf4Weight(down_packed, down_absmax, *down_meta))
+        def rebuild(*tensors):
+            return Nf4ExpertWeights(rebuild_gate_up(*tensors[:num_gate_up]), rebuild_down(*tensors[num_gate_up:]))
         return rebuild
 
     def gate_up_swiglu(self, a, a_rows, *args, **kwargs):

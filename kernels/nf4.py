@@ -9,8 +9,19 @@ blocksize=64)`` of W_e flattened row-major:
 
 So ``packed`` (E, N*K/2) uint8 and ``absmax`` (E, N*K/64) fp32, and element (n, k) of expert e is
 ``NF4[code] * absmax[e, (n*K + k) // 64]`` computed in fp32 and rounded to the weight's dtype, as
-``bitsandbytes.functional.dequantize_4bit`` does. No double quantization of absmax: it costs 0.5 bit per weight
-on top of 4, small next to keeping 16-bit experts, and keeps the in-kernel dequantization one load.
+``bitsandbytes.functional.dequantize_4bit`` does.
+
+fp32 absmax costs 0.5 bit per weight on top of 4 (1.5 GB for 24B expert weights). Optional double quantization
+(``quantize_nf4(w, double_quant=True)``, bitsandbytes' ``compress_statistics=True`` per expert) cuts it to ~0.127 bit:
+
+* ``absmax_offset`` (E,) fp32: the mean of the expert's absmax;
+* ``absmax`` (E, N*K/64) uint8: indices into bitsandbytes' signed 8-bit dynamic code (``dynamic_code``) of
+  (absmax - offset) / absmax_scale, blockwise over 256 consecutive absmax;
+* ``absmax_scale`` (E, ceil(N*K/64/256)) fp32: the absmax of each such block of (absmax - offset).
+
+The absmax of element block b is then ``dynamic_code[absmax[e, b]] * absmax_scale[e, b // 256] + absmax_offset[e]``
+in fp32 (``dequantize_absmax``), as bitsandbytes' dequantize_blockwise plus offset computes it; the kernels decode
+it with one more gather per 64 weights.
 
 The grouped GEMMs of ``moe_experts_nf4`` dequantize tiles in registers (``grouped_gemm``); this file holds the
 quantizer, the whole-tensor dequantization (for merging LoRA or a dense fallback) and its reference.
@@ -18,6 +29,7 @@ quantizer, the whole-tensor dequantization (for merging LoRA or a dense fallback
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +39,8 @@ import triton.language as tl
 from .dispatch import use_triton
 
 BLOCKSIZE = 64
+# Absmax per block of double quantization (bitsandbytes' quantize_4bit uses 256 for its compressed statistics).
+ABSMAX_BLOCKSIZE = 256
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py get_4bit_type("nf4")), in code order.
 NF4_CODE = (
@@ -37,6 +51,7 @@ NF4_CODE = (
 )
 
 _code_cache: dict[torch.device, torch.Tensor] = {}
+_dynamic_code_cache: dict[torch.device, torch.Tensor] = {}
 
 
 def nf4_code(device: torch.device | str) -> torch.Tensor:
@@ -47,22 +62,64 @@ def nf4_code(device: torch.device | str) -> torch.Tensor:
     return _code_cache[device]
 
 
+def _signed_dynamic_map() -> torch.Tensor:
+    """bitsandbytes' create_dynamic_map(signed=True) (8 bits, up to 7 exponent bits), computed the same way: for each
+    decade 10^-6 .. 1, the midpoints of 2^i equal steps of [0.1, 1] scaled to it, both signs, plus 0 and 1; sorted.
+    Small deviations of an absmax from its mean keep their relative precision instead of rounding to 0."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        values += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_code(device: torch.device | str) -> torch.Tensor:
+    """The 256 sorted values of bitsandbytes' signed dynamic code, fp32 on `device` (cached lookup table): what the
+    uint8 absmax of a double-quantized Nf4Weight index."""
+    device = torch.device(device)
+    if device not in _dynamic_code_cache:
+        _dynamic_code_cache[device] = _signed_dynamic_map().to(device)
+    return _dynamic_code_cache[device]
+
+
 @dataclass
 class Nf4Weight:
-    """An (E, N, K) weight stack in NF4: packed (E, N*K/2) uint8, absmax (E, N*K/64) fp32, and the shape and dtype
-    it dequantizes to."""
+    """An (E, N, K) weight stack in NF4: packed (E, N*K/2) uint8, absmax (E, N*K/64), and the shape and dtype it
+    dequantizes to. absmax is fp32, or uint8 with absmax_scale (E, ceil(N*K/64/256)) fp32 and absmax_offset (E,)
+    fp32 when double-quantized (see the module docstring and ``dequantize_absmax``)."""
 
     packed: torch.Tensor
     absmax: torch.Tensor
     shape: tuple[int, int, int]
     dtype: torch.dtype
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         return self.packed.device
 
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Its storage: packed and absmax, then absmax_scale and absmax_offset when double-quantized."""
+        if self.double_quant:
+            return self.packed, self.absmax, self.absmax_scale, self.absmax_offset
+        return self.packed, self.absmax
+
+    def rebuilder(self) -> Callable[..., Nf4Weight]:
+        """tensors() -> an Nf4Weight like this one; holds no tensor itself (for autograd's saved tensors)."""
+        shape, dtype = self.shape, self.dtype
+
+        def rebuild(packed, absmax, absmax_scale=None, absmax_offset=None):
+            return Nf4Weight(packed, absmax, shape, dtype, absmax_scale, absmax_offset)
+        return rebuild
+
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def check_nf4_shape(shape: tuple[int, ...]) -> None:
@@ -76,45 +133,104 @@ def check_nf4_shape(shape: tuple[int, ...]) -> None:
 
 
 @torch.no_grad()
-def quantize_nf4(weight: torch.Tensor) -> Nf4Weight:
+def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     """(E, N, K) weight -> Nf4Weight on the weight's device, one expert at a time (one fp32 expert of scratch).
 
-    Same codes and absmax as bitsandbytes' quantize_4bit(W_e, blocksize=64, quant_type="nf4") per expert."""
+    Same codes and absmax as bitsandbytes' quantize_4bit(W_e, blocksize=64, quant_type="nf4") per expert, and with
+    double_quant its absmax compressed as compress_statistics=True does (``quantize_absmax``)."""
     check_nf4_shape(weight.shape)
     num_experts, n, k = weight.shape
+    num_blocks = n * k // BLOCKSIZE
     code = nf4_code(weight.device)
     # bitsandbytes rounds to the nearest code by bucketing on the midpoints of the sorted code.
     bounds = (code[:-1] + code[1:]) / 2
     packed = torch.empty(num_experts, n * k // 2, dtype=torch.uint8, device=weight.device)
-    absmax = torch.empty(num_experts, n * k // BLOCKSIZE, dtype=torch.float32, device=weight.device)
+    absmax_scale = absmax_offset = None
+    if double_quant:
+        absmax = torch.empty(num_experts, num_blocks, dtype=torch.uint8, device=weight.device)
+        absmax_scale = torch.empty(num_experts, triton.cdiv(num_blocks, ABSMAX_BLOCKSIZE), dtype=torch.float32,
+                                   device=weight.device)
+        absmax_offset = torch.empty(num_experts, dtype=torch.float32, device=weight.device)
+    else:
+        absmax = torch.empty(num_experts, num_blocks, dtype=torch.float32, device=weight.device)
     for e in range(num_experts):
         blocks = weight[e].reshape(-1, BLOCKSIZE).float()
         amax = blocks.abs().amax(dim=1)
         scaled = torch.clamp(blocks * (1.0 / amax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
         q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
         packed[e] = (q[::2] << 4) | q[1::2]
-        absmax[e] = amax
-    return Nf4Weight(packed, absmax, (num_experts, n, k), weight.dtype)
+        if double_quant:
+            absmax[e], absmax_scale[e], absmax_offset[e] = quantize_absmax(amax)
+        else:
+            absmax[e] = amax
+    return Nf4Weight(packed, absmax, (num_experts, n, k), weight.dtype, absmax_scale, absmax_offset)
+
+
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert's fp32 absmax (blocks,) -> (uint8 codes (blocks,), scale (ceil(blocks/256),), offset ()): bitsandbytes'
+    double quantization, quantize_blockwise(absmax - absmax.mean(), blocksize=256) into the signed dynamic code, with
+    nearest-code rounding."""
+    code = dynamic_code(absmax.device)
+    bounds = (code[:-1] + code[1:]) / 2
+    offset = absmax.mean()
+    centered = absmax - offset
+    num_blocks = centered.numel()
+    padding = -num_blocks % ABSMAX_BLOCKSIZE
+    blocks = torch.nn.functional.pad(centered, (0, padding)).view(-1, ABSMAX_BLOCKSIZE)
+    scale = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / scale.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)[:num_blocks]
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), scale, offset
+
+
+def dequantize_absmax(weight: Nf4Weight) -> torch.Tensor:
+    """The fp32 absmax (E, N*K/64) of `weight`: as stored, or decoded from its double quantization."""
+    if not weight.double_quant:
+        return weight.absmax
+    scale = weight.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE, dim=1)[:, :weight.absmax.shape[1]]
+    return dynamic_code(weight.device)[weight.absmax.long()] * scale + weight.absmax_offset[:, None]
 
 
 def reference_dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Nf4Weight -> (E, N, K) in `dtype` (default: the quantized weight's dtype), bitsandbytes' arithmetic."""
     codes = torch.stack([weight.packed >> 4, weight.packed & 0xF], dim=-1).reshape(weight.packed.shape[0], -1)
-    values = nf4_code(weight.device)[codes.long()].view(codes.shape[0], -1, BLOCKSIZE) * weight.absmax[..., None]
+    absmax = dequantize_absmax(weight)
+    values = nf4_code(weight.device)[codes.long()].view(codes.shape[0], -1, BLOCKSIZE) * absmax[..., None]
     return values.to(weight.dtype).to(dtype or weight.dtype).view(weight.shape)
 
 
 @triton.jit
-def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, W_DTYPE: tl.constexpr,
+def nf4_absmax(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+               DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of the 64-element blocks `blocks` (indices within one expert, pointers at that expert; 0 where
+    masked): absmax[blocks], or with DOUBLE_QUANT absmax_code[absmax[blocks]] * absmax_scale[blocks // 256] +
+    absmax_offset (absmax_offset: the expert's value, not a pointer)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + (blocks >> 8), mask=mask, other=0.0)
+        value = tl.where(mask, tl.load(absmax_code_ptr + q) * scale + absmax_offset, 0.0)
+    else:
+        value = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
+def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                           out_ptr, numel, num_scales, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
                            BLOCK: tl.constexpr):
-    # packed and absmax are contiguous over all experts and N*K % 64 == 0, so a flat element index addresses
-    # both across expert boundaries.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # One expert per program_id(1), numel elements each, contiguous stacks: N*K % 64 == 0, so every expert starts on
+    # a byte and an absmax block.
+    expert = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    byte = tl.load(packed_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + expert * (numel // 2) + (offs >> 1), mask=mask, other=0).to(tl.int32)
     nibble = (byte >> ((1 - (offs & 1)) * 4).to(tl.int32)) & 0xF
-    value = tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (offs >> 6), mask=mask, other=0.0)
-    tl.store(out_ptr + offs, value.to(W_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
+    absmax_offset = 0.0
+    if DOUBLE_QUANT:
+        absmax_offset = tl.load(absmax_offset_ptr + expert)
+    absmax = nf4_absmax(absmax_ptr + expert * (numel // 64), offs >> 6, mask, absmax_code_ptr,
+                        absmax_scale_ptr + expert * num_scales, absmax_offset, DOUBLE_QUANT)
+    value = tl.load(code_ptr + nibble) * absmax
+    tl.store(out_ptr + expert * numel + offs, value.to(W_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def triton_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -130,10 +246,16 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     interpreted_bf16 = weight.device.type != "cuda" and weight.dtype == torch.bfloat16
     if not use_triton(weight.packed, out) or interpreted_bf16:
         return reference_dequantize_nf4(weight, dtype)
+    num_experts, n, k = weight.shape
     packed, absmax = weight.packed.contiguous(), weight.absmax.contiguous()
+    if weight.double_quant:
+        absmax_code, num_scales = dynamic_code(weight.device), weight.absmax_scale.shape[1]
+        scale, offset = weight.absmax_scale.contiguous(), weight.absmax_offset.contiguous()
+    else:
+        absmax_code, scale, offset, num_scales = absmax, absmax, absmax, 0  # unused without DOUBLE_QUANT
     block = 1024
-    _dequantize_nf4_kernel[(triton.cdiv(out.numel(), block),)](
-        packed, absmax, nf4_code(weight.device), out, out.numel(),
-        W_DTYPE=triton_dtype(weight.dtype), BLOCK=block,
+    _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
+        packed, absmax, nf4_code(weight.device), absmax_code, scale, offset, out, n * k, num_scales,
+        DOUBLE_QUANT=weight.double_quant, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block,
     )
     return out

@@ -7,7 +7,14 @@ from fastmoe.kernels import grouped_gemm, reference_only, use_triton
 from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm_nf4
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
-from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4
+from fastmoe.kernels.nf4 import (
+    dequantize_absmax,
+    dequantize_nf4,
+    dynamic_code,
+    nf4_code,
+    quantize_nf4,
+    reference_dequantize_nf4,
+)
 
 gpu = pytest.mark.gpu
 
@@ -54,6 +61,88 @@ def test_triton_dequantize_matches_reference(out_dtype):
     assert torch.equal(dequantize_nf4(nf4, out_dtype), reference_dequantize_nf4(nf4, out_dtype))
 
 
+# --------------------------------------------------------------------------------------------------------
+# Double quantization of absmax
+# --------------------------------------------------------------------------------------------------------
+
+# (E, N, K) with 300 absmax blocks per expert: two double-quantization blocks, the second partial.
+DQ_SHAPE = (3, 96, 200)
+
+
+def test_dynamic_code_is_bitsandbytes():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(dynamic_code("cpu"), bnb_functional.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_double_quant_matches_bitsandbytes(dtype):
+    """quantize_4bit(compress_statistics=True) per expert: same NF4 codes, offset and 256-block scales; the absmax codes
+    are the nearest ones, where bitsandbytes' CPU search now and then takes the other neighbour."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    w = _stack(*DQ_SHAPE, dtype)
+    nf4 = quantize_nf4(w, double_quant=True)
+    num_blocks = DQ_SHAPE[1] * DQ_SHAPE[2] // 64
+    assert nf4.absmax.shape == (3, num_blocks) and nf4.absmax.dtype == torch.uint8
+    assert nf4.absmax_scale.shape == (3, 2) and nf4.absmax_offset.shape == (3,)
+    plain = quantize_nf4(w)
+    assert torch.equal(nf4.packed, plain.packed)
+    code = dynamic_code("cpu")
+    ours = reference_dequantize_nf4(nf4)
+    for e in range(3):
+        packed, state = bnb_functional.quantize_4bit(w[e].contiguous(), blocksize=64, quant_type="nf4",
+                                                     compress_statistics=True)
+        assert torch.equal(packed.view(-1), nf4.packed[e])
+        assert torch.equal(state.offset, nf4.absmax_offset[e])
+        assert torch.equal(state.state2.absmax, nf4.absmax_scale[e])
+        differ = state.absmax != nf4.absmax[e]
+        assert differ.sum() <= 0.02 * num_blocks
+        target = (plain.absmax[e] - nf4.absmax_offset[e]) / nf4.absmax_scale[e].repeat_interleave(256)[:num_blocks]
+        theirs_err, ours_err = ((code[q.long()] - target).abs() for q in (state.absmax, nf4.absmax[e]))
+        assert (ours_err <= theirs_err).all()
+        # bitsandbytes' own dequantization of our codes and statistics gives our values.
+        state.absmax = nf4.absmax[e].clone()
+        assert rel_err(bnb_functional.dequantize_4bit(nf4.packed[e].view(-1, 1), state), ours[e]) < 1e-6
+
+
+def test_double_quant_absmax_is_close_to_fp32():
+    w = _stack(*DQ_SHAPE)
+    nf4, plain = quantize_nf4(w, double_quant=True), quantize_nf4(w)
+    decoded = dequantize_absmax(nf4)
+    assert decoded.dtype == torch.float32 and decoded.shape == plain.absmax.shape
+    # Nearest of the dynamic code: its widest gap in [-1, 1] is 0.9 / 64, so an absmax is off by at most half of that
+    # times its 256-block's scale; over the whole stack that is a few 1e-3 of the absmax.
+    scale = nf4.absmax_scale.repeat_interleave(256, dim=1)[:, :decoded.shape[1]]
+    bound = 0.45 / 64 * scale + 1e-6 * nf4.absmax_offset[:, None]
+    assert ((decoded - plain.absmax).abs() <= bound).all()
+    assert rel_err(decoded, plain.absmax) < 5e-3
+    assert rel_err(reference_dequantize_nf4(nf4), reference_dequantize_nf4(plain)) < 5e-3
+
+
+@pytest.mark.parametrize("shape", [DQ_SHAPE, (2, 24, 40 * 8)])  # 300 and 120 absmax blocks per expert
+@pytest.mark.parametrize("out_dtype", [None, torch.float16])
+def test_triton_dequantize_double_quant_matches_reference(shape, out_dtype):
+    nf4 = quantize_nf4(_stack(*shape), double_quant=True)
+    ours, reference = dequantize_nf4(nf4, out_dtype), reference_dequantize_nf4(nf4, out_dtype)
+    assert ours.dtype == reference.dtype and rel_err(ours, reference) < 1e-6
+    # The reference spelled out: NF4 value times code[q] * scale[block // 256] + offset, per element.
+    e, flat = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1] * shape[2]), indexing="ij")
+    byte = nf4.packed[e, flat // 2].long()
+    nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+    block = flat // 64
+    absmax = dynamic_code("cpu")[nf4.absmax[e, block].long()] * nf4.absmax_scale[e, block // 256] + nf4.absmax_offset[e]
+    spelled = (nf4_code("cpu")[nibble] * absmax).view(shape).to(reference.dtype)
+    assert rel_err(reference, spelled) < 1e-6
+
+
+def test_double_quant_shrinks_absmax_to_an_eighth_of_a_bit():
+    w = torch.randn(2, 256, 1024)
+    plain, double = quantize_nf4(w), quantize_nf4(w, double_quant=True)
+    absmax_bits = [(q.nbytes() - q.packed.numel()) * 8 / w.numel() for q in (plain, double)]
+    assert absmax_bits[0] == 0.5
+    assert 0.125 < absmax_bits[1] < 0.128  # uint8 per 64 weights, fp32 per 16384, fp32 per expert
+    assert double.nbytes() * 8 / w.numel() < 4.13
+
+
 def test_bf16_weights_dequantize_through_bf16_rounding():
     # bitsandbytes rounds NF4 * absmax to the weight's dtype; asking for fp32 must not skip that rounding.
     nf4 = quantize_nf4(_stack(2, 16, 32, torch.bfloat16))
@@ -67,14 +156,14 @@ def test_bf16_weights_dequantize_through_bf16_rounding():
 
 
 def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, device="cpu",
-            used_experts=None, lora=True, seed=0):
+            used_experts=None, lora=True, seed=0, double_quant=False):
     gen = torch.Generator().manual_seed(seed)
     used = used_experts or num_experts
     index = torch.stack([torch.randperm(used, generator=gen)[:top_k] for _ in range(num_tokens)]).to(device)
     weights = (torch.rand(num_tokens, top_k, generator=gen) + 0.1).to(device).requires_grad_()
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype=dtype, device=device).requires_grad_()
-    gate_up = quantize_nf4(_stack(num_experts, 2 * inter, hidden, dtype, device, seed + 1))
-    down = quantize_nf4(_stack(num_experts, hidden, inter, dtype, device, seed + 2))
+    gate_up = quantize_nf4(_stack(num_experts, 2 * inter, hidden, dtype, device, seed + 1), double_quant)
+    down = quantize_nf4(_stack(num_experts, hidden, inter, dtype, device, seed + 2), double_quant)
     params = [x, weights]
     loras = [None, None]
     if lora:
@@ -123,6 +212,22 @@ def test_moe_experts_nf4_matches_reference_and_dense(num_tokens, hidden, inter, 
     _check(args, params, 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "inter", "num_experts", "top_k", "used_experts"),
+    [
+        (37, 136, 72, 4, 2, 3),  # 306 absmax blocks per gate_up expert, rows of 136 and 72; expert 3 gets no token
+        (21, 256, 64, 3, 1, None),  # top_k = 1; 512 blocks per gate_up expert (two whole 256-blocks), aligned rows
+    ],
+)
+def test_moe_experts_nf4_double_quant(num_tokens, hidden, inter, num_experts, top_k, used_experts):
+    """Double-quantized absmax through every NF4 GEMM, forward and backward, against the reference on
+    reference_dequantize_nf4 weights and moe_experts on the Triton-dequantized ones."""
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank=3, used_experts=used_experts,
+                           double_quant=True)
+    assert args[3].double_quant and args[4].double_quant
+    _check(args, params, 1e-5)
+
+
 # Interpreter block caps (BLOCK_N, BLOCK_K): the default 32s, blocks wider than an absmax block (two per row
 # segment, and a masked one past the end of a row), and tiles narrower than one.
 INTERPRETER_BLOCKS = [(32, 32), (128, 128), (16, 64)]
@@ -152,21 +257,24 @@ def test_moe_experts_nf4_aligned_rows(monkeypatch, blocks, num_tokens, hidden, i
 @pytest.mark.parametrize("blocks", INTERPRETER_BLOCKS)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize(
-    ("n", "k"),
+    ("n", "k", "double_quant"),
     [
-        (80, 192),  # rows of 192: byte/absmax tiles (the backward's read: 192 output columns over 80 rows)
-        (192, 80),  # rows of 80: absmax blocks straddle rows, per-element gathers
-        (24, 64),  # one absmax block per row
+        (80, 192, False),  # rows of 192: byte/absmax tiles (the backward's read: 192 output columns over 80 rows)
+        (192, 80, False),  # rows of 80: absmax blocks straddle rows, per-element gathers
+        (24, 64, False),  # one absmax block per row
+        # Double-quantized absmax, 408 blocks per expert (a whole and a partial 256-block): tiles, then gathers.
+        (136, 192, True),
+        (192, 136, True),
     ],
 )
-def test_grouped_mm_nf4_matches_dense(monkeypatch, blocks, transpose, n, k):
+def test_grouped_mm_nf4_matches_dense(monkeypatch, blocks, transpose, n, k, double_quant):
     """Both orientations of the bare NF4 GEMM against the dequantized weights: W (E, n, k), or its transpose."""
     _use_blocks(monkeypatch, blocks)
     num_experts, gen = 5, torch.Generator().manual_seed(3)
     index = torch.stack([torch.randperm(num_experts - 1, generator=gen)[:2] for _ in range(23)])
     schedule = sort_by_expert(index, num_experts, gemm_block_m(index.device, index.numel(), num_experts))
     rows = torch.arange(schedule.num_pairs, dtype=torch.int32)
-    weight = quantize_nf4(_stack(num_experts, n, k, seed=4))
+    weight = quantize_nf4(_stack(num_experts, n, k, seed=4), double_quant)
     dense = reference_dequantize_nf4(weight)
     dense = dense.transpose(1, 2) if transpose else dense
     a = torch.randn(schedule.num_pairs, dense.shape[2], generator=gen)
@@ -188,12 +296,13 @@ def test_moe_experts_nf4_only_gate_up_lora():
     _check((x, index, weights, gate_up, down, gu_lora, None), params[:4], 1e-5)
 
 
-def test_moe_experts_nf4_backward_from_unpacked_copies():
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_moe_experts_nf4_backward_from_unpacked_copies(double_quant):
     """The backward rebuilds the NF4 weights from what saved-tensor hooks hand back (offloading returns copies),
     and gives the same gradients as without hooks."""
     if not use_triton(torch.empty(0)):
         pytest.skip("the Triton path runs on a GPU or under TRITON_INTERPRET=1")
-    args, params = _inputs(17, 40, 24, 5, 2, rank=3, used_experts=4)
+    args, params = _inputs(17, 40, 24, 5, 2, rank=3, used_experts=4, double_quant=double_quant)
     results = _run(moe_experts_nf4, args, params)
     unpacked = []
 
@@ -226,6 +335,16 @@ def test_moe_experts_nf4_bf16_gpu(lora):
 def test_dequantize_nf4_bf16_gpu():
     nf4 = quantize_nf4(_stack(4, 256, 192, torch.bfloat16, "cuda"))
     assert torch.equal(dequantize_nf4(nf4), reference_dequantize_nf4(nf4))
+
+
+@gpu
+def test_double_quant_nf4_bf16_gpu():
+    # The decoded absmax may differ from the reference's by an ulp (fused multiply-add), flipping a bf16 rounding.
+    nf4 = quantize_nf4(_stack(4, 256, 192, torch.bfloat16, "cuda"), double_quant=True)
+    assert rel_err(dequantize_nf4(nf4), reference_dequantize_nf4(nf4)) < 1e-3
+    args, params = _inputs(1000, 256, 192, 8, 2, rank=16, dtype=torch.bfloat16, device="cuda", used_experts=7,
+                           double_quant=True)
+    _check(args, params, 1e-2)
 
 
 def test_triton_path_never_dequantizes_a_whole_stack(monkeypatch):

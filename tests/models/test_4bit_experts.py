@@ -46,7 +46,9 @@ def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoin
         for name in SWIGLU_EXPERT_PARAMETERS:
             placeholder = getattr(module, name)
             assert placeholder.untyped_storage().nbytes() <= placeholder.element_size()
-            assert nf4_weight(module, name).nbytes() <= 0.3 * placeholder.numel() * 2  # vs 16-bit
+            nf4 = nf4_weight(module, name)
+            assert nf4.double_quant  # FastModel's BitsAndBytesConfig asks for bnb_4bit_use_double_quant
+            assert nf4.nbytes() <= 0.3 * placeholder.numel() * 2  # vs 16-bit
     assert not any("_nf4_" in key for key in model.state_dict())  # buffers stay out of checkpoints
     batch = batch_with_padding(model.config.vocab_size)
     quantized = _logits(model, batch)
@@ -123,10 +125,11 @@ def _load_4bit_then_quantize_experts(checkpoint):
     """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
     from fastmoe.api import _quantization_config
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(checkpoint), dtype=torch.float32, quantization_config=_quantization_config(True, False, torch.float32))
+    config = _quantization_config(True, False, torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                              quantization_config=config)
     assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
-    quantize_experts_(model)
+    quantize_experts_(model, double_quant=config.bnb_4bit_use_double_quant)
     return model
 
 
@@ -153,13 +156,33 @@ def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, 
     for ours, theirs in zip(streamed_experts, reference_experts):
         for name in SWIGLU_EXPERT_PARAMETERS:
             a, b = nf4_weight(ours, name), nf4_weight(theirs, name)
-            assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+            assert a.double_quant and b.double_quant
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
             assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, torch.device("cpu"))
             placeholder = getattr(ours, name)
             assert placeholder.untyped_storage().nbytes() <= placeholder.element_size()
             assert not placeholder.requires_grad
     batch = batch_with_padding(streamed.config.vocab_size)
     assert torch.equal(_logits(streamed, batch), _logits(reference, batch))
+
+
+def test_experts_follow_the_configs_double_quant(tiny_checkpoint, monkeypatch):
+    from fastmoe import api
+
+    def without_double_quant(*args):
+        config = original(*args)
+        config.bnb_4bit_use_double_quant = False
+        return config
+
+    original = api._quantization_config
+    monkeypatch.setattr(api, "_quantization_config", without_double_quant)
+    experts = _quantized_experts(_load_4bit(tiny_checkpoint("afmoe")))
+    assert experts
+    for module in experts:
+        for name in SWIGLU_EXPERT_PARAMETERS:
+            nf4 = nf4_weight(module, name)
+            assert not nf4.double_quant and nf4.absmax.dtype == torch.float32
+            assert not hasattr(module, f"{name}_nf4_absmax_scale")
 
 
 class ExpertStackBytes(TorchDispatchMode):
