@@ -102,7 +102,7 @@ def build_model(config, device: torch.device, dtype: torch.dtype, full_finetunin
         return model
     model.requires_grad_(False)
     if nf4_experts:
-        quantize_experts_(model)
+        quantize_experts_(model, double_quant=True)  # as load_in_4bit does
     return FastModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
 
 

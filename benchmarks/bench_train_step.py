@@ -218,7 +218,7 @@ def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype) -
 def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
     """The model as load_in_4bit leaves it, without its 16-bit self ever existing: built on the meta device, then
     materialised one decoder layer at a time (random weights, Linear layers to bitsandbytes NF4, experts to fastmoe's
-    NF4), so memory holds the 4-bit layers so far plus one 16-bit layer. Embeddings, lm_head, norms and routers stay
+    NF4, both with double-quantized absmax), so memory holds the 4-bit layers so far plus one 16-bit layer. Embeddings, lm_head, norms and routers stay
     16-bit. With LoRA r=16 on the same targets as the other variants. On the CPU (the tiny smoke run) bitsandbytes
     uses its CPU backend (bitsandbytes >= 0.46)."""
     from fastmoe.quantize import quantize_experts_
@@ -234,7 +234,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
         layer.to_empty(device=device)
         initialise(layer, skewed, seed=index + 1, config=config)
         linear_layers_to_4bit_(layer, dtype)
-        quantize_experts_(layer)
+        quantize_experts_(layer, double_quant=True)  # as load_in_4bit (bnb_4bit_use_double_quant=True) does
     outside_layers = torch.nn.ModuleList([model.model.embed_tokens, model.model.norm, model.model.rotary_emb,
                                           model.lm_head])
     outside_layers.to_empty(device=device)
