@@ -11,14 +11,14 @@ before fastmoe could quantize it.
 
 `Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the SwiGLU expert stacks: each
 is quantized to fastmoe's NF4 (kernels/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
-tensors are dropped before the next parameter is read. The config's bnb_4bit_use_double_quant applies to the experts
-too (their absmax double-quantized as bitsandbytes does for Linear4bit). A subclass of the quantizer rather than reading the experts
-ourselves from the safetensors files, or a hook on the model: the quantizer methods used here are the same in 5.17 and
-5.23, transformers keeps doing the per-expert fusion, renaming, sharded files, device placement and dtype casting (a
-reader of our own would have to follow each family's on-disk layout as transformers changes it), experts skipped at load
-would come back as missing keys that transformers materialises at full size, and claimed parameters count at 4 bits in
-transformers' allocator warm-up and device-map sizing. The model keeps bitsandbytes' config and quantizer type, so
-peft, trl and saving see an ordinary bitsandbytes 4-bit model.
+tensors are dropped before the next parameter is read. The config's bnb_4bit_use_double_quant applies to the experts too
+(their absmax double-quantized as bitsandbytes does for Linear4bit). A subclass of the quantizer rather than reading the
+experts ourselves from the safetensors files, or a hook on the model: the quantizer methods used here are the same in
+5.17 and 5.23, transformers keeps doing the per-expert fusion, renaming, sharded files, device placement and dtype
+casting (a reader of our own would have to follow each family's on-disk layout as transformers changes it), experts
+skipped at load would come back as missing keys that transformers materialises at full size, and claimed parameters
+count at 4 bits in transformers' allocator warm-up and device-map sizing. The model keeps bitsandbytes' config and
+quantizer type, so peft, trl and saving see an ordinary bitsandbytes 4-bit model.
 
 Two transformers behaviours shape the details:
 

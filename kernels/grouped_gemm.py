@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .moe_routing import ExpertSchedule
-from .nf4 import BLOCKSIZE, Nf4Weight, dynamic_code, nf4_absmax, nf4_code, triton_dtype
+from .nf4 import BLOCKSIZE, Nf4Weight, absmax_decode_args, nf4_absmax, nf4_code, triton_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -788,11 +788,8 @@ def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, dict, int, 
     if any(t.stride(-1) != 1 for t in weight.tensors()):
         raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
     _, n, k = weight.shape
-    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device))
-    if weight.double_quant:
-        args += (dynamic_code(weight.device), weight.absmax_scale, weight.absmax_scale.stride(0), weight.absmax_offset)
-    else:
-        args += (weight.absmax, weight.absmax, 0, weight.absmax)  # unused without DOUBLE_QUANT
+    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device),
+            *absmax_decode_args(weight))
     layout = {"ROWS_ALIGNED": k % BLOCKSIZE == 0, "DOUBLE_QUANT": weight.double_quant,
               "W_DTYPE": triton_dtype(weight.dtype)}
     return args, layout, (k if transpose else n), (n if transpose else k)

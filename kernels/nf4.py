@@ -132,6 +132,16 @@ def check_nf4_shape(shape: tuple[int, ...]) -> None:
         )
 
 
+def _quantize_blockwise(blocks: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, blocksize) fp32 -> (uint8 index of the nearest value of the sorted `code` to each element / its
+    block's absmax, flattened; absmax (blocks,)). bitsandbytes' blockwise scheme, rounding to the nearest code by
+    bucketing on the midpoints between code values."""
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
+    bounds = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+
+
 @torch.no_grad()
 def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     """(E, N, K) weight -> Nf4Weight on the weight's device, one expert at a time (one fp32 expert of scratch).
@@ -142,8 +152,6 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     num_experts, n, k = weight.shape
     num_blocks = n * k // BLOCKSIZE
     code = nf4_code(weight.device)
-    # bitsandbytes rounds to the nearest code by bucketing on the midpoints of the sorted code.
-    bounds = (code[:-1] + code[1:]) / 2
     packed = torch.empty(num_experts, n * k // 2, dtype=torch.uint8, device=weight.device)
     absmax_scale = absmax_offset = None
     if double_quant:
@@ -154,10 +162,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     else:
         absmax = torch.empty(num_experts, num_blocks, dtype=torch.float32, device=weight.device)
     for e in range(num_experts):
-        blocks = weight[e].reshape(-1, BLOCKSIZE).float()
-        amax = blocks.abs().amax(dim=1)
-        scaled = torch.clamp(blocks * (1.0 / amax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
-        q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+        q, amax = _quantize_blockwise(weight[e].reshape(-1, BLOCKSIZE).float(), code)
         packed[e] = (q[::2] << 4) | q[1::2]
         if double_quant:
             absmax[e], absmax_scale[e], absmax_offset[e] = quantize_absmax(amax)
@@ -167,19 +172,24 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One expert's fp32 absmax (blocks,) -> (uint8 codes (blocks,), scale (ceil(blocks/256),), offset ()): bitsandbytes'
-    double quantization, quantize_blockwise(absmax - absmax.mean(), blocksize=256) into the signed dynamic code, with
-    nearest-code rounding."""
-    code = dynamic_code(absmax.device)
-    bounds = (code[:-1] + code[1:]) / 2
+    """One expert's fp32 absmax (blocks,) -> (uint8 codes (blocks,), scale (ceil(blocks/256),), offset ()):
+    bitsandbytes' double quantization, quantize_blockwise(absmax - absmax.mean(), blocksize=256) into the signed
+    dynamic code, with nearest-code rounding."""
     offset = absmax.mean()
     centered = absmax - offset
     num_blocks = centered.numel()
     padding = -num_blocks % ABSMAX_BLOCKSIZE
     blocks = torch.nn.functional.pad(centered, (0, padding)).view(-1, ABSMAX_BLOCKSIZE)
-    scale = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / scale.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)[:num_blocks]
-    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), scale, offset
+    codes, scale = _quantize_blockwise(blocks, dynamic_code(absmax.device))
+    return codes[:num_blocks], scale, offset
+
+
+def absmax_decode_args(weight: Nf4Weight) -> tuple:
+    """What the kernels take to decode absmax (nf4_absmax): the dynamic code, absmax_scale, its stride between
+    experts and absmax_offset; without double quantization, placeholders they never read (DOUBLE_QUANT is off)."""
+    if weight.double_quant:
+        return dynamic_code(weight.device), weight.absmax_scale, weight.absmax_scale.stride(0), weight.absmax_offset
+    return weight.absmax, weight.absmax, 0, weight.absmax
 
 
 def dequantize_absmax(weight: Nf4Weight) -> torch.Tensor:
@@ -214,8 +224,8 @@ def nf4_absmax(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absm
 
 
 @triton.jit
-def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                           out_ptr, numel, num_scales, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
+def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, stride_ase,
+                           absmax_offset_ptr, out_ptr, numel, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
                            BLOCK: tl.constexpr):
     # One expert per program_id(1), numel elements each, contiguous stacks: N*K % 64 == 0, so every expert starts on
     # a byte and an absmax block.
@@ -228,7 +238,7 @@ def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, ab
     if DOUBLE_QUANT:
         absmax_offset = tl.load(absmax_offset_ptr + expert)
     absmax = nf4_absmax(absmax_ptr + expert * (numel // 64), offs >> 6, mask, absmax_code_ptr,
-                        absmax_scale_ptr + expert * num_scales, absmax_offset, DOUBLE_QUANT)
+                        absmax_scale_ptr + expert * stride_ase, absmax_offset, DOUBLE_QUANT)
     value = tl.load(code_ptr + nibble) * absmax
     tl.store(out_ptr + expert * numel + offs, value.to(W_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -247,15 +257,10 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     if not use_triton(weight.packed, out) or interpreted_bf16:
         return reference_dequantize_nf4(weight, dtype)
     num_experts, n, k = weight.shape
-    packed, absmax = weight.packed.contiguous(), weight.absmax.contiguous()
-    if weight.double_quant:
-        absmax_code, num_scales = dynamic_code(weight.device), weight.absmax_scale.shape[1]
-        scale, offset = weight.absmax_scale.contiguous(), weight.absmax_offset.contiguous()
-    else:
-        absmax_code, scale, offset, num_scales = absmax, absmax, absmax, 0  # unused without DOUBLE_QUANT
+    weight = weight.rebuilder()(*(t.contiguous() for t in weight.tensors()))
     block = 1024
     _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
-        packed, absmax, nf4_code(weight.device), absmax_code, scale, offset, out, n * k, num_scales,
+        weight.packed, weight.absmax, nf4_code(weight.device), *absmax_decode_args(weight), out, n * k,
         DOUBLE_QUANT=weight.double_quant, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block,
     )
     return out
