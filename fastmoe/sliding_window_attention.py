@@ -13,6 +13,8 @@ The fast path is taken only when the mask transformers built is exactly the plai
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -22,7 +24,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 _mask_verdicts = WeakIdKeyDictionary()  # keyed by identity: a tensor's == is elementwise
 
 
+@functools.cache
 def _flash_takes_a_window() -> bool:
+    """Whether this PyTorch's flash op has the window arguments (read once: it is asked per layer per forward)."""
     schema = str(torch.ops.aten._flash_attention_forward.default._schema)
     return "window_size_left" in schema
 
