@@ -42,11 +42,9 @@ import argparse
 import collections
 import datetime
 import gc
-import gzip
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -218,9 +216,9 @@ def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype) -
 def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
     """The model as load_in_4bit leaves it, without its 16-bit self ever existing: built on the meta device, then
     materialised one decoder layer at a time (random weights, Linear layers to bitsandbytes NF4, experts to fastmoe's
-    NF4, both with double-quantized absmax), so memory holds the 4-bit layers so far plus one 16-bit layer. Embeddings, lm_head, norms and routers stay
-    16-bit. With LoRA r=16 on the same targets as the other variants. On the CPU (the tiny smoke run) bitsandbytes
-    uses its CPU backend (bitsandbytes >= 0.46)."""
+    NF4, both with double-quantized absmax), so memory holds the 4-bit layers so far plus one 16-bit layer.
+    Embeddings, lm_head, norms and routers stay 16-bit. With LoRA r=16 on the same targets as the other variants. On
+    the CPU (the tiny smoke run) bitsandbytes uses its CPU backend (bitsandbytes >= 0.46)."""
     from fastmoe.quantize import quantize_experts_
 
     model_type = config_kwargs["model_type"]
@@ -250,16 +248,17 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     """The preset's model on `device`, randomly initialised, wrapped in the family's default LoRA adapter."""
     fastmoe.unpatch()
     variant = variant.removesuffix(EIGHT_BIT_ADAM)  # the optimizer's choice (make_optimizer), not the model's
+    # -dense-mask: AFMoE's sliding layers through SDPA over transformers' dense mask, as before fastmoe gave them
+    # the flash kernel with the window (the A/B of that change within one run); set for every variant, so the
+    # previous variant's choice never carries over
+    afmoe.can_use_flash_sliding_window = (
+        (lambda query, key: False) if variant.endswith("-dense-mask") else can_use_flash_sliding_window)
     model_type = config_kwargs["model_type"]
     if variant == "fastmoe-4bit":
         return build_fastmoe_4bit(config_kwargs, device, dtype, skewed)
     fast = variant.startswith("fastmoe")
     if fast:
         patching.family_class(model_type).pre_patch()
-    # -dense-mask: AFMoE's sliding layers through SDPA over transformers' dense mask, as before fastmoe gave them
-    # the flash kernel with the window (the A/B of that change within one run)
-    afmoe.can_use_flash_sliding_window = (
-        (lambda query, key: False) if variant.endswith("-dense-mask") else can_use_flash_sliding_window)
     config = make_config(config_kwargs)
     config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
     if variant.endswith("-flex"):
@@ -355,12 +354,8 @@ def print_profile(model, optimizer, input_ids, rows: int = 35, trace: str | None
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
     if trace:
-        plain = trace.removesuffix(".gz")
-        prof.export_chrome_trace(plain)
-        with open(plain, "rb") as src, gzip.open(plain + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(plain)
-        print(f"wrote {plain}.gz")
+        prof.export_chrome_trace(trace)  # gzipped by the profiler: the name ends in .gz
+        print(f"wrote {trace}")
 
 
 def make_optimizer(model: torch.nn.Module, variant: str, device: str) -> torch.optim.Optimizer:
