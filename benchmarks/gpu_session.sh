@@ -28,7 +28,7 @@
 #    over benchmarks/RESULTS.md, benchmarks/results.jsonl and benchmarks/quality_run.json, then draw the charts on
 #    any machine with matplotlib: python benchmarks/plot_results.py
 # 4. prints a summary table of this session's training-step and quality numbers.
-# Variables: TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8 (train-step-8) list bench_train_step.py
+# Variables: TRAIN_STEP_LIMIT (seconds, default 240), TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8 (train-step-8) list bench_train_step.py
 # variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the NF4 GEMMs' launch configuration in
 # nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages); FAMILY_* and QUALITY_ARGS below.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path;
@@ -71,7 +71,7 @@ step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py --results "$out/
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
     --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
     --jsonl "$out/results.jsonl"
-step train-step 240 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
+step train-step "${TRAIN_STEP_LIMIT:-240}" python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
     --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md" --jsonl "$out/results.jsonl"
 step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
     --variants fastmoe --profile --trace "$out/trace" --no-record

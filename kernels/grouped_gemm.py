@@ -31,7 +31,17 @@ import triton
 import triton.language as tl
 
 from .moe_routing import ExpertSchedule
-from .nf4 import BLOCKSIZE, Nf4Weight, absmax_decode_args, nf4_absmax, nf4_code, triton_dtype
+from .nf4 import (
+    BLOCKSIZE,
+    Nf4Weight,
+    absmax_decode_args,
+    check_register_decode_layout,
+    has_register_decode,
+    nf4_absmax,
+    nf4_code,
+    nf4_decode_runs,
+    triton_dtype,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -392,15 +402,22 @@ _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
 # than one. Measured on an H100 (bench_nf4_experts.py --nf4-configs, 2026-11-23): 4 warps 256-272 TFLOP/s on the
 # Trinity-Mini expert GEMMs against 174-180 with 8 warps; BLOCK_K 128 or BLOCK_N 64 were slower.
 _GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
+# The NF4 SwiGLU backward holds a (128 rows, BLOCK_N) d(h) tile and then the stored gate and up tiles of the same
+# size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90), so it takes half
+# the N block.
+_GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
 
-def _config(device: torch.device, wgrad: bool = False, nf4: bool = False) -> tuple[int, int, dict]:
+def _config(device: torch.device, wgrad: bool = False, nf4: bool = False,
+            swiglu_backward: bool = False) -> tuple[int, int, dict]:
     if device.type != "cuda":
         return _INTERPRETER
     if wgrad:
         return _GPU_WGRAD
-    return _GPU_NF4_ROW_GEMM if nf4 else _GPU_ROW_GEMM
+    if nf4:
+        return _GPU_NF4_SWIGLU_BWD if swiglu_backward else _GPU_NF4_ROW_GEMM
+    return _GPU_ROW_GEMM
 
 
 def grouped_mm(
@@ -592,7 +609,7 @@ def grouped_wgrad(
 
 @triton.jit
 def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code, rows, row_mask, col0, C,
-              ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+              ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
               COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
     (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values), rounded to the weight's dtype
@@ -604,15 +621,20 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offse
         row_bytes = tl.multiple_of(C // 2, 32)
         byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
         packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :],
-                         mask=row_mask[:, None] & (byte_cols < row_bytes)[None, :], other=0).to(tl.int32)
-        # Element 2j is the high nibble of byte j: join puts it first, reshape interleaves the pairs in place.
-        nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], COLS))
+                         mask=row_mask[:, None] & (byte_cols < row_bytes)[None, :], other=0)
         # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
         GROUPS: tl.constexpr = (COLS + 63) // 64
         groups = col0 // 64 + tl.arange(0, GROUPS)
         absmax = nf4_absmax(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :],
                             row_mask[:, None] & (groups < C // 64)[None, :],
                             absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+        if REGISTER_DECODE:
+            byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
+                                     (rows.shape[0], COLS // 2))
+            return nf4_decode_runs(packed, byte_absmax, OUT_DTYPE)
+        packed = packed.to(tl.int32)
+        # Element 2j is the high nibble of byte j: join puts it first, reshape interleaves the pairs in place.
+        nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], COLS))
         scale = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // GROUPS)),
                            (rows.shape[0], COLS))
     else:
@@ -633,8 +655,8 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offse
 def _tile_matmul_nf4(
     acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
     q_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, offs_n, n_mask, n0, N, K,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) an NF4 expert (q_ptr, absmax_ptr
     at it; with DOUBLE_QUANT also absmax_scale_ptr and absmax_offset_ptr) stored as (N, K), or as (K, N) when
@@ -651,11 +673,11 @@ def _tile_matmul_nf4(
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if TRANSPOSED:
             w = _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
-                          k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, DOUBLE_QUANT,
+                          k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE,
                           offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
         else:
             w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
-                                   offs_n, n_mask, k0, K, ROWS_ALIGNED, DOUBLE_QUANT,
+                                   offs_n, n_mask, k0, K, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE,
                                    BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -674,7 +696,8 @@ def _grouped_mm_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
     HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -692,7 +715,7 @@ def _grouped_mm_nf4_kernel(
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
         absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         offs_n, n_mask, n0, N, K,
-        TRANSPOSED, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        TRANSPOSED, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
                          l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
@@ -712,7 +735,7 @@ def _grouped_mm_swiglu_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R,
     HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_DTYPE: tl.constexpr,
+    REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -734,7 +757,7 @@ def _grouped_mm_swiglu_nf4_kernel(
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
         absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         w_rows, w_mask, n0, 2 * I, K,
-        False, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        False, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
@@ -757,7 +780,8 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R,
-    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -774,7 +798,7 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
                           code_ptr, absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase,
                           absmax_offset_ptr + expert, offs_n, n_mask, n0, I, K,
-                          True, ROWS_ALIGNED, DOUBLE_QUANT, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                          True, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION)
     _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
                               l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                               gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
@@ -782,17 +806,37 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
                               HAS_LORA, BLOCK_R, DOT_PRECISION)
 
 
-def _nf4_operand(weight: Nf4Weight, transpose: bool) -> tuple[tuple, dict, int, int]:
+def _nf4_operand(weight: Nf4Weight, transpose: bool, compute_dtype: torch.dtype) -> tuple[tuple, dict, int, int]:
     """(kernel arguments, layout constexprs, logical N, logical K) of an NF4 stack (E, N, K) read as W or, when
-    transpose, as W^T (E, K, N)."""
+    transpose, as W^T (E, K, N), by a GEMM in compute_dtype."""
     if any(t.stride(-1) != 1 for t in weight.tensors()):
         raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
     _, n, k = weight.shape
     args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device),
             *absmax_decode_args(weight))
-    layout = {"ROWS_ALIGNED": k % BLOCKSIZE == 0, "DOUBLE_QUANT": weight.double_quant,
+    rows_aligned = k % BLOCKSIZE == 0
+    # The PTX decode (nf4.nf4_decode_runs) on NVIDIA GPUs when rows start on a 64-block (a tile is then at least 64
+    # columns wide, and a thread's 16-byte runs stay in one block) and the weights round to the GEMM's dtype directly;
+    # otherwise the portable decode, whose code lookup goes through shared memory. The launcher also checks the tile
+    # size (_use_register_decode).
+    register_decode = (weight.device.type == "cuda" and rows_aligned and weight.dtype == compute_dtype
+                       and has_register_decode(compute_dtype))
+    layout = {"ROWS_ALIGNED": rows_aligned, "DOUBLE_QUANT": weight.double_quant, "REGISTER_DECODE": register_decode,
               "W_DTYPE": triton_dtype(weight.dtype)}
     return args, layout, (k if transpose else n), (n if transpose else k)
+
+
+def _use_register_decode(layout: dict, tile_rows: int, tile_cols: int, options: dict) -> dict:
+    """layout, with the PTX decode switched off when a tile of stored NF4 bytes has fewer than 16 a thread (it
+    decodes 16 consecutive bytes at a time)."""
+    threads = 32 * options.get("num_warps", 4)
+    return {**layout, "REGISTER_DECODE": layout["REGISTER_DECODE"] and tile_rows * tile_cols // 2 >= 16 * threads}
+
+
+def _launch_nf4(kernel, grid, *args, **kwargs) -> None:
+    compiled = kernel[grid](*args, **kwargs)
+    if kwargs["REGISTER_DECODE"]:
+        check_register_decode_layout(compiled)
 
 
 def grouped_mm_nf4(
@@ -809,7 +853,7 @@ def grouped_mm_nf4(
     transpose: bool = False,
 ) -> torch.Tensor:
     """``grouped_mm`` with an NF4 weight: W (E, N, K), or W^T (E, K, N) when transpose, dequantized per tile."""
-    w_args, w_layout, num_n, num_k = _nf4_operand(weight, transpose)
+    w_args, w_layout, num_n, num_k = _nf4_operand(weight, transpose, a.dtype)
     cap_n, cap_k, options = _config(a.device, nf4=True)
     block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
     has_lora = lora_l is not None
@@ -817,7 +861,9 @@ def grouped_mm_nf4(
     lora_l_ = lora_l if has_lora else a
     lora_b_ = lora_b if has_lora else a[None]
     grid = (schedule.max_tiles * triton.cdiv(num_n, block_n),)
-    _grouped_mm_nf4_kernel[grid](
+    w_layout = _use_register_decode(w_layout, *((block_k, block_n) if transpose else (block_n, block_k)), options)
+    _launch_nf4(
+        _grouped_mm_nf4_kernel, grid,
         a, a.stride(0), a.stride(1), a_rows,
         *w_args,
         lora_l_, lora_l_.stride(0), lora_l_.stride(-1),
@@ -845,7 +891,7 @@ def grouped_mm_swiglu_nf4(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``grouped_mm_swiglu`` with an NF4 gate_up (E, 2I, H)."""
     num_rows = schedule.num_pairs
-    w_args, w_layout, two_inter, hidden = _nf4_operand(gate_up, transpose=False)
+    w_args, w_layout, two_inter, hidden = _nf4_operand(gate_up, False, a.dtype)
     inter = two_inter // 2
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
@@ -856,7 +902,9 @@ def grouped_mm_swiglu_nf4(
     lora_l_ = lora_l if has_lora else a
     lora_b_ = lora_b if has_lora else a[None]
     grid = (schedule.max_tiles * triton.cdiv(inter, block_n),)
-    _grouped_mm_swiglu_nf4_kernel[grid](
+    w_layout = _use_register_decode(w_layout, 2 * block_n, block_k, options)
+    _launch_nf4(
+        _grouped_mm_swiglu_nf4_kernel, grid,
         a, a.stride(0), a.stride(1), a_rows,
         *w_args,
         lora_l_, lora_l_.stride(0), lora_l_.stride(-1),
@@ -885,11 +933,11 @@ def grouped_mm_swiglu_backward_nf4(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grouped_mm_swiglu_backward`` with the NF4 down projection (E, H, I), read transposed inside the kernel."""
     num_rows = schedule.num_pairs
-    w_args, w_layout, inter, hidden = _nf4_operand(down, transpose=True)
+    w_args, w_layout, inter, hidden = _nf4_operand(down, True, grad_out.dtype)
     dtype = gate_up.dtype
     dgu = torch.empty(num_rows, 2 * inter, dtype=dtype, device=gate_up.device)
     h = torch.empty(num_rows, inter, dtype=dtype, device=gate_up.device)
-    cap_n, cap_k, options = _config(gate_up.device, nf4=True)
+    cap_n, cap_k, options = _config(gate_up.device, nf4=True, swiglu_backward=True)
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     num_blocks_n = triton.cdiv(inter, block_n)
     dscale = torch.zeros(num_blocks_n, num_rows, dtype=torch.float32, device=gate_up.device)
@@ -897,7 +945,9 @@ def grouped_mm_swiglu_backward_nf4(
     rank = lora_l.shape[1] if has_lora else 0
     lora_l_ = lora_l if has_lora else gate_up
     lora_b_ = lora_b if has_lora else gate_up[None]
-    _grouped_mm_swiglu_bwd_nf4_kernel[(schedule.max_tiles * num_blocks_n,)](
+    w_layout = _use_register_decode(w_layout, block_k, block_n, options)
+    _launch_nf4(
+        _grouped_mm_swiglu_bwd_nf4_kernel, (schedule.max_tiles * num_blocks_n,),
         grad_out, grad_out.stride(0), grad_out.stride(1), grad_rows,
         *w_args,
         lora_l_, lora_l_.stride(0), lora_l_.stride(-1),

@@ -29,6 +29,8 @@ quantizer, the whole-tensor dequantization (for merging LoRA or a dense fallback
 
 from __future__ import annotations
 
+import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,6 +210,102 @@ def reference_dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None
     return values.to(weight.dtype).to(dtype or weight.dtype).view(weight.shape)
 
 
+def _register_decode_asm(pair_type: str) -> str:
+    """PTX decoding 16 packed NF4 bytes (32 weights, one 64-block) to 16-bit weights in registers, for
+    ``nf4_decode_bytes``. Operands: $0-$15 the 32 weights in order, two per register (byte j's: high nibble's in the
+    low half, as the element order of packed 16-bit values puts weight 2j first), $16-$19 the 16 bytes, $20 the
+    block's absmax.
+
+    The 16 values code[q] * absmax are computed once per call in fp32 and rounded to 16 bits (bitsandbytes'
+    arithmetic), then split into a plane of low bytes and one of high bytes, four registers each. A weight is then
+    two byte lookups, and ``prmt`` looks up four at a time: its selector takes 4-bit fields, which is what NF4 codes
+    are, but only 3 bits index (8 bytes of two registers) and the 4th asks for sign replication. So each plane is
+    looked up with the 3 low bits in entries 0-7 and in entries 8-15, and a third prmt picks per byte by the 4th
+    bit (moved to bit 2 of a selector 0x3210 + 4 * bit). A 32-bit word of packed codes is its own selector: its low
+    16 bits hold the codes of bytes 0 and 1 (low nibble first), its high 16 bits those of bytes 2 and 3. About 3
+    integer instructions per weight, and no shared-memory table, which the tensor cores' operands also need."""
+    lines = ["{", ".reg .f32 p<16>;", ".reg .b32 t<8>, l<4>, h<4>, s, s7, sel, a0, a1, la, ha;"]
+    for q, c in enumerate(NF4_CODE):
+        lines.append(f"mul.rn.f32 p{q}, $20, 0f{struct.unpack('<I', struct.pack('<f', c))[0]:08X};")
+    for i in range(8):  # t_i = (entry 2i+1 | entry 2i)
+        lines.append(f"cvt.rn.{pair_type}.f32 t{i}, p{2 * i + 1}, p{2 * i};")
+    for j in range(4):  # l_j / h_j: low / high bytes of entries 4j .. 4j+3
+        lines.append(f"prmt.b32 l{j}, t{2 * j}, t{2 * j + 1}, 0x6420;")
+        lines.append(f"prmt.b32 h{j}, t{2 * j}, t{2 * j + 1}, 0x7531;")
+    for word in range(4):
+        for half in range(2):  # bytes 4 word + 2 half and + 1
+            lines.append(f"mov.b32 s, ${16 + word};" if half == 0 else f"shr.b32 s, ${16 + word}, 16;")
+            lines += ["and.b32 s7, s, 0x7777;", "shr.b32 sel, s, 1;", "lop3.b32 sel, sel, 0x4444, 0x3210, 0xEA;",
+                      "prmt.b32 a0, l0, l1, s7;", "prmt.b32 a1, l2, l3, s7;", "prmt.b32 la, a0, a1, sel;",
+                      "prmt.b32 a0, h0, h1, s7;", "prmt.b32 a1, h2, h3, s7;", "prmt.b32 ha, a0, a1, sel;"]
+            # la / ha: the low / high bytes of the weights of (lo nibble, hi nibble) of the two bytes; a weight pair
+            # (hi nibble, lo nibble) of one byte is one output register, in weight order.
+            byte = 4 * word + 2 * half
+            lines.append(f"prmt.b32 ${byte}, la, ha, 0x4051;")
+            lines.append(f"prmt.b32 ${byte + 1}, la, ha, 0x6273;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_DECODE_ASM_BF16 = tl.constexpr(_register_decode_asm("bf16x2"))
+_DECODE_ASM_FP16 = tl.constexpr(_register_decode_asm("f16x2"))
+_DECODE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4 + ["r"] * 16))
+
+
+@triton.jit
+def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
+    """Packed NF4 bytes (uint8 (rows, bytes), bytes a multiple of 16) and each byte's fp32 absmax -> the weights, OUT_DTYPE
+    (bf16 or fp16) (rows, 2 * bytes), decoded in registers by PTX (``_register_decode_asm``): NVIDIA GPUs only.
+
+    The PTX takes the 16 consecutive bytes a thread holds with the absmax of the first, so each aligned run of 16
+    bytes of a row must lie in one 64-weight block (true of a tile of a 64-aligned row; the loads vectorise to 16
+    bytes per thread, and the GPU tests check the result). It returns the run's weights 0-15 and 16-31 as two
+    tensors shaped like `packed`; putting them back in order only renames registers."""
+    if OUT_DTYPE == tl.bfloat16:
+        first, second = tl.inline_asm_elementwise(_DECODE_ASM_BF16, _DECODE_CONSTRAINTS, [packed, absmax],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=16)
+    else:
+        first, second = tl.inline_asm_elementwise(_DECODE_ASM_FP16, _DECODE_CONSTRAINTS, [packed, absmax],
+                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=16)
+    ROWS: tl.constexpr = packed.shape[0]
+    RUNS: tl.constexpr = packed.shape[1] // 16
+    weights = tl.join(tl.reshape(first, (ROWS, RUNS, 16)), tl.reshape(second, (ROWS, RUNS, 16)))
+    return tl.reshape(tl.permute(weights, (0, 1, 3, 2)), (ROWS, 32 * RUNS))
+
+
+def has_register_decode(dtype: torch.dtype) -> bool:
+    """Whether ``nf4_decode_runs`` can produce `dtype` here: PTX, so NVIDIA GPUs (not ROCm), 16-bit outputs."""
+    return torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
+
+
+_checked_decode_kernels: set[int] = set()
+
+
+def check_register_decode_layout(compiled) -> None:
+    """Raise if a compiled kernel hands ``nf4_decode_runs`` fewer than 16 consecutive bytes per thread.
+
+    The PTX decodes a thread's registers 16 at a time with one absmax, which is right only when they are 16 bytes
+    of one row; the layout is the compiler's choice (loads vectorise to 16 bytes when the alignment is known and the
+    tile has 16 bytes a thread). Checked once per compiled kernel, from its TTGIR: a wrong layout fails loudly instead
+    of decoding with the wrong absmax."""
+    if id(compiled) in _checked_decode_kernels:
+        return
+    ttgir = compiled.asm["ttgir"]
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" not in line or "packed_element = 16" not in line:
+            continue
+        match = re.search(r"tensor<\d+x(\d+)xi8, (#\w+)>", line)
+        definition = match and re.search(rf"^{match.group(2)} = .*sizePerThread = \[(\d+), (\d+)\].*order = \[1, 0\]",
+                                          ttgir, re.MULTILINE)
+        if not definition or int(definition.group(2)) % 16:
+            raise RuntimeError(
+                "fastmoe: the NF4 register decode was compiled with a layout that does not give each thread 16 "
+                f"consecutive bytes ({match.group(0) if match else line[:200]}); this is a fastmoe bug, please report "
+                "it with your GPU, torch and triton versions"
+            )
+    _checked_decode_kernels.add(id(compiled))
+
+
 @triton.jit
 def nf4_absmax(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
                DOUBLE_QUANT: tl.constexpr):
@@ -225,22 +323,30 @@ def nf4_absmax(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absm
 
 @triton.jit
 def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, stride_ase,
-                           absmax_offset_ptr, out_ptr, numel, DOUBLE_QUANT: tl.constexpr, W_DTYPE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           absmax_offset_ptr, out_ptr, numel, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+                           W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     # One expert per program_id(1), numel elements each, contiguous stacks: N*K % 64 == 0, so every expert starts on
-    # a byte and an absmax block.
+    # a byte and an absmax block. A program takes BLOCK // 64 whole absmax blocks as a (blocks, 32 bytes) tile.
     expert = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    byte = tl.load(packed_ptr + expert * (numel // 2) + (offs >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - (offs & 1)) * 4).to(tl.int32)) & 0xF
+    blocks = tl.program_id(0) * (BLOCK // 64) + tl.arange(0, BLOCK // 64)
+    block_mask = blocks < numel // 64
     absmax_offset = 0.0
     if DOUBLE_QUANT:
         absmax_offset = tl.load(absmax_offset_ptr + expert)
-    absmax = nf4_absmax(absmax_ptr + expert * (numel // 64), offs >> 6, mask, absmax_code_ptr,
+    absmax = nf4_absmax(absmax_ptr + expert * (numel // 64), blocks, block_mask, absmax_code_ptr,
                         absmax_scale_ptr + expert * stride_ase, absmax_offset, DOUBLE_QUANT)
-    value = tl.load(code_ptr + nibble) * absmax
-    tl.store(out_ptr + expert * numel + offs, value.to(W_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
+    byte_offs = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]
+    # numel % 64 == 0: the hint keeps each 32-byte block row one aligned run, loaded 16 bytes a thread.
+    packed = tl.load(packed_ptr + expert * tl.multiple_of(numel // 2, 32) + byte_offs, mask=block_mask[:, None],
+                     other=0)
+    if REGISTER_DECODE:
+        values = nf4_decode_runs(packed, tl.broadcast_to(absmax[:, None], (BLOCK // 64, 32)), W_DTYPE)
+    else:
+        packed = packed.to(tl.int32)
+        nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (BLOCK // 64, 64))
+        values = (tl.load(code_ptr + nibbles) * absmax[:, None]).to(W_DTYPE)
+    offs = blocks[:, None] * 64 + tl.arange(0, 64)[None, :]
+    tl.store(out_ptr + expert * numel + offs, values.to(out_ptr.dtype.element_ty), mask=block_mask[:, None])
 
 
 def triton_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -258,9 +364,15 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
         return reference_dequantize_nf4(weight, dtype)
     num_experts, n, k = weight.shape
     weight = weight.rebuilder()(*(t.contiguous() for t in weight.tensors()))
-    block = 1024
-    _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
+    # The PTX decode (nf4_decode_runs) on NVIDIA GPUs for 16-bit weights, the portable one elsewhere. 4096 weights
+    # a program are 16 bytes for each of its 128 threads, what the PTX decodes at a time.
+    register_decode = weight.device.type == "cuda" and has_register_decode(weight.dtype)
+    block = 4096 if register_decode else 1024
+    compiled = _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
         weight.packed, weight.absmax, nf4_code(weight.device), *absmax_decode_args(weight), out, n * k,
-        DOUBLE_QUANT=weight.double_quant, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block,
+        DOUBLE_QUANT=weight.double_quant, REGISTER_DECODE=register_decode, W_DTYPE=triton_dtype(weight.dtype),
+        BLOCK=block, num_warps=4,
     )
+    if register_decode:
+        check_register_decode_layout(compiled)
     return out

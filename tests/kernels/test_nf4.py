@@ -332,9 +332,37 @@ def test_moe_experts_nf4_bf16_gpu(lora):
 
 
 @gpu
-def test_dequantize_nf4_bf16_gpu():
-    nf4 = quantize_nf4(_stack(4, 256, 192, torch.bfloat16, "cuda"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 256, 192), (3, 128, 200)])  # 12 whole programs of 4096; 6.25 (a masked tail)
+def test_dequantize_nf4_gpu(dtype, shape):
+    """The PTX decode (16-bit weights on NVIDIA GPUs) is bit-exact: code * absmax in fp32, rounded once."""
+    nf4 = quantize_nf4(_stack(*shape, dtype, "cuda"))
     assert torch.equal(dequantize_nf4(nf4), reference_dequantize_nf4(nf4))
+    assert torch.equal(dequantize_nf4(nf4, torch.float32), reference_dequantize_nf4(nf4, torch.float32))
+
+
+@gpu
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(320, 192), (192, 320)])
+def test_grouped_mm_nf4_register_decode_gpu(transpose, double_quant, n, k):
+    """The GEMMs through the PTX decode (bf16, rows of whole absmax blocks), both orientations, N and K not multiples
+    of the tiles (masked runs of a tile decode to zeros), against an fp64 GEMM on the dequantized weights: a run
+    decoded with another run's absmax, or out of order, would be far off."""
+    num_experts, gen = 6, torch.Generator().manual_seed(5)
+    index = torch.stack([torch.randperm(num_experts - 1, generator=gen)[:2] for _ in range(700)]).cuda()
+    schedule = sort_by_expert(index, num_experts, gemm_block_m(index.device, index.numel(), num_experts))
+    rows = torch.arange(schedule.num_pairs, dtype=torch.int32, device="cuda")
+    weight = quantize_nf4(_stack(num_experts, n, k, torch.bfloat16, "cuda", seed=6), double_quant)
+    assert grouped_gemm._nf4_operand(weight, transpose, torch.bfloat16)[1]["REGISTER_DECODE"]
+    dense = reference_dequantize_nf4(weight)
+    dense = dense.transpose(1, 2) if transpose else dense
+    a = torch.randn(schedule.num_pairs, dense.shape[2], generator=gen).to(device="cuda", dtype=torch.bfloat16)
+    row_expert = index.reshape(-1)[schedule.sorted_pair.long()]
+    expected = torch.einsum("sk,snk->sn", a.double(), dense[row_expert].double())
+    out = torch.full((schedule.num_pairs, dense.shape[1]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_mm_nf4(a, rows, weight, schedule, out, rows, transpose=transpose)
+    assert rel_err(out, expected) < 3e-3
 
 
 @gpu
