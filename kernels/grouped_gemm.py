@@ -34,10 +34,9 @@ from .moe_routing import ExpertSchedule
 from .nf4 import (
     BLOCKSIZE,
     Nf4Weight,
-    absmax_decode_args,
+    absmax_fp32,
     check_register_decode_layout,
     has_register_decode,
-    nf4_absmax,
     nf4_code,
     nf4_decode_runs,
     triton_dtype,
@@ -397,14 +396,14 @@ def _block(size: int, cap: int) -> int:
 # reduction (128x128 output, 32-row steps) with 4 warps, 4 stages.
 _GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
-# The NF4 row GEMMs have their own entry because their budget differs: each K step stores the dequantized tile to
-# shared memory and waits for its wgmma instead of keeping one in flight, so two programs per SM hide more of it
-# than one. Measured on an H100 (bench_nf4_experts.py --nf4-configs, 2026-11-23): 4 warps 256-272 TFLOP/s on the
-# Trinity-Mini expert GEMMs against 174-180 with 8 warps; BLOCK_K 128 or BLOCK_N 64 were slower.
-_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
+# The NF4 row GEMMs have their own entries because their budget differs: each K step decodes a weight tile in
+# registers and stores it to shared memory for the wgmma. Measured on an H100 (bench_nf4_experts.py --nf4-configs,
+# 2026-11-23, with the PTX decode): 8 warps 266-295 TFLOP/s on the Trinity-Mini expert GEMMs against 250-287 with 4
+# (4 warps led while the decode's code table was in shared memory); BLOCK_K 128 or BLOCK_N 64 were slower.
+_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 # The NF4 SwiGLU backward holds a (128 rows, BLOCK_N) d(h) tile and then the stored gate and up tiles of the same
-# size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90), so it takes half
-# the N block.
+# size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
+# TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
 _GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
@@ -602,20 +601,19 @@ def grouped_wgrad(
 # When C % 64 == 0 (every real model) each row starts on a byte and on an absmax block, so a tile is a
 # (rows, cols / 2) byte block split into nibbles, and a (rows, cols / 64) absmax block broadcast over its 64
 # columns. Other shapes (tests, toy models) gather each element's byte and absmax from its flat index.
-# A double-quantized absmax (DOUBLE_QUANT) is decoded where it is loaded (nf4.nf4_absmax): its uint8 code looked up
-# in the 256-entry dynamic code (a global gather, once per 64 weights), times the scale of its 256-block, plus the
-# expert's offset, loaded once per program.
+# The kernels read absmax as fp32: a double-quantized one is decoded for the whole stack first (nf4.absmax_fp32,
+# 4 bytes per 64 weights, once per GEMM): decoding it per tile, a dependent gather from the dynamic code each K
+# step, made the GEMMs 5-25% slower on an H100.
 
 
 @triton.jit
-def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code, rows, row_mask, col0, C,
-              ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
+              ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
               COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
-    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values), rounded to the weight's dtype
-    (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype; absmax is decoded by nf4_absmax (absmax_offset:
-    the expert's double-quantization offset, a value). col0 is a multiple of COLS. Flat indices stay int32: one
-    expert holds far fewer than 2^31 elements."""
+    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values; absmax: fp32), rounded to the
+    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS.
+    Flat indices stay int32: one expert holds far fewer than 2^31 elements."""
     if ROWS_ALIGNED:
         # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
         row_bytes = tl.multiple_of(C // 2, 32)
@@ -625,9 +623,8 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offse
         # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
         GROUPS: tl.constexpr = (COLS + 63) // 64
         groups = col0 // 64 + tl.arange(0, GROUPS)
-        absmax = nf4_absmax(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :],
-                            row_mask[:, None] & (groups < C // 64)[None, :],
-                            absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :],
+                         mask=row_mask[:, None] & (groups < C // 64)[None, :], other=0.0)
         if REGISTER_DECODE:
             byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
                                      (rows.shape[0], COLS // 2))
@@ -643,7 +640,7 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offse
         mask = row_mask[:, None] & (cols < C)[None, :]
         byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nibbles = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-        scale = nf4_absmax(absmax_ptr, idx >> 6, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+        scale = tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
     # The lookup is a register gather from the 16 codes, not a load: the pipeliner would turn a load into
     # cp.async copies of every looked-up value into shared memory (4 bytes each, a tile of fp32 per stage).
     flat = tl.gather(code, tl.reshape(nibbles, (nibbles.shape[0] * nibbles.shape[1],)), 0)
@@ -654,30 +651,24 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offse
 @triton.jit
 def _tile_matmul_nf4(
     acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
-    q_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, offs_n, n_mask, n0, N, K,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    q_ptr, absmax_ptr, code_ptr, offs_n, n_mask, n0, N, K,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) an NF4 expert (q_ptr, absmax_ptr
-    at it; with DOUBLE_QUANT also absmax_scale_ptr and absmax_offset_ptr) stored as (N, K), or as (K, N) when
-    TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward interleaves gate and up rows); a TRANSPOSED
+    at it) stored as (N, K), or as (K, N) when TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward interleaves gate and up rows); a TRANSPOSED
     read loads stored columns, so offs_n is n0 + arange."""
     code = tl.load(code_ptr + tl.arange(0, 16))
-    absmax_offset = 0.0
-    if DOUBLE_QUANT:
-        absmax_offset = tl.load(absmax_offset_ptr)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if TRANSPOSED:
-            w = _nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
-                          k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE,
+            w = _nf4_tile(q_ptr, absmax_ptr, code, k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, REGISTER_DECODE,
                           offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
         else:
-            w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, code,
-                                   offs_n, n_mask, k0, K, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE,
+            w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, ROWS_ALIGNED, REGISTER_DECODE,
                                    BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -688,7 +679,6 @@ def _tile_matmul_nf4(
 def _grouped_mm_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,
-    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,
     out_ptr, stride_om, stride_on, out_rows_ptr,
@@ -696,8 +686,7 @@ def _grouped_mm_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
     HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
-    W_DTYPE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -713,9 +702,8 @@ def _grouped_mm_nf4_kernel(
     acc = _tile_matmul_nf4(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
-        absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         offs_n, n_mask, n0, N, K,
-        TRANSPOSED, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
                          l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
@@ -727,15 +715,14 @@ def _grouped_mm_nf4_kernel(
 def _grouped_mm_swiglu_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # (E, 2I, K): gate, then up rows
-    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,  # (E, 2I, r)
     h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
     gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R,
-    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -755,9 +742,8 @@ def _grouped_mm_swiglu_nf4_kernel(
     acc = _tile_matmul_nf4(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
-        absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase, absmax_offset_ptr + expert,
         w_rows, w_mask, n0, 2 * I, K,
-        False, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        False, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
@@ -770,7 +756,6 @@ def _grouped_mm_swiglu_nf4_kernel(
 def _grouped_mm_swiglu_bwd_nf4_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
     q_ptr, stride_qe, absmax_ptr, stride_se, code_ptr,  # W_down (E, H, I), read as (E, I, H)
-    absmax_code_ptr, absmax_scale_ptr, stride_ase, absmax_offset_ptr,  # DOUBLE_QUANT only
     l_ptr, stride_lm, stride_lr,  # scaling * d(out) @ B_down (S, r)
     b_ptr, stride_be, stride_bn, stride_br,  # A_down as (E, I, r)
     gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
@@ -780,8 +765,7 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R,
-    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
-    W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -796,9 +780,8 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
-                          code_ptr, absmax_code_ptr, absmax_scale_ptr + expert.to(tl.int64) * stride_ase,
-                          absmax_offset_ptr + expert, offs_n, n_mask, n0, I, K,
-                          True, ROWS_ALIGNED, DOUBLE_QUANT, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                          code_ptr, offs_n, n_mask, n0, I, K,
+                          True, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION)
     _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
                               l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                               gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
@@ -811,9 +794,10 @@ def _nf4_operand(weight: Nf4Weight, transpose: bool, compute_dtype: torch.dtype)
     transpose, as W^T (E, K, N), by a GEMM in compute_dtype."""
     if any(t.stride(-1) != 1 for t in weight.tensors()):
         raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
+    # Double-quantized absmax is decoded here, for the whole stack (see the note above _nf4_tile).
     _, n, k = weight.shape
-    args = (weight.packed, weight.packed.stride(0), weight.absmax, weight.absmax.stride(0), nf4_code(weight.device),
-            *absmax_decode_args(weight))
+    absmax = absmax_fp32(weight)
+    args = (weight.packed, weight.packed.stride(0), absmax, absmax.stride(0), nf4_code(weight.device))
     rows_aligned = k % BLOCKSIZE == 0
     # The PTX decode (nf4.nf4_decode_runs) on NVIDIA GPUs when rows start on a 64-block (a tile is then at least 64
     # columns wide, and a thread's 16-byte runs stay in one block) and the weights round to the GEMM's dtype directly;
@@ -821,7 +805,7 @@ def _nf4_operand(weight: Nf4Weight, transpose: bool, compute_dtype: torch.dtype)
     # size (_use_register_decode).
     register_decode = (weight.device.type == "cuda" and rows_aligned and weight.dtype == compute_dtype
                        and has_register_decode(compute_dtype))
-    layout = {"ROWS_ALIGNED": rows_aligned, "DOUBLE_QUANT": weight.double_quant, "REGISTER_DECODE": register_decode,
+    layout = {"ROWS_ALIGNED": rows_aligned, "REGISTER_DECODE": register_decode,
               "W_DTYPE": triton_dtype(weight.dtype)}
     return args, layout, (k if transpose else n), (n if transpose else k)
 

@@ -20,11 +20,12 @@ fp32 absmax costs 0.5 bit per weight on top of 4 (1.5 GB for 24B expert weights)
 * ``absmax_scale`` (E, ceil(N*K/64/256)) fp32: the absmax of each such block of (absmax - offset).
 
 The absmax of element block b is then ``dynamic_code[absmax[e, b]] * absmax_scale[e, b // 256] + absmax_offset[e]``
-in fp32 (``dequantize_absmax``), as bitsandbytes' dequantize_blockwise plus offset computes it; the kernels decode
-it with one more gather per 64 weights.
+in fp32 (``dequantize_absmax``), as bitsandbytes' dequantize_blockwise plus offset computes it. A GEMM decodes the
+whole stack's absmax to fp32 first (``absmax_fp32``: 4 bytes per 64 weights, for the length of that GEMM).
 
 The grouped GEMMs of ``moe_experts_nf4`` dequantize tiles in registers (``grouped_gemm``); this file holds the
-quantizer, the whole-tensor dequantization (for merging LoRA or a dense fallback) and its reference.
+quantizer, the PTX decode of packed codes they use on NVIDIA GPUs (``nf4_decode_runs``), the whole-tensor
+dequantization (for merging LoRA or a dense fallback) and its reference.
 """
 
 from __future__ import annotations
@@ -186,14 +187,6 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return codes[:num_blocks], scale, offset
 
 
-def absmax_decode_args(weight: Nf4Weight) -> tuple:
-    """What the kernels take to decode absmax (nf4_absmax): the dynamic code, absmax_scale, its stride between
-    experts and absmax_offset; without double quantization, placeholders they never read (DOUBLE_QUANT is off)."""
-    if weight.double_quant:
-        return dynamic_code(weight.device), weight.absmax_scale, weight.absmax_scale.stride(0), weight.absmax_offset
-    return weight.absmax, weight.absmax, 0, weight.absmax
-
-
 def dequantize_absmax(weight: Nf4Weight) -> torch.Tensor:
     """The fp32 absmax (E, N*K/64) of `weight`: as stored, or decoded from its double quantization."""
     if not weight.double_quant:
@@ -307,34 +300,44 @@ def check_register_decode_layout(compiled) -> None:
 
 
 @triton.jit
-def nf4_absmax(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-               DOUBLE_QUANT: tl.constexpr):
-    """fp32 absmax of the 64-element blocks `blocks` (indices within one expert, pointers at that expert; 0 where
-    masked): absmax[blocks], or with DOUBLE_QUANT absmax_code[absmax[blocks]] * absmax_scale[blocks // 256] +
-    absmax_offset (absmax_offset: the expert's value, not a pointer)."""
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + (blocks >> 8), mask=mask, other=0.0)
-        value = tl.where(mask, tl.load(absmax_code_ptr + q) * scale + absmax_offset, 0.0)
-    else:
-        value = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
-    return value
+def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offset_ptr, out_ptr, num_blocks,
+                          BLOCK: tl.constexpr):
+    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // 256] + offset[e], one expert per program_id(1).
+    expert = tl.program_id(1).to(tl.int64)
+    blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = blocks < num_blocks
+    q = tl.load(q_ptr + expert * stride_qe + blocks, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(scale_ptr + expert * stride_se + blocks // 256, mask=mask, other=0.0)
+    value = tl.load(code_ptr + q) * scale + tl.load(offset_ptr + expert)
+    tl.store(out_ptr + expert * num_blocks + blocks, value, mask=mask)
+
+
+def absmax_fp32(weight: Nf4Weight) -> torch.Tensor:
+    """The fp32 absmax (E, N*K/64) the kernels read: as stored, or decoded from its double quantization for the
+    whole stack by one kernel (4 bytes per 64 weights, freed after the GEMM that asked)."""
+    if not weight.double_quant:
+        return weight.absmax
+    if not use_triton(weight.absmax):
+        return dequantize_absmax(weight)
+    num_experts, num_blocks = weight.absmax.shape
+    out = torch.empty(num_experts, num_blocks, dtype=torch.float32, device=weight.device)
+    block = 1024
+    _decode_absmax_kernel[(triton.cdiv(num_blocks, block), num_experts)](
+        weight.absmax, weight.absmax.stride(0), dynamic_code(weight.device), weight.absmax_scale,
+        weight.absmax_scale.stride(0), weight.absmax_offset, out, num_blocks, BLOCK=block,
+    )
+    return out
 
 
 @triton.jit
-def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, stride_ase,
-                           absmax_offset_ptr, out_ptr, numel, DOUBLE_QUANT: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, REGISTER_DECODE: tl.constexpr,
                            W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     # One expert per program_id(1), numel elements each, contiguous stacks: N*K % 64 == 0, so every expert starts on
-    # a byte and an absmax block. A program takes BLOCK // 64 whole absmax blocks as a (blocks, 32 bytes) tile.
+    # a byte and an absmax block (fp32). A program takes BLOCK // 64 whole absmax blocks as a (blocks, 32 bytes) tile.
     expert = tl.program_id(1).to(tl.int64)
     blocks = tl.program_id(0) * (BLOCK // 64) + tl.arange(0, BLOCK // 64)
     block_mask = blocks < numel // 64
-    absmax_offset = 0.0
-    if DOUBLE_QUANT:
-        absmax_offset = tl.load(absmax_offset_ptr + expert)
-    absmax = nf4_absmax(absmax_ptr + expert * (numel // 64), blocks, block_mask, absmax_code_ptr,
-                        absmax_scale_ptr + expert * stride_ase, absmax_offset, DOUBLE_QUANT)
+    absmax = tl.load(absmax_ptr + expert * (numel // 64) + blocks, mask=block_mask, other=0.0)
     byte_offs = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]
     # numel % 64 == 0: the hint keeps each 32-byte block row one aligned run, loaded 16 bytes a thread.
     packed = tl.load(packed_ptr + expert * tl.multiple_of(numel // 2, 32) + byte_offs, mask=block_mask[:, None],
@@ -369,9 +372,8 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     register_decode = weight.device.type == "cuda" and has_register_decode(weight.dtype)
     block = 4096 if register_decode else 1024
     compiled = _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
-        weight.packed, weight.absmax, nf4_code(weight.device), *absmax_decode_args(weight), out, n * k,
-        DOUBLE_QUANT=weight.double_quant, REGISTER_DECODE=register_decode, W_DTYPE=triton_dtype(weight.dtype),
-        BLOCK=block, num_warps=4,
+        weight.packed, absmax_fp32(weight).contiguous(), nf4_code(weight.device), out, n * k,
+        REGISTER_DECODE=register_decode, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block, num_warps=4,
     )
     if register_decode:
         check_register_decode_layout(compiled)
