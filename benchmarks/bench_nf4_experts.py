@@ -33,6 +33,10 @@ import sys
 
 import torch
 import triton
+
+# Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
+# (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
+from bench_moe_block import RANK, SHAPES, measure, routing
 from fastmoe.kernels import grouped_gemm
 from fastmoe.kernels.grouped_gemm import (
     gemm_block_m,
@@ -46,10 +50,6 @@ from fastmoe.kernels.grouped_gemm import (
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
 from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4
-
-# Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
-# (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
-from bench_moe_block import RANK, SHAPES, measure, routing
 
 SHAPE = SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
 
@@ -80,20 +80,19 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         for label, (ms, result) in results:
             out.append((case, label, ms, flops / ms / 1e9, None, None, rel_err(result, ref_out)))
 
+    def gemm(fn, n):  # fn(out, out_rows): one grouped GEMM into a fresh (rows, n) output
+        c = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
+        return bench(functools.partial(fn, c, identity)), c
+
     cases = (("gate_up", gate_up, 0, False), ("down", down, 1, False), ("gate_up^T (d(x))", gate_up, 0, True))
     for label, dense, which, transpose in cases:
         w = dense.transpose(1, 2) if transpose else dense
         n, k = w.shape[1], w.shape[2]
         a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-
-        def timed(fn):
-            c = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
-            return bench(functools.partial(fn, c)), c
-
         add(f"{name} GEMM {label} (N={n}, K={k})", 2 * rows * n * k,
-            timed(lambda c: grouped_mm(a, identity, w, schedule, c, identity)),
-            [(impl, timed(lambda c, nf4=weights[which]: grouped_mm_nf4(a, identity, nf4, schedule, c, identity,
-                                                                         transpose=transpose)))
+            gemm(functools.partial(grouped_mm, a, identity, w, schedule), n),
+            [(impl, gemm(functools.partial(grouped_mm_nf4, a, identity, weights[which], schedule,
+                                           transpose=transpose), n))
              for impl, *weights in variants])
 
     x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
