@@ -397,10 +397,11 @@ def _block(size: int, cap: int) -> int:
 _GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
 _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
 # The NF4 row GEMMs have their own entries because their budget differs: each K step decodes a weight tile in
-# registers and stores it to shared memory for the wgmma. Measured on an H100 (bench_nf4_experts.py --nf4-configs,
-# 2026-11-23, with the PTX decode): 8 warps 266-295 TFLOP/s on the Trinity-Mini expert GEMMs against 250-287 with 4
-# (4 warps led while the decode's code table was in shared memory); BLOCK_K 128 or BLOCK_N 64 were slower.
-_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
+# registers and stores it to shared memory for the wgmma, whose wait leaves the decode of one program to overlap
+# the tensor cores of another. Measured on H100s (bench_nf4_experts.py --nf4-configs, 2026-11-23, PTX decode), on
+# the Trinity-Mini expert GEMMs: 4 warps 250-300 TFLOP/s in two runs, 8 warps 266-295 in one and 200-269 in the
+# other; BLOCK_K 128 or BLOCK_N 64 were slower.
+_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
 # The NF4 SwiGLU backward holds a (128 rows, BLOCK_N) d(h) tile and then the stored gate and up tiles of the same
 # size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
 # TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
@@ -608,23 +609,27 @@ def grouped_wgrad(
 
 @triton.jit
 def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
-              ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+              ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, COLS_IN_RANGE: tl.constexpr,
               COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
     (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values; absmax: fp32), rounded to the
-    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS.
-    Flat indices stay int32: one expert holds far fewer than 2^31 elements."""
+    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS;
+    COLS_IN_RANGE: col0 + COLS <= C (no column mask). Flat indices stay int32: one expert holds far fewer than 2^31
+    elements."""
     if ROWS_ALIGNED:
         # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
         row_bytes = tl.multiple_of(C // 2, 32)
         byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
-        packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :],
-                         mask=row_mask[:, None] & (byte_cols < row_bytes)[None, :], other=0)
         # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
         GROUPS: tl.constexpr = (COLS + 63) // 64
         groups = col0 // 64 + tl.arange(0, GROUPS)
-        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :],
-                         mask=row_mask[:, None] & (groups < C // 64)[None, :], other=0.0)
+        if COLS_IN_RANGE:
+            byte_mask, group_mask = row_mask[:, None], row_mask[:, None]
+        else:
+            byte_mask = row_mask[:, None] & (byte_cols < row_bytes)[None, :]
+            group_mask = row_mask[:, None] & (groups < C // 64)[None, :]
+        packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=byte_mask, other=0)
+        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :], mask=group_mask, other=0.0)
         if REGISTER_DECODE:
             byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
                                      (rows.shape[0], COLS // 2))
@@ -652,24 +657,29 @@ def _nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
 def _tile_matmul_nf4(
     acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
     q_ptr, absmax_ptr, code_ptr, offs_n, n_mask, n0, N, K,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
     W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) an NF4 expert (q_ptr, absmax_ptr
-    at it) stored as (N, K), or as (K, N) when TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward interleaves gate and up rows); a TRANSPOSED
-    read loads stored columns, so offs_n is n0 + arange."""
+    at it) stored as (N, K), or as (K, N) when TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward
+    interleaves gate and up rows); a TRANSPOSED read loads stored columns, so offs_n is n0 + arange. WHOLE_TILES:
+    K is a multiple of BLOCK_K and, read TRANSPOSED, N of len(offs_n), so the K loop and the weight tiles need no
+    masks beyond the rows' (each mask is instructions in a loop that is bound by instruction issue)."""
     code = tl.load(code_ptr + tl.arange(0, 16))
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
+        if WHOLE_TILES:
+            k_mask = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if TRANSPOSED:
             w = _nf4_tile(q_ptr, absmax_ptr, code, k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED, REGISTER_DECODE,
-                          offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
+                          WHOLE_TILES, offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
         else:
             w = tl.trans(_nf4_tile(q_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, ROWS_ALIGNED, REGISTER_DECODE,
-                                   BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
+                                   WHOLE_TILES, BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
     return acc
@@ -686,7 +696,8 @@ def _grouped_mm_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
     HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
+    TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -703,7 +714,7 @@ def _grouped_mm_nf4_kernel(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
         offs_n, n_mask, n0, N, K,
-        TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     _grouped_mm_epilogue(acc, expert, offs_m, row_mask, offs_n, n_mask,
                          l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
@@ -722,7 +733,7 @@ def _grouped_mm_swiglu_nf4_kernel(
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R,
     HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
-    W_DTYPE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -743,7 +754,7 @@ def _grouped_mm_swiglu_nf4_kernel(
         acc, a_ptr, stride_am, stride_ak, a_rows, row_mask,
         q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se, code_ptr,
         w_rows, w_mask, n0, 2 * I, K,
-        False, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION,
+        False, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION,
     )
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     _swiglu_epilogue(gate, up, expert, offs_m, row_mask, offs_n, n_mask, I,
@@ -765,7 +776,8 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R,
-    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -781,7 +793,7 @@ def _grouped_mm_swiglu_bwd_nf4_kernel(
     dh = _tile_matmul_nf4(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask,
                           q_ptr + expert.to(tl.int64) * stride_qe, absmax_ptr + expert.to(tl.int64) * stride_se,
                           code_ptr, offs_n, n_mask, n0, I, K,
-                          True, ROWS_ALIGNED, REGISTER_DECODE, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                          True, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
     _swiglu_backward_epilogue(dh, expert, pid_n, offs_m, row_mask, offs_n, n_mask, S, I,
                               l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br, R,
                               gu_ptr, stride_gm, stride_gn, row_scale_ptr, dgu_ptr, stride_dm, stride_dn,
@@ -846,6 +858,7 @@ def grouped_mm_nf4(
     lora_b_ = lora_b if has_lora else a[None]
     grid = (schedule.max_tiles * triton.cdiv(num_n, block_n),)
     w_layout = _use_register_decode(w_layout, *((block_k, block_n) if transpose else (block_n, block_k)), options)
+    whole_tiles = num_k % block_k == 0 and (not transpose or num_n % block_n == 0)
     _launch_nf4(
         _grouped_mm_nf4_kernel, grid,
         a, a.stride(0), a.stride(1), a_rows,
@@ -856,7 +869,8 @@ def grouped_mm_nf4(
         row_scale if row_scale is not None else a,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         num_n, num_k, rank, out_scale,
-        HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, TRANSPOSED=transpose, **w_layout,
+        HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, TRANSPOSED=transpose, WHOLE_TILES=whole_tiles,
+        **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
@@ -897,7 +911,7 @@ def grouped_mm_swiglu_nf4(
         gu, gu.stride(0), gu.stride(1),
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         inter, hidden, rank,
-        HAS_LORA=has_lora, STORE_GATE_UP=store_gate_up, **w_layout,
+        HAS_LORA=has_lora, STORE_GATE_UP=store_gate_up, WHOLE_TILES=hidden % block_k == 0, **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
@@ -943,7 +957,7 @@ def grouped_mm_swiglu_backward_nf4(
         dscale,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         num_rows, inter, hidden, rank,
-        HAS_LORA=has_lora, **w_layout,
+        HAS_LORA=has_lora, WHOLE_TILES=hidden % block_k == 0 and inter % block_n == 0, **w_layout,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
         DOT_PRECISION=_dot_precision(dtype),
         **options,
