@@ -11,9 +11,9 @@ GPU only. The bf16 weights are the NF4 weights dequantized, so both sides comput
 
 Times are medians of ``triton.testing.do_bench``; TFLOP/s count the base GEMMs (block: forward 6*S*H*I,
 forward+backward 12*S*H*I, S = tokens * top_k); peak memory is the allocator's peak above what was allocated
-before the measured call; "weights" is the resident size of the two expert stacks (NF4: codes + fp32 absmax; double-quant:
-codes + uint8 absmax + its scales). The double-quantized stacks re-quantize the same bf16 weights, so their rel err
-also holds the (small) change of absmax.
+before the measured call; "weights" is the resident size of the two expert stacks (NF4: codes + fp32 absmax;
+double-quant: codes + uint8 absmax + its scales). The double-quantized stacks re-quantize the same bf16 weights,
+so their rel err also holds the (small) change of absmax.
 
     python benchmarks/bench_nf4_experts.py [--tokens 4096] [--results benchmarks/RESULTS.md]
         [--nf4-configs 128:64:8:3,128:64:4:3,...]

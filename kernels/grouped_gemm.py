@@ -815,8 +815,8 @@ def _nf4_operand(weight: Nf4Weight, transpose: bool, compute_dtype: torch.dtype)
     # columns wide, and a thread's 16-byte runs stay in one block) and the weights round to the GEMM's dtype directly;
     # otherwise the portable decode, whose code lookup goes through shared memory. The launcher also checks the tile
     # size (_use_register_decode).
-    register_decode = (weight.device.type == "cuda" and rows_aligned and weight.dtype == compute_dtype
-                       and has_register_decode(compute_dtype))
+    register_decode = (rows_aligned and weight.dtype == compute_dtype
+                       and has_register_decode(weight.device, compute_dtype))
     layout = {"ROWS_ALIGNED": rows_aligned, "REGISTER_DECODE": register_decode,
               "W_DTYPE": triton_dtype(weight.dtype)}
     return args, layout, (k if transpose else n), (n if transpose else k)

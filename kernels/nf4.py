@@ -30,6 +30,7 @@ dequantization (for merging LoRA or a dense fallback) and its reference.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Callable
@@ -247,8 +248,9 @@ _DECODE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4 + ["r"] * 16
 
 @triton.jit
 def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
-    """Packed NF4 bytes (uint8 (rows, bytes), bytes a multiple of 16) and each byte's fp32 absmax -> the weights, OUT_DTYPE
-    (bf16 or fp16) (rows, 2 * bytes), decoded in registers by PTX (``_register_decode_asm``): NVIDIA GPUs only.
+    """Packed NF4 bytes (uint8 (rows, bytes), bytes a multiple of 16) and each byte's fp32 absmax -> the weights,
+    OUT_DTYPE (bf16 or fp16) (rows, 2 * bytes), decoded in registers by PTX (``_register_decode_asm``): NVIDIA GPUs
+    only.
 
     The PTX takes the 16 consecutive bytes a thread holds with the absmax of the first, so each aligned run of 16
     bytes of a row must lie in one 64-weight block (true of a tile of a 64-aligned row; the loads vectorise to 16
@@ -266,9 +268,17 @@ def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
     return tl.reshape(tl.permute(weights, (0, 1, 3, 2)), (ROWS, 32 * RUNS))
 
 
-def has_register_decode(dtype: torch.dtype) -> bool:
-    """Whether ``nf4_decode_runs`` can produce `dtype` here: PTX, so NVIDIA GPUs (not ROCm), 16-bit outputs."""
-    return torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
+def has_register_decode(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``nf4_decode_runs`` can produce `dtype` on `device`: PTX for sm_80 and later (its packed 16-bit
+    conversions), so NVIDIA GPUs from Ampere on (not ROCm, not a T4), and 16-bit outputs."""
+    if device.type != "cuda" or torch.version.hip is not None or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _compute_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 _checked_decode_kernels: set[int] = set()
@@ -369,7 +379,7 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     weight = weight.rebuilder()(*(t.contiguous() for t in weight.tensors()))
     # The PTX decode (nf4_decode_runs) on NVIDIA GPUs for 16-bit weights, the portable one elsewhere. 4096 weights
     # a program are 16 bytes for each of its 128 threads, what the PTX decodes at a time.
-    register_decode = weight.device.type == "cuda" and has_register_decode(weight.dtype)
+    register_decode = has_register_decode(weight.device, weight.dtype)
     block = 4096 if register_decode else 1024
     compiled = _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
         weight.packed, absmax_fp32(weight).contiguous(), nf4_code(weight.device), out, n * k,

@@ -7,10 +7,13 @@ from fastmoe.kernels import grouped_gemm, reference_only, use_triton
 from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm_nf4
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
+from fastmoe.kernels import nf4 as nf4_module
 from fastmoe.kernels.nf4 import (
+    check_register_decode_layout,
     dequantize_absmax,
     dequantize_nf4,
     dynamic_code,
+    has_register_decode,
     nf4_code,
     quantize_nf4,
     reference_dequantize_nf4,
@@ -329,6 +332,33 @@ def test_moe_experts_nf4_bf16_gpu(lora):
     args, params = _inputs(1000, 256, 192, 8, 2, rank=16, dtype=torch.bfloat16, device="cuda", used_experts=7,
                            lora=lora)
     _check(args, params, 1e-2)
+
+
+def test_register_decode_needs_ampere_and_16_bit_weights(monkeypatch):
+    """The PTX decode's packed conversions are sm_80+: a T4 (sm_75) and fp32 weights take the portable decode."""
+    cuda = torch.device("cuda", 0)
+    for capability, dtype, expected in [((7, 5), torch.float16, False), ((8, 0), torch.float16, True),
+                                        ((9, 0), torch.bfloat16, True), ((9, 0), torch.float32, False)]:
+        monkeypatch.setattr(nf4_module, "_compute_capability", lambda index, c=capability: c)
+        assert has_register_decode(cuda, dtype) is expected
+    assert not has_register_decode(torch.device("cpu"), torch.bfloat16)
+
+
+class _Compiled:
+    def __init__(self, size_per_thread: str):
+        self.asm = {"ttgir": (
+            f"#blocked1 = #ttg.blocked<{{sizePerThread = [1, {size_per_thread}], threadsPerWarp = [16, 2], "
+            "warpsPerCTA = [4, 1], order = [1, 0]}>\n"
+            '%w:2 = tt.elementwise_inline_asm "{...}" {constraints = "=r", packed_element = 16 : i32, pure = true} '
+            "%packed, %absmax : tensor<128x32xi8, #blocked1>, tensor<128x32xf32, #blocked1> -> ...\n")}
+
+
+def test_register_decode_layout_check():
+    """16 (or 32) consecutive bytes a thread pass; fewer would decode runs of two rows with one absmax: an error."""
+    check_register_decode_layout(_Compiled("16"))
+    check_register_decode_layout(_Compiled("32"))
+    with pytest.raises(RuntimeError, match="16 consecutive bytes"):
+        check_register_decode_layout(_Compiled("8"))
 
 
 @gpu
