@@ -206,7 +206,7 @@ def reference_dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None
 
 def _register_decode_asm(pair_type: str) -> str:
     """PTX decoding 16 packed NF4 bytes (32 weights, one 64-block) to 16-bit weights in registers, for
-    ``nf4_decode_bytes``. Operands: $0-$15 the 32 weights in order, two per register (byte j's: high nibble's in the
+    ``nf4_decode_runs``. Operands: $0-$15 the 32 weights in order, two per register (byte j's: high nibble's in the
     low half, as the element order of packed 16-bit values puts weight 2j first), $16-$19 the 16 bytes, $20 the
     block's absmax.
 
