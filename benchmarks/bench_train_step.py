@@ -369,8 +369,8 @@ def make_optimizer(model: torch.nn.Module, variant: str, device: str) -> torch.o
     return torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
 
 
-def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None):
-    """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after two warm-up steps."""
+def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, profile=False, trace=None, warmup=2):
+    """(median seconds per step, peak GiB, loss of the last step) of `steps` timed steps after `warmup` untimed ones."""
     model = build(variant, config_kwargs, device, dtype, skewed)
     optimizer = make_optimizer(model, variant, device)
     generator = torch.Generator().manual_seed(1)
@@ -379,7 +379,7 @@ def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, pr
     times, loss = [], None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(steps + 2):  # two warm-up steps
+    for step in range(steps + warmup):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -389,7 +389,7 @@ def measure(variant, config_kwargs, batch, seq, steps, device, dtype, skewed, pr
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if step >= 2:
+        if step >= warmup:
             times.append(time.perf_counter() - start)
         loss = out.loss.item()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -464,6 +464,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="batch x sequence length, comma-separated: 1x4096,4x2048 "
                         "(default 1x4096 on a GPU, 1x64 on the CPU)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first (2 leave a fresh process's first 4-bit run ~10%% slow while the "
+                             "CUDA caching allocator still grows)")
     parser.add_argument("--variants", default="hf-eager,hf-grouped_mm,fastmoe",
                         help="comma-separated, from hf-eager, hf-grouped_mm, hf (the faster of those the family has), "
                              "fastmoe, fastmoe-no-ckpt, fastmoe-offload, fastmoe-4bit; -flex suffix: FlexAttention; "
@@ -509,7 +512,7 @@ def main() -> None:
                           flops_per_step=flops, peak_tflops=None if device != "cuda" else round(peak_tflops, 1))
             try:
                 seconds, peak, loss = measure(variant, config_kwargs, batch, seq, args.steps, device, dtype,
-                                              args.skewed, args.profile, args.trace)
+                                              args.skewed, args.profile, args.trace, args.warmup)
                 tflops = flops / seconds / 1e12
                 mfu = 100 * tflops / peak_tflops if device == "cuda" else None
                 record.update(status="ok", tokens_per_s=round(batch * seq / seconds, 1),
@@ -541,7 +544,7 @@ def main() -> None:
             f"peft {v['peft']}; triton {v.get('triton', '-')}; measured bf16 matmul peak {peak_tflops:.0f} TFLOP/s\n"
             f"- model: preset {args.preset} ({model_type}), {layers} layers; LoRA r={LORA_RANK} on the family's "
             f"default targets; gradient checkpointing where transformers has it; routing {routing}; median of "
-            f"{args.steps} steps after 2 warm-up\n"
+            f"{args.steps} steps after {args.warmup} warm-up\n"
             f"- TFLOP/s: 4 x active parameters x tokens + attention over the (query, key) pairs the masks keep "
             f"(backward counted as twice the forward)\n"
             f"- command: `{shared['command']}`")
