@@ -311,13 +311,13 @@ def check_register_decode_layout(compiled) -> None:
 
 @triton.jit
 def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offset_ptr, out_ptr, num_blocks,
-                          BLOCK: tl.constexpr):
-    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // 256] + offset[e], one expert per program_id(1).
+                          SCALE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // SCALE_BLOCK] + offset[e], one expert per program_id(1).
     expert = tl.program_id(1).to(tl.int64)
     blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = blocks < num_blocks
     q = tl.load(q_ptr + expert * stride_qe + blocks, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(scale_ptr + expert * stride_se + blocks // 256, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + expert * stride_se + blocks // SCALE_BLOCK, mask=mask, other=0.0)
     value = tl.load(code_ptr + q) * scale + tl.load(offset_ptr + expert)
     tl.store(out_ptr + expert * num_blocks + blocks, value, mask=mask)
 
@@ -334,7 +334,7 @@ def absmax_fp32(weight: Nf4Weight) -> torch.Tensor:
     block = 1024
     _decode_absmax_kernel[(triton.cdiv(num_blocks, block), num_experts)](
         weight.absmax, weight.absmax.stride(0), dynamic_code(weight.device), weight.absmax_scale,
-        weight.absmax_scale.stride(0), weight.absmax_offset, out, num_blocks, BLOCK=block,
+        weight.absmax_scale.stride(0), weight.absmax_offset, out, num_blocks, SCALE_BLOCK=ABSMAX_BLOCKSIZE, BLOCK=block,
     )
     return out
 
@@ -382,7 +382,7 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     register_decode = has_register_decode(weight.device, weight.dtype)
     block = 4096 if register_decode else 1024
     compiled = _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
-        weight.packed, absmax_fp32(weight).contiguous(), nf4_code(weight.device), out, n * k,
+        weight.packed, absmax_fp32(weight), nf4_code(weight.device), out, n * k,
         REGISTER_DECODE=register_decode, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block, num_warps=4,
     )
     if register_decode:
