@@ -6,8 +6,13 @@ Public surface:
     unpatch                   restore transformers' own forwards
 """
 
-from fastmoe.api import FastBaseModel, FastModel
-from fastmoe.patching import unpatch
+from fastmoe.noise import silence_bitsandbytes_kernels_probe
+
+# Before anything imports bitsandbytes (peft does, whenever it is installed).
+silence_bitsandbytes_kernels_probe()
+
+from fastmoe.api import FastBaseModel, FastModel  # noqa: E402
+from fastmoe.patching import unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import types
 import warnings
@@ -18,6 +19,7 @@ import torch
 
 from fastmoe import patching
 from fastmoe.distributed import QUANTIZED_FSDP_ERROR, default_device_map, exclude_nf4_from_ddp, fsdp_launch
+from fastmoe.noise import peft_checkpointing_probe
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -40,6 +42,18 @@ def _check_load_args(max_seq_length: Any, full_finetuning: bool, load_in_4bit: b
         raise ValueError(QUANTIZED_FSDP_ERROR)
 
 
+def check_lora_size(r: Any, lora_alpha: Any, r_name: str = "LoRA rank r", alpha_name: str = "lora_alpha") -> None:
+    """The one rule for a LoRA adapter's rank and alpha, shared by `get_peft_model` and `fastmoe train` (which
+    passes its flags' names). Raises ValueError."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{r_name} must be a positive integer, got {r!r}")
+    # alpha = 0 would train an adapter whose update is always scaled to zero.
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not (
+            lora_alpha > 0 and math.isfinite(lora_alpha)):
+        raise ValueError(f"{alpha_name} must be a positive number (LoRA scales its update by alpha / rank), "
+                         f"got {lora_alpha!r}")
+
+
 def _resolve_dtype(dtype: Any) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return default_dtype()
@@ -60,8 +74,11 @@ def _is_local(name: str) -> bool:
 def _load_config(model_name: str, token: str | None):
     from transformers import AutoConfig
 
-    if _is_local(model_name) and not os.path.isdir(os.path.expanduser(model_name)):
+    folder = os.path.expanduser(model_name)
+    if _is_local(model_name) and not os.path.isdir(folder):
         raise FileNotFoundError(f"model path {model_name!r} does not exist")
+    if os.path.isdir(folder):
+        _check_checkpoint_folder(model_name, folder)
     try:
         return AutoConfig.from_pretrained(model_name, token=token)
     except OSError as error:
@@ -69,6 +86,29 @@ def _load_config(model_name: str, token: str | None):
             f"could not load a model config from {model_name!r}: it is neither a local folder with a "
             f"config.json nor a reachable Hugging Face Hub id ({error.__class__.__name__}: {error})"
         ) from error
+
+
+# What a saved tokenizer leaves in a folder: tokenizer_config.json (every save in transformers 5), a fast
+# tokenizer's tokenizer.json, or the vocabulary of a slow one (sentencepiece, BPE, WordPiece, tiktoken).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
+
+
+def _check_checkpoint_folder(model_name: str, folder: str) -> None:
+    """A local model folder needs a config.json and tokenizer files; say which is missing before loading weights
+    (transformers' own errors guess at other causes)."""
+    files = set(os.listdir(folder))
+    if "config.json" not in files and "adapter_config.json" in files:
+        raise ValueError(f"{model_name!r} is a LoRA adapter folder, not a model: FastModel.from_pretrained loads it "
+                         "together with its base model")
+    if "config.json" not in files:
+        raise FileNotFoundError(
+            f"model folder {model_name!r} has no config.json, so it is not a transformers checkpoint: point at the "
+            "folder that holds config.json, the weights (*.safetensors) and the tokenizer files")
+    if not files & set(_TOKENIZER_FILES) and not any(name.endswith(".tiktoken") for name in files):
+        raise FileNotFoundError(
+            f"model folder {model_name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...): copy them "
+            "in from the model it was made from (tokenizer.save_pretrained(folder) writes them)")
 
 
 def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
@@ -150,8 +190,6 @@ class FastBaseModel:
         _check_load_args(max_seq_length, full_finetuning, load_in_4bit, load_in_8bit)
         torch_dtype = _resolve_dtype(dtype)
         quantization_config = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
-        if quantization_config is not None and not torch.cuda.is_available():
-            warnings.warn("bitsandbytes quantization without a CUDA GPU runs on its slow CPU backend", stacklevel=2)
         config = _load_config(model_name, token)
         if cls.model_type and config.model_type != cls.model_type:
             raise ValueError(
@@ -199,8 +237,7 @@ class FastBaseModel:
             raise ValueError("model already has LoRA adapters; call get_peft_model on the base model once")
         if getattr(model, "_fastmoe_full_finetuning", False):
             raise ValueError("the model was loaded with full_finetuning=True: train it directly, without LoRA")
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        check_lora_size(r, lora_alpha)
         if use_gradient_checkpointing not in (True, False, "fastmoe"):
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
@@ -233,10 +270,11 @@ class FastBaseModel:
         elif use_gradient_checkpointing == "fastmoe":
             enable_offloaded_checkpointing(model)
         elif use_gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()
         requested = set(target_modules) if isinstance(target_modules, list) else None
-        peft_model = get_peft_model(model, config)
+        with peft_checkpointing_probe():
+            peft_model = get_peft_model(model, config)
         if requested is not None:
             moved = requested - set(peft_model.peft_config["default"].target_modules or ())
             if moved:
@@ -263,6 +301,16 @@ class FastBaseModel:
         model.train()
         _base_config(model).use_cache = False
         return model
+
+
+def _enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
+    """transformers' per-layer checkpointing under its current name: `activation_checkpointing_enable` from 5.23 on,
+    where `gradient_checkpointing_enable` warns that it is deprecated; the old name before, the only one there."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
 def _base_config(model):
@@ -328,6 +376,9 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
     if quantization_config is not None and quantization_config.load_in_4bit:
         quantize_experts_(model, double_quant=quantization_config.bnb_4bit_use_double_quant)
         exclude_nf4_from_ddp(model)
+    if quantization_config is not None and not torch.cuda.is_available():
+        # Only once the model has loaded: a load that is refused should say why, and nothing else.
+        warnings.warn("bitsandbytes quantization without a CUDA GPU runs on its slow CPU backend", stacklevel=3)
     model.max_seq_length = max_seq_length
     model._fastmoe_full_finetuning = full_finetuning
     if not full_finetuning:
@@ -386,7 +437,8 @@ def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_
         base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit, device_map=device_map, attn_implementation=attn_implementation,
         token=token, **kwargs)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    with peft_checkpointing_probe():
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
     exclude_nf4_from_ddp(peft_model)
     return peft_model, tokenizer

@@ -25,6 +25,31 @@ from fastmoe.training import TrainOptions
 EXIT_USAGE = 2
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help text does not already say it and the default means something:
+    a None default stands for "decided later" (the help says how), a False one for a switch that is off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help is None or "(default" in action.help or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import fastmoe
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "trl"))
+    return f"fastmoe {fastmoe.__version__} ({libraries})"
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage before an error; one line that names the problem is easier to read."""
 
@@ -41,13 +66,14 @@ def _fail(message: str) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainOptions(output_dir="fastmoe-output")
     parser = _OneLineErrorParser(prog="fastmoe", description="Fast LoRA fine-tuning of Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
     train = commands.add_parser(
         "train", help="LoRA fine-tune (SFT) a model on an instruction or chat data set",
         description="LoRA fine-tune (SFT, trl's SFTTrainer) a causal LM loaded with fastmoe.FastModel. With no "
                     "--model, a small built-in AFMoE model with random weights is used; with no --dataset, the "
                     "instruction data shipped with fastmoe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelpFormatter)
     train.add_argument("--model", default=None,
                        help="local checkpoint folder or Hugging Face Hub id (default: the built-in tiny AFMoE model)")
     train.add_argument("--dataset", default=None,
@@ -59,22 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-seq-length", type=int, default=defaults.max_seq_length,
                        help="longer examples are truncated")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per device per step")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
+                       help="batches whose gradients are summed before each optimizer step")
     train.add_argument("--lr", type=float, default=None,
                        help=f"peak learning rate, decaying linearly (default: {training.BUILTIN_LR} for the built-in "
                             f"model, whose weights are random; {training.DEFAULT_LR} for any other)")
     train.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help="seed of the LoRA initialisation, the data order and the held-out split")
     train.add_argument("--load-in-4bit", action="store_true",
                        help="QLoRA: NF4 base weights, experts included, quantized as they load")
     train.add_argument("--load-in-8bit", action="store_true",
                        help="8-bit Linear layers (bitsandbytes); dense models only, MoE models are refused")
-    train.add_argument("--gradient-checkpointing", nargs="?", const="fastmoe", default=None,
+    train.add_argument("--gradient-checkpointing", nargs="?", const="standard", default=None,
                        choices=list(training.CHECKPOINTING_MODES),
-                       help="recompute each layer in the backward pass; fastmoe (the flag alone) keeps the layer inputs "
-                            "in host memory meanwhile, standard keeps them on the GPU (default: standard with a CUDA "
-                            "GPU, off on CPU)")
+                       help="recompute each layer in the backward pass to save activation memory: standard (the flag "
+                            "alone) keeps each layer's input on the GPU meanwhile; fastmoe keeps it in host memory "
+                            "(less GPU memory on long sequences and deep models, slower); off keeps every activation "
+                            "(default: standard with a CUDA GPU, off on the CPU)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
                        const="off", help="same as --gradient-checkpointing off")
     train.add_argument("--packing", action="store_true",

@@ -110,6 +110,20 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 
+class ExpertsIn8BitError(ValueError):
+    """load_in_8bit on a model with MoE experts, which would stay 16-bit. The message speaks in from_pretrained's
+    arguments; `fastmoe train` words it in its flags from `expert_share` (the experts' fraction of all weights)."""
+
+    def __init__(self, expert_share: float) -> None:
+        self.expert_share = expert_share
+        super().__init__(
+            f"load_in_8bit quantizes Linear layers only, and this model's experts ({expert_share:.0%} of its weights) "
+            "would stay 16-bit: fastmoe has no 8-bit experts yet. Use load_in_4bit=True (NF4 experts; AFMoE and "
+            "LFM2-MoE) or 16-bit weights; to load 8-bit Linear layers with 16-bit experts anyway, pass "
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead of load_in_8bit=True"
+        )
+
+
 class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
     """bitsandbytes' 8-bit quantizer, refusing MoE models: it would quantize their Linear layers only."""
 
@@ -117,13 +131,7 @@ class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
         experts = [m for m in model.modules() if is_experts_module(m)]
         if experts:
             expert_params = sum(p.numel() for m in experts for p in m.parameters())
-            share = expert_params / sum(p.numel() for p in model.parameters())
-            raise ValueError(
-                f"load_in_8bit quantizes Linear layers only, and this model's experts ({share:.0%} of its weights) "
-                "would stay 16-bit: fastmoe has no 8-bit experts yet. Use load_in_4bit=True (NF4 experts; AFMoE and "
-                "LFM2-MoE) or 16-bit weights; to load 8-bit Linear layers with 16-bit experts anyway, pass "
-                "quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead of load_in_8bit=True"
-            )
+            raise ExpertsIn8BitError(expert_params / sum(p.numel() for p in model.parameters()))
         return super()._process_model_before_weight_loading(model, device_map, **kwargs)
 
 

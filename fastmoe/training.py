@@ -13,6 +13,7 @@ processes. Only the main process writes the adapter and the trainer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import hashlib
@@ -21,11 +22,14 @@ import os
 import re
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastmoe.api import check_lora_size
 
 # The tiny test config is a little narrow to fit the built-in data visibly within a minute of CPU time; this one
 # keeps the architecture (every AFMoE feature exercised) and widens it. The larger init matters most: LoRA leaves
@@ -39,7 +43,7 @@ BUILTIN_OVERRIDES: dict[str, Any] = dict(
 DEFAULT_LR = 2e-4
 BUILTIN_LR = 1e-2
 # --gradient-checkpointing's choices, as FastModel.get_peft_model's use_gradient_checkpointing.
-CHECKPOINTING_MODES: dict[str, bool | str] = {"fastmoe": "fastmoe", "standard": True, "off": False}
+CHECKPOINTING_MODES: dict[str, bool | str] = {"standard": True, "fastmoe": "fastmoe", "off": False}
 
 
 def _check_optimizer(name: str) -> None:
@@ -72,8 +76,8 @@ class TrainOptions:
     seed: int = 3407
     load_in_4bit: bool = False
     load_in_8bit: bool = False
-    # "fastmoe" (each layer recomputed, its input waiting in host memory), "standard" (transformers' own, the inputs
-    # stay on the GPU) or "off". None: "standard" with CUDA, "off" on the CPU (where it only costs time).
+    # "standard" (transformers' own: each layer recomputed, its input kept on the GPU), "fastmoe" (the input waits in
+    # host memory) or "off". None: "standard" with CUDA, "off" on the CPU (where it only costs time).
     gradient_checkpointing: str | None = None
     # Pack several short examples into each max_seq_length row (trl's packing, documents kept apart by position ids).
     packing: bool = False
@@ -95,14 +99,13 @@ class TrainOptions:
     def validate(self) -> None:
         """Refuse bad values before anything slow happens."""
         positive = dict(max_steps=self.max_steps, max_seq_length=self.max_seq_length, batch_size=self.batch_size,
-                        gradient_accumulation_steps=self.gradient_accumulation_steps, lora_r=self.lora_r)
+                        gradient_accumulation_steps=self.gradient_accumulation_steps)
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        check_lora_size(self.lora_r, self.lora_alpha, r_name="--lora-r", alpha_name="--lora-alpha")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit are exclusive: pick one")
         if self.model is not None and _looks_like_path(self.model) and not Path(self.model).expanduser().is_dir():
@@ -227,15 +230,28 @@ def load_records(dataset: str | None):
 
 
 def _read_json_records(path: Path) -> list[dict]:
-    """A .jsonl file (one object per line) or a .json file holding a list of objects."""
+    """A .jsonl file (one object per line) or a .json file holding a list of objects. Errors name the file's line."""
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
+        records = []
+        # Split on newlines only: str.splitlines() also splits at U+2028 and U+0085, which JSON strings may hold.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"dataset file {str(path)!r}, line {number}: not valid JSON ({error.msg}, "
+                                 f"column {error.colno}); a .jsonl file holds one JSON object per line") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"dataset file {str(path)!r}, line {number}: a JSON {type(record).__name__}, where "
+                                 "each line must be one JSON object")
+            records.append(record)
+    else:
+        try:
             records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"dataset file {str(path)!r} is not valid JSON/JSON lines: {error}") from error
+        except json.JSONDecodeError as error:
+            raise ValueError(f"dataset file {str(path)!r} is not valid JSON: {error}") from error
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"dataset file {str(path)!r} must hold JSON objects (a list of them, or one per line)")
     if not records:
@@ -375,8 +391,7 @@ def prepare(options: TrainOptions):
     record_format(records.column_names)
     model_name = str(options.model) if options.model is not None else str(builtin_model_path())
     learning_rate = options.lr if options.lr is not None else BUILTIN_LR if options.model is None else DEFAULT_LR
-    model, tokenizer = FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
-                                                 load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
+    model, tokenizer = _load_model(model_name, options)
     train_dataset, assistant_only_loss = to_sft_dataset(records, tokenizer)
     eval_dataset = None
     if options.eval_fraction > 0:
@@ -426,14 +441,56 @@ def prepare(options: TrainOptions):
         ddp_find_unused_parameters=False,
         **fsdp,
     )
+    output = Path(options.output_dir).expanduser()
+    output_existed = output.exists()
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, args=config)
     # Our bar replaces transformers' (and the printer it falls back to), which print one dict per logged step.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
-    _check_distributed_setup(trainer)
+    try:
+        _check_examples_left(trainer, options, len(train_dataset))
+        _check_distributed_setup(trainer)
+    except ValueError:
+        # The trainer has made output_dir; a run refused before training leaves nothing behind.
+        if not output_existed:
+            with contextlib.suppress(OSError):  # not empty, or another process removed it first
+                output.rmdir()
+        raise
     return trainer, model, tokenizer
+
+
+def _load_model(model_name: str, options: TrainOptions):
+    from fastmoe import FastModel
+    from fastmoe.quantized_loading import ExpertsIn8BitError
+
+    try:
+        return FastModel.from_pretrained(model_name, max_seq_length=options.max_seq_length,
+                                         load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
+    except ExpertsIn8BitError as error:
+        raise ValueError(
+            f"--load-in-8bit quantizes Linear layers only, and this model's experts ({error.expert_share:.0%} of its "
+            "weights) would stay 16-bit: fastmoe has no 8-bit experts yet. Use --load-in-4bit instead (NF4 experts; "
+            "AFMoE and LFM2-MoE), or neither flag for 16-bit weights"
+        ) from error
+
+
+def _check_examples_left(trainer, options: TrainOptions, examples: int) -> None:
+    """trl drops the examples that keep no token to learn from once truncated to max_length (the loss is on the
+    answers only, and a prompt can fill it); refuse a run with none left, rather than fail in the data loader."""
+    why = (f"the loss is on the answers only, and the prompts fill the first {options.max_seq_length} tokens; "
+           "raise --max-seq-length")
+    left = len(trainer.train_dataset)
+    if left == 0:
+        raise ValueError(f"no training example is left: truncated to --max-seq-length {options.max_seq_length} "
+                         f"tokens, none of the {examples} keeps a token to learn from ({why})")
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
+        raise ValueError(f"no held-out example is left to evaluate: truncated to --max-seq-length "
+                         f"{options.max_seq_length} tokens, none keeps a token to learn from ({why})")
+    if not options.packing and left < examples:
+        warnings.warn(f"{examples - left} of {examples} training examples keep no token to learn from within "
+                      f"--max-seq-length {options.max_seq_length} tokens and are left out", stacklevel=2)
 
 
 def _check_distributed_setup(trainer) -> None:

@@ -3,13 +3,16 @@ one-line errors for bad arguments."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import fastmoe
 from fastmoe import cli, training
 from fastmoe.builtin import build_tokenizer
 
@@ -79,10 +82,10 @@ def test_messages_dataset_trains(tmp_path, fastmoe_cache):
                         {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
             handle.write(json.dumps({"messages": messages}) + "\n")
     output_dir = tmp_path / "out"
-    # On the CPU checkpointing is off unless asked for; this run asks for fastmoe's offloading mode (the bare flag),
-    # through trl's trainer.
+    # On the CPU checkpointing is off unless asked for; this run asks for fastmoe's offloading mode through trl's
+    # trainer.
     result = run_cli(["train", "--dataset", str(data), "--max-steps", "3", "--batch-size", "2",
-                      "--gradient-checkpointing", "--output-dir", str(output_dir)], fastmoe_cache)
+                      "--gradient-checkpointing", "fastmoe", "--output-dir", str(output_dir)], fastmoe_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(logged_losses(output_dir)) == 3
     assert (output_dir / "adapter_model.safetensors").is_file()
@@ -124,6 +127,19 @@ def _bad_dataset(tmp_path):
     return str(path)
 
 
+def one_error_line(args, tmp_path, capsys) -> str:
+    """Run `fastmoe train` in this process; it must exit with status 2 and one error line, writing nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastmoe: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/does/not/exist"], "does not exist"),
     (["--dataset", "/does/not/exist.jsonl"], "does not exist"),
@@ -143,22 +159,89 @@ def _bad_dataset(tmp_path):
     (["--fsdp", "--load-in-4bit"], "cannot be combined with FSDP"),
     (["--fsdp"], "launch with torchrun --nproc-per-node N"),
     (["--optim", "sgd_with_vibes"], "is not an optimizer transformers knows"),
+    (["--lora-r", "0"], "--lora-r must be a positive integer, got 0"),
+    # The same rule as FastModel.get_peft_model's (tests/test_api.py), in the flag's name.
+    (["--lora-alpha", "0"], "--lora-alpha must be a positive number (LoRA scales its update by alpha / rank), got 0"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
+    assert message in one_error_line(args, tmp_path, capsys)
+
+
+def test_broken_jsonl_line_is_named_by_its_line_in_the_file(tmp_path, capsys):
+    good = json.dumps({"instruction": "Add 2 and 3", "response": "5"})
+    path = tmp_path / "data.jsonl"
+    # A blank line counts too, as in an editor; the line separator U+2028 inside a string is not a line break.
+    path.write_text(f"{good}\n\n" + json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n"
+                    + '{"instruction": "Add 1 and 1", "response": 2,}\n' + f"{good}\n")
+    line = one_error_line(["--dataset", str(path)], tmp_path, capsys)
+    assert f"{str(path)!r}, line 4: not valid JSON" in line, line
+    assert "line 1" not in line
+
+
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n[1, 2]\n")
+    assert "line 2: a JSON list, where each line must be one JSON object" in one_error_line(
+        ["--dataset", str(path)], tmp_path, capsys)
+
+
+def test_truncation_that_leaves_no_example_says_so_before_training(tmp_path, capsys):
+    # The built-in data trains on the responses only; 8 tokens hold no more than each prompt.
+    line = one_error_line(["--max-seq-length", "8"], tmp_path, capsys)
+    assert "no training example is left: truncated to --max-seq-length 8 tokens" in line, line
+    assert "raise --max-seq-length" in line
+
+
+def test_model_folder_without_config_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(["--model", str(tmp_path / "empty")], tmp_path, capsys)
+    assert "has no config.json" in line and "model_type" not in line, line
+
+
+def test_model_folder_without_tokenizer_files_says_so(tmp_path, capsys, tiny_checkpoint):
+    model = shutil.copytree(tiny_checkpoint("afmoe"), tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    line = one_error_line(["--model", str(model)], tmp_path, capsys)
+    assert "has no tokenizer files" in line and "sentencepiece" not in line, line
+
+
+def test_8bit_refusal_speaks_in_flags(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = one_error_line(["--load-in-8bit"], tmp_path, capsys)
+    assert "--load-in-8bit quantizes Linear layers only" in line and "--load-in-4bit" in line, line
+    assert "load_in_" not in line and "quantization_config" not in line
+    # Refused before any warning about how slowly it would have run.
+    assert not [w for w in caught if "slow CPU backend" in str(w.message)]
+
+
+def test_help_names_each_default_once(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--output-dir", str(tmp_path / "out"), *args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fastmoe: error:")]
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"\(default:[^)]*\) \(default:", text), text
+    assert "(default: the built-in tiny AFMoE model)" in text and "(default: 60)" in text
+    assert "standard (the flag alone)" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert re.match(rf"fastmoe {re.escape(fastmoe.__version__)} \(torch \S+, transformers \S+, peft \S+, trl \S+\)$",
+                    capsys.readouterr().out.strip())
 
 
 @pytest.mark.parametrize("flags, mode", [
     ([], None),
-    (["--gradient-checkpointing"], "fastmoe"),
+    # The flag alone asks for transformers' standard checkpointing; fastmoe's host-offloading mode is asked by name.
+    (["--gradient-checkpointing"], "standard"),
+    (["--gradient-checkpointing", "fastmoe"], "fastmoe"),
     (["--gradient-checkpointing", "standard"], "standard"),
     (["--gradient-checkpointing", "off"], "off"),
     (["--no-gradient-checkpointing"], "off"),

@@ -43,3 +43,28 @@ def test_checkout_root_kernels_folder_looks_absent_to_transformers():
     result = run(code, REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["False", "not importable"]
+
+
+def test_checkout_root_kernels_folder_steps_aside_for_an_installed_kernels_package(tmp_path):
+    # The checkout's root comes before site-packages on sys.path; Hugging Face's package, where installed, must
+    # still be what `import kernels` finds (bitsandbytes and transformers import it), never our folder.
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("__version__ = '0.12.0'\ndef get_kernel(repo_id, version=None):\n"
+                                           "    return repo_id\n")
+    code = (
+        "import sys, kernels\n"
+        "print(kernels.__file__)\n"
+        "print(kernels.get_kernel('kernels-community/x'))\n"
+        "print(sys.modules['kernels'] is kernels)\n"
+        "try:\n"
+        "    import kernels.rms_norm\n"
+        "    print('importable')\n"
+        "except ImportError:\n"
+        "    print('not importable')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(installed / "__init__.py"), "kernels-community/x", "True",
+                                          "not importable"]
