@@ -219,6 +219,7 @@ class FastBaseModel:
         bias: str = "none",
         use_rslora: bool = False,
         use_gradient_checkpointing: bool | str = True,
+        cuda_graphs: bool = True,
         random_state: int = 3407,
         **lora_kwargs: Any,
     ):
@@ -227,10 +228,14 @@ class FastBaseModel:
         use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
         in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
         (`fastmoe.offloaded_checkpointing`: less GPU memory at long sequences, slower, see README); False keeps
-        every activation."""
+        every activation.
+
+        cuda_graphs: with checkpointing on a CUDA GPU, each decoder layer's forward and its recompute + backward
+        replay CUDA graphs captured on the second step of each input shape (`fastmoe.graphed_checkpointing`): the
+        same kernels on the same data, launched without the host in the way. False runs them eagerly."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        from fastmoe.offloaded_checkpointing import enable_offloaded_checkpointing
+        from fastmoe.checkpointing import set_checkpointing_mode
         from fastmoe.saving import save_pretrained_merged
 
         if isinstance(model, PeftModel):
@@ -262,13 +267,15 @@ class FastBaseModel:
             task_type="CAUSAL_LM",
             **lora_kwargs,
         )
+        if model.supports_gradient_checkpointing:
+            # Also what a Trainer installs when its arguments turn checkpointing on (fastmoe.checkpointing).
+            set_checkpointing_mode(
+                model, "offload" if use_gradient_checkpointing == "fastmoe" else "graphs" if cuda_graphs else "standard")
         if use_gradient_checkpointing and not model.supports_gradient_checkpointing:
             warnings.warn(
                 f"{type(model).__name__} does not support gradient checkpointing in transformers; training without it",
                 stacklevel=2,
             )
-        elif use_gradient_checkpointing == "fastmoe":
-            enable_offloaded_checkpointing(model)
         elif use_gradient_checkpointing:
             _enable_activation_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()

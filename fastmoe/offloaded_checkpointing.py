@@ -18,7 +18,7 @@ have to redo all of that; the reentrant variant runs a backward of its own and n
 
 transformers calls the function per layer: every `GradientCheckpointingLayer` runs
 `self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)` when checkpointing is on and the
-model is training, so evaluation and generation never checkpoint.
+model is training, so evaluation and generation never checkpoint. `fastmoe.checkpointing` installs it.
 """
 
 from __future__ import annotations
@@ -91,12 +91,3 @@ def checkpoint_with_offloaded_inputs(function: Callable[..., Any], *args: Any) -
     `offload_to_host` and `reload_to_device` are looked up on every call, so a test can watch what is saved."""
     with torch.autograd.graph.saved_tensors_hooks(offload_to_host, reload_to_device):
         return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
-
-
-def enable_offloaded_checkpointing(model) -> None:
-    """Checkpoint every decoder layer of a transformers `PreTrainedModel` with `checkpoint_with_offloaded_inputs`.
-
-    `gradient_checkpointing_enable` only lets us pass kwargs for torch's own `checkpoint`; the hook it calls,
-    `_set_gradient_checkpointing(enable, gradient_checkpointing_func)`, takes the function itself and has had this
-    signature since transformers 4.35. `gradient_checkpointing_disable()` undoes it like the standard mode."""
-    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpoint_with_offloaded_inputs)

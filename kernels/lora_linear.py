@@ -79,8 +79,25 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
 
     weight: (out, in) in x's dtype, or a callable returning it (a quantized weight, dequantized on demand); it
     gets no gradient. lora_a (r, in), lora_b (out, r) in any float dtype (peft keeps them in float32); their
-    products are computed in x's dtype and their gradients returned in their own.
+    products are computed in x's dtype and their gradients returned in their own. Under autocast, everything is
+    computed in autocast's dtype, as autocast computes F.linear.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast makes of F.linear: both operands in its dtype. The Function runs outside autocast so that
+        # its in-place products see the dtypes it chose.
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(dtype)
+        else:
+            dequantize = weight
+
+            def weight() -> torch.Tensor:
+                return dequantize().to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, scaling)
     w_dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
     if w_dtype is not None and w_dtype != x.dtype:
         raise TypeError(f"lora_linear: input is {x.dtype} but the base weight is {w_dtype}; cast the input first")

@@ -88,3 +88,23 @@ def test_bf16_gpu_matches_fp32_reference():
     exact = _forward_backward(reference_lora_linear, *exact_args, scaling=2.0)
     for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, exact):
         assert rel_err(got, expected) < 1e-2, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_over_fp32_weights_computes_in_autocast_dtype(bias):
+    """An fp32 model trained with autocast (Trainer's bf16=True on fp32 weights): the op computes in autocast's
+    dtype, as F.linear does under autocast, and returns gradients in the inputs' and factors' own dtypes."""
+    x, weight, b, lora_a, lora_b = _inputs((3, 5), 40, 24, 4, torch.float32, bias=bias)
+
+    def under_autocast(fn):
+        def run(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args, **kwargs)
+        return run
+
+    fused = _forward_backward(under_autocast(lora_linear), x, weight, b, lora_a, lora_b, scaling=1.3)
+    exact = _forward_backward(reference_lora_linear, x, weight, b, lora_a, lora_b, scaling=1.3)
+    assert fused[0].dtype == torch.bfloat16
+    assert [t.dtype for t in fused[1:]] == [torch.float32] * 3
+    for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, exact):
+        assert rel_err(got, expected) < 1e-2, name

@@ -1,0 +1,429 @@
+"""Gradient checkpointing whose decoder layers replay CUDA graphs.
+
+Why: a LoRA training step of an MoE model at a few thousand tokens is bound by the host. Each decoder layer
+launches a few hundred kernels (peft's LoRA layers, norms, routing, the grouped GEMMs, their backward, and the
+recompute that checkpointing adds), and Python spends longer issuing them than the GPU spends running them.
+A CUDA graph issues a whole layer with one launch.
+
+What: with checkpointing on, transformers calls `gradient_checkpointing_func(layer_call, *args)` for every
+decoder layer (`GradientCheckpointingLayer`). `GraphedCheckpoint` is such a function. It runs the layer as one
+autograd Function that is exactly checkpointing: the forward runs the layer without autograd and keeps only its
+inputs; the backward recomputes the layer with autograd and differentiates it with respect to its input and its
+trainable parameters (LoRA). Each of the two is captured once as a CUDA graph per input signature and replayed
+from then on, so the same kernels run on the same data as in eager mode and the results are the same.
+
+A signature holds what decides which kernels the layer runs: the shapes, dtypes and devices of its tensor
+arguments, which ones need gradients, the non-tensor arguments, autocast and train/eval state, the peft adapter
+state of the layer (active, disabled, merged), and which of its parameters train. Integer and boolean tensor
+arguments (attention masks, position ids) can steer Python-side decisions inside the layer (fastmoe's sliding
+window path inspects the mask), so their values are part of the signature too: they are compared with the
+values the graph was captured with (once per tensor object, a host sync), never copied into a captured graph.
+Floating-point arguments are data: they are copied into the graph's input buffers.
+
+A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
+every Triton kernel for those shapes), and at most `max_signatures` per model are kept: a data set of variable
+lengths would otherwise capture on every step. Anything the graphs cannot honour falls back, call by call, to
+torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, output recording), torch.compile, a capture
+that fails (a host sync inside the layer). A parameter or buffer of the layer moved to new memory (a new
+adapter, `model.to`) drops that layer's graphs.
+
+Memory: the graphs of all layers share one pool, so what a layer's recompute and backward allocate is reused by
+the next layer, as the caching allocator does in eager mode. Input, output and input-gradient buffers are shared
+by all layers of one signature (every decoder layer has the same shapes); each layer keeps its own buffers for
+its parameters' gradients, which autograd copies into `.grad`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils.weak import WeakIdKeyDictionary
+from torch.utils.checkpoint import checkpoint
+
+# The default torch checkpoint transformers uses when nothing else is asked for.
+standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
+
+
+def layer_of(function: Callable) -> torch.nn.Module | None:
+    """The decoder layer behind transformers' checkpointed call: `partial(forward, layer, **kwargs)` (transformers
+    5.18+) or `partial(layer.__call__, **kwargs)` (5.17)."""
+    if not isinstance(function, functools.partial):
+        return None
+    if function.args and isinstance(function.args[0], torch.nn.Module):
+        return function.args[0]
+    owner = getattr(function.func, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def _is_data(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    return (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device, tensor.requires_grad)
+
+
+def _adapter_state(modules: tuple[torch.nn.Module, ...]) -> tuple:
+    """What peft decides per call: which adapters run, and whether they are disabled or merged."""
+    state = []
+    for module in modules:
+        if hasattr(module, "active_adapters") and hasattr(module, "merged"):
+            state.append((tuple(module.active_adapters), bool(module.disable_adapters), bool(module.merged)))
+    return tuple(state)
+
+
+def _memory_of(layer: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in (*layer.parameters(), *layer.buffers()))
+
+
+def _is_inert_output_hook(hook: Callable) -> bool:
+    """transformers installs forward hooks that record attentions, router logits or hidden states once such an
+    output is asked for, and leaves them on the modules; they do nothing while no collector is active."""
+    if getattr(hook, "__module__", "") != "transformers.utils.output_capturing":
+        return False
+    from transformers.utils.output_capturing import _active_collector
+
+    return not _active_collector.get()
+
+
+def _has_hooks(modules: tuple[torch.nn.Module, ...]) -> bool:
+    """Hooks would run once, at capture, instead of on every call."""
+    from torch.nn.modules import module as module_globals
+
+    if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+            or module_globals._global_backward_hooks):
+        return True
+    for module in modules:
+        if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+            return True
+        if any(not _is_inert_output_hook(hook) for hook in module._forward_hooks.values()):
+            return True
+    return False
+
+
+def _uses_dropout(modules: tuple[torch.nn.Module, ...]) -> bool:
+    """Random masks would be frozen into the graph."""
+    for module in modules:
+        if not module.training:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        attention_dropout = getattr(module, "attention_dropout", 0.0)
+        if isinstance(attention_dropout, float) and attention_dropout > 0:
+            return True
+    return False
+
+
+@dataclass
+class _Call:
+    """One checkpointed call, flattened: its tensor leaves split into data (copied into the graph's buffers) and
+    control (compared with the captured values), and the signature graphs are cached under."""
+
+    leaves: list
+    spec: pytree.TreeSpec
+    data_index: list[int]
+    control_index: list[int]
+    signature: tuple
+
+
+def _flatten_call(layer: torch.nn.Module, modules: tuple[torch.nn.Module, ...], args: tuple, kwargs: dict,
+                  on_cuda: bool) -> _Call | None:
+    """None when the call cannot be graphed: a tensor off the GPU (with on_cuda) or on two devices, or an argument
+    that cannot be part of a signature."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    data_index, control_index, leaf_keys = [], [], []
+    devices = set()
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            devices.add(leaf.device)
+            (data_index if _is_data(leaf) else control_index).append(index)
+            leaf_keys.append(_tensor_key(leaf))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            leaf_keys.append(("value", type(leaf), leaf))
+    if len(devices) != 1 or (on_cuda and next(iter(devices)).type != "cuda"):
+        return None
+    trainable = tuple(name for name, p in layer.named_parameters() if p.requires_grad)
+    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if on_cuda else (False, None)
+    signature = (str(spec), tuple(leaf_keys), trainable, autocast, layer.training, _adapter_state(modules))
+    return _Call(leaves, spec, data_index, control_index, signature)
+
+
+@dataclass
+class _SharedBuffers:
+    """Buffers every layer of one signature reads and writes: replays never overlap, and every result is copied
+    out before the next layer's replay."""
+
+    inputs: list[torch.Tensor]  # the data leaves, in order; those whose caller needs a gradient require grad
+    grad_inputs: list[torch.Tensor | None]  # one per input, None where no gradient is needed
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    grad_outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def like(cls, call: _Call) -> "_SharedBuffers":
+        inputs = []
+        for i in call.data_index:
+            leaf = call.leaves[i]
+            buffer = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+            inputs.append(buffer.requires_grad_(leaf.requires_grad))
+        return cls(inputs, [torch.empty_like(t) if t.requires_grad else None for t in inputs])
+
+
+@torch.no_grad()
+def _copy_into(buffers: list[torch.Tensor], tensors: list[torch.Tensor | None]) -> None:
+    for buffer, tensor in zip(buffers, tensors):
+        if tensor is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(tensor)
+
+
+class _LayerGraphs:
+    """The forward and backward graphs of one layer for one signature (or, with capture off, the same two
+    computations run eagerly on the same buffers)."""
+
+    def __init__(self, function: Callable, call: _Call, layer: torch.nn.Module, buffers: _SharedBuffers):
+        self.function = function
+        self.memory = _memory_of(layer)
+        self.call_spec = call.spec
+        self.data_index = call.data_index
+        self.control_index = call.control_index
+        self.control_values = [call.leaves[i].clone() for i in call.control_index]
+        # The graphs read the captured copies of the control leaves, which equal the caller's values.
+        self.template = list(call.leaves)
+        for i, value in zip(self.control_index, self.control_values):
+            self.template[i] = value
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+        self.buffers = buffers
+        self.autocast = call.signature[3]
+        self.output_spec: pytree.TreeSpec | None = None
+        self.output_is_data: list[bool] = []
+        self.param_grads: list[torch.Tensor | None] = []
+        self.forward_graph: torch.cuda.CUDAGraph | None = None
+        self.backward_graph: torch.cuda.CUDAGraph | None = None
+
+    def _run(self):
+        leaves = list(self.template)
+        for i, tensor in zip(self.data_index, self.buffers.inputs):
+            leaves[i] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.call_spec)
+        enabled, dtype = self.autocast
+        if not enabled:
+            return self.function(*args, **kwargs)
+        # Autocast's cache of cast weights would hand the graph tensors that are freed after the capture.
+        with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+            return self.function(*args, **kwargs)
+
+    def _forward_body(self) -> None:
+        with torch.no_grad():
+            outputs, spec = pytree.tree_flatten(self._run())
+        if self.output_spec is None:
+            if not all(isinstance(o, torch.Tensor) for o in outputs):
+                raise _Ungraphable("the layer returns something other than tensors")
+            self.output_spec = spec
+            self.output_is_data = [_is_data(o) for o in outputs]
+            if not self.buffers.outputs:
+                self.buffers.outputs = [torch.empty_like(o) for o in outputs]
+                self.buffers.grad_outputs = [torch.zeros_like(o) for o in outputs]
+        _copy_into(self.buffers.outputs, outputs)
+
+    def _backward_body(self) -> None:
+        with torch.enable_grad():
+            outputs = pytree.tree_leaves(self._run())
+            pairs = [(o, g) for o, g, data in zip(outputs, self.buffers.grad_outputs, self.output_is_data)
+                     if data and o.requires_grad]
+            wrt = [t for t in self.buffers.inputs if t.requires_grad] + self.params
+            if pairs and wrt:
+                grads = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                                 allow_unused=True))
+            else:
+                grads = [None] * len(wrt)
+        num_inputs = len(wrt) - len(self.params)
+        _copy_into([b for b in self.buffers.grad_inputs if b is not None], grads[:num_inputs])
+        self.param_grads = grads[num_inputs:]
+
+    def prepare(self, data: list[torch.Tensor], pool, capture: bool) -> None:
+        """Run both bodies once on the caller's data (output shapes; lazy initialisation such as Triton's
+        specialisations for these buffers stays out of the capture), then capture them."""
+        _copy_into(self.buffers.inputs, data)
+        if not capture:
+            self._forward_body()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward_body()
+            self._backward_body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.param_grads = []
+        forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(forward_graph, pool=pool):
+            self._forward_body()
+        with torch.cuda.graph(backward_graph, pool=pool):
+            self._backward_body()
+        self.forward_graph, self.backward_graph = forward_graph, backward_graph
+
+    def forward(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        _copy_into(self.buffers.inputs, data)
+        if self.forward_graph is not None:
+            self.forward_graph.replay()
+        else:
+            self._forward_body()
+        return [o.clone() for o in self.buffers.outputs]
+
+    def backward(self, data: list[torch.Tensor], grad_outputs: list[torch.Tensor | None]):
+        _copy_into(self.buffers.inputs, data)
+        _copy_into(self.buffers.grad_outputs, grad_outputs)
+        if self.backward_graph is not None:
+            self.backward_graph.replay()
+        else:
+            self._backward_body()
+        grad_data = [None if g is None else g.clone() for g in self.buffers.grad_inputs]
+        # Each layer owns its parameter-gradient buffers: autograd copies them into `.grad` (it cannot take a tensor
+        # someone else still holds).
+        return grad_data, list(self.param_grads)
+
+    def weights_moved(self, layer: torch.nn.Module) -> bool:
+        return _memory_of(layer) != self.memory
+
+    def same_control_values(self, call: _Call) -> bool:
+        return all(_same_values(call.leaves[i], value) for i, value in zip(self.control_index, self.control_values))
+
+
+class _Ungraphable(RuntimeError):
+    pass
+
+
+# Verdicts of _same_values per caller tensor: transformers builds a mask once per forward and hands the same tensor
+# to every layer, so one comparison (one host sync) serves all of them.
+_same_values_cache = WeakIdKeyDictionary()  # keyed by identity: a tensor's == is elementwise
+
+
+def _same_values(tensor: torch.Tensor, captured: torch.Tensor) -> bool:
+    verdicts = _same_values_cache.setdefault(tensor, {})
+    key = id(captured)
+    if key not in verdicts:
+        verdicts[key] = bool(torch.equal(tensor, captured))
+    return verdicts[key]
+
+
+class _GraphedLayer(torch.autograd.Function):
+    """A checkpointed layer: forward without autograd keeping the inputs, backward recomputing with autograd."""
+
+    @staticmethod
+    def forward(ctx, graphs: _LayerGraphs, num_data: int, *tensors: torch.Tensor):
+        data = list(tensors[:num_data])
+        ctx.graphs = graphs
+        ctx.save_for_backward(*data)
+        outputs = graphs.forward(data)
+        for output, is_data in zip(outputs, graphs.output_is_data):
+            if not is_data:
+                ctx.mark_non_differentiable(output)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor | None):
+        grad_data, grad_params = ctx.graphs.backward(list(ctx.saved_tensors), list(grad_outputs))
+        return (None, None, *grad_data, *grad_params)
+
+
+class GraphedCheckpoint:
+    """`gradient_checkpointing_func` for transformers' decoder layers: CUDA-graphed checkpointing where it can,
+    `fallback` (torch's checkpoint) call by call where it cannot.
+
+    capture=False runs the same path without CUDA graphs, on any device (what the CPU tests check)."""
+
+    def __init__(self, fallback: Callable = standard_checkpoint, max_signatures: int = 4, capture: bool = True):
+        self.fallback = fallback
+        self.max_signatures = max_signatures
+        self.capture = capture
+        self.pool = None
+        # signature -> ids of the layers seen with it; a layer seen again means the signature came back (a step
+        # calls each layer once).
+        self.seen: dict[tuple, set[int]] = {}
+        self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
+        self.buffers: dict[tuple, _SharedBuffers] = {}
+        self.ungraphable: dict[tuple, str] = {}
+
+    def release(self) -> None:
+        """Drop every graph and buffer; their memory goes back to the caching allocator."""
+        self.graphs.clear()
+        self.buffers.clear()
+        self.seen.clear()
+        self.pool = None
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any):
+        graphs, call = self._graphs_for(function, args, kwargs)
+        if graphs is None:
+            return self.fallback(function, *args, **kwargs)
+        data = [call.leaves[i] for i in call.data_index]
+        outputs = _GraphedLayer.apply(graphs, len(data), *data, *graphs.params)
+        return pytree.tree_unflatten(list(outputs), graphs.output_spec)
+
+    def _graphs_for(self, function: Callable, args: tuple, kwargs: dict):
+        layer = layer_of(function)
+        if (layer is None or kwargs or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            return None, None
+        modules = tuple(layer.modules())
+        call = _flatten_call(layer, modules, args, dict(function.keywords), on_cuda=self.capture)
+        if call is None or call.signature in self.ungraphable or _has_hooks(modules) or _uses_dropout(modules):
+            return None, None
+        key = (id(layer), call.signature)
+        graphs = self.graphs.get(key)
+        if graphs is not None and graphs.weights_moved(layer):
+            del self.graphs[key]
+            graphs = None
+        if graphs is None:
+            graphs = self._capture_on_return(function, call, layer)
+            if graphs is None:
+                return None, None
+        if not graphs.same_control_values(call):
+            return None, None
+        return graphs, call
+
+    def _capture_on_return(self, function: Callable, call: _Call, layer: torch.nn.Module) -> _LayerGraphs | None:
+        """Capture a signature the second time a layer is called with it: the first call (torch's checkpoint)
+        compiled every kernel for it. At most max_signatures are followed."""
+        if call.signature not in self.seen:
+            if len(self.seen) >= self.max_signatures:
+                return None
+            self.seen[call.signature] = set()
+        layers = self.seen[call.signature]
+        if id(layer) not in layers:
+            layers.add(id(layer))
+            return None
+        if call.signature not in self.buffers:
+            self.buffers[call.signature] = _SharedBuffers.like(call)
+        graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature])
+        try:
+            if self.capture and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graphs.prepare([call.leaves[i] for i in call.data_index], self.pool, self.capture)
+        except Exception as error:  # noqa: BLE001 - whatever stops a capture, this signature runs eagerly
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            self.ungraphable[call.signature] = reason
+            _warn_once(type(layer).__name__, reason)
+            return None
+        self.graphs[(id(layer), call.signature)] = graphs
+        return graphs
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(layer_name: str, reason: str) -> None:
+    import warnings
+
+    if layer_name not in _warned:
+        _warned.add(layer_name)
+        warnings.warn(f"fastmoe: {layer_name} runs without CUDA graphs ({reason}); training is correct, only slower",
+                      stacklevel=3)

@@ -1,0 +1,253 @@
+"""Graphed checkpointing (fastmoe.graphed_checkpointing): each decoder layer's forward and recompute + backward run
+as one autograd Function whose two bodies are captured as CUDA graphs.
+
+On the CPU the same Function runs without capturing (`GraphedCheckpoint(capture=False)`): the tests check that it
+is exactly checkpointing (losses and every LoRA gradient equal torch's checkpoint), when a signature is captured
+and when a call takes the fallback. The GPU tests check the captured graphs against eager checkpointing."""
+
+import functools
+
+import pytest
+import torch
+from testing_utils import batch_with_padding, randomize_lora, rel_err
+
+import fastmoe
+from fastmoe import FastModel
+from fastmoe.checkpointing import set_checkpointing_mode
+from fastmoe.graphed_checkpointing import GraphedCheckpoint, layer_of, standard_checkpoint
+from fastmoe.kernels.dispatch import reference_only
+
+
+@pytest.fixture(autouse=True)
+def _references_on_one_thread():
+    """What these CPU tests check is the checkpointing; the ops' PyTorch references (the Triton kernels are compared
+    with them in tests/kernels and tests/models) keep them quick, and these small matmuls are faster unsplit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with reference_only():
+        yield
+    torch.set_num_threads(threads)
+
+
+def lora_model(checkpoint, dtype=torch.float32):
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=dtype, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora(model)
+    return FastModel.for_training(model)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    return list(model.get_base_model().model.layers)
+
+
+def use_checkpoint_function(model, function) -> None:
+    for layer in decoder_layers(model):
+        layer._gradient_checkpointing_func = function
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountingFallback:
+    """torch's checkpoint, counting the calls that took it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, function, *args, **kwargs):
+        self.calls += 1
+        return standard_checkpoint(function, *args, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "cohere"])
+def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
+    """Three steps: the first takes torch's checkpoint, the next two the Function (capture off on the CPU). Loss and
+    every LoRA gradient equal those of torch's checkpoint on the same weights."""
+    model = lora_model(tiny_checkpoint(model_type))
+    batch = batch_with_padding(model.config.vocab_size, seed=3)
+    use_checkpoint_function(model, standard_checkpoint)
+    reference = loss_and_grads(model, batch)
+
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    for step in range(3):
+        loss, grads = loss_and_grads(model, batch)
+        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
+        assert rel_err(loss, reference[0]) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, reference[1][name]) < 1e-5, name
+    assert len(graphed.graphs) == layers
+
+
+def test_gradient_accumulation_adds_into_grad(tiny_checkpoint):
+    model = lora_model(tiny_checkpoint("afmoe"))
+    batches = [batch_with_padding(model.config.vocab_size, seed=s) for s in (4, 5)]
+    use_checkpoint_function(model, standard_checkpoint)
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        model(**batch).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    graphed = GraphedCheckpoint(capture=False)
+    use_checkpoint_function(model, graphed)
+    for _ in range(2):  # the second round runs every layer through the Function
+        model.zero_grad(set_to_none=True)
+        for batch in batches:
+            model(**batch).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert rel_err(param.grad, expected[name]) < 1e-5, name
+
+
+def test_changed_mask_adapter_state_or_weights_leave_the_graphs(tiny_checkpoint):
+    """Control values (the attention mask) are compared with the captured ones; a disabled adapter is another
+    signature; a parameter moved to new memory drops the layer's graphs."""
+    model = lora_model(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(model.config.vocab_size, seed=6)
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    for _ in range(2):
+        loss_and_grads(model, batch)
+    assert fallback.calls == layers and len(graphed.graphs) == layers
+
+    other_padding = dict(batch)
+    other_padding["attention_mask"] = batch["attention_mask"].clone()
+    other_padding["attention_mask"][0, -2:] = 0
+    other_padding["labels"] = batch["labels"].clone()
+    other_padding["labels"][0, -2:] = -100
+    use_checkpoint_function(model, standard_checkpoint)
+    expected = loss_and_grads(model, other_padding)
+    use_checkpoint_function(model, graphed)
+    before = fallback.calls
+    loss, grads = loss_and_grads(model, other_padding)
+    assert fallback.calls == before + layers, "a different mask must not replay the captured layers"
+    assert rel_err(loss, expected[0]) < 1e-6
+
+    before = fallback.calls
+    with model.disable_adapter():
+        model(**batch).loss.backward()
+    assert fallback.calls == before + layers, "adapters off is a new signature, seen for the first time"
+
+    layer = decoder_layers(model)[0]
+    stale = {key: graphs for key, graphs in graphed.graphs.items() if key[0] == id(layer)}
+    lora_a = next(p for n, p in layer.named_parameters() if "lora_A" in n)
+    lora_a.data = lora_a.data.clone()
+    loss_and_grads(model, batch)
+    for key, graphs in stale.items():
+        assert graphed.graphs[key] is not graphs, "graphs over moved weights are captured again"
+
+
+def test_hooks_and_dropout_take_the_fallback(tiny_checkpoint):
+    model = lora_model(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(model.config.vocab_size, seed=7)
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    use_checkpoint_function(model, graphed)
+    layer = decoder_layers(model)[0]
+    handle = layer.mlp.register_forward_hook(lambda *args: None)
+    for _ in range(2):
+        loss_and_grads(model, batch)
+    assert fallback.calls == 2 * 1 + len(decoder_layers(model)) - 1
+    handle.remove()
+    assert not any(key[0] == id(layer) for key in graphed.graphs)
+
+    dropout = torch.nn.Dropout(0.1)
+    layer.mlp.add_module("extra_dropout", dropout)
+    before = fallback.calls
+    loss_and_grads(model, batch)
+    assert fallback.calls > before
+
+
+def test_signatures_are_capped():
+    layer = torch.nn.Linear(4, 4)
+    graphed = GraphedCheckpoint(max_signatures=2, capture=False)
+
+    def layer_call(rows):
+        x = torch.randn(rows, 4, requires_grad=True)
+        return graphed(functools.partial(torch.nn.Module.__call__, layer), x)
+
+    for _ in range(2):
+        for rows in (1, 2, 3):
+            out = layer_call(rows)
+            out.sum().backward()
+    assert len(graphed.seen) == 2
+    assert {key[1] for key in graphed.graphs} <= set(graphed.seen)
+
+
+def test_layer_of_reads_both_transformers_call_forms():
+    layer = torch.nn.Linear(2, 2)
+    assert layer_of(functools.partial(torch.nn.Module.__call__, layer, x=1)) is layer  # 5.18+: partial(forward, self)
+    assert layer_of(functools.partial(layer.__call__, x=1)) is layer  # 5.17: partial(super().__call__)
+    assert layer_of(lambda: None) is None
+
+
+def test_trainer_enabling_checkpointing_keeps_fastmoe_mode(tiny_checkpoint, tmp_path):
+    """trl's SFTConfig turns checkpointing on and transformers' Trainer hands torch's checkpoint to every layer; the
+    model's mode (here host offload, which runs on the CPU) must survive that."""
+    import trl
+    from datasets import Dataset
+
+    from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
+
+    model, tokenizer = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32,
+                                                 max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="fastmoe")
+    dataset = Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9, 10]] * 4})
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                         report_to=[], save_strategy="no", gradient_checkpointing=True)
+    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
+    trainer.train()
+    assert all(layer._gradient_checkpointing_func is checkpoint_with_offloaded_inputs
+               for layer in decoder_layers(model))
+
+
+def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
+    set_checkpointing_mode(model, "offload")
+    reentrant = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=reentrant)
+    assert all(layer._gradient_checkpointing_func is reentrant for layer in model.model.layers)
+    with pytest.raises(ValueError, match="checkpointing mode"):
+        set_checkpointing_mode(model, "fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "cohere"])
+def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
+    """bf16 on the GPU: three steps replay captured graphs; every step's loss and LoRA gradients equal torch's
+    checkpoint run on the same weights (the same kernels: only launch order and atomics differ)."""
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.bfloat16, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora(model)
+    model.cuda().train()
+    batch = {k: v.cuda() for k, v in batch_with_padding(model.config.vocab_size, seed=8, seq=24).items()}
+    use_checkpoint_function(model, standard_checkpoint)
+    reference = loss_and_grads(model, batch)
+    graphed = GraphedCheckpoint()
+    use_checkpoint_function(model, graphed)
+    for _ in range(3):
+        loss, grads = loss_and_grads(model, batch)
+        assert rel_err(loss, reference[0]) < 1e-3
+        for name, grad in grads.items():
+            assert rel_err(grad, reference[1][name]) < 2e-2, name
+    assert not graphed.ungraphable, graphed.ungraphable
+    assert all(g.forward_graph is not None and g.backward_graph is not None for g in graphed.graphs.values())
+    assert len(graphed.graphs) == len(decoder_layers(model))
+
+
+@pytest.mark.gpu
+def test_get_peft_model_and_trainer_use_graphs_on_gpu(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.bfloat16, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert all(isinstance(layer._gradient_checkpointing_func, GraphedCheckpoint) for layer in decoder_layers(model))
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(isinstance(layer._gradient_checkpointing_func, GraphedCheckpoint) for layer in decoder_layers(model))
+    fastmoe.unpatch()
