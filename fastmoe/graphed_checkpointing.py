@@ -264,12 +264,8 @@ class _LayerGraphs:
             self._backward_body()
         torch.cuda.current_stream().wait_stream(side)
         self.param_grads = []
-        forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward_graph, pool=pool):
-            self._forward_body()
-        with torch.cuda.graph(backward_graph, pool=pool):
-            self._backward_body()
-        self.forward_graph, self.backward_graph = forward_graph, backward_graph
+        self.forward_graph = _capture(self._forward_body, pool)
+        self.backward_graph = _capture(self._backward_body, pool)
 
     def forward(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         _copy_into(self.buffers.inputs, data)
@@ -300,6 +296,23 @@ class _LayerGraphs:
 
 class _Ungraphable(RuntimeError):
     pass
+
+
+def _capture(body: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
+    """torch.cuda.graph without its context manager, whose exit leaves the capture stream current when ending an
+    invalidated capture raises: here a failed capture returns the caller to its own stream."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
 
 
 # Verdicts of _same_values per caller tensor: transformers builds a mask once per forward and hands the same tensor
