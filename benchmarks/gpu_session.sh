@@ -4,11 +4,18 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all but multi-gpu, in this order): gpu-tests moe-block lora-linear short-conv sliding-attention
+# STEPs (default: all but multi-gpu, in this order): gpu-tests sft moe-block lora-linear short-conv sliding-attention
 # nf4-experts loss norm-rope train-step-8 train-step profile train-families quality. Together they take longer than
 # one 10-minute call: name a few per call, e.g.
 #
-#     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
+#     bash benchmarks/gpu_session.sh "$OUT" sft                                    # Trinity-Mini, 1x4096, ~4 min
+#     SFT_PRESETS="lfm2-8b-a1b jetmoe-8b aya-expanse-8b" bash benchmarks/gpu_session.sh "$OUT" sft   # ~8 min
+#
+# sft (issue #16) is the user's training step, benchmarks/bench_sft.py: one process per (preset, shape,
+# implementation), each under its own limit, so that a hang or a crash costs that case only. Variables:
+# SFT_PRESETS (default trinity-mini), SFT_SHAPES (default 1x4096; e.g. "4x2048 1x16384"), SFT_IMPLEMENTATIONS
+# (default "transformers fastmoe"), SFT_CASE_LIMIT (seconds per case, default 240), SFT_ARGS (more bench_sft.py
+# arguments, e.g. "--logging-steps 10", "--layers 8 --quantization 4bit", "--load direct").
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -32,7 +39,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests sft moe-block lora-linear short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -57,9 +64,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
     [ $rc -eq 0 ] || { echo "=== $name failed (exit $rc)"; status=1; }
 }
 
+# sft: one process per case, each under SFT_CASE_LIMIT; its one-line summary is printed as it ends.
+sft_cases() {
+    local rc=0 preset shape impl
+    for preset in ${SFT_PRESETS:-trinity-mini}; do
+        for shape in ${SFT_SHAPES:-1x4096}; do
+            for impl in ${SFT_IMPLEMENTATIONS:-transformers fastmoe}; do
+                # shellcheck disable=SC2086  # SFT_ARGS is a list of arguments
+                timeout "${SFT_CASE_LIMIT:-240}" python3 -P benchmarks/bench_sft.py --preset "$preset" --shapes "$shape" \
+                    --implementations "$impl" --jsonl "$out/results.jsonl" ${SFT_ARGS:-} \
+                    || { echo "--- sft $preset $shape $impl failed (exit $?)"; rc=1; }
+            done
+        done
+    done
+    return $rc
+}
+export -f sft_cases
 
 jsonl=(--jsonl "$out/results.jsonl")
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
+step sft 590 bash -c sft_cases
+[[ "$steps" == *" sft "* ]] && grep -E "^(sft |--- sft)" "$out/sft.log"
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py "${jsonl[@]}"
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"

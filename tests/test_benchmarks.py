@@ -1,6 +1,6 @@
 """The benchmark harness's own arithmetic and output: FLOP counting of each preset (on meta-device models, so
 nothing is allocated), LoRA target sets, GPU-activity accounting, the page report.py generates (and that the
-committed one is generated), the charts, and the CPU smoke run of bench_short_conv.py."""
+committed one is generated), the charts, and the CPU smoke runs of bench_sft.py and bench_short_conv.py."""
 
 import json
 import sys
@@ -12,6 +12,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
 import plot_results  # noqa: E402
@@ -162,6 +163,41 @@ def test_charts_are_drawn_from_two_records(tmp_path):
     plot_results.main()
     for name in ("train_step_tokens_per_s.png", "train_step_peak_memory.png", "quality_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
+    """bench_sft.py through the user's path on the CPU: a tiny checkpoint written and loaded both ways, trl's
+    SFTTrainer for 2 timed steps (and one profiled), one record each, and the page shows them. fastmoe's ops run
+    their PyTorch references here (the kernels are tested against those elsewhere): this checks the harness."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "1x32", "--steps", "2", "--warmup", "0",
+                "--profile-steps", "1", "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["implementation"] for r in records] == ["transformers", "fastmoe"]
+    for record in records:
+        assert record["status"] == "ok" and record["question"] == "sft" and record["load"] == "checkpoint"
+        assert record["tokens_per_s"] > 0 and len(record["step_ms_all"]) == 2
+        assert record["versions"]["trl"] and record["command"].startswith("python benchmarks/bench_sft.py")
+    # the same weights, adapters and data both ways: the same first loss (fp32, references)
+    assert records[0]["loss_first"] == pytest.approx(records[1]["loss_first"], abs=1e-3)
+    assert (tmp_path / "checkpoints" / "afmoe-tiny-3layers" / bench_sft.CHECKPOINT_MARK).exists()
+    page = report.render(records, include_cpu=True)
+    assert "| afmoe-tiny, 3 layers | 1x32 | default | 1 | bf16 | checkpoint |" in page
+
+
+def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
+    for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
+                          (["--targets", "everything"], "unknown targets"),
+                          (["--load", "direct", "--quantization", "4bit"], "use --load checkpoint"),
+                          (["--shapes", "4096"], "BATCHxSEQ")):
+        sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", *argv]
+        with pytest.raises(SystemExit):
+            bench_sft.main()
+        assert message in capsys.readouterr().err
 
 
 def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
