@@ -20,11 +20,14 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-VARIANT_COLOURS = {"hf-eager": "#9e9e9e", "hf-grouped_mm": "#4c72b0", "fastmoe": "#dd8452", "fastmoe-4bit": "#55a868",
-                   "transformers": "#4c72b0", "transformers 4bit": "#8172b3", "fastmoe 4bit": "#55a868"}
+# Also the order of the bars: transformers first.
+VARIANT_COLOURS = {"hf-eager": "#9e9e9e", "hf-grouped_mm": "#4c72b0", "transformers": "#4c72b0",
+                   "transformers 4bit": "#8172b3", "fastmoe": "#dd8452", "fastmoe-4bit": "#55a868",
+                   "fastmoe 4bit": "#55a868"}
 VARIANT_LABELS = {"hf-eager": "transformers eager + peft", "hf-grouped_mm": "transformers grouped_mm + peft",
                   "transformers": "transformers + peft", "transformers 4bit": "transformers 4-bit + peft",
                   "fastmoe 4bit": "fastmoe 4-bit"}
+EXTRA_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#ccb974", "#64b5cd", "#8c8c8c", "#2f4b7c", "#a05195")
 # What a chart draws from a record: its question, the bar it is (variant or implementation) and the cluster it is in.
 CHARTS = {
     "sft": ("LoRA SFT step through trl's SFTTrainer", "train_sft"),
@@ -87,6 +90,9 @@ def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path, of: str
         variants = sorted({v for per_group in groups.values() for v in per_group},
                           key=lambda v: list(VARIANT_COLOURS).index(v) if v in VARIANT_COLOURS else 99)
         width = 0.8 / len(variants)
+        # Variants without a colour of their own get one no other bar of the panel has.
+        spare = iter(c for c in EXTRA_COLOURS if c not in VARIANT_COLOURS.values())
+        colours = {v: VARIANT_COLOURS.get(v) or next(spare, None) for v in variants}
         for i, variant in enumerate(variants):
             for j, label in enumerate(groups):
                 record = groups[label].get(variant)
@@ -98,7 +104,7 @@ def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path, of: str
                     ax.text(x, 0, "OOM" if record.get("status") == "oom" else "n/a", ha="center", va="bottom",
                             rotation=90, fontsize=8)
                     continue
-                ax.bar(x, value, width, color=VARIANT_COLOURS.get(variant), label=VARIANT_LABELS.get(variant, variant))
+                ax.bar(x, value, width, color=colours[variant], label=VARIANT_LABELS.get(variant, variant))
                 ax.text(x, value, f"{value:,.0f}" if value >= 100 else f"{value:.1f}", ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
