@@ -177,11 +177,9 @@ def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):
 
 def build_direct(case: Case, device: str, dtype: torch.dtype):
     """(model, tokenizer) built on the device as from_pretrained would leave them (see the module docstring)."""
-    from fastmoe import patching
-
     config = common.make_config(case.config_kwargs)
     if case.implementation == "fastmoe":
-        patching.family_class(config.model_type).pre_patch()
+        common.family(config.model_type).pre_patch()
     elif config.model_type in common.GROUPED_MM_FAMILIES:
         config._experts_implementation = "grouped_mm"
     model = common.build_random_model(config, device, dtype)

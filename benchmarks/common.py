@@ -212,9 +212,19 @@ def gpu_activity(events: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
     return busy, kernels
 
 
+def _activity_type(event) -> str:
+    if hasattr(event, "activity_type"):
+        return event.activity_type()  # kineto's category: kernel, gpu_memcpy, gpu_memset, cuda_runtime, cpu_op, ...
+    # A torch without it: device-side events carry the device, and CUPTI names copies and sets Memcpy / Memset.
+    if event.device_type() == torch.autograd.DeviceType.CPU:
+        return "cpu"
+    name = event.name()
+    return "gpu_memcpy" if name.startswith("Memcpy") else "gpu_memset" if name.startswith("Memset") else "kernel"
+
+
 def profiler_activities(profiler) -> list[tuple[str, int, int]]:
     """(activity type, start ns, end ns) of every event a finished torch.profiler.profile recorded."""
-    return [(event.activity_type(), event.start_ns(), event.end_ns())
+    return [(_activity_type(event), event.start_ns(), event.end_ns())
             for event in profiler.profiler.kineto_results.events()]
 
 
@@ -338,16 +348,22 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def family(model_type: str):
+    """fastmoe's class for a model type (its patches, its default LoRA targets): the one place the benchmarks reach
+    into the package's family registry."""
+    from fastmoe import patching
+
+    return patching.family_class(model_type)
+
+
 def lora_targets(model_type: str, which: str = "default") -> dict:
     """target_modules and target_parameters of a LoRA target set: "default" is the family's own (what
     FastModel.get_peft_model adapts when given no targets), "attention-experts" attention and routed experts."""
     if which == "attention-experts":
         modules, parameters = ATTENTION_AND_EXPERT_TARGETS[model_type]
     elif which == "default":
-        from fastmoe import patching
-
-        family = patching.family_class(model_type)
-        modules, parameters = family.default_target_modules, family.default_target_parameters
+        fast = family(model_type)
+        modules, parameters = fast.default_target_modules, fast.default_target_parameters
     else:
         raise ValueError(f"LoRA target set {which!r} is not one of {', '.join(LORA_TARGET_SETS)}")
     return dict(target_modules=list(modules), target_parameters=list(parameters) or None)
@@ -447,13 +463,12 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
     as AFMoE names them). On the CPU bitsandbytes uses its CPU backend (bitsandbytes >= 0.46)."""
     import transformers
 
-    from fastmoe import patching
     from fastmoe.quantize import quantize_experts_
 
     model_type = config_kwargs["model_type"]
     if model_type != "afmoe":
         raise ValueError(f"the 4-bit training-step variant is built for AFMoE presets, not {model_type}")
-    patching.family_class(model_type).pre_patch()
+    family(model_type).pre_patch()
     config = make_config(config_kwargs)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -531,7 +546,7 @@ def build_lora_model(variant: TrainStepVariant, config_kwargs: dict, device: str
     from peft import LoraConfig, get_peft_model
 
     import fastmoe
-    from fastmoe import FastModel, patching
+    from fastmoe import FastModel
     from fastmoe.models import afmoe
     from fastmoe.sliding_window_attention import can_use_flash_sliding_window
 
@@ -546,7 +561,7 @@ def build_lora_model(variant: TrainStepVariant, config_kwargs: dict, device: str
         model = build_fastmoe_4bit(config_kwargs, device, dtype, skewed)
     else:
         if variant.implementation == "fastmoe":
-            patching.family_class(model_type).pre_patch()
+            family(model_type).pre_patch()
         config = make_config(config_kwargs)
         config._experts_implementation = variant.experts if variant.implementation == "transformers" else "eager"
         config._attn_implementation = variant.attention

@@ -374,7 +374,8 @@ SECTIONS = [
             "python benchmarks/bench_nf4_experts.py", nf4_section),
     Section("4bit", "4-bit (QLoRA) training step",
             "The plain-loop training step of the 4-bit variants (NF4 Linear layers and experts, double-quantized "
-            "absmax, as `load_in_4bit=True` leaves the model), beside transformers' bf16 run of the same process.",
+            "absmax, as `load_in_4bit=True` leaves the model), beside transformers' bf16 run of the same process. "
+            "Through the user's path (against transformers' own 4-bit + peft): table 1, weights `4bit`.",
             "python benchmarks/bench_train_step.py --preset trinity-mini --layers 32 "
             "--variants hf-grouped_mm,fastmoe-4bit,fastmoe-4bit-adamw8bit", four_bit_section),
     Section("loss", "The loss: lm_head + cross-entropy without full logits",

@@ -104,6 +104,32 @@ def test_gpu_activity_counts_kernels_and_overlapping_work_once():
     assert common.gpu_activity([]) == (0, 0)
 
 
+def test_profiler_activities_read_what_the_profiler_recorded():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(8, 8).sum()
+    activities = common.profiler_activities(prof)
+    assert activities and all(end >= start for _, start, end in activities)
+    assert {kind for kind, _, _ in activities} >= {"cpu_op"}
+    assert common.gpu_activity(activities) == (0, 0)
+
+    class OlderTorchEvent:  # a _KinetoEvent without activity_type()
+        def __init__(self, device, name):
+            self._device, self._name = device, name
+
+        def device_type(self):
+            return self._device
+
+        def name(self):
+            return self._name
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert [common._activity_type(OlderTorchEvent(d, n)) for d, n in (
+        (cuda, "Memcpy HtoD (Pageable -> Device)"), (cuda, "Memset (Device)"), (cuda, "_grouped_mm_kernel"),
+        (cpu, "aten::mm"))] == ["gpu_memcpy", "gpu_memset", "kernel", "cpu"]
+
+
 def train_step_records():
     shared = dict(date="2026-11-23 14:16 UTC", run="r1", gpu="NVIDIA H100 80GB HBM3", family="afmoe",
                   preset="trinity-mini", layers=8, batch=1, seq=4096, shape="1x4096", routing="random", status="ok")
@@ -148,7 +174,6 @@ def test_committed_page_is_generated_from_the_committed_records():
     """benchmarks/RESULTS.md is report.py's output: regenerate it (python benchmarks/report.py) after adding records."""
     records = report.load_records(BENCHMARKS / "results.jsonl")
     assert (BENCHMARKS / "RESULTS.md").read_text() == report.render(records)
-    assert len(report.render(records).splitlines()) <= 300
 
 
 def test_charts_are_drawn_from_two_records(tmp_path):
