@@ -14,8 +14,11 @@
 # sft (issue #16) is the user's training step, benchmarks/bench_sft.py: one process per (preset, shape,
 # implementation), each under its own limit, so that a hang or a crash costs that case only. Variables:
 # SFT_PRESETS (default trinity-mini), SFT_SHAPES (default 1x4096; e.g. "4x2048 1x16384"), SFT_IMPLEMENTATIONS
-# (default "transformers fastmoe"), SFT_CASE_LIMIT (seconds per case, default 240), SFT_ARGS (more bench_sft.py
-# arguments, e.g. "--logging-steps 10", "--layers 8 --quantization 4bit", "--load direct").
+# (default "transformers fastmoe"), SFT_CASE_LIMIT (seconds per case, default 240; the step stops at 590 s, so name
+# at most 590 / SFT_CASE_LIMIT cases per call), SFT_ARGS (more bench_sft.py arguments, e.g. "--logging-steps 10",
+# "--layers 8 --quantization 4bit", "--load direct"). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
+# process instead (imports and Triton compilation paid once; memory freed between cases; cases that would end after
+# SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it.
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -67,6 +70,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
 # sft: one process per case, each under SFT_CASE_LIMIT; its one-line summary is printed as it ends.
 sft_cases() {
     local rc=0 preset shape impl
+    if [ -n "${SFT_ONE_PROCESS:-}" ]; then
+        # shellcheck disable=SC2086  # SFT_ARGS is a list of arguments
+        python3 -P benchmarks/bench_sft.py --preset "$(echo ${SFT_PRESETS:-trinity-mini} | tr ' ' ,)" \
+            --shapes "$(echo ${SFT_SHAPES:-1x4096} | tr ' ' ,)" \
+            --implementations "$(echo ${SFT_IMPLEMENTATIONS:-transformers fastmoe} | tr ' ' ,)" \
+            --budget-s "${SFT_BUDGET:-560}" --jsonl "$out/results.jsonl" ${SFT_ARGS:-}
+        return $?
+    fi
     for preset in ${SFT_PRESETS:-trinity-mini}; do
         for shape in ${SFT_SHAPES:-1x4096}; do
             for impl in ${SFT_IMPLEMENTATIONS:-transformers fastmoe}; do
