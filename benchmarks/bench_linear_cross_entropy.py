@@ -1,23 +1,23 @@
 """fastmoe's chunked lm_head + cross-entropy against transformers' lm_head + ForCausalLMLoss (GPU only).
 
-    python benchmarks/bench_linear_cross_entropy.py
+    python benchmarks/bench_linear_cross_entropy.py [--jsonl benchmarks/results.jsonl] [--no-record]
 
 Times one forward + backward (triton.testing.do_bench, median) and its peak memory above what the inputs
 already hold, for 8,192 bf16 tokens at AFMoE's and Cohere's vocabulary sizes, with a frozen lm_head (LoRA) and
-a trainable one. Prints a markdown table and appends it to benchmarks/RESULTS.md.
+a trainable one. Prints a markdown table and appends one JSON line per (case, implementation) to
+benchmarks/results.jsonl (question "loss").
 """
 
 from __future__ import annotations
 
-import datetime
-import pathlib
+import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+import common
 from fastmoe.kernels.linear_cross_entropy import linear_cross_entropy, shift_labels
 
 TOKENS = 8192
@@ -26,7 +26,6 @@ CASES = [
     ("AFMoE-like", 2048, 200192, 1.0),
     ("Cohere-like", 4096, 256000, 0.0625),
 ]
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def hf_step(hidden, weight, labels, logit_scale):
@@ -47,15 +46,6 @@ def fastmoe_step(hidden, weight, labels, logit_scale):
     return loss
 
 
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def measure(step, hidden, weight, labels, logit_scale) -> tuple[float, float, float]:
     def run():
         hidden.grad = None
@@ -65,18 +55,23 @@ def measure(step, hidden, weight, labels, logit_scale) -> tuple[float, float, fl
     loss = run().item()
     hidden.grad = None
     weight.grad = None
-    mib = peak_mib(run)
-    ms = triton.testing.do_bench(run, grad_to_none=[hidden, weight], return_mode="median")
+    mib = common.peak_mib_above(run)
+    ms = common.bench_ms(run, warmup=25, rep=100, grad_to_none=[hidden, weight])
     hidden.grad = None
     weight.grad = None
     return ms, mib, loss
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_linear_cross_entropy needs a CUDA GPU")
     torch.manual_seed(0)
-    rows = []
+    shared = dict(common.environment("cuda"), question="loss", tokens=TOKENS, masked_tokens=TOKENS // 8)
+    records = []
     for name, hidden_size, vocab, logit_scale in CASES:
         hidden = torch.randn(1, TOKENS, hidden_size, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * hidden_size**-0.5
@@ -85,34 +80,22 @@ def main() -> None:
         for trainable in (False, True):
             hidden.requires_grad_(True)
             weight.requires_grad_(trainable)
+            case = dict(shared, case=f"{name}, lm_head {'trainable' if trainable else 'frozen'}", hidden=hidden_size,
+                        vocab=vocab, logit_scale=logit_scale, lm_head="trainable" if trainable else "frozen")
             hf_ms, hf_mib, hf_loss = measure(hf_step, hidden, weight, labels, logit_scale)
             fm_ms, fm_mib, fm_loss = measure(fastmoe_step, hidden, weight, labels, logit_scale)
-            rows.append(
-                f"| {name} | {hidden_size} | {vocab} | {logit_scale:g} | {'full' if trainable else 'frozen'} "
-                f"| {hf_ms:.2f} | {fm_ms:.2f} | {hf_ms / fm_ms:.2f}x | {hf_mib:,.0f} | {fm_mib:,.0f} "
-                f"| {hf_mib / fm_mib:.1f}x | {abs(fm_loss - hf_loss):.1e} |"
-            )
-            print(rows[-1], flush=True)
+            records.append(dict(case, implementation="transformers", ms=round(hf_ms, 3), peak_mib=round(hf_mib),
+                                loss=hf_loss))
+            records.append(dict(case, implementation="fastmoe", ms=round(fm_ms, 3), peak_mib=round(fm_mib),
+                                loss=fm_loss, abs_loss_diff=float(f"{abs(fm_loss - hf_loss):.2e}")))
+            print(f"{case['case']}: transformers {hf_ms:.2f} ms, {hf_mib:,.0f} MiB; fastmoe {fm_ms:.2f} ms, "
+                  f"{fm_mib:,.0f} MiB ({hf_ms / fm_ms:.2f}x, {hf_mib / fm_mib:.1f}x less memory); "
+                  f"|loss diff| {abs(fm_loss - hf_loss):.1e}", flush=True)
         del hidden, weight, labels
         torch.cuda.empty_cache()
-
-    header = (
-        "| case | hidden | vocab | logit_scale | lm_head | HF ms | fastmoe ms | speedup | HF peak MiB "
-        "| fastmoe peak MiB | memory saved | abs loss diff |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    table = header + "\n".join(rows) + "\n"
-    section = (
-        f"\n## linear_cross_entropy: {TOKENS} bf16 tokens, forward + backward\n\n"
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
-        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}\n"
-        f"- command: `python benchmarks/bench_linear_cross_entropy.py`\n"
-        "- HF = F.linear lm_head (+ logit_scale) + transformers ForCausalLMLoss; times are do_bench medians; "
-        "peak = max_memory_allocated above the inputs during one step.\n\n" + table
-    )
-    print(section)
-    with RESULTS.open("a") as f:
-        f.write(section)
+    if not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,28 @@ For each projection: peft's `lora.Linear` (a target_modules entry: base GEMM plu
 `ParamWrapper` on the Linear's weight (a target_parameters entry: W + s B A rebuilt every call, then a full weight
 gradient), and fastmoe's fused op, which both of those run as once fastmoe is patched. Forward + backward (input
 and adapter gradients), bf16 activations, float32 adapters as peft keeps them, r=16, 4096 tokens. Times are
-triton.testing.do_bench medians; peak is the memory allocated above the inputs during one step.
+triton.testing.do_bench medians; peak is the memory allocated above the inputs during one step. One JSON line per
+(projection, peft layer, implementation) goes to benchmarks/results.jsonl (question "lora-linear").
 
-    python benchmarks/bench_lora_linear.py          # GPU; appends its table to benchmarks/RESULTS.md
-    python benchmarks/bench_lora_linear.py --cpu    # tiny CPU smoke run, nothing recorded
+    python benchmarks/bench_lora_linear.py          # GPU
+    python benchmarks/bench_lora_linear.py --cpu    # tiny CPU smoke run, untimed, nothing recorded
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
-from pathlib import Path
 
-import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 
+import common
 from fastmoe import patching
 from fastmoe.linear_lora import lora_linear_patches
 
 # name, in_features, out_features: AFMoE attention and shared-expert projections at Trinity-Mini's sizes
 PROJECTIONS = [("q_proj / attention gate", 2048, 4096), ("k_proj, v_proj", 2048, 512), ("o_proj", 4096, 2048),
                ("shared expert gate/up", 2048, 1024), ("shared expert down", 1024, 2048)]
-RANK = 16
+RANK = common.LORA_RANK
 
 
 class OneLinear(torch.nn.Module):
@@ -52,6 +49,8 @@ def lora_layer(d_in: int, d_out: int, as_parameter: bool, device: str, dtype: to
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: str) -> tuple[float, float]:
+    """(median ms, peak MiB) of forward + backward (input and adapter gradients); (None, None) on the CPU, where
+    the step runs once, untimed."""
     adapters = [p for p in model.parameters() if p.requires_grad]
 
     def step():
@@ -59,51 +58,42 @@ def measure(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device:
 
     if device != "cuda":
         step()
-        return float("nan"), float("nan")
-    import triton.testing
-
-    ms = triton.testing.do_bench(step, warmup=10, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+        return None, None
+    return common.bench_ms(step, warmup=10, rep=100), common.peak_mib_above(step)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, nothing recorded")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, untimed, nothing recorded")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
-    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    device = "cpu" if args.cpu else common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens, shrink = (4096, 1) if device == "cuda" else (64, 64)
-    rows = []
+    shared = dict(common.environment(device), question="lora-linear", tokens=tokens, rank=RANK)
+    records = []
     for name, d_in, d_out in PROJECTIONS:
         d_in, d_out = d_in // shrink, d_out // shrink
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
-        timings = {}
         for label, as_parameter in (("lora.Linear", False), ("ParamWrapper", True)):
+            case = f"{name} ({d_in}->{d_out}), peft {label}"
             patching.remove_patches(lora_linear_patches())
             model = lora_layer(d_in, d_out, as_parameter, device, dtype)
-            timings[f"peft {label}"] = measure(model, x, grad, device)
-            patching.apply_patches(lora_linear_patches())
-            timings[f"fastmoe ({label})"] = measure(model, x, grad, device)
+            for impl in ("peft", "fastmoe"):
+                if impl == "fastmoe":
+                    patching.apply_patches(lora_linear_patches())
+                ms, mib = measure(model, x, grad, device)
+                records.append(dict(shared, case=case, implementation=impl, fwd_bwd_ms=common.rounded(ms, 4),
+                                    peak_mib=common.rounded(mib, 0)))
         patching.remove_patches(lora_linear_patches())
-        for label, (ms, mib) in timings.items():
-            rows.append(f"| {name} ({d_in}->{d_out}) | {label} | {ms:.3f} | {mib:.0f} |")
-    header = "| projection | implementation | fwd+bwd ms | peak MiB |\n|---|---|---:|---:|"
-    table = "\n".join([header, *rows])
-    print(table)
-    if device == "cuda":
-        meta = (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-                f"{torch.cuda.get_device_name()}; torch {torch.__version__}; transformers {transformers.__version__}; "
-                f"peft {peft.__version__}\n- command: `python benchmarks/bench_lora_linear.py {' '.join(sys.argv[1:])}`")
-        with open(args.results, "a") as handle:
-            handle.write(f"\n## bench_lora_linear: fused LoRA linear vs peft, {tokens} bf16 tokens, r={RANK}\n\n"
-                         f"{meta}\n\n{table}\n")
+    print("| projection, peft layer | implementation | fwd+bwd ms | peak MiB |\n|---|---|---:|---:|")
+    for r in records:
+        print(f"| {r['case']} | {r['implementation']} | {r['fwd_bwd_ms']} | {r['peak_mib']} |")
+    if device == "cuda" and not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

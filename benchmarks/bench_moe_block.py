@@ -12,47 +12,31 @@ GPU only. For each model shape and router (balanced: random logits; skewed: a fe
   fastmoe's ``grouped_mm`` at equal work, for the gate_up (N=2I, K=H) and down (N=H, K=I) shapes.
 
 Times are medians of ``triton.testing.do_bench``; TFLOP/s count the base-weight GEMMs only (forward 6*S*H*I,
-forward+backward with frozen weights 12*S*H*I, S = tokens * top_k); peak memory is the allocator's peak
-above what was allocated before the measured call.
+forward+backward with frozen weights 12*S*H*I, S = tokens * top_k); peak memory is the allocator's peak above what
+was allocated before the measured call. One JSON line per (case, implementation) goes to benchmarks/results.jsonl
+(question "moe-block").
 
-    python benchmarks/bench_moe_block.py [--tokens 4096] [--results benchmarks/RESULTS.md]
+    python benchmarks/bench_moe_block.py [--tokens 4096] [--jsonl benchmarks/results.jsonl] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 
 import peft
 import torch
 import torch.nn.functional as F
 import transformers
-import triton
 from transformers.models.afmoe.modeling_afmoe import AfmoeExperts
 
+import common
 from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm
 from fastmoe.kernels.moe_experts import ExpertLora, moe_experts
 from fastmoe.kernels.moe_routing import sort_by_expert
 
-SHAPES = [  # name, hidden, intermediate, experts, top_k
-    ("Trinity-Mini", 2048, 1024, 128, 8),
-    ("LFM2-8B-A1B", 2048, 1792, 32, 4),
-    ("JetMoe-8B", 2048, 5632, 8, 2),
-]
-RANK = 16
-
-
-def routing(num_tokens: int, num_experts: int, top_k: int, kind: str, device: str):
-    gen = torch.Generator(device=device).manual_seed(0)
-    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen)
-    if kind == "skewed":
-        # Exponentially decaying preference: the first ~E/8 experts receive most of the tokens.
-        logits = logits + 4.0 * torch.exp(-torch.arange(num_experts, device=device) / max(1, num_experts / 8))
-    top_logits, index = logits.topk(top_k, dim=-1)
-    weights = torch.softmax(top_logits, dim=-1)
-    return index, weights
+RANK = common.LORA_RANK
+BASELINE = "transformers grouped_mm + peft"
 
 
 class _Block(torch.nn.Module):
@@ -100,29 +84,8 @@ def fastmoe_fn(model, num_experts: int):
     return run
 
 
-def measure(fn, inputs, grad_out, backward: bool):
-    """(median ms, peak MiB above the starting allocation) of fn(*inputs) [+ backward]."""
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def step():
-        out = fn(*inputs)
-        if backward:
-            out.backward(grad_out)
-
-    step()
-    torch.cuda.synchronize()
-    for t in leaves:
-        t.grad = None
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(step, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
-    return ms, peak
-
-
-def gemm_rows(name, hidden, inter, num_experts, top_k, num_tokens, index, device):
+def gemm_records(name, hidden, inter, num_experts, top_k, num_tokens, index, device) -> list[dict]:
+    """The bare grouped GEMMs at equal work, torch's against fastmoe's: one record per (GEMM, implementation)."""
     schedule = sort_by_expert(index, num_experts, gemm_block_m(torch.device(device), index.numel(), num_experts))
     rows = schedule.num_pairs
     identity = torch.arange(rows, dtype=torch.int32, device=device)
@@ -133,74 +96,80 @@ def gemm_rows(name, hidden, inter, num_experts, top_k, num_tokens, index, device
         w = torch.randn(num_experts, n, k, device=device, dtype=torch.bfloat16) * k**-0.5
         c = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
         flops = 2 * rows * n * k
-        torch_ms = triton.testing.do_bench(lambda: F.grouped_mm(a, w.transpose(1, 2), offs=offs),
-                                           warmup=10, rep=50, return_mode="median")
-        ours_ms = triton.testing.do_bench(lambda: grouped_mm(a, identity, w, schedule, c, identity),
-                                          warmup=10, rep=50, return_mode="median")
+        torch_ms = common.bench_ms(lambda: F.grouped_mm(a, w.transpose(1, 2), offs=offs))
+        ours_ms = common.bench_ms(lambda: grouped_mm(a, identity, w, schedule, c, identity))
         ref = F.grouped_mm(a, w.transpose(1, 2), offs=offs)
         grouped_mm(a, identity, w, schedule, c, identity)
-        err = ((c.float() - ref.float()).norm() / ref.float().norm()).item()
-        out.append((f"{name} GEMM {label} (N={n}, K={k})", "torch grouped_mm", torch_ms, flops / torch_ms / 1e9, None, None))
-        out.append((f"{name} GEMM {label} (N={n}, K={k})", "fastmoe grouped_mm", ours_ms, flops / ours_ms / 1e9, None, err))
+        shared = dict(kind="gemm", model=name, case=f"{name} GEMM {label} (N={n}, K={k})", gemm=label, n=n, k=k)
+        out.append(dict(shared, implementation="torch grouped_mm", ms=round(torch_ms, 4),
+                        tflops=round(flops / torch_ms / 1e9, 1)))
+        out.append(dict(shared, implementation="fastmoe grouped_mm", ms=round(ours_ms, 4),
+                        tflops=round(flops / ours_ms / 1e9, 1), rel_err=float(f"{common.rel_err(c, ref):.2e}")))
     return out
+
+
+def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind,
+                  device) -> tuple[list[dict], torch.Tensor]:
+    """Forward and forward+backward of the experts block, transformers + peft against fastmoe; (records, index)."""
+    ours = fastmoe_fn(model, num_experts)
+    index, weights = common.moe_routing(num_tokens, num_experts, top_k, kind, device)
+    load = torch.bincount(index.reshape(-1), minlength=num_experts).max().item() / index.numel()
+    x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weights = weights.requires_grad_()
+    grad_out = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        err = common.rel_err(ours(x, index, weights), model(x, index, weights))
+    flops_fwd = 6 * num_tokens * top_k * hidden * inter
+    records = []
+    for impl, fn in ((BASELINE, model), ("fastmoe", ours)):
+        inputs = (x, index, weights) + tuple(p for p in model.parameters() if p.requires_grad)
+        call = (lambda f: lambda x, i, w, *_: f(x, i, w))(fn)
+        fwd_ms, fwd_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=False)
+        all_ms, all_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=True)
+        record = dict(kind="block", model=name, case=f"{name} {kind}", routing=kind, max_expert_load=round(load, 4),
+                      implementation=impl, fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(all_ms, 4),
+                      fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
+                      fwd_bwd_tflops=round(2 * flops_fwd / all_ms / 1e9, 1),
+                      fwd_peak_mib=round(fwd_mib), fwd_bwd_peak_mib=round(all_mib))
+        if impl == "fastmoe":
+            record["rel_err"] = float(f"{err:.2e}")
+        records.append(record)
+    return records, index
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--results", default="benchmarks/RESULTS.md", help="markdown file the table is appended to")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_moe_block.py needs a CUDA GPU")
     device = "cuda"
-    num_tokens = args.tokens
-    rows = []
-    for name, hidden, inter, num_experts, top_k in SHAPES:
+    shared = dict(common.environment(device), question="moe-block", tokens=args.tokens, rank=RANK)
+    records = []
+    for name, hidden, inter, num_experts, top_k in common.MOE_SHAPES:
         model = peft_block(hidden, inter, num_experts, top_k, device)
-        ours = fastmoe_fn(model, num_experts)
+        shape = dict(hidden=hidden, intermediate=inter, experts=num_experts, top_k=top_k)
         for kind in ("balanced", "skewed"):
-            index, weights = routing(num_tokens, num_experts, top_k, kind, device)
-            load = torch.bincount(index.reshape(-1), minlength=num_experts).max().item() / index.numel()
-            x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
-            weights = weights.requires_grad_()
-            grad_out = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                ref, got = model(x, index, weights), ours(x, index, weights)
-            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-            flops_fwd = 6 * num_tokens * top_k * hidden * inter
-            label = f"{name} {kind} (max expert load {load:.1%})"
-            for impl, fn in (("transformers grouped_mm + peft", model), ("fastmoe", ours)):
-                inputs = (x, index, weights) + tuple(p for p in model.parameters() if p.requires_grad)
-                call = (lambda f: lambda x, i, w, *_: f(x, i, w))(fn)
-                fwd_ms, fwd_mem = measure(call, inputs, grad_out, backward=False)
-                bwd_ms, bwd_mem = measure(call, inputs, grad_out, backward=True)
-                rel = err if impl == "fastmoe" else None
-                rows.append((label + " fwd", impl, fwd_ms, flops_fwd / fwd_ms / 1e9, fwd_mem, rel))
-                rows.append((label + " fwd+bwd", impl, bwd_ms, 2 * flops_fwd / bwd_ms / 1e9, bwd_mem, rel))
+            block, index = block_records(model, name, hidden, inter, num_experts, top_k, args.tokens, kind, device)
+            records += [dict(shared, **shape, **r) for r in block]
             if kind == "balanced":
-                rows += gemm_rows(name, hidden, inter, num_experts, top_k, num_tokens, index, device)
+                gemms = gemm_records(name, hidden, inter, num_experts, top_k, args.tokens, index, device)
+                records += [dict(shared, **shape, **r) for r in gemms]
         del model
-        torch.cuda.empty_cache()
+        common.free_memory(device)
 
-    header = "| case | implementation | time (ms) | TFLOP/s | peak mem (MiB) | rel err vs baseline |\n|---|---|---:|---:|---:|---:|"
-    lines = [header]
-    for case, impl, ms, tflops, mem, err in rows:
-        mem_s = f"{mem:.0f}" if mem is not None else ""
-        err_s = f"{err:.1e}" if err is not None else ""
-        lines.append(f"| {case} | {impl} | {ms:.3f} | {tflops:.1f} | {mem_s} | {err_s} |")
-    table = "\n".join(lines)
-    print(table)
-
-    gpu = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    versions = (f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
-                f"peft {peft.__version__}, python {platform.python_version()}")
-    with open(args.results, "a") as f:
-        f.write(f"\n## bench_moe_block: {stamp}, {gpu}\n\n{versions}  \n"
-                f"`python {' '.join(sys.argv)}`; T={num_tokens}, bf16, LoRA r={RANK} on both expert weights, "
-                "base frozen; TFLOP/s count base GEMMs only; rel err = forward output vs the transformers + peft "
-                "baseline (bf16, peft folds B@A into the bf16 weight) or, for GEMM rows, vs torch grouped_mm.\n\n"
-                + table + "\n")
+    print(f"T={args.tokens}, bf16, LoRA r={RANK} on both expert weights, base frozen; {shared['gpu']}")
+    print("| case | implementation | fwd ms | fwd+bwd ms (GEMM: ms) | TFLOP/s | peak MiB fwd+bwd | rel err |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        print(f"| {r['case']} | {r['implementation']} | {r.get('fwd_ms', '')} | {r.get('fwd_bwd_ms', r.get('ms'))} "
+              f"| {r.get('fwd_bwd_tflops', r.get('tflops'))} | {r.get('fwd_bwd_peak_mib', '')} "
+              f"| {r.get('rel_err', '')} |")
+    if not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Training on several GPUs with DDP and FSDP2: a random-weight LFM2-8B-A1B-shaped model (8.3B parameters, 32 experts
 top-4), fastmoe's forwards, transformers' Trainer with accelerate underneath (the engine `fastmoe train` drives through
 trl's SFTTrainer, a Trainer subclass), random tokens. Prints the loss of every step and tokens/s per GPU, checks that
-the requested strategy really wrapped the model, and appends a table to --results.
+the requested strategy really wrapped the model, and appends one JSON line to benchmarks/results.jsonl (or --jsonl;
+question "multi-gpu").
 
 One configuration per launch (run from the repository root, on a 2-GPU machine):
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy ddp   --results R.md
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy fsdp2 --results R.md
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy fsdp2 --full-finetuning --results R.md
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy ddp --nf4-experts --results R.md
-    torchrun --standalone --nproc-per-node 1 benchmarks/bench_multi_gpu.py --strategy ddp --batch 4 --results R.md
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy ddp
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy fsdp2
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy fsdp2 --full-finetuning
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy ddp --nf4-experts
+    torchrun --standalone --nproc-per-node 1 benchmarks/bench_multi_gpu.py --strategy ddp --batch 4
 
 The last is one GPU with the same global batch as the first (2 GPUs x batch 2): every example is drawn from its
 global index, and the trainer's seeded sampler orders them the same way in both runs, so their losses must agree
@@ -29,19 +30,19 @@ CPU smoke run (gloo; accelerate runs FSDP on GPUs only, so DDP):
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
+import shlex
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import transformers
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+import common
 from fastmoe import FastModel
 from fastmoe.builtin import tiny_config
 from fastmoe.distributed import fsdp2_config
@@ -201,9 +202,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="sequences per GPU per step")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 4096; 64 with --tiny)")
     parser.add_argument("--lr", type=float, default=None, help="default 1e-4 for LoRA, 1e-5 for full fine-tuning")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
-                        help="markdown file the table is appended to")
-    parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the record goes to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
     if args.nf4_experts and (args.full_finetuning or args.strategy != "ddp"):
         parser.error("--nf4-experts trains LoRA with DDP (fastmoe refuses quantized models under FSDP)")
@@ -252,29 +252,30 @@ def main() -> None:
     for rank, (rate, peak) in enumerate(per_rank):
         print(f"rank {rank}: {rate:,.0f} tokens/s" + (f", peak {peak:.1f} GB" if peak is not None else ""))
 
-    training = "full fine-tuning" if args.full_finetuning else "LoRA r=16" + (", NF4 experts" if args.nf4_experts else "")
+    training = ("full fine-tuning" if args.full_finetuning
+                else "LoRA r=16" + (", NF4 experts" if args.nf4_experts else ""))
     header = ("strategy", "training", "GPUs", "per GPU batch x seq", "step s (median)", "tokens/s per GPU",
               "tokens/s total", "peak GB per GPU (max)", "loss first -> last")
     row = (args.strategy.upper(), training, str(world_size), f"{args.batch} x {seq}", f"{step_seconds:.3f}",
            f"{statistics.mean(rate for rate, _ in per_rank):,.0f}", f"{sum(rate for rate, _ in per_rank):,.0f}",
            f"{max(peaks):.1f}" if peaks else "-", f"{losses[0]:.4f} -> {losses[-1]:.4f}")
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"])
-    gpu = f"{world_size} x {torch.cuda.get_device_name()}" if on_gpu else f"{world_size} CPU processes (gloo)"
-    import accelerate
-
-    meta = (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {gpu}; torch {torch.__version__}; "
-            f"transformers {transformers.__version__}; accelerate {accelerate.__version__}\n"
-            f"- {'tiny LFM2-MoE' if args.tiny else 'LFM2-8B-A1B shape'}, random weights and tokens, {args.steps} steps "
-            f"({args.warmup} untimed), gradient checkpointing; wrapped as {wrapping}" + (f"; {saved}" if saved else "") +
-            f"\n- loss per step: {' '.join(f'{loss:.4f}' for loss in losses)}\n"
-            f"- command: `torchrun --standalone --nproc-per-node {world_size} benchmarks/bench_multi_gpu.py "
-            f"{' '.join(sys.argv[1:])}`")
-    print(meta)
-    print(table)
+    print("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"]))
+    device = "cuda" if on_gpu else "cpu"
+    command = shlex.join(["torchrun", "--standalone", "--nproc-per-node", str(world_size),
+                          "benchmarks/bench_multi_gpu.py", *sys.argv[1:]])
+    record = dict(common.environment(device, command=command), question="multi-gpu",
+                  model="tiny LFM2-MoE" if args.tiny else "LFM2-8B-A1B", strategy=args.strategy.upper(),
+                  training=training, gpus=world_size, case=f"{args.strategy.upper()}, {training}, {world_size} GPUs",
+                  implementation="fastmoe", batch=args.batch, seq=seq, steps=args.steps, warmup=args.warmup,
+                  wrapped_as=wrapping, adapter=saved or None, step_s=round(step_seconds, 4),
+                  tokens_per_s_per_gpu=round(statistics.mean(rate for rate, _ in per_rank), 1),
+                  tokens_per_s=round(sum(rate for rate, _ in per_rank), 1),
+                  peak_gb=round(max(peaks), 2) if peaks else None, loss_first=round(losses[0], 4),
+                  loss_last=round(losses[-1], 4), losses=[round(loss, 4) for loss in losses])
+    if on_gpu:
+        record["gpu"] = f"{world_size} x {record['gpu']}"
     if not args.no_record:
-        with open(args.results, "a") as handle:
-            handle.write(f"\n## Multi-GPU training: {args.strategy.upper()}, {training}, {world_size} GPUs\n\n"
-                         f"{meta}\n\n{table}\n")
+        common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

@@ -15,28 +15,26 @@ before the measured call; "weights" is the resident size of the two expert stack
 double-quant: codes + uint8 absmax + its scales). The double-quantized stacks re-quantize the same bf16 weights,
 so their rel err also holds the (small) change of absmax.
 
-    python benchmarks/bench_nf4_experts.py [--tokens 4096] [--results benchmarks/RESULTS.md]
+One JSON line per (case, implementation) goes to benchmarks/results.jsonl (question "nf4-experts").
+
+    python benchmarks/bench_nf4_experts.py [--tokens 4096] [--jsonl benchmarks/results.jsonl] [--no-record]
         [--nf4-configs 128:64:8:3,128:64:4:3,...]
 
 --nf4-configs also times the NF4 kernels under each listed launch configuration (BLOCK_N:BLOCK_K:num_warps:
-num_stages, in place of grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those defaults; the
-tables above it use the defaults.
+num_stages, in place of grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those defaults; that
+table is printed, not recorded (the records use the defaults, which is what the code runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 import sys
 
 import torch
-import triton
 
-# Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
-# (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
-from bench_moe_block import RANK, SHAPES, measure, routing
+# Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly.
+import common
 from fastmoe.kernels import grouped_gemm
 from fastmoe.kernels.grouped_gemm import (
     gemm_block_m,
@@ -51,15 +49,8 @@ from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
 from fastmoe.kernels.moe_routing import sort_by_expert
 from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4
 
-SHAPE = SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+SHAPE = common.MOE_SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
+RANK = common.LORA_RANK
 
 
 def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, gate_up, down, double_quant=None):
@@ -78,11 +69,11 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         ref_ms, ref_out = reference
         out.append((case, "bf16", ref_ms, flops / ref_ms / 1e9, None, None, None))
         for label, (ms, result) in results:
-            out.append((case, label, ms, flops / ms / 1e9, None, None, rel_err(result, ref_out)))
+            out.append((case, label, ms, flops / ms / 1e9, None, None, common.rel_err(result, ref_out)))
 
     def gemm(fn, n):  # fn(out, out_rows): one grouped GEMM into a fresh (rows, n) output
         c = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
-        return bench(functools.partial(fn, c, identity)), c
+        return common.bench_ms(functools.partial(fn, c, identity)), c
 
     cases = (("gate_up", gate_up, 0, False), ("down", down, 1, False), ("gate_up^T (d(x))", gate_up, 0, True))
     for label, dense, which, transpose in cases:
@@ -99,7 +90,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
 
     def swiglu(fn, weight):
         result = fn(x, identity, weight, schedule, store_gate_up=True)
-        return bench(lambda: fn(x, identity, weight, schedule, store_gate_up=True)), result[0]
+        return common.bench_ms(lambda: fn(x, identity, weight, schedule, store_gate_up=True)), result[0]
 
     add(f"{name} SwiGLU forward (gate_up GEMM + SwiGLU, N=2x{inter}, K={hidden})", 4 * rows * inter * hidden,
         swiglu(grouped_mm_swiglu, gate_up),
@@ -111,7 +102,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
 
     def swiglu_backward(fn, weight):
         result = fn(grad, identity, weight, stored, scale, schedule)
-        return bench(lambda: fn(grad, identity, weight, stored, scale, schedule)), result[0]
+        return common.bench_ms(lambda: fn(grad, identity, weight, stored, scale, schedule)), result[0]
 
     add(f"{name} SwiGLU backward (d(h) GEMM + SwiGLU backward, N={inter}, K={hidden})", 2 * rows * inter * hidden,
         swiglu_backward(grouped_mm_swiglu_backward, down.transpose(1, 2)),
@@ -154,7 +145,8 @@ def config_sweep(configs: str, *gemm_args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--results", default="benchmarks/RESULTS.md", help="markdown file the table is appended to")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     parser.add_argument("--nf4-configs", default="", help="comma-separated BLOCK_N:BLOCK_K:num_warps:num_stages "
                         "launch configurations to sweep for the bare NF4 GEMMs")
     args = parser.parse_args()
@@ -176,7 +168,7 @@ def main() -> None:
     dq_mib = (gate_up_dq.nbytes() + down_dq.nbytes()) / 2**20
     bf16_mib = (gate_up.numel() + down.numel()) * 2 / 2**20
 
-    index, weights = routing(num_tokens, num_experts, top_k, "balanced", device)
+    index, weights = common.moe_routing(num_tokens, num_experts, top_k, "balanced", device)
     weights.requires_grad_()
     x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -200,44 +192,39 @@ def main() -> None:
 
     with torch.no_grad():
         reference = bf16_block(*leaves)
-        block_err, dq_err = rel_err(nf4_block(*leaves), reference), rel_err(dq_block(*leaves), reference)
+        block_err, dq_err = common.rel_err(nf4_block(*leaves), reference), common.rel_err(dq_block(*leaves), reference)
     flops_fwd = 6 * num_tokens * top_k * hidden * inter
-    rows = []
-    label = f"{name} block, LoRA r={RANK}"
-    for impl, fn, weights_mib, err in (("bf16 moe_experts", bf16_block, bf16_mib, None),
-                                       ("NF4 moe_experts_nf4", nf4_block, nf4_mib, block_err),
-                                       ("NF4 double-quant moe_experts_nf4", dq_block, dq_mib, dq_err)):
-        fwd_ms, fwd_mem = measure(fn, leaves, grad_out, backward=False)
-        bwd_ms, bwd_mem = measure(fn, leaves, grad_out, backward=True)
-        rows.append((label + " fwd", impl, fwd_ms, flops_fwd / fwd_ms / 1e9, fwd_mem, weights_mib, err))
-        rows.append((label + " fwd+bwd", impl, bwd_ms, 2 * flops_fwd / bwd_ms / 1e9, bwd_mem, weights_mib, err))
-    rows += gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, gate_up, down,
-                      double_quant=(gate_up_dq, down_dq))
+    shared = dict(common.environment(device), question="nf4-experts", model=name, hidden=hidden, intermediate=inter,
+                  experts=num_experts, top_k=top_k, tokens=num_tokens)
+    records = []
+    for impl, fn, weights_mib, err in (("bf16", bf16_block, bf16_mib, None), ("NF4", nf4_block, nf4_mib, block_err),
+                                       ("NF4 double-quant", dq_block, dq_mib, dq_err)):
+        fwd_ms, fwd_mib = common.ms_and_peak_mib(fn, leaves, grad_out, backward=False)
+        all_ms, all_mib = common.ms_and_peak_mib(fn, leaves, grad_out, backward=True)
+        records.append(dict(shared, kind="block", case=f"{name} experts block, LoRA r={RANK}", implementation=impl,
+                            fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(all_ms, 4),
+                            fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
+                            fwd_bwd_tflops=round(2 * flops_fwd / all_ms / 1e9, 1), fwd_peak_mib=round(fwd_mib),
+                            fwd_bwd_peak_mib=round(all_mib), weights_mib=round(weights_mib),
+                            rel_err=None if err is None else float(f"{err:.2e}")))
+    for case, impl, ms, tflops, _, _, err in gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4,
+                                                       down_nf4, gate_up, down, double_quant=(gate_up_dq, down_dq)):
+        records.append(dict(shared, kind="kernel", case=case, implementation=impl, ms=round(ms, 4),
+                            tflops=round(tflops, 1), rel_err=None if err is None else float(f"{err:.2e}")))
 
-    header = ("| case | implementation | time (ms) | TFLOP/s | peak mem (MiB) | expert weights (MiB) | rel err vs bf16 |\n"
-              "|---|---|---:|---:|---:|---:|---:|")
-    lines = [header]
-    for case, impl, ms, tflops, mem, weights_mib, err in rows:
-        mem_s = f"{mem:.0f}" if mem is not None else ""
-        w_s = f"{weights_mib:.0f}" if weights_mib is not None else ""
-        err_s = f"{err:.1e}" if err is not None else ""
-        lines.append(f"| {case} | {impl} | {ms:.3f} | {tflops:.1f} | {mem_s} | {w_s} | {err_s} |")
-    table = "\n".join(lines)
+    print(f"T={num_tokens}, bf16 activations, {name} experts (H={hidden}, I={inter}, E={num_experts}, k={top_k}); "
+          f"the bf16 weights are the NF4 weights dequantized; {shared['gpu']}")
+    print("| case | implementation | fwd ms | fwd+bwd ms (kernel: ms) | TFLOP/s | expert weights MiB | rel err |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        print(f"| {r['case']} | {r['implementation']} | {r.get('fwd_ms', '')} | {r.get('fwd_bwd_ms', r.get('ms'))} "
+              f"| {r.get('fwd_bwd_tflops', r.get('tflops'))} | {r.get('weights_mib', '')} | {r.get('rel_err') or ''} |")
     if args.nf4_configs:
-        table += "\n\n" + config_sweep(args.nf4_configs, name, hidden, inter, num_experts, index, gate_up_nf4,
-                                       down_nf4, gate_up, down)
-    print(table)
-
-    gpu = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
-    with open(args.results, "a") as f:
-        f.write(f"\n## bench_nf4_experts: {stamp}, {gpu}\n\n{versions}  \n"
-                f"`python {' '.join(sys.argv)}`; T={num_tokens}, bf16 activations, Trinity-Mini experts "
-                f"(H={hidden}, I={inter}, E={num_experts}, k={top_k}); the bf16 weights are the NF4 weights "
-                "dequantized, so rel err measures the kernels only (accumulation order), not quantization error "
-                "(double-quant: plus the re-quantized absmax).\n\n"
-                + table + "\n")
+        print(config_sweep(args.nf4_configs, name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, gate_up,
+                           down))
+    if not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,25 @@
 GPU only. bf16 activations (norm weights in fp32, as transformers keeps them), 4096 tokens, hidden 2048,
 16 query heads and 4 key/value heads of head_dim 128. Times are triton.testing.do_bench medians; GB/s counts
 the bytes the fused kernel must move (activations read + written, cos/sin included), the same count for both
-columns, set against a measured device-to-device copy. Prints a table and appends it to benchmarks/RESULTS.md.
+columns, set against a measured device-to-device copy. Forward and forward+backward are CUDA-graph replays (GPU time);
+the eager column is launched from Python, launch overhead included. Prints a table and appends one JSON line per (op,
+implementation) to benchmarks/results.jsonl (question "norm-rope").
 
-    python benchmarks/bench_norm_rope.py
+    python benchmarks/bench_norm_rope.py [--jsonl benchmarks/results.jsonl] [--no-record]
 """
 
 from __future__ import annotations
 
-import datetime
-import pathlib
+import argparse
 import sys
 from collections.abc import Callable
 
 import torch
-import transformers
-import triton
 from transformers import AfmoeConfig, CohereConfig
 from transformers.models.afmoe import modeling_afmoe
 from transformers.models.cohere import modeling_cohere
 
+import common
 from fastmoe.kernels.attention_gate import attention_gate
 from fastmoe.kernels.layer_norm import layer_norm
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
@@ -33,36 +33,6 @@ EPS = 1e-6
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 BYTES = 2  # bf16
-
-
-def bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of GPU time: replayed from a CUDA graph, so Python and autograd launch overhead
-    (tens of microseconds per op, comparable to these kernels at this size) is left out for both columns."""
-    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-
-
-def bench_eager(fn: Callable[[], object]) -> float:
-    """Median milliseconds launched eagerly from Python, launch overhead included."""
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def fwd_bwd(fn: Callable[..., object], inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Callable[[], object]:
-    """Forward then backward through fn(*inputs); autograd.grad, so no .grad accumulation is timed."""
-
-    def step():
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads)
-
-    return step
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 512 MiB device-to-device copy (bytes read + written)."""
-    src = torch.empty(256 * 2**20, dtype=DTYPE, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = bench_eager(lambda: dst.copy_(src))
-    return 2 * src.numel() * BYTES / ms / 1e6
 
 
 def rotary(interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,37 +121,41 @@ def cases() -> list[tuple[str, Callable, Callable, list[torch.Tensor], list[torc
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    args = parser.parse_args()
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth()
+    shared = dict(common.environment(DEVICE), question="norm-rope", tokens=TOKENS, hidden=HIDDEN, heads=HEADS,
+                  kv_heads=KV_HEADS, head_dim=HEAD_DIM, copy_gbs=round(common.copy_bandwidth_gbs()))
     header = (
         "| op | fwd ours ms | fwd HF ms | fwd speedup | fwd GB/s ours (HF) | fwd+bwd ours ms | fwd+bwd HF ms "
         "| fwd+bwd speedup | fwd+bwd GB/s ours (HF) | fwd+bwd eager ms ours (HF) |"
     )
-    rows = [header, "|" + "---|" * 10]
+    rows, records = [header, "|" + "---|" * 10], []
     for name, ours, theirs, inputs, grads, fwd_bytes, all_bytes in cases():
-        with torch.no_grad():
-            f_ours, f_hf = bench(lambda: ours(*inputs)), bench(lambda: theirs(*inputs))
-        b_ours, b_hf = bench(fwd_bwd(ours, inputs, grads)), bench(fwd_bwd(theirs, inputs, grads))
-        e_ours, e_hf = bench_eager(fwd_bwd(ours, inputs, grads)), bench_eager(fwd_bwd(theirs, inputs, grads))
+        timings = {}
+        for impl, fn in (("transformers", theirs), ("fastmoe", ours)):
+            with torch.no_grad():
+                fwd_ms = common.bench_graph_ms(lambda fn=fn: fn(*inputs))
+            step = common.fwd_bwd(fn, inputs, grads)
+            timings[impl] = (fwd_ms, common.bench_graph_ms(step), common.bench_ms(step, warmup=25, rep=200))
+            records.append(dict(shared, case=name, implementation=impl, fwd_ms=round(timings[impl][0], 4),
+                                fwd_bwd_ms=round(timings[impl][1], 4), fwd_bwd_eager_ms=round(timings[impl][2], 4),
+                                fwd_gbs=round(fwd_bytes / timings[impl][0] / 1e6),
+                                fwd_bwd_gbs=round(all_bytes / timings[impl][1] / 1e6)))
+        (f_hf, b_hf, e_hf), (f_ours, b_ours, e_ours) = timings["transformers"], timings["fastmoe"]
         rows.append(
             f"| {name} | {f_ours:.3f} | {f_hf:.3f} | {f_hf / f_ours:.2f}x | {fwd_bytes / f_ours / 1e6:.0f} "
             f"({fwd_bytes / f_hf / 1e6:.0f}) | {b_ours:.3f} | {b_hf:.3f} | {b_hf / b_ours:.2f}x "
             f"| {all_bytes / b_ours / 1e6:.0f} ({all_bytes / b_hf / 1e6:.0f}) | {e_ours:.3f} ({e_hf:.3f}) |"
         )
-    gpu = torch.cuda.get_device_name()
-    table = "\n".join(rows)
-    report = (
-        f"\n## bench_norm_rope: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {gpu}\n\n"
-        f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
-        f"bf16, {TOKENS} tokens, hidden {HIDDEN}, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}. "
-        f"Device-to-device copy: {copy_gbs:.0f} GB/s. Times are CUDA-graph replays (GPU time) except the last "
-        f"column, launched eagerly from Python.\n\n"
-        f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n"
-    )
-    print(report)
-    results = pathlib.Path(__file__).with_name("RESULTS.md")
-    with results.open("a") as f:
-        f.write(report)
+    print(f"{shared['gpu']}, bf16, {TOKENS} tokens, hidden {HIDDEN}, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}; "
+          f"device-to-device copy {shared['copy_gbs']} GB/s")
+    print("\n".join(rows))
+    if not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

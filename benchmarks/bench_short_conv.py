@@ -13,42 +13,32 @@ comparisons:
   hidden size.
 
 Weights are frozen, as in LoRA training (the conv is never adapted), so backward computes the input gradient only.
-The fwd and fwd+bwd columns are launched eagerly (bench_norm_rope.bench_eager): transformers' conv path cannot be
-captured in a CUDA graph (its backward syncs with the legacy stream; H100, torch 2.11). The eager column and the
-peak memory come from bench_lora_linear.measure (triton's do_bench, which flushes L2; peak = allocated above the
-inputs during one step). GB/s: see conv_bytes.
+Both columns are launched eagerly (triton's do_bench, which flushes L2): transformers' conv path cannot be captured in
+a CUDA graph (its backward syncs with the legacy stream; H100, torch 2.11). Peak memory: allocated above the inputs
+during one forward + backward. GB/s: see conv_bytes. One JSON line per (case, implementation) goes to
+benchmarks/results.jsonl (question "short-conv"), with the relative error against transformers.
 
-    python benchmarks/bench_short_conv.py        # GPU; appends its table to benchmarks/RESULTS.md (or --results)
-    TRITON_INTERPRET=1 python benchmarks/bench_short_conv.py --cpu   # tiny fp32 CPU smoke run, untimed;
-                                                                     # recorded only where --results says
+    python benchmarks/bench_short_conv.py        # GPU
+    TRITON_INTERPRET=1 python benchmarks/bench_short_conv.py --cpu --jsonl R.jsonl   # tiny fp32 CPU smoke run,
+                                                        # untimed; recorded only where --jsonl says
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import sys
-from pathlib import Path
 
 import torch
-import transformers
-import triton
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
+import common
 from fastmoe import patching
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.lfm2_moe import FastLfm2MoeModel
 
-# Scripts in benchmarks/ import each other from their folder (Python puts it first on sys.path).
-from bench_lora_linear import measure
-from bench_norm_rope import bench_eager, copy_bandwidth, fwd_bwd
-from bench_train_step import PRESETS, make_config, parse_shapes
-
 SHAPES = {"cuda": "1x4096,4x2048", "cpu": "1x32,2x16"}
-HIDDEN = {"cuda": PRESETS["lfm2-8b-a1b"]["hidden_size"], "cpu": PRESETS["lfm2-tiny"]["hidden_size"]}
-NAN = float("nan")
+HIDDEN = {"cuda": common.PRESETS["lfm2-8b-a1b"]["hidden_size"], "cpu": common.PRESETS["lfm2-tiny"]["hidden_size"]}
 
 
 def conv_bytes(tokens: int, hidden: int, conv_params: int, element_size: int) -> tuple[int, int]:
@@ -63,12 +53,12 @@ def conv_bytes(tokens: int, hidden: int, conv_params: int, element_size: int) ->
     return fwd * element_size, (fwd + bwd) * element_size
 
 
-def hbm_peak_gbs() -> float:
+def hbm_peak_gbs() -> float | None:
     """The device's theoretical memory bandwidth: bus width x memory clock (kHz in cudaDeviceProp) x 2 (double
-    data rate); NaN where torch does not report them."""
+    data rate); None where torch does not report them."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     bus_bits, clock_khz = getattr(props, "memory_bus_width", 0), getattr(props, "memory_clock_rate", 0)
-    return 2 * bus_bits / 8 * clock_khz * 1e3 / 1e9 if bus_bits and clock_khz else NAN
+    return 2 * bus_bits / 8 * clock_khz * 1e3 / 1e9 if bus_bits and clock_khz else None
 
 
 def transformers_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,38 +81,37 @@ class ConvOp(torch.nn.Module):
 
 
 def run(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: str) -> dict:
-    """Output and input gradient of module(x), and its timings (NaN on the CPU)."""
+    """Output and input gradient of module(x), and its timings (None on the CPU)."""
     out = module(x)
     (dx,) = torch.autograd.grad(out, x, grad)
-    eager_ms, peak_mib = measure(module, x, grad, device)
-    fwd_ms = all_ms = NAN
+    timings = dict(fwd_ms=None, fwd_bwd_ms=None, peak_mib=None)
     if device == "cuda":
+        step = common.fwd_bwd(module, [x], [grad])
         with torch.no_grad():
-            fwd_ms = bench_eager(lambda: module(x))
-        all_ms = bench_eager(fwd_bwd(module, [x], [grad]))
-    return dict(out=out.detach(), dx=dx, fwd=fwd_ms, all=all_ms, eager=eager_ms, peak=peak_mib)
+            timings["fwd_ms"] = common.bench_ms(lambda: module(x), warmup=25, rep=200)
+        timings.update(fwd_bwd_ms=common.bench_ms(step, warmup=25, rep=200), peak_mib=common.peak_mib_above(step))
+    return dict(out=out.detach(), dx=dx, **timings)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def table_rows(case: str, results: list[tuple[str, dict]], moved: tuple[int, int] | None, hbm: float) -> list[str]:
-    """One row per implementation; the first is transformers, the baseline for speedups and errors."""
-    rows = []
-    base = results[0][1]
-    for label, r in results:
-        speedup = err = gbs = share = ""
+def records_of(case: str, results: list[tuple[str, str, dict]], moved: tuple[int, int] | None,
+               hbm: float | None) -> list[dict]:
+    """One record per implementation; the first is transformers, the reference for relative errors."""
+    base = results[0][2]
+    records = []
+    for impl, detail, r in results:
+        record = dict(case=case, implementation=impl, detail=detail, fwd_ms=common.rounded(r["fwd_ms"], 4),
+                      fwd_bwd_ms=common.rounded(r["fwd_bwd_ms"], 4), peak_mib=common.rounded(r["peak_mib"], 0))
         if r is not base:
-            speedup = f"{base['fwd'] / r['fwd']:.2f}x / {base['all'] / r['all']:.2f}x"
-            err = f"{rel_err(r['out'], base['out']):.1e} / {rel_err(r['dx'], base['dx']):.1e}"
-        if moved:
-            fwd_gbs, all_gbs = moved[0] / r["fwd"] / 1e6, moved[1] / r["all"] / 1e6
-            gbs = f"{fwd_gbs:.0f} / {all_gbs:.0f}"
-            share = f"{100 * fwd_gbs / hbm:.0f}% / {100 * all_gbs / hbm:.0f}%"
-        rows.append(f"| {case} | {label} | {r['fwd']:.3f} | {r['all']:.3f} | {speedup} | {gbs} | {share} "
-                    f"| {r['eager']:.3f} | {r['peak']:.0f} | {err} |")
-    return rows
+            record.update(rel_err_out=float(f"{common.rel_err(r['out'], base['out']):.2e}"),
+                          rel_err_dx=float(f"{common.rel_err(r['dx'], base['dx']):.2e}"))
+        if moved and r["fwd_ms"] is not None:
+            record.update(fwd_gbs=round(moved[0] / r["fwd_ms"] / 1e6),
+                          fwd_bwd_gbs=round(moved[1] / r["fwd_bwd_ms"] / 1e6))
+            if hbm:
+                record.update(fwd_hbm_pct=round(100 * record["fwd_gbs"] / hbm),
+                              fwd_bwd_hbm_pct=round(100 * record["fwd_bwd_gbs"] / hbm))
+        records.append(record)
+    return records
 
 
 def main() -> None:
@@ -130,71 +119,64 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny fp32 shapes on the CPU, untimed")
     parser.add_argument("--shapes", default=None, help="batch x sequence length, comma-separated "
                         f"(default {SHAPES['cuda']} on a GPU, {SHAPES['cpu']} on the CPU)")
-    parser.add_argument("--results", default=None, help="markdown file the table is appended to (default on a "
-                        "GPU: benchmarks/RESULTS.md; on the CPU nothing is recorded unless given)")
+    parser.add_argument("--jsonl", default=None, help="JSON-lines file the records go to (default on a GPU: "
+                        "benchmarks/results.jsonl; on the CPU nothing is recorded unless given)")
     args = parser.parse_args()
-    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    device = "cpu" if args.cpu else common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    results_file = args.results or (str(Path(__file__).with_name("RESULTS.md")) if device == "cuda" else None)
+    jsonl = args.jsonl or (str(common.RESULTS_JSONL) if device == "cuda" else None)
     torch.manual_seed(0)
 
     # Only one ShortConv layer is built, so the tiny preset's other sizes do not matter; L_cache (3) and
     # conv_bias (False) are Lfm2MoeConfig's defaults, which LFM2-8B-A1B uses.
-    config = make_config(dict(PRESETS["lfm2-tiny"], hidden_size=HIDDEN[device]))
+    config = common.make_config(dict(common.PRESETS["lfm2-tiny"], hidden_size=HIDDEN[device]))
     module = hf.Lfm2MoeShortConv(config, layer_idx=0).to(device, dtype).requires_grad_(False)
     hidden, taps = config.hidden_size, config.conv_L_cache
     conv_params = sum(p.numel() for p in module.conv.parameters())
     patches = [p for p in FastLfm2MoeModel.patches() if p.owner is hf.Lfm2MoeShortConv]
     hf_conv = "causal_conv1d" if importlib.util.find_spec("causal_conv1d") else "torch conv1d"
-    hbm = hbm_peak_gbs() if device == "cuda" else NAN
+    hbm = hbm_peak_gbs() if device == "cuda" else None
+    shared = dict(common.environment(device), question="short-conv", hidden=hidden, L_cache=taps,
+                  dtype=str(dtype).removeprefix("torch."), hbm_peak_gbs=common.rounded(hbm, 0))
 
     was_patched = patching.is_patched(patches)
-    rows = []
+    records = []
     try:
-        for batch, seq in parse_shapes(args.shapes or SHAPES[device]):
+        for batch, seq in common.parse_shapes(args.shapes or SHAPES[device]):
             bcx = torch.randn(batch, seq, 3 * hidden, device=device, dtype=dtype, requires_grad=True)
             h = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
-            ours = "fastmoe (Triton)" if use_triton(bcx) else "fastmoe (PyTorch reference)"
+            ours = "Triton" if use_triton(bcx) else "PyTorch reference"
             moved = conv_bytes(batch * seq, hidden, conv_params, bcx.element_size())
-            # (case, input, bytes for GB/s, [(implementation, module, with fastmoe's patch)]), transformers first
+            # (case, input, bytes for GB/s, [(implementation, detail, module, with fastmoe's patch)]),
+            # transformers first
             for case, x, case_bytes, impls in (
                 (f"conv op {batch}x{seq}", bcx, moved,
-                 [(f"transformers ({hf_conv})", ConvOp(module.conv, transformers_conv), False),
-                  (ours, ConvOp(module.conv, short_conv), False)]),
+                 [("transformers", hf_conv, ConvOp(module.conv, transformers_conv), False),
+                  ("fastmoe", ours, ConvOp(module.conv, short_conv), False)]),
                 (f"ShortConv block {batch}x{seq}", h, None,
-                 [("transformers", module, False), (ours, module, True)]),
+                 [("transformers", "", module, False), ("fastmoe", ours, module, True)]),
             ):
                 results = []
-                for label, impl, patched in impls:
+                for impl, detail, layer, patched in impls:
                     (patching.apply_patches if patched else patching.remove_patches)(patches)
-                    results.append((label, run(impl, x, dy, device)))
-                rows += table_rows(case, results, case_bytes, hbm)
+                    results.append((impl, detail, run(layer, x, dy, device)))
+                records += [dict(shared, **r) for r in records_of(case, results, case_bytes, hbm)]
     finally:
         (patching.apply_patches if was_patched else patching.remove_patches)(patches)
 
-    header = ("| case | implementation | fwd ms | fwd+bwd ms | speedup fwd / fwd+bwd | GB/s fwd / fwd+bwd "
-              "| % of HBM peak fwd / fwd+bwd | fwd+bwd eager ms | fwd+bwd peak MiB | rel err out / dx |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    table = "\n".join([header, *rows])
-    print(table)
-    if results_file is None:
-        return
-    if device == "cuda":
-        where = (f"{torch.cuda.get_device_name()}; HBM peak {hbm:.0f} GB/s (theoretical), device-to-device copy "
-                 f"{copy_bandwidth():.0f} GB/s")
-    else:
-        where = "CPU smoke run (untimed)"
-    meta = (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {where}; "
-            f"torch {torch.__version__}; triton {triton.__version__}; transformers {transformers.__version__}\n"
-            f"- {str(dtype).removeprefix('torch.')}, hidden {hidden}, L_cache {taps}, weights frozen (input "
-            f"gradients only); fwd and fwd+bwd are CUDA-graph replays, eager is do_bench launched from Python; GB/s "
-            f"count (4 T H + P) bytes forward, (11 T H + 2 P) forward + backward (T tokens, P conv parameters); rel "
-            f"err vs transformers\n"
-            f"- command: `python benchmarks/bench_short_conv.py {' '.join(sys.argv[1:])}`")
-    with open(results_file, "a") as handle:
-        handle.write(f"\n## bench_short_conv: LFM2 gated short conv and ShortConv block vs transformers\n\n"
-                     f"{meta}\n\n{table}\n")
+    print(f"{shared['gpu']}; {shared['dtype']}, hidden {hidden}, L_cache {taps}, weights frozen; HBM peak "
+          f"{shared['hbm_peak_gbs']} GB/s")
+    print("| case | implementation | fwd ms | fwd+bwd ms | GB/s fwd / fwd+bwd | peak MiB | rel err out / dx |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        detail = f" ({r['detail']})" if r["detail"] else ""
+        print(f"| {r['case']} | {r['implementation']}{detail} | {r['fwd_ms']} | {r['fwd_bwd_ms']} "
+              f"| {r.get('fwd_gbs', '')} / {r.get('fwd_bwd_gbs', '')} | {r['peak_mib']} "
+              f"| {r.get('rel_err_out', '')} / {r.get('rel_err_dx', '')} |")
+    if jsonl is not None:
+        for record in records:
+            common.append_record(record, jsonl)
 
 
 if __name__ == "__main__":

@@ -4,25 +4,21 @@ given the window (fastmoe/sliding_window_attention.py). The causal full-attentio
 the yardstick. bf16, 1 x 4096 tokens, 32 query / 4 key-value heads of 128, window 2048.
 
 TFLOP/s counts the (query, key) pairs each mask keeps: 4 x pairs x head_dim x heads for the forward, twice that
-for the backward, the convention of bench_train_step.py. Times are CUDA-graph replays (GPU time).
+for the backward, the convention of common.attention_flops. Times are CUDA-graph replays (GPU time). One JSON line
+per (layer, implementation) goes to benchmarks/results.jsonl (question "sliding-window-attention").
 
-    python benchmarks/bench_sliding_window_attention.py [--results benchmarks/RESULTS.md]
+    python benchmarks/bench_sliding_window_attention.py [--jsonl benchmarks/results.jsonl] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
-from pathlib import Path
 
 import torch
-import transformers
-import triton
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bench_norm_rope import bench, fwd_bwd
-from bench_train_step import matmul_peak_tflops
+import common
 from fastmoe.sliding_window_attention import flash_sliding_window_attention, sliding_window_causal_mask
 
 SEQ, HEADS, KV_HEADS, HEAD_DIM, WINDOW = 4096, 32, 4, 128, 2048
@@ -39,7 +35,8 @@ class AttentionShape(torch.nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
     torch.manual_seed(0)
     scale = HEAD_DIM ** -0.5
@@ -55,43 +52,38 @@ def main() -> None:
     dense_mask = sliding_window_causal_mask(SEQ, WINDOW, "cuda")[None, None]
     window_pairs = WINDOW * (WINDOW + 1) // 2 + (SEQ - WINDOW) * WINDOW
     causal_pairs = SEQ * (SEQ + 1) // 2
-    cases = [
-        ("sliding, transformers SDPA + dense mask",
+    sliding, full = f"sliding-window layer (window {WINDOW})", "full causal layer (the yardstick)"
+    cases = [  # (case, implementation, detail, attention, (query, key) pairs)
+        (sliding, "transformers", "SDPA over the dense mask",
          lambda q, k, v: sdpa_attention_forward(module, q, k, v, dense_mask, scaling=scale)[0], window_pairs),
-        ("sliding, fastmoe flash with window",
+        (sliding, "fastmoe", "flash kernel given the window",
          lambda q, k, v: flash_sliding_window_attention(q, k, v, WINDOW, scale), window_pairs),
-        ("full causal, transformers SDPA (flash)",
+        (full, "transformers", "SDPA (flash), causal",
          lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=scale)[0], causal_pairs),
     ]
-    peak = matmul_peak_tflops("cuda")
-    rows = ["| layer, path | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of matmul peak | peak MiB |",
-            "|---|---|---|---|---|---|"]
-    for name, fn, pairs in cases:
+    peak = common.matmul_peak_tflops("cuda")
+    shared = dict(common.environment("cuda"), question="sliding-window-attention", seq=SEQ, heads=HEADS,
+                  kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, peak_tflops=round(peak, 1))
+    records = []
+    for case, impl, detail, fn, pairs in cases:
         with torch.no_grad():
-            forward_ms = bench(lambda fn=fn: fn(*inputs))
-        step = fwd_bwd(fn, inputs, grads)
-        step_ms = bench(step)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+            forward_ms = common.bench_graph_ms(lambda fn=fn: fn(*inputs))
+        step = common.fwd_bwd(fn, inputs, grads)
+        step_ms = common.bench_graph_ms(step)
         tflops = 3 * 4 * pairs * HEAD_DIM * HEADS / step_ms / 1e9
-        rows.append(f"| {name} | {forward_ms:.3f} | {step_ms:.3f} | {tflops:.0f} | {100 * tflops / peak:.0f} "
-                    f"| {peak_mib:.0f} |")
-    table = "\n".join(rows)
-    report = (
-        f"\n## bench_sliding_window_attention: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{torch.cuda.get_device_name()}\n\n"
-        f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}; bf16, "
-        f"1 x {SEQ} tokens, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, window {WINDOW}; measured bf16 matmul "
-        f"peak {peak:.0f} TFLOP/s. CUDA-graph replays; TFLOP/s over the (query, key) pairs each mask keeps.\n\n"
-        f"Command: `python {' '.join(sys.argv)}`\n\n{table}\n"
-    )
-    print(report)
-    with args.results.open("a") as f:
-        f.write(report)
+        records.append(dict(shared, case=case, implementation=impl, detail=detail, fwd_ms=round(forward_ms, 4),
+                            fwd_bwd_ms=round(step_ms, 4), fwd_bwd_tflops=round(tflops, 1),
+                            mfu_pct=round(100 * tflops / peak, 1), peak_mib=round(common.peak_mib_above(step))))
+    print(f"{shared['gpu']}; bf16, 1 x {SEQ} tokens, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, window {WINDOW}; "
+          f"bf16 matmul peak {peak:.0f} TFLOP/s")
+    print("| layer | path | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of matmul peak | peak MiB |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['case']} | {r['implementation']}, {r['detail']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
+              f"| {r['fwd_bwd_tflops']:.0f} | {r['mfu_pct']:.0f} | {r['peak_mib']} |")
+    if not args.no_record:
+        for record in records:
+            common.append_record(record, args.jsonl)
 
 
 if __name__ == "__main__":

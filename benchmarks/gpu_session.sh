@@ -4,17 +4,21 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts
-# train-step-8 train-step profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
+# STEPs (default: all but multi-gpu, in this order): gpu-tests sft moe-block lora-linear short-conv sliding-attention
+# nf4-experts loss norm-rope train-step-8 train-step profile train-families quality. Together they take longer than
+# one 10-minute call: name a few per call, e.g.
 #
-#     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
+#     bash benchmarks/gpu_session.sh "$OUT" sft                                    # Trinity-Mini, 1x4096, ~4 min
+#     SFT_PRESETS="lfm2-8b-a1b jetmoe-8b aya-expanse-8b" bash benchmarks/gpu_session.sh "$OUT" sft   # ~8 min
 #
-# short-conv (issue #5) times LFM2's gated short conv and ShortConv block against transformers (90-second limit):
-#
-#     bash benchmarks/gpu_session.sh "$OUT" short-conv
-#
-# sliding-attention (issue #5) times AFMoE's sliding-window layer: transformers' SDPA over the dense mask against the
-# flash kernel given the window (60-second limit).
+# sft (issue #16) is the user's training step, benchmarks/bench_sft.py: one process per (preset, shape,
+# implementation), each under its own limit, so that a hang or a crash costs that case only. Variables:
+# SFT_PRESETS (default trinity-mini), SFT_SHAPES (default 1x4096; e.g. "4x2048 1x16384"), SFT_IMPLEMENTATIONS
+# (default "transformers fastmoe"), SFT_CASE_LIMIT (seconds per case, default 240; the step stops at 590 s, so name
+# at most 590 / SFT_CASE_LIMIT cases per call), SFT_ARGS (more bench_sft.py arguments, e.g. "--logging-steps 10",
+# "--layers 8 --quantization 4bit", "--load direct"). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
+# process instead (imports and Triton compilation paid once; memory freed between cases; cases that would end after
+# SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it.
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -23,20 +27,22 @@
 # 1. installs fastmoe by copying (fastmoe/ plus kernels/ as fastmoe/kernels) into a private site folder, and any
 #    wheels carried in .whl/ (trl, datasets, bitsandbytes are not on those machines);
 # 2. runs every `gpu`-marked test (bf16 kernels against their references);
-# 3. runs the benchmarks; each appends its table to OUT_DIR/RESULTS.md, the training-step benchmark also its JSON
-#    lines to OUT_DIR/results.jsonl and the quality run its losses to OUT_DIR/quality_run.json: copy those three
-#    over benchmarks/RESULTS.md, benchmarks/results.jsonl and benchmarks/quality_run.json, then draw the charts on
-#    any machine with matplotlib: python benchmarks/plot_results.py
-# 4. prints a summary table of this session's training-step and quality numbers.
-# Variables: TRAIN_STEP_LIMIT (seconds, default 240), TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8 (train-step-8) list bench_train_step.py
-# variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the NF4 GEMMs' launch configuration in
-# nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages); FAMILY_* and QUALITY_ARGS below.
-# Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path;
-# benchmarks/ is put on it instead, for the scripts that import each other.
+# 3. runs the benchmarks; each appends its records to OUT_DIR/results.jsonl (a copy of benchmarks/results.jsonl made
+#    by the first call into OUT_DIR) and the quality run its losses to OUT_DIR/quality_run.json;
+# 4. writes OUT_DIR/RESULTS.md (benchmarks/report.py over OUT_DIR/results.jsonl) and prints this session's tables.
+# Then copy OUT_DIR/results.jsonl (and quality_run.json) over benchmarks/' and run python benchmarks/report.py;
+# charts: python benchmarks/plot_results.py on any machine with matplotlib.
+# Other variables: TRAIN_STEP_LIMIT (seconds, default 240), TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8
+# (train-step-8) list bench_train_step.py variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the
+# NF4 GEMMs' launch configuration in nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
+# only); FAMILY_* and QUALITY_ARGS below. FASTMOE_BENCH_RUN names the session (default: the start time), so that
+# several calls can share one id.
+# Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; -P also
+# keeps a script's own folder off it, so benchmarks/ is put on PYTHONPATH for the scripts' `import common`.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests sft moe-block lora-linear short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -48,8 +54,7 @@ export PYTHONPATH="$site:$PWD/benchmarks" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 # One id for every record of this session, so the summary at the end shows this session's numbers only.
 export FASTMOE_BENCH_RUN="${FASTMOE_BENCH_RUN:-$(date -u +%Y%m%dT%H%M%S)}" out
 # A second invocation with the same OUT_DIR (other steps, same device call) appends to what the first wrote.
-[ -e "$out/RESULTS.md" ] || cp benchmarks/RESULTS.md "$out/RESULTS.md"
-[ -e "$out/results.jsonl" ] || cp benchmarks/results.jsonl "$out/results.jsonl" 2>/dev/null || true
+[ -e "$out/results.jsonl" ] || cp benchmarks/results.jsonl "$out/results.jsonl"
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, keep going on failure
@@ -62,23 +67,53 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
     [ $rc -eq 0 ] || { echo "=== $name failed (exit $rc)"; status=1; }
 }
 
+# sft: one process per case, each under SFT_CASE_LIMIT; its one-line summary is printed as it ends.
+sft_cases() {
+    local rc=0 preset shape impl
+    if [ -n "${SFT_ONE_PROCESS:-}" ]; then
+        # shellcheck disable=SC2086  # SFT_ARGS is a list of arguments
+        python3 -P benchmarks/bench_sft.py --preset "$(echo ${SFT_PRESETS:-trinity-mini} | tr ' ' ,)" \
+            --shapes "$(echo ${SFT_SHAPES:-1x4096} | tr ' ' ,)" \
+            --implementations "$(echo ${SFT_IMPLEMENTATIONS:-transformers fastmoe} | tr ' ' ,)" \
+            --budget-s "${SFT_BUDGET:-560}" --jsonl "$out/results.jsonl" ${SFT_ARGS:-}
+        return $?
+    fi
+    for preset in ${SFT_PRESETS:-trinity-mini}; do
+        for shape in ${SFT_SHAPES:-1x4096}; do
+            for impl in ${SFT_IMPLEMENTATIONS:-transformers fastmoe}; do
+                # shellcheck disable=SC2086  # SFT_ARGS is a list of arguments
+                timeout "${SFT_CASE_LIMIT:-240}" python3 -P benchmarks/bench_sft.py --preset "$preset" --shapes "$shape" \
+                    --implementations "$impl" --jsonl "$out/results.jsonl" ${SFT_ARGS:-} \
+                    || { echo "--- sft $preset $shape $impl failed (exit $?)"; rc=1; }
+            done
+        done
+    done
+    return $rc
+}
+export -f sft_cases
+
+jsonl=(--jsonl "$out/results.jsonl")
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
-step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
-step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
-step short-conv 90 python3 -P benchmarks/bench_short_conv.py --results "$out/RESULTS.md"
-step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py --results "$out/RESULTS.md"
-step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md" ${NF4_CONFIGS:+--nf4-configs "$NF4_CONFIGS"}
+step sft 590 bash -c sft_cases
+[[ "$steps" == *" sft "* ]] && grep -E "^(sft |--- sft)" "$out/sft.log"
+step moe-block 150 python3 -P benchmarks/bench_moe_block.py "${jsonl[@]}"
+step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py "${jsonl[@]}"
+step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
+step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"
+step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py "${jsonl[@]}" ${NF4_CONFIGS:+--nf4-configs "$NF4_CONFIGS"}
+step loss 90 python3 -P benchmarks/bench_linear_cross_entropy.py "${jsonl[@]}"
+step norm-rope 90 python3 -P benchmarks/bench_norm_rope.py "${jsonl[@]}"
 step train-step-8 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 4 \
-    --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" --results "$out/RESULTS.md" \
-    --jsonl "$out/results.jsonl"
-step train-step "${TRAIN_STEP_LIMIT:-240}" python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 --steps 3 \
-    --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" --results "$out/RESULTS.md" --jsonl "$out/results.jsonl"
+    --variants "${TRAIN_VARIANTS_8:-hf-grouped_mm,fastmoe,fastmoe-no-ckpt}" "${jsonl[@]}"
+step train-step "${TRAIN_STEP_LIMIT:-240}" python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 32 \
+    --steps 3 --variants "${TRAIN_VARIANTS:-hf-grouped_mm,fastmoe}" "${jsonl[@]}"
 step profile 150 python3 -P benchmarks/bench_train_step.py --preset trinity-mini --layers 8 --steps 2 \
     --variants fastmoe --profile --trace "$out/trace" --no-record
 
-# train-families: one process per family preset, each under its own limit in seconds (a hang or a crash costs that
-# family only). FAMILY_PRESETS, FAMILY_SHAPES, FAMILY_VARIANTS and QUALITY_ARGS override the defaults (a CPU smoke
-# run of this script: FAMILY_PRESETS="cohere-tiny:300" FAMILY_SHAPES=1x16 QUALITY_ARGS="--tiny --steps 2").
+# train-families: the plain-loop step, one process per family preset, each under its own limit in seconds (a hang or a
+# crash costs that family only). FAMILY_PRESETS, FAMILY_SHAPES, FAMILY_VARIANTS and QUALITY_ARGS override the
+# defaults (a CPU smoke run of this script: FAMILY_PRESETS="cohere-tiny:300" FAMILY_SHAPES=1x16 QUALITY_ARGS="--tiny
+# --steps 2").
 train_families() {
     local rc=0 spec preset limit
     for spec in ${FAMILY_PRESETS:-trinity-mini:150 lfm2-8b-a1b:75 jetmoe-8b:75 command-r-layers:75}; do
@@ -86,22 +121,21 @@ train_families() {
         echo "--- $preset"
         timeout "$limit" python3 -P benchmarks/bench_train_step.py --preset "$preset" --steps 3 \
             --shapes "${FAMILY_SHAPES:-1x4096,4x2048}" --variants "${FAMILY_VARIANTS:-hf,fastmoe}" \
-            --results "$out/RESULTS.md" --jsonl "$out/results.jsonl" || { echo "--- $preset failed (exit $?)"; rc=1; }
+            --jsonl "$out/results.jsonl" || { echo "--- $preset failed (exit $?)"; rc=1; }
     done
     return $rc
 }
 export -f train_families
 step train-families 390 bash -c train_families
 # shellcheck disable=SC2086  # QUALITY_ARGS is a list of arguments
-step quality 150 python3 -P benchmarks/quality_run.py --out "$out/quality_run.json" \
-    --plot "$out/quality_loss.png" --results "$out/RESULTS.md" ${QUALITY_ARGS:-}
+step quality 150 python3 -P benchmarks/quality_run.py --out "$out/quality_run.json" "${jsonl[@]}" ${QUALITY_ARGS:-}
 
-# Children of torchrun run `python benchmarks/bench_multi_gpu.py`: sys.path[0] is benchmarks/, so they too import
-# the fastmoe copied into $site.
+# Children of torchrun run `python benchmarks/bench_multi_gpu.py`: sys.path[0] is benchmarks/, so they import common.py
+# from there and the fastmoe copied into $site.
 multi_gpu() {  # multi_gpu NAME GPUS ARGS...
     local name=$1 gpus=$2; shift 2
     step "$name" 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
-        benchmarks/bench_multi_gpu.py --results "$out/RESULTS.md" "$@"
+        benchmarks/bench_multi_gpu.py "${jsonl[@]}" "$@"
 }
 [[ "$steps" == *" multi-gpu "* ]] && steps="$steps multi-gpu-ddp multi-gpu-fsdp2 multi-gpu-fsdp2-full multi-gpu-ddp-nf4 multi-gpu-one "
 multi_gpu multi-gpu-ddp 2 --strategy ddp
@@ -110,9 +144,7 @@ multi_gpu multi-gpu-fsdp2-full 2 --strategy fsdp2 --full-finetuning
 multi_gpu multi-gpu-ddp-nf4 2 --strategy ddp --nf4-experts
 multi_gpu multi-gpu-one 1 --strategy ddp --batch 4
 
-if [[ "$steps" == *" train-step "* || "$steps" == *" train-families "* || "$steps" == *" quality "* ]]; then
-    echo "=== summary of this session ($FASTMOE_BENCH_RUN)"
-    python3 -P benchmarks/plot_results.py --summary --run "$FASTMOE_BENCH_RUN" --results "$out/results.jsonl" \
-        --quality "$out/quality_run.json"
-fi
+python3 -P benchmarks/report.py --results "$out/results.jsonl" --out "$out/RESULTS.md"
+echo "=== this session's tables ($FASTMOE_BENCH_RUN)"
+python3 -P benchmarks/report.py --results "$out/results.jsonl" --run "$FASTMOE_BENCH_RUN" --measured-only --out -
 exit $status

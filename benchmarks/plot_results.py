@@ -1,11 +1,12 @@
 """Charts and a summary from the recorded benchmark numbers; runs on any machine with matplotlib, no GPU.
 
-* benchmarks/results.jsonl (bench_train_step.py, one line per measurement) -> bar charts of tokens/s and peak
-  memory per variant, one panel per family, bars grouped by preset, layers and batch x sequence shape; for each
-  group and variant the latest record counts. CPU smoke-run records are left out.
+* benchmarks/results.jsonl -> bar charts of tokens/s and peak memory, one panel per family, bars grouped by preset,
+  layers and batch x sequence shape: the training step through trl's SFTTrainer (bench_sft.py, one bar per
+  implementation) and in the plain loop (bench_train_step.py, one bar per variant); for each group and bar the latest
+  record counts. CPU smoke-run records are left out.
 * benchmarks/quality_run.json (quality_run.py) -> the loss curves of its variants on one chart.
-* `--summary` prints a table of the records instead (one session's with `--run`), and needs no matplotlib:
-  gpu_session.sh ends with it.
+* `--summary` prints a table of the training-step records instead (one session's with `--run`), and needs no
+  matplotlib. (The page of every question is benchmarks/report.py's.)
 
     pip install matplotlib      # or: pip install -e ".[bench]"
     python benchmarks/plot_results.py                        # writes benchmarks/plots/*.png
@@ -19,8 +20,19 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-VARIANT_COLOURS = {"hf-eager": "#9e9e9e", "hf-grouped_mm": "#4c72b0", "fastmoe": "#dd8452", "fastmoe-4bit": "#55a868"}
-VARIANT_LABELS = {"hf-eager": "transformers eager + peft", "hf-grouped_mm": "transformers grouped_mm + peft"}
+# Also the order of the bars: transformers first.
+VARIANT_COLOURS = {"hf-eager": "#9e9e9e", "hf-grouped_mm": "#4c72b0", "transformers": "#4c72b0",
+                   "transformers 4bit": "#8172b3", "fastmoe": "#dd8452", "fastmoe-4bit": "#55a868",
+                   "fastmoe 4bit": "#55a868"}
+VARIANT_LABELS = {"hf-eager": "transformers eager + peft", "hf-grouped_mm": "transformers grouped_mm + peft",
+                  "transformers": "transformers + peft", "transformers 4bit": "transformers 4-bit + peft",
+                  "fastmoe 4bit": "fastmoe 4-bit"}
+EXTRA_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#ccb974", "#64b5cd", "#8c8c8c", "#2f4b7c", "#a05195")
+# What a chart draws from a record: its question, the bar it is (variant or implementation) and the cluster it is in.
+CHARTS = {
+    "sft": ("LoRA SFT step through trl's SFTTrainer", "train_sft"),
+    "train-step": ("LoRA training step, plain loop", "train_step"),
+}
 FAMILY_NAMES = {"afmoe": "AFMoE", "lfm2_moe": "LFM2-MoE", "jetmoe": "JetMoe", "cohere": "Cohere"}
 
 
@@ -29,25 +41,41 @@ def load_records(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def question(record: dict) -> str:
+    return record.get("question", "train-step")  # the first records, all from bench_train_step.py, name none
+
+
+def bar_of(record: dict) -> str:
+    if question(record) == "sft":
+        return record["implementation"] + (f" {record['quantization']}" if record.get("quantization") else "")
+    return record["variant"]
+
+
 def group_label(record: dict) -> str:
     label = f"{record['preset']}\n{record['layers']} layers, {record['shape']}"
+    if question(record) == "sft":
+        for field, default in (("targets", "default"), ("logging_steps", 1), ("load", "checkpoint")):
+            if record.get(field) != default:
+                label += f"\n{field} {record.get(field)}"
     return label + (", skewed" if record.get("routing") == "skewed" else "")
 
 
-def latest_by_group(records: list[dict]) -> dict[str, dict[str, dict[str, dict]]]:
-    """family -> group label -> variant -> the latest record (dates are 'YYYY-MM-DD HH:MM UTC', so they sort)."""
+def latest_by_group(records: list[dict], of: str = "train-step") -> dict[str, dict[str, dict[str, dict]]]:
+    """family -> group label -> bar -> the latest record of question `of` (dates are 'YYYY-MM-DD HH:MM UTC', so they
+    sort)."""
     table: dict[str, dict[str, dict[str, dict]]] = {}
     for record in sorted(records, key=lambda r: r["date"]):
-        if record.get("gpu") == "CPU" or record.get("status") == "error":
+        if (question(record) != of or record.get("gpu") == "CPU" or record.get("status") == "error"
+                or record.get("condition")):
             continue
-        table.setdefault(record["family"], {}).setdefault(group_label(record), {})[record["variant"]] = record
+        table.setdefault(record["family"], {}).setdefault(group_label(record), {})[bar_of(record)] = record
     return table
 
 
-def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path) -> bool:
+def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path, of: str = "train-step") -> bool:
     """One panel per family; in each, one cluster of bars per group, one bar per variant; OOM marked.
-    False when no GPU record is there to draw."""
-    table = latest_by_group(records)
+    False when no GPU record of question `of` is there to draw."""
+    table = latest_by_group(records, of)
     families = sorted(table)
     if not families:
         return False
@@ -62,6 +90,9 @@ def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path) -> bool
         variants = sorted({v for per_group in groups.values() for v in per_group},
                           key=lambda v: list(VARIANT_COLOURS).index(v) if v in VARIANT_COLOURS else 99)
         width = 0.8 / len(variants)
+        # Variants without a colour of their own get one no other bar of the panel has.
+        spare = iter(c for c in EXTRA_COLOURS if c not in VARIANT_COLOURS.values())
+        colours = {v: VARIANT_COLOURS.get(v) or next(spare, None) for v in variants}
         for i, variant in enumerate(variants):
             for j, label in enumerate(groups):
                 record = groups[label].get(variant)
@@ -73,7 +104,7 @@ def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path) -> bool
                     ax.text(x, 0, "OOM" if record.get("status") == "oom" else "n/a", ha="center", va="bottom",
                             rotation=90, fontsize=8)
                     continue
-                ax.bar(x, value, width, color=VARIANT_COLOURS.get(variant), label=VARIANT_LABELS.get(variant, variant))
+                ax.bar(x, value, width, color=colours[variant], label=VARIANT_LABELS.get(variant, variant))
                 ax.text(x, value, f"{value:,.0f}" if value >= 100 else f"{value:.1f}", ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
@@ -82,8 +113,8 @@ def plot_bars(records: list[dict], metric: str, ylabel: str, path: Path) -> bool
         handles, labels = ax.get_legend_handles_labels()
         by_label = dict(zip(labels, handles))
         ax.legend(by_label.values(), by_label.keys(), fontsize=8)
-    gpus = sorted({r["gpu"] for r in records if r.get("gpu") != "CPU"})
-    fig.suptitle(f"LoRA training step, {ylabel} ({', '.join(gpus)})", fontsize=11)
+    gpus = sorted({r["gpu"] for r in records if r.get("gpu") != "CPU" and question(r) == of})
+    fig.suptitle(f"{CHARTS[of][0]}, {ylabel} ({', '.join(gpus)})", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -124,9 +155,9 @@ def plot_quality(result: dict, path: Path) -> None:
 
 
 def summary_table(records: list[dict], run: str | None = None) -> str:
-    """Markdown table of the records (of one run), with fastmoe's tokens/s over the best transformers variant."""
-    if run is not None:
-        records = [r for r in records if r.get("run") == run]
+    """Markdown table of the training-step records (of one run), with fastmoe's tokens/s over the best transformers
+    variant."""
+    records = [r for r in records if question(r) == "train-step" and (run is None or r.get("run") == run)]
     best_hf: dict[tuple, float] = {}
     for r in records:
         if r.get("status") == "ok" and r["variant"].startswith("hf"):
@@ -183,11 +214,13 @@ def main() -> None:
     out = Path(args.out_dir)
     if results.exists():
         records = load_records(results)
-        if plot_bars(records, "tokens_per_s", "tokens/s", out / "train_step_tokens_per_s.png"):
-            plot_bars(records, "peak_gb", "peak memory (GiB)", out / "train_step_peak_memory.png")
-            print(f"wrote {out / 'train_step_tokens_per_s.png'} and {out / 'train_step_peak_memory.png'}")
-        else:
-            print(f"no GPU records in {results}: no training-step charts")
+        for of, (title, stem) in CHARTS.items():
+            speed, memory = out / f"{stem}_tokens_per_s.png", out / f"{stem}_peak_memory.png"
+            if plot_bars(records, "tokens_per_s", "tokens/s", speed, of):
+                plot_bars(records, "peak_gb", "peak memory (GiB)", memory, of)
+                print(f"wrote {speed} and {memory}")
+            else:
+                print(f"no GPU records of {of} in {results}: no {title} charts")
     if quality.exists():
         plot_quality(json.loads(quality.read_text()), out / "quality_loss.png")
         print(f"wrote {out / 'quality_loss.png'}")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench_train_step import PRESETS, build, with_layers
+import common
 
 
 def step(model, optimizer, input_ids):
@@ -25,17 +25,17 @@ def step(model, optimizer, input_ids):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="trinity-mini")
+    parser.add_argument("--preset", choices=sorted(common.PRESETS), default="trinity-mini")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--variant", default="fastmoe")
+    parser.add_argument("--variant", choices=sorted(common.TRAIN_STEP_VARIANTS), default="fastmoe")
     parser.add_argument("--rows", type=int, default=40)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config_kwargs = with_layers(PRESETS[args.preset], args.layers)
+    config_kwargs = common.with_layers(common.PRESETS[args.preset], args.layers)
     seq = args.seq or (4096 if device == "cuda" else 64)
-    model = build(args.variant, config_kwargs, device, dtype, skewed=False)
+    model = common.build_lora_model(common.TRAIN_STEP_VARIANTS[args.variant], config_kwargs, device, dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=device == "cuda")  # as transformers' Trainer defaults to
     input_ids = torch.randint(0, config_kwargs["vocab_size"], (1, seq), device=device)

@@ -1,6 +1,6 @@
 """The benchmark harness's own arithmetic and output: FLOP counting of each preset (on meta-device models, so
-nothing is allocated), the JSON-lines summary, the charts drawn from two records, and the per-kernel benchmarks'
-CPU smoke modes."""
+nothing is allocated), LoRA target sets, GPU-activity accounting, the page report.py generates (and that the
+committed one is generated), the charts, and the CPU smoke runs of bench_sft.py and bench_short_conv.py."""
 
 import json
 import sys
@@ -9,17 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
+import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
-import bench_train_step  # noqa: E402
+import common  # noqa: E402
 import plot_results  # noqa: E402
+import report  # noqa: E402
 
 
 def meta_model(preset: str):
     import transformers
 
-    config = bench_train_step.make_config(bench_train_step.PRESETS[preset])
+    config = common.make_config(common.PRESETS[preset])
     with torch.device("meta"):
         return config, transformers.AutoModelForCausalLM.from_config(config)
 
@@ -27,11 +30,12 @@ def meta_model(preset: str):
 @pytest.mark.parametrize("preset, total, active", [
     ("lfm2-8b-a1b", 8.34e9, 1.56e9),  # LiquidAI: 8.3B total, 1.5B active
     ("jetmoe-8b", 8.52e9, 2.33e9),  # JetMoe: 8B total, 2.2B active (without the lm_head)
+    ("aya-expanse-8b", 8.03e9, 8.03e9),  # dense; the tied embedding counts once, as the lm_head
 ])
 def test_presets_have_their_models_sizes(preset, total, active):
     _, model = meta_model(preset)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(total, rel=0.01)
-    assert bench_train_step.active_params(model) == pytest.approx(active, rel=0.01)
+    assert common.active_params(model) == pytest.approx(active, rel=0.01)
 
 
 def test_active_params_count_experts_at_top_k_and_the_head_once():
@@ -43,44 +47,139 @@ def test_active_params_count_experts_at_top_k_and_the_head_once():
     everything = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     expected = (everything - vocab * h  # the input embedding is a lookup (the untied lm_head stays)
                 - moe_layers * routed * (1 - config.num_experts_per_tok / config.num_experts))
-    assert bench_train_step.active_params(model) == expected
+    assert common.active_params(model) == expected
 
 
 def test_attention_flops_count_only_pairs_the_masks_keep():
-    config = bench_train_step.make_config(bench_train_step.PRESETS["afmoe-tiny"])  # sliding window 16, 3 layers
+    config = common.make_config(common.PRESETS["afmoe-tiny"])  # sliding window 16, 3 layers
     seq, window, d, heads = 64, config.sliding_window, config.head_dim, config.num_attention_heads
     full = seq * (seq + 1) / 2
     sliding = window * (window + 1) / 2 + (seq - window) * window
     kinds = config.layer_types
     pairs = sum(full if k == "full_attention" else sliding for k in kinds)
     assert "sliding_attention" in kinds and "full_attention" in kinds
-    assert bench_train_step.attention_flops(config, batch=2, seq=seq) == 12 * heads * d * pairs * 2
+    assert common.attention_flops(config, batch=2, seq=seq) == 12 * heads * d * pairs * 2
 
 
 def test_variants_resolve_per_family():
-    assert bench_train_step.resolve_variant("hf", "afmoe") == "hf-grouped_mm"
-    assert bench_train_step.resolve_variant("hf", "jetmoe") == "hf-eager"
-    assert bench_train_step.resolve_variant("hf-grouped_mm", "cohere") is None
-    assert bench_train_step.parse_shapes("1x4096, 4x2048") == [(1, 4096), (4, 2048)]
+    assert common.resolve_variant_name("hf", "afmoe") == "hf-grouped_mm"
+    assert common.resolve_variant_name("hf", "jetmoe") == "hf-eager"
+    assert common.resolve_variant_name("hf-grouped_mm", "cohere") is None
+    with pytest.raises(ValueError, match="unknown variant"):
+        common.resolve_variant_name("fastmoe-flexx", "afmoe")
+    assert common.parse_shapes("1x4096, 4x2048") == [(1, 4096), (4, 2048)]
+    with pytest.raises(ValueError, match="BATCHxSEQ"):
+        common.parse_shapes("4096")
 
 
-def records():
-    common = dict(date="2026-11-23 14:16 UTC", run="r1", gpu="NVIDIA H100 80GB HBM3", family="afmoe",
+def test_variant_labels_name_the_fields_that_differ():
+    import dataclasses
+
+    named = common.TRAIN_STEP_VARIANTS["fastmoe-4bit"]
+    assert common.variant_label(named) == "fastmoe-4bit"
+    assert common.variant_label(dataclasses.replace(named, optimizer="adamw_8bit")) == "fastmoe-4bit-adamw8bit"
+    flex = dataclasses.replace(common.TRAIN_STEP_VARIANTS["hf-grouped_mm"], attention="flex_attention")
+    assert common.variant_label(flex) == "hf-grouped_mm (attention=flex_attention)"
+
+
+@pytest.mark.parametrize("preset", ["afmoe-tiny", "lfm2-tiny", "jetmoe-tiny", "cohere-tiny"])
+@pytest.mark.parametrize("which", common.LORA_TARGET_SETS)
+def test_lora_target_sets_name_modules_the_family_has(preset, which):
+    config, model = meta_model(preset)
+    targets = common.lora_targets(config.model_type, which)
+    modules = [name for name, _ in model.named_modules()]
+    params = [name for name, _ in model.named_parameters()]
+    for target in targets["target_modules"]:
+        assert any(name == target or name.endswith("." + target) for name in modules), target
+    for target in targets["target_parameters"] or []:
+        assert any(name.endswith("." + target) for name in params), target
+    if which == "attention-experts" and config.model_type != "jetmoe":
+        assert not any("mlp" in t or t in ("w1", "w2", "w3", "in_proj") for t in targets["target_modules"])
+
+
+def test_gpu_activity_counts_kernels_and_overlapping_work_once():
+    events = [("kernel", 0, 10), ("kernel", 5, 15), ("gpu_memcpy", 20, 30), ("cuda_runtime", 0, 100),
+              ("kernel", 40, 41), ("gpu_memset", 40, 45), ("cpu_op", 0, 1000)]
+    assert common.gpu_activity(events) == (15 + 10 + 5, 3)
+    assert common.gpu_activity([]) == (0, 0)
+
+
+def test_profiler_activities_read_what_the_profiler_recorded():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(8, 8).sum()
+    activities = common.profiler_activities(prof)
+    assert activities and all(end >= start for _, start, end in activities)
+    assert {kind for kind, _, _ in activities} >= {"cpu_op"}
+    assert common.gpu_activity(activities) == (0, 0)
+
+    class OlderTorchEvent:  # a _KinetoEvent without activity_type()
+        def __init__(self, device, name):
+            self._device, self._name = device, name
+
+        def device_type(self):
+            return self._device
+
+        def name(self):
+            return self._name
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert [common._activity_type(OlderTorchEvent(d, n)) for d, n in (
+        (cuda, "Memcpy HtoD (Pageable -> Device)"), (cuda, "Memset (Device)"), (cuda, "_grouped_mm_kernel"),
+        (cpu, "aten::mm"))] == ["gpu_memcpy", "gpu_memset", "kernel", "cpu"]
+
+
+def train_step_records():
+    shared = dict(date="2026-11-23 14:16 UTC", run="r1", gpu="NVIDIA H100 80GB HBM3", family="afmoe",
                   preset="trinity-mini", layers=8, batch=1, seq=4096, shape="1x4096", routing="random", status="ok")
-    return [dict(common, variant="hf-grouped_mm", tokens_per_s=15407, peak_gb=23.6, mfu_pct=9.9, loss=12.58),
-            dict(common, variant="fastmoe", tokens_per_s=31793, peak_gb=15.5, mfu_pct=20.5, loss=12.57)]
+    return [dict(shared, variant="hf-grouped_mm", tokens_per_s=15407, peak_gb=23.6, mfu_pct=9.9, loss=12.58),
+            dict(shared, variant="fastmoe", tokens_per_s=31793, peak_gb=15.5, mfu_pct=20.5, loss=12.57)]
 
 
 def test_summary_table_compares_fastmoe_with_transformers():
-    table = plot_results.summary_table(records() + [dict(records()[0], run="r2")], run="r1")
+    table = plot_results.summary_table(train_step_records() + [dict(train_step_records()[0], run="r2")], run="r1")
     assert table.count("trinity-mini") == 2
     assert "2.06x" in table
+
+
+def sft_record(implementation: str, tokens_per_s: float, date: str, run: str, **changes) -> dict:
+    record = dict(question="sft", date=date, run=run, gpu="NVIDIA H200", versions={"torch": "2.11.0+cu130"},
+                  command=f"python benchmarks/bench_sft.py --implementations {implementation}", family="afmoe",
+                  preset="trinity-mini", layers=32, batch=1, seq=4096, shape="1x4096", implementation=implementation,
+                  targets="default", logging_steps=1, quantization=None, load="direct", status="ok",
+                  tokens_per_s=tokens_per_s, peak_gb=50.0, gpu_busy_pct=90.0, kernels_per_step=1000, mfu_pct=30.0)
+    return dict(record, **changes)
+
+
+def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
+    records = [sft_record("transformers", 3000, "2026-12-01 10:00 UTC", "a"),
+               sft_record("fastmoe", 6000, "2026-12-01 10:05 UTC", "a"),
+               sft_record("transformers", 3100, "2026-12-02 10:00 UTC", "b"),
+               sft_record("fastmoe", 9300, "2026-12-02 10:05 UTC", "b"),
+               sft_record("fastmoe", 9999, "2026-12-02 10:06 UTC", "b", gpu="CPU"),  # a smoke run: not shown
+               sft_record("fastmoe", 12000, "2026-12-02 11:00 UTC", "b", shape="1x16384", seq=16384)]
+    page = report.render(records)
+    sft = page.split("## 1.")[1].split("## 2.")[0]
+    rows = [line for line in sft.splitlines() if line.startswith("| trinity-mini")]
+    assert len(rows) == 2
+    assert "| 3,100 | 9,300 | 3.00x |" in rows[0]
+    assert "| - | 12,000 | - |" in rows[1]
+    assert "2026-12-02 10:05 UTC · NVIDIA H200 · torch 2.11.0+cu130" in sft
+    assert "2026-12-01" not in sft and "9,999" not in page
+    assert "## 2. Training step in a plain loop" in page and "Not measured yet" in page
+
+
+def test_committed_page_is_generated_from_the_committed_records():
+    """benchmarks/RESULTS.md is report.py's output: regenerate it (python benchmarks/report.py) after adding records."""
+    records = report.load_records(BENCHMARKS / "results.jsonl")
+    assert (BENCHMARKS / "RESULTS.md").read_text() == report.render(records)
 
 
 def test_charts_are_drawn_from_two_records(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records()))
+    results.write_text("".join(json.dumps(r) + "\n" for r in train_step_records()))
     quality = tmp_path / "quality.json"
     quality.write_text(json.dumps(dict(model="AFMoE", gpu="CPU", dtype="float32", steps=3, loss_floor=1.0,
                                        losses={"hf-grouped_mm": [6.0, 5.0, 4.0], "fastmoe": [6.0, 5.0, 4.1]},
@@ -91,17 +190,51 @@ def test_charts_are_drawn_from_two_records(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
+    """bench_sft.py through the user's path on the CPU: a tiny checkpoint written and loaded both ways, trl's
+    SFTTrainer for 2 timed steps (and one profiled), one record each, and the page shows them. fastmoe's ops run
+    their PyTorch references here (the kernels are tested against those elsewhere): this checks the harness."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "1x32", "--steps", "2", "--warmup", "0",
+                "--profile-steps", "1", "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["implementation"] for r in records] == ["transformers", "fastmoe"]
+    for record in records:
+        assert record["status"] == "ok" and record["question"] == "sft" and record["load"] == "checkpoint"
+        assert record["tokens_per_s"] > 0 and len(record["step_ms_all"]) == 2
+        assert record["versions"]["trl"] and record["command"].startswith("python benchmarks/bench_sft.py")
+    # the same weights, adapters and data both ways: the same first loss (fp32, references)
+    assert records[0]["loss_first"] == pytest.approx(records[1]["loss_first"], abs=1e-3)
+    assert (tmp_path / "checkpoints" / "afmoe-tiny-3layers" / bench_sft.CHECKPOINT_MARK).exists()
+    page = report.render(records, include_cpu=True)
+    assert "| afmoe-tiny, 3 layers | 1x32 | default | 1 | bf16 | checkpoint |" in page
+
+
+def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
+    for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
+                          (["--targets", "everything"], "unknown targets"),
+                          (["--load", "direct", "--quantization", "4bit"], "use --load checkpoint"),
+                          (["--shapes", "4096"], "BATCHxSEQ")):
+        sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", *argv]
+        with pytest.raises(SystemExit):
+            bench_sft.main()
+        assert message in capsys.readouterr().err
+
+
 def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
     """--cpu: the Triton conv (interpreted) and the patched ShortConv block against transformers, recorded."""
-    results = tmp_path / "RESULTS.md"
-    sys.argv = ["bench_short_conv.py", "--cpu", "--shapes", "1x32,2x16", "--results", str(results)]
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_short_conv.py", "--cpu", "--shapes", "1x32,2x16", "--jsonl", str(jsonl)]
     bench_short_conv.main()
-    rows = [line.strip("| ").split(" | ") for line in results.read_text().splitlines()
-            if line.startswith(("| conv op", "| ShortConv block"))]
-    assert [(case, impl) for case, impl, *_ in rows[:4]] == [
-        ("conv op 1x32", "transformers (torch conv1d)"), ("conv op 1x32", "fastmoe (Triton)"),
-        ("ShortConv block 1x32", "transformers"), ("ShortConv block 1x32", "fastmoe (Triton)")]
-    assert len(rows) == 8
-    for row in rows[1::2]:
-        out_err, dx_err = map(float, row[-1].split(" / "))
-        assert out_err < 1e-5 and dx_err < 1e-5, row
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["case"], r["implementation"]) for r in records[:4]] == [
+        ("conv op 1x32", "transformers"), ("conv op 1x32", "fastmoe"),
+        ("ShortConv block 1x32", "transformers"), ("ShortConv block 1x32", "fastmoe")]
+    assert len(records) == 8 and all(r["question"] == "short-conv" for r in records)
+    for record in records[1::2]:
+        assert record["detail"] == "Triton"
+        assert record["rel_err_out"] < 1e-5 and record["rel_err_dx"] < 1e-5, record

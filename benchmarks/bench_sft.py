@@ -1,0 +1,475 @@
+"""The user's training step: fastmoe against transformers + peft through trl's SFTTrainer, as users run it.
+
+One case is one (preset, layers, batch x seq, implementation, LoRA targets, logging_steps, quantization). For each:
+
+1. The model. A random-weight checkpoint at the preset's real shapes (benchmarks/common.py PRESETS; routers random
+   with O(1) logits) written with `save_pretrained`, with a small built-in tokenizer, then loaded as a user loads it:
+   * fastmoe: `FastModel.from_pretrained(path, max_seq_length=seq)`, `FastModel.get_peft_model(model, r=16,
+     lora_alpha=16, <targets>)` (gradient checkpointing on, its default);
+   * transformers: `AutoModelForCausalLM.from_pretrained(path, dtype=bfloat16, experts_implementation="grouped_mm")`
+     (the switch exists for AFMoE and LFM2-MoE only), gradient checkpointing enabled as FastModel.get_peft_model
+     enables it (non-reentrant; not for JetMoe, which has none in transformers), `peft.get_peft_model` with the same
+     LoraConfig (experts via `target_parameters`), the LoRA A matrices drawn from the same seed.
+   Both load onto the GPU (`device_map={"": 0}`), where a user's default loads on the CPU and the Trainer then moves
+   the model: the trained model is the same. With --quantization 4bit: fastmoe's `load_in_4bit=True` against
+   transformers' own 4-bit (`BitsAndBytesConfig`, NF4, double quantization: Linear layers only).
+   Targets (--targets): `default` is the family's own (what get_peft_model adapts given none), `attention-experts`
+   attention and routed experts only (common.ATTENTION_AND_EXPERT_TARGETS: issue #16's measurement).
+
+   --load direct skips the checkpoint: the same random model is built on the meta device and materialised on the GPU
+   (common.build_random_model), after fastmoe's patches are applied as from_pretrained applies them (fastmoe) or with
+   `experts_implementation="grouped_mm"` set on the config (transformers); then max_seq_length and the tokenizer are
+   set as from_pretrained sets them and the same get_peft_model call follows. What differs from the user's path is the
+   loading only (no safetensors read, no checkpoint-format conversion, weights never on the CPU); the training step
+   is the same. --load auto (the default) writes a checkpoint when the 16-bit weights take at most
+   --max-checkpoint-gb and the disk has room, else builds directly (Trinity-Mini's 32 layers: 52 GB). Checkpoints go
+   to --checkpoint-dir, are reused by later processes, and one is kept at a time (lent GPU machines have little disk).
+
+2. The data: pre-tokenized random token ids, every row `seq` long, so every step has the same shape (no padding).
+
+3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
+   defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
+   the MoE router aux loss where the config asks for it), except: bf16 on the GPU (fp32 on the CPU), max_length=seq
+   (trl's 1024 would cut the rows), the given logging_steps, no saving, no reports, no progress bar, and the
+   trainer's own checkpointing flag off because get_peft_model has set checkpointing up (as `fastmoe train` and the
+   notebooks do).
+
+4. The measurements, by a TrainerCallback that reads the clock at every step's start after a CUDA sync (a step is
+   thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
+   * tokens/s: batch x seq over the median of --steps timed steps after --warmup untimed ones (the mean too: with
+     logging_steps=10 a logging step may not be the median);
+   * peak memory: torch.cuda.max_memory_allocated over the training run;
+   * GPU busy and kernels per step: torch.profiler (CUDA activity only) over --profile-steps steps after the timed
+     ones: the union of kernel, memcpy and memset intervals over the wall time of those steps, and the number of
+     kernels launched per step;
+   * TFLOP/s and MFU: common.step_flops (4 x active parameters x tokens + attention over the (query, key) pairs the
+     masks keep; not trl's compute_flops_per_token, which counts 3x the forward as for full fine-tuning and knows
+     neither AFMoE's shared experts, dense layers and sliding windows nor JetMoe's attention experts) over the median
+     step time, against the bf16 matmul peak measured in the same process (common.matmul_peak_tflops);
+   * the first and last logged loss, entropy and token accuracy (both implementations should agree).
+   One JSON line per case goes to benchmarks/results.jsonl (question "sft"); the first table of RESULTS.md.
+
+One case per process (the way gpu_session.sh runs it, each under its own time limit):
+
+    python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096 --implementations fastmoe
+    python benchmarks/bench_sft.py --preset lfm2-8b-a1b --shapes 1x4096 --implementations transformers --load direct
+
+Several cases in one process, run one after the other, memory freed between them, cases that would overrun
+--budget-s (judged by the longest case so far) skipped:
+
+    python benchmarks/bench_sft.py --preset lfm2-8b-a1b --shapes 1x4096,4x2048 --logging-steps 1,10 --budget-s 540
+
+CPU smoke run (tiny model, fp32, Triton kernels in the interpreter):
+
+    TRITON_INTERPRET=1 python benchmarks/bench_sft.py --preset afmoe-tiny --shapes 1x32 --steps 2 --warmup 0 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import common
+
+IMPLEMENTATIONS = ("fastmoe", "transformers")
+CHECKPOINT_MARK = ".fastmoe-bench-checkpoint"  # only folders carrying it are ever deleted
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement: everything that decides what is trained and how."""
+
+    preset: str
+    layers: int
+    batch: int
+    seq: int
+    implementation: str  # "fastmoe" or "transformers" (+ peft)
+    targets: str = "default"  # common.LORA_TARGET_SETS
+    logging_steps: int = 1
+    quantization: str | None = None  # None or "4bit"
+    load: str = "checkpoint"  # "checkpoint" (save_pretrained, then from_pretrained) or "direct"
+
+    @property
+    def config_kwargs(self) -> dict:
+        return common.with_layers(common.PRESETS[self.preset], self.layers)
+
+    def label(self) -> str:
+        quant = f" {self.quantization}" if self.quantization else ""
+        return (f"{self.preset} {self.layers}L {self.batch}x{self.seq} {self.implementation}{quant} "
+                f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, as a user loads
+
+
+def lora_kwargs(case: Case) -> dict:
+    model_type = case.config_kwargs["model_type"]
+    return dict(r=common.LORA_RANK, lora_alpha=common.LORA_RANK, **common.lora_targets(model_type, case.targets))
+
+
+def builtin_tokenizer(max_length: int):
+    """A small BPE tokenizer (the token ids fed in are random; the trainer needs its pad and eos tokens)."""
+    from fastmoe.builtin import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def ensure_checkpoint(case: Case, root: Path, device: str, dtype: torch.dtype, keep_others: bool) -> Path:
+    """The case's random-weight checkpoint under `root`, written with save_pretrained unless a finished one is there."""
+    import fastmoe
+
+    path = root / f"{case.preset}-{case.layers}layers"
+    if (path / CHECKPOINT_MARK).exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    if not keep_others:
+        for other in root.iterdir():
+            if (other / CHECKPOINT_MARK).exists() or other.name.endswith(".partial"):
+                shutil.rmtree(other)
+    needed = common.weight_bytes(case.config_kwargs, dtype)
+    if shutil.disk_usage(root).free < 1.1 * needed:
+        raise RuntimeError(f"{root} has {shutil.disk_usage(root).free / 1e9:.0f} GB free, the checkpoint needs "
+                           f"{needed / 1e9:.0f} GB: pass --load direct or another --checkpoint-dir")
+    fastmoe.unpatch()
+    model = common.build_random_model(common.make_config(case.config_kwargs), device, dtype)
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial)
+    builtin_tokenizer(case.seq).save_pretrained(partial)
+    (partial / CHECKPOINT_MARK).touch()
+    partial.rename(path)
+    del model
+    common.free_memory(device)
+    return path
+
+
+def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):
+    """(model, tokenizer) as the user's code loads them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from fastmoe import FastModel
+
+    placement = {"device_map": {"": torch.cuda.current_device()}} if device == "cuda" else {}
+    if case.implementation == "fastmoe":
+        return FastModel.from_pretrained(str(path), max_seq_length=case.seq, dtype=dtype,
+                                         load_in_4bit=case.quantization == "4bit", **placement)
+    kwargs = dict(dtype=dtype, **placement)
+    if case.config_kwargs["model_type"] in common.GROUPED_MM_FAMILIES:
+        kwargs["experts_implementation"] = "grouped_mm"
+    if case.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs), AutoTokenizer.from_pretrained(str(path))
+
+
+def build_direct(case: Case, device: str, dtype: torch.dtype):
+    """(model, tokenizer) built on the device as from_pretrained would leave them (see the module docstring)."""
+    config = common.make_config(case.config_kwargs)
+    if case.implementation == "fastmoe":
+        common.family(config.model_type).pre_patch()
+    elif config.model_type in common.GROUPED_MM_FAMILIES:
+        config._experts_implementation = "grouped_mm"
+    model = common.build_random_model(config, device, dtype)
+    if case.implementation == "fastmoe":
+        model.max_seq_length = case.seq
+    return model, builtin_tokenizer(case.seq)
+
+
+def with_lora(case: Case, model):
+    """The LoRA adapter the user's code puts on: FastModel.get_peft_model, or peft with what it does besides."""
+    import peft
+
+    from fastmoe import FastModel
+
+    if case.implementation == "fastmoe":
+        return FastModel.get_peft_model(model, random_state=common.LORA_SEED, **lora_kwargs(case))
+    if model.supports_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(common.LORA_SEED)
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(case)))
+
+
+def load(case: Case, args, device: str, dtype: torch.dtype):
+    """(peft model, tokenizer) for the case."""
+    import fastmoe
+
+    fastmoe.unpatch()  # a previous fastmoe case's patches act on the classes; transformers' cases need them gone
+    if case.load == "checkpoint":
+        path = ensure_checkpoint(case, Path(args.checkpoint_dir), device, dtype, args.keep_checkpoints)
+        model, tokenizer = load_checkpoint(case, path, device, dtype)
+    else:
+        model, tokenizer = build_direct(case, device, dtype)
+    return with_lora(case, model), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training and measuring
+
+
+def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1):
+    """`rows` pre-tokenized rows of `seq` random token ids."""
+    import datasets
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (rows, seq), generator=generator)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype):
+    from trl import SFTConfig
+
+    # get_peft_model has set checkpointing up (or JetMoe has none): the trainer must neither redo nor undo it.
+    # transformers renamed the flag gradient_checkpointing -> activation_checkpointing; trl defaults the old to True.
+    names = {field.name for field in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return SFTConfig(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=case.batch,
+                     max_length=case.seq, logging_steps=case.logging_steps, save_strategy="no", report_to="none",
+                     bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not torch.cuda.is_available(),
+                     disable_tqdm=True, seed=common.LORA_SEED, **{checkpointing: False})
+
+
+def make_step_clock(device: str, profile_from: int, profile_steps: int):
+    """A TrainerCallback: the synced clock at every step's start (and at the end of training), peak memory from the
+    start of training, and torch.profiler's activities over steps [profile_from, profile_from + profile_steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.begins: list[float] = []
+            self.profiler = None
+            self.profile_start = 0.0
+            self.profiled_seconds: float | None = None
+            self.activities: list[tuple[str, int, int]] = []
+
+        def _now(self) -> float:
+            common.synchronize(device)
+            return time.perf_counter()
+
+        def _stop_profiler(self, now: float) -> None:
+            self.profiler.stop()
+            self.profiled_seconds = now - self.profile_start
+            self.activities = common.profiler_activities(self.profiler)
+            self.profiler = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            now = self._now()
+            self.begins.append(now)
+            if self.profiler is not None and state.global_step == profile_from + profile_steps:
+                self._stop_profiler(now)
+            if profile_steps and state.global_step == profile_from:
+                kind = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+                self.profiler = profile(activities=[kind])
+                self.profiler.start()
+                self.profile_start = self._now()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            now = self._now()
+            self.begins.append(now)
+            if self.profiler is not None:
+                self._stop_profiler(now)
+
+        def step_seconds(self) -> list[float]:
+            return [b - a for a, b in zip(self.begins, self.begins[1:])]
+
+    return StepClock()
+
+
+def logged(trainer, key: str, which: int) -> float | None:
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    return round(values[which], 4) if values else None
+
+
+def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: str, dtype: torch.dtype) -> dict:
+    """Train the case and return its record (status ok, oom or error)."""
+    import fastmoe
+
+    config_kwargs = case.config_kwargs
+    flops = common.step_flops(config_kwargs, case.batch, case.seq)
+    record = dict(shared, question="sft", family=config_kwargs["model_type"], **dataclasses.asdict(case),
+                  shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
+                  profile_steps=args.profile_steps, flops_per_step=flops,
+                  peak_tflops=common.rounded(peak_tflops, 1))
+    max_steps = args.warmup + args.steps + args.profile_steps + (1 if args.profile_steps else 0)
+    trainer = model = None
+    try:
+        start = time.perf_counter()
+        model, tokenizer = load(case, args, device, dtype)
+        record["load_s"] = round(time.perf_counter() - start, 1)
+        dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq)
+        clock = make_step_clock(device, args.warmup + args.steps, args.profile_steps)
+        from trl import SFTTrainer
+
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                                 args=sft_config(case, output_dir, max_steps, dtype), callbacks=[clock])
+            trainer.train()
+        timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
+        step_s = statistics.median(timed)
+        tokens = case.batch * case.seq
+        tflops = flops / step_s / 1e12
+        record.update(status="ok", tokens_per_s=round(tokens / step_s, 1),
+                      tokens_per_s_mean=round(tokens * len(timed) / sum(timed), 1), step_ms=round(1e3 * step_s, 2),
+                      step_ms_all=[round(1e3 * s, 2) for s in timed], tflops=round(tflops, 2),
+                      mfu_pct=common.rounded(100 * tflops / peak_tflops if peak_tflops else None, 2),
+                      peak_gb=common.rounded(torch.cuda.max_memory_allocated() / 2**30, 2)
+                      if device == "cuda" else None,
+                      loss_first=logged(trainer, "loss", 0), loss_last=logged(trainer, "loss", -1),
+                      entropy_last=logged(trainer, "entropy", -1),
+                      token_accuracy_last=logged(trainer, "mean_token_accuracy", -1))
+        if device == "cuda" and clock.profiled_seconds:
+            busy_ns, kernels = common.gpu_activity(clock.activities)
+            record.update(gpu_busy_pct=round(100 * busy_ns / 1e9 / clock.profiled_seconds, 1),
+                          gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
+                          profiled_step_ms=round(1e3 * clock.profiled_seconds / args.profile_steps, 2),
+                          kernels_per_step=round(kernels / args.profile_steps))
+    except torch.OutOfMemoryError:
+        record.update(status="oom", device_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    except Exception as error:  # one broken case must not cost the others their measurement
+        traceback.print_exc()
+        record.update(status="error", error=f"{type(error).__name__}: {error}"[:300])
+    # Here, not in the except blocks, whose traceback still holds the failed model.
+    del trainer, model
+    fastmoe.unpatch()
+    common.free_memory(device)
+    return record
+
+
+def summary_line(case: Case, record: dict) -> str:
+    if record["status"] != "ok":
+        return f"sft {case.label()}: {record['status']} {record.get('error', '')}".rstrip()
+
+    def figure(key: str, spec: str, unit: str = "") -> str:
+        return "-" if record.get(key) is None else f"{format(record[key], spec)}{unit}"
+
+    return (f"sft {case.label()}: {record['tokens_per_s']:,.0f} tokens/s (median of {len(record['step_ms_all'])}, "
+            f"mean {record['tokens_per_s_mean']:,.0f}), {figure('peak_gb', '.1f', ' GB')}, GPU busy "
+            f"{figure('gpu_busy_pct', '.0f', '%')}, {figure('kernels_per_step', ',')} kernels/step, "
+            f"{record['tflops']:.1f} TFLOP/s (MFU {figure('mfu_pct', '.1f', '%')}), loss "
+            f"{record['loss_first']} -> {record['loss_last']}, loaded in {record['load_s']} s")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def choose_load(requested: str, config_kwargs: dict, quantization: str | None, args, dtype) -> str:
+    if requested != "auto":
+        return requested
+    needed = common.weight_bytes(config_kwargs, dtype)
+    root = Path(args.checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fits = needed <= args.max_checkpoint_gb * 1e9 and shutil.disk_usage(root).free >= 1.1 * needed
+    # 4-bit loading quantizes while from_pretrained reads the checkpoint: there is no direct build of it.
+    return "checkpoint" if fits or quantization else "direct"
+
+
+def build_cases(args, parser, dtype) -> list[Case]:
+    cases = []
+    for preset in csv(args.preset):
+        if preset not in common.PRESETS:
+            parser.error(f"unknown preset {preset!r}: choose from {', '.join(sorted(common.PRESETS))}")
+        config_kwargs = common.with_layers(common.PRESETS[preset], args.layers)
+        layers = config_kwargs["num_hidden_layers"]
+        try:
+            shapes = common.parse_shapes(args.shapes)
+        except ValueError as error:
+            parser.error(str(error))
+        grid = itertools.product(csv(args.quantization), csv(args.targets), csv(args.logging_steps), shapes,
+                                 csv(args.implementations))
+        for quantization, targets, logging_steps, (batch, seq), implementation in grid:
+            if implementation not in IMPLEMENTATIONS:
+                parser.error(f"unknown implementation {implementation!r}: choose from {', '.join(IMPLEMENTATIONS)}")
+            if targets not in common.LORA_TARGET_SETS:
+                parser.error(f"unknown targets {targets!r}: choose from {', '.join(common.LORA_TARGET_SETS)}")
+            if quantization not in ("none", "4bit"):
+                parser.error(f"unknown quantization {quantization!r}: choose from none, 4bit")
+            if not logging_steps.isdigit() or int(logging_steps) < 1:
+                parser.error(f"--logging-steps takes positive integers, got {logging_steps!r}")
+            quantization = None if quantization == "none" else quantization
+            load_how = choose_load(args.load, config_kwargs, quantization, args, dtype)
+            if quantization and load_how == "direct":
+                parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
+                             "checkpoint (or auto) with --quantization 4bit")
+            cases.append(Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
+                              load_how))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="trinity-mini", help="comma-separated presets: " + ", ".join(
+        sorted(common.PRESETS)))
+    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the preset's)")
+    parser.add_argument("--shapes", default="1x4096", help="batch x sequence length, comma-separated, e.g. "
+                        "1x4096,4x2048,1x16384")
+    parser.add_argument("--implementations", default="transformers,fastmoe", help="comma-separated: "
+                        + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument("--targets", default="default", help="comma-separated LoRA target sets: "
+                        + ", ".join(common.LORA_TARGET_SETS))
+    parser.add_argument("--logging-steps", default="1", help="comma-separated, e.g. 1,10")
+    parser.add_argument("--quantization", default="none", help="comma-separated: none, 4bit")
+    parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler after the timed ones")
+    parser.add_argument("--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "fastmoe-bench-checkpoints"))
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep other presets' checkpoints (default: "
+                        "one at a time, to spare the disk)")
+    parser.add_argument("--max-checkpoint-gb", type=float, default=20.0,
+                        help="--load auto writes checkpoints up to this size, and builds bigger models directly")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the cases that would end after this many "
+                        "seconds from the start, judged by the longest case so far")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
+        parser.error("--steps must be at least 1, --warmup and --profile-steps at least 0")
+
+    device = common.default_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cases = build_cases(args, parser, dtype)
+    peak_tflops = common.matmul_peak_tflops(device)
+    shared = common.environment(device)
+    start, longest, failed = time.perf_counter(), 0.0, False
+    for index, case in enumerate(cases):
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and index and elapsed + longest > args.budget_s:
+            print(f"budget: {elapsed:.0f} of {args.budget_s:.0f} s spent, the longest case took {longest:.0f} s; "
+                  f"skipping {len(cases) - index}: " + "; ".join(c.label() for c in cases[index:]), flush=True)
+            break
+        case_start = time.perf_counter()
+        record = run_case(case, args, shared, peak_tflops, device, dtype)
+        longest = max(longest, time.perf_counter() - case_start)
+        failed |= record["status"] == "error"
+        print(summary_line(case, record), flush=True)
+        if not args.no_record:
+            common.append_record(record, args.jsonl)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Writes benchmarks/RESULTS.md from benchmarks/results.jsonl: the current answer to each question the benchmarks ask.
+
+Every record (one measurement, one JSON line) names its `question`; each question is one section of the page, in
+the order of SECTIONS, with one table that shows the newest record of each configuration (older ones stay in the
+JSON lines and in git). Each row ends with [n], a source listed under its table: date, GPU, library versions and
+the command that measured it. Standard library only: it runs anywhere.
+
+    python benchmarks/report.py                                  # rewrites benchmarks/RESULTS.md
+    python benchmarks/report.py --results OUT/results.jsonl --run RUN_ID --out -    # one session's tables, printed
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FAMILY_ORDER = ("afmoe", "lfm2_moe", "jetmoe", "cohere")
+VERSION_ORDER = ("torch", "transformers", "peft", "trl", "triton", "bitsandbytes")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Sources:
+    """Numbered footnotes, one per distinct (date, GPU, versions, command, provenance) among a table's rows."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, int] = {}
+
+    def ref(self, *records: dict | None) -> str:
+        refs = []
+        for record in records:
+            if record is None:
+                continue
+            text = describe_source(record)
+            number = self.notes.setdefault(text, len(self.notes) + 1)
+            if f"[{number}]" not in refs:
+                refs.append(f"[{number}]")
+        return " ".join(refs)
+
+    def lines(self) -> list[str]:
+        return [f"- [{number}] {text}" for text, number in self.notes.items()]
+
+
+def describe_source(record: dict) -> str:
+    versions = record.get("versions") or {}
+    named = ", ".join(f"{name} {versions[name]}" for name in VERSION_ORDER if name in versions)
+    parts = [record.get("date", "date unknown"), record.get("gpu", "device unknown")]
+    if named:
+        parts.append(named)
+    parts.append(f"`{record.get('command', 'command unknown')}`")
+    if record.get("source"):
+        parts.append(record["source"])
+    if record.get("note"):
+        parts.append(record["note"])
+    return " · ".join(parts)
+
+
+def newest(records: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, dict]:
+    """key -> the newest record with that key (dates sort as text; a later line wins a tie), keys in the order they
+    first appear."""
+    found: dict[tuple, dict] = {}
+    for record in records:
+        k = key(record)
+        if k not in found or record.get("date", "") >= found[k].get("date", ""):
+            found[k] = record
+    return found
+
+
+def by_case(records: list[dict], extra: tuple[str, ...] = ()) -> list[tuple[tuple, dict[str, dict]]]:
+    """[(case key, {implementation: newest record})] for tables that set implementations side by side."""
+    latest = newest(records, lambda r: (r.get("case"), *(r.get(f) for f in extra), r.get("implementation")))
+    rows: dict[tuple, dict[str, dict]] = {}
+    for (case, *rest), record in latest.items():
+        *extras, implementation = rest
+        rows.setdefault((case, *extras), {})[implementation] = record
+    return list(rows.items())
+
+
+def value(record: dict | None, field: str, spec: str = "") -> str:
+    if record is None:
+        return "-"
+    if record.get("status", "ok") == "oom":
+        return "OOM"
+    if record.get("status", "ok") == "error":
+        return "error"
+    figure = record.get(field)
+    return "-" if figure is None else format(figure, spec)
+
+
+def ratio(slow: dict | None, fast: dict | None, field: str) -> str:
+    """slow[field] / fast[field] as "2.05x" (times: the speed-up of `fast`; rates: pass them the other way)."""
+    if not slow or not fast or slow.get(field) in (None, 0) or fast.get(field) in (None, 0):
+        return "-"
+    if slow.get("status", "ok") != "ok" or fast.get("status", "ok") != "ok":
+        return "-"
+    return f"{slow[field] / fast[field]:.2f}x"
+
+
+def pair(first: str, second: str) -> str:
+    return first if first == second == "-" else f"{first} / {second}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def family_rank(record: dict) -> int:
+    family = record.get("family")
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def sft_section(records: list[dict], sources: Sources) -> list[str]:
+    """One row per configuration: fastmoe's newest record beside transformers' of the same run (its newest
+    otherwise)."""
+    config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load")
+    latest = newest(records, lambda r: (*(r.get(f) for f in config), r["implementation"]))
+    same_run = newest(records, lambda r: (*(r.get(f) for f in config), r["implementation"], r.get("run")))
+    rows: dict[tuple, dict[str, dict]] = {}
+    for key, record in latest.items():
+        rows.setdefault(key[:-1], {})[key[-1]] = record
+    order = sorted(rows, key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
+                                        k[4], k[5], str(k[6]), k[7]))
+    out = []
+    for key in order:
+        ours = rows[key].get("fastmoe")
+        hf = same_run.get((*key, "transformers", ours.get("run"))) if ours else None
+        hf = hf or rows[key].get("transformers")
+        preset, layers, batch, seq, targets, logging_steps, quantization, load = key
+        out.append([f"{preset}, {layers} layers", f"{batch}x{seq}", targets, str(logging_steps),
+                    quantization or "bf16", load, value(hf, "tokens_per_s", ",.0f"),
+                    value(ours, "tokens_per_s", ",.0f"),
+                    ratio(ours, hf, "tokens_per_s"), pair(value(hf, "peak_gb", ".1f"), value(ours, "peak_gb", ".1f")),
+                    pair(value(hf, "gpu_busy_pct", ".0f"), value(ours, "gpu_busy_pct", ".0f")),
+                    pair(value(hf, "kernels_per_step", ","), value(ours, "kernels_per_step", ",")),
+                    pair(value(hf, "mfu_pct", ".1f"), value(ours, "mfu_pct", ".1f")), sources.ref(hf, ours)])
+    return table(["model", "batch x seq", "LoRA targets", "logging steps", "weights", "loaded", "transformers + peft "
+                  "tokens/s", "fastmoe tokens/s", "speed-up", "peak GB (tf / fm)", "GPU busy % (tf / fm)",
+                  "kernels per step (tf / fm)", "MFU % (tf / fm)", "source"], out)
+
+
+def train_step_rows(records: list[dict], sources: Sources, quantized: bool) -> list[list[str]]:
+    """Newest record per (configuration, variant), with two same-process yardsticks: transformers' run and
+    fastmoe's default variant (an ablation's effect is read against the latter). 4-bit rows (quantized=True) come
+    with the transformers rows they are compared with."""
+
+    def config(r: dict) -> tuple:
+        return r.get("preset"), r.get("layers"), r.get("shape"), r.get("routing")
+
+    def is_4bit(r: dict) -> bool:
+        return bool(r["options"].get("quantization"))
+
+    latest = newest(records, lambda r: (*config(r), r["variant"], r.get("condition")))
+    plain = [r for r in records if r.get("status") == "ok" and not r.get("condition") and not is_4bit(r)]
+    transformers_run = newest([r for r in plain if r["options"]["implementation"] == "transformers"],
+                              lambda r: (*config(r), r.get("run")))
+    fastmoe_run = newest([r for r in plain if r["variant"] == "fastmoe"], lambda r: (*config(r), r.get("run")))
+    shown = [r for r in latest.values() if is_4bit(r) == quantized]
+    if quantized:
+        yardsticks = [transformers_run.get((*config(r), r.get("run"))) for r in shown]
+        shown += [r for r in {id(y): y for y in yardsticks if y is not None}.values() if r not in shown]
+    shown.sort(key=lambda r: (family_rank(r), r["preset"], r["layers"], r["batch"] * r["seq"], r["batch"],
+                              r.get("routing", ""), r["options"]["implementation"] != "transformers", is_4bit(r),
+                              r["variant"] != "fastmoe", r["variant"], r.get("condition") or ""))
+    out = []
+    for r in shown:
+        run = (*config(r), r.get("run"))
+        vs_transformers = "-" if r["options"]["implementation"] == "transformers" else ratio(
+            r, transformers_run.get(run), "tokens_per_s")
+        vs_fastmoe = "-" if r["variant"] == "fastmoe" or r["options"]["implementation"] == "transformers" else ratio(
+            r, fastmoe_run.get(run), "tokens_per_s")
+        variant = r["variant"] + (f" ({r['condition']})" if r.get("condition") else "")
+        shape = r["shape"] + (" skewed" if r.get("routing") == "skewed" else "")
+        out.append([r["preset"], str(r["layers"]), shape, variant, value(r, "tokens_per_s", ",.0f"), vs_transformers,
+                    vs_fastmoe, value(r, "peak_gb", ".1f"), value(r, "tflops", ".1f"), value(r, "mfu_pct", ".1f"),
+                    value(r, "loss", ".4f"), sources.ref(r)])
+    return out
+
+
+TRAIN_STEP_HEADER = ["preset", "layers", "shape", "variant", "tokens/s", "vs transformers (same run)",
+                     "vs fastmoe (same run)", "peak GB", "TFLOP/s", "MFU %", "loss", "source"]
+
+
+def train_step_section(records: list[dict], sources: Sources) -> list[str]:
+    return table(TRAIN_STEP_HEADER, train_step_rows(records, sources, quantized=False))
+
+
+def four_bit_section(records: list[dict], sources: Sources) -> list[str]:
+    return table(TRAIN_STEP_HEADER, train_step_rows(records, sources, quantized=True))
+
+
+def quality_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        for implementation, r in impls.items():
+            out.append([case, implementation, value(r, "first_loss", ".4f"), value(r, "last10_mean", ".4f"),
+                        value(r, "max_abs_diff", ".4f"), value(r, "loss_floor", ".4f"), value(r, "seconds", ".1f"),
+                        sources.ref(r)])
+    return table(["model and run", "implementation", "first loss", "mean of last 10", "largest per-step difference",
+                  "loss floor (entropy)", "seconds", "source"], out)
+
+
+def moe_block_section(records: list[dict], sources: Sources) -> list[str]:
+    hf, ours = "transformers grouped_mm + peft", "fastmoe"
+    blocks = []
+    for (case,), impls in by_case([r for r in records if r.get("kind") == "block"]):
+        a, b = impls.get(hf), impls.get(ours)
+        blocks.append([case, value(b or a, "max_expert_load", ".1%"), pair(value(a, "fwd_ms", ".3f"),
+                       value(b, "fwd_ms", ".3f")), ratio(a, b, "fwd_ms"), pair(value(a, "fwd_bwd_ms", ".3f"),
+                       value(b, "fwd_bwd_ms", ".3f")), ratio(a, b, "fwd_bwd_ms"),
+                       pair(value(a, "fwd_bwd_peak_mib", ",.0f"), value(b, "fwd_bwd_peak_mib", ",.0f")),
+                       value(b, "fwd_bwd_tflops", ".0f"), value(b, "rel_err", ".1e"), sources.ref(a, b)])
+    gemms = []
+    for (case,), impls in by_case([r for r in records if r.get("kind") == "gemm"]):
+        a, b = impls.get("torch grouped_mm"), impls.get("fastmoe grouped_mm")
+        gemms.append([case, pair(value(a, "ms", ".3f"), value(b, "ms", ".3f")), ratio(a, b, "ms"),
+                      pair(value(a, "tflops", ".0f"), value(b, "tflops", ".0f")), value(b, "rel_err", ".1e"),
+                      sources.ref(a, b)])
+    return (table(["experts block, router", "max expert load", "fwd ms (tf / fm)", "fwd speed-up",
+                   "fwd+bwd ms (tf / fm)", "fwd+bwd speed-up", "fwd+bwd peak MiB (tf / fm)", "fastmoe fwd+bwd TFLOP/s",
+                   "rel err", "source"], blocks)
+            + ["", "The bare grouped GEMMs (no LoRA, rows sorted by expert), torch's `grouped_mm` against "
+               "fastmoe's:", ""]
+            + table(["GEMM", "ms (torch / fastmoe)", "fastmoe speed-up", "TFLOP/s (torch / fastmoe)", "rel err",
+                     "source"], gemms))
+
+
+def nf4_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        bf16, nf4, dq = impls.get("bf16"), impls.get("NF4"), impls.get("NF4 double-quant")
+        field = "fwd_bwd_ms" if (bf16 or nf4 or {}).get("kind") == "block" else "ms"
+        label = case + (" (fwd+bwd)" if field == "fwd_bwd_ms" else "")
+        out.append([label, value(bf16, field, ".3f"), value(nf4, field, ".3f"), speed_share(bf16, nf4, field),
+                    value(dq, field, ".3f"), speed_share(bf16, dq, field),
+                    " / ".join(value(r, "weights_mib", ",.0f") for r in (bf16, nf4, dq))
+                    if field == "fwd_bwd_ms" else "", value(dq, "rel_err", ".1e"), sources.ref(bf16, nf4, dq)])
+    return table(["kernel", "bf16 ms", "NF4 ms", "NF4 speed, % of bf16", "NF4 double-quant ms",
+                  "double-quant, % of bf16", "expert weights MiB (bf16 / NF4 / dq)", "rel err (dq)", "source"], out)
+
+
+def speed_share(reference: dict | None, other: dict | None, field: str) -> str:
+    if not reference or not other or not reference.get(field) or not other.get(field):
+        return "-"
+    return f"{100 * reference[field] / other[field]:.0f}%"
+
+
+def loss_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        a, b = impls.get("transformers"), impls.get("fastmoe")
+        out.append([case, f"{(a or b)['hidden']} / {(a or b)['vocab']:,} / {(a or b)['logit_scale']:g}",
+                    pair(value(a, "ms", ".2f"), value(b, "ms", ".2f")), ratio(a, b, "ms"),
+                    pair(value(a, "peak_mib", ",.0f"), value(b, "peak_mib", ",.0f")), ratio(a, b, "peak_mib"),
+                    value(b, "abs_loss_diff", ".1e"), sources.ref(a, b)])
+    return table(["case", "hidden / vocab / logit_scale", "ms (tf / fm)", "speed-up", "peak MiB (tf / fm)",
+                  "memory saved", "abs loss diff", "source"], out)
+
+
+def lora_linear_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        a, b = impls.get("peft"), impls.get("fastmoe")
+        out.append([case, pair(value(a, "fwd_bwd_ms", ".3f"), value(b, "fwd_bwd_ms", ".3f")),
+                    ratio(a, b, "fwd_bwd_ms"), pair(value(a, "peak_mib", ",.0f"), value(b, "peak_mib", ",.0f")),
+                    sources.ref(a, b)])
+    return table(["projection (in->out), peft layer replaced", "fwd+bwd ms (peft / fastmoe)", "speed-up",
+                  "peak MiB (peft / fastmoe)", "source"], out)
+
+
+def norm_rope_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        a, b = impls.get("transformers"), impls.get("fastmoe")
+        out.append([case, pair(value(a, "fwd_ms", ".3f"), value(b, "fwd_ms", ".3f")), ratio(a, b, "fwd_ms"),
+                    pair(value(a, "fwd_bwd_ms", ".3f"), value(b, "fwd_bwd_ms", ".3f")), ratio(a, b, "fwd_bwd_ms"),
+                    pair(value(a, "fwd_bwd_gbs", ".0f"), value(b, "fwd_bwd_gbs", ".0f")),
+                    pair(value(a, "fwd_bwd_eager_ms", ".3f"), value(b, "fwd_bwd_eager_ms", ".3f")),
+                    sources.ref(a, b)])
+    return table(["op", "fwd ms (tf / fm)", "fwd speed-up", "fwd+bwd ms (tf / fm)", "fwd+bwd speed-up",
+                  "fwd+bwd GB/s (tf / fm)", "fwd+bwd eager ms (tf / fm)", "source"], out)
+
+
+def short_conv_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        a, b = impls.get("transformers"), impls.get("fastmoe")
+        out.append([case, (a or {}).get("detail") or "-", pair(value(a, "fwd_ms", ".3f"), value(b, "fwd_ms", ".3f")),
+                    ratio(a, b, "fwd_ms"), pair(value(a, "fwd_bwd_ms", ".3f"), value(b, "fwd_bwd_ms", ".3f")),
+                    ratio(a, b, "fwd_bwd_ms"), pair(value(b, "fwd_gbs", ".0f"), value(b, "fwd_bwd_gbs", ".0f")),
+                    pair(value(a, "peak_mib", ",.0f"), value(b, "peak_mib", ",.0f")),
+                    pair(value(b, "rel_err_out", ".1e"), value(b, "rel_err_dx", ".1e")), sources.ref(a, b)])
+    return table(["case", "transformers' conv", "fwd ms (tf / fm)", "fwd speed-up", "fwd+bwd ms (tf / fm)",
+                  "fwd+bwd speed-up", "fastmoe GB/s (fwd / fwd+bwd)", "peak MiB (tf / fm)", "rel err (out / dx)",
+                  "source"], out)
+
+
+def sliding_window_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        for implementation, r in impls.items():
+            out.append([case, f"{implementation}: {r.get('detail', '')}", value(r, "fwd_ms", ".3f"),
+                        value(r, "fwd_bwd_ms", ".3f"), value(r, "fwd_bwd_tflops", ".0f"), value(r, "mfu_pct", ".0f"),
+                        value(r, "peak_mib", ",.0f"), sources.ref(r)])
+    return table(["layer", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "% of matmul peak", "peak MiB",
+                  "source"], out)
+
+
+def multi_gpu_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case, _), impls in by_case(records, extra=("batch",)):
+        for r in impls.values():
+            out.append([case, f"{r['batch']} x {r['seq']}", value(r, "step_s", ".3f"),
+                        value(r, "tokens_per_s_per_gpu", ",.0f"), value(r, "tokens_per_s", ",.0f"),
+                        value(r, "peak_gb", ".1f"),
+                        f"{value(r, 'loss_first', '.4f')} -> {value(r, 'loss_last', '.4f')}",
+                        sources.ref(r)])
+    return table(["strategy, training, GPUs", "per GPU batch x seq", "step s (median)", "tokens/s per GPU",
+                  "tokens/s total", "peak GB per GPU", "loss first -> last", "source"], out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    question: str
+    title: str
+    about: str  # what is measured and how: method, never figures (those come from the records)
+    command: str  # how to measure it
+    render: Callable[[list[dict], Sources], list[str]]
+
+
+SECTIONS = [
+    Section("sft", "The user's training step: trl's SFTTrainer, fastmoe vs transformers + peft",
+            "What users run: a random-weight checkpoint at real shapes loaded with `FastModel.from_pretrained` + "
+            "`FastModel.get_peft_model` against `AutoModelForCausalLM.from_pretrained(..., "
+            "experts_implementation=\"grouped_mm\")` + `peft.get_peft_model` (same LoRA r=16 targets, experts via "
+            "`target_parameters`), trained by `trl.SFTTrainer` at trl's defaults (fused LM head with entropy and "
+            "token-accuracy metrics, bf16, gradient checkpointing as get_peft_model sets it) on fixed-length random "
+            "tokens. tokens/s: median step after warm-up; GPU busy: kernel time over wall time of profiled steps; "
+            "MFU: model FLOPs (4 x active parameters x tokens + attention) over the bf16 matmul peak measured in the "
+            "same process. `loaded`: `checkpoint` is the user's path, `direct` the same random model built on the "
+            "GPU (what differs: bench_sft.py's docstring). This table is README's headline.",
+            "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096", sft_section),
+    Section("train-step", "Training step in a plain loop (ablations)",
+            "bench_train_step.py: forward with labels, backward and AdamW on the adapters in a Python loop (no "
+            "Trainer), random weights built on the GPU, LoRA r=16 on the family's default targets, gradient "
+            "checkpointing unless the variant says otherwise. For switching one thing at a time; the user's numbers "
+            "are the table above. The \"same run\" columns compare with transformers' run and with fastmoe's default "
+            "variant in the same process (lent machines of one model differ by up to 20% for host-bound steps).",
+            "python benchmarks/bench_train_step.py --preset trinity-mini --variants hf,fastmoe", train_step_section),
+    Section("quality", "Quality: the same LoRA run, transformers + peft vs fastmoe",
+            "quality_run.py: 200 LoRA steps of a 4-layer AFMoE at Trinity-Mini's layer shapes on a synthetic Markov "
+            "language, both ways from the same weights, adapters and batches; per-step losses in "
+            "benchmarks/quality_run.json (chart: plot_results.py).",
+            "python benchmarks/quality_run.py", quality_section),
+    Section("moe-block", "MoE experts block with expert LoRA",
+            "bench_moe_block.py: one experts block, 4,096 tokens, bf16, LoRA r=16 on both expert weights, base frozen: "
+            "fastmoe's grouped-GEMM kernels against transformers' `grouped_mm` experts wrapped by peft. Times are "
+            "do_bench medians; TFLOP/s count the base GEMMs only; rel err is the forward output against the "
+            "baseline.",
+            "python benchmarks/bench_moe_block.py", moe_block_section),
+    Section("nf4-experts", "NF4 (4-bit) experts against bf16 experts",
+            "bench_nf4_experts.py: Trinity-Mini's experts, 4,096 tokens; the bf16 weights are the NF4 weights "
+            "dequantized, so both sides compute the same function (double-quant: the absmax re-quantized). Speed as a "
+            "share of bf16's: 100% is as fast as bf16.",
+            "python benchmarks/bench_nf4_experts.py", nf4_section),
+    Section("4bit", "4-bit (QLoRA) training step",
+            "The plain-loop training step of the 4-bit variants (NF4 Linear layers and experts, double-quantized "
+            "absmax, as `load_in_4bit=True` leaves the model), beside transformers' bf16 run of the same process. "
+            "Through the user's path (against transformers' own 4-bit + peft): table 1, weights `4bit`.",
+            "python benchmarks/bench_train_step.py --preset trinity-mini --layers 32 "
+            "--variants hf-grouped_mm,fastmoe-4bit,fastmoe-4bit-adamw8bit", four_bit_section),
+    Section("loss", "The loss: lm_head + cross-entropy without full logits",
+            "bench_linear_cross_entropy.py: 8,192 bf16 tokens (1/8 masked), forward + backward: transformers' full "
+            "logits and ForCausalLMLoss against fastmoe's chunked linear cross-entropy; peak is the memory above "
+            "the inputs.",
+            "python benchmarks/bench_linear_cross_entropy.py", loss_section),
+    Section("lora-linear", "LoRA linear layers",
+            "bench_lora_linear.py: Trinity-Mini's projections, 4,096 bf16 tokens, float32 r=16 adapters, forward + "
+            "backward: peft's `lora.Linear` and `ParamWrapper` against the fused op fastmoe runs in their place.",
+            "python benchmarks/bench_lora_linear.py", lora_linear_section),
+    Section("norm-rope", "Norms, RoPE and the attention gate",
+            "bench_norm_rope.py: 4,096 bf16 tokens at Trinity-Mini's widths; CUDA-graph replays (GPU time) except the "
+            "eager column; GB/s counts the bytes each op must move, the same count for both sides.",
+            "python benchmarks/bench_norm_rope.py", norm_rope_section),
+    Section("short-conv", "LFM2's gated short convolution",
+            "bench_short_conv.py: LFM2-8B-A1B's width, the conv op alone and the whole ShortConv block, weights frozen "
+            "(input gradients only), launched eagerly; GB/s counts the bytes the conv must move.",
+            "python benchmarks/bench_short_conv.py", short_conv_section),
+    Section("sliding-window-attention", "Sliding-window attention",
+            "bench_sliding_window_attention.py: one AFMoE attention layer at Trinity-Mini's shapes, 1 x 4,096 tokens: "
+            "transformers' SDPA over its dense sliding-window mask against the flash kernel given the window; the "
+            "causal full-attention layer is the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs "
+            "each mask keeps.",
+            "python benchmarks/bench_sliding_window_attention.py", sliding_window_section),
+    Section("multi-gpu", "Several GPUs: DDP and FSDP2",
+            "bench_multi_gpu.py: an LFM2-8B-A1B-shaped model, transformers' Trainer (accelerate) with fastmoe's "
+            "forwards, 20 steps on random tokens, gradient checkpointing; tokens/s from the median step after 3.",
+            "torchrun --standalone --nproc-per-node 2 benchmarks/bench_multi_gpu.py --strategy ddp", multi_gpu_section),
+]
+
+
+def question_of(record: dict) -> str:
+    return record.get("question", "train-step")
+
+
+def select(question: str, records: list[dict], include_cpu: bool = False) -> list[dict]:
+    """The records a section shows: its question's, GPU measurements only unless include_cpu (CPU smoke runs time
+    nothing worth showing); the 4-bit section reads the training-step records."""
+    wanted = "train-step" if question == "4bit" else question
+    return [r for r in records if question_of(r) == wanted and (include_cpu or r.get("gpu", "CPU") != "CPU")]
+
+
+def render(records: list[dict], heading: str | None = None, measured_only: bool = False,
+           include_cpu: bool = False) -> str:
+    lines = [heading or "# fastmoe benchmark results", "",
+             "Generated by `python benchmarks/report.py` from `benchmarks/results.jsonl` (one JSON line per "
+             "measurement: what was measured, the figures, the date, GPU, library versions and command); do not edit "
+             "by hand. Each table shows the newest measurement of every configuration; older ones stay in "
+             "results.jsonl and in git. [n] after a row is its source, listed under the table. Sources marked "
+             "\"transcribed\" were copied from the earlier hand-written page, with the command and date it gave.", ""]
+    for number, section in enumerate(SECTIONS, 1):
+        chosen = select(section.question, records, include_cpu)
+        if measured_only and not chosen:
+            continue
+        lines += [f"## {number}. {section.title}", "", section.about, ""]
+        if not chosen:
+            lines += [f"Not measured yet: `{section.command}`", ""]
+            continue
+        sources = Sources()
+        lines += section.render(chosen, sources) + [""] + sources.lines() + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def load_records(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(HERE / "results.jsonl"), help="the JSON lines to read")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="the page to write; - prints it")
+    parser.add_argument("--run", default=None, help="only the records of this run id (one gpu_session.sh call)")
+    parser.add_argument("--measured-only", action="store_true", help="leave out the sections without records")
+    parser.add_argument("--include-cpu", action="store_true", help="show CPU smoke-run records too")
+    args = parser.parse_args()
+    records = load_records(Path(args.results))
+    if args.run is not None:
+        records = [r for r in records if r.get("run") == args.run]
+    page = render(records, heading=f"# Benchmark run {args.run}" if args.run else None,
+                  measured_only=args.measured_only, include_cpu=args.include_cpu)
+    if args.out == "-":
+        print(page, end="")
+    else:
+        Path(args.out).write_text(page)
+        print(f"wrote {args.out}: {len(page.splitlines())} lines from {len(records)} records")
+
+
+if __name__ == "__main__":
+    main()
