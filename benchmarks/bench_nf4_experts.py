@@ -19,8 +19,8 @@ so their rel err also holds the (small) change of absmax.
         [--nf4-configs 128:64:8:3,128:64:4:3,...]
 
 --nf4-configs also times the NF4 kernels under each listed launch configuration (BLOCK_N:BLOCK_K:num_warps:
-num_stages, in place of grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those defaults; the
-tables above it use the defaults.
+num_stages, in place of fastmoe.kernels.moe.grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those
+defaults; the tables above it use the defaults.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import triton
 # Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
 # (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
 from bench_moe_block import RANK, SHAPES, measure, routing
-from fastmoe.kernels import grouped_gemm
-from fastmoe.kernels.grouped_gemm import (
+from fastmoe.kernels.moe import grouped_gemm
+from fastmoe.kernels.moe.grouped_gemm import (
     gemm_block_m,
     grouped_mm,
     grouped_mm_nf4,
@@ -47,9 +47,7 @@ from fastmoe.kernels.grouped_gemm import (
     grouped_mm_swiglu_backward_nf4,
     grouped_mm_swiglu_nf4,
 )
-from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
-from fastmoe.kernels.moe_routing import sort_by_expert
-from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4
+from fastmoe.kernels.moe import ExpertLora, dequantize_nf4, moe_experts, moe_experts_nf4, quantize_nf4, sort_by_expert
 
 SHAPE = SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
 

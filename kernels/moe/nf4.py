@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from ..dispatch import use_triton
 
 BLOCKSIZE = 64
 # Absmax per block of double quantization (bitsandbytes' quantize_4bit uses 256 for its compressed statistics).

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmoe.kernels import reference_only
-from fastmoe.kernels.moe_experts import (
+from fastmoe.kernels.moe.experts import (
     ExpertLora,
     expert_map,
     expert_reduce,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_routing import ExpertSchedule
+from .routing import ExpertSchedule
 from .nf4 import (
     BLOCKSIZE,
     Nf4Weight,

@@ -3,12 +3,12 @@ its reference vs moe_experts on the dequantized weights), forward and every grad
 
 import pytest
 import torch
-from fastmoe.kernels import grouped_gemm, reference_only, use_triton
-from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm_nf4
-from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
-from fastmoe.kernels.moe_routing import sort_by_expert
-from fastmoe.kernels import nf4 as nf4_module
-from fastmoe.kernels.nf4 import (
+from fastmoe.kernels import reference_only, use_triton
+from fastmoe.kernels.moe import grouped_gemm
+from fastmoe.kernels.moe import nf4 as nf4_module
+from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, moe_experts_nf4
+from fastmoe.kernels.moe.grouped_gemm import gemm_block_m, grouped_mm_nf4
+from fastmoe.kernels.moe.nf4 import (
     check_register_decode_layout,
     dequantize_absmax,
     dequantize_nf4,
@@ -18,6 +18,7 @@ from fastmoe.kernels.nf4 import (
     quantize_nf4,
     reference_dequantize_nf4,
 )
+from fastmoe.kernels.moe.routing import sort_by_expert
 
 gpu = pytest.mark.gpu
 
@@ -406,8 +407,8 @@ def test_double_quant_nf4_bf16_gpu():
 
 
 def test_triton_path_never_dequantizes_a_whole_stack(monkeypatch):
-    import fastmoe.kernels.moe_experts as moe_experts_module
-    import fastmoe.kernels.nf4 as nf4_module
+    import fastmoe.kernels.moe.experts as moe_experts_module
+    import fastmoe.kernels.moe.nf4 as nf4_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a whole expert stack was dequantized")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from ..dispatch import use_triton
 from .grouped_gemm import (
     gemm_block_m,
     grouped_mm,
@@ -47,8 +47,8 @@ from .grouped_gemm import (
     grouped_mm_swiglu_nf4,
     grouped_wgrad,
 )
-from .moe_routing import ExpertSchedule, sort_by_expert
 from .nf4 import Nf4Weight, reference_dequantize_nf4
+from .routing import ExpertSchedule, sort_by_expert
 
 
 @dataclass
