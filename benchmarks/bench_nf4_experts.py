@@ -37,17 +37,19 @@ import triton
 # Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly
 # (scripts in benchmarks/ import each other from their folder, which Python puts first on sys.path).
 from bench_moe_block import RANK, SHAPES, measure, routing
-from fastmoe.kernels.moe import grouped_gemm
-from fastmoe.kernels.moe.grouped_gemm import (
+from fastmoe.kernels.moe import (
+    ExpertLora,
+    dequantize_nf4,
     gemm_block_m,
+    grouped_gemm,
     grouped_mm,
-    grouped_mm_nf4,
     grouped_mm_swiglu,
     grouped_mm_swiglu_backward,
-    grouped_mm_swiglu_backward_nf4,
-    grouped_mm_swiglu_nf4,
+    moe_experts,
+    moe_experts_nf4,
+    quantize_nf4,
+    sort_by_expert,
 )
-from fastmoe.kernels.moe import ExpertLora, dequantize_nf4, moe_experts, moe_experts_nf4, quantize_nf4, sort_by_expert
 
 SHAPE = SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
 
@@ -89,8 +91,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         add(f"{name} GEMM {label} (N={n}, K={k})", 2 * rows * n * k,
             gemm(functools.partial(grouped_mm, a, identity, w, schedule), n),
-            [(impl, gemm(functools.partial(grouped_mm_nf4, a, identity, weights[which], schedule,
-                                           transpose=transpose), n))
+            [(impl, gemm(functools.partial(grouped_mm, a, identity, weights[which], schedule, transpose=transpose), n))
              for impl, *weights in variants])
 
     x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
@@ -101,7 +102,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
 
     add(f"{name} SwiGLU forward (gate_up GEMM + SwiGLU, N=2x{inter}, K={hidden})", 4 * rows * inter * hidden,
         swiglu(grouped_mm_swiglu, gate_up),
-        [(impl, swiglu(grouped_mm_swiglu_nf4, gu)) for impl, gu, _ in variants])
+        [(impl, swiglu(grouped_mm_swiglu, gu)) for impl, gu, _ in variants])
 
     grad = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
     stored = torch.randn(rows, 2 * inter, device=device, dtype=torch.bfloat16)
@@ -112,8 +113,8 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         return bench(lambda: fn(grad, identity, weight, stored, scale, schedule)), result[0]
 
     add(f"{name} SwiGLU backward (d(h) GEMM + SwiGLU backward, N={inter}, K={hidden})", 2 * rows * inter * hidden,
-        swiglu_backward(grouped_mm_swiglu_backward, down.transpose(1, 2)),
-        [(impl, swiglu_backward(grouped_mm_swiglu_backward_nf4, dn)) for impl, _, dn in variants])
+        swiglu_backward(grouped_mm_swiglu_backward, down),
+        [(impl, swiglu_backward(grouped_mm_swiglu_backward, dn)) for impl, _, dn in variants])
     return out
 
 

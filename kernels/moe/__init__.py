@@ -5,8 +5,8 @@ reference.
 * ``routing``: ``route_sigmoid_topk``, ``route_softmax_topk``, ``sort_by_expert`` -> ``ExpertSchedule``
 * ``nf4``: the NF4 format of 3D expert weights (``quantize_nf4``, ``dequantize_nf4``, double-quantized absmax) and the
   in-register tile decode the GEMMs use
-* ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad`` and
-  their NF4 versions
+* ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward`` (16-bit or NF4 weights),
+  ``grouped_wgrad``
 * ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``, and JetMoe's ``expert_map``, ``expert_reduce``
 """
 
@@ -22,6 +22,7 @@ from .experts import (
     reference_moe_experts_nf4,
 )
 from .grouped_gemm import (
+    GemmWeight,
     gemm_block_m,
     grouped_mm,
     grouped_mm_swiglu,
@@ -48,6 +49,7 @@ from .routing import (
 __all__ = [
     "ExpertLora",
     "ExpertSchedule",
+    "GemmWeight",
     "Nf4Weight",
     "check_nf4_shape",
     "dequantize_absmax",

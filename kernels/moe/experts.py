@@ -23,10 +23,11 @@ backward  d(h) = w * (g[tok] W_d + G_d A_d), G_d = s * g[tok] B_d, with the SwiG
 Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activations (S, r): nothing of size
 (S, H) is kept between forward and backward.
 
-``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, kernels/nf4.py): the four base GEMMs
-dequantize weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing
-weights and inputs get gradients, the base weights none. One autograd Function runs both: only the base GEMMs
-and the base weight gradients differ, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply them.
+``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, ``nf4``): the four base GEMMs dequantize
+weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing weights and
+inputs get gradients, the base weights none. One autograd Function runs both: the grouped GEMMs take either kind of
+weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (what autograd saves, the base weight
+gradients).
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ import torch.nn.functional as F
 
 from ..dispatch import use_triton
 from .grouped_gemm import (
+    GemmWeight,
     gemm_block_m,
     grouped_mm,
-    grouped_mm_nf4,
     grouped_mm_swiglu,
     grouped_mm_swiglu_backward,
-    grouped_mm_swiglu_backward_nf4,
-    grouped_mm_swiglu_nf4,
     grouped_wgrad,
 )
 from .nf4 import Nf4Weight, reference_dequantize_nf4
@@ -173,9 +172,10 @@ def _saved(ctx) -> tuple[ExpertSchedule, torch.Tensor, tuple]:
     return schedule, identity, saved[5:]
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    # Kernels take one dtype per GEMM (tl.dot); a no-op when the weight already has the activations' dtype.
-    return t.to(dtype) if t is not None else None
+def _cast(t: GemmWeight | None, dtype: torch.dtype) -> GemmWeight | None:
+    # Kernels take one dtype per GEMM (tl.dot): a 16-bit weight is cast to the activations' (a no-op when it has it
+    # already); an NF4 one is decoded to it tile by tile.
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
 
 
 def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -202,11 +202,7 @@ def _lora_grads(
 @dataclass
 class DenseExpertWeights:
     """16-bit stacks gate_up (E, 2I, H) as [gate; up] and down (E, H, I), trained with the block (full
-    fine-tuning) when they require grad.
-
-    Each GEMM method is a grouped_gemm function with this weight bound as its third argument, cast to the
-    activations' dtype like the LoRA factors (see _cast).
-    """
+    fine-tuning) when they require grad."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -218,19 +214,6 @@ class DenseExpertWeights:
         """tensors() -> these weights, holding no tensor itself: backward rebuilds them from what it unpacks."""
         return DenseExpertWeights
 
-    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_swiglu(a, a_rows, self.gate_up.to(a.dtype), *args, **kwargs)
-
-    def down_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm(a, a_rows, self.down.to(a.dtype), *args, **kwargs)
-
-    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
-        down_t = self.down.to(grad_out.dtype).transpose(1, 2)
-        return grouped_mm_swiglu_backward(grad_out, grad_rows, down_t, *args, **kwargs)
-
-    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm(a, a_rows, self.gate_up.to(a.dtype).transpose(1, 2), *args, **kwargs)
-
     def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
         """Gradients of tensors(), each written by its grad_fn into a tensor laid out like the weight."""
         needs_gate_up, needs_down = needs
@@ -240,8 +223,8 @@ class DenseExpertWeights:
 
 @dataclass
 class Nf4ExpertWeights:
-    """Frozen NF4 stacks (QLoRA, kernels/nf4.py) gate_up (E, 2I, H) and down (E, H, I): the ``*_nf4`` kernels
-    dequantize weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
+    """Frozen NF4 stacks (QLoRA, ``nf4``) gate_up (E, 2I, H) and down (E, H, I): the grouped GEMMs dequantize
+    weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -256,18 +239,6 @@ class Nf4ExpertWeights:
         def rebuild(*tensors):
             return Nf4ExpertWeights(rebuild_gate_up(*tensors[:num_gate_up]), rebuild_down(*tensors[num_gate_up:]))
         return rebuild
-
-    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_swiglu_nf4(a, a_rows, self.gate_up, *args, **kwargs)
-
-    def down_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_nf4(a, a_rows, self.down, *args, **kwargs)
-
-    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
-        return grouped_mm_swiglu_backward_nf4(grad_out, grad_rows, self.down, *args, **kwargs)
-
-    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_nf4(a, a_rows, self.gate_up, *args, transpose=True, **kwargs)
 
     def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
         return (None,) * len(needs)
@@ -298,14 +269,15 @@ class _MoeExperts(torch.autograd.Function):
         if gu_a_ is not None:
             l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
                               identity, out_scale=gu_scaling)
-        h, gate_up = experts.gate_up_swiglu(hidden, schedule.sorted_token, schedule, l_gu, gu_b_,
-                                            store_gate_up=any(ctx.needs_input_grad))
+        h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, _cast(experts.gate_up, dtype), schedule, l_gu,
+                                       gu_b_, store_gate_up=any(ctx.needs_input_grad))
         l_down = None
         if down_a_ is not None:
             l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
                                 identity, out_scale=down_scaling)
         y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
-        experts.down_mm(h, identity, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
+        grouped_mm(h, identity, _cast(experts.down, dtype), schedule, y, schedule.sorted_pair, l_down, down_b_,
+                   row_scale=row_weight)
 
         _save(ctx, schedule, hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
               *weight_tensors)
@@ -334,8 +306,8 @@ class _MoeExperts(torch.autograd.Function):
         if down_a_ is not None:
             g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
                                 identity, out_scale=down_scaling)
-        dgu, h, d_row_weight = experts.down_swiglu_backward(
-            g, tok, gate_up, row_weight, schedule,
+        dgu, h, d_row_weight = grouped_mm_swiglu_backward(
+            g, tok, _cast(experts.down, dtype), gate_up, row_weight, schedule,
             g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
         )
         grad_weights = None
@@ -357,8 +329,8 @@ class _MoeExperts(torch.autograd.Function):
         grad_hidden = None
         if needs_hidden:
             dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
-            experts.gate_up_transposed_mm(dgu, identity, schedule, dx, pair,
-                                          g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None)
+            grouped_mm(dgu, identity, _cast(experts.gate_up, dtype), schedule, dx, pair,
+                       g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True)
             grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
         grad_gu_a, grad_gu_b = _lora_grads(
             needs_gu_a, needs_gu_b, gu_a, gu_b,
