@@ -5,22 +5,13 @@ reference.
 * ``routing``: ``route_sigmoid_topk``, ``route_softmax_topk``, ``sort_by_expert`` -> ``ExpertSchedule``
 * ``nf4``: the NF4 format of 3D expert weights (``quantize_nf4``, ``dequantize_nf4``, double-quantized absmax) and the
   in-register tile decode the GEMMs use
-* ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward`` (16-bit or NF4 weights),
-  ``grouped_wgrad``
-* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``, and JetMoe's ``expert_map``, ``expert_reduce``
+* ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad``
+* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``
+* ``expert_map_reduce``: ``expert_map``, ``expert_reduce``
 """
 
-from .experts import (
-    ExpertLora,
-    expert_map,
-    expert_reduce,
-    moe_experts,
-    moe_experts_nf4,
-    reference_expert_map,
-    reference_expert_reduce,
-    reference_moe_experts,
-    reference_moe_experts_nf4,
-)
+from .expert_map_reduce import expert_map, expert_reduce, reference_expert_map, reference_expert_reduce
+from .experts import ExpertLora, moe_experts, moe_experts_nf4, reference_moe_experts, reference_moe_experts_nf4
 from .grouped_gemm import (
     GemmWeight,
     gemm_block_m,
