@@ -4,7 +4,7 @@ GPU only. For each model shape and router (balanced: random logits; skewed: a fe
 
 * experts block forward and forward+backward, bf16, LoRA r=16 on gate_up_proj and down_proj, base weights
   frozen, gradients to hidden states, routing weights and LoRA factors;
-  - fastmoe: ``fastmoe.kernels.moe_experts.moe_experts``
+  - fastmoe: ``fastmoe.kernels.moe.moe_experts``
   - transformers: ``AfmoeExperts`` with ``config._experts_implementation = "grouped_mm"``, wrapped by peft
     ``LoraConfig(target_parameters=["gate_up_proj", "down_proj"])`` (the same math for every family here;
     LFM2-MoE and JetMoe shapes are run through the AFMoE experts module);
@@ -31,9 +31,7 @@ import transformers
 from transformers.models.afmoe.modeling_afmoe import AfmoeExperts
 
 import common
-from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm
-from fastmoe.kernels.moe_experts import ExpertLora, moe_experts
-from fastmoe.kernels.moe_routing import sort_by_expert
+from fastmoe.kernels.moe import ExpertLora, gemm_block_m, grouped_mm, moe_experts, sort_by_expert
 
 RANK = common.LORA_RANK
 BASELINE = "transformers grouped_mm + peft"

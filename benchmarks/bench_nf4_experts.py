@@ -21,7 +21,7 @@ One JSON line per (case, implementation) goes to benchmarks/results.jsonl (quest
         [--nf4-configs 128:64:8:3,128:64:4:3,...]
 
 --nf4-configs also times the NF4 kernels under each listed launch configuration (BLOCK_N:BLOCK_K:num_warps:
-num_stages, in place of grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those defaults; that
+num_stages, in place of fastmoe.kernels.moe.grouped_gemm._GPU_NF4_ROW_GEMM and _GPU_NF4_SWIGLU_BWD), to choose those defaults; that
 table is printed, not recorded (the records use the defaults, which is what the code runs).
 """
 
@@ -35,19 +35,19 @@ import torch
 
 # Shapes, routing and the fwd/fwd+bwd timer are the MoE-block benchmark's, so the two tables compare directly.
 import common
-from fastmoe.kernels import grouped_gemm
-from fastmoe.kernels.grouped_gemm import (
+from fastmoe.kernels.moe import (
+    ExpertLora,
+    dequantize_nf4,
     gemm_block_m,
+    grouped_gemm,
     grouped_mm,
-    grouped_mm_nf4,
     grouped_mm_swiglu,
     grouped_mm_swiglu_backward,
-    grouped_mm_swiglu_backward_nf4,
-    grouped_mm_swiglu_nf4,
+    moe_experts,
+    moe_experts_nf4,
+    quantize_nf4,
+    sort_by_expert,
 )
-from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
-from fastmoe.kernels.moe_routing import sort_by_expert
-from fastmoe.kernels.nf4 import dequantize_nf4, quantize_nf4
 
 SHAPE = common.MOE_SHAPES[0]  # Trinity-Mini: name, hidden, intermediate, experts, top_k
 RANK = common.LORA_RANK
@@ -82,8 +82,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         a = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         add(f"{name} GEMM {label} (N={n}, K={k})", 2 * rows * n * k,
             gemm(functools.partial(grouped_mm, a, identity, w, schedule), n),
-            [(impl, gemm(functools.partial(grouped_mm_nf4, a, identity, weights[which], schedule,
-                                           transpose=transpose), n))
+            [(impl, gemm(functools.partial(grouped_mm, a, identity, weights[which], schedule, transpose=transpose), n))
              for impl, *weights in variants])
 
     x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
@@ -94,7 +93,7 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
 
     add(f"{name} SwiGLU forward (gate_up GEMM + SwiGLU, N=2x{inter}, K={hidden})", 4 * rows * inter * hidden,
         swiglu(grouped_mm_swiglu, gate_up),
-        [(impl, swiglu(grouped_mm_swiglu_nf4, gu)) for impl, gu, _ in variants])
+        [(impl, swiglu(grouped_mm_swiglu, gu)) for impl, gu, _ in variants])
 
     grad = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
     stored = torch.randn(rows, 2 * inter, device=device, dtype=torch.bfloat16)
@@ -105,8 +104,8 @@ def gemm_rows(name, hidden, inter, num_experts, index, gate_up_nf4, down_nf4, ga
         return common.bench_ms(lambda: fn(grad, identity, weight, stored, scale, schedule)), result[0]
 
     add(f"{name} SwiGLU backward (d(h) GEMM + SwiGLU backward, N={inter}, K={hidden})", 2 * rows * inter * hidden,
-        swiglu_backward(grouped_mm_swiglu_backward, down.transpose(1, 2)),
-        [(impl, swiglu_backward(grouped_mm_swiglu_backward_nf4, dn)) for impl, _, dn in variants])
+        swiglu_backward(grouped_mm_swiglu_backward, down),
+        [(impl, swiglu_backward(grouped_mm_swiglu_backward, dn)) for impl, _, dn in variants])
     return out
 
 

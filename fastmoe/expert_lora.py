@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import ParamWrapper
 
-from fastmoe.kernels.moe_experts import ExpertLora
+from fastmoe.kernels.moe import ExpertLora
 
 
 def unwrap_expert_lora(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, ExpertLora]] | None:

@@ -2,7 +2,7 @@
 
 transformers + bitsandbytes quantize nn.Linear layers only; an MoE's experts are 3D Parameters (AFMoE and
 LFM2-MoE: `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)), almost all of its weights, and
-would stay 16-bit. fastmoe turns each into NF4 (kernels/nf4.py, bitsandbytes' format and blocksize 64), while the
+would stay 16-bit. fastmoe turns each into NF4 (kernels/moe/nf4.py, bitsandbytes' format and blocksize 64), while the
 checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 
 * the codes and absmax become non-persistent buffers of the experts module (`<name>_nf4_packed`,
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmoe.kernels.nf4 import Nf4Weight, check_nf4_shape, quantize_nf4
+from fastmoe.kernels.moe import Nf4Weight, check_nf4_shape, quantize_nf4
 
 SWIGLU_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _UNSUPPORTED_EXPERTS = {"JetMoeParallelExperts": "jetmoe"}

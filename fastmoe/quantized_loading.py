@@ -10,7 +10,7 @@ weights only, so the experts, nearly all of an MoE's weights, used to arrive 16-
 before fastmoe could quantize it.
 
 `Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the SwiGLU expert stacks: each
-is quantized to fastmoe's NF4 (kernels/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
+is quantized to NF4 (kernels/moe/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
 tensors are dropped before the next parameter is read. The config's bnb_4bit_use_double_quant applies to the experts too
 (their absmax double-quantized as bitsandbytes does for Linear4bit). A subclass of the quantizer rather than reading the
 experts ourselves from the safetensors files, or a hook on the model: the quantizer methods used here are the same in
@@ -42,7 +42,7 @@ from transformers.quantizers import auto as auto_quantizers
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
-from fastmoe.kernels.nf4 import check_nf4_shape, quantize_nf4
+from fastmoe.kernels.moe import check_nf4_shape, quantize_nf4
 from fastmoe.quantize import (
     SWIGLU_EXPERT_PARAMETERS,
     install_nf4_,

@@ -20,7 +20,7 @@ from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 
-from fastmoe.kernels.nf4 import dequantize_nf4
+from fastmoe.kernels.moe import dequantize_nf4
 from fastmoe.quantize import is_quantized, nf4_weight
 
 SAVE_METHODS = ("lora", "merged_16bit")

@@ -10,7 +10,7 @@ from transformers.models.afmoe import modeling_afmoe as hf
 
 from fastmoe.api import FastBaseModel
 from fastmoe.kernels.attention_gate import attention_gate
-from fastmoe.kernels.moe_routing import route_sigmoid_topk
+from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts

@@ -16,8 +16,7 @@ from transformers.models.jetmoe import modeling_jetmoe as hf
 
 from fastmoe.api import FastBaseModel
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe_experts import expert_map, expert_reduce, moe_experts
-from fastmoe.kernels.moe_routing import route_softmax_topk
+from fastmoe.kernels.moe import expert_map, expert_reduce, moe_experts, route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward

@@ -12,7 +12,7 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
 from fastmoe.api import FastBaseModel
-from fastmoe.kernels.moe_routing import route_sigmoid_topk
+from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward

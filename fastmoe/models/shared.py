@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe_experts import moe_experts, moe_experts_nf4
+from fastmoe.kernels.moe import moe_experts, moe_experts_nf4
 from fastmoe.kernels.rms_norm import rms_norm
 from fastmoe.quantize import is_quantized, nf4_weight
 

@@ -4,7 +4,7 @@ checkpoint loads (fastmoe.quantized_loading), fp32 on the CPU; and load_in_8bit'
 import pytest
 import torch
 import transformers
-from fastmoe.kernels.nf4 import dequantize_nf4
+from fastmoe.kernels.moe.nf4 import dequantize_nf4
 from testing_utils import batch_with_padding, randomize_lora, rel_err
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -90,7 +90,7 @@ def test_bf16_on_gpu_is_as_close_to_fp32_as_transformers(flip_free_checkpoint, m
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
 def test_4bit_experts_on_gpu_compute_as_their_dequantized_weights_and_train(flip_free_checkpoint, model_type):
     pytest.importorskip("bitsandbytes")
-    from fastmoe.kernels.nf4 import dequantize_nf4
+    from fastmoe.kernels.moe.nf4 import dequantize_nf4
     from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight
 
     checkpoint = flip_free_checkpoint(model_type)

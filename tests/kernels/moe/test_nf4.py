@@ -3,12 +3,12 @@ its reference vs moe_experts on the dequantized weights), forward and every grad
 
 import pytest
 import torch
-from fastmoe.kernels import grouped_gemm, reference_only, use_triton
-from fastmoe.kernels.grouped_gemm import gemm_block_m, grouped_mm_nf4
-from fastmoe.kernels.moe_experts import ExpertLora, moe_experts, moe_experts_nf4
-from fastmoe.kernels.moe_routing import sort_by_expert
-from fastmoe.kernels import nf4 as nf4_module
-from fastmoe.kernels.nf4 import (
+from fastmoe.kernels import reference_only, use_triton
+from fastmoe.kernels.moe import grouped_gemm
+from fastmoe.kernels.moe import nf4 as nf4_module
+from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, moe_experts_nf4
+from fastmoe.kernels.moe.grouped_gemm import gemm_block_m, grouped_mm
+from fastmoe.kernels.moe.nf4 import (
     check_register_decode_layout,
     dequantize_absmax,
     dequantize_nf4,
@@ -18,6 +18,7 @@ from fastmoe.kernels.nf4 import (
     quantize_nf4,
     reference_dequantize_nf4,
 )
+from fastmoe.kernels.moe.routing import sort_by_expert
 
 gpu = pytest.mark.gpu
 
@@ -284,7 +285,7 @@ def test_grouped_mm_nf4_matches_dense(monkeypatch, blocks, transpose, n, k, doub
     row_expert = index.reshape(-1)[schedule.sorted_pair.long()]
     expected = torch.einsum("sk,snk->sn", a.double(), dense[row_expert].double())
     out = torch.full((schedule.num_pairs, dense.shape[1]), float("nan"))
-    grouped_mm_nf4(a, rows, weight, schedule, out, rows, transpose=transpose)
+    grouped_mm(a, rows, weight, schedule, out, rows, transpose=transpose)
     assert rel_err(out, expected) < 1e-5
 
 
@@ -384,14 +385,14 @@ def test_grouped_mm_nf4_register_decode_gpu(transpose, double_quant, n, k):
     schedule = sort_by_expert(index, num_experts, gemm_block_m(index.device, index.numel(), num_experts))
     rows = torch.arange(schedule.num_pairs, dtype=torch.int32, device="cuda")
     weight = quantize_nf4(_stack(num_experts, n, k, torch.bfloat16, "cuda", seed=6), double_quant)
-    assert grouped_gemm._nf4_operand(weight, transpose, torch.bfloat16)[1]["REGISTER_DECODE"]
+    assert grouped_gemm._weight_operand(weight, transpose, torch.bfloat16).layout["REGISTER_DECODE"]
     dense = reference_dequantize_nf4(weight)
     dense = dense.transpose(1, 2) if transpose else dense
     a = torch.randn(schedule.num_pairs, dense.shape[2], generator=gen).to(device="cuda", dtype=torch.bfloat16)
     row_expert = index.reshape(-1)[schedule.sorted_pair.long()]
     expected = torch.einsum("sk,snk->sn", a.double(), dense[row_expert].double())
     out = torch.full((schedule.num_pairs, dense.shape[1]), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_mm_nf4(a, rows, weight, schedule, out, rows, transpose=transpose)
+    grouped_mm(a, rows, weight, schedule, out, rows, transpose=transpose)
     assert rel_err(out, expected) < 3e-3
 
 
@@ -406,8 +407,8 @@ def test_double_quant_nf4_bf16_gpu():
 
 
 def test_triton_path_never_dequantizes_a_whole_stack(monkeypatch):
-    import fastmoe.kernels.moe_experts as moe_experts_module
-    import fastmoe.kernels.nf4 as nf4_module
+    import fastmoe.kernels.moe.experts as moe_experts_module
+    import fastmoe.kernels.moe.nf4 as nf4_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a whole expert stack was dequantized")

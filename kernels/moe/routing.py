@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from ..dispatch import use_triton
 
 # ----------------------------------------------------------------------------------------------------------
 # References

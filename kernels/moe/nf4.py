@@ -23,9 +23,10 @@ The absmax of element block b is then ``dynamic_code[absmax[e, b]] * absmax_scal
 in fp32 (``dequantize_absmax``), as bitsandbytes' dequantize_blockwise plus offset computes it. A GEMM decodes the
 whole stack's absmax to fp32 first (``absmax_fp32``: 4 bytes per 64 weights, for the length of that GEMM).
 
-The grouped GEMMs of ``moe_experts_nf4`` dequantize tiles in registers (``grouped_gemm``); this file holds the
-quantizer, the PTX decode of packed codes they use on NVIDIA GPUs (``nf4_decode_runs``), the whole-tensor
-dequantization (for merging LoRA or a dense fallback) and its reference.
+The grouped GEMMs of ``moe_experts_nf4`` (``grouped_gemm``) dequantize weight tiles in registers with
+``dequantize_nf4_tile``; this file holds the quantizer, that tile decode and the PTX decode of packed codes it uses on
+NVIDIA GPUs (``nf4_decode_runs``), the whole-tensor dequantization (for merging LoRA or a dense fallback) and its
+reference.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from ..dispatch import use_triton
 
 BLOCKSIZE = 64
 # Absmax per block of double quantization (bitsandbytes' quantize_4bit uses 256 for its compressed statistics).
@@ -307,6 +308,87 @@ def check_register_decode_layout(compiled) -> None:
                 "it with your GPU, torch and triton versions"
             )
     _checked_decode_kernels.add(id(compiled))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiles of an NF4 expert, dequantized in registers inside a GEMM's K loop
+# ----------------------------------------------------------------------------------------------------------
+#
+# An NF4 expert is its row-major (R, C) weight flattened: element i in byte i // 2 (high nibble when i is even)
+# with absmax i // 64. A GEMM reads it as W (forward: contraction over C, the tile's rows are W's rows) or as W^T
+# (backward: contraction over R, the tile's columns are C). Either way a tile is a block of the stored (R, C)
+# layout, loaded along C (unit stride), and the forward transposes it in registers for tl.dot.
+#
+# When C % 64 == 0 (every real model) each row starts on a byte and on an absmax block, so a tile is a
+# (rows, cols / 2) byte block split into nibbles, and a (rows, cols / 64) absmax block broadcast over its 64
+# columns. Other shapes (tests, toy models) gather each element's byte and absmax from its flat index.
+# The tiles read absmax as fp32: a double-quantized one is decoded for the whole stack first (absmax_fp32,
+# 4 bytes per 64 weights, once per GEMM): decoding it per tile, a dependent gather from the dynamic code each K
+# step, made the GEMMs 5-25% slower on an H100.
+
+
+@triton.jit
+def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
+                        ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, COLS_IN_RANGE: tl.constexpr,
+                        COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
+    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values; absmax: fp32), rounded to the
+    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS;
+    COLS_IN_RANGE: col0 + COLS <= C (no column mask). Flat indices stay int32: one expert holds far fewer than 2^31
+    elements."""
+    if ROWS_ALIGNED:
+        # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
+        row_bytes = tl.multiple_of(C // 2, 32)
+        byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
+        # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
+        GROUPS: tl.constexpr = (COLS + 63) // 64
+        groups = col0 // 64 + tl.arange(0, GROUPS)
+        if COLS_IN_RANGE:
+            byte_mask, group_mask = row_mask[:, None], row_mask[:, None]
+        else:
+            byte_mask = row_mask[:, None] & (byte_cols < row_bytes)[None, :]
+            group_mask = row_mask[:, None] & (groups < C // 64)[None, :]
+        packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=byte_mask, other=0)
+        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :], mask=group_mask, other=0.0)
+        if REGISTER_DECODE:
+            byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
+                                     (rows.shape[0], COLS // 2))
+            return nf4_decode_runs(packed, byte_absmax, OUT_DTYPE)
+        packed = packed.to(tl.int32)
+        # Element 2j is the high nibble of byte j: join puts it first, reshape interleaves the pairs in place.
+        nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], COLS))
+        scale = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // GROUPS)),
+                           (rows.shape[0], COLS))
+    else:
+        cols = col0 + tl.arange(0, COLS)
+        idx = rows[:, None] * C + cols[None, :]
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        nibbles = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+        scale = tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+    # The lookup is a register gather from the 16 codes, not a load: the pipeliner would turn a load into
+    # cp.async copies of every looked-up value into shared memory (4 bytes each, a tile of fp32 per stage).
+    flat = tl.gather(code, tl.reshape(nibbles, (nibbles.shape[0] * nibbles.shape[1],)), 0)
+    value = tl.reshape(flat, (nibbles.shape[0], nibbles.shape[1])) * scale
+    return value.to(W_DTYPE).to(OUT_DTYPE)
+
+
+def nf4_tile_layout(weight: Nf4Weight, compute_dtype: torch.dtype) -> dict:
+    """The constexprs ROWS_ALIGNED, REGISTER_DECODE and W_DTYPE of ``dequantize_nf4_tile`` for tiles of `weight` in a
+    GEMM of compute_dtype; the launch still checks REGISTER_DECODE against its tile size (``register_decode_fits``)."""
+    rows_aligned = weight.shape[2] % BLOCKSIZE == 0
+    # The PTX decode (nf4_decode_runs) on NVIDIA GPUs when rows start on a 64-block (a tile is then at least 64
+    # columns wide, and a thread's 16-byte runs stay in one block) and the weights round to the GEMM's dtype directly;
+    # otherwise the portable decode, whose code lookup goes through shared memory.
+    register_decode = (rows_aligned and weight.dtype == compute_dtype
+                       and has_register_decode(weight.device, compute_dtype))
+    return {"ROWS_ALIGNED": rows_aligned, "REGISTER_DECODE": register_decode, "W_DTYPE": triton_dtype(weight.dtype)}
+
+
+def register_decode_fits(tile_rows: int, tile_cols: int, num_warps: int) -> bool:
+    """Whether a (tile_rows, tile_cols) tile of stored NF4 weights holds 16 bytes for each of a program's threads: the
+    PTX decode takes 16 consecutive bytes at a time."""
+    return tile_rows * tile_cols // 2 >= 16 * 32 * num_warps
 
 
 @triton.jit

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmoe.kernels import reference_only
-from fastmoe.kernels.moe_routing import (
+from fastmoe.kernels.moe.routing import (
     reference_route_sigmoid_topk,
     reference_route_softmax_topk,
     route_sigmoid_topk,

@@ -1,4 +1,4 @@
-"""MoE experts with optional LoRA on the 3D expert weights: the SwiGLU experts block, expert_map and expert_reduce.
+"""The SwiGLU experts block of an MoE layer, with optional LoRA on its 3D expert weights, 16-bit or NF4.
 
 Semantics are transformers' eager experts (e.g. ``AfmoeExperts.forward``): for every (token t, slot k) with
 expert e = top_k_index[t, k],
@@ -23,10 +23,13 @@ backward  d(h) = w * (g[tok] W_d + G_d A_d), G_d = s * g[tok] B_d, with the SwiG
 Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activations (S, r): nothing of size
 (S, H) is kept between forward and backward.
 
-``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, kernels/nf4.py): the four base GEMMs
-dequantize weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing
-weights and inputs get gradients, the base weights none. One autograd Function runs both: only the base GEMMs
-and the base weight gradients differ, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply them.
+``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, ``nf4``): the four base GEMMs dequantize
+weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing weights and
+inputs get gradients, the base weights none. One autograd Function runs both: the grouped GEMMs take either kind of
+weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (what autograd saves, the base weight
+gradients).
+
+The autograd plumbing below (schedule, saving, LoRA gradients) also serves ``expert_map_reduce``.
 """
 
 from __future__ import annotations
@@ -36,19 +39,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from ..dispatch import use_triton
 from .grouped_gemm import (
+    GemmWeight,
     gemm_block_m,
     grouped_mm,
-    grouped_mm_nf4,
     grouped_mm_swiglu,
     grouped_mm_swiglu_backward,
-    grouped_mm_swiglu_backward_nf4,
-    grouped_mm_swiglu_nf4,
     grouped_wgrad,
 )
-from .moe_routing import ExpertSchedule, sort_by_expert
 from .nf4 import Nf4Weight, reference_dequantize_nf4
+from .routing import ExpertSchedule, sort_by_expert
 
 
 @dataclass
@@ -112,39 +113,6 @@ def reference_moe_experts_nf4(
                                  reference_dequantize_nf4(down), gate_up_lora, down_lora)
 
 
-def reference_expert_map(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, weight: torch.Tensor, lora: ExpertLora | None = None
-) -> torch.Tensor:
-    """(tokens, H) -> (tokens, k, N): out[t, k] = hidden[t] @ weight[top_k_index[t, k]]^T (+ LoRA)."""
-    num_tokens, top_k = top_k_index.shape
-    out = hidden.new_zeros(num_tokens, top_k, weight.shape[1])
-    for expert in range(weight.shape[0]):
-        token_idx, slot = torch.where(top_k_index == expert)
-        if token_idx.numel() == 0:
-            continue
-        out = out.index_put((token_idx, slot), _reference_expert_linear(hidden[token_idx], weight, lora, expert))
-    return out
-
-
-def reference_expert_reduce(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    weight: torch.Tensor,
-    lora: ExpertLora | None = None,
-) -> torch.Tensor:
-    """(tokens, k, N) -> (tokens, H): out[t] = sum_k top_k_weights[t, k] * x[t, k] @ weight[e_tk]^T (+ LoRA)."""
-    out = x.new_zeros(x.shape[0], weight.shape[1])
-    for expert in range(weight.shape[0]):
-        token_idx, slot = torch.where(top_k_index == expert)
-        if token_idx.numel() == 0:
-            continue
-        y = _reference_expert_linear(x[token_idx, slot], weight, lora, expert)
-        y = y * top_k_weights[token_idx, slot, None]
-        out = out.index_add(0, token_idx, y.to(out.dtype))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Triton path: autograd Functions over grouped_gemm
 # ----------------------------------------------------------------------------------------------------------
@@ -173,9 +141,10 @@ def _saved(ctx) -> tuple[ExpertSchedule, torch.Tensor, tuple]:
     return schedule, identity, saved[5:]
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    # Kernels take one dtype per GEMM (tl.dot); a no-op when the weight already has the activations' dtype.
-    return t.to(dtype) if t is not None else None
+def _cast(t: GemmWeight | None, dtype: torch.dtype) -> GemmWeight | None:
+    # Kernels take one dtype per GEMM (tl.dot): a 16-bit weight is cast to the activations' (a no-op when it has it
+    # already); an NF4 one is decoded to it tile by tile.
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
 
 
 def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -202,11 +171,7 @@ def _lora_grads(
 @dataclass
 class DenseExpertWeights:
     """16-bit stacks gate_up (E, 2I, H) as [gate; up] and down (E, H, I), trained with the block (full
-    fine-tuning) when they require grad.
-
-    Each GEMM method is a grouped_gemm function with this weight bound as its third argument, cast to the
-    activations' dtype like the LoRA factors (see _cast).
-    """
+    fine-tuning) when they require grad."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -218,19 +183,6 @@ class DenseExpertWeights:
         """tensors() -> these weights, holding no tensor itself: backward rebuilds them from what it unpacks."""
         return DenseExpertWeights
 
-    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_swiglu(a, a_rows, self.gate_up.to(a.dtype), *args, **kwargs)
-
-    def down_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm(a, a_rows, self.down.to(a.dtype), *args, **kwargs)
-
-    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
-        down_t = self.down.to(grad_out.dtype).transpose(1, 2)
-        return grouped_mm_swiglu_backward(grad_out, grad_rows, down_t, *args, **kwargs)
-
-    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm(a, a_rows, self.gate_up.to(a.dtype).transpose(1, 2), *args, **kwargs)
-
     def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
         """Gradients of tensors(), each written by its grad_fn into a tensor laid out like the weight."""
         needs_gate_up, needs_down = needs
@@ -240,8 +192,8 @@ class DenseExpertWeights:
 
 @dataclass
 class Nf4ExpertWeights:
-    """Frozen NF4 stacks (QLoRA, kernels/nf4.py) gate_up (E, 2I, H) and down (E, H, I): the ``*_nf4`` kernels
-    dequantize weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
+    """Frozen NF4 stacks (QLoRA, ``nf4``) gate_up (E, 2I, H) and down (E, H, I): the grouped GEMMs dequantize
+    weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -256,18 +208,6 @@ class Nf4ExpertWeights:
         def rebuild(*tensors):
             return Nf4ExpertWeights(rebuild_gate_up(*tensors[:num_gate_up]), rebuild_down(*tensors[num_gate_up:]))
         return rebuild
-
-    def gate_up_swiglu(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_swiglu_nf4(a, a_rows, self.gate_up, *args, **kwargs)
-
-    def down_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_nf4(a, a_rows, self.down, *args, **kwargs)
-
-    def down_swiglu_backward(self, grad_out, grad_rows, *args, **kwargs):
-        return grouped_mm_swiglu_backward_nf4(grad_out, grad_rows, self.down, *args, **kwargs)
-
-    def gate_up_transposed_mm(self, a, a_rows, *args, **kwargs):
-        return grouped_mm_nf4(a, a_rows, self.gate_up, *args, transpose=True, **kwargs)
 
     def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
         return (None,) * len(needs)
@@ -298,14 +238,15 @@ class _MoeExperts(torch.autograd.Function):
         if gu_a_ is not None:
             l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
                               identity, out_scale=gu_scaling)
-        h, gate_up = experts.gate_up_swiglu(hidden, schedule.sorted_token, schedule, l_gu, gu_b_,
-                                            store_gate_up=any(ctx.needs_input_grad))
+        h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, _cast(experts.gate_up, dtype), schedule, l_gu,
+                                       gu_b_, store_gate_up=any(ctx.needs_input_grad))
         l_down = None
         if down_a_ is not None:
             l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
                                 identity, out_scale=down_scaling)
         y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
-        experts.down_mm(h, identity, schedule, y, schedule.sorted_pair, l_down, down_b_, row_scale=row_weight)
+        grouped_mm(h, identity, _cast(experts.down, dtype), schedule, y, schedule.sorted_pair, l_down, down_b_,
+                   row_scale=row_weight)
 
         _save(ctx, schedule, hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
               *weight_tensors)
@@ -334,8 +275,8 @@ class _MoeExperts(torch.autograd.Function):
         if down_a_ is not None:
             g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
                                 identity, out_scale=down_scaling)
-        dgu, h, d_row_weight = experts.down_swiglu_backward(
-            g, tok, gate_up, row_weight, schedule,
+        dgu, h, d_row_weight = grouped_mm_swiglu_backward(
+            g, tok, _cast(experts.down, dtype), gate_up, row_weight, schedule,
             g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
         )
         grad_weights = None
@@ -357,8 +298,8 @@ class _MoeExperts(torch.autograd.Function):
         grad_hidden = None
         if needs_hidden:
             dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
-            experts.gate_up_transposed_mm(dgu, identity, schedule, dx, pair,
-                                          g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None)
+            grouped_mm(dgu, identity, _cast(experts.gate_up, dtype), schedule, dx, pair,
+                       g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True)
             grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
         grad_gu_a, grad_gu_b = _lora_grads(
             needs_gu_a, needs_gu_b, gu_a, gu_b,
@@ -372,108 +313,6 @@ class _MoeExperts(torch.autograd.Function):
         )
         return (grad_hidden, None, grad_weights, grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None,
                 None, *grad_base)
-
-
-class _ExpertMap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, top_k_index, weight, lora_a, lora_b, scaling):
-        num_tokens, top_k = top_k_index.shape
-        dtype = hidden.dtype
-        schedule, identity = _schedule(top_k_index, weight.shape[0])
-        w, a_, b_ = weight.to(dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
-        tok, pair = schedule.sorted_token, schedule.sorted_pair
-        l = None
-        if a_ is not None:
-            l = grouped_mm(hidden, tok, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], hidden), identity,
-                           out_scale=scaling)
-        out = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=hidden.device)
-        grouped_mm(hidden, tok, w, schedule, out, pair, l, b_)
-        _save(ctx, schedule, hidden, weight, lora_a, lora_b, l)
-        ctx.scaling = scaling
-        return out.view(num_tokens, top_k, -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        schedule, identity, (hidden, weight, lora_a, lora_b, l) = _saved(ctx)
-        w, a_, b_ = weight.to(hidden.dtype), _cast(lora_a, hidden.dtype), _cast(lora_b, hidden.dtype)
-        needs = ctx.needs_input_grad
-        num_tokens, top_k, _ = grad_out.shape
-        tok, pair = schedule.sorted_token, schedule.sorted_pair
-        g = grad_out.to(hidden.dtype).reshape(num_tokens * top_k, -1)
-        g_l = None
-        if a_ is not None:
-            g_l = grouped_mm(g, pair, b_.transpose(1, 2), schedule, _thin(schedule.num_pairs, a_.shape[1], g),
-                             identity, out_scale=ctx.scaling)
-        grad_hidden = None
-        if needs[0]:
-            dx = torch.empty(schedule.num_pairs, hidden.shape[1], dtype=hidden.dtype, device=g.device)
-            grouped_mm(g, pair, w.transpose(1, 2), schedule, dx, pair, g_l,
-                       a_.transpose(1, 2) if a_ is not None else None)
-            grad_hidden = _sum_slots(dx, num_tokens, top_k, hidden.dtype)
-        grad_weight = None
-        if needs[2]:
-            grad_weight = grouped_wgrad(g, pair, hidden, tok, schedule, torch.empty_like(weight))
-        grad_a, grad_b = _lora_grads(
-            needs[3], needs[4], lora_a, lora_b,
-            lambda out: grouped_wgrad(g_l, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(g, pair, l, identity, schedule, out),
-        )
-        return grad_hidden, None, grad_weight, grad_a, grad_b, None
-
-
-class _ExpertReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, weight, lora_a, lora_b, scaling):
-        num_tokens, top_k = top_k_index.shape
-        dtype = x.dtype
-        schedule, identity = _schedule(top_k_index, weight.shape[0])
-        row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-        w, a_, b_ = weight.to(dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
-        pair = schedule.sorted_pair
-        x_pairs = x.reshape(num_tokens * top_k, -1)
-        l = None
-        if a_ is not None:
-            l = grouped_mm(x_pairs, pair, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], x), identity,
-                           out_scale=scaling)
-        y = torch.empty(schedule.num_pairs, w.shape[1], dtype=dtype, device=x.device)
-        grouped_mm(x_pairs, pair, w, schedule, y, pair, l, b_, row_scale=row_weight)
-        _save(ctx, schedule, x, top_k_weights, weight, lora_a, lora_b, row_weight, l)
-        ctx.scaling = scaling
-        return _sum_slots(y, num_tokens, top_k, dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        schedule, identity, (x, top_k_weights, weight, lora_a, lora_b, row_weight, l) = _saved(ctx)
-        w, a_, b_ = weight.to(x.dtype), _cast(lora_a, x.dtype), _cast(lora_b, x.dtype)
-        needs = ctx.needs_input_grad
-        num_tokens, top_k, _ = x.shape
-        tok, pair = schedule.sorted_token, schedule.sorted_pair
-        g = grad_out.to(x.dtype)
-        x_pairs = x.reshape(num_tokens * top_k, -1)
-        g_l = None
-        if a_ is not None:
-            g_l = grouped_mm(g, tok, b_.transpose(1, 2), schedule, _thin(schedule.num_pairs, a_.shape[1], g),
-                             identity, out_scale=ctx.scaling)
-        grad_x = grad_weights = None
-        if needs[0] or needs[2]:
-            # Unweighted d(x) serves both: d(x) = w * gx and d(w) = <gx, x>.
-            gx = torch.empty(schedule.num_pairs, x.shape[2], dtype=x.dtype, device=g.device)
-            grouped_mm(g, tok, w.transpose(1, 2), schedule, gx, pair, g_l,
-                       a_.transpose(1, 2) if a_ is not None else None)
-            gx32 = gx.float()
-            if needs[0]:
-                grad_x = (gx32 * top_k_weights.reshape(-1, 1).float()).to(x.dtype).view_as(x)
-            if needs[2]:
-                grad_weights = (gx32 * x_pairs.float()).sum(-1).view(num_tokens, top_k).to(top_k_weights.dtype)
-        grad_weight = None
-        if needs[3]:
-            grad_weight = grouped_wgrad(g, tok, x_pairs, pair, schedule, torch.empty_like(weight), row_weight)
-        grad_a, grad_b = _lora_grads(
-            needs[4], needs[5], lora_a, lora_b,
-            lambda out: grouped_wgrad(g_l, identity, x_pairs, pair, schedule, out, row_weight),
-            lambda out: grouped_wgrad(g, tok, l, identity, schedule, out, row_weight),
-        )
-        return grad_x, None, grad_weights, grad_weight, grad_a, grad_b, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,33 +370,3 @@ def moe_experts_nf4(
             and use_triton(hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2])):
         return _MoeExperts.apply(hidden, top_k_index, top_k_weights, *gu, *dn, experts, *experts.tensors())
     return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora)
-
-
-def expert_map(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, weight: torch.Tensor, lora: ExpertLora | None = None
-) -> torch.Tensor:
-    """(tokens, H) -> (tokens, k, N): out[t, k] = hidden[t] @ weight[top_k_index[t, k]]^T (+ LoRA).
-
-    weight: (E, N, H). JetMoe's mixture-of-attention query projection.
-    """
-    a, b, s = _lora_tensors(lora)
-    if hidden.shape[0] > 0 and use_triton(hidden, weight, a, b):
-        return _ExpertMap.apply(hidden, top_k_index, weight, a, b, s)
-    return reference_expert_map(hidden, top_k_index, weight, lora)
-
-
-def expert_reduce(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    weight: torch.Tensor,
-    lora: ExpertLora | None = None,
-) -> torch.Tensor:
-    """(tokens, k, N) -> (tokens, H): out[t] = sum_k top_k_weights[t, k] * x[t, k] @ weight[e_tk]^T (+ LoRA).
-
-    weight: (E, H, N). JetMoe's mixture-of-attention output projection.
-    """
-    a, b, s = _lora_tensors(lora)
-    if x.shape[0] > 0 and use_triton(x, top_k_weights, weight, a, b):
-        return _ExpertReduce.apply(x, top_k_index, top_k_weights, weight, a, b, s)
-    return reference_expert_reduce(x, top_k_index, top_k_weights, weight, lora)

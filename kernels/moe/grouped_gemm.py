@@ -1,0 +1,600 @@
+"""Grouped GEMMs over (token, slot) rows sorted by expert: the Triton building blocks of ``moe_experts`` and of
+``expert_map`` / ``expert_reduce``.
+
+Rows are addressed through index vectors instead of permuted copies (ScatterMoE's idea): a kernel reads
+row ``a_rows[s]`` of its input for sorted row ``s`` and writes row ``out_rows[s]`` of its output, so the gather
+of tokens into expert order and the scatter back happen inside the loads and stores.
+
+A weight is an (experts, N, K) stack read as W or, with ``transpose``, as W^T: 16-bit, as a view with any strides
+(peft's permuted LoRA views need no copy), or NF4 (``nf4.Nf4Weight``, frozen), dequantized tile by tile in registers
+(``nf4.dequantize_nf4_tile``). A kernel has one body for both: the weight tile of a K step is behind the ``NF4``
+constexpr, a branch Triton resolves when it compiles, so a 16-bit kernel holds no trace of the NF4 one.
+
+LoRA enters the output GEMMs as one extra ``tl.dot`` per tile: ``acc += L[s, :r] @ B[e, n, :r]^T`` where the
+caller computed the thin ``L = scaling * x @ A_e^T`` (rows, r) with the same kernel. The rank is padded to 16
+inside registers (tl.dot's minimum), never in memory, and the delta ``B @ A`` is never formed.
+
+Kernels:
+* ``_grouped_mm_kernel``: out[out_rows[s]] = row_scale[s] * (a[a_rows[s]] @ W_e^T + L[s] @ B_e^T) * out_scale
+* ``_grouped_mm_swiglu_kernel``: the gate and up columns of one tile, SwiGLU in the epilogue; optionally also
+  stores the pre-activation (gate | up) for the backward.
+* ``_grouped_mm_swiglu_bwd_kernel``: d(h) = dout @ W_down (+LoRA) with the SwiGLU backward in the epilogue;
+  also recomputes h and each row's partial <d(h), h> for the routing-weight gradient.
+* ``_grouped_wgrad_kernel`` (16-bit): dW[e] = sum over the rows s of e of g[g_rows[s]]^T x[x_rows[s]].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4 import (
+    Nf4Weight,
+    absmax_fp32,
+    check_register_decode_layout,
+    dequantize_nf4_tile,
+    nf4_code,
+    nf4_tile_layout,
+    register_decode_fits,
+)
+from .routing import ExpertSchedule
+
+GemmWeight = torch.Tensor | Nf4Weight  # an (E, N, K) expert weight stack as the GEMMs take it
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_matmul(
+    acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, N, K,
+    NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc (BLOCK_M, len(offs_n)) += a[a_rows, :K] @ W[offs_n, :K]^T with W (N, K) the weight of `expert`.
+
+    16-bit: W is the (E, N, K) view given by w_ptr and its strides. NF4 (w_ptr: packed codes, absmax_ptr: fp32
+    absmax, code_ptr: the 16 NF4 values; no strides within an expert): W stored as (N, K), or as (K, N) when
+    TRANSPOSED. offs_n may be any rows of a stored W (the SwiGLU forward interleaves gate and up rows); a TRANSPOSED
+    read loads stored columns, so offs_n is n0 + arange. WHOLE_TILES (NF4): K is a multiple of BLOCK_K and, read
+    TRANSPOSED, N of len(offs_n), so the K loop and the weight tiles need no masks beyond the rows' (each mask is
+    instructions in a loop that the decode makes bound by instruction issue)."""
+    w_ptr = w_ptr + expert.to(tl.int64) * stride_we
+    if NF4:
+        absmax_ptr = absmax_ptr + expert.to(tl.int64) * stride_ae
+        code = tl.load(code_ptr + tl.arange(0, 16))
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    if not NF4:
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        if WHOLE_TILES:
+            k_mask = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if not NF4:
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        elif TRANSPOSED:
+            w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, k0 + offs_k, k_mask, n0, N, ROWS_ALIGNED,
+                                    REGISTER_DECODE, WHOLE_TILES, offs_n.shape[0], W_DTYPE, a_ptr.dtype.element_ty)
+        else:
+            w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, ROWS_ALIGNED,
+                                             REGISTER_DECODE, WHOLE_TILES, BLOCK_K, W_DTYPE, a_ptr.dtype.element_ty))
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        if not NF4:
+            w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _tile_matmul_gate_up(
+    a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, I, K,
+    NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
+    W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """(gate, up), each (BLOCK_M, BLOCK_N) fp32: a[a_rows] @ W[offs_n]^T and a[a_rows] @ W[I + offs_n]^T for the
+    gate_up weight W (2I, K) of `expert`, in one pass over K: each A tile (gathered rows) is loaded once for both
+    products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a single GEMM tile of that width would."""
+    if NF4:
+        # Gate row n and up row I + n side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes
+        # and multiplies both, and the interleaved accumulator splits into gate and up without moving columns.
+        w_rows = tl.reshape(tl.join(offs_n, offs_n + I), (2 * BLOCK_N,))
+        w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                           w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+                           w_rows, w_mask, n0, 2 * I, K,
+                           NF4, False, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        # Two contiguous tiles a K step, gate rows and up rows, each into its own accumulator.
+        w_ptr = w_ptr + expert.to(tl.int64) * stride_we
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        up_offset = I * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+            gate = tl.dot(a, w_gate, gate, input_precision=DOT_PRECISION)
+            up = tl.dot(a, w_up, up, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+    return gate, up
+
+
+@triton.jit
+def _tile_lora(
+    acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+    b_ptr, stride_bn, stride_br, offs_n, n_mask, R,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc += L[offs_m, :R] @ B[offs_n, :R]^T: the LoRA up-projection of a tile (L holds scaling * x A^T)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    lo = tl.load(
+        l_ptr + offs_m[:, None].to(tl.int64) * stride_lm + offs_r[None, :] * stride_lr,
+        mask=row_mask[:, None] & r_mask[None, :], other=0.0,
+    )
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    )
+    return tl.dot(lo, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _tile_ids(N, BLOCK_N: tl.constexpr):
+    """(row tile, N block) of this program. N blocks vary fastest: the programs running together share one
+    row tile (gathered activations read once from HBM) and consecutive tiles of an expert share its weight
+    blocks in L2, instead of every N block streaming all S rows again."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    return pid // num_n, pid % num_n
+
+
+@triton.jit
+def _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr):
+    """(expert, sorted rows, row mask) of row tile pid_m; expert is -1 for a surplus tile."""
+    expert = tl.load(tile_expert_ptr + pid_m)
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(expert_offsets_ptr + tl.maximum(expert, 0) + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    return expert, offs_m, offs_m < row_end
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+# The weight arguments (w_ptr .. code_ptr) hold a 16-bit weight's strides or an NF4 one's absmax and code, None for
+# what the other kind uses; the LoRA ones are None without LoRA (see _launch_row_gemm).
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,
+    out_ptr, stride_om, stride_on, out_rows_ptr,
+    row_scale_ptr,
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    N, K, R, out_scale,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                       w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0,
+                       N, K, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K,
+                       DOT_PRECISION)
+    if HAS_LORA:
+        acc = _tile_lora(
+            acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+            b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+            BLOCK_R, DOT_PRECISION,
+        )
+    acc = acc * out_scale
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _grouped_mm_swiglu_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,  # (E, 2I, K): gate rows, then up rows
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,  # L (S, r), B (E, 2I, r)
+    h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
+    gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    I, K, R,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr,
+    NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(I, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    gate, up = _tile_matmul_gate_up(a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                                    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+                                    offs_n, n_mask, n0, I, K,
+                                    NF4, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if HAS_LORA:
+        b_e = b_ptr + expert.to(tl.int64) * stride_be
+        gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
+        up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
+    # Round gate/up to the storage dtype first, as eager does (its linear returns bf16): the backward
+    # recomputes h from the stored gate/up and must see the same h the down GEMM consumed.
+    gate = gate.to(h_ptr.dtype.element_ty)
+    up = up.to(h_ptr.dtype.element_ty)
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    if STORE_GATE_UP:
+        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(gu_ptrs, gate, mask=mask)
+        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
+    gate32 = gate.to(tl.float32)
+    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_mm_swiglu_bwd_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,  # W_down (E, H, I), read as (E, I, H)
+    l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,  # s * d(out) B_down (S, r), A_down (E, I, r)
+    gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
+    row_scale_ptr,  # routing weight of each sorted row (S,) fp32
+    dgu_ptr, stride_dm, stride_dn,  # out: d(gate | up) (S, 2I)
+    h_ptr, stride_hm, stride_hn,  # out: recomputed h (S, I), for the down projection's weight gradients
+    dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    S, I, K, R,
+    HAS_LORA: tl.constexpr,
+    NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(I, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    # Unweighted d(h): y = h @ W^T + ..., out += w * y  =>  d(h) = w * (d(out) @ W + ...), d(w) = <d(out) @ W, h>
+    dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dh = _tile_matmul(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                      w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0,
+                      I, K, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K,
+                      DOT_PRECISION)
+    if HAS_LORA:
+        dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
+                        b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
+                        BLOCK_R, DOT_PRECISION)
+    # Recompute h from the stored (gate | up) and store it, the partial <d(h), h> per row (the routing weight's
+    # gradient), and d(gate | up).
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m[:, None].to(tl.int64)
+    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
+    tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
+    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dup = dh * silu
+    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    g_ptr, stride_gm, stride_gn, g_rows_ptr,
+    x_ptr, stride_xm, stride_xk, x_rows_ptr,
+    row_scale_ptr,
+    dw_ptr, stride_de, stride_dn, stride_dk,
+    expert_offsets_ptr,
+    N, K,
+    HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Expert slowest: the (N, K) blocks of one expert run together and share its rows in L2.
+    pid = tl.program_id(0)
+    num_n, num_k = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
+    expert = pid // (num_n * num_k)
+    pid_n = (pid // num_k) % num_n
+    pid_k = pid % num_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    row_start = tl.load(expert_offsets_ptr + expert)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < row_end
+        g_rows = tl.load(g_rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+        x_rows = tl.load(x_rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+        g_t = tl.load(g_ptr + g_rows[None, :] * stride_gm + offs_n[:, None] * stride_gn,
+                      mask=n_mask[:, None] & row_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_ROW_SCALE:
+            scale = tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)
+            x = (x.to(tl.float32) * scale[:, None]).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(g_t, x, acc, input_precision=DOT_PRECISION)
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gemm_block_m(device: torch.device, num_pairs: int, num_experts: int) -> int:
+    """Rows per tile of the sorted-row GEMMs; ExpertSchedule tiles must be built with it."""
+    if device.type != "cuda":
+        # The interpreter runs programs one by one in Python: small tiles keep odd-shape tests exercising
+        # several tiles per expert while staying fast.
+        return 16
+    # 128-row tiles run ~35% faster than 64 on H100 (bf16, H=2048), but a tile never spans two experts:
+    # below ~128 rows per expert the padding of the last tile would cost more than the larger tile saves.
+    return 128 if num_pairs >= 128 * num_experts else 64
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently go through TF32 on Ampere+: tests hold fp32 to 1e-5.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+
+
+# (BLOCK_N cap, BLOCK_K cap, launch options) per kernel family. On H100 (bf16, the benchmark's shapes) the
+# row GEMMs peak with 128x128x64 tiles, 8 warps, 3 stages (~420-470 TFLOP/s) and the weight-gradient
+# reduction (128x128 output, 32-row steps) with 4 warps, 4 stages.
+_GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
+_GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
+# The NF4 row GEMMs have their own entries because their budget differs: each K step decodes a weight tile in
+# registers and stores it to shared memory for the wgmma, whose wait leaves the decode of one program to overlap
+# the tensor cores of another. Measured on H100s (bench_nf4_experts.py --nf4-configs, 2026-11-23, PTX decode), on
+# the Trinity-Mini expert GEMMs: 4 warps 250-300 TFLOP/s in two runs, 8 warps 266-295 in one and 200-269 in the
+# other; BLOCK_K 128 or BLOCK_N 64 were slower.
+_GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
+# The NF4 SwiGLU backward holds a (128 rows, BLOCK_N) d(h) tile and then the stored gate and up tiles of the same
+# size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
+# TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
+_GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
+_INTERPRETER = (32, 32, {})
+
+
+def _config(device: torch.device, wgrad: bool = False, nf4: bool = False,
+            swiglu_backward: bool = False) -> tuple[int, int, dict]:
+    if device.type != "cuda":
+        return _INTERPRETER
+    if wgrad:
+        return _GPU_WGRAD
+    if nf4:
+        return _GPU_NF4_SWIGLU_BWD if swiglu_backward else _GPU_NF4_ROW_GEMM
+    return _GPU_ROW_GEMM
+
+
+@dataclass
+class _WeightOperand:
+    """A weight stack as the row-GEMM kernels take it, read as (E, n, k) (W, or W^T when transposed)."""
+
+    args: tuple  # w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr
+    layout: dict  # the kernels' NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE and W_DTYPE constexprs
+    n: int
+    k: int
+
+
+def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dtype) -> _WeightOperand:
+    """weight (E, N, K) read as W or, when transpose, as W^T (E, K, N), by a GEMM in compute_dtype."""
+    if isinstance(weight, torch.Tensor):
+        w = weight.transpose(1, 2) if transpose else weight
+        layout = {"NF4": False, "TRANSPOSED": False, "ROWS_ALIGNED": False, "REGISTER_DECODE": False, "W_DTYPE": None}
+        return _WeightOperand((w, w.stride(0), w.stride(1), w.stride(2), None, None, None), layout, w.shape[1],
+                              w.shape[2])
+    if any(t.stride(-1) != 1 for t in weight.tensors()):
+        raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
+    # Double-quantized absmax is decoded here, for the whole stack (see the note above nf4.dequantize_nf4_tile).
+    _, n, k = weight.shape
+    absmax = absmax_fp32(weight)
+    args = (weight.packed, weight.packed.stride(0), None, None, absmax, absmax.stride(0), nf4_code(weight.device))
+    layout = {"NF4": True, "TRANSPOSED": transpose, **nf4_tile_layout(weight, compute_dtype)}
+    return _WeightOperand(args, layout, (k if transpose else n), (n if transpose else k))
+
+
+def _lora_args(lora_l: torch.Tensor | None, lora_b: torch.Tensor | None) -> tuple:
+    """L (S, r) and B (E, N, r) of the LoRA up-projection with their strides, or Nones without LoRA."""
+    if lora_l is None:
+        return (None,) * 7
+    return (lora_l, lora_l.stride(0), lora_l.stride(-1), lora_b, lora_b.stride(0), lora_b.stride(1), lora_b.stride(-1))
+
+
+def _rank(lora_l: torch.Tensor | None) -> int:
+    return lora_l.shape[1] if lora_l is not None else 0
+
+
+def _launch_row_gemm(
+    kernel, a: torch.Tensor, a_rows: torch.Tensor, weight: _WeightOperand,
+    lora_l: torch.Tensor | None, lora_b: torch.Tensor | None, outputs: tuple, schedule: ExpertSchedule, sizes: tuple,
+    num_n: int, block_n: int, block_k: int, tile_rows: int, options: dict, **flags,
+) -> None:
+    """Launch a row-GEMM kernel over num_n output columns: its arguments are the rows of a, the weight, the LoRA
+    factors, the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows:
+    the weight rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up)."""
+    layout = weight.layout
+    whole_tiles = False
+    if layout["NF4"]:
+        stored_tile = (block_k, tile_rows) if layout["TRANSPOSED"] else (tile_rows, block_k)
+        fits = register_decode_fits(*stored_tile, num_warps=options.get("num_warps", 4))
+        layout = {**layout, "REGISTER_DECODE": layout["REGISTER_DECODE"] and fits}
+        whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % block_n == 0)
+    # 16-bit tiles keep their K and column masks: dropping them paid off in the NF4 loop, bound by instruction issue.
+    compiled = kernel[(schedule.max_tiles * triton.cdiv(num_n, block_n),)](
+        a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *outputs,
+        schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
+        *sizes,
+        HAS_LORA=lora_l is not None, **flags, **layout, WHOLE_TILES=whole_tiles,
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(_rank(lora_l), 1 << 30),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        **options,
+    )
+    if layout["REGISTER_DECODE"]:
+        check_register_decode_layout(compiled)
+
+
+def grouped_mm(
+    a: torch.Tensor, a_rows: torch.Tensor, weight: GemmWeight, schedule: ExpertSchedule,
+    out: torch.Tensor, out_rows: torch.Tensor,
+    lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None, out_scale: float = 1.0, transpose: bool = False,
+) -> torch.Tensor:
+    """out[out_rows[s]] = row_scale[s] * out_scale * (a[a_rows[s]] @ W[e_s]^T + lora_l[s] @ lora_b[e_s]^T), with W
+    the weight or, when transpose, its transpose.
+
+    a: (rows_a, K); a_rows, out_rows: (S,) int32; weight: (E, N, K) (transpose: (E, K, N)), 16-bit with any strides
+    or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32.
+    Rows of out not named by out_rows are left untouched.
+    """
+    operand = _weight_operand(weight, transpose, a.dtype)
+    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"])
+    block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
+    _launch_row_gemm(
+        _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b,
+        (out, out.stride(0), out.stride(1), out_rows, row_scale),
+        schedule, (operand.n, operand.k, _rank(lora_l), out_scale), operand.n, block_n, block_k, block_n, options,
+        HAS_ROW_SCALE=row_scale is not None,
+    )
+    return out
+
+
+def grouped_mm_swiglu(
+    a: torch.Tensor, a_rows: torch.Tensor, gate_up: GemmWeight, schedule: ExpertSchedule,
+    lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, store_gate_up: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h = silu(gate) * up with (gate | up) = a[a_rows[s]] @ gate_up[e_s]^T (+ lora_l[s] @ lora_b[e_s]^T).
+
+    a: (rows_a, H); gate_up: (E, 2I, H), 16-bit or Nf4Weight; lora_l: (S, r); lora_b: (E, 2I, r).
+    Returns h (S, I) in sorted order and, if store_gate_up, (gate | up) (S, 2I), both in a's dtype.
+    """
+    operand = _weight_operand(gate_up, False, a.dtype)
+    num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
+    h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
+    gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
+    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"])
+    # Two accumulators (gate and up) per program: half the N block keeps the register budget of one.
+    block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
+    _launch_row_gemm(
+        _grouped_mm_swiglu_kernel, a, a_rows, operand, lora_l, lora_b,
+        (h, h.stride(0), h.stride(1), gu, gu.stride(0), gu.stride(1)),
+        schedule, (inter, hidden, _rank(lora_l)),
+        inter, block_n, block_k, 2 * block_n, options, STORE_GATE_UP=store_gate_up,
+    )
+    return h, (gu if store_gate_up else None)
+
+
+def grouped_mm_swiglu_backward(
+    grad_out: torch.Tensor, grad_rows: torch.Tensor, down: GemmWeight,
+    gate_up: torch.Tensor, row_scale: torch.Tensor, schedule: ExpertSchedule,
+    lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through the weighted down projection and SwiGLU.
+
+    grad_out: (T, H) gathered by grad_rows (S,); down: W_down (E, H, I), 16-bit or Nf4Weight, read transposed;
+    gate_up: stored (S, 2I); row_scale: (S,) fp32 routing weights; lora_l: scaling * grad_out[rows] @ B_down (S, r);
+    lora_b: A_down viewed as (E, I, r). Returns d(gate | up) (S, 2I), h (S, I) and the routing-weight gradient (S,)
+    fp32, all in sorted order.
+    """
+    operand = _weight_operand(down, True, grad_out.dtype)
+    num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
+    dgu = torch.empty(num_rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
+    h = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    cap_n, cap_k, options = _config(gate_up.device, nf4=operand.layout["NF4"], swiglu_backward=True)
+    block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
+    # One partial per N block instead of atomics: deterministic, summed below.
+    dscale = torch.zeros(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32, device=gate_up.device)
+    _launch_row_gemm(
+        _grouped_mm_swiglu_bwd_kernel, grad_out, grad_rows, operand, lora_l, lora_b,
+        (gate_up, gate_up.stride(0), gate_up.stride(1), row_scale, dgu, dgu.stride(0), dgu.stride(1),
+         h, h.stride(0), h.stride(1), dscale),
+        schedule, (num_rows, inter, hidden, _rank(lora_l)),
+        inter, block_n, block_k, block_n, options,
+    )
+    return dgu, h, dscale.sum(0)
+
+
+def grouped_wgrad(
+    g: torch.Tensor, g_rows: torch.Tensor, x: torch.Tensor, x_rows: torch.Tensor, schedule: ExpertSchedule,
+    out: torch.Tensor, row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[e] = sum over sorted rows s of expert e of row_scale[s] * g[g_rows[s]]^T x[x_rows[s]].
+
+    g: (rows_g, N); x: (rows_x, K); g_rows, x_rows: (S,) int32; out: (E, N, K), any strides and dtype
+    (accumulated in fp32). Experts without rows get zeros.
+    """
+    num_experts, num_n, num_k = out.shape
+    cap_n, cap_k, options = _config(g.device, wgrad=True)
+    block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
+    grid = (num_experts * triton.cdiv(num_n, block_n) * triton.cdiv(num_k, block_k),)
+    _grouped_wgrad_kernel[grid](
+        g, g.stride(0), g.stride(1), g_rows, x, x.stride(0), x.stride(1), x_rows,
+        row_scale if row_scale is not None else g,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        schedule.expert_offsets, num_n, num_k,
+        HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_M=32 if g.device.type == "cuda" else 16, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(g.dtype),
+        **options,
+    )
+    return out
