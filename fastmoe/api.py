@@ -293,7 +293,9 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
           device_map, attn_implementation, token, kwargs):
     """Load the model (and tokenizer).
 
-    With no device_map, `fastmoe.distributed.default_device_map` decides (each process its own GPU under torchrun).
+    With no device_map, `fastmoe.distributed.default_device_map` decides: the current GPU when there is one (each
+    process its own under torchrun), so transformers reads each tensor from the memory-mapped safetensors files
+    straight onto it and host memory never holds the 16-bit model; the CPU without a GPU, or for accelerate's FSDP2.
 
     With load_in_4bit, bitsandbytes quantizes the Linear layers and fastmoe the 3D expert weights (NF4), each as it is
     read from the checkpoint (`fastmoe.quantized_loading`): transformers reads one parameter at a time onto the target

@@ -6,6 +6,7 @@ and the Triton kernels are compared against transformers in tests/models."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,99 @@ def test_plain_peft_adapter_loads_into_fastmoe_and_trains(tiny_checkpoint, tmp_p
             optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_16bit_loading_goes_onto_the_current_gpu_when_there_is_one(tiny_checkpoint, monkeypatch):
+    """transformers streams each tensor onto the device_map's device; without one it builds the model in host memory
+    (which cannot hold a 17 GB model on a 12 GB Colab runtime). The GPU is simulated here: the device_map transformers
+    is handed is recorded, then the load proceeds on the CPU."""
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def record_device_map(cls, *args, device_map=None, **kwargs):
+        seen.append(device_map)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(record_device_map))
+    checkpoint = str(tiny_checkpoint("afmoe"))
+    FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    assert seen == [None]  # no GPU: the CPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    assert seen == [None, {"": 1}]
+    assert model.config.model_type == "afmoe"
+    FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64, device_map="cpu")
+    assert seen[-1] == "cpu"  # the caller's choice stands
+
+
+_HOST_MEMORY_WHILE_LOADING = """
+import json, sys, threading, time
+import torch
+from fastmoe import FastModel
+
+def anonymous_bytes():  # resident host memory that is not a mapped file: the page cache of the mmap is not counted
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+# The CUDA context and the modules a first load imports take host memory of their own, not the model's.
+torch.empty(1, device="cuda")
+FastModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16, max_seq_length=64, device_map="meta")
+baseline = anonymous_bytes()
+peak, done = [baseline], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous_bytes())
+        time.sleep(0.001)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+device_map = None if sys.argv[2] == "default" else sys.argv[2]
+model, _ = FastModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16, max_seq_length=64, device_map=device_map)
+done.set()
+sampler.join()
+print(json.dumps({"host_growth": max(peak[0], anonymous_bytes()) - baseline,
+                  "devices": sorted({str(p.device) for p in model.parameters()}),
+                  "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}))
+"""
+
+
+@pytest.mark.gpu
+def test_16bit_loading_on_a_gpu_streams_the_checkpoint_onto_it(tmp_path, tiny_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from fastmoe.builtin import randomize_routers, tiny_config
+
+    # About 1 GB in bf16 over many tensors of at most 32 MB (one layer's fused gate_up_proj).
+    sizes = dict(num_hidden_layers=16, hidden_size=1024, intermediate_size=1024, moe_intermediate_size=256,
+                 num_experts=32, num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+    fields = {**tiny_config("afmoe", len(tiny_tokenizer)).to_dict(), "layer_types": None, **sizes}
+    torch.manual_seed(0)
+    built = AutoModelForCausalLM.from_config(type(tiny_config("afmoe", 8))(**fields), dtype=torch.bfloat16)
+    randomize_routers(built)
+    checkpoint = tmp_path / "model"
+    built.save_pretrained(checkpoint)
+    tiny_tokenizer.save_pretrained(checkpoint)
+    del built
+
+    def load(device_map: str) -> dict:
+        result = subprocess.run([sys.executable, "-c", _HOST_MEMORY_WHILE_LOADING, str(checkpoint), device_map],
+                                capture_output=True, text=True, timeout=300, check=False,
+                                env=dict(os.environ, TRITON_INTERPRET="0",
+                                         PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    streamed = load("default")
+    assert streamed["devices"] == [f"cuda:{torch.cuda.current_device()}"]
+    # The probe sees a model that sits in host memory: on the CPU, tensors stored as they are used stay views of the
+    # memory-mapped file, but every expert stack (most of the model) is built from per-expert tensors.
+    on_host = load("cpu")
+    assert on_host["devices"] == ["cpu"] and on_host["host_growth"] > 0.5 * on_host["model_bytes"]
+    # Each tensor goes from the mapped file to the GPU, and the expert stacks are built there.
+    assert streamed["host_growth"] < 0.25 * streamed["model_bytes"], streamed
