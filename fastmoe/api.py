@@ -186,6 +186,12 @@ class FastBaseModel:
     ):
         """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`.
 
+        target_modules: None or "all-linear" (the default) adapts attention (AFMoE's attention gate included), dense
+        and shared-expert MLPs and every routed expert, never a router: the family's default targets, modules and
+        parameters, with any target_parameters of yours added to "all-linear"'s. A list names modules (then only
+        target_parameters of yours adapt experts). For a model type fastmoe has no fast path for, the default is
+        peft's "all-linear": every Linear layer but the output head.
+
         use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
         in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
         (`fastmoe.offloaded_checkpointing`: less GPU memory at long sequences, slower, see README); False keeps
@@ -204,13 +210,8 @@ class FastBaseModel:
         if use_gradient_checkpointing not in (True, False, "fastmoe"):
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
-        family = patching.family_class(model.config.model_type) or cls
-        if target_modules is None:
-            target_modules = list(family.default_target_modules)
-            if target_parameters is None:
-                target_parameters = list(family.default_target_parameters)
-        elif isinstance(target_modules, str) and target_modules != "all-linear":
-            target_modules = [target_modules]
+        target_modules, target_parameters = _resolve_targets(
+            patching.family_class(model.config.model_type), target_modules, target_parameters)
         _check_targets(model, target_modules, target_parameters)
 
         torch.manual_seed(random_state)
@@ -235,17 +236,12 @@ class FastBaseModel:
         elif use_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        requested = set(target_modules) if isinstance(target_modules, list) else None
+        requested_parameters = set(target_parameters or ())
         peft_model = get_peft_model(model, config)
-        if requested is not None:
-            moved = requested - set(peft_model.peft_config["default"].target_modules or ())
-            if moved:
-                warnings.warn(
-                    f"peft rewrote target_modules {sorted(moved)} of this {model.config.model_type} model into expert "
-                    "target_parameters (its transformers v4->v5 MoE conversion), so Linear layers of those names get "
-                    f"no LoRA; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in sorted(moved))}]",
-                    stacklevel=2,
-                )
+        rewrite = _peft_rewrite(model.config.model_type, target_modules, requested_parameters,
+                                peft_model.peft_config["default"])
+        if rewrite:
+            warnings.warn(rewrite, stacklevel=2)
         peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
         exclude_nf4_from_ddp(peft_model)
         return peft_model
@@ -267,6 +263,46 @@ class FastBaseModel:
 
 def _base_config(model):
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+ALL_LINEAR = "all-linear"
+
+
+def _resolve_targets(family, target_modules, target_parameters) -> tuple[list[str] | str, list[str] | None]:
+    """What get_peft_model's targets mean for `family` (a Fast*Model class, or None for a model type fastmoe does not
+    patch), as peft should be handed them.
+
+    peft's own "all-linear" takes every Linear layer but the head: on an MoE that adapts the routers and misses the
+    experts (3D parameters), and on families peft converts from transformers v4 (AFMoE) it turns the MLP names into
+    expert parameters, leaving the dense and shared MLPs and the attention gate without LoRA. The family's defaults
+    are the linear layers and experts, routers excluded, named so that they survive that conversion."""
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if isinstance(target_modules, str) and not all_linear:
+        return [target_modules], target_parameters  # one module's name, not a regex
+    if family is None:
+        return (ALL_LINEAR if target_modules is None else target_modules), target_parameters
+    defaults = list(family.default_target_parameters)
+    if target_modules is None:
+        return list(family.default_target_modules), defaults if target_parameters is None else target_parameters
+    if all_linear:
+        return list(family.default_target_modules), defaults + [p for p in target_parameters or () if p not in defaults]
+    return target_modules, target_parameters
+
+
+def _peft_rewrite(model_type: str, target_modules, requested_parameters: set[str], peft_config) -> str | None:
+    """The warning to give when peft's transformers v4->v5 MoE conversion rewrote the targets it was handed (it edits
+    the adapter's config in place: module names become expert parameters, with rank and alpha patterns), else None."""
+    added = sorted(set(peft_config.target_parameters or ()) - requested_parameters)
+    if not added:
+        return None
+    if not isinstance(target_modules, list):
+        return (f"peft rewrote target_modules={target_modules!r} on this {model_type} model into expert "
+                f"target_parameters {added} (its transformers v4->v5 MoE conversion; a router's gate.weight among them "
+                "gets LoRA too); name target_modules and target_parameters yourself to choose")
+    moved = sorted(set(target_modules) - set(peft_config.target_modules or ()))
+    advice = f"; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in moved)}]" if moved else ""
+    return (f"peft rewrote target_modules {moved} of this {model_type} model into expert target_parameters {added} "
+            f"(its transformers v4->v5 MoE conversion), so Linear layers of those names get no LoRA{advice}")
 
 
 def _check_targets(model, target_modules, target_parameters) -> None:

@@ -304,3 +304,88 @@ def test_16bit_loading_on_a_gpu_streams_the_checkpoint_onto_it(tmp_path, tiny_to
     assert on_host["devices"] == ["cpu"] and on_host["host_growth"] > 0.5 * on_host["model_bytes"]
     # Each tensor goes from the mapped file to the GPU, and the expert stacks are built there.
     assert streamed["host_growth"] < 0.25 * streamed["model_bytes"], streamed
+
+
+def _adapted(peft_model) -> set[tuple[str, str]]:
+    """(module, parameter) pairs peft put LoRA on: Linear layers and, through ParamWrapper, expert parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {(name.replace(".base_layer", ""), getattr(module, "parameter_name", "weight"))
+            for name, module in peft_model.get_base_model().named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _is_router(module_name: str) -> bool:
+    # AFMoE: mlp.router.gate; LFM2-MoE: mlp.gate; JetMoe: mlp.router.layer, self_attention.experts.router.layer.
+    return ".router." in module_name or module_name.endswith(".mlp.gate")
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere"])
+def test_all_linear_is_every_linear_layer_and_expert_but_no_router(tiny_checkpoint, model_type, recwarn):
+    checkpoint = str(tiny_checkpoint(model_type))
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    linear_layers = {name for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name != "lm_head" and not _is_router(name)}
+    # SwiGLU stacks (gate_up_proj, down_proj), or JetMoe's expert linears (weight) in both of its mixtures.
+    experts = {name: set(dict(module.named_parameters(recurse=False))) for name, module in model.named_modules()
+               if type(module).__name__.endswith("Experts")}
+    recwarn.clear()
+    adapted = _adapted(FastModel.get_peft_model(model, r=2, target_modules="all-linear",
+                                                use_gradient_checkpointing=False))
+    assert not [str(w.message) for w in recwarn if "peft" in str(w.message) or "pattern" in str(w.message)]
+    assert not any(_is_router(name) for name, _ in adapted), sorted(adapted)
+    assert {name for name, _ in adapted if name not in experts} == linear_layers
+    assert {name: {p for n, p in adapted if n == name} for name in experts} == experts
+    if model_type == "afmoe":  # the names peft's v4->v5 conversion would have taken for expert weights
+        for part in ("self_attn.gate_proj", "mlp.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"):
+            assert any(name.endswith(part) for name, _ in adapted), part
+
+    default, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    assert _adapted(FastModel.get_peft_model(default, r=2, use_gradient_checkpointing=False)) == adapted
+
+
+def test_all_linear_adds_the_target_parameters_you_name(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=2, target_modules="all-linear", target_parameters=["router.gate.weight"],
+                                     use_gradient_checkpointing=False)
+    adapted = _adapted(model)
+    assert ("model.layers.1.mlp.router.gate", "weight") in adapted
+    assert ("model.layers.1.mlp.experts", "gate_up_proj") in adapted
+
+
+def test_peft_rewriting_explicit_targets_is_warned(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
+    with pytest.warns(UserWarning, match=r"peft rewrote target_modules \['down_proj', 'gate_proj', 'up_proj'\]"):
+        FastModel.get_peft_model(model, r=2, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+                                 use_gradient_checkpointing=False)
+
+
+@pytest.fixture(scope="module")
+def mixtral_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """An MoE family fastmoe does not patch and peft converts from transformers v4."""
+    from transformers import MixtralConfig
+
+    path = tmp_path_factory.mktemp("mixtral")
+    config = MixtralConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           vocab_size=len(tiny_tokenizer), max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_peft_rewriting_all_linear_on_a_family_fastmoe_does_not_patch_is_warned(mixtral_checkpoint):
+    with pytest.warns(UserWarning, match="no fast path"):
+        model, _ = FastModel.from_pretrained(str(mixtral_checkpoint), max_seq_length=64)
+    with pytest.warns(UserWarning, match=r"peft rewrote target_modules='all-linear' .* \['down_proj', 'gate.weight'"):
+        FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+
+
+def test_a_family_fastmoe_does_not_patch_gets_lora_on_every_linear_layer(llama_checkpoint):
+    with pytest.warns(UserWarning, match="no fast path"):
+        model, _ = FastModel.from_pretrained(str(llama_checkpoint), max_seq_length=64)
+    linear_layers = {name for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    model = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    assert {name for name, _ in _adapted(model)} == linear_layers
