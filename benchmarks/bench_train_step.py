@@ -59,6 +59,7 @@ from peft import LoraConfig, get_peft_model
 import fastmoe
 from fastmoe import FastModel, patching
 from fastmoe.models import afmoe
+from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 from fastmoe.sliding_window_attention import can_use_flash_sliding_window
 
 # LFM2-8B-A1B interleaves 18 gated short-convolution layers with 6 attention layers.
@@ -226,6 +227,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
         raise ValueError(f"the fastmoe-4bit variant is built for AFMoE presets, not {model_type}")
     patching.family_class(model_type).pre_patch()
     config = make_config(config_kwargs)
+    config._experts_implementation = EXPERTS_IMPLEMENTATION  # NF4 experts run in fastmoe's kernel only
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     for index, layer in enumerate(model.model.layers):
@@ -260,7 +262,10 @@ def build(variant: str, config_kwargs: dict, device: str, dtype: torch.dtype, sk
     if fast:
         patching.family_class(model_type).pre_patch()
     config = make_config(config_kwargs)
-    config._experts_implementation = "grouped_mm" if variant == "hf-grouped_mm" else "eager"
+    # fastmoe's experts kernel is an experts implementation of its own; a fastmoe variant configured with another
+    # would run transformers' experts inside fastmoe's MoE forward.
+    config._experts_implementation = (EXPERTS_IMPLEMENTATION if fast else "grouped_mm" if variant == "hf-grouped_mm"
+                                      else "eager")
     if variant.endswith("-flex"):
         # transformers' FlexAttention path: block-sparse causal and sliding-window masks (compiled on first use)
         config._attn_implementation = "flex_attention"

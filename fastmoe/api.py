@@ -118,6 +118,11 @@ class FastBaseModel:
     model_type: str = ""
     default_target_modules: tuple[str, ...] = ()
     default_target_parameters: tuple[str, ...] = ()
+    # How transformers runs this family's routed experts: "switchable" when its `experts_implementation` switch picks
+    # their forward (fastmoe's kernel is then the choice named "fastmoe", loaded by default; another one asked for
+    # is honoured), "fixed" when the family's own MoE forward runs them (fastmoe replaces it whole, so another choice
+    # is refused), None for a dense family.
+    routed_experts: str | None = None
 
     @classmethod
     def patches(cls) -> list[patching.ForwardPatch]:
@@ -125,8 +130,11 @@ class FastBaseModel:
 
     @classmethod
     def pre_patch(cls) -> None:
-        """Swap transformers' forwards for fastmoe's (idempotent)."""
+        """Swap transformers' forwards for fastmoe's (idempotent), and make "fastmoe" an experts_implementation."""
+        from fastmoe.models.shared import register_experts_implementation
+
         patching.apply_patches(cls.patches())
+        register_experts_implementation()
 
     @classmethod
     def unpatch(cls) -> None:
@@ -158,6 +166,7 @@ class FastBaseModel:
                 f"{cls.__name__} loads model_type {cls.model_type!r}, but {model_name!r} is {config.model_type!r}; "
                 "use FastModel.from_pretrained to dispatch on the checkpoint's own type"
             )
+        kwargs = _experts_implementation_kwargs(cls, kwargs, load_in_4bit)
         cls.pre_patch()
         max_positions = getattr(config, "max_position_embeddings", None)
         if max_positions is not None and max_seq_length > max_positions:
@@ -259,6 +268,37 @@ class FastBaseModel:
         model.train()
         _base_config(model).use_cache = False
         return model
+
+
+def _experts_implementation_kwargs(family: type[FastBaseModel], kwargs: dict, load_in_4bit: bool) -> dict:
+    """from_pretrained's kwargs with the experts implementation settled: fastmoe's unless the caller chose another,
+    which is honoured where transformers has the switch (and said once), refused where it has none."""
+    from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
+
+    choice = kwargs.get("experts_implementation")
+    if family.routed_experts is None or choice == EXPERTS_IMPLEMENTATION:
+        return kwargs
+    if choice is None:
+        switchable = family.routed_experts == "switchable"
+        return {**kwargs, "experts_implementation": EXPERTS_IMPLEMENTATION} if switchable else kwargs
+    if family.routed_experts == "fixed":
+        raise ValueError(
+            f"experts_implementation={choice!r}: transformers runs {family.model_type}'s experts in its own MoE forward, "
+            "without that switch, and fastmoe replaces the forward whole; drop experts_implementation (or call "
+            f"fastmoe.unpatch({family.model_type!r}) to run transformers' own)"
+        )
+    if load_in_4bit:
+        raise ValueError(
+            f"experts_implementation={choice!r} cannot run 4-bit experts: load_in_4bit stores them in fastmoe's NF4 "
+            "format, which only fastmoe's experts kernel reads; drop experts_implementation or load_in_4bit"
+        )
+    warnings.warn(
+        f"experts_implementation={choice!r}: this model's routed experts run transformers' {choice} forward instead of "
+        f"fastmoe's kernel (its other forwards stay fastmoe's); model.set_experts_implementation("
+        f"{EXPERTS_IMPLEMENTATION!r}) switches to fastmoe's",
+        stacklevel=3,
+    )
+    return kwargs
 
 
 def _base_config(model):

@@ -13,7 +13,7 @@ import torch
 from fastmoe.kernels.dispatch import reference_only
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from testing_utils import batch_with_padding, randomize_lora, rel_err
+from testing_utils import batch_with_padding, compare_with_transformers, randomize_lora, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import fastmoe
@@ -389,3 +389,121 @@ def test_a_family_fastmoe_does_not_patch_gets_lora_on_every_linear_layer(llama_c
                      if isinstance(module, torch.nn.Linear) and name != "lm_head"}
     model = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
     assert {name for name, _ in _adapted(model)} == linear_layers
+
+
+@pytest.fixture
+def experts_kernel_calls(monkeypatch):
+    """How often fastmoe's experts kernel ran (16-bit experts: fastmoe.models.shared.moe_experts)."""
+    from fastmoe.models import shared
+
+    calls = []
+    original = shared.moe_experts
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shared, "moe_experts", counted)
+    return calls
+
+
+def _experts_outputs(model, batch) -> list[torch.Tensor]:
+    """Each experts module's output, in layer order, for those that ran as modules (transformers' forward)."""
+    outputs = []
+    handles = [module.register_forward_hook(lambda m, args, out: outputs.append(out.detach()))
+               for module in model.modules() if type(module).__name__.endswith("Experts")]
+    try:
+        _eval_logits(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_an_explicit_experts_implementation_runs_transformers_experts(tiny_checkpoint, model_type, implementation,
+                                                                      experts_kernel_calls):
+    checkpoint = str(tiny_checkpoint(model_type))
+    batch = batch_with_padding(512, seed=5)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                     experts_implementation=implementation)
+    reference_experts = _experts_outputs(reference, batch)
+    reference_logits = _eval_logits(reference, batch)
+
+    default, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    assert default.config._experts_implementation == "fastmoe"
+    with pytest.warns(UserWarning, match=f"experts_implementation='{implementation}'.*transformers' {implementation}"):
+        chosen, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64,
+                                              experts_implementation=implementation)
+    assert chosen.config._experts_implementation == implementation
+
+    experts = _experts_outputs(chosen, batch)
+    assert not experts_kernel_calls
+    assert len(experts) == len(reference_experts) > 0
+    for out, ref in zip(experts, reference_experts):
+        assert rel_err(out, ref) < 1e-5
+    assert rel_err(_eval_logits(chosen, batch), reference_logits) < 1e-5
+
+    # The other model in the process keeps fastmoe's kernel, and either can switch at run time.
+    assert _experts_outputs(default, batch) == [] and experts_kernel_calls
+    experts_kernel_calls.clear()
+    default.set_experts_implementation(implementation)
+    assert len(_experts_outputs(default, batch)) == len(reference_experts) and not experts_kernel_calls
+    chosen.set_experts_implementation("fastmoe")
+    assert _experts_outputs(chosen, batch) == [] and experts_kernel_calls
+
+
+def test_lora_on_experts_under_an_explicit_experts_implementation_matches_transformers(tiny_checkpoint,
+                                                                                       experts_kernel_calls):
+    lora = dict(r=4, lora_alpha=8, target_modules=list(FastAfmoeModel.default_target_modules),
+                target_parameters=list(FastAfmoeModel.default_target_parameters))
+    with pytest.warns(UserWarning, match="experts_implementation='eager'"):
+        (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
+            tiny_checkpoint("afmoe"), lora, experts_implementation="eager")
+    assert not experts_kernel_calls
+    assert rel_err(logits, ref_logits) < 1e-5 and rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and any(".experts." in name for name in grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_experts_implementations_fastmoe_cannot_honour_are_refused_before_loading(tiny_checkpoint, monkeypatch):
+    from transformers import core_model_loading
+
+    def read(*args, **kwargs):
+        raise AssertionError("a checkpoint tensor was read before the refusal")
+
+    monkeypatch.setattr(core_model_loading, "spawn_materialize", read)
+    with pytest.raises(ValueError, match="transformers runs jetmoe's experts in its own MoE forward"):
+        FastModel.from_pretrained(str(tiny_checkpoint("jetmoe")), experts_implementation="eager")
+    with pytest.raises(ValueError, match="experts_implementation='eager' cannot run 4-bit experts"):
+        FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), experts_implementation="eager", load_in_4bit=True)
+
+
+def test_fastmoe_experts_serve_transformers_own_moe_forward(tiny_checkpoint, experts_kernel_calls):
+    """After fastmoe.unpatch(), a model loaded by FastModel still names "fastmoe" as its experts implementation:
+    transformers' MoE forward then calls fastmoe's kernel through its experts interface, on the same weights."""
+    checkpoint = str(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(512, seed=6)
+    reference = _eval_logits(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), batch)
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
+    fastmoe.unpatch()
+    experts_kernel_calls.clear()
+    assert rel_err(_eval_logits(model, batch), reference) < 1e-5
+    assert experts_kernel_calls
+
+    experts = model.model.layers[1].mlp.experts
+    experts.has_bias = True  # a layout the kernel does not compute
+    with pytest.raises(NotImplementedError, match="laid out otherwise"):
+        experts(torch.randn(3, model.config.hidden_size), torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.rand(3, 2))
+
+
+@pytest.mark.filterwarnings("ignore:bitsandbytes quantization without a CUDA GPU")
+def test_switching_4bit_experts_to_transformers_implementation_is_refused_at_their_forward(tiny_checkpoint):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64,
+                                         load_in_4bit=True)
+    model.set_experts_implementation("eager")
+    model.train()  # (bitsandbytes' CPU kernels for eval mode refuse these tiny shapes on AVX-512 machines)
+    with pytest.raises(RuntimeError, match=r"NF4 .*set_experts_implementation\('fastmoe'\)"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
