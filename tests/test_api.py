@@ -1,5 +1,6 @@
-"""The public API on the tiny AFMoE checkpoint: loading, argument checks, unsupported families, patching and
-unpatching, train/inference toggles, and adapters that move both ways between fastmoe and plain peft.
+"""The public API on the tiny checkpoints: loading (where the weights go, which experts implementation runs),
+argument checks, unsupported families, patching and unpatching, train/inference toggles, LoRA targets
+("all-linear", peft's rewrites), and adapters that move both ways between fastmoe and plain peft.
 
 The adapter tests run the ops' PyTorch references (`reference_only`): what they check is the API's plumbing,
 and the Triton kernels are compared against transformers in tests/models."""
@@ -456,8 +457,9 @@ def test_an_explicit_experts_implementation_runs_transformers_experts(tiny_check
 
 def test_lora_on_experts_under_an_explicit_experts_implementation_matches_transformers(tiny_checkpoint,
                                                                                        experts_kernel_calls):
-    lora = dict(r=4, lora_alpha=8, target_modules=list(FastAfmoeModel.default_target_modules),
-                target_parameters=list(FastAfmoeModel.default_target_parameters))
+    # LoRA on the experts alone: what runs differently here. (Adapters on the attention projections of this tiny model
+    # have gradients whose fp32 rounding error sits near the 1e-5 budget on some CPUs whatever the experts do.)
+    lora = dict(r=4, lora_alpha=8, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     with pytest.warns(UserWarning, match="experts_implementation='eager'"):
         (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
             tiny_checkpoint("afmoe"), lora, experts_implementation="eager")
