@@ -47,6 +47,7 @@ from fastmoe import FastModel
 from fastmoe.builtin import tiny_config
 from fastmoe.distributed import fsdp2_config
 from fastmoe.models.lfm2_moe import FastLfm2MoeModel
+from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 from fastmoe.quantize import quantize_experts_
 
 # LiquidAI/LFM2-8B-A1B's config.json: 24 layers (18 short-conv, 6 attention), the first 2 with dense MLPs.
@@ -91,6 +92,7 @@ def initialise(model: torch.nn.Module, seed: int) -> None:
 def build_model(config, device: torch.device, dtype: torch.dtype, full_finetuning: bool, nf4_experts: bool,
                 max_seq_length: int):
     FastLfm2MoeModel.pre_patch()
+    config._experts_implementation = EXPERTS_IMPLEMENTATION  # as FastModel.from_pretrained loads it
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)

@@ -180,6 +180,9 @@ def build_direct(case: Case, device: str, dtype: torch.dtype):
     config = common.make_config(case.config_kwargs)
     if case.implementation == "fastmoe":
         common.family(config.model_type).pre_patch()
+        from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
+
+        config._experts_implementation = EXPERTS_IMPLEMENTATION  # as FastModel.from_pretrained loads it
     elif config.model_type in common.GROUPED_MM_FAMILIES:
         config._experts_implementation = "grouped_mm"
     model = common.build_random_model(config, device, dtype)

@@ -463,6 +463,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
     as AFMoE names them). On the CPU bitsandbytes uses its CPU backend (bitsandbytes >= 0.46)."""
     import transformers
 
+    from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
     from fastmoe.quantize import quantize_experts_
 
     model_type = config_kwargs["model_type"]
@@ -470,6 +471,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
         raise ValueError(f"the 4-bit training-step variant is built for AFMoE presets, not {model_type}")
     family(model_type).pre_patch()
     config = make_config(config_kwargs)
+    config._experts_implementation = EXPERTS_IMPLEMENTATION  # NF4 experts run in fastmoe's kernel only
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     for index, layer in enumerate(model.model.layers):
@@ -548,6 +550,7 @@ def build_lora_model(variant: TrainStepVariant, config_kwargs: dict, device: str
     import fastmoe
     from fastmoe import FastModel
     from fastmoe.models import afmoe
+    from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
     from fastmoe.sliding_window_attention import can_use_flash_sliding_window
 
     fastmoe.unpatch()
@@ -563,7 +566,10 @@ def build_lora_model(variant: TrainStepVariant, config_kwargs: dict, device: str
         if variant.implementation == "fastmoe":
             family(model_type).pre_patch()
         config = make_config(config_kwargs)
-        config._experts_implementation = variant.experts if variant.implementation == "transformers" else "eager"
+        # fastmoe's experts kernel is an experts implementation of its own ("fastmoe", as FastModel.from_pretrained
+        # loads it); a fastmoe variant configured with another would run transformers' experts in fastmoe's MoE forward.
+        config._experts_implementation = (variant.experts if variant.implementation == "transformers"
+                                          else EXPERTS_IMPLEMENTATION)
         config._attn_implementation = variant.attention
         model = build_random_model(config, device, dtype, skewed)
     if variant.implementation == "fastmoe":

@@ -158,6 +158,11 @@ class FastBaseModel:
     model_type: str = ""
     default_target_modules: tuple[str, ...] = ()
     default_target_parameters: tuple[str, ...] = ()
+    # How transformers runs this family's routed experts: "switchable" when its `experts_implementation` switch picks
+    # their forward (fastmoe's kernel is then the choice named "fastmoe", loaded by default; another one asked for
+    # is honoured), "fixed" when the family's own MoE forward runs them (fastmoe replaces it whole, so another choice
+    # is refused), None for a dense family.
+    routed_experts: str | None = None
 
     @classmethod
     def patches(cls) -> list[patching.ForwardPatch]:
@@ -165,8 +170,11 @@ class FastBaseModel:
 
     @classmethod
     def pre_patch(cls) -> None:
-        """Swap transformers' forwards for fastmoe's (idempotent)."""
+        """Swap transformers' forwards for fastmoe's (idempotent), and make "fastmoe" an experts_implementation."""
+        from fastmoe.models.shared import register_experts_implementation
+
         patching.apply_patches(cls.patches())
+        register_experts_implementation()
 
     @classmethod
     def unpatch(cls) -> None:
@@ -196,6 +204,7 @@ class FastBaseModel:
                 f"{cls.__name__} loads model_type {cls.model_type!r}, but {model_name!r} is {config.model_type!r}; "
                 "use FastModel.from_pretrained to dispatch on the checkpoint's own type"
             )
+        kwargs = _experts_implementation_kwargs(cls, kwargs, load_in_4bit)
         cls.pre_patch()
         max_positions = getattr(config, "max_position_embeddings", None)
         if max_positions is not None and max_seq_length > max_positions:
@@ -225,6 +234,12 @@ class FastBaseModel:
     ):
         """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`.
 
+        target_modules: None or "all-linear" (the default) adapts attention (AFMoE's attention gate included), dense
+        and shared-expert MLPs and every routed expert, never a router: the family's default targets, modules and
+        parameters, with any target_parameters of yours added to "all-linear"'s. A list names modules (then only
+        target_parameters of yours adapt experts). For a model type fastmoe has no fast path for, the default is
+        peft's "all-linear": every Linear layer but the output head.
+
         use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
         in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
         (`fastmoe.offloaded_checkpointing`: less GPU memory at long sequences, slower, see README); False keeps
@@ -246,13 +261,8 @@ class FastBaseModel:
         if use_gradient_checkpointing not in (True, False, "fastmoe"):
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
-        family = patching.family_class(model.config.model_type) or cls
-        if target_modules is None:
-            target_modules = list(family.default_target_modules)
-            if target_parameters is None:
-                target_parameters = list(family.default_target_parameters)
-        elif isinstance(target_modules, str) and target_modules != "all-linear":
-            target_modules = [target_modules]
+        target_modules, target_parameters = _resolve_targets(
+            patching.family_class(model.config.model_type), target_modules, target_parameters)
         _check_targets(model, target_modules, target_parameters)
 
         torch.manual_seed(random_state)
@@ -279,18 +289,13 @@ class FastBaseModel:
         elif use_gradient_checkpointing:
             _enable_activation_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()
-        requested = set(target_modules) if isinstance(target_modules, list) else None
+        requested_parameters = set(target_parameters or ())
         with peft_checkpointing_probe():
             peft_model = get_peft_model(model, config)
-        if requested is not None:
-            moved = requested - set(peft_model.peft_config["default"].target_modules or ())
-            if moved:
-                warnings.warn(
-                    f"peft rewrote target_modules {sorted(moved)} of this {model.config.model_type} model into expert "
-                    "target_parameters (its transformers v4->v5 MoE conversion), so Linear layers of those names get "
-                    f"no LoRA; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in sorted(moved))}]",
-                    stacklevel=2,
-                )
+        rewrite = _peft_rewrite(model.config.model_type, target_modules, requested_parameters,
+                                peft_model.peft_config["default"])
+        if rewrite:
+            warnings.warn(rewrite, stacklevel=2)
         peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
         exclude_nf4_from_ddp(peft_model)
         return peft_model
@@ -320,8 +325,79 @@ def _enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
+def _experts_implementation_kwargs(family: type[FastBaseModel], kwargs: dict, load_in_4bit: bool) -> dict:
+    """from_pretrained's kwargs with the experts implementation settled: fastmoe's unless the caller chose another,
+    which is honoured where transformers has the switch (and said once), refused where it has none."""
+    from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
+
+    choice = kwargs.get("experts_implementation")
+    if family.routed_experts is None or choice == EXPERTS_IMPLEMENTATION:
+        return kwargs
+    if choice is None:
+        switchable = family.routed_experts == "switchable"
+        return {**kwargs, "experts_implementation": EXPERTS_IMPLEMENTATION} if switchable else kwargs
+    if family.routed_experts == "fixed":
+        raise ValueError(
+            f"experts_implementation={choice!r}: transformers runs {family.model_type}'s experts in its own MoE forward, "
+            "without that switch, and fastmoe replaces the forward whole; drop experts_implementation (or call "
+            f"fastmoe.unpatch({family.model_type!r}) to run transformers' own)"
+        )
+    if load_in_4bit:
+        raise ValueError(
+            f"experts_implementation={choice!r} cannot run 4-bit experts: load_in_4bit stores them in fastmoe's NF4 "
+            "format, which only fastmoe's experts kernel reads; drop experts_implementation or load_in_4bit"
+        )
+    warnings.warn(
+        f"experts_implementation={choice!r}: this model's routed experts run transformers' {choice} forward instead of "
+        f"fastmoe's kernel (its other forwards stay fastmoe's); model.set_experts_implementation("
+        f"{EXPERTS_IMPLEMENTATION!r}) switches to fastmoe's",
+        stacklevel=3,
+    )
+    return kwargs
+
+
 def _base_config(model):
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+ALL_LINEAR = "all-linear"
+
+
+def _resolve_targets(family, target_modules, target_parameters) -> tuple[list[str] | str, list[str] | None]:
+    """What get_peft_model's targets mean for `family` (a Fast*Model class, or None for a model type fastmoe does not
+    patch), as peft should be handed them.
+
+    peft's own "all-linear" takes every Linear layer but the head: on an MoE that adapts the routers and misses the
+    experts (3D parameters), and on families peft converts from transformers v4 (AFMoE) it turns the MLP names into
+    expert parameters, leaving the dense and shared MLPs and the attention gate without LoRA. The family's defaults
+    are the linear layers and experts, routers excluded, named so that they survive that conversion."""
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if isinstance(target_modules, str) and not all_linear:
+        return [target_modules], target_parameters  # one module's name, not a regex
+    if family is None:
+        return (ALL_LINEAR if target_modules is None else target_modules), target_parameters
+    defaults = list(family.default_target_parameters)
+    if target_modules is None:
+        return list(family.default_target_modules), defaults if target_parameters is None else target_parameters
+    if all_linear:
+        return list(family.default_target_modules), defaults + [p for p in target_parameters or () if p not in defaults]
+    return target_modules, target_parameters
+
+
+def _peft_rewrite(model_type: str, target_modules, requested_parameters: set[str], peft_config) -> str | None:
+    """The warning to give when peft's transformers v4->v5 MoE conversion rewrote the targets it was handed (it edits
+    the adapter's config in place: module names become expert parameters, with rank and alpha patterns), else None."""
+    added = sorted(set(peft_config.target_parameters or ()) - requested_parameters)
+    if not added:
+        return None
+    if not isinstance(target_modules, list):
+        return (f"peft rewrote target_modules={target_modules!r} on this {model_type} model into expert "
+                f"target_parameters {added} (its transformers v4->v5 MoE conversion; a router's gate.weight among them "
+                "gets LoRA too); name target_modules and target_parameters yourself to choose")
+    moved = sorted(set(target_modules) - set(peft_config.target_modules or ()))
+    advice = f"; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in moved)}]" if moved else ""
+    return (f"peft rewrote target_modules {moved} of this {model_type} model into expert target_parameters {added} "
+            f"(its transformers v4->v5 MoE conversion), so Linear layers of those names get no LoRA{advice}")
 
 
 def _check_targets(model, target_modules, target_parameters) -> None:
@@ -348,7 +424,9 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
           device_map, attn_implementation, token, kwargs):
     """Load the model (and tokenizer).
 
-    With no device_map, `fastmoe.distributed.default_device_map` decides (each process its own GPU under torchrun).
+    With no device_map, `fastmoe.distributed.default_device_map` decides: the current GPU when there is one (each
+    process its own under torchrun), so transformers reads each tensor from the memory-mapped safetensors files
+    straight onto it and host memory never holds the 16-bit model; the CPU without a GPU, or for accelerate's FSDP2.
 
     With load_in_4bit, bitsandbytes quantizes the Linear layers and fastmoe the 3D expert weights (NF4), each as it is
     read from the checkpoint (`fastmoe.quantized_loading`): transformers reads one parameter at a time onto the target

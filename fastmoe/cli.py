@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"model, whose weights are random; {training.DEFAULT_LR} for any other)")
     train.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
+    train.add_argument("--target-modules", default=None,
+                       help="modules to put LoRA on: comma-separated names (e.g. q_proj,v_proj; no expert gets LoRA "
+                            "then) or all-linear: attention, MLPs and every expert, never a router (default: all-linear; "
+                            "for a model type fastmoe has no fast path for, peft's: every Linear layer but the head)")
     train.add_argument("--seed", type=int, default=defaults.seed,
                        help="seed of the LoRA initialisation, the data order and the held-out split")
     train.add_argument("--load-in-4bit", action="store_true",
@@ -131,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir=args.output_dir, model=args.model, dataset=args.dataset, max_steps=args.max_steps,
         max_seq_length=args.max_seq_length, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, seed=args.seed, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        lora_alpha=args.lora_alpha, target_modules=args.target_modules, seed=args.seed,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
         gradient_checkpointing=args.gradient_checkpointing, packing=args.packing, eval_fraction=args.eval_fraction,
         save_steps=args.save_steps, resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to,
         fsdp=args.fsdp, optim=args.optim)

@@ -56,20 +56,24 @@ def fsdp_launch() -> bool:
 def default_device_map(quantized: bool) -> dict[str, int] | None:
     """Where a model's weights go when the caller names no device_map.
 
-    One process: 16-bit weights load on the CPU and the trainer moves them to the GPU; bitsandbytes quantizes on the
-    GPU, so quantized models load straight onto the current one. Under torchrun / `accelerate launch` every process
-    loads its own copy onto its own GPU (LOCAL_RANK), as DDP expects; that GPU also becomes the current device,
-    because Triton launches kernels on the current device whatever device their tensors are on. Under FSDP, 16-bit
-    weights stay on the CPU: accelerate shards them and moves each GPU's shard only.
+    With a GPU, onto it: transformers then reads each tensor from the memory-mapped safetensors files straight onto
+    the GPU, so host memory holds a few tensors in flight, never the model (a 16 GB model loads on a 12 GB Colab
+    runtime), and the model is ready to generate. One process loads onto the current GPU; under torchrun /
+    `accelerate launch` every process loads its own copy onto its own GPU (LOCAL_RANK), as DDP expects, and that GPU
+    also becomes the current device, because Triton launches kernels on the current device whatever device their
+    tensors are on. Under an accelerate FSDP launch, 16-bit weights stay on the CPU: accelerate's FSDP2 shards them and
+    moves each GPU's shard only (loading onto the GPUs first would put a whole copy on every one). Without a GPU,
+    None: transformers loads on the CPU.
     """
     if not torch.cuda.is_available():
         return None
     rank = local_rank()
-    if rank is None:
-        return {"": torch.cuda.current_device()} if quantized else None
-    torch.cuda.set_device(rank)
+    if rank is not None:
+        torch.cuda.set_device(rank)
     # (Quantized weights under FSDP never get here: FastModel.from_pretrained refuses them.)
-    return None if fsdp_launch() else {"": rank}
+    if fsdp_launch() and not quantized:
+        return None
+    return {"": torch.cuda.current_device() if rank is None else rank}
 
 
 def exclude_nf4_from_ddp(model: torch.nn.Module) -> None:

@@ -82,7 +82,10 @@ def is_patched(patches: list[ForwardPatch]) -> bool:
 
 
 def unpatch(model_type: str | None = None) -> None:
-    """Restore transformers' own forwards for one family, or for every family when model_type is None."""
+    """Restore transformers' own forwards for one family, or for every family when model_type is None.
+
+    A model FastModel loaded still names fastmoe's experts kernel as its experts_implementation ("fastmoe"), which
+    transformers' own MoE forward then calls; `model.set_experts_implementation("eager")` (or another) leaves it."""
     if model_type is not None and model_type not in FAMILIES:
         raise ValueError(f"unknown model type {model_type!r}; fastmoe patches {sorted(FAMILIES)}")
     for name in FAMILIES if model_type is None else [model_type]:

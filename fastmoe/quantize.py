@@ -96,9 +96,10 @@ def quantize_module_(experts: torch.nn.Module, double_quant: bool = False) -> in
 
 def _refuse_unpatched_forward(*args, **kwargs):
     raise RuntimeError(
-        "these experts hold fastmoe NF4 weights, which only fastmoe's patched MoE forward can run; "
-        "re-apply the patches (Fast<Family>Model.pre_patch()) instead of calling fastmoe.unpatch() on a 4-bit model, "
-        "or save with save_pretrained_merged and load that checkpoint with plain transformers"
+        "these experts hold fastmoe NF4 weights, which only fastmoe's patched MoE forward with its own experts kernel "
+        "can run: keep the patches applied (Fast<Family>Model.pre_patch() after fastmoe.unpatch()) and the experts "
+        "implementation fastmoe's (model.set_experts_implementation('fastmoe')), or save with save_pretrained_merged "
+        "and load that checkpoint with plain transformers"
     )
 
 

@@ -73,6 +73,9 @@ class TrainOptions:
     lr: float | None = None
     lora_r: int = 16
     lora_alpha: int = 16
+    # Comma-separated names of the modules to put LoRA on, or "all-linear"; None: the family's defaults (the same as
+    # all-linear: attention, MLPs and every expert), or peft's all-linear for a model type fastmoe has no fast path for.
+    target_modules: str | None = None
     seed: int = 3407
     load_in_4bit: bool = False
     load_in_8bit: bool = False
@@ -96,6 +99,16 @@ class TrainOptions:
     # adapters' optimizer state in a quarter of the memory.
     optim: str | None = None
 
+    def lora_target_modules(self) -> list[str] | str | None:
+        """target_modules as FastModel.get_peft_model takes it."""
+        if self.target_modules is None or self.target_modules.strip().lower() == "all-linear":
+            return None if self.target_modules is None else "all-linear"
+        names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        if not names:
+            raise ValueError(f"--target-modules {self.target_modules!r} names no module: give comma-separated module "
+                             "names (e.g. q_proj,v_proj) or all-linear")
+        return names
+
     def validate(self) -> None:
         """Refuse bad values before anything slow happens."""
         positive = dict(max_steps=self.max_steps, max_seq_length=self.max_seq_length, batch_size=self.batch_size,
@@ -106,6 +119,7 @@ class TrainOptions:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         check_lora_size(self.lora_r, self.lora_alpha, r_name="--lora-r", alpha_name="--lora-alpha")
+        self.lora_target_modules()
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit are exclusive: pick one")
         if self.model is not None and _looks_like_path(self.model) and not Path(self.model).expanduser().is_dir():
@@ -401,6 +415,7 @@ def prepare(options: TrainOptions):
     on_gpu = torch.cuda.is_available()
     checkpointing = options.gradient_checkpointing or ("standard" if on_gpu else "off")
     model = FastModel.get_peft_model(model, r=options.lora_r, lora_alpha=options.lora_alpha,
+                                     target_modules=options.lora_target_modules(),
                                      use_gradient_checkpointing=CHECKPOINTING_MODES[checkpointing],
                                      random_state=options.seed)
     dtype = model.get_base_model().dtype

@@ -162,6 +162,8 @@ def one_error_line(args, tmp_path, capsys) -> str:
     (["--lora-r", "0"], "--lora-r must be a positive integer, got 0"),
     # The same rule as FastModel.get_peft_model's (tests/test_api.py), in the flag's name.
     (["--lora-alpha", "0"], "--lora-alpha must be a positive number (LoRA scales its update by alpha / rank), got 0"),
+    (["--target-modules", " , "], "--target-modules ' , ' names no module"),
+    (["--target-modules", "q_proj,qkv_proj"], "target module 'qkv_proj' matches no module"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys):
     args = [_bad_dataset(tmp_path) if a == "BAD" else a for a in args]
@@ -293,3 +295,41 @@ def test_optim_reaches_the_trainer(tmp_path):
     from transformers import TrainingArguments
 
     assert default.args.optim == TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True).optim
+
+
+def test_target_modules_reach_get_peft_model(tmp_path):
+    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="q_proj, v_proj")
+    _, model, _ = training.prepare(options)
+    config = model.peft_config["default"]
+    assert config.target_modules == {"q_proj", "v_proj"} and not config.target_parameters
+    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="all-linear")
+    _, model, _ = training.prepare(options)
+    assert any(name.endswith("experts.gate_up_proj") for name in model.peft_config["default"].target_parameters)
+    assert cli.build_parser().parse_args(["train", "--target-modules", "q_proj,v_proj"]).target_modules == \
+        "q_proj,v_proj"
+
+
+@pytest.mark.slow
+def test_a_model_type_without_a_fast_path_trains_with_lora_on_its_linear_layers(tmp_path, fastmoe_cache):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = build_tokenizer()
+    model_dir = tmp_path / "gpt2"
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    output_dir = tmp_path / "out"
+    result = run_cli(["train", "--model", str(model_dir), "--max-steps", "2", "--max-seq-length", "64",
+                      "--batch-size", "2", "--output-dir", str(output_dir)], fastmoe_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 steps" in result.stdout
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    # GPT-2's attention and MLP projections are Conv1D layers, which peft's all-linear takes too.
+    targets = set(LoraConfig.from_pretrained(output_dir).target_modules)
+    assert {name.split(".")[-1] for name in targets} == {"c_attn", "c_proj", "c_fc"}
+    assert len(logged_losses(output_dir)) == 2

@@ -151,16 +151,26 @@ def test_each_process_loads_onto_its_own_gpu_except_16bit_under_fsdp(monkeypatch
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert distributed.default_device_map(quantized=False) is None
+    # One process: the current GPU, 16-bit or quantized (host memory never holds the model).
+    assert distributed.default_device_map(quantized=False) == {"": 0}
     assert distributed.default_device_map(quantized=True) == {"": 0}
+    assert chosen == []
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.default_device_map(quantized=False) == {"": 3}
     assert distributed.default_device_map(quantized=True) == {"": 3}
     assert chosen == [3, 3]
+    # accelerate's FSDP2 shards 16-bit weights from the CPU, on one process as on several.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert distributed.default_device_map(quantized=False) is None
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.default_device_map(quantized=False) is None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert distributed.default_device_map(quantized=False) is None
+    assert distributed.default_device_map(quantized=True) is None
 
 
 def test_quantized_loading_under_an_accelerate_fsdp_launch_is_refused(tiny_checkpoint, monkeypatch):

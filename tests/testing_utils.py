@@ -50,8 +50,9 @@ def forward_backward(model, batch):
     return logits, loss.detach(), grads
 
 
-def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, gradient_checkpointing: bool = False):
-    """Run the same LoRA model through plain transformers+peft and through FastModel.
+def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, gradient_checkpointing: bool = False,
+                              **load_kwargs):
+    """Run the same LoRA model through plain transformers+peft and through FastModel (loaded with `load_kwargs`).
 
     Returns (reference, fast) tuples of (logits, loss, grads); the reference is transformers + peft in float64."""
     fastmoe.unpatch()
@@ -63,7 +64,7 @@ def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, grad
     batch = batch_with_padding(reference.config.vocab_size, seed=seed)
     ref_out = forward_backward(reference, batch)
 
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, **load_kwargs)
     family = fastmoe.patching.family_class(model.config.model_type)
     assert fastmoe.patching.is_patched(family.patches()), "FastModel did not patch its family"
     model = FastModel.get_peft_model(model, use_gradient_checkpointing=gradient_checkpointing, **lora_kwargs)

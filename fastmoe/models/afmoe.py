@@ -95,6 +95,7 @@ _causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
 
 class FastAfmoeModel(FastBaseModel):
     model_type = "afmoe"
+    routed_experts = "switchable"
     # Attention, the attention output gate, dense and shared-expert MLPs, and the routed experts; routers stay
     # frozen. peft 0.21 rewrites target_modules named gate_proj/up_proj/down_proj on AFMoE into the experts'
     # fused weights (its transformers v4->v5 MoE conversion, applied again whenever an adapter is loaded), which

@@ -154,6 +154,7 @@ _causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)
 
 class FastJetMoeModel(FastBaseModel):
     model_type = "jetmoe"
+    routed_experts = "fixed"
     # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs
     # and MLPs are all experts, targeted as parameters of both mixtures (mlp.* and self_attention.experts.*).
     default_target_modules = ("kv_proj",)

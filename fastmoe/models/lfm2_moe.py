@@ -111,6 +111,7 @@ _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)
 
 class FastLfm2MoeModel(FastBaseModel):
     model_type = "lfm2_moe"
+    routed_experts = "switchable"
     # Attention (q/k/v, out_proj), short-conv in_proj/out_proj (out_proj names both) and the dense SwiGLU MLPs
     # (w1 gate, w3 up, w2 down); routers and the depthwise conv stay frozen.
     default_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import moe_experts, moe_experts_nf4
 from fastmoe.kernels.rms_norm import rms_norm
 from fastmoe.quantize import is_quantized, nf4_weight
+
+# fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
+# grouped_mm, batched_mm): the one FastModel.from_pretrained picks unless told otherwise. A model whose config names
+# another runs that one, through transformers' own experts forward, with fastmoe's other forwards around it; the
+# choice is per model (its config), so other models in the process keep theirs.
+EXPERTS_IMPLEMENTATION = "fastmoe"
 
 
 def rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -15,10 +22,45 @@ def rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torc
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def runs_fastmoe_experts(experts: torch.nn.Module) -> bool:
+    """Whether the model that owns `experts` (peft's wrappers included) chose fastmoe's kernel: its config names
+    "fastmoe", or no implementation at all (an experts module built outside a model)."""
+    bare = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
+    return getattr(getattr(bare, "config", None), "_experts_implementation", None) in (None, EXPERTS_IMPLEMENTATION)
+
+
+def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "fastmoe" entry of transformers' experts interface: (tokens, hidden) through a SwiGLU experts module's own
+    weights. transformers calls it when its own MoE forward runs a model configured for fastmoe (after
+    `fastmoe.unpatch()`), and peft's wrappers when they apply their LoRA themselves (several active adapters): the
+    weights they hand over then already hold it."""
+    # transformers' `@use_experts_implementation` records each experts class's layout in these flags.
+    layout = dict(has_gate=True, is_concatenated=True, is_transposed=False, has_bias=False, has_post_expert_norm=False)
+    silu = type(getattr(self, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    if not silu or any(getattr(self, flag, value) != value for flag, value in layout.items()):
+        raise NotImplementedError(
+            f"experts_implementation={EXPERTS_IMPLEMENTATION!r} computes SiLU-gated experts stored as gate_up_proj "
+            f"(experts, 2 * intermediate, hidden) without bias; {type(self).__name__} is laid out otherwise: pick "
+            "another experts_implementation (eager, grouped_mm, batched_mm)"
+        )
+    return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+
+def register_experts_implementation() -> None:
+    """Make "fastmoe" a valid experts_implementation for transformers (idempotent; it changes no model whose config
+    names another)."""
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
 def swiglu_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor) -> torch.Tensor:
     """(tokens, hidden) through transformers' 3D SwiGLU experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)),
-    with peft's expert LoRA applied unmerged by our kernels; NF4 experts (fastmoe.quantize) dequantized per tile."""
+    with peft's expert LoRA applied unmerged by our kernels; NF4 experts (fastmoe.quantize) dequantized per tile.
+    A model configured with another experts_implementation runs transformers' experts forward instead, and peft's
+    wrappers apply their own LoRA."""
+    if not runs_fastmoe_experts(experts):
+        return experts(hidden, top_k_index, top_k_weights)
     unwrapped = unwrap_expert_lora(experts)
     if unwrapped is None:
         if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
