@@ -30,9 +30,9 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
 3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
    defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
    the MoE router aux loss where the config asks for it), except: bf16 on the GPU (fp32 on the CPU), max_length=seq
-   (trl's 1024 would cut the rows), the given logging_steps, no saving, no reports, no progress bar, and the
-   trainer's own checkpointing flag off because get_peft_model has set checkpointing up (as `fastmoe train` and the
-   notebooks do).
+   (trl's 1024 would cut the rows), the given logging_steps, no saving, no reports, no progress bar; the trainer's
+   checkpointing flag stays at trl's default (on) except for JetMoe, whose transformers model has no checkpointing
+   and makes the Trainer raise with it on.
 
 4. The measurements, by a TrainerCallback that reads the clock at every step's start after a CUDA sync (a step is
    thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
@@ -232,17 +232,20 @@ def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
 
 
-def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype):
+def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, supports_checkpointing: bool):
     from trl import SFTConfig
 
-    # get_peft_model has set checkpointing up (or JetMoe has none): the trainer must neither redo nor undo it.
-    # transformers renamed the flag gradient_checkpointing -> activation_checkpointing; trl defaults the old to True.
+    # trl turns checkpointing on by default, and the Trainer then enables it on the model again (fastmoe keeps its
+    # own mode through that: fastmoe.checkpointing). A model without checkpointing in transformers (JetMoe) makes the
+    # Trainer raise, so a user turns the flag off there, as here. transformers renamed the flag
+    # gradient_checkpointing -> activation_checkpointing; trl defaults the old to True.
     names = {field.name for field in dataclasses.fields(SFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return SFTConfig(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=case.batch,
                      max_length=case.seq, logging_steps=case.logging_steps, save_strategy="no", report_to="none",
                      bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not torch.cuda.is_available(),
-                     disable_tqdm=True, seed=common.LORA_SEED, **{checkpointing: False})
+                     disable_tqdm=True, seed=common.LORA_SEED,
+                     **({} if supports_checkpointing else {checkpointing: False}))
 
 
 def make_step_clock(device: str, profile_from: int, profile_steps: int):
@@ -322,8 +325,9 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         from trl import SFTTrainer
 
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
-                                 args=sft_config(case, output_dir, max_steps, dtype), callbacks=[clock])
+            config = sft_config(case, output_dir, max_steps, dtype, model.supports_gradient_checkpointing)
+            trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config,
+                                 callbacks=[clock])
             trainer.train()
         timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
         step_s = statistics.median(timed)
