@@ -25,8 +25,10 @@ FAMILY_NAMES = {"afmoe": "AFMoE", "lfm2_moe": "LFM2-MoE", "jetmoe": "JetMoe", "c
 
 
 def load_records(path: str | Path) -> list[dict]:
+    """The training-step records (bench_train_step.py); other benchmarks' lines name themselves in "benchmark"."""
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r for r in records if r.get("benchmark", "train_step") == "train_step"]
 
 
 def group_label(record: dict) -> str:

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_fused_lm_head  # noqa: E402
 import bench_short_conv  # noqa: E402
 import bench_train_step  # noqa: E402
 import plot_results  # noqa: E402
@@ -105,3 +106,21 @@ def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
     for row in rows[1::2]:
         out_err, dx_err = map(float, row[-1].split(" / "))
         assert out_err < 1e-5 and dx_err < 1e-5, row
+
+
+def test_fused_lm_head_benchmark_smoke_run(tmp_path):
+    """--cpu: trl's head and fastmoe's (interpreted) on tiny shapes, agreeing, recorded as JSON lines that
+    plot_results leaves out of the training-step charts."""
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_fused_lm_head.py", "--cpu", "--tokens", "37", "--objectives", "sft,full-ft",
+                "--jsonl", str(jsonl)]
+    bench_fused_lm_head.main()
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["objective"], r["implementation"]) for r in lines] == [
+        ("sft", "trl"), ("sft", "fastmoe"), ("full-ft", "trl"), ("full-ft", "fastmoe")]
+    for record in lines[1::2]:
+        assert record["status"] == "ok" and record["benchmark"] == "fused_lm_head"
+        assert record["loss_diff_vs_trl"] < 1e-5 and record["grad_hidden_rel_err_vs_trl"] < 1e-5
+    with jsonl.open("a") as handle:
+        handle.write(json.dumps(records()[0]) + "\n")
+    assert plot_results.load_records(jsonl) == records()[:1]
