@@ -4,10 +4,15 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all, in this order): gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts
-# train-step-8 train-step profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
+# STEPs (default: all, in this order): gpu-tests moe-block lora-linear fused-lm-head short-conv sliding-attention
+# nf4-experts train-step-8 train-step profile train-families quality. All of them take longer than one 10-minute call; the benchmark harness (issue #6) is
 #
 #     bash benchmarks/gpu_session.sh "$OUT" train-families quality      # about 5 minutes, at most 9
+#
+# fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
+# (120-second limit; JSON lines to OUT_DIR/results.jsonl):
+#
+#     bash benchmarks/gpu_session.sh "$OUT" fused-lm-head
 #
 # short-conv (issue #5) times LFM2's gated short conv and ShortConv block against transformers (90-second limit):
 #
@@ -36,7 +41,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests moe-block lora-linear short-conv sliding-attention nf4-experts train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests moe-block lora-linear fused-lm-head short-conv sliding-attention nf4-experts train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -65,6 +70,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT, kee
 step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py --results "$out/RESULTS.md"
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py --results "$out/RESULTS.md"
+step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py --jsonl "$out/results.jsonl"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py --results "$out/RESULTS.md"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py --results "$out/RESULTS.md"
 step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py --results "$out/RESULTS.md" ${NF4_CONFIGS:+--nf4-configs "$NF4_CONFIGS"}

@@ -184,8 +184,10 @@ def _logit_rows_kernel(
                 sum_exp_z = sum_exp_z * rescale + tl.sum(e * z_in, axis=0)
                 sum_exp_sq = sum_exp_sq * rescale * rescale + tl.sum(e * e, axis=0)
                 sum_z += tl.sum(z_in, axis=0)
-                # Strictly greater: a tie with an earlier block keeps the earlier (first) index, as torch.argmax.
-                argmax = tl.where(block_max > running_max, start + tl.argmax(z, axis=0), argmax)
+                # The block's first column at its max; strictly greater than the running max, so that a tie with
+                # an earlier block keeps the earlier index: torch.argmax's first maximum.
+                first = tl.min(tl.where(z == block_max, cols, vocab), axis=0)
+                argmax = tl.where(block_max > running_max, first, argmax)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
         target = tl.load(row_ptr + label).to(tl.float32) * scale

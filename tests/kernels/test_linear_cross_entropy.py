@@ -341,6 +341,20 @@ def test_log_probs_without_entropy_gradient_do_not_recompute(monkeypatch):
     assert rel_err(x.grad, ref.grad) < 1e-5
 
 
+def test_is_top1_ties_go_to_the_first_maximum():
+    # trl (as torch.argmax) counts a label as top-1 only if no earlier column ties with it: columns 5 and 6 tie in
+    # one 256-column CPU block, 700 ties with them from a later block. Zero weight rows and a large bias make the
+    # ties exact.
+    h, w, b, labels = make_head_inputs(12, 40, 997, bias=True)
+    tied = [5, 6, 700]
+    w[tied] = 0.0
+    b[tied] = 50.0
+    labels[:4], labels[4:8], labels[8:] = 5, 6, 700
+    fields = linear_log_probs(h, w, labels, bias=b, chunk_size=8)
+    assert fields.is_top1.tolist() == [True] * 4 + [False] * 8
+    assert torch.equal(fields.is_top1, trl_log_probs(h, w, b, labels)[4])
+
+
 def test_log_probs_all_ignored_and_empty():
     # An all-masked micro-batch: zeros out, zero gradients, and (with no row at all, as trl's compaction leaves
     # it) empty outputs whose backward still runs.
