@@ -79,6 +79,11 @@ def remove_patches(patches: list[ForwardPatch]) -> None:
             setattr(patch.owner, patch.attribute, _originals.pop(key))
 
 
+def original(owner: type | ModuleType, attribute: str):
+    """`owner.attribute` as it was before fastmoe patched it (as it is, when unpatched)."""
+    return _originals.get((owner, attribute), owner.__dict__[attribute])
+
+
 def is_patched(patches: list[ForwardPatch]) -> bool:
     return all(patch.owner.__dict__.get(patch.attribute) is patch.replacement for patch in patches)
 

@@ -26,6 +26,7 @@ from packaging.version import Version
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
 from fastmoe.models.causal_lm import check_sequence_length, is_fastmoe_causal_lm
+from fastmoe import patching
 from fastmoe.patching import ForwardPatch
 
 # The trl releases whose add_fused_lm_head (its forward's contract and its chunked function's arguments) this
@@ -62,15 +63,23 @@ def _trl() -> tuple[tuple[types.ModuleType, ...], object]:
             stacklevel=3,
         )
         return (), None
-    modules = []
-    for name in TRL_MODULES:
+    try:
+        utils = importlib.import_module("trl.trainer.utils")
+    except Exception as error:  # a trl that cannot import must not stop the model from loading
+        warnings.warn(f"fastmoe could not import trl.trainer.utils ({error.__class__.__name__}: {error}); trl's "
+                      "fused LM head is left as it is", stacklevel=3)
+        return (), None
+    modules = [utils]
+    for name in TRL_MODULES[1:]:
         try:
             module = importlib.import_module(name)
         except ImportError:  # a trainer whose optional dependencies are missing
             continue
         if "add_fused_lm_head" in vars(module):
             modules.append(module)
-    return tuple(modules), vars(importlib.import_module("trl.trainer.utils"))["add_fused_lm_head"]
+    # trl's own function, also if this runs again while the patch is in place.
+    original = patching.original(utils, "add_fused_lm_head")
+    return tuple(modules), original
 
 
 def fused_lm_head_patches() -> list[ForwardPatch]:

@@ -237,6 +237,18 @@ def test_patch_and_unpatch_of_trls_add_fused_lm_head(tiny_checkpoint):
     assert all(module.add_fused_lm_head is original for module in modules)
 
 
+def test_untested_trl_keeps_its_own_head(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "1.99.0")
+    trl_fused_head._trl.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="trl 1.99.0 keeps its own head"):
+            assert trl_fused_head.fused_lm_head_patches() == []
+    finally:
+        monkeypatch.undo()
+        trl_fused_head._trl.cache_clear()
+    assert trl_fused_head.fused_lm_head_patches()
+
+
 # --- trl's trainers, end to end ------------------------------------------------------------------------------------
 
 def sft_dataset():
