@@ -25,7 +25,7 @@ from packaging.version import Version
 
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
-from fastmoe.models.causal_lm import check_sequence_length, is_fastmoe_causal_lm
+from fastmoe.models.causal_lm import is_fastmoe_causal_lm
 from fastmoe import patching
 from fastmoe.patching import ForwardPatch
 
@@ -119,7 +119,6 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
             return original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
         if labels is None and shift_labels is None:
             raise ValueError("model(..., fused_lm_head=True) scores next-token labels: pass labels= or shift_labels=")
-        check_sequence_length(self, kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds"))
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
