@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all but multi-gpu, in this order): gpu-tests sft moe-block lora-linear short-conv sliding-attention
+# STEPs (default: all but multi-gpu, in this order): gpu-tests sft moe-block lora-linear fused-lm-head short-conv sliding-attention
 # nf4-experts loss norm-rope train-step-8 train-step profile train-families quality. Together they take longer than
 # one 10-minute call: name a few per call, e.g.
 #
@@ -19,6 +19,9 @@
 # "--layers 8 --quantization 4bit", "--load direct"). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
 # process instead (imports and Triton compilation paid once; memory freed between cases; cases that would end after
 # SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it.
+#
+# fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
+# (120-second limit).
 #
 # multi-gpu (never by default: it needs 2 GPUs, e.g. the nvidia-h200-x2 machine) runs benchmarks/bench_multi_gpu.py
 # five times: multi-gpu-ddp, multi-gpu-fsdp2 (LoRA), multi-gpu-fsdp2-full, multi-gpu-ddp-nf4 on 2 GPUs, and multi-gpu-one,
@@ -42,7 +45,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests sft moe-block lora-linear short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests sft moe-block lora-linear fused-lm-head short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -98,6 +101,7 @@ step sft 590 bash -c sft_cases
 [[ "$steps" == *" sft "* ]] && grep -E "^(sft |--- sft)" "$out/sft.log"
 step moe-block 150 python3 -P benchmarks/bench_moe_block.py "${jsonl[@]}"
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py "${jsonl[@]}"
+step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"
 step nf4-experts 150 python3 -P benchmarks/bench_nf4_experts.py "${jsonl[@]}" ${NF4_CONFIGS:+--nf4-configs "$NF4_CONFIGS"}

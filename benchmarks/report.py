@@ -266,6 +266,18 @@ def loss_section(records: list[dict], sources: Sources) -> list[str]:
                   "memory saved", "abs loss diff", "source"], out)
 
 
+def fused_lm_head_section(records: list[dict], sources: Sources) -> list[str]:
+    out = []
+    for (case,), impls in by_case(records):
+        a, b = impls.get("trl"), impls.get("fastmoe")
+        out.append([case, f"{(a or b)['hidden']} / {(a or b)['vocab']:,}",
+                    pair(value(a, "ms", ".2f"), value(b, "ms", ".2f")), ratio(a, b, "ms"),
+                    pair(value(a, "peak_mib", ",.0f"), value(b, "peak_mib", ",.0f")), ratio(a, b, "peak_mib"),
+                    value(b, "grad_hidden_rel_err_vs_trl", ".1e"), sources.ref(a, b)])
+    return table(["objective, scored tokens", "hidden / vocab", "ms (trl / fm)", "speed-up", "peak MiB (trl / fm)",
+                  "memory saved", "grad_hidden rel err vs trl", "source"], out)
+
+
 def lora_linear_section(records: list[dict], sources: Sources) -> list[str]:
     out = []
     for (case,), impls in by_case(records):
@@ -383,6 +395,13 @@ SECTIONS = [
             "logits and ForCausalLMLoss against fastmoe's chunked linear cross-entropy; peak is the memory above "
             "the inputs.",
             "python benchmarks/bench_linear_cross_entropy.py", loss_section),
+    Section("fused-lm-head", "trl's fused LM head: per-token log-probs, entropy and top-1",
+            "bench_fused_lm_head.py: the head trl's trainers call with `fused_lm_head=True` (SFT: log-probs, entropy "
+            "and top-1 logged; GRPO: an entropy gradient too, temperature 0.7; full-ft: a trainable lm_head), bf16 "
+            "at Trinity-Mini's head: trl's chunked `ChunkedLogProbFunction` against fastmoe's `linear_log_probs` "
+            "(what a fastmoe model computes under trl), forward + backward of the head alone (do_bench median); "
+            "peak is the memory above the inputs.",
+            "python benchmarks/bench_fused_lm_head.py", fused_lm_head_section),
     Section("lora-linear", "LoRA linear layers",
             "bench_lora_linear.py: Trinity-Mini's projections, 4,096 bf16 tokens, float32 r=16 adapters, forward + "
             "backward: peft's `lora.Linear` and `ParamWrapper` against the fused op fastmoe runs in their place.",

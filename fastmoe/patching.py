@@ -1,8 +1,8 @@
 """The patch registry: which transformers forwards each model family swaps, and applying/undoing them.
 
-A family module declares its patches as `ForwardPatch(owner_class, attribute, replacement)` entries. Patches
-replace class attributes (never source text), so they are reversible: `unpatch()` puts back exactly the
-objects that were there, and applying twice is the same as once.
+A family module declares its patches as `ForwardPatch(owner, attribute, replacement)` entries. Patches replace
+attributes of classes (or of modules: trl's `add_fused_lm_head`), never source text, so they are reversible:
+`unpatch()` puts back exactly the objects that were there, and applying twice is the same as once.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import transformers
 from packaging.version import Version
@@ -30,15 +31,16 @@ FAMILIES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ForwardPatch:
-    """Replace `owner.attribute` (a transformers class's forward, usually) with `replacement`."""
+    """Replace `owner.attribute` (a transformers class's forward, usually, or a module's function) with
+    `replacement`."""
 
-    owner: type
+    owner: type | ModuleType
     attribute: str
     replacement: Callable
 
 
 # (owner, attribute) -> the original object, for every patch currently applied.
-_originals: dict[tuple[type, str], object] = {}
+_originals: dict[tuple[type | ModuleType, str], object] = {}
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -75,6 +77,11 @@ def remove_patches(patches: list[ForwardPatch]) -> None:
         key = (patch.owner, patch.attribute)
         if key in _originals:
             setattr(patch.owner, patch.attribute, _originals.pop(key))
+
+
+def original(owner: type | ModuleType, attribute: str):
+    """`owner.attribute` as it was before fastmoe patched it (as it is, when unpatched)."""
+    return _originals.get((owner, attribute), owner.__dict__[attribute])
 
 
 def is_patched(patches: list[ForwardPatch]) -> bool:

@@ -12,6 +12,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_fused_lm_head  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
@@ -238,3 +239,20 @@ def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
     for record in records[1::2]:
         assert record["detail"] == "Triton"
         assert record["rel_err_out"] < 1e-5 and record["rel_err_dx"] < 1e-5, record
+
+
+def test_fused_lm_head_benchmark_smoke_run(tmp_path):
+    """--cpu: trl's head and fastmoe's (interpreted) on tiny shapes, agreeing, recorded, and on the page."""
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_fused_lm_head.py", "--cpu", "--tokens", "37", "--objectives", "sft,full-ft",
+                "--jsonl", str(jsonl)]
+    bench_fused_lm_head.main()
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["objective"], r["implementation"]) for r in records] == [
+        ("sft", "trl"), ("sft", "fastmoe"), ("full-ft", "trl"), ("full-ft", "fastmoe")]
+    assert all(r["question"] == "fused-lm-head" for r in records)
+    for record in records[1::2]:
+        assert record["status"] == "ok"
+        assert record["loss_diff_vs_trl"] < 1e-5 and record["grad_hidden_rel_err_vs_trl"] < 1e-5
+    page = report.render(records, include_cpu=True)
+    assert "| sft, 37 tokens | 48 / 997 |" in page

@@ -16,6 +16,7 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
 from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
+from fastmoe.trl_fused_head import fused_lm_head_patches
 from fastmoe.sliding_window_attention import (
     can_use_flash_sliding_window,
     flash_sliding_window_attention,
@@ -114,5 +115,6 @@ class FastAfmoeModel(FastBaseModel):
             ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward),
             ForwardPatch(hf.AfmoeAttention, "forward", attention_forward),
             ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward),
+            *fused_lm_head_patches(),
             *lora_linear_patches(),
         ]

@@ -42,6 +42,11 @@ def _check_head_unsharded(weight: torch.Tensor) -> None:
             )
 
 
+def is_fastmoe_causal_lm(model) -> bool:
+    """Whether ``model``'s class forward is fastmoe's (``fused_loss_forward``): its family is patched."""
+    return getattr(type(model).forward, "fastmoe_fused_loss", False)
+
+
 def fused_loss_forward(original_forward):
     """Wrap a transformers *ForCausalLM.forward so training steps with labels use the chunked fused loss.
 
@@ -91,4 +96,5 @@ def fused_loss_forward(original_forward):
         outputs.logits = None
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    forward.fastmoe_fused_loss = True
     return forward

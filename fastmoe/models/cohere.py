@@ -16,6 +16,7 @@ from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
+from fastmoe.trl_fused_head import fused_lm_head_patches
 
 
 def layer_norm_forward(self: hf.CohereLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -77,5 +78,6 @@ class FastCohereModel(FastBaseModel):
             ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward),
             ForwardPatch(hf.CohereAttention, "forward", attention_forward),
             ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward),
+            *fused_lm_head_patches(),
             *lora_linear_patches(),
         ]

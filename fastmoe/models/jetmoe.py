@@ -22,6 +22,7 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward
 from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
+from fastmoe.trl_fused_head import fused_lm_head_patches
 
 
 class Routing(NamedTuple):
@@ -170,5 +171,6 @@ class FastJetMoeModel(FastBaseModel):
             ForwardPatch(hf.JetMoeMoA, "reduce", moa_reduce),
             ForwardPatch(hf.JetMoeAttention, "forward", attention_forward),
             ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward),
+            *fused_lm_head_patches(),
             *lora_linear_patches(),
         ]

@@ -19,6 +19,7 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
 from fastmoe.linear_lora import lora_linear_patches
 from fastmoe.patching import ForwardPatch
+from fastmoe.trl_fused_head import fused_lm_head_patches
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
 # (decoding) and packed sequences.
@@ -126,5 +127,6 @@ class FastLfm2MoeModel(FastBaseModel):
             ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward),
             ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward),
             ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward),
+            *fused_lm_head_patches(),
             *lora_linear_patches(),
         ]
