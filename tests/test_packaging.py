@@ -66,7 +66,8 @@ def notebook_install_arguments() -> list[str]:
     """pip's arguments in the install cell that every notebook starts with (the same cell in each)."""
     arguments = set()
     for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
-        first = next(cell for cell in json.loads(path.read_text(encoding="utf-8"))["cells"] if cell["cell_type"] == "code")
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        first = next(cell for cell in cells if cell["cell_type"] == "code")
         source = "".join(first["source"])
         commands = PIP_MAGIC.findall(source)
         assert len(commands) == 1, f"{path.name}: its first code cell should run one `%pip install`, not {commands}"
@@ -133,8 +134,8 @@ def test_notebook_install_cell_installs_fastmoe_over_the_runtimes_torch(clone, t
 
 @pytest.mark.slow
 def test_wheel_carries_every_kernels_subpackage_and_no_top_level_kernels(clone, tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(clone)],
-                           capture_output=True, text=True, timeout=900)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"),
+                            str(clone)], capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("fastmoe-*.whl")
     files = set(zipfile.ZipFile(wheel).namelist())

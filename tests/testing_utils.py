@@ -32,11 +32,12 @@ def fp32_model_tolerance(config, batch_size: int, seq_len: int) -> float:
     sqrt(K)·u (u = 2**-24): the individual errors are independent and add like a random walk, and the bound
     lambda·sqrt(K)·u fails with probability at most 2K·exp(-lambda²/2) (Higham & Mary, "A new approach to
     probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019). Successive reductions add their errors
-    the same way, so what ends a chain of reductions of lengths K1, K2, ... carries about sqrt(K1 + K2 + ...)·u. The
-    longest chain here ends in a first-layer LoRA gradient: every layer forward (two norms over hidden; attention:
-    projection in over hidden, scores over head_dim, softmax and weighted sum over the sequence, projection out over
-    hidden; MLP: in over hidden, out over intermediate), the final norm and lm_head, the loss over the vocabulary and
-    back through lm_head, every layer backward (the same lengths), then the weight gradient's sum over tokens.
+    the same way, so what ends a chain of reductions of lengths K1, K2, ... carries about sqrt(n)·u, with
+    n = K1 + K2 + ... The longest chain here ends in a first-layer LoRA gradient: every layer forward (two norms over
+    hidden; attention: projection in over hidden, scores over head_dim, softmax and weighted sum over the sequence,
+    projection out over hidden; MLP: in over hidden, out over intermediate), the final norm and lm_head, the loss
+    over the vocabulary and back through lm_head, every layer backward (the same lengths), then the weight
+    gradient's sum over tokens; the logits and the loss end shorter chains of the same reductions.
 
     ROUNDING_DEVIATIONS = 8 makes a failure from rounding alone less likely than 1e-10. The rest of the margin is for
     conditioning, which no size predicts: on these tiny models transformers' own fp32 run reaches 3.5·sqrt(n)·u

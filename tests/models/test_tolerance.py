@@ -54,8 +54,8 @@ def test_transformers_own_fp32_run_is_within_the_tolerance(tiny_checkpoint, mode
 
 
 def test_a_kernel_rounding_to_half_precision_fails_the_tolerance(tiny_checkpoint, monkeypatch):
-    """Cohere's LayerNorm kernel with its output rounded to float16 (an intermediate kept in half precision, the
-    smallest error a plausible kernel bug makes): the same comparison as test_cohere's, which must now fail."""
+    """Cohere's LayerNorm kernel with its output rounded to float16, as a kernel that keeps an intermediate in half
+    precision would: a bug that only rounding shows. The same comparison as test_cohere's must now fail."""
     exact = cohere.layer_norm
     monkeypatch.setattr(cohere, "layer_norm", lambda *args, **kwargs: exact(*args, **kwargs).half().float())
     checkpoint = tiny_checkpoint("cohere")
