@@ -100,12 +100,14 @@ def test_notebook_install_cell_installs_fastmoe_over_the_runtimes_torch(clone, t
     subpackages import from outside the clone, the runtime's torch stays, and no top-level `kernels` appears."""
     arguments = notebook_install_arguments()
     venv = tmp_path / "venv"
-    # --system-site-packages: torch (and what else this interpreter has) is already there, as on Colab.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    # --system-site-packages: torch (and what else this interpreter has) is already there, as on Colab. Without a pip
+    # of its own (no ensurepip needed): this pip installs into it, as `%pip` would from its interpreter.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
     python = str(venv / "bin" / "python")
-    # As the %pip magic runs it, from the notebook's folder in the clone.
-    install = subprocess.run([python, "-m", "pip", *arguments], cwd=clone / "notebooks", capture_output=True,
-                             text=True, timeout=900)
+    # From the notebook's folder in the clone, as the notebook runs it.
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, *arguments], cwd=clone / "notebooks",
+                             capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr
 
     assert not list(site_packages(venv).glob("torch*")), "pip installed a torch of its own over the runtime's"
