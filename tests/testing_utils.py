@@ -3,6 +3,8 @@ transformers + peft on the same weights."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -15,6 +17,43 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# Float32's unit roundoff: rounding a real number to float32 moves it by at most this fraction of itself.
+FP32_UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2  # 2**-24
+# How many standard deviations of accumulated rounding error fp32_model_tolerance allows (see there).
+ROUNDING_DEVIATIONS = 8
+
+
+def fp32_model_tolerance(config, batch_size: int, seq_len: int) -> float:
+    """Largest rel_err allowed between a whole model's fp32 logits, loss or LoRA gradients and its fp64 reference.
+
+    Rounding the K products of a dot product, and their running sum, to fp32 leaves a relative error of about
+    sqrt(K)·u (u = 2**-24): the individual errors are independent and add like a random walk, and the bound
+    lambda·sqrt(K)·u fails with probability at most 2K·exp(-lambda²/2) (Higham & Mary, "A new approach to
+    probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019). Successive reductions add their errors
+    the same way, so what ends a chain of reductions of lengths K1, K2, ... carries about sqrt(n)·u, with
+    n = K1 + K2 + ... The longest chain here ends in a first-layer LoRA gradient: every layer forward (two norms over
+    hidden; attention: projection in over hidden, scores over head_dim, softmax and weighted sum over the sequence,
+    projection out over hidden; MLP: in over hidden, out over intermediate), the final norm and lm_head, the loss
+    over the vocabulary and back through lm_head, every layer backward (the same lengths), then the weight
+    gradient's sum over tokens; the logits and the loss end shorter chains of the same reductions.
+
+    ROUNDING_DEVIATIONS = 8 makes a failure from rounding alone less likely than 1e-10. The rest of the margin is for
+    conditioning, which no size predicts: on these tiny models transformers' own fp32 run reaches 3.5·sqrt(n)·u
+    (AFMoE, whose post-attention and post-MLP norms scale a sublayer output that came out of a cancelling sum back
+    to full size, relative error and all), the other families 1·sqrt(n)·u or less. tests/models/test_tolerance.py
+    checks that transformers' own fp32 run stays within this bound and that a kernel rounding one op to half
+    precision does not. Nothing here depends on the CPU's instruction set: a CPU only changes which rounding errors
+    occur, not how large they can be.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = max(getattr(config, name, None) or 0 for name in ("intermediate_size", "moe_intermediate_size"))
+    head_dim = (getattr(config, "head_dim", None) or getattr(config, "kv_channels", None)
+                or hidden // config.num_attention_heads)
+    per_layer = 2 * hidden + (hidden + head_dim + 2 * seq_len + hidden) + (hidden + intermediate)
+    chain = 2 * layers * per_layer + 2 * hidden + 2 * config.vocab_size + batch_size * seq_len
+    return ROUNDING_DEVIATIONS * math.sqrt(chain) * FP32_UNIT_ROUNDOFF
 
 
 def batch_with_padding(vocab_size: int, seed: int = 0, batch: int = 2, seq: int = 11):

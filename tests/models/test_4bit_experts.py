@@ -19,6 +19,23 @@ gpu = pytest.mark.gpu
 EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def _bitsandbytes_portable_cpu_path(monkeypatch):
+    """What these tests check is fastmoe's NF4 experts; bitsandbytes' Linear4bit layers around them must compute the
+    same on every CPU. On a CPU with AVX512-BF16, Linear4bit.forward in inference (eval mode, an input that needs no
+    gradient) re-lays its weight once for a fused kernel (bitsandbytes.functional._convert_weight_packed_for_cpu):
+    rows in blocks of 32, absmax per 64 columns, and the product in bf16 whatever the compute dtype. The tiny configs'
+    Linear shapes (48, 24, 80: odd on purpose, so that the NF4 kernels run their block tails) fail its `N must be
+    divisible by block_n` assertion, and with shapes it accepts these fp32 comparisons would run in bf16 on those CPUs
+    only. Training never takes that path (it needs eval and no gradient) and fastmoe's LoRA layers dequantize
+    bitsandbytes' weights themselves, so every CPU gets bitsandbytes' portable path here, which it takes on all others:
+    dequantize, then a matmul in the compute dtype. Linear4bit reads has_avx512bf16() when it is built; releases
+    without that path have no such function."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False, raising=False)
+
+
 def _load_4bit(checkpoint):
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
     return model
@@ -52,6 +69,8 @@ def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoin
     assert not any("_nf4_" in key for key in model.state_dict())  # buffers stay out of checkpoints
     batch = batch_with_padding(model.config.vocab_size)
     quantized = _logits(model, batch)
+    linear_4bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linear_4bit)
 
     # The same model with its experts replaced by their dequantized values, through plain transformers.
     for module in experts:

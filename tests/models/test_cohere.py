@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from testing_utils import batch_with_padding, compare_with_transformers, rel_err
-from transformers import AutoModelForCausalLM
+from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.cohere import modeling_cohere as hf
 
 import fastmoe
@@ -23,12 +23,13 @@ def checkpoint_without_qk_norm(tmp_path_factory, tiny_tokenizer):
 def assert_matches_transformers(checkpoint, rank: int) -> None:
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
         checkpoint, dict(r=rank, lora_alpha=8, **TARGETS))
-    assert rel_err(logits, ref_logits) < 1e-5
-    assert rel_err(loss, ref_loss) < 1e-5
+    tolerance = fp32_model_tolerance(AutoConfig.from_pretrained(checkpoint), *ref_logits.shape[:2])
+    assert rel_err(logits, ref_logits) < tolerance
+    assert rel_err(loss, ref_loss) < tolerance
     assert grads.keys() == ref_grads.keys()
     assert any("q_proj" in name for name in grads) and any("down_proj" in name for name in grads)
     for name in ref_grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+        assert rel_err(grads[name], ref_grads[name]) < tolerance, name
 
 
 @pytest.mark.parametrize("rank", [4, 2])

@@ -11,7 +11,7 @@ import fastmoe
 from fastmoe import FastModel
 from fastmoe.builtin import build_tiny_checkpoint
 from fastmoe.models.jetmoe import FastJetMoeModel
-from testing_utils import batch_with_padding, compare_with_transformers, randomize_lora, rel_err
+from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, randomize_lora, rel_err
 
 TARGETS = dict(target_modules=["kv_proj"], target_parameters=["input_linear.weight", "output_linear.weight"])
 
@@ -22,20 +22,20 @@ def lora(rank: int) -> dict:
     return dict(r=rank, lora_alpha=rank, **TARGETS)
 
 
-def assert_same_training_step(reference, fast, attention_mask: torch.Tensor) -> None:
+def assert_same_training_step(reference, fast, attention_mask: torch.Tensor, tolerance: float) -> None:
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = reference, fast
     # Padding tokens embed to zeros (padding_idx), so the first MoA router sees all-equal logits there and the
     # choice among tied experts is arbitrary (torch.topk's differs between devices). Those positions reach no
     # other position (keys masked, causal) nor the loss (labels -100): only their own logits may differ.
     attended = attention_mask.bool()
-    assert rel_err(logits[attended], ref_logits[attended]) < 1e-5
-    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(logits[attended], ref_logits[attended]) < tolerance
+    assert rel_err(loss, ref_loss) < tolerance
     assert grads.keys() == ref_grads.keys()
     # LoRA on the MoE experts and on the attention experts (MoA) both train.
     assert any(".mlp.input_linear." in name for name in grads)
     assert any(".self_attention.experts.output_linear." in name for name in grads)
     for name in ref_grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+        assert rel_err(grads[name], ref_grads[name]) < tolerance, name
 
 
 def reference_and_fast(checkpoint, lora_kwargs: dict, step: Callable):
@@ -63,9 +63,11 @@ def training_step(model, batch: dict, **forward_kwargs):
 
 @pytest.mark.parametrize("rank", [4, 1])
 def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, rank):
-    reference, fast = compare_with_transformers(tiny_checkpoint("jetmoe"), lora(rank), seed=0)
-    vocab_size = reference[0].shape[-1]
-    assert_same_training_step(reference, fast, batch_with_padding(vocab_size, seed=0)["attention_mask"])
+    checkpoint = tiny_checkpoint("jetmoe")
+    reference, fast = compare_with_transformers(checkpoint, lora(rank), seed=0)
+    batch_size, seq_len, vocab_size = reference[0].shape
+    tolerance = fp32_model_tolerance(AutoConfig.from_pretrained(checkpoint), batch_size, seq_len)
+    assert_same_training_step(reference, fast, batch_with_padding(vocab_size, seed=0)["attention_mask"], tolerance)
 
 
 def test_default_targets_cover_both_mixtures(tiny_checkpoint):
