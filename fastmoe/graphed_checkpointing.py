@@ -29,8 +29,8 @@ adapter, `model.to`) drops that layer's graphs.
 
 Memory: the graphs of all layers share one pool, so what a layer's recompute and backward allocate is reused by
 the next layer, as the caching allocator does in eager mode. Input, output and input-gradient buffers are shared
-by all layers of one signature (every decoder layer has the same shapes); each layer keeps its own buffers for
-its parameters' gradients, which autograd copies into `.grad`.
+by all layers of one signature (every decoder layer has the same shapes), and so are those of the trainable
+parameters' gradients, which are cloned out after each replay for autograd to keep as `.grad`.
 """
 
 from __future__ import annotations
@@ -166,6 +166,9 @@ class _SharedBuffers:
     grad_inputs: list[torch.Tensor | None]  # one per input, None where no gradient is needed
     outputs: list[torch.Tensor] = field(default_factory=list)
     grad_outputs: list[torch.Tensor] = field(default_factory=list)
+    # The layer's trainable parameters' gradients (every layer of a signature has the same parameter shapes), cloned
+    # for autograd after each replay: autograd keeps the clone as `.grad`, so the layers share one set of buffers.
+    param_grads: list[torch.Tensor | None] | None = None
 
     @classmethod
     def like(cls, call: _Call) -> "_SharedBuffers":
@@ -206,7 +209,6 @@ class _LayerGraphs:
         self.autocast = call.signature[3]
         self.output_spec: pytree.TreeSpec | None = None
         self.output_is_data: list[bool] = []
-        self.param_grads: list[torch.Tensor | None] = []
         self.forward_graph: torch.cuda.CUDAGraph | None = None
         self.backward_graph: torch.cuda.CUDAGraph | None = None
 
@@ -248,7 +250,11 @@ class _LayerGraphs:
                 grads = [None] * len(wrt)
         num_inputs = len(wrt) - len(self.params)
         _copy_into([b for b in self.buffers.grad_inputs if b is not None], grads[:num_inputs])
-        self.param_grads = grads[num_inputs:]
+        param_grads = grads[num_inputs:]
+        if self.buffers.param_grads is None:
+            self.buffers.param_grads = [None if g is None else torch.empty_like(g) for g in param_grads]
+        _copy_into([b for b in self.buffers.param_grads if b is not None],
+                   [g for g, b in zip(param_grads, self.buffers.param_grads) if b is not None])
 
     def prepare(self, data: list[torch.Tensor], pool, capture: bool) -> None:
         """Run both bodies once on the caller's data (output shapes; lazy initialisation such as Triton's
@@ -263,7 +269,6 @@ class _LayerGraphs:
             self._forward_body()
             self._backward_body()
         torch.cuda.current_stream().wait_stream(side)
-        self.param_grads = []
         self.forward_graph = _capture(self._forward_body, pool)
         self.backward_graph = _capture(self._backward_body, pool)
 
@@ -283,9 +288,8 @@ class _LayerGraphs:
         else:
             self._backward_body()
         grad_data = [None if g is None else g.clone() for g in self.buffers.grad_inputs]
-        # Each layer owns its parameter-gradient buffers: autograd copies them into `.grad` (it cannot take a tensor
-        # someone else still holds).
-        return grad_data, list(self.param_grads)
+        grad_params = [None if g is None else g.clone() for g in self.buffers.param_grads]
+        return grad_data, grad_params
 
     def weights_moved(self, layer: torch.nn.Module) -> bool:
         return _memory_of(layer) != self.memory
