@@ -98,6 +98,7 @@ class Case:
     logging_steps: int = 1
     quantization: str | None = None  # None or "4bit"
     load: str = "checkpoint"  # "checkpoint" (save_pretrained, then from_pretrained) or "direct"
+    cuda_graphs: bool = True  # fastmoe's get_peft_model(cuda_graphs=...): graphed checkpointing (its default) or eager
 
     @property
     def config_kwargs(self) -> dict:
@@ -105,7 +106,8 @@ class Case:
 
     def label(self) -> str:
         quant = f" {self.quantization}" if self.quantization else ""
-        return (f"{self.preset} {self.layers}L {self.batch}x{self.seq} {self.implementation}{quant} "
+        eager = "" if self.cuda_graphs else " (cuda_graphs=False)"
+        return (f"{self.preset} {self.layers}L {self.batch}x{self.seq} {self.implementation}{quant}{eager} "
                 f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
 
 
@@ -198,7 +200,8 @@ def with_lora(case: Case, model):
     from fastmoe import FastModel
 
     if case.implementation == "fastmoe":
-        return FastModel.get_peft_model(model, random_state=common.LORA_SEED, **lora_kwargs(case))
+        return FastModel.get_peft_model(model, random_state=common.LORA_SEED, cuda_graphs=case.cuda_graphs,
+                                        **lora_kwargs(case))
     if model.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -420,8 +423,9 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct":
                 parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
                              "checkpoint (or auto) with --quantization 4bit")
-            cases.append(Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                              load_how))
+            graphs = [True, False] if args.fastmoe_without_graphs and implementation == "fastmoe" else [True]
+            cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
+                           load_how, cuda_graphs) for cuda_graphs in graphs]
     return cases
 
 
@@ -438,6 +442,8 @@ def main() -> None:
                         + ", ".join(common.LORA_TARGET_SETS))
     parser.add_argument("--logging-steps", default="1", help="comma-separated, e.g. 1,10")
     parser.add_argument("--quantization", default="none", help="comma-separated: none, 4bit")
+    parser.add_argument("--fastmoe-without-graphs", action="store_true", help="also time fastmoe with "
+                        "get_peft_model(cuda_graphs=False): its layers eager, the launches issued from Python")
     parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

@@ -123,20 +123,28 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per configuration: fastmoe's newest record beside transformers' of the same run (its newest
     otherwise)."""
     config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load")
-    latest = newest(records, lambda r: (*(r.get(f) for f in config), r["implementation"]))
+
+    def graphs(r: dict) -> bool:
+        # fastmoe's layers as CUDA graphs (get_peft_model's default since bench_sft.py records the field).
+        return r.get("cuda_graphs", True) if r["implementation"] == "fastmoe" else True
+
+    latest = newest(records, lambda r: (*(r.get(f) for f in config), graphs(r), r["implementation"]))
     same_run = newest(records, lambda r: (*(r.get(f) for f in config), r["implementation"], r.get("run")))
     rows: dict[tuple, dict[str, dict]] = {}
     for key, record in latest.items():
         rows.setdefault(key[:-1], {})[key[-1]] = record
-    order = sorted(rows, key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                        k[4], k[5], str(k[6]), k[7]))
+    transformers_rows = {key[:-1]: impls["transformers"] for key, impls in rows.items() if "transformers" in impls}
+    order = sorted((k for k in rows if "fastmoe" in rows[k] or k[-1]),
+                   key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
+                                  k[4], k[5], str(k[6]), k[7], not k[8]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
-        hf = same_run.get((*key, "transformers", ours.get("run"))) if ours else None
-        hf = hf or rows[key].get("transformers")
-        preset, layers, batch, seq, targets, logging_steps, quantization, load = key
-        out.append([f"{preset}, {layers} layers", f"{batch}x{seq}", targets, str(logging_steps),
+        hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
+        hf = hf or transformers_rows.get(key[:-1])
+        preset, layers, batch, seq, targets, logging_steps, quantization, load, with_graphs = key
+        model = f"{preset}, {layers} layers" + ("" if with_graphs else " (fastmoe with cuda_graphs=False)")
+        out.append([model, f"{batch}x{seq}", targets, str(logging_steps),
                     quantization or "bf16", load, value(hf, "tokens_per_s", ",.0f"),
                     value(ours, "tokens_per_s", ",.0f"),
                     ratio(ours, hf, "tokens_per_s"), pair(value(hf, "peak_gb", ".1f"), value(ours, "peak_gb", ".1f")),
