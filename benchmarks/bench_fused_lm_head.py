@@ -70,15 +70,6 @@ def step(head, hidden, weight, labels, objective) -> torch.Tensor:
     return loss.detach()
 
 
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def measure(head, hidden, weight, labels, objective, timed: bool) -> dict:
     def run():
         hidden.grad = None
@@ -89,7 +80,7 @@ def measure(head, hidden, weight, labels, objective, timed: bool) -> dict:
     grad_hidden = hidden.grad.clone()
     result = {"loss": loss.item(), "grad_hidden": grad_hidden, "ms": None, "peak_mib": None}
     if timed:
-        result["peak_mib"] = peak_mib(run)
+        result["peak_mib"] = common.peak_mib_above(run)
         result["ms"] = triton.testing.do_bench(run, grad_to_none=[hidden, weight], return_mode="median")
     hidden.grad = None
     weight.grad = None
