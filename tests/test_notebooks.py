@@ -115,7 +115,7 @@ def test_merged_model_is_peft_merging_the_adapter_into_the_weights_the_model_com
     rounding alone is 9%), the model having computed with those values all along."""
     import bitsandbytes.functional as bnb_functional
     from fastmoe.kernels.dispatch import reference_only
-    from fastmoe.kernels.nf4 import dequantize_nf4
+    from fastmoe.kernels.moe import dequantize_nf4
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 import fastmoe
 from fastmoe import FastModel
+from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight, quantize_experts_
 
 pytestmark = pytest.mark.filterwarnings("ignore:bitsandbytes quantization without a CUDA GPU")
@@ -145,8 +146,10 @@ def _load_4bit_then_quantize_experts(checkpoint):
     from fastmoe.api import _quantization_config
 
     config = _quantization_config(True, False, torch.float32)
+    # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with.
     model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                              quantization_config=config)
+                                                              quantization_config=config,
+                                                              experts_implementation=EXPERTS_IMPLEMENTATION)
     assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
     quantize_experts_(model, double_quant=config.bnb_4bit_use_double_quant)
     return model
