@@ -46,7 +46,7 @@ import common
 from fastmoe import FastModel
 from fastmoe.builtin import tiny_config
 from fastmoe.distributed import fsdp2_config
-from fastmoe.models.lfm2_moe import FastLfm2MoeModel
+from fastmoe import FastLfm2MoeModel
 from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 from fastmoe.quantize import quantize_experts_
 

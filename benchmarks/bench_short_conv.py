@@ -35,7 +35,7 @@ import common
 from fastmoe import patching
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.short_conv import short_conv
-from fastmoe.models.lfm2_moe import FastLfm2MoeModel
+from fastmoe import FastLfm2MoeModel
 
 SHAPES = {"cuda": "1x4096,4x2048", "cpu": "1x32,2x16"}
 HIDDEN = {"cuda": common.PRESETS["lfm2-8b-a1b"]["hidden_size"], "cpu": common.PRESETS["lfm2-tiny"]["hidden_size"]}

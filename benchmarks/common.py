@@ -351,9 +351,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def family(model_type: str):
     """fastmoe's class for a model type (its patches, its default LoRA targets): the one place the benchmarks reach
     into the package's family registry."""
-    from fastmoe import patching
+    from fastmoe.api import family_model
 
-    return patching.family_class(model_type)
+    return family_model(model_type)
 
 
 def lora_targets(model_type: str, which: str = "default") -> dict:

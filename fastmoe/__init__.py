@@ -3,6 +3,8 @@
 Public surface:
     FastModel                 dispatches on config.model_type
     FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel
+    patch                     swap a family's transformers forwards for fastmoe's, each op switchable:
+                              patch("afmoe", rms_norm=False)
     unpatch                   restore transformers' own forwards
 """
 
@@ -12,18 +14,20 @@ from fastmoe.noise import silence_bitsandbytes_kernels_probe
 silence_bitsandbytes_kernels_probe()
 
 from fastmoe.api import FastBaseModel, FastModel  # noqa: E402
-from fastmoe.patching import unpatch  # noqa: E402
+from fastmoe.models import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Family classes import transformers' modeling modules; load them only when asked for.
-    from fastmoe import patching
+    # The family classes are made from their families' descriptions, whose modules import transformers' modeling
+    # code: only when asked for.
+    if name.startswith("Fast") and name.endswith("Model"):
+        from fastmoe import api, models
 
-    for model_type, target in patching.FAMILIES.items():
-        if target.split(":")[1] == name:
-            return patching.family_class(model_type)
+        for model_type in models.FAMILIES:
+            if models.family(model_type).class_name == name:
+                return api.family_model(model_type)
     raise AttributeError(f"module 'fastmoe' has no attribute {name!r}")
 
 
@@ -34,5 +38,6 @@ __all__ = [
     "FastLfm2MoeModel",
     "FastJetMoeModel",
     "FastCohereModel",
+    "patch",
     "unpatch",
 ]

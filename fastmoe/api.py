@@ -1,13 +1,15 @@
 """The user-facing API: `FastModel.from_pretrained`, `FastModel.get_peft_model`, `for_inference`/`for_training`.
 
-`FastModel` reads a checkpoint's config and hands over to the family class registered for its model_type
-(`FastAfmoeModel`, ...). Each family class names the transformers forwards it swaps (`patches()`) and its
-default LoRA targets; everything else is shared here.
+`FastModel` reads a checkpoint's config and hands over to the family the registry (`fastmoe.models`) describes for
+its model_type. The public `Fast<Family>Model` classes (`FastAfmoeModel`, ...) are built here from those
+descriptions (`family_model`): `FastBaseModel` with the family's description attached. Everything else is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,9 +19,10 @@ from typing import Any
 
 import torch
 
-from fastmoe import patching
+from fastmoe import models
 from fastmoe.distributed import QUANTIZED_FSDP_ERROR, default_device_map, exclude_nf4_from_ddp, fsdp_launch
 from fastmoe.noise import peft_checkpointing_probe
+from fastmoe.patching import FIXED, SWITCHABLE, Family, ForwardPatch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -31,15 +34,47 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
-def _check_load_args(max_seq_length: Any, full_finetuning: bool, load_in_4bit: bool, load_in_8bit: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class _LoadRequest:
+    """from_pretrained's arguments, checked once (`_load_request`) before anything is read."""
+
+    model_name: str
+    max_seq_length: int
+    dtype: torch.dtype
+    quantization: str | None  # "4bit", "8bit" or None
+    full_finetuning: bool
+    device_map: Any
+    attn_implementation: str | None
+    token: str | None
+    fast_ops: dict[str, bool]
+    kwargs: dict[str, Any]
+
+
+def _load_request(model_name: Any, max_seq_length: Any, dtype: Any, load_in_4bit: bool, load_in_8bit: bool,
+                  full_finetuning: bool, device_map: Any, attn_implementation: str | None, token: str | None,
+                  fast_ops: Any, kwargs: dict[str, Any]) -> _LoadRequest:
+    """Every check of from_pretrained's arguments that needs no checkpoint: one pass, before any file is read."""
+    if not isinstance(model_name, (str, os.PathLike)):
+        raise ValueError(f"model_name must be a local folder or a Hugging Face Hub id, got {model_name!r}")
     if not isinstance(max_seq_length, int) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one")
-    if full_finetuning and (load_in_4bit or load_in_8bit):
+    quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+    if full_finetuning and quantization:
         raise ValueError("full_finetuning trains every weight, which quantized weights cannot: drop load_in_4bit/8bit")
-    if (load_in_4bit or load_in_8bit) and fsdp_launch():
+    if quantization and fsdp_launch():
         raise ValueError(QUANTIZED_FSDP_ERROR)
+    if quantization:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ImportError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from error
+    if fast_ops is not None and not isinstance(fast_ops, dict):
+        raise ValueError(f"fast_ops must be a dict of op name -> True/False (e.g. {{'rms_norm': False}}), got "
+                         f"{fast_ops!r}")
+    return _LoadRequest(str(model_name), max_seq_length, _resolve_dtype(dtype), quantization, full_finetuning,
+                        device_map, attn_implementation, token, dict(fast_ops or {}), kwargs)
 
 
 def check_lora_size(r: Any, lora_alpha: Any, r_name: str = "LoRA rank r", alpha_name: str = "lora_alpha") -> None:
@@ -67,16 +102,23 @@ def _resolve_dtype(dtype: Any) -> torch.dtype:
     )
 
 
-def _is_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means a local file or folder rather than a Hugging Face Hub id (`name` or `owner/name`): an
+    absolute path, one starting with . or ~, more than one slash, a .json/.jsonl suffix, or anything that exists."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or name.endswith((".json", ".jsonl")) or os.path.exists(name))
+
+
+def _is_adapter_folder(name: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(name), "adapter_config.json"))
 
 
 def _load_config(model_name: str, token: str | None):
     from transformers import AutoConfig
 
     folder = os.path.expanduser(model_name)
-    if _is_local(model_name) and not os.path.isdir(folder):
-        raise FileNotFoundError(f"model path {model_name!r} does not exist")
+    if looks_like_path(model_name) and not os.path.isdir(folder):
+        raise FileNotFoundError(f"model path {model_name!r} does not exist (or is not a folder)")
     if os.path.isdir(folder):
         _check_checkpoint_folder(model_name, folder)
     try:
@@ -111,28 +153,18 @@ def _check_checkpoint_folder(model_name: str, folder: str) -> None:
             "in from the model it was made from (tokenizer.save_pretrained(folder) writes them)")
 
 
-def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
-    if load_in_4bit and load_in_8bit:
-        raise ValueError("load_in_4bit and load_in_8bit are exclusive: pick one")
-    if not (load_in_4bit or load_in_8bit):
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from error
+def _bnb_config(quantization: str, dtype: torch.dtype, skip_modules: list[str]):
+    """What load_in_4bit / load_in_8bit ask of bitsandbytes (and, for 4 bits, of fastmoe's NF4 experts)."""
     from transformers import BitsAndBytesConfig
 
-    # Routers stay 16-bit: (experts, hidden) is tiny, and top-k choices flip on 4/8-bit rounding of the logits.
-    # Naming any skip replaces transformers' default list, so lm_head is named again.
-    skip = ["lm_head", "router.gate", "router.layer"]
-    if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=skip,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
@@ -152,33 +184,37 @@ def _load_tokenizer(model_name: str, token: str | None, max_seq_length: int):
 
 
 class FastBaseModel:
-    """What every family shares. A family subclass sets `model_type`, `default_target_modules`,
-    `default_target_parameters` and implements `patches()`."""
+    """What every family shares. `family_model` makes one subclass per family (`FastAfmoeModel`, ...), with the
+    family's description (`fastmoe.patching.Family`) as `family` and the attributes below read from it."""
 
+    family: Family | None = None
     model_type: str = ""
     default_target_modules: tuple[str, ...] = ()
     default_target_parameters: tuple[str, ...] = ()
-    # How transformers runs this family's routed experts: "switchable" when its `experts_implementation` switch picks
-    # their forward (fastmoe's kernel is then the choice named "fastmoe", loaded by default; another one asked for
-    # is honoured), "fixed" when the family's own MoE forward runs them (fastmoe replaces it whole, so another choice
-    # is refused), None for a dense family.
+    # How transformers runs the family's routed experts (fastmoe.patching.SWITCHABLE or FIXED), None for a dense family.
     routed_experts: str | None = None
 
     @classmethod
-    def patches(cls) -> list[patching.ForwardPatch]:
-        raise NotImplementedError(f"{cls.__name__} must list its patches")
+    def patches(cls) -> list[ForwardPatch]:
+        """The forwards the family swaps, every op on (the ops shared by every family not included)."""
+        return cls._family().patches()
 
     @classmethod
-    def pre_patch(cls) -> None:
-        """Swap transformers' forwards for fastmoe's (idempotent), and make "fastmoe" an experts_implementation."""
-        from fastmoe.models.shared import register_experts_implementation
-
-        patching.apply_patches(cls.patches())
-        register_experts_implementation()
+    def pre_patch(cls, **ops: bool) -> None:
+        """`fastmoe.patch(model_type, **ops)`: swap transformers' forwards for fastmoe's, every op on unless switched
+        off (idempotent), and make "fastmoe" an experts_implementation."""
+        models.patch(cls._family().model_type, **ops)
 
     @classmethod
     def unpatch(cls) -> None:
-        patching.remove_patches(cls.patches())
+        models.unpatch(cls._family().model_type)
+
+    @classmethod
+    def _family(cls) -> Family:
+        if cls.family is None:
+            raise TypeError(f"{cls.__name__} is not a family's class: use fastmoe.patch(model_type) or a "
+                            "Fast<Family>Model")
+        return cls.family
 
     @classmethod
     def from_pretrained(
@@ -192,29 +228,24 @@ class FastBaseModel:
         device_map: Any = None,
         attn_implementation: str | None = None,
         token: str | None = None,
+        fast_ops: dict[str, bool] | None = None,
         **kwargs: Any,
     ):
-        """Load a causal LM and its tokenizer with this family's forwards patched. Returns (model, tokenizer)."""
-        _check_load_args(max_seq_length, full_finetuning, load_in_4bit, load_in_8bit)
-        torch_dtype = _resolve_dtype(dtype)
-        quantization_config = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
-        config = _load_config(model_name, token)
-        if cls.model_type and config.model_type != cls.model_type:
+        """Load a causal LM and its tokenizer with this family's forwards patched. Returns (model, tokenizer).
+
+        fast_ops: op name -> False to keep transformers' own forward for that op (e.g. {"rms_norm": False}), to
+        bisect a numerical difference; every op not named is fastmoe's. `fastmoe.models.op_names(model_type)` lists a
+        family's ops. Patches are per class: they apply to every model of the family in the process."""
+        family = cls._family()
+        request = _load_request(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, full_finetuning,
+                                device_map, attn_implementation, token, fast_ops, kwargs)
+        config = _load_config(request.model_name, token)
+        if config.model_type != family.model_type:
             raise ValueError(
-                f"{cls.__name__} loads model_type {cls.model_type!r}, but {model_name!r} is {config.model_type!r}; "
+                f"{cls.__name__} loads model_type {family.model_type!r}, but {model_name!r} is {config.model_type!r}; "
                 "use FastModel.from_pretrained to dispatch on the checkpoint's own type"
             )
-        kwargs = _experts_implementation_kwargs(cls, kwargs, load_in_4bit)
-        cls.pre_patch()
-        max_positions = getattr(config, "max_position_embeddings", None)
-        if max_positions is not None and max_seq_length > max_positions:
-            warnings.warn(
-                f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={max_positions}; "
-                "positions beyond it were never trained",
-                stacklevel=2,
-            )
-        return _load(model_name, config, max_seq_length, torch_dtype, quantization_config, full_finetuning,
-                     device_map, attn_implementation, token, kwargs)
+        return _load_family(family, request, config)
 
     @classmethod
     def get_peft_model(
@@ -234,11 +265,11 @@ class FastBaseModel:
     ):
         """Wrap `model` in a peft LoRA adapter (a `peft.PeftModel`), experts included via `target_parameters`.
 
-        target_modules: None or "all-linear" (the default) adapts attention (AFMoE's attention gate included), dense
+        target_modules: None or "all-linear" (the default) adapts attention (an attention output gate included), dense
         and shared-expert MLPs and every routed expert, never a router: the family's default targets, modules and
-        parameters, with any target_parameters of yours added to "all-linear"'s. A list names modules (then only
-        target_parameters of yours adapt experts). For a model type fastmoe has no fast path for, the default is
-        peft's "all-linear": every Linear layer but the output head.
+        parameters (`Family.lora_target_modules`, `lora_target_parameters`), with any target_parameters of yours added
+        to "all-linear"'s. A list names modules (then only target_parameters of yours adapt experts). For a model type
+        fastmoe has no fast path for, the default is peft's "all-linear": every Linear layer but the output head.
 
         use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
         in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
@@ -262,7 +293,7 @@ class FastBaseModel:
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
         target_modules, target_parameters = _resolve_targets(
-            patching.family_class(model.config.model_type), target_modules, target_parameters)
+            models.family(model.config.model_type), target_modules, target_parameters)
         _check_targets(model, target_modules, target_parameters)
 
         torch.manual_seed(random_state)
@@ -325,7 +356,7 @@ def _enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
-def _experts_implementation_kwargs(family: type[FastBaseModel], kwargs: dict, load_in_4bit: bool) -> dict:
+def _experts_implementation_kwargs(family: Family, kwargs: dict, load_in_4bit: bool) -> dict:
     """from_pretrained's kwargs with the experts implementation settled: fastmoe's unless the caller chose another,
     which is honoured where transformers has the switch (and said once), refused where it has none."""
     from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
@@ -334,9 +365,9 @@ def _experts_implementation_kwargs(family: type[FastBaseModel], kwargs: dict, lo
     if family.routed_experts is None or choice == EXPERTS_IMPLEMENTATION:
         return kwargs
     if choice is None:
-        switchable = family.routed_experts == "switchable"
+        switchable = family.routed_experts == SWITCHABLE
         return {**kwargs, "experts_implementation": EXPERTS_IMPLEMENTATION} if switchable else kwargs
-    if family.routed_experts == "fixed":
+    if family.routed_experts == FIXED:
         raise ValueError(
             f"experts_implementation={choice!r}: transformers runs {family.model_type}'s experts in its own MoE forward, "
             "without that switch, and fastmoe replaces the forward whole; drop experts_implementation (or call "
@@ -363,9 +394,10 @@ def _base_config(model):
 ALL_LINEAR = "all-linear"
 
 
-def _resolve_targets(family, target_modules, target_parameters) -> tuple[list[str] | str, list[str] | None]:
-    """What get_peft_model's targets mean for `family` (a Fast*Model class, or None for a model type fastmoe does not
-    patch), as peft should be handed them.
+def _resolve_targets(family: Family | None, target_modules,
+                     target_parameters) -> tuple[list[str] | str, list[str] | None]:
+    """What get_peft_model's targets mean for `family` (None for a model type fastmoe does not patch), as peft should
+    be handed them.
 
     peft's own "all-linear" takes every Linear layer but the head: on an MoE that adapts the routers and misses the
     experts (3D parameters), and on families peft converts from transformers v4 (AFMoE) it turns the MLP names into
@@ -376,11 +408,11 @@ def _resolve_targets(family, target_modules, target_parameters) -> tuple[list[st
         return [target_modules], target_parameters  # one module's name, not a regex
     if family is None:
         return (ALL_LINEAR if target_modules is None else target_modules), target_parameters
-    defaults = list(family.default_target_parameters)
+    defaults = list(family.lora_target_parameters)
     if target_modules is None:
-        return list(family.default_target_modules), defaults if target_parameters is None else target_parameters
+        return list(family.lora_target_modules), defaults if target_parameters is None else target_parameters
     if all_linear:
-        return list(family.default_target_modules), defaults + [p for p in target_parameters or () if p not in defaults]
+        return list(family.lora_target_modules), defaults + [p for p in target_parameters or () if p not in defaults]
     return target_modules, target_parameters
 
 
@@ -420,8 +452,22 @@ def _linear_suffixes(model) -> list[str]:
     return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def _load(model_name, config, max_seq_length, dtype, quantization_config, full_finetuning,
-          device_map, attn_implementation, token, kwargs):
+def _load_family(family: Family, request: _LoadRequest, config):
+    """Patch `family` (request.fast_ops) and load the checkpoint with its forwards."""
+    fast_ops = models.check_ops(family.model_type, request.fast_ops)
+    kwargs = _experts_implementation_kwargs(family, request.kwargs, request.quantization == "4bit")
+    models.patch(family.model_type, **fast_ops)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and request.max_seq_length > max_positions:
+        warnings.warn(
+            f"max_seq_length={request.max_seq_length} exceeds the model's max_position_embeddings={max_positions}; "
+            "positions beyond it were never trained",
+            stacklevel=3,
+        )
+    return _load(dataclasses.replace(request, kwargs=kwargs), config, family)
+
+
+def _load(request: _LoadRequest, config, family: Family | None):
     """Load the model (and tokenizer).
 
     With no device_map, `fastmoe.distributed.default_device_map` decides: the current GPU when there is one (each
@@ -439,89 +485,96 @@ def _load(model_name, config, max_seq_length, dtype, quantization_config, full_f
 
     With load_in_8bit, a model with MoE experts is refused before any weight is read: bitsandbytes would quantize its
     Linear layers only, leaving nearly all of its weights 16-bit. Dense models load with 8-bit Linear layers.
+    Routers (the family's `routers`) and lm_head stay 16-bit either way.
     """
     from transformers import AutoModelForCausalLM
 
     from fastmoe.quantize import quantize_experts_
     from fastmoe.quantized_loading import fastmoe_bnb_quantizers
 
-    if os.path.isfile(os.path.join(os.path.expanduser(model_name), "adapter_config.json")):
-        raise ValueError(f"{model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
-    load_kwargs = dict(dtype=dtype, token=token, **kwargs)
-    if quantization_config is not None:
-        load_kwargs["quantization_config"] = quantization_config
+    if _is_adapter_folder(request.model_name):
+        raise ValueError(f"{request.model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
+    load_kwargs = dict(dtype=request.dtype, token=request.token, **request.kwargs)
+    quantization_config = None
+    if request.quantization is not None:
+        # Routers stay 16-bit: (experts, hidden) is tiny, and top-k choices flip on 4/8-bit rounding of the logits.
+        # Naming any skip replaces transformers' default list, so lm_head is named again.
+        skip = ["lm_head", *(family.routers if family is not None else ())]
+        quantization_config = load_kwargs["quantization_config"] = _bnb_config(request.quantization, request.dtype,
+                                                                               skip)
+    device_map = request.device_map
     if device_map is None:
-        device_map = default_device_map(quantized=quantization_config is not None)
+        device_map = default_device_map(quantized=request.quantization is not None)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        load_kwargs["attn_implementation"] = attn_implementation
-    with fastmoe_bnb_quantizers() if quantization_config is not None else contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(model_name, config=config, **load_kwargs)
-    if quantization_config is not None and quantization_config.load_in_4bit:
+    if request.attn_implementation is not None:
+        load_kwargs["attn_implementation"] = request.attn_implementation
+    with fastmoe_bnb_quantizers() if request.quantization is not None else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(request.model_name, config=config, **load_kwargs)
+    if request.quantization == "4bit":
         quantize_experts_(model, double_quant=quantization_config.bnb_4bit_use_double_quant)
         exclude_nf4_from_ddp(model)
-    if quantization_config is not None and not torch.cuda.is_available():
+    if request.quantization is not None and not torch.cuda.is_available():
         # Only once the model has loaded: a load that is refused should say why, and nothing else.
-        warnings.warn("bitsandbytes quantization without a CUDA GPU runs on its slow CPU backend", stacklevel=3)
-    model.max_seq_length = max_seq_length
-    model._fastmoe_full_finetuning = full_finetuning
-    if not full_finetuning:
+        warnings.warn("bitsandbytes quantization without a CUDA GPU runs on its slow CPU backend", stacklevel=4)
+    model.max_seq_length = request.max_seq_length
+    model._fastmoe_full_finetuning = request.full_finetuning
+    if not request.full_finetuning:
         # LoRA trains adapters only; freeze the base now so a plain trainer on the returned model cannot
         # silently update billions of weights.
         model.requires_grad_(False)
-    tokenizer = _load_tokenizer(model_name, token, max_seq_length)
+    tokenizer = _load_tokenizer(request.model_name, request.token, request.max_seq_length)
     return model, tokenizer
 
 
 class FastModel(FastBaseModel):
-    """Dispatches on the checkpoint's `config.model_type` to the registered family class."""
+    """Dispatches on the checkpoint's `config.model_type` to its family (`fastmoe.models`)."""
 
     @classmethod
     def from_pretrained(cls, model_name: str, max_seq_length: int = 2048, dtype: Any = None,
                         load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                         device_map: Any = None, attn_implementation: str | None = None, token: str | None = None,
-                        **kwargs: Any):
-        if isinstance(model_name, str) and os.path.isfile(
-            os.path.join(os.path.expanduser(model_name), "adapter_config.json")
-        ):
-            return _from_adapter_folder(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit,
-                                        device_map, attn_implementation, token, kwargs)
-        _check_load_args(max_seq_length, full_finetuning, load_in_4bit, load_in_8bit)
-        config = _load_config(model_name, token)
-        family = patching.family_class(config.model_type)
-        if family is None:
-            warnings.warn(
-                f"fastmoe has no fast path for model_type {config.model_type!r} (supported: "
-                f"{', '.join(sorted(patching.FAMILIES))}); loading it as plain transformers",
-                stacklevel=2,
-            )
-            torch_dtype = _resolve_dtype(dtype)
-            return _load(model_name, config, max_seq_length, torch_dtype,
-                         _quantization_config(load_in_4bit, load_in_8bit, torch_dtype), full_finetuning,
-                         device_map, attn_implementation, token, kwargs)
-        return family.from_pretrained(model_name, max_seq_length=max_seq_length, dtype=dtype,
-                                      load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                      full_finetuning=full_finetuning, device_map=device_map,
-                                      attn_implementation=attn_implementation, token=token, **kwargs)
+                        fast_ops: dict[str, bool] | None = None, **kwargs: Any):
+        """Load a causal LM and its tokenizer, with the forwards of its family patched (see
+        FastBaseModel.from_pretrained, fast_ops included), or a LoRA adapter folder: its base model, then the
+        adapter, trainable. Returns (model, tokenizer)."""
+        request = _load_request(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, full_finetuning,
+                                device_map, attn_implementation, token, fast_ops, kwargs)
+        if _is_adapter_folder(request.model_name):
+            return _from_adapter_folder(request)
+        return _load_any(request)
 
 
-def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_in_8bit, device_map,
-                         attn_implementation, token, kwargs):
+def _load_any(request: _LoadRequest):
+    """Load request.model_name with its family's forwards, or as plain transformers for a model type without any."""
+    config = _load_config(request.model_name, request.token)
+    family = models.family(config.model_type)
+    if family is not None:
+        return _load_family(family, request, config)
+    if request.fast_ops:
+        raise ValueError(f"fast_ops: fastmoe has no fast path for model_type {config.model_type!r}, so it has no ops "
+                         "to switch; drop fast_ops")
+    warnings.warn(
+        f"fastmoe has no fast path for model_type {config.model_type!r} (supported: "
+        f"{', '.join(sorted(models.FAMILIES))}); loading it as plain transformers",
+        stacklevel=3,
+    )
+    return _load(request, config, None)
+
+
+def _from_adapter_folder(request: _LoadRequest):
     """An adapter folder loads its base model (adapter_config.json's base_model_name_or_path), then the adapter,
     trainable."""
     from peft import PeftModel
 
     from fastmoe.saving import save_pretrained_merged
 
+    adapter_dir = request.model_name
     with open(os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")) as handle:
         base_name = json.load(handle).get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
-    model, tokenizer = FastModel.from_pretrained(
-        base_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit, device_map=device_map, attn_implementation=attn_implementation,
-        token=token, **kwargs)
+    model, tokenizer = _load_any(dataclasses.replace(request, model_name=base_name, full_finetuning=False))
     with peft_checkpointing_probe():
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
@@ -529,3 +582,21 @@ def _from_adapter_folder(adapter_dir, max_seq_length, dtype, load_in_4bit, load_
     return peft_model, tokenizer
 
 
+@functools.cache
+def _family_model(model_type: str) -> type[FastBaseModel]:
+    family = models.family(model_type)
+    return type(family.class_name, (FastBaseModel,), {
+        "__doc__": f"FastBaseModel for {model_type} checkpoints, with fastmoe's {model_type} forwards.",
+        "__module__": "fastmoe",
+        "family": family,
+        "model_type": family.model_type,
+        "default_target_modules": family.lora_target_modules,
+        "default_target_parameters": family.lora_target_parameters,
+        "routed_experts": family.routed_experts,
+    })
+
+
+def family_model(model_type: str) -> type[FastBaseModel] | None:
+    """The public class of `model_type`'s family (`FastAfmoeModel`, ...; one class per family, made on first use),
+    or None for a model type fastmoe has no fast path for."""
+    return _family_model(model_type) if model_type in models.FAMILIES else None

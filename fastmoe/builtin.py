@@ -55,32 +55,17 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 512):
 
 
 def tiny_config(model_type: str, vocab_size: int, **overrides):
-    """Small configs with odd sizes (not multiples of kernel blocks) that still exercise every feature."""
-    import transformers
+    """The family's tiny config (`Family.tiny_config`: odd sizes, not multiples of kernel blocks, that still exercise
+    every feature), with `overrides` set on it."""
+    from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if model_type == "afmoe":
-        config = transformers.AfmoeConfig(
-            hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=8, num_experts_per_tok=3,
-            num_shared_experts=1, route_scale=1.5, global_attn_every_n_layers=2, sliding_window=6,
-            max_position_embeddings=512, tie_word_embeddings=False, **common)
-    elif model_type == "lfm2_moe":
-        config = transformers.Lfm2MoeConfig(
-            hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
-            layer_types=["full_attention", "conv", "full_attention"], routed_scaling_factor=1.5,
-            max_position_embeddings=512, **common)
-    elif model_type == "jetmoe":
-        config = transformers.JetMoeConfig(
-            hidden_size=48, num_hidden_layers=2, num_key_value_heads=2, kv_channels=12, intermediate_size=40,
-            num_local_experts=5, num_experts_per_tok=2, max_position_embeddings=512, **common)
-    elif model_type == "cohere":
-        config = transformers.CohereConfig(
-            hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            use_qk_norm=True, logit_scale=0.5, max_position_embeddings=512, **common)
-    else:
+    from fastmoe import models
+
+    family = models.family(model_type)
+    if family is None:
         raise ValueError(f"no tiny config for model_type {model_type!r}")
+    config = AutoConfig.for_model(model_type, **family.tiny_config, vocab_size=vocab_size, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -89,18 +74,27 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
 @torch.no_grad()
 def randomize_routers(model: torch.nn.Module, generator: torch.Generator | None = None) -> None:
     """transformers zero-initialises some routers (every token then picks the same experts); draw them at random,
-    and give expert biases small random values so biased selection is exercised too."""
+    and give expert biases small random values so biased selection is exercised too. The family's `random_init`
+    parameters (zero-initialised too) are drawn small, so that comparisons see them."""
+    from fastmoe import models
+
+    family = models.family(getattr(getattr(model, "config", None), "model_type", None))
+    routers = family.routers if family is not None else ()
+    random_init = family.random_init if family is not None else ()
     for name, param in model.named_parameters():
-        is_router = ".router." in name or name.endswith(("mlp.gate.weight", "feed_forward.gate.weight"))
-        if is_router and param.dim() == 2:
+        if _matches(name.rpartition(".")[0], routers) and param.dim() == 2:
             param.normal_(0.0, 0.5, generator=generator)
     for name, buffer in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith("expert_bias"):
             buffer.uniform_(-0.05, 0.05, generator=generator)
-    for module in model.modules():
-        # JetMoe's output biases start at zero; make them visible to the comparison.
-        if type(module).__name__ in ("JetMoeMoE", "JetMoeMoA"):
-            module.bias.normal_(0.0, 0.02, generator=generator)
+    for name, param in model.named_parameters():
+        if _matches(name, random_init):
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the dotted `name` is one of `suffixes` or ends with one, from a dot on."""
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
 
 
 def build_tiny_checkpoint(model_type: str, out_dir: str | Path, seed: int = 0, tokenizer=None, **overrides) -> Path:

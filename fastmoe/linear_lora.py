@@ -1,6 +1,7 @@
 """peft's LoRA on Linear layers, computed by fastmoe's fused LoRA linear (kernels/lora_linear.py).
 
-Every family patches the forwards of peft's three Linear-LoRA wrappers: `lora.Linear` (a `target_modules` entry),
+The shared op `lora_linear` (fastmoe.models.SHARED_OPS, patched with any family) swaps the forwards of peft's three
+Linear-LoRA wrappers: `lora.Linear` (a `target_modules` entry),
 `ParamWrapper` around an nn.Linear's `weight` (a `target_parameters` entry such as AFMoE's `gate_proj.weight`,
 which peft would otherwise fold into a full-size W + B A on every call) and bitsandbytes' `lora.Linear4bit`
 (QLoRA). The parameters stay peft's, so adapters save, load and merge exactly as with plain peft; anything the
@@ -89,7 +90,7 @@ def linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def lora_linear_patches() -> list[ForwardPatch]:
-    """The peft forwards every family swaps (listed in each family's patches())."""
+    """The peft forwards the shared op `lora_linear` swaps."""
     patches = [ForwardPatch(PeftLoraLinear, "forward", linear_forward),
                ForwardPatch(ParamWrapper, "forward", param_wrapper_forward)]
     if PeftLoraLinear4bit is not None:

@@ -1,17 +1,22 @@
-"""The patch registry: which transformers forwards each model family swaps, and applying/undoing them.
+"""Patches, and the description of a model family that the rest of fastmoe reads.
 
-A family module declares its patches as `ForwardPatch(owner, attribute, replacement)` entries. Patches replace
-attributes of classes (or of modules: trl's `add_fused_lm_head`), never source text, so they are reversible:
-`unpatch()` puts back exactly the objects that were there, and applying twice is the same as once.
+A patch replaces an attribute of a class (a transformers forward, usually) or of a module (trl's
+`add_fused_lm_head`), never source text, so it is reversible: `remove_patches` puts back exactly the object that
+was there, and applying twice is the same as once. A family module (`fastmoe/models/<family>.py`) describes its
+family as a `Family`: the forwards it swaps, grouped into ops that can be switched on and off one by one, and what
+loading, LoRA, quantization and the tests need to know about it. The registry (`fastmoe.models`) finds the
+descriptions by model type and patches families on and off.
+
+This module imports nothing else of fastmoe: family modules, and the shared patches of `fastmoe.linear_lora` and
+`fastmoe.trl_fused_head`, depend on it, never the other way round.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any
 
 import transformers
 from packaging.version import Version
@@ -20,13 +25,13 @@ from packaging.version import Version
 # Keep in step with pyproject.toml.
 TESTED_TRANSFORMERS = (Version("5.17.0"), Version("5.24.0"))
 
-# model_type -> "module:FastClass"; adding a family = adding its module and one line here.
-FAMILIES: dict[str, str] = {
-    "afmoe": "fastmoe.models.afmoe:FastAfmoeModel",
-    "lfm2_moe": "fastmoe.models.lfm2_moe:FastLfm2MoeModel",
-    "jetmoe": "fastmoe.models.jetmoe:FastJetMoeModel",
-    "cohere": "fastmoe.models.cohere:FastCohereModel",
-}
+# How transformers runs a family's routed experts (`Family.routed_experts`).
+# SWITCHABLE: transformers' `experts_implementation` switch picks their forward; fastmoe's kernel is the choice named
+# "fastmoe", loaded by default, and another one asked for is honoured.
+SWITCHABLE = "switchable"
+# FIXED: the family's own MoE forward runs them, without that switch; fastmoe replaces it whole, so another choice
+# is refused.
+FIXED = "fixed"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,54 @@ class ForwardPatch:
     owner: type | ModuleType
     attribute: str
     replacement: Callable
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """What fastmoe knows about one transformers model family, as data. `fastmoe/models/<family>.py` holds one, named
+    FAMILY, beside the forwards it swaps in; `fastmoe.models` registers it; nothing else names a family."""
+
+    # config.model_type of the family's checkpoints.
+    model_type: str
+    # The public class is `Fast{name}Model` (fastmoe.FastAfmoeModel, ...).
+    name: str
+    # op name -> the forwards that op swaps. Each op is switched on or off as a whole (`fastmoe.patch(model_type,
+    # rms_norm=False)`), so the forwards of one op must work with transformers' own forwards of every other op.
+    ops: Mapping[str, tuple[ForwardPatch, ...]]
+    # What get_peft_model adapts when given no targets or "all-linear": Linear layers by module name, and parameters
+    # (the experts' 3D weights, Linear weights that peft's MoE conversion would otherwise rename) by parameter name.
+    lora_target_modules: tuple[str, ...]
+    lora_target_parameters: tuple[str, ...] = ()
+    # Module names (suffixes) of the routers: kept 16-bit by 4/8-bit loading (top-k choices flip on rounded logits),
+    # never LoRA targets, and drawn at random in the tiny checkpoints (transformers zero-initialises some).
+    routers: tuple[str, ...] = ()
+    # SWITCHABLE, FIXED (see above) or None for a dense family.
+    routed_experts: str | None = None
+    # Routed-experts module classes without an NF4 path: load_in_4bit refuses the family rather than leaving them
+    # 16-bit, and load_in_8bit counts them as experts. SwiGLU expert stacks (`experts.gate_up_proj`, ...) need no
+    # entry: fastmoe.quantize recognises them by their layout and quantizes them to NF4.
+    experts_without_nf4: tuple[type, ...] = ()
+    # The tiny random checkpoint the tests and the built-in model are built from (fastmoe.builtin.tiny_config): config
+    # fields, with sizes that are not multiples of any kernel block and every feature of the family exercised.
+    tiny_config: Mapping[str, Any] = field(default_factory=dict)
+    # Parameters (name suffixes) that transformers initialises to zero and the tiny checkpoints draw at random, so that
+    # the comparisons with transformers see them.
+    random_init: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", MappingProxyType({op: tuple(patches) for op, patches in self.ops.items()}))
+        object.__setattr__(self, "tiny_config", MappingProxyType(dict(self.tiny_config)))
+        if self.routed_experts not in (SWITCHABLE, FIXED, None):
+            raise ValueError(f"routed_experts must be {SWITCHABLE!r}, {FIXED!r} or None, got {self.routed_experts!r}")
+
+    @property
+    def class_name(self) -> str:
+        return f"Fast{self.name}Model"
+
+    def patches(self, ops: Mapping[str, bool] | None = None) -> list[ForwardPatch]:
+        """The patches of the ops switched on in `ops` (op name -> bool; an op not named is on), in `self.ops` order."""
+        ops = ops or {}
+        return [patch for op, patches in self.ops.items() if ops.get(op, True) for patch in patches]
 
 
 # (owner, attribute) -> the original object, for every patch currently applied.
@@ -52,15 +105,6 @@ def check_transformers_version(version: str | None = None) -> None:
             f"fastmoe supports transformers >={low},<{high}, but transformers {found} is installed. "
             f'Install a supported release, e.g. pip install "transformers>={low},<{high}".'
         )
-
-
-def family_class(model_type: str):
-    """The Fast*Model class registered for `model_type`, or None for an unsupported family."""
-    target = FAMILIES.get(model_type)
-    if target is None:
-        return None
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def apply_patches(patches: list[ForwardPatch]) -> None:
@@ -79,6 +123,13 @@ def remove_patches(patches: list[ForwardPatch]) -> None:
             setattr(patch.owner, patch.attribute, _originals.pop(key))
 
 
+def remove_all_patches() -> None:
+    """Put back every original object a patch replaced."""
+    for (owner, attribute), original_object in list(_originals.items()):
+        setattr(owner, attribute, original_object)
+    _originals.clear()
+
+
 def original(owner: type | ModuleType, attribute: str):
     """`owner.attribute` as it was before fastmoe patched it (as it is, when unpatched)."""
     return _originals.get((owner, attribute), owner.__dict__[attribute])
@@ -86,16 +137,3 @@ def original(owner: type | ModuleType, attribute: str):
 
 def is_patched(patches: list[ForwardPatch]) -> bool:
     return all(patch.owner.__dict__.get(patch.attribute) is patch.replacement for patch in patches)
-
-
-def unpatch(model_type: str | None = None) -> None:
-    """Restore transformers' own forwards for one family, or for every family when model_type is None.
-
-    A model FastModel loaded still names fastmoe's experts kernel as its experts_implementation ("fastmoe"), which
-    transformers' own MoE forward then calls; `model.set_experts_implementation("eager")` (or another) leaves it."""
-    if model_type is not None and model_type not in FAMILIES:
-        raise ValueError(f"unknown model type {model_type!r}; fastmoe patches {sorted(FAMILIES)}")
-    for name in FAMILIES if model_type is None else [model_type]:
-        # A family whose module was never imported has nothing patched; don't import it just to find that out.
-        if FAMILIES[name].split(":")[0] in sys.modules:
-            remove_patches(family_class(name).patches())

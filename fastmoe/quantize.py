@@ -1,7 +1,7 @@
 """4-bit (NF4) expert weights: what `load_in_4bit=True` does to the 3D expert tensors bitsandbytes leaves alone.
 
-transformers + bitsandbytes quantize nn.Linear layers only; an MoE's experts are 3D Parameters (AFMoE and
-LFM2-MoE: `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)), almost all of its weights, and
+transformers + bitsandbytes quantize nn.Linear layers only; an MoE's experts are 3D Parameters (SwiGLU experts:
+`experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)), almost all of its weights, and
 would stay 16-bit. fastmoe turns each into NF4 (kernels/moe/nf4.py, bitsandbytes' format and blocksize 64), while the
 checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 
@@ -20,6 +20,9 @@ The placeholder reads as zeros: transformers' own experts forward (after `fastmo
 with zero experts, so a quantized experts module's own forward raises, and `swiglu_experts` refuses every path
 that would call it. Casting the model (`model.to(dtype)`)
 materialises the placeholders at full size; moving it between devices is fine.
+
+Experts in another layout have no NF4 path; a family names their module classes in its description
+(`Family.experts_without_nf4`), and 4-bit loading refuses such a model rather than leave them 16-bit.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from __future__ import annotations
 import torch
 
 from fastmoe.kernels.moe import Nf4Weight, check_nf4_shape, quantize_nf4
+from fastmoe.patching import Family
 
 SWIGLU_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-_UNSUPPORTED_EXPERTS = {"JetMoeParallelExperts": "jetmoe"}
 
 
 def is_quantized(experts: torch.nn.Module) -> bool:
@@ -47,14 +50,17 @@ def nf4_weight(experts: torch.nn.Module, name: str) -> Nf4Weight:
 
 
 def is_swiglu_experts(module: torch.nn.Module) -> bool:
-    """Whether `module` holds SwiGLU expert stacks quantize_experts_ can turn into NF4 (AFMoE, LFM2-MoE)."""
+    """Whether `module` holds SwiGLU expert stacks quantize_experts_ can turn into NF4: gate_up_proj (E, 2I, H) and
+    down_proj (E, H, I) Parameters."""
     return all(isinstance(getattr(module, name, None), torch.nn.Parameter) and getattr(module, name).dim() == 3
                for name in SWIGLU_EXPERT_PARAMETERS)
 
 
-def is_experts_module(module: torch.nn.Module) -> bool:
-    """Whether `module` holds a layer's routed experts: SwiGLU stacks, or a layout without an NF4 path (JetMoe)."""
-    return is_swiglu_experts(module) or type(module).__name__ in _UNSUPPORTED_EXPERTS
+def expert_modules(model: torch.nn.Module, family: Family | None) -> list[torch.nn.Module]:
+    """The modules of `model` (of `family`; None for a model type fastmoe has no fast path for) that hold a layer's
+    routed experts: SwiGLU stacks, or the family's layouts without an NF4 path."""
+    others = family.experts_without_nf4 if family is not None else ()
+    return [m for m in model.modules() if is_swiglu_experts(m) or isinstance(m, others)]
 
 
 def placeholder_parameter(weight: torch.Tensor) -> torch.nn.Parameter:
@@ -97,30 +103,27 @@ def quantize_module_(experts: torch.nn.Module, double_quant: bool = False) -> in
 def _refuse_unpatched_forward(*args, **kwargs):
     raise RuntimeError(
         "these experts hold fastmoe NF4 weights, which only fastmoe's patched MoE forward with its own experts kernel "
-        "can run: keep the patches applied (Fast<Family>Model.pre_patch() after fastmoe.unpatch()) and the experts "
+        "can run: keep the patches applied (fastmoe.patch(model_type) after fastmoe.unpatch()) and the experts "
         "implementation fastmoe's (model.set_experts_implementation('fastmoe')), or save with save_pretrained_merged "
         "and load that checkpoint with plain transformers"
     )
 
 
-def refuse_unsupported_experts(model: torch.nn.Module) -> None:
-    """Raise ValueError for expert layouts without an NF4 path (JetMoe) rather than leaving them 16-bit under a flag
-    that promises 4 bits."""
-    for module in model.modules():
-        family = _UNSUPPORTED_EXPERTS.get(type(module).__name__)
-        if family is not None:
-            raise ValueError(
-                f"4-bit experts are not supported for {family} yet: load without load_in_4bit, or pass "
-                "quantization_config=BitsAndBytesConfig(load_in_8bit=True) for 8-bit Linear layers and 16-bit experts"
-            )
+def refuse_experts_without_nf4(model: torch.nn.Module, family: Family | None) -> None:
+    """Raise ValueError when `model` holds experts of a layout without an NF4 path (the family's
+    `experts_without_nf4`), rather than leave them 16-bit under a flag that promises 4 bits."""
+    if family is not None and any(isinstance(m, family.experts_without_nf4) for m in model.modules()):
+        raise ValueError(
+            f"4-bit experts are not supported for {family.model_type} yet: load without load_in_4bit, or pass "
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True) for 8-bit Linear layers and 16-bit experts"
+        )
 
 
 def quantize_experts_(model: torch.nn.Module, double_quant: bool = False) -> int:
     """Quantize every SwiGLU experts module of `model` to NF4 in place, layer by layer (on a GPU the 16-bit stack of
     each layer is freed before the next is quantized), with absmax double-quantized if double_quant (what
-    BitsAndBytesConfig's bnb_4bit_use_double_quant asks of Linear layers). Returns the bytes saved. Raises ValueError
-    for JetMoe."""
-    refuse_unsupported_experts(model)
+    BitsAndBytesConfig's bnb_4bit_use_double_quant asks of Linear layers). Returns the bytes saved. Experts of other
+    layouts are left alone: the load path refuses them first (refuse_experts_without_nf4)."""
     saved = 0
     for module in list(model.modules()):
         if is_swiglu_experts(module):

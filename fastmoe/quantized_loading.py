@@ -42,14 +42,15 @@ from transformers.quantizers import auto as auto_quantizers
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
+from fastmoe import models
 from fastmoe.kernels.moe import check_nf4_shape, quantize_nf4
 from fastmoe.quantize import (
     SWIGLU_EXPERT_PARAMETERS,
+    expert_modules,
     install_nf4_,
-    is_experts_module,
     is_swiglu_experts,
     placeholder_parameter,
-    refuse_unsupported_experts,
+    refuse_experts_without_nf4,
 )
 
 # NF4 stacks quantized during loading, by parameter name, until they can become buffers (see the module docstring).
@@ -91,7 +92,7 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
         # The model is still on the meta device: refusing here costs no read of the checkpoint.
-        refuse_unsupported_experts(model)
+        refuse_experts_without_nf4(model, _family(model))
         for module in filter(is_swiglu_experts, model.modules()):
             for name in SWIGLU_EXPERT_PARAMETERS:
                 check_nf4_shape(getattr(module, name).shape)
@@ -110,6 +111,16 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 
+def _family(model: torch.nn.Module):
+    return models.family(getattr(model.config, "model_type", None))
+
+
+def nf4_expert_families() -> str:
+    """The model types whose experts load_in_4bit turns into NF4, for messages: "afmoe, lfm2_moe"."""
+    described = [models.family(model_type) for model_type in models.FAMILIES]
+    return ", ".join(f.model_type for f in described if f.routed_experts and not f.experts_without_nf4)
+
+
 class ExpertsIn8BitError(ValueError):
     """load_in_8bit on a model with MoE experts, which would stay 16-bit. The message speaks in from_pretrained's
     arguments; `fastmoe train` words it in its flags from `expert_share` (the experts' fraction of all weights)."""
@@ -118,8 +129,8 @@ class ExpertsIn8BitError(ValueError):
         self.expert_share = expert_share
         super().__init__(
             f"load_in_8bit quantizes Linear layers only, and this model's experts ({expert_share:.0%} of its weights) "
-            "would stay 16-bit: fastmoe has no 8-bit experts yet. Use load_in_4bit=True (NF4 experts; AFMoE and "
-            "LFM2-MoE) or 16-bit weights; to load 8-bit Linear layers with 16-bit experts anyway, pass "
+            f"would stay 16-bit: fastmoe has no 8-bit experts yet. Use load_in_4bit=True (NF4 experts; "
+            f"{nf4_expert_families()}) or 16-bit weights; to load 8-bit Linear layers with 16-bit experts anyway, pass "
             "quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead of load_in_8bit=True"
         )
 
@@ -128,7 +139,7 @@ class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
     """bitsandbytes' 8-bit quantizer, refusing MoE models: it would quantize their Linear layers only."""
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
-        experts = [m for m in model.modules() if is_experts_module(m)]
+        experts = expert_modules(model, _family(model))
         if experts:
             expert_params = sum(p.numel() for m in experts for p in m.parameters())
             raise ExpertsIn8BitError(expert_params / sum(p.numel() for p in model.parameters()))

@@ -3,8 +3,9 @@
 trl's trainers (SFT, GRPO, RLOO, KTO, DPO) call ``add_fused_lm_head(model, temperature, cast_lm_head_to_fp32,
 outputs)`` before training. It gives the model an instance ``forward`` which, called with ``fused_lm_head=True``,
 runs the backbone and computes per-token log-probabilities (and entropy, top-1, ...) from ``lm_head.weight`` with
-trl's own chunked function, so fastmoe's fused loss never sees the user's training step. Every family therefore
-patches the name ``add_fused_lm_head`` in the trl modules that bind it. On a model whose causal-LM forward is
+trl's own chunked function, so fastmoe's fused loss never sees the user's training step. The shared op
+``trl_fused_head`` (fastmoe.models.SHARED_OPS, patched with any family) therefore replaces the name
+``add_fused_lm_head`` in the trl modules that bind it. On a model whose causal-LM forward is
 fastmoe's, the replacement installs ``fused_lm_head_forward``: trl's contract (``FusedCausalLMOutput`` with its
 ``label_mask``, ``loss`` and ``aux_loss``; temperature, logit_scale, ``shift_labels``, ``num_items_in_batch``,
 -100 labels, a DTensor head) with the per-token fields from ``linear_log_probs``

@@ -24,8 +24,7 @@ from testing_utils import batch_with_padding, compare_with_transformers, randomi
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import fastmoe
-from fastmoe import FastModel, patching
-from fastmoe.models.afmoe import FastAfmoeModel
+from fastmoe import FastAfmoeModel, FastModel, models, patching
 
 
 def _inputs(batch: dict) -> dict:
@@ -186,7 +185,7 @@ def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_che
     with pytest.warns(UserWarning, match="llama") as record:
         model, tokenizer = FastModel.from_pretrained(str(llama_checkpoint), max_seq_length=256)
     message = " ".join(str(w.message) for w in record)
-    for family in patching.FAMILIES:
+    for family in models.FAMILIES:
         assert family in message
     assert tokenizer.pad_token is not None
     batch = batch_with_padding(model.config.vocab_size)
@@ -195,15 +194,18 @@ def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_che
 
 
 def test_unpatch_restores_every_original_and_patching_twice_is_once():
-    families = [patching.family_class(model_type) for model_type in patching.FAMILIES]
+    families = [fastmoe.api.family_model(model_type) for model_type in models.FAMILIES]
     assert len(families) == 4
-    originals = {(p.owner, p.attribute): p.owner.__dict__[p.attribute] for f in families for p in f.patches()}
+    shared = [p for op in models.SHARED_OPS for p in models.shared_patches(op)]
+    originals = {(p.owner, p.attribute): p.owner.__dict__[p.attribute]
+                 for p in [*(p for f in families for p in f.patches()), *shared]}
 
     for family in families:
         family.pre_patch()
         family.pre_patch()
     for family in families:
         assert patching.is_patched(family.patches()), family.__name__
+    assert patching.is_patched(shared)
     for (owner, attribute), original in originals.items():
         # A second pre_patch must not record the first one's replacement as the "original".
         assert patching._originals[(owner, attribute)] is original, f"{owner.__name__}.{attribute}"

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from testing_utils import randomize_lora
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fastmoe import FastModel, patching
+from fastmoe import FastModel, models
 
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere")
 PROMPTS = ["<|user|>What is a mixture of experts?\n<|assistant|>", "<|user|>Hi\n<|assistant|>"]
@@ -20,10 +20,10 @@ NEW_TOKENS = 12
 def lora_kwargs(model_type: str) -> dict:
     """The family's default targets, experts included. JetMoe takes scaling 1: without QK norm, larger random
     adapters saturate its attention."""
-    family = patching.family_class(model_type)
+    family = models.family(model_type)
     return {"r": 4, "lora_alpha": 4 if model_type == "jetmoe" else 8,
-            "target_modules": list(family.default_target_modules),
-            "target_parameters": list(family.default_target_parameters) or None}
+            "target_modules": list(family.lora_target_modules),
+            "target_parameters": list(family.lora_target_parameters) or None}
 
 
 def prompts(tokenizer) -> dict:

@@ -15,7 +15,7 @@ from testing_utils import batch_with_padding, randomize_lora, rel_err
 from transformers import AutoModelForCausalLM
 
 import fastmoe
-from fastmoe import FastModel, patching, trl_fused_head
+from fastmoe import FastModel, models, trl_fused_head
 from fastmoe.builtin import builtin_records
 from fastmoe.kernels import dispatch, reference_only
 from fastmoe.kernels import linear_cross_entropy as op
@@ -52,9 +52,9 @@ def head_kernel_only(monkeypatch):
 
 
 def lora_kwargs(model_type: str) -> dict:
-    family = patching.family_class(model_type)
-    return dict(r=4, lora_alpha=8, target_modules=list(family.default_target_modules),
-                target_parameters=list(family.default_target_parameters) or None)
+    family = models.family(model_type)
+    return dict(r=4, lora_alpha=8, target_modules=list(family.lora_target_modules),
+                target_parameters=list(family.lora_target_parameters) or None)
 
 
 def fast_lora_model(checkpoint, dtype=torch.float32):
@@ -227,7 +227,7 @@ def test_patch_and_unpatch_of_trls_add_fused_lm_head(tiny_checkpoint):
     assert {module.__name__ for module in modules} == set(trl_fused_head.TRL_MODULES)
     assert trl.trainer.sft_trainer.add_fused_lm_head is original
 
-    patching.family_class("afmoe").pre_patch()
+    fastmoe.patch("afmoe")
     assert all(module.add_fused_lm_head is trl_fused_head.add_fused_lm_head for module in modules)
     # A model of a family fastmoe has not patched keeps trl's head.
     other = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("cohere"), dtype=torch.float32)

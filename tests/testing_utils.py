@@ -104,8 +104,8 @@ def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, grad
     ref_out = forward_backward(reference, batch)
 
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, **load_kwargs)
-    family = fastmoe.patching.family_class(model.config.model_type)
-    assert fastmoe.patching.is_patched(family.patches()), "FastModel did not patch its family"
+    patches = fastmoe.models.family(model.config.model_type).patches(load_kwargs.get("fast_ops"))
+    assert fastmoe.patching.is_patched(patches), "FastModel did not patch its family"
     model = FastModel.get_peft_model(model, use_gradient_checkpointing=gradient_checkpointing, **lora_kwargs)
     randomize_lora(model)
     fast_out = forward_backward(model, batch)

@@ -8,15 +8,12 @@ from collections.abc import Callable
 import torch
 from transformers.models.afmoe import modeling_afmoe as hf
 
-from fastmoe.api import FastBaseModel
 from fastmoe.kernels.attention_gate import attention_gate
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
-from fastmoe.linear_lora import lora_linear_patches
-from fastmoe.patching import ForwardPatch
-from fastmoe.trl_fused_head import fused_lm_head_patches
+from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import (
     can_use_flash_sliding_window,
     flash_sliding_window_attention,
@@ -94,27 +91,31 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
 _causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
 
 
-class FastAfmoeModel(FastBaseModel):
-    model_type = "afmoe"
-    routed_experts = "switchable"
+FAMILY = Family(
+    model_type="afmoe",
+    name="Afmoe",
+    ops={
+        "rms_norm": [ForwardPatch(hf.AfmoeRMSNorm, "forward", rms_norm_forward)],
+        "router": [ForwardPatch(hf.AfmoeTokenChoiceRouter, "forward", router_forward)],
+        "moe": [ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # QK RMSNorm + RoPE, the sliding-window flash path and the sigmoid output gate.
+        "attention": [ForwardPatch(hf.AfmoeAttention, "forward", attention_forward)],
+        "loss": [ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward)],
+    },
     # Attention, the attention output gate, dense and shared-expert MLPs, and the routed experts; routers stay
     # frozen. peft 0.21 rewrites target_modules named gate_proj/up_proj/down_proj on AFMoE into the experts'
     # fused weights (its transformers v4->v5 MoE conversion, applied again whenever an adapter is loaded), which
     # would leave the dense and shared MLPs and the attention gate without LoRA. Targeting those Linear weights as
     # parameters survives that conversion, and plain peft loads the adapter the same way.
-    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
-    default_target_parameters = (
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_target_parameters=(
         "experts.gate_up_proj", "experts.down_proj", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-    )
-
-    @classmethod
-    def patches(cls) -> list[ForwardPatch]:
-        return [
-            ForwardPatch(hf.AfmoeRMSNorm, "forward", rms_norm_forward),
-            ForwardPatch(hf.AfmoeTokenChoiceRouter, "forward", router_forward),
-            ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward),
-            ForwardPatch(hf.AfmoeAttention, "forward", attention_forward),
-            ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward),
-            *fused_lm_head_patches(),
-            *lora_linear_patches(),
-        ]
+    ),
+    routers=("router.gate",),
+    routed_experts=SWITCHABLE,
+    tiny_config=dict(
+        hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=8, num_experts_per_tok=3,
+        num_shared_experts=1, route_scale=1.5, global_attn_every_n_layers=2, sliding_window=6,
+        max_position_embeddings=512, tie_word_embeddings=False),
+)

@@ -9,14 +9,11 @@ from collections.abc import Callable
 import torch
 from transformers.models.cohere import modeling_cohere as hf
 
-from fastmoe.api import FastBaseModel
 from fastmoe.kernels.layer_norm import layer_norm
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.linear_lora import lora_linear_patches
-from fastmoe.patching import ForwardPatch
-from fastmoe.trl_fused_head import fused_lm_head_patches
+from fastmoe.patching import Family, ForwardPatch
 
 
 def layer_norm_forward(self: hf.CohereLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -66,18 +63,19 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
 _causal_lm_forward = fused_loss_forward(hf.CohereForCausalLM.forward)
 
 
-class FastCohereModel(FastBaseModel):
-    model_type = "cohere"
-    default_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    default_target_parameters = ()
-
-    @classmethod
-    def patches(cls) -> list[ForwardPatch]:
-        # The decoder layer stays transformers': its parallel block is two additions, nothing to fuse for.
-        return [
-            ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward),
-            ForwardPatch(hf.CohereAttention, "forward", attention_forward),
-            ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward),
-            *fused_lm_head_patches(),
-            *lora_linear_patches(),
-        ]
+# The decoder layer stays transformers': its parallel block is two additions, nothing to fuse for.
+FAMILY = Family(
+    model_type="cohere",
+    name="Cohere",
+    ops={
+        # The block norms and the per-head QK norms (one module class).
+        "layer_norm": [ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward)],
+        # QK LayerNorm + interleaved RoPE, reading the norms' weights (not calling them).
+        "attention": [ForwardPatch(hf.CohereAttention, "forward", attention_forward)],
+        "loss": [ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward)],
+    },
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    tiny_config=dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_qk_norm=True, logit_scale=0.5, max_position_embeddings=512),
+)

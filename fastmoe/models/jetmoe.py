@@ -14,15 +14,12 @@ from typing import NamedTuple
 import torch
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
-from fastmoe.api import FastBaseModel
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import expert_map, expert_reduce, moe_experts, route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward
-from fastmoe.linear_lora import lora_linear_patches
-from fastmoe.patching import ForwardPatch
-from fastmoe.trl_fused_head import fused_lm_head_patches
+from fastmoe.patching import FIXED, Family, ForwardPatch
 
 
 class Routing(NamedTuple):
@@ -153,24 +150,33 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
 _causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)
 
 
-class FastJetMoeModel(FastBaseModel):
-    model_type = "jetmoe"
-    routed_experts = "fixed"
-    # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs
-    # and MLPs are all experts, targeted as parameters of both mixtures (mlp.* and self_attention.experts.*).
-    default_target_modules = ("kv_proj",)
-    default_target_parameters = ("input_linear.weight", "output_linear.weight")
-
-    @classmethod
-    def patches(cls) -> list[ForwardPatch]:
-        return [
-            ForwardPatch(hf.JetMoeRMSNorm, "forward", rms_norm_forward),
+FAMILY = Family(
+    model_type="jetmoe",
+    name="JetMoe",
+    ops={
+        "rms_norm": [ForwardPatch(hf.JetMoeRMSNorm, "forward", rms_norm_forward)],
+        # Both mixtures (MLP experts and attention heads) with the routers they share a class of: the patched router
+        # returns a Routing, which transformers' own mixtures cannot read, so the four go together.
+        "moe": [
             ForwardPatch(hf.JetMoeTopKGating, "forward", top_k_gating_forward),
             ForwardPatch(hf.JetMoeMoE, "forward", moe_forward),
             ForwardPatch(hf.JetMoeMoA, "map", moa_map),
             ForwardPatch(hf.JetMoeMoA, "reduce", moa_reduce),
-            ForwardPatch(hf.JetMoeAttention, "forward", attention_forward),
-            ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward),
-            *fused_lm_head_patches(),
-            *lora_linear_patches(),
-        ]
+        ],
+        # RoPE on queries and keys; calls the mixture of attention heads through map and reduce, patched or not.
+        "attention": [ForwardPatch(hf.JetMoeAttention, "forward", attention_forward)],
+        "loss": [ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward)],
+    },
+    # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs
+    # and MLPs are all experts, targeted as parameters of both mixtures (mlp.* and self_attention.experts.*).
+    lora_target_modules=("kv_proj",),
+    lora_target_parameters=("input_linear.weight", "output_linear.weight"),
+    routers=("router.layer",),
+    routed_experts=FIXED,
+    experts_without_nf4=(hf.JetMoeParallelExperts,),
+    tiny_config=dict(
+        hidden_size=48, num_hidden_layers=2, num_key_value_heads=2, kv_channels=12, intermediate_size=40,
+        num_local_experts=5, num_experts_per_tok=2, max_position_embeddings=512),
+    # The output biases of both mixtures (JetMoeMoE, JetMoeMoA).
+    random_init=("mlp.bias", "self_attention.experts.bias"),
+)

@@ -11,15 +11,12 @@ import torch.nn.functional as F
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
-from fastmoe.api import FastBaseModel
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import rms_norm_forward, swiglu_experts
-from fastmoe.linear_lora import lora_linear_patches
-from fastmoe.patching import ForwardPatch
-from fastmoe.trl_fused_head import fused_lm_head_patches
+from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
 # (decoding) and packed sequences.
@@ -110,23 +107,27 @@ def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, p
 _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)
 
 
-class FastLfm2MoeModel(FastBaseModel):
-    model_type = "lfm2_moe"
-    routed_experts = "switchable"
+FAMILY = Family(
+    model_type="lfm2_moe",
+    name="Lfm2Moe",
+    ops={
+        "rms_norm": [ForwardPatch(hf.Lfm2MoeRMSNorm, "forward", rms_norm_forward)],
+        "router": [ForwardPatch(hf.Lfm2MoeTopKRouter, "forward", router_forward)],
+        "moe": [ForwardPatch(hf.Lfm2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # QK RMSNorm + RoPE.
+        "attention": [ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward)],
+        "short_conv": [ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward)],
+        "loss": [ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward)],
+    },
     # Attention (q/k/v, out_proj), short-conv in_proj/out_proj (out_proj names both) and the dense SwiGLU MLPs
     # (w1 gate, w3 up, w2 down); routers and the depthwise conv stay frozen.
-    default_target_modules = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
-    default_target_parameters = ("experts.gate_up_proj", "experts.down_proj")
-
-    @classmethod
-    def patches(cls) -> list[ForwardPatch]:
-        return [
-            ForwardPatch(hf.Lfm2MoeRMSNorm, "forward", rms_norm_forward),
-            ForwardPatch(hf.Lfm2MoeTopKRouter, "forward", router_forward),
-            ForwardPatch(hf.Lfm2MoeSparseMoeBlock, "forward", sparse_moe_forward),
-            ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward),
-            ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward),
-            ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward),
-            *fused_lm_head_patches(),
-            *lora_linear_patches(),
-        ]
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"),
+    lora_target_parameters=("experts.gate_up_proj", "experts.down_proj"),
+    routers=("feed_forward.gate",),
+    routed_experts=SWITCHABLE,
+    tiny_config=dict(
+        hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+        layer_types=["full_attention", "conv", "full_attention"], routed_scaling_factor=1.5,
+        max_position_embeddings=512),
+)

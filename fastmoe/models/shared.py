@@ -37,7 +37,9 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     weights they hand over then already hold it."""
     # transformers' `@use_experts_implementation` records each experts class's layout in these flags.
     layout = dict(has_gate=True, is_concatenated=True, is_transposed=False, has_bias=False, has_post_expert_norm=False)
-    silu = type(getattr(self, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    # An activation module (AFMoE's SiLUActivation) or the bare function (LFM2-MoE's F.silu).
+    act_fn = getattr(self, "act_fn", None)
+    silu = act_fn is torch.nn.functional.silu or type(act_fn).__name__ in ("SiLU", "SiLUActivation")
     if not silu or any(getattr(self, flag, value) != value for flag, value in layout.items()):
         raise NotImplementedError(
             f"experts_implementation={EXPERTS_IMPLEMENTATION!r} computes SiLU-gated experts stored as gate_up_proj "

@@ -143,9 +143,11 @@ def test_unpatched_forward_of_nf4_experts_raises_instead_of_using_zero_experts(t
 
 def _load_4bit_then_quantize_experts(checkpoint):
     """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
-    from fastmoe.api import _quantization_config
+    from fastmoe import models
+    from fastmoe.api import _bnb_config
 
-    config = _quantization_config(True, False, torch.float32)
+    routers = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type).routers
+    config = _bnb_config("4bit", torch.float32, ["lm_head", *routers])
     # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with.
     model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                               quantization_config=config,
@@ -196,8 +198,8 @@ def test_experts_follow_the_configs_double_quant(tiny_checkpoint, monkeypatch):
         config.bnb_4bit_use_double_quant = False
         return config
 
-    original = api._quantization_config
-    monkeypatch.setattr(api, "_quantization_config", without_double_quant)
+    original = api._bnb_config
+    monkeypatch.setattr(api, "_bnb_config", without_double_quant)
     experts = _quantized_experts(_load_4bit(tiny_checkpoint("afmoe")))
     assert experts
     for module in experts:

@@ -7,9 +7,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.cohere import modeling_cohere as hf
 
 import fastmoe
-from fastmoe import FastModel
+from fastmoe import FastCohereModel, FastModel
 from fastmoe.builtin import build_tiny_checkpoint
-from fastmoe.models.cohere import FastCohereModel
 
 TARGETS = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 

@@ -15,7 +15,7 @@ from testing_utils import batch_with_padding, forward_backward, randomize_lora, 
 from transformers import AutoModelForCausalLM
 
 import fastmoe
-from fastmoe import FastModel, patching
+from fastmoe import FastModel, models
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def lora_kwargs(model_type: str) -> dict:
     # Scaling 1: larger random adapters make these tiny models chaotic in bf16 (gradients off by tens of percent in
     # transformers' own bf16 run), which leaves nothing to compare.
-    family = patching.family_class(model_type)
+    family = models.family(model_type)
     return {"r": 4, "lora_alpha": 4,
-            "target_modules": list(family.default_target_modules),
-            "target_parameters": list(family.default_target_parameters) or None}
+            "target_modules": list(family.lora_target_modules),
+            "target_parameters": list(family.lora_target_parameters) or None}
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fastmoe
-from fastmoe import FastModel
+from fastmoe import FastJetMoeModel, FastModel
 from fastmoe.builtin import build_tiny_checkpoint
-from fastmoe.models.jetmoe import FastJetMoeModel
 from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, randomize_lora, rel_err
 
 TARGETS = dict(target_modules=["kv_proj"], target_parameters=["input_linear.weight", "output_linear.weight"])

@@ -7,8 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
 import fastmoe
-from fastmoe import FastModel
-from fastmoe.models.lfm2_moe import FastLfm2MoeModel
+from fastmoe import FastLfm2MoeModel, FastModel
 from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
 
 TARGETS = dict(

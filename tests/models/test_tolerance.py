@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fastmoe
 from fastmoe.models import cohere
-from fastmoe.patching import family_class
+from fastmoe.models import family
 from testing_utils import (batch_with_padding, compare_with_transformers, forward_backward, fp32_model_tolerance,
                            randomize_lora, rel_err)
 
@@ -18,9 +18,9 @@ LORA_ALPHA = {"afmoe": 8, "lfm2_moe": 8, "cohere": 8, "jetmoe": 4}
 
 
 def lora(model_type: str) -> dict:
-    family = family_class(model_type)
-    return dict(r=4, lora_alpha=LORA_ALPHA[model_type], target_modules=list(family.default_target_modules),
-                target_parameters=list(family.default_target_parameters))
+    described = family(model_type)
+    return dict(r=4, lora_alpha=LORA_ALPHA[model_type], target_modules=list(described.lora_target_modules),
+                target_parameters=list(described.lora_target_parameters))
 
 
 def transformers_training_step(checkpoint, lora_kwargs: dict, dtype: torch.dtype):
