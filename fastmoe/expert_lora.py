@@ -14,6 +14,20 @@ from peft.tuners.lora.layer import ParamWrapper
 from fastmoe.kernels.moe import ExpertLora
 
 
+def expert_lora_factors(wrapper: ParamWrapper, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's LoRA factors on an expert parameter, per expert: A (experts, r, in) and B (experts, out, r), as
+    views of peft's own weights (gradients reach them). A 2D parameter counts as one expert.
+
+    peft's layout: lora_A.weight (experts * r, in) with rows grouped by expert, lora_B.weight (out, r * experts) with
+    columns interleaved as (r, experts)."""
+    num_experts = wrapper.num_experts
+    weight_a = wrapper.lora_A[adapter].weight
+    weight_b = wrapper.lora_B[adapter].weight
+    a = weight_a.view(num_experts, -1, weight_a.shape[-1])
+    b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)
+    return a, b
+
+
 def unwrap_expert_lora(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, ExpertLora]] | None:
     """Peel peft's ParamWrappers off an experts module.
 
@@ -35,10 +49,6 @@ def unwrap_expert_lora(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[s
         if len(active) > 1 or not wrapper._did_swap_in_out_features:
             return None
         name = active[0]
-        num_experts = wrapper.num_experts
-        weight_a = wrapper.lora_A[name].weight  # (experts * r, in): rows grouped by expert
-        weight_b = wrapper.lora_B[name].weight  # (out, r * experts): peft interleaves columns as (r, experts)
-        a = weight_a.view(num_experts, -1, weight_a.shape[-1])
-        b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)
+        a, b = expert_lora_factors(wrapper, name)
         loras[wrapper.parameter_name] = ExpertLora(A=a, B=b, scaling=float(wrapper.scaling[name]))
     return module, loras

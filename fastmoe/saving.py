@@ -20,6 +20,7 @@ from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 
+from fastmoe.expert_lora import expert_lora_factors
 from fastmoe.kernels.moe import dequantize_nf4
 from fastmoe.quantize import is_quantized, nf4_weight
 
@@ -167,15 +168,11 @@ def _merge_module_lora(layer: LoraLayer, adapter: str, weight: torch.Tensor) -> 
 def _merge_param_lora(wrapper: ParamWrapper, adapter: str, weight: torch.Tensor) -> torch.Tensor:
     """W_e + s B_e A_e for each expert of a parameter LoRA, one expert at a time into a new CPU tensor.
 
-    peft's layout (see fastmoe.expert_lora): A (experts * r, in) grouped by expert, B (out, r * experts) with columns
-    interleaved as (r, experts). A 2D parameter is one expert. A 3D parameter stored (experts, in, out) (peft's
-    `_did_swap_in_out_features` False) takes the transposed delta."""
+    A 2D parameter is one expert. A 3D parameter stored (experts, in, out) (peft's `_did_swap_in_out_features` False)
+    takes the transposed delta."""
     num_experts = wrapper.num_experts
     scaling = float(wrapper.scaling[adapter])
-    weight_a = wrapper.lora_A[adapter].weight
-    weight_b = wrapper.lora_B[adapter].weight
-    a = weight_a.view(num_experts, -1, weight_a.shape[-1])
-    b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)
+    a, b = expert_lora_factors(wrapper, adapter)
     transposed = weight.dim() == 3 and not wrapper._did_swap_in_out_features
     stack = weight if weight.dim() == 3 else weight.unsqueeze(0)
     merged = torch.empty(stack.shape, dtype=weight.dtype, device="cpu")
