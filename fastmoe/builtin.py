@@ -1,12 +1,16 @@
-"""The built-in tiny world: an instruction data set shipped in the package, a tokenizer trained on it, and
-tiny random-weight checkpoints of every supported family. `fastmoe train` with no --model uses these, and
-so do the tests (there is no model hub on CI machines)."""
+"""The built-in tiny world: an instruction data set shipped in the package, a tokenizer trained on it, tiny
+random-weight checkpoints of every supported family (from each family's `tiny_config`), and the built-in model
+`fastmoe train` uses with no --model, built once into a cache folder. The tests use these too (there is no model hub
+on CI machines)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +24,14 @@ CHAT_TEMPLATE = (
     "{% else %}{{ message['content'] + '\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+# The built-in model: AFMoE's tiny config is a little narrow to fit the built-in data visibly within a minute of CPU
+# time; this keeps the architecture (every AFMoE feature exercised) and widens it. The larger init matters most: LoRA
+# leaves the embeddings and the LM head frozen, and at transformers' 0.02 the head's logits span about +-1, so no
+# adapter could make any token much likelier than the rest.
+BUILTIN_OVERRIDES: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=2048, initializer_range=0.1,
 )
 
 
@@ -109,3 +121,36 @@ def build_tiny_checkpoint(model_type: str, out_dir: str | Path, seed: int = 0, t
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def cache_dir() -> Path:
+    """Where the built-in model lives: $FASTMOE_CACHE, else ~/.cache/fastmoe (or $XDG_CACHE_HOME/fastmoe)."""
+    if os.environ.get("FASTMOE_CACHE"):
+        return Path(os.environ["FASTMOE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastmoe"
+
+
+def builtin_model_path() -> Path:
+    """The built-in AFMoE checkpoint (random weights, tokenizer trained on the built-in data), built on first use.
+
+    It is kept in a cache rather than a temporary folder because the saved adapter names it as its base model:
+    `PeftModel.from_pretrained` and `FastModel.from_pretrained(output_dir)` find it there later.
+    """
+    # Named after its recipe, so changing BUILTIN_OVERRIDES never reuses a stale cached checkpoint.
+    recipe = hashlib.sha256(json.dumps(BUILTIN_OVERRIDES, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / f"builtin-afmoe-{recipe}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: two runs starting at once must never see a half-written checkpoint.
+    staging = target.parent / f".{target.name}.{os.getpid()}"
+    build_tiny_checkpoint("afmoe", staging, seed=0, tokenizer=build_tokenizer(), **BUILTIN_OVERRIDES)
+    try:
+        staging.rename(target)
+    except OSError:
+        # Another run finished first; its checkpoint is the same.
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -19,8 +19,8 @@ from typing import NoReturn
 
 import torch
 
-from fastmoe import training
-from fastmoe.training import TrainOptions
+from fastmoe.training import sft
+from fastmoe.training.options import BUILTIN_LR, CHECKPOINTING_MODES, DEFAULT_LR, TrainOptions
 
 EXIT_USAGE = 2
 
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
                        help="batches whose gradients are summed before each optimizer step")
     train.add_argument("--lr", type=float, default=None,
-                       help=f"peak learning rate, decaying linearly (default: {training.BUILTIN_LR} for the built-in "
-                            f"model, whose weights are random; {training.DEFAULT_LR} for any other)")
+                       help=f"peak learning rate, decaying linearly (default: {BUILTIN_LR} for the built-in "
+                            f"model, whose weights are random; {DEFAULT_LR} for any other)")
     train.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
     train.add_argument("--target-modules", default=None,
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--load-in-8bit", action="store_true",
                        help="8-bit Linear layers (bitsandbytes); dense models only, MoE models are refused")
     train.add_argument("--gradient-checkpointing", nargs="?", const="standard", default=None,
-                       choices=list(training.CHECKPOINTING_MODES),
+                       choices=list(CHECKPOINTING_MODES),
                        help="recompute each layer in the backward pass to save activation memory: standard (the flag "
                             "alone) keeps each layer's input on the GPU meanwhile; fastmoe keeps it in host memory "
                             "(less GPU memory on long sequences and deep models, slower); off keeps every activation "
@@ -142,14 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         fsdp=args.fsdp, optim=args.optim)
 
     try:
-        trainer, _, _ = training.prepare(options)
+        trainer, _, _ = sft.prepare(options)
     except (ValueError, FileNotFoundError, ImportError) as error:
         _fail(str(error))
     if options.model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # The built-in model's matmuls, about (200 tokens, 64), are too small to split across threads, and
         # OpenMP's barriers made steps up to 50x slower whenever another process held one of the cores.
         torch.set_num_threads(1)
-    summary = training.run(options, trainer)
+    summary = sft.run(options, trainer)
     if trainer.is_world_process_zero():
         print(summary.line())
     return 0

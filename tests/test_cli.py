@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import fastmoe
-from fastmoe import cli, training
+from fastmoe import cli
+from fastmoe.training import sft
+from fastmoe.training.data import load_records, to_sft_dataset
+from fastmoe.training.options import TrainOptions
 from fastmoe.builtin import build_tokenizer
 
 
@@ -92,10 +95,10 @@ def test_messages_dataset_trains(tmp_path, fastmoe_cache):
 
 
 def test_instruction_records_train_on_the_response_only(tmp_path):
-    trainer, _, tokenizer = training.prepare(training.TrainOptions(output_dir=str(tmp_path), max_steps=1))
+    trainer, _, tokenizer = sft.prepare(TrainOptions(output_dir=str(tmp_path), max_steps=1))
     example = trainer.train_dataset[0]
     trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
-    first = training.load_records(None)[0]
+    first = load_records(None)[0]
     assert example["labels"][0] == -100
     # The built-in chat template closes the assistant turn with "<|eos|>\n"; both belong to the completion.
     assert tokenizer.decode(trained).rstrip("\n") == first["response"] + tokenizer.eos_token
@@ -105,19 +108,19 @@ def test_data_formats(tiny_tokenizer):
     from datasets import Dataset
 
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    dataset, assistant_only = training.to_sft_dataset(Dataset.from_list([{"messages": chat, "id": 1}]), tiny_tokenizer)
+    dataset, assistant_only = to_sft_dataset(Dataset.from_list([{"messages": chat, "id": 1}]), tiny_tokenizer)
     assert dataset.column_names == ["messages"] and assistant_only
-    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"prompt": "a", "completion": "b"}]), tiny_tokenizer)
+    dataset, _ = to_sft_dataset(Dataset.from_list([{"prompt": "a", "completion": "b"}]), tiny_tokenizer)
     assert dataset.column_names == ["prompt", "completion"]
-    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"text": "abc"}]), tiny_tokenizer)
+    dataset, _ = to_sft_dataset(Dataset.from_list([{"text": "abc"}]), tiny_tokenizer)
     assert dataset[0] == {"text": "abc"}
     alpaca = Dataset.from_list([{"instruction": "Add", "input": "2 and 3", "output": "5"}])
-    dataset, _ = training.to_sft_dataset(alpaca, tiny_tokenizer)
+    dataset, _ = to_sft_dataset(alpaca, tiny_tokenizer)
     assert dataset[0]["prompt"] == [{"role": "user", "content": "Add\n\n2 and 3"}]
     assert dataset[0]["completion"] == [{"role": "assistant", "content": "5"}]
     plain = build_tokenizer()
     plain.chat_template = None
-    dataset, _ = training.to_sft_dataset(Dataset.from_list([{"instruction": "Q", "response": "A"}]), plain)
+    dataset, _ = to_sft_dataset(Dataset.from_list([{"instruction": "Q", "response": "A"}]), plain)
     assert dataset[0] == {"prompt": "Q\n", "completion": "A"}
 
 
@@ -286,24 +289,24 @@ def test_eval_split_packing_checkpoints_and_resume(tmp_path, fastmoe_cache):
 
 
 def test_optim_reaches_the_trainer(tmp_path):
-    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, optim="adamw_8bit")
-    trainer, _, _ = training.prepare(options)
+    options = TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, optim="adamw_8bit")
+    trainer, _, _ = sft.prepare(options)
     assert trainer.args.optim == "adamw_8bit"
     optimizer = trainer.create_optimizer()
     assert type(optimizer).__module__.startswith("bitsandbytes") and optimizer.args.optim_bits == 8
-    default, _, _ = training.prepare(training.TrainOptions(output_dir=str(tmp_path / "default"), max_steps=1))
+    default, _, _ = sft.prepare(TrainOptions(output_dir=str(tmp_path / "default"), max_steps=1))
     from transformers import TrainingArguments
 
     assert default.args.optim == TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True).optim
 
 
 def test_target_modules_reach_get_peft_model(tmp_path):
-    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="q_proj, v_proj")
-    _, model, _ = training.prepare(options)
+    options = TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="q_proj, v_proj")
+    _, model, _ = sft.prepare(options)
     config = model.peft_config["default"]
     assert config.target_modules == {"q_proj", "v_proj"} and not config.target_parameters
-    options = training.TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="all-linear")
-    _, model, _ = training.prepare(options)
+    options = TrainOptions(output_dir=str(tmp_path / "out"), max_steps=1, target_modules="all-linear")
+    _, model, _ = sft.prepare(options)
     assert any(name.endswith("experts.gate_up_proj") for name in model.peft_config["default"].target_parameters)
     assert cli.build_parser().parse_args(["train", "--target-modules", "q_proj,v_proj"]).target_modules == \
         "q_proj,v_proj"

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoe import FastModel, cli, distributed, training
+from fastmoe import FastModel, cli, distributed
+from fastmoe.training import sft
+from fastmoe.training.options import TrainOptions
 from fastmoe.kernels.dispatch import reference_only
 from testing_utils import rel_err
 
@@ -61,7 +63,7 @@ def test_torchrun_fastmoe_train_equals_one_process_with_the_same_global_batch(tm
     # The one-process run in this process (with the PyTorch references, as the children run on the CPU) also builds
     # the built-in model, so the two ranks do not both build it.
     with reference_only():
-        training.train(training.TrainOptions(output_dir=str(single_dir), max_steps=3, batch_size=4))
+        sft.train(TrainOptions(output_dir=str(single_dir), max_steps=3, batch_size=4))
     ddp = torchrun(["-m", "fastmoe", "train", "--max-steps", "3", "--batch-size", "2", "--output-dir", str(ddp_dir)],
                    child_env(cache))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
