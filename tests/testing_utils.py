@@ -1,4 +1,4 @@
-"""Helpers for the tests: relative error, and whole-model equivalence of a FastModel with LoRA against plain
+"""Helpers for the tests: relative errors, and whole-model equivalence of a FastModel with LoRA against plain
 transformers + peft on the same weights."""
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out − ref| / max|ref| in float64: the largest error against the reference's largest value. The loss-head
+    tests (tests/kernels/test_linear_cross_entropy.py) compare by it, and their tolerances, bf16 ones against trl's
+    error included, were set in it."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 # Float32's unit roundoff: rounding a real number to float32 moves it by at most this fraction of itself.

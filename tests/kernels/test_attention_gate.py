@@ -2,13 +2,10 @@ import pytest
 import torch
 
 from fastmoe.kernels.attention_gate import attention_gate, reference_attention_gate
+from testing_utils import rel_err
 
 # (batch, seq, heads * head_dim): sizes that do not fill the last block, and one spanning several blocks.
 SHAPES = [(1, 7, 40), (2, 5, 3 * 24), (2, 3, 1000)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def run(fn, o, g, dout):

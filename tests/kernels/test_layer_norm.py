@@ -3,6 +3,7 @@ import torch
 from transformers.models.cohere.modeling_cohere import CohereLayerNorm
 
 from fastmoe.kernels.layer_norm import layer_norm, reference_layer_norm
+from testing_utils import rel_err
 
 # (x shape, weight shape): a (dim,) weight over hidden states, and Cohere's per-head (heads, dim) q/k norms.
 CASES = [
@@ -12,10 +13,6 @@ CASES = [
     ((1, 9, 4, 24), (4, 24)),
     ((2, 3, 2, 128), (2, 128)),
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def run(fn, x, weight, dy):

@@ -6,14 +6,11 @@ from transformers.models.cohere import modeling_cohere
 from transformers.models.lfm2_moe import modeling_lfm2_moe
 
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope, reference_qk_norm_rope
+from testing_utils import rel_err
 
 # (batch, q heads, kv heads, seq, head_dim): odd seq, GQA-like kv heads, head_dim not a power of two.
 SHAPES = [(1, 4, 2, 7, 40), (2, 3, 1, 5, 24)]
 EPS = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def hf_cos_sin(interleaved: bool, batch: int, heads: int, seq: int, dim: int, device="cpu"):

@@ -5,12 +5,9 @@ from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeRMSNorm
 
 from fastmoe.kernels import reference_only, use_triton
 from fastmoe.kernels.rms_norm import reference_rms_norm, reference_rms_norm_add, rms_norm, rms_norm_add
+from testing_utils import rel_err
 
 SHAPES = [(1, 7, 40), (2, 5, 24), (3, 128), (2, 3, 4, 72)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def run(fn, x, weight, dy):

@@ -5,13 +5,10 @@ from transformers.models.afmoe import modeling_afmoe
 from transformers.models.cohere import modeling_cohere
 
 from fastmoe.kernels.rope import apply_rope, reference_rope
+from testing_utils import rel_err
 
 # (batch, q heads, kv heads, seq, head_dim): odd seq, GQA-like kv heads, head_dim not a power of two.
 SHAPES = [(1, 4, 2, 7, 40), (2, 3, 1, 5, 24), (2, 2, 2, 3, 128)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def hf_cos_sin(interleaved: bool, batch: int, heads: int, seq: int, dim: int, device="cpu"):

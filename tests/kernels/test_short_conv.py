@@ -11,14 +11,10 @@ from fastmoe.kernels import use_triton  # noqa: E402
 from fastmoe.kernels.dispatch import interpreter_enabled  # noqa: E402
 from fastmoe.kernels.short_conv import reference_short_conv, short_conv  # noqa: E402
 from fastmoe.models.lfm2_moe import short_conv_forward  # noqa: E402
+from testing_utils import rel_err  # noqa: E402
 
 # (batch, seq, hidden, kernel size): odd sizes, a sequence shorter than the kernel, several time tiles.
 SHAPES = [(2, 7, 37, 3), (2, 2, 5, 3), (2, 3, 11, 4), (1, 41, 133, 3), (2, 19, 24, 2)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def inputs(batch, seq, hidden, kernel_size, bias, dtype=torch.float32, device="cpu"):

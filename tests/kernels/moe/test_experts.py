@@ -4,13 +4,10 @@ import torch.nn.functional as F
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, reference_moe_experts
+from testing_utils import rel_err
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _routing(num_tokens, num_experts, top_k, used_experts=None, device="cpu", generator=None):

@@ -19,12 +19,9 @@ from fastmoe.kernels.moe.nf4 import (
     reference_dequantize_nf4,
 )
 from fastmoe.kernels.moe.routing import sort_by_expert
+from testing_utils import rel_err
 
 gpu = pytest.mark.gpu
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _stack(num_experts, n, k, dtype=torch.float32, device="cpu", seed=0):

@@ -9,13 +9,10 @@ from fastmoe.kernels.moe.routing import (
     route_softmax_topk,
     sort_by_expert,
 )
+from testing_utils import rel_err
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _grads(fn, logits, *args):
