@@ -13,7 +13,7 @@ This module imports nothing else of fastmoe: family modules, and the shared patc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -55,7 +55,7 @@ class Family:
     name: str
     # op name -> the forwards that op swaps. Each op is switched on or off as a whole (`fastmoe.patch(model_type,
     # rms_norm=False)`), so the forwards of one op must work with transformers' own forwards of every other op.
-    ops: Mapping[str, tuple[ForwardPatch, ...]]
+    ops: Mapping[str, Sequence[ForwardPatch]]
     # What get_peft_model adapts when given no targets or "all-linear": Linear layers by module name, and parameters
     # (the experts' 3D weights, Linear weights that peft's MoE conversion would otherwise rename) by parameter name.
     lora_target_modules: tuple[str, ...]
