@@ -25,12 +25,32 @@ custom op, forward without autograd and backward by recomputing it with autograd
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
 LIBRARY = "fastmoe"
+
+_state = threading.local()
+
+
+def _through_custom_ops() -> bool:
+    return torch.compiler.is_compiling() or getattr(_state, "always", False)
+
+
+@contextlib.contextmanager
+def always_custom_ops():
+    """Run every fastmoe op through its custom op inside this block, eager calls too (tests check the custom ops
+    and their fakes without compiling)."""
+    previous = getattr(_state, "always", False)
+    _state.always = True
+    try:
+        yield
+    finally:
+        _state.always = previous
 
 
 def no_gradient(like: torch.Tensor) -> torch.Tensor:
@@ -88,9 +108,24 @@ class KernelOp:
         })
 
     def __call__(self, *inputs):
-        if torch.compiler.is_compiling():
+        if _through_custom_ops():
             return self.forward_op(*inputs)
         return self.function.apply(*inputs)
+
+
+class GraphOp:
+    """A function without gradients (``fn``, annotated as a launcher is) as a custom op under torch.compile; eager
+    calls run it directly."""
+
+    def __init__(self, name: str, fn: Callable, fake: Callable):
+        self.fn = fn
+        self.op = torch.library.custom_op(f"{LIBRARY}::{name}", fn, mutates_args=())
+        self.op.register_fake(fake)
+
+    def __call__(self, *inputs):
+        if _through_custom_ops():
+            return self.op(*inputs)
+        return self.fn(*inputs)
 
 
 class ReferenceOp:
@@ -151,6 +186,6 @@ class ReferenceOp:
         return tuple(next(grads) if need else None for need in needs)
 
     def __call__(self, *inputs):
-        if torch.compiler.is_compiling():
+        if _through_custom_ops():
             return self.forward_op(*inputs)
         return self.reference(*inputs)

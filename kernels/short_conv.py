@@ -202,7 +202,7 @@ def _short_conv_backward(
         L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
-    dweight = dw_partial.sum(0).t().to(w.dtype).reshape(weight.shape) if weight_grad else no_gradient(weight)
+    dweight = dw_partial.sum(0).t().contiguous().to(w.dtype).view(weight.shape) if weight_grad else no_gradient(weight)
     dbias = dbias_partial.sum(0).to(bias.dtype) if bias is not None and bias_grad else no_gradient(weight)
     return dbcx, dweight, dbias
 

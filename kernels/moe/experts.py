@@ -229,7 +229,8 @@ class DenseExpertWeights:
 class Nf4ExpertWeights:
     """Frozen NF4 stacks (QLoRA, ``nf4``) gate_up (E, 2I, H) and down (E, H, I): the grouped GEMMs dequantize
     weight tiles in registers, reading them transposed for the backward. Never a weight gradient. Op arguments:
-    each stack's tensors() as a list, both shapes as six ints, both dtypes."""
+    each stack's packed, absmax, absmax_scale and absmax_offset (None without double quantization), both shapes as
+    six ints, both dtypes (no lists of tensors: autograd.Function and custom ops disagree on their gradients)."""
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -246,14 +247,16 @@ class Nf4ExpertWeights:
         return rebuild
 
     def op_args(self) -> tuple:
-        return (list(self.gate_up.tensors()), list(self.down.tensors()), [*self.gate_up.shape, *self.down.shape],
-                self.gate_up.dtype, self.down.dtype)
+        gate_up, down = self.gate_up, self.down
+        return (gate_up.packed, gate_up.absmax, gate_up.absmax_scale, gate_up.absmax_offset,
+                down.packed, down.absmax, down.absmax_scale, down.absmax_offset,
+                [*gate_up.shape, *down.shape], gate_up.dtype, down.dtype)
 
     @staticmethod
-    def from_op_args(gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int],
-                     gate_up_dtype: torch.dtype, down_dtype: torch.dtype) -> Nf4ExpertWeights:
-        return Nf4ExpertWeights(Nf4Weight(gate_up[0], gate_up[1], tuple(shapes[:3]), gate_up_dtype, *gate_up[2:]),
-                                Nf4Weight(down[0], down[1], tuple(shapes[3:]), down_dtype, *down[2:]))
+    def from_op_args(*args) -> Nf4ExpertWeights:
+        *tensors, shapes, gate_up_dtype, down_dtype = args
+        return Nf4ExpertWeights(Nf4Weight(*tensors[:2], tuple(shapes[:3]), gate_up_dtype, *tensors[2:4]),
+                                Nf4Weight(*tensors[4:6], tuple(shapes[3:]), down_dtype, *tensors[6:]))
 
     def weight_grads(self, needs: tuple[bool, bool], gate_up_grad_fn, down_grad_fn, absent: torch.Tensor) -> tuple:
         return no_gradient(absent), no_gradient(absent)
@@ -267,7 +270,7 @@ class Nf4ExpertWeights:
 
     @staticmethod
     def op_arg_grads(grad_gate_up: torch.Tensor | None, grad_down: torch.Tensor | None) -> tuple:
-        return (None,) * 5
+        return (None,) * 11
 
 
 ExpertWeights = DenseExpertWeights | Nf4ExpertWeights
@@ -483,10 +486,14 @@ def _moe_experts_nf4_forward(
     hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
     down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int], gate_up_dtype: torch.dtype,
-    down_dtype: torch.dtype,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
 ) -> ForwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up, down, shapes, gate_up_dtype, down_dtype)
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
     return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
                             down_scaling, store_for_backward)
 
@@ -495,10 +502,14 @@ def _moe_experts_nf4_forward_fake(
     hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
     down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int], gate_up_dtype: torch.dtype,
-    down_dtype: torch.dtype,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
 ) -> ForwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up, down, shapes, gate_up_dtype, down_dtype)
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
     return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
                                  down_b, down_scaling, store_for_backward)
 
@@ -509,10 +520,14 @@ def _moe_experts_nf4_backward(
     down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
     schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
     l_down: torch.Tensor, needs: list[bool],
-    gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int], gate_up_dtype: torch.dtype,
-    down_dtype: torch.dtype,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
 ) -> BackwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up, down, shapes, gate_up_dtype, down_dtype)
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
     return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
                              down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
 
@@ -523,10 +538,14 @@ def _moe_experts_nf4_backward_fake(
     down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
     schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
     l_down: torch.Tensor, needs: list[bool],
-    gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int], gate_up_dtype: torch.dtype,
-    down_dtype: torch.dtype,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
 ) -> BackwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up, down, shapes, gate_up_dtype, down_dtype)
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
     return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
                                   down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
 
@@ -560,12 +579,16 @@ def _moe_experts_reference(
 
 def _moe_experts_nf4_reference(
     hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gate_up: list[torch.Tensor], down: list[torch.Tensor], shapes: list[int], gate_up_dtype: torch.dtype,
-    down_dtype: torch.dtype,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
     gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
     down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
 ) -> torch.Tensor:
-    experts = Nf4ExpertWeights.from_op_args(gate_up, down, shapes, gate_up_dtype, down_dtype)
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
     return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, experts.gate_up, experts.down,
                                      _lora(gu_a, gu_b, gu_scaling), _lora(down_a, down_b, down_scaling))
 
