@@ -7,8 +7,8 @@ the autograd wrapper, allocations, the launchers' own arithmetic and the few PyT
 paths per op, each forward alone (under no_grad) and forward + backward:
 
 * ``eager``: the op as a training step calls it (a ``torch.autograd.Function``);
-* ``custom_op``: the same op through its ``torch.library`` custom op, as a torch.compile'd graph calls it (only where
-  the installed fastmoe registers one), to show what eager calls would pay if they went through it.
+* ``custom_op``: the same op through its ``torch.library`` custom op (``always_custom_ops()``), as a torch.compile'd
+  graph calls it (where the installed fastmoe has them), to show what eager calls would pay if they went through it.
 
 Median microseconds per call over `--calls` calls. Run from any checkout (the installed fastmoe is measured), e.g.
 before and after a change. Records (question "op-overhead") go where --jsonl says, nowhere by default.
@@ -30,7 +30,12 @@ import triton  # noqa: E402
 
 import common  # noqa: E402
 from fastmoe.kernels import attention_gate, qk_norm_rope, rms_norm, rope  # noqa: E402
-from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, nf4, routing  # noqa: E402
+from fastmoe.kernels.moe import ExpertLora, grouped_gemm, moe_experts, nf4, routing  # noqa: E402
+
+try:  # fastmoe before its ops were custom ops has no custom-op path to measure
+    from fastmoe.kernels.custom_op import always_custom_ops
+except ImportError:
+    always_custom_ops = None
 
 KERNEL_MODULES = (attention_gate, qk_norm_rope, rms_norm, rope, routing, grouped_gemm, nf4)
 
@@ -57,7 +62,7 @@ def stub_kernels() -> None:
 
 
 def cases() -> dict[str, tuple]:
-    """name -> (call, inputs that get gradients, the op's KernelOp or None)."""
+    """name -> (call, inputs that get gradients)."""
     torch.manual_seed(0)
     tokens, hidden, heads, head_dim, num_experts, top_k, inter, rank = 8, 32, 4, 16, 8, 2, 24, 4
     x = torch.randn(1, tokens, hidden, requires_grad=True)
@@ -76,21 +81,14 @@ def cases() -> dict[str, tuple]:
     down_lora = ExpertLora(torch.randn(num_experts, rank, inter, requires_grad=True),
                            torch.randn(num_experts, hidden, rank, requires_grad=True), 2.0)
 
-    def op_of(module, name):
-        return getattr(module, name, None)
-
     return {
-        "rms_norm": (lambda: rms_norm.rms_norm(x, norm_weight, 1e-6), [x, norm_weight],
-                     op_of(rms_norm, "_rms_norm")),
-        "qk_norm_rope": (lambda: qk_norm_rope.qk_norm_rope(q, q_weight, cos, sin, 1e-6), [q],
-                         op_of(qk_norm_rope, "_qk_norm_rope")),
-        "attention_gate": (lambda: attention_gate.attention_gate(x, gate), [x, gate],
-                           op_of(attention_gate, "_attention_gate")),
+        "rms_norm": (lambda: rms_norm.rms_norm(x, norm_weight, 1e-6), [x, norm_weight]),
+        "qk_norm_rope": (lambda: qk_norm_rope.qk_norm_rope(q, q_weight, cos, sin, 1e-6), [q]),
+        "attention_gate": (lambda: attention_gate.attention_gate(x, gate), [x, gate]),
         "route_sigmoid_topk": (lambda: routing.route_sigmoid_topk(logits, None, top_k, True, 1e-20, 1.0)[0],
-                               [logits], op_of(routing, "_route_sigmoid_topk")),
+                               [logits]),
         "moe_experts": (lambda: moe_experts(flat, index, weights, gate_up, down, gu_lora, down_lora),
-                        [flat, weights, gu_lora.A, gu_lora.B, down_lora.A, down_lora.B],
-                        op_of(experts, "_moe_experts")),
+                        [flat, weights, gu_lora.A, gu_lora.B, down_lora.A, down_lora.B]),
     }
 
 
@@ -106,22 +104,11 @@ def median_us(fn, calls: int) -> float:
     return statistics.median(samples)
 
 
-def through_custom_op(kernel_op, call):
-    """call() with the op's KernelOp answering through its custom op instead of its autograd.Function."""
-
+def through_custom_ops(call):
     def run():
-        original = kernel_op.function
-        kernel_op.function = _ApplyCustomOp(kernel_op.forward_op)
-        try:
+        with always_custom_ops():
             return call()
-        finally:
-            kernel_op.function = original
     return run
-
-
-class _ApplyCustomOp:
-    def __init__(self, op):
-        self.apply = op
 
 
 def main() -> None:
@@ -132,10 +119,10 @@ def main() -> None:
     torch.set_num_threads(1)
     stub_kernels()
     shared = dict(common.environment("cpu"), question="op-overhead", cpu_threads=1)
-    for name, (call, trained, kernel_op) in cases().items():
+    for name, (call, trained) in cases().items():
         paths = {"eager": call}
-        if kernel_op is not None:
-            paths["custom_op"] = through_custom_op(kernel_op, call)
+        if always_custom_ops is not None:
+            paths["custom_op"] = through_custom_ops(call)
         for path, fn in paths.items():
             def fwd_bwd(fn=fn):
                 out = fn()

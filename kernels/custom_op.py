@@ -4,9 +4,12 @@ implementation instead of tracing into a Triton launch (which it cannot: a launc
 ``KernelOp`` makes one differentiable op from the pieces an op file writes once:
 
 * ``forward(*inputs)`` and ``backward(*args)``: the launchers, functions of tensors, ints, floats, bools, dtypes,
-  optional tensors and lists of them (type-annotated: torch.library reads the schema from the annotations), each
-  returning a tensor or a tuple of fresh tensors (never an input or a view of one);
-* ``forward_fake`` / ``backward_fake``: the same outputs' shapes, dtypes and strides, computed without data;
+  optional tensors and lists of ints (type-annotated: torch.library reads the schema from the annotations; a
+  backward may also take lists of tensors, a forward may not, since autograd.Function and custom ops disagree on
+  their gradients), each returning a tensor or a tuple of fresh tensors (never an input or a view of one);
+* ``forward_fake`` / ``backward_fake``: the same outputs' shapes, dtypes and strides, computed without data (a
+  compiled graph trusts the strides: a fake that says contiguous where the launcher returns a transposed view makes
+  later views in the graph read the wrong elements);
 * ``setup_context(ctx, inputs, output)``: saves what the backward needs (as ``torch.autograd.Function`` does);
 * ``gradients(ctx, backward, *grads)``: calls ``backward`` and returns one gradient per forward input.
 
@@ -20,7 +23,11 @@ was not asked for, and ``gradients`` passes None to autograd instead.
 
 ``ReferenceOp`` wraps a PyTorch reference whose shapes depend on the data (the MoE references loop over experts
 with ``torch.where``), which dynamo would otherwise split into many graphs: under torch.compile it runs as one
-custom op, forward without autograd and backward by recomputing it with autograd. Eager calls run it directly.
+custom op, forward without autograd and backward by recomputing it under torch.func.vjp. Eager calls run it
+directly. References of plain shapes need none of this: dynamo traces them as they are.
+
+``GraphOp`` is the same for a function without gradients (``dequantize_nf4``). ``always_custom_ops()`` sends eager
+calls through the custom ops too, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -56,10 +63,6 @@ def always_custom_ops():
 def no_gradient(like: torch.Tensor) -> torch.Tensor:
     """What a backward launcher returns for a gradient nobody asked for (custom ops cannot return None)."""
     return like.new_empty(0)
-
-
-def gradient_or_none(grad: torch.Tensor, needed: bool) -> torch.Tensor | None:
-    return grad if needed else None
 
 
 class KernelOp:

@@ -25,9 +25,11 @@ Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activati
 
 ``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, ``nf4``): the four base GEMMs dequantize
 weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing weights and
-inputs get gradients, the base weights none. One autograd Function runs both: the grouped GEMMs take either kind of
-weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (what autograd saves, the base weight
-gradients).
+inputs get gradients, the base weights none. One forward and one backward serve both, registered as the custom ops
+``fastmoe::moe_experts`` and ``fastmoe::moe_experts_nf4`` (``custom_op.KernelOp``): the grouped GEMMs take either kind
+of weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (their op arguments, what autograd saves,
+the base weight gradients). Under torch.compile the references run as ops of their own too (``ReferenceOp``): their
+loop over experts has shapes that depend on the routing.
 
 The autograd plumbing below (schedule, saving, LoRA gradients) also serves ``expert_map_reduce``.
 """

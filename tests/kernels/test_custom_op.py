@@ -279,7 +279,10 @@ def test_reference_ops_agree_with_their_fakes(case):
 
 @pytest.mark.parametrize("case", INDUCTOR_CASES)
 @pytest.mark.parametrize("reference", [False, True], ids=["kernels", "reference"])
-def test_inductor_equals_eager(case, reference):
+def test_inductor_equals_eager(case, reference, tmp_path, monkeypatch):
+    # A cache of its own: inductor's CPU cache does not key its compiled kernels on ATEN_CPU_CAPABILITY, so a kernel
+    # built for another instruction set on this machine would be loaded (and compute garbage).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     fn, inputs = CASES[case]()
     with reference_only() if reference else contextlib.nullcontext():
         assert_same(forward_backward(compiled(fn, backend="inductor"), inputs), forward_backward(fn, inputs),
