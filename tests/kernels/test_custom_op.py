@@ -38,21 +38,30 @@ from fastmoe.kernels.short_conv import short_conv
 from testing_utils import rel_err
 
 
-def randn(*shape, grad=False, seed=0):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + sum(shape)))
-    return t.requires_grad_(grad)
+# The kernels run on a GPU where there is one, in the interpreter otherwise.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape, grad=False, seed=0, scale=1.0):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + sum(shape))) * scale
+    return t.to(DEVICE).requires_grad_(grad)
 
 
 def routing(tokens, experts, top_k, seed=0):
     """(tokens, k) distinct experts per token, leaving expert 0 without tokens, and random weights."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.stack([1 + torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(tokens)])
-    return index, torch.rand(tokens, top_k, generator=generator).requires_grad_()
+    return index.to(DEVICE), torch.rand(tokens, top_k, generator=generator).to(DEVICE).requires_grad_()
 
 
-def expert_lora(experts, rank, out, inp, seed):
-    return ExpertLora(randn(experts, rank, inp, grad=True, seed=seed) * 0.3,
-                      randn(experts, out, rank, grad=True, seed=seed + 1) * 0.3, 1.5)
+def lora_factors(experts, rank, out, inp, seed):
+    """A (E, r, in) and B (E, out, r) of an expert LoRA."""
+    return [randn(experts, rank, inp, grad=True, seed=seed, scale=0.3),
+            randn(experts, out, rank, grad=True, seed=seed + 1, scale=0.3)]
+
+
+def lora_of(factors):
+    return ExpertLora(*factors, 1.5) if factors else None
 
 
 def moe_case(top_k=2, lora=True, train_weights=False):
@@ -60,13 +69,11 @@ def moe_case(top_k=2, lora=True, train_weights=False):
     index, weights = routing(tokens, experts, top_k)
     gate_up = randn(experts, 2 * inter, hidden, grad=train_weights, seed=1)
     down = randn(experts, hidden, inter, grad=train_weights, seed=2)
-    gu_lora = expert_lora(experts, rank, 2 * inter, hidden, 3) if lora else None
-    down_lora = expert_lora(experts, rank, hidden, inter, 5) if lora else None
-    loras = [t for lora_ in (gu_lora, down_lora) if lora_ is not None for t in (lora_.A, lora_.B)]
+    loras = lora_factors(experts, rank, 2 * inter, hidden, 3) + lora_factors(experts, rank, hidden, inter, 5)
 
-    def fn(x, w, *_):
-        return moe_experts(x, index, w, gate_up, down, gu_lora, down_lora)
-    return fn, [randn(tokens, hidden, grad=True), weights, *loras, gate_up, down]
+    def fn(x, w, gate_up, down, *loras):
+        return moe_experts(x, index, w, gate_up, down, lora_of(loras[:2]), lora_of(loras[2:]))
+    return fn, [randn(tokens, hidden, grad=True), weights, gate_up, down, *(loras if lora else [])]
 
 
 def moe_nf4_case():
@@ -74,30 +81,31 @@ def moe_nf4_case():
     index, weights = routing(tokens, experts, 2)
     gate_up = quantize_nf4(randn(experts, 2 * inter, hidden, seed=1), double_quant=True)
     down = quantize_nf4(randn(experts, hidden, inter, seed=2))
-    gu_lora, down_lora = expert_lora(experts, rank, 2 * inter, hidden, 3), expert_lora(experts, rank, hidden, inter, 5)
+    loras = lora_factors(experts, rank, 2 * inter, hidden, 3) + lora_factors(experts, rank, hidden, inter, 5)
 
-    def fn(x, w, *_):
-        return moe_experts_nf4(x, index, w, gate_up, down, gu_lora, down_lora)
-    return fn, [randn(tokens, hidden, grad=True), weights, gu_lora.A, gu_lora.B, down_lora.A, down_lora.B]
+    def fn(x, w, *loras):
+        return moe_experts_nf4(x, index, w, gate_up, down, lora_of(loras[:2]), lora_of(loras[2:]))
+    return fn, [randn(tokens, hidden, grad=True), weights, *loras]
 
 
 def expert_map_case():
     tokens, hidden, out, experts = 7, 12, 9, 4
     index, _ = routing(tokens, experts, 2)
-    weight = randn(experts, out, hidden, grad=True, seed=1)
-    lora = expert_lora(experts, 3, out, hidden, 2)
-    return (lambda x, w, *_: expert_map(x, index, w, lora)), [randn(tokens, hidden, grad=True), weight, lora.A, lora.B]
+
+    def fn(x, weight, *lora):
+        return expert_map(x, index, weight, lora_of(lora))
+    return fn, [randn(tokens, hidden, grad=True), randn(experts, out, hidden, grad=True, seed=1),
+                *lora_factors(experts, 3, out, hidden, 2)]
 
 
 def expert_reduce_case():
     tokens, hidden, width, experts = 7, 12, 9, 4
     index, weights = routing(tokens, experts, 2)
-    weight = randn(experts, hidden, width, grad=True, seed=1)
-    lora = expert_lora(experts, 3, hidden, width, 2)
 
-    def fn(x, w, weight, *_):
-        return expert_reduce(x, index, w, weight, lora)
-    return fn, [randn(tokens, 2, width, grad=True), weights, weight, lora.A, lora.B]
+    def fn(x, w, weight, *lora):
+        return expert_reduce(x, index, w, weight, lora_of(lora))
+    return fn, [randn(tokens, 2, width, grad=True), weights, randn(experts, hidden, width, grad=True, seed=1),
+                *lora_factors(experts, 3, hidden, width, 2)]
 
 
 def qk_norm_rope_case(norm, interleaved, per_head, rope=True):
@@ -156,7 +164,7 @@ CASES = {
     "short_conv": lambda: short_conv_case(bias=True),
     "short_conv_without_bias": lambda: short_conv_case(bias=False),
     "route_sigmoid_topk": lambda: ((lambda logits, bias: route_sigmoid_topk(logits, bias, 3, True, 1e-20, 1.5)),
-                                   [randn(7, 8, grad=True), randn(8, seed=1) * 0.1]),
+                                   [randn(7, 8, grad=True), randn(8, seed=1, scale=0.1)]),
     "route_softmax_topk": lambda: ((lambda logits: route_softmax_topk(logits, 2)), [randn(7, 5, grad=True)]),
     "moe_experts": lambda: moe_case(),
     "moe_experts_top1_trained_weights": lambda: moe_case(top_k=1, lora=False, train_weights=True),
@@ -189,6 +197,7 @@ def forward_backward(fn, inputs):
     if trained and differentiable:
         upstream = [randn(*o.shape, seed=7).to(o.dtype) for o in differentiable]
         grads = list(torch.autograd.grad(differentiable, trained, upstream, allow_unused=True))
+        assert all(g is not None for g in grads), "an input that requires grad got none: the case ignores it"
     return [o.detach() for o in outs], grads
 
 
