@@ -1,4 +1,4 @@
-"""fastmoe's Triton kernels, one op per file (kernels, launch code, autograd Function, PyTorch reference).
+"""fastmoe's Triton kernels, one op per file (kernels, launch code, custom op and autograd, PyTorch reference).
 
 Installed as ``fastmoe.kernels``. See README.md beside this file for why a top-level ``kernels`` must find
 nothing here.

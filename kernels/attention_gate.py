@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp
 from .dispatch import use_triton
 
 _BLOCK = 1024
@@ -42,24 +43,42 @@ def _attention_gate_bwd_kernel(O, G, DOUT, DO, DG, N, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dout * o * sig * (1.0 - sig)).to(DG.dtype.element_ty), mask=mask)
 
 
-class AttentionGateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        o, g = o.contiguous(), g.contiguous()
-        out = torch.empty_like(o)
-        n = o.numel()
-        _attention_gate_fwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, out, n, BLOCK=_BLOCK, num_warps=4)
-        ctx.save_for_backward(o, g)
-        return out
+def _attention_gate_forward(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    o, g = o.contiguous(), g.contiguous()
+    out = torch.empty_like(o)
+    n = o.numel()
+    _attention_gate_fwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, out, n, BLOCK=_BLOCK, num_warps=4)
+    return out
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        o, g = ctx.saved_tensors
-        dout = dout.contiguous()
-        do, dg = torch.empty_like(o), torch.empty_like(g)
-        n = o.numel()
-        _attention_gate_bwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, dout, do, dg, n, BLOCK=_BLOCK, num_warps=4)
-        return do, dg
+
+def _attention_gate_forward_fake(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return o.new_empty(o.shape)
+
+
+def _attention_gate_backward(dout: torch.Tensor, o: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    o, g, dout = o.contiguous(), g.contiguous(), dout.contiguous()
+    do, dg = torch.empty_like(o), torch.empty_like(g)
+    n = o.numel()
+    _attention_gate_bwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, dout, do, dg, n, BLOCK=_BLOCK, num_warps=4)
+    return do, dg
+
+
+def _attention_gate_backward_fake(
+    dout: torch.Tensor, o: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return o.new_empty(o.shape), g.new_empty(g.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gradients(ctx, backward, dout):
+    return backward(dout, *ctx.saved_tensors)
+
+
+_attention_gate = KernelOp("attention_gate", _attention_gate_forward, _attention_gate_forward_fake, _setup_context,
+                           _gradients, _attention_gate_backward, _attention_gate_backward_fake)
 
 
 def attention_gate(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -67,5 +86,5 @@ def attention_gate(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if o.shape != g.shape:
         raise ValueError(f"attention_gate needs o and g of one shape, got {tuple(o.shape)} and {tuple(g.shape)}")
     if use_triton(o, g):
-        return AttentionGateFunction.apply(o, g)
+        return _attention_gate(o, g)
     return reference_attention_gate(o, g)

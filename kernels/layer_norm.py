@@ -7,10 +7,13 @@ a (programs, heads, dim) fp32 buffer, reduced afterwards: no atomics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
 from .rms_norm import backward_programs, row_tile
 
@@ -94,41 +97,78 @@ def _tokens_heads_dim(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t3 if t3.stride(-1) == 1 else t3.contiguous()
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        heads = weight.shape[0] if weight.dim() == 2 else 1
-        x3 = _tokens_heads_dim(x, heads)
-        w = weight.contiguous()
-        t, h, d = x3.shape
-        y = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
-        mean = torch.empty(t * h, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(t * h, dtype=torch.float32, device=x.device)
-        block_m, block_d, num_warps = row_tile(d)
-        _layer_norm_fwd_kernel[(triton.cdiv(t, block_m), h)](
-            x3, w, y, mean, rstd, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), t, h, d, eps,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        )
-        ctx.save_for_backward(x3, w, mean, rstd)
-        return y.view(x.shape)
+def _layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., [heads,] dim) -> y like x, mean and rstd (tokens * heads,) fp32."""
+    heads = weight.shape[0] if weight.dim() == 2 else 1
+    x3 = _tokens_heads_dim(x, heads)
+    w = weight.contiguous()
+    t, h, d = x3.shape
+    y = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    mean = torch.empty(t * h, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(t * h, dtype=torch.float32, device=x.device)
+    block_m, block_d, num_warps = row_tile(d)
+    _layer_norm_fwd_kernel[(triton.cdiv(t, block_m), h)](
+        x3, w, y, mean, rstd, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), t, h, d, eps,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return y.view(x.shape), mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x3, w, mean, rstd = ctx.saved_tensors
-        t, h, d = x3.shape
-        dy3 = _tokens_heads_dim(dy, h)
-        dx = torch.empty((t, h, d), dtype=x3.dtype, device=x3.device)
-        block_m, block_d, num_warps = row_tile(d)
-        programs, toks_per_program = backward_programs(x3.device, t, block_m)
-        dw_partial = torch.empty((programs, h, d), dtype=torch.float32, device=x3.device)
-        _layer_norm_bwd_kernel[(programs, h)](
-            x3, w, dy3, dx, mean, rstd, dw_partial,
-            x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1), dx.stride(0), dx.stride(1),
-            t, h, d, toks_per_program,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        )
-        dw = dw_partial.sum(0).view(w.shape).to(w.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(dy.shape), dw, None
+
+def _layer_norm_forward_fake(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats = math.prod(x.shape[:-1])
+    return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+def _layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy like x -> dx like x, dweight like weight (empty unless weight_grad)."""
+    heads = weight.shape[0] if weight.dim() == 2 else 1
+    x3, dy3 = _tokens_heads_dim(x, heads), _tokens_heads_dim(dy, heads)
+    w = weight.contiguous()
+    t, h, d = x3.shape
+    dx = torch.empty((t, h, d), dtype=x3.dtype, device=x3.device)
+    block_m, block_d, num_warps = row_tile(d)
+    programs, toks_per_program = backward_programs(x3.device, t, block_m)
+    dw_partial = torch.empty((programs, h, d), dtype=torch.float32, device=x3.device)
+    _layer_norm_bwd_kernel[(programs, h)](
+        x3, w, dy3, dx, mean, rstd, dw_partial,
+        x3.stride(0), x3.stride(1), dy3.stride(0), dy3.stride(1), dx.stride(0), dx.stride(1),
+        t, h, d, toks_per_program,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).view(weight.shape).to(weight.dtype) if weight_grad else no_gradient(weight)
+    return dx.view(x.shape), dw
+
+
+def _layer_norm_backward_fake(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape) if weight_grad else no_gradient(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gradients(ctx, backward, dy, _mean, _rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[1]
+    dx, dw = backward(dy, x, weight, mean, rstd, weight_grad)
+    return dx, dw if weight_grad else None, None
+
+
+_layer_norm = KernelOp("layer_norm", _layer_norm_forward, _layer_norm_forward_fake, _setup_context, _gradients,
+                       _layer_norm_backward, _layer_norm_backward_fake)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -136,5 +176,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     if weight.dim() == 2 and (x.dim() < 2 or tuple(x.shape[-2:]) != tuple(weight.shape)):
         raise ValueError(f"a (heads, dim) weight {tuple(weight.shape)} needs x (..., heads, dim), got {tuple(x.shape)}")
     if use_triton(x, weight):
-        return LayerNormFunction.apply(x, weight, eps)
+        return _layer_norm(x, weight, eps)[0]
     return reference_layer_norm(x, weight, eps)

@@ -18,6 +18,10 @@ float32). Without autocast, peft itself runs its LoRA branch in float32, copying
 
 A 4-bit base weight (bitsandbytes) is passed as a zero-argument callable that dequantizes it: it is dequantized
 for the forward GEMM and again in the backward, so no 16-bit copy outlives either GEMM.
+
+Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
+traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
+and the casts around them; and a custom op could not take the dequantizing callable.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
 from .layer_norm import reference_layer_norm
 from .rms_norm import backward_programs, reference_rms_norm
@@ -175,71 +176,123 @@ def _tile(heads: int, head_dim: int) -> tuple[int, int, int, int]:
     return block_t, block_h, block_half, num_warps
 
 
-class QKNormRopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        eps: float,
-        is_rms: bool,
-        interleaved: bool,
-    ) -> torch.Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        batch, seq, heads, dim = x.shape
-        has_rope = cos is not None
-        if has_rope:
-            cos, sin = broadcast_cos_sin(cos, sin, batch)
-        w = weight.contiguous() if weight is not None else None
-        y = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
-        block_t, block_h, block_half, num_warps = _tile(heads, dim)
-        _qk_norm_rope_fwd_kernel[(triton.cdiv(batch * seq, block_t), triton.cdiv(heads, block_h))](
-            x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, y,
-            x.stride(0), x.stride(1), x.stride(2),
-            # A (head_dim,) weight is shared by all heads: head stride 0.
-            w.stride(0) if w is not None and w.dim() == 2 else 0,
-            cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
-            batch * seq, seq, heads, dim, (dim + 1) // 2, eps,
-            IS_RMS=is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved and has_rope,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
-        )
-        ctx.save_for_backward(x, w, cos, sin)
-        ctx.eps, ctx.is_rms, ctx.interleaved = eps, is_rms, interleaved
-        return y.transpose(1, 2)
+def _qk_norm_rope_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    interleaved: bool,
+) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    batch, seq, heads, dim = x.shape
+    has_rope = cos is not None
+    if has_rope:
+        cos, sin = broadcast_cos_sin(cos, sin, batch)
+    w = weight.contiguous() if weight is not None else None
+    y = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
+    block_t, block_h, block_half, num_warps = _tile(heads, dim)
+    _qk_norm_rope_fwd_kernel[(triton.cdiv(batch * seq, block_t), triton.cdiv(heads, block_h))](
+        x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, y,
+        x.stride(0), x.stride(1), x.stride(2),
+        # A (head_dim,) weight is shared by all heads: head stride 0.
+        w.stride(0) if w is not None and w.dim() == 2 else 0,
+        cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
+        batch * seq, seq, heads, dim, (dim + 1) // 2, eps,
+        IS_RMS=is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved and has_rope,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    return y.transpose(1, 2)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, cos, sin = ctx.saved_tensors
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        batch, seq, heads, dim = x.shape
-        has_rope = cos is not None
-        dx = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
-        block_t, block_h, block_half, num_warps = _tile(heads, dim)
-        tokens = batch * seq
-        programs, toks_per_program = backward_programs(x.device, tokens, block_t)
-        dw_partial = (
-            torch.empty((programs, heads, dim), dtype=torch.float32, device=x.device) if w is not None else None
-        )
-        _qk_norm_rope_bwd_kernel[(programs, triton.cdiv(heads, block_h))](
-            x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, dy, dx,
-            dw_partial if w is not None else dx,
-            x.stride(0), x.stride(1), x.stride(2),
-            w.stride(0) if w is not None and w.dim() == 2 else 0,
-            cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
-            dy.stride(0), dy.stride(1), dy.stride(2),
-            tokens, seq, heads, dim, (dim + 1) // 2, ctx.eps, toks_per_program,
-            IS_RMS=ctx.is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=ctx.interleaved and has_rope,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
-        )
-        dw = None
-        if w is not None and ctx.needs_input_grad[1]:
-            dw = dw_partial.sum(0)
-            dw = (dw if w.dim() == 2 else dw.sum(0)).to(w.dtype)
-        return dx, dw, None, None, None, None, None
+
+def _qk_norm_rope_forward_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    interleaved: bool,
+) -> torch.Tensor:
+    return x.new_empty(x.shape).transpose(1, 2)
+
+
+def _qk_norm_rope_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    interleaved: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy (batch, heads, seq, head_dim) -> dx (batch, seq, heads, head_dim), dweight like weight (empty unless
+    weight_grad)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    batch, seq, heads, dim = x.shape
+    has_rope = cos is not None
+    if has_rope:
+        cos, sin = broadcast_cos_sin(cos, sin, batch)
+    w = weight.contiguous() if weight is not None else None
+    dx = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
+    block_t, block_h, block_half, num_warps = _tile(heads, dim)
+    tokens = batch * seq
+    programs, toks_per_program = backward_programs(x.device, tokens, block_t)
+    dw_partial = torch.empty((programs, heads, dim), dtype=torch.float32, device=x.device) if w is not None else None
+    _qk_norm_rope_bwd_kernel[(programs, triton.cdiv(heads, block_h))](
+        x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, dy, dx,
+        dw_partial if w is not None else dx,
+        x.stride(0), x.stride(1), x.stride(2),
+        w.stride(0) if w is not None and w.dim() == 2 else 0,
+        cos.stride(0) if has_rope else 0, cos.stride(1) if has_rope else 0,
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        tokens, seq, heads, dim, (dim + 1) // 2, eps, toks_per_program,
+        IS_RMS=is_rms, HAS_WEIGHT=w is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved and has_rope,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    if w is None or not weight_grad:
+        return dx, no_gradient(x)
+    dw = dw_partial.sum(0)
+    return dx, (dw if w.dim() == 2 else dw.sum(0)).to(w.dtype)
+
+
+def _qk_norm_rope_backward_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    interleaved: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dw = weight.new_empty(weight.shape) if weight is not None and weight_grad else no_gradient(x)
+    return x.new_empty(x.shape), dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, cos, sin, eps, is_rms, interleaved = inputs
+    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.eps, ctx.is_rms, ctx.interleaved = eps, is_rms, interleaved
+
+
+def _gradients(ctx, backward, dy):
+    x, weight, cos, sin = ctx.saved_tensors
+    weight_grad = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = backward(dy, x, weight, cos, sin, ctx.eps, ctx.is_rms, ctx.interleaved, weight_grad)
+    return dx, dw if weight_grad else None, None, None, None, None, None
+
+
+_qk_norm_rope = KernelOp("qk_norm_rope", _qk_norm_rope_forward, _qk_norm_rope_forward_fake, _setup_context,
+                         _gradients, _qk_norm_rope_backward, _qk_norm_rope_backward_fake)
 
 
 def qk_norm_rope(
@@ -270,5 +323,5 @@ def qk_norm_rope(
         x = x.transpose(1, 2)
         return apply_rope(x, cos, sin, interleaved) if cos is not None else x
     if use_triton(x, weight, cos, sin):
-        return QKNormRopeFunction.apply(x, weight, cos, sin, eps, norm == "rms", interleaved)
+        return _qk_norm_rope(x, weight, cos, sin, eps, norm == "rms", interleaved)
     return reference_qk_norm_rope(x, weight, cos, sin, eps, norm, interleaved)

@@ -6,10 +6,13 @@ program into a (programs, hidden) fp32 buffer and reduced afterwards, so no two 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
 
 
@@ -110,77 +113,88 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm_forward(
-    x2: torch.Tensor, residual2: torch.Tensor | None, w: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, hidden) -> normed, the normalised input (x2, or x2 + residual2), rstd (rows,) fp32."""
+    """x, residual (..., hidden) -> normed (..., hidden), the sum x + residual (..., hidden) (empty without a
+    residual), rstd (rows,) fp32."""
+    x2, w = _rows(x), weight.contiguous()
     m, d = x2.shape
     y = torch.empty((m, d), dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
-    total = torch.empty_like(y) if residual2 is not None else x2
-    r = residual2 if residual2 is not None else x2
+    r = _rows(residual) if residual is not None else x2
+    total = torch.empty_like(y) if residual is not None else x2
     block_m, block_d, num_warps = row_tile(d)
     _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x2, r, total, w, y, rstd, x2.stride(0), r.stride(0), total.stride(0), y.stride(0), m, d, eps,
-        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
-    return y, total, rstd
+    total = total.view(x.shape) if residual is not None else no_gradient(x)
+    return y.view(x.shape), total, rstd
+
+
+def _rms_norm_forward_fake(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total = x.new_empty(x.shape) if residual is not None else no_gradient(x)
+    return x.new_empty(x.shape), total, x.new_empty(math.prod(x.shape[:-1]), dtype=torch.float32)
 
 
 def _rms_norm_backward(
-    x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy2: torch.Tensor, dsum2: torch.Tensor | None
+    dy: torch.Tensor, dsum: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx (rows, hidden) in x's dtype (plus dsum2 when given) and dweight (hidden,) fp32."""
+    """dy (and dsum, the sum's gradient, with a residual) (..., hidden) -> dx (..., hidden) in x's dtype (dsum
+    included), dweight (hidden,) in weight's dtype (empty unless weight_grad). x: the normalised input."""
+    x2, w, dy2 = _rows(x), weight.contiguous(), _rows(dy)
+    dsum2 = _rows(dsum) if dsum is not None else dy2
     m, d = x2.shape
     dx = torch.empty((m, d), dtype=x2.dtype, device=x2.device)
     block_m, block_d, num_warps = row_tile(d)
     programs, rows_per_program = backward_programs(x2.device, m, block_m)
     dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2.device)
-    dsum = dsum2 if dsum2 is not None else dy2
     _rms_norm_bwd_kernel[(programs,)](
-        x2, w, dy2, dsum, dx, rstd, dw_partial,
-        x2.stride(0), dy2.stride(0), dsum.stride(0), dx.stride(0), m, d, rows_per_program,
-        HAS_DSUM=dsum2 is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        x2, w, dy2, dsum2, dx, rstd, dw_partial,
+        x2.stride(0), dy2.stride(0), dsum2.stride(0), dx.stride(0), m, d, rows_per_program,
+        HAS_DSUM=dsum is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
-    return dx, dw_partial.sum(0)
+    dw = dw_partial.sum(0).to(weight.dtype) if weight_grad else no_gradient(weight)
+    return dx.view(x.shape), dw
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x2, w = _rows(x), weight.contiguous()
-        y, _, rstd = _rms_norm_forward(x2, None, w, eps)
-        ctx.save_for_backward(x2, w, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2, w, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_backward(x2, w, rstd, _rows(dy), None)
-        return dx.view(dy.shape), dw.to(w.dtype) if ctx.needs_input_grad[1] else None, None
+def _rms_norm_backward_fake(
+    dy: torch.Tensor, dsum: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape) if weight_grad else no_gradient(weight)
 
 
-class RMSNormAddFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.contiguous()
-        y, total, rstd = _rms_norm_forward(_rows(x), _rows(residual), w, eps)
-        ctx.save_for_backward(total, w, rstd)
-        return y.view(x.shape), total.view(x.shape)
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, _ = inputs
+    _, total, rstd = output
+    ctx.has_residual = residual is not None
+    # The backward reads what was normalised: the sum when there is a residual.
+    ctx.save_for_backward(total if ctx.has_residual else x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    if not ctx.has_residual:
+        ctx.mark_non_differentiable(total)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, dsum: torch.Tensor):
-        total, w, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_backward(total, w, rstd, _rows(dy), _rows(dsum))
-        dx = dx.view(dy.shape)
-        return dx, dx, dw.to(w.dtype) if ctx.needs_input_grad[2] else None, None
+
+def _gradients(ctx, backward, dy, dsum, _):
+    normalised, weight, rstd = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[2]
+    dx, dw = backward(dy, dsum if ctx.has_residual else None, normalised, weight, rstd, weight_grad)
+    # With a residual, x and residual enter only through their sum: one gradient for both.
+    return dx, dx if ctx.has_residual else None, dw if weight_grad else None, None
+
+
+_rms_norm = KernelOp("rms_norm", _rms_norm_forward, _rms_norm_forward_fake, _setup_context, _gradients,
+                     _rms_norm_backward, _rms_norm_backward_fake)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., hidden), weight (hidden,) (fp32 or x's dtype) -> (..., hidden) in x's dtype."""
     if use_triton(x, weight):
-        return RMSNormFunction.apply(x, weight, eps)
+        return _rms_norm(x, None, weight, eps)[0]
     return reference_rms_norm(x, weight, eps)
 
 
@@ -203,5 +217,6 @@ def rms_norm_add(
         raise ValueError(f"rms_norm_add needs x and residual of one shape and dtype, got {x.shape}/{x.dtype} "
                          f"and {residual.shape}/{residual.dtype}")
     if use_triton(x, residual, weight):
-        return RMSNormAddFunction.apply(x, residual, weight, eps)
+        normed, total, _ = _rms_norm(x, residual, weight, eps)
+        return normed, total
     return reference_rms_norm_add(x, residual, weight, eps)

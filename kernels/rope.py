@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp
 from .dispatch import use_triton
 
 
@@ -165,19 +166,34 @@ def _launch_rope(
     return y
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        cos, sin = broadcast_cos_sin(cos, sin, x.shape[0])
-        ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
-        return _launch_rope(x, cos, sin, interleaved, backward=False)
+def _rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    cos, sin = broadcast_cos_sin(cos, sin, x.shape[0])
+    return _launch_rope(x, cos, sin, interleaved, backward=False)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        # cos and sin come from position ids, not parameters: no gradient flows to them.
-        return _launch_rope(dy, cos, sin, ctx.interleaved, backward=True), None, None, None
+
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    cos, sin = broadcast_cos_sin(cos, sin, dy.shape[0])
+    return _launch_rope(dy, cos, sin, interleaved, backward=True)
+
+
+def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    # As _launch_rope allocates: in x's layout (its unit-stride copy when the last dim is strided).
+    return torch.empty_like(x if x.stride(-1) == 1 else x.contiguous())
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, interleaved = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.interleaved = interleaved
+
+
+def _gradients(ctx, backward, dy):
+    cos, sin = ctx.saved_tensors
+    # cos and sin come from position ids, not parameters: no gradient flows to them.
+    return backward(dy, cos, sin, ctx.interleaved), None, None, None
+
+
+_rope = KernelOp("rope", _rope_forward, _rope_fake, _setup_context, _gradients, _rope_backward, _rope_fake)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -189,5 +205,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if x.shape[-1] % 2 != 0:
         raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
     if use_triton(x, cos, sin):
-        return RopeFunction.apply(x, cos, sin, interleaved)
+        return _rope(x, cos, sin, interleaved)
     return reference_rope(x, cos, sin, interleaved)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
 
 
@@ -152,56 +153,83 @@ def _time_chunks(device: torch.device, batch: int, seq_len: int, block_t: int, c
     return triton.cdiv(seq_len, chunk_len), chunk_len
 
 
-class ShortConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        bcx = _channels_contiguous(bcx)
-        batch, seq_len, channels = bcx.shape
-        hidden = channels // 3
-        w = weight.reshape(hidden, weight.shape[-1])
-        kernel_size = w.shape[1]
-        y = torch.empty((batch, seq_len, hidden), dtype=bcx.dtype, device=bcx.device)
-        block_t, block_d, num_warps = _tile(hidden)
-        grid = (triton.cdiv(seq_len, block_t), triton.cdiv(hidden, block_d), batch)
-        _short_conv_fwd_kernel[grid](
-            bcx, w, bias if bias is not None else w, y,
-            bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-            seq_len, hidden,
-            L=kernel_size, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-        )
-        ctx.save_for_backward(bcx, w, bias)
-        ctx.weight_shape = weight.shape
-        return y
+def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    bcx = _channels_contiguous(bcx)
+    batch, seq_len, channels = bcx.shape
+    hidden = channels // 3
+    w = weight.reshape(hidden, weight.shape[-1])
+    kernel_size = w.shape[1]
+    y = torch.empty((batch, seq_len, hidden), dtype=bcx.dtype, device=bcx.device)
+    block_t, block_d, num_warps = _tile(hidden)
+    grid = (triton.cdiv(seq_len, block_t), triton.cdiv(hidden, block_d), batch)
+    _short_conv_fwd_kernel[grid](
+        bcx, w, bias if bias is not None else w, y,
+        bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+        seq_len, hidden,
+        L=kernel_size, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        bcx, w, bias = ctx.saved_tensors
-        dy = _channels_contiguous(dy)
-        batch, seq_len, _ = bcx.shape
-        hidden, kernel_size = w.shape
-        block_t, block_d, num_warps = _tile(hidden)
-        channel_blocks = triton.cdiv(hidden, block_d)
-        chunks, chunk_len = _time_chunks(bcx.device, batch, seq_len, block_t, channel_blocks)
-        programs = batch * chunks
-        dbcx = torch.empty_like(bcx)
-        dw_partial = torch.empty((programs, kernel_size, hidden), dtype=torch.float32, device=bcx.device)
-        dbias_partial = torch.empty((programs, hidden) if bias is not None else (1,), dtype=torch.float32,
-                                    device=bcx.device)
-        _short_conv_bwd_kernel[(channel_blocks, programs)](
-            bcx, w, bias if bias is not None else w, dy, dbcx, dw_partial, dbias_partial,
-            bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), dy.stride(0), dy.stride(1),
-            dbcx.stride(0), dbcx.stride(1),
-            seq_len, hidden, chunks, chunk_len,
-            L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-        )
-        dweight = None
-        if ctx.needs_input_grad[1]:
-            dweight = dw_partial.sum(0).t().to(w.dtype).reshape(ctx.weight_shape)
-        dbias = None
-        if bias is not None and ctx.needs_input_grad[2]:
-            dbias = dbias_partial.sum(0).to(bias.dtype)
-        return dbcx, dweight, dbias
+
+def _short_conv_forward_fake(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    batch, seq_len, channels = bcx.shape
+    return bcx.new_empty((batch, seq_len, channels // 3))
+
+
+def _short_conv_backward(
+    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy (batch, seq, hidden) -> d(bcx) laid out like bcx, dweight like weight and dbias (hidden,) (each empty
+    unless asked for)."""
+    bcx, dy = _channels_contiguous(bcx), _channels_contiguous(dy)
+    batch, seq_len, _ = bcx.shape
+    w = weight.reshape(-1, weight.shape[-1])
+    hidden, kernel_size = w.shape
+    block_t, block_d, num_warps = _tile(hidden)
+    channel_blocks = triton.cdiv(hidden, block_d)
+    chunks, chunk_len = _time_chunks(bcx.device, batch, seq_len, block_t, channel_blocks)
+    programs = batch * chunks
+    dbcx = torch.empty_like(bcx)
+    dw_partial = torch.empty((programs, kernel_size, hidden), dtype=torch.float32, device=bcx.device)
+    dbias_partial = torch.empty((programs, hidden) if bias is not None else (1,), dtype=torch.float32,
+                                device=bcx.device)
+    _short_conv_bwd_kernel[(channel_blocks, programs)](
+        bcx, w, bias if bias is not None else w, dy, dbcx, dw_partial, dbias_partial,
+        bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), dy.stride(0), dy.stride(1),
+        dbcx.stride(0), dbcx.stride(1),
+        seq_len, hidden, chunks, chunk_len,
+        L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    dweight = dw_partial.sum(0).t().contiguous().to(w.dtype).view(weight.shape) if weight_grad else no_gradient(weight)
+    dbias = dbias_partial.sum(0).to(bias.dtype) if bias is not None and bias_grad else no_gradient(weight)
+    return dbcx, dweight, dbias
+
+
+def _short_conv_backward_fake(
+    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dweight = weight.new_empty(weight.shape) if weight_grad else no_gradient(weight)
+    dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else no_gradient(weight)
+    return torch.empty_like(_channels_contiguous(bcx)), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gradients(ctx, backward, dy):
+    bcx, weight, bias = ctx.saved_tensors
+    _, weight_grad, bias_grad = ctx.needs_input_grad
+    bias_grad = bias_grad and bias is not None
+    dbcx, dweight, dbias = backward(dy, bcx, weight, bias, weight_grad, bias_grad)
+    return dbcx, dweight if weight_grad else None, dbias if bias_grad else None
+
+
+_short_conv = KernelOp("short_conv", _short_conv_forward, _short_conv_forward_fake, _setup_context, _gradients,
+                       _short_conv_backward, _short_conv_backward_fake)
 
 
 def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,5 +245,5 @@ def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.numel() != hidden * weight.shape[-1] or weight.shape[0] != hidden:
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit hidden size {hidden}")
     if use_triton(bcx, weight, bias):
-        return ShortConvFunction.apply(bcx, weight, bias)
+        return _short_conv(bcx, weight, bias)
     return reference_short_conv(bcx, weight, bias)

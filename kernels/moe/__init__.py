@@ -1,5 +1,5 @@
 """The MoE kernels: routing, the grouped GEMMs over rows sorted by expert (16-bit or NF4 weights), the SwiGLU
-experts block and JetMoe's expert map/reduce, each op file with its Triton kernels, autograd Function and PyTorch
+experts block and JetMoe's expert map/reduce, each op file with its Triton kernels, custom ops and PyTorch
 reference.
 
 * ``routing``: ``route_sigmoid_topk``, ``route_softmax_topk``, ``sort_by_expert`` -> ``ExpertSchedule``

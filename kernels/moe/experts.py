@@ -25,9 +25,11 @@ Everything is recomputed from (gate | up) (S, 2I) and the two thin LoRA activati
 
 ``moe_experts_nf4`` is the same block over frozen NF4 weights (QLoRA, ``nf4``): the four base GEMMs dequantize
 weight tiles in registers (d(x) reads W_gu transposed, d(h) reads W_down transposed); LoRA, routing weights and
-inputs get gradients, the base weights none. One autograd Function runs both: the grouped GEMMs take either kind of
-weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (what autograd saves, the base weight
-gradients).
+inputs get gradients, the base weights none. One forward and one backward serve both, registered as the custom ops
+``fastmoe::moe_experts`` and ``fastmoe::moe_experts_nf4`` (``custom_op.KernelOp``): the grouped GEMMs take either kind
+of weight, and ``DenseExpertWeights`` / ``Nf4ExpertWeights`` supply the rest (their op arguments, what autograd saves,
+the base weight gradients). Under torch.compile the references run as ops of their own too (``ReferenceOp``): their
+loop over experts has shapes that depend on the routing.
 
 The autograd plumbing below (schedule, saving, LoRA gradients) also serves ``expert_map_reduce``.
 """
@@ -38,7 +40,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 
+from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
 from .grouped_gemm import (
     GemmWeight,
@@ -114,31 +118,46 @@ def reference_moe_experts_nf4(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton path: autograd Functions over grouped_gemm
+# Triton path: the forward and backward over grouped_gemm, one differentiable op per kind of expert weights
 # ----------------------------------------------------------------------------------------------------------
+# The helpers down to _sum_slots also serve expert_map_reduce.
 
 
 def _schedule(top_k_index: torch.Tensor, num_experts: int) -> tuple[ExpertSchedule, torch.Tensor]:
+    """The schedule of the grouped GEMMs, and the identity row index (S,) int32."""
     block_m = gemm_block_m(top_k_index.device, top_k_index.numel(), num_experts)
     schedule = sort_by_expert(top_k_index, num_experts, block_m)
     identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=top_k_index.device)
     return schedule, identity
 
 
-def _save(ctx, schedule: ExpertSchedule, *tensors: torch.Tensor | None) -> None:
-    """Save the schedule and tensors through save_for_backward, never as ctx attributes: saved-tensor hooks
-    (activation checkpointing, CPU offload) only see what goes through it."""
-    ctx.schedule_meta = (schedule.block_m, schedule.num_experts, schedule.top_k)
-    ctx.save_for_backward(schedule.sorted_pair, schedule.sorted_token, schedule.expert_offsets,
-                          schedule.tile_expert, schedule.tile_row_start, *tensors)
+def _schedule_tensors(schedule: ExpertSchedule) -> tuple[torch.Tensor, ...]:
+    """What a forward op returns of its schedule, for the backward (the sizes follow from the tensors' shapes)."""
+    return (schedule.sorted_pair, schedule.sorted_token, schedule.expert_offsets, schedule.tile_expert,
+            schedule.tile_row_start)
 
 
-def _saved(ctx) -> tuple[ExpertSchedule, torch.Tensor, tuple]:
-    """(schedule, identity row index, the other saved tensors) in backward."""
-    saved = ctx.saved_tensors
-    schedule = ExpertSchedule(*saved[:5], *ctx.schedule_meta)
-    identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=schedule.sorted_pair.device)
-    return schedule, identity, saved[5:]
+def _schedule_fakes(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """_schedule_tensors' shapes: static, sort_by_expert sizes its tiles by their bound."""
+    num_pairs = top_k_index.numel()
+    max_tiles = triton.cdiv(num_pairs, gemm_block_m(top_k_index.device, num_pairs, num_experts)) + num_experts
+    sizes = (num_pairs, num_pairs, num_experts + 1, max_tiles, max_tiles)
+    return tuple(top_k_index.new_empty(size, dtype=torch.int32) for size in sizes)
+
+
+def _saved_schedule(tensors: list[torch.Tensor], top_k: int) -> tuple[ExpertSchedule, torch.Tensor]:
+    """_schedule_tensors -> (schedule, identity row index) in a backward."""
+    sorted_pair, _, expert_offsets, _, _ = tensors
+    num_experts = expert_offsets.numel() - 1
+    block_m = gemm_block_m(sorted_pair.device, sorted_pair.numel(), num_experts)
+    schedule = ExpertSchedule(*tensors, block_m, num_experts, top_k)
+    identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=sorted_pair.device)
+    return schedule, identity
+
+
+def _needs_backward(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will ask for a backward: the forward then keeps what it needs (custom ops see no ctx)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _cast(t: GemmWeight | None, dtype: torch.dtype) -> GemmWeight | None:
@@ -158,20 +177,22 @@ def _thin(rows: int, rank: int, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, rank, dtype=like.dtype, device=like.device)
 
 
-def _lora_grads(
-    needs_a: bool, needs_b: bool, a: torch.Tensor | None, b: torch.Tensor | None,
-    a_grad_fn, b_grad_fn,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of a LoRA pair, each written by its grad_fn into a fresh tensor of the factor's shape/dtype."""
-    grad_a = a_grad_fn(torch.empty(a.shape, dtype=a.dtype, device=a.device)) if needs_a else None
-    grad_b = b_grad_fn(torch.empty(b.shape, dtype=b.dtype, device=b.device)) if needs_b else None
-    return grad_a, grad_b
+def _like(t: torch.Tensor | None, needed: bool, absent: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous tensor shaped like t where a gradient is needed (fakes), else the absent one."""
+    return t.new_empty(t.shape) if needed and t is not None else no_gradient(absent)
+
+
+def _lora_grad(needed: bool, factor: torch.Tensor | None, grad_fn, absent: torch.Tensor) -> torch.Tensor:
+    """The gradient of a LoRA factor, written by grad_fn into a fresh tensor of its shape and dtype."""
+    if not needed or factor is None:
+        return no_gradient(absent)
+    return grad_fn(torch.empty(factor.shape, dtype=factor.dtype, device=factor.device))
 
 
 @dataclass
 class DenseExpertWeights:
     """16-bit stacks gate_up (E, 2I, H) as [gate; up] and down (E, H, I), trained with the block (full
-    fine-tuning) when they require grad."""
+    fine-tuning) when they require grad. Op arguments: the two tensors."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -183,17 +204,35 @@ class DenseExpertWeights:
         """tensors() -> these weights, holding no tensor itself: backward rebuilds them from what it unpacks."""
         return DenseExpertWeights
 
-    def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
+    def op_args(self) -> tuple:
+        return self.gate_up, self.down
+
+    def weight_grads(self, needs: tuple[bool, bool], gate_up_grad_fn, down_grad_fn, absent: torch.Tensor) -> tuple:
         """Gradients of tensors(), each written by its grad_fn into a tensor laid out like the weight."""
         needs_gate_up, needs_down = needs
-        return (gate_up_grad_fn(torch.empty_like(self.gate_up)) if needs_gate_up else None,
-                down_grad_fn(torch.empty_like(self.down)) if needs_down else None)
+        return (gate_up_grad_fn(torch.empty_like(self.gate_up)) if needs_gate_up else no_gradient(absent),
+                down_grad_fn(torch.empty_like(self.down)) if needs_down else no_gradient(absent))
+
+    def weight_grad_fakes(self, needs: tuple[bool, bool], absent: torch.Tensor) -> tuple:
+        needs_gate_up, needs_down = needs
+        return (torch.empty_like(self.gate_up) if needs_gate_up else no_gradient(absent),
+                torch.empty_like(self.down) if needs_down else no_gradient(absent))
+
+    @staticmethod
+    def needs_weight_grads(needs_op_args: tuple[bool, ...]) -> tuple[bool, bool]:
+        return tuple(needs_op_args)
+
+    @staticmethod
+    def op_arg_grads(grad_gate_up: torch.Tensor | None, grad_down: torch.Tensor | None) -> tuple:
+        return grad_gate_up, grad_down
 
 
 @dataclass
 class Nf4ExpertWeights:
     """Frozen NF4 stacks (QLoRA, ``nf4``) gate_up (E, 2I, H) and down (E, H, I): the grouped GEMMs dequantize
-    weight tiles in registers, reading them transposed for the backward. Never a weight gradient."""
+    weight tiles in registers, reading them transposed for the backward. Never a weight gradient. Op arguments:
+    each stack's packed, absmax, absmax_scale and absmax_offset (None without double quantization), both shapes as
+    six ints, both dtypes (no lists of tensors: autograd.Function and custom ops disagree on their gradients)."""
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -209,110 +248,359 @@ class Nf4ExpertWeights:
             return Nf4ExpertWeights(rebuild_gate_up(*tensors[:num_gate_up]), rebuild_down(*tensors[num_gate_up:]))
         return rebuild
 
-    def weight_grads(self, needs: tuple[bool, ...], gate_up_grad_fn, down_grad_fn) -> tuple:
-        return (None,) * len(needs)
+    def op_args(self) -> tuple:
+        gate_up, down = self.gate_up, self.down
+        return (gate_up.packed, gate_up.absmax, gate_up.absmax_scale, gate_up.absmax_offset,
+                down.packed, down.absmax, down.absmax_scale, down.absmax_offset,
+                [*gate_up.shape, *down.shape], gate_up.dtype, down.dtype)
+
+    @staticmethod
+    def from_op_args(*args) -> Nf4ExpertWeights:
+        *tensors, shapes, gate_up_dtype, down_dtype = args
+        return Nf4ExpertWeights(Nf4Weight(*tensors[:2], tuple(shapes[:3]), gate_up_dtype, *tensors[2:4]),
+                                Nf4Weight(*tensors[4:6], tuple(shapes[3:]), down_dtype, *tensors[6:]))
+
+    def weight_grads(self, needs: tuple[bool, bool], gate_up_grad_fn, down_grad_fn, absent: torch.Tensor) -> tuple:
+        return no_gradient(absent), no_gradient(absent)
+
+    def weight_grad_fakes(self, needs: tuple[bool, bool], absent: torch.Tensor) -> tuple:
+        return no_gradient(absent), no_gradient(absent)
+
+    @staticmethod
+    def needs_weight_grads(needs_op_args: tuple[bool, ...]) -> tuple[bool, bool]:
+        return False, False
+
+    @staticmethod
+    def op_arg_grads(grad_gate_up: torch.Tensor | None, grad_down: torch.Tensor | None) -> tuple:
+        return (None,) * 11
 
 
 ExpertWeights = DenseExpertWeights | Nf4ExpertWeights
+# out, the schedule's five tensors, then what the backward reads: row_weight, (gate | up), the two thin LoRA
+# activations (empty tensors for what is not kept).
+ForwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# Gradients of hidden, top_k_weights, the four LoRA factors and the two base weights (empty where not asked for).
+BackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor, torch.Tensor]
 
 
-class _MoeExperts(torch.autograd.Function):
-    """The SwiGLU experts block over either kind of ExpertWeights.
+def _experts_forward(
+    experts: ExpertWeights, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+) -> ForwardOutputs:
+    num_tokens, top_k = top_k_index.shape
+    dtype = hidden.dtype
+    schedule, identity = _schedule(top_k_index, experts.gate_up.shape[0])
+    row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
+    gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
+    num_rows = schedule.num_pairs
 
-    apply(hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, experts,
-    *experts.tensors()): the weights' tensors follow as arguments of their own because apply only tracks tensor
-    arguments (16-bit weights that require grad are trained), and they go through save_for_backward like the rest.
-    """
+    l_gu = None
+    if gu_a_ is not None:
+        l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
+                          identity, out_scale=gu_scaling)
+    h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, _cast(experts.gate_up, dtype), schedule, l_gu,
+                                   gu_b_, store_gate_up=store_for_backward)
+    l_down = None
+    if down_a_ is not None:
+        l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
+                            identity, out_scale=down_scaling)
+    y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
+    grouped_mm(h, identity, _cast(experts.down, dtype), schedule, y, schedule.sorted_pair, l_down, down_b_,
+               row_scale=row_weight)
+    kept = (t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
+    return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight, *kept)
 
-    @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
-                experts: ExpertWeights, *weight_tensors):
-        num_tokens, top_k = top_k_index.shape
-        dtype = hidden.dtype
-        schedule, identity = _schedule(top_k_index, experts.gate_up.shape[0])
-        row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
-        num_rows = schedule.num_pairs
 
-        l_gu = None
-        if gu_a_ is not None:
-            l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
-                              identity, out_scale=gu_scaling)
-        h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, _cast(experts.gate_up, dtype), schedule, l_gu,
-                                       gu_b_, store_gate_up=any(ctx.needs_input_grad))
-        l_down = None
-        if down_a_ is not None:
-            l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
-                                identity, out_scale=down_scaling)
-        y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
-        grouped_mm(h, identity, _cast(experts.down, dtype), schedule, y, schedule.sorted_pair, l_down, down_b_,
-                   row_scale=row_weight)
+def _experts_forward_fake(
+    experts: ExpertWeights, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+) -> ForwardOutputs:
+    num_tokens, top_k = top_k_index.shape
+    num_experts, hidden_size, inter = experts.down.shape
+    num_rows = num_tokens * top_k
+    gate_up = hidden.new_empty(num_rows, 2 * inter) if store_for_backward else no_gradient(hidden)
+    l_gu = hidden.new_empty(num_rows, gu_a.shape[1]) if gu_a is not None else no_gradient(hidden)
+    l_down = hidden.new_empty(num_rows, down_a.shape[1]) if down_a is not None else no_gradient(hidden)
+    return (hidden.new_empty(num_tokens, hidden_size), *_schedule_fakes(top_k_index, num_experts),
+            hidden.new_empty(num_rows, dtype=torch.float32), gate_up, l_gu, l_down)
 
-        _save(ctx, schedule, hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
-              *weight_tensors)
-        ctx.scalings = (gu_scaling, down_scaling)
-        ctx.rebuild_experts = experts.rebuilder()
-        return _sum_slots(y, num_tokens, top_k, dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        schedule, identity, saved = _saved(ctx)
-        (hidden, top_k_weights, gu_a, gu_b, down_a, down_b, row_weight, gate_up, l_gu, l_down,
-         *weight_tensors) = saved
-        experts = ctx.rebuild_experts(*weight_tensors)
-        gu_scaling, down_scaling = ctx.scalings
-        (needs_hidden, _, needs_weights, needs_gu_a, needs_gu_b, _, needs_down_a, needs_down_b, _, _,
-         *needs_base) = ctx.needs_input_grad
-        num_tokens, top_k = top_k_weights.shape
-        num_rows = schedule.num_pairs
-        dtype = hidden.dtype
-        gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
-        tok, pair = schedule.sorted_token, schedule.sorted_pair
-        g = grad_out.to(dtype)
+def _experts_backward(
+    experts: ExpertWeights, grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+) -> BackwardOutputs:
+    """needs: whether hidden, top_k_weights, gu_a, gu_b, down_a, down_b and the two base weights want gradients."""
+    needs_hidden, needs_weights, needs_gu_a, needs_gu_b, needs_down_a, needs_down_b, *needs_base = needs
+    num_tokens, top_k = top_k_weights.shape
+    schedule, identity = _saved_schedule(schedule, top_k)
+    num_rows = schedule.num_pairs
+    dtype = hidden.dtype
+    gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
+    tok, pair = schedule.sorted_token, schedule.sorted_pair
+    g = grad_out.to(dtype)
 
-        # Down projection and SwiGLU.
-        g_down = None
-        if down_a_ is not None:
-            g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
-                                identity, out_scale=down_scaling)
-        dgu, h, d_row_weight = grouped_mm_swiglu_backward(
-            g, tok, _cast(experts.down, dtype), gate_up, row_weight, schedule,
-            g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
-        )
-        grad_weights = None
-        if needs_weights:
-            grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
-            grad_weights[pair.long()] = d_row_weight
-            grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
-        grad_down_a, grad_down_b = _lora_grads(
-            needs_down_a, needs_down_b, down_a, down_b,
-            lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight),
-            lambda out: grouped_wgrad(g, tok, l_down, identity, schedule, out, row_weight),
-        )
+    # Down projection and SwiGLU.
+    g_down = None
+    if down_a_ is not None:
+        g_down = grouped_mm(g, tok, down_b_.transpose(1, 2), schedule, _thin(num_rows, down_a.shape[1], g),
+                            identity, out_scale=down_scaling)
+    dgu, h, d_row_weight = grouped_mm_swiglu_backward(
+        g, tok, _cast(experts.down, dtype), gate_up, row_weight, schedule,
+        g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
+    )
+    grad_weights = no_gradient(hidden)
+    if needs_weights:
+        grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
+        grad_weights[pair.long()] = d_row_weight
+        grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
+    grad_down_a = _lora_grad(needs_down_a, down_a,
+                             lambda out: grouped_wgrad(g_down, identity, h, identity, schedule, out, row_weight), g)
+    grad_down_b = _lora_grad(needs_down_b, down_b,
+                             lambda out: grouped_wgrad(g, tok, l_down, identity, schedule, out, row_weight), g)
 
-        # Gate/up projection.
-        g_gu = None
-        if gu_a_ is not None:
-            g_gu = grouped_mm(dgu, identity, gu_b_.transpose(1, 2), schedule, _thin(num_rows, gu_a.shape[1], dgu),
-                              identity, out_scale=gu_scaling)
-        grad_hidden = None
-        if needs_hidden:
-            dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
-            grouped_mm(dgu, identity, _cast(experts.gate_up, dtype), schedule, dx, pair,
-                       g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True)
-            grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
-        grad_gu_a, grad_gu_b = _lora_grads(
-            needs_gu_a, needs_gu_b, gu_a, gu_b,
-            lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out),
-        )
-        grad_base = experts.weight_grads(
-            tuple(needs_base),
-            lambda out: grouped_wgrad(dgu, identity, hidden, tok, schedule, out),
-            lambda out: grouped_wgrad(g, tok, h, identity, schedule, out, row_weight),
-        )
-        return (grad_hidden, None, grad_weights, grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None,
-                None, *grad_base)
+    # Gate/up projection.
+    g_gu = None
+    if gu_a_ is not None:
+        g_gu = grouped_mm(dgu, identity, gu_b_.transpose(1, 2), schedule, _thin(num_rows, gu_a.shape[1], dgu),
+                          identity, out_scale=gu_scaling)
+    grad_hidden = no_gradient(hidden)
+    if needs_hidden:
+        dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
+        grouped_mm(dgu, identity, _cast(experts.gate_up, dtype), schedule, dx, pair,
+                   g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True)
+        grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
+    grad_gu_a = _lora_grad(needs_gu_a, gu_a, lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out), g)
+    grad_gu_b = _lora_grad(needs_gu_b, gu_b, lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out), g)
+    grad_base = experts.weight_grads(
+        tuple(needs_base),
+        lambda out: grouped_wgrad(dgu, identity, hidden, tok, schedule, out),
+        lambda out: grouped_wgrad(g, tok, h, identity, schedule, out, row_weight),
+        g,
+    )
+    return grad_hidden, grad_weights, grad_gu_a, grad_gu_b, grad_down_a, grad_down_b, *grad_base
+
+
+def _experts_backward_fake(
+    experts: ExpertWeights, grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+) -> BackwardOutputs:
+    needs_hidden, needs_weights, needs_gu_a, needs_gu_b, needs_down_a, needs_down_b, *needs_base = needs
+    return (_like(hidden, needs_hidden, hidden), _like(top_k_weights, needs_weights, hidden),
+            _like(gu_a, needs_gu_a, hidden), _like(gu_b, needs_gu_b, hidden),
+            _like(down_a, needs_down_a, hidden), _like(down_b, needs_down_b, hidden),
+            *experts.weight_grad_fakes(tuple(needs_base), hidden))
+
+
+# The ops' arguments: (hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
+# store_for_backward), then the weights' op_args(). One autograd glue serves both kinds of weights.
+_COMMON_ARGS = 10
+
+
+def _experts_setup_context(ctx, inputs, output, kind):
+    hidden, _, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, _ = inputs[:_COMMON_ARGS]
+    experts = kind(*inputs[_COMMON_ARGS:])
+    kept = output[1:]
+    # Everything through save_for_backward, never as ctx attributes: saved-tensor hooks (activation checkpointing,
+    # CPU offload) only see what goes through it.
+    ctx.save_for_backward(hidden, top_k_weights, gu_a, gu_b, down_a, down_b, *kept, *experts.tensors())
+    ctx.scalings = (gu_scaling, down_scaling)
+    ctx.rebuild_experts = experts.rebuilder()
+    ctx.mark_non_differentiable(*kept)
+
+
+def _experts_gradients(ctx, backward, grad_out, *_):
+    hidden, top_k_weights, gu_a, gu_b, down_a, down_b, *saved = ctx.saved_tensors
+    schedule, (row_weight, gate_up, l_gu, l_down), weight_tensors = saved[:5], saved[5:9], saved[9:]
+    experts = ctx.rebuild_experts(*weight_tensors)
+    needs_input = ctx.needs_input_grad
+    needs = [needs_input[0], needs_input[2], needs_input[3], needs_input[4], needs_input[6], needs_input[7],
+             *experts.needs_weight_grads(needs_input[_COMMON_ARGS:])]
+    grads = backward(grad_out, hidden, top_k_weights, gu_a, gu_b, ctx.scalings[0], down_a, down_b, ctx.scalings[1],
+                     list(schedule), row_weight, gate_up, l_gu, l_down, needs, *experts.op_args())
+    grad_hidden, grad_weights, grad_gu_a, grad_gu_b, grad_down_a, grad_down_b, grad_gate_up, grad_down = (
+        grad if need else None for grad, need in zip(grads, needs))
+    return (grad_hidden, None, grad_weights, grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None, None,
+            *experts.op_arg_grads(grad_gate_up, grad_down))
+
+
+def _moe_experts_forward(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+) -> ForwardOutputs:
+    return _experts_forward(DenseExpertWeights(gate_up_proj, down_proj), hidden, top_k_index, top_k_weights,
+                            gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, store_for_backward)
+
+
+def _moe_experts_forward_fake(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+) -> ForwardOutputs:
+    return _experts_forward_fake(DenseExpertWeights(gate_up_proj, down_proj), hidden, top_k_index, top_k_weights,
+                                 gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, store_for_backward)
+
+
+def _moe_experts_backward(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+) -> BackwardOutputs:
+    return _experts_backward(DenseExpertWeights(gate_up_proj, down_proj), grad_out, hidden, top_k_weights,
+                             gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
+                             schedule, row_weight, gate_up, l_gu, l_down, needs)
+
+
+def _moe_experts_backward_fake(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+) -> BackwardOutputs:
+    return _experts_backward_fake(DenseExpertWeights(gate_up_proj, down_proj), grad_out, hidden, top_k_weights,
+                                  gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
+                                  schedule, row_weight, gate_up, l_gu, l_down, needs)
+
+
+_moe_experts = KernelOp(
+    "moe_experts", _moe_experts_forward, _moe_experts_forward_fake,
+    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, DenseExpertWeights),
+    _experts_gradients, _moe_experts_backward, _moe_experts_backward_fake,
+)
+
+
+def _moe_experts_nf4_forward(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
+) -> ForwardOutputs:
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
+    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                            down_scaling, store_for_backward)
+
+
+def _moe_experts_nf4_forward_fake(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
+) -> ForwardOutputs:
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
+    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
+                                 down_b, down_scaling, store_for_backward)
+
+
+def _moe_experts_nf4_backward(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
+) -> BackwardOutputs:
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
+    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                             down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
+
+
+def _moe_experts_nf4_backward_fake(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
+) -> BackwardOutputs:
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
+    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                                  down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
+
+
+_moe_experts_nf4 = KernelOp(
+    "moe_experts_nf4", _moe_experts_nf4_forward, _moe_experts_nf4_forward_fake,
+    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, Nf4ExpertWeights.from_op_args),
+    _experts_gradients, _moe_experts_nf4_backward, _moe_experts_nf4_backward_fake,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The references as ops: under torch.compile their loops over experts (shapes that depend on the routing) run as
+# one node each
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _lora(a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> ExpertLora | None:
+    return ExpertLora(a, b, scaling) if a is not None else None
+
+
+def _moe_experts_reference(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+) -> torch.Tensor:
+    return reference_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                                 _lora(gu_a, gu_b, gu_scaling), _lora(down_a, down_b, down_scaling))
+
+
+def _moe_experts_nf4_reference(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
+    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
+    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+) -> torch.Tensor:
+    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
+                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
+    return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, experts.gate_up, experts.down,
+                                     _lora(gu_a, gu_b, gu_scaling), _lora(down_a, down_b, down_scaling))
+
+
+def _hidden_like(hidden: torch.Tensor, *args) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape)
+
+
+_moe_experts_reference_op = ReferenceOp("moe_experts_reference", _moe_experts_reference, _hidden_like)
+_moe_experts_nf4_reference_op = ReferenceOp("moe_experts_nf4_reference", _moe_experts_nf4_reference, _hidden_like)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,11 +627,12 @@ def moe_experts(
     gate_up_proj: (E, 2I, H) as [gate; up]; down_proj: (E, H, I). Returns (tokens, H) in hidden's dtype.
     Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors.
     """
-    experts = DenseExpertWeights(gate_up_proj, down_proj)
     gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
-    if hidden.shape[0] > 0 and use_triton(hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2]):
-        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, *gu, *dn, experts, *experts.tensors())
-    return reference_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_lora, down_lora)
+    trained = (hidden, top_k_weights, gate_up_proj, down_proj, *gu[:2], *dn[:2])
+    if hidden.shape[0] > 0 and use_triton(*trained):
+        return _moe_experts(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
+                            gate_up_proj, down_proj)[0]
+    return _moe_experts_reference_op(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, *gu, *dn)
 
 
 def moe_experts_nf4(
@@ -364,9 +653,10 @@ def moe_experts_nf4(
         raise ValueError(f"NF4 experts shapes do not fit: gate_up {gate_up.shape}, down {down.shape}")
     experts = Nf4ExpertWeights(gate_up, down)
     gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
+    trained = (hidden, top_k_weights, *gu[:2], *dn[:2])
     # bf16 weights are rounded to bf16 inside the kernels, which the interpreter cannot be trusted with.
     interpreted_bf16 = not hidden.is_cuda and torch.bfloat16 in (gate_up.dtype, down.dtype)
-    if (hidden.shape[0] > 0 and not interpreted_bf16
-            and use_triton(hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2])):
-        return _MoeExperts.apply(hidden, top_k_index, top_k_weights, *gu, *dn, experts, *experts.tensors())
-    return reference_moe_experts_nf4(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora)
+    if hidden.shape[0] > 0 and not interpreted_bf16 and use_triton(*trained, *experts.tensors()):
+        return _moe_experts_nf4(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
+                                *experts.op_args())[0]
+    return _moe_experts_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)

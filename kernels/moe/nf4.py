@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..custom_op import GraphOp
 from ..dispatch import use_triton
 
 BLOCKSIZE = 64
@@ -448,17 +449,13 @@ def triton_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Nf4Weight -> (E, N, K) in `dtype` (default: the quantized weight's dtype). Materialises the whole stack:
-    for merging adapters or a dense fallback, not for training (``moe_experts_nf4`` dequantizes tiles)."""
-    dtype = dtype or weight.dtype
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    # The interpreter cannot be trusted with bf16 (see dispatch.use_triton), as output or as intermediate rounding.
-    interpreted_bf16 = weight.device.type != "cuda" and weight.dtype == torch.bfloat16
-    if not use_triton(weight.packed, out) or interpreted_bf16:
-        return reference_dequantize_nf4(weight, dtype)
+def _dequantize_nf4(tensors: list[torch.Tensor], shape: list[int], weight_dtype: torch.dtype,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The Triton dequantization of the Nf4Weight(tensors, shape, weight_dtype) to dtype."""
+    weight = Nf4Weight(tensors[0].contiguous(), tensors[1].contiguous(), tuple(shape), weight_dtype,
+                       *(t.contiguous() for t in tensors[2:]))
     num_experts, n, k = weight.shape
-    weight = weight.rebuilder()(*(t.contiguous() for t in weight.tensors()))
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     # The PTX decode (nf4_decode_runs) on NVIDIA GPUs for 16-bit weights, the portable one elsewhere. 4096 weights
     # a program are 16 bytes for each of its 128 threads, what the PTX decodes at a time.
     register_decode = has_register_decode(weight.device, weight.dtype)
@@ -470,3 +467,22 @@ def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch
     if register_decode:
         check_register_decode_layout(compiled)
     return out
+
+
+def _dequantize_nf4_fake(tensors: list[torch.Tensor], shape: list[int], weight_dtype: torch.dtype,
+                         dtype: torch.dtype) -> torch.Tensor:
+    return tensors[0].new_empty(shape, dtype=dtype)
+
+
+_dequantize_nf4_op = GraphOp("dequantize_nf4", _dequantize_nf4, _dequantize_nf4_fake)
+
+
+def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Nf4Weight -> (E, N, K) in `dtype` (default: the quantized weight's dtype). Materialises the whole stack:
+    for merging adapters or a dense fallback, not for training (``moe_experts_nf4`` dequantizes tiles)."""
+    dtype = dtype or weight.dtype
+    # The interpreter cannot be trusted with bf16 (see dispatch.use_triton), as output or as intermediate rounding.
+    interpreted_bf16 = weight.device.type != "cuda" and torch.bfloat16 in (weight.dtype, dtype)
+    if not use_triton(weight.packed) or interpreted_bf16:
+        return reference_dequantize_nf4(weight, dtype)
+    return _dequantize_nf4_op(list(weight.tensors()), list(weight.shape), weight.dtype, dtype)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..custom_op import KernelOp
 from ..dispatch import use_triton
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,50 +124,79 @@ def _topk_select(
     return index, chosen
 
 
-class _RouteSigmoidTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, router_logits, expert_bias, top_k, normalize, norm_eps, scale):
-        index, scores = _topk_select(router_logits, expert_bias, top_k, sigmoid=True)
-        denom = scores.sum(dim=-1, keepdim=True) + norm_eps if normalize else None
-        weights = scores / denom * scale if normalize else scores * scale
-        ctx.save_for_backward(index, scores)
-        ctx.normalize, ctx.norm_eps, ctx.scale = normalize, norm_eps, scale
-        ctx.logits_shape, ctx.logits_dtype = router_logits.shape, router_logits.dtype
-        ctx.mark_non_differentiable(index)
-        return weights, index
-
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_index):
-        index, scores = ctx.saved_tensors
-        grad = grad_weights.float() * ctx.scale
-        if ctx.normalize:
-            # w_i = s_i / (S + eps)  =>  dL/ds_j = g_j / (S + eps) - sum_i g_i s_i / (S + eps)^2
-            denom = scores.sum(dim=-1, keepdim=True) + ctx.norm_eps
-            grad = grad / denom - (grad * scores).sum(dim=-1, keepdim=True) / (denom * denom)
-        grad = grad * scores * (1.0 - scores)  # through the sigmoid
-        grad_logits = torch.zeros(ctx.logits_shape, dtype=torch.float32, device=grad.device)
-        grad_logits.scatter_(1, index, grad)
-        return grad_logits.to(ctx.logits_dtype), None, None, None, None, None
+def _route_sigmoid_topk_forward(
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, normalize: bool, norm_eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> weights, index and the chosen experts' sigmoid scores (tokens, k), which the backward reads."""
+    index, scores = _topk_select(router_logits, expert_bias, top_k, sigmoid=True)
+    weights = scores / (scores.sum(dim=-1, keepdim=True) + norm_eps) * scale if normalize else scores * scale
+    return weights, index, scores
 
 
-class _RouteSoftmaxTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, router_logits, top_k):
-        index, chosen_logits = _topk_select(router_logits, None, top_k, sigmoid=False)
-        weights = torch.softmax(chosen_logits, dim=-1)
-        ctx.save_for_backward(index, weights)
-        ctx.logits_shape, ctx.logits_dtype = router_logits.shape, router_logits.dtype
-        ctx.mark_non_differentiable(index)
-        return weights, index
+def _route_sigmoid_topk_fake(
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, normalize: bool, norm_eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (router_logits.shape[0], top_k)
+    return (router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int64),
+            router_logits.new_empty(shape, dtype=torch.float32))
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_index):
-        index, weights = ctx.saved_tensors
-        grad = grad_weights.float()
-        grad = weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
-        grad_logits = torch.zeros(ctx.logits_shape, dtype=torch.float32, device=grad.device)
-        grad_logits.scatter_(1, index, grad)
-        return grad_logits.to(ctx.logits_dtype), None
+
+def _route_sigmoid_topk_setup_context(ctx, inputs, output):
+    router_logits, _, _, normalize, norm_eps, scale = inputs
+    _, index, scores = output
+    ctx.save_for_backward(index, scores)
+    ctx.normalize, ctx.norm_eps, ctx.scale = normalize, norm_eps, scale
+    ctx.num_experts, ctx.logits_dtype = router_logits.shape[1], router_logits.dtype
+    ctx.mark_non_differentiable(index, scores)
+
+
+def _route_sigmoid_topk_gradients(ctx, _backward, grad_weights, _grad_index, _grad_scores):
+    # A few elementwise ops on (tokens, k) and a scatter: plain PyTorch, which torch.compile traces and fuses.
+    index, scores = ctx.saved_tensors
+    grad = grad_weights.float() * ctx.scale
+    if ctx.normalize:
+        # w_i = s_i / (S + eps)  =>  dL/ds_j = g_j / (S + eps) - sum_i g_i s_i / (S + eps)^2
+        denom = scores.sum(dim=-1, keepdim=True) + ctx.norm_eps
+        grad = grad / denom - (grad * scores).sum(dim=-1, keepdim=True) / (denom * denom)
+    grad = grad * scores * (1.0 - scores)  # through the sigmoid
+    grad_logits = grad.new_zeros(index.shape[0], ctx.num_experts).scatter_(1, index, grad)
+    return grad_logits.to(ctx.logits_dtype), None, None, None, None, None
+
+
+_route_sigmoid_topk = KernelOp("route_sigmoid_topk", _route_sigmoid_topk_forward, _route_sigmoid_topk_fake,
+                               _route_sigmoid_topk_setup_context, _route_sigmoid_topk_gradients)
+
+
+def _route_softmax_topk_forward(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index, chosen_logits = _topk_select(router_logits, None, top_k, sigmoid=False)
+    return torch.softmax(chosen_logits, dim=-1), index
+
+
+def _route_softmax_topk_fake(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (router_logits.shape[0], top_k)
+    return router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int64)
+
+
+def _route_softmax_topk_setup_context(ctx, inputs, output):
+    router_logits, _ = inputs
+    weights, index = output
+    ctx.save_for_backward(index, weights)
+    ctx.num_experts, ctx.logits_dtype = router_logits.shape[1], router_logits.dtype
+    ctx.mark_non_differentiable(index)
+
+
+def _route_softmax_topk_gradients(ctx, _backward, grad_weights, _grad_index):
+    index, weights = ctx.saved_tensors
+    grad = grad_weights.float()
+    grad = weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
+    grad_logits = grad.new_zeros(index.shape[0], ctx.num_experts).scatter_(1, index, grad)
+    return grad_logits.to(ctx.logits_dtype), None
+
+
+_route_softmax_topk = KernelOp("route_softmax_topk", _route_softmax_topk_forward, _route_softmax_topk_fake,
+                               _route_softmax_topk_setup_context, _route_softmax_topk_gradients)
 
 
 def route_sigmoid_topk(
@@ -184,14 +214,15 @@ def route_sigmoid_topk(
     ordered by decreasing biased score, ties to the lower expert index.
     """
     if use_triton(router_logits, expert_bias):
-        return _RouteSigmoidTopK.apply(router_logits, expert_bias, top_k, normalize, norm_eps, scale)
+        weights, index, _ = _route_sigmoid_topk(router_logits, expert_bias, top_k, normalize, norm_eps, scale)
+        return weights, index
     return reference_route_sigmoid_topk(router_logits, expert_bias, top_k, normalize, norm_eps, scale)
 
 
 def route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k on logits, softmax over the k chosen (JetMoe). (tokens, experts) -> (tokens, k) fp32, (tokens, k) int64."""
     if use_triton(router_logits):
-        return _RouteSoftmaxTopK.apply(router_logits, top_k)
+        return _route_softmax_topk(router_logits, top_k)
     return reference_route_softmax_topk(router_logits, top_k)
 
 
