@@ -11,7 +11,7 @@ import pytest
 import torch
 import trl
 from peft import LoraConfig, get_peft_model
-from testing_utils import batch_with_padding, randomize_lora, rel_err
+from testing_utils import batch_with_padding, lfm2_moe_records_router_logits, randomize_lora, rel_err
 from transformers import AutoModelForCausalLM
 
 import fastmoe
@@ -151,6 +151,7 @@ def test_full_finetuning_trains_the_head(tiny_checkpoint, head_kernel_only):
     assert_same_head(out, ref, grads, ref_grads, fields=head["outputs"])
 
 
+@pytest.mark.skipif(not lfm2_moe_records_router_logits(), reason="this transformers' LFM2-MoE returns no router logits")
 def test_aux_loss_with_router_logits(tiny_tokenizer, tmp_path, head_kernel_only):
     from fastmoe.builtin import build_tiny_checkpoint
 

@@ -118,3 +118,10 @@ def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, grad
     randomize_lora(model)
     fast_out = forward_backward(model, batch)
     return ref_out, fast_out
+
+
+def lfm2_moe_records_router_logits() -> bool:
+    """transformers 5.18 taught LFM2-MoE to return its router logits (output_router_logits); 5.17 returns none."""
+    from transformers.models.lfm2_moe import modeling_lfm2_moe
+
+    return "router_logits" in (getattr(modeling_lfm2_moe.Lfm2MoePreTrainedModel, "_can_record_outputs", None) or {})

@@ -12,7 +12,7 @@ from fastmoe.kernels.attention_gate import attention_gate
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import (
     can_use_flash_sliding_window,
@@ -88,6 +88,25 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
     return self.o_proj(output), attn_weights
 
 
+def decoder_layer_forward(self: hf.AfmoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
+                          past_key_values=None, use_cache=None, position_embeddings=None, **kwargs):
+    """transformers' AFMoE layer (norms before and after attention and MLP) with the residual add after attention
+    and the norm before the MLP in one pass."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states, residual = add_rms_norm(self.post_attention_layernorm(hidden_states), residual,
+                                           self.pre_mlp_layernorm)
+    return residual + self.post_mlp_layernorm(self.mlp(hidden_states))
+
+
 _causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
 
 
@@ -100,6 +119,8 @@ FAMILY = Family(
         "moe": [ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward)],
         # QK RMSNorm + RoPE, the sliding-window flash path and the sigmoid output gate.
         "attention": [ForwardPatch(hf.AfmoeAttention, "forward", attention_forward)],
+        # The residual add after attention fused into the norm before the MLP.
+        "decoder_layer": [decoder_layer_patch(hf.AfmoeDecoderLayer, decoder_layer_forward)],
         "loss": [ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention, the attention output gate, dense and shared-expert MLPs, and the routed experts; routers stay

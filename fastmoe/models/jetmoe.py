@@ -18,7 +18,7 @@ from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import expert_map, expert_reduce, moe_experts, route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import rms_norm_forward
+from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward
 from fastmoe.patching import FIXED, Family, ForwardPatch
 
 
@@ -147,6 +147,23 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
     return output.view(*input_shape, -1), attn_weights, router_logits
 
 
+def decoder_layer_forward(self: hf.JetMoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
+                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """transformers' JetMoe layer with the residual add after attention and the norm before the MLP in one pass."""
+    residual = hidden_states
+    hidden_states, _, _ = self.self_attention(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
+    return residual + self.mlp(hidden_states)
+
+
 _causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)
 
 
@@ -165,6 +182,8 @@ FAMILY = Family(
         ],
         # RoPE on queries and keys; calls the mixture of attention heads through map and reduce, patched or not.
         "attention": [ForwardPatch(hf.JetMoeAttention, "forward", attention_forward)],
+        # The residual add after attention fused into the norm before the MLP.
+        "decoder_layer": [decoder_layer_patch(hf.JetMoeDecoderLayer, decoder_layer_forward)],
         "loss": [ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs

@@ -4,6 +4,7 @@ for choosing experts."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
@@ -104,6 +105,34 @@ def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, p
     return _short_conv_from_start(self, hidden_states, past_key_values, attention_mask)
 
 
+# transformers 5.17's ShortConv takes `seq_idx` and nothing else; later releases take **kwargs. fastmoe's patched
+# forward takes both, so the layer passes what transformers' own would be given.
+_CONV_TAKES_KWARGS = any(p.kind is p.VAR_KEYWORD
+                         for p in inspect.signature(_original_short_conv_forward).parameters.values())
+
+
+def decoder_layer_forward(self: hf.Lfm2MoeDecoderLayer, hidden_states, position_embeddings=None, attention_mask=None,
+                          position_ids=None, past_key_values=None, **kwargs):
+    """transformers' LFM2-MoE layer with the residual add after the operator (attention or short conv) and the norm
+    before the feed-forward in one pass."""
+    residual = hidden_states
+    if self.is_attention_layer:
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.operator_norm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+    else:
+        conv_kwargs = kwargs if _CONV_TAKES_KWARGS else {"seq_idx": kwargs.get("seq_idx")}
+        hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states), past_key_values=past_key_values,
+                                  attention_mask=attention_mask, **conv_kwargs)
+    normed, hidden_states = add_rms_norm(hidden_states, residual, self.ffn_norm)
+    return hidden_states + self.feed_forward(normed)
+
+
 _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)
 
 
@@ -117,6 +146,8 @@ FAMILY = Family(
         # QK RMSNorm + RoPE.
         "attention": [ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward)],
         "short_conv": [ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward)],
+        # The residual add after the operator fused into the norm before the feed-forward.
+        "decoder_layer": [decoder_layer_patch(hf.Lfm2MoeDecoderLayer, decoder_layer_forward)],
         "loss": [ForwardPatch(hf.Lfm2MoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention (q/k/v, out_proj), short-conv in_proj/out_proj (out_proj names both) and the dense SwiGLU MLPs

@@ -7,7 +7,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import moe_experts, moe_experts_nf4
-from fastmoe.kernels.rms_norm import rms_norm
+from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
+from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight
 
 # fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
@@ -20,6 +21,26 @@ EXPERTS_IMPLEMENTATION = "fastmoe"
 def rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """For transformers' Llama-style RMSNorm modules (weight, variance_epsilon)."""
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
+                 norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x) for a Llama-style RMSNorm module: the decoder layer's residual add and the
+    norm after it in one kernel pass. Operands of two dtypes (an fp32 residual beside an autocast output) take the
+    add and the module's own forward, with the dtype promotion transformers' `residual + x` has."""
+    if x.dtype != residual.dtype or x.shape != residual.shape:
+        total = residual + x
+        return norm(total), total
+    return rms_norm_add(x, residual, norm.weight, norm.variance_epsilon)
+
+
+def decoder_layer_patch(layer_class: type, forward) -> ForwardPatch:
+    """A ForwardPatch swapping a decoder layer's forward. transformers 5.18+ wraps the forward of every
+    GradientCheckpointingLayer subclass in its checkpointing dispatch when the class is created (5.17 checkpoints in
+    __call__ instead), so setting a plain function would lose checkpointing: a subclass made here receives the same
+    wrapping around `forward`, and that wrapped function is what the layer class gets."""
+    carrier = type(f"Fast{layer_class.__name__}", (layer_class,), {"forward": forward, "__module__": __name__})
+    return ForwardPatch(layer_class, "forward", carrier.__dict__["forward"])
 
 
 def runs_fastmoe_experts(experts: torch.nn.Module) -> bool:
