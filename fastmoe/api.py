@@ -311,7 +311,8 @@ class FastBaseModel:
         if model.supports_gradient_checkpointing:
             # Also what a Trainer installs when its arguments turn checkpointing on (fastmoe.checkpointing).
             set_checkpointing_mode(
-                model, "offload" if use_gradient_checkpointing == "fastmoe" else "graphs" if cuda_graphs else "standard")
+                model,
+                "offload" if use_gradient_checkpointing == "fastmoe" else "graphs" if cuda_graphs else "standard")
         if use_gradient_checkpointing and not model.supports_gradient_checkpointing:
             warnings.warn(
                 f"{type(model).__name__} does not support gradient checkpointing in transformers; training without it",
@@ -369,7 +370,8 @@ def _experts_implementation_kwargs(family: Family, kwargs: dict, load_in_4bit: b
         return {**kwargs, "experts_implementation": EXPERTS_IMPLEMENTATION} if switchable else kwargs
     if family.routed_experts == FIXED:
         raise ValueError(
-            f"experts_implementation={choice!r}: transformers runs {family.model_type}'s experts in its own MoE forward, "
+            f"experts_implementation={choice!r}: transformers runs {family.model_type}'s experts in its own MoE "
+            "forward, "
             "without that switch, and fastmoe replaces the forward whole; drop experts_implementation (or call "
             f"fastmoe.unpatch({family.model_type!r}) to run transformers' own)"
         )
@@ -427,7 +429,8 @@ def _peft_rewrite(model_type: str, target_modules, requested_parameters: set[str
                 f"target_parameters {added} (its transformers v4->v5 MoE conversion; a router's gate.weight among them "
                 "gets LoRA too); name target_modules and target_parameters yourself to choose")
     moved = sorted(set(target_modules) - set(peft_config.target_modules or ()))
-    advice = f"; to adapt them, pass target_parameters=[{', '.join(repr(m + '.weight') for m in moved)}]" if moved else ""
+    names = ", ".join(repr(m + ".weight") for m in moved)
+    advice = f"; to adapt them, pass target_parameters=[{names}]" if moved else ""
     return (f"peft rewrote target_modules {moved} of this {model_type} model into expert target_parameters {added} "
             f"(its transformers v4->v5 MoE conversion), so Linear layers of those names get no LoRA{advice}")
 

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling numerator")
     train.add_argument("--target-modules", default=None,
                        help="modules to put LoRA on: comma-separated names (e.g. q_proj,v_proj; no expert gets LoRA "
-                            "then) or all-linear: attention, MLPs and every expert, never a router (default: all-linear; "
+                            "then) or all-linear: attention, MLPs and every expert, never a router "
+                            "(default: all-linear; "
                             "for a model type fastmoe has no fast path for, peft's: every Linear layer but the head)")
     train.add_argument("--seed", type=int, default=defaults.seed,
                        help="seed of the LoRA initialisation, the data order and the held-out split")
