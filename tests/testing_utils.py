@@ -125,3 +125,50 @@ def lfm2_moe_records_router_logits() -> bool:
     from transformers.models.lfm2_moe import modeling_lfm2_moe
 
     return "router_logits" in (getattr(modeling_lfm2_moe.Lfm2MoePreTrainedModel, "_can_record_outputs", None) or {})
+
+
+# The MoE kernel tests (tests/kernels/moe): routing, expert LoRA factors and the kernel-against-reference check.
+
+
+def random_routing(num_tokens, num_experts, top_k, used_experts=None, device="cpu", generator=None):
+    """Distinct experts per token drawn from the first used_experts (the rest receive no token)."""
+    used = used_experts or num_experts
+    index = torch.stack([torch.randperm(used, generator=generator)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1
+    return index.to(device), weights.to(device)
+
+
+def random_expert_lora(num_experts, rank, out_features, in_features, dtype, device, permuted=False):
+    """(ExpertLora, its leaf tensors): random A and B (never peft's zero B). permuted=True returns views like peft's
+    reshaped Linear weights."""
+    from fastmoe.kernels.moe import ExpertLora
+
+    if permuted:
+        a_base = torch.randn(num_experts, in_features, rank, dtype=dtype, device=device) / in_features**0.5
+        b_base = torch.randn(rank, num_experts, out_features, dtype=dtype, device=device) / rank**0.5
+        a_base.requires_grad_(), b_base.requires_grad_()
+        return ExpertLora(a_base.transpose(1, 2), b_base.permute(1, 2, 0), 0.5), [a_base, b_base]
+    a = (torch.randn(num_experts, rank, in_features, dtype=dtype, device=device) / in_features**0.5).requires_grad_()
+    b = (torch.randn(num_experts, out_features, rank, dtype=dtype, device=device) / rank**0.5).requires_grad_()
+    return ExpertLora(a, b, 0.5), [a, b]
+
+
+def output_and_grads(fn, args, params, upstream_seed=1):
+    """fn(*args) and the gradients of `params` under a random upstream gradient."""
+    out = fn(*args)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(out)
+    return out, torch.autograd.grad(out, params, upstream)
+
+
+def check_against_reference(fn, args, params, tol):
+    """fn's kernels against its PyTorch reference (reference_only) on the same inputs, forward and backward."""
+    from fastmoe.kernels import reference_only
+
+    out, grads = output_and_grads(fn, args, params)
+    with reference_only():
+        ref, ref_grads = output_and_grads(fn, args, params)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < tol
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.shape == ref_grad.shape
+        assert rel_err(grad, ref_grad) < tol

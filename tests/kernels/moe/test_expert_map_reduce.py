@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from testing_utils import rel_err
+from testing_utils import (check_against_reference, output_and_grads, random_expert_lora, random_routing,
+                           rel_err)
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.expert_map_reduce import (
@@ -17,38 +18,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _routing(num_tokens, num_experts, top_k, used_experts=None, device="cpu", generator=None):
-    """Distinct experts per token drawn from the first used_experts (the rest receive no token)."""
-    used = used_experts or num_experts
-    index = torch.stack([torch.randperm(used, generator=generator)[:top_k] for _ in range(num_tokens)])
-    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1
-    return index.to(device), weights.to(device)
-
-
-def _lora(num_experts, rank, out_features, in_features, dtype, device):
-    """Random A and B (never peft's zero B)."""
-    a = (torch.randn(num_experts, rank, in_features, dtype=dtype, device=device) / in_features**0.5).requires_grad_()
-    b = (torch.randn(num_experts, out_features, rank, dtype=dtype, device=device) / rank**0.5).requires_grad_()
-    return ExpertLora(a, b, 0.5), [a, b]
-
-
-def _run(fn, args, params, upstream_seed=1):
-    out = fn(*args)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(out)
-    return out, torch.autograd.grad(out, params, upstream)
-
-
-def _check(fn, args, params, tol):
-    out, grads = _run(fn, args, params)
-    with reference_only():
-        ref, ref_grads = _run(fn, args, params)
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert rel_err(out, ref) < tol
-    for grad, ref_grad in zip(grads, ref_grads):
-        assert grad.shape == ref_grad.shape
-        assert rel_err(grad, ref_grad) < tol
-
-
 # --------------------------------------------------------------------------------------------------------
 # Triton (interpreter) vs reference, fp32, and the references against a pair loop
 # --------------------------------------------------------------------------------------------------------
@@ -57,13 +26,13 @@ def _check(fn, args, params, tol):
 def _map_inputs(num_tokens, hidden, out_features, num_experts, top_k, rank, lora, used=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    index, _ = _routing(num_tokens, num_experts, top_k, used, generator=gen)
+    index, _ = random_routing(num_tokens, num_experts, top_k, used, generator=gen)
     x = torch.randn(num_tokens, hidden, requires_grad=True)
     weight = (torch.randn(num_experts, out_features, hidden) / hidden**0.5).requires_grad_()
     params = [x, weight]
     adapter = None
     if lora:
-        adapter, lora_params = _lora(num_experts, rank, out_features, hidden, torch.float32, "cpu")
+        adapter, lora_params = random_expert_lora(num_experts, rank, out_features, hidden, torch.float32, "cpu")
         params += lora_params
     return (x, index, weight, adapter), params
 
@@ -80,7 +49,7 @@ MAP_SHAPES = [
 @pytest.mark.parametrize("lora", [True, False])
 def test_expert_map(num_tokens, hidden, out_features, num_experts, top_k, rank, used, lora):
     args, params = _map_inputs(num_tokens, hidden, out_features, num_experts, top_k, rank, lora, used)
-    _check(expert_map, args, params, 1e-5)
+    check_against_reference(expert_map, args, params, 1e-5)
 
 
 @pytest.mark.parametrize("num_tokens,hidden,in_features,num_experts,top_k,rank,used", MAP_SHAPES)
@@ -88,16 +57,16 @@ def test_expert_map(num_tokens, hidden, out_features, num_experts, top_k, rank, 
 def test_expert_reduce(num_tokens, hidden, in_features, num_experts, top_k, rank, used, lora):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    index, weights = _routing(num_tokens, num_experts, top_k, used, generator=gen)
+    index, weights = random_routing(num_tokens, num_experts, top_k, used, generator=gen)
     weights.requires_grad_()
     x = torch.randn(num_tokens, top_k, in_features, requires_grad=True)
     weight = (torch.randn(num_experts, hidden, in_features) / in_features**0.5).requires_grad_()
     params = [x, weights, weight]
     adapter = None
     if lora:
-        adapter, lora_params = _lora(num_experts, rank, hidden, in_features, torch.float32, "cpu")
+        adapter, lora_params = random_expert_lora(num_experts, rank, hidden, in_features, torch.float32, "cpu")
         params += lora_params
-    _check(expert_reduce, (x, index, weights, weight, adapter), params, 1e-5)
+    check_against_reference(expert_reduce, (x, index, weights, weight, adapter), params, 1e-5)
 
 
 def test_map_reduce_references_match_pair_loop():
@@ -122,9 +91,9 @@ def test_map_reduce_references_match_pair_loop():
 
 
 def _gpu_check(fn, args, params, ref_args):
-    out, grads = _run(fn, args, params)
+    out, grads = output_and_grads(fn, args, params)
     with reference_only():
-        ref, ref_grads = _run(fn, ref_args, params)
+        ref, ref_grads = output_and_grads(fn, ref_args, params)
     assert rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
@@ -134,13 +103,13 @@ def _gpu_check(fn, args, params, ref_args):
 @needs_cuda
 def test_expert_map_reduce_gpu_bf16():
     torch.manual_seed(0)
-    index, weights = _routing(2048, 8, 2, device="cuda")
+    index, weights = random_routing(2048, 8, 2, device="cuda")
     weights.requires_grad_()
     x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w_map = (torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5).requires_grad_()
     w_red = (torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16) / 256**0.5).requires_grad_()
-    lora_map, p_map = _lora(8, 16, 256, 512, torch.bfloat16, "cuda")
-    lora_red, p_red = _lora(8, 16, 512, 256, torch.bfloat16, "cuda")
+    lora_map, p_map = random_expert_lora(8, 16, 256, 512, torch.bfloat16, "cuda")
+    lora_red, p_red = random_expert_lora(8, 16, 512, 256, torch.bfloat16, "cuda")
     up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
 
     def block(x, index, weights, w_map, w_red, lora_map, lora_red):

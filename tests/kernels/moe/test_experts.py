@@ -4,37 +4,18 @@ import torch.nn.functional as F
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, reference_moe_experts
-from testing_utils import rel_err
+from testing_utils import (check_against_reference, output_and_grads, random_expert_lora, random_routing,
+                           rel_err)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _routing(num_tokens, num_experts, top_k, used_experts=None, device="cpu", generator=None):
-    """Distinct experts per token drawn from the first used_experts (the rest receive no token)."""
-    used = used_experts or num_experts
-    index = torch.stack([torch.randperm(used, generator=generator)[:top_k] for _ in range(num_tokens)])
-    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1
-    return index.to(device), weights.to(device)
-
-
-def _lora(num_experts, rank, out_features, in_features, dtype, device, permuted=False):
-    """Random A and B (never peft's zero B). permuted=True returns views like peft's reshaped Linear weights."""
-    if permuted:
-        a_base = torch.randn(num_experts, in_features, rank, dtype=dtype, device=device) / in_features**0.5
-        b_base = torch.randn(rank, num_experts, out_features, dtype=dtype, device=device) / rank**0.5
-        a_base.requires_grad_(), b_base.requires_grad_()
-        return ExpertLora(a_base.transpose(1, 2), b_base.permute(1, 2, 0), 0.5), [a_base, b_base]
-    a = (torch.randn(num_experts, rank, in_features, dtype=dtype, device=device) / in_features**0.5).requires_grad_()
-    b = (torch.randn(num_experts, out_features, rank, dtype=dtype, device=device) / rank**0.5).requires_grad_()
-    return ExpertLora(a, b, 0.5), [a, b]
 
 
 def _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, device="cpu",
                     used_experts=None, lora=True, train_weights=True, permuted=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    index, weights = _routing(num_tokens, num_experts, top_k, used_experts, device, gen)
+    index, weights = random_routing(num_tokens, num_experts, top_k, used_experts, device, gen)
     x = torch.randn(num_tokens, hidden, dtype=dtype, device=device, requires_grad=True)
     weights = weights.to(device).requires_grad_()
     gate_up = (torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device) / hidden**0.5)
@@ -43,27 +24,10 @@ def _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=t
     params = [x, weights] + ([gate_up, down] if train_weights else [])
     gu_lora = down_lora = None
     if lora:
-        gu_lora, gu_params = _lora(num_experts, rank, 2 * inter, hidden, dtype, device, permuted)
-        down_lora, down_params = _lora(num_experts, rank, hidden, inter, dtype, device, permuted)
+        gu_lora, gu_params = random_expert_lora(num_experts, rank, 2 * inter, hidden, dtype, device, permuted)
+        down_lora, down_params = random_expert_lora(num_experts, rank, hidden, inter, dtype, device, permuted)
         params += gu_params + down_params
     return (x, index, weights, gate_up, down, gu_lora, down_lora), params
-
-
-def _run(fn, args, params, upstream_seed=1):
-    out = fn(*args)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(out)
-    return out, torch.autograd.grad(out, params, upstream)
-
-
-def _check(fn, args, params, tol):
-    out, grads = _run(fn, args, params)
-    with reference_only():
-        ref, ref_grads = _run(fn, args, params)
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert rel_err(out, ref) < tol
-    for grad, ref_grad in zip(grads, ref_grads):
-        assert grad.shape == ref_grad.shape
-        assert rel_err(grad, ref_grad) < tol
 
 
 def _eager_pair_loop(x, index, weights, gate_up, down, gu_lora, down_lora):
@@ -91,8 +55,8 @@ def _eager_pair_loop(x, index, weights, gate_up, down, gu_lora, down_lora):
 
 def test_reference_matches_pair_loop():
     args, params = _experts_inputs(9, 40, 24, 5, 2, 3)
-    ref, ref_grads = _run(reference_moe_experts, args, params)
-    loop, loop_grads = _run(_eager_pair_loop, args, params)
+    ref, ref_grads = output_and_grads(reference_moe_experts, args, params)
+    loop, loop_grads = output_and_grads(_eager_pair_loop, args, params)
     assert rel_err(ref, loop) < 1e-5
     for a, b in zip(ref_grads, loop_grads):
         assert rel_err(a, b) < 1e-5
@@ -135,19 +99,19 @@ EXPERT_SHAPES = [
 @pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used", EXPERT_SHAPES)
 def test_moe_experts_lora(num_tokens, hidden, inter, num_experts, top_k, rank, used):
     args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
-    _check(moe_experts, args, params, 1e-5)
+    check_against_reference(moe_experts, args, params, 1e-5)
 
 
 def test_moe_experts_no_lora_full_finetune():
     args, params = _experts_inputs(17, 40, 24, 5, 2, 1, lora=False)
-    _check(moe_experts, args, params, 1e-5)
+    check_against_reference(moe_experts, args, params, 1e-5)
 
 
 def test_moe_experts_frozen_base_permuted_lora_views():
     """peft-style: base weights frozen, LoRA factors are strided views; gradients reach the base tensors."""
     args, params = _experts_inputs(15, 40, 24, 5, 2, 4, train_weights=False, permuted=True)
     assert not args[5].A.is_contiguous() and not args[5].B.is_contiguous()
-    _check(moe_experts, args, params, 1e-5)
+    check_against_reference(moe_experts, args, params, 1e-5)
 
 
 def test_moe_experts_under_activation_checkpointing():
@@ -156,15 +120,15 @@ def test_moe_experts_under_activation_checkpointing():
     from torch.utils.checkpoint import checkpoint
 
     args, params = _experts_inputs(12, 24, 16, 4, 2, 2)
-    _, grads = _run(moe_experts, args, params)
-    _, ckpt_grads = _run(lambda *a: checkpoint(moe_experts, *a, use_reentrant=False), args, params)
+    _, grads = output_and_grads(moe_experts, args, params)
+    _, ckpt_grads = output_and_grads(lambda *a: checkpoint(moe_experts, *a, use_reentrant=False), args, params)
     for grad, ckpt_grad in zip(grads, ckpt_grads):
         assert rel_err(ckpt_grad, grad) < 1e-6
 
 
 def test_moe_experts_only_gate_up_lora():
     (x, index, weights, gate_up, down, gu_lora, _), params = _experts_inputs(12, 24, 40, 4, 2, 2)
-    _check(moe_experts, (x, index, weights, gate_up, down, gu_lora, None), params[:6], 1e-5)
+    check_against_reference(moe_experts, (x, index, weights, gate_up, down, gu_lora, None), params[:6], 1e-5)
 
 
 def test_moe_experts_fp32_lora_on_fp16_base():
@@ -175,12 +139,12 @@ def test_moe_experts_fp32_lora_on_fp16_base():
     down_lora = ExpertLora(down_lora.A.detach().float().requires_grad_(),
                            down_lora.B.detach().float().requires_grad_(), 0.5)
     params = params[:2] + [gu_lora.A, gu_lora.B, down_lora.A, down_lora.B]
-    out, grads = _run(moe_experts, (x, index, weights, gate_up, down, gu_lora, down_lora), params)
+    out, grads = output_and_grads(moe_experts, (x, index, weights, gate_up, down, gu_lora, down_lora), params)
     assert out.dtype == torch.float16
     assert [g.dtype for g in grads[2:]] == [torch.float32] * 4
     ref_args = (x.float(), index, weights, gate_up.float(), down.float(), gu_lora, down_lora)
     with reference_only():
-        ref, ref_grads = _run(moe_experts, ref_args, params)
+        ref, ref_grads = output_and_grads(moe_experts, ref_args, params)
     assert rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
@@ -188,12 +152,12 @@ def test_moe_experts_fp32_lora_on_fp16_base():
 
 def test_moe_experts_fp16_interpreter():
     args, params = _experts_inputs(16, 40, 24, 4, 2, 4, dtype=torch.float16)
-    out, grads = _run(moe_experts, args, params)
+    out, grads = output_and_grads(moe_experts, args, params)
     x, index, weights, gate_up, down, gu_lora, down_lora = args
     up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
     ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
     with reference_only():
-        ref, ref_grads = _run(moe_experts, ref_args, params)
+        ref, ref_grads = output_and_grads(moe_experts, ref_args, params)
     assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert grad.dtype == torch.float16 or grad.dtype == torch.float32
@@ -212,9 +176,9 @@ GPU_SHAPES = [
 
 
 def _gpu_check(fn, args, params, ref_args):
-    out, grads = _run(fn, args, params)
+    out, grads = output_and_grads(fn, args, params)
     with reference_only():
-        ref, ref_grads = _run(fn, ref_args, params)
+        ref, ref_grads = output_and_grads(fn, ref_args, params)
     assert rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
@@ -237,7 +201,7 @@ def test_moe_experts_gpu_bf16(num_tokens, hidden, inter, num_experts, top_k, ran
 def test_moe_experts_gpu_no_host_sync():
     """The whole block, routing sort included, must queue without waiting for the GPU."""
     args, params = _experts_inputs(512, 256, 128, 16, 4, 8, dtype=torch.bfloat16, device="cuda")
-    _run(moe_experts, args, params)  # compile the kernels first: only the steady state is checked
+    output_and_grads(moe_experts, args, params)  # compile the kernels first: only the steady state is checked
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
