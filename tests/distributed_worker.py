@@ -85,8 +85,9 @@ def shard_like_accelerate(model):
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+    # The Accelerator fields fsdp2_prepare_model reads (accelerate 1.16 added `device`, where ignored modules go).
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
-                                  is_main_process=dist.get_rank() == 0)
+                                  is_main_process=dist.get_rank() == 0, device=next(model.parameters()).device)
     return fsdp2_prepare_model(accelerator, model)
 
 
