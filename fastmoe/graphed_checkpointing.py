@@ -27,15 +27,19 @@ torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, output recor
 that fails (a host sync inside the layer). A parameter or buffer of the layer moved to new memory (a new
 adapter, `model.to`) drops that layer's graphs.
 
-Memory: the graphs of all layers share one pool, so what a layer's recompute and backward allocate is reused by
-the next layer, as the caching allocator does in eager mode. Input, output and input-gradient buffers are shared
-by all layers of one signature (every decoder layer has the same shapes), and so are those of the trainable
-parameters' gradients, which are cloned out after each replay for autograd to keep as `.grad`.
+Memory: the graphs of all layers share one pool and are captured on one stream, so what a layer's recompute and
+backward allocate is reused by the next layer, as the caching allocator does in eager mode. (The caching allocator
+reuses a freed block only on the stream it was allocated on, and cuBLAS keeps a workspace per stream: a stream per
+capture would give every layer its own copy of both.) Input, output and input-gradient buffers are shared by all
+layers of one signature (every decoder layer has the same shapes), and so are those of the trainable parameters'
+gradients, which are cloned out after each replay for autograd to keep as `.grad`. The captured values of the
+control arguments (the mask every layer receives) are kept once, not once per layer.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +48,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.checkpoint import checkpoint
+
+from fastmoe.module_structure import Structure, structure_of
 
 # The default torch checkpoint transformers uses when nothing else is asked for.
 standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
@@ -77,8 +83,37 @@ def _adapter_state(modules: tuple[torch.nn.Module, ...]) -> tuple:
     return tuple(state)
 
 
-def _memory_of(layer: torch.nn.Module) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in (*layer.parameters(), *layer.buffers()))
+@dataclass(frozen=True)
+class _LayerParts:
+    """What the per-call checks read of a layer, found once per module structure (fastmoe.module_structure): a
+    call costs attribute reads, not walks of the layer's modules."""
+
+    structure: Structure
+    adapter_layers: tuple[torch.nn.Module, ...]  # peft's tuner layers: their adapter state decides what runs
+    dropouts: tuple[torch.nn.Module, ...]  # dropout modules, and modules with an attention_dropout probability
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module) -> "_LayerParts":
+        structure = structure_of(layer)
+        cached = _layer_parts.get(layer)
+        if cached is None or cached.structure is not structure:
+            modules = structure.modules
+            cached = _layer_parts[layer] = cls(
+                structure,
+                tuple(m for m in modules if hasattr(m, "active_adapters") and hasattr(m, "merged")),
+                tuple(m for m in modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                      or hasattr(m, "attention_dropout")))
+        return cached
+
+    def trainable(self) -> tuple[str, ...]:
+        return tuple(name for name, p in self.structure.named_parameters if p.requires_grad)
+
+    def memory(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in (*(p for _, p in self.structure.named_parameters),
+                                            *self.structure.buffers))
+
+
+_layer_parts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerParts
 
 
 def _is_inert_output_hook(hook: Callable) -> bool:
@@ -106,9 +141,9 @@ def _has_hooks(modules: tuple[torch.nn.Module, ...]) -> bool:
     return False
 
 
-def _uses_dropout(modules: tuple[torch.nn.Module, ...]) -> bool:
+def _uses_dropout(dropouts: tuple[torch.nn.Module, ...]) -> bool:
     """Random masks would be frozen into the graph."""
-    for module in modules:
+    for module in dropouts:
         if not module.training:
             continue
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
@@ -131,7 +166,7 @@ class _Call:
     signature: tuple
 
 
-def _flatten_call(layer: torch.nn.Module, modules: tuple[torch.nn.Module, ...], args: tuple, kwargs: dict,
+def _flatten_call(layer: torch.nn.Module, parts: _LayerParts, args: tuple, kwargs: dict,
                   on_cuda: bool) -> _Call | None:
     """None when the call cannot be graphed: a tensor off the GPU (with on_cuda) or on two devices, or an argument
     that cannot be part of a signature."""
@@ -151,17 +186,34 @@ def _flatten_call(layer: torch.nn.Module, modules: tuple[torch.nn.Module, ...], 
             leaf_keys.append(("value", type(leaf), leaf))
     if len(devices) != 1 or (on_cuda and next(iter(devices)).type != "cuda"):
         return None
-    trainable = tuple(name for name, p in layer.named_parameters() if p.requires_grad)
+    trainable = parts.trainable()
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if on_cuda else (False, None)
-    signature = (str(spec), tuple(leaf_keys), trainable, autocast, layer.training, _adapter_state(modules))
+    signature = (str(spec), tuple(leaf_keys), trainable, autocast, layer.training,
+                 _adapter_state(parts.adapter_layers))
     return _Call(leaves, spec, data_index, control_index, signature)
+
+
+class _BufferStore:
+    """Input, output and gradient buffers, shared by every signature whose tensors at the same place have the same
+    layout (the layers of a model differ in their parameters and control values, rarely in these): replays never
+    overlap, and every result is copied out before the next replay."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def like(self, role: str, index: int, tensor: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+        key = (role, index, *_tensor_key(tensor))
+        if key not in self.tensors:
+            buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+            self.tensors[key] = (buffer.zero_() if zeros else buffer).requires_grad_(tensor.requires_grad)
+        return self.tensors[key]
 
 
 @dataclass
 class _SharedBuffers:
-    """Buffers every layer of one signature reads and writes: replays never overlap, and every result is copied
-    out before the next layer's replay."""
+    """Buffers every layer of one signature reads and writes (from the _BufferStore)."""
 
+    store: _BufferStore
     inputs: list[torch.Tensor]  # the data leaves, in order; those whose caller needs a gradient require grad
     grad_inputs: list[torch.Tensor | None]  # one per input, None where no gradient is needed
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -171,13 +223,11 @@ class _SharedBuffers:
     param_grads: list[torch.Tensor | None] | None = None
 
     @classmethod
-    def like(cls, call: _Call) -> "_SharedBuffers":
-        inputs = []
-        for i in call.data_index:
-            leaf = call.leaves[i]
-            buffer = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
-            inputs.append(buffer.requires_grad_(leaf.requires_grad))
-        return cls(inputs, [torch.empty_like(t) if t.requires_grad else None for t in inputs])
+    def like(cls, call: _Call, store: _BufferStore) -> "_SharedBuffers":
+        inputs = [store.like("input", n, call.leaves[i]) for n, i in enumerate(call.data_index)]
+        grad_inputs = [store.like("grad_input", n, t.detach()) if t.requires_grad else None
+                       for n, t in enumerate(inputs)]
+        return cls(store, inputs, grad_inputs)
 
 
 @torch.no_grad()
@@ -193,17 +243,21 @@ class _LayerGraphs:
     """The forward and backward graphs of one layer for one signature (or, with capture off, the same two
     computations run eagerly on the same buffers)."""
 
-    def __init__(self, function: Callable, call: _Call, layer: torch.nn.Module, buffers: _SharedBuffers):
+    def __init__(self, function: Callable, call: _Call, layer: torch.nn.Module, buffers: _SharedBuffers,
+                 control_values: list[torch.Tensor]):
         self.function = function
-        self.memory = _memory_of(layer)
+        self.memory = _LayerParts.of(layer).memory()
         self.call_spec = call.spec
         self.data_index = call.data_index
         self.control_index = call.control_index
-        self.control_values = [call.leaves[i].clone() for i in call.control_index]
-        # The graphs read the captured copies of the control leaves, which equal the caller's values.
+        self.control_values = control_values  # copies of the control leaves, equal to the caller's values
+        # The graphs read the captured copies of the control leaves and the shared input buffers, never the caller's
+        # tensors (which the template must not keep alive).
         self.template = list(call.leaves)
         for i, value in zip(self.control_index, self.control_values):
             self.template[i] = value
+        for i in self.data_index:
+            self.template[i] = None
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.buffers = buffers
         self.autocast = call.signature[3]
@@ -233,8 +287,9 @@ class _LayerGraphs:
             self.output_spec = spec
             self.output_is_data = [_is_data(o) for o in outputs]
             if not self.buffers.outputs:
-                self.buffers.outputs = [torch.empty_like(o) for o in outputs]
-                self.buffers.grad_outputs = [torch.zeros_like(o) for o in outputs]
+                store = self.buffers.store
+                self.buffers.outputs = [store.like("output", n, o) for n, o in enumerate(outputs)]
+                self.buffers.grad_outputs = [store.like("grad_output", n, o, zeros=True) for n, o in enumerate(outputs)]
         _copy_into(self.buffers.outputs, outputs)
 
     def _backward_body(self) -> None:
@@ -256,21 +311,21 @@ class _LayerGraphs:
         _copy_into([b for b in self.buffers.param_grads if b is not None],
                    [g for g, b in zip(param_grads, self.buffers.param_grads) if b is not None])
 
-    def prepare(self, data: list[torch.Tensor], pool, capture: bool) -> None:
+    def prepare(self, data: list[torch.Tensor], pool, stream: torch.cuda.Stream | None) -> None:
         """Run both bodies once on the caller's data (output shapes; lazy initialisation such as Triton's
-        specialisations for these buffers stays out of the capture), then capture them."""
+        specialisations for these buffers stays out of the capture), then capture them on `stream` (None: no
+        capture)."""
         _copy_into(self.buffers.inputs, data)
-        if not capture:
+        if stream is None:
             self._forward_body()
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             self._forward_body()
             self._backward_body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.forward_graph = _capture(self._forward_body, pool)
-        self.backward_graph = _capture(self._backward_body, pool)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.forward_graph = _capture(self._forward_body, pool, stream)
+        self.backward_graph = _capture(self._backward_body, pool, stream)
 
     def forward(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         _copy_into(self.buffers.inputs, data)
@@ -292,7 +347,7 @@ class _LayerGraphs:
         return grad_data, grad_params
 
     def weights_moved(self, layer: torch.nn.Module) -> bool:
-        return _memory_of(layer) != self.memory
+        return _LayerParts.of(layer).memory() != self.memory
 
     def same_control_values(self, call: _Call) -> bool:
         return all(_same_values(call.leaves[i], value) for i, value in zip(self.control_index, self.control_values))
@@ -302,12 +357,11 @@ class _Ungraphable(RuntimeError):
     pass
 
 
-def _capture(body: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
+def _capture(body: Callable[[], None], pool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
     """torch.cuda.graph without its context manager, whose exit leaves the capture stream current when ending an
     invalidated capture raises: here a failed capture returns the caller to its own stream."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=pool)
@@ -363,19 +417,27 @@ class GraphedCheckpoint:
         self.max_signatures = max_signatures
         self.capture = capture
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None  # every warm-up and capture runs on this one
         # signature -> ids of the layers seen with it; a layer seen again means the signature came back (a step
         # calls each layer once).
         self.seen: dict[tuple, set[int]] = {}
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
+        self.store = _BufferStore()
+        # signature -> copies of control leaves taken at capture, keyed by the caller's tensor: transformers hands
+        # the same mask tensor to every layer, so the layers share one copy.
+        self.control_copies: dict[tuple, WeakIdKeyDictionary] = {}
         self.ungraphable: dict[tuple, str] = {}
 
     def release(self) -> None:
         """Drop every graph and buffer; their memory goes back to the caching allocator."""
         self.graphs.clear()
         self.buffers.clear()
+        self.store = _BufferStore()
+        self.control_copies.clear()
         self.seen.clear()
         self.pool = None
+        self.stream = None
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any):
         graphs, call = self._graphs_for(function, args, kwargs)
@@ -390,9 +452,10 @@ class GraphedCheckpoint:
         if (layer is None or kwargs or not torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             return None, None
-        modules = tuple(layer.modules())
-        call = _flatten_call(layer, modules, args, dict(function.keywords), on_cuda=self.capture)
-        if call is None or call.signature in self.ungraphable or _has_hooks(modules) or _uses_dropout(modules):
+        parts = _LayerParts.of(layer)
+        call = _flatten_call(layer, parts, args, dict(function.keywords), on_cuda=self.capture)
+        if (call is None or call.signature in self.ungraphable or _has_hooks(parts.structure.modules)
+                or _uses_dropout(parts.dropouts)):
             return None, None
         key = (id(layer), call.signature)
         graphs = self.graphs.get(key)
@@ -419,12 +482,21 @@ class GraphedCheckpoint:
             layers.add(id(layer))
             return None
         if call.signature not in self.buffers:
-            self.buffers[call.signature] = _SharedBuffers.like(call)
-        graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature])
+            self.buffers[call.signature] = _SharedBuffers.like(call, self.store)
+        copies = self.control_copies.setdefault(call.signature, WeakIdKeyDictionary())
+        control_values = []
+        for i in call.control_index:
+            leaf = call.leaves[i]
+            copy = copies.get(leaf)
+            if copy is None or not torch.equal(copy, leaf):  # a tensor modified in place since it was copied
+                copy = copies[leaf] = leaf.clone()
+            control_values.append(copy)
+        graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature], control_values)
         try:
             if self.capture and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            graphs.prepare([call.leaves[i] for i in call.data_index], self.pool, self.capture)
+                self.stream = torch.cuda.Stream()
+            graphs.prepare([call.leaves[i] for i in call.data_index], self.pool, self.stream if self.capture else None)
         except Exception as error:  # noqa: BLE001 - whatever stops a capture, this signature runs eagerly
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             self.ungraphable[call.signature] = reason

@@ -67,7 +67,7 @@ class CountingFallback:
         return standard_checkpoint(function, *args, **kwargs)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "cohere"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere"])
 def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
     """Three steps: the first takes torch's checkpoint, the next two the Function (capture off on the CPU). Loss and
     every LoRA gradient equal those of torch's checkpoint on the same weights."""
@@ -87,6 +87,13 @@ def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
         for name, grad in grads.items():
             assert rel_err(grad, reference[1][name]) < 1e-5, name
     assert len(graphed.graphs) == layers
+    # Layers of different signatures (AFMoE's dense and MoE layers, its sliding and full attention) share the input,
+    # output and gradient buffers where those have the same layout.
+    signatures = list(graphed.buffers.values())
+    assert len({id(buffers.inputs[0]) for buffers in signatures}) == 1
+    assert len({id(buffers.outputs[0]) for buffers in signatures}) == 1
+    if model_type == "afmoe":
+        assert len(signatures) > 1
 
 
 def test_gradient_accumulation_adds_into_grad(tiny_checkpoint):
@@ -224,7 +231,7 @@ def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "cohere"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere"])
 def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
     """bf16 on the GPU: three steps replay captured graphs; every step's loss and LoRA gradients equal torch's
     checkpoint run on the same weights (the same kernels: only launch order and atomics differ)."""

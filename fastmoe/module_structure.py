@@ -1,0 +1,58 @@
+"""What a module tree holds, walked once per structure instead of on every training step.
+
+`module.modules()` and `named_parameters()` recurse through Python generators: a LoRA model of an MoE family has
+thousands of modules, and each walk takes milliseconds. fastmoe's per-step paths (fastmoe.trainer_step,
+fastmoe.graphed_checkpointing) read the tree through `structure_of`, which keeps what one walk found until a
+module, parameter or buffer is registered on any module in the process: torch's global registration hooks
+(installed on first use) count those, and a cached walk is valid while the count it was taken at is current.
+Assigning a submodule, parameter or buffer (`module.x = ...`, `register_*`, peft injecting adapters, bitsandbytes
+swapping layers) registers it; what a walk caches are the objects, so values read from them (`requires_grad`,
+`.grad`, `data_ptr()`, hooks, `training`) are always current.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+_registrations = {"count": 0, "hooks": None}
+_structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> Structure
+
+
+def _count_registration(*_) -> None:
+    _registrations["count"] += 1  # returns None: the registered object is kept as given
+
+
+def track_registrations() -> None:
+    """Install the global registration hooks (once per process)."""
+    if _registrations["hooks"] is None:
+        from torch.nn.modules import module
+
+        _registrations["hooks"] = (
+            module.register_module_module_registration_hook(_count_registration),
+            module.register_module_parameter_registration_hook(_count_registration),
+            module.register_module_buffer_registration_hook(_count_registration),
+        )
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One walk of a module tree."""
+
+    count: int  # the registration count the walk was taken at
+    modules: tuple[torch.nn.Module, ...]
+    named_parameters: tuple[tuple[str, torch.nn.Parameter], ...]
+    buffers: tuple[torch.Tensor, ...]
+
+
+def structure_of(root: torch.nn.Module) -> Structure:
+    """`root`'s modules, parameters and buffers as `modules()`, `named_parameters()` and `buffers()` give them."""
+    track_registrations()
+    cached = _structures.get(root)
+    if cached is None or cached.count != _registrations["count"]:
+        cached = Structure(_registrations["count"], tuple(root.modules()), tuple(root.named_parameters()),
+                           tuple(root.buffers()))
+        _structures[root] = cached
+    return cached

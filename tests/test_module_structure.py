@@ -1,0 +1,26 @@
+"""fastmoe.module_structure: a module tree walked once, walked again after anything is registered on it."""
+
+import torch
+
+from fastmoe.module_structure import structure_of
+
+
+def test_a_walk_is_kept_until_a_module_parameter_or_buffer_is_registered():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    first = structure_of(model)
+    assert structure_of(model) is first
+    assert first.modules == tuple(model.modules())
+    assert first.named_parameters == tuple(model.named_parameters())
+
+    model[0].weight.requires_grad_(False)  # values are read from the kept objects: no new walk
+    assert structure_of(model) is first
+
+    model[1].append(torch.nn.ReLU())  # a module registered deep inside
+    assert structure_of(model).modules == tuple(model.modules()) != first.modules
+
+    model[0].weight = torch.nn.Parameter(torch.zeros(4, 3))  # a parameter replaced
+    assert structure_of(model).named_parameters == tuple(model.named_parameters())
+    assert structure_of(model).named_parameters[0][1] is model[0].weight
+
+    model[0].register_buffer("scale", torch.ones(1))
+    assert structure_of(model).buffers == tuple(model.buffers()) and len(structure_of(model).buffers) == 1
