@@ -176,9 +176,11 @@ def test_disabling_restores_transformers_default(tiny_checkpoint):
                    for layer in decoder_layers(model))
 
 
-def test_model_without_checkpointing_support_warns_and_trains_without(tiny_checkpoint):
+def test_model_without_checkpointing_support_warns_and_trains_without(tiny_checkpoint, monkeypatch):
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
     with pytest.warns(UserWarning, match="does not support gradient checkpointing"):
-        model = lora_model(tiny_checkpoint("jetmoe"), "fastmoe")
+        model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="fastmoe")
     assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
 
 

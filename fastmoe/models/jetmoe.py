@@ -183,7 +183,12 @@ FAMILY = Family(
         # RoPE on queries and keys; calls the mixture of attention heads through map and reduce, patched or not.
         "attention": [ForwardPatch(hf.JetMoeAttention, "forward", attention_forward)],
         # The residual add after attention fused into the norm before the MLP.
-        "decoder_layer": [decoder_layer_patch(hf.JetMoeDecoderLayer, decoder_layer_forward)],
+        # transformers declares JetMoe without checkpointing support (its Trainer then refuses trl's default
+        # gradient_checkpointing=True), though the layer is a GradientCheckpointingLayer whose recompute gives the same
+        # gradients (tests/models/test_jetmoe.py): with the layer swapped, fastmoe checkpoints it, CUDA graphs
+        # included.
+        "decoder_layer": [decoder_layer_patch(hf.JetMoeDecoderLayer, decoder_layer_forward),
+                          ForwardPatch(hf.JetMoePreTrainedModel, "supports_gradient_checkpointing", True)],
         "loss": [ForwardPatch(hf.JetMoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # kv_proj is JetMoe's only dense linear besides the routers (frozen) and lm_head; queries, attention outputs

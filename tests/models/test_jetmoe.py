@@ -37,16 +37,17 @@ def assert_same_training_step(reference, fast, attention_mask: torch.Tensor, tol
         assert rel_err(grads[name], ref_grads[name]) < tolerance, name
 
 
-def reference_and_fast(checkpoint, lora_kwargs: dict, step: Callable):
-    """step(model) on the same LoRA model through plain transformers + peft, then through FastModel. Patches are
-    class-wide, so the reference runs before FastModel patches transformers."""
+def reference_and_fast(checkpoint, lora_kwargs: dict, step: Callable, checkpointing: bool = False):
+    """step(model) on the same LoRA model through plain transformers + peft (which cannot checkpoint JetMoe), then
+    through FastModel. Patches are class-wide, so the reference runs before FastModel patches transformers."""
     fastmoe.unpatch()
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     reference = get_peft_model(reference, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
     randomize_lora(reference)
     reference_result = step(reference)
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32)
-    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs)
+    model = FastModel.get_peft_model(model, use_gradient_checkpointing=checkpointing, **lora_kwargs)
+    assert all(layer.gradient_checkpointing == checkpointing for layer in model.get_base_model().model.layers)
     randomize_lora(model)
     return reference_result, step(model)
 
@@ -94,6 +95,19 @@ def test_router_logits_and_aux_loss_match_transformers(tiny_checkpoint):
     assert ref_out.aux_loss > 0
     assert rel_err(out.aux_loss, ref_out.aux_loss) < 1e-5
     # Both losses include aux_loss_coef * aux_loss; the fast one adds it to its fused cross-entropy.
+    assert rel_err(out.loss, ref_out.loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_checkpointed_layers_train_as_transformers_without_checkpointing(tiny_checkpoint):
+    """transformers refuses to checkpoint JetMoe; fastmoe's swapped layers checkpoint (its default) with the same
+    loss and gradients, the aux loss included."""
+    checkpoint = tiny_checkpoint("jetmoe")
+    batch = batch_with_padding(AutoConfig.from_pretrained(checkpoint).vocab_size, seed=3, seq=8)
+    (ref_out, ref_grads), (out, grads) = reference_and_fast(
+        checkpoint, lora(4), lambda model: training_step(model, batch, output_router_logits=True), checkpointing=True)
     assert rel_err(out.loss, ref_out.loss) < 1e-5
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
