@@ -94,6 +94,9 @@ class Family:
 
 # (owner, attribute) -> the original object, for every patch currently applied.
 _originals: dict[tuple[type | ModuleType, str], object] = {}
+# The original of an attribute the owner class inherited (peft's PeftModel.zero_grad is torch's Module's): undoing the
+# patch deletes the class's own attribute, so that the inherited one shows again.
+_INHERITED = object()
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -112,27 +115,38 @@ def apply_patches(patches: list[ForwardPatch]) -> None:
     for patch in patches:
         key = (patch.owner, patch.attribute)
         if key not in _originals:
-            _originals[key] = patch.owner.__dict__[patch.attribute]
+            inherited = isinstance(patch.owner, type) and patch.attribute not in patch.owner.__dict__
+            _originals[key] = _INHERITED if inherited else patch.owner.__dict__[patch.attribute]
         setattr(patch.owner, patch.attribute, patch.replacement)
+
+
+def _restore(owner: type | ModuleType, attribute: str, original_object: object) -> None:
+    if original_object is _INHERITED:
+        delattr(owner, attribute)
+    else:
+        setattr(owner, attribute, original_object)
 
 
 def remove_patches(patches: list[ForwardPatch]) -> None:
     for patch in patches:
         key = (patch.owner, patch.attribute)
         if key in _originals:
-            setattr(patch.owner, patch.attribute, _originals.pop(key))
+            _restore(patch.owner, patch.attribute, _originals.pop(key))
 
 
 def remove_all_patches() -> None:
     """Put back every original object a patch replaced."""
     for (owner, attribute), original_object in list(_originals.items()):
-        setattr(owner, attribute, original_object)
+        _restore(owner, attribute, original_object)
     _originals.clear()
 
 
 def original(owner: type | ModuleType, attribute: str):
     """`owner.attribute` as it was before fastmoe patched it (as it is, when unpatched)."""
-    return _originals.get((owner, attribute), owner.__dict__[attribute])
+    found = _originals.get((owner, attribute), owner.__dict__.get(attribute, _INHERITED))
+    if found is _INHERITED:
+        return next(base.__dict__[attribute] for base in owner.__mro__[1:] if attribute in base.__dict__)
+    return found
 
 
 def is_patched(patches: list[ForwardPatch]) -> bool:

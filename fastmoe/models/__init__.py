@@ -33,6 +33,8 @@ SHARED_OPS: dict[str, str] = {
     "lora_linear": "fastmoe.linear_lora:lora_linear_patches",
     # trl's add_fused_lm_head: fastmoe's head on models whose family's loss op is patched, trl's own on the others.
     "trl_fused_head": "fastmoe.trl_fused_head:fused_lm_head_patches",
+    # The Trainer's per-step parameter count and gradient clipping, without walking every module of a fastmoe model.
+    "trainer_step": "fastmoe.trainer_step:trainer_step_patches",
 }
 
 # shared op -> the model types patched with that op on.

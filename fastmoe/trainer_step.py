@@ -1,0 +1,129 @@
+"""The Trainer's own host work per step, without walking the whole model, for fastmoe models.
+
+A transformers Trainer (trl's trainers are subclasses) walks every module of the model several times per
+optimizer step: `floating_point_ops` counts all parameters (`num_parameters`) to add to `total_flos`,
+`_clip_grad_norm` hands `model.parameters()` to accelerate, which lists them all to find the few that have
+gradients, and `model.zero_grad()` walks them again. A LoRA model of an MoE family has thousands of modules, and
+those walks take 15-45 ms per step, time in which the GPU, done with the step's work, waits
+(benchmarks/host_gaps.py over bench_sft.py's traces). The shared op ``trainer_step`` (fastmoe.models.SHARED_OPS)
+replaces the three with ones that, for a model of a patched family, give the same results from what they computed
+on the first step:
+
+* ``floating_point_ops``: 6 x tokens x ``num_parameters(exclude_embeddings=True)``, the count taken once per
+  model and optimizer (a new `train()` call creates a new optimizer, so a model changed between two calls is
+  counted again);
+* ``_clip_grad_norm``: accelerate's clipping over the optimizer's parameters, which hold every parameter that
+  receives a gradient: checked on the first step (any parameter with a gradient that the optimizer lacks keeps
+  transformers' method for that trainer), and only where accelerate's clipping is the plain one (one process or
+  DDP; FSDP, DeepSpeed and XLA clip otherwise);
+* peft's ``PeftModel.zero_grad`` (torch's ``Module.zero_grad``): the same loop over every parameter, through the
+  model's modules as fastmoe.module_structure keeps them (walked again after any module, parameter or buffer is
+  registered).
+
+Any other model, and every case not named here, runs the Trainer's own methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmoe.models.causal_lm import is_fastmoe_causal_lm
+from fastmoe.module_structure import structure_of, track_registrations
+from fastmoe.patching import ForwardPatch
+
+_trainer_methods: dict[str, object] = {}  # transformers' own Trainer methods, read before the first patch
+
+
+def trainer_step_patches() -> list[ForwardPatch]:
+    from peft import PeftModel
+    from transformers import Trainer
+
+    for name in ("_clip_grad_norm", "floating_point_ops"):
+        own = Trainer.__dict__[name]
+        if not getattr(own, "fastmoe_trainer_step", False):
+            _trainer_methods[name] = own
+    track_registrations()
+    return [ForwardPatch(Trainer, "_clip_grad_norm", clip_grad_norm),
+            ForwardPatch(Trainer, "floating_point_ops", floating_point_ops),
+            ForwardPatch(PeftModel, "zero_grad", zero_grad)]
+
+
+def zero_grad(self, set_to_none: bool = True) -> None:
+    """torch's Module.zero_grad over a fastmoe model's cached module list."""
+    if getattr(self, "_is_replica", False) or not _is_fastmoe_model(self):
+        return torch.nn.Module.zero_grad(self, set_to_none)
+    for module in structure_of(self).modules:
+        for p in module._parameters.values():
+            if p is None or p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+
+def _is_fastmoe_model(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return is_fastmoe_causal_lm(base)
+
+
+def _step_cache(trainer, model) -> dict:
+    """What was computed on the first step of this model with this optimizer."""
+    key = (id(model), id(trainer.optimizer))
+    cache = trainer.__dict__.get("_fastmoe_step_cache")
+    if cache is None or cache["key"] != key:
+        cache = trainer.__dict__["_fastmoe_step_cache"] = {"key": key}
+    return cache
+
+
+def floating_point_ops(self, inputs) -> int:
+    """transformers' Trainer.floating_point_ops, with the parameter count of a fastmoe model taken once."""
+    if not _is_fastmoe_model(self.model):
+        return _trainer_methods["floating_point_ops"](self, inputs)
+    main_input = getattr(self.model, "main_input_name", "input_ids")
+    if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+        return 0
+    cache = _step_cache(self, self.model)
+    if "num_parameters" not in cache:
+        cache["num_parameters"] = self.model.num_parameters(exclude_embeddings=True)
+    return 6 * inputs[main_input].numel() * cache["num_parameters"]
+
+
+def _optimizer_parameters(trainer, model) -> list | None:
+    """The optimizer's parameters when they include every parameter of `model` with a gradient and accelerate
+    clips them the plain way; else None."""
+    from accelerate.utils import DistributedType
+    from transformers.utils import is_sagemaker_mp_enabled
+
+    if trainer.optimizer is None or not _is_fastmoe_model(model):
+        return None
+    if trainer.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        return None
+    if is_sagemaker_mp_enabled() and trainer.args.fp16:
+        return None  # sagemaker's model parallelism clips its master weights' gradients
+    has_mixed_mesh = getattr(trainer, "_has_mixed_mesh_grads", None)
+    if has_mixed_mesh is not None and has_mixed_mesh(model):
+        return None
+    cache = _step_cache(trainer, model)
+    parameters = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    if "optimizer_has_every_gradient" not in cache:
+        held = {id(p) for p in parameters}
+        cache["optimizer_has_every_gradient"] = all(
+            id(p) in held for p in model.parameters() if p.grad is not None)
+    return parameters if cache["optimizer_has_every_gradient"] else None
+
+
+def clip_grad_norm(self, model):
+    """transformers' Trainer._clip_grad_norm over the optimizer's parameters of a fastmoe model."""
+    parameters = _optimizer_parameters(self, model)
+    if parameters is None:
+        return _trainer_methods["_clip_grad_norm"](self, model)
+    return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+
+floating_point_ops.fastmoe_trainer_step = True
+clip_grad_norm.fastmoe_trainer_step = True

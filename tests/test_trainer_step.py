@@ -1,0 +1,133 @@
+"""The Trainer's per-step parameter count and gradient clipping for fastmoe models (fastmoe/trainer_step.py): the same
+gradient norm, clipping and total_flos as transformers' own methods, without walking the model after the first
+step."""
+
+import pytest
+import torch
+import trl
+
+import fastmoe
+from fastmoe import FastModel, trainer_step
+from fastmoe.builtin import builtin_records
+from testing_utils import randomize_lora
+
+import datasets
+
+
+def sft_trainer(model, tokenizer, output_dir, max_grad_norm=0.1):
+    # A clipping threshold below the gradient norm, so that clipping changes the step.
+    config = trl.SFTConfig(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=2,
+        optim="sgd", learning_rate=0.1, max_grad_norm=max_grad_norm, logging_steps=1, report_to="none",
+        save_strategy="no", gradient_checkpointing=False, seed=0, data_seed=0, disable_tqdm=True,
+        dataloader_num_workers=0)
+    records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:6]]
+    return trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
+                          processing_class=tokenizer)
+
+
+def lora_model(checkpoint, trainer_step_op=True):
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64,
+                                         fast_ops={"trainer_step": trainer_step_op})
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    return model
+
+
+def train_and_watch(model, tokenizer, output_dir, monkeypatch, **trainer_kwargs):
+    """Train; return (logged steps, total_flos, the parameters handed to accelerate's clipping per step, the number
+    of num_parameters calls)."""
+    trainer = sft_trainer(model, tokenizer, output_dir, **trainer_kwargs)
+    clipped, counted = [], []
+    clip = trainer.accelerator.clip_grad_norm_
+
+    def recording_clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append(parameters)
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", recording_clip)
+    base = model.get_base_model()
+    num_parameters = base.num_parameters
+    monkeypatch.setattr(base, "num_parameters", lambda *a, **k: counted.append(1) or num_parameters(*a, **k))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logged, trainer.state.total_flos, clipped, len(counted), trainer
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
+def test_same_steps_as_transformers_methods_with_one_walk(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch,
+                                                          model_type):
+    checkpoint = tiny_checkpoint(model_type)
+    expected, expected_flos, expected_clipped, _, _ = train_and_watch(
+        lora_model(checkpoint, trainer_step_op=False), tiny_tokenizer, tmp_path / "reference", monkeypatch)
+    fastmoe.unpatch()
+    model = lora_model(checkpoint)
+    logged, flos, clipped, counted, trainer = train_and_watch(model, tiny_tokenizer, tmp_path / "fast", monkeypatch)
+
+    assert len(logged) == len(expected) == 2
+    for entry, ref in zip(logged, expected):
+        assert entry["grad_norm"] > 0.1  # clipping acted
+        for key in ("loss", "grad_norm"):
+            assert entry[key] == pytest.approx(ref[key], rel=1e-6), key
+    assert flos == expected_flos > 0
+    assert counted == 1  # the parameter count was taken on the first step only
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer_params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimizer_params} == {id(p) for p in trainable}
+    # transformers' method hands over every parameter, fastmoe's the optimizer's (the ones with gradients).
+    assert all(len(step) == len(list(model.parameters())) for step in expected_clipped)
+    assert all([id(p) for p in step] == [id(p) for p in optimizer_params] for step in clipped)
+
+
+def test_a_gradient_outside_the_optimizer_keeps_transformers_clipping(tiny_checkpoint, tiny_tokenizer, tmp_path,
+                                                                      monkeypatch):
+    model = lora_model(tiny_checkpoint("afmoe"))
+    trainer = sft_trainer(model, tiny_tokenizer, tmp_path)
+    trainer.create_optimizer()
+    outside = next(p for p in model.parameters() if not p.requires_grad)
+    outside.grad = torch.ones_like(outside)
+    assert trainer_step._optimizer_parameters(trainer, model) is None
+    outside.grad = None
+
+
+def test_other_models_run_transformers_methods(tmp_path, tiny_tokenizer, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    fastmoe.patch("afmoe")  # the op is on, for a model of another family
+    config = LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=64)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    _, flos, clipped, counted, _ = train_and_watch(model, tiny_tokenizer, tmp_path, monkeypatch)
+    assert counted == 2 and flos > 0
+    assert all(len(step) == len(list(model.parameters())) for step in clipped)
+
+
+def test_zero_grad_follows_new_modules_and_unpatches(tiny_checkpoint):
+    from peft import LoraConfig, PeftModel
+
+    model = lora_model(tiny_checkpoint("afmoe"))
+    assert "zero_grad" in PeftModel.__dict__
+
+    def give_grads():
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        return [p for p in model.parameters() if p.grad is not None]
+
+    with_grads = give_grads()
+    model.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in with_grads)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # A second adapter registers new modules after the module list was cached: their gradients are cleared too.
+    model.add_adapter("second", LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    assert any("second" in name for name, p in model.named_parameters() if p.requires_grad)
+    give_grads()
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    fastmoe.unpatch()
+    assert "zero_grad" not in PeftModel.__dict__ and model.zero_grad.__func__ is torch.nn.Module.zero_grad
