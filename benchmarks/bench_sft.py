@@ -38,7 +38,12 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
    * tokens/s: batch x seq over the median of --steps timed steps after --warmup untimed ones (the mean too: with
      logging_steps=10 a logging step may not be the median);
-   * peak memory: torch.cuda.max_memory_allocated over the training run;
+   * peak memory: torch.cuda.max_memory_allocated over the training run (peak_gb), and the footprint: the larger of
+     the warm-up steps' peak and the timed steps' peak plus the free part of the CUDA graphs' private pools
+     (footprint_gb). A replayed graph allocates nothing, so the memory its kernels work in, reserved in its pool,
+     is never counted as allocated; the footprint counts it. The table's memory column is the footprint;
+   * what stays allocated between steps (step_start_gb: weights, adapters, optimizer state, graph buffers) and the
+     trainable parameter count;
    * GPU busy and kernels per step: torch.profiler (CUDA activity only) over --profile-steps steps after the timed
      ones: the union of kernel, memcpy and memset intervals over the wall time of those steps, and the number of
      kernels launched per step;
@@ -251,19 +256,30 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
                      **({} if supports_checkpointing else {checkpointing: False}))
 
 
-def make_step_clock(device: str, profile_from: int, profile_steps: int):
+def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_steps: int, trace_steps: int = 0):
     """A TrainerCallback: the synced clock at every step's start (and at the end of training), peak memory from the
-    start of training, and torch.profiler's activities over steps [profile_from, profile_from + profile_steps)."""
+    start of training (and over the timed steps, those before profile_from), the memory allocated at each step's
+    start, torch.profiler's CUDA activities over steps
+    [profile_from, profile_from + profile_steps), and, with trace_steps, a CPU + CUDA trace with Python stacks over
+    the trace_steps steps after those (host_gaps.py reads it; the Python tracer slows the host, so these steps are
+    neither timed nor counted in the GPU-busy share)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
+
+    trace_from = profile_from + profile_steps
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.begins: list[float] = []
+            self.allocated: list[int] = []
             self.profiler = None
             self.profile_start = 0.0
             self.profiled_seconds: float | None = None
             self.activities: list[tuple[str, int, int]] = []
+            self.tracer = None
+            self.trace = None  # the finished tracing profiler
+            self.peak_before_timed = 0  # max_memory_allocated over the warm-up steps
+            self.timed_peak = 0  # over the timed steps
 
         def _now(self) -> float:
             common.synchronize(device)
@@ -275,6 +291,10 @@ def make_step_clock(device: str, profile_from: int, profile_steps: int):
             self.activities = common.profiler_activities(self.profiler)
             self.profiler = None
 
+        def _stop_tracer(self) -> None:
+            self.tracer.stop()
+            self.trace, self.tracer = self.tracer, None
+
         def on_train_begin(self, args, state, control, **kwargs):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -282,19 +302,32 @@ def make_step_clock(device: str, profile_from: int, profile_steps: int):
         def on_step_begin(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
-            if self.profiler is not None and state.global_step == profile_from + profile_steps:
+            self.allocated.append(torch.cuda.memory_allocated() if device == "cuda" else 0)
+            if device == "cuda" and state.global_step == profile_from - timed_steps:
+                self.peak_before_timed = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            if device == "cuda" and state.global_step == profile_from:
+                self.timed_peak = torch.cuda.max_memory_allocated()
+            if self.profiler is not None and state.global_step == trace_from:
                 self._stop_profiler(now)
+            if self.tracer is not None and state.global_step == trace_from + trace_steps:
+                self._stop_tracer()
             if profile_steps and state.global_step == profile_from:
                 kind = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
                 self.profiler = profile(activities=[kind])
                 self.profiler.start()
                 self.profile_start = self._now()
+            if trace_steps and state.global_step == trace_from:
+                self.tracer = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
+                self.tracer.start()
 
         def on_train_end(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
             if self.profiler is not None:
                 self._stop_profiler(now)
+            if self.tracer is not None:
+                self._stop_tracer()
 
         def step_seconds(self) -> list[float]:
             return [b - a for a, b in zip(self.begins, self.begins[1:])]
@@ -317,14 +350,15 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
                   peak_tflops=common.rounded(peak_tflops, 1))
-    max_steps = args.warmup + args.steps + args.profile_steps + (1 if args.profile_steps else 0)
+    extra = args.profile_steps + args.trace_steps
+    max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = None
     try:
         start = time.perf_counter()
         model, tokenizer = load(case, args, device, dtype)
         record["load_s"] = round(time.perf_counter() - start, 1)
         dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq)
-        clock = make_step_clock(device, args.warmup + args.steps, args.profile_steps)
+        clock = make_step_clock(device, args.steps, args.warmup + args.steps, args.profile_steps, args.trace_steps)
         from trl import SFTTrainer
 
         with tempfile.TemporaryDirectory() as output_dir:
@@ -332,6 +366,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
             trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config,
                                  callbacks=[clock])
             trainer.train()
+        pool_reserved, pool_allocated = graph_pool_bytes(device)
         timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
         step_s = statistics.median(timed)
         tokens = case.batch * case.seq
@@ -340,8 +375,21 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                       tokens_per_s_mean=round(tokens * len(timed) / sum(timed), 1), step_ms=round(1e3 * step_s, 2),
                       step_ms_all=[round(1e3 * s, 2) for s in timed], tflops=round(tflops, 2),
                       mfu_pct=common.rounded(100 * tflops / peak_tflops if peak_tflops else None, 2),
-                      peak_gb=common.rounded(torch.cuda.max_memory_allocated() / 2**30, 2)
+                      peak_gb=common.rounded(max(clock.peak_before_timed, clock.timed_peak,
+                                                 torch.cuda.max_memory_allocated()) / 2**30, 2)
                       if device == "cuda" else None,
+                      timed_peak_gb=common.rounded(clock.timed_peak / 2**30, 2) if device == "cuda" else None,
+                      # CUDA graphs' private pools: what their replays use is reserved there, never "allocated"
+                      graph_pool_gb=common.rounded(pool_reserved / 2**30, 2) if device == "cuda" else None,
+                      footprint_gb=common.rounded(max(clock.peak_before_timed, clock.timed_peak
+                                                      + pool_reserved - pool_allocated) / 2**30, 2)
+                      if device == "cuda" else None,
+                      peak_reserved_gb=common.rounded(torch.cuda.max_memory_reserved() / 2**30, 2)
+                      if device == "cuda" else None,
+                      # weights, adapters, optimizer state and anything kept across steps (graph buffers)
+                      step_start_gb=common.rounded(clock.allocated[args.warmup + args.steps - 1] / 2**30, 2)
+                      if device == "cuda" else None,
+                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       loss_first=logged(trainer, "loss", 0), loss_last=logged(trainer, "loss", -1),
                       entropy_last=logged(trainer, "entropy", -1),
                       token_accuracy_last=logged(trainer, "mean_token_accuracy", -1))
@@ -351,6 +399,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                           gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
                           profiled_step_ms=round(1e3 * clock.profiled_seconds / args.profile_steps, 2),
                           kernels_per_step=round(kernels / args.profile_steps))
+        if clock.trace is not None and args.trace_dir:
+            record["host_gaps"] = trace_summary(clock.trace, case, args.trace_dir)
     except torch.OutOfMemoryError:
         record.update(status="oom", device_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     except Exception as error:  # one broken case must not cost the others their measurement
@@ -361,6 +411,42 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
     fastmoe.unpatch()
     common.free_memory(device)
     return record
+
+
+def graph_pool_bytes(device: str) -> tuple[int, int]:
+    """(reserved, allocated) bytes of the caching allocator's private pools: those of CUDA graphs, whose replays
+    allocate nothing, so that max_memory_allocated never counts the memory their kernels work in."""
+    if device != "cuda":
+        return 0, 0
+    reserved = allocated = 0
+    for segment in torch.cuda.memory_snapshot():
+        if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0):
+            reserved += segment["total_size"]
+            allocated += segment["allocated_size"]
+    return reserved, allocated
+
+
+def trace_summary(tracer, case: Case, trace_dir: str) -> dict:
+    """host_gaps.py's summary of the traced steps, printed, written beside the trace, and its head kept in the
+    record."""
+    import json
+    import re
+
+    import host_gaps
+
+    folder = Path(trace_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{case.preset}-{case.layers}L-{case.batch}x{case.seq}-"
+                  f"{case.implementation}-{case.quantization or 'bf16'}-log{case.logging_steps}"
+                  f"{'' if case.cuda_graphs else '-eager'}")
+    trace_path = folder / f"{stem}.trace.json"
+    tracer.export_chrome_trace(str(trace_path))
+    summary = host_gaps.summarize(host_gaps.load_trace(trace_path))
+    (folder / f"{stem}.gaps.json").write_text(json.dumps(summary, indent=1))
+    print(f"host gaps of {case.label()}:\n{host_gaps.report(summary)}", flush=True)
+    head = {key: value for key, value in summary.items() if not isinstance(value, dict)}
+    head["exclusive_ms"] = dict(list(summary.get("exclusive_ms", {}).items())[:10])
+    return head
 
 
 def summary_line(case: Case, record: dict) -> str:
@@ -448,6 +534,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler after the timed ones")
+    parser.add_argument("--trace-steps", type=int, default=0, help="steps after the profiled ones traced with CPU "
+                        "activity and Python stacks; with --trace-dir, host_gaps.py's summary of where the GPU waits "
+                        "on the host goes into the record")
+    parser.add_argument("--trace-dir", default=None, help="folder for the traces and their summaries")
     parser.add_argument("--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "fastmoe-bench-checkpoints"))
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep other presets' checkpoints (default: "
                         "one at a time, to spare the disk)")
@@ -458,8 +548,8 @@ def main() -> None:
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
     parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
-        parser.error("--steps must be at least 1, --warmup and --profile-steps at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0 or args.trace_steps < 0:
+        parser.error("--steps must be at least 1, --warmup, --profile-steps and --trace-steps at least 0")
 
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

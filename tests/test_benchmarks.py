@@ -16,6 +16,7 @@ import bench_fused_lm_head  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
+import host_gaps  # noqa: E402
 import plot_results  # noqa: E402
 import report  # noqa: E402
 
@@ -103,6 +104,33 @@ def test_gpu_activity_counts_kernels_and_overlapping_work_once():
               ("kernel", 40, 41), ("gpu_memset", 40, 45), ("cpu_op", 0, 1000)]
     assert common.gpu_activity(events) == (15 + 10 + 5, 3)
     assert common.gpu_activity([]) == (0, 0)
+
+
+def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_launch():
+    def span(cat, name, ts, dur, tid=1, correlation=None):
+        event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+        if correlation is not None:
+            event["args"] = {"correlation": correlation}
+        return event
+
+    kernels = [(0, 10, -5), (20, 10, 15), (30, 10, 16), (100, 10, 90), (200, 10, 105)]  # (start, length, launched)
+    events = [span("kernel", f"k{i}", ts, dur, tid=7, correlation=i) for i, (ts, dur, _) in enumerate(kernels)]
+    events += [span("cuda_runtime", "cudaLaunchKernel", launched, 1, correlation=i)
+               for i, (_, _, launched) in enumerate(kernels)]
+    events += [span("cuda_runtime", "cudaStreamSynchronize", 52, 3),
+               span("python_function", "step", -10, 230), span("python_function", "forward", 10, 40),
+               span("python_function", "slow", 12, 3), span("python_function", "optimizer", 60, 35),
+               span("python_function", "other thread", 0, 200, tid=2)]
+    summary = host_gaps.summarize(events)
+    # Gaps [10, 20) and [40, 100) wait on launches at 15 and 90; [110, 200) ends with a kernel launched at 105.
+    assert summary["gaps"] == 3 and summary["gaps_ms"] == pytest.approx(0.16)
+    assert summary["gaps_not_host_ms"] == pytest.approx(0.09) and summary["host_ms"] == pytest.approx(0.055)
+    assert summary["exclusive_ms"] == pytest.approx({"optimizer": 0.03, "forward": 0.012, "step": 0.01, "slow": 0.003})
+    assert summary["inclusive_ms"] == pytest.approx({"step": 0.055, "optimizer": 0.03, "forward": 0.015,
+                                                    "slow": 0.003})
+    assert summary["blocking_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": pytest.approx(0.003)}}
+    assert summary["blocking_callers"] == {"cudaStreamSynchronize from step": 1}  # the frames running then
+    assert "host-bound 0.1 ms" in host_gaps.report(summary)
 
 
 def test_profiler_activities_read_what_the_profiler_recorded():
