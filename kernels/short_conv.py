@@ -6,6 +6,10 @@ out_proj takes. transformers transposes to (batch, channels, seq) for F.conv1d a
 along the contiguous dimension avoids both copies and keeps loads coalesced.
 
 With kernel size L, conv[t] = bias + sum_k w[k] * (B * x)[t + k - (L - 1)], rows before 0 reading as zero.
+Packed rows (several documents one after another, as padding-free training feeds them) restart the convolution
+at every document: given `doc_offsets[b, t]`, the distance of token t from its document's first token, tap k
+reads only rows that distance allows (L - 1 - k <= doc_offsets[t]), so no document sees another's tokens.
+Without offsets, every row is one document (doc_offsets[t] = t).
 Forward computes B * x on the fly for each of the L taps (the neighbouring rows are cache hits) and saves only
 the in_proj output. Backward recomputes conv, writes dB, dC, dx into one (batch, seq, 3 * hidden) gradient
 (so autograd needs no concatenation for in_proj), and sums dweight/dbias per program into fp32 partial
@@ -23,17 +27,43 @@ from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
 
 
-def reference_short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """bcx (batch, seq, 3 * hidden), weight (hidden, 1, L) or (hidden, L), bias (hidden,) or None
-    -> (batch, seq, hidden) in bcx's dtype, computed as transformers' torch path (`causal_conv1d_fn`) does."""
+def reference_short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         doc_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """bcx (batch, seq, 3 * hidden), weight (hidden, 1, L) or (hidden, L), bias (hidden,) or None, doc_offsets
+    (batch, seq) integers or None -> (batch, seq, hidden) in bcx's dtype. Without offsets, computed as
+    transformers' torch path (`causal_conv1d_fn`) does; with them, tap by tap, each masked where it would reach
+    into an earlier document."""
     hidden = bcx.shape[-1] // 3
     seq_len = bcx.shape[1]
     kernel_size = weight.shape[-1]
     b, c, x = bcx.transpose(-1, -2).chunk(3, dim=-2)
     bx = b * x
-    conv = F.conv1d(bx.to(weight.dtype), weight.reshape(hidden, 1, kernel_size), bias,
-                    padding=kernel_size - 1, groups=hidden)[:, :, :seq_len].to(bx.dtype)
-    return (c * conv).transpose(-1, -2).contiguous()
+    if doc_offsets is None:
+        conv = F.conv1d(bx.to(weight.dtype), weight.reshape(hidden, 1, kernel_size), bias,
+                        padding=kernel_size - 1, groups=hidden)[:, :, :seq_len].to(bx.dtype)
+        return (c * conv).transpose(-1, -2).contiguous()
+    w = weight.reshape(hidden, kernel_size)
+    bx = bx.to(w.dtype)
+    conv = torch.zeros_like(bx) if bias is None else bias[None, :, None].expand_as(bx).clone()
+    for k in range(kernel_size):
+        back = kernel_size - 1 - k  # tap k reads `back` rows before t
+        shifted = F.pad(bx, (back, 0))[:, :, :seq_len]
+        allowed = (doc_offsets >= back).to(bx.dtype)[:, None, :]
+        conv = conv + w[None, :, k, None] * shifted * allowed
+    return (c * conv.to(c.dtype)).transpose(-1, -2).contiguous()
+
+
+def document_offsets(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch, seq) int32: each token's distance from the first token of its document, where a document starts
+    wherever position_ids do not continue the previous token's by one (transformers' packed-sequence rule). A row
+    of consecutive positions is one document (offsets 0, 1, 2, ...). Computed on the device, no host sync."""
+    positions = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    seq_len = positions.shape[1]
+    index = torch.arange(seq_len, device=positions.device).expand(batch, -1)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+    last_start = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return (index - last_start).to(torch.int32).contiguous()
 
 
 def _tile(hidden: int) -> tuple[int, int, int]:
@@ -47,22 +77,27 @@ def _tile(hidden: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _short_conv_fwd_kernel(
-    BCX, W, BIAS, Y,
+    BCX, W, BIAS, OFFSETS, Y,
     stride_b, stride_s, stride_wd, stride_wk, stride_yb, stride_ys,
     S, D,
-    L: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFFSETS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     batch = tl.program_id(2).to(tl.int64)
     mask_d = d < D
     base = BCX + batch * stride_b
+    # How far back each row may read: to its document's first token (to row 0 without offsets).
+    reach = t
+    if HAS_OFFSETS:
+        reach = tl.load(OFFSETS + batch * S + t, mask=t < S, other=0)
     conv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     if HAS_BIAS:
         conv += tl.load(BIAS + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(L):
         src = t + (k - (L - 1))
-        mask = ((src >= 0) & (src < S))[:, None] & mask_d[None, :]
+        mask = ((src >= 0) & (src < S) & (reach >= (L - 1 - k)))[:, None] & mask_d[None, :]
         ptr = base + src.to(tl.int64)[:, None] * stride_s + d[None, :]
         b = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(ptr + 2 * D, mask=mask, other=0.0).to(tl.float32)
@@ -76,10 +111,10 @@ def _short_conv_fwd_kernel(
 
 @triton.jit
 def _short_conv_bwd_kernel(
-    BCX, W, BIAS, DY, DBCX, DW_PARTIAL, DBIAS_PARTIAL,
+    BCX, W, BIAS, OFFSETS, DY, DBCX, DW_PARTIAL, DBIAS_PARTIAL,
     stride_b, stride_s, stride_wd, stride_wk, stride_dyb, stride_dys, stride_gb, stride_gs,
     S, D, chunks, chunk_len,
-    L: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -106,13 +141,16 @@ def _short_conv_bwd_kernel(
         x = tl.load(ptr + 2 * D, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + rows * stride_dys + d[None, :], mask=mask, other=0.0).to(tl.float32)
         dconv = dy * c
+        reach = t
+        if HAS_OFFSETS:
+            reach = tl.load(OFFSETS + batch * S + t, mask=t < S, other=0)
         conv = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32) + bias[None, :]
         dbx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         for k in tl.static_range(L):
             w = tl.load(W + d * stride_wd + k * stride_wk, mask=mask_d, other=0.0).to(tl.float32)
             # Tap k reads B * x from L - 1 - k rows back...
             src = t + (k - (L - 1))
-            mask_src = ((src >= 0) & (src < S))[:, None] & mask_d[None, :]
+            mask_src = ((src >= 0) & (src < S) & (reach >= (L - 1 - k)))[:, None] & mask_d[None, :]
             ptr_src = base + src.to(tl.int64)[:, None] * stride_s + d[None, :]
             bx = tl.load(ptr_src, mask=mask_src, other=0.0).to(tl.float32) * \
                 tl.load(ptr_src + 2 * D, mask=mask_src, other=0.0).to(tl.float32)
@@ -120,7 +158,10 @@ def _short_conv_bwd_kernel(
             dw += tl.where(taps[:, None] == k, tl.sum(dconv * bx, axis=0)[None, :], 0.0)
             # ...so the gradient of B * x at t gathers dconv from L - 1 - k rows ahead.
             dst = t + ((L - 1) - k)
-            mask_dst = (dst < S)[:, None] & mask_d[None, :]
+            in_doc = dst < S
+            if HAS_OFFSETS:  # row dst reads t only if t lies in dst's document
+                in_doc = in_doc & (tl.load(OFFSETS + batch * S + dst, mask=dst < S, other=0) >= (L - 1 - k))
+            mask_dst = in_doc[:, None] & mask_d[None, :]
             dst_rows = dst.to(tl.int64)[:, None]
             dy_dst = tl.load(dy_base + dst_rows * stride_dys + d[None, :], mask=mask_dst, other=0.0).to(tl.float32)
             c_dst = tl.load(base + dst_rows * stride_s + D + d[None, :], mask=mask_dst, other=0.0).to(tl.float32)
@@ -153,7 +194,8 @@ def _time_chunks(device: torch.device, batch: int, seq_len: int, block_t: int, c
     return triton.cdiv(seq_len, chunk_len), chunk_len
 
 
-def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        doc_offsets: torch.Tensor | None) -> torch.Tensor:
     bcx = _channels_contiguous(bcx)
     batch, seq_len, channels = bcx.shape
     hidden = channels // 3
@@ -163,22 +205,24 @@ def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     block_t, block_d, num_warps = _tile(hidden)
     grid = (triton.cdiv(seq_len, block_t), triton.cdiv(hidden, block_d), batch)
     _short_conv_fwd_kernel[grid](
-        bcx, w, bias if bias is not None else w, y,
+        bcx, w, bias if bias is not None else w, doc_offsets if doc_offsets is not None else w, y,
         bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         seq_len, hidden,
-        L=kernel_size, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        L=kernel_size, HAS_BIAS=bias is not None, HAS_OFFSETS=doc_offsets is not None, BLOCK_T=block_t,
+        BLOCK_D=block_d, num_warps=num_warps,
     )
     return y
 
 
-def _short_conv_forward_fake(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _short_conv_forward_fake(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             doc_offsets: torch.Tensor | None) -> torch.Tensor:
     batch, seq_len, channels = bcx.shape
     return bcx.new_empty((batch, seq_len, channels // 3))
 
 
 def _short_conv_backward(
-    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: bool,
-    bias_grad: bool,
+    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    doc_offsets: torch.Tensor | None, weight_grad: bool, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy (batch, seq, hidden) -> d(bcx) laid out like bcx, dweight like weight and dbias (hidden,) (each empty
     unless asked for)."""
@@ -195,12 +239,13 @@ def _short_conv_backward(
     dbias_partial = torch.empty((programs, hidden) if bias is not None else (1,), dtype=torch.float32,
                                 device=bcx.device)
     _short_conv_bwd_kernel[(channel_blocks, programs)](
-        bcx, w, bias if bias is not None else w, dy, dbcx, dw_partial, dbias_partial,
+        bcx, w, bias if bias is not None else w, doc_offsets if doc_offsets is not None else w, dy, dbcx,
+        dw_partial, dbias_partial,
         bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), dy.stride(0), dy.stride(1),
         dbcx.stride(0), dbcx.stride(1),
         seq_len, hidden, chunks, chunk_len,
         L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_OFFSETS=doc_offsets is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
     dweight = dw_partial.sum(0).t().contiguous().to(w.dtype).view(weight.shape) if weight_grad else no_gradient(weight)
     dbias = dbias_partial.sum(0).to(bias.dtype) if bias is not None and bias_grad else no_gradient(weight)
@@ -208,8 +253,8 @@ def _short_conv_backward(
 
 
 def _short_conv_backward_fake(
-    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_grad: bool,
-    bias_grad: bool,
+    dy: torch.Tensor, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    doc_offsets: torch.Tensor | None, weight_grad: bool, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dweight = weight.new_empty(weight.shape) if weight_grad else no_gradient(weight)
     dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else no_gradient(weight)
@@ -221,29 +266,35 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, backward, dy):
-    bcx, weight, bias = ctx.saved_tensors
-    _, weight_grad, bias_grad = ctx.needs_input_grad
+    bcx, weight, bias, doc_offsets = ctx.saved_tensors
+    _, weight_grad, bias_grad, _ = ctx.needs_input_grad
     bias_grad = bias_grad and bias is not None
-    dbcx, dweight, dbias = backward(dy, bcx, weight, bias, weight_grad, bias_grad)
-    return dbcx, dweight if weight_grad else None, dbias if bias_grad else None
+    dbcx, dweight, dbias = backward(dy, bcx, weight, bias, doc_offsets, weight_grad, bias_grad)
+    return dbcx, dweight if weight_grad else None, dbias if bias_grad else None, None
 
 
 _short_conv = KernelOp("short_conv", _short_conv_forward, _short_conv_forward_fake, _setup_context, _gradients,
                        _short_conv_backward, _short_conv_backward_fake)
 
 
-def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               doc_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """C * causal_conv1d(B * x) for LFM2's short-conv layers.
 
     bcx: (batch, seq, 3 * hidden), the in_proj output with channel blocks [B | C | x]; weight: the depthwise
-    conv weight, (hidden, 1, L) as nn.Conv1d stores it, or (hidden, L); bias: (hidden,) or None.
-    Returns (batch, seq, hidden) in bcx's dtype. The sequence is causal from position 0: no conv state.
+    conv weight, (hidden, 1, L) as nn.Conv1d stores it, or (hidden, L); bias: (hidden,) or None; doc_offsets:
+    None (each row one document) or (batch, seq) int32 from `document_offsets` (packed documents, each convolved
+    from its own start). Returns (batch, seq, hidden) in bcx's dtype. Causal from position 0: no conv state.
     """
     if bcx.dim() != 3 or bcx.shape[-1] % 3 != 0:
         raise ValueError(f"short_conv needs bcx of shape (batch, seq, 3 * hidden), got {tuple(bcx.shape)}")
     hidden = bcx.shape[-1] // 3
     if weight.numel() != hidden * weight.shape[-1] or weight.shape[0] != hidden:
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit hidden size {hidden}")
+    if doc_offsets is not None and doc_offsets.shape != bcx.shape[:2]:
+        raise ValueError(f"doc_offsets {tuple(doc_offsets.shape)} must be (batch, seq) = {tuple(bcx.shape[:2])}")
     if use_triton(bcx, weight, bias):
-        return _short_conv(bcx, weight, bias)
-    return reference_short_conv(bcx, weight, bias)
+        if doc_offsets is not None:
+            doc_offsets = doc_offsets.to(torch.int32).contiguous()
+        return _short_conv(bcx, weight, bias, doc_offsets)
+    return reference_short_conv(bcx, weight, bias, doc_offsets)

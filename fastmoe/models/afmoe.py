@@ -107,6 +107,50 @@ def decoder_layer_forward(self: hf.AfmoeDecoderLayer, hidden_states, attention_m
     return residual + self.post_mlp_layernorm(self.mlp(hidden_states))
 
 
+@hf.merge_with_config_defaults
+@hf.capture_outputs
+def model_forward(self: hf.AfmoeModel, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None,
+                  past_key_values=None, use_cache=None, **kwargs):
+    """transformers' AfmoeModel.forward, with position_ids handed to the mask functions as the other families' models
+    hand them: without them the masks cannot see packed documents (position_ids restarting, no attention mask), and
+    every document attends to the ones before it."""
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if use_cache and past_key_values is None:
+        past_key_values = hf.DynamicCache(config=self.config)
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if position_ids is None:
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+        position_ids = position_ids.unsqueeze(0)
+    # It may already have been prepared by e.g. `generate`
+    if not isinstance(causal_mask_mapping := attention_mask, dict):
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, position_ids=position_ids)
+        causal_mask_mapping = {
+            "full_attention": hf.create_causal_mask(**mask_kwargs),
+            "sliding_attention": hf.create_sliding_window_causal_mask(**mask_kwargs),
+        }
+    hidden_states = inputs_embeds
+    if self.config.mup_enabled:  # muP input scaling
+        hidden_states = hidden_states * (self.config.hidden_size**0.5)
+    position_embeddings = self.rotary_emb(hidden_states, position_ids)
+    for i, decoder_layer in enumerate(self.layers):
+        hidden_states = decoder_layer(
+            hidden_states,
+            attention_mask=causal_mask_mapping[self.config.layer_types[i]],
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    hidden_states = self.norm(hidden_states)
+    return hf.MoeModelOutputWithPast(last_hidden_state=hidden_states,
+                                     past_key_values=past_key_values if use_cache else None)
+
+
 _causal_lm_forward = fused_loss_forward(hf.AfmoeForCausalLM.forward)
 
 
@@ -121,6 +165,8 @@ FAMILY = Family(
         "attention": [ForwardPatch(hf.AfmoeAttention, "forward", attention_forward)],
         # The residual add after attention fused into the norm before the MLP.
         "decoder_layer": [decoder_layer_patch(hf.AfmoeDecoderLayer, decoder_layer_forward)],
+        # The model's forward, its masks built from position_ids too (packed documents).
+        "model": [ForwardPatch(hf.AfmoeModel, "forward", model_forward)],
         "loss": [ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention, the attention output gate, dense and shared-expert MLPs, and the routed experts; routers stay

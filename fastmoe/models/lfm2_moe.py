@@ -14,7 +14,7 @@ from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
-from fastmoe.kernels.short_conv import short_conv
+from fastmoe.kernels.short_conv import document_offsets, short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
@@ -82,7 +82,7 @@ def _starts_conv_state(self: hf.Lfm2MoeShortConv, cache) -> bool:
 # by hand, as transformers does for its own forward.
 @force_accelerate_hooks("conv")
 def _short_conv_from_start(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values,
-                           attention_mask: torch.Tensor | None) -> torch.Tensor:
+                           attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
     # A 2D padding mask zeroes padded positions before in_proj, so they feed nothing into later positions.
     hidden_states = hf.apply_mask_to_padding_states(hidden_states, attention_mask)
     bcx = self.in_proj(hidden_states)
@@ -91,18 +91,27 @@ def _short_conv_from_start(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tenso
         # cache left-pads with zeros when the prompt is shorter.
         b, _, x = bcx[:, -self.conv_kernel_size:].transpose(-1, -2).chunk(3, dim=-2)
         past_key_values.update_conv_state(b * x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-    return self.out_proj(short_conv(bcx, self.conv.weight, self.conv.bias))
+    # Packed rows (position_ids restarting at each document, no cache): the convolution restarts at each document.
+    offsets = None
+    if position_ids is not None and past_key_values is None:
+        offsets = document_offsets(position_ids, bcx.shape[0])
+    return self.out_proj(short_conv(bcx, self.conv.weight, self.conv.bias, offsets))
 
 
 def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values=None,
-                       attention_mask: torch.Tensor | None = None, **kwargs):
-    # Continuing from a conv state (decode, chunked prefill, speculative rollback) and packed sequences, whose
-    # convolution must restart at every boundary, take transformers' own path.
+                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       **kwargs):
+    """transformers' short conv on fastmoe's kernel. `position_ids` (passed by fastmoe's decoder layer) mark packed
+    documents, each convolved from its own start."""
+    # Continuing from a conv state (decode, chunked prefill, speculative rollback), and packing described only by
+    # flash-attention's cu_seqlens / seq_idx (trl's padding-free batches carry position_ids too), take transformers'
+    # own path.
     packed = kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None
-    if packed or (past_key_values is not None and not _starts_conv_state(self, past_key_values)):
+    if (packed and position_ids is None) or (past_key_values is not None
+                                              and not _starts_conv_state(self, past_key_values)):
         return _original_short_conv_forward(self, hidden_states, past_key_values=past_key_values,
                                             attention_mask=attention_mask, **kwargs)
-    return _short_conv_from_start(self, hidden_states, past_key_values, attention_mask)
+    return _short_conv_from_start(self, hidden_states, past_key_values, attention_mask, position_ids)
 
 
 # transformers 5.17's ShortConv takes `seq_idx` and nothing else; later releases take **kwargs. fastmoe's patched
@@ -127,6 +136,8 @@ def decoder_layer_forward(self: hf.Lfm2MoeDecoderLayer, hidden_states, position_
         )
     else:
         conv_kwargs = kwargs if _CONV_TAKES_KWARGS else {"seq_idx": kwargs.get("seq_idx")}
+        if type(self.conv).forward is short_conv_forward:  # fastmoe's conv restarts at packed documents
+            conv_kwargs = {**conv_kwargs, "position_ids": position_ids}
         hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states), past_key_values=past_key_values,
                                   attention_mask=attention_mask, **conv_kwargs)
     normed, hidden_states = add_rms_norm(hidden_states, residual, self.ffn_norm)

@@ -9,7 +9,7 @@ from transformers.models.lfm2_moe import modeling_lfm2_moe as hf  # noqa: E402
 
 from fastmoe.kernels import use_triton  # noqa: E402
 from fastmoe.kernels.dispatch import interpreter_enabled  # noqa: E402
-from fastmoe.kernels.short_conv import reference_short_conv, short_conv  # noqa: E402
+from fastmoe.kernels.short_conv import document_offsets, reference_short_conv, short_conv  # noqa: E402
 from fastmoe.models.lfm2_moe import short_conv_forward  # noqa: E402
 from testing_utils import rel_err  # noqa: E402
 
@@ -57,6 +57,47 @@ def test_triton_matches_reference_and_transformers(shape, bias):
         for name, g, w in zip(["y", "dB", "dC", "dx", "dweight", "dbias"], got, want):
             assert g.shape == w.shape and g.dtype == w.dtype, name
             assert rel_err(g, w) < 1e-5, (other.__name__, name)
+
+
+def test_document_offsets_restart_wherever_positions_do_not_continue():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    assert document_offsets(positions, 2).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], list(range(10))]
+    assert document_offsets(positions[:1], 3).shape == (3, 10)  # positions broadcast over the batch
+
+
+# (lengths of the documents packed in each row, hidden, kernel size): documents shorter than the kernel, of one
+# token, a row of one document, boundaries inside and across time tiles (16 rows).
+PACKED = [([[3, 1, 5, 2], [11]], 37, 3), ([[2, 2, 2, 1, 9, 4]], 133, 4), ([[17, 1, 20], [7, 31]], 24, 2)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lengths, hidden, kernel_size", PACKED)
+def test_packed_documents_are_convolved_separately(lengths, hidden, kernel_size, bias):
+    seq = max(sum(row) for row in lengths)
+    batch = len(lengths)
+    bcx, weight, conv_bias, dy = inputs(batch, seq, hidden, kernel_size, bias)
+    # Rows shorter than seq end in one more document (the rest of the row).
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row + [seq - sum(row)] if n]) for row in lengths])
+    offsets = document_offsets(positions, batch)
+    got = run(lambda *a: short_conv(*a, doc_offsets=offsets), bcx, weight, conv_bias, dy)
+    want = run(lambda *a: reference_short_conv(*a, doc_offsets=offsets), bcx, weight, conv_bias, dy)
+    for name, g, w in zip(["y", "dB", "dC", "dx", "dweight", "dbias"], got, want):
+        assert rel_err(g, w) < 1e-5, name
+    # Each document alone, through the unpacked op: the same outputs and input gradients, and weight gradients that
+    # sum over the documents.
+    alone = [[] for _ in got]
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for n in row_lengths + [seq - sum(row_lengths)]:
+            if n:
+                rows = slice(row, row + 1), slice(start, start + n)
+                for parts, value in zip(alone, run(short_conv, bcx[rows], weight, conv_bias, dy[rows])):
+                    parts.append(value)
+                start += n
+    separate_y, separate_db = torch.cat(alone[0], 1), torch.cat(alone[1], 1)
+    assert rel_err(torch.cat(list(got[0]), 0)[None], separate_y) < 1e-5
+    assert rel_err(torch.cat(list(got[1]), 0)[None], separate_db) < 1e-5
+    assert rel_err(got[4], sum(alone[4])) < 1e-5
 
 
 def test_strided_input():
