@@ -120,14 +120,17 @@ def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_
     events += [span("cuda_runtime", "cudaStreamSynchronize", 52, 3),
                span("python_function", "step", -10, 230), span("python_function", "forward", 10, 40),
                span("python_function", "slow", 12, 3), span("python_function", "optimizer", 60, 35),
-               span("python_function", "other thread", 0, 200, tid=2)]
+               span("python_function", "other thread", 0, 200, tid=2),
+               # autograd's device thread launches too (the backward): its frames count, labelled with the thread
+               span("cuda_runtime", "cudaGraphLaunch", 45, 1, tid=3), span("python_function", "backward", 42, 6, tid=3)]
     summary = host_gaps.summarize(events)
     # Gaps [10, 20) and [40, 100) wait on launches at 15 and 90; [110, 200) ends with a kernel launched at 105.
     assert summary["gaps"] == 3 and summary["gaps_ms"] == pytest.approx(0.16)
     assert summary["gaps_not_host_ms"] == pytest.approx(0.09) and summary["host_ms"] == pytest.approx(0.055)
-    assert summary["exclusive_ms"] == pytest.approx({"optimizer": 0.03, "forward": 0.012, "step": 0.01, "slow": 0.003})
+    assert summary["exclusive_ms"] == pytest.approx({"optimizer": 0.03, "forward": 0.012, "step": 0.01, "slow": 0.003,
+                                                    "[thread 3] backward": 0.006})
     assert summary["inclusive_ms"] == pytest.approx({"step": 0.055, "optimizer": 0.03, "forward": 0.015,
-                                                    "slow": 0.003})
+                                                    "slow": 0.003, "[thread 3] backward": 0.006})
     assert summary["blocking_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": pytest.approx(0.003)}}
     assert summary["blocking_callers"] == {"cudaStreamSynchronize from step": 1}  # the frames running then
     assert "host-bound 0.1 ms" in host_gaps.report(summary)

@@ -144,3 +144,20 @@ def test_bf16_gpu(shape, bias):
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         assert rel_err(g, w) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_gpu_packed_documents():
+    batch, seq, hidden, kernel_size = 2, 1000, 1000, 4
+    bcx, weight, conv_bias, dy = inputs(batch, seq, hidden, kernel_size, True, dtype=torch.bfloat16, device="cuda")
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.cat([torch.arange(int(n)) for n in torch.randint(1, 90, (40,), generator=generator)])[:seq]
+    positions = torch.cat([positions, torch.arange(seq - positions.numel())])[None].cuda()
+    offsets = document_offsets(positions, batch)
+    got = run(lambda *a: short_conv(*a, doc_offsets=offsets), bcx, weight, conv_bias, dy)
+    want = run(lambda *a: reference_short_conv(*a, doc_offsets=offsets),
+               *[None if t is None else t.float() for t in (bcx, weight, conv_bias, dy)])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert rel_err(g, w) < 1e-2
