@@ -26,6 +26,11 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    to --checkpoint-dir, are reused by later processes, and one is kept at a time (lent GPU machines have little disk).
 
 2. The data: pre-tokenized random token ids, every row `seq` long, so every step has the same shape (no padding).
+   With --data packed / padded and --documents N (issue #17's packed batches), each row's `seq` tokens are N
+   documents of unequal lengths (the same lengths in every row): "packed" feeds each row as it is through trl's
+   padding-free collator (position_ids restarting at each document, no attention mask), "padded" feeds the same
+   documents one per row, padded to the longest; both take one row's documents per step, in order. tokens/s counts
+   the documents' tokens, so the two compare directly; the FLOPs count attention within each document only.
 
 3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
    defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
@@ -63,6 +68,8 @@ Several cases in one process, run one after the other, memory freed between them
 --budget-s (judged by the longest case so far) skipped:
 
     python benchmarks/bench_sft.py --preset lfm2-8b-a1b --shapes 1x4096,4x2048 --logging-steps 1,10 --budget-s 540
+    python benchmarks/bench_sft.py --preset trinity-mini --layers 8 --shapes 1x8192 --data packed,padded --documents 16
+    python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x16384,1x32768,1x65536 --memory-limit-gb 24
 
 CPU smoke run (tiny model, fp32, Triton kernels in the interpreter):
 
@@ -104,6 +111,11 @@ class Case:
     quantization: str | None = None  # None or "4bit"
     load: str = "checkpoint"  # "checkpoint" (save_pretrained, then from_pretrained) or "direct"
     cuda_graphs: bool = True  # fastmoe's get_peft_model(cuda_graphs=...): graphed checkpointing (its default) or eager
+    # "rows": every row one document of `seq` tokens. With `documents` > 1, each row's tokens are that many documents
+    # of unequal lengths (document_lengths), fed "packed" (one row, position_ids restarting: trl's padding_free) or
+    # "padded" (one document per row, padded to the longest).
+    data: str = "rows"
+    documents: int = 1
 
     @property
     def config_kwargs(self) -> dict:
@@ -112,7 +124,8 @@ class Case:
     def label(self) -> str:
         quant = f" {self.quantization}" if self.quantization else ""
         eager = "" if self.cuda_graphs else " (cuda_graphs=False)"
-        return (f"{self.preset} {self.layers}L {self.batch}x{self.seq} {self.implementation}{quant}{eager} "
+        data = "" if self.data == "rows" else f" {self.documents} documents {self.data}"
+        return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
                 f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
 
 
@@ -231,13 +244,31 @@ def load(case: Case, args, device: str, dtype: torch.dtype):
 # Training and measuring
 
 
-def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1):
-    """`rows` pre-tokenized rows of `seq` random token ids."""
+def document_lengths(seq: int, documents: int, seed: int = 2) -> list[int]:
+    """`documents` lengths summing to `seq`, each between a quarter and 1.75x the mean: the same for every row, so
+    every step has the same shapes (and the padded batch the same longest document)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = 0.25 + 1.5 * torch.rand(documents, generator=generator, dtype=torch.float64)
+    lengths = [max(2, int(w)) for w in (weights / weights.sum() * seq).tolist()]
+    lengths[int(torch.tensor(lengths).argmax())] += seq - sum(lengths)
+    return lengths
+
+
+def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1, data: str = "rows", documents: int = 1):
+    """`rows` rows of `seq` random token ids, pre-tokenized. "packed": each row carries its documents' lengths
+    (`seq_lengths`, which trl's padding-free collator turns into restarting position_ids); "padded": each row's
+    documents become consecutive examples, one per row of the batch."""
     import datasets
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (rows, seq), generator=generator)
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    if data == "rows":
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    lengths = document_lengths(seq, documents)
+    if data == "packed":
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "seq_lengths": [lengths] * rows})
+    pieces = [piece.tolist() for row in ids for piece in row.split(lengths)]
+    return datasets.Dataset.from_dict({"input_ids": pieces})
 
 
 def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, supports_checkpointing: bool):
@@ -249,8 +280,15 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
     # gradient_checkpointing -> activation_checkpointing; trl defaults the old to True.
     names = {field.name for field in dataclasses.fields(SFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return SFTConfig(output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=case.batch,
-                     max_length=case.seq, logging_steps=case.logging_steps, save_strategy="no", report_to="none",
+    # Documents: each step takes one row's documents, in order (the same shapes every step); packed rows go through
+    # trl's padding-free collator, whose max_length must be None (the rows are seq long already).
+    documents = {} if case.data == "rows" else dict(train_sampling_strategy="sequential")
+    if case.data == "packed":
+        documents.update(padding_free=True)
+    return SFTConfig(output_dir=output_dir, max_steps=max_steps,
+                     per_device_train_batch_size=case.batch * (case.documents if case.data == "padded" else 1),
+                     max_length=None if case.data == "packed" else case.seq, **documents,
+                     logging_steps=case.logging_steps, save_strategy="no", report_to="none",
                      bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not torch.cuda.is_available(),
                      disable_tqdm=True, seed=common.LORA_SEED,
                      **({} if supports_checkpointing else {checkpointing: False}))
@@ -346,10 +384,15 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
 
     config_kwargs = case.config_kwargs
     flops = common.step_flops(config_kwargs, case.batch, case.seq)
+    if case.data != "rows":  # attention within each document only (padding is not counted either)
+        config = common.make_config(config_kwargs)
+        flops += case.batch * (sum(common.attention_flops(config, 1, n) for n in document_lengths(case.seq,
+                                                                                               case.documents))
+                               - common.attention_flops(config, 1, case.seq))
     record = dict(shared, question="sft", family=config_kwargs["model_type"], **dataclasses.asdict(case),
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
-                  peak_tflops=common.rounded(peak_tflops, 1))
+                  peak_tflops=common.rounded(peak_tflops, 1), memory_limit_gb=args.memory_limit_gb)
     extra = args.profile_steps + args.trace_steps
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = None
@@ -357,7 +400,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         start = time.perf_counter()
         model, tokenizer = load(case, args, device, dtype)
         record["load_s"] = round(time.perf_counter() - start, 1)
-        dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq)
+        dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq, data=case.data,
+                                 documents=case.documents)
         clock = make_step_clock(device, args.steps, args.warmup + args.steps, args.profile_steps, args.trace_steps)
         from trl import SFTTrainer
 
@@ -493,9 +537,16 @@ def build_cases(args, parser, dtype) -> list[Case]:
             shapes = common.parse_shapes(args.shapes)
         except ValueError as error:
             parser.error(str(error))
-        grid = itertools.product(csv(args.quantization), csv(args.targets), csv(args.logging_steps), shapes,
-                                 csv(args.implementations))
-        for quantization, targets, logging_steps, (batch, seq), implementation in grid:
+        grid = itertools.product(csv(args.quantization), csv(args.targets), csv(args.logging_steps), csv(args.data),
+                                 shapes, csv(args.implementations))
+        for quantization, targets, logging_steps, data, (batch, seq), implementation in grid:
+            if data not in ("rows", "packed", "padded"):
+                parser.error(f"unknown data {data!r}: choose from rows, packed, padded")
+            if (data == "rows") != (args.documents == 1):
+                parser.error("--data packed/padded splits each row into --documents (2 or more) documents; rows "
+                             "takes --documents 1")
+            if data != "rows" and seq < 2 * args.documents:
+                parser.error(f"{args.documents} documents of at least 2 tokens do not fit {seq} tokens")
             if implementation not in IMPLEMENTATIONS:
                 parser.error(f"unknown implementation {implementation!r}: choose from {', '.join(IMPLEMENTATIONS)}")
             if targets not in common.LORA_TARGET_SETS:
@@ -511,7 +562,7 @@ def build_cases(args, parser, dtype) -> list[Case]:
                              "checkpoint (or auto) with --quantization 4bit")
             graphs = [True, False] if args.fastmoe_without_graphs and implementation == "fastmoe" else [True]
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs) for cuda_graphs in graphs]
+                           load_how, cuda_graphs, data, args.documents) for cuda_graphs in graphs]
     return cases
 
 
@@ -528,6 +579,13 @@ def main() -> None:
                         + ", ".join(common.LORA_TARGET_SETS))
     parser.add_argument("--logging-steps", default="1", help="comma-separated, e.g. 1,10")
     parser.add_argument("--quantization", default="none", help="comma-separated: none, 4bit")
+    parser.add_argument("--data", default="rows", help="comma-separated: rows (each row one document), packed (each "
+                        "row --documents documents, position_ids restarting: trl's padding_free), padded (the same "
+                        "documents one per row, padded to the longest); tokens/s counts the documents' tokens")
+    parser.add_argument("--documents", type=int, default=1, help="documents per row with --data packed/padded")
+    parser.add_argument("--memory-limit-gb", type=float, default=None, help="emulate a GPU of this many GiB "
+                        "(torch.cuda.set_per_process_memory_fraction): with --shapes 1x16384,1x32768,... the longest "
+                        "sequence that trains within it is the last case not recorded as oom")
     parser.add_argument("--fastmoe-without-graphs", action="store_true", help="also time fastmoe with "
                         "get_peft_model(cuda_graphs=False): its layers eager, the launches issued from Python")
     parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")
@@ -554,6 +612,13 @@ def main() -> None:
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = build_cases(args, parser, dtype)
+    if args.memory_limit_gb is not None:
+        if device != "cuda":
+            parser.error("--memory-limit-gb emulates a smaller GPU: it needs a CUDA device")
+        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if not 0 < args.memory_limit_gb <= total_gb:
+            parser.error(f"--memory-limit-gb must be in (0, {total_gb:.0f}], this GPU's memory in GiB")
+        torch.cuda.set_per_process_memory_fraction(args.memory_limit_gb / total_gb)
     peak_tflops = common.matmul_peak_tflops(device)
     shared = common.environment(device)
     start, longest, failed = time.perf_counter(), 0.0, False

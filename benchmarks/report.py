@@ -122,7 +122,13 @@ def family_rank(record: dict) -> int:
 def sft_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per configuration: fastmoe's newest record beside transformers' of the same run (its newest
     otherwise)."""
-    config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load")
+    config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load", "data",
+              "documents", "memory_limit_gb")
+    defaults = {"data": "rows", "documents": 1}  # records from before bench_sft.py had --data
+
+    def field(r: dict, name: str):
+        value = r.get(name)
+        return defaults.get(name) if value is None else value
 
     def graphs(r: dict) -> bool:
         # fastmoe's layers as CUDA graphs (get_peft_model's default since bench_sft.py records the field).
@@ -132,22 +138,27 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
         return value(r, "footprint_gb" if r and r.get("footprint_gb") is not None else "peak_gb", ".1f")
 
-    latest = newest(records, lambda r: (*(r.get(f) for f in config), graphs(r), r["implementation"]))
-    same_run = newest(records, lambda r: (*(r.get(f) for f in config), r["implementation"], r.get("run")))
+    latest = newest(records, lambda r: (*(field(r, f) for f in config), graphs(r), r["implementation"]))
+    same_run = newest(records, lambda r: (*(field(r, f) for f in config), r["implementation"], r.get("run")))
     rows: dict[tuple, dict[str, dict]] = {}
     for key, record in latest.items():
         rows.setdefault(key[:-1], {})[key[-1]] = record
     transformers_rows = {key[:-1]: impls["transformers"] for key, impls in rows.items() if "transformers" in impls}
     order = sorted((k for k in rows if "fastmoe" in rows[k] or k[-1]),
                    key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                  k[4], k[5], str(k[6]), k[7], not k[8]))
+                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10] or 0, not k[11]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
-        preset, layers, batch, seq, targets, logging_steps, quantization, load, with_graphs = key
+        (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, memory_limit,
+         with_graphs) = key
         model = f"{preset}, {layers} layers" + ("" if with_graphs else " (fastmoe with cuda_graphs=False)")
+        if data != "rows":
+            model += f", each row {documents} documents {data}"
+        if memory_limit:
+            model += f", GPU limited to {memory_limit:g} GB"
         out.append([model, f"{batch}x{seq}", targets, str(logging_steps),
                     quantization or "bf16", load, value(hf, "tokens_per_s", ",.0f"),
                     value(ours, "tokens_per_s", ",.0f"),

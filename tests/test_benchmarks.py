@@ -246,11 +246,39 @@ def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
     assert "| afmoe-tiny, 3 layers | 1x32 | default | 1 | bf16 | checkpoint |" in page
 
 
+def test_sft_benchmark_packed_and_padded_documents_train_alike(tmp_path):
+    """--data packed,padded: the same documents fed as one padding-free row and as a padded batch give the same
+    losses (the patched model keeps packed documents apart), and each has its row on the page."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    lengths = bench_sft.document_lengths(40, 4)
+    assert sum(lengths) == 40 and len(set(lengths)) > 1 and min(lengths) >= 2
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "1x40", "--steps", "2", "--warmup", "0",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--data", "packed,padded", "--documents", "4",
+                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    packed, padded = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert (packed["data"], padded["data"], packed["documents"]) == ("packed", "padded", 4)
+    assert packed["status"] == padded["status"] == "ok"
+    for key in ("loss_first", "loss_last"):
+        assert packed[key] == pytest.approx(padded[key], abs=1e-4)
+    assert packed["flops_per_step"] == padded["flops_per_step"] < bench_sft.common.step_flops(
+        bench_sft.common.PRESETS["afmoe-tiny"], 1, 40)  # attention within documents only
+    page = report.render([packed, padded], include_cpu=True)
+    assert "each row 4 documents packed" in page and "each row 4 documents padded" in page
+
+
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
     for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
                           (["--targets", "everything"], "unknown targets"),
                           (["--load", "direct", "--quantization", "4bit"], "use --load checkpoint"),
-                          (["--shapes", "4096"], "BATCHxSEQ")):
+                          (["--shapes", "4096"], "BATCHxSEQ"),
+                          (["--data", "packed"], "splits each row into --documents"),
+                          (["--data", "stacked", "--documents", "2"], "unknown data"),
+                          *([(["--memory-limit-gb", "24"], "needs a CUDA device")]
+                            if not torch.cuda.is_available() else [])):
         sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", *argv]
         with pytest.raises(SystemExit):
             bench_sft.main()
