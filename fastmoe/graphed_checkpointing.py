@@ -424,9 +424,10 @@ class GraphedCheckpoint:
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
-        # signature -> copies of control leaves taken at capture, keyed by the caller's tensor: transformers hands
-        # the same mask tensor to every layer, so the layers share one copy.
-        self.control_copies: dict[tuple, WeakIdKeyDictionary] = {}
+        # Copies of control leaves taken at capture, keyed by the caller's tensor: transformers hands the same mask and
+        # position ids to every layer, so the layers (of every signature) share one copy, and a step compares each
+        # caller tensor with it once (one host sync per tensor, not per signature).
+        self.control_copies = WeakIdKeyDictionary()
         self.ungraphable: dict[tuple, str] = {}
 
     def release(self) -> None:
@@ -434,7 +435,7 @@ class GraphedCheckpoint:
         self.graphs.clear()
         self.buffers.clear()
         self.store = _BufferStore()
-        self.control_copies.clear()
+        self.control_copies = WeakIdKeyDictionary()
         self.seen.clear()
         self.pool = None
         self.stream = None
@@ -483,7 +484,7 @@ class GraphedCheckpoint:
             return None
         if call.signature not in self.buffers:
             self.buffers[call.signature] = _SharedBuffers.like(call, self.store)
-        copies = self.control_copies.setdefault(call.signature, WeakIdKeyDictionary())
+        copies = self.control_copies
         control_values = []
         for i in call.control_index:
             leaf = call.leaves[i]

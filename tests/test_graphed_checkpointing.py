@@ -94,6 +94,11 @@ def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
     assert len({id(buffers.outputs[0]) for buffers in signatures}) == 1
     if model_type == "afmoe":
         assert len(signatures) > 1
+    # The position ids every layer receives are copied once, for all layers and signatures (one comparison a step).
+    positions = torch.arange(batch["input_ids"].shape[1])[None]
+    position_copies = {id(v) for g in graphed.graphs.values() for v in g.control_values
+                       if v.shape == positions.shape and torch.equal(v, positions)}
+    assert len(position_copies) == 1
 
 
 def test_gradient_accumulation_adds_into_grad(tiny_checkpoint):
