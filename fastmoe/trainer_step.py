@@ -17,7 +17,7 @@ on the first step:
   transformers' method for that trainer), and only where accelerate's clipping is the plain one (one process or
   DDP; FSDP, DeepSpeed and XLA clip otherwise);
 * peft's ``PeftModel.zero_grad`` (torch's ``Module.zero_grad``): the same loop over every parameter, through the
-  model's modules as fastmoe.module_structure keeps them (walked again after any module, parameter or buffer is
+  model's parameters as fastmoe.module_structure keeps them (walked again after any module, parameter or buffer is
   registered).
 
 Any other model, and every case not named here, runs the Trainer's own methods.
@@ -29,19 +29,13 @@ import torch
 
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
 from fastmoe.module_structure import structure_of, track_registrations
-from fastmoe.patching import ForwardPatch
-
-_trainer_methods: dict[str, object] = {}  # transformers' own Trainer methods, read before the first patch
+from fastmoe.patching import ForwardPatch, original
 
 
 def trainer_step_patches() -> list[ForwardPatch]:
     from peft import PeftModel
     from transformers import Trainer
 
-    for name in ("_clip_grad_norm", "floating_point_ops"):
-        own = Trainer.__dict__[name]
-        if not getattr(own, "fastmoe_trainer_step", False):
-            _trainer_methods[name] = own
     track_registrations()
     return [ForwardPatch(Trainer, "_clip_grad_norm", clip_grad_norm),
             ForwardPatch(Trainer, "floating_point_ops", floating_point_ops),
@@ -49,21 +43,20 @@ def trainer_step_patches() -> list[ForwardPatch]:
 
 
 def zero_grad(self, set_to_none: bool = True) -> None:
-    """torch's Module.zero_grad over a fastmoe model's cached module list."""
+    """torch's Module.zero_grad over a fastmoe model's cached parameter list."""
     if getattr(self, "_is_replica", False) or not _is_fastmoe_model(self):
         return torch.nn.Module.zero_grad(self, set_to_none)
-    for module in structure_of(self).modules:
-        for p in module._parameters.values():
-            if p is None or p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
+    for _, p in structure_of(self).named_parameters:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
             else:
-                if p.grad.grad_fn is not None:
-                    p.grad.detach_()
-                else:
-                    p.grad.requires_grad_(False)
-                p.grad.zero_()
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
 
 
 def _is_fastmoe_model(model) -> bool:
@@ -83,7 +76,9 @@ def _step_cache(trainer, model) -> dict:
 def floating_point_ops(self, inputs) -> int:
     """transformers' Trainer.floating_point_ops, with the parameter count of a fastmoe model taken once."""
     if not _is_fastmoe_model(self.model):
-        return _trainer_methods["floating_point_ops"](self, inputs)
+        from transformers import Trainer
+
+        return original(Trainer, "floating_point_ops")(self, inputs)
     main_input = getattr(self.model, "main_input_name", "input_ids")
     if main_input not in inputs or not hasattr(self.model, "num_parameters"):
         return 0
@@ -121,9 +116,8 @@ def clip_grad_norm(self, model):
     """transformers' Trainer._clip_grad_norm over the optimizer's parameters of a fastmoe model."""
     parameters = _optimizer_parameters(self, model)
     if parameters is None:
-        return _trainer_methods["_clip_grad_norm"](self, model)
+        from transformers import Trainer
+
+        return original(Trainer, "_clip_grad_norm")(self, model)
     return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
-
-floating_point_ops.fastmoe_trainer_step = True
-clip_grad_norm.fastmoe_trainer_step = True
