@@ -480,9 +480,7 @@ def trace_summary(tracer, case: Case, trace_dir: str) -> dict:
 
     folder = Path(trace_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{case.preset}-{case.layers}L-{case.batch}x{case.seq}-"
-                  f"{case.implementation}-{case.quantization or 'bf16'}-log{case.logging_steps}"
-                  f"{'' if case.cuda_graphs else '-eager'}")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", case.label()).strip("_")
     trace_path = folder / f"{stem}.trace.json"
     tracer.export_chrome_trace(str(trace_path))
     summary = host_gaps.summarize(host_gaps.load_trace(trace_path))
@@ -608,6 +606,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0 or args.trace_steps < 0:
         parser.error("--steps must be at least 1, --warmup, --profile-steps and --trace-steps at least 0")
+    if args.trace_steps and not args.trace_dir:
+        parser.error("--trace-steps writes its traces to --trace-dir: name one")
 
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -277,6 +277,7 @@ def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
                           (["--shapes", "4096"], "BATCHxSEQ"),
                           (["--data", "packed"], "splits each row into --documents"),
                           (["--data", "stacked", "--documents", "2"], "unknown data"),
+                          (["--trace-steps", "1"], "name one"),
                           *([(["--memory-limit-gb", "24"], "needs a CUDA device")]
                             if not torch.cuda.is_available() else [])):
         sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", *argv]
