@@ -56,7 +56,9 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
      masks keep; not trl's compute_flops_per_token, which counts 3x the forward as for full fine-tuning and knows
      neither AFMoE's shared experts, dense layers and sliding windows nor JetMoe's attention experts) over the median
      step time, against the bf16 matmul peak measured in the same process (common.matmul_peak_tflops);
-   * the first and last logged loss, entropy and token accuracy (both implementations should agree).
+   * the first and last logged loss, entropy and token accuracy (both implementations should agree);
+   * with --memory-profile 1 (and --trace-dir), what is live at the peak of one more step, by allocating site
+     (memory_peak.py; fastmoe's graphed layers allocate nothing when replayed, so add --fastmoe-without-graphs).
    One JSON line per case goes to benchmarks/results.jsonl (question "sft"); the first table of RESULTS.md.
 
 One case per process (the way gpu_session.sh runs it, each under its own time limit):
@@ -111,6 +113,8 @@ class Case:
     quantization: str | None = None  # None or "4bit"
     load: str = "checkpoint"  # "checkpoint" (save_pretrained, then from_pretrained) or "direct"
     cuda_graphs: bool = True  # fastmoe's get_peft_model(cuda_graphs=...): graphed checkpointing (its default) or eager
+    # fastmoe's get_peft_model(use_gradient_checkpointing="fastmoe"): layer inputs kept in host memory (eager layers)
+    offload: bool = False
     # "rows": every row one document of `seq` tokens. With `documents` > 1, each row's tokens are that many documents
     # of unequal lengths (document_lengths), fed "packed" (one row, position_ids restarting: trl's padding_free) or
     # "padded" (one document per row, padded to the longest).
@@ -123,7 +127,8 @@ class Case:
 
     def label(self) -> str:
         quant = f" {self.quantization}" if self.quantization else ""
-        eager = "" if self.cuda_graphs else " (cuda_graphs=False)"
+        eager = (" (offloaded checkpointing)" if self.offload else "") + ("" if self.cuda_graphs
+                                                                        else " (cuda_graphs=False)")
         data = "" if self.data == "rows" else f" {self.documents} documents {self.data}"
         return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
                 f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
@@ -219,6 +224,7 @@ def with_lora(case: Case, model):
 
     if case.implementation == "fastmoe":
         return FastModel.get_peft_model(model, random_state=common.LORA_SEED, cuda_graphs=case.cuda_graphs,
+                                        use_gradient_checkpointing="fastmoe" if case.offload else True,
                                         **lora_kwargs(case))
     if model.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,17 +300,20 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
                      **({} if supports_checkpointing else {checkpointing: False}))
 
 
-def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_steps: int, trace_steps: int = 0):
+def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_steps: int, trace_steps: int = 0,
+                    memory_steps: int = 0):
     """A TrainerCallback: the synced clock at every step's start (and at the end of training), peak memory from the
     start of training (and over the timed steps, those before profile_from), the memory allocated at each step's
     start, torch.profiler's CUDA activities over steps
-    [profile_from, profile_from + profile_steps), and, with trace_steps, a CPU + CUDA trace with Python stacks over
+    [profile_from, profile_from + profile_steps), with trace_steps, a CPU + CUDA trace with Python stacks over
     the trace_steps steps after those (host_gaps.py reads it; the Python tracer slows the host, so these steps are
-    neither timed nor counted in the GPU-busy share)."""
+    neither timed nor counted in the GPU-busy share), and with memory_steps, the CUDA allocator's trace with Python
+    stacks over the steps after those (memory_peak.py reads it)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
     trace_from = profile_from + profile_steps
+    memory_from = trace_from + trace_steps
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -318,6 +327,25 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.trace = None  # the finished tracing profiler
             self.peak_before_timed = 0  # max_memory_allocated over the warm-up steps
             self.timed_peak = 0  # over the timed steps
+            self.recording_memory = False
+            self.memory_base = 0  # allocated when the allocator's trace started
+            self.memory_snapshot = None
+
+        def _start_memory(self) -> None:
+            self.memory_base = torch.cuda.memory_allocated()
+            # Checkpointing's early stop ends a recomputation by raising inside it, which breaks autograd
+            # Functions while the allocator records stacks (torch 2.11: pytorch/pytorch#179536). Recomputing the
+            # rest of the layer holds nothing more at the peak than the backward that follows it.
+            self.no_early_stop = torch.utils.checkpoint.set_checkpoint_early_stop(False)
+            self.no_early_stop.__enter__()
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+            self.recording_memory = True
+
+        def _stop_memory(self) -> None:
+            self.memory_snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.no_early_stop.__exit__(None, None, None)
+            self.recording_memory = False
 
         def _now(self) -> float:
             common.synchronize(device)
@@ -350,6 +378,8 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
                 self._stop_profiler(now)
             if self.tracer is not None and state.global_step == trace_from + trace_steps:
                 self._stop_tracer()
+            if self.recording_memory and state.global_step == memory_from + memory_steps:
+                self._stop_memory()
             if profile_steps and state.global_step == profile_from:
                 kind = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
                 self.profiler = profile(activities=[kind])
@@ -358,6 +388,8 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             if trace_steps and state.global_step == trace_from:
                 self.tracer = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
                 self.tracer.start()
+            if memory_steps and device == "cuda" and state.global_step == memory_from:
+                self._start_memory()
 
         def on_train_end(self, args, state, control, **kwargs):
             now = self._now()
@@ -366,6 +398,8 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
                 self._stop_profiler(now)
             if self.tracer is not None:
                 self._stop_tracer()
+            if self.recording_memory:
+                self._stop_memory()
 
         def step_seconds(self) -> list[float]:
             return [b - a for a, b in zip(self.begins, self.begins[1:])]
@@ -393,7 +427,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
                   peak_tflops=common.rounded(peak_tflops, 1), memory_limit_gb=args.memory_limit_gb)
-    extra = args.profile_steps + args.trace_steps
+    extra = args.profile_steps + args.trace_steps + args.memory_profile
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = None
     try:
@@ -402,7 +436,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         record["load_s"] = round(time.perf_counter() - start, 1)
         dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq, data=case.data,
                                  documents=case.documents)
-        clock = make_step_clock(device, args.steps, args.warmup + args.steps, args.profile_steps, args.trace_steps)
+        clock = make_step_clock(device, args.steps, args.warmup + args.steps, args.profile_steps, args.trace_steps,
+                                args.memory_profile)
         from trl import SFTTrainer
 
         with tempfile.TemporaryDirectory() as output_dir:
@@ -445,6 +480,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                           kernels_per_step=round(kernels / args.profile_steps))
         if clock.trace is not None and args.trace_dir:
             record["host_gaps"] = trace_summary(clock.trace, case, args.trace_dir)
+        if clock.memory_snapshot is not None:
+            record["memory_peak"] = memory_summary(clock.memory_snapshot, clock.memory_base, case, args.trace_dir)
     except torch.OutOfMemoryError:
         record.update(status="oom", device_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     except Exception as error:  # one broken case must not cost the others their measurement
@@ -474,13 +511,12 @@ def trace_summary(tracer, case: Case, trace_dir: str) -> dict:
     """host_gaps.py's summary of the traced steps, printed, written beside the trace, and its head kept in the
     record."""
     import json
-    import re
 
     import host_gaps
 
     folder = Path(trace_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", case.label()).strip("_")
+    stem = file_stem(case)
     trace_path = folder / f"{stem}.trace.json"
     tracer.export_chrome_trace(str(trace_path))
     summary = host_gaps.summarize(host_gaps.load_trace(trace_path))
@@ -489,6 +525,29 @@ def trace_summary(tracer, case: Case, trace_dir: str) -> dict:
     head = {key: value for key, value in summary.items() if not isinstance(value, dict)}
     head["exclusive_ms"] = dict(list(summary.get("exclusive_ms", {}).items())[:10])
     return head
+
+
+def memory_summary(snapshot: dict, base_bytes: int, case: Case, trace_dir: str) -> dict:
+    """memory_peak.py's summary of the recorded step, printed, written to trace_dir, and its head kept in the
+    record."""
+    import json
+
+    import memory_peak
+
+    summary = memory_peak.summarize(snapshot, base_bytes, tokens=case.batch * case.seq)
+    folder = Path(trace_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{file_stem(case)}.memory.json").write_text(json.dumps(summary, indent=1))
+    print(f"memory at the peak of {case.label()}:\n{memory_peak.report(summary)}", flush=True)
+    head = {key: value for key, value in summary.items() if not isinstance(value, (dict, list))}
+    head["sites_mb"] = dict(list(summary["sites_mb"].items())[:8])
+    return head
+
+
+def file_stem(case: Case) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", case.label()).strip("_")
 
 
 def summary_line(case: Case, record: dict) -> str:
@@ -558,9 +617,11 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct":
                 parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
                              "checkpoint (or auto) with --quantization 4bit")
-            graphs = [True, False] if args.fastmoe_without_graphs and implementation == "fastmoe" else [True]
+            variants = [(True, False)]  # (cuda_graphs, offload)
+            if implementation == "fastmoe":
+                variants += [(False, False)] * args.fastmoe_without_graphs + [(False, True)] * args.fastmoe_offloaded
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs, data, args.documents) for cuda_graphs in graphs]
+                           load_how, cuda_graphs, offload, data, args.documents) for cuda_graphs, offload in variants]
     return cases
 
 
@@ -586,6 +647,8 @@ def main() -> None:
                         "sequence that trains within it is the last case not recorded as oom")
     parser.add_argument("--fastmoe-without-graphs", action="store_true", help="also time fastmoe with "
                         "get_peft_model(cuda_graphs=False): its layers eager, the launches issued from Python")
+    parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
+                        "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -593,6 +656,10 @@ def main() -> None:
     parser.add_argument("--trace-steps", type=int, default=0, help="steps after the profiled ones traced with CPU "
                         "activity and Python stacks; with --trace-dir, host_gaps.py's summary of where the GPU waits "
                         "on the host goes into the record")
+    parser.add_argument("--memory-profile", type=int, choices=[0, 1], default=0, help="1: record the CUDA "
+                        "allocator's trace over one more step; memory_peak.py's summary of what is live at its peak "
+                        "(by allocating site) goes into the record and --trace-dir (use --fastmoe-without-graphs: a "
+                        "graph's replay allocates nothing)")
     parser.add_argument("--trace-dir", default=None, help="folder for the traces and their summaries")
     parser.add_argument("--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "fastmoe-bench-checkpoints"))
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep other presets' checkpoints (default: "
@@ -606,12 +673,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0 or args.trace_steps < 0:
         parser.error("--steps must be at least 1, --warmup, --profile-steps and --trace-steps at least 0")
-    if args.trace_steps and not args.trace_dir:
-        parser.error("--trace-steps writes its traces to --trace-dir: name one")
+    if (args.trace_steps or args.memory_profile) and not args.trace_dir:
+        parser.error("--trace-steps and --memory-profile write their summaries to --trace-dir: name one")
 
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = build_cases(args, parser, dtype)
+    if args.memory_profile and device != "cuda":
+        parser.error("--memory-profile reads the CUDA allocator's trace: it needs a CUDA device")
     if args.memory_limit_gb is not None:
         if device != "cuda":
             parser.error("--memory-limit-gb emulates a smaller GPU: it needs a CUDA device")

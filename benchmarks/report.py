@@ -130,31 +130,34 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         value = r.get(name)
         return defaults.get(name) if value is None else value
 
-    def graphs(r: dict) -> bool:
-        # fastmoe's layers as CUDA graphs (get_peft_model's default since bench_sft.py records the field).
-        return r.get("cuda_graphs", True) if r["implementation"] == "fastmoe" else True
+    def checkpointing(r: dict) -> str:
+        # How fastmoe checkpoints: CUDA graphs (get_peft_model's default; records from before the field had them),
+        # eager, or eager with the layer inputs in host memory.
+        if r["implementation"] != "fastmoe" or r.get("cuda_graphs", True):
+            return ""
+        return " (fastmoe with offloaded checkpointing)" if r.get("offload") else " (fastmoe with cuda_graphs=False)"
 
     def memory(r: dict | None) -> str:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
         return value(r, "footprint_gb" if r and r.get("footprint_gb") is not None else "peak_gb", ".1f")
 
-    latest = newest(records, lambda r: (*(field(r, f) for f in config), graphs(r), r["implementation"]))
+    latest = newest(records, lambda r: (*(field(r, f) for f in config), checkpointing(r), r["implementation"]))
     same_run = newest(records, lambda r: (*(field(r, f) for f in config), r["implementation"], r.get("run")))
     rows: dict[tuple, dict[str, dict]] = {}
     for key, record in latest.items():
         rows.setdefault(key[:-1], {})[key[-1]] = record
     transformers_rows = {key[:-1]: impls["transformers"] for key, impls in rows.items() if "transformers" in impls}
-    order = sorted((k for k in rows if "fastmoe" in rows[k] or k[-1]),
+    order = sorted((k for k in rows if "fastmoe" in rows[k] or not k[-1]),
                    key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10] or 0, not k[11]))
+                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10] or 0, k[11]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
         (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, memory_limit,
-         with_graphs) = key
-        model = f"{preset}, {layers} layers" + ("" if with_graphs else " (fastmoe with cuda_graphs=False)")
+         checkpointing) = key
+        model = f"{preset}, {layers} layers{checkpointing}"
         if data != "rows":
             model += f", each row {documents} documents {data}"
         if memory_limit:

@@ -17,6 +17,7 @@ import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
 import host_gaps  # noqa: E402
+import memory_peak  # noqa: E402
 import plot_results  # noqa: E402
 import report  # noqa: E402
 
@@ -134,6 +135,40 @@ def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_
     assert summary["blocking_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": pytest.approx(0.003)}}
     assert summary["blocking_callers"] == {"cudaStreamSynchronize from step": 1}  # the frames running then
     assert "host-bound 0.1 ms" in host_gaps.report(summary)
+
+
+def test_memory_peak_groups_the_blocks_live_at_the_peak_by_the_model_code_that_allocated_them():
+    def frames(*sites):
+        return [{"filename": "/usr/lib/python3/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"}] + [
+            {"filename": f"/x/site-packages/{path}", "line": line, "name": name} for path, line, name in sites]
+
+    moe = frames(("fastmoe/kernels/moe/grouped.py", 10, "forward"), ("fastmoe/models/afmoe.py", 5, "moe"))
+    loss = frames(("fastmoe/trl_fused_head.py", 7, "loss"))
+    events = [{"action": "alloc", "addr": 1, "size": 100, "frames": moe},
+              {"action": "alloc", "addr": 2, "size": 50, "frames": moe},
+              {"action": "free_requested", "addr": 1, "size": 100},
+              {"action": "free_completed", "addr": 1, "size": 100},  # only a completed free gives the bytes back
+              {"action": "alloc", "addr": 3, "size": 400, "frames": loss},  # the peak: 50 + 400
+              {"action": "free_completed", "addr": 3, "size": 400},
+              {"action": "alloc", "addr": 4, "size": 300, "frames": moe},
+              {"action": "free_completed", "addr": 9, "size": 999}]  # allocated before recording: not ours to count
+    summary = memory_peak.summarize({"device_traces": [events]}, base_bytes=2**30, tokens=10)
+    assert summary["above_base_gb"] == pytest.approx(450 / 2**30, abs=1e-3)
+    assert summary["sites_mb"] == {"fastmoe/trl_fused_head.py:7 loss": pytest.approx(400 / 2**20, abs=0.01),
+                                   "fastmoe/kernels/moe/grouped.py:10 forward": pytest.approx(50 / 2**20, abs=0.01)}
+    assert summary["sites_blocks"] == {"fastmoe/trl_fused_head.py:7 loss": 1,
+                                       "fastmoe/kernels/moe/grouped.py:10 forward": 1}
+    assert summary["peak_stack"][0] == "fastmoe/trl_fused_head.py:7 loss"
+    assert summary["above_base_kb_per_token"] == pytest.approx(450 / 1024 / 10, abs=0.01)
+    assert "live at the peak" in memory_peak.report(summary)
+
+    short = {"tokens": 1000, "step_peak_gb": 1.0, "sites_mb": {"a": 10.0, "b": 5.0}}
+    long = {"tokens": 3000, "step_peak_gb": 1.5, "sites_mb": {"a": 30.0, "c": 1.0}}
+    result = memory_peak.compare(short, long)
+    assert result["peak_kb_per_token"] == pytest.approx(0.5 * 2**20 / 2000, abs=0.01)
+    assert result["sites_kb_per_token"] == {"a": pytest.approx(10.24), "b": pytest.approx(-2.56),
+                                            "c": pytest.approx(0.51)}
+    assert list(result["sites_kb_per_token"]) == ["a", "b", "c"]  # largest change first
 
 
 def test_profiler_activities_read_what_the_profiler_recorded():
