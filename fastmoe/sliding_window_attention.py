@@ -9,13 +9,22 @@ grouped-query attention needs no repeat of keys and values. Its autograd formula
 
 The fast path is taken only when the mask transformers built is exactly the plain sliding-window causal pattern
 (no padding, no packing, no cache offset), so any other mask keeps transformers' path and its semantics.
+
+Better still is never to build the mask. A dense (query, key) mask costs seq^2 bytes, built and compared on every
+forward: 4 GiB at 65,536 tokens, with several times that in temporaries while transformers builds it. A model whose
+forward fastmoe owns (AFMoE's) hands its layers a `FlashCausal` instead when the batch has no padding and no cache:
+causal attention within each document, with the layer's window. Packed rows (position_ids restarting, trl's
+padding-free batches) become the flash kernel's variable-length form: the documents' token offsets, so no query
+ever looks at another document's keys, and no time is spent on the pairs between documents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 # A forward builds its sliding-window mask once and hands the same tensor to every sliding layer, and gradient
@@ -90,4 +99,109 @@ def reference_sliding_window_attention(query: torch.Tensor, key: torch.Tensor, v
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), attn_mask=mask,
         scale=scale,
     )
+    return output.transpose(1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashCausal:
+    """What a layer's attention mask would say for a batch with no padding and no cache, without the mask: causal
+    within each document, keys limited to `window` positions back (None: no limit). `document_offsets`, for packed
+    rows only, holds where each document starts in the flattened (batch x seq) tokens and, last, their total (int32,
+    on the device); `longest_document` its longest. Unpacked, each row is one document and both are None."""
+
+    window: int | None = None
+    document_offsets: torch.Tensor | None = None
+    longest_document: int | None = None
+
+
+# Graphed checkpointing flattens a layer's arguments: the offsets are a tensor leaf (compared step to step like any
+# integer argument), the window and longest document part of the call's structure (its signature).
+pytree.register_pytree_node(
+    FlashCausal,
+    lambda layout: ([layout.document_offsets], (layout.window, layout.longest_document)),
+    lambda children, context: FlashCausal(context[0], children[0], context[1]),
+)
+
+
+def flash_supports(config, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's flash kernel can run this model's attention: the same limits as
+    can_use_flash_sliding_window, read from the config before any query exists."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and heads % kv_heads == 0 and torch.backends.cuda.flash_sdp_enabled()
+            and _flash_takes_a_window())
+
+
+def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(document offsets, longest document) of a batch whose position_ids restart where a document starts (a new
+    document wherever the position does not follow the previous one by 1: transformers' rule for packed rows), or
+    None when every row is one document. Reads position_ids on the host: one sync."""
+    batch, seq = position_ids.shape
+    positions = position_ids.to("cpu", torch.int64)
+    starts = torch.ones(batch, seq, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+    flat_starts = starts.flatten().nonzero().flatten()
+    if flat_starts.numel() == batch:
+        return None
+    offsets = torch.cat([flat_starts, torch.tensor([batch * seq])])
+    longest = int((offsets[1:] - offsets[:-1]).max())
+    return offsets.to(device=position_ids.device, dtype=torch.int32), longest
+
+
+def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, position_ids, past_key_values,
+                        training: bool) -> tuple[FlashCausal, FlashCausal] | None:
+    """(full-attention layout, sliding-window layout) for a forward whose layers can skip the dense masks, else
+    None (transformers' masks then): SDPA asked for, flash able to run it, no cache, no attention dropout while
+    training, and an attention mask that masks nothing (absent or all ones: one sync)."""
+    if (config._attn_implementation != "sdpa" or past_key_values is not None
+            or (training and getattr(config, "attention_dropout", 0.0))
+            or not flash_supports(config, inputs_embeds.device, inputs_embeds.dtype)):
+        return None
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+                                       or not bool(attention_mask.all())):
+        return None
+    packed = packed_documents(position_ids) if position_ids is not None else None
+    offsets, longest = packed if packed is not None else (None, None)
+    window = getattr(config, "sliding_window", None)
+    return FlashCausal(None, offsets, longest), FlashCausal(window, offsets, longest)
+
+
+def flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: FlashCausal,
+                           scale: float) -> torch.Tensor:
+    """Attention as `layout` describes it. query (batch, heads, seq, head_dim); key and value (batch, kv_heads,
+    seq, head_dim). Returns (batch, seq, heads, head_dim), the layout transformers' attention functions return."""
+    batch, _, seq, _ = query.shape
+    window = {} if layout.window is None else dict(window_size_left=layout.window - 1, window_size_right=0)
+    if layout.document_offsets is None:
+        output, *_ = torch.ops.aten._flash_attention_forward(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, seq, seq, 0.0, True,
+            False, scale=scale, **window)
+        return output
+    # Variable-length form: every document a sequence of its own, the rows' tokens end to end.
+    tokens = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3]) for t in (query, key, value)]
+    offsets, longest = layout.document_offsets, layout.longest_document
+    output, *_ = torch.ops.aten._flash_attention_forward(
+        *tokens, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
+    return output.view(batch, seq, *output.shape[1:])
+
+
+def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                     layout: FlashCausal, scale: float) -> torch.Tensor:
+    """SDPA with the dense mask `layout` stands for; the same layouts as flash_causal_attention."""
+    batch, _, seq, _ = query.shape
+    position = torch.arange(batch * seq, device=query.device)
+    if layout.document_offsets is None:
+        document = position // seq
+    else:
+        document = torch.searchsorted(layout.document_offsets[1:-1].to(torch.int64), position, right=True)
+    distance = position[:, None] - position[None, :]
+    keep = (distance >= 0) & (document[:, None] == document[None, :])
+    if layout.window is not None:
+        keep &= distance < layout.window
+    keep = keep.view(batch, seq, batch, seq).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[:, None]  # within each row
+    groups = query.shape[1] // key.shape[1]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), attn_mask=keep,
+        scale=scale)
     return output.transpose(1, 2)

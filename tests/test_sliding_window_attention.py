@@ -1,5 +1,7 @@
-"""Sliding-window layers: the mask check that decides the flash path (CPU, on the masks transformers really
-builds) and the flash path itself against SDPA over the dense mask (GPU, bf16)."""
+"""Sliding-window and mask-free attention: the mask check that decides the flash path (CPU, on the masks transformers
+really builds), the flash paths against SDPA over the dense mask (GPU, bf16), and the layouts AFMoE's forward hands
+its layers instead of masks (packed documents, windows) against transformers' masks (CPU, fp32, with the reference
+standing in for the CUDA-only kernel)."""
 
 import pytest
 import torch
@@ -99,6 +101,136 @@ def test_flash_sliding_window_matches_sdpa_over_the_dense_mask(seq, window, head
         assert rel_err(grad, ref_grad) < 1e-2
 
 
+def test_packed_documents_start_wherever_the_position_does_not_follow_on():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 0, 0, 1, 2, 3]])
+    offsets, longest = swa.packed_documents(positions)
+    # Every row starts a document; a repeated 0 is a one-token document.
+    assert offsets.tolist() == [0, 3, 5, 9, 13, 14, 18] and offsets.dtype == torch.int32
+    assert longest == 4
+    assert swa.packed_documents(torch.arange(7).repeat(3, 1)) is None  # each row one document
+    assert swa.packed_documents(torch.arange(3, 10)[None]) is None  # an offset row is still one document
+
+
+def test_the_reference_layout_attention_is_the_dense_masks_attention():
+    generator = torch.manual_seed(0)
+    batch, seq, window = 2, 11, 3
+    query, key, value = (torch.randn(batch, h, seq, 8, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    scale = 8 ** -0.5
+    ref = swa.reference_flash_causal_attention(query, key, value, swa.FlashCausal(window), scale)
+    assert rel_err(ref, swa.reference_sliding_window_attention(query, key, value, window, scale)) < 1e-12
+    # Packed: each document attends to itself alone, as if it were its own sequence.
+    offsets = torch.tensor([0, 4, 5, 11, 18, 22], dtype=torch.int32)
+    out = swa.reference_flash_causal_attention(query, key, value, swa.FlashCausal(None, offsets, 7), scale)
+    flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], 8) for t in (query, key, value)]
+    flat.append(out.reshape(batch * seq, 4, 8))  # already (batch, seq, heads, head_dim)
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1)[None] for t in flat[:3])
+        alone = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                                                 v.repeat_interleave(2, 1), is_causal=True,
+                                                                 scale=scale)
+        assert rel_err(flat[3][start:end], alone[0].transpose(0, 1)) < 1e-12
+
+
+def test_no_layout_on_the_cpu_or_with_padding_or_a_cache(tiny_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("afmoe"), attn_implementation="sdpa")
+    embeds = torch.randn(1, 5, model.config.hidden_size)
+    assert swa.flash_causal_layout(model.config, embeds, None, None, None, True) is None  # CPU, fp32
+
+    cuda_like = embeds.to(torch.bfloat16)
+    supports = swa.flash_supports
+    try:
+        swa.flash_supports = lambda config, device, dtype: True
+        full, sliding = swa.flash_causal_layout(model.config, cuda_like, torch.ones(1, 5), None, None, True)
+        assert (full, sliding) == (swa.FlashCausal(None), swa.FlashCausal(model.config.sliding_window))
+        padded = torch.tensor([[0, 1, 1, 1, 1]])
+        assert swa.flash_causal_layout(model.config, cuda_like, padded, None, None, True) is None
+        assert swa.flash_causal_layout(model.config, cuda_like, None, None, object(), True) is None
+        model.config._attn_implementation = "eager"
+        assert swa.flash_causal_layout(model.config, cuda_like, None, None, None, True) is None
+    finally:
+        swa.flash_supports = supports
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokenizer, monkeypatch, packed):
+    """AFMoE's forward hands its layers layouts, not masks, where flash could run them; with the reference standing
+    in for the CUDA-only kernel, loss and every LoRA gradient equal transformers' dense-mask path (fp32): rows with
+    an all-ones attention mask, and packed rows (position_ids restarting, no mask), windows included."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=512)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
+    window = model.config.sliding_window
+    seq = 3 * window + 1
+    input_ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=torch.manual_seed(1))
+    if packed:
+        lengths = [window + 2, 1, seq - window - 3]  # longer than the window, one token, the rest
+        inputs = dict(position_ids=torch.cat([torch.arange(n) for n in lengths]).repeat(2, 1))
+    else:
+        inputs = dict(attention_mask=torch.ones(2, seq, dtype=torch.long))
+    taken = []
+    monkeypatch.setattr(afmoe, "flash_causal_attention",
+                        lambda *a: taken.append(a[3]) or swa.reference_flash_causal_attention(*a))
+
+    def loss_and_grads(layouts: bool):
+        monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids, **inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    layout_loss, layout_grads = loss_and_grads(True)
+    assert {layout.window for layout in taken} == {None, window}
+    assert all((layout.document_offsets is not None) == packed for layout in taken)
+    taken.clear()
+    dense_loss, dense_grads = loss_and_grads(False)
+    assert not taken
+    assert rel_err(layout_loss, dense_loss) < 1e-5
+    for name, grad in dense_grads.items():
+        assert rel_err(layout_grads[name], grad) < 1e-5, name
+    fastmoe.unpatch()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("batch, seq, window, documents", [
+    (2, 1000, None, None),              # plain causal rows, sizes off every block
+    (1, 4096, 2048, None),              # Trinity's window
+    (1, 1000, 257, [300, 1, 450, 249]),  # packed, a one-token document, documents longer than the window
+    (2, 333, None, [100, 233, 1, 332]),  # two packed rows
+])
+def test_flash_causal_layouts_match_sdpa_over_the_dense_mask(batch, seq, window, documents):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    heads, kv_heads, head_dim = 8, 2, 128
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16).transpose(1, 2)
+
+    inputs = [rand(batch, seq, heads, head_dim), rand(batch, seq, kv_heads, head_dim),
+              rand(batch, seq, kv_heads, head_dim)]
+    grad_out = torch.randn(batch, seq, heads, head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    if documents is None:
+        layout = swa.FlashCausal(window)
+    else:
+        positions = torch.cat([torch.arange(n) for n in documents]).view(batch, seq).cuda()
+        layout = swa.FlashCausal(window, *swa.packed_documents(positions))
+    scale = head_dim ** -0.5
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        out = fn(*leaves, layout, scale)
+        out.backward(grad_out.to(dtype))
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(swa.flash_causal_attention, torch.bfloat16)
+    ref, ref_grads = run(swa.reference_flash_causal_attention, torch.float32)
+    assert rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tmp_path, tiny_tokenizer, monkeypatch):
@@ -111,8 +243,10 @@ def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tmp_path, ti
     window = model.config.sliding_window
     input_ids = torch.randint(3, model.config.vocab_size, (2, 5 * window + 3), device="cuda")
     taken = []
-    flash = swa.flash_sliding_window_attention
-    monkeypatch.setattr(afmoe, "flash_sliding_window_attention", lambda *a: taken.append(1) or flash(*a))
+    flash = swa.flash_causal_attention
+    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda *a: taken.append(1) or flash(*a))
+    # Without it no mask is ever built; the second run builds transformers' masks and checks them instead.
+    monkeypatch.setattr(afmoe.hf, "create_sliding_window_causal_mask", lambda **kw: 1 / 0)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -122,11 +256,14 @@ def test_afmoe_takes_the_flash_path_and_matches_the_dense_mask_path(tmp_path, ti
 
     model.train()
     fast_loss, fast_grads = loss_and_grads()
-    assert taken, "the sliding layers did not take the flash path"
-    monkeypatch.setattr(afmoe, "can_use_flash_sliding_window", lambda query, key: False)
-    taken.clear()
+    assert taken, "the layers did not take the flash path"
+    monkeypatch.undo()
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: False)
+    window_checks = []
+    check = swa.is_plain_sliding_window_mask
+    monkeypatch.setattr(afmoe, "is_plain_sliding_window_mask", lambda *a: window_checks.append(1) or check(*a))
     dense_loss, dense_grads = loss_and_grads()
-    assert not taken
+    assert window_checks  # the dense masks were built, and the sliding layers checked theirs
     assert rel_err(fast_loss, dense_loss) < 1e-2
     for name, grad in dense_grads.items():
         if grad.norm() > 0:

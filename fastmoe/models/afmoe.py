@@ -15,10 +15,14 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import (
+    FlashCausal,
     can_use_flash_sliding_window,
+    flash_causal_attention,
+    flash_causal_layout,
     flash_sliding_window_attention,
     is_plain_sliding_window_mask,
 )
+from fastmoe.token_chunks import feed_forward_in_chunks
 
 
 def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor):
@@ -69,7 +73,9 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
         key, value = past_key_values.update(key, value, self.layer_idx)
 
     dropout = 0.0 if not self.training else self.attention_dropout
-    if _takes_flash_sliding_window(self, query, key, attention_mask, past_key_values, dropout):
+    if isinstance(attention_mask, FlashCausal):  # fastmoe's model forward built no mask: see model_forward
+        output, attn_weights = flash_causal_attention(query, key, value, attention_mask, self.scaling), None
+    elif _takes_flash_sliding_window(self, query, key, attention_mask, past_key_values, dropout):
         output, attn_weights = flash_sliding_window_attention(query, key, value, self.sliding_window,
                                                               self.scaling), None
     else:
@@ -91,7 +97,7 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
 def decoder_layer_forward(self: hf.AfmoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
                           past_key_values=None, use_cache=None, position_embeddings=None, **kwargs):
     """transformers' AFMoE layer (norms before and after attention and MLP) with the residual add after attention
-    and the norm before the MLP in one pass."""
+    and the norm before the MLP in one pass, and the MLP in token chunks on long sequences (fastmoe.token_chunks)."""
     residual = hidden_states
     hidden_states, _ = self.self_attn(
         hidden_states=self.input_layernorm(hidden_states),
@@ -104,7 +110,7 @@ def decoder_layer_forward(self: hf.AfmoeDecoderLayer, hidden_states, attention_m
     )
     hidden_states, residual = add_rms_norm(self.post_attention_layernorm(hidden_states), residual,
                                            self.pre_mlp_layernorm)
-    return residual + self.post_mlp_layernorm(self.mlp(hidden_states))
+    return residual + self.post_mlp_layernorm(feed_forward_in_chunks(self.mlp, hidden_states))
 
 
 @hf.merge_with_config_defaults
@@ -113,19 +119,26 @@ def model_forward(self: hf.AfmoeModel, input_ids=None, attention_mask=None, inpu
                   past_key_values=None, use_cache=None, **kwargs):
     """transformers' AfmoeModel.forward, with position_ids handed to the mask functions as the other families' models
     hand them: without them the masks cannot see packed documents (position_ids restarting, no attention mask), and
-    every document attends to the ones before it."""
+    every document attends to the ones before it. Where flash can run the attention without masks
+    (fastmoe.sliding_window_attention.flash_causal_layout), no mask is built at all."""
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if use_cache and past_key_values is None:
         past_key_values = hf.DynamicCache(config=self.config)
     if inputs_embeds is None:
         inputs_embeds = self.embed_tokens(input_ids)
+    # No padding and no cache: the layers take the flash kernel's own causal (windowed, per-document) form, and the
+    # seq^2 masks are never built. (Read before position_ids defaults: without them no row is packed.)
+    layouts = None if isinstance(attention_mask, dict) else flash_causal_layout(
+        self.config, inputs_embeds, attention_mask, position_ids, past_key_values, self.training)
     if position_ids is None:
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
         position_ids = position_ids.unsqueeze(0)
+    if layouts is not None:
+        causal_mask_mapping = dict(zip(("full_attention", "sliding_attention"), layouts))
     # It may already have been prepared by e.g. `generate`
-    if not isinstance(causal_mask_mapping := attention_mask, dict):
+    elif not isinstance(causal_mask_mapping := attention_mask, dict):
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            past_key_values=past_key_values, position_ids=position_ids)
         causal_mask_mapping = {
@@ -165,7 +178,8 @@ FAMILY = Family(
         "attention": [ForwardPatch(hf.AfmoeAttention, "forward", attention_forward)],
         # The residual add after attention fused into the norm before the MLP.
         "decoder_layer": [decoder_layer_patch(hf.AfmoeDecoderLayer, decoder_layer_forward)],
-        # The model's forward, its masks built from position_ids too (packed documents).
+        # The model's forward, its masks built from position_ids too (packed documents), or none built where the
+        # flash kernel needs none.
         "model": [ForwardPatch(hf.AfmoeModel, "forward", model_forward)],
         "loss": [ForwardPatch(hf.AfmoeForCausalLM, "forward", _causal_lm_forward)],
     },
