@@ -18,6 +18,7 @@ from fastmoe.kernels.short_conv import document_offsets, short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.token_chunks import feed_forward_in_chunks
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
 # (decoding) and packed sequences.
@@ -123,7 +124,8 @@ _CONV_TAKES_KWARGS = any(p.kind is p.VAR_KEYWORD
 def decoder_layer_forward(self: hf.Lfm2MoeDecoderLayer, hidden_states, position_embeddings=None, attention_mask=None,
                           position_ids=None, past_key_values=None, **kwargs):
     """transformers' LFM2-MoE layer with the residual add after the operator (attention or short conv) and the norm
-    before the feed-forward in one pass."""
+    before the feed-forward in one pass, and the feed-forward in token chunks on long sequences
+    (fastmoe.token_chunks)."""
     residual = hidden_states
     if self.is_attention_layer:
         hidden_states, _ = self.self_attn(
@@ -141,7 +143,7 @@ def decoder_layer_forward(self: hf.Lfm2MoeDecoderLayer, hidden_states, position_
         hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states), past_key_values=past_key_values,
                                   attention_mask=attention_mask, **conv_kwargs)
     normed, hidden_states = add_rms_norm(hidden_states, residual, self.ffn_norm)
-    return hidden_states + self.feed_forward(normed)
+    return hidden_states + feed_forward_in_chunks(self.feed_forward, normed)
 
 
 _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)
