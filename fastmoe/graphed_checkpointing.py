@@ -39,7 +39,6 @@ control arguments (the mask every layer receives) are kept once, not once per la
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,10 +94,10 @@ class _LayerParts:
     @classmethod
     def of(cls, layer: torch.nn.Module) -> "_LayerParts":
         structure = structure_of(layer)
-        cached = _layer_parts.get(layer)
+        cached = layer.__dict__.get("_fastmoe_layer_parts")  # on the layer, not in a table: see structure_of
         if cached is None or cached.structure is not structure:
             modules = structure.modules
-            cached = _layer_parts[layer] = cls(
+            cached = layer.__dict__["_fastmoe_layer_parts"] = cls(
                 structure,
                 tuple(m for m in modules if hasattr(m, "active_adapters") and hasattr(m, "merged")),
                 tuple(m for m in modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)
@@ -113,7 +112,6 @@ class _LayerParts:
                                             *self.structure.buffers))
 
 
-_layer_parts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerParts
 
 
 def _is_inert_output_hook(hook: Callable) -> bool:

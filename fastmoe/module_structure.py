@@ -12,13 +12,11 @@ swapping layers) registers it; what a walk caches are the objects, so values rea
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 _registrations = {"count": 0, "hooks": None}
-_structures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> Structure
 
 
 def _count_registration(*_) -> None:
@@ -47,12 +45,18 @@ class Structure:
     buffers: tuple[torch.Tensor, ...]
 
 
+_CACHE_ATTRIBUTE = "_fastmoe_structure"
+
+
 def structure_of(root: torch.nn.Module) -> Structure:
     """`root`'s modules, parameters and buffers as `modules()`, `named_parameters()` and `buffers()` give them."""
     track_registrations()
-    cached = _structures.get(root)
+    cached = root.__dict__.get(_CACHE_ATTRIBUTE)
     if cached is None or cached.count != _registrations["count"]:
         cached = Structure(_registrations["count"], tuple(root.modules()), tuple(root.named_parameters()),
                            tuple(root.buffers()))
-        _structures[root] = cached
+        # Kept on the module itself: the walk holds the module, so a global table keyed by it (even a weak one)
+        # would keep every model ever walked, and its GPU memory, alive. On the module it is a cycle that goes
+        # with the model.
+        root.__dict__[_CACHE_ATTRIBUTE] = cached
     return cached

@@ -24,3 +24,20 @@ def test_a_walk_is_kept_until_a_module_parameter_or_buffer_is_registered():
 
     model[0].register_buffer("scale", torch.ones(1))
     assert structure_of(model).buffers == tuple(model.buffers()) and len(structure_of(model).buffers) == 1
+
+
+def test_a_walked_model_is_freed_with_its_last_reference():
+    """The walk holds the model's modules: kept in a global table it would keep every model ever walked (and its
+    GPU memory) alive. Kept on the module, it goes with the model."""
+    import gc
+    import weakref
+
+    from fastmoe.graphed_checkpointing import _LayerParts
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1))
+    structure_of(model)
+    _LayerParts.of(model)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
