@@ -156,8 +156,8 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
         (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, memory_limit,
-         checkpointing) = key
-        model = f"{preset}, {layers} layers{checkpointing}"
+         how_checkpointed) = key
+        model = f"{preset}, {layers} layers{how_checkpointed}"
         if data != "rows":
             model += f", each row {documents} documents {data}"
         if memory_limit:
