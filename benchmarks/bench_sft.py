@@ -83,6 +83,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import shutil
 import statistics
 import sys
@@ -426,7 +427,9 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
     record = dict(shared, question="sft", family=config_kwargs["model_type"], **dataclasses.asdict(case),
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
-                  peak_tflops=common.rounded(peak_tflops, 1), memory_limit_gb=args.memory_limit_gb)
+                  peak_tflops=common.rounded(peak_tflops, 1), memory_limit_gb=args.memory_limit_gb,
+                  # the caching allocator's settings (expandable_segments decides how much fragmentation costs)
+                  alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     extra = args.profile_steps + args.trace_steps + args.memory_profile
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = None

@@ -141,6 +141,7 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
         return value(r, "footprint_gb" if r and r.get("footprint_gb") is not None else "peak_gb", ".1f")
 
+    records = [r for r in records if not r.get("memory_limit_gb")]  # those answer long_context_section's question
     latest = newest(records, lambda r: (*(field(r, f) for f in config), checkpointing(r), r["implementation"]))
     same_run = newest(records, lambda r: (*(field(r, f) for f in config), r["implementation"], r.get("run")))
     rows: dict[tuple, dict[str, dict]] = {}
@@ -172,6 +173,45 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     return table(["model", "batch x seq", "LoRA targets", "logging steps", "weights", "loaded", "transformers + peft "
                   "tokens/s", "fastmoe tokens/s", "speed-up", "peak GB (tf / fm)", "GPU busy % (tf / fm)",
                   "kernels per step (tf / fm)", "MFU % (tf / fm)", "source"], out)
+
+
+def long_context_section(records: list[dict], sources: Sources) -> list[str]:
+    """One row per (model, GPU budget, allocator setting, implementation and checkpointing): the longest sequence
+    that trained, the shortest that ran out of memory above it, and the speed and footprint at the longest."""
+    records = [r for r in records if r.get("memory_limit_gb") and r.get("status") in ("ok", "oom")]
+
+    def variant(r: dict) -> str:
+        if r["implementation"] != "fastmoe":
+            return "transformers + peft"
+        if r.get("offload"):
+            return 'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory)'
+        return "fastmoe" if r.get("cuda_graphs", True) else "fastmoe, cuda_graphs=False"
+
+    def key(r: dict) -> tuple:
+        return (r["preset"], r["layers"], r.get("quantization") or "bf16", r["memory_limit_gb"],
+                r.get("alloc_conf") or "default", variant(r))
+
+    latest = newest(records, lambda r: (*key(r), r["batch"], r["seq"]))
+    groups: dict[tuple, list[dict]] = {}
+    for record in latest.values():
+        groups.setdefault(key(record), []).append(record)
+    out = []
+    for group_key in sorted(groups, key=lambda k: (k[0], -k[1], k[2], k[3], k[4], k[5] != "transformers + peft",
+                                                  k[5])):
+        preset, layers, weights, limit, alloc, name = group_key
+        trained = [r for r in groups[group_key] if r["status"] == "ok"]
+        longest = max(trained, key=lambda r: r["batch"] * r["seq"], default=None)
+        reach = longest["batch"] * longest["seq"] if longest else 0
+        failed = [r for r in groups[group_key] if r["status"] == "oom" and r["batch"] * r["seq"] > reach]
+        first_oom = min(failed, key=lambda r: r["batch"] * r["seq"], default=None)
+        out.append([f"{preset}, {layers} layers", weights, f"{limit:g} GB", alloc, name,
+                    f"{longest['batch']}x{longest['seq']}" if longest else "none measured",
+                    f"{first_oom['batch']}x{first_oom['seq']}" if first_oom else "-",
+                    value(longest, "tokens_per_s", ",.0f"), value(longest, "footprint_gb", ".1f"),
+                    sources.ref(longest, first_oom)])
+    return table(["model", "weights", "GPU budget", "PYTORCH_CUDA_ALLOC_CONF", "implementation",
+                  "longest trained", "out of memory at", "tokens/s at the longest", "peak GB at the longest",
+                  "source"], out)
 
 
 def train_step_rows(records: list[dict], sources: Sources, quantized: bool) -> list[list[str]]:
@@ -390,6 +430,15 @@ SECTIONS = [
             "same process. `loaded`: `checkpoint` is the user's path, `direct` the same random model built on the "
             "GPU (what differs: bench_sft.py's docstring). This table is README's headline.",
             "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096", sft_section),
+    Section("sft", "Long context: the longest sequence that trains within a GPU budget",
+            "bench_sft.py --memory-limit-gb N --shapes 1xS,...: the same SFTTrainer step as above, batch 1, with the "
+            "process limited to N GiB (torch.cuda.set_per_process_memory_fraction, which caps reserved memory, so "
+            "the allocator's fragmentation counts); one or two steps per length. A row gives the longest length "
+            "that trained and the shortest that then ran out of memory. The allocator setting is part of the row: "
+            "expandable segments (what `import fastmoe` sets unless the user chose a setting) waste less to "
+            "fragmentation.",
+            "python benchmarks/bench_sft.py --preset trinity-mini --layers 8 --memory-limit-gb 24 "
+            "--shapes 1x16384,1x32768,1x65536", long_context_section),
     Section("train-step", "Training step in a plain loop (ablations)",
             "bench_train_step.py: forward with labels, backward and AdamW on the adapters in a Python loop (no "
             "Trainer), random weights built on the GPU, LoRA r=16 on the family's default targets, gradient "

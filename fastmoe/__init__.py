@@ -13,6 +13,11 @@ from fastmoe.noise import silence_bitsandbytes_kernels_probe
 # Before anything imports bitsandbytes (peft does, whenever it is installed).
 silence_bitsandbytes_kernels_probe()
 
+from fastmoe.allocator import prefer_expandable_segments  # noqa: E402
+
+# Before CUDA is first used: the allocator reads its settings once (fastmoe.allocator says why).
+prefer_expandable_segments()
+
 from fastmoe.api import FastBaseModel, FastModel  # noqa: E402
 from fastmoe.models import patch, unpatch  # noqa: E402
 

@@ -34,6 +34,11 @@ capture would give every layer its own copy of both.) Input, output and input-gr
 layers of one signature (every decoder layer has the same shapes), and so are those of the trainable parameters'
 gradients, which are cloned out after each replay for autograd to keep as `.grad`. The captured values of the
 control arguments (the mask every layer receives) are kept once, not once per layer.
+
+Long sequences: a call of more than `max_tokens` tokens (16,384) takes torch's checkpoint. There the GPU is busy
+whatever issues the kernels (Trinity-Mini at 16,384 tokens trains at the same speed either way), and a graph would
+cost memory: its private pool holds a second copy of the layer's working memory beside the one its eager warm-up
+left in the caching allocator (a 24 GB budget then fits 32,768 tokens instead of 49,152).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ from fastmoe.module_structure import Structure, structure_of
 
 # The default torch checkpoint transformers uses when nothing else is asked for.
 standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
+
+# Longer calls (tokens = batch x seq) run torch's checkpoint: see "Long sequences" above.
+MAX_GRAPH_TOKENS = 16384
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -410,9 +418,11 @@ class GraphedCheckpoint:
 
     capture=False runs the same path without CUDA graphs, on any device (what the CPU tests check)."""
 
-    def __init__(self, fallback: Callable = standard_checkpoint, max_signatures: int = 4, capture: bool = True):
+    def __init__(self, fallback: Callable = standard_checkpoint, max_signatures: int = 4, capture: bool = True,
+                 max_tokens: int = MAX_GRAPH_TOKENS):
         self.fallback = fallback
         self.max_signatures = max_signatures
+        self.max_tokens = max_tokens
         self.capture = capture
         self.pool = None
         self.stream: torch.cuda.Stream | None = None  # every warm-up and capture runs on this one
@@ -448,6 +458,9 @@ class GraphedCheckpoint:
 
     def _graphs_for(self, function: Callable, args: tuple, kwargs: dict):
         layer = layer_of(function)
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
+        if hidden is None or hidden.numel() > self.max_tokens * hidden.shape[-1]:
+            return None, None
         if (layer is None or kwargs or not torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             return None, None

@@ -267,3 +267,21 @@ def test_get_peft_model_and_trainer_use_graphs_on_gpu(tiny_checkpoint):
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert all(isinstance(layer._gradient_checkpointing_func, GraphedCheckpoint) for layer in decoder_layers(model))
     fastmoe.unpatch()
+
+
+def test_long_calls_take_torch_checkpoint(tiny_checkpoint):
+    """Above max_tokens (batch x seq) the layers run torch's checkpoint on every step: no signature is followed."""
+    model = lora_model(tiny_checkpoint("lfm2_moe"))
+    batch = batch_with_padding(model.config.vocab_size, seed=3)
+    tokens = batch["input_ids"].numel()
+    fallback = CountingFallback()
+    use_checkpoint_function(model, GraphedCheckpoint(fallback=fallback, capture=False, max_tokens=tokens - 1))
+    layers = len(decoder_layers(model))
+    for step in range(2):
+        loss_and_grads(model, batch)
+        assert fallback.calls == (step + 1) * layers
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_tokens=tokens)  # exactly at the limit: graphed
+    use_checkpoint_function(model, graphed)
+    for _ in range(2):
+        loss_and_grads(model, batch)
+    assert len(graphed.graphs) == layers
