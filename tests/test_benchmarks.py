@@ -234,7 +234,28 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "| - | 12,000 | - |" in rows[1]
     assert "2026-12-02 10:05 UTC · NVIDIA H200 · torch 2.11.0+cu130" in sft
     assert "2026-12-01" not in sft and "9,999" not in page
-    assert "## 2. Training step in a plain loop" in page and "Not measured yet" in page
+    assert "## 3. Training step in a plain loop" in page and "Not measured yet" in page
+
+
+def test_long_context_rows_give_the_longest_length_that_trained_and_the_first_out_of_memory():
+    def at(implementation, seq, status, **changes):
+        return sft_record(implementation, 1000.0 if status == "ok" else None, "2026-12-02 12:00 UTC", "c",
+                          seq=seq, shape=f"1x{seq}", status=status, memory_limit_gb=24.0, footprint_gb=seq / 4096,
+                          **changes)
+
+    records = [at("transformers", 16384, "ok"), at("transformers", 24576, "oom"), at("transformers", 32768, "oom"),
+               at("fastmoe", 32768, "ok"), at("fastmoe", 65536, "ok"), at("fastmoe", 98304, "oom"),
+               at("fastmoe", 98304, "ok", alloc_conf="expandable_segments:True"),
+               sft_record("fastmoe", 5000, "2026-12-02 12:00 UTC", "c")]  # no budget: the first table's
+    page = report.render(records)
+    long_context = page.split("## 2.")[1].split("## 3.")[0]
+    rows = [line for line in long_context.splitlines() if line.startswith("| trinity-mini")]
+    assert rows == [
+        "| trinity-mini, 32 layers | bf16 | 24 GB | default | transformers + peft | 1x16384 | 1x24576 | 1,000 | 4.0 | [1] |",
+        "| trinity-mini, 32 layers | bf16 | 24 GB | default | fastmoe | 1x65536 | 1x98304 | 1,000 | 16.0 | [2] |",
+        "| trinity-mini, 32 layers | bf16 | 24 GB | expandable_segments:True | fastmoe | 1x98304 | - | 1,000 | 24.0 "
+        "| [2] |"]
+    assert "5,000" in page.split("## 1.")[1].split("## 2.")[0] and "5,000" not in long_context
 
 
 def test_committed_page_is_generated_from_the_committed_records():
