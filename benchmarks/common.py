@@ -281,6 +281,18 @@ PRESETS: dict[str, dict] = {
     "aya-expanse-8b": dict(model_type="cohere", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, vocab_size=256000, logit_scale=0.125,
                            use_qk_norm=False, max_position_embeddings=8192, tie_word_embeddings=True),
+    # Qwen3-30B-A3B (config.json): 48 layers of hidden 2048, 128 experts of 768 top-8 (renormalised), no shared or
+    # dense MLP layers, 32 query / 4 kv heads of 128 with QK norm, vocab 151,936: 30.5B total, 3.3B active
+    # (with the input embedding, which active_params leaves out as a lookup).
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
+                          rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                           num_hidden_layers=3, mlp_only_layers=[0], num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=500,
+                           max_position_embeddings=512, tie_word_embeddings=False),
     "afmoe-tiny": dict(model_type="afmoe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                        num_hidden_layers=3, num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, vocab_size=500,
@@ -302,7 +314,7 @@ PRESETS["tiny"] = PRESETS["afmoe-tiny"]
 
 # Families whose transformers experts module has the `experts_implementation` switch (eager / grouped_mm). JetMoe
 # loops over its experts in its own modules, Cohere is dense.
-GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe"}
+GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe"}
 LORA_RANK = 16
 LORA_SEED = 3407  # FastModel.get_peft_model's default random_state
 

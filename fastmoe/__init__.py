@@ -2,7 +2,7 @@
 
 Public surface:
     FastModel                 dispatches on config.model_type
-    FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel
+    FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel, FastQwen3MoeModel
     patch                     swap a family's transformers forwards for fastmoe's, each op switchable:
                               patch("afmoe", rms_norm=False)
     unpatch                   restore transformers' own forwards
@@ -43,6 +43,7 @@ __all__ = [
     "FastLfm2MoeModel",
     "FastJetMoeModel",
     "FastCohereModel",
+    "FastQwen3MoeModel",
     "patch",
     "unpatch",
 ]

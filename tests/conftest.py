@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere")
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe")
 
 
 def pytest_collection_modifyitems(config, items):

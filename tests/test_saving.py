@@ -22,11 +22,12 @@ from fastmoe.quantize import is_quantized
 
 # LoRA per family, with each family's default targets: AFMoE's attention, attention gate, dense and shared MLPs and
 # (nested parameter wrappers) routed experts; JetMoe's kv_proj and the experts of both mixtures (MoE and MoA);
-# Cohere's dense projections. JetMoe takes scaling 1: without QK norm, larger random adapters saturate attention.
+# Cohere's dense projections; Qwen3-MoE's attention, dense MLP and experts. JetMoe takes scaling 1: without QK norm, larger random adapters saturate attention.
 LORA = {
     "afmoe": {"r": 4, "lora_alpha": 8},
     "jetmoe": {"r": 4, "lora_alpha": 4, "use_gradient_checkpointing": False},
     "cohere": {"r": 4, "lora_alpha": 8},
+    "qwen3_moe": {"r": 4, "lora_alpha": 8},
 }
 
 
@@ -67,7 +68,7 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere"])
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere", "qwen3_moe"])
 def test_merged_checkpoint_loads_plainly_with_the_adapter_models_logits(tiny_checkpoint, tmp_path, model_type):
     model, tokenizer = adapted_model(tiny_checkpoint(model_type), model_type)
     if model_type == "jetmoe":

@@ -1,5 +1,5 @@
 """The feed-forward in token chunks (fastmoe.token_chunks): the same outputs and gradients as the whole sequence at
-once, for a module alone (fp64) and inside checkpointed AFMoE and LFM2-MoE layers (fp32, every LoRA gradient)."""
+once, for a module alone (fp64) and inside checkpointed AFMoE, LFM2-MoE and Qwen3-MoE layers (fp32, every LoRA gradient)."""
 
 import pytest
 import torch
@@ -61,7 +61,7 @@ def test_short_sequences_and_frozen_modules_run_whole(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe"])
 def test_checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, model_type):
     checkpoint = tiny_checkpoint(model_type)
     config = AutoConfig.from_pretrained(checkpoint)

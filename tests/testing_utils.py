@@ -98,8 +98,9 @@ def forward_backward(model, batch):
 
 
 def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, gradient_checkpointing: bool = False,
-                              **load_kwargs):
-    """Run the same LoRA model through plain transformers+peft and through FastModel (loaded with `load_kwargs`).
+                              call_kwargs: dict | None = None, **load_kwargs):
+    """Run the same LoRA model through plain transformers+peft and through FastModel (loaded with `load_kwargs`;
+    `call_kwargs` go to every forward call, e.g. output_router_logits).
 
     Returns (reference, fast) tuples of (logits, loss, grads); the reference is transformers + peft in float64."""
     fastmoe.unpatch()
@@ -108,7 +109,7 @@ def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, grad
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64, experts_implementation="eager")
     reference = get_peft_model(reference, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
     randomize_lora(reference)
-    batch = batch_with_padding(reference.config.vocab_size, seed=seed)
+    batch = {**batch_with_padding(reference.config.vocab_size, seed=seed), **(call_kwargs or {})}
     ref_out = forward_backward(reference, batch)
 
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, **load_kwargs)

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "lfm2_moe": "fastmoe.models.lfm2_moe",
     "jetmoe": "fastmoe.models.jetmoe",
     "cohere": "fastmoe.models.cohere",
+    "qwen3_moe": "fastmoe.models.qwen3_moe",
 }
 
 # op name -> "module:function" returning its patches. Loaded on use: the modules import peft and trl.

@@ -91,7 +91,10 @@ def fused_loss_forward(original_forward):
         )
         aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None:
-            loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
+            # JetMoe names the coefficient aux_loss_coef, Qwen3-MoE router_aux_loss_coef.
+            coefficient = getattr(self, "aux_loss_coef", None)
+            coefficient = self.router_aux_loss_coef if coefficient is None else coefficient
+            loss = loss + coefficient * aux_loss.to(loss.device)
         outputs.loss = loss
         outputs.logits = None
         return outputs if return_dict is not False else outputs.to_tuple()

@@ -52,11 +52,17 @@ def _logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+def _moe_layers(config) -> int:
+    # AFMoE and LFM2-MoE put their dense layers first (num_dense_layers); Qwen3-MoE lists them (mlp_only_layers).
+    dense = getattr(config, "num_dense_layers", None)
+    return config.num_hidden_layers - (len(config.mlp_only_layers) if dense is None else dense)
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe"])
 def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoint, model_type):
     model = _load_4bit(tiny_checkpoint(model_type))
     experts = _quantized_experts(model)
-    assert len(experts) == model.config.num_hidden_layers - model.config.num_dense_layers
+    assert len(experts) == _moe_layers(model.config)
     linear_kinds = {name.split(".")[-1]: type(m).__name__ for name, m in model.named_modules()}
     assert linear_kinds["q_proj"] == "Linear4bit" and linear_kinds["lm_head"] == "Linear"
     assert linear_kinds.get("gate", "Linear") != "Linear4bit"  # AFMoE's router Linear stays 16-bit
@@ -170,7 +176,7 @@ def _afmoe_checkpoint(out_dir, tokenizer, dtype=torch.float32, **sizes):
     return out_dir
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe"])
 def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, model_type):
     streamed = _load_4bit(tiny_checkpoint(model_type))
     assert quantize_experts_(streamed) == 0  # the fallback after loading found nothing left 16-bit
