@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
+
+from fastmoe.patching import ForwardPatch
 
 # A forward builds its sliding-window mask once and hands the same tensor to every sliding layer, and gradient
 # checkpointing hands it again to the recomputation: the verdict, which costs a device-to-host sync, is kept per
@@ -205,3 +210,33 @@ def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, val
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), attn_mask=keep,
         scale=scale)
     return output.transpose(1, 2)
+
+
+def _layout_instead(original: Callable, which: int) -> Callable:
+    """transformers' mask function `original`, returning the layout flash_causal_layout gives (its `which`: 0 full,
+    1 sliding window) instead of a mask wherever it gives one; custom mask functions, block ids, a cache or padding
+    keep the original. Called once per forward, before the layers run."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def create(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        custom = any(bound.arguments.get(name) is not None
+                     for name in ("or_mask_function", "and_mask_function", "block_sequence_ids"))
+        layouts = None if custom else flash_causal_layout(
+            bound.arguments["config"], bound.arguments["inputs_embeds"], bound.arguments.get("attention_mask"),
+            bound.arguments.get("position_ids"), bound.arguments.get("past_key_values"), training=True)
+        return original(*args, **kwargs) if layouts is None else layouts[which]
+
+    return create
+
+
+def mask_layout_patches(modeling: ModuleType) -> list:
+    """ForwardPatches for a family whose model forward (transformers' own) builds its masks with the module-level
+    `create_causal_mask` / `create_sliding_window_causal_mask` of `modeling`: those return FlashCausal layouts
+    where flash runs the attention. They belong with the family's attention op, whose forward reads the layouts
+    (an `isinstance(attention_mask, FlashCausal)` branch), so that switching that op off gives transformers'
+    attention its masks back."""
+    return [ForwardPatch(modeling, name, _layout_instead(getattr(modeling, name), which))
+            for which, name in enumerate(("create_causal_mask", "create_sliding_window_causal_mask"))
+            if hasattr(modeling, name)]

@@ -20,6 +20,7 @@ NOTEBOOKS = {
     "lfm2_8b_a1b_lora.ipynb": ("lfm2_moe", "lfm2-8b-a1b"),
     "jetmoe_8b_lora.ipynb": ("jetmoe", "jetmoe-8b"),
     "aya_expanse_8b_lora.ipynb": ("cohere", "aya-expanse-8b"),
+    "qwen3_30b_a3b_qlora.ipynb": ("qwen3_moe", "qwen3-30b-a3b"),
 }
 
 

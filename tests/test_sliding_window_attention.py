@@ -301,3 +301,59 @@ def test_afmoe_wiring_of_the_window_path_on_cpu(tmp_path, tiny_tokenizer, monkey
     for name, grad in dense_grads.items():
         assert rel_err(window_grads[name], grad) < 1e-5, name
     fastmoe.unpatch()
+
+
+def test_afmoe_builds_masks_when_its_attention_op_is_off(tmp_path, tiny_tokenizer, monkeypatch):
+    """Layouts are read by fastmoe's attention forward only: with the `attention` op off, transformers' attention
+    must receive transformers' masks, whatever flash could run."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=512,
+                                         fast_ops={"attention": False})
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    window = model.config.sliding_window
+    masks = masks_seen_by_sliding_layers(model, torch.randint(3, model.config.vocab_size, (1, 3 * window + 1)), None)
+    assert masks and not any(isinstance(mask, swa.FlashCausal) for mask in masks)
+    fastmoe.unpatch()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe"])
+def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_checkpoint, monkeypatch, model_type,
+                                                                        packed):
+    """Families whose model forward is transformers' own get layouts from its mask functions (patched with their
+    attention op); with the reference standing in for the kernel, loss and every LoRA gradient equal the
+    dense-mask path (fp32), for rows and for packed rows."""
+    import importlib
+
+    family_module = importlib.import_module(f"fastmoe.models.{model_type}")
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.float32, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
+    seq = 17
+    input_ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    if packed:
+        inputs = dict(position_ids=torch.cat([torch.arange(n) for n in (6, 1, 10)]).repeat(2, 1))
+    else:
+        inputs = dict(attention_mask=torch.ones(2, seq, dtype=torch.long))
+    taken = []
+    monkeypatch.setattr(family_module, "flash_causal_attention",
+                        lambda *a: taken.append(a[3]) or swa.reference_flash_causal_attention(*a))
+
+    def loss_and_grads(layouts: bool):
+        monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids, **inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    layout_loss, layout_grads = loss_and_grads(True)
+    assert taken and all((layout.document_offsets is not None) == packed for layout in taken)
+    taken.clear()
+    dense_loss, dense_grads = loss_and_grads(False)
+    assert not taken
+    assert rel_err(layout_loss, dense_loss) < 1e-5
+    for name, grad in dense_grads.items():
+        assert rel_err(layout_grads[name], grad) < 1e-5, name
+    fastmoe.unpatch()

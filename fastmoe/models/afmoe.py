@@ -128,9 +128,12 @@ def model_forward(self: hf.AfmoeModel, input_ids=None, attention_mask=None, inpu
     if inputs_embeds is None:
         inputs_embeds = self.embed_tokens(input_ids)
     # No padding and no cache: the layers take the flash kernel's own causal (windowed, per-document) form, and the
-    # seq^2 masks are never built. (Read before position_ids defaults: without them no row is packed.)
-    layouts = None if isinstance(attention_mask, dict) else flash_causal_layout(
-        self.config, inputs_embeds, attention_mask, position_ids, past_key_values, self.training)
+    # seq^2 masks are never built. Read before position_ids defaults (without them no row is packed), and only
+    # while fastmoe's attention forward, the one that reads layouts, is patched in (the `attention` op may be off).
+    layouts = None
+    if not isinstance(attention_mask, dict) and hf.AfmoeAttention.forward is attention_forward:
+        layouts = flash_causal_layout(self.config, inputs_embeds, attention_mask, position_ids, past_key_values,
+                                      self.training)
     if position_ids is None:
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens

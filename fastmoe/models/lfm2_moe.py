@@ -18,6 +18,7 @@ from fastmoe.kernels.short_conv import document_offsets, short_conv
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
@@ -59,6 +60,9 @@ def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddi
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
+        return self.out_proj(output.reshape(*input_shape, -1).contiguous()), None
     attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, hf.eager_attention_forward
     )
@@ -156,8 +160,9 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.Lfm2MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Lfm2MoeTopKRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.Lfm2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
-        # QK RMSNorm + RoPE.
-        "attention": [ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward)],
+        # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
+        # flash's variable-length form, no seq^2 mask).
+        "attention": [ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
         "short_conv": [ForwardPatch(hf.Lfm2MoeShortConv, "forward", short_conv_forward)],
         # The residual add after the operator fused into the norm before the feed-forward.
         "decoder_layer": [decoder_layer_patch(hf.Lfm2MoeDecoderLayer, decoder_layer_forward)],

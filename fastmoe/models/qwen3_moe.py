@@ -14,6 +14,7 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 _original_router_forward = hf.Qwen3MoeTopKRouter.forward
@@ -54,6 +55,9 @@ def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embedd
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
     attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, hf.eager_attention_forward
     )
@@ -95,8 +99,9 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.Qwen3MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Qwen3MoeTopKRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.Qwen3MoeSparseMoeBlock, "forward", sparse_moe_forward)],
-        # QK RMSNorm + RoPE.
-        "attention": [ForwardPatch(hf.Qwen3MoeAttention, "forward", attention_forward)],
+        # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
+        # flash's variable-length form, no seq^2 mask).
+        "attention": [ForwardPatch(hf.Qwen3MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
         # The residual add after attention fused into the norm before the MLP.
         "decoder_layer": [decoder_layer_patch(hf.Qwen3MoeDecoderLayer, decoder_layer_forward)],
         "loss": [ForwardPatch(hf.Qwen3MoeForCausalLM, "forward", _causal_lm_forward)],
