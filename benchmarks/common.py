@@ -289,6 +289,15 @@ PRESETS: dict[str, dict] = {
                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
                           mlp_only_layers=[], vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
                           rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Mixtral-8x7B (config.json): 32 layers of hidden 4096, 8 experts of 14336 top-2, 32 query / 8 kv heads, vocab
+    # 32,000, no sliding window: 46.7B total, 12.9B active (with the input embedding).
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "mixtral-tiny": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                         vocab_size=500, max_position_embeddings=512, sliding_window=16, tie_word_embeddings=False),
     "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                            num_hidden_layers=3, mlp_only_layers=[0], num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=500,
@@ -314,7 +323,7 @@ PRESETS["tiny"] = PRESETS["afmoe-tiny"]
 
 # Families whose transformers experts module has the `experts_implementation` switch (eager / grouped_mm). JetMoe
 # loops over its experts in its own modules, Cohere is dense.
-GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe"}
+GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe", "mixtral"}
 LORA_RANK = 16
 LORA_SEED = 3407  # FastModel.get_peft_model's default random_state
 

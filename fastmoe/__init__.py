@@ -2,7 +2,8 @@
 
 Public surface:
     FastModel                 dispatches on config.model_type
-    FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel, FastQwen3MoeModel
+    FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel, FastQwen3MoeModel,
+                              FastMixtralModel
     patch                     swap a family's transformers forwards for fastmoe's, each op switchable:
                               patch("afmoe", rms_norm=False)
     unpatch                   restore transformers' own forwards
@@ -44,6 +45,7 @@ __all__ = [
     "FastJetMoeModel",
     "FastCohereModel",
     "FastQwen3MoeModel",
+    "FastMixtralModel",
     "patch",
     "unpatch",
 ]

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe")
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral")
 
 
 def pytest_collection_modifyitems(config, items):

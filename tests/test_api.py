@@ -195,7 +195,7 @@ def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_che
 
 def test_unpatch_restores_every_original_and_patching_twice_is_once():
     families = [fastmoe.api.family_model(model_type) for model_type in models.FAMILIES]
-    assert len(families) == 5
+    assert len(families) == 6
     shared = [p for op in models.SHARED_OPS for p in models.shared_patches(op)]
     # An attribute the owner inherits (peft's PeftModel.zero_grad) is recorded as patching._INHERITED: undoing the
     # patch deletes the owner's own, and the inherited one shows again.
@@ -402,7 +402,7 @@ def _is_router(module_name: str) -> bool:
     return ".router." in module_name or module_name.endswith(".mlp.gate")
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
 def test_all_linear_is_every_linear_layer_and_expert_but_no_router(tiny_checkpoint, model_type, recwarn):
     checkpoint = str(tiny_checkpoint(model_type))
     model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)

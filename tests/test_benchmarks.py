@@ -35,6 +35,7 @@ def meta_model(preset: str):
     ("jetmoe-8b", 8.52e9, 2.33e9),  # JetMoe: 8B total, 2.2B active (without the lm_head)
     ("aya-expanse-8b", 8.03e9, 8.03e9),  # dense; the tied embedding counts once, as the lm_head
     ("qwen3-30b-a3b", 30.5e9, 3.04e9),  # Qwen: 30.5B total, 3.3B active with the 0.31B input embedding
+    ("mixtral-8x7b", 46.7e9, 12.75e9),  # Mistral: 46.7B total, 12.9B active with the 0.13B input embedding
 ])
 def test_presets_have_their_models_sizes(preset, total, active):
     _, model = meta_model(preset)

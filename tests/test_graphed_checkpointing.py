@@ -67,7 +67,7 @@ class CountingFallback:
         return standard_checkpoint(function, *args, **kwargs)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
 def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
     """Three steps: the first takes torch's checkpoint, the next two the Function (capture off on the CPU). Loss and
     every LoRA gradient equal those of torch's checkpoint on the same weights."""
@@ -236,7 +236,7 @@ def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
 def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
     """bf16 on the GPU: three steps replay captured graphs; every step's loss and LoRA gradients equal torch's
     checkpoint run on the same weights (the same kernels: only launch order and atomics differ)."""

@@ -28,6 +28,7 @@ LORA = {
     "jetmoe": {"r": 4, "lora_alpha": 4, "use_gradient_checkpointing": False},
     "cohere": {"r": 4, "lora_alpha": 8},
     "qwen3_moe": {"r": 4, "lora_alpha": 8},
+    "mixtral": {"r": 4, "lora_alpha": 8},
 }
 
 
@@ -68,7 +69,7 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
 def test_merged_checkpoint_loads_plainly_with_the_adapter_models_logits(tiny_checkpoint, tmp_path, model_type):
     model, tokenizer = adapted_model(tiny_checkpoint(model_type), model_type)
     if model_type == "jetmoe":

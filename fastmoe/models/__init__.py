@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "jetmoe": "fastmoe.models.jetmoe",
     "cohere": "fastmoe.models.cohere",
     "qwen3_moe": "fastmoe.models.qwen3_moe",
+    "mixtral": "fastmoe.models.mixtral",
 }
 
 # op name -> "module:function" returning its patches. Loaded on use: the modules import peft and trl.

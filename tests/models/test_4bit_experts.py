@@ -53,12 +53,13 @@ def _logits(model, batch):
 
 
 def _moe_layers(config) -> int:
-    # AFMoE and LFM2-MoE put their dense layers first (num_dense_layers); Qwen3-MoE lists them (mlp_only_layers).
+    # AFMoE and LFM2-MoE put their dense layers first (num_dense_layers); Qwen3-MoE lists them (mlp_only_layers);
+    # Mixtral has none.
     dense = getattr(config, "num_dense_layers", None)
-    return config.num_hidden_layers - (len(config.mlp_only_layers) if dense is None else dense)
+    return config.num_hidden_layers - (len(getattr(config, "mlp_only_layers", [])) if dense is None else dense)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral"])
 def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoint, model_type):
     model = _load_4bit(tiny_checkpoint(model_type))
     experts = _quantized_experts(model)

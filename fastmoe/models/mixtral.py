@@ -1,0 +1,113 @@
+"""Mixtral (Mixtral-8x7B, 8x22B): softmax top-2 routing renormalised over the chosen experts, SwiGLU experts,
+grouped-query attention with RoPE (no QK norm), an optional sliding window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.models.mixtral import modeling_mixtral as hf
+
+from fastmoe.kernels.moe import route_softmax_topk
+from fastmoe.kernels.rope import apply_rope
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.token_chunks import feed_forward_in_chunks
+
+_original_sparse_moe_forward = hf.MixtralSparseMoeBlock.forward
+
+
+def router_forward(self: hf.MixtralTopKRouter, hidden_states: torch.Tensor):
+    """Softmax over every expert, top-k, renormalised over the k: the softmax over the k chosen logits, which
+    fastmoe's routing kernel computes. The weights stay fp32, as transformers' do."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    weights, index = route_softmax_topk(router_logits.float(), self.top_k)
+    return router_logits, weights, index
+
+
+def sparse_moe_forward(self: hf.MixtralSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    if self.training and self.jitter_noise > 0:  # random input scaling: transformers' own forward draws it
+        return _original_sparse_moe_forward(self, hidden_states)
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
+    _, routing_weights, selected_experts = self.gate(flat)
+    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
+    return routed.view(batch_size, seq_len, hidden_dim)
+
+
+def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddings, attention_mask,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query = apply_rope(self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+    key = apply_rope(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=getattr(self.config, "sliding_window", None),
+        **kwargs,
+    )
+    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+def decoder_layer_forward(self: hf.MixtralDecoderLayer, hidden_states, position_embeddings=None,
+                          attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    """transformers' Mixtral layer with the residual add after attention and the norm before the MoE block in one
+    pass, and the MoE block in token chunks on long sequences (fastmoe.token_chunks)."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        position_embeddings=position_embeddings,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        **kwargs,
+    )
+    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
+    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
+
+
+_causal_lm_forward = fused_loss_forward(hf.MixtralForCausalLM.forward)
+
+
+FAMILY = Family(
+    model_type="mixtral",
+    name="Mixtral",
+    ops={
+        "rms_norm": [ForwardPatch(hf.MixtralRMSNorm, "forward", rms_norm_forward)],
+        "router": [ForwardPatch(hf.MixtralTopKRouter, "forward", router_forward)],
+        "moe": [ForwardPatch(hf.MixtralSparseMoeBlock, "forward", sparse_moe_forward)],
+        # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
+        "attention": [ForwardPatch(hf.MixtralAttention, "forward", attention_forward), *mask_layout_patches(hf)],
+        # The residual add after attention fused into the norm before the MoE block.
+        "decoder_layer": [decoder_layer_patch(hf.MixtralDecoderLayer, decoder_layer_forward)],
+        "loss": [ForwardPatch(hf.MixtralForCausalLM, "forward", _causal_lm_forward)],
+    },
+    # Attention and every expert (Mixtral has no dense MLP); routers stay frozen.
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_target_parameters=("experts.gate_up_proj", "experts.down_proj"),
+    routers=("mlp.gate",),
+    routed_experts=SWITCHABLE,
+    tiny_config=dict(
+        hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, num_local_experts=8, num_experts_per_tok=2, sliding_window=6, max_position_embeddings=512,
+        tie_word_embeddings=False),
+)
