@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from types import ModuleType
 
@@ -216,17 +215,18 @@ def _layout_instead(original: Callable, which: int) -> Callable:
     """transformers' mask function `original`, returning the layout flash_causal_layout gives (its `which`: 0 full,
     1 sliding window) instead of a mask wherever it gives one; custom mask functions, block ids, a cache or padding
     keep the original. Called once per forward, before the layers run."""
-    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def create(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        custom = any(bound.arguments.get(name) is not None
+    def create(config, inputs_embeds, attention_mask, past_key_values, position_ids=None, **kwargs):
+        custom = any(kwargs.get(name) is not None
                      for name in ("or_mask_function", "and_mask_function", "block_sequence_ids"))
-        layouts = None if custom else flash_causal_layout(
-            bound.arguments["config"], bound.arguments["inputs_embeds"], bound.arguments.get("attention_mask"),
-            bound.arguments.get("position_ids"), bound.arguments.get("past_key_values"), training=True)
-        return original(*args, **kwargs) if layouts is None else layouts[which]
+        # torch.compile traces transformers' own masks (flash's host-side offsets would break its graph).
+        layouts = None if custom or torch.compiler.is_compiling() else flash_causal_layout(
+            config, inputs_embeds, attention_mask, position_ids, past_key_values, training=True)
+        if layouts is None:
+            return original(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        return layouts[which]
 
     return create
 

@@ -442,27 +442,20 @@ def test_peft_rewriting_explicit_targets_is_warned(tiny_checkpoint):
                                  use_gradient_checkpointing=False)
 
 
-@pytest.fixture(scope="module")
-def mixtral_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """An MoE family fastmoe does not patch and peft converts from transformers v4."""
-    from transformers import MixtralConfig
+def test_peft_rewriting_all_linear_is_worded_for_the_user():
+    """peft 0.21 rewrites "all-linear" into expert parameters on Mixtral when fastmoe does not hand it targets (Mixtral
+    is now a fastmoe family, which does): the warning names what peft added, the router's gate among them."""
+    from types import SimpleNamespace
 
-    path = tmp_path_factory.mktemp("mixtral")
-    config = MixtralConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           vocab_size=len(tiny_tokenizer), max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    from fastmoe.api import _peft_rewrite
 
-
-def test_peft_rewriting_all_linear_on_a_family_fastmoe_does_not_patch_is_warned(mixtral_checkpoint):
-    with pytest.warns(UserWarning, match="no fast path"):
-        model, _ = FastModel.from_pretrained(str(mixtral_checkpoint), max_seq_length=64)
-    with pytest.warns(UserWarning, match=r"peft rewrote target_modules='all-linear' .* \['down_proj', 'gate.weight'"):
-        FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    rewritten = SimpleNamespace(target_parameters=["experts.down_proj", "experts.gate_up_proj", "gate.weight"],
+                                target_modules={"q_proj"})
+    message = _peft_rewrite("mixtral", "all-linear", set(), rewritten)
+    assert message.startswith("peft rewrote target_modules='all-linear' on this mixtral model into expert "
+                              "target_parameters ['experts.down_proj', 'experts.gate_up_proj', 'gate.weight']")
+    assert _peft_rewrite("mixtral", "all-linear", {"experts.down_proj", "experts.gate_up_proj", "gate.weight"},
+                         rewritten) is None
 
 
 def test_a_family_fastmoe_does_not_patch_gets_lora_on_every_linear_layer(llama_checkpoint):

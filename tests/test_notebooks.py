@@ -21,6 +21,7 @@ NOTEBOOKS = {
     "jetmoe_8b_lora.ipynb": ("jetmoe", "jetmoe-8b"),
     "aya_expanse_8b_lora.ipynb": ("cohere", "aya-expanse-8b"),
     "qwen3_30b_a3b_qlora.ipynb": ("qwen3_moe", "qwen3-30b-a3b"),
+    "mixtral_8x7b_qlora.ipynb": ("mixtral", "mixtral-8x7b"),
 }
 
 
