@@ -157,8 +157,9 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
                         training: bool) -> tuple[FlashCausal, FlashCausal] | None:
     """(full-attention layout, sliding-window layout) for a forward whose layers can skip the dense masks, else
     None (transformers' masks then): SDPA asked for, flash able to run it, no cache, no attention dropout while
-    training, and an attention mask that masks nothing (absent or all ones: one sync)."""
-    if (config._attn_implementation != "sdpa" or past_key_values is not None
+    training, and an attention mask that masks nothing (absent or all ones: one sync). Under torch.compile, None:
+    the compiled graph traces transformers' masks (the offsets are read on the host)."""
+    if (torch.compiler.is_compiling() or config._attn_implementation != "sdpa" or past_key_values is not None
             or (training and getattr(config, "attention_dropout", 0.0))
             or not flash_supports(config, inputs_embeds.device, inputs_embeds.dtype)):
         return None
@@ -220,8 +221,7 @@ def _layout_instead(original: Callable, which: int) -> Callable:
     def create(config, inputs_embeds, attention_mask, past_key_values, position_ids=None, **kwargs):
         custom = any(kwargs.get(name) is not None
                      for name in ("or_mask_function", "and_mask_function", "block_sequence_ids"))
-        # torch.compile traces transformers' own masks (flash's host-side offsets would break its graph).
-        layouts = None if custom or torch.compiler.is_compiling() else flash_causal_layout(
+        layouts = None if custom else flash_causal_layout(
             config, inputs_embeds, attention_mask, position_ids, past_key_values, training=True)
         if layouts is None:
             return original(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
