@@ -10,6 +10,12 @@
 #
 #     bash benchmarks/gpu_session.sh "$OUT" sft                                    # Trinity-Mini, 1x4096, ~4 min
 #     SFT_PRESETS="lfm2-8b-a1b jetmoe-8b aya-expanse-8b" bash benchmarks/gpu_session.sh "$OUT" sft   # ~8 min
+#     SFT_PRESETS="qwen3-30b-a3b mixtral-8x7b" SFT_ARGS="--layers 8 --load direct" bash benchmarks/gpu_session.sh "$OUT" sft
+#     # long context (issue #17): the longest sequence within 24 GB, one or two steps per length
+#     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
+#         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft
+#     # what is live at a step's peak (benchmarks/memory_peak.py), eager layers
+#     SFT_ARGS="--layers 8 --load direct --memory-profile 1 --trace-dir $OUT/traces --fastmoe-without-graphs" ...
 #
 # sft (issue #16) is the user's training step, benchmarks/bench_sft.py: one process per (preset, shape,
 # implementation), each under its own limit, so that a hang or a crash costs that case only. Variables:
