@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers.models.mixtral import modeling_mixtral as hf
 
-from fastmoe.kernels.moe import route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, routed_moe_forward,
+                                   softmax_topk_router_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -20,24 +19,10 @@ from fastmoe.token_chunks import feed_forward_in_chunks
 _original_sparse_moe_forward = hf.MixtralSparseMoeBlock.forward
 
 
-def router_forward(self: hf.MixtralTopKRouter, hidden_states: torch.Tensor):
-    """Softmax over every expert, top-k, renormalised over the k: the softmax over the k chosen logits, which
-    fastmoe's routing kernel computes. The weights stay fp32, as transformers' do."""
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    weights, index = route_softmax_topk(router_logits.float(), self.top_k)
-    return router_logits, weights, index
-
-
 def sparse_moe_forward(self: hf.MixtralSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
     if self.training and self.jitter_noise > 0:  # random input scaling: transformers' own forward draws it
         return _original_sparse_moe_forward(self, hidden_states)
-    batch_size, seq_len, hidden_dim = hidden_states.shape
-    flat = hidden_states.view(-1, hidden_dim)
-    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
-    _, routing_weights, selected_experts = self.gate(flat)
-    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
-    return routed.view(batch_size, seq_len, hidden_dim)
+    return routed_moe_forward(self, hidden_states)
 
 
 def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddings, attention_mask,
@@ -93,7 +78,8 @@ FAMILY = Family(
     name="Mixtral",
     ops={
         "rms_norm": [ForwardPatch(hf.MixtralRMSNorm, "forward", rms_norm_forward)],
-        "router": [ForwardPatch(hf.MixtralTopKRouter, "forward", router_forward)],
+        # Softmax top-2 renormalised; the weights stay fp32, as transformers' do.
+        "router": [ForwardPatch(hf.MixtralTopKRouter, "forward", softmax_topk_router_forward)],
         "moe": [ForwardPatch(hf.MixtralSparseMoeBlock, "forward", sparse_moe_forward)],
         # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
         "attention": [ForwardPatch(hf.MixtralAttention, "forward", attention_forward), *mask_layout_patches(hf)],

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
-from fastmoe.kernels.moe import route_softmax_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, routed_moe_forward,
+                                   softmax_topk_router_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -21,24 +20,13 @@ _original_router_forward = hf.Qwen3MoeTopKRouter.forward
 
 
 def router_forward(self: hf.Qwen3MoeTopKRouter, hidden_states: torch.Tensor):
-    """Softmax over every expert, top-k, renormalised over the k (norm_topk_prob, what Qwen3-MoE checkpoints set):
-    the same weights as a softmax over the k chosen logits, which fastmoe's routing kernel computes. Without
-    renormalisation the weights are the softmax over all experts: transformers' own forward."""
+    """Renormalised over the k chosen (norm_topk_prob, what Qwen3-MoE checkpoints set): fastmoe's softmax top-k
+    routing, the weights in the logits' dtype as transformers gives them. Without renormalisation the weights are
+    the softmax over all experts: transformers' own forward."""
     if not self.norm_topk_prob:
         return _original_router_forward(self, hidden_states)
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    weights, index = route_softmax_topk(router_logits.float(), self.top_k)
+    router_logits, weights, index = softmax_topk_router_forward(self, hidden_states)
     return router_logits, weights.to(router_logits.dtype), index
-
-
-def sparse_moe_forward(self: hf.Qwen3MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
-    batch_size, seq_len, hidden_dim = hidden_states.shape
-    flat = hidden_states.view(-1, hidden_dim)
-    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
-    _, routing_weights, selected_experts = self.gate(flat)
-    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
-    return routed.view(batch_size, seq_len, hidden_dim)
 
 
 def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embeddings, attention_mask,
@@ -98,7 +86,7 @@ FAMILY = Family(
     ops={
         "rms_norm": [ForwardPatch(hf.Qwen3MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Qwen3MoeTopKRouter, "forward", router_forward)],
-        "moe": [ForwardPatch(hf.Qwen3MoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        "moe": [ForwardPatch(hf.Qwen3MoeSparseMoeBlock, "forward", routed_moe_forward)],
         # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
         # flash's variable-length form, no seq^2 mask).
         "attention": [ForwardPatch(hf.Qwen3MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],

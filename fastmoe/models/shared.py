@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import moe_experts, moe_experts_nf4
+from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight
@@ -100,3 +101,24 @@ def swiglu_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: 
                                down_lora=loras.get("down_proj"))
     return moe_experts(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.down_proj,
                        gate_up_lora=loras.get("gate_up_proj"), down_lora=loras.get("down_proj"))
+
+
+def softmax_topk_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
+    """A router (`weight` (experts, hidden), `top_k`, `hidden_dim`) that takes the softmax over every expert, the top
+    k, and renormalises over the k: the same weights as a softmax over the k chosen logits, which fastmoe's routing
+    kernel computes (Qwen3-MoE with norm_topk_prob, Mixtral). Returns (logits, fp32 weights, expert indices)."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    weights, index = route_softmax_topk(router_logits.float(), self.top_k)
+    return router_logits, weights, index
+
+
+def routed_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """An MoE block of a router `self.gate` returning (logits, weights, experts) and transformers' 3D SwiGLU experts
+    `self.experts`, no shared expert (Qwen3-MoE, Mixtral)."""
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
+    _, routing_weights, selected_experts = self.gate(flat)
+    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
+    return routed.view(batch_size, seq_len, hidden_dim)
