@@ -65,10 +65,10 @@ class Family:
     routers: tuple[str, ...] = ()
     # SWITCHABLE, FIXED (see above) or None for a dense family.
     routed_experts: str | None = None
-    # Routed-experts module classes without an NF4 path: load_in_4bit refuses the family rather than leaving them
-    # 16-bit, and load_in_8bit counts them as experts. SwiGLU expert stacks (`experts.gate_up_proj`, ...) need no
-    # entry: fastmoe.quantize recognises them by their layout and quantizes them to NF4.
-    experts_without_nf4: tuple[type, ...] = ()
+    # Routed-experts module classes whose 3D weights are not SwiGLU stacks, each with the names of those weights:
+    # load_in_4bit quantizes them to NF4 (fastmoe.quantize) and load_in_8bit counts them as experts. SwiGLU stacks
+    # (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I)) need no entry: they are recognised by layout.
+    expert_stacks: Mapping[type, tuple[str, ...]] = field(default_factory=dict)
     # The tiny random checkpoint the tests and the built-in model are built from (fastmoe.builtin.tiny_config): config
     # fields, with sizes that are not multiples of any kernel block and every feature of the family exercised.
     tiny_config: Mapping[str, Any] = field(default_factory=dict)
@@ -79,6 +79,7 @@ class Family:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", MappingProxyType({op: tuple(patches) for op, patches in self.ops.items()}))
         object.__setattr__(self, "tiny_config", MappingProxyType(dict(self.tiny_config)))
+        object.__setattr__(self, "expert_stacks", MappingProxyType(dict(self.expert_stacks)))
         if self.routed_experts not in (SWITCHABLE, FIXED, None):
             raise ValueError(f"routed_experts must be {SWITCHABLE!r}, {FIXED!r} or None, got {self.routed_experts!r}")
 

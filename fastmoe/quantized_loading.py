@@ -9,7 +9,8 @@ family's conversion (AFMoE and LFM2-MoE checkpoints, those save_pretrained write
 weights only, so the experts, nearly all of an MoE's weights, used to arrive 16-bit: the whole 16-bit expert set existed
 before fastmoe could quantize it.
 
-`Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the SwiGLU expert stacks: each
+`Nf4ExpertsBnb4BitHfQuantizer` subclasses bitsandbytes' 4-bit quantizer and also claims the expert stacks (SwiGLU
+stacks, and the layouts a family names in `Family.expert_stacks`, e.g. JetMoe's `input_linear.weight`): each
 is quantized to NF4 (kernels/moe/nf4.py) on its target device the moment transformers has fused it, and its 16-bit
 tensors are dropped before the next parameter is read. The config's bnb_4bit_use_double_quant applies to the experts too
 (their absmax double-quantized as bitsandbytes does for Linear4bit). A subclass of the quantizer rather than reading the
@@ -44,14 +45,7 @@ from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
 from fastmoe import models
 from fastmoe.kernels.moe import check_nf4_shape, quantize_nf4
-from fastmoe.quantize import (
-    SWIGLU_EXPERT_PARAMETERS,
-    expert_modules,
-    install_nf4_,
-    is_swiglu_experts,
-    placeholder_parameter,
-    refuse_experts_without_nf4,
-)
+from fastmoe.quantize import expert_modules, expert_stack_names, family_of, install_nf4_, placeholder_parameter
 
 # NF4 stacks quantized during loading, by parameter name, until they can become buffers (see the module docstring).
 _STREAMED_NF4 = "_fastmoe_streamed_nf4"
@@ -64,11 +58,11 @@ def _owner(model: torch.nn.Module, param_name: str) -> tuple[torch.nn.Module, st
 
 def _is_expert_stack(model: torch.nn.Module, param_name: str) -> bool:
     module, name = _owner(model, param_name)
-    return name in SWIGLU_EXPERT_PARAMETERS and is_swiglu_experts(module)
+    return name in expert_stack_names(module, family_of(model))
 
 
 class Nf4ExpertsQuantize(Bnb4bitQuantize):
-    """bitsandbytes' quantize op for Linear4bit weights; SwiGLU expert stacks go to NF4 instead."""
+    """bitsandbytes' quantize op for Linear4bit weights; expert stacks go to NF4 instead."""
 
     @torch.no_grad()
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
@@ -88,13 +82,13 @@ class Nf4ExpertsQuantize(Bnb4bitQuantize):
 
 
 class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
-    """bitsandbytes' 4-bit quantizer that also quantizes SwiGLU expert stacks to NF4 as they load."""
+    """bitsandbytes' 4-bit quantizer that also quantizes expert stacks to NF4 as they load."""
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
-        # The model is still on the meta device: refusing here costs no read of the checkpoint.
-        refuse_experts_without_nf4(model, _family(model))
-        for module in filter(is_swiglu_experts, model.modules()):
-            for name in SWIGLU_EXPERT_PARAMETERS:
+        # The model is still on the meta device: refusing a shape here costs no read of the checkpoint.
+        family = family_of(model)
+        for module in model.modules():
+            for name in expert_stack_names(module, family):
                 check_nf4_shape(getattr(module, name).shape)
         return super()._process_model_before_weight_loading(model, device_map, **kwargs)
 
@@ -105,20 +99,17 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
         return Nf4ExpertsQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        family = family_of(model)
         for module in model.modules():
             for name, nf4 in module.__dict__.pop(_STREAMED_NF4, {}).items():
-                install_nf4_(module, name, nf4)
+                install_nf4_(module, name, nf4, expert_stack_names(module, family))
         return super()._process_model_after_weight_loading(model, **kwargs)
-
-
-def _family(model: torch.nn.Module):
-    return models.family(getattr(model.config, "model_type", None))
 
 
 def nf4_expert_families() -> str:
     """The model types whose experts load_in_4bit turns into NF4, for messages: "afmoe, lfm2_moe"."""
     described = [models.family(model_type) for model_type in models.FAMILIES]
-    return ", ".join(f.model_type for f in described if f.routed_experts and not f.experts_without_nf4)
+    return ", ".join(f.model_type for f in described if f.routed_experts)
 
 
 class ExpertsIn8BitError(ValueError):
@@ -139,7 +130,7 @@ class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
     """bitsandbytes' 8-bit quantizer, refusing MoE models: it would quantize their Linear layers only."""
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
-        experts = expert_modules(model, _family(model))
+        experts = expert_modules(model, family_of(model))
         if experts:
             expert_params = sum(p.numel() for m in experts for p in m.parameters())
             raise ExpertsIn8BitError(expert_params / sum(p.numel() for p in model.parameters()))

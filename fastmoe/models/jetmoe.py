@@ -3,7 +3,9 @@ a query and an output projection, keys and values are shared), both routed by to
 softmax over the k chosen; an output bias after each mixture; no dense MLP.
 
 transformers groups tokens by expert on the host (`expert_size.tolist()`) and loops over experts; here routing
-stays on the device and the experts run as grouped GEMMs with peft's expert LoRA applied unmerged.
+stays on the device and the experts run as grouped GEMMs with peft's expert LoRA applied unmerged. Under
+load_in_4bit every `JetMoeParallelExperts` weight (both mixtures' input and output projections) is NF4
+(fastmoe.quantize) and the same GEMMs decode it tile by tile.
 """
 
 from __future__ import annotations
@@ -15,11 +17,20 @@ import torch
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import expert_map, expert_reduce, moe_experts, route_softmax_topk
+from fastmoe.kernels.moe import (
+    expert_map,
+    expert_map_nf4,
+    expert_reduce,
+    expert_reduce_nf4,
+    moe_experts,
+    moe_experts_nf4,
+    route_softmax_topk,
+)
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward
 from fastmoe.patching import FIXED, Family, ForwardPatch
+from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
 
 
 class Routing(NamedTuple):
@@ -48,6 +59,9 @@ def _wrapped_pairs_linear(experts: torch.nn.Module, pairs: torch.Tensor, top_k_i
     """(tokens*k, in) rows in (token, slot) order through the experts module as transformers calls it: grouped by
     expert, with the group sizes on the host. Only for layouts our kernels cannot read the LoRA of (several
     adapters active at once); the module (peft's wrapper) then applies its own adapters."""
+    if is_quantized(experts.get_base_layer()):
+        # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
+        raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     expert_size = torch.bincount(flat, minlength=experts.get_base_layer().num_experts).tolist()
@@ -63,6 +77,8 @@ def experts_map(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: tor
         pairs = hidden.repeat_interleave(top_k, dim=0)
         return _wrapped_pairs_linear(experts, pairs, top_k_index).view(num_tokens, top_k, -1)
     bare, loras = unwrapped
+    if is_quantized(bare):
+        return expert_map_nf4(hidden, top_k_index, nf4_weight(bare, "weight"), loras.get("weight"))
     return expert_map(hidden, top_k_index, bare.weight, loras.get("weight"))
 
 
@@ -76,6 +92,8 @@ def experts_reduce(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch
         out = _wrapped_pairs_linear(experts, x.reshape(-1, width), top_k_index).view(num_tokens, top_k, -1)
         return (out * top_k_weights.to(out.dtype)[..., None]).sum(dim=1)
     bare, loras = unwrapped
+    if is_quantized(bare):
+        return expert_reduce_nf4(x, top_k_index, top_k_weights, nf4_weight(bare, "weight"), loras.get("weight"))
     return expert_reduce(x, top_k_index, top_k_weights, bare.weight, loras.get("weight"))
 
 
@@ -87,7 +105,11 @@ def moe_forward(self: hf.JetMoeMoE, layer_input: torch.Tensor) -> torch.Tensor:
     gate_up = unwrap_expert_lora(self.input_linear)
     down = unwrap_expert_lora(self.output_linear)
     # input_linear's rows are [activation half; linear half], the (gate; up) layout of the fused SwiGLU experts.
-    if isinstance(self.activation, torch.nn.SiLU) and gate_up is not None and down is not None:
+    fused = isinstance(self.activation, torch.nn.SiLU) and gate_up is not None and down is not None
+    if fused and is_quantized(gate_up[0]) and is_quantized(down[0]):
+        out = moe_experts_nf4(flat, index, weights, nf4_weight(gate_up[0], "weight"), nf4_weight(down[0], "weight"),
+                              gate_up_lora=gate_up[1].get("weight"), down_lora=down[1].get("weight"))
+    elif fused and not is_quantized(gate_up[0]) and not is_quantized(down[0]):
         out = moe_experts(flat, index, weights, gate_up[0].weight, down[0].weight,
                           gate_up_lora=gate_up[1].get("weight"), down_lora=down[1].get("weight"))
     else:
@@ -197,7 +219,8 @@ FAMILY = Family(
     lora_target_parameters=("input_linear.weight", "output_linear.weight"),
     routers=("router.layer",),
     routed_experts=FIXED,
-    experts_without_nf4=(hf.JetMoeParallelExperts,),
+    # Both mixtures' input_linear and output_linear: (experts, out, in) stacks that load_in_4bit turns into NF4.
+    expert_stacks={hf.JetMoeParallelExperts: ("weight",)},
     tiny_config=dict(
         hidden_size=48, num_hidden_layers=2, num_key_value_heads=2, kv_channels=12, intermediate_size=40,
         num_local_experts=5, num_experts_per_tok=2, max_position_embeddings=512),

@@ -10,7 +10,7 @@ from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.patching import ForwardPatch
-from fastmoe.quantize import is_quantized, nf4_weight
+from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
 
 # fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
 # grouped_mm, batched_mm): the one FastModel.from_pretrained picks unless told otherwise. A model whose config names
@@ -89,10 +89,7 @@ def swiglu_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: 
     if unwrapped is None:
         if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
             # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
-            raise NotImplementedError(
-                "these experts are quantized to 4 bits and their LoRA layout cannot be read by fastmoe (several "
-                "active adapters on one expert weight?): activate a single adapter, or load without load_in_4bit"
-            )
+            raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped
     if is_quantized(bare):

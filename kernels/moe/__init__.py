@@ -7,10 +7,17 @@ reference.
   in-register tile decode the GEMMs use
 * ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad``
 * ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``
-* ``expert_map_reduce``: ``expert_map``, ``expert_reduce``
+* ``expert_map_reduce``: ``expert_map``, ``expert_reduce``, ``expert_map_nf4``, ``expert_reduce_nf4``
 """
 
-from .expert_map_reduce import expert_map, expert_reduce, reference_expert_map, reference_expert_reduce
+from .expert_map_reduce import (
+    expert_map,
+    expert_map_nf4,
+    expert_reduce,
+    expert_reduce_nf4,
+    reference_expert_map,
+    reference_expert_reduce,
+)
 from .experts import ExpertLora, moe_experts, moe_experts_nf4, reference_moe_experts, reference_moe_experts_nf4
 from .grouped_gemm import (
     GemmWeight,
@@ -46,7 +53,9 @@ __all__ = [
     "dequantize_absmax",
     "dequantize_nf4",
     "expert_map",
+    "expert_map_nf4",
     "expert_reduce",
+    "expert_reduce_nf4",
     "gemm_block_m",
     "grouped_mm",
     "grouped_mm_swiglu",

@@ -23,7 +23,9 @@ from fastmoe.kernels.moe import (
     ExpertLora,
     dequantize_nf4,
     expert_map,
+    expert_map_nf4,
     expert_reduce,
+    expert_reduce_nf4,
     moe_experts,
     moe_experts_nf4,
     quantize_nf4,
@@ -108,6 +110,26 @@ def expert_reduce_case():
                 *lora_factors(experts, 3, hidden, width, 2)]
 
 
+def expert_map_nf4_case():
+    tokens, hidden, out, experts = 7, 12, 16, 4  # out * hidden a multiple of NF4's 64-element blocks
+    index, _ = routing(tokens, experts, 2)
+    weight = quantize_nf4(randn(experts, out, hidden, seed=1), double_quant=True)
+
+    def fn(x, *lora):
+        return expert_map_nf4(x, index, weight, lora_of(lora))
+    return fn, [randn(tokens, hidden, grad=True), *lora_factors(experts, 3, out, hidden, 2)]
+
+
+def expert_reduce_nf4_case():
+    tokens, hidden, width, experts = 7, 12, 16, 4
+    index, weights = routing(tokens, experts, 2)
+    weight = quantize_nf4(randn(experts, hidden, width, seed=1))
+
+    def fn(x, w, *lora):
+        return expert_reduce_nf4(x, index, w, weight, lora_of(lora))
+    return fn, [randn(tokens, 2, width, grad=True), weights, *lora_factors(experts, 3, hidden, width, 2)]
+
+
 def qk_norm_rope_case(norm, interleaved, per_head, rope=True):
     batch, seq, heads, dim = 2, 5, 3, 8
     weight = randn(*((heads, dim) if per_head else (dim,)), grad=True, seed=1)
@@ -171,14 +193,16 @@ CASES = {
     "moe_experts_nf4": moe_nf4_case,
     "expert_map": expert_map_case,
     "expert_reduce": expert_reduce_case,
+    "expert_map_nf4": expert_map_nf4_case,
+    "expert_reduce_nf4": expert_reduce_nf4_case,
     "dequantize_nf4": nf4_case,
     "lora_linear": lambda: lora_linear_case(False),
     "lora_linear_quantized": lambda: lora_linear_case(True),
     "sort_by_expert": sort_case,
 }
 # Ops whose reference runs as its own op (the MoE loops over experts); the other references are traced as they are.
-REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "expert_map", "expert_reduce", "rms_norm_add", "qk_norm_rope",
-                   "short_conv", "route_sigmoid_topk"]
+REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "expert_map", "expert_reduce", "expert_map_nf4",
+                   "expert_reduce_nf4", "rms_norm_add", "qk_norm_rope", "short_conv", "route_sigmoid_topk"]
 INDUCTOR_CASES = ["rms_norm_add", "qk_norm_rope", "moe_experts"]
 
 
@@ -273,7 +297,7 @@ def test_references_compile_without_graph_break(case):
         assert_same(forward_backward(compiled(fn), inputs), forward_backward(fn, inputs), tol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["moe_experts", "expert_reduce"])
+@pytest.mark.parametrize("case", ["moe_experts", "expert_reduce", "expert_reduce_nf4"])
 def test_reference_ops_agree_with_their_fakes(case):
     fn, inputs = CASES[case]()
     recorder = RecordFastmoeOps()

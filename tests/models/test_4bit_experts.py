@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fastmoe
-from fastmoe import FastModel
+from fastmoe import FastModel, models
 from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 from fastmoe.quantize import SWIGLU_EXPERT_PARAMETERS, is_quantized, nf4_weight, quantize_experts_
 
@@ -52,23 +52,33 @@ def _logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _moe_layers(config) -> int:
+def _expert_modules(config) -> int:
     # AFMoE and LFM2-MoE put their dense layers first (num_dense_layers); Qwen3-MoE lists them (mlp_only_layers);
-    # Mixtral has none.
+    # Mixtral has none; JetMoe has two mixtures per layer (MLP experts and attention heads), each with an input and an
+    # output stack.
+    if config.model_type == "jetmoe":
+        return 4 * config.num_hidden_layers
     dense = getattr(config, "num_dense_layers", None)
     return config.num_hidden_layers - (len(getattr(config, "mlp_only_layers", [])) if dense is None else dense)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral"])
+# The family's dense Linear layer that bitsandbytes quantizes, and the router Linear it must leave 16-bit.
+LINEAR_AND_ROUTER = {"afmoe": ("q_proj", "gate"), "lfm2_moe": ("q_proj", "gate"), "qwen3_moe": ("q_proj", "gate"),
+                     "mixtral": ("q_proj", "gate"), "jetmoe": ("kv_proj", "layer")}
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe"])
 def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoint, model_type):
     model = _load_4bit(tiny_checkpoint(model_type))
     experts = _quantized_experts(model)
-    assert len(experts) == _moe_layers(model.config)
+    assert len(experts) == _expert_modules(model.config)
     linear_kinds = {name.split(".")[-1]: type(m).__name__ for name, m in model.named_modules()}
-    assert linear_kinds["q_proj"] == "Linear4bit" and linear_kinds["lm_head"] == "Linear"
-    assert linear_kinds.get("gate", "Linear") != "Linear4bit"  # AFMoE's router Linear stays 16-bit
+    linear, router = LINEAR_AND_ROUTER[model_type]
+    assert linear_kinds[linear] == "Linear4bit" and linear_kinds["lm_head"] == "Linear"
+    assert linear_kinds[router] != "Linear4bit"  # routers stay 16-bit: top-k choices would flip on rounded logits
     for module in experts:
-        for name in SWIGLU_EXPERT_PARAMETERS:
+        assert module._fastmoe_nf4
+        for name in module._fastmoe_nf4:
             placeholder = getattr(module, name)
             assert placeholder.untyped_storage().nbytes() <= placeholder.element_size()
             nf4 = nf4_weight(module, name)
@@ -82,14 +92,13 @@ def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoin
 
     # The same model with its experts replaced by their dequantized values, through plain transformers.
     for module in experts:
-        dense = {name: dequantize_nf4(nf4_weight(module, name)) for name in SWIGLU_EXPERT_PARAMETERS}
-        del module._fastmoe_nf4
-        del module.forward  # the guard against unpatched NF4 use; these experts are dense again
-        for name, weight in dense.items():
-            setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
+        _dense_again_(module)
     fastmoe.unpatch()
     model.config._experts_implementation = "eager"
-    assert rel_err(quantized, _logits(model, batch)) < 1e-5
+    # Padding positions left out: JetMoe's padding tokens embed to zeros, its routers see all-equal logits there and
+    # break the tie differently from transformers (tests/models/test_jetmoe.py); nothing attends to them.
+    attended = batch["attention_mask"].bool()
+    assert rel_err(quantized[attended], _logits(model, batch)[attended]) < 1e-5
 
 
 def test_lora_on_nf4_experts_trains(tiny_checkpoint):
@@ -117,10 +126,152 @@ def test_lora_on_nf4_experts_trains(tiny_checkpoint):
     assert all(is_quantized(m) for m in _quantized_experts(model.get_base_model()))
 
 
-def test_jetmoe_4bit_experts_are_refused_clearly(tiny_checkpoint, monkeypatch):
-    _refuse_reading_weights(monkeypatch)
-    with pytest.raises(ValueError, match="4-bit experts are not supported for jetmoe"):
-        _load_4bit(tiny_checkpoint("jetmoe"))
+def _dense_again_(module) -> None:
+    """Replace a quantized experts module's NF4 stacks with their dequantized values as Parameters: the 16-bit model
+    the 4-bit one promises to compute as."""
+    dense = {name: dequantize_nf4(nf4_weight(module, name)) for name in module._fastmoe_nf4}
+    del module._fastmoe_nf4
+    del module.forward
+    for name, weight in dense.items():
+        setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
+
+
+def test_jetmoe_experts_hold_bitsandbytes_nf4_of_their_16bit_weights(tiny_checkpoint):
+    """Every JetMoe expert stack (both mixtures' input and output projections) holds, expert by expert, the codes and
+    double-quantized absmax that bitsandbytes' own quantize_4bit gives its 16-bit weight (what bitsandbytes would store
+    if it quantized experts as it does Linear weights); the logits move by NF4's noise, more than with bitsandbytes
+    alone, which quantizes kv_proj only and leaves the experts, nearly all of the weights, 16-bit. (bitsandbytes'
+    CPU dequantize_4bit is not used: it misplaces values for some row widths, 48 among them.)"""
+    import bitsandbytes.functional as bnb_functional
+
+    from fastmoe.api import _bnb_config
+
+    checkpoint = tiny_checkpoint("jetmoe")
+    model = _load_4bit(checkpoint)
+    batch = batch_with_padding(model.config.vocab_size)
+    attended = batch["attention_mask"].bool()
+    quantized = _logits(model, batch)[attended]
+    fastmoe.unpatch()
+    full = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    stacks = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    assert len(stacks) == _expert_modules(model.config)
+    for name, module in stacks.items():
+        weight = full.get_submodule(name).weight.detach()
+        nf4 = nf4_weight(module, "weight")
+        for expert in range(weight.shape[0]):
+            packed, state = bnb_functional.quantize_4bit(weight[expert].contiguous(), blocksize=64, quant_type="nf4",
+                                                         compress_statistics=True)
+            assert torch.equal(packed.view(-1), nf4.packed[expert])
+            assert torch.equal(state.absmax, nf4.absmax[expert])
+            assert torch.equal(state.state2.absmax, nf4.absmax_scale[expert])
+            assert torch.equal(state.offset, nf4.absmax_offset[expert])
+
+    config = _bnb_config("4bit", torch.float32, ["lm_head", *models.family("jetmoe").routers])
+    linear_only = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                                    quantization_config=config)
+    assert not _quantized_experts(linear_only)
+    full_logits = _logits(full, batch)[attended]
+    noise, linear_noise = rel_err(quantized, full_logits), rel_err(_logits(linear_only, batch)[attended], full_logits)
+    assert linear_noise < noise < 0.25, (noise, linear_noise)
+
+
+def _jetmoe_4bit_lora(checkpoint):
+    model = _load_4bit(checkpoint)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    return model
+
+
+def test_qlora_on_jetmoe_nf4_has_the_gradients_of_its_dequantized_model(tiny_checkpoint):
+    """One training step through the NF4 kernels (both mixtures' map, reduce and SwiGLU experts) against the same
+    step with the experts dequantized to fp32 Parameters (the 16-bit kernels, tests/models/test_jetmoe.py checks
+    those against transformers + peft): loss and every LoRA gradient."""
+    batch = batch_with_padding(512, seed=3, seq=8)
+    results = []
+    for dense in (False, True):
+        model = _jetmoe_4bit_lora(tiny_checkpoint("jetmoe"))
+        if dense:
+            for module in _quantized_experts(model.get_base_model()):
+                _dense_again_(module)
+        assert bool(_quantized_experts(model.get_base_model())) != dense
+        model.train()
+        loss = model(**batch).loss
+        lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), dict(zip(lora, torch.autograd.grad(loss, list(lora.values()))))))
+    (loss, grads), (dense_loss, dense_grads) = results
+    assert rel_err(loss, dense_loss) < 1e-5
+    # LoRA on kv_proj and on every expert stack: both mixtures' input and output projections.
+    suffixes = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in grads}
+    assert {"kv_proj", "input_linear", "output_linear"} <= suffixes
+    assert any("self_attention.experts.input_linear" in name for name in grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grad, dense_grads[name]) < 1e-5, name
+
+
+def test_qlora_on_jetmoe_trains(tiny_checkpoint):
+    from fastmoe.kernels import reference_only
+
+    model = _jetmoe_4bit_lora(tiny_checkpoint("jetmoe"))
+    batch = batch_with_padding(model.config.vocab_size, seed=5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    with reference_only():  # the NF4 references: the kernels' gradients are checked above
+        for _ in range(4):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert len(_quantized_experts(model.get_base_model())) == _expert_modules(model.config)
+
+
+def _linear_4bit_with_dequantized_experts(checkpoint, experts: dict[str, torch.nn.Module]):
+    """Plain transformers + bitsandbytes (its Linear layers in 4 bits) with the expert stacks set to the dequantized
+    NF4 of `experts` (name -> quantized module): the model a fastmoe 4-bit model computes as, without fastmoe."""
+    from fastmoe.api import _bnb_config
+
+    family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
+    config = _bnb_config("4bit", torch.float32, ["lm_head", *family.routers])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                              quantization_config=config)
+    with torch.no_grad():
+        for name, module in experts.items():
+            for stack in module._fastmoe_nf4:
+                getattr(model.get_submodule(name), stack).copy_(dequantize_nf4(nf4_weight(module, stack)))
+    return model
+
+
+def test_jetmoe_qlora_adapters_move_both_ways_with_plain_peft(tiny_checkpoint, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    checkpoint = tiny_checkpoint("jetmoe")
+    batch = batch_with_padding(512, seed=2)
+    attended = batch["attention_mask"].bool()
+
+    fast = _jetmoe_4bit_lora(checkpoint)
+    fast_logits = _logits(fast, batch)[attended]
+    fast.save_pretrained(tmp_path / "fast")
+    # Names without peft's wrappers (".base_layer"), as they are in the plain model.
+    experts = {name.replace(".base_layer", ""): m for name, m in fast.get_base_model().named_modules()
+               if is_quantized(m)}
+    fastmoe.unpatch()
+    plain = PeftModel.from_pretrained(_linear_4bit_with_dequantized_experts(checkpoint, experts), tmp_path / "fast")
+    assert rel_err(_logits(plain, batch)[attended], fast_logits) < 1e-5
+
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["kv_proj"],
+                      target_parameters=["input_linear.weight", "output_linear.weight"])
+    plain = get_peft_model(_linear_4bit_with_dequantized_experts(checkpoint, experts), lora)
+    randomize_lora(plain, seed=3)
+    plain_logits = _logits(plain, batch)[attended]
+    plain.save_pretrained(tmp_path / "plain")
+    fast = PeftModel.from_pretrained(_load_4bit(checkpoint), tmp_path / "plain", is_trainable=True)
+    trainable = [name for name, p in fast.named_parameters() if p.requires_grad]
+    assert all("lora_" in name for name in trainable)
+    assert any("self_attention.experts.output_linear" in name for name in trainable)
+    assert rel_err(_logits(fast, batch)[attended], plain_logits) < 1e-5
 
 
 def test_unreadable_lora_on_nf4_experts_is_an_error_not_zero_experts(monkeypatch):
@@ -152,13 +303,15 @@ def _load_4bit_then_quantize_experts(checkpoint):
     """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
     from fastmoe import models
     from fastmoe.api import _bnb_config
+    from fastmoe.patching import SWITCHABLE
 
-    routers = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type).routers
-    config = _bnb_config("4bit", torch.float32, ["lm_head", *routers])
-    # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with.
+    family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
+    config = _bnb_config("4bit", torch.float32, ["lm_head", *family.routers])
+    # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with
+    # (JetMoe's experts have no such switch: fastmoe replaces its MoE forwards whole).
+    switch = {"experts_implementation": EXPERTS_IMPLEMENTATION} if family.routed_experts == SWITCHABLE else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                              quantization_config=config,
-                                                              experts_implementation=EXPERTS_IMPLEMENTATION)
+                                                              quantization_config=config, **switch)
     assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
     quantize_experts_(model, double_quant=config.bnb_4bit_use_double_quant)
     return model
@@ -177,15 +330,16 @@ def _afmoe_checkpoint(out_dir, tokenizer, dtype=torch.float32, **sizes):
     return out_dir
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "jetmoe"])
 def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, model_type):
     streamed = _load_4bit(tiny_checkpoint(model_type))
     assert quantize_experts_(streamed) == 0  # the fallback after loading found nothing left 16-bit
     reference = _load_4bit_then_quantize_experts(tiny_checkpoint(model_type))
     streamed_experts, reference_experts = _quantized_experts(streamed), _quantized_experts(reference)
-    assert len(streamed_experts) == len(reference_experts) == 2
+    assert len(streamed_experts) == len(reference_experts) == _expert_modules(streamed.config)
     for ours, theirs in zip(streamed_experts, reference_experts):
-        for name in SWIGLU_EXPERT_PARAMETERS:
+        assert ours._fastmoe_nf4 == theirs._fastmoe_nf4
+        for name in ours._fastmoe_nf4:
             a, b = nf4_weight(ours, name), nf4_weight(theirs, name)
             assert a.double_quant and b.double_quant
             assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))

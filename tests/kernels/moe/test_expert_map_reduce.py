@@ -1,4 +1,4 @@
-"""JetMoe's expert_map / expert_reduce: Triton vs reference, forward and every gradient."""
+"""JetMoe's expert_map / expert_reduce, 16-bit and NF4: Triton vs reference, forward and every gradient."""
 
 import pytest
 import torch
@@ -8,11 +8,14 @@ from testing_utils import (check_against_reference, output_and_grads, random_exp
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.expert_map_reduce import (
     expert_map,
+    expert_map_nf4,
     expert_reduce,
+    expert_reduce_nf4,
     reference_expert_map,
     reference_expert_reduce,
 )
 from fastmoe.kernels.moe.experts import ExpertLora
+from fastmoe.kernels.moe.nf4 import dequantize_nf4, quantize_nf4
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -86,6 +89,77 @@ def test_map_reduce_references_match_pair_loop():
 
 
 # --------------------------------------------------------------------------------------------------------
+# NF4 weights: Triton (interpreter) vs the reference on the dequantized stack, and vs the 16-bit op on the Triton
+# dequantization (the semantics the NF4 ops promise)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_nf4(nf4_fn, dense_fn, args, nf4_at, params, tol):
+    out, grads = output_and_grads(nf4_fn, args, params)
+    with reference_only():
+        ref, ref_grads = output_and_grads(nf4_fn, args, params)
+    dense_args = (*args[:nf4_at], dequantize_nf4(args[nf4_at]), *args[nf4_at + 1:])
+    dense, dense_grads = output_and_grads(dense_fn, dense_args, params)
+    assert out.shape == ref.shape == dense.shape and out.dtype == ref.dtype
+    for got, want, other in zip((out, *grads), (ref, *ref_grads), (dense, *dense_grads)):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < tol
+        assert rel_err(got, other) < tol
+
+
+NF4_SHAPES = [
+    # N and K not multiples of the GEMM blocks, rows not on absmax blocks; expert 3 gets no token
+    pytest.param(13, 40, 24, 4, 2, 3, 3, False, id="odd"),
+    pytest.param(30, 24, 24, 8, 1, 2, 3, False, id="k1-idle-experts"),
+    # rows of 128 and 192 (on absmax blocks), double-quantized absmax (more than one 256-block per expert)
+    pytest.param(20, 192, 128, 4, 2, 4, None, True, id="aligned-double-quant"),
+]
+
+
+@pytest.mark.parametrize("num_tokens,hidden,out_features,num_experts,top_k,rank,used,double_quant", NF4_SHAPES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_expert_map_nf4(num_tokens, hidden, out_features, num_experts, top_k, rank, used, double_quant, lora):
+    (x, index, weight, adapter), params = _map_inputs(num_tokens, hidden, out_features, num_experts, top_k, rank,
+                                                      lora, used)
+    nf4 = quantize_nf4(weight.detach(), double_quant)
+    params = [x, *params[2:]]  # the NF4 weight is frozen
+    _check_nf4(expert_map_nf4, expert_map, (x, index, nf4, adapter), 2, params, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,in_features,num_experts,top_k,rank,used,double_quant", NF4_SHAPES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_expert_reduce_nf4(num_tokens, hidden, in_features, num_experts, top_k, rank, used, double_quant, lora):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    index, weights = random_routing(num_tokens, num_experts, top_k, used, generator=gen)
+    weights.requires_grad_()
+    x = torch.randn(num_tokens, top_k, in_features, requires_grad=True)
+    nf4 = quantize_nf4(torch.randn(num_experts, hidden, in_features) / in_features**0.5, double_quant)
+    params = [x, weights]
+    adapter = None
+    if lora:
+        adapter, lora_params = random_expert_lora(num_experts, rank, hidden, in_features, torch.float32, "cpu")
+        params += lora_params
+    _check_nf4(expert_reduce_nf4, expert_reduce, (x, index, weights, nf4, adapter), 3, params, 1e-5)
+
+
+def test_nf4_map_reduce_run_the_kernels_not_the_reference(monkeypatch):
+    """The comparisons above would pass trivially if the NF4 ops fell back to their reference."""
+    from fastmoe.kernels.moe import expert_map_reduce
+
+    def refuse(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(expert_map_reduce, "reference_expert_map", refuse)
+    monkeypatch.setattr(expert_map_reduce, "reference_expert_reduce", refuse)
+    (x, index, weight, adapter), _ = _map_inputs(9, 40, 24, 4, 2, 3, True)
+    nf4 = quantize_nf4(weight.detach())
+    back = quantize_nf4(weight.detach().transpose(1, 2).contiguous())
+    expert_reduce_nf4(expert_map_nf4(x, index, nf4, adapter), index, torch.rand(9, 2), back).sum().backward()
+    assert x.grad is not None and adapter.A.grad is not None
+
+
+# --------------------------------------------------------------------------------------------------------
 # GPU, bf16
 # --------------------------------------------------------------------------------------------------------
 
@@ -119,3 +193,35 @@ def test_expert_map_reduce_gpu_bf16():
     args = (x, index, weights, w_map, w_red, lora_map, lora_red)
     ref_args = (x.float(), index, weights, w_map.float(), w_red.float(), up(lora_map), up(lora_red))
     _gpu_check(block, args, params, ref_args)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_expert_map_reduce_nf4_gpu_bf16(double_quant):
+    """bf16 NF4 weights (register decode on rows of 512 and 256) against the fp32 reference on the same NF4 codes."""
+    torch.manual_seed(0)
+    index, weights = random_routing(2048, 8, 2, device="cuda")
+    weights.requires_grad_()
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_map = quantize_nf4(torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5, double_quant)
+    w_red = quantize_nf4(torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16) / 256**0.5, double_quant)
+    lora_map, p_map = random_expert_lora(8, 16, 256, 512, torch.bfloat16, "cuda")
+    lora_red, p_red = random_expert_lora(8, 16, 512, 256, torch.bfloat16, "cuda")
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+
+    def block(x, index, weights, w_map, w_red, lora_map, lora_red):
+        return expert_reduce_nf4(expert_map_nf4(x, index, w_map, lora_map), index, weights, w_red, lora_red)
+
+    def dense_block(x, index, weights, w_map, w_red, lora_map, lora_red):
+        return expert_reduce(expert_map(x, index, w_map, lora_map), index, weights, w_red, lora_red)
+
+    params = [x, weights] + p_map + p_red
+    out, grads = output_and_grads(block, (x, index, weights, w_map, w_red, lora_map, lora_red), params)
+    ref_args = (x.float(), index, weights, dequantize_nf4(w_map, torch.float32), dequantize_nf4(w_red, torch.float32),
+                up(lora_map), up(lora_red))
+    with reference_only():
+        ref, ref_grads = output_and_grads(dense_block, ref_args, params)
+    assert rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2
