@@ -141,6 +141,10 @@ class Case:
 
 def lora_kwargs(case: Case) -> dict:
     model_type = case.config_kwargs["model_type"]
+    if case.targets == "default" and case.implementation == "fastmoe":
+        # The user's call: no targets, so FastModel.get_peft_model takes the family's defaults that the model has
+        # (Qwen3-30B-A3B has no dense MLPs); peft, handed the same list for the baseline, skips those too.
+        return dict(r=common.LORA_RANK, lora_alpha=common.LORA_RANK)
     return dict(r=common.LORA_RANK, lora_alpha=common.LORA_RANK, **common.lora_targets(model_type, case.targets))
 
 

@@ -293,7 +293,7 @@ class FastBaseModel:
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
         target_modules, target_parameters = _resolve_targets(
-            models.family(model.config.model_type), target_modules, target_parameters)
+            models.family(model.config.model_type), target_modules, target_parameters, model)
         _check_targets(model, target_modules, target_parameters)
 
         torch.manual_seed(random_state)
@@ -396,26 +396,36 @@ def _base_config(model):
 ALL_LINEAR = "all-linear"
 
 
-def _resolve_targets(family: Family | None, target_modules,
-                     target_parameters) -> tuple[list[str] | str, list[str] | None]:
+def _resolve_targets(family: Family | None, target_modules, target_parameters,
+                     model: torch.nn.Module) -> tuple[list[str] | str, list[str] | None]:
     """What get_peft_model's targets mean for `family` (None for a model type fastmoe does not patch), as peft should
     be handed them.
 
     peft's own "all-linear" takes every Linear layer but the head: on an MoE that adapts the routers and misses the
     experts (3D parameters), and on families peft converts from transformers v4 (AFMoE) it turns the MLP names into
     expert parameters, leaving the dense and shared MLPs and the attention gate without LoRA. The family's defaults
-    are the linear layers and experts, routers excluded, named so that they survive that conversion."""
+    are the linear layers and experts, routers excluded, named so that they survive that conversion. A default that
+    this model lacks is dropped (Qwen3-30B-A3B has no dense MLP layers, which the family's defaults name for the
+    Qwen3-MoE models that do); targets the caller names must all match (_check_targets)."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
     if isinstance(target_modules, str) and not all_linear:
         return [target_modules], target_parameters  # one module's name, not a regex
     if family is None:
         return (ALL_LINEAR if target_modules is None else target_modules), target_parameters
-    defaults = list(family.lora_target_parameters)
+    module_names = [name for name, _ in model.named_modules()]
+    param_names = [name for name, _ in model.named_parameters()]
+    default_modules = [t for t in family.lora_target_modules if _matches(t, module_names)]
+    defaults = [t for t in family.lora_target_parameters if _matches(t, param_names)]
     if target_modules is None:
-        return list(family.lora_target_modules), defaults if target_parameters is None else target_parameters
+        return default_modules, defaults if target_parameters is None else target_parameters
     if all_linear:
-        return list(family.lora_target_modules), defaults + [p for p in target_parameters or () if p not in defaults]
+        return default_modules, defaults + [p for p in target_parameters or () if p not in defaults]
     return target_modules, target_parameters
+
+
+def _matches(target: str, names: list[str]) -> bool:
+    """Whether a LoRA target (a module or parameter name suffix) names something in `names`, as peft matches it."""
+    return any(name == target or name.endswith("." + target) for name in names)
 
 
 def _peft_rewrite(model_type: str, target_modules, requested_parameters: set[str], peft_config) -> str | None:
@@ -440,14 +450,14 @@ def _check_targets(model, target_modules, target_parameters) -> None:
     module_names = [name for name, _ in model.named_modules()]
     if isinstance(target_modules, list):
         for target in target_modules:
-            if not any(name == target or name.endswith("." + target) for name in module_names):
+            if not _matches(target, module_names):
                 raise ValueError(
                     f"target module {target!r} matches no module of this {model.config.model_type} model; "
                     f"its linear layers are named like: {_linear_suffixes(model)}"
                 )
     param_names = [name for name, _ in model.named_parameters()]
     for target in target_parameters or []:
-        if not any(name == target or name.endswith("." + target) for name in param_names):
+        if not _matches(target, param_names):
             raise ValueError(f"target parameter {target!r} matches no parameter of this model")
 
 

@@ -23,8 +23,17 @@ Floating-point arguments are data: they are copied into the graph's input buffer
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and at most `max_signatures` per model are kept: a data set of variable
 lengths would otherwise capture on every step. Anything the graphs cannot honour falls back, call by call, to
-torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, output recording), torch.compile, a capture
-that fails (a host sync inside the layer). A parameter or buffer of the layer moved to new memory (a new
+torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, recording hidden states), torch.compile, a capture
+that fails (a host sync inside the layer).
+
+Recorded outputs: transformers collects router logits (and attention weights) with forward hooks that append a
+module's output to the collector of the running forward (`transformers.utils.output_capturing`). trl's SFTTrainer
+asks for router logits at its defaults on every MoE whose config has a `router_aux_loss_coef` (Qwen3-MoE, Mixtral),
+for the load-balancing loss. A hook would run once, at capture; so a graphed call runs the layer under a collector
+of its own with the same keys, returns what the hooks appended as extra outputs of the graphs (differentiable: the
+aux loss's gradient flows back through them), and appends those to the caller's collector. The collector's keys are
+part of the signature. Hidden states are not recorded this way (their first entry is the first layer's input): a
+forward that asks for them falls back. A parameter or buffer of the layer moved to new memory (a new
 adapter, `model.to`) drops that layer's graphs.
 
 Memory: the graphs of all layers share one pool and are captured on one stream, so what a layer's recompute and
@@ -122,29 +131,49 @@ class _LayerParts:
 
 
 
-def _is_inert_output_hook(hook: Callable) -> bool:
+def _is_output_recorder(hook: Callable) -> bool:
     """transformers installs forward hooks that record attentions, router logits or hidden states once such an
     output is asked for, and leaves them on the modules; they do nothing while no collector is active."""
-    if getattr(hook, "__module__", "") != "transformers.utils.output_capturing":
-        return False
-    from transformers.utils.output_capturing import _active_collector
-
-    return not _active_collector.get()
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
-def _has_hooks(modules: tuple[torch.nn.Module, ...]) -> bool:
-    """Hooks would run once, at capture, instead of on every call."""
+def _recorded_keys(modules: tuple[torch.nn.Module, ...]) -> tuple[str, ...] | None:
+    """What the hooks of a layer's modules ask of a graphed call: () when none is active, the keys of the running
+    forward's output collector when output recorders are the only hooks (see "Recorded outputs" above), None when a
+    graph cannot honour them (other hooks would run once, at capture, instead of on every call)."""
     from torch.nn.modules import module as module_globals
+    from transformers.utils.output_capturing import _active_collector
 
     if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
             or module_globals._global_backward_hooks):
-        return True
+        return None
     for module in modules:
         if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-            return True
-        if any(not _is_inert_output_hook(hook) for hook in module._forward_hooks.values()):
-            return True
-    return False
+            return None
+        if not all(_is_output_recorder(hook) for hook in module._forward_hooks.values()):
+            return None
+    collector = _active_collector.get()
+    if not collector:
+        return ()
+    keys = tuple(sorted(key for key in collector if not key.startswith("_")))
+    return None if "hidden_states" in keys else keys
+
+
+def _recording(function: Callable, keys: tuple[str, ...]) -> Callable:
+    """`function` run under an output collector of its own with `keys`: returns (its output, {key: what the output
+    recorders appended})."""
+    from transformers.utils.output_capturing import _active_collector
+
+    def run(*args, **kwargs):
+        recorded = {key: [] for key in keys}
+        token = _active_collector.set(recorded)
+        try:
+            output = function(*args, **kwargs)
+        finally:
+            _active_collector.reset(token)
+        return output, recorded
+
+    return run
 
 
 def _uses_dropout(dropouts: tuple[torch.nn.Module, ...]) -> bool:
@@ -172,8 +201,8 @@ class _Call:
     signature: tuple
 
 
-def _flatten_call(layer: torch.nn.Module, parts: _LayerParts, args: tuple, kwargs: dict,
-                  on_cuda: bool) -> _Call | None:
+def _flatten_call(layer: torch.nn.Module, parts: _LayerParts, args: tuple, kwargs: dict, on_cuda: bool,
+                  recorded_keys: tuple[str, ...] = ()) -> _Call | None:
     """None when the call cannot be graphed: a tensor off the GPU (with on_cuda) or on two devices, or an argument
     that cannot be part of a signature."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -195,7 +224,7 @@ def _flatten_call(layer: torch.nn.Module, parts: _LayerParts, args: tuple, kwarg
     trainable = parts.trainable()
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) if on_cuda else (False, None)
     signature = (str(spec), tuple(leaf_keys), trainable, autocast, layer.training,
-                 _adapter_state(parts.adapter_layers))
+                 _adapter_state(parts.adapter_layers), recorded_keys)
     return _Call(leaves, spec, data_index, control_index, signature)
 
 
@@ -250,8 +279,10 @@ class _LayerGraphs:
     computations run eagerly on the same buffers)."""
 
     def __init__(self, function: Callable, call: _Call, layer: torch.nn.Module, buffers: _SharedBuffers,
-                 control_values: list[torch.Tensor]):
-        self.function = function
+                 control_values: list[torch.Tensor], recorded_keys: tuple[str, ...] = ()):
+        # With recorded keys the graphs' outputs are (the layer's output, {key: recorded tensors}).
+        self.recorded_keys = recorded_keys
+        self.function = _recording(function, recorded_keys) if recorded_keys else function
         self.memory = _LayerParts.of(layer).memory()
         self.call_spec = call.spec
         self.data_index = call.data_index
@@ -454,7 +485,16 @@ class GraphedCheckpoint:
             return self.fallback(function, *args, **kwargs)
         data = [call.leaves[i] for i in call.data_index]
         outputs = _GraphedLayer.apply(graphs, len(data), *data, *graphs.params)
-        return pytree.tree_unflatten(list(outputs), graphs.output_spec)
+        result = pytree.tree_unflatten(list(outputs), graphs.output_spec)
+        if not graphs.recorded_keys:
+            return result
+        from transformers.utils.output_capturing import _active_collector
+
+        result, recorded = result
+        collector = _active_collector.get()
+        for key, tensors in recorded.items():
+            collector[key].extend(tensors)
+        return result
 
     def _graphs_for(self, function: Callable, args: tuple, kwargs: dict):
         layer = layer_of(function)
@@ -465,9 +505,12 @@ class GraphedCheckpoint:
                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             return None, None
         parts = _LayerParts.of(layer)
-        call = _flatten_call(layer, parts, args, dict(function.keywords), on_cuda=self.capture)
-        if (call is None or call.signature in self.ungraphable or _has_hooks(parts.structure.modules)
-                or _uses_dropout(parts.dropouts)):
+        recorded_keys = _recorded_keys(parts.structure.modules)
+        if recorded_keys is None:
+            return None, None
+        call = _flatten_call(layer, parts, args, dict(function.keywords), on_cuda=self.capture,
+                             recorded_keys=recorded_keys)
+        if call is None or call.signature in self.ungraphable or _uses_dropout(parts.dropouts):
             return None, None
         key = (id(layer), call.signature)
         graphs = self.graphs.get(key)
@@ -503,7 +546,8 @@ class GraphedCheckpoint:
             if copy is None or not torch.equal(copy, leaf):  # a tensor modified in place since it was copied
                 copy = copies[leaf] = leaf.clone()
             control_values.append(copy)
-        graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature], control_values)
+        graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature], control_values,
+                              recorded_keys=call.signature[-1])
         try:
             if self.capture and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

@@ -168,6 +168,21 @@ def test_target_that_matches_nothing_is_refused_by_name(tiny_checkpoint):
         FastModel.get_peft_model(model, target_modules=["q_proj"], target_parameters=["experts.gate_proj"])
 
 
+def test_default_targets_the_model_lacks_are_skipped_not_refused(tmp_path, tiny_tokenizer):
+    """Qwen3-30B-A3B has no dense MLP layers (mlp_only_layers=[]): the family's defaults name dense MLP weights for the
+    Qwen3-MoE models that have them, and get_peft_model() must adapt what this one has instead of refusing it."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("qwen3_moe", tmp_path, tokenizer=tiny_tokenizer, mlp_only_layers=[])
+    model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=64)
+    config = FastModel.get_peft_model(model, r=4, lora_alpha=8).peft_config["default"]
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert sorted(config.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"]
+    with pytest.raises(ValueError, match="'gate_proj.weight' matches no parameter"):
+        FastModel.get_peft_model(FastModel.from_pretrained(str(checkpoint), max_seq_length=64)[0],
+                                 target_parameters=["experts.gate_up_proj", "gate_proj.weight"])
+
+
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory, tiny_tokenizer):
     """A family fastmoe does not patch, built like the tiny checkpoints."""

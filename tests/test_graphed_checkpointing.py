@@ -161,6 +161,52 @@ def test_changed_mask_adapter_state_or_weights_leave_the_graphs(tiny_checkpoint)
         assert graphed.graphs[key] is not graphs, "graphs over moved weights are captured again"
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_router_logits_for_the_aux_loss_are_recorded_through_the_graphs(tiny_checkpoint, model_type):
+    """trl's SFTTrainer asks for router logits at its defaults on Qwen3-MoE and Mixtral (their configs have a
+    router_aux_loss_coef): the graphed calls return them from their own collector, so the loss with the
+    load-balancing term and every LoRA gradient (the aux loss's included) equal torch's checkpoint, and only the first
+    step takes the fallback."""
+    model = lora_model(tiny_checkpoint(model_type))
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.5  # large, so that a missing aux term or gradient shows
+    batch = batch_with_padding(model.config.vocab_size, seed=4)
+    use_checkpoint_function(model, standard_checkpoint)
+    reference = loss_and_grads(model, batch)
+    without_aux = model(**batch, output_router_logits=False).loss.detach()
+    # The aux term moves the loss by ~1e-3, a thousand times the tolerance below.
+    assert abs(reference[0] - without_aux) > 1e-3, "the aux loss is part of the compared loss"
+
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    for step in range(3):
+        loss, grads = loss_and_grads(model, batch)
+        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
+        assert rel_err(loss, reference[0]) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, reference[1][name]) < 1e-5, name
+    assert all(graphs.recorded_keys == ("router_logits",) for graphs in graphed.graphs.values())
+    # Without a collector (no router logits asked for) the same layers take graphs of another signature.
+    model(**batch, output_router_logits=False).loss.backward()
+    model(**batch, output_router_logits=False).loss.backward()
+    assert {graphs.recorded_keys for graphs in graphed.graphs.values()} == {("router_logits",), ()}
+
+
+def test_recording_hidden_states_takes_the_fallback(tiny_checkpoint):
+    """Hidden states are recorded from a layer's input too (the first entry): those calls take torch's checkpoint."""
+    model = lora_model(tiny_checkpoint("mixtral"))
+    batch = batch_with_padding(model.config.vocab_size, seed=4)
+    fallback = CountingFallback()
+    use_checkpoint_function(model, GraphedCheckpoint(fallback=fallback, capture=False))
+    for _ in range(2):
+        outputs = model(**batch, output_hidden_states=True)
+        outputs.loss.backward()
+    assert fallback.calls == 2 * len(decoder_layers(model))
+    assert len(outputs.hidden_states) == len(decoder_layers(model)) + 1
+
+
 def test_hooks_and_dropout_take_the_fallback(tiny_checkpoint):
     model = lora_model(tiny_checkpoint("afmoe"))
     batch = batch_with_padding(model.config.vocab_size, seed=7)
@@ -236,13 +282,17 @@ def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral",
+                                        "qwen3_moe-router-logits", "mixtral-router-logits"])
 def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
     """bf16 on the GPU: three steps replay captured graphs; every step's loss and LoRA gradients equal torch's
-    checkpoint run on the same weights (the same kernels: only launch order and atomics differ)."""
+    checkpoint run on the same weights (the same kernels: only launch order and atomics differ). "-router-logits":
+    with the load-balancing loss on, as trl's SFTTrainer sets it, its router logits recorded through the graphs."""
+    model_type, _, recorded = model_type.partition("-")
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.bfloat16, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
     randomize_lora(model)
+    model.config.output_router_logits = bool(recorded)
     model.cuda().train()
     batch = {k: v.cuda() for k, v in batch_with_padding(model.config.vocab_size, seed=8, seq=24).items()}
     use_checkpoint_function(model, standard_checkpoint)
