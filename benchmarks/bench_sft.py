@@ -14,7 +14,8 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    the model: the trained model is the same. With --quantization 4bit: fastmoe's `load_in_4bit=True` against
    transformers' own 4-bit (`BitsAndBytesConfig`, NF4, double quantization: Linear layers only).
    Targets (--targets): `default` is the family's own (what get_peft_model adapts given none), `attention-experts`
-   attention and routed experts only (common.ATTENTION_AND_EXPERT_TARGETS: issue #16's measurement).
+   attention and routed experts only (common.ATTENTION_AND_EXPERT_TARGETS: issue #16's measurement), `attention` the
+   attention projections alone.
 
    --load direct skips the checkpoint: the same random model is built on the meta device and materialised on the GPU
    (common.build_random_model), after fastmoe's patches are applied as from_pretrained applies them (fastmoe) or with

@@ -335,8 +335,10 @@ ATTENTION_AND_EXPERT_TARGETS = {
     "lfm2_moe": (("q_proj", "k_proj", "v_proj", "self_attn.out_proj"), ("experts.gate_up_proj", "experts.down_proj")),
     "jetmoe": (("kv_proj",), ("input_linear.weight", "output_linear.weight")),
     "cohere": (("q_proj", "k_proj", "v_proj", "o_proj"), ()),
+    "qwen3_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
+    "mixtral": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
 }
-LORA_TARGET_SETS = ("default", "attention-experts")
+LORA_TARGET_SETS = ("default", "attention-experts", "attention")
 
 
 def make_config(config_kwargs: dict):
@@ -379,9 +381,12 @@ def family(model_type: str):
 
 def lora_targets(model_type: str, which: str = "default") -> dict:
     """target_modules and target_parameters of a LoRA target set: "default" is the family's own (what
-    FastModel.get_peft_model adapts when given no targets), "attention-experts" attention and routed experts."""
+    FastModel.get_peft_model adapts when given no targets), "attention-experts" attention and routed experts,
+    "attention" the attention projections alone (Unsloth's Qwen3-MoE QLoRA memory figure is for those)."""
     if which == "attention-experts":
         modules, parameters = ATTENTION_AND_EXPERT_TARGETS[model_type]
+    elif which == "attention":
+        modules, parameters = ATTENTION_AND_EXPERT_TARGETS[model_type][0], ()
     elif which == "default":
         fast = family(model_type)
         modules, parameters = fast.default_target_modules, fast.default_target_parameters

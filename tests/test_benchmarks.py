@@ -87,7 +87,8 @@ def test_variant_labels_name_the_fields_that_differ():
     assert common.variant_label(flex) == "hf-grouped_mm (attention=flex_attention)"
 
 
-@pytest.mark.parametrize("preset", ["afmoe-tiny", "lfm2-tiny", "jetmoe-tiny", "cohere-tiny"])
+@pytest.mark.parametrize("preset", ["afmoe-tiny", "lfm2-tiny", "jetmoe-tiny", "cohere-tiny", "qwen3-moe-tiny",
+                                    "mixtral-tiny"])
 @pytest.mark.parametrize("which", common.LORA_TARGET_SETS)
 def test_lora_target_sets_name_modules_the_family_has(preset, which):
     config, model = meta_model(preset)
@@ -98,8 +99,10 @@ def test_lora_target_sets_name_modules_the_family_has(preset, which):
         assert any(name == target or name.endswith("." + target) for name in modules), target
     for target in targets["target_parameters"] or []:
         assert any(name.endswith("." + target) for name in params), target
-    if which == "attention-experts" and config.model_type != "jetmoe":
+    if which != "default" and config.model_type != "jetmoe":
         assert not any("mlp" in t or t in ("w1", "w2", "w3", "in_proj") for t in targets["target_modules"])
+    if which == "attention":
+        assert not targets["target_parameters"]
 
 
 def test_gpu_activity_counts_kernels_and_overlapping_work_once():

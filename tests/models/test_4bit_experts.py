@@ -290,6 +290,16 @@ def test_unreadable_lora_on_nf4_experts_is_an_error_not_zero_experts(monkeypatch
         shared.swiglu_experts(experts, torch.randn(2, 32), index, weights)
 
 
+def test_unreadable_lora_on_jetmoe_nf4_experts_is_an_error_not_zero_experts(tiny_checkpoint, monkeypatch):
+    from fastmoe.models import jetmoe
+
+    model = _jetmoe_4bit_lora(tiny_checkpoint("jetmoe"))
+    # What unwrap_expert_lora answers for layouts only peft's own forward handles (several active adapters).
+    monkeypatch.setattr(jetmoe, "unwrap_expert_lora", lambda module: None)
+    with pytest.raises(NotImplementedError, match="quantized to 4 bits"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+
+
 def test_unpatched_forward_of_nf4_experts_raises_instead_of_using_zero_experts(tiny_checkpoint):
     import fastmoe
 
