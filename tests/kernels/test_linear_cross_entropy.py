@@ -241,9 +241,10 @@ def log_probs_and_grads(fn, h, w, b, labels, train_head, entropy_grad, seed=1, *
     b = None if b is None else b.detach().clone().requires_grad_(train_head)
     fields = fn(h, w, b, labels, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    objective = (fields[0] * torch.randn(labels.shape, generator=gen)).sum()
+    # Drawn on the CPU (one stream of numbers on every device), then moved to the fields' device.
+    objective = (fields[0] * torch.randn(labels.shape, generator=gen).to(labels.device)).sum()
     if entropy_grad:
-        objective = objective + (fields[1] * torch.randn(labels.shape, generator=gen)).sum()
+        objective = objective + (fields[1] * torch.randn(labels.shape, generator=gen).to(labels.device)).sum()
     objective.backward()
     grads = [h.grad] + ([w.grad] + ([] if b is None else [b.grad]) if train_head else [])
     return [x.detach() for x in fields], grads
