@@ -295,6 +295,19 @@ PRESETS: dict[str, dict] = {
                          num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                          vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
                          rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Qwen1.5-MoE-A2.7B (config.json): 24 layers of hidden 2048, 60 experts of 1408 top-4 (not renormalised) beside a
+    # shared expert of 5632 behind a sigmoid gate, 16 heads with biased q/k/v, vocab 151,936: 14.3B total, 2.7B
+    # active (with the input embedding).
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                              norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                              max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
+                              tie_word_embeddings=False),
+    "qwen2-moe-tiny": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[0],
+                           num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                           vocab_size=500, max_position_embeddings=512, tie_word_embeddings=False),
     "mixtral-tiny": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                          vocab_size=500, max_position_embeddings=512, sliding_window=16, tie_word_embeddings=False),
@@ -323,7 +336,7 @@ PRESETS["tiny"] = PRESETS["afmoe-tiny"]
 
 # Families whose transformers experts module has the `experts_implementation` switch (eager / grouped_mm). JetMoe
 # loops over its experts in its own modules, Cohere is dense.
-GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe", "mixtral"}
+GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "qwen2_moe"}
 LORA_RANK = 16
 LORA_SEED = 3407  # FastModel.get_peft_model's default random_state
 
@@ -337,6 +350,7 @@ ATTENTION_AND_EXPERT_TARGETS = {
     "cohere": (("q_proj", "k_proj", "v_proj", "o_proj"), ()),
     "qwen3_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
     "mixtral": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
+    "qwen2_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
 }
 LORA_TARGET_SETS = ("default", "attention-experts", "attention")
 

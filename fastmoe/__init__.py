@@ -3,7 +3,7 @@
 Public surface:
     FastModel                 dispatches on config.model_type
     FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel, FastQwen3MoeModel,
-                              FastMixtralModel
+                              FastMixtralModel, FastQwen2MoeModel
     patch                     swap a family's transformers forwards for fastmoe's, each op switchable:
                               patch("afmoe", rms_norm=False)
     unpatch                   restore transformers' own forwards
@@ -46,6 +46,7 @@ __all__ = [
     "FastCohereModel",
     "FastQwen3MoeModel",
     "FastMixtralModel",
+    "FastQwen2MoeModel",
     "patch",
     "unpatch",
 ]

@@ -3,8 +3,9 @@
 transformers + bitsandbytes quantize nn.Linear layers only; an MoE's experts are 3D Parameters, almost all of its
 weights, and would stay 16-bit: SwiGLU experts (`experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)),
 recognised by that layout, and the layouts a family names in `Family.expert_stacks` (JetMoe's `JetMoeParallelExperts`,
-one `weight` (E, out, in) per module, in its MLP and its mixture of attention heads). fastmoe turns each into NF4 (kernels/moe/nf4.py, bitsandbytes' format and blocksize 64), while the
-checkpoint loads (fastmoe.quantized_loading, through `install_nf4_`) or on a loaded model (`quantize_experts_`):
+one `weight` (E, out, in) per module, in its MLP and its mixture of attention heads). fastmoe turns each into NF4
+(kernels/moe/nf4.py, bitsandbytes' format and blocksize 64), while the checkpoint loads (fastmoe.quantized_loading,
+through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 
 * the codes and absmax become non-persistent buffers of the experts module (`<name>_nf4_packed`,
   `<name>_nf4_absmax`, and with double quantization of absmax `<name>_nf4_absmax_scale` and

@@ -413,11 +413,12 @@ def _adapted(peft_model) -> set[tuple[str, str]]:
 
 
 def _is_router(module_name: str) -> bool:
-    # AFMoE: mlp.router.gate; LFM2-MoE: mlp.gate; JetMoe: mlp.router.layer, self_attention.experts.router.layer.
-    return ".router." in module_name or module_name.endswith(".mlp.gate")
+    # AFMoE: mlp.router.gate; LFM2-MoE: mlp.gate; JetMoe: mlp.router.layer, self_attention.experts.router.layer;
+    # Qwen2-MoE's shared expert gate (mlp.shared_expert_gate) counts as one too.
+    return ".router." in module_name or module_name.endswith((".mlp.gate", ".mlp.shared_expert_gate"))
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", list(models.FAMILIES))
 def test_all_linear_is_every_linear_layer_and_expert_but_no_router(tiny_checkpoint, model_type, recwarn):
     checkpoint = str(tiny_checkpoint(model_type))
     model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)

@@ -36,6 +36,7 @@ def meta_model(preset: str):
     ("aya-expanse-8b", 8.03e9, 8.03e9),  # dense; the tied embedding counts once, as the lm_head
     ("qwen3-30b-a3b", 30.5e9, 3.04e9),  # Qwen: 30.5B total, 3.3B active with the 0.31B input embedding
     ("mixtral-8x7b", 46.7e9, 12.75e9),  # Mistral: 46.7B total, 12.9B active with the 0.13B input embedding
+    ("qwen1.5-moe-a2.7b", 14.3e9, 2.38e9),  # Qwen: 14.3B total, 2.7B active with the 0.31B input embedding
 ])
 def test_presets_have_their_models_sizes(preset, total, active):
     _, model = meta_model(preset)
@@ -88,7 +89,7 @@ def test_variant_labels_name_the_fields_that_differ():
 
 
 @pytest.mark.parametrize("preset", ["afmoe-tiny", "lfm2-tiny", "jetmoe-tiny", "cohere-tiny", "qwen3-moe-tiny",
-                                    "mixtral-tiny"])
+                                    "mixtral-tiny", "qwen2-moe-tiny"])
 @pytest.mark.parametrize("which", common.LORA_TARGET_SETS)
 def test_lora_target_sets_name_modules_the_family_has(preset, which):
     config, model = meta_model(preset)

@@ -67,7 +67,10 @@ class CountingFallback:
         return standard_checkpoint(function, *args, **kwargs)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"])
+FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
     """Three steps: the first takes torch's checkpoint, the next two the Function (capture off on the CPU). Loss and
     every LoRA gradient equal those of torch's checkpoint on the same weights."""
@@ -161,10 +164,10 @@ def test_changed_mask_adapter_state_or_weights_leave_the_graphs(tiny_checkpoint)
         assert graphed.graphs[key] is not graphs, "graphs over moved weights are captured again"
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_router_logits_for_the_aux_loss_are_recorded_through_the_graphs(tiny_checkpoint, model_type):
-    """trl's SFTTrainer asks for router logits at its defaults on Qwen3-MoE and Mixtral (their configs have a
-    router_aux_loss_coef): the graphed calls return them from their own collector, so the loss with the
+    """trl's SFTTrainer asks for router logits at its defaults on Qwen3-MoE, Mixtral and Qwen2-MoE (their configs have
+    a router_aux_loss_coef): the graphed calls return them from their own collector, so the loss with the
     load-balancing term and every LoRA gradient (the aux loss's included) equal torch's checkpoint, and only the first
     step takes the fallback."""
     model = lora_model(tiny_checkpoint(model_type))
@@ -282,8 +285,8 @@ def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral",
-                                        "qwen3_moe-router-logits", "mixtral-router-logits"])
+@pytest.mark.parametrize("model_type", [*FAMILIES, "qwen3_moe-router-logits", "mixtral-router-logits",
+                                        "qwen2_moe-router-logits"])
 def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
     """bf16 on the GPU: three steps replay captured graphs; every step's loss and LoRA gradients equal torch's
     checkpoint run on the same weights (the same kernels: only launch order and atomics differ). "-router-logits":

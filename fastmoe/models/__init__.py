@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "cohere": "fastmoe.models.cohere",
     "qwen3_moe": "fastmoe.models.qwen3_moe",
     "mixtral": "fastmoe.models.mixtral",
+    "qwen2_moe": "fastmoe.models.qwen2_moe",
 }
 
 # op name -> "module:function" returning its patches. Loaded on use: the modules import peft and trl.

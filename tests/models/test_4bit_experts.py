@@ -64,10 +64,11 @@ def _expert_modules(config) -> int:
 
 # The family's dense Linear layer that bitsandbytes quantizes, and the router Linear it must leave 16-bit.
 LINEAR_AND_ROUTER = {"afmoe": ("q_proj", "gate"), "lfm2_moe": ("q_proj", "gate"), "qwen3_moe": ("q_proj", "gate"),
-                     "mixtral": ("q_proj", "gate"), "jetmoe": ("kv_proj", "layer")}
+                     "mixtral": ("q_proj", "gate"), "jetmoe": ("kv_proj", "layer"),
+                     "qwen2_moe": ("q_proj", "shared_expert_gate")}
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "qwen2_moe"])
 def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoint, model_type):
     model = _load_4bit(tiny_checkpoint(model_type))
     experts = _quantized_experts(model)

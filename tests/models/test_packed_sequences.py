@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from fastmoe import FastModel
 from testing_utils import fp32_model_tolerance, randomize_lora, rel_err
 
-FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral"]
+FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
 LENGTHS = [5, 1, 7, 3]  # a one-token document has no target of its own
 
 

@@ -1,0 +1,124 @@
+"""Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): softmax top-k routing (renormalised over the k chosen only where
+`norm_topk_prob` says; the released checkpoints do not), a shared expert scaled by a sigmoid gate beside the routed
+experts, grouped-query attention with biased q/k/v projections and RoPE (no QK norm), a sliding window on every other
+layer below `max_window_layers` when `use_sliding_window`, and dense MLP layers where `mlp_only_layers` /
+`decoder_sparse_step` put them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
+
+from fastmoe.kernels.rope import apply_rope
+from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, softmax_topk_router_forward,
+                                   swiglu_experts)
+from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.token_chunks import feed_forward_in_chunks
+
+_original_router_forward = hf.Qwen2MoeTopKRouter.forward
+
+
+def router_forward(self: hf.Qwen2MoeTopKRouter, hidden_states: torch.Tensor):
+    """Renormalised over the k chosen (norm_topk_prob): fastmoe's softmax top-k routing, the weights in the logits'
+    dtype as transformers gives them. Without renormalisation (the released checkpoints) the weights are the softmax
+    over all experts: transformers' own forward."""
+    if not self.norm_topk_prob:
+        return _original_router_forward(self, hidden_states)
+    router_logits, weights, index = softmax_topk_router_forward(self, hidden_states)
+    return router_logits, weights.to(router_logits.dtype), index
+
+
+def sparse_moe_forward(self: hf.Qwen2MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The routed experts on fastmoe's kernel (expert LoRA fused, NF4 under load_in_4bit) plus the shared expert, a
+    dense MLP, scaled per token by sigmoid(shared_expert_gate(x))."""
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
+    _, routing_weights, selected_experts = self.gate(flat)
+    routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
+    shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+    return (routed + shared).view(batch_size, seq_len, hidden_dim)
+
+
+def attention_forward(self: hf.Qwen2MoeAttention, hidden_states, position_embeddings, attention_mask,
+                      past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query = apply_rope(self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+    key = apply_rope(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
+    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, hf.eager_attention_forward
+    )
+    output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+def decoder_layer_forward(self: hf.Qwen2MoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
+                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+    """transformers' Qwen2-MoE layer with the residual add after attention and the norm before the MLP in one pass,
+    and the MLP (MoE block or dense) in token chunks on long sequences (fastmoe.token_chunks)."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
+    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
+
+
+_causal_lm_forward = fused_loss_forward(hf.Qwen2MoeForCausalLM.forward)
+
+
+FAMILY = Family(
+    model_type="qwen2_moe",
+    name="Qwen2Moe",
+    ops={
+        "rms_norm": [ForwardPatch(hf.Qwen2MoeRMSNorm, "forward", rms_norm_forward)],
+        "router": [ForwardPatch(hf.Qwen2MoeTopKRouter, "forward", router_forward)],
+        "moe": [ForwardPatch(hf.Qwen2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
+        "attention": [ForwardPatch(hf.Qwen2MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
+        # The residual add after attention fused into the norm before the MLP.
+        "decoder_layer": [decoder_layer_patch(hf.Qwen2MoeDecoderLayer, decoder_layer_forward)],
+        "loss": [ForwardPatch(hf.Qwen2MoeForCausalLM, "forward", _causal_lm_forward)],
+    },
+    # Attention, the shared experts and dense MLPs, and the routed experts; the router and the shared expert's gate
+    # stay frozen. As for Qwen3-MoE, the MLPs' Linear weights are targeted as parameters: peft 0.21's MoE conversion
+    # would rewrite target_modules named gate_proj/up_proj/down_proj into the experts' fused weights.
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_target_parameters=(
+        "experts.gate_up_proj", "experts.down_proj", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+    ),
+    # The shared expert's gate scales a whole MLP's output per token through a sigmoid: kept 16-bit and frozen, as
+    # routers are.
+    routers=("mlp.gate", "mlp.shared_expert_gate"),
+    routed_experts=SWITCHABLE,
+    tiny_config=dict(
+        hidden_size=48, intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_hidden_layers=3, mlp_only_layers=[0], decoder_sparse_step=1, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, use_sliding_window=True, sliding_window=6,
+        max_window_layers=3, max_position_embeddings=512, tie_word_embeddings=False),
+)
