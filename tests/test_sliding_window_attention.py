@@ -319,7 +319,7 @@ def test_afmoe_builds_masks_when_its_attention_op_is_off(tmp_path, tiny_tokenize
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe", "mixtral"])
 def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_checkpoint, monkeypatch, model_type,
                                                                         packed):
     """Families whose model forward is transformers' own get layouts from its mask functions (patched with their

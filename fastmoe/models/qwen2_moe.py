@@ -118,7 +118,7 @@ FAMILY = Family(
     routed_experts=SWITCHABLE,
     tiny_config=dict(
         hidden_size=48, intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-        num_hidden_layers=3, mlp_only_layers=[0], decoder_sparse_step=1, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, mlp_only_layers=[0], decoder_sparse_step=1, num_attention_heads=4, num_key_value_heads=2,
         num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, use_sliding_window=True, sliding_window=6,
-        max_window_layers=3, max_position_embeddings=512, tie_word_embeddings=False),
+        max_window_layers=2, max_position_embeddings=512, tie_word_embeddings=False),
 )

@@ -65,7 +65,9 @@ def test_packed_documents_train_as_if_alone(tiny_checkpoint, model_type):
         assert rel_err(grad, alone_grads[name]) < tolerance, name
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+# Qwen2-MoE's attention is Mixtral's with biased projections: its packed rows are checked above; its trainer run is
+# left out to keep the suite within CI's time.
+@pytest.mark.parametrize("model_type", [family for family in FAMILIES if family != "qwen2_moe"])
 def test_sft_trainer_padding_free_logs_as_padded_batches(tiny_checkpoint, tiny_tokenizer, tmp_path, model_type):
     """trl's padding_free=True flattens each batch into one row (position_ids restarting, labels -100 at each start,
     plus cu_seq_lens and seq_idx for flash-attention kernels); with sdpa attention the patched model must train
