@@ -67,6 +67,22 @@ class CountingFallback:
         return standard_checkpoint(function, *args, **kwargs)
 
 
+def assert_graph_steps_equal(model, batch, reference) -> GraphedCheckpoint:
+    """Three steps through GraphedCheckpoint (capture off): the first takes the fallback, the next two the Function;
+    each step's loss and every LoRA gradient equal `reference` (torch's checkpoint on the same weights)."""
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    for step in range(3):
+        loss, grads = loss_and_grads(model, batch)
+        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
+        assert rel_err(loss, reference[0]) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, reference[1][name]) < 1e-5, name
+    return graphed
+
+
 FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
 
 
@@ -79,17 +95,8 @@ def test_graph_path_equals_torch_checkpoint(tiny_checkpoint, model_type):
     use_checkpoint_function(model, standard_checkpoint)
     reference = loss_and_grads(model, batch)
 
-    fallback = CountingFallback()
-    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
-    use_checkpoint_function(model, graphed)
-    layers = len(decoder_layers(model))
-    for step in range(3):
-        loss, grads = loss_and_grads(model, batch)
-        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
-        assert rel_err(loss, reference[0]) < 1e-6
-        for name, grad in grads.items():
-            assert rel_err(grad, reference[1][name]) < 1e-5, name
-    assert len(graphed.graphs) == layers
+    graphed = assert_graph_steps_equal(model, batch, reference)
+    assert len(graphed.graphs) == len(decoder_layers(model))
     # Layers of different signatures (AFMoE's dense and MoE layers, its sliding and full attention) share the input,
     # output and gradient buffers where those have the same layout.
     signatures = list(graphed.buffers.values())
@@ -180,16 +187,7 @@ def test_router_logits_for_the_aux_loss_are_recorded_through_the_graphs(tiny_che
     # The aux term moves the loss by ~1e-3, a thousand times the tolerance below.
     assert abs(reference[0] - without_aux) > 1e-3, "the aux loss is part of the compared loss"
 
-    fallback = CountingFallback()
-    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
-    use_checkpoint_function(model, graphed)
-    layers = len(decoder_layers(model))
-    for step in range(3):
-        loss, grads = loss_and_grads(model, batch)
-        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
-        assert rel_err(loss, reference[0]) < 1e-6
-        for name, grad in grads.items():
-            assert rel_err(grad, reference[1][name]) < 1e-5, name
+    graphed = assert_graph_steps_equal(model, batch, reference)
     assert all(graphs.recorded_keys == ("router_logits",) for graphs in graphed.graphs.values())
     # Without a collector (no router logits asked for) the same layers take graphs of another signature.
     model(**batch, output_router_logits=False).loss.backward()

@@ -10,11 +10,10 @@ from transformers.models.mixtral import modeling_mixtral as hf
 
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, routed_moe_forward,
-                                   softmax_topk_router_forward)
+from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
+                                   routed_moe_forward, softmax_topk_router_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
-from fastmoe.token_chunks import feed_forward_in_chunks
 
 _original_sparse_moe_forward = hf.MixtralSparseMoeBlock.forward
 
@@ -53,23 +52,6 @@ def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddi
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
-def decoder_layer_forward(self: hf.MixtralDecoderLayer, hidden_states, position_embeddings=None,
-                          attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
-    """transformers' Mixtral layer with the residual add after attention and the norm before the MoE block in one
-    pass, and the MoE block in token chunks on long sequences (fastmoe.token_chunks)."""
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states),
-        position_embeddings=position_embeddings,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        **kwargs,
-    )
-    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
-
-
 _causal_lm_forward = fused_loss_forward(hf.MixtralForCausalLM.forward)
 
 
@@ -83,8 +65,9 @@ FAMILY = Family(
         "moe": [ForwardPatch(hf.MixtralSparseMoeBlock, "forward", sparse_moe_forward)],
         # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
         "attention": [ForwardPatch(hf.MixtralAttention, "forward", attention_forward), *mask_layout_patches(hf)],
-        # The residual add after attention fused into the norm before the MoE block.
-        "decoder_layer": [decoder_layer_patch(hf.MixtralDecoderLayer, decoder_layer_forward)],
+        # The residual add after attention fused into the norm before the MoE block, and the MoE block in token chunks on
+        # long sequences.
+        "decoder_layer": [decoder_layer_patch(hf.MixtralDecoderLayer, norm_attention_norm_mlp_forward)],
         "loss": [ForwardPatch(hf.MixtralForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention and every expert (Mixtral has no dense MLP); routers stay frozen.

@@ -13,23 +13,15 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, softmax_topk_router_forward,
-                                   swiglu_experts)
+from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, renormalised_router_forward,
+                                   rms_norm_forward, swiglu_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
-from fastmoe.token_chunks import feed_forward_in_chunks
 
 _original_router_forward = hf.Qwen2MoeTopKRouter.forward
-
-
-def router_forward(self: hf.Qwen2MoeTopKRouter, hidden_states: torch.Tensor):
-    """Renormalised over the k chosen (norm_topk_prob): fastmoe's softmax top-k routing, the weights in the logits'
-    dtype as transformers gives them. Without renormalisation (the released checkpoints) the weights are the softmax
-    over all experts: transformers' own forward."""
-    if not self.norm_topk_prob:
-        return _original_router_forward(self, hidden_states)
-    router_logits, weights, index = softmax_topk_router_forward(self, hidden_states)
-    return router_logits, weights.to(router_logits.dtype), index
+# Renormalised over the k chosen (norm_topk_prob): fastmoe's softmax top-k routing; without renormalisation (the
+# released checkpoints) transformers' own forward.
+router_forward = renormalised_router_forward(_original_router_forward)
 
 
 def sparse_moe_forward(self: hf.Qwen2MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -71,24 +63,6 @@ def attention_forward(self: hf.Qwen2MoeAttention, hidden_states, position_embedd
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
-def decoder_layer_forward(self: hf.Qwen2MoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
-                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """transformers' Qwen2-MoE layer with the residual add after attention and the norm before the MLP in one pass,
-    and the MLP (MoE block or dense) in token chunks on long sequences (fastmoe.token_chunks)."""
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states),
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
-    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
-
-
 _causal_lm_forward = fused_loss_forward(hf.Qwen2MoeForCausalLM.forward)
 
 
@@ -101,8 +75,9 @@ FAMILY = Family(
         "moe": [ForwardPatch(hf.Qwen2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
         # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
         "attention": [ForwardPatch(hf.Qwen2MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
-        # The residual add after attention fused into the norm before the MLP.
-        "decoder_layer": [decoder_layer_patch(hf.Qwen2MoeDecoderLayer, decoder_layer_forward)],
+        # The residual add after attention fused into the norm before the MLP, and the MLP in token chunks on
+        # long sequences.
+        "decoder_layer": [decoder_layer_patch(hf.Qwen2MoeDecoderLayer, norm_attention_norm_mlp_forward)],
         "loss": [ForwardPatch(hf.Qwen2MoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention, the shared experts and dense MLPs, and the routed experts; the router and the shared expert's gate

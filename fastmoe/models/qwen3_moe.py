@@ -5,28 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, routed_moe_forward,
-                                   softmax_topk_router_forward)
+from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, renormalised_router_forward,
+                                   rms_norm_forward, routed_moe_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
-from fastmoe.token_chunks import feed_forward_in_chunks
 
 _original_router_forward = hf.Qwen3MoeTopKRouter.forward
-
-
-def router_forward(self: hf.Qwen3MoeTopKRouter, hidden_states: torch.Tensor):
-    """Renormalised over the k chosen (norm_topk_prob, what Qwen3-MoE checkpoints set): fastmoe's softmax top-k
-    routing, the weights in the logits' dtype as transformers gives them. Without renormalisation the weights are
-    the softmax over all experts: transformers' own forward."""
-    if not self.norm_topk_prob:
-        return _original_router_forward(self, hidden_states)
-    router_logits, weights, index = softmax_topk_router_forward(self, hidden_states)
-    return router_logits, weights.to(router_logits.dtype), index
+# Renormalised over the k chosen (norm_topk_prob, what Qwen3-MoE checkpoints set): fastmoe's softmax top-k routing;
+# otherwise transformers' own forward.
+router_forward = renormalised_router_forward(_original_router_forward)
 
 
 def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embeddings, attention_mask,
@@ -59,24 +50,6 @@ def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embedd
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
-def decoder_layer_forward(self: hf.Qwen3MoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
-                          past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """transformers' Qwen3-MoE layer with the residual add after attention and the norm before the MLP in one pass,
-    and the MLP (MoE block or dense) in token chunks on long sequences (fastmoe.token_chunks)."""
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states),
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
-    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
-
-
 _causal_lm_forward = fused_loss_forward(hf.Qwen3MoeForCausalLM.forward)
 
 
@@ -90,8 +63,9 @@ FAMILY = Family(
         # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
         # flash's variable-length form, no seq^2 mask).
         "attention": [ForwardPatch(hf.Qwen3MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
-        # The residual add after attention fused into the norm before the MLP.
-        "decoder_layer": [decoder_layer_patch(hf.Qwen3MoeDecoderLayer, decoder_layer_forward)],
+        # The residual add after attention fused into the norm before the MLP, and the MLP in token chunks on
+        # long sequences.
+        "decoder_layer": [decoder_layer_patch(hf.Qwen3MoeDecoderLayer, norm_attention_norm_mlp_forward)],
         "loss": [ForwardPatch(hf.Qwen3MoeForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention, the dense MLPs (mlp_only_layers) and the routed experts; routers stay frozen. As for AFMoE, the

@@ -11,6 +11,7 @@ from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
+from fastmoe.token_chunks import feed_forward_in_chunks
 
 # fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
 # grouped_mm, batched_mm): the one FastModel.from_pretrained picks unless told otherwise. A model whose config names
@@ -42,6 +43,17 @@ def decoder_layer_patch(layer_class: type, forward) -> ForwardPatch:
     wrapping around `forward`, and that wrapped function is what the layer class gets."""
     carrier = type(f"Fast{layer_class.__name__}", (layer_class,), {"forward": forward, "__module__": __name__})
     return ForwardPatch(layer_class, "forward", carrier.__dict__["forward"])
+
+
+def norm_attention_norm_mlp_forward(self: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A Llama-shaped decoder layer (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`; Qwen3-MoE,
+    Qwen2-MoE, Mixtral) with the residual add after attention and the norm before the MLP in one pass, and the MLP
+    (MoE block or dense) in token chunks on long sequences (fastmoe.token_chunks). transformers calls these layers
+    with the hidden states alone by position; every other argument goes to the attention as it was given."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
+    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
 
 
 def runs_fastmoe_experts(experts: torch.nn.Module) -> bool:
@@ -108,6 +120,20 @@ def softmax_topk_router_forward(self: torch.nn.Module, hidden_states: torch.Tens
     router_logits = F.linear(hidden_states, self.weight)
     weights, index = route_softmax_topk(router_logits.float(), self.top_k)
     return router_logits, weights, index
+
+
+def renormalised_router_forward(original_forward):
+    """The forward of a softmax top-k router with `norm_topk_prob` (Qwen3-MoE, Qwen2-MoE): when it renormalises over
+    the k chosen, fastmoe's routing kernel, the weights in the logits' dtype as transformers gives them; without
+    renormalisation the weights are the softmax over all experts, `original_forward` (transformers' own)."""
+
+    def router_forward(self: torch.nn.Module, hidden_states: torch.Tensor):
+        if not self.norm_topk_prob:
+            return original_forward(self, hidden_states)
+        router_logits, weights, index = softmax_topk_router_forward(self, hidden_states)
+        return router_logits, weights.to(router_logits.dtype), index
+
+    return router_forward
 
 
 def routed_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

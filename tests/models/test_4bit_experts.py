@@ -37,6 +37,19 @@ def _bitsandbytes_portable_cpu_path(monkeypatch):
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False, raising=False)
 
 
+def _linear_4bit(checkpoint, **kwargs):
+    """(model, its BitsAndBytesConfig): plain transformers + bitsandbytes loading, with the Linear layers in 4 bits
+    as FastModel's config asks (routers and lm_head 16-bit) and the experts left 16-bit."""
+    from fastmoe.api import _bnb_config
+
+    family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
+    config = _bnb_config("4bit", torch.float32, ["lm_head", *family.routers])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                              quantization_config=config, **kwargs)
+    assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
+    return model, config
+
+
 def _load_4bit(checkpoint):
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
     return model
@@ -145,8 +158,6 @@ def test_jetmoe_experts_hold_bitsandbytes_nf4_of_their_16bit_weights(tiny_checkp
     CPU dequantize_4bit is not used: it misplaces values for some row widths, 48 among them.)"""
     import bitsandbytes.functional as bnb_functional
 
-    from fastmoe.api import _bnb_config
-
     checkpoint = tiny_checkpoint("jetmoe")
     model = _load_4bit(checkpoint)
     batch = batch_with_padding(model.config.vocab_size)
@@ -167,10 +178,7 @@ def test_jetmoe_experts_hold_bitsandbytes_nf4_of_their_16bit_weights(tiny_checkp
             assert torch.equal(state.state2.absmax, nf4.absmax_scale[expert])
             assert torch.equal(state.offset, nf4.absmax_offset[expert])
 
-    config = _bnb_config("4bit", torch.float32, ["lm_head", *models.family("jetmoe").routers])
-    linear_only = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                                    quantization_config=config)
-    assert not _quantized_experts(linear_only)
+    linear_only, _ = _linear_4bit(checkpoint)
     full_logits = _logits(full, batch)[attended]
     noise, linear_noise = rel_err(quantized, full_logits), rel_err(_logits(linear_only, batch)[attended], full_logits)
     assert linear_noise < noise < 0.25, (noise, linear_noise)
@@ -232,12 +240,7 @@ def test_qlora_on_jetmoe_trains(tiny_checkpoint):
 def _linear_4bit_with_dequantized_experts(checkpoint, experts: dict[str, torch.nn.Module]):
     """Plain transformers + bitsandbytes (its Linear layers in 4 bits) with the expert stacks set to the dequantized
     NF4 of `experts` (name -> quantized module): the model a fastmoe 4-bit model computes as, without fastmoe."""
-    from fastmoe.api import _bnb_config
-
-    family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
-    config = _bnb_config("4bit", torch.float32, ["lm_head", *family.routers])
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                              quantization_config=config)
+    model, _ = _linear_4bit(checkpoint)
     with torch.no_grad():
         for name, module in experts.items():
             for stack in module._fastmoe_nf4:
@@ -312,18 +315,13 @@ def test_unpatched_forward_of_nf4_experts_raises_instead_of_using_zero_experts(t
 
 def _load_4bit_then_quantize_experts(checkpoint):
     """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
-    from fastmoe import models
-    from fastmoe.api import _bnb_config
     from fastmoe.patching import SWITCHABLE
 
     family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
-    config = _bnb_config("4bit", torch.float32, ["lm_head", *family.routers])
     # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with
     # (JetMoe's experts have no such switch: fastmoe replaces its MoE forwards whole).
     switch = {"experts_implementation": EXPERTS_IMPLEMENTATION} if family.routed_experts == SWITCHABLE else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                              quantization_config=config, **switch)
-    assert not _quantized_experts(model)  # plain bitsandbytes leaves them 16-bit
+    model, config = _linear_4bit(checkpoint, **switch)
     quantize_experts_(model, double_quant=config.bnb_4bit_use_double_quant)
     return model
 
