@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastmoe import models
+from fastmoe import generation, models
 from fastmoe.distributed import QUANTIZED_FSDP_ERROR, default_device_map, exclude_nf4_from_ddp, fsdp_launch
 from fastmoe.noise import peft_checkpointing_probe
 from fastmoe.patching import FIXED, SWITCHABLE, Family, ForwardPatch
@@ -333,17 +333,22 @@ class FastBaseModel:
         return peft_model
 
     @staticmethod
-    def for_inference(model):
-        """Eval mode with the KV cache on."""
+    def for_inference(model, use_cuda_graphs: bool = True):
+        """Eval mode with the KV cache on, and `generate` on fastmoe's decode path (fastmoe.generation): after the
+        prompt, a static cache and, on CUDA, each decode step replayed from a CUDA graph. Adapters stay attached
+        and unmerged, so training can resume after `for_training`."""
         model.eval()
         _base_config(model).use_cache = True
+        generation.install(_base_model(model), use_cuda_graphs=use_cuda_graphs)
         return model
 
     @staticmethod
     def for_training(model):
-        """Train mode; the cache is off since gradient checkpointing recomputes the forward."""
+        """Train mode; the cache is off since gradient checkpointing recomputes the forward. The decode path's
+        buffers and graphs are freed."""
         model.train()
         _base_config(model).use_cache = False
+        generation.uninstall(_base_model(model))
         return model
 
 
@@ -389,8 +394,12 @@ def _experts_implementation_kwargs(family: Family, kwargs: dict, load_in_4bit: b
     return kwargs
 
 
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _base_config(model):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return _base_model(model).config
 
 
 ALL_LINEAR = "all-linear"

@@ -1,5 +1,7 @@
-"""for_inference / for_training: greedy generation through fastmoe's patched forwards (KV cache on) gives exactly the
-tokens plain transformers + peft gives with the same adapter, for every family; for_training switches back."""
+"""for_inference / for_training: greedy generation through fastmoe's patched forwards and its decode path
+(fastmoe.generation: static cache, sliding layers as ring buffers, masks and positions built on the device) gives
+exactly the tokens plain transformers + peft gives with the same adapter, for every family, left-padded; for_training
+switches back."""
 
 import contextlib
 
@@ -9,10 +11,13 @@ from fastmoe.kernels.dispatch import reference_only
 from peft import LoraConfig, get_peft_model
 from testing_utils import randomize_lora
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
 
-from fastmoe import FastModel, models
+from fastmoe import FastModel, generation, models
 
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe")
+# LFM2-MoE's cache holds short-convolution states besides attention: its decoding stays transformers'.
+TRANSFORMERS_DECODING = ("lfm2_moe",)
 PROMPTS = ["<|user|>What is a mixture of experts?\n<|assistant|>", "<|user|>Hi\n<|assistant|>"]
 NEW_TOKENS = 12
 
@@ -57,11 +62,57 @@ def test_greedy_generation_matches_transformers_with_the_same_adapter(tiny_check
     # Cohere's ops are cheap enough for Triton's interpreter (~9 s); each MoE family's 13 forwards under the
     # interpreter take ~50 s (they pass there too), so they run the ops' PyTorch references here, which tests/models
     # and tests/kernels compare the Triton kernels with.
+    decode = model.get_base_model().forward
     with contextlib.nullcontext() if model_type == "cohere" else reference_only():
         generated = greedy(model, batch)
 
     assert generated.shape == (2, NEW_TOKENS)
     assert torch.equal(generated, expected)
+    # Every token after the prompt's came through fastmoe's decode step, except where transformers' decoding stays.
+    assert decode.decode_steps == (0 if model_type in TRANSFORMERS_DECODING else NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("model_type", ["afmoe"])
+def test_decode_cache_grows_past_its_capacity_and_wraps_its_rings_with_the_same_tokens(tiny_checkpoint, model_type,
+                                                                                     monkeypatch):
+    """Capacity in steps of 16 positions, a left-padded prompt batch of 20, 20 new tokens: the full-attention
+    buffers start at 32 and grow to 48 (contents copied), AFMoE's sliding layers (window 6) wrap their rings several
+    times, and a second generate call reuses the first one's buffers. Beam search reorders the cache's rows."""
+    monkeypatch.setattr(generation, "CAPACITY_STEP", 16)
+    checkpoint = tiny_checkpoint(model_type)
+    batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
+    assert batch["input_ids"].shape[1] == 20
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
+    FastModel.for_inference(model)
+
+    def run(m, **kwargs):
+        with torch.no_grad():
+            return m.generate(**batch, max_new_tokens=20, **kwargs)
+
+    expected, expected_beams = run(reference, do_sample=False), run(reference, num_beams=3, do_sample=False)
+    with reference_only():
+        first, second = run(model, do_sample=False), run(model, do_sample=False)
+        beams = run(model, num_beams=3, do_sample=False)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert torch.equal(beams, expected_beams)
+    assert sorted(model.forward.buffers) == [(2, 32), (2, 48), (6, 32), (6, 48)]
+
+
+def test_prefills_fastmoe_does_not_take_over_keep_transformers_cache(tiny_checkpoint):
+    """Hidden states requested: the cache stays transformers' DynamicCache, and the tokens are transformers'."""
+    checkpoint = tiny_checkpoint("cohere")
+    batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
+    FastModel.for_inference(model)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_hidden_states=True,
+                             return_dict_in_generate=True)
+        expected = reference.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert type(out.past_key_values) is DynamicCache
+    assert model.forward.decode_steps == 0
+    assert torch.equal(out.sequences, expected)
 
 
 def test_for_training_switches_back(tiny_checkpoint):
@@ -71,7 +122,9 @@ def test_for_training_switches_back(tiny_checkpoint):
 
     assert FastModel.for_inference(model) is model
     assert not model.training and model.get_base_model().config.use_cache is True
+    assert isinstance(model.get_base_model().forward, generation.DecodeForward)
     assert FastModel.for_training(model) is model
+    assert "forward" not in vars(model.get_base_model())
     assert model.training and all(module.training for module in model.modules())
     assert model.get_base_model().config.use_cache is False
     assert trainable and all(p.requires_grad for p in trainable)
@@ -97,3 +150,71 @@ def test_bf16_greedy_generation_on_gpu_matches_transformers_for_32_tokens(tiny_c
     generated = generate_32(FastModel.for_inference(model.cuda()))
     assert generated.shape == (2, 32)
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16", "4bit"])
+@pytest.mark.parametrize("model_type", ["afmoe", "qwen3_moe", "jetmoe", "cohere", "mixtral"])
+def test_decode_steps_replayed_from_cuda_graphs_equal_the_eager_decode_steps(tiny_checkpoint, model_type,
+                                                                            load_in_4bit):
+    """bf16 with a random adapter, left-padded: the graphed decode step gives the eager one's tokens and scores, and
+    the graphs were captured (no fallback)."""
+    checkpoint = tiny_checkpoint(model_type)
+    batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128,
+                                         load_in_4bit=load_in_4bit, device_map={"": 0})
+    model = FastModel.get_peft_model(model, **lora_kwargs(model_type))
+    randomize_lora(model)
+
+    def run(use_cuda_graphs: bool):
+        FastModel.for_inference(model, use_cuda_graphs=use_cuda_graphs)
+        with torch.no_grad():
+            return model.generate(**batch, max_new_tokens=24, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
+
+    eager = run(False)
+    graphed = run(True)
+    decode = model.get_base_model().forward
+    assert decode.use_cuda_graphs and any(b.graph is not None for b in decode.buffers.values())
+    assert torch.equal(graphed.sequences, eager.sequences)
+    scores, expected = torch.stack(graphed.scores), torch.stack(eager.scores)
+    assert ((scores - expected).norm() / expected.norm()).item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_decoding_after_an_adapter_update_uses_the_new_adapter(tiny_checkpoint):
+    """RL between generations: an optimizer step changes the float32 LoRA factors in place; the next generate call
+    (its captured graphs and its reused bf16 casts of the factors) decodes with the new adapter, as transformers'
+    own cache does."""
+    checkpoint = tiny_checkpoint("afmoe")
+    batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128,
+                                         device_map={"": 0})
+    model = FastModel.get_peft_model(model, **lora_kwargs("afmoe"))
+    randomize_lora(model)
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+
+    def generate(**kwargs):
+        with torch.no_grad():
+            return model.generate(**batch, max_new_tokens=24, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, **kwargs)
+
+    FastModel.for_inference(model)
+    before = generate()
+    with torch.no_grad():
+        for p in lora:
+            p.add_(torch.randn_like(p), alpha=0.5 * p.std().item())
+    after = generate()
+    decode = model.get_base_model().forward
+    assert decode.use_cuda_graphs and len(decode.buffers) == 1
+    FastModel.for_training(model)
+    model.eval()
+    expected = generate(use_cache=True)  # transformers' DynamicCache, no graphs, no reused casts
+
+    assert not torch.equal(after.sequences, before.sequences)
+    assert torch.equal(after.sequences, expected.sequences)
+    scores, reference = torch.stack(after.scores), torch.stack(expected.scores)
+    assert ((scores - reference).norm() / reference.norm()).item() < 1e-2

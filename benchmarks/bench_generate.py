@@ -1,0 +1,198 @@
+"""Generation with an adapter attached: fastmoe's decode path (`FastModel.for_inference`) against transformers + peft.
+
+One case is one (preset, layers, batch, prompt length, implementation, weights). The model is loaded as
+bench_sft.py loads it (the same random checkpoint or direct build, the same LoRA r=16 on the family's default
+targets, attention and experts included), then:
+
+* fastmoe: `FastModel.for_inference(model)` (with --fastmoe-without-graphs: `use_cuda_graphs=False`);
+* transformers: `model.eval()` with the KV cache on (transformers switches its experts to `batched_mm` for decoding).
+
+A batch of random prompt tokens (no padding) is greedily decoded with `model.generate(max_new_tokens=N,
+min_new_tokens=N)`. Times are medians over --repeats calls after a warm-up call (which captures fastmoe's graphs):
+the prefill alone (`max_new_tokens=1`) and the whole call; decode tokens/s = batch x (N - 1) / (whole - prefill).
+
+The roofline beside it: the bytes one decode step must read from HBM at least (every non-expert weight and adapter,
+the routed experts a batch of that size selects on average with uniform routing, E(1 - (1 - k/E)^batch) per layer,
+their adapters, the LM head, and the KV cache at the middle of the decode) over the copy bandwidth measured in the same
+process. One JSON line per case goes to benchmarks/results.jsonl (question "generate").
+
+    python benchmarks/bench_generate.py --preset trinity-mini --layers 8 --batches 1,8 --prompt 512 --new-tokens 256
+    TRITON_INTERPRET=1 python benchmarks/bench_generate.py --preset afmoe-tiny --batches 1 --prompt 16 --new-tokens 8 \
+        --repeats 1 --no-record      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+import bench_sft
+import common
+
+
+def decode_bytes(model, config, batch: int, context: int) -> int:
+    """Bytes one decode step reads at least (see the module docstring)."""
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", None)
+    touched = num_experts * (1 - (1 - top_k / num_experts) ** batch) if num_experts else None
+    total = 0
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        size = param.numel() * param.element_size()
+        if "embed_tokens" in name:
+            size = batch * param.shape[-1] * param.element_size()  # only the batch's rows are read
+        elif num_experts and param.dim() >= 2 and param.shape[0] == num_experts and touched is not None:
+            size = size * touched / num_experts  # a stack of experts, or one expert-indexed LoRA factor
+        total += size
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    for kind in layer_types:
+        keys = min(context, window) if kind == "sliding_attention" and window else context
+        if kind in ("full_attention", "sliding_attention"):
+            total += 2 * batch * kv_heads * keys * head_dim * 2
+    return int(total)
+
+
+def print_profile(fn, rows: int, steps: int) -> None:
+    """The kernels of `steps` decode steps (and one prefill) by device time, and their count per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3
+    print(f"profile: {len(kernels)} device events, {busy_ms:.2f} ms device time over prefill + {steps} steps")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=90))
+
+
+def replay_ms_per_step(model) -> float | None:
+    """Device time of one decode step alone: the captured graph of the last generate call replayed back to back
+    (what the step costs without generate's host work between steps). Replays rewrite the same slot with the
+    same values."""
+    from fastmoe.generation import DecodeForward
+
+    decode = model.get_base_model().forward
+    graphed = [b for b in decode.buffers.values() if b.graph is not None] if isinstance(decode, DecodeForward) else []
+    if not graphed:
+        return None
+    buffers = max(graphed, key=lambda b: b.capacity)
+    buffers.index.fill_(buffers.length - 1)
+    return common.bench_ms(buffers.graph.replay, warmup=5, rep=50)
+
+
+def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype, bandwidth_gbs: float | None) -> dict:
+    from fastmoe import FastModel
+
+    model, _ = bench_sft.load(case, args, device, dtype)
+    if case.implementation == "fastmoe":
+        FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
+    else:
+        model.eval()
+        model.get_base_model().config.use_cache = True
+    config = model.get_base_model().config
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (case.batch, args.prompt), generator=generator).to(device)
+    inputs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+
+    def generate(new_tokens: int) -> tuple[float, torch.Tensor]:
+        common.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        common.synchronize(device)
+        return time.perf_counter() - start, out[:, args.prompt:]
+
+    generate(min(8, args.new_tokens))  # warm-up: Triton compiles, fastmoe captures its graphs
+    if args.profile_rows and device == "cuda":
+        print_profile(lambda: generate(17), args.profile_rows, steps=16)
+    torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+    prefill = statistics.median(generate(1)[0] for _ in range(args.repeats))
+    runs = [generate(args.new_tokens) for _ in range(args.repeats)]
+    whole = statistics.median(t for t, _ in runs)
+    decode_s = max(whole - prefill, 1e-9)
+    tokens_per_s = case.batch * (args.new_tokens - 1) / decode_s
+    replay_ms = replay_ms_per_step(model) if case.implementation == "fastmoe" and device == "cuda" else None
+    step_bytes = decode_bytes(model, config, case.batch, args.prompt + args.new_tokens // 2)
+    roofline = case.batch * bandwidth_gbs * 1e9 / step_bytes if bandwidth_gbs else None
+    record = dict(
+        question="generate", preset=case.preset, layers=case.layers, batch=case.batch, prompt=args.prompt,
+        new_tokens=args.new_tokens, implementation=case.implementation, quantization=case.quantization,
+        load=case.load, cuda_graphs=case.cuda_graphs, targets=case.targets,
+        decode_tokens_per_s=common.rounded(tokens_per_s), ms_per_step=common.rounded(1e3 * decode_s
+                                                                                      / (args.new_tokens - 1)),
+        replay_ms_per_step=common.rounded(replay_ms), prefill_s=common.rounded(prefill), generate_s=common.rounded(whole),
+        step_bytes=step_bytes, bandwidth_gbs=common.rounded(bandwidth_gbs), roofline_tokens_per_s=common.rounded(
+            roofline), roofline_share=common.rounded(tokens_per_s / roofline) if roofline else None,
+        peak_gb=common.rounded(torch.cuda.max_memory_allocated() / 1e9) if device == "cuda" else None,
+        tokens=runs[-1][1][0, :16].tolist(),
+    )
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="trinity-mini", choices=sorted(common.PRESETS))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--implementations", default="fastmoe,transformers")
+    parser.add_argument("--quantization", choices=["4bit"], default=None)
+    parser.add_argument("--load", choices=["checkpoint", "direct"], default="direct")
+    parser.add_argument("--fastmoe-without-graphs", action="store_true",
+                        help="fastmoe decodes eagerly (for_inference(use_cuda_graphs=False))")
+    parser.add_argument("--profile-rows", type=int, default=0,
+                        help="print the top kernels of 16 decode steps (torch.profiler) after the warm-up")
+    parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
+    parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    args = parser.parse_args()
+
+    device = common.default_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.quantization and args.load == "direct":
+        parser.error("--quantization 4bit loads a checkpoint: pass --load checkpoint")
+    bandwidth = common.copy_bandwidth_gbs() if device == "cuda" else None
+    failures = 0
+    for implementation in bench_sft.csv(args.implementations):
+        for batch in (int(b) for b in bench_sft.csv(args.batches)):
+            case = bench_sft.Case(preset=args.preset, layers=args.layers, batch=batch,
+                                  seq=args.prompt + args.new_tokens, implementation=implementation,
+                                  quantization=args.quantization, load=args.load,
+                                  cuda_graphs=not (args.fastmoe_without_graphs and implementation == "fastmoe"))
+            try:
+                record = run_case(case, args, device, dtype, bandwidth)
+            except Exception:
+                traceback.print_exc()
+                failures += 1
+                continue
+            finally:
+                common.free_memory(device)
+            record.update(common.environment(device))
+            share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
+            print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
+                  f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}: "
+                  f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "
+                  f"(graph replay alone {record['replay_ms_per_step']} ms), "
+                  f"prefill {record['prefill_s']} s, peak {record['peak_gb']} GB, tokens {record['tokens'][:8]}",
+                  flush=True)
+            if not args.no_record:
+                common.append_record(record, args.jsonl)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Decoding after the prompt: a static KV cache and the decode step replayed from CUDA graphs.
+
+`FastModel.for_inference` puts a `DecodeForward` in front of the causal LM's forward. transformers' `generate` drives
+it unchanged: sampling, stop tokens, streamers and left padding stay transformers'.
+
+- The prompt (prefill) runs as transformers runs it, on fastmoe's training kernels with a DynamicCache. Its keys and
+  values then move into a `DecodeCache` of fixed buffers: full-attention layers hold `capacity` positions,
+  sliding-window layers a ring of `window` slots (the token at index j in slot j % window). A decode step therefore
+  reads and writes the same addresses every time.
+- A decode step (one new token per row) builds its masks and positions on the device, from the cache's record of
+  which indices are padding. Nothing in it reads a value back to the host, so on CUDA it is captured once per (batch
+  size, capacity) in a CUDA graph and replayed: one launch per token instead of the hundreds of kernels Python issues
+  one by one. On the CPU the same step runs eagerly; that is what the CPU tests compare with transformers.
+- When a sequence outgrows the capacity, the buffers grow by `CAPACITY_STEP` (contents copied) and the step is
+  captured again for the new size. Buffers and graphs are kept per (batch size, capacity), so that later `generate`
+  calls of the same shapes (evaluation, RL rollouts) replay without capturing; `FastModel.for_training` frees them.
+
+Prefills it does not take over stay transformers' (their cache stays a DynamicCache): caches with other layer kinds
+than attention (LFM2's short convolutions), attention implementations other than SDPA and eager, requests for
+attentions or hidden states, offloaded caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fastmoe.kernels.reused_casts import CastCache, reused_casts
+
+# Full-attention capacity is the prompt plus new tokens rounded up to a multiple of this: a handful of graph shapes.
+CAPACITY_STEP = 256
+# The attention implementations whose masks a decode step builds (boolean for SDPA, additive for eager).
+MASKED_ATTENTION = ("sdpa", "eager")
+# Keyword arguments that change nothing in one decode step's logits.
+_INERT_KWARGS = {"return_dict", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
+                 "output_hidden_states", "output_router_logits"}
+
+
+class _DecodeLayer(CacheLayerMixin):
+    """One layer's keys and values in fixed buffers: (batch, kv_heads, capacity or window, head_dim)."""
+
+    is_compileable = False  # transformers must not torch.compile the forward around it: fastmoe graphs the step
+
+    def __init__(self, buffers: DecodeBuffers, layer: int):
+        super().__init__()
+        self.buffers, self.layer = buffers, layer
+        self.keys, self.values = buffers.keys[layer], buffers.values[layer]
+        self.window = buffers.windows[layer]
+        self.is_sliding = self.window is not None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("a decode layer is created with its buffers")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError("fastmoe's decode cache takes one new token per row; for several at once (assisted or "
+                             "chunked decoding) call FastModel.for_training(model) first to generate with "
+                             "transformers' own cache")
+        slot = self.buffers.slot if self.window is None else self.buffers.ring_slots[self.window]
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.buffers.length
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2] if self.window is None else -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.keys.device)))
+        self.values.copy_(self.values.index_select(0, beam_idx.to(self.values.device)))
+
+
+class DecodeCache(Cache):
+    """The cache `generate` carries between decode steps once fastmoe has taken the prefill over: a view of one
+    `DecodeBuffers`, whose tensors the captured graphs read and write."""
+
+    def __init__(self, buffers: DecodeBuffers):
+        super().__init__(layers=[_DecodeLayer(buffers, i) for i in range(len(buffers.keys))])
+        self.buffers = buffers
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def get_seq_length(self, layer_idx: int = 0, *args) -> int:
+        return self.buffers.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.buffers.valid.copy_(self.buffers.valid.index_select(0, beam_idx.to(self.buffers.valid.device)))
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("fastmoe's decode cache cannot be cropped (assisted decoding); call "
+                         "FastModel.for_training(model) first to generate with transformers' own cache")
+
+
+@dataclass(eq=False)
+class DecodeBuffers:
+    """Everything one captured decode step reads and writes, for one (batch size, capacity)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    windows: tuple[int | None, ...]  # per layer: None for full attention, else the sliding window
+    valid: torch.Tensor  # (batch, capacity) bool: index j of row b holds a token (not padding, not yet unwritten)
+    input_ids: torch.Tensor  # (batch, 1) the step's tokens
+    new_valid: torch.Tensor  # (batch,) bool: the step's tokens are not padding
+    index: torch.Tensor  # (1,) int64: the index the step writes
+    length: int = 0  # indices written so far, on the host
+    # Written inside the step, read by the layers' updates.
+    slot: torch.Tensor | None = None
+    ring_slots: dict[int, torch.Tensor] = field(default_factory=dict)
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    @classmethod
+    def like(cls, layers: list[DynamicLayer], batch: int, capacity: int) -> DecodeBuffers:
+        keys, values, windows = [], [], []
+        for layer in layers:
+            window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
+            positions = capacity if window is None else window
+            _, heads, _, key_dim = layer.keys.shape
+            keys.append(layer.keys.new_zeros(batch, heads, positions, key_dim))
+            values.append(layer.values.new_zeros(batch, heads, positions, layer.values.shape[-1]))
+            windows.append(window)
+        device = keys[0].device
+        return cls(keys, values, tuple(windows), valid=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+                   input_ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                   new_valid=torch.ones(batch, dtype=torch.bool, device=device),
+                   index=torch.zeros(1, dtype=torch.long, device=device))
+
+    def fill_from_prefill(self, layers: list[DynamicLayer], attention_mask: torch.Tensor | None, length: int) -> None:
+        """The prompt's keys and values (indices 0..length-1) from transformers' DynamicCache layers."""
+        self.valid.zero_()
+        self.valid[:, :length] = True if attention_mask is None else attention_mask[:, -length:].bool()
+        for keys, values, window, layer in zip(self.keys, self.values, self.windows, layers):
+            held = layer.keys.shape[2]  # a sliding layer holds only the last tokens (the window or a little less)
+            if window is None:
+                keys[:, :, :length].copy_(layer.keys)
+                values[:, :, :length].copy_(layer.values)
+                continue
+            kept = min(held, window)
+            slots = torch.arange(length - kept, length, device=keys.device) % window
+            keys.index_copy_(2, slots, layer.keys[:, :, held - kept:])
+            values.index_copy_(2, slots, layer.values[:, :, held - kept:])
+        self.length = length
+
+    def grown(self, capacity: int) -> DecodeBuffers:
+        """New buffers of a larger capacity holding these contents (ring buffers keep their size). Nothing is shared
+        with these, whose graph keeps reading them."""
+        def larger(old: torch.Tensor, window: int | None) -> torch.Tensor:
+            if window is not None:
+                return old.clone()
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            return new
+
+        valid = self.valid.new_zeros(self.valid.shape[0], capacity)
+        valid[:, :self.capacity] = self.valid
+        return DecodeBuffers([larger(k, w) for k, w in zip(self.keys, self.windows)],
+                             [larger(v, w) for v, w in zip(self.values, self.windows)], self.windows, valid,
+                             self.input_ids.clone(), self.new_valid.clone(), self.index.clone(), length=self.length)
+
+
+def _capacity_for(length: int) -> int:
+    return (length // CAPACITY_STEP + 1) * CAPACITY_STEP
+
+
+class DecodeForward:
+    """Stands in for a causal LM's forward (an instance attribute, so the class's forward stays untouched): takes
+    `generate`'s prefill and decode calls over as the module docstring says, and passes every other call through."""
+
+    def __init__(self, model: torch.nn.Module, use_cuda_graphs: bool = True):
+        self.model = model
+        self.use_cuda_graphs = use_cuda_graphs
+        self.buffers: dict[tuple[int, int], DecodeBuffers] = {}
+        # The LoRA factors' casts to the activations' dtype, made once (kernels/reused_casts.py): without grad only,
+        # refreshed in place at the next prefill when an optimizer step changed the factors.
+        self.casts = CastCache()
+        self.decode_steps = 0  # steps taken through the decode cache (the tests check that this path ran)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if isinstance(past_key_values, DecodeCache):
+            with reused_casts(self.casts):
+                return self._decode(past_key_values, input_ids, attention_mask, kwargs)
+        with reused_casts(self.casts) if not torch.is_grad_enabled() else contextlib.nullcontext():
+            out = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, **kwargs)
+        if self._takes_over(input_ids, attention_mask, past_key_values, out, kwargs):
+            out.past_key_values = self._decode_cache(out.past_key_values, attention_mask, input_ids.shape[1])
+        return out
+
+    def forward(self, **kwargs):
+        """The class's forward, looked up at each call: patches switched on or off later apply."""
+        return type(self.model).forward(self.model, **kwargs)
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+
+    def _takes_over(self, input_ids, attention_mask, cache_in, out, kwargs) -> bool:
+        """A prefill by `generate`: an empty DynamicCache came in, filled with attention layers only."""
+        cache = getattr(out, "past_key_values", None)
+        config = self.model.config
+        return (
+            type(cache_in) is DynamicCache and cache is cache_in and not cache.offloading
+            and not torch.is_grad_enabled() and input_ids is not None and input_ids.dim() == 2
+            and input_ids.shape[1] == cache.get_seq_length()
+            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape))
+            and config._attn_implementation in MASKED_ATTENTION
+            and not any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states"))
+            and len(cache.layers) > 0
+            and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
+                    for layer in cache.layers)
+        )
+
+    def _decode_cache(self, cache: DynamicCache, attention_mask, length: int) -> DecodeCache:
+        batch = cache.layers[0].keys.shape[0]
+        buffers = self._buffers(cache.layers, batch, _capacity_for(length))
+        buffers.fill_from_prefill(cache.layers, attention_mask, length)
+        return DecodeCache(buffers)
+
+    def _buffers(self, layers, batch: int, capacity: int) -> DecodeBuffers:
+        key = (batch, capacity)
+        if key not in self.buffers:
+            self.buffers[key] = DecodeBuffers.like(layers, batch, capacity)
+        return self.buffers[key]
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+
+    def _decode(self, cache: DecodeCache, input_ids, attention_mask, kwargs) -> CausalLMOutputWithPast:
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError("fastmoe's decode cache takes input_ids of one new token per row; to generate from "
+                             "embeddings or several tokens at once call FastModel.for_training(model) first")
+        other = {name for name, value in kwargs.items() if name not in _INERT_KWARGS and value is not None}
+        if other:
+            raise ValueError(f"fastmoe's decode step does not take {sorted(other)}; call "
+                             "FastModel.for_training(model) first to generate with transformers' forward")
+        buffers = cache.buffers
+        if buffers.length + 1 > buffers.capacity:
+            grown = buffers.grown(_capacity_for(buffers.length + 1))
+            self.buffers[(buffers.valid.shape[0], grown.capacity)] = grown
+            buffers = cache.buffers = grown
+            for layer in cache.layers:
+                layer.buffers = grown
+                layer.keys, layer.values = grown.keys[layer.layer], grown.values[layer.layer]
+        buffers.input_ids.copy_(input_ids)
+        buffers.new_valid.copy_(True if attention_mask is None else attention_mask[:, -1].bool())
+        buffers.index.fill_(buffers.length)
+        logits = self._run(buffers, cache)
+        buffers.length += 1
+        self.decode_steps += 1
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _run(self, buffers: DecodeBuffers, cache: DecodeCache) -> torch.Tensor:
+        if not (self.use_cuda_graphs and buffers.valid.is_cuda):
+            return self._step(buffers, cache)
+        if buffers.graph is None:
+            try:
+                buffers.logits, buffers.graph = _capture(lambda: self._step(buffers, cache))
+            except Exception as error:  # an op that cannot be captured: decode on, eagerly
+                warnings.warn(f"fastmoe: the decode step could not be captured in a CUDA graph ({error}); it runs "
+                              "eagerly", stacklevel=3)
+                self.use_cuda_graphs = False
+                return self._step(buffers, cache)
+            return buffers.logits
+        buffers.graph.replay()
+        return buffers.logits
+
+    def _step(self, buffers: DecodeBuffers, cache: DecodeCache) -> torch.Tensor:
+        """One decode step from the buffers alone (what the graph captures): write the new tokens' padding record,
+        derive positions and masks from it, and run the model with the cache's slots for this index."""
+        index = buffers.index
+        buffers.valid.index_copy_(1, index, buffers.new_valid[:, None])
+        buffers.slot = index
+        indices = torch.arange(buffers.capacity, device=index.device)
+        seen = buffers.valid & (indices <= index)
+        # transformers' positions for left-padded rows: the count of real tokens before this one.
+        position_ids = (seen.sum(dim=-1, keepdim=True) - 1).clamp_min(0)
+        masks = {None: seen}
+        for window in {w for w in buffers.windows if w is not None}:
+            slots = torch.arange(window, device=index.device)
+            held = index - (index - slots) % window  # the index in each ring slot: the latest j <= index, j % w == s
+            buffers.ring_slots[window] = index % window
+            masks[window] = (held >= 0) & buffers.valid.gather(1, held.clamp_min(0).expand(len(seen), window))
+        out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.windows),
+                           position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
+        return out.logits
+
+    def _mask_argument(self, masks: dict, windows: tuple):
+        """Masks in the form the model forward takes prepared masks: one 4D mask where every layer is alike, else one
+        per layer type ("full_attention", "sliding_attention"), the mapping the models with both kinds accept."""
+        config = self.model.config
+        if config._attn_implementation == "eager":
+            dtype = self.model.dtype
+            masks = {w: torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                     for w, m in masks.items()}
+        masks = {w: m[:, None, None, :] for w, m in masks.items()}
+        kinds = set(windows)
+        if len(kinds) == 1:
+            return masks[windows[0]]
+        if len(kinds - {None}) > 1:
+            raise ValueError("fastmoe's decode step supports one sliding window per model")
+        window = next(w for w in kinds if w is not None)
+        return {"full_attention": masks[None], "sliding_attention": masks[window]}
+
+
+def _capture(step):
+    """(output, graph): `step` run once eagerly on a side stream (Triton compiles and autotunes, libraries set up
+    their workspaces), then captured. The step is idempotent (it rewrites the same slots with the same values), so
+    running it twice for one token changes nothing."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    graph.replay()
+    return output, graph
+
+
+def install(model: torch.nn.Module, use_cuda_graphs: bool = True) -> DecodeForward:
+    """Put a DecodeForward in front of `model`'s forward (a transformers causal LM), or return the one there."""
+    current = model.__dict__.get("forward")
+    if isinstance(current, DecodeForward):
+        current.use_cuda_graphs = use_cuda_graphs
+        return current
+    model.forward = DecodeForward(model, use_cuda_graphs)
+    return model.forward
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Back to the class's forward; buffers and graphs are freed."""
+    if isinstance(model.__dict__.get("forward"), DecodeForward):
+        del model.forward
