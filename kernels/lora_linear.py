@@ -19,6 +19,12 @@ float32). Without autocast, peft itself runs its LoRA branch in float32, copying
 A 4-bit base weight (bitsandbytes) is passed as a zero-argument callable that dequantizes it: it is dequantized
 for the forward GEMM and again in the backward, so no 16-bit copy outlives either GEMM.
 
+Decoding (a few rows, nothing to differentiate) takes one Triton kernel instead: cuBLAS's base GEMM, the two thin
+LoRA GEMMs and the add are four launches (plus the factors' casts), and at a handful of rows a decode step is
+bound by launches, not by the bytes each reads. `_few_rows_kernel` gives each program a block of output columns:
+it streams W's block and all of A once (A's float32 tiles cast in registers), keeps x A^T (rows, r) beside the
+base product, and adds s (x A^T) B^T in its epilogue.
+
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
 and the casts around them; and a custom op could not take the dequantizing callable.
@@ -30,6 +36,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+from .reused_casts import cast
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -41,12 +52,80 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
     return F.linear(x, w, bias) + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
 
 
+# Rows up to which the few-rows kernel runs (decode batches); its row block is the rows rounded up to 16, tl.dot's
+# minimum, so every program's product is one MMA tile tall.
+FEW_ROWS = 64
+
+
+@triton.jit
+def _few_rows_kernel(
+    x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, a_ptr, stride_ar, b_ptr, stride_bn, out_ptr, stride_om,
+    M, N, K, R, scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[:, n block] = x W[n block]^T + bias + scaling (x A^T) B[n block]^T for all M (<= BLOCK_M) rows."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
+    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
+                other=0.0)
+    # As the Function: x A^T rounded to the activations' dtype, then its product with B scaled and added.
+    x_dtype = x_ptr.dtype.element_ty
+    lora = tl.dot(xa.to(x_dtype), b.to(x_dtype), input_precision=DOT_PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(x_dtype),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The forward alone, in one launch, for at most FEW_ROWS rows of x (..., in); no autograd."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows, k = x2.shape
+    n, rank = weight.shape[0], lora_a.shape[0]
+    if rows > FEW_ROWS:
+        raise ValueError(f"lora_linear_few_rows takes at most {FEW_ROWS} rows, got {rows}")
+    x2, w = x2.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous()
+    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
+    b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    on_gpu = x.is_cuda
+    block_n, block_k = (32, 128) if on_gpu else (16, 32)
+    _few_rows_kernel[(triton.cdiv(n, block_n),)](
+        x2, x2.stride(0), w, w.stride(0), bias, a, a.stride(0), b, b.stride(0), out, out.stride(0),
+        rows, n, k, rank, float(scaling),
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **({"num_warps": 4, "num_stages": 3} if on_gpu else {}),
+    )
+    return out.view(*x.shape[:-1], n)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         w = weight() if callable(weight) else weight
         x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        a, b = cast(lora_a, x.dtype), cast(lora_b, x.dtype)  # reused across forwards while decoding
         out = F.linear(x2, w, bias)
         xa = x2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scaling)
@@ -107,4 +186,9 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
         raise TypeError(f"lora_linear: input is {x.dtype} but the base weight is {w_dtype}; cast the input first")
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad")
+    differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, bias, lora_a, lora_b))
+    if (not differentiated and isinstance(weight, torch.Tensor) and x.numel() <= FEW_ROWS * x.shape[-1]
+            and use_triton(x, weight, lora_a, lora_b)):
+        return lora_linear_few_rows(x, weight, bias, lora_a, lora_b, scaling)
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))

@@ -44,6 +44,7 @@ import triton
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
+from ..reused_casts import cast
 from .grouped_gemm import (
     GemmWeight,
     gemm_block_m,
@@ -162,8 +163,8 @@ def _needs_backward(*tensors: torch.Tensor | None) -> bool:
 
 def _cast(t: GemmWeight | None, dtype: torch.dtype) -> GemmWeight | None:
     # Kernels take one dtype per GEMM (tl.dot): a 16-bit weight is cast to the activations' (a no-op when it has it
-    # already); an NF4 one is decoded to it tile by tile.
-    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+    # already; reused across forwards while decoding: reused_casts); an NF4 one is decoded to it tile by tile.
+    return cast(t, dtype) if isinstance(t, torch.Tensor) else t
 
 
 def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,9 @@ Ties go to the lowest expert index; the references use a stable descending sort 
 scatter into (tokens, experts), so it stays in PyTorch.
 
 ``sort_by_expert`` turns ``top_k_index`` into the schedule the grouped GEMMs of ``moe_experts`` use, on the
-device and without a host sync.
+device and without a host sync. In PyTorch that is about twenty small launches (sort, searchsorted, cumsum,
+gathers), nothing next to a training step's GEMMs but most of an MoE layer's launches when decoding a few tokens;
+up to ``ONE_PROGRAM_PAIRS`` (token, slot) pairs one Triton program (``_schedule_kernel``) builds the same schedule.
 """
 
 from __future__ import annotations
@@ -257,6 +259,75 @@ class ExpertSchedule:
         return self.tile_expert.numel()
 
 
+# (token, slot) pairs up to which one program builds the schedule (decoding: 64 rows of top-8).
+ONE_PROGRAM_PAIRS = 512
+
+
+@triton.jit
+def _schedule_kernel(
+    index_ptr, sorted_pair_ptr, sorted_token_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
+    num_pairs, num_experts, max_tiles, block_m,
+    TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """sort_by_expert's schedule in one program: counts per expert, the stable rank of each pair within its
+    expert, and each tile's expert and first row (searchsorted written as counts of comparisons)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_p = tl.arange(0, BLOCK_P)
+    expert = tl.load(index_ptr + offs_p, mask=offs_p < num_pairs, other=-1).to(tl.int32)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    for j0 in range(0, num_pairs, CHUNK):
+        offs_j = j0 + tl.arange(0, CHUNK)
+        other = tl.load(index_ptr + offs_j, mask=offs_j < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((other[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+        earlier_same = (other[None, :] == expert[:, None]) & (offs_j[None, :] < offs_p[:, None])
+        rank += tl.sum(earlier_same.to(tl.int32), axis=1)
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(expert_offsets_ptr + offs_e + 1, ends, mask=offs_e < num_experts)
+    tl.store(expert_offsets_ptr + offs_e, tl.zeros((BLOCK_E,), dtype=tl.int32), mask=offs_e == 0)
+    # Exclusive offset of each pair's expert, as a sum over the experts before it (no gather from registers).
+    starts = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    for e0 in range(0, BLOCK_E, CHUNK):
+        offs_c = e0 + tl.arange(0, CHUNK)
+        chunk_counts = tl.sum(tl.where(offs_e[None, :] == offs_c[:, None], counts[None, :], 0), axis=1)
+        starts += tl.sum(tl.where(offs_c[None, :] < expert[:, None], chunk_counts[None, :], 0), axis=1)
+    position = starts + rank
+    valid = offs_p < num_pairs
+    tl.store(sorted_pair_ptr + position, offs_p, mask=valid)
+    tl.store(sorted_token_ptr + position, offs_p // TOP_K, mask=valid)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = tl.cumsum(tiles, axis=0)
+    for t0 in range(0, max_tiles, CHUNK):
+        offs_t = t0 + tl.arange(0, CHUNK)
+        # searchsorted(tile_end, t, right=True): the experts whose tiles all end at or before t.
+        tile_expert = tl.sum((tile_end[None, :] <= offs_t[:, None]).to(tl.int32), axis=1)
+        before = offs_e[None, :] < tile_expert[:, None]
+        first_tile = tl.sum(tl.where(before, tiles[None, :], 0), axis=1)
+        first_row = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
+        is_tile = tile_expert < num_experts
+        t_mask = offs_t < max_tiles
+        tl.store(tile_expert_ptr + offs_t, tl.where(is_tile, tile_expert, -1), mask=t_mask)
+        tl.store(tile_row_start_ptr + offs_t, tl.where(is_tile, first_row + (offs_t - first_tile) * block_m, 0),
+                 mask=t_mask)
+
+
+def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertSchedule:
+    num_tokens, top_k = top_k_index.shape
+    num_pairs = num_tokens * top_k
+    max_tiles = triton.cdiv(num_pairs, block_m) + num_experts
+    sorted_pair, sorted_token = (top_k_index.new_empty(num_pairs, dtype=torch.int32) for _ in range(2))
+    expert_offsets = top_k_index.new_empty(num_experts + 1, dtype=torch.int32)
+    tile_expert, tile_row_start = (top_k_index.new_empty(max_tiles, dtype=torch.int32) for _ in range(2))
+    _schedule_kernel[(1,)](
+        top_k_index.reshape(-1).contiguous(), sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start,
+        num_pairs, num_experts, max_tiles, block_m,
+        TOP_K=top_k, BLOCK_P=max(16, triton.next_power_of_2(num_pairs)),
+        BLOCK_E=max(16, triton.next_power_of_2(num_experts)), CHUNK=16,
+    )
+    return ExpertSchedule(sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m,
+                          num_experts, top_k)
+
+
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 64) -> ExpertSchedule:
     """(tokens, k) expert indices -> ExpertSchedule with row tiles of block_m rows.
 
@@ -264,6 +335,14 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 6
     in memory. The number of tiles is only known on the device; the grid is sized by its bound
     ceil(T*K / block_m) + E and surplus tiles carry expert -1 and exit at once.
     """
+    if (top_k_index.numel() <= ONE_PROGRAM_PAIRS and not torch.compiler.is_compiling()
+            and use_triton(top_k_index)):
+        return _schedule_one_program(top_k_index, num_experts, block_m)
+    return reference_sort_by_expert(top_k_index, num_experts, block_m)
+
+
+def reference_sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 64) -> ExpertSchedule:
+    """sort_by_expert in PyTorch (also what runs beyond ONE_PROGRAM_PAIRS pairs, and under torch.compile)."""
     num_tokens, top_k = top_k_index.shape
     device = top_k_index.device
     flat = top_k_index.reshape(-1)

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from fastmoe.kernels.lora_linear import lora_linear, reference_lora_linear
+from fastmoe.kernels import lora_linear as lora_linear_module
+from fastmoe.kernels.lora_linear import FEW_ROWS, lora_linear, reference_lora_linear
 from testing_utils import rel_err
 
 
@@ -71,6 +72,39 @@ def test_no_input_gradient_skips_the_weight():
     assert len(calls) == 1  # the backward needs no base GEMM without an input gradient
 
 
+@pytest.mark.parametrize("tokens,d_in,d_out,rank", [((1, 1), 33, 19, 4), ((3,), 64, 130, 16), ((2, 9), 50, 37, 1),
+                                                    ((FEW_ROWS,), 40, 21, 20)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_without_gradients_take_one_kernel_equal_to_the_reference(tokens, d_in, d_out, rank, bias, dtype,
+                                                                           monkeypatch):
+    """Decoding: at most FEW_ROWS rows and nothing to differentiate run the one-launch kernel (the Function is never
+    called), float32 factors read as they are; rows, columns, K and rank off every block."""
+    x, weight, b, lora_a, lora_b = _inputs(tokens, d_in, d_out, rank, dtype, bias=bias)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran")
+
+    monkeypatch.setattr(lora_linear_module._LoraLinear, "apply", refuse)
+    with torch.no_grad():
+        out = lora_linear(x, weight, b, lora_a, lora_b, 1.7)
+        expected = reference_lora_linear(*(t.double() if t is not None else None
+                                           for t in (x, weight, b, lora_a, lora_b)), 1.7)
+    assert out.shape == (*tokens, d_out) and out.dtype == dtype
+    assert rel_err(out.double(), expected) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_more_rows_or_gradients_take_the_function(monkeypatch):
+    calls = []
+    original = lora_linear_module._LoraLinear.apply
+    monkeypatch.setattr(lora_linear_module._LoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    x, weight, b, lora_a, lora_b = _inputs((FEW_ROWS + 1,), 16, 12, 2, torch.float32)
+    with torch.no_grad():
+        lora_linear(x, weight, b, lora_a, lora_b, 1.0)
+    lora_linear(x[:2], weight, b, lora_a, lora_b, 1.0)
+    assert len(calls) == 2
+
+
 def test_bad_inputs_are_refused():
     x, weight, b, lora_a, lora_b = _inputs((2,), 8, 8, 2, torch.float32)
     with pytest.raises(TypeError, match="cast the input"):
@@ -88,6 +122,17 @@ def test_bf16_gpu_matches_fp32_reference():
     exact = _forward_backward(reference_lora_linear, *exact_args, scaling=2.0)
     for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, exact):
         assert rel_err(got, expected) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_few_rows_bf16_gpu_matches_fp32_reference(rows):
+    x, weight, b, lora_a, lora_b = _inputs((rows,), 2048, 1536, 16, torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        out = lora_linear(x, weight, b, lora_a, lora_b, 2.0)
+        exact = reference_lora_linear(*(t.double() for t in (x, weight, b, lora_a, lora_b)), 2.0)
+    assert rel_err(out.double(), exact) < 1e-2
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -2,9 +2,12 @@ import pytest
 import torch
 
 from fastmoe.kernels import reference_only
+from fastmoe.kernels.moe import routing
 from fastmoe.kernels.moe.routing import (
+    ONE_PROGRAM_PAIRS,
     reference_route_sigmoid_topk,
     reference_route_softmax_topk,
+    reference_sort_by_expert,
     route_sigmoid_topk,
     route_softmax_topk,
     sort_by_expert,
@@ -136,6 +139,31 @@ def test_sort_by_expert(num_tokens, num_experts, top_k, block_m):
     assert tiles_used == ((counts + block_m - 1) // block_m).sum().item()
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
+                         [(1, 8, 2, 4), (37, 12, 4, 4), (1, 128, 8, 64), (64, 128, 8, 64), (3, 5, 5, 16), (9, 33, 1, 16)])
+def test_one_program_schedule_is_the_reference_schedule(num_tokens, num_experts, top_k, block_m):
+    """Up to ONE_PROGRAM_PAIRS pairs one Triton program builds the schedule: exactly PyTorch's, experts without
+    tokens and top-k=1 included; beyond, the PyTorch one runs."""
+    torch.manual_seed(num_tokens)
+    used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
+    index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
+    assert index.numel() <= ONE_PROGRAM_PAIRS
+    got, expected = sort_by_expert(index, num_experts, block_m), reference_sort_by_expert(index, num_experts, block_m)
+    for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        assert getattr(got, name).dtype == torch.int32
+
+
+def test_the_one_program_schedule_runs_only_up_to_its_pair_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(routing, "_schedule_one_program", lambda *a: calls.append(1) or reference_sort_by_expert(*a))
+    small = torch.randint(0, 8, (ONE_PROGRAM_PAIRS // 2, 2))
+    large = torch.randint(0, 8, (ONE_PROGRAM_PAIRS // 2 + 1, 2))
+    sort_by_expert(small, 8, 16)
+    sort_by_expert(large, 8, 16)
+    assert len(calls) == 1
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(4096, 128, 8), (4096, 32, 4), (1000, 8, 2)])
@@ -145,3 +173,14 @@ def test_routing_gpu(num_tokens, num_experts, top_k):
     bias = torch.randn(num_experts, device="cuda") * 0.01
     _compare(route_sigmoid_topk, logits, bias, top_k, True, 1e-20, 2.5, tol=1e-2, max_index_mismatch=1e-2)
     _compare(route_softmax_topk, logits, top_k, tol=1e-2, max_index_mismatch=1e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+def test_one_program_schedule_on_gpu(num_tokens):
+    torch.manual_seed(num_tokens)
+    index = torch.stack([torch.randperm(128)[:8] for _ in range(num_tokens)]).cuda()
+    got, expected = sort_by_expert(index, 128, 64), reference_sort_by_expert(index, 128, 64)
+    for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
