@@ -415,6 +415,35 @@ class Section:
     render: Callable[[list[dict], Sources], list[str]]
 
 
+def generate_section(records: list[dict], sources: Sources) -> list[str]:
+    """One row per (model, weights, batch, prompt): transformers + peft beside fastmoe (graphed decode, and eager
+    where measured), decode tokens/s and the share of the HBM roofline."""
+    def variant(r: dict) -> str:
+        if r["implementation"] != "fastmoe":
+            return "transformers"
+        return "fastmoe" if r.get("cuda_graphs", True) else "fastmoe-eager"
+
+    latest = newest(records, lambda r: (r["preset"], r["layers"], r.get("quantization") or "bf16", r["batch"],
+                                        r["prompt"], variant(r)))
+    rows: dict[tuple, dict[str, dict]] = {}
+    for (*case, name), record in latest.items():
+        rows.setdefault(tuple(case), {})[name] = record
+    out = []
+    for (preset, layers, weights, batch, prompt), found in sorted(rows.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], kv[0][3], kv[0][4])):
+        hf, fm, eager = found.get("transformers"), found.get("fastmoe"), found.get("fastmoe-eager")
+        out.append([f"{preset}, {layers} layers", weights, str(batch), str(prompt),
+                    value(hf, "decode_tokens_per_s", ",.1f"), value(eager, "decode_tokens_per_s", ",.1f"),
+                    value(fm, "decode_tokens_per_s", ",.1f"), ratio(fm, hf, "decode_tokens_per_s"),
+                    value(fm, "ms_per_step", ".2f"), value(fm, "replay_ms_per_step", ".2f"),
+                    value(fm, "roofline_tokens_per_s", ",.0f"),
+                    "-" if not fm or fm.get("roofline_share") is None else f"{100 * fm['roofline_share']:.1f}%",
+                    sources.ref(hf, eager, fm)])
+    return table(["model", "weights", "batch", "prompt", "transformers + peft decode tok/s",
+                  "fastmoe eager decode tok/s", "fastmoe decode tok/s", "speed-up", "fastmoe ms per token step",
+                  "graph replay alone (ms)", "HBM roofline tok/s", "fastmoe share of roofline", "source"], out)
+
+
 SECTIONS = [
     Section("sft", "The user's training step: trl's SFTTrainer, fastmoe vs transformers + peft",
             "What users run: a random-weight checkpoint at real shapes loaded with `FastModel.from_pretrained` + "
@@ -439,6 +468,17 @@ SECTIONS = [
             "fragmentation.",
             "python benchmarks/bench_sft.py --preset trinity-mini --layers 8 --memory-limit-gb 24 "
             "--shapes 1x16384,1x32768,1x65536", long_context_section),
+    Section("generate", "Generation with an adapter attached: decode tokens/s",
+            "bench_generate.py: the model loaded as for table 1 with its LoRA adapter (r=16, default targets) "
+            "attached and unmerged; greedy `model.generate` of N new tokens (min_new_tokens=N) after a random "
+            "prompt without padding. fastmoe: `FastModel.for_inference` (static cache, each decode step replayed "
+            "from a CUDA graph; eager: `use_cuda_graphs=False`); transformers: eval with its cache (it switches its "
+            "experts to `batched_mm` for decoding). Decode tokens/s = batch x (N - 1) / (whole call - prefill "
+            "alone), medians of 3 calls. Graph replay alone: the captured step replayed back to back (the device "
+            "time; the rest of a step is generate's host work). Roofline: the bytes a step must read (weights, the "
+            "experts a batch of that size selects on average, adapters, LM head, KV cache) over the measured copy "
+            "bandwidth.",
+            "python benchmarks/bench_generate.py --preset trinity-mini --layers 8 --batches 1,8,64", generate_section),
     Section("train-step", "Training step in a plain loop (ablations)",
             "bench_train_step.py: forward with labels, backward and AdamW on the adapters in a Python loop (no "
             "Trainer), random weights built on the GPU, LoRA r=16 on the family's default targets, gradient "

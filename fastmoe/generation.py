@@ -15,8 +15,11 @@ it unchanged: sampling, stop tokens, streamers and left padding stay transformer
   captured again for the new size. Buffers and graphs are kept per (batch size, capacity), so that later `generate`
   calls of the same shapes (evaluation, RL rollouts) replay without capturing; `FastModel.for_training` frees them.
 
+LFM2's short convolutions keep their last inputs in the cache beside the attention layers' keys and values; the
+family's patched convolution forward runs the decode step's update against them (fastmoe.models.lfm2_moe).
+
 Prefills it does not take over stay transformers' (their cache stays a DynamicCache): caches with other layer kinds
-than attention (LFM2's short convolutions), attention implementations other than SDPA and eager, requests for
+(recurrent states), several sliding windows, attention implementations other than SDPA and eager, requests for
 attentions or hidden states, offloaded caches.
 """
 
@@ -27,7 +30,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
@@ -41,18 +51,42 @@ _INERT_KWARGS = {"return_dict", "use_cache", "logits_to_keep", "cache_position",
                  "output_hidden_states", "output_router_logits"}
 
 
+CONV = "conv"  # a layer kind beside None (full attention) and a window (sliding attention): a short convolution
+
+
+def _layer_kind(layer) -> int | str | None:
+    """What a prefilled DynamicCache layer is: None (full attention), its window (sliding attention), CONV (a short
+    convolution's state alone, LFM2); anything else raises KeyError (its prefill stays transformers')."""
+    if type(layer) is DynamicLayer:
+        return None
+    if type(layer) is DynamicSlidingWindowLayer:
+        return layer.sliding_window
+    if (isinstance(layer, LinearAttentionCacheLayerMixin) and not isinstance(layer, DynamicLayer)
+            and isinstance(layer.conv_states.get(0), torch.Tensor) and len(layer.conv_states) == 1
+            and not any(isinstance(s, torch.Tensor) for s in getattr(layer, "recurrent_states", {}).values())):
+        return CONV
+    raise KeyError(type(layer).__name__)
+
+
 class _DecodeLayer(CacheLayerMixin):
-    """One layer's keys and values in fixed buffers: (batch, kv_heads, capacity or window, head_dim)."""
+    """One layer's state in fixed buffers: keys and values (batch, kv_heads, capacity or window, head_dim) of an
+    attention layer, or a short convolution's last inputs (batch, hidden, kernel size)."""
 
     is_compileable = False  # transformers must not torch.compile the forward around it: fastmoe graphs the step
 
     def __init__(self, buffers: DecodeBuffers, layer: int):
         super().__init__()
         self.buffers, self.layer = buffers, layer
+        self.kind = buffers.kinds[layer]
         self.keys, self.values = buffers.keys[layer], buffers.values[layer]
-        self.window = buffers.windows[layer]
-        self.is_sliding = self.window is not None
+        self.conv_state = buffers.conv_states[layer]
+        self.is_sliding = self.kind is not None and self.kind != CONV
         self.is_initialized = True
+
+    def rebind(self, buffers: DecodeBuffers) -> None:
+        self.buffers = buffers
+        self.keys, self.values = buffers.keys[self.layer], buffers.values[self.layer]
+        self.conv_state = buffers.conv_states[self.layer]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("a decode layer is created with its buffers")
@@ -62,23 +96,24 @@ class _DecodeLayer(CacheLayerMixin):
             raise ValueError("fastmoe's decode cache takes one new token per row; for several at once (assisted or "
                              "chunked decoding) call FastModel.for_training(model) first to generate with "
                              "transformers' own cache")
-        slot = self.buffers.slot if self.window is None else self.buffers.ring_slots[self.window]
+        slot = self.buffers.slot if self.kind is None else self.buffers.ring_slots[self.kind]
         self.keys.index_copy_(2, slot, key_states)
         self.values.index_copy_(2, slot, value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return (self.keys.shape[2] if self.keys is not None else query_length), 0
 
     def get_seq_length(self, *args) -> int:
         return self.buffers.length
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2] if self.window is None else -1
+        return self.keys.shape[2] if self.kind is None else -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.keys.device)))
-        self.values.copy_(self.values.index_select(0, beam_idx.to(self.values.device)))
+        for state in (self.keys, self.values, self.conv_state):
+            if state is not None:
+                state.copy_(state.index_select(0, beam_idx.to(state.device)))
 
 
 class DecodeCache(Cache):
@@ -86,7 +121,7 @@ class DecodeCache(Cache):
     `DecodeBuffers`, whose tensors the captured graphs read and write."""
 
     def __init__(self, buffers: DecodeBuffers):
-        super().__init__(layers=[_DecodeLayer(buffers, i) for i in range(len(buffers.keys))])
+        super().__init__(layers=[_DecodeLayer(buffers, i) for i in range(len(buffers.kinds))])
         self.buffers = buffers
 
     @property
@@ -95,6 +130,11 @@ class DecodeCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0, *args) -> int:
         return self.buffers.length
+
+    def rebind(self, buffers: DecodeBuffers) -> None:
+        self.buffers = buffers
+        for layer in self.layers:
+            layer.rebind(buffers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -109,9 +149,10 @@ class DecodeCache(Cache):
 class DecodeBuffers:
     """Everything one captured decode step reads and writes, for one (batch size, capacity)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    windows: tuple[int | None, ...]  # per layer: None for full attention, else the sliding window
+    kinds: tuple[int | str | None, ...]  # per layer, as _layer_kind gives it
+    keys: list[torch.Tensor | None]  # attention layers' (batch, kv_heads, capacity or window, head_dim)
+    values: list[torch.Tensor | None]
+    conv_states: list[torch.Tensor | None]  # convolution layers' (batch, hidden, kernel size)
     valid: torch.Tensor  # (batch, capacity) bool: index j of row b holds a token (not padding, not yet unwritten)
     input_ids: torch.Tensor  # (batch, 1) the step's tokens
     new_valid: torch.Tensor  # (batch,) bool: the step's tokens are not padding
@@ -127,53 +168,75 @@ class DecodeBuffers:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def windows(self) -> set[int]:
+        return {kind for kind in self.kinds if kind is not None and kind != CONV}
+
     @classmethod
-    def like(cls, layers: list[DynamicLayer], batch: int, capacity: int) -> DecodeBuffers:
-        keys, values, windows = [], [], []
-        for layer in layers:
-            window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-            positions = capacity if window is None else window
+    def like(cls, layers: list, batch: int, capacity: int) -> DecodeBuffers:
+        kinds = tuple(_layer_kind(layer) for layer in layers)
+        keys, values, conv_states = [], [], []
+        for kind, layer in zip(kinds, layers):
+            if kind == CONV:
+                state = layer.conv_states[0]
+                keys.append(None), values.append(None)
+                conv_states.append(state.new_zeros(batch, *state.shape[1:]))
+                continue
+            positions = capacity if kind is None else kind
             _, heads, _, key_dim = layer.keys.shape
             keys.append(layer.keys.new_zeros(batch, heads, positions, key_dim))
             values.append(layer.values.new_zeros(batch, heads, positions, layer.values.shape[-1]))
-            windows.append(window)
-        device = keys[0].device
-        return cls(keys, values, tuple(windows), valid=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+            conv_states.append(None)
+        device = next(t for t in (*keys, *conv_states) if t is not None).device
+        return cls(kinds, keys, values, conv_states, valid=torch.zeros(batch, capacity, dtype=torch.bool,
+                                                                       device=device),
                    input_ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
                    new_valid=torch.ones(batch, dtype=torch.bool, device=device),
                    index=torch.zeros(1, dtype=torch.long, device=device))
 
-    def fill_from_prefill(self, layers: list[DynamicLayer], attention_mask: torch.Tensor | None, length: int) -> None:
-        """The prompt's keys and values (indices 0..length-1) from transformers' DynamicCache layers."""
+    def fill_from_prefill(self, layers: list, attention_mask: torch.Tensor | None, length: int) -> None:
+        """The prompt's state (indices 0..length-1) from transformers' DynamicCache layers."""
         self.valid.zero_()
         self.valid[:, :length] = True if attention_mask is None else attention_mask[:, -length:].bool()
-        for keys, values, window, layer in zip(self.keys, self.values, self.windows, layers):
-            held = layer.keys.shape[2]  # a sliding layer holds only the last tokens (the window or a little less)
-            if window is None:
+        for kind, keys, values, conv_state, layer in zip(self.kinds, self.keys, self.values, self.conv_states,
+                                                         layers):
+            if kind == CONV:
+                conv_state.copy_(layer.conv_states[0])
+            elif kind is None:
                 keys[:, :, :length].copy_(layer.keys)
                 values[:, :, :length].copy_(layer.values)
-                continue
-            kept = min(held, window)
-            slots = torch.arange(length - kept, length, device=keys.device) % window
-            keys.index_copy_(2, slots, layer.keys[:, :, held - kept:])
-            values.index_copy_(2, slots, layer.values[:, :, held - kept:])
+            else:
+                held = layer.keys.shape[2]  # a sliding layer holds only the last tokens (the window or a little less)
+                kept = min(held, kind)
+                slots = torch.arange(length - kept, length, device=keys.device) % kind
+                keys.index_copy_(2, slots, layer.keys[:, :, held - kept:])
+                values.index_copy_(2, slots, layer.values[:, :, held - kept:])
         self.length = length
 
     def grown(self, capacity: int) -> DecodeBuffers:
-        """New buffers of a larger capacity holding these contents (ring buffers keep their size). Nothing is shared
-        with these, whose graph keeps reading them."""
-        def larger(old: torch.Tensor, window: int | None) -> torch.Tensor:
-            if window is not None:
-                return old.clone()
+        """New buffers of a larger capacity holding these contents (ring buffers and convolution states keep their
+        size). Nothing is shared with these, whose graph keeps reading them."""
+        def larger(old: torch.Tensor | None, kind) -> torch.Tensor | None:
+            if old is None or kind is not None:
+                return None if old is None else old.clone()
             new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
             new[:, :, :old.shape[2]] = old
             return new
 
         valid = self.valid.new_zeros(self.valid.shape[0], capacity)
         valid[:, :self.capacity] = self.valid
-        return DecodeBuffers([larger(k, w) for k, w in zip(self.keys, self.windows)],
-                             [larger(v, w) for v, w in zip(self.values, self.windows)], self.windows, valid,
+        return DecodeBuffers(self.kinds, [larger(k, kind) for k, kind in zip(self.keys, self.kinds)],
+                             [larger(v, kind) for v, kind in zip(self.values, self.kinds)],
+                             [None if c is None else c.clone() for c in self.conv_states], valid,
                              self.input_ids.clone(), self.new_valid.clone(), self.index.clone(), length=self.length)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of what a step changes other than by rewriting its own slot (the convolution states shift)."""
+        return [c.clone() for c in self.conv_states if c is not None]
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        for state, saved in zip((c for c in self.conv_states if c is not None), snapshot):
+            state.copy_(saved)
 
 
 def _capacity_for(length: int) -> int:
@@ -211,23 +274,28 @@ class DecodeForward:
     # -- prefill --------------------------------------------------------------------------------------------------
 
     def _takes_over(self, input_ids, attention_mask, cache_in, out, kwargs) -> bool:
-        """A prefill by `generate`: an empty DynamicCache came in, filled with attention layers only."""
+        """A prefill by `generate`: an empty DynamicCache came in, filled with layers of kinds the decode step knows
+        (attention, full or sliding; short convolutions)."""
         cache = getattr(out, "past_key_values", None)
         config = self.model.config
-        return (
-            type(cache_in) is DynamicCache and cache is cache_in and not cache.offloading
-            and not torch.is_grad_enabled() and input_ids is not None and input_ids.dim() == 2
-            and input_ids.shape[1] == cache.get_seq_length()
-            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape))
-            and config._attn_implementation in MASKED_ATTENTION
-            and not any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states"))
-            and len(cache.layers) > 0
-            and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
-                    for layer in cache.layers)
-        )
+        if not (type(cache_in) is DynamicCache and cache is cache_in and not cache.offloading
+                and not torch.is_grad_enabled() and input_ids is not None and input_ids.dim() == 2
+                and input_ids.shape[1] == cache.get_seq_length() and len(cache.layers) > 0
+                and (attention_mask is None
+                     or (attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape))
+                and config._attn_implementation in MASKED_ATTENTION
+                and not any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states"))):
+            return False
+        try:
+            kinds = [_layer_kind(layer) for layer in cache.layers]
+        except KeyError:
+            return False
+        return len({k for k in kinds if k is not None and k != CONV}) <= 1 and all(
+            layer.is_initialized for layer, kind in zip(cache.layers, kinds) if kind != CONV)
 
     def _decode_cache(self, cache: DynamicCache, attention_mask, length: int) -> DecodeCache:
-        batch = cache.layers[0].keys.shape[0]
+        batch = attention_mask.shape[0] if attention_mask is not None else next(
+            layer.keys.shape[0] for layer in cache.layers if _layer_kind(layer) != CONV)
         buffers = self._buffers(cache.layers, batch, _capacity_for(length))
         buffers.fill_from_prefill(cache.layers, attention_mask, length)
         return DecodeCache(buffers)
@@ -252,10 +320,8 @@ class DecodeForward:
         if buffers.length + 1 > buffers.capacity:
             grown = buffers.grown(_capacity_for(buffers.length + 1))
             self.buffers[(buffers.valid.shape[0], grown.capacity)] = grown
-            buffers = cache.buffers = grown
-            for layer in cache.layers:
-                layer.buffers = grown
-                layer.keys, layer.values = grown.keys[layer.layer], grown.values[layer.layer]
+            cache.rebind(grown)
+            buffers = grown
         buffers.input_ids.copy_(input_ids)
         buffers.new_valid.copy_(True if attention_mask is None else attention_mask[:, -1].bool())
         buffers.index.fill_(buffers.length)
@@ -269,7 +335,7 @@ class DecodeForward:
             return self._step(buffers, cache)
         if buffers.graph is None:
             try:
-                buffers.logits, buffers.graph = _capture(lambda: self._step(buffers, cache))
+                buffers.logits, buffers.graph = _capture(lambda: self._step(buffers, cache), buffers)
             except Exception as error:  # an op that cannot be captured: decode on, eagerly
                 warnings.warn(f"fastmoe: the decode step could not be captured in a CUDA graph ({error}); it runs "
                               "eagerly", stacklevel=3)
@@ -290,42 +356,45 @@ class DecodeForward:
         # transformers' positions for left-padded rows: the count of real tokens before this one.
         position_ids = (seen.sum(dim=-1, keepdim=True) - 1).clamp_min(0)
         masks = {None: seen}
-        for window in {w for w in buffers.windows if w is not None}:
+        for window in buffers.windows:
             slots = torch.arange(window, device=index.device)
             held = index - (index - slots) % window  # the index in each ring slot: the latest j <= index, j % w == s
             buffers.ring_slots[window] = index % window
             masks[window] = (held >= 0) & buffers.valid.gather(1, held.clamp_min(0).expand(len(seen), window))
-        out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.windows),
+        out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.kinds),
                            position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
         return out.logits
 
-    def _mask_argument(self, masks: dict, windows: tuple):
+    def _mask_argument(self, masks: dict, kinds: tuple):
         """Masks in the form the model forward takes prepared masks: one 4D mask where every layer is alike, else one
-        per layer type ("full_attention", "sliding_attention"), the mapping the models with both kinds accept."""
+        per entry of config.layer_types ("full_attention", "sliding_attention", and "conv", whose layers take none
+        while decoding), the mapping the models with several kinds of layers accept."""
         config = self.model.config
         if config._attn_implementation == "eager":
             dtype = self.model.dtype
             masks = {w: torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
                      for w, m in masks.items()}
         masks = {w: m[:, None, None, :] for w, m in masks.items()}
-        kinds = set(windows)
-        if len(kinds) == 1:
-            return masks[windows[0]]
-        if len(kinds - {None}) > 1:
-            raise ValueError("fastmoe's decode step supports one sliding window per model")
-        window = next(w for w in kinds if w is not None)
-        return {"full_attention": masks[None], "sliding_attention": masks[window]}
+        masks[CONV] = None
+        if len(set(kinds)) == 1:
+            return masks[kinds[0]]
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is None or len(layer_types) != len(kinds):
+            raise ValueError("fastmoe's decode step needs config.layer_types for a model with several layer kinds")
+        return {layer_type: masks[kind] for layer_type, kind in zip(layer_types, kinds)}
 
 
-def _capture(step):
+def _capture(step, buffers: DecodeBuffers):
     """(output, graph): `step` run once eagerly on a side stream (Triton compiles and autotunes, libraries set up
-    their workspaces), then captured. The step is idempotent (it rewrites the same slots with the same values), so
-    running it twice for one token changes nothing."""
+    their workspaces), then captured and replayed. Running it twice for one token changes nothing: the attention
+    layers rewrite the same slots with the same values, and the convolution states are put back in between."""
+    saved = buffers.snapshot()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()
     torch.cuda.current_stream().wait_stream(stream)
+    buffers.restore(saved)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = step()

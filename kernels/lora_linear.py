@@ -55,6 +55,8 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
 # Rows up to which the few-rows kernel runs (decode batches); its row block is the rows rounded up to 16, tl.dot's
 # minimum, so every program's product is one MMA tile tall.
 FEW_ROWS = 64
+# Launch configuration of the few-rows kernel on a GPU (benchmarks/bench_decode_ops.py sweeps it).
+FEW_ROWS_GPU_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -107,15 +109,13 @@ def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
     b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    on_gpu = x.is_cuda
-    block_n, block_k = (32, 128) if on_gpu else (16, 32)
-    _few_rows_kernel[(triton.cdiv(n, block_n),)](
+    config = dict(FEW_ROWS_GPU_CONFIG) if x.is_cuda else {"BLOCK_N": 16, "BLOCK_K": 32}
+    _few_rows_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x2, x2.stride(0), w, w.stride(0), bias, a, a.stride(0), b, b.stride(0), out, out.stride(0),
         rows, n, k, rank, float(scaling),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **({"num_warps": 4, "num_stages": 3} if on_gpu else {}),
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **config,
     )
     return out.view(*x.shape[:-1], n)
 

@@ -16,8 +16,6 @@ from transformers.cache_utils import DynamicCache
 from fastmoe import FastModel, generation, models
 
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe")
-# LFM2-MoE's cache holds short-convolution states besides attention: its decoding stays transformers'.
-TRANSFORMERS_DECODING = ("lfm2_moe",)
 PROMPTS = ["<|user|>What is a mixture of experts?\n<|assistant|>", "<|user|>Hi\n<|assistant|>"]
 NEW_TOKENS = 12
 
@@ -68,16 +66,16 @@ def test_greedy_generation_matches_transformers_with_the_same_adapter(tiny_check
 
     assert generated.shape == (2, NEW_TOKENS)
     assert torch.equal(generated, expected)
-    # Every token after the prompt's came through fastmoe's decode step, except where transformers' decoding stays.
-    assert decode.decode_steps == (0 if model_type in TRANSFORMERS_DECODING else NEW_TOKENS - 1)
+    assert decode.decode_steps == NEW_TOKENS - 1  # every token after the prompt's came through fastmoe's decode step
 
 
-@pytest.mark.parametrize("model_type", ["afmoe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
 def test_decode_cache_grows_past_its_capacity_and_wraps_its_rings_with_the_same_tokens(tiny_checkpoint, model_type,
                                                                                      monkeypatch):
     """Capacity in steps of 16 positions, a left-padded prompt batch of 20, 20 new tokens: the full-attention
     buffers start at 32 and grow to 48 (contents copied), AFMoE's sliding layers (window 6) wrap their rings several
-    times, and a second generate call reuses the first one's buffers. Beam search reorders the cache's rows."""
+    times, LFM2's convolution states move along, and a second generate call reuses the first one's buffers. Beam
+    search reorders the cache's rows."""
     monkeypatch.setattr(generation, "CAPACITY_STEP", 16)
     checkpoint = tiny_checkpoint(model_type)
     batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
@@ -155,7 +153,7 @@ def test_bf16_greedy_generation_on_gpu_matches_transformers_for_32_tokens(tiny_c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16", "4bit"])
-@pytest.mark.parametrize("model_type", ["afmoe", "qwen3_moe", "jetmoe", "cohere", "mixtral"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "jetmoe", "cohere", "mixtral"])
 def test_decode_steps_replayed_from_cuda_graphs_equal_the_eager_decode_steps(tiny_checkpoint, model_type,
                                                                             load_in_4bit):
     """bf16 with a random adapter, left-padded: the graphed decode step gives the eager one's tokens and scores, and

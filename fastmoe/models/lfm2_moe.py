@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
+from fastmoe.generation import DecodeCache
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv
@@ -103,11 +104,26 @@ def _short_conv_from_start(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tenso
     return self.out_proj(short_conv(bcx, self.conv.weight, self.conv.bias, offsets))
 
 
+@force_accelerate_hooks("conv")
+def _short_conv_decode(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One new token per row against fastmoe's decode cache: the state (batch, hidden, L) of the last L values of
+    B * x shifts left and takes the new one, and the output is C * (state . w + bias), transformers'
+    causal_conv1d_update. No padding mask: a decode step's tokens are never padding."""
+    b, c, x = self.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)  # (batch, hidden, 1) each
+    state.copy_(torch.cat((state[:, :, 1:], b * x), dim=-1))
+    conv = (state * self.conv.weight[:, 0, :]).sum(dim=-1, keepdim=True)
+    if self.conv.bias is not None:
+        conv = conv + self.conv.bias[:, None]
+    return self.out_proj((c * conv).transpose(-1, -2).contiguous())
+
+
 def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values=None,
                        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                        **kwargs):
     """transformers' short conv on fastmoe's kernel. `position_ids` (passed by fastmoe's decoder layer) mark packed
     documents, each convolved from its own start."""
+    if isinstance(past_key_values, DecodeCache):
+        return _short_conv_decode(self, hidden_states, past_key_values.layers[self.layer_idx].conv_state)
     # Continuing from a conv state (decode, chunked prefill, speculative rollback), and packing described only by
     # flash-attention's cu_seqlens / seq_idx (trl's padding-free batches carry position_ids too), take transformers'
     # own path.

@@ -267,13 +267,15 @@ ONE_PROGRAM_PAIRS = 512
 def _schedule_kernel(
     index_ptr, sorted_pair_ptr, sorted_token_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
     num_pairs, num_experts, max_tiles, block_m,
-    TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """sort_by_expert's schedule in one program: counts per expert, the stable rank of each pair within its
-    expert, and each tile's expert and first row (searchsorted written as counts of comparisons)."""
+    expert, then each expert's tiles written at their place (a barrier orders the writes that depend on earlier
+    ones: the offsets read back per pair, the tiles written over their defaults)."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_p = tl.arange(0, BLOCK_P)
-    expert = tl.load(index_ptr + offs_p, mask=offs_p < num_pairs, other=-1).to(tl.int32)
+    valid = offs_p < num_pairs
+    expert = tl.load(index_ptr + offs_p, mask=valid, other=0).to(tl.int32)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
     for j0 in range(0, num_pairs, CHUNK):
@@ -283,32 +285,23 @@ def _schedule_kernel(
         earlier_same = (other[None, :] == expert[:, None]) & (offs_j[None, :] < offs_p[:, None])
         rank += tl.sum(earlier_same.to(tl.int32), axis=1)
     ends = tl.cumsum(counts, axis=0)
-    tl.store(expert_offsets_ptr + offs_e + 1, ends, mask=offs_e < num_experts)
-    tl.store(expert_offsets_ptr + offs_e, tl.zeros((BLOCK_E,), dtype=tl.int32), mask=offs_e == 0)
-    # Exclusive offset of each pair's expert, as a sum over the experts before it (no gather from registers).
-    starts = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    for e0 in range(0, BLOCK_E, CHUNK):
-        offs_c = e0 + tl.arange(0, CHUNK)
-        chunk_counts = tl.sum(tl.where(offs_e[None, :] == offs_c[:, None], counts[None, :], 0), axis=1)
-        starts += tl.sum(tl.where(offs_c[None, :] < expert[:, None], chunk_counts[None, :], 0), axis=1)
-    position = starts + rank
-    valid = offs_p < num_pairs
+    starts = ends - counts
+    e_mask = offs_e < num_experts
+    tl.store(expert_offsets_ptr + offs_e, starts, mask=e_mask)
+    tl.store(expert_offsets_ptr + num_experts, num_pairs)
+    offs_t = tl.arange(0, BLOCK_T)
+    tl.store(tile_expert_ptr + offs_t, tl.full((BLOCK_T,), -1, tl.int32), mask=offs_t < max_tiles)
+    tl.store(tile_row_start_ptr + offs_t, tl.zeros((BLOCK_T,), dtype=tl.int32), mask=offs_t < max_tiles)
+    tl.debug_barrier()
+    position = tl.load(expert_offsets_ptr + expert, mask=valid, other=0) + rank
     tl.store(sorted_pair_ptr + position, offs_p, mask=valid)
     tl.store(sorted_token_ptr + position, offs_p // TOP_K, mask=valid)
     tiles = (counts + block_m - 1) // block_m
-    tile_end = tl.cumsum(tiles, axis=0)
-    for t0 in range(0, max_tiles, CHUNK):
-        offs_t = t0 + tl.arange(0, CHUNK)
-        # searchsorted(tile_end, t, right=True): the experts whose tiles all end at or before t.
-        tile_expert = tl.sum((tile_end[None, :] <= offs_t[:, None]).to(tl.int32), axis=1)
-        before = offs_e[None, :] < tile_expert[:, None]
-        first_tile = tl.sum(tl.where(before, tiles[None, :], 0), axis=1)
-        first_row = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
-        is_tile = tile_expert < num_experts
-        t_mask = offs_t < max_tiles
-        tl.store(tile_expert_ptr + offs_t, tl.where(is_tile, tile_expert, -1), mask=t_mask)
-        tl.store(tile_row_start_ptr + offs_t, tl.where(is_tile, first_row + (offs_t - first_tile) * block_m, 0),
-                 mask=t_mask)
+    first_tile = tl.cumsum(tiles, axis=0) - tiles
+    for j in range(0, tl.cdiv(num_pairs, block_m)):
+        mine = e_mask & (j < tiles)
+        tl.store(tile_expert_ptr + first_tile + j, offs_e, mask=mine)
+        tl.store(tile_row_start_ptr + first_tile + j, starts + j * block_m, mask=mine)
 
 
 def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertSchedule:
@@ -322,7 +315,8 @@ def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: 
         top_k_index.reshape(-1).contiguous(), sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start,
         num_pairs, num_experts, max_tiles, block_m,
         TOP_K=top_k, BLOCK_P=max(16, triton.next_power_of_2(num_pairs)),
-        BLOCK_E=max(16, triton.next_power_of_2(num_experts)), CHUNK=16,
+        BLOCK_E=max(16, triton.next_power_of_2(num_experts)), BLOCK_T=max(16, triton.next_power_of_2(max_tiles)),
+        CHUNK=64 if top_k_index.is_cuda else 16,
     )
     return ExpertSchedule(sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m,
                           num_experts, top_k)

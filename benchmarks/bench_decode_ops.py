@@ -1,0 +1,113 @@
+"""The ops of a decode step at a handful of rows, with their launch configurations swept: the few-rows LoRA linear
+(kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, the MoE experts block (kernels/moe) at 1, 8
+and 64 tokens of top-8 over 128 experts, and the one-program expert schedule against PyTorch's. Trinity-Mini's
+shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does (kernels/reused_casts.py).
+Times: device time of the op replayed from a CUDA graph (as the decode step runs it; triton's do_bench_cudagraph
+medians); GB/s: the bytes the op must read (the weights it touches) over the time.
+Printed only: the chosen configurations go into the kernels' constants.
+
+    python benchmarks/bench_decode_ops.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import common
+from fastmoe.kernels import lora_linear as lora_module
+from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts
+from fastmoe.kernels.moe.routing import reference_sort_by_expert, sort_by_expert
+from fastmoe.kernels.reused_casts import CastCache, reused_casts
+
+PROJECTIONS = [("q_proj", 2048, 4096), ("k_proj", 2048, 512), ("o_proj", 4096, 2048), ("shared up", 2048, 1024),
+               ("shared down", 1024, 2048)]
+ROWS = (1, 8, 64)
+RANK = 16
+
+
+def few_rows(device: str) -> None:
+    configs = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+               for n, k, w, st in itertools.product((16, 32, 64), (128, 256), (4,), (3, 4))]
+    for (name, d_in, d_out), rows in itertools.product(PROJECTIONS, (1, 8)):
+        x = torch.randn(rows, d_in, device=device, dtype=torch.bfloat16)
+        w = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
+        a = torch.randn(RANK, d_in, device=device) * d_in ** -0.5
+        b = torch.randn(d_out, RANK, device=device)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        gbytes = (w.numel() * 2 + a.numel() * 4 + b.numel() * 4) / 1e9
+        cublas = common.bench_graph_ms(lambda: torch.addmm(torch.nn.functional.linear(x, w), x @ a16.t(), b16.t()))
+        results = []
+        for config in configs:
+            lora_module.FEW_ROWS_GPU_CONFIG = config
+            try:
+                out = lora_module.lora_linear_few_rows(x, w, None, a, b, 2.0)
+                ms = common.bench_graph_ms(lambda: lora_module.lora_linear_few_rows(x, w, None, a, b, 2.0))
+            except Exception as error:  # a configuration that does not compile (shared memory)
+                print(f"  {config}: {type(error).__name__}")
+                continue
+            results.append((ms, config))
+        ref = torch.nn.functional.linear(x.double(), w.double()) + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
+        err = common.rel_err(out.double(), ref)
+        best = sorted(results, key=lambda r: r[0])[:3]
+        print(f"few-rows {name} {d_in}->{d_out} rows {rows}: cuBLAS 3 GEMMs {cublas * 1e3:.1f} us; best "
+              + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best)
+              + f"; rel err {err:.1e}", flush=True)
+
+
+def moe(device: str) -> None:
+    hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
+    down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
+    gu_lora = ExpertLora(A=torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
+                         B=torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01, scaling=1.0)
+    dn_lora = ExpertLora(A=torch.randn(num_experts, RANK, inter, device=device) * 0.01,
+                         B=torch.randn(num_experts, hidden, RANK, device=device) * 0.01, scaling=1.0)
+    original_config, original_block_m = grouped_gemm._config, experts.gemm_block_m
+    sweeps = list(itertools.product((16,), (32, 64, 128), (64, 128), (4,), (3, 4)))
+    for tokens in ROWS:
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        index = torch.stack([torch.randperm(num_experts, device=device)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, device=device)
+        touched = index.unique().numel()
+        gbytes = touched * (gate_up[0].numel() + down[0].numel()) * 2 / 1e9
+        results = []
+        with reused_casts(CastCache()), torch.no_grad():
+            for bm, n, k, w, st in [None, *sweeps]:
+                if bm is None:
+                    grouped_gemm._config, experts.gemm_block_m = original_config, original_block_m
+                else:
+                    def config(device, wgrad=False, nf4=False, swiglu_backward=False, _c=(n, k, w, st)):
+                        return _c[0], _c[1], {"num_warps": _c[2], "num_stages": _c[3]}
+                    grouped_gemm._config = config
+                    experts.gemm_block_m = lambda device, pairs, num_experts, _bm=bm: _bm
+                try:
+                    ms = common.bench_graph_ms(lambda: moe_experts(x, index, weights, gate_up, down, gu_lora, dn_lora))
+                except Exception as error:
+                    print(f"  {(bm, n, k, w, st)}: {type(error).__name__}")
+                    continue
+                results.append((ms, "current" if bm is None else (bm, n, k, w, st)))
+        grouped_gemm._config, experts.gemm_block_m = original_config, original_block_m
+        current = results[0]
+        best = sorted(results, key=lambda r: r[0])[:4]
+        print(f"moe {tokens} tokens ({touched} experts, {gbytes * 1e3:.0f} MB): current {current[0] * 1e3:.1f} us "
+              f"({gbytes / current[0] * 1e3:.0f} GB/s); best (block_m, BLOCK_N, BLOCK_K, warps, stages) "
+              + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best), flush=True)
+
+
+def schedule(device: str) -> None:
+    for tokens in ROWS:
+        index = torch.stack([torch.randperm(128, device=device)[:8] for _ in range(tokens)])
+        kernel = common.bench_ms(lambda: sort_by_expert(index, 128, 16))
+        reference = common.bench_ms(lambda: reference_sort_by_expert(index, 128, 16))
+        graph_kernel = common.bench_graph_ms(lambda: sort_by_expert(index, 128, 16))
+        graph_reference = common.bench_graph_ms(lambda: reference_sort_by_expert(index, 128, 16))
+        print(f"schedule {tokens * 8} pairs: one program {kernel * 1e3:.1f} us (graphed {graph_kernel * 1e3:.1f}), "
+              f"PyTorch {reference * 1e3:.1f} us (graphed {graph_reference * 1e3:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    schedule("cuda")
+    moe("cuda")
+    few_rows("cuda")
