@@ -78,7 +78,7 @@ def moe(device: str) -> None:
                 if bm is None:
                     grouped_gemm._config, experts.gemm_block_m = original_config, original_block_m
                 else:
-                    def config(device, wgrad=False, nf4=False, swiglu_backward=False, _c=(n, k, w, st)):
+                    def config(*args, _c=(n, k, w, st), **kwargs):
                         return _c[0], _c[1], {"num_warps": _c[2], "num_stages": _c[3]}
                     grouped_gemm._config = config
                     experts.gemm_block_m = lambda device, pairs, num_experts, _bm=bm: _bm

@@ -54,6 +54,11 @@ def reused_casts(cache: CastCache):
         _ACTIVE.reset(token)
 
 
+def active() -> bool:
+    """Whether a scope is active (outside torch.compile)."""
+    return not torch.compiler.is_compiling() and _ACTIVE.get() is not None
+
+
 def cast(source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`source.to(dtype)`, or the active scope's reused cast of it (never under torch.compile, which traces the
     plain cast)."""

@@ -378,9 +378,14 @@ def _grouped_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+# (token, slot) pairs up to which the row GEMMs take their decoding configuration: a handful of rows per expert,
+# so 16-row tiles (tl.dot's minimum) and narrower column blocks, more programs streaming the touched experts' weights.
+DECODE_PAIRS = 512
+
+
 def gemm_block_m(device: torch.device, num_pairs: int, num_experts: int) -> int:
     """Rows per tile of the sorted-row GEMMs; ExpertSchedule tiles must be built with it."""
-    if device.type != "cuda":
+    if device.type != "cuda" or num_pairs <= DECODE_PAIRS:
         # The interpreter runs programs one by one in Python: small tiles keep odd-shape tests exercising
         # several tiles per expert while staying fast.
         return 16
@@ -413,13 +418,18 @@ _GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
 # size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
 # TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
 _GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
+# Decoding (at most DECODE_PAIRS rows, 16-row tiles): measured with benchmarks/bench_decode_ops.py on an H200 at
+# Trinity-Mini's experts, 1 to 64 tokens of top-8 over 128 experts.
+_GPU_DECODE_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
 
 def _config(device: torch.device, wgrad: bool = False, nf4: bool = False,
-            swiglu_backward: bool = False) -> tuple[int, int, dict]:
+            swiglu_backward: bool = False, pairs: int | None = None) -> tuple[int, int, dict]:
     if device.type != "cuda":
         return _INTERPRETER
+    if pairs is not None and pairs <= DECODE_PAIRS and not (wgrad or swiglu_backward or nf4):
+        return _GPU_DECODE_ROW_GEMM
     if wgrad:
         return _GPU_WGRAD
     if nf4:
@@ -508,7 +518,7 @@ def grouped_mm(
     Rows of out not named by out_rows are left untouched.
     """
     operand = _weight_operand(weight, transpose, a.dtype)
-    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"])
+    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
         _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b,
@@ -532,7 +542,7 @@ def grouped_mm_swiglu(
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
-    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"])
+    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=num_rows)
     # Two accumulators (gate and up) per program: half the N block keeps the register budget of one.
     block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
     _launch_row_gemm(
