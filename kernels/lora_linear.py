@@ -56,8 +56,10 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
 # Rows up to which the few-rows kernel runs (decode batches); its row block is the rows rounded up to 16, tl.dot's
 # minimum, so every program's product is one MMA tile tall.
 FEW_ROWS = 64
-# Launch configuration of the few-rows kernel on a GPU (benchmarks/bench_decode_ops.py sweeps it).
-FEW_ROWS_GPU_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# Launch configuration of the few-rows kernel on a GPU: the fastest or within 3% of it for 1 and 8 rows at each of
+# Trinity-Mini's projections (benchmarks/bench_decode_ops.py, H200): 8.6-15.7 us against 10-21 us for cuBLAS's three
+# GEMMs. Each program's pass over K is serial, so small layers are bound by its latency, not by bandwidth.
+FEW_ROWS_GPU_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit

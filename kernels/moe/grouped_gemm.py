@@ -418,9 +418,10 @@ _GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
 # size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
 # TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
 _GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
-# Decoding (at most DECODE_PAIRS rows, 16-row tiles): measured with benchmarks/bench_decode_ops.py on an H200 at
-# Trinity-Mini's experts, 1 to 64 tokens of top-8 over 128 experts.
-_GPU_DECODE_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
+# Decoding (at most DECODE_PAIRS rows, 16-row tiles): the best or within 1% of it for 1, 8 and 64 tokens of top-8
+# over Trinity-Mini's 128 experts with LoRA (benchmarks/bench_decode_ops.py, H200): 59 / 186 / 476 us, 1.7-3.5 TB/s
+# of the touched experts' weights, against 72 / 208 / 493 us with the training tiles' 128-wide columns.
+_GPU_DECODE_ROW_GEMM = (64, 128, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 
 

@@ -259,8 +259,10 @@ class ExpertSchedule:
         return self.tile_expert.numel()
 
 
-# (token, slot) pairs up to which one program builds the schedule (decoding: 64 rows of top-8).
-ONE_PROGRAM_PAIRS = 512
+# (token, slot) pairs up to which one program builds the schedule. Measured on an H200 (bench_decode_ops.py, 128
+# experts, graphed): 2.2 us at 8 pairs and 2.9 at 64 against PyTorch's 51-54 us, but 607 us at 512 (its pair-by-pair
+# rank matrices spill) against PyTorch's 73.
+ONE_PROGRAM_PAIRS = 128
 
 
 @triton.jit

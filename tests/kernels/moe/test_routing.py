@@ -140,7 +140,7 @@ def test_sort_by_expert(num_tokens, num_experts, top_k, block_m):
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
-                         [(1, 8, 2, 4), (37, 12, 4, 4), (1, 128, 8, 64), (64, 128, 8, 64), (3, 5, 5, 16), (9, 33, 1, 16)])
+                         [(1, 8, 2, 4), (25, 12, 4, 4), (1, 128, 8, 64), (16, 128, 8, 64), (3, 5, 5, 16), (9, 33, 1, 16)])
 def test_one_program_schedule_is_the_reference_schedule(num_tokens, num_experts, top_k, block_m):
     """Up to ONE_PROGRAM_PAIRS pairs one Triton program builds the schedule: exactly PyTorch's, experts without
     tokens and top-k=1 included; beyond, the PyTorch one runs."""
