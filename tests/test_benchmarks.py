@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_fused_lm_head  # noqa: E402
+import bench_generate  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
@@ -240,7 +241,27 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "| - | 12,000 | - |" in rows[1]
     assert "2026-12-02 10:05 UTC · NVIDIA H200 · torch 2.11.0+cu130" in sft
     assert "2026-12-01" not in sft and "9,999" not in page
-    assert "## 3. Training step in a plain loop" in page and "Not measured yet" in page
+    assert "## 4. Training step in a plain loop" in page and "Not measured yet" in page
+
+
+def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
+    def record(implementation, rate, date, cuda_graphs=True, batch=1):
+        return {"question": "generate", "preset": "trinity-mini", "layers": 8, "batch": batch, "prompt": 512,
+                "implementation": implementation, "quantization": None, "cuda_graphs": cuda_graphs,
+                "decode_tokens_per_s": rate, "ms_per_step": 1000 / rate, "replay_ms_per_step": None,
+                "roofline_tokens_per_s": 2000.0, "roofline_share": rate / 2000.0, "date": date,
+                "gpu": "NVIDIA H200", "versions": {"torch": "2.11.0"}, "command": "python benchmarks/bench_generate.py"}
+
+    records = [record("transformers", 10.0, "2026-12-02 10:00 UTC"), record("fastmoe", 200.0, "2026-12-02 10:00 UTC"),
+               record("fastmoe", 400.0, "2026-12-02 11:00 UTC"),
+               record("fastmoe", 20.0, "2026-12-02 10:00 UTC", cuda_graphs=False),
+               record("fastmoe", 1500.0, "2026-12-02 11:00 UTC", batch=8)]
+    page = report.render(records)
+    generation = page.split("## 3.")[1].split("## 4.")[0]
+    rows = [line for line in generation.splitlines() if line.startswith("| trinity-mini")]
+    assert rows[0].startswith("| trinity-mini, 8 layers | bf16 | 1 | 512 | 10.0 | 20.0 | 400.0 | 40.00x | 2.50 | - "
+                              "| 2,000 | 20.0% |")
+    assert rows[1].startswith("| trinity-mini, 8 layers | bf16 | 8 | 512 | - | - | 1,500.0 | - |")
 
 
 def test_long_context_rows_give_the_longest_length_that_trained_and_the_first_out_of_memory():
@@ -361,6 +382,25 @@ def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
     for record in records[1::2]:
         assert record["detail"] == "Triton"
         assert record["rel_err_out"] < 1e-5 and record["rel_err_dx"] < 1e-5, record
+
+
+def test_generate_benchmark_smoke_run_records_the_same_tokens_both_ways(tmp_path):
+    """bench_generate.py on the CPU: a tiny model built directly, greedy decoding through transformers + peft and
+    through fastmoe's decode path (its ops' PyTorch references), the same tokens, one record each, on the page."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_generate.py", "--preset", "afmoe-tiny", "--layers", "2", "--batches", "2", "--prompt", "12",
+                "--new-tokens", "5", "--repeats", "1", "--jsonl", str(jsonl)]
+    with reference_only(), pytest.raises(SystemExit) as exit_status:
+        bench_generate.main()
+    assert exit_status.value.code == 0
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["implementation"] for r in records] == ["fastmoe", "transformers"]
+    assert records[0]["tokens"] == records[1]["tokens"] and len(records[0]["tokens"]) == 5
+    assert all(r["question"] == "generate" and r["decode_tokens_per_s"] > 0 for r in records)
+    page = report.render(records, include_cpu=True)
+    assert "| afmoe-tiny, 2 layers | bf16 | 2 | 12 |" in page
 
 
 def test_fused_lm_head_benchmark_smoke_run(tmp_path):

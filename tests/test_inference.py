@@ -97,6 +97,32 @@ def test_decode_cache_grows_past_its_capacity_and_wraps_its_rings_with_the_same_
     assert sorted(model.forward.buffers) == [(2, 32), (2, 48), (6, 32), (6, 48)]
 
 
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
+def test_4bit_decoding_gives_the_tokens_of_transformers_cache(tiny_checkpoint, model_type):
+    """load_in_4bit (bitsandbytes Linear layers, NF4 experts) with a random adapter, left-padded: the decode path's
+    tokens and scores are those of the same model decoding with transformers' DynamicCache."""
+    checkpoint = tiny_checkpoint(model_type)
+    batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs(model_type))
+    randomize_lora(model)
+
+    def generate(**kwargs):
+        with torch.no_grad(), reference_only():
+            return model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, **kwargs)
+
+    FastModel.for_inference(model)
+    got = generate()
+    assert model.get_base_model().forward.decode_steps == NEW_TOKENS - 1
+    FastModel.for_training(model)
+    model.eval()
+    expected = generate(use_cache=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    scores, reference = torch.stack(got.scores), torch.stack(expected.scores)
+    assert ((scores - reference).norm() / reference.norm()).item() < 1e-5
+
+
 def test_prefills_fastmoe_does_not_take_over_keep_transformers_cache(tiny_checkpoint):
     """Hidden states requested: the cache stays transformers' DynamicCache, and the tokens are transformers'."""
     checkpoint = tiny_checkpoint("cohere")
