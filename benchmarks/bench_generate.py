@@ -116,7 +116,8 @@ def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype, bandwi
     generate(min(8, args.new_tokens))  # warm-up: Triton compiles, fastmoe captures its graphs
     if args.profile_rows and device == "cuda":
         print_profile(lambda: generate(17), args.profile_rows, steps=16)
-    torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     prefill = statistics.median(generate(1)[0] for _ in range(args.repeats))
     runs = [generate(args.new_tokens) for _ in range(args.repeats)]
     whole = statistics.median(t for t, _ in runs)

@@ -429,8 +429,7 @@ def generate_section(records: list[dict], sources: Sources) -> list[str]:
     for (*case, name), record in latest.items():
         rows.setdefault(tuple(case), {})[name] = record
     out = []
-    for (preset, layers, weights, batch, prompt), found in sorted(rows.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], kv[0][3], kv[0][4])):
+    for (preset, layers, weights, batch, prompt), found in sorted(rows.items(), key=lambda item: item[0]):
         hf, fm, eager = found.get("transformers"), found.get("fastmoe"), found.get("fastmoe-eager")
         out.append([f"{preset}, {layers} layers", weights, str(batch), str(prompt),
                     value(hf, "decode_tokens_per_s", ",.1f"), value(eager, "decode_tokens_per_s", ",.1f"),

@@ -46,9 +46,8 @@ from fastmoe.kernels.reused_casts import CastCache, reused_casts
 CAPACITY_STEP = 256
 # The attention implementations whose masks a decode step builds (boolean for SDPA, additive for eager).
 MASKED_ATTENTION = ("sdpa", "eager")
-# Keyword arguments that change nothing in one decode step's logits.
-_INERT_KWARGS = {"return_dict", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
-                 "output_hidden_states", "output_router_logits"}
+# Keyword arguments that change nothing in one decode step's logits (others may come only as None or False).
+_INERT_KWARGS = {"return_dict", "use_cache", "logits_to_keep", "cache_position"}
 
 
 CONV = "conv"  # a layer kind beside None (full attention) and a window (sliding attention): a short convolution
@@ -173,8 +172,7 @@ class DecodeBuffers:
         return {kind for kind in self.kinds if kind is not None and kind != CONV}
 
     @classmethod
-    def like(cls, layers: list, batch: int, capacity: int) -> DecodeBuffers:
-        kinds = tuple(_layer_kind(layer) for layer in layers)
+    def like(cls, layers: list, kinds: tuple, batch: int, capacity: int) -> DecodeBuffers:
         keys, values, conv_states = [], [], []
         for kind, layer in zip(kinds, layers):
             if kind == CONV:
@@ -263,8 +261,9 @@ class DecodeForward:
         with reused_casts(self.casts) if not torch.is_grad_enabled() else contextlib.nullcontext():
             out = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, **kwargs)
-        if self._takes_over(input_ids, attention_mask, past_key_values, out, kwargs):
-            out.past_key_values = self._decode_cache(out.past_key_values, attention_mask, input_ids.shape[1])
+        kinds = self._takes_over(input_ids, attention_mask, past_key_values, out, kwargs)
+        if kinds is not None:
+            out.past_key_values = self._decode_cache(out.past_key_values, kinds, input_ids, attention_mask)
         return out
 
     def forward(self, **kwargs):
@@ -273,9 +272,9 @@ class DecodeForward:
 
     # -- prefill --------------------------------------------------------------------------------------------------
 
-    def _takes_over(self, input_ids, attention_mask, cache_in, out, kwargs) -> bool:
-        """A prefill by `generate`: an empty DynamicCache came in, filled with layers of kinds the decode step knows
-        (attention, full or sliding; short convolutions)."""
+    def _takes_over(self, input_ids, attention_mask, cache_in, out, kwargs) -> tuple | None:
+        """The cache layers' kinds (_layer_kind) if this was a prefill by `generate` (an empty DynamicCache came in)
+        that the decode step can continue (attention, full or one sliding window; short convolutions), else None."""
         cache = getattr(out, "past_key_values", None)
         config = self.model.config
         if not (type(cache_in) is DynamicCache and cache is cache_in and not cache.offloading
@@ -285,26 +284,24 @@ class DecodeForward:
                      or (attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape))
                 and config._attn_implementation in MASKED_ATTENTION
                 and not any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states"))):
-            return False
+            return None
         try:
-            kinds = [_layer_kind(layer) for layer in cache.layers]
+            kinds = tuple(_layer_kind(layer) for layer in cache.layers)
         except KeyError:
-            return False
-        return len({k for k in kinds if k is not None and k != CONV}) <= 1 and all(
-            layer.is_initialized for layer, kind in zip(cache.layers, kinds) if kind != CONV)
+            return None
+        if len({k for k in kinds if k is not None and k != CONV}) > 1 or not all(
+                layer.is_initialized for layer, kind in zip(cache.layers, kinds) if kind != CONV):
+            return None
+        return kinds
 
-    def _decode_cache(self, cache: DynamicCache, attention_mask, length: int) -> DecodeCache:
-        batch = attention_mask.shape[0] if attention_mask is not None else next(
-            layer.keys.shape[0] for layer in cache.layers if _layer_kind(layer) != CONV)
-        buffers = self._buffers(cache.layers, batch, _capacity_for(length))
+    def _decode_cache(self, cache: DynamicCache, kinds: tuple, input_ids, attention_mask) -> DecodeCache:
+        batch, length = input_ids.shape
+        key = (batch, _capacity_for(length))
+        if key not in self.buffers:
+            self.buffers[key] = DecodeBuffers.like(cache.layers, kinds, batch, key[1])
+        buffers = self.buffers[key]
         buffers.fill_from_prefill(cache.layers, attention_mask, length)
         return DecodeCache(buffers)
-
-    def _buffers(self, layers, batch: int, capacity: int) -> DecodeBuffers:
-        key = (batch, capacity)
-        if key not in self.buffers:
-            self.buffers[key] = DecodeBuffers.like(layers, batch, capacity)
-        return self.buffers[key]
 
     # -- decode ---------------------------------------------------------------------------------------------------
 
@@ -312,7 +309,8 @@ class DecodeForward:
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
             raise ValueError("fastmoe's decode cache takes input_ids of one new token per row; to generate from "
                              "embeddings or several tokens at once call FastModel.for_training(model) first")
-        other = {name for name, value in kwargs.items() if name not in _INERT_KWARGS and value is not None}
+        other = {name for name, value in kwargs.items()
+                 if name not in _INERT_KWARGS and value is not None and value is not False}
         if other:
             raise ValueError(f"fastmoe's decode step does not take {sorted(other)}; call "
                              "FastModel.for_training(model) first to generate with transformers' forward")

@@ -40,8 +40,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from . import reused_casts
-from .reused_casts import cast
+from .reused_casts import cast, scope_active
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -193,7 +192,7 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
                                                      for t in (x, bias, lora_a, lora_b))
     if (not differentiated and isinstance(weight, torch.Tensor) and x.numel() <= FEW_ROWS * x.shape[-1]
             and use_triton(x, weight, lora_a, lora_b)):
-        if reused_casts.active():  # decoding: the factors' reused casts, half the bytes each program reads
+        if scope_active():  # decoding: the factors' reused casts, half the bytes each program reads
             lora_a, lora_b = cast(lora_a, x.dtype), cast(lora_b, x.dtype)
         return lora_linear_few_rows(x, weight, bias, lora_a, lora_b, scaling)
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))

@@ -40,9 +40,6 @@ class CastCache:
             self._entries[key] = (held, cast, source._version)
         return cast
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 @contextlib.contextmanager
 def reused_casts(cache: CastCache):
@@ -54,7 +51,7 @@ def reused_casts(cache: CastCache):
         _ACTIVE.reset(token)
 
 
-def active() -> bool:
+def scope_active() -> bool:
     """Whether a scope is active (outside torch.compile)."""
     return not torch.compiler.is_compiling() and _ACTIVE.get() is not None
 

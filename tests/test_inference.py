@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastmoe.kernels.dispatch import reference_only
 from peft import LoraConfig, get_peft_model
-from testing_utils import randomize_lora
+from testing_utils import randomize_lora, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
@@ -43,6 +43,26 @@ def greedy(model, batch: dict) -> torch.Tensor:
     return out[:, batch["input_ids"].shape[1]:]
 
 
+def adapted(checkpoint, model_type: str, **load_kwargs):
+    """A FastModel with the family's default adapter, drawn at random (peft starts B at zero)."""
+    model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=128, **load_kwargs)
+    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs(model_type))
+    randomize_lora(model)
+    return model
+
+
+@torch.no_grad()
+def scored(model, batch: dict, new_tokens: int, **kwargs):
+    """Greedy generate with its sequences and per-step scores."""
+    return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **kwargs)
+
+
+def assert_same_decoding(got, expected, tolerance: float) -> None:
+    assert torch.equal(got.sequences, expected.sequences)
+    assert rel_err(torch.stack(got.scores), torch.stack(expected.scores)) < tolerance
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_greedy_generation_matches_transformers_with_the_same_adapter(tiny_checkpoint, model_type):
     checkpoint = tiny_checkpoint(model_type)
@@ -53,10 +73,7 @@ def test_greedy_generation_matches_transformers_with_the_same_adapter(tiny_check
     batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
     expected = greedy(reference, batch)
 
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
-    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs(model_type))
-    randomize_lora(model)
-    FastModel.for_inference(model)
+    model = FastModel.for_inference(adapted(checkpoint, model_type, dtype=torch.float32))
     # Cohere's ops are cheap enough for Triton's interpreter (~9 s); each MoE family's 13 forwards under the
     # interpreter take ~50 s (they pass there too), so they run the ops' PyTorch references here, which tests/models
     # and tests/kernels compare the Triton kernels with.
@@ -103,24 +120,15 @@ def test_4bit_decoding_gives_the_tokens_of_transformers_cache(tiny_checkpoint, m
     tokens and scores are those of the same model decoding with transformers' DynamicCache."""
     checkpoint = tiny_checkpoint(model_type)
     batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
-    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs(model_type))
-    randomize_lora(model)
-
-    def generate(**kwargs):
-        with torch.no_grad(), reference_only():
-            return model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                                  return_dict_in_generate=True, **kwargs)
-
+    model = adapted(checkpoint, model_type, dtype=torch.float32, load_in_4bit=True)
     FastModel.for_inference(model)
-    got = generate()
-    assert model.get_base_model().forward.decode_steps == NEW_TOKENS - 1
-    FastModel.for_training(model)
-    model.eval()
-    expected = generate(use_cache=True)
-    assert torch.equal(got.sequences, expected.sequences)
-    scores, reference = torch.stack(got.scores), torch.stack(expected.scores)
-    assert ((scores - reference).norm() / reference.norm()).item() < 1e-5
+    with reference_only():
+        got = scored(model, batch, NEW_TOKENS)
+        assert model.get_base_model().forward.decode_steps == NEW_TOKENS - 1
+        FastModel.for_training(model)
+        model.eval()
+        expected = scored(model, batch, NEW_TOKENS, use_cache=True)
+    assert_same_decoding(got, expected, 1e-5)
 
 
 def test_prefills_fastmoe_does_not_take_over_keep_transformers_cache(tiny_checkpoint):
@@ -186,24 +194,12 @@ def test_decode_steps_replayed_from_cuda_graphs_equal_the_eager_decode_steps(tin
     the graphs were captured (no fallback)."""
     checkpoint = tiny_checkpoint(model_type)
     batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128,
-                                         load_in_4bit=load_in_4bit, device_map={"": 0})
-    model = FastModel.get_peft_model(model, **lora_kwargs(model_type))
-    randomize_lora(model)
-
-    def run(use_cuda_graphs: bool):
-        FastModel.for_inference(model, use_cuda_graphs=use_cuda_graphs)
-        with torch.no_grad():
-            return model.generate(**batch, max_new_tokens=24, do_sample=False, output_scores=True,
-                                  return_dict_in_generate=True)
-
-    eager = run(False)
-    graphed = run(True)
+    model = adapted(checkpoint, model_type, dtype=torch.bfloat16, load_in_4bit=load_in_4bit, device_map={"": 0})
+    eager = scored(FastModel.for_inference(model, use_cuda_graphs=False), batch, 24)
+    graphed = scored(FastModel.for_inference(model, use_cuda_graphs=True), batch, 24)
     decode = model.get_base_model().forward
     assert decode.use_cuda_graphs and any(b.graph is not None for b in decode.buffers.values())
-    assert torch.equal(graphed.sequences, eager.sequences)
-    scores, expected = torch.stack(graphed.scores), torch.stack(eager.scores)
-    assert ((scores - expected).norm() / expected.norm()).item() < 1e-3
+    assert_same_decoding(graphed, eager, 1e-3)
 
 
 @pytest.mark.gpu
@@ -214,31 +210,20 @@ def test_graphed_decoding_after_an_adapter_update_uses_the_new_adapter(tiny_chec
     own cache does."""
     checkpoint = tiny_checkpoint("afmoe")
     batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128,
-                                         device_map={"": 0})
-    model = FastModel.get_peft_model(model, **lora_kwargs("afmoe"))
-    randomize_lora(model)
+    model = adapted(checkpoint, "afmoe", dtype=torch.bfloat16, device_map={"": 0})
     lora = [p for name, p in model.named_parameters() if "lora_" in name]
     assert lora and all(p.dtype == torch.float32 for p in lora)
 
-    def generate(**kwargs):
-        with torch.no_grad():
-            return model.generate(**batch, max_new_tokens=24, do_sample=False, output_scores=True,
-                                  return_dict_in_generate=True, **kwargs)
-
-    FastModel.for_inference(model)
-    before = generate()
+    before = scored(FastModel.for_inference(model), batch, 24)
     with torch.no_grad():
         for p in lora:
             p.add_(torch.randn_like(p), alpha=0.5 * p.std().item())
-    after = generate()
+    after = scored(model, batch, 24)
     decode = model.get_base_model().forward
     assert decode.use_cuda_graphs and len(decode.buffers) == 1
     FastModel.for_training(model)
     model.eval()
-    expected = generate(use_cache=True)  # transformers' DynamicCache, no graphs, no reused casts
+    expected = scored(model, batch, 24, use_cache=True)  # transformers' DynamicCache, no graphs, no reused casts
 
     assert not torch.equal(after.sequences, before.sequences)
-    assert torch.equal(after.sequences, expected.sequences)
-    scores, reference = torch.stack(after.scores), torch.stack(expected.scores)
-    assert ((scores - reference).norm() / reference.norm()).item() < 1e-2
+    assert_same_decoding(after, expected, 1e-2)
