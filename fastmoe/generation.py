@@ -8,7 +8,8 @@ it unchanged: sampling, stop tokens, streamers and left padding stay transformer
   sliding-window layers a ring of `window` slots (the token at index j in slot j % window). A decode step therefore
   reads and writes the same addresses every time.
 - A decode step (one new token per row) builds its masks and positions on the device, from the cache's record of
-  which indices are padding. Nothing in it reads a value back to the host, so on CUDA it is captured once per (batch
+  which indices are padding. Its attention reads the buffers in place (fastmoe.kernels.decode_attention: grouped
+  heads without transformers' copies of keys and values per query head). Nothing in it reads a value back to the host, so on CUDA it is captured once per (batch
   size, capacity) in a CUDA graph and replayed: one launch per token instead of the hundreds of kernels Python issues
   one by one. On the CPU the same step runs eagerly; that is what the CPU tests compare with transformers.
 - When a sequence outgrows the capacity, the buffers grow by `CAPACITY_STEP` (contents copied) and the step is
@@ -38,19 +39,54 @@ from transformers.cache_utils import (
     DynamicSlidingWindowLayer,
     LinearAttentionCacheLayerMixin,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import AttentionInterface
 
+from fastmoe.kernels.decode_attention import decode_attention
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 
 # Full-attention capacity is the prompt plus new tokens rounded up to a multiple of this: a handful of graph shapes.
 CAPACITY_STEP = 256
-# The attention implementations whose masks a decode step builds (boolean for SDPA, additive for eager).
+# The attention implementations whose prefills a decode step continues (its steps run decode_attention_forward).
 MASKED_ATTENTION = ("sdpa", "eager")
 # Keyword arguments that change nothing in one decode step's logits (others may come only as None or False).
 _INERT_KWARGS = {"return_dict", "use_cache", "logits_to_keep", "cache_position"}
 
 
 CONV = "conv"  # a layer kind beside None (full attention) and a window (sliding attention): a short convolution
+
+# The attention implementation a decode step runs under (config._attn_implementation for the step's duration).
+DECODE_ATTENTION = "fastmoe_decode"
+# Attention-function arguments that change the result beyond scaled dot-product attention under a mask.
+_OTHER_ATTENTION = ("s_aux", "sinks", "softcap")
+
+
+def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function of a decode step (registered in transformers' AttentionInterface): one query per row
+    over the decode buffers' keys and values, grouped heads read in place (fastmoe.kernels.decode_attention), under
+    the step's boolean mask (batch, 1, 1, positions). Anything else goes to transformers' SDPA function, which takes
+    the same boolean masks."""
+    if (query.shape[2] != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool
+            or attention_mask.shape[1:3] != (1, 1) or any(kwargs.get(name) is not None for name in _OTHER_ATTENTION)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    """config._attn_implementation is `name` within (the attention forwards look it up at each call)."""
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
 
 
 def _layer_kind(layer) -> int | str | None:
@@ -359,19 +395,17 @@ class DecodeForward:
             held = index - (index - slots) % window  # the index in each ring slot: the latest j <= index, j % w == s
             buffers.ring_slots[window] = index % window
             masks[window] = (held >= 0) & buffers.valid.gather(1, held.clamp_min(0).expand(len(seen), window))
-        out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.kinds),
-                           position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
+        with _attention_implementation(self.model.config, DECODE_ATTENTION):
+            out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.kinds),
+                               position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
         return out.logits
 
     def _mask_argument(self, masks: dict, kinds: tuple):
-        """Masks in the form the model forward takes prepared masks: one 4D mask where every layer is alike, else one
-        per entry of config.layer_types ("full_attention", "sliding_attention", and "conv", whose layers take none
-        while decoding), the mapping the models with several kinds of layers accept."""
+        """Boolean masks (decode_attention_forward's) in the form the model forward takes prepared masks: one 4D mask
+        where every layer is alike, else one per entry of config.layer_types ("full_attention", "sliding_attention",
+        and "conv", whose layers take none while decoding), the mapping the models with several kinds of layers
+        accept."""
         config = self.model.config
-        if config._attn_implementation == "eager":
-            dtype = self.model.dtype
-            masks = {w: torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
-                     for w, m in masks.items()}
         masks = {w: m[:, None, None, :] for w, m in masks.items()}
         masks[CONV] = None
         if len(set(kinds)) == 1:
