@@ -12,6 +12,7 @@ Printed only: the chosen configurations go into the kernels' constants.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 
@@ -28,8 +29,8 @@ RANK = 16
 
 
 def few_rows(device: str) -> None:
-    configs = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-               for n, k, w, st in itertools.product((16, 32, 64), (128, 256), (4,), (3, 4))]
+    configs = [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=split, num_warps=w, num_stages=st)
+               for n, k, split, w, st in itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8), (4,), (3,))]
     for (name, d_in, d_out), rows in itertools.product(PROJECTIONS, (1, 8)):
         x = torch.randn(rows, d_in, device=device, dtype=torch.bfloat16)
         w = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
@@ -39,19 +40,21 @@ def few_rows(device: str) -> None:
         gbytes = (w.numel() * 2 + a.numel() * 4 + b.numel() * 4) / 1e9
         cublas = common.bench_graph_ms(lambda: torch.addmm(torch.nn.functional.linear(x, w), x @ a16.t(), b16.t()))
         results = []
+        default = lora_module._few_rows_config(rows, d_out, d_in)
         for config in configs:
-            lora_module.FEW_ROWS_GPU_CONFIG = config
             try:
-                out = lora_module.lora_linear_few_rows(x, w, None, a, b, 2.0)
-                ms = common.bench_graph_ms(lambda: lora_module.lora_linear_few_rows(x, w, None, a, b, 2.0))
+                out = lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, config)
+                ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, config))
             except Exception as error:  # a configuration that does not compile (shared memory)
                 print(f"  {config}: {type(error).__name__}")
                 continue
             results.append((ms, config))
         ref = torch.nn.functional.linear(x.double(), w.double()) + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
         err = common.rel_err(out.double(), ref)
+        chosen = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, default))
         best = sorted(results, key=lambda r: r[0])[:3]
-        print(f"few-rows {name} {d_in}->{d_out} rows {rows}: cuBLAS 3 GEMMs {cublas * 1e3:.1f} us; best "
+        print(f"few-rows {name} {d_in}->{d_out} rows {rows}: cuBLAS 3 GEMMs {cublas * 1e3:.1f} us; default "
+              f"{chosen * 1e3:.1f} us {default}; best "
               + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best)
               + f"; rel err {err:.1e}", flush=True)
 
@@ -109,6 +112,6 @@ def schedule(device: str) -> None:
 
 
 if __name__ == "__main__":
-    schedule("cuda")
-    moe("cuda")
-    few_rows("cuda")
+    sections = {"schedule": schedule, "moe": moe, "few-rows": few_rows}
+    for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all three without arguments
+        sections[name]("cuda")

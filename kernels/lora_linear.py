@@ -21,9 +21,13 @@ for the forward GEMM and again in the backward, so no 16-bit copy outlives eithe
 
 Decoding (a few rows, nothing to differentiate) takes one Triton kernel instead: cuBLAS's base GEMM, the two thin
 LoRA GEMMs and the add are four launches (plus the factors' casts), and at a handful of rows a decode step is
-bound by launches, not by the bytes each reads. `_few_rows_kernel` gives each program a block of output columns:
-it streams W's block and all of A once (A's float32 tiles cast in registers), keeps x A^T (rows, r) beside the
-base product, and adds s (x A^T) B^T in its epilogue.
+bound by launches, not by the bytes each reads. `_few_rows_kernel` splits K as well as the output columns, since one
+program per column block walking all of K is too few programs, each a long serial loop, to keep the GPU's memory
+busy: program (column block, split) streams W's block and A over its share of K (A's float32 tiles cast in
+registers), and adds s (partial x A^T) B^T to its partial base product (the LoRA term is linear in x A^T, so the
+splits' terms sum to the whole). It writes that float32 partial to a workspace; the last program of its column
+block to arrive (a counter per block, which that program resets for the next launch) sums the partials in split
+order, so the result does not depend on which split finished first, adds the bias and stores the output.
 
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
@@ -55,28 +59,59 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
 # Rows up to which the few-rows kernel runs (decode batches); its row block is the rows rounded up to 16, tl.dot's
 # minimum, so every program's product is one MMA tile tall.
 FEW_ROWS = 64
-# Launch configuration of the few-rows kernel on a GPU: the fastest or within 3% of it for 1 and 8 rows at each of
-# Trinity-Mini's projections (benchmarks/bench_decode_ops.py, H200): 8.6-15.7 us against 10-21 us for cuBLAS's three
-# GEMMs. Each program's pass over K is serial, so small layers are bound by its latency, not by bandwidth.
-FEW_ROWS_GPU_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# SMs of the H200 the few-rows configuration is aimed at; on another GPU it is still correct, only less well fitted.
+_GPU_SMS = 132
+
+
+def _few_rows_config(rows: int, n: int, k: int) -> dict:
+    """Launch configuration of the few-rows kernel on a GPU, for `rows` rows of x (rows, k) and W (n, k).
+
+    Measured on an H200 (benchmarks/bench_decode_ops.py few-rows, 1 and 8 rows, Trinity-Mini's projections): about one
+    program per SM is best, with 64-column blocks wherever they still make 16 or more blocks (N >= 1024), as they read
+    x and A once per 64 columns of W instead of 16, and K split to make up the count, each split keeping at least 2
+    BLOCK_K iterations for its pipeline. That gave 9.0-9.3 us for 2048->4096 and 4096->2048 (16 MB of W, ~1.9 TB/s;
+    unsplit 16-column blocks took 12-16 us), 4.6 us for 2048->512 and 5.0-5.4 us for 2048<->1024. The float32
+    partials (written and read back, mostly in L2: 8 * splits * rows * n bytes) stay under half of W's 2 * n * k
+    bytes, which binds only at tens of rows.
+    """
+    block_k = 128
+    block_n = 64 if n >= 1024 else 16
+    blocks = triton.cdiv(n, block_n)
+    max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
+    split = 1
+    while split * 2 <= max_split and blocks * split * 2 <= _GPU_SMS:
+        split *= 2
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
+
+
+def _few_rows_interpreter_config(k: int) -> dict:
+    """Small blocks for the CPU interpreter, and K split into 1-2 iterations a split (at most 4 splits, the last ones
+    short or empty when K is not a multiple), so that the CPU tests go through the split-K fix-up."""
+    block_k = 32
+    split = min(4, triton.next_power_of_2(triton.cdiv(k, block_k) + 1) // 2)
+    return {"BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split}
 
 
 @triton.jit
 def _few_rows_kernel(
     x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, a_ptr, stride_ar, b_ptr, stride_bn, out_ptr, stride_om,
-    M, N, K, R, scaling,
+    partials_ptr, arrivals_ptr, M, N, K, R, K_PER_SPLIT, scaling,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[:, n block] = x W[n block]^T + bias + scaling (x A^T) B[n block]^T for all M (<= BLOCK_M) rows."""
-    pid = tl.program_id(0)
+    """out[:, n block] = x W[n block]^T + bias + scaling (x A^T) B[n block]^T for all M (<= BLOCK_M) rows; program
+    (n block, split) computes the split's K_PER_SPLIT (a multiple of BLOCK_K) share, partials (SPLIT_K, M, N)
+    float32 hold the splits' sums and arrivals (one int32 per n block, zero on entry and on exit) elects the last."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -89,14 +124,77 @@ def _few_rows_kernel(
         xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
     b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
                 other=0.0)
-    # As the Function: x A^T rounded to the activations' dtype, then its product with B scaled and added.
-    x_dtype = x_ptr.dtype.element_ty
-    lora = tl.dot(xa.to(x_dtype), b.to(x_dtype), input_precision=DOT_PRECISION)
-    acc += scaling * lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(x_dtype),
-             mask=m_mask[:, None] & n_mask[None, :])
+    # x A^T stays float32, where the Function rounds it to the activations' dtype: a split holds only part of the sum,
+    # and rounding each part would add one error per split. B is rounded to the activations' dtype as A is, so float32
+    # factors and their reused casts (kernels/reused_casts.py) give the same result. ieee, as (rows, r) x (r, BLOCK_N)
+    # is too small to cost.
+    acc += scaling * tl.dot(xa, b.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
+    offs_mn = offs_m[:, None] * N + offs_n[None, :]
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        tl.store(partials_ptr + split * M * N + offs_mn, acc, mask=mn_mask)
+        # Triton's scalar atomic is issued by one thread: the barrier puts every thread's partial before it, and its
+        # release makes them visible to the program whose acquire sees the final count.
+        tl.debug_barrier()
+        is_last = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+        if is_last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # in split order whichever arrived last: deterministic sums
+                # .cg: from L2, where the other programs' stores are; this SM's L1 is not kept coherent with them
+                acc += tl.load(partials_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            tl.store(arrivals_ptr + pid_n, 0)
+    else:
+        is_last = True
+    if is_last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(x_ptr.dtype.element_ty),
+                 mask=mn_mask)
+
+
+# Per device, one int32 arrival count per column block for the split-K fix-up, zero between launches (each block's
+# last program resets its own), so one tensor serves every call and every CUDA graph replay; launches that share it
+# must not run at once (one stream, as decoding runs). Grown, never shrunk, and the outgrown tensors kept alive: a
+# graph captured earlier still points at them.
+_arrival_counts: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counts_for(device: torch.device, blocks: int) -> torch.Tensor:
+    held = _arrival_counts.setdefault(device, [])
+    if not held or held[-1].numel() < blocks:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Zeros allocated under capture would only be written when the graph replays.
+            raise RuntimeError("lora_linear_few_rows needs more arrival counters than it has: run the layer once "
+                               "before capturing it in a CUDA graph")
+        # 1024 counters to start: more column blocks than a decoder's projections have, so growing is rare.
+        size = max(blocks, 2 * held[-1].numel() if held else 1024)
+        held.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _launch_few_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: float, config: dict) -> torch.Tensor:
+    """_few_rows_kernel on x2 (rows, in) with the launch configuration given: (rows, out) in x2's dtype."""
+    rows, k = x2.shape
+    n, rank = weight.shape[0], lora_a.shape[0]
+    x2, w = x2.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous()
+    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
+    b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
+    out = torch.empty(rows, n, dtype=x2.dtype, device=x2.device)
+    block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
+    blocks = triton.cdiv(n, block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    # Every slot is written whole by its program, empty splits included: no zeroing.
+    partials = torch.empty(split_k, rows, n, dtype=torch.float32, device=x2.device) if split_k > 1 else None
+    arrivals = _arrival_counts_for(x2.device, blocks) if split_k > 1 else None
+    _few_rows_kernel[(blocks, split_k)](
+        x2, x2.stride(0), w, w.stride(0), bias, a, a.stride(0), b, b.stride(0), out, out.stride(0),
+        partials, arrivals, rows, n, k, rank, k_per_split, float(scaling),
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    return out
 
 
 def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -104,22 +202,11 @@ def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """The forward alone, in one launch, for at most FEW_ROWS rows of x (..., in); no autograd."""
     x2 = x.reshape(-1, x.shape[-1])
     rows, k = x2.shape
-    n, rank = weight.shape[0], lora_a.shape[0]
+    n = weight.shape[0]
     if rows > FEW_ROWS:
         raise ValueError(f"lora_linear_few_rows takes at most {FEW_ROWS} rows, got {rows}")
-    x2, w = x2.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous()
-    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
-    b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    config = dict(FEW_ROWS_GPU_CONFIG) if x.is_cuda else {"BLOCK_N": 16, "BLOCK_K": 32}
-    _few_rows_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
-        x2, x2.stride(0), w, w.stride(0), bias, a, a.stride(0), b, b.stride(0), out, out.stride(0),
-        rows, n, k, rank, float(scaling),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **config,
-    )
-    return out.view(*x.shape[:-1], n)
+    config = _few_rows_config(rows, n, k) if x.is_cuda else _few_rows_interpreter_config(k)
+    return _launch_few_rows(x2, weight, bias, lora_a, lora_b, scaling, config).view(*x.shape[:-1], n)
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from fastmoe.kernels import lora_linear as lora_linear_module
-from fastmoe.kernels.lora_linear import FEW_ROWS, lora_linear, reference_lora_linear
+from fastmoe.kernels.lora_linear import FEW_ROWS, lora_linear, lora_linear_few_rows, reference_lora_linear
 from testing_utils import rel_err
 
 
@@ -92,6 +92,87 @@ def test_few_rows_without_gradients_take_one_kernel_equal_to_the_reference(token
                                            for t in (x, weight, b, lora_a, lora_b)), 1.7)
     assert out.shape == (*tokens, d_out) and out.dtype == dtype
     assert rel_err(out.double(), expected) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def _exact(x, weight, b, lora_a, lora_b, scaling):
+    return reference_lora_linear(*(t.double() if t is not None else None for t in (x, weight, b, lora_a, lora_b)),
+                                 scaling)
+
+
+# rows, in, out, rank: K off BLOCK_K (32) and off the split size (K per split 96 for 300: the splits hold 96, 96, 96
+# and 12; 64 for 129: 64, 64, 1 and an empty one), out off BLOCK_N (16), ranks that are not powers of two.
+SPLIT_K_SHAPES = [(1, 100, 37, 3), (FEW_ROWS, 129, 21, 5), (1, 75, 130, 12), (FEW_ROWS, 300, 50, 7)]
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,rank", SPLIT_K_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_split_k_off_every_block_equals_the_reference(rows, d_in, d_out, rank, bias, dtype):
+    """The interpreter's configuration splits K (1-2 BLOCK_K iterations a split), so these go through the fix-up:
+    partials summed by the last program of each column block, then the bias."""
+    assert lora_linear_module._few_rows_interpreter_config(d_in)["SPLIT_K"] > 1
+    x, weight, b, lora_a, lora_b = _inputs((rows,), d_in, d_out, rank, dtype, bias=bias)
+    with torch.no_grad():
+        out = lora_linear_few_rows(x, weight, b, lora_a, lora_b, 1.7)
+    assert out.shape == (rows, d_out) and out.dtype == dtype
+    assert rel_err(out.double(), _exact(x, weight, b, lora_a, lora_b, 1.7)) < (1e-5 if dtype == torch.float32
+                                                                               else 2e-3)
+
+
+def test_few_rows_twice_in_a_row_is_bit_identical_and_leaves_the_counters_at_zero():
+    """Each column block's last program resets its arrival counter: a second launch (or a CUDA graph replay) elects
+    its last programs afresh, and sums the partials in the same order."""
+    x, weight, b, lora_a, lora_b = _inputs((5,), 300, 50, 7, torch.float32)
+    counters = lora_linear_module._arrival_counts_for(x.device, 1)
+    with torch.no_grad():
+        first = lora_linear_few_rows(x, weight, b, lora_a, lora_b, 1.7)
+        assert not counters.any()
+        second = lora_linear_few_rows(x, weight, b, lora_a, lora_b, 1.7)
+    assert not counters.any()
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_unsplit_and_split_k_equal_the_reference(dtype):
+    """SPLIT_K=1 stores directly (no partials, no counter); 2 and 4 splits go through the fix-up, 8 leaves splits
+    empty (K 200 is 7 BLOCK_K iterations)."""
+    x, weight, b, lora_a, lora_b = _inputs((9,), 200, 45, 6, dtype)
+    exact = _exact(x, weight, b, lora_a, lora_b, 0.8)
+    outs = {}
+    with torch.no_grad():
+        for split_k in (1, 2, 4, 8):
+            config = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}
+            outs[split_k] = lora_linear_module._launch_few_rows(x.detach(), weight, b, lora_a, lora_b, 0.8, config)
+    for split_k, out in outs.items():
+        assert rel_err(out.double(), exact) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
+        assert rel_err(out.double(), outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
+
+
+def test_arrival_counters_grow_zeroed_and_keep_the_outgrown_ones():
+    """A graph captured before the counters grew still points at the old tensor: it must stay allocated."""
+    device = torch.device("cpu")
+    current = lora_linear_module._arrival_counts_for(device, 1)
+    assert lora_linear_module._arrival_counts_for(device, current.numel()) is current
+    grown = lora_linear_module._arrival_counts_for(device, current.numel() + 1)
+    assert grown.numel() > current.numel() and not grown.any() and grown.dtype == torch.int32
+    assert any(t is current for t in lora_linear_module._arrival_counts[device])
+    assert lora_linear_module._arrival_counts_for(device, 1) is grown
+
+
+@pytest.mark.parametrize("rows", [1, 8, FEW_ROWS])
+@pytest.mark.parametrize("d_in,d_out", [(2048, 512), (2048, 4096), (4096, 2048), (2048, 1024), (1024, 2048)])
+def test_gpu_config_splits_k_into_whole_blocks_and_fills_an_h200(rows, d_in, d_out):
+    """Trinity-Mini's projections: a power-of-two split of K into whole BLOCK_K iterations, at least 2 of them a
+    program, at most one program per SM of an H200 (132), and nearly one per SM at decode's few rows (the best
+    measured, kernels/lora_linear.py's _few_rows_config)."""
+    config = lora_linear_module._few_rows_config(rows, d_out, d_in)
+    split_k, block_k = config["SPLIT_K"], config["BLOCK_K"]
+    iterations = -(-d_in // block_k)
+    programs = -(-d_out // config["BLOCK_N"]) * split_k
+    assert split_k & (split_k - 1) == 0 and iterations // split_k >= 2
+    assert programs <= 132
+    if rows <= 8:
+        assert programs >= 0.9 * 132
 
 
 def test_more_rows_or_gradients_take_the_function(monkeypatch):
