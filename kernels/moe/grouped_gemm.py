@@ -21,6 +21,8 @@ Kernels:
 * ``_grouped_mm_swiglu_bwd_kernel``: d(h) = dout @ W_down (+LoRA) with the SwiGLU backward in the epilogue;
   also recomputes h and each row's partial <d(h), h> for the routing-weight gradient.
 * ``_grouped_wgrad_kernel`` (16-bit): dW[e] = sum over the rows s of e of g[g_rows[s]]^T x[x_rows[s]].
+* ``_grouped_mm_lora_in_tile_kernel`` (16-bit, decoding): ``_grouped_mm_kernel`` or the SwiGLU forward with the thin
+  LoRA product computed in the tile's own pass over K.
 """
 
 from __future__ import annotations
@@ -373,6 +375,68 @@ def _grouped_wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
+@triton.jit
+def _grouped_mm_lora_in_tile_kernel(
+    a_ptr, stride_am, stride_ak, a_rows_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk,  # (E, N, K), or (E, 2N, K) as [gate; up] with SWIGLU
+    la_ptr, stride_lae, stride_lar, stride_lak,  # LoRA A (E, r, K)
+    b_ptr, stride_be, stride_bn, stride_br,  # LoRA B (E, N, r), or (E, 2N, r)
+    out_ptr, stride_om, stride_on, out_rows_ptr,
+    row_scale_ptr,
+    tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    N, K, R, lora_scale,
+    SWIGLU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """16-bit weights with LoRA, the thin product L = lora_scale * a A_e^T computed in the same pass over K as the
+    base product (decoding: it would otherwise be a launch of its own, as long as the GEMM at a handful of rows):
+    out[out_rows[s]] = row_scale[s] * (a[a_rows[s]] @ W_e^T + L[s] @ B_e^T), or with SWIGLU silu(gate) * up of the
+    gate and up halves. L is rounded to a's dtype before its product with B, as the separate launch stores it."""
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    if expert < 0:
+        return
+    e64 = expert.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask, r_mask = offs_n < N, offs_r < R
+    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + e64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    la_ptrs = la_ptr + e64 * stride_lae + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            up = tl.dot(a, tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0), up, input_precision=DOT_PRECISION)
+        la = tl.load(la_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        xa = tl.dot(a, la, xa, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+        la_ptrs += BLOCK_K * stride_lak
+    lo = (xa * lora_scale).to(a_ptr.dtype.element_ty)
+    b_ptrs = b_ptr + e64 * stride_be + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    b_mask = r_mask[:, None] & n_mask[None, :]
+    acc = tl.dot(lo, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+    if SWIGLU:
+        up = tl.dot(lo, tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0), up, input_precision=DOT_PRECISION)
+        # gate and up rounded to the storage dtype first, as _grouped_mm_swiglu_kernel does.
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    out_rows = tl.load(out_rows_ptr + offs_m, mask=row_mask, other=0)
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -553,6 +617,38 @@ def grouped_mm_swiglu(
         inter, block_n, block_k, 2 * block_n, options, STORE_GATE_UP=store_gate_up,
     )
     return h, (gu if store_gate_up else None)
+
+
+def grouped_mm_lora_in_tile(
+    a: torch.Tensor, a_rows: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    lora_scale: float, schedule: ExpertSchedule, out: torch.Tensor, out_rows: torch.Tensor,
+    row_scale: torch.Tensor | None = None, swiglu: bool = False,
+) -> torch.Tensor:
+    """grouped_mm (or, with swiglu, grouped_mm_swiglu's h) with LoRA, for rows nothing differentiates: the thin
+    product scaling * a A_e^T is computed inside each tile instead of by a launch of its own (at a decode step's
+    handful of rows that launch costs as much as the GEMM it feeds).
+
+    a: (rows_a, K); weight: (E, N, K) 16-bit, or (E, 2N, K) as [gate; up] with swiglu; lora_a: (E, r, K);
+    lora_b: (E, N, r) or (E, 2N, r); out: (rows_out, N) written at out_rows; row_scale: (S,) fp32.
+    """
+    n = weight.shape[1] // 2 if swiglu else weight.shape[1]
+    k, rank = weight.shape[2], lora_a.shape[1]
+    cap_n, cap_k, options = _config(a.device, pairs=schedule.num_pairs)
+    # With SwiGLU two accumulators (gate and up) per program: half the N block keeps the register budget of one.
+    block_n, block_k = _block(n, cap_n // 2 if swiglu else cap_n), _block(k, cap_k)
+    _grouped_mm_lora_in_tile_kernel[(schedule.max_tiles * triton.cdiv(n, block_n),)](
+        a, a.stride(0), a.stride(1), a_rows,
+        weight, weight.stride(0), weight.stride(1), weight.stride(2),
+        lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_b, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        out, out.stride(0), out.stride(1), out_rows, row_scale,
+        schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
+        n, k, rank, float(lora_scale),
+        SWIGLU=swiglu, HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(rank, 1 << 30),
+        DOT_PRECISION=_dot_precision(a.dtype), **options,
+    )
+    return out
 
 
 def grouped_mm_swiglu_backward(

@@ -164,6 +164,32 @@ def test_moe_experts_fp16_interpreter():
         assert rel_err(grad, ref_grad) < 1e-2
 
 
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used", EXPERT_SHAPES)
+@pytest.mark.parametrize("permuted", [False, True], ids=["contiguous", "peft-views"])
+def test_moe_experts_without_gradients_take_lora_in_the_tile(num_tokens, hidden, inter, num_experts, top_k, rank,
+                                                             used, permuted, monkeypatch):
+    """Decoding (nothing to differentiate, few pairs): the thin LoRA products are computed inside the expert GEMMs'
+    tiles (grouped_mm_lora_in_tile), never by grouped_mm's separate launches, with the reference's output."""
+    from fastmoe.kernels.moe import experts as experts_module
+
+    args, _ = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used,
+                              train_weights=False, permuted=permuted, seed=1)
+    with reference_only(), torch.no_grad():
+        ref = moe_experts(*args)
+    calls, in_tile = [], experts_module.grouped_mm_lora_in_tile
+
+    def counted_in_tile(*a, **kw):
+        calls.append(kw.get("swiglu", False))
+        return in_tile(*a, **kw)
+
+    monkeypatch.setattr(experts_module, "grouped_mm_lora_in_tile", counted_in_tile)
+    monkeypatch.setattr(experts_module, "grouped_mm", None)  # the launches this path replaces
+    with torch.no_grad():
+        out = moe_experts(*args)
+    assert calls == [True, False]
+    assert rel_err(out, ref) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------------------
 # GPU, bf16
 # --------------------------------------------------------------------------------------------------------
@@ -182,6 +208,22 @@ def _gpu_check(fn, args, params, ref_args):
     assert rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+def test_moe_experts_without_gradients_gpu_bf16(num_tokens):
+    """The decode path (LoRA in the tile) at Trinity-Mini's experts, bf16 against the fp32 reference."""
+    args, _ = _experts_inputs(num_tokens, 2048, 1024, 128, 8, 16, dtype=torch.bfloat16, device="cuda",
+                              train_weights=False, permuted=True)
+    x, index, weights, gate_up, down, gu_lora, down_lora = args
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+    with torch.no_grad():
+        out = moe_experts(*args)
+        with reference_only():
+            ref = moe_experts(x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
+    assert rel_err(out.float(), ref) < 1e-2
 
 
 @gpu
