@@ -63,29 +63,34 @@ def decode_bytes(model, config, batch: int, context: int) -> int:
     return int(total)
 
 
-def print_profile(fn, rows: int, steps: int) -> None:
-    """The kernels of `steps` decode steps (and one prefill) by device time, and their count per step."""
+def print_profile(fn, rows: int, what: str) -> None:
+    """The kernels `fn` runs by device time, with their counts."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.device_time for e in kernels) / 1e3
-    print(f"profile: {len(kernels)} device events, {busy_ms:.2f} ms device time over prefill + {steps} steps")
+    print(f"profile: {len(kernels)} device events, {busy_ms:.2f} ms device time over {what}")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=90))
+
+
+def captured_step(model):
+    """The decode buffers whose captured graph the last generate call replayed, or None (eager, or transformers)."""
+    from fastmoe.generation import DecodeForward
+
+    decode = model.get_base_model().forward
+    graphed = [b for b in decode.buffers.values() if b.graph is not None] if isinstance(decode, DecodeForward) else []
+    return max(graphed, key=lambda b: b.capacity) if graphed else None
 
 
 def replay_ms_per_step(model) -> float | None:
     """Device time of one decode step alone: the captured graph of the last generate call replayed back to back
     (what the step costs without generate's host work between steps). Replays rewrite the same slot with the
     same values."""
-    from fastmoe.generation import DecodeForward
-
-    decode = model.get_base_model().forward
-    graphed = [b for b in decode.buffers.values() if b.graph is not None] if isinstance(decode, DecodeForward) else []
-    if not graphed:
+    buffers = captured_step(model)
+    if buffers is None:
         return None
-    buffers = max(graphed, key=lambda b: b.capacity)
     buffers.index.fill_(buffers.length - 1)
     return common.bench_ms(buffers.graph.replay, warmup=5, rep=50)
 
@@ -115,7 +120,13 @@ def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype, bandwi
 
     generate(min(8, args.new_tokens))  # warm-up: Triton compiles, fastmoe captures its graphs
     if args.profile_rows and device == "cuda":
-        print_profile(lambda: generate(17), args.profile_rows, steps=16)
+        buffers = captured_step(model)
+        if buffers is None:
+            print_profile(lambda: generate(17), args.profile_rows, "a prefill and 16 decode steps")
+        else:  # the kernels of the captured step alone, replayed 10 times (a count of 10 is one launch per step)
+            buffers.index.fill_(buffers.length - 1)
+            print_profile(lambda: [buffers.graph.replay() for _ in range(10)], args.profile_rows,
+                          "10 replays of the captured decode step")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     prefill = statistics.median(generate(1)[0] for _ in range(args.repeats))
@@ -155,7 +166,8 @@ def main() -> None:
     parser.add_argument("--fastmoe-without-graphs", action="store_true",
                         help="fastmoe decodes eagerly (for_inference(use_cuda_graphs=False))")
     parser.add_argument("--profile-rows", type=int, default=0,
-                        help="print the top kernels of 16 decode steps (torch.profiler) after the warm-up")
+                        help="print the top kernels (torch.profiler) of 10 replays of the captured decode step, or of "
+                        "a prefill and 16 eager decode steps, after the warm-up")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))

@@ -63,6 +63,28 @@ def assert_same_decoding(got, expected, tolerance: float) -> None:
     assert rel_err(torch.stack(got.scores), torch.stack(expected.scores)) < tolerance
 
 
+def assert_same_greedy_decoding_up_to_a_tie(got, expected, tolerance: float) -> None:
+    """Two bf16 implementations (different kernels): the same tokens with scores within `tolerance` (relative error),
+    step by step, until a step where some row's two choices were tied within that noise in the expected scores (the
+    gap between them at most `tolerance` times the row's root-mean-square score, the per-score error the relative
+    tolerance allows); after it the continuations may differ."""
+    def finite(scores: torch.Tensor) -> torch.Tensor:  # tokens a logits processor ruled out (-inf) count as 0
+        return scores.float().nan_to_num(neginf=0.0)
+
+    new_tokens = len(expected.scores)
+    got_tokens, expected_tokens = got.sequences[:, -new_tokens:], expected.sequences[:, -new_tokens:]
+    for step in range(new_tokens):
+        assert torch.equal(torch.isinf(got.scores[step]), torch.isinf(expected.scores[step])), f"step {step}"
+        different = (got_tokens[:, step] != expected_tokens[:, step]).nonzero().flatten().tolist()
+        for row in different:
+            scores = finite(expected.scores[step][row])
+            gap = scores[expected_tokens[row, step]] - scores[got_tokens[row, step]]
+            assert gap <= tolerance * scores.square().mean().sqrt(), f"step {step}, row {row}: not a tie ({gap:.4f})"
+        if different:
+            return
+        assert rel_err(finite(got.scores[step]), finite(expected.scores[step])) < tolerance, f"step {step}"
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_greedy_generation_matches_transformers_with_the_same_adapter(tiny_checkpoint, model_type):
     checkpoint = tiny_checkpoint(model_type)
@@ -165,23 +187,29 @@ def test_for_training_switches_back(tiny_checkpoint):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_bf16_greedy_generation_on_gpu_matches_transformers_for_32_tokens(tiny_checkpoint, model_type):
+def test_fp32_greedy_generation_on_gpu_matches_transformers_for_32_tokens(tiny_checkpoint, model_type):
+    """The GPU kernels of the decode step (attention over the buffers, few-rows LoRA linears, experts with LoRA in
+    the tile, graphs) against plain transformers, in fp32, where both are exact enough for the same 32 tokens. (In
+    bf16 these tiny random models move their logits by ~10% from bf16 rounding alone, so that greedy paths part at
+    near ties; the bf16 tests compare fastmoe's paths with each other.)"""
     checkpoint = tiny_checkpoint(model_type)
     batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
 
     def generate_32(model):
         model.eval()
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=32, do_sample=False)
-        return out[:, batch["input_ids"].shape[1]:]
+            return model.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
 
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda()
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda()
     expected = generate_32(reference)
     del reference
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=128)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=128)
     generated = generate_32(FastModel.for_inference(model.cuda()))
-    assert generated.shape == (2, 32)
-    assert torch.equal(generated, expected)
+    assert model.forward.decode_steps == 31 and any(b.graph is not None for b in model.forward.buffers.values())
+    assert torch.equal(generated.sequences, expected.sequences)
+    finite = [s.nan_to_num(neginf=0.0) for s in (torch.stack(generated.scores), torch.stack(expected.scores))]
+    assert rel_err(*finite) < 1e-4
 
 
 @pytest.mark.gpu
@@ -206,8 +234,8 @@ def test_decode_steps_replayed_from_cuda_graphs_equal_the_eager_decode_steps(tin
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_decoding_after_an_adapter_update_uses_the_new_adapter(tiny_checkpoint):
     """RL between generations: an optimizer step changes the float32 LoRA factors in place; the next generate call
-    (its captured graphs and its reused bf16 casts of the factors) decodes with the new adapter, as transformers'
-    own cache does."""
+    (its captured graphs and its reused bf16 casts of the factors) decodes with the new adapter: as a fresh decode
+    path does (new casts, new graphs), and as transformers' own cache does up to bf16's ties."""
     checkpoint = tiny_checkpoint("afmoe")
     batch = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
     model = adapted(checkpoint, "afmoe", dtype=torch.bfloat16, device_map={"": 0})
@@ -222,8 +250,11 @@ def test_graphed_decoding_after_an_adapter_update_uses_the_new_adapter(tiny_chec
     decode = model.get_base_model().forward
     assert decode.use_cuda_graphs and len(decode.buffers) == 1
     FastModel.for_training(model)
+    fresh = scored(FastModel.for_inference(model), batch, 24)  # casts made and graphs captured from the new factors
+    FastModel.for_training(model)
     model.eval()
     expected = scored(model, batch, 24, use_cache=True)  # transformers' DynamicCache, no graphs, no reused casts
 
     assert not torch.equal(after.sequences, before.sequences)
-    assert_same_decoding(after, expected, 1e-2)
+    assert_same_decoding(after, fresh, 1e-3)
+    assert_same_greedy_decoding_up_to_a_tie(after, expected, 0.15)
