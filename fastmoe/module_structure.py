@@ -12,15 +12,25 @@ swapping layers) registers it; what a walk caches are the objects, so values rea
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 _registrations = {"count": 0, "hooks": None}
+# The modules of every tree walked so far: only a registration on one of them can change a cached walk.
+_walked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
-def _count_registration(*_) -> None:
-    _registrations["count"] += 1  # returns None: the registered object is kept as given
+def _count_registration(module: torch.nn.Module, *_) -> None:
+    """Counts a registration on a walked module (returns None: the registered object is kept as given). Others change
+    no cached walk: a module still being built (it is counted when attached to a walked one), or a temporary
+    container such as the ModuleList that slicing `model.layers` builds inside a model's forward (LFM2-MoE does at
+    every call), which would otherwise invalidate every walk at every step. Never counted while torch.compile traces:
+    such a slice inside a compiled forward would be a side effect on this module's state, which dynamo cannot write
+    back (the dict holds the hooks' handles)."""
+    if not torch.compiler.is_compiling() and module in _walked:
+        _registrations["count"] += 1
 
 
 def track_registrations() -> None:
@@ -55,6 +65,7 @@ def structure_of(root: torch.nn.Module) -> Structure:
     if cached is None or cached.count != _registrations["count"]:
         cached = Structure(_registrations["count"], tuple(root.modules()), tuple(root.named_parameters()),
                            tuple(root.buffers()))
+        _walked.update(cached.modules)
         # Kept on the module itself: the walk holds the module, so a global table keyed by it (even a weak one)
         # would keep every model ever walked, and its GPU memory, alive. On the module it is a cycle that goes
         # with the model.

@@ -26,6 +26,20 @@ def test_a_walk_is_kept_until_a_module_parameter_or_buffer_is_registered():
     assert structure_of(model).buffers == tuple(model.buffers()) and len(structure_of(model).buffers) == 1
 
 
+def test_temporary_containers_and_modules_being_built_keep_the_walk():
+    """LFM2-MoE's forward slices its ModuleList of layers at every call (a new ModuleList registers the layers into
+    itself): that changes no walked tree, and must not send every step into a new walk; neither does a module being
+    built, until it is attached."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)]))
+    first = structure_of(model)
+    assert len(model[1][:2]) == 2
+    new = torch.nn.Sequential()
+    new.add_module("extra", torch.nn.Linear(4, 4))
+    assert structure_of(model) is first
+    model[1].append(new)
+    assert structure_of(model).modules == tuple(model.modules()) != first.modules
+
+
 def test_a_walked_model_is_freed_with_its_last_reference():
     """The walk holds the model's modules: kept in a global table it would keep every model ever walked (and its
     GPU memory) alive. Kept on the module, it goes with the model."""
