@@ -343,12 +343,14 @@ class FastBaseModel:
         return model
 
     @staticmethod
-    def for_training(model):
-        """Train mode; the cache is off since gradient checkpointing recomputes the forward. The decode path's
-        buffers and graphs are freed."""
+    def for_training(model, keep_decode_graphs: bool = True):
+        """Train mode; the cache is off since gradient checkpointing recomputes the forward. The decode path steps
+        aside: with keep_decode_graphs its buffers, CUDA graphs and bf16 casts of the adapters stay for the next
+        `for_inference` (an RL loop such as GRPO captures each batch size and cache length once; they hold the KV
+        buffers of the shapes generated so far and a 16-bit copy of every LoRA factor); without, they are freed."""
         model.train()
         _base_config(model).use_cache = False
-        generation.uninstall(_base_model(model))
+        generation.uninstall(_base_model(model), keep=keep_decode_graphs)
         return model
 
 

@@ -14,7 +14,9 @@ it unchanged: sampling, stop tokens, streamers and left padding stay transformer
   one by one. On the CPU the same step runs eagerly; that is what the CPU tests compare with transformers.
 - When a sequence outgrows the capacity, the buffers grow by `CAPACITY_STEP` (contents copied) and the step is
   captured again for the new size. Buffers and graphs are kept per (batch size, capacity), so that later `generate`
-  calls of the same shapes (evaluation, RL rollouts) replay without capturing; `FastModel.for_training` frees them.
+  calls of the same shapes (evaluation, RL rollouts) replay without capturing. `FastModel.for_training` keeps them
+  for the next `for_inference` (or frees them: keep_decode_graphs=False); parameters that moved since (an adapter
+  loaded) start them over.
 
 LFM2's short convolutions keep their last inputs in the cache beside the attention layers' keys and values; the
 family's patched convolution forward runs the decode step's update against them (fastmoe.models.lfm2_moe).
@@ -27,6 +29,7 @@ attentions or hidden states, offloaded caches.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -45,6 +48,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from fastmoe.kernels.decode_attention import decode_attention
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
+from fastmoe.module_structure import structure_of
 
 # Full-attention capacity is the prompt plus new tokens rounded up to a multiple of this: a handful of graph shapes.
 CAPACITY_STEP = 256
@@ -289,8 +293,14 @@ class DecodeForward:
         # refreshed in place at the next prefill when an optimizer step changed the factors.
         self.casts = CastCache()
         self.decode_steps = 0  # steps taken through the decode cache (the tests check that this path ran)
+        self.parameter_addresses: tuple[int, ...] | None = None  # where the parameters were when buffers were made
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if torch.compiler.is_compiling():
+            # generate compiling the forward (a static cache): the class's forward as it is, which torch.compile traces
+            # (fastmoe's ops are custom ops) and whose casts it fuses itself.
+            return self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=past_key_values, **kwargs)
         if isinstance(past_key_values, DecodeCache):
             with reused_casts(self.casts):
                 return self._decode(past_key_values, input_ids, attention_mask, kwargs)
@@ -301,6 +311,14 @@ class DecodeForward:
         if kinds is not None:
             out.past_key_values = self._decode_cache(out.past_key_values, kinds, input_ids, attention_mask)
         return out
+
+    def __deepcopy__(self, memo):
+        # A copy of the model (or a pickled one, below) decodes from scratch: buffers, graphs and casts belong to
+        # this model's tensors.
+        return DecodeForward(copy.deepcopy(self.model, memo), self.use_cuda_graphs)
+
+    def __reduce__(self):
+        return DecodeForward, (self.model, self.use_cuda_graphs)
 
     def forward(self, **kwargs):
         """The class's forward, looked up at each call: patches switched on or off later apply."""
@@ -331,6 +349,13 @@ class DecodeForward:
         return kinds
 
     def _decode_cache(self, cache: DynamicCache, kinds: tuple, input_ids, attention_mask) -> DecodeCache:
+        # Captured graphs read the parameters where they were at capture: if any moved since (an adapter loaded or
+        # swapped, a .to()), buffers, graphs and casts start over. An optimizer's in-place steps move nothing.
+        addresses = tuple(p.data_ptr() for _, p in structure_of(self.model).named_parameters)
+        if addresses != self.parameter_addresses:
+            self.buffers.clear()
+            self.casts = CastCache()
+            self.parameter_addresses = addresses
         batch, length = input_ids.shape
         key = (batch, _capacity_for(length))
         if key not in self.buffers:
@@ -434,17 +459,29 @@ def _capture(step, buffers: DecodeBuffers):
     return output, graph
 
 
+# Where `uninstall(model, keep=True)` leaves the DecodeForward (a plain attribute, not a submodule), for `install`.
+_KEPT = "_fastmoe_decode_forward"
+
+
 def install(model: torch.nn.Module, use_cuda_graphs: bool = True) -> DecodeForward:
-    """Put a DecodeForward in front of `model`'s forward (a transformers causal LM), or return the one there."""
+    """Put a DecodeForward in front of `model`'s forward (a transformers causal LM): the one there, else the one an
+    `uninstall(keep=True)` kept (its buffers, graphs and casts reused), else a new one."""
+    current = model.__dict__.get("forward")
+    if not isinstance(current, DecodeForward):
+        current = model.__dict__.pop(_KEPT, None) or DecodeForward(model, use_cuda_graphs)
+        model.forward = current
+    current.use_cuda_graphs = use_cuda_graphs
+    return current
+
+
+def uninstall(model: torch.nn.Module, keep: bool = True) -> None:
+    """Back to the class's forward. keep: the DecodeForward, with its buffers, graphs and casts, is kept on the model
+    for the next `install` (an RL loop switching between generation and training captures each shape once);
+    otherwise all of it is freed."""
     current = model.__dict__.get("forward")
     if isinstance(current, DecodeForward):
-        current.use_cuda_graphs = use_cuda_graphs
-        return current
-    model.forward = DecodeForward(model, use_cuda_graphs)
-    return model.forward
-
-
-def uninstall(model: torch.nn.Module) -> None:
-    """Back to the class's forward; buffers and graphs are freed."""
-    if isinstance(model.__dict__.get("forward"), DecodeForward):
         del model.forward
+        if keep:
+            model.__dict__[_KEPT] = current
+    if not keep:
+        model.__dict__.pop(_KEPT, None)

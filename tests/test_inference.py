@@ -169,6 +169,46 @@ def test_prefills_fastmoe_does_not_take_over_keep_transformers_cache(tiny_checkp
     assert torch.equal(out.sequences, expected)
 
 
+def test_for_training_keeps_the_decode_path_for_the_next_for_inference(tiny_checkpoint):
+    """An RL loop (generate, train, generate): the second generate reuses the first one's buffers (and on CUDA its
+    graphs and casts) with the adapter as the optimizer left it, and gives transformers' tokens; parameters replaced
+    since (an adapter loaded) start the buffers over; keep_decode_graphs=False frees everything; a copy of the model
+    decodes from scratch."""
+    import copy
+
+    checkpoint = tiny_checkpoint("cohere")
+    batch = prompts(AutoTokenizer.from_pretrained(checkpoint))
+    model = adapted(checkpoint, "cohere", dtype=torch.float32)
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    with reference_only():  # the ops' PyTorch references: this test is about the decode path's state
+        decode = FastModel.for_inference(model).get_base_model().forward
+        scored(model, batch, NEW_TOKENS)
+        buffers = dict(decode.buffers)
+        assert buffers
+
+        FastModel.for_training(model)
+        with torch.no_grad():
+            for p in lora:
+                p.add_(torch.randn_like(p), alpha=0.5 * p.std().item())  # an optimizer step, in place
+        assert FastModel.for_inference(model).get_base_model().forward is decode
+        after = scored(model, batch, NEW_TOKENS)
+        assert decode.buffers == buffers  # the same DecodeBuffers objects: nothing made again
+        FastModel.for_training(model)
+        model.eval()
+        assert_same_decoding(after, scored(model, batch, NEW_TOKENS, use_cache=True), 1e-5)
+
+        with torch.no_grad():
+            lora[0].data = lora[0].data.clone()  # the parameter moved
+        FastModel.for_inference(model)
+        scored(model, batch, NEW_TOKENS)
+        assert decode.buffers.keys() == buffers.keys() and decode.buffers != buffers
+        copied = copy.deepcopy(model)
+        assert copied.get_base_model().forward is not decode and not copied.get_base_model().forward.buffers
+
+        FastModel.for_training(model, keep_decode_graphs=False)
+        assert FastModel.for_inference(model).get_base_model().forward is not decode
+
+
 def test_for_training_switches_back(tiny_checkpoint):
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4)
