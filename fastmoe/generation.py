@@ -285,9 +285,12 @@ class DecodeForward:
     """Stands in for a causal LM's forward (an instance attribute, so the class's forward stays untouched): takes
     `generate`'s prefill and decode calls over as the module docstring says, and passes every other call through."""
 
-    def __init__(self, model: torch.nn.Module, use_cuda_graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, use_cuda_graphs: bool = True, inner=None):
         self.model = model
         self.use_cuda_graphs = use_cuda_graphs
+        # An instance forward that stood on the model before this one (trl's fused LM head, which its trainers install
+        # on the base model): every call goes through it, and `uninstall` puts it back.
+        self.inner = inner
         self.buffers: dict[tuple[int, int], DecodeBuffers] = {}
         # The LoRA factors' casts to the activations' dtype, made once (kernels/reused_casts.py): without grad only,
         # refreshed in place at the next prefill when an optimizer step changed the factors.
@@ -315,13 +318,16 @@ class DecodeForward:
     def __deepcopy__(self, memo):
         # A copy of the model (or a pickled one, below) decodes from scratch: buffers, graphs and casts belong to
         # this model's tensors.
-        return DecodeForward(copy.deepcopy(self.model, memo), self.use_cuda_graphs)
+        return DecodeForward(copy.deepcopy(self.model, memo), self.use_cuda_graphs, copy.deepcopy(self.inner, memo))
 
     def __reduce__(self):
-        return DecodeForward, (self.model, self.use_cuda_graphs)
+        return DecodeForward, (self.model, self.use_cuda_graphs, self.inner)
 
     def forward(self, **kwargs):
-        """The class's forward, looked up at each call: patches switched on or off later apply."""
+        """The forward this one stands in front of: the instance forward installed before it, else the class's,
+        looked up at each call (patches switched on or off later apply)."""
+        if self.inner is not None:
+            return self.inner(**kwargs)
         return type(self.model).forward(self.model, **kwargs)
 
     # -- prefill --------------------------------------------------------------------------------------------------
@@ -468,19 +474,24 @@ def install(model: torch.nn.Module, use_cuda_graphs: bool = True) -> DecodeForwa
     `uninstall(keep=True)` kept (its buffers, graphs and casts reused), else a new one."""
     current = model.__dict__.get("forward")
     if not isinstance(current, DecodeForward):
-        current = model.__dict__.pop(_KEPT, None) or DecodeForward(model, use_cuda_graphs)
-        model.forward = current
+        decode = model.__dict__.pop(_KEPT, None) or DecodeForward(model, use_cuda_graphs)
+        decode.inner = current  # the instance forward there now (trl's fused head), or None: the class's
+        model.forward = current = decode
     current.use_cuda_graphs = use_cuda_graphs
     return current
 
 
 def uninstall(model: torch.nn.Module, keep: bool = True) -> None:
-    """Back to the class's forward. keep: the DecodeForward, with its buffers, graphs and casts, is kept on the model
+    """Back to the forward that was there before `install` (the class's, or an instance forward such as trl's fused
+    head). keep: the DecodeForward, with its buffers, graphs and casts, is kept on the model
     for the next `install` (an RL loop switching between generation and training captures each shape once);
     otherwise all of it is freed."""
     current = model.__dict__.get("forward")
     if isinstance(current, DecodeForward):
-        del model.forward
+        if current.inner is None:
+            del model.forward
+        else:
+            model.forward = current.inner
         if keep:
             model.__dict__[_KEPT] = current
     if not keep:

@@ -93,6 +93,31 @@ def assert_same_head(out, ref, grads, ref_grads, fields=ALL_FIELDS, tol=1e-5):
         assert rel_err(grad, ref_grads[name]) < tol, name
 
 
+def test_generating_between_training_steps_keeps_the_fused_head(tiny_checkpoint, head_kernel_only):
+    """A notebook's train, look at some answers, train on: for_inference puts the decode path in front of the fused
+    head the trainer installed, generation goes through both, and for_training puts the fused head back."""
+    from fastmoe import generation
+
+    model = fast_lora_model(tiny_checkpoint("afmoe"))
+    batch = batch_with_padding(model.config.vocab_size)
+    before, grads = fused_call(model, trl_fused_head.add_fused_lm_head, batch)
+    base = model.get_base_model()
+    fused = base.forward
+    FastModel.for_inference(model)
+    assert isinstance(base.forward, generation.DecodeForward) and base.forward.inner is fused
+    with torch.no_grad():
+        generated = model.generate(input_ids=batch["input_ids"][:, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == 9 and base.forward.decode_steps == 3
+    FastModel.for_training(model)
+    assert base.forward is fused
+    model.zero_grad(set_to_none=True)
+    after = model(**batch, fused_lm_head=True)
+    after.loss.backward()
+    assert type(after) is type(before) and rel_err(after.loss, before.loss) < 1e-6
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name not in grads) and (p.grad is None or rel_err(p.grad, grads[name]) < 1e-6)
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_fused_forward_matches_trls_head(tiny_checkpoint, head_kernel_only, model_type):
     # Every field, a temperature (GRPO's), num_items_in_batch (gradient accumulation) and an entropy bonus in the
