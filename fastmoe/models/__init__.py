@@ -4,9 +4,9 @@ Each family is one module, `fastmoe/models/<family>.py`, that defines its forwar
 (`FAMILY`, a `fastmoe.patching.Family`). Adding a family = adding that module and one line to FAMILIES (and its
 tests). Modules are imported only when their family is asked for: each imports transformers' modeling code.
 
-Besides its own ops, every family uses the SHARED_OPS: peft's Linear LoRA forwards and trl's fused LM head, which
-serve any patched family's models. They stay patched while at least one family patched with them on remains, so
-unpatching one family never undoes another's.
+Besides its own ops, every family uses the SHARED_OPS: peft's Linear LoRA forwards, trl's fused LM head and trl's
+rollouts, which serve any patched family's models. They stay patched while at least one family patched with them on
+remains, so unpatching one family never undoes another's.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ SHARED_OPS: dict[str, str] = {
     "lora_linear": "fastmoe.linear_lora:lora_linear_patches",
     # trl's add_fused_lm_head: fastmoe's head on models whose family's loss op is patched, trl's own on the others.
     "trl_fused_head": "fastmoe.trl_fused_head:fused_lm_head_patches",
+    # trl's unwrap_model_for_generation: its trainers' rollouts (GRPO, RLOO without vLLM) on fastmoe's decode path.
+    "trl_generation": "fastmoe.trl_generation:generation_patches",
     # The Trainer's per-step parameter count and gradient clipping, without walking every module of a fastmoe model.
     "trainer_step": "fastmoe.trainer_step:trainer_step_patches",
 }
