@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR [STEP ...]]
 #
-# STEPs (default: all but multi-gpu, in this order): gpu-tests sft generate decode-ops moe-block lora-linear fused-lm-head short-conv sliding-attention
+# STEPs (default: all but multi-gpu, in this order): gpu-tests sft generate grpo decode-ops moe-block lora-linear fused-lm-head short-conv sliding-attention
 # nf4-experts loss norm-rope train-step-8 train-step profile train-families quality. Together they take longer than
 # one 10-minute call: name a few per call, e.g.
 #
@@ -33,6 +33,8 @@
 #
 # generate (issue #18) is bench_generate.py: decode tokens/s with the adapter attached, fastmoe against transformers
 # + peft, Trinity-Mini at 8 layers (batches 1, 8, 64) and LFM2-8B-A1B (batches 1, 8), prompt 512 (~4 min);
+# grpo is bench_grpo.py: one trl GRPO step's generation phase without vLLM (8 completions of 256 tokens after a 512-token
+# prompt), fastmoe's rollouts on its decode path against transformers + peft (~4 min);
 # decode-ops prints bench_decode_ops.py's launch-configuration sweep of the decode step's ops (~2 min).
 #
 # fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
@@ -60,7 +62,7 @@
 set -uo pipefail
 out="${1:-${OUT:-/tmp/fastmoe-gpu}}"
 shift || true
-steps=" ${*:-gpu-tests sft generate decode-ops moe-block lora-linear fused-lm-head short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
+steps=" ${*:-gpu-tests sft generate grpo decode-ops moe-block lora-linear fused-lm-head short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
 rm -rf "$site" && mkdir -p "$site"
@@ -124,6 +126,7 @@ step generate 150 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset trinity-mini --layers 8 --batches 1,8,64 --new-tokens 32 --repeats 2 --implementations transformers
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset lfm2-8b-a1b --layers 24 --batches 1,8 --implementations fastmoe
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 32 --repeats 2 --implementations transformers
+step grpo 300 python3 -P benchmarks/bench_grpo.py "${jsonl[@]}" --preset trinity-mini --layers 8 --generations 8 --prompt 512 --new-tokens 256
 step decode-ops 300 python3 -P benchmarks/bench_decode_ops.py
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"

@@ -443,6 +443,27 @@ def generate_section(records: list[dict], sources: Sources) -> list[str]:
                   "graph replay alone (ms)", "HBM roofline tok/s", "fastmoe share of roofline", "source"], out)
 
 
+def grpo_section(records: list[dict], sources: Sources) -> list[str]:
+    """One row per (model, weights, group, prompt, new tokens): the generation phase of a GRPO step, transformers +
+    peft beside fastmoe."""
+    latest = newest(records, lambda r: (r["preset"], r["layers"], r.get("quantization") or "bf16", r["batch"],
+                                        r["prompt"], r["new_tokens"], r["implementation"]))
+    rows: dict[tuple, dict[str, dict]] = {}
+    for (*case, name), record in latest.items():
+        rows.setdefault(tuple(case), {})[name] = record
+    out = []
+    for (preset, layers, weights, batch, prompt, new_tokens), found in sorted(rows.items(), key=lambda item: item[0]):
+        hf, fm = found.get("transformers"), found.get("fastmoe")
+        out.append([f"{preset}, {layers} layers", weights, str(batch), str(prompt), str(new_tokens),
+                    value(hf, "generation_s", ".2f"), value(fm, "generation_s", ".2f"),
+                    value(hf, "generate_tokens_per_s", ",.0f"), value(fm, "generate_tokens_per_s", ",.0f"),
+                    ratio(fm, hf, "generate_tokens_per_s"), value(hf, "step_s", ".2f"), value(fm, "step_s", ".2f"),
+                    sources.ref(hf, fm)])
+    return table(["model", "weights", "completions", "prompt", "new tokens", "generation s (tf)",
+                  "generation s (fastmoe)", "transformers + peft tok/s", "fastmoe tok/s", "speed-up",
+                  "step s (tf)", "step s (fastmoe)", "source"], out)
+
+
 SECTIONS = [
     Section("sft", "The user's training step: trl's SFTTrainer, fastmoe vs transformers + peft",
             "What users run: a random-weight checkpoint at real shapes loaded with `FastModel.from_pretrained` + "
@@ -478,6 +499,14 @@ SECTIONS = [
             "experts a batch of that size selects on average, adapters, LM head, KV cache) over the measured copy "
             "bandwidth.",
             "python benchmarks/bench_generate.py --preset trinity-mini --layers 8 --batches 1,8,64", generate_section),
+    Section("grpo", "RL rollouts: a trl GRPO step's generation phase without vLLM",
+            "bench_grpo.py: the model loaded as for table 1, trained by `trl.GRPOTrainer(use_vllm=False)` at bf16; "
+            "each step samples a group of completions (the batch) of exactly N new tokens for one prompt. fastmoe's "
+            "rollouts take its decode path with nothing to call (fastmoe.trl_generation); transformers + peft "
+            "decode with its cache. Generation s: trl's generation phase of a step (prompt and decoding), median "
+            "after a warm-up step; tok/s: the completions' tokens over it; step s: the whole training step.",
+            "python benchmarks/bench_grpo.py --preset trinity-mini --layers 8 --generations 8 --prompt 512 "
+            "--new-tokens 256", grpo_section),
     Section("train-step", "Training step in a plain loop (ablations)",
             "bench_train_step.py: forward with labels, backward and AdamW on the adapters in a Python loop (no "
             "Trainer), random weights built on the GPU, LoRA r=16 on the family's default targets, gradient "

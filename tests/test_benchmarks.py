@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_fused_lm_head  # noqa: E402
 import bench_generate  # noqa: E402
+import bench_grpo  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
@@ -241,7 +242,7 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "| - | 12,000 | - |" in rows[1]
     assert "2026-12-02 10:05 UTC · NVIDIA H200 · torch 2.11.0+cu130" in sft
     assert "2026-12-01" not in sft and "9,999" not in page
-    assert "## 4. Training step in a plain loop" in page and "Not measured yet" in page
+    assert "## 5. Training step in a plain loop" in page and "Not measured yet" in page
 
 
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
@@ -401,6 +402,25 @@ def test_generate_benchmark_smoke_run_records_the_same_tokens_both_ways(tmp_path
     assert all(r["question"] == "generate" and r["decode_tokens_per_s"] > 0 for r in records)
     page = report.render(records, include_cpu=True)
     assert "| afmoe-tiny, 2 layers | bf16 | 2 | 12 |" in page
+
+
+def test_grpo_benchmark_smoke_run(tmp_path):
+    """bench_grpo.py on the CPU (the ops' references): a GRPO step of each implementation, fastmoe's rollouts through
+    its decode path, recorded, and on the page."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_grpo.py", "--preset", "afmoe-tiny", "--layers", "2", "--generations", "2", "--prompt", "10",
+                "--new-tokens", "4", "--steps", "1", "--jsonl", str(jsonl), "--output-dir", str(tmp_path / "out")]
+    with reference_only(), pytest.raises(SystemExit) as exit_status:
+        bench_grpo.main()
+    assert exit_status.value.code == 0
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["implementation"] for r in records] == ["fastmoe", "transformers"]
+    assert records[0]["decode_path_steps"] == 2 * 3 and records[1]["decode_path_steps"] is None
+    assert all(r["question"] == "grpo" and r["generate_tokens_per_s"] > 0 and r["prompt"] == 10 for r in records)
+    page = report.render(records, include_cpu=True)
+    assert "| afmoe-tiny, 2 layers | bf16 | 2 | 10 | 4 |" in page
 
 
 def test_fused_lm_head_benchmark_smoke_run(tmp_path):
