@@ -9,9 +9,10 @@ it unchanged: sampling, stop tokens, streamers and left padding stay transformer
   reads and writes the same addresses every time.
 - A decode step (one new token per row) builds its masks and positions on the device, from the cache's record of
   which indices are padding. Its attention reads the buffers in place (fastmoe.kernels.decode_attention: grouped
-  heads without transformers' copies of keys and values per query head). Nothing in it reads a value back to the host, so on CUDA it is captured once per (batch
-  size, capacity) in a CUDA graph and replayed: one launch per token instead of the hundreds of kernels Python issues
-  one by one. On the CPU the same step runs eagerly; that is what the CPU tests compare with transformers.
+  heads without transformers' copies of keys and values per query head). Nothing in it reads a value back to the
+  host, so on CUDA it is captured once per (batch size, capacity) in a CUDA graph and replayed: one launch per token
+  instead of the hundreds of kernels Python issues one by one. On the CPU the same step runs eagerly; that is what the
+  CPU tests compare with transformers.
 - When a sequence outgrows the capacity, the buffers grow by `CAPACITY_STEP` (contents copied) and the step is
   captured again for the new size. Buffers and graphs are kept per (batch size, capacity), so that later `generate`
   calls of the same shapes (evaluation, RL rollouts) replay without capturing. `FastModel.for_training` keeps them

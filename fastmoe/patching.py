@@ -13,6 +13,7 @@ This module imports nothing else of fastmoe: family modules, and the shared patc
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
@@ -148,6 +149,21 @@ def original(owner: type | ModuleType, attribute: str):
     if found is _INHERITED:
         return next(base.__dict__[attribute] for base in owner.__mro__[1:] if attribute in base.__dict__)
     return found
+
+
+def modules_binding(attribute: str, module_names: Sequence[str]) -> tuple[ModuleType, ...]:
+    """The modules among `module_names` whose own namespace binds `attribute` (each `from .utils import name` is a
+    binding of its own, so each is patched); a module that cannot be imported (its optional dependencies missing) is
+    left out."""
+    found = []
+    for name in module_names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if attribute in vars(module):
+            found.append(module)
+    return tuple(found)
 
 
 def is_patched(patches: list[ForwardPatch]) -> bool:

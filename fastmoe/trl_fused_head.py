@@ -70,17 +70,9 @@ def _trl() -> tuple[tuple[types.ModuleType, ...], object]:
         warnings.warn(f"fastmoe could not import trl.trainer.utils ({error.__class__.__name__}: {error}); trl's "
                       "fused LM head is left as it is", stacklevel=3)
         return (), None
-    modules = [utils]
-    for name in TRL_MODULES[1:]:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # a trainer whose optional dependencies are missing
-            continue
-        if "add_fused_lm_head" in vars(module):
-            modules.append(module)
+    modules = (utils, *patching.modules_binding("add_fused_lm_head", TRL_MODULES[1:]))
     # trl's own function, also if this runs again while the patch is in place.
-    original = patching.original(utils, "add_fused_lm_head")
-    return tuple(modules), original
+    return modules, patching.original(utils, "add_fused_lm_head")
 
 
 def fused_lm_head_patches() -> list[ForwardPatch]:

@@ -42,15 +42,8 @@ def _trl() -> tuple[tuple[types.ModuleType, ...], object]:
         return (), None
     if "unwrap_model_for_generation" not in vars(utils):
         return (), None
-    modules = [utils]
-    for name in TRL_MODULES[1:]:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # a trainer whose optional dependencies are missing
-            continue
-        if "unwrap_model_for_generation" in vars(module):
-            modules.append(module)
-    return tuple(modules), patching.original(utils, "unwrap_model_for_generation")
+    modules = (utils, *patching.modules_binding("unwrap_model_for_generation", TRL_MODULES[1:]))
+    return modules, patching.original(utils, "unwrap_model_for_generation")
 
 
 def generation_patches() -> list[ForwardPatch]:
