@@ -12,7 +12,7 @@ import torch
 import trl
 from peft import LoraConfig, get_peft_model
 from testing_utils import batch_with_padding, lfm2_moe_records_router_logits, randomize_lora, rel_err
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import fastmoe
 from fastmoe import FastModel, models, trl_fused_head
@@ -361,18 +361,31 @@ def test_grpo_per_token_log_probs_as_transformers_and_peft(tiny_checkpoint, tiny
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_gpu_bf16_fused_forward_matches_trls_head(tiny_checkpoint, model_type):
-    # Every kernel on the GPU in bf16, trl's Triton head and fastmoe's on the same model: only the head differs.
-    model = fast_lora_model(tiny_checkpoint(model_type), dtype=torch.bfloat16).cuda()
-    batch = {k: v.cuda() for k, v in batch_with_padding(model.config.vocab_size).items()}
+    """Every kernel on the GPU in bf16, trl's Triton head and fastmoe's on the same model: only the head differs.
+    Each bf16 run is measured against trl's head on the same model in fp32: fastmoe's head may be off by the bf16
+    budget (1e-2) or by twice what trl's own bf16 head is off, whichever is larger. (The two bf16 heads round
+    differently, and through the layers' backward that reaches ~1% in the first layers' LoRA gradients, as far
+    from trl's bf16 run as trl's is from fp32.)"""
+    checkpoint = tiny_checkpoint(model_type)
+    batch = {k: v.cuda() for k, v in batch_with_padding(AutoConfig.from_pretrained(checkpoint).vocab_size).items()}
     head = dict(temperature=0.7, outputs=ALL_FIELDS)
 
     def objective(out):
         return out.loss - 0.1 * out.entropy.sum()
 
+    exact, exact_grads = fused_call(fast_lora_model(checkpoint).cuda(), trl_add_fused_lm_head, batch, objective, head,
+                                    num_items_in_batch=13)
+    model = fast_lora_model(checkpoint, dtype=torch.bfloat16).cuda()
     ref, ref_grads = fused_call(model, trl_add_fused_lm_head, batch, objective, head, num_items_in_batch=13)
     out, grads = fused_call(model, trl_fused_head.add_fused_lm_head, batch, objective, head, num_items_in_batch=13)
+    assert out.log_probs.dtype == torch.float32 and out.is_top1.dtype == torch.bool
+    assert torch.equal(out.label_mask, ref.label_mask) and grads.keys() == ref_grads.keys() == exact_grads.keys()
     # is_top1 is left out: the tiny model's logits are nearly flat, and two GEMMs' bf16 roundings reorder their
     # near-ties (the kernel tests check top-1 on the GPU with decisive logits).
-    assert out.log_probs.dtype == torch.float32 and out.is_top1.dtype == torch.bool
-    out.is_top1 = ref.is_top1 = None
-    assert_same_head(out, ref, grads, ref_grads, fields=ALL_FIELDS[:4], tol=1e-2)
+    pairs = [("loss", out.loss, ref.loss, exact.loss)]
+    pairs += [(name, getattr(out, name), getattr(ref, name), getattr(exact, name)) for name in ALL_FIELDS[:4]]
+    pairs += [(name, grads[name], ref_grads[name], exact_grads[name]) for name in grads]
+    for name, value, trl_value, exact_value in pairs:
+        assert value.dtype == trl_value.dtype, name
+        budget = max(1e-2, 2 * rel_err(trl_value.float(), exact_value.float()))
+        assert rel_err(value.float(), exact_value.float()) < budget, name
