@@ -1,9 +1,10 @@
 """The ops of a decode step at a handful of rows, with their launch configurations swept: the few-rows LoRA linear
-(kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, the MoE experts block (kernels/moe) at 1, 8
-and 64 tokens of top-8 over 128 experts, and the one-program expert schedule against PyTorch's. Trinity-Mini's
-shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does (kernels/reused_casts.py).
-Times: device time of the op replayed from a CUDA graph (as the decode step runs it; triton's do_bench_cudagraph
-medians); GB/s: the bytes the op must read (the weights it touches) over the time.
+(kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, several linear layers of one input in one
+few-rows launch against one launch each (attention's q, k, v and gate; a gated MLP's gate and up), the MoE experts
+block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts, and the one-program expert schedule against
+PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
+(kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
+triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
 Printed only: the chosen configurations go into the kernels' constants.
 
     python benchmarks/bench_decode_ops.py
@@ -43,20 +44,64 @@ def few_rows(device: str) -> None:
         default = lora_module._few_rows_config(rows, d_out, d_in)
         for config in configs:
             try:
-                out = lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, config)
-                ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, config))
+                layer = [lora_module.Projection(w, None, a16, b16, 2.0)]
+                out = lora_module._launch_few_rows(x, layer, config)[0]
+                ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layer, config))
             except Exception as error:  # a configuration that does not compile (shared memory)
                 print(f"  {config}: {type(error).__name__}")
                 continue
             results.append((ms, config))
         ref = torch.nn.functional.linear(x.double(), w.double()) + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
         err = common.rel_err(out.double(), ref)
-        chosen = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, w, None, a16, b16, 2.0, default))
+        layer = [lora_module.Projection(w, None, a16, b16, 2.0)]
+        chosen = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layer, default))
         best = sorted(results, key=lambda r: r[0])[:3]
         print(f"few-rows {name} {d_in}->{d_out} rows {rows}: cuBLAS 3 GEMMs {cublas * 1e3:.1f} us; default "
               f"{chosen * 1e3:.1f} us {default}; best "
               + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best)
               + f"; rel err {err:.1e}", flush=True)
+
+
+# Layers of one input: (name, in, outs, SwiGLU pair). Trinity-Mini's attention (q, k, v, output gate), its shared
+# expert's and dense MLPs' gate and up.
+ONE_INPUT = [("attention q k v gate", 2048, (4096, 512, 512, 4096), False),
+             ("shared expert gate up", 2048, (1024, 1024), True), ("dense MLP gate up", 2048, (6144, 6144), True)]
+
+
+def projections(device: str) -> None:
+    configs = [dict(BLOCK_N=n, BLOCK_K=128, SPLIT_K=split, num_warps=w, num_stages=3)
+               for n, split, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4,))]
+    for (name, d_in, outs, swiglu), rows in itertools.product(ONE_INPUT, (1, 8)):
+        x = torch.randn(rows, d_in, device=device, dtype=torch.bfloat16)
+        layers = [lora_module.Projection(torch.randn(n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5,
+                                         None, (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16(),
+                                         torch.randn(n, RANK, device=device).bfloat16(), 2.0) for n in outs]
+        gbytes = sum(layer.weight.numel() * 2 for layer in layers) / 1e9
+        n_all = outs[0] if swiglu else sum(outs)
+
+        def separate():
+            ys = [lora_module.lora_linears_few_rows(x, [layer])[0] for layer in layers]
+            return torch.nn.functional.silu(ys[0]) * ys[1] if swiglu else ys
+
+        alone = common.bench_graph_ms(separate)
+        default = lora_module._few_rows_config(rows, n_all, d_in)
+        chosen = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, default, swiglu))
+        results = []
+        for config in configs:
+            try:
+                ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
+            except Exception as error:  # a configuration that does not compile (shared memory)
+                print(f"  {config}: {type(error).__name__}")
+                continue
+            results.append((ms, config))
+        fused = lora_module._launch_few_rows(x, layers, default, swiglu)
+        expected = separate()
+        err = max(common.rel_err(a.double(), b.double()) for a, b in zip(fused, expected if not swiglu else [expected]))
+        best = sorted(results, key=lambda r: r[0])[:3]
+        print(f"projections {name} rows {rows} ({gbytes * 1e3:.0f} MB): one launch each {alone * 1e3:.1f} us; one "
+              f"launch {chosen * 1e3:.1f} us ({gbytes / chosen * 1e3:.0f} GB/s) {default}; best "
+              + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best)
+              + f"; rel err to one launch each {err:.1e}", flush=True)
 
 
 def moe(device: str) -> None:
@@ -112,6 +157,6 @@ def schedule(device: str) -> None:
 
 
 if __name__ == "__main__":
-    sections = {"schedule": schedule, "moe": moe, "few-rows": few_rows}
-    for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all three without arguments
+    sections = {"schedule": schedule, "moe": moe, "few-rows": few_rows, "projections": projections}
+    for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

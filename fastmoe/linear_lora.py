@@ -7,15 +7,24 @@ which peft would otherwise fold into a full-size W + B A on every call) and bits
 (QLoRA). The parameters stay peft's, so adapters save, load and merge exactly as with plain peft; anything the
 fused op does not cover (several active adapters, dropout, DoRA and other variants, LoRA bias, merged or disabled
 adapters, a trainable base weight, mixed-adapter batches) goes through peft's own forward unchanged.
+
+Decoding reads each layer's weight for a token or a few: a launch per layer is then mostly fixed cost (ramping up
+and draining the GPU's memory pipes for a few megabytes). `project` and `swiglu` serve the model forwards' linear
+layers of one input (attention's q, k, v and gate; an MLP's gate and up) in one few-rows launch where every one of
+them would take the few-rows kernel alone, and call the layers one by one otherwise.
 """
 
 from __future__ import annotations
 
 import torch
+import transformers.activations
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 
-from fastmoe.kernels.lora_linear import lora_linear
+from fastmoe.kernels.dispatch import use_triton
+from fastmoe.kernels.lora_linear import FEW_ROWS, MAX_PROJECTIONS, Projection, lora_linear, lora_linears_few_rows
+from fastmoe.kernels.moe.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, Nf4Weight
+from fastmoe.kernels.reused_casts import cast, scope_active
 from fastmoe.patching import ForwardPatch
 
 try:  # peft defines its bitsandbytes wrappers only when bitsandbytes is installed
@@ -62,8 +71,45 @@ def _fused(layer, base: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Te
         def dequantized() -> torch.Tensor:
             return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state).to(compute_dtype)
 
+        projections = _few_rows_projections(x.to(compute_dtype), (layer,))
+        if projections is not None:  # decoding: the NF4 weight decoded in the kernel's tiles, never as a whole
+            return lora_linears_few_rows(x.to(compute_dtype), projections)[0].to(x.dtype)
         bias = base.bias.to(compute_dtype) if base.bias is not None else None
         return lora_linear(x.to(compute_dtype), dequantized, bias, a, b, scaling).to(x.dtype)
+    return None
+
+
+def _nf4_view(weight) -> Nf4Weight | None:
+    """A bitsandbytes 4-bit weight (Params4bit) as a one-expert Nf4Weight over the same storage, when it is NF4 as
+    fastmoe's kernels read it (kernels/moe/nf4.py: bitsandbytes' layout with blocks of 64, its double quantization
+    over blocks of 256 absmax); None otherwise (FP4, other block sizes). bitsandbytes' NF4 and signed dynamic codes
+    are constants, which fastmoe's kernels hold too. On the CPU, only rows of a multiple of 64 values: bitsandbytes'
+    CPU kernels decode other rows unlike its storage (blocks that span two rows; a quantize-dequantize round trip
+    there is 18-38% off the weight against NF4's 9%), and fastmoe must compute what bitsandbytes computes."""
+    state = getattr(weight, "quant_state", None)
+    if state is None or state.quant_type != "nf4" or state.blocksize != BLOCKSIZE or len(state.shape) != 2:
+        return None
+    n, k = state.shape
+    if (n * k) % BLOCKSIZE or weight.data.dtype != torch.uint8 or (not weight.data.is_cuda and k % BLOCKSIZE):
+        return None
+    packed, absmax = weight.data.view(1, -1), state.absmax.view(1, -1)
+    if not state.nested:
+        return Nf4Weight(packed, absmax, (1, n, k), state.dtype)
+    if state.state2.blocksize != ABSMAX_BLOCKSIZE:
+        return None
+    return Nf4Weight(packed, absmax, (1, n, k), state.dtype, state.state2.absmax.view(1, -1),
+                     state.offset.view(1).float())
+
+
+def _projection_weight(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | Nf4Weight | None:
+    """The weight of a frozen Linear base as a few-rows launch reads it: 16-bit in x's dtype, or bitsandbytes' NF4
+    computing in x's dtype; None for anything else."""
+    if type(base) is torch.nn.Linear:
+        weight = base.weight
+        return weight if not weight.requires_grad and weight.dtype == x.dtype else None
+    if (bitsandbytes is not None and type(base) is bitsandbytes.nn.Linear4bit
+            and (base.compute_dtype or x.dtype) == x.dtype):
+        return _nf4_view(base.weight)
     return None
 
 
@@ -87,6 +133,90 @@ def linear4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _single_adapter(self, args, kwargs)
     out = _fused(self, self.get_base_layer(), name, x) if name is not None else None
     return out if out is not None else _peft_linear4bit_forward(self, x, *args, **kwargs)
+
+
+def _projection(layer: torch.nn.Module, x: torch.Tensor) -> Projection | None:
+    """`layer` as one projection of a few-rows launch, when its forward would compute exactly that: a plain 16-bit
+    Linear or bitsandbytes NF4 Linear, or peft's LoRA on one (lora.Linear, its 4-bit Linear, ParamWrapper on a
+    Linear's weight) that the patched forwards above serve with the fused op. None otherwise (hooks, trainable or
+    other bases, what _single_adapter refuses, the op off)."""
+    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in vars(layer):
+        return None
+    if type(layer) is torch.nn.Linear or (bitsandbytes is not None and type(layer) is bitsandbytes.nn.Linear4bit):
+        base, name = layer, None
+    elif ((type(layer) is PeftLoraLinear and PeftLoraLinear.forward is linear_forward)
+          or (PeftLoraLinear4bit is not None and type(layer) is PeftLoraLinear4bit
+              and PeftLoraLinear4bit.forward is linear4bit_forward)):
+        base, name = layer.get_base_layer(), _single_adapter(layer, (), {})
+        if name is None:
+            return None
+    elif (type(layer) is ParamWrapper and ParamWrapper.forward is param_wrapper_forward
+          and layer.parameter_name == "weight" and layer.num_experts == 1):
+        base, name = layer.base_layer, _single_adapter(layer, (), {})
+        if name is None:
+            return None
+    else:
+        return None
+    weight = _projection_weight(base, x)
+    if weight is None or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    a, b = (None, None) if name is None else (layer.lora_A[name].weight, layer.lora_B[name].weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base.bias, a, b)):
+        return None
+    bias = None if base.bias is None else cast(base.bias, x.dtype)
+    if name is None:
+        return Projection(weight, bias, None, None, 0.0)
+    if scope_active():  # decoding: the factors' reused casts, half the bytes each program reads
+        a, b = cast(a, x.dtype), cast(b, x.dtype)
+    return Projection(weight, bias, a, b, float(layer.scaling[name]))
+
+
+def _few_rows_projections(x: torch.Tensor, layers) -> list[Projection] | None:
+    """The layers as projections of few-rows launches over x, or None where any one would not take that kernel."""
+    if (torch.compiler.is_compiling() or x.numel() > FEW_ROWS * x.shape[-1]
+            or (torch.is_grad_enabled() and x.requires_grad) or torch.is_autocast_enabled(x.device.type)):
+        return None
+    projections = []
+    for layer in layers:
+        projection = _projection(layer, x)
+        if projection is None:
+            return None
+        projections.append(projection)
+    kinds = {p.weight.dtype if isinstance(p.weight, Nf4Weight) else None for p in projections}
+    if (len({p.bias is None for p in projections}) != 1 or len(kinds) != 1
+            or not use_triton(x, *(p.weight.packed if isinstance(p.weight, Nf4Weight) else p.weight
+                                   for p in projections))):
+        return None
+    return projections
+
+
+def project(x: torch.Tensor, *layers: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for layer in layers): linear layers of one input. While decoding, in launches of up to
+    MAX_PROJECTIONS layers when each layer alone would take the few-rows kernel (kernels/lora_linear.py), with the same
+    result; one call per layer otherwise."""
+    projections = _few_rows_projections(x, layers)
+    if projections is None:
+        return tuple(layer(x) for layer in layers)
+    return tuple(out for i in range(0, len(projections), MAX_PROJECTIONS)
+                 for out in lora_linears_few_rows(x, projections[i:i + MAX_PROJECTIONS]))
+
+
+# transformers' SiLU modules (ACT2FN's "silu" and "swish"); SiLUActivation is absent from older releases.
+_SILU = tuple(t for t in (torch.nn.SiLU, getattr(transformers.activations, "SiLUActivation", None)) if t is not None)
+
+
+def swiglu(x: torch.Tensor, gate: torch.nn.Module, up: torch.nn.Module,
+           act: torch.nn.Module | None = None) -> torch.Tensor:
+    """act(gate(x)) * up(x) (act None: SiLU), a gated MLP's hidden activations: while decoding, with a SiLU, in one
+    launch when each layer alone would take the few-rows kernel, rounded as PyTorch rounds the three ops; the ops
+    otherwise."""
+    projections = None
+    if act is None or (type(act) in _SILU and not act._forward_hooks and not act._forward_pre_hooks
+                       and "forward" not in vars(act)):
+        projections = _few_rows_projections(x, (gate, up))
+    if projections is None or tuple(projections[0].weight.shape) != tuple(projections[1].weight.shape):
+        return (torch.nn.functional.silu(gate(x)) if act is None else act(gate(x))) * up(x)
+    return lora_linears_few_rows(x, projections, swiglu=True)[0]
 
 
 def lora_linear_patches() -> list[ForwardPatch]:

@@ -27,7 +27,11 @@ busy: program (column block, split) streams W's block and A over its share of K 
 registers), and adds s (partial x A^T) B^T to its partial base product (the LoRA term is linear in x A^T, so the
 splits' terms sum to the whole). It writes that float32 partial to a workspace; the last program of its column
 block to arrive (a counter per block, which that program resets for the next launch) sums the partials in split
-order, so the result does not depend on which split finished first, adds the bias and stores the output.
+order, so the result does not depend on which split finished first, adds the bias and stores the output. One launch
+takes up to four linear layers of one input (attention's q, k, v and output gate, numbering their column blocks one
+after another), or a gated MLP's gate and up as a pair whose programs compute both tiles of a column block and store
+silu(gate) * up: each launch costs some microseconds of ramp-up and drain whatever it reads, a large share at a few
+megabytes.
 
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
@@ -36,7 +40,8 @@ and the casts around them; and a custom op could not take the dequantizing calla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +49,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .reused_casts import cast, scope_active
+from .moe.nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
+from .reused_casts import cast, derived, scope_active
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -59,12 +65,27 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
 # Rows up to which the few-rows kernel runs (decode batches); its row block is the rows rounded up to 16, tl.dot's
 # minimum, so every program's product is one MMA tile tall.
 FEW_ROWS = 64
+# Linear layers of one input that one few-rows launch computes at most (attention's q, k, v and output gate).
+MAX_PROJECTIONS = 4
 # SMs of the H200 the few-rows configuration is aimed at; on another GPU it is still correct, only less well fitted.
 _GPU_SMS = 132
 
 
+class Projection(NamedTuple):
+    """One linear layer of a few-rows launch: x W^T + bias + scaling (x A^T) B^T, lora_a and lora_b None for a layer
+    without LoRA. W (out, in) in x's dtype, or NF4 (a one-expert Nf4Weight (1, out, in): bitsandbytes' 4-bit storage,
+    dequantized tile by tile in the kernel); the factors in any float dtype (rounded to x's in the kernel)."""
+
+    weight: torch.Tensor | Nf4Weight
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None
+    lora_b: torch.Tensor | None
+    scaling: float
+
+
 def _few_rows_config(rows: int, n: int, k: int) -> dict:
-    """Launch configuration of the few-rows kernel on a GPU, for `rows` rows of x (rows, k) and W (n, k).
+    """Launch configuration of the few-rows kernel on a GPU, for `rows` rows of x (rows, k) and n output columns in
+    all (the projections' together; a SwiGLU pair counts its gate's).
 
     Measured on an H200 (benchmarks/bench_decode_ops.py few-rows, 1 and 8 rows, Trinity-Mini's projections): about one
     program per SM is best, with 64-column blocks wherever they still make 16 or more blocks (N >= 1024), as they read
@@ -72,7 +93,10 @@ def _few_rows_config(rows: int, n: int, k: int) -> dict:
     BLOCK_K iterations for its pipeline. That gave 9.0-9.3 us for 2048->4096 and 4096->2048 (16 MB of W, ~1.9 TB/s;
     unsplit 16-column blocks took 12-16 us), 4.6 us for 2048->512 and 5.0-5.4 us for 2048<->1024. The float32
     partials (written and read back, mostly in L2: 8 * splits * rows * n bytes) stay under half of W's 2 * n * k
-    bytes, which binds only at tens of rows.
+    bytes, which binds only at tens of rows. Several layers in one launch (bench_decode_ops.py projections, 1 and 8
+    rows): Trinity-Mini's q, k, v and gate (144 blocks, unsplit) 22.2 us against 28.3-28.9 one launch each (split in
+    two, 288 programs, 19.4 us), the shared expert's gate and up 7.9-8.4 us against 13.5-14.0 with the SiLU and the
+    product, the dense MLP's 23.1-23.3 us (2.2 TB/s) against 32.4-33.0.
     """
     block_k = 128
     block_n = 64 if n >= 1024 else 16
@@ -93,63 +117,147 @@ def _few_rows_interpreter_config(k: int) -> dict:
 
 
 @triton.jit
-def _few_rows_kernel(
-    x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, a_ptr, stride_ar, b_ptr, stride_bn, out_ptr, stride_om,
-    partials_ptr, arrivals_ptr, M, N, K, R, K_PER_SPLIT, scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """out[:, n block] = x W[n block]^T + bias + scaling (x A^T) B[n block]^T for all M (<= BLOCK_M) rows; program
-    (n block, split) computes the split's K_PER_SPLIT (a multiple of BLOCK_K) share, partials (SPLIT_K, M, N)
-    float32 hold the splits' sums and arrivals (one int32 per n block, zero on entry and on exit) elects the last."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    k_start = split * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+def _pick(index, v0, v1, v2, v3, PROJECTIONS: tl.constexpr):
+    """v<index> of the first PROJECTIONS values (scalars: pointers, sizes, scalings)."""
+    v = v0
+    if PROJECTIONS > 1:
+        v = tl.where(index == 1, v1, v)
+    if PROJECTIONS > 2:
+        v = tl.where(index == 2, v2, v)
+    if PROJECTIONS > 3:
+        v = tl.where(index == 3, v3, v)
+    return v
+
+
+def _out_features(projection: Projection) -> int:
+    weight = projection.weight
+    return weight.shape[1] if isinstance(weight, Nf4Weight) else weight.shape[0]
+
+
+@triton.jit
+def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc, xa,
+                   NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
+    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0)."""
+    k_mask = offs_k < K - k0
+    if NF4:
+        w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
+                                         offs_k.shape[0], W_DTYPE, x.dtype))
+    else:
+        w = tl.load(w_ptr + offs_n[None, :] * K + (k0 + offs_k)[:, None], mask=n_mask[None, :] & k_mask[:, None],
                     other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
-                    other=0.0)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None],
-                    other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
-    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
+    a = tl.load(a_ptr + offs_r[None, :] * K + (k0 + offs_k)[:, None], mask=r_mask[None, :] & k_mask[:, None],
+                other=0.0)
+    acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
+    return acc, xa
+
+
+@triton.jit
+def _lora_term(acc, xa, b_ptr, r, scaling, offs_n, offs_r, n_mask, DTYPE: tl.constexpr):
+    """acc + scaling (x A^T) B[n block]^T, B (n, r) row-major."""
+    b = tl.load(b_ptr + offs_n[None, :] * r + offs_r[:, None], mask=n_mask[None, :] & (offs_r < r)[:, None],
                 other=0.0)
     # x A^T stays float32, where the Function rounds it to the activations' dtype: a split holds only part of the sum,
     # and rounding each part would add one error per split. B is rounded to the activations' dtype as A is, so float32
     # factors and their reused casts (kernels/reused_casts.py) give the same result. ieee, as (rows, r) x (r, BLOCK_N)
     # is too small to cost.
-    acc += scaling * tl.dot(xa, b.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
-    offs_mn = offs_m[:, None] * N + offs_n[None, :]
-    mn_mask = m_mask[:, None] & n_mask[None, :]
+    return acc + scaling * tl.dot(xa, b.to(DTYPE).to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _few_rows_kernel(
+    x_ptr, M, K, K_PER_SPLIT, partials_ptr, arrivals_ptr, COLUMNS, code_ptr,
+    w0, m0, a0, b0, bias0, out0, n0, r0, s0,
+    w1, m1, a1, b1, bias1, out1, n1, r1, s1, first1,
+    w2, m2, a2, b2, bias2, out2, n2, r2, s2, first2,
+    w3, m3, a3, b3, bias3, out3, n3, r3, s3, first3,
+    PROJECTIONS: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Up to four linear layers of one input x (M <= BLOCK_M rows, K, row-major): out_i = x W_i^T + bias_i + s_i (x
+    A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
+    computes the split's K_PER_SPLIT (a multiple of BLOCK_K) share of one block. With SWIGLU, layers 0 and 1 (gate
+    and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS) float32 hold
+    the splits' sums and arrivals (one int32 per block, zero on entry and on exit) elects the last. With NF4, w_i are
+    packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values)."""
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    if SWIGLU:
+        index = block * 0
+    else:
+        index = (block >= first1).to(tl.int32) + (block >= first2).to(tl.int32) + (block >= first3).to(tl.int32)
+    first = _pick(index, 0, first1, first2, first3, PROJECTIONS)
+    w_ptr = _pick(index, w0, w1, w2, w3, PROJECTIONS)
+    absmax_ptr = _pick(index, m0, m1, m2, m3, PROJECTIONS)
+    a_ptr = _pick(index, a0, a1, a2, a3, PROJECTIONS)
+    n = _pick(index, n0, n1, n2, n3, PROJECTIONS)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = (block - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, n_mask = offs_m < M, offs_n < n
+    r = _pick(index, r0, r1, r2, r3, PROJECTIONS)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if NF4:
+        code = tl.load(code_ptr + tl.arange(0, 16))
+    else:
+        code = tl.zeros((16,), dtype=tl.float32)  # unused
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
+                    mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+        acc, xa = _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, offs_r < r,
+                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, DOT_PRECISION)
+        if SWIGLU:
+            up, xa_up = _split_product(x, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask, offs_r < r1, up,
+                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, DOT_PRECISION)
+    dtype = x_ptr.dtype.element_ty
+    acc = _lora_term(acc, xa, _pick(index, b0, b1, b2, b3, PROJECTIONS), r, _pick(index, s0, s1, s2, s3, PROJECTIONS),
+                     offs_n, offs_r, n_mask, dtype)
+    if SWIGLU:
+        up = _lora_term(up, xa_up, b1, r1, s1, offs_n, offs_r, n_mask, dtype)
+    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)  # this block's columns in the partials
+    up_columns = columns + COLUMNS // 2
     if SPLIT_K > 1:
-        tl.store(partials_ptr + split * M * N + offs_mn, acc, mask=mn_mask)
+        rows = partials_ptr + split * M * COLUMNS + offs_m[:, None] * COLUMNS
+        tl.store(rows + columns[None, :], acc, mask=m_mask[:, None])
+        if SWIGLU:
+            tl.store(rows + up_columns[None, :], up, mask=m_mask[:, None])
         # Triton's scalar atomic is issued by one thread: the barrier puts every thread's partial before it, and its
         # release makes them visible to the program whose acquire sees the final count.
         tl.debug_barrier()
-        is_last = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+        is_last = tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLIT_K - 1
         if is_last:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):  # in split order whichever arrived last: deterministic sums
+                rows = partials_ptr + s * M * COLUMNS + offs_m[:, None] * COLUMNS
                 # .cg: from L2, where the other programs' stores are; this SM's L1 is not kept coherent with them
-                acc += tl.load(partials_ptr + s * M * N + offs_mn, mask=mn_mask, other=0.0, cache_modifier=".cg")
-            tl.store(arrivals_ptr + pid_n, 0)
+                acc += tl.load(rows + columns[None, :], mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+                if SWIGLU:
+                    up += tl.load(rows + up_columns[None, :], mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(arrivals_ptr + block, 0)
     else:
         is_last = True
     if is_last:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(x_ptr.dtype.element_ty),
-                 mask=mn_mask)
+            acc += tl.load(_pick(index, bias0, bias1, bias2, bias3, PROJECTIONS) + offs_n, mask=n_mask,
+                           other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                up += tl.load(bias1 + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            # Rounded as PyTorch's act_fn(gate_proj(x)) * up_proj(x) rounds: each product, the activation, the product.
+            gate = acc.to(dtype).to(tl.float32)
+            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        out_ptr = _pick(index, out0, out1, out2, out3, PROJECTIONS)
+        tl.store(out_ptr + offs_m[:, None] * n + offs_n[None, :], acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Per device, one int32 arrival count per column block for the split-K fix-up, zero between launches (each block's
@@ -172,41 +280,88 @@ def _arrival_counts_for(device: torch.device, blocks: int) -> torch.Tensor:
     return held[-1]
 
 
-def _launch_few_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scaling: float, config: dict) -> torch.Tensor:
-    """_few_rows_kernel on x2 (rows, in) with the launch configuration given: (rows, out) in x2's dtype."""
+def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config: dict,
+                     swiglu: bool = False) -> list[torch.Tensor]:
+    """_few_rows_kernel on x2 (rows, in) with the launch configuration given: each projection's (rows, out) in x2's
+    dtype, or with swiglu the one (rows, out) silu(gate) * up of the pair (gate, up)."""
     rows, k = x2.shape
-    n, rank = weight.shape[0], lora_a.shape[0]
-    x2, w = x2.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous()
-    a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
-    b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
-    out = torch.empty(rows, n, dtype=x2.dtype, device=x2.device)
+    x2 = x2.contiguous()
     block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
-    blocks = triton.cdiv(n, block_n)
+    nf4 = isinstance(projections[0].weight, Nf4Weight)
+    # One pointer type per argument across the layers: factors in the first adapted layer's dtypes, and a layer
+    # without LoRA (rank 0 masks every factor load) passes that layer's factors as stand-ins.
+    adapted = next((p for p in projections if p.lora_a is not None), None)
+    args, outs, first = [], [], 0
+    for i, (weight, bias, lora_a, lora_b, scaling) in enumerate(projections):
+        n = _out_features(projections[i])
+        if nf4:
+            # Double-quantized absmax decoded to fp32 for the whole weight; while decoding, once (reused_casts).
+            absmax = weight.absmax if not weight.double_quant else derived(
+                weight.absmax, "absmax_fp32", lambda weight=weight: absmax_fp32(weight))
+            weight, absmax = weight.packed, absmax
+        else:
+            weight = absmax = weight.contiguous()  # 16-bit: the absmax argument is a stand-in, never read
+        if adapted is None:
+            lora_a = lora_b = weight
+            rank = 0
+        elif lora_a is None:
+            lora_a, lora_b, rank = adapted.lora_a, adapted.lora_b, 0
+        else:
+            lora_a, lora_b, rank = lora_a.to(adapted.lora_a.dtype), lora_b.to(adapted.lora_b.dtype), lora_a.shape[0]
+        out = torch.empty(rows, n, dtype=x2.dtype, device=x2.device) if i == 0 or not swiglu else outs[0]
+        if i == 0 or not swiglu:
+            outs.append(out)
+        args += [weight, absmax, lora_a.contiguous(), lora_b.contiguous(), bias if bias is not None else weight,
+                 out, n, rank, float(scaling)] + ([first] if i else [])
+        first += 0 if swiglu else triton.cdiv(n, block_n)
+    blocks = triton.cdiv(_out_features(projections[0]), block_n) if swiglu else first
+    unused = args[:9] + [1 << 30]  # a block number no program reaches
+    args += unused * (MAX_PROJECTIONS - len(projections))
+    columns = blocks * block_n * (2 if swiglu else 1)
     k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
     # Every slot is written whole by its program, empty splits included: no zeroing.
-    partials = torch.empty(split_k, rows, n, dtype=torch.float32, device=x2.device) if split_k > 1 else None
+    partials = torch.empty(split_k, rows, columns, dtype=torch.float32, device=x2.device) if split_k > 1 else None
     arrivals = _arrival_counts_for(x2.device, blocks) if split_k > 1 else None
+    ranks = [p.lora_a.shape[0] for p in projections if p.lora_a is not None]
     _few_rows_kernel[(blocks, split_k)](
-        x2, x2.stride(0), w, w.stride(0), bias, a, a.stride(0), b, b.stride(0), out, out.stride(0),
-        partials, arrivals, rows, n, k, rank, k_per_split, float(scaling),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-        **config,
+        x2, rows, k, k_per_split, partials, arrivals, columns, nf4_code(x2.device) if nf4 else x2, *args,
+        PROJECTIONS=len(projections), SWIGLU=swiglu, HAS_BIAS=projections[0].bias is not None,
+        NF4=nf4, K_ALIGNED=k % 64 == 0, WHOLE_K=k % block_k == 0,
+        W_DTYPE=triton_dtype(projections[0].weight.dtype) if nf4 else None,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **config,
     )
-    return out
+    return outs
+
+
+def lora_linears_few_rows(x: torch.Tensor, projections: Sequence[Projection],
+                          swiglu: bool = False) -> list[torch.Tensor]:
+    """The forwards alone of up to MAX_PROJECTIONS linear layers of one input, in one launch, for at most FEW_ROWS
+    rows of x (..., in); no autograd. Each layer's (..., out), or with swiglu the one silu(gate) * up of the pair
+    (gate, up). The layers have biases all or none."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows, k = x2.shape
+    if rows > FEW_ROWS:
+        raise ValueError(f"lora_linears_few_rows takes at most {FEW_ROWS} rows, got {rows}")
+    if not 1 <= len(projections) <= MAX_PROJECTIONS or (swiglu and len(projections) != 2):
+        raise ValueError(f"lora_linears_few_rows takes 1 to {MAX_PROJECTIONS} layers, a SwiGLU pair 2; got "
+                         f"{len(projections)}")
+    if len({p.bias is None for p in projections}) != 1:
+        raise ValueError("lora_linears_few_rows takes layers with biases all or none")
+    if len({p.weight.dtype if isinstance(p.weight, Nf4Weight) else None for p in projections}) != 1:
+        raise ValueError("lora_linears_few_rows takes 16-bit layers or NF4 layers of one dtype, not a mix")
+    if swiglu and projections[0].weight.shape != projections[1].weight.shape:
+        raise ValueError("a SwiGLU pair's gate and up weights must have the same shape")
+    n = _out_features(projections[0]) if swiglu else sum(_out_features(p) for p in projections)
+    config = _few_rows_config(rows, n, k) if x.is_cuda else _few_rows_interpreter_config(k)
+    outs = _launch_few_rows(x2, projections, config, swiglu)
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
 def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                          lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The forward alone, in one launch, for at most FEW_ROWS rows of x (..., in); no autograd."""
-    x2 = x.reshape(-1, x.shape[-1])
-    rows, k = x2.shape
-    n = weight.shape[0]
-    if rows > FEW_ROWS:
-        raise ValueError(f"lora_linear_few_rows takes at most {FEW_ROWS} rows, got {rows}")
-    config = _few_rows_config(rows, n, k) if x.is_cuda else _few_rows_interpreter_config(k)
-    return _launch_few_rows(x2, weight, bias, lora_a, lora_b, scaling, config).view(*x.shape[:-1], n)
+    return lora_linears_few_rows(x, [Projection(weight, bias, lora_a, lora_b, scaling)])[0]
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -41,6 +41,22 @@ class CastCache:
         return cast
 
 
+    def derived(self, source: torch.Tensor, name: str, make) -> torch.Tensor:
+        """make(), a tensor computed from `source` alone (`name` tells such derivations apart), made once and made
+        again into the same tensor when the source changed in place."""
+        key = (source.device, source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, name)
+        entry = self._entries.get(key)
+        if entry is None:
+            value = make()
+            self._entries[key] = (source, value, source._version)
+            return value
+        held, value, version = entry
+        if source._version != version:
+            value.copy_(make())
+            self._entries[key] = (held, value, source._version)
+        return value
+
+
 @contextlib.contextmanager
 def reused_casts(cache: CastCache):
     """Within: `cast` reuses `cache`'s casts."""
@@ -65,3 +81,12 @@ def cast(source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if cache is None or source.requires_grad and torch.is_grad_enabled():
         return source.to(dtype)
     return cache.cast(source, dtype)
+
+
+def derived(source: torch.Tensor, name: str, make) -> torch.Tensor:
+    """make() (a tensor computed from `source` alone, such as an NF4 weight's fp32 absmax), or the active scope's
+    reused one (never under torch.compile)."""
+    cache = _ACTIVE.get()
+    if cache is None or torch.compiler.is_compiling():
+        return make()
+    return cache.derived(source, name, make)

@@ -11,8 +11,10 @@ from transformers.models.afmoe import modeling_afmoe as hf
 from fastmoe.kernels.attention_gate import attention_gate
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
+from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, gated_mlp_forward, rms_norm_forward,
+                                   swiglu_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import (
     FlashCausal,
@@ -62,12 +64,11 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
     hidden_shape = (*input_shape, -1, self.head_dim)
     # Full-attention layers of AFMoE take no RoPE at all.
     cos, sin = position_embeddings if self.is_local_attention else (None, None)
-    query = qk_norm_rope(self.q_proj(hidden_states).view(hidden_shape), self.q_norm.weight, cos, sin,
-                         self.q_norm.variance_epsilon, norm="rms")
-    key = qk_norm_rope(self.k_proj(hidden_states).view(hidden_shape), self.k_norm.weight, cos, sin,
-                       self.k_norm.variance_epsilon, norm="rms")
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    gate = self.gate_proj(hidden_states)
+    query, key, value, gate = project(hidden_states, self.q_proj, self.k_proj, self.v_proj, self.gate_proj)
+    query = qk_norm_rope(query.view(hidden_shape), self.q_norm.weight, cos, sin, self.q_norm.variance_epsilon,
+                         norm="rms")
+    key = qk_norm_rope(key.view(hidden_shape), self.k_norm.weight, cos, sin, self.k_norm.variance_epsilon, norm="rms")
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
@@ -177,6 +178,8 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.AfmoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.AfmoeTokenChoiceRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.AfmoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # The gated MLPs (dense layers and shared experts): gate and up in one launch while decoding.
+        "mlp": [ForwardPatch(hf.AfmoeMLP, "forward", gated_mlp_forward)],
         # QK RMSNorm + RoPE, the sliding-window flash path and the sigmoid output gate.
         "attention": [ForwardPatch(hf.AfmoeAttention, "forward", attention_forward)],
         # The residual add after attention fused into the norm before the MLP.

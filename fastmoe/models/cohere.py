@@ -12,7 +12,9 @@ from transformers.models.cohere import modeling_cohere as hf
 from fastmoe.kernels.layer_norm import layer_norm
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
+from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
+from fastmoe.models.shared import gated_mlp_forward
 from fastmoe.patching import Family, ForwardPatch
 
 
@@ -38,9 +40,10 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
     cos, sin = position_embeddings
     q_norm = self.q_norm if self.use_qk_norm else None
     k_norm = self.k_norm if self.use_qk_norm else None
-    query = _heads_with_rope(self.q_proj(hidden_states).view(hidden_shape), q_norm, cos, sin)
-    key = _heads_with_rope(self.k_proj(hidden_states).view(hidden_shape), k_norm, cos, sin)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    query = _heads_with_rope(query.view(hidden_shape), q_norm, cos, sin)
+    key = _heads_with_rope(key.view(hidden_shape), k_norm, cos, sin)
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
@@ -72,6 +75,8 @@ FAMILY = Family(
         "layer_norm": [ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward)],
         # QK LayerNorm + interleaved RoPE, reading the norms' weights (not calling them).
         "attention": [ForwardPatch(hf.CohereAttention, "forward", attention_forward)],
+        # The MLP: gate and up in one launch while decoding.
+        "mlp": [ForwardPatch(hf.CohereMLP, "forward", gated_mlp_forward)],
         "loss": [ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward)],
     },
     lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

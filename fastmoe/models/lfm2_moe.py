@@ -16,6 +16,7 @@ from fastmoe.generation import DecodeCache
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv
+from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
@@ -47,16 +48,21 @@ def sparse_moe_forward(self: hf.Lfm2MoeSparseMoeBlock, hidden_states: torch.Tens
     return routed.view(batch_size, seq_len, hidden_dim)
 
 
+def mlp_forward(self: hf.Lfm2MoeMLP, x: torch.Tensor) -> torch.Tensor:
+    return self.w2(swiglu(x, self.w1, self.w3))
+
+
 def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddings, attention_mask,
                       past_key_values=None, **kwargs):
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     cos, sin = position_embeddings
-    query = qk_norm_rope(self.q_proj(hidden_states).view(hidden_shape), self.q_layernorm.weight, cos, sin,
-                         self.q_layernorm.variance_epsilon, norm="rms")
-    key = qk_norm_rope(self.k_proj(hidden_states).view(hidden_shape), self.k_layernorm.weight, cos, sin,
-                       self.k_layernorm.variance_epsilon, norm="rms")
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    query = qk_norm_rope(query.view(hidden_shape), self.q_layernorm.weight, cos, sin, self.q_layernorm.variance_epsilon,
+                         norm="rms")
+    key = qk_norm_rope(key.view(hidden_shape), self.k_layernorm.weight, cos, sin, self.k_layernorm.variance_epsilon,
+                       norm="rms")
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
@@ -176,6 +182,8 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.Lfm2MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Lfm2MoeTopKRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.Lfm2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # The dense SwiGLU MLPs of the first layers: w1 and w3 in one launch while decoding.
+        "mlp": [ForwardPatch(hf.Lfm2MoeMLP, "forward", mlp_forward)],
         # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
         # flash's variable-length form, no seq^2 mask).
         "attention": [ForwardPatch(hf.Lfm2MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],

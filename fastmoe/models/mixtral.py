@@ -9,6 +9,7 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf
 
 from fastmoe.kernels.rope import apply_rope
+from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
                                    routed_moe_forward, softmax_topk_router_forward)
@@ -29,9 +30,10 @@ def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddi
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     cos, sin = position_embeddings
-    query = apply_rope(self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
-    key = apply_rope(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    query = apply_rope(query.view(hidden_shape).transpose(1, 2), cos, sin)
+    key = apply_rope(key.view(hidden_shape).transpose(1, 2), cos, sin)
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)

@@ -12,9 +12,10 @@ import torch
 from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
 from fastmoe.kernels.rope import apply_rope
+from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, renormalised_router_forward,
-                                   rms_norm_forward, swiglu_experts)
+from fastmoe.models.shared import (decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
+                                   renormalised_router_forward, rms_norm_forward, swiglu_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 
@@ -41,9 +42,10 @@ def attention_forward(self: hf.Qwen2MoeAttention, hidden_states, position_embedd
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     cos, sin = position_embeddings
-    query = apply_rope(self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
-    key = apply_rope(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    query = apply_rope(query.view(hidden_shape).transpose(1, 2), cos, sin)
+    key = apply_rope(key.view(hidden_shape).transpose(1, 2), cos, sin)
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
@@ -73,6 +75,8 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.Qwen2MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Qwen2MoeTopKRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.Qwen2MoeSparseMoeBlock, "forward", sparse_moe_forward)],
+        # The shared expert and dense MLPs: gate and up in one launch while decoding.
+        "mlp": [ForwardPatch(hf.Qwen2MoeMLP, "forward", gated_mlp_forward)],
         # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
         "attention": [ForwardPatch(hf.Qwen2MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
         # The residual add after attention fused into the norm before the MLP, and the MLP in token chunks on

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
+from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, renormalised_router_forward,
-                                   rms_norm_forward, routed_moe_forward)
+from fastmoe.models.shared import (decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
+                                   renormalised_router_forward, rms_norm_forward, routed_moe_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 
@@ -25,11 +26,11 @@ def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embedd
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     cos, sin = position_embeddings
-    query = qk_norm_rope(self.q_proj(hidden_states).view(hidden_shape), self.q_norm.weight, cos, sin,
-                         self.q_norm.variance_epsilon, norm="rms")
-    key = qk_norm_rope(self.k_proj(hidden_states).view(hidden_shape), self.k_norm.weight, cos, sin,
-                       self.k_norm.variance_epsilon, norm="rms")
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    query = qk_norm_rope(query.view(hidden_shape), self.q_norm.weight, cos, sin, self.q_norm.variance_epsilon,
+                         norm="rms")
+    key = qk_norm_rope(key.view(hidden_shape), self.k_norm.weight, cos, sin, self.k_norm.variance_epsilon, norm="rms")
+    value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
@@ -60,6 +61,8 @@ FAMILY = Family(
         "rms_norm": [ForwardPatch(hf.Qwen3MoeRMSNorm, "forward", rms_norm_forward)],
         "router": [ForwardPatch(hf.Qwen3MoeTopKRouter, "forward", router_forward)],
         "moe": [ForwardPatch(hf.Qwen3MoeSparseMoeBlock, "forward", routed_moe_forward)],
+        # The dense MLPs (mlp_only_layers): gate and up in one launch while decoding.
+        "mlp": [ForwardPatch(hf.Qwen3MoeMLP, "forward", gated_mlp_forward)],
         # QK RMSNorm + RoPE; the model's masks as flash layouts where flash runs the attention (packed rows as
         # flash's variable-length form, no seq^2 mask).
         "attention": [ForwardPatch(hf.Qwen3MoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],

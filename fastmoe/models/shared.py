@@ -9,6 +9,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
+from fastmoe.linear_lora import swiglu
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -54,6 +55,12 @@ def norm_attention_norm_mlp_forward(self: torch.nn.Module, hidden_states: torch.
     hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
     return residual + feed_forward_in_chunks(self.mlp, hidden_states)
+
+
+def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' gated MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)), with gate and up in one launch while
+    decoding (fastmoe.linear_lora.swiglu)."""
+    return self.down_proj(swiglu(x, self.gate_proj, self.up_proj, self.act_fn))
 
 
 def runs_fastmoe_experts(experts: torch.nn.Module) -> bool:

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
@@ -56,7 +55,7 @@ from .grouped_gemm import (
     grouped_wgrad,
 )
 from .nf4 import Nf4Weight, reference_dequantize_nf4
-from .routing import ExpertSchedule, sort_by_expert
+from .routing import ExpertSchedule, sort_by_expert, tile_bound
 
 
 @dataclass
@@ -126,12 +125,28 @@ def reference_moe_experts_nf4(
 # The helpers down to _sum_slots also serve expert_map_reduce.
 
 
+# Identity row indices of decode-sized schedules (at most DECODE_PAIRS rows), made once per device and size: read,
+# never written, they can serve every later call and CUDA graph, and spare a decode step one launch per MoE layer.
+_identities: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _identity(num_rows: int, device: torch.device) -> torch.Tensor:
+    """(num_rows,) int32 0, 1, ..."""
+    if (num_rows > DECODE_PAIRS or torch.compiler.is_compiling()
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        # Beyond decoding sizes vary without bound; under capture a new tensor would live in the graph's pool.
+        return torch.arange(num_rows, dtype=torch.int32, device=device)
+    identity = _identities.get((device, num_rows))
+    if identity is None:
+        identity = _identities[(device, num_rows)] = torch.arange(num_rows, dtype=torch.int32, device=device)
+    return identity
+
+
 def _schedule(top_k_index: torch.Tensor, num_experts: int) -> tuple[ExpertSchedule, torch.Tensor]:
     """The schedule of the grouped GEMMs, and the identity row index (S,) int32."""
     block_m = gemm_block_m(top_k_index.device, top_k_index.numel(), num_experts)
     schedule = sort_by_expert(top_k_index, num_experts, block_m)
-    identity = torch.arange(schedule.num_pairs, dtype=torch.int32, device=top_k_index.device)
-    return schedule, identity
+    return schedule, _identity(schedule.num_pairs, top_k_index.device)
 
 
 def _schedule_tensors(schedule: ExpertSchedule) -> tuple[torch.Tensor, ...]:
@@ -143,7 +158,7 @@ def _schedule_tensors(schedule: ExpertSchedule) -> tuple[torch.Tensor, ...]:
 def _schedule_fakes(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     """_schedule_tensors' shapes: static, sort_by_expert sizes its tiles by their bound."""
     num_pairs = top_k_index.numel()
-    max_tiles = triton.cdiv(num_pairs, gemm_block_m(top_k_index.device, num_pairs, num_experts)) + num_experts
+    max_tiles = tile_bound(num_pairs, num_experts, gemm_block_m(top_k_index.device, num_pairs, num_experts))
     sizes = (num_pairs, num_pairs, num_experts + 1, max_tiles, max_tiles)
     return tuple(top_k_index.new_empty(size, dtype=torch.int32) for size in sizes)
 

@@ -74,13 +74,18 @@ def _topk_select_kernel(
     logits_ptr, stride_lt, stride_le,
     bias_ptr,
     index_ptr, chosen_ptr,  # (T, K) int64, (T, K) float32: the activated score (sigmoid or logit) of each pick
-    T, E,
-    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    weights_ptr,  # (T, K) float32: the routing weights (below)
+    T, E, norm_eps, scale,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """The k picks of each token and their weights: with SIGMOID the chosen scores, divided by their sum (+ norm_eps)
+    when NORMALIZE, times scale; otherwise the softmax of the chosen logits. (At a decode step's few tokens these
+    weights were four more launches of their own per MoE layer.)"""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, BLOCK_K)
     row_mask = rows < T
     col_mask = cols < E
     mask = row_mask[:, None] & col_mask[None, :]
@@ -93,6 +98,7 @@ def _topk_select_kernel(
         choice = choice + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # Padding columns can never win; picked columns are knocked out the same way.
     choice = tl.where(col_mask[None, :], choice, float("-inf"))
+    picked = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         best = tl.max(choice, axis=1)
         # Lowest index among the maxima: the tie rule the references share.
@@ -101,29 +107,44 @@ def _topk_select_kernel(
         picked_score = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         tl.store(index_ptr + rows * TOP_K + k, pick.to(tl.int64), mask=row_mask)
         tl.store(chosen_ptr + rows * TOP_K + k, picked_score, mask=row_mask)
+        picked = tl.where(slots[None, :] == k, picked_score[:, None], picked)
         choice = tl.where(hit, float("-inf"), choice)
+    slot_mask = (slots < TOP_K)[None, :]
+    if SIGMOID:
+        if NORMALIZE:  # padding slots hold 0
+            weights = picked / (tl.sum(picked, axis=1) + norm_eps)[:, None] * scale
+        else:
+            weights = picked * scale
+    else:
+        exp = tl.where(slot_mask, tl.exp(picked - tl.max(tl.where(slot_mask, picked, float("-inf")), axis=1)[:, None]),
+                       0.0)
+        weights = exp / tl.sum(exp, axis=1)[:, None]
+    tl.store(weights_ptr + rows[:, None] * TOP_K + slots[None, :], weights, mask=row_mask[:, None] & slot_mask)
 
 
 def _topk_select(
-    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, sigmoid: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int, sigmoid: bool, normalize: bool = False,
+    norm_eps: float = 0.0, scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> index, chosen (the picks' activated scores) and weights, each (tokens, k); see _topk_select_kernel."""
     num_tokens, num_experts = router_logits.shape
     index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
     chosen = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     if num_tokens == 0:
-        return index, chosen
+        return index, chosen, weights
     block_e = triton.next_power_of_2(num_experts)
     # Keep a program's (tokens x experts) tile around 4K elements: registers on GPU, numpy size in the interpreter.
     block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(num_tokens)))
     _topk_select_kernel[(triton.cdiv(num_tokens, block_t),)](
         router_logits, router_logits.stride(0), router_logits.stride(1),
         expert_bias if expert_bias is not None else router_logits,
-        index, chosen,
-        num_tokens, num_experts,
-        HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, TOP_K=top_k,
-        BLOCK_T=block_t, BLOCK_E=block_e,
+        index, chosen, weights,
+        num_tokens, num_experts, float(norm_eps), float(scale),
+        HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, NORMALIZE=normalize, TOP_K=top_k,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
     )
-    return index, chosen
+    return index, chosen, weights
 
 
 def _route_sigmoid_topk_forward(
@@ -131,8 +152,8 @@ def _route_sigmoid_topk_forward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> weights, index and the chosen experts' sigmoid scores (tokens, k), which the backward reads."""
-    index, scores = _topk_select(router_logits, expert_bias, top_k, sigmoid=True)
-    weights = scores / (scores.sum(dim=-1, keepdim=True) + norm_eps) * scale if normalize else scores * scale
+    index, scores, weights = _topk_select(router_logits, expert_bias, top_k, sigmoid=True, normalize=normalize,
+                                          norm_eps=norm_eps, scale=scale)
     return weights, index, scores
 
 
@@ -172,8 +193,8 @@ _route_sigmoid_topk = KernelOp("route_sigmoid_topk", _route_sigmoid_topk_forward
 
 
 def _route_softmax_topk_forward(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    index, chosen_logits = _topk_select(router_logits, None, top_k, sigmoid=False)
-    return torch.softmax(chosen_logits, dim=-1), index
+    index, _, weights = _topk_select(router_logits, None, top_k, sigmoid=False)
+    return weights, index
 
 
 def _route_softmax_topk_fake(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +280,13 @@ class ExpertSchedule:
         return self.tile_expert.numel()
 
 
+def tile_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most row tiles num_pairs (token, slot) pairs can make over num_experts experts (tiles of block_m rows that
+    never span two experts): each expert's partial tile beyond the full ones, and no tile without a row. Decoding one
+    token over 128 experts: 8 tiles (not 129), so the grouped GEMMs launch no programs that would only exit."""
+    return max(1, min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts))
+
+
 # (token, slot) pairs up to which one program builds the schedule. Measured on an H200 (bench_decode_ops.py, 128
 # experts, graphed): 2.2 us at 8 pairs and 2.9 at 64 against PyTorch's 51-54 us, but 607 us at 512 (its pair-by-pair
 # rank matrices spill) against PyTorch's 73.
@@ -309,7 +337,7 @@ def _schedule_kernel(
 def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertSchedule:
     num_tokens, top_k = top_k_index.shape
     num_pairs = num_tokens * top_k
-    max_tiles = triton.cdiv(num_pairs, block_m) + num_experts
+    max_tiles = tile_bound(num_pairs, num_experts, block_m)
     sorted_pair, sorted_token = (top_k_index.new_empty(num_pairs, dtype=torch.int32) for _ in range(2))
     expert_offsets = top_k_index.new_empty(num_experts + 1, dtype=torch.int32)
     tile_expert, tile_row_start = (top_k_index.new_empty(max_tiles, dtype=torch.int32) for _ in range(2))
@@ -329,7 +357,7 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 6
 
     Each expert gets ceil(count / block_m) tiles, so experts without tokens get none and no expert is padded
     in memory. The number of tiles is only known on the device; the grid is sized by its bound
-    ceil(T*K / block_m) + E and surplus tiles carry expert -1 and exit at once.
+    tile_bound(T*K, E, block_m) and surplus tiles carry expert -1 and exit at once.
     """
     if (top_k_index.numel() <= ONE_PROGRAM_PAIRS and not torch.compiler.is_compiling()
             and use_triton(top_k_index)):
@@ -349,7 +377,7 @@ def reference_sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_
     counts = expert_offsets[1:] - expert_offsets[:-1]
     tiles_per_expert = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per_expert, 0)
-    max_tiles = triton.cdiv(num_tokens * top_k, block_m) + num_experts
+    max_tiles = tile_bound(num_tokens * top_k, num_experts, block_m)
     tile_ids = torch.arange(max_tiles, device=device, dtype=tile_end.dtype)
     tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
     valid = tile_expert < num_experts

@@ -142,10 +142,85 @@ def test_few_rows_unsplit_and_split_k_equal_the_reference(dtype):
     with torch.no_grad():
         for split_k in (1, 2, 4, 8):
             config = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split_k}
-            outs[split_k] = lora_linear_module._launch_few_rows(x.detach(), weight, b, lora_a, lora_b, 0.8, config)
+            outs[split_k] = lora_linear_module._launch_few_rows(
+                x.detach(), [lora_linear_module.Projection(weight, b, lora_a, lora_b, 0.8)], config)[0]
     for split_k, out in outs.items():
         assert rel_err(out.double(), exact) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
         assert rel_err(out.double(), outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
+
+
+# Layers of one input (out, rank; rank 0: no LoRA): widths off BLOCK_N (16), ranks that are not powers of two.
+PROJECTION_SHAPES = [(37, 3), (130, 0), (19, 16), (5, 1)]
+
+
+def _projections(d_in, shapes, dtype, bias, seed=0):
+    layers = []
+    for i, (d_out, rank) in enumerate(shapes):
+        _, weight, b, lora_a, lora_b = _inputs((1,), d_in, d_out, max(rank, 1), dtype, bias=bias, seed=seed + i)
+        if rank == 0:
+            lora_a = lora_b = None
+        layers.append(lora_linear_module.Projection(weight, b, lora_a, lora_b, 1.7 - 0.3 * i))
+    return layers
+
+
+def _exact_projection(x, projection):
+    weight, b, lora_a, lora_b, scaling = projection
+    if lora_a is None:
+        return torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    return _exact(x, weight, b, lora_a, lora_b, scaling)
+
+
+@pytest.mark.parametrize("rows,d_in", [(1, 100), (FEW_ROWS, 129), (3, 33)])
+@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_several_layers_of_one_input_in_one_launch_equal_each_alone(rows, d_in, count, bias, dtype, monkeypatch):
+    """q, k, v and gate of one hidden state: one launch, column blocks numbered across the layers (K split at 100 and
+    129, unsplit at 33), each layer's output equal to its reference, layers without LoRA among them."""
+    launches = []
+    launch = lora_linear_module._launch_few_rows
+    monkeypatch.setattr(lora_linear_module, "_launch_few_rows", lambda *a: launches.append(1) or launch(*a))
+    x = _inputs((rows,), d_in, 1, 1, dtype, seed=9)[0].detach()
+    projections = _projections(d_in, PROJECTION_SHAPES[:count], dtype, bias)
+    with torch.no_grad():
+        outs = lora_linear_module.lora_linears_few_rows(x, projections)
+    assert len(launches) == 1 and len(outs) == count
+    for out, projection in zip(outs, projections):
+        assert out.shape == (rows, projection.weight.shape[0]) and out.dtype == dtype
+        assert rel_err(out.double(), _exact_projection(x, projection)) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,ranks", [(1, 100, 37, (3, 5)), (FEW_ROWS, 129, 130, (16, 0)),
+                                                   ((2, 3), 33, 19, (1, 1))])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_pair_in_one_launch_equals_silu_of_gate_times_up(rows, d_in, d_out, ranks, bias, dtype):
+    """A gated MLP's gate and up: one output, silu(gate) * up, each step rounded to the activations' dtype as the three
+    PyTorch ops round it."""
+    rows = rows if isinstance(rows, tuple) else (rows,)
+    x = _inputs(rows, d_in, 1, 1, dtype, seed=9)[0].detach()
+    gate, up = _projections(d_in, [(d_out, r) for r in ranks], dtype, bias)
+    with torch.no_grad():
+        (out,) = lora_linear_module.lora_linears_few_rows(x, [gate, up], swiglu=True)
+    expected = (torch.nn.functional.silu(_exact_projection(x, gate).to(dtype)) * _exact_projection(x, up).to(dtype))
+    assert out.shape == (*rows, d_out) and out.dtype == dtype
+    assert rel_err(out.double(), expected.double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_several_layers_are_refused_beyond_what_one_launch_takes():
+    x = torch.randn(2, 40)
+    layers = _projections(40, [(8, 2)] * 5, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="1 to 4 layers"):
+        lora_linear_module.lora_linears_few_rows(x, layers)
+    with pytest.raises(ValueError, match="a SwiGLU pair 2"):
+        lora_linear_module.lora_linears_few_rows(x, layers[:3], swiglu=True)
+    with pytest.raises(ValueError, match="biases all or none"):
+        lora_linear_module.lora_linears_few_rows(x, [*layers[:1], *_projections(40, [(8, 2)], torch.float32, True)])
+    with pytest.raises(ValueError, match="same shape"):
+        lora_linear_module.lora_linears_few_rows(x, [layers[0], *_projections(40, [(9, 2)], torch.float32, False)],
+                                                 swiglu=True)
+    with pytest.raises(ValueError, match="at most"):
+        lora_linear_module.lora_linears_few_rows(torch.randn(FEW_ROWS + 1, 40), layers[:1])
 
 
 def test_arrival_counters_grow_zeroed_and_keep_the_outgrown_ones():
@@ -234,3 +309,80 @@ def test_autocast_over_fp32_weights_computes_in_autocast_dtype(bias):
     assert [t.dtype for t in fused[1:]] == [torch.float32] * 3
     for name, got, expected in zip(("out", "dx", "dA", "dB"), fused, exact):
         assert rel_err(got, expected) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_several_layers_bf16_gpu_match_fp64_references(rows, swiglu):
+    shapes = [(1536, 16), (1536, 8)] if swiglu else [(2048, 16), (256, 16), (256, 0), (2048, 4)]
+    projections = [p._replace(weight=p.weight.cuda(), lora_a=p.lora_a.cuda() if p.lora_a is not None else None,
+                              lora_b=p.lora_b.cuda() if p.lora_b is not None else None)
+                   for p in _projections(2048, shapes, torch.bfloat16, bias=False)]
+    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        outs = lora_linear_module.lora_linears_few_rows(x, projections, swiglu=swiglu)
+    exact = [_exact_projection(x, p) for p in projections]
+    if swiglu:
+        exact = [torch.nn.functional.silu(exact[0]) * exact[1]]
+    for out, expected in zip(outs, exact, strict=True):
+        assert rel_err(out.double(), expected) < 1e-2
+
+
+def _nf4_projection(d_in, d_out, rank, dtype, double_quant, bias=False, seed=0):
+    """A layer whose weight is NF4 in bitsandbytes' layout (one expert of fastmoe's format), its exact dequantized
+    weight for the reference."""
+    from fastmoe.kernels.moe import quantize_nf4, reference_dequantize_nf4
+
+    _, weight, b, lora_a, lora_b = _inputs((1,), d_in, d_out, max(rank, 1), dtype, bias=bias, seed=seed)
+    nf4 = quantize_nf4(weight[None], double_quant=double_quant)
+    exact = reference_dequantize_nf4(nf4)[0]
+    if rank == 0:
+        lora_a = lora_b = None
+    return lora_linear_module.Projection(nf4, b, lora_a, lora_b, 1.3), exact
+
+
+@pytest.mark.parametrize("rows,d_in", [(1, 128), (5, 192), (FEW_ROWS, 64), (2, 96)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nf4_layers_of_one_input_dequantize_in_the_kernel(rows, d_in, double_quant, dtype):
+    """bitsandbytes' 4-bit Linear weights decoded tile by tile (K a multiple of 64 or of BLOCK_K or neither: 96),
+    against the reference on the exactly dequantized weights; several layers, one without LoRA, and a SwiGLU pair."""
+    layers = [_nf4_projection(d_in, d_out, rank, dtype, double_quant, seed=i)
+              for i, (d_out, rank) in enumerate([(40, 3), (24, 0), (40, 5)])]
+    x = _inputs((rows,), d_in, 1, 1, dtype, seed=9)[0].detach()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    with torch.no_grad():
+        outs = lora_linear_module.lora_linears_few_rows(x, [p for p, _ in layers])
+        (h,) = lora_linear_module.lora_linears_few_rows(x, [layers[0][0], layers[2][0]], swiglu=True)
+    exact = [_exact_projection(x, p._replace(weight=w)) for p, w in layers]
+    for out, expected in zip(outs, exact, strict=True):
+        assert out.dtype == dtype and rel_err(out.double(), expected) < tol
+    expected_h = torch.nn.functional.silu(exact[0].to(dtype)) * exact[2].to(dtype)
+    assert rel_err(h.double(), expected_h.double()) < tol
+
+
+def test_nf4_and_16_bit_layers_do_not_share_a_launch():
+    nf4, _ = _nf4_projection(64, 16, 2, torch.float32, False)
+    plain = _projections(64, [(16, 2)], torch.float32, bias=False)[0]
+    with pytest.raises(ValueError, match="not a mix"):
+        lora_linear_module.lora_linears_few_rows(torch.randn(1, 64), [nf4, plain])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant):
+    layers = [_nf4_projection(2048, d_out, rank, torch.bfloat16, double_quant, seed=i)
+              for i, (d_out, rank) in enumerate([(1536, 16), (256, 0)])]
+    layers = [(p._replace(weight=type(p.weight)(*(t.cuda() if isinstance(t, torch.Tensor) else t
+                                                   for t in vars(p.weight).values())),
+                          lora_a=None if p.lora_a is None else p.lora_a.cuda(),
+                          lora_b=None if p.lora_b is None else p.lora_b.cuda()), w.cuda()) for p, w in layers]
+    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        outs = lora_linear_module.lora_linears_few_rows(x, [p for p, _ in layers])
+    for out, (p, w) in zip(outs, layers, strict=True):
+        assert rel_err(out.double(), _exact_projection(x, p._replace(weight=w))) < 1e-2

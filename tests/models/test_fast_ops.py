@@ -88,7 +88,7 @@ def test_patch_sets_each_op_on_or_off_and_unpatch_restores_all():
 
 
 @pytest.mark.parametrize("ops, message", [
-    ({"nope": False}, "afmoe has no op 'nope' to switch; its ops are rms_norm, router, moe, attention, decoder_layer, model, loss"),
+    ({"nope": False}, "afmoe has no op 'nope' to switch; its ops are rms_norm, router, moe, mlp, attention, decoder_layer, model, loss"),
     ({"short_conv": False}, "afmoe has no op 'short_conv'"),
     ({"rms_norm": 0}, r"op rms_norm=0: switch an op with True or False"),
 ])
