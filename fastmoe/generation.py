@@ -19,6 +19,13 @@ it unchanged: sampling, stop tokens, streamers and left padding stay transformer
   for the next `for_inference` (or frees them: keep_decode_graphs=False); parameters that moved since (an adapter
   loaded) start them over.
 
+On CUDA the loop does not wait for each step before queueing the next: transformers' `generate` reads its stop flag
+back from the device at every step, so that the host's Python between two steps (preparing inputs, processing
+logits) leaves the GPU idle, a third of a batch-1 step. transformers has the remedy, a stop check one step late
+(DeferredStopCheck: the flag copied asynchronously and read a step later, one extra step undone at an end of
+sequence), enabled on Apple's mps only; `install` enables it for this decode cache on CUDA when the cache is not
+returned to the caller (it cannot be cropped back). The tokens are the same.
+
 LFM2's short convolutions keep their last inputs in the cache beside the attention layers' keys and values; the
 family's patched convolution forward runs the decode step's update against them (fastmoe.models.lfm2_moe).
 
@@ -35,6 +42,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import transformers.generation.utils
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
@@ -47,6 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 
+from fastmoe import patching
 from fastmoe.kernels.decode_attention import decode_attention
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 from fastmoe.module_structure import structure_of
@@ -466,6 +475,24 @@ def _capture(step, buffers: DecodeBuffers):
     return output, graph
 
 
+# transformers' stop check one step late (absent before transformers 5.17).
+_DEFERRED_STOP_CHECK = getattr(transformers.generation.utils, "DeferredStopCheck", None)
+
+
+def _deferred_stop_check_supported(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
+    """DeferredStopCheck.is_supported, and also true on CUDA for a decode cache that `generate` does not return (see
+    the module docstring)."""
+    if isinstance(cache, DecodeCache) and device.type == "cuda" and not cache_is_returned and not is_assistant:
+        return True
+    return patching.original(_DEFERRED_STOP_CHECK, "is_supported")(device, cache, cache_is_returned, is_assistant)
+
+
+def _deferred_stop_check_patches() -> list[patching.ForwardPatch]:
+    if _DEFERRED_STOP_CHECK is None:
+        return []
+    return [patching.ForwardPatch(_DEFERRED_STOP_CHECK, "is_supported", staticmethod(_deferred_stop_check_supported))]
+
+
 # Where `uninstall(model, keep=True)` leaves the DecodeForward (a plain attribute, not a submodule), for `install`.
 _KEPT = "_fastmoe_decode_forward"
 
@@ -473,6 +500,8 @@ _KEPT = "_fastmoe_decode_forward"
 def install(model: torch.nn.Module, use_cuda_graphs: bool = True) -> DecodeForward:
     """Put a DecodeForward in front of `model`'s forward (a transformers causal LM): the one there, else the one an
     `uninstall(keep=True)` kept (its buffers, graphs and casts reused), else a new one."""
+    # Changes nothing but for a DecodeCache: left in place by uninstall (fastmoe.unpatch() removes it with the rest).
+    patching.apply_patches(_deferred_stop_check_patches())
     current = model.__dict__.get("forward")
     if not isinstance(current, DecodeForward):
         decode = model.__dict__.pop(_KEPT, None) or DecodeForward(model, use_cuda_graphs)

@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+import transformers.generation.utils
 from fastmoe.kernels.dispatch import reference_only
 from peft import LoraConfig, get_peft_model
 from testing_utils import randomize_lora, rel_err
@@ -298,3 +299,44 @@ def test_graphed_decoding_after_an_adapter_update_uses_the_new_adapter(tiny_chec
     assert not torch.equal(after.sequences, before.sequences)
     assert_same_decoding(after, fresh, 1e-3)
     assert_same_greedy_decoding_up_to_a_tie(after, expected, 0.15)
+
+
+def test_the_stop_check_waits_a_step_only_for_the_decode_cache_on_cuda(tiny_checkpoint):
+    """transformers' DeferredStopCheck (mps only in transformers) is enabled on CUDA for fastmoe's decode cache, when
+    generate does not return the cache; every other case keeps transformers' answer."""
+    stop_check = transformers.generation.utils.DeferredStopCheck
+    FastModel.for_inference(adapted(tiny_checkpoint("afmoe"), "afmoe", dtype=torch.float32))
+    decode_cache = generation.DecodeCache.__new__(generation.DecodeCache)  # only its type is looked at
+    cuda, mps = torch.device("cuda"), torch.device("mps")
+    assert stop_check.is_supported(cuda, decode_cache, False, False)
+    assert not stop_check.is_supported(cuda, decode_cache, True, False)  # returned: it would have to be cropped
+    assert not stop_check.is_supported(cuda, decode_cache, False, True)  # assisted decoding
+    assert not stop_check.is_supported(cuda, DynamicCache(), False, False)
+    assert stop_check.is_supported(mps, DynamicCache(), False, False)
+    assert not stop_check.is_supported(torch.device("cpu"), decode_cache, False, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deferred_stop_check_on_gpu_stops_at_the_same_token(tiny_checkpoint, monkeypatch):
+    """With the stop check a step late, generation stopped by an end-of-sequence token returns exactly what the
+    step-by-step check returns (the extra step undone), and both stop there."""
+    checkpoint = tiny_checkpoint("afmoe")
+    # One row (the unpadded prompt): the call ends when that row does.
+    batch = {k: v[:1].cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
+    model = FastModel.for_inference(adapted(checkpoint, "afmoe", dtype=torch.bfloat16, device_map={"": 0}))
+    with torch.no_grad():
+        free = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    eos = int(free[0, batch["input_ids"].shape[1] + 9])  # it ends at its 10th new token (or earlier)
+    made = []
+    init = transformers.generation.utils.DeferredStopCheck.__init__
+    monkeypatch.setattr(transformers.generation.utils.DeferredStopCheck, "__init__",
+                        lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    with torch.no_grad():
+        deferred = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        assert made == [1]
+        monkeypatch.setattr(transformers.generation.utils.DeferredStopCheck, "is_supported",
+                            staticmethod(lambda *args, **kwargs: False))
+        stepwise = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert made == [1] and torch.equal(deferred, stepwise)
+    assert deferred.shape[1] < free.shape[1]
