@@ -31,7 +31,8 @@ order, so the result does not depend on which split finished first, adds the bia
 takes up to four linear layers of one input (attention's q, k, v and output gate, numbering their column blocks one
 after another), or a gated MLP's gate and up as a pair whose programs compute both tiles of a column block and store
 silu(gate) * up: each launch costs some microseconds of ramp-up and drain whatever it reads, a large share at a few
-megabytes.
+megabytes. bitsandbytes' 4-bit weights go in as they are stored (NF4 codes and absmax) and are decoded tile by tile,
+so that a decode step never writes a 16-bit copy of them.
 
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
