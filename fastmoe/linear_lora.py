@@ -21,8 +21,8 @@ import transformers.activations
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 
-from fastmoe.kernels.dispatch import use_triton
-from fastmoe.kernels.lora_linear import FEW_ROWS, MAX_PROJECTIONS, Projection, lora_linear, lora_linears_few_rows
+from fastmoe.kernels.lora_linear import (MAX_PROJECTIONS, Projection, lora_linear, lora_linears_few_rows,
+                                         takes_few_rows)
 from fastmoe.kernels.moe.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, Nf4Weight
 from fastmoe.kernels.reused_casts import cast, scope_active
 from fastmoe.patching import ForwardPatch
@@ -71,11 +71,12 @@ def _fused(layer, base: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Te
         def dequantized() -> torch.Tensor:
             return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state).to(compute_dtype)
 
-        projections = _few_rows_projections(x.to(compute_dtype), (layer,))
+        x_compute = x.to(compute_dtype)
+        projections = _few_rows_projections(x_compute, (layer,))
         if projections is not None:  # decoding: the NF4 weight decoded in the kernel's tiles, never as a whole
-            return lora_linears_few_rows(x.to(compute_dtype), projections)[0].to(x.dtype)
+            return lora_linears_few_rows(x_compute, projections)[0].to(x.dtype)
         bias = base.bias.to(compute_dtype) if base.bias is not None else None
-        return lora_linear(x.to(compute_dtype), dequantized, bias, a, b, scaling).to(x.dtype)
+        return lora_linear(x_compute, dequantized, bias, a, b, scaling).to(x.dtype)
     return None
 
 
@@ -160,22 +161,16 @@ def _projection(layer: torch.nn.Module, x: torch.Tensor) -> Projection | None:
     weight = _projection_weight(base, x)
     if weight is None or base._forward_hooks or base._forward_pre_hooks:
         return None
-    a, b = (None, None) if name is None else (layer.lora_A[name].weight, layer.lora_B[name].weight)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base.bias, a, b)):
-        return None
-    bias = None if base.bias is None else cast(base.bias, x.dtype)
     if name is None:
-        return Projection(weight, bias, None, None, 0.0)
-    if scope_active():  # decoding: the factors' reused casts, half the bytes each program reads
-        a, b = cast(a, x.dtype), cast(b, x.dtype)
-    return Projection(weight, bias, a, b, float(layer.scaling[name]))
+        return Projection(weight, base.bias, None, None, 0.0)
+    return Projection(weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                      float(layer.scaling[name]))
 
 
 def _few_rows_projections(x: torch.Tensor, layers) -> list[Projection] | None:
     """The layers as projections of few-rows launches over x, or None where any one would not take that kernel."""
-    if (torch.compiler.is_compiling() or x.numel() > FEW_ROWS * x.shape[-1]
-            or (torch.is_grad_enabled() and x.requires_grad) or torch.is_autocast_enabled(x.device.type)):
-        return None
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or not takes_few_rows(x):
+        return None  # training sizes leave here, before any layer is looked at
     projections = []
     for layer in layers:
         projection = _projection(layer, x)
@@ -183,11 +178,15 @@ def _few_rows_projections(x: torch.Tensor, layers) -> list[Projection] | None:
             return None
         projections.append(projection)
     kinds = {p.weight.dtype if isinstance(p.weight, Nf4Weight) else None for p in projections}
-    if (len({p.bias is None for p in projections}) != 1 or len(kinds) != 1
-            or not use_triton(x, *(p.weight.packed if isinstance(p.weight, Nf4Weight) else p.weight
-                                   for p in projections))):
+    tensors = [t for p in projections
+               for t in (p.weight.packed if isinstance(p.weight, Nf4Weight) else p.weight, p.bias, p.lora_a, p.lora_b)]
+    if len({p.bias is None for p in projections}) != 1 or len(kinds) != 1 or not takes_few_rows(x, *tensors):
         return None
-    return projections
+    # Decoding: the factors' reused casts, half the bytes each program reads.
+    factor = cast if scope_active() else (lambda t, dtype: t)
+    return [p._replace(bias=None if p.bias is None else cast(p.bias, x.dtype),
+                       lora_a=None if p.lora_a is None else factor(p.lora_a, x.dtype),
+                       lora_b=None if p.lora_b is None else factor(p.lora_b, x.dtype)) for p in projections]
 
 
 def project(x: torch.Tensor, *layers: torch.nn.Module) -> tuple[torch.Tensor, ...]:

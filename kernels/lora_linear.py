@@ -84,6 +84,14 @@ class Projection(NamedTuple):
     scaling: float
 
 
+def takes_few_rows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a forward of x (..., in) with these tensors (weights, biases, LoRA factors; None for absent ones) is
+    one the few-rows kernel serves: at most FEW_ROWS rows, nothing autograd would differentiate, Triton on them."""
+    return (x.numel() <= FEW_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)))
+            and use_triton(x, *tensors))
+
+
 def _few_rows_config(rows: int, n: int, k: int) -> dict:
     """Launch configuration of the few-rows kernel on a GPU, for `rows` rows of x (rows, k) and n output columns in
     all (the projections' together; a SwiGLU pair counts its gate's).
@@ -299,7 +307,7 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
             # Double-quantized absmax decoded to fp32 for the whole weight; while decoding, once (reused_casts).
             absmax = weight.absmax if not weight.double_quant else derived(
                 weight.absmax, "absmax_fp32", lambda weight=weight: absmax_fp32(weight))
-            weight, absmax = weight.packed, absmax
+            weight = weight.packed
         else:
             weight = absmax = weight.contiguous()  # 16-bit: the absmax argument is a stand-in, never read
         if adapted is None:
@@ -431,10 +439,7 @@ def lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, lora
         raise TypeError(f"lora_linear: input is {x.dtype} but the base weight is {w_dtype}; cast the input first")
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad")
-    differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                     for t in (x, bias, lora_a, lora_b))
-    if (not differentiated and isinstance(weight, torch.Tensor) and x.numel() <= FEW_ROWS * x.shape[-1]
-            and use_triton(x, weight, lora_a, lora_b)):
+    if isinstance(weight, torch.Tensor) and takes_few_rows(x, weight, bias, lora_a, lora_b):
         if scope_active():  # decoding: the factors' reused casts, half the bytes each program reads
             lora_a, lora_b = cast(lora_a, x.dtype), cast(lora_b, x.dtype)
         return lora_linear_few_rows(x, weight, bias, lora_a, lora_b, scaling)
