@@ -512,8 +512,10 @@ class _WeightOperand:
     k: int
 
 
-def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dtype) -> _WeightOperand:
-    """weight (E, N, K) read as W or, when transpose, as W^T (E, K, N), by a GEMM in compute_dtype."""
+def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dtype,
+                    schedule: ExpertSchedule) -> _WeightOperand:
+    """weight (E, N, K) read as W or, when transpose, as W^T (E, K, N), by a GEMM in compute_dtype over schedule's
+    tiles."""
     if isinstance(weight, torch.Tensor):
         w = weight.transpose(1, 2) if transpose else weight
         layout = {"NF4": False, "TRANSPOSED": False, "ROWS_ALIGNED": False, "REGISTER_DECODE": False, "W_DTYPE": None}
@@ -521,9 +523,10 @@ def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dt
                               w.shape[2])
     if any(t.stride(-1) != 1 for t in weight.tensors()):
         raise ValueError("NF4 packed codes and absmax (and its double quantization) must be contiguous per expert")
-    # Double-quantized absmax is decoded here, for the whole stack (see the note above nf4.dequantize_nf4_tile).
+    # Double-quantized absmax is decoded here (see the note above nf4.dequantize_nf4_tile): for the whole stack, or at
+    # decoding sizes for the experts the tiles hold (the GEMM reads no other expert's).
     _, n, k = weight.shape
-    absmax = absmax_fp32(weight)
+    absmax = absmax_fp32(weight, schedule.tile_expert if schedule.num_pairs <= DECODE_PAIRS else None)
     args = (weight.packed, weight.packed.stride(0), None, None, absmax, absmax.stride(0), nf4_code(weight.device))
     layout = {"NF4": True, "TRANSPOSED": transpose, **nf4_tile_layout(weight, compute_dtype)}
     return _WeightOperand(args, layout, (k if transpose else n), (n if transpose else k))
@@ -582,7 +585,7 @@ def grouped_mm(
     or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32.
     Rows of out not named by out_rows are left untouched.
     """
-    operand = _weight_operand(weight, transpose, a.dtype)
+    operand = _weight_operand(weight, transpose, a.dtype, schedule)
     cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
@@ -603,7 +606,7 @@ def grouped_mm_swiglu(
     a: (rows_a, H); gate_up: (E, 2I, H), 16-bit or Nf4Weight; lora_l: (S, r); lora_b: (E, 2I, r).
     Returns h (S, I) in sorted order and, if store_gate_up, (gate | up) (S, 2I), both in a's dtype.
     """
-    operand = _weight_operand(gate_up, False, a.dtype)
+    operand = _weight_operand(gate_up, False, a.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
@@ -663,7 +666,7 @@ def grouped_mm_swiglu_backward(
     lora_b: A_down viewed as (E, I, r). Returns d(gate | up) (S, 2I), h (S, I) and the routing-weight gradient (S,)
     fp32, all in sorted order.
     """
-    operand = _weight_operand(down, True, grad_out.dtype)
+    operand = _weight_operand(down, True, grad_out.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
     dgu = torch.empty(num_rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
     h = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)

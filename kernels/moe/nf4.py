@@ -393,10 +393,16 @@ def register_decode_fits(tile_rows: int, tile_cols: int, num_warps: int) -> bool
 
 
 @triton.jit
-def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offset_ptr, out_ptr, num_blocks,
-                          SCALE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // SCALE_BLOCK] + offset[e], one expert per program_id(1).
-    expert = tl.program_id(1).to(tl.int64)
+def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offset_ptr, out_ptr, experts_ptr, num_blocks,
+                          SCALE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LISTED: tl.constexpr):
+    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // SCALE_BLOCK] + offset[e], one expert per program_id(1):
+    # expert program_id(1), or when LISTED the expert experts_ptr lists there (-1: none; a repeat writes the same).
+    if LISTED:
+        expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
+        if expert < 0:
+            return
+    else:
+        expert = tl.program_id(1).to(tl.int64)
     blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = blocks < num_blocks
     q = tl.load(q_ptr + expert * stride_qe + blocks, mask=mask, other=0).to(tl.int32)
@@ -405,9 +411,11 @@ def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offs
     tl.store(out_ptr + expert * num_blocks + blocks, value, mask=mask)
 
 
-def absmax_fp32(weight: Nf4Weight) -> torch.Tensor:
-    """The fp32 absmax (E, N*K/64) the kernels read: as stored, or decoded from its double quantization for the
-    whole stack by one kernel (4 bytes per 64 weights, freed after the GEMM that asked)."""
+def absmax_fp32(weight: Nf4Weight, experts: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 absmax (E, N*K/64) the kernels read: as stored, or decoded from its double quantization by one kernel
+    (4 bytes per 64 weights, freed after the GEMM that asked): for the whole stack, or only for the experts listed in
+    `experts` (int32, -1 for none, repeats allowed; the other experts' rows are left unwritten). A decode step touches
+    a few of 128 experts: decoding the whole stack's absmax would move some 60 MB per MoE layer for them."""
     if not weight.double_quant:
         return weight.absmax
     if not use_triton(weight.absmax):
@@ -415,9 +423,11 @@ def absmax_fp32(weight: Nf4Weight) -> torch.Tensor:
     num_experts, num_blocks = weight.absmax.shape
     out = torch.empty(num_experts, num_blocks, dtype=torch.float32, device=weight.device)
     block = 1024
-    _decode_absmax_kernel[(triton.cdiv(num_blocks, block), num_experts)](
+    rows = num_experts if experts is None else experts.numel()
+    _decode_absmax_kernel[(triton.cdiv(num_blocks, block), rows)](
         weight.absmax, weight.absmax.stride(0), dynamic_code(weight.device), weight.absmax_scale,
-        weight.absmax_scale.stride(0), weight.absmax_offset, out, num_blocks, SCALE_BLOCK=ABSMAX_BLOCKSIZE, BLOCK=block,
+        weight.absmax_scale.stride(0), weight.absmax_offset, out, experts, num_blocks, SCALE_BLOCK=ABSMAX_BLOCKSIZE,
+        BLOCK=block, LISTED=experts is not None,
     )
     return out
 

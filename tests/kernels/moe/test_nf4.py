@@ -417,3 +417,16 @@ def test_triton_path_never_dequantizes_a_whole_stack(monkeypatch):
     monkeypatch.setattr(nf4_module, "reference_dequantize_nf4", refuse)
     monkeypatch.setattr(nf4_module, "dequantize_nf4", refuse)
     _run(moe_experts_nf4, args, params)
+
+
+def test_absmax_of_listed_experts_is_decoded_for_those_alone():
+    """A decode step's GEMMs decode the double-quantized absmax of the experts their tiles hold (repeats and -1
+    entries included), equal to the whole stack's decode on those rows."""
+    from fastmoe.kernels.moe.nf4 import absmax_fp32
+
+    weight = quantize_nf4(torch.randn(6, 24, 80), double_quant=True)
+    whole = absmax_fp32(weight)
+    listed = torch.tensor([4, 1, 1, -1, -1], dtype=torch.int32)
+    part = absmax_fp32(weight, listed)
+    assert torch.equal(part[[1, 4]], whole[[1, 4]])
+    assert torch.equal(whole, dequantize_absmax(weight))
