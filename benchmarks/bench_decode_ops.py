@@ -1,7 +1,8 @@
 """The ops of a decode step at a handful of rows, with their launch configurations swept: the few-rows LoRA linear
 (kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, several linear layers of one input in one
 few-rows launch against one launch each (attention's q, k, v and gate; a gated MLP's gate and up), the MoE experts
-block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts, and the one-program expert schedule against
+block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts, in 16 bits and in NF4 (double-quantized absmax, as
+load_in_4bit stores them), and the one-program expert schedule against
 PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
@@ -19,7 +20,7 @@ import torch
 
 import common
 from fastmoe.kernels import lora_linear as lora_module
-from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts
+from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, moe_experts_nf4, quantize_nf4
 from fastmoe.kernels.moe.routing import reference_sort_by_expert, sort_by_expert
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 
@@ -104,22 +105,28 @@ def projections(device: str) -> None:
               + f"; rel err to one launch each {err:.1e}", flush=True)
 
 
-def moe(device: str) -> None:
+def moe(device: str, nf4: bool = False) -> None:
     hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
     gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
     down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
+    bytes_per_weight, block = 2, moe_experts
+    if nf4:  # as load_in_4bit stores them: NF4 codes, double-quantized absmax
+        gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
+        bytes_per_weight, block = 0.5 + 1 / 64, moe_experts_nf4
     gu_lora = ExpertLora(A=torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
                          B=torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01, scaling=1.0)
     dn_lora = ExpertLora(A=torch.randn(num_experts, RANK, inter, device=device) * 0.01,
                          B=torch.randn(num_experts, hidden, RANK, device=device) * 0.01, scaling=1.0)
     original_config, original_block_m = grouped_gemm._config, experts.gemm_block_m
-    sweeps = list(itertools.product((16,), (32, 64, 128), (64, 128), (4,), (3, 4)))
+    # NF4 tiles decode in registers, so fewer warps and longer K steps are worth trying there.
+    sweeps = list(itertools.product((16,), (32, 64, 128), (64, 128, 256) if nf4 else (64, 128), (2, 4) if nf4 else (4,),
+                                    (3, 4)))
     for tokens in ROWS:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
         index = torch.stack([torch.randperm(num_experts, device=device)[:top_k] for _ in range(tokens)])
         weights = torch.rand(tokens, top_k, device=device)
         touched = index.unique().numel()
-        gbytes = touched * (gate_up[0].numel() + down[0].numel()) * 2 / 1e9
+        gbytes = touched * (2 * inter * hidden + hidden * inter) * bytes_per_weight / 1e9
         results = []
         with reused_casts(CastCache()), torch.no_grad():
             for sweep in [None, *sweeps]:
@@ -132,7 +139,7 @@ def moe(device: str) -> None:
                     grouped_gemm._config = config
                     experts.gemm_block_m = lambda device, pairs, num_experts, _bm=bm: _bm
                 try:
-                    ms = common.bench_graph_ms(lambda: moe_experts(x, index, weights, gate_up, down, gu_lora, dn_lora))
+                    ms = common.bench_graph_ms(lambda: block(x, index, weights, gate_up, down, gu_lora, dn_lora))
                 except Exception as error:
                     print(f"  {(bm, n, k, w, st)}: {type(error).__name__}")
                     continue
@@ -140,7 +147,7 @@ def moe(device: str) -> None:
         grouped_gemm._config, experts.gemm_block_m = original_config, original_block_m
         current = results[0]
         best = sorted(results, key=lambda r: r[0])[:4]
-        print(f"moe {tokens} tokens ({touched} experts, {gbytes * 1e3:.0f} MB): current {current[0] * 1e3:.1f} us "
+        print(f"moe{' nf4' if nf4 else ''} {tokens} tokens ({touched} experts, {gbytes * 1e3:.0f} MB): current {current[0] * 1e3:.1f} us "
               f"({gbytes / current[0] * 1e3:.0f} GB/s); best (block_m, BLOCK_N, BLOCK_K, warps, stages) "
               + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best), flush=True)
 
@@ -157,6 +164,6 @@ def schedule(device: str) -> None:
 
 
 if __name__ == "__main__":
-    sections = {"schedule": schedule, "moe": moe, "few-rows": few_rows, "projections": projections}
+    sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")
