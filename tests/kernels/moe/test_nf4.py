@@ -382,7 +382,7 @@ def test_grouped_mm_nf4_register_decode_gpu(transpose, double_quant, n, k):
     schedule = sort_by_expert(index, num_experts, gemm_block_m(index.device, index.numel(), num_experts))
     rows = torch.arange(schedule.num_pairs, dtype=torch.int32, device="cuda")
     weight = quantize_nf4(_stack(num_experts, n, k, torch.bfloat16, "cuda", seed=6), double_quant)
-    assert grouped_gemm._weight_operand(weight, transpose, torch.bfloat16).layout["REGISTER_DECODE"]
+    assert grouped_gemm._weight_operand(weight, transpose, torch.bfloat16, schedule).layout["REGISTER_DECODE"]
     dense = reference_dequantize_nf4(weight)
     dense = dense.transpose(1, 2) if transpose else dense
     a = torch.randn(schedule.num_pairs, dense.shape[2], generator=gen).to(device="cuda", dtype=torch.bfloat16)
