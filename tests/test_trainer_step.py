@@ -35,49 +35,58 @@ def lora_model(checkpoint, trainer_step_op=True):
 
 
 def train_and_watch(model, tokenizer, output_dir, monkeypatch, **trainer_kwargs):
-    """Train; return (logged steps, total_flos, the parameters handed to accelerate's clipping per step, the number
-    of num_parameters calls)."""
+    """Train; return (logged steps, total_flos, the parameters handed to the clipping per step, the number of
+    num_parameters calls, the trainer, the clipping function of each step)."""
     trainer = sft_trainer(model, tokenizer, output_dir, **trainer_kwargs)
-    clipped, counted = [], []
-    clip = trainer.accelerator.clip_grad_norm_
+    clipped, clippers, counted = [], [], []
 
-    def recording_clip(parameters, *args, **kwargs):
-        parameters = list(parameters)
-        clipped.append(parameters)
-        return clip(parameters, *args, **kwargs)
+    def recording(clip):
+        def recording_clip(parameters, *args, **kwargs):
+            parameters = list(parameters)
+            clipped.append(parameters)
+            clippers.append(clip.__name__)
+            return clip(parameters, *args, **kwargs)
+        return recording_clip
 
-    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", recording_clip)
+    # accelerate's clipping (transformers' method, and fastmoe's for gradients of several dtypes) or fastmoe's
+    # one-group clipping
     base = model.get_base_model()
     num_parameters = base.num_parameters
-    monkeypatch.setattr(base, "num_parameters", lambda *a, **k: counted.append(1) or num_parameters(*a, **k))
-    trainer.train()
+    with monkeypatch.context() as patches:
+        patches.setattr(trainer.accelerator, "clip_grad_norm_", recording(trainer.accelerator.clip_grad_norm_))
+        patches.setattr(trainer_step, "clip_one_group", recording(trainer_step.clip_one_group))
+        patches.setattr(base, "num_parameters", lambda *a, **k: counted.append(1) or num_parameters(*a, **k))
+        trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return logged, trainer.state.total_flos, clipped, len(counted), trainer
+    return logged, trainer.state.total_flos, clipped, len(counted), trainer, clippers
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
 def test_same_steps_as_transformers_methods_with_one_walk(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch,
                                                           model_type):
     checkpoint = tiny_checkpoint(model_type)
-    expected, expected_flos, expected_clipped, _, _ = train_and_watch(
+    expected, expected_flos, expected_clipped, _, _, expected_clippers = train_and_watch(
         lora_model(checkpoint, trainer_step_op=False), tiny_tokenizer, tmp_path / "reference", monkeypatch)
     fastmoe.unpatch()
     model = lora_model(checkpoint)
-    logged, flos, clipped, counted, trainer = train_and_watch(model, tiny_tokenizer, tmp_path / "fast", monkeypatch)
+    logged, flos, clipped, counted, trainer, clippers = train_and_watch(model, tiny_tokenizer, tmp_path / "fast",
+                                                                        monkeypatch)
+    assert expected_clippers == ["clip_grad_norm_"] * 2 and clippers == ["clip_one_group"] * 2
 
     assert len(logged) == len(expected) == 2
     for entry, ref in zip(logged, expected):
         assert entry["grad_norm"] > 0.1  # clipping acted
-        for key in ("loss", "grad_norm"):
-            assert entry[key] == pytest.approx(ref[key], rel=1e-6), key
+        # the one-group clipping computes accelerate's operations on the same values: the same norm, bit for bit
+        assert entry["grad_norm"] == ref["grad_norm"]
+        assert entry["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert flos == expected_flos > 0
     assert counted == 1  # the parameter count was taken on the first step only
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     assert {id(p) for p in optimizer_params} == {id(p) for p in trainable}
     # transformers' method hands over every parameter, fastmoe's the optimizer's (the ones with gradients).
-    assert all(len(step) == len(list(model.parameters())) for step in expected_clipped)
-    assert all([id(p) for p in step] == [id(p) for p in optimizer_params] for step in clipped)
+    assert [len(step) for step in expected_clipped] == [len(list(model.parameters()))] * 2
+    assert len(clipped) == 2 and all([id(p) for p in step] == [id(p) for p in optimizer_params] for step in clipped)
 
 
 def test_a_gradient_outside_the_optimizer_keeps_transformers_clipping(tiny_checkpoint, tiny_tokenizer, tmp_path,
@@ -100,7 +109,8 @@ def test_other_models_run_transformers_methods(tmp_path, tiny_tokenizer, monkeyp
                          num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=64)
     model = get_peft_model(AutoModelForCausalLM.from_config(config),
                            LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
-    _, flos, clipped, counted, _ = train_and_watch(model, tiny_tokenizer, tmp_path, monkeypatch)
+    _, flos, clipped, counted, _, clippers = train_and_watch(model, tiny_tokenizer, tmp_path, monkeypatch)
+    assert clippers == ["clip_grad_norm_"] * 2
     assert counted == 2 and flos > 0
     assert all(len(step) == len(list(model.parameters())) for step in clipped)
 
