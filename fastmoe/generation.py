@@ -72,21 +72,27 @@ CONV = "conv"  # a layer kind beside None (full attention) and a window (sliding
 
 # The attention implementation a decode step runs under (config._attn_implementation for the step's duration).
 DECODE_ATTENTION = "fastmoe_decode"
-# Attention-function arguments that change the result beyond scaled dot-product attention under a mask.
-_OTHER_ATTENTION = ("s_aux", "sinks", "softcap")
+# Attention-function arguments that change the result beyond scaled dot-product attention under a mask (s_aux,
+# gpt-oss's learned sinks, is one decode_attention takes).
+_OTHER_ATTENTION = ("sinks", "softcap")
 
 
-def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, s_aux=None,
+                             **kwargs):
     """The attention function of a decode step (registered in transformers' AttentionInterface): one query per row
     over the decode buffers' keys and values, grouped heads read in place (fastmoe.kernels.decode_attention), under
-    the step's boolean mask (batch, 1, 1, positions). Anything else goes to transformers' SDPA function, which takes
-    the same boolean masks."""
+    the step's boolean mask (batch, 1, 1, positions), with per-head sink logits (s_aux) when the model has them.
+    Anything else goes to transformers' SDPA function, which takes the same boolean masks but no sinks: a
+    call with sinks that the decode kernel cannot take is refused rather than computed without them."""
     if (query.shape[2] != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool
             or attention_mask.shape[1:3] != (1, 1) or any(kwargs.get(name) is not None for name in _OTHER_ATTENTION)):
+        if s_aux is not None:
+            raise NotImplementedError("fastmoe's decode step takes attention sinks (s_aux) for one new token per row "
+                                      "only; call FastModel.for_training(model) to generate with transformers' forward")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling), None
+    return decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling, s_aux), None
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
