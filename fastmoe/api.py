@@ -478,6 +478,8 @@ def _linear_suffixes(model) -> list[str]:
 
 def _load_family(family: Family, request: _LoadRequest, config):
     """Patch `family` (request.fast_ops) and load the checkpoint with its forwards."""
+    if request.quantization == "4bit" and family.refuses_4bit is not None:
+        raise ValueError(family.refuses_4bit)
     fast_ops = models.check_ops(family.model_type, request.fast_ops)
     kwargs = _experts_implementation_kwargs(family, request.kwargs, request.quantization == "4bit")
     models.patch(family.model_type, **fast_ops)

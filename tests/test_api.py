@@ -210,7 +210,7 @@ def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_che
 
 def test_unpatch_restores_every_original_and_patching_twice_is_once():
     families = [fastmoe.api.family_model(model_type) for model_type in models.FAMILIES]
-    assert len(families) == 7
+    assert len(families) == 8
     shared = [p for op in models.SHARED_OPS for p in models.shared_patches(op)]
     # An attribute the owner inherits (peft's PeftModel.zero_grad) is recorded as patching._INHERITED: undoing the
     # patch deletes the owner's own, and the inherited one shows again.

@@ -1,0 +1,125 @@
+"""gpt-oss: FastModel + LoRA (attention and experts) against transformers + peft, fp32 on CPU against fp64, with the
+tiny model's sliding window shorter than the batch, its clamps acting and the router aux loss on; which kernels ran;
+unpatch() and the "fastmoe" experts implementation under transformers' own forward; generation through the decode
+step (sinks in the decode attention); the router; load_in_4bit refused in one line."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.gpt_oss import modeling_gpt_oss as hf
+
+import fastmoe
+from fastmoe import FastGptOssModel, FastModel
+from fastmoe.kernels.moe import experts as experts_module
+from fastmoe.models import gpt_oss
+from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+
+TARGETS = dict(
+    target_modules=list(FastGptOssModel.default_target_modules),
+    target_parameters=list(FastGptOssModel.default_target_parameters),
+)
+PATCHED = (hf.GptOssRMSNorm, hf.GptOssTopKRouter, hf.GptOssMLP, hf.GptOssAttention, hf.GptOssForCausalLM)
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    return calls
+
+
+def test_logits_loss_aux_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, monkeypatch):
+    checkpoint = tiny_checkpoint("gpt_oss")
+    config = AutoConfig.from_pretrained(checkpoint)
+    assert config.sliding_window < 11 and set(config.layer_types) == {"sliding_attention", "full_attention"}
+    # transformers' eager experts (the reference) record how far their pre-activations reach.
+    reach = []
+    apply_gate = hf.GptOssExperts._apply_gate
+    monkeypatch.setattr(hf.GptOssExperts, "_apply_gate",
+                        lambda self, gate_up: reach.append(gate_up.detach().abs().max()) or apply_gate(self, gate_up))
+    # fastmoe's side must run the Triton kernels (interpreted), not the experts' reference.
+    monkeypatch.setattr(experts_module, "reference_moe_experts_clamped_swiglu", None)
+    experts_calls = _counting(monkeypatch, gpt_oss, "moe_experts_clamped_swiglu")
+    routing_calls = _counting(monkeypatch, gpt_oss, "route_softmax_topk")
+    rope_calls = _counting(monkeypatch, gpt_oss, "apply_rope")
+
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
+        checkpoint, dict(r=4, lora_alpha=8, **TARGETS), call_kwargs=dict(output_router_logits=True))
+    assert max(reach) > 2 * config.swiglu_limit  # the clamps act
+    # Two forwards (logits, loss) of two layers; q and k rotated per layer.
+    assert len(experts_calls) == len(routing_calls) == 4 and len(rope_calls) == 8
+    tolerance = fp32_model_tolerance(config, *ref_logits.shape[:2])
+    assert rel_err(logits, ref_logits) < tolerance
+    assert rel_err(loss, ref_loss) < tolerance
+    assert grads.keys() == ref_grads.keys()
+    # (peft nests the two expert weights' wrappers: experts.base_layer is gate_up_proj's, experts down_proj's.)
+    for part in ("mlp.experts.base_layer.lora_A", "mlp.experts.lora_B", "self_attn.q_proj", "self_attn.o_proj"):
+        assert any(part in name for name in grads), part
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < tolerance, name
+
+
+def test_unpatch_restores_transformers_and_fastmoe_experts_serve_its_forward(tiny_checkpoint, monkeypatch):
+    """After unpatch(), transformers' own forwards run; the model still names "fastmoe" as its experts
+    implementation, whose entry computes gpt-oss's layout with the kernel."""
+    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
+    checkpoint = str(tiny_checkpoint("gpt_oss"))
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
+
+    fastmoe.unpatch()
+    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    batch = batch_with_padding(reference.config.vocab_size)
+    monkeypatch.setattr(experts_module, "reference_moe_experts_clamped_swiglu", None)
+    with torch.no_grad():
+        ref_out = reference(**batch, use_cache=False)
+        out = model.eval()(**batch, use_cache=False)
+    assert model.config._experts_implementation == "fastmoe"
+    assert rel_err(out.logits, ref_out.logits) < 1e-5
+    assert rel_err(out.loss, ref_out.loss) < 1e-5
+
+
+def test_generation_through_the_decode_step_matches_transformers(tiny_checkpoint):
+    checkpoint = str(tiny_checkpoint("gpt_oss"))
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # Longer than the sliding window, so the decode step's ring buffer wraps.
+    prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1, :9]
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref_out = reference.generate(prompt, **settings)
+
+    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+    model = FastModel.for_inference(model)
+    out = model.generate(prompt, **settings)
+    assert model.forward.decode_steps == 2
+    assert torch.equal(out.sequences, ref_out.sequences)
+    for step, ref_step in zip(out.logits, ref_out.logits):
+        assert rel_err(step, ref_step) < 1e-5
+
+
+def test_router_matches_transformers():
+    config = hf.GptOssConfig(**gpt_oss.FAMILY.tiny_config)
+    router = hf.GptOssTopKRouter(config)
+    generator = torch.Generator().manual_seed(0)
+    torch.nn.init.normal_(router.weight, std=0.5, generator=generator)
+    torch.nn.init.normal_(router.bias, std=0.5, generator=generator)
+    hidden = torch.randn(26, config.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grad_weights = torch.randn(26, config.num_experts_per_tok, generator=torch.Generator().manual_seed(2))
+
+    def run(forward):
+        hidden.grad = None
+        logits, weights, index = forward(router, hidden)
+        (weights * grad_weights).sum().backward()
+        return logits, weights, index, hidden.grad
+
+    ref = run(hf.GptOssTopKRouter.forward)
+    got = run(gpt_oss.router_forward)
+    assert rel_err(got[0], ref[0]) < 1e-6
+    assert torch.equal(got[2], ref[2]) and got[1].dtype == ref[1].dtype
+    assert rel_err(got[1], ref[1]) < 1e-6
+    assert rel_err(got[3], ref[3]) < 1e-5
+
+
+def test_load_in_4bit_is_refused_in_one_line(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16 bits") as info:
+        FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_4bit=True)
+    assert "\n" not in str(info.value)
