@@ -88,6 +88,33 @@ def attention_forward(self: hf.GptOssAttention, hidden_states, position_embeddin
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
+_original_model_forward = hf.GptOssModel.forward
+
+
+def model_forward(self: hf.GptOssModel, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                  inputs_embeds=None, use_cache=None, **kwargs):
+    """transformers' GptOssModel.forward, with position_ids handed to the mask functions, as the other families'
+    models hand them: without them the masks cannot see packed documents (position_ids restarting, no attention
+    mask), and every document attends to the ones before it. The masks are built here and passed on as the
+    prepared mapping transformers' forward accepts (as `generate` passes them), so its own forward, output
+    recording included, runs the rest."""
+    if position_ids is None or isinstance(attention_mask, dict) or (input_ids is None) == (inputs_embeds is None):
+        return _original_model_forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, past_key_values=past_key_values,
+                                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if (use_cache if use_cache is not None else self.config.use_cache) and past_key_values is None:
+        past_key_values = hf.DynamicCache(config=self.config)
+    mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       past_key_values=past_key_values, position_ids=position_ids)
+    masks = {"full_attention": hf.create_causal_mask(**mask_kwargs),
+             "sliding_attention": hf.create_sliding_window_causal_mask(**mask_kwargs)}
+    return _original_model_forward(self, attention_mask=masks, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   **kwargs)
+
+
 _causal_lm_forward = fused_loss_forward(hf.GptOssForCausalLM.forward)
 
 
@@ -104,6 +131,8 @@ FAMILY = Family(
         # The residual add after attention fused into the norm before the MoE block, and the MoE block in token
         # chunks on long sequences.
         "decoder_layer": [decoder_layer_patch(hf.GptOssDecoderLayer, norm_attention_norm_mlp_forward)],
+        # The model's forward, its masks built from position_ids too (packed documents).
+        "model": [ForwardPatch(hf.GptOssModel, "forward", model_forward)],
         "loss": [ForwardPatch(hf.GptOssForCausalLM, "forward", _causal_lm_forward)],
     },
     # Attention and every expert (gpt-oss has no dense MLP); routers, sinks and biases stay frozen. peft 0.21 has no
@@ -115,8 +144,8 @@ FAMILY = Family(
     refuses_4bit=("load_in_4bit is not supported for gpt_oss yet (its interleaved, transposed experts have no NF4 "
                   "path): load it in 16 bits (load_in_4bit=False, dtype=torch.bfloat16)"),
     tiny_config=dict(
-        hidden_size=48, intermediate_size=36, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=12, num_local_experts=8, num_experts_per_tok=3, sliding_window=6, max_position_embeddings=512,
+        hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, max_position_embeddings=512,
         # YaRN as the checkpoints have it, scaled to the tiny context (factor = 512 / 64, as transformers checks).
         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
                              truncate=False, original_max_position_embeddings=64),

@@ -1,7 +1,7 @@
 """gpt-oss: FastModel + LoRA (attention and experts) against transformers + peft, fp32 on CPU against fp64, with the
 tiny model's sliding window shorter than the batch, its clamps acting and the router aux loss on; which kernels ran;
 unpatch() and the "fastmoe" experts implementation under transformers' own forward; generation through the decode
-step (sinks in the decode attention); the router; load_in_4bit refused in one line."""
+step (sinks in the decode attention); the router; packed documents; load_in_4bit refused in one line."""
 
 import pytest
 import torch
@@ -10,9 +10,10 @@ from transformers.models.gpt_oss import modeling_gpt_oss as hf
 
 import fastmoe
 from fastmoe import FastGptOssModel, FastModel
+from fastmoe.kernels.dispatch import reference_only
 from fastmoe.kernels.moe import experts as experts_module
 from fastmoe.models import gpt_oss
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, randomize_lora, rel_err
 
 TARGETS = dict(
     target_modules=list(FastGptOssModel.default_target_modules),
@@ -123,3 +124,53 @@ def test_load_in_4bit_is_refused_in_one_line(tiny_checkpoint):
     with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16 bits") as info:
         FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_4bit=True)
     assert "\n" not in str(info.value)
+
+
+def test_packed_documents_train_as_if_alone(tiny_checkpoint):
+    """Packed rows (position_ids restarting, no attention mask): transformers' GptOssModel builds its masks without
+    position_ids, so its documents attend to each other; fastmoe's `model` op hands them over. On the ops' PyTorch
+    references (the kernels are compared above), as the other families' packed rows in test_packed_sequences.py."""
+    checkpoint = tiny_checkpoint("gpt_oss")
+    config = AutoConfig.from_pretrained(checkpoint)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    lengths = [5, 1, 8]  # the last document longer than the sliding window
+    generator = torch.Generator().manual_seed(7)
+    documents = [torch.randint(3, config.vocab_size, (1, n), generator=generator) for n in lengths]
+    packed = torch.cat(documents, 1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = packed.clone()
+    labels[0, torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = -100  # no document predicts its first token
+    targets = [n - 1 for n in lengths]
+
+    def gradients():
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return grads
+
+    model.train().zero_grad()
+    with reference_only():
+        with torch.no_grad():
+            packed_logits = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits
+        # (No cache, as in training: transformers reads documents from position_ids only without one.)
+        packed_loss = model(input_ids=packed, position_ids=position_ids, labels=labels, use_cache=False).loss
+        packed_loss = packed_loss * sum(targets)
+        packed_loss.backward()
+        packed_grads = gradients()
+        alone_logits, alone_loss = [], 0.0
+        for document, count in zip(documents, targets):
+            with torch.no_grad():
+                alone_logits.append(model(input_ids=document).logits)
+            if count:
+                loss = model(input_ids=document, labels=document).loss * count
+                loss.backward()
+                alone_loss = alone_loss + loss.detach()
+        alone_grads = gradients()
+
+    tolerance = fp32_model_tolerance(config, 1, sum(lengths))
+    assert rel_err(packed_logits, torch.cat(alone_logits, 1)) < tolerance
+    assert rel_err(packed_loss, alone_loss) < tolerance
+    assert packed_grads.keys() == alone_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        assert rel_err(grad, alone_grads[name]) < tolerance, name
