@@ -44,6 +44,11 @@ def experts_forward(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index:
     if unwrapped is None or not _EXPERT_STACKS.issuperset(unwrapped[1]):
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped
+    if not bare.gate_up_proj.is_floating_point():
+        raise NotImplementedError(
+            "these gpt-oss experts hold MXFP4 blocks, which fastmoe's kernels do not read and transformers cannot "
+            "train: load the checkpoint with FastModel.from_pretrained and no quantization_config "
+            "(it dequantizes them)")
     return moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights, bare.gate_up_proj, bare.gate_up_proj_bias,
                                       bare.down_proj, bare.down_proj_bias, bare.alpha, bare.limit,
                                       loras.get("gate_up_proj"), loras.get("down_proj"))

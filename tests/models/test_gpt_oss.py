@@ -121,7 +121,7 @@ def test_router_matches_transformers():
 
 
 def test_load_in_4bit_is_refused_in_one_line(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16 bits") as info:
+    with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16") as info:
         FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_4bit=True)
     assert "\n" not in str(info.value)
 
@@ -174,3 +174,81 @@ def test_packed_documents_train_as_if_alone(tiny_checkpoint):
     assert packed_grads.keys() == alone_grads.keys() and packed_grads
     for name, grad in packed_grads.items():
         assert rel_err(grad, alone_grads[name]) < tolerance, name
+
+
+def _mxfp4_stack(num_experts: int, out_features: int, in_features: int, generator: torch.Generator):
+    """A random expert stack exactly representable in MXFP4: (weight stored (E, in, out) as gpt-oss holds it, the
+    checkpoint's blocks (E, out, in / 32, 16) uint8 with two FP4 codes a byte, low nibble first, and scales (E, out,
+    in / 32) uint8, the blocks' power-of-two exponents + 127)."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    codes = torch.randint(0, 16, (num_experts, out_features, in_features), generator=generator, dtype=torch.uint8)
+    exponents = torch.randint(-7, -4, (num_experts, out_features, in_features // 32), generator=generator)
+    dense = torch.tensor(FP4_VALUES)[codes.long()] * torch.exp2(exponents.float()).repeat_interleave(32, dim=-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(num_experts, out_features, in_features // 32, 16)
+    return dense.transpose(1, 2).contiguous(), blocks, (exponents + 127).to(torch.uint8)
+
+
+def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_path, tiny_tokenizer, monkeypatch):
+    """gpt-oss ships MXFP4 experts: FastModel loads them dequantized (transformers' MXFP4 experts cannot train), to
+    the weights of the same model saved dense, whose logits transformers gives. (transformers dequantizes by itself
+    where its MXFP4 kernels cannot run, the CPU among them; FastModel asks for it everywhere.)"""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    # MXFP4 blocks are 32 wide: hidden and intermediate sizes multiples of 32.
+    dense_dir = build_tiny_checkpoint("gpt_oss", tmp_path / "dense", tokenizer=tiny_tokenizer, hidden_size=64,
+                                      intermediate_size=32)
+    state = load_file(str(dense_dir / "model.safetensors"))
+    config = AutoConfig.from_pretrained(dense_dir)
+    generator = torch.Generator().manual_seed(11)
+    quantized = dict(state)
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        shapes = {"gate_up_proj": (2 * config.intermediate_size, config.hidden_size),
+                  "down_proj": (config.hidden_size, config.intermediate_size)}
+        for name, (out_features, in_features) in shapes.items():
+            weight, blocks, scales = _mxfp4_stack(config.num_local_experts, out_features, in_features, generator)
+            state[prefix + name] = weight
+            del quantized[prefix + name]
+            quantized[prefix + name + "_blocks"], quantized[prefix + name + "_scales"] = blocks, scales
+    save_file(state, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    mxfp4_dir = tmp_path / "mxfp4"
+    mxfp4_dir.mkdir()
+    save_file(quantized, str(mxfp4_dir / "model.safetensors"), metadata={"format": "pt"})
+    config_json = json.loads((dense_dir / "config.json").read_text())
+    config_json["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mxfp4_dir / "config.json").write_text(json.dumps(config_json))
+    tiny_tokenizer.save_pretrained(mxfp4_dir)
+
+    load_kwargs, from_pretrained = [], AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: load_kwargs.append(kwargs) or from_pretrained(cls, *args, **kwargs)))
+    model, _ = FastModel.from_pretrained(str(mxfp4_dir), dtype=torch.float32, max_seq_length=64)
+    assert load_kwargs[0]["quantization_config"].dequantize
+    monkeypatch.undo()
+    experts = model.model.layers[1].mlp.experts
+    assert type(experts) is hf.GptOssExperts and experts.gate_up_proj.dtype == torch.float32
+    assert torch.equal(experts.gate_up_proj, state["model.layers.1.mlp.experts.gate_up_proj"])
+    assert torch.equal(experts.down_proj, state["model.layers.1.mlp.experts.down_proj"])
+    fastmoe.unpatch()
+    reference = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    batch = batch_with_padding(reference.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = reference(**batch, use_cache=False).logits
+        FastGptOssModel.pre_patch()
+        with reference_only():
+            logits = model.eval()(**batch, use_cache=False).logits
+    assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_experts_holding_mxfp4_blocks_are_refused_with_the_way_out():
+    config = hf.GptOssConfig(**gpt_oss.FAMILY.tiny_config)
+    experts = hf.GptOssExperts(config)
+    experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 48, 12, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(NotImplementedError, match="no quantization_config .it dequantizes them.$"):
+        gpt_oss.experts_forward(experts, torch.randn(3, 48), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2))
