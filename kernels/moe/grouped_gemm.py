@@ -142,7 +142,11 @@ def _tile_matmul_gate_up(
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         w_ptrs = w_ptr + offs_k[:, None] * stride_wk + gate_rows[None, :] * stride_wn
-        up_offset = (up_rows - gate_rows)[None, :] * stride_wn
+        # Each up row sits a fixed number of rows after its gate row: a scalar offset, not a second pointer tile.
+        if INTERLEAVED:
+            up_offset = stride_wn
+        else:
+            up_offset = I * stride_wn
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
