@@ -442,9 +442,15 @@ class DecodeForward:
             held = index - (index - slots) % window  # the index in each ring slot: the latest j <= index, j % w == s
             buffers.ring_slots[window] = index % window
             masks[window] = (held >= 0) & buffers.valid.gather(1, held.clamp_min(0).expand(len(seen), window))
+        # A decode step computes no loss: router logits the config asks for (trl's SFTTrainer turns them on for the
+        # load-balancing loss) would only cost time, and the aux loss would read the step's prepared masks (a mapping
+        # per layer type, with sliding and full layers) as a padding mask.
+        no_router_logits = {"output_router_logits": False} if getattr(self.model.config, "output_router_logits",
+                                                                      False) else {}
         with _attention_implementation(self.model.config, DECODE_ATTENTION):
             out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.kinds),
-                               position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
+                               position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True,
+                               **no_router_logits)
         return out.logits
 
     def _mask_argument(self, masks: dict, kinds: tuple):

@@ -81,14 +81,18 @@ def test_unpatch_restores_transformers_and_fastmoe_experts_serve_its_forward(tin
 
 
 def test_generation_through_the_decode_step_matches_transformers(tiny_checkpoint):
+    """With the router logits on, as trl's SFTTrainer leaves the config: the decode step computes no aux loss (its
+    prepared masks, one per layer type, are no padding mask)."""
     checkpoint = str(tiny_checkpoint("gpt_oss"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    reference.config.output_router_logits = True
     # Longer than the sliding window, so the decode step's ring buffer wraps.
     prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1, :9]
     settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref_out = reference.generate(prompt, **settings)
 
     model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
+    model.config.output_router_logits = True
     model = FastModel.for_inference(model)
     out = model.generate(prompt, **settings)
     assert model.forward.decode_steps == 2
