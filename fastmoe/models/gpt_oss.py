@@ -109,7 +109,12 @@ def model_forward(self: hf.GptOssModel, input_ids=None, attention_mask=None, pos
                                        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = self.embed_tokens(input_ids)
-    if (use_cache if use_cache is not None else self.config.use_cache) and past_key_values is None:
+    # use_cache as transformers' forward settles it (config default; off while training with gradient checkpointing),
+    # before a cache is made: with one, the mask functions no longer read documents from position_ids.
+    use_cache = self.config.use_cache if use_cache is None else use_cache
+    if getattr(self, "gradient_checkpointing", False) and self.training:
+        use_cache = False
+    if use_cache and past_key_values is None:
         past_key_values = hf.DynamicCache(config=self.config)
     mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                        past_key_values=past_key_values, position_ids=position_ids)
