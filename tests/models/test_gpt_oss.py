@@ -124,10 +124,13 @@ def test_router_matches_transformers():
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
-def test_load_in_4bit_is_refused_in_one_line(tiny_checkpoint):
+def test_load_in_4bit_is_refused_in_one_line_and_8bit_does_not_suggest_it(tiny_checkpoint):
     with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16") as info:
         FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_4bit=True)
     assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="load_in_8bit quantizes Linear layers only") as info:
+        FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_8bit=True)
+    assert "gpt_oss" not in str(info.value) and "qwen3_moe" in str(info.value)
 
 
 def test_packed_documents_train_as_if_alone(tiny_checkpoint):
