@@ -259,3 +259,36 @@ def test_experts_holding_mxfp4_blocks_are_refused_with_the_way_out():
     experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 48, 12, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(NotImplementedError, match="no quantization_config .it dequantizes them.$"):
         gpt_oss.experts_forward(experts, torch.randn(3, 48), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2))
+
+
+def test_adapters_load_both_ways_with_plain_peft(tiny_checkpoint, tmp_path):
+    """A fastmoe adapter (attention and every expert) loads into plain transformers + peft with the same logits, and
+    plain peft's adapter into a FastModel. On the ops' PyTorch references: what is checked is the adapter's files and
+    names; the kernels read the same peft factors in the equivalence test above."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    checkpoint = str(tiny_checkpoint("gpt_oss"))
+    batch = {k: v for k, v in batch_with_padding(512, seed=2).items() if k != "labels"}
+    model, _ = FastModel.from_pretrained(checkpoint, max_seq_length=64, dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model, seed=3)
+    with torch.no_grad(), reference_only():
+        fast_logits = model.eval()(**batch).logits
+    model.save_pretrained(tmp_path / "fast")
+    fastmoe.unpatch()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+                                      tmp_path / "fast").eval()
+    with torch.no_grad():
+        assert rel_err(fast_logits, plain(**batch).logits) < 1e-5
+
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, **TARGETS))
+    randomize_lora(plain, seed=4)
+    with torch.no_grad():
+        plain_logits = plain.eval()(**batch).logits
+    plain.save_pretrained(tmp_path / "plain")
+    model, _ = FastModel.from_pretrained(checkpoint, max_seq_length=64, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, tmp_path / "plain").eval()
+    assert any("experts" in name for name, _ in model.named_parameters() if "lora_" in name)
+    with torch.no_grad(), reference_only():
+        assert rel_err(model(**batch).logits, plain_logits) < 1e-5
