@@ -304,6 +304,20 @@ PRESETS: dict[str, dict] = {
                               norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
                               max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
                               tie_word_embeddings=False),
+    # gpt-oss-20b (config.json): 24 layers of hidden 2880, 32 experts of 2880 top-4 with biases and the clamped
+    # SwiGLU, 64 query / 8 kv heads of 64 with sinks and biased projections, sliding-window (128) and full layers
+    # alternating, YaRN RoPE (the config's defaults), vocab 201,088. Loaded in 16 bits: the MXFP4 checkpoint
+    # dequantized (load_in_4bit is not supported for gpt_oss yet).
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, vocab_size=201088, sliding_window=128, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False),
+    "gpt-oss-tiny": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                         num_experts_per_tok=2, vocab_size=500, sliding_window=16, max_position_embeddings=512,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0,
+                                              beta_slow=1.0, truncate=False, original_max_position_embeddings=64),
+                         tie_word_embeddings=False),
     "qwen2-moe-tiny": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                            shared_expert_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[0],
                            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
@@ -336,7 +350,7 @@ PRESETS["tiny"] = PRESETS["afmoe-tiny"]
 
 # Families whose transformers experts module has the `experts_implementation` switch (eager / grouped_mm). JetMoe
 # loops over its experts in its own modules, Cohere is dense.
-GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "qwen2_moe"}
+GROUPED_MM_FAMILIES = {"afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"}
 LORA_RANK = 16
 LORA_SEED = 3407  # FastModel.get_peft_model's default random_state
 
@@ -351,6 +365,7 @@ ATTENTION_AND_EXPERT_TARGETS = {
     "qwen3_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
     "mixtral": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
     "qwen2_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
+    "gpt_oss": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
 }
 LORA_TARGET_SETS = ("default", "attention-experts", "attention")
 

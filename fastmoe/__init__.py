@@ -3,7 +3,7 @@
 Public surface:
     FastModel                 dispatches on config.model_type
     FastAfmoeModel, FastLfm2MoeModel, FastJetMoeModel, FastCohereModel, FastQwen3MoeModel,
-                              FastMixtralModel, FastQwen2MoeModel
+                              FastMixtralModel, FastQwen2MoeModel, FastGptOssModel
     patch                     swap a family's transformers forwards for fastmoe's, each op switchable:
                               patch("afmoe", rms_norm=False)
     unpatch                   restore transformers' own forwards
@@ -47,6 +47,7 @@ __all__ = [
     "FastQwen3MoeModel",
     "FastMixtralModel",
     "FastQwen2MoeModel",
+    "FastGptOssModel",
     "patch",
     "unpatch",
 ]

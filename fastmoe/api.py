@@ -478,6 +478,8 @@ def _linear_suffixes(model) -> list[str]:
 
 def _load_family(family: Family, request: _LoadRequest, config):
     """Patch `family` (request.fast_ops) and load the checkpoint with its forwards."""
+    if request.quantization == "4bit" and family.refuses_4bit is not None:
+        raise ValueError(family.refuses_4bit)
     fast_ops = models.check_ops(family.model_type, request.fast_ops)
     kwargs = _experts_implementation_kwargs(family, request.kwargs, request.quantization == "4bit")
     models.patch(family.model_type, **fast_ops)
@@ -489,6 +491,14 @@ def _load_family(family: Family, request: _LoadRequest, config):
             stacklevel=3,
         )
     return _load(dataclasses.replace(request, kwargs=kwargs), config, family)
+
+
+def _quant_method(config) -> str | None:
+    """The quant_method of a checkpoint's own quantization_config (a dict in config.json, or a config object)."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                             "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
 
 
 def _load(request: _LoadRequest, config, family: Family | None):
@@ -526,6 +536,12 @@ def _load(request: _LoadRequest, config, family: Family | None):
         skip = ["lm_head", *(family.routers if family is not None else ())]
         quantization_config = load_kwargs["quantization_config"] = _bnb_config(request.quantization, request.dtype,
                                                                                skip)
+    if "quantization_config" not in load_kwargs and _quant_method(config) == "mxfp4":
+        # MXFP4 checkpoints (gpt-oss): transformers' MXFP4 experts cannot train (and fastmoe's kernels do not read
+        # them), so their experts are dequantized to the model's dtype as they load.
+        from transformers import Mxfp4Config
+
+        load_kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     device_map = request.device_map
     if device_map is None:
         device_map = default_device_map(quantized=request.quantization is not None)

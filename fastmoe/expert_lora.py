@@ -32,9 +32,11 @@ def unwrap_expert_lora(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[s
     """Peel peft's ParamWrappers off an experts module.
 
     Returns the bare experts module and, for each parameter with one active unmerged adapter, its factors:
-    A (experts, r, in) and B (experts, out, r) as views of peft's own weights, so gradients reach them.
-    Returns None when only peft's own forward can be right (several active adapters on one parameter,
-    or an experts layout stored transposed); the caller then calls the wrapped module as transformers would.
+    A (experts, r, in) and B (experts, out, r) as views of peft's own weights, so gradients reach them. For a 3D
+    stack stored (experts, in, out) (transformers' `is_transposed` experts, gpt-oss's) in and out are those
+    dimensions: the factors mean the same, the caller reads the stack in its layout.
+    Returns None when only peft's own forward can be right (several active adapters on one parameter, or a 2D
+    parameter, which peft stores unswapped); the caller then calls the wrapped module as transformers would.
     """
     loras: dict[str, ExpertLora] = {}
     while isinstance(module, ParamWrapper):
@@ -46,7 +48,8 @@ def unwrap_expert_lora(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[s
         active = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
         if not active:
             continue
-        if len(active) > 1 or not wrapper._did_swap_in_out_features:
+        stored_in_out = getattr(wrapper.get_base_layer(), "is_transposed", False) and wrapper.get_param().dim() == 3
+        if len(active) > 1 or not (wrapper._did_swap_in_out_features or stored_in_out):
             return None
         name = active[0]
         a, b = expert_lora_factors(wrapper, name)

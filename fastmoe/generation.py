@@ -72,21 +72,27 @@ CONV = "conv"  # a layer kind beside None (full attention) and a window (sliding
 
 # The attention implementation a decode step runs under (config._attn_implementation for the step's duration).
 DECODE_ATTENTION = "fastmoe_decode"
-# Attention-function arguments that change the result beyond scaled dot-product attention under a mask.
-_OTHER_ATTENTION = ("s_aux", "sinks", "softcap")
+# Attention-function arguments that change the result beyond scaled dot-product attention under a mask (s_aux,
+# gpt-oss's learned sinks, is one decode_attention takes).
+_OTHER_ATTENTION = ("sinks", "softcap")
 
 
-def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, s_aux=None,
+                             **kwargs):
     """The attention function of a decode step (registered in transformers' AttentionInterface): one query per row
     over the decode buffers' keys and values, grouped heads read in place (fastmoe.kernels.decode_attention), under
-    the step's boolean mask (batch, 1, 1, positions). Anything else goes to transformers' SDPA function, which takes
-    the same boolean masks."""
+    the step's boolean mask (batch, 1, 1, positions), with per-head sink logits (s_aux) when the model has them.
+    Anything else goes to transformers' SDPA function, which takes the same boolean masks but no sinks: a
+    call with sinks that the decode kernel cannot take is refused rather than computed without them."""
     if (query.shape[2] != 1 or dropout or attention_mask is None or attention_mask.dtype != torch.bool
             or attention_mask.shape[1:3] != (1, 1) or any(kwargs.get(name) is not None for name in _OTHER_ATTENTION)):
+        if s_aux is not None:
+            raise NotImplementedError("fastmoe's decode step takes attention sinks (s_aux) for one new token per row "
+                                      "only; call FastModel.for_training(model) to generate with transformers' forward")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling), None
+    return decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling, s_aux), None
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
@@ -436,9 +442,15 @@ class DecodeForward:
             held = index - (index - slots) % window  # the index in each ring slot: the latest j <= index, j % w == s
             buffers.ring_slots[window] = index % window
             masks[window] = (held >= 0) & buffers.valid.gather(1, held.clamp_min(0).expand(len(seen), window))
+        # A decode step computes no loss: router logits the config asks for (trl's SFTTrainer turns them on for the
+        # load-balancing loss) would only cost time, and the aux loss would read the step's prepared masks (a mapping
+        # per layer type, with sliding and full layers) as a padding mask.
+        no_router_logits = {"output_router_logits": False} if getattr(self.model.config, "output_router_logits",
+                                                                      False) else {}
         with _attention_implementation(self.model.config, DECODE_ATTENTION):
             out = self.forward(input_ids=buffers.input_ids, attention_mask=self._mask_argument(masks, buffers.kinds),
-                               position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True)
+                               position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=True,
+                               **no_router_logits)
         return out.logits
 
     def _mask_argument(self, masks: dict, kinds: tuple):

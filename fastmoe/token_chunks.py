@@ -54,7 +54,7 @@ class _FeedForwardChunks(torch.autograd.Function):
         for start in range(0, rows.shape[0], ctx.chunk_tokens):
             piece = rows[start:start + ctx.chunk_tokens].detach().requires_grad_(grad_hidden is not None)
             with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast):
-                out = ctx.module(piece[None])
+                out = _output(ctx.module(piece[None]))
             wanted = ((piece,) if grad_hidden is not None else ()) + params
             grads = torch.autograd.grad(out, wanted, grad_rows[start:start + piece.shape[0]][None],
                                         allow_unused=True)
@@ -68,19 +68,26 @@ class _FeedForwardChunks(torch.autograd.Function):
         return (None, None, grad_hidden, *grad_params)
 
 
+def _output(result):
+    """A feed-forward's output: the result itself, or the first of a tuple (transformers' GptOssMLP returns its router
+    scores beside it, which its decoder layer drops)."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _run_chunks(module: torch.nn.Module, hidden: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     rows = hidden.reshape(-1, hidden.shape[-1])
-    outputs = [module(piece[None])[0] for piece in rows.split(chunk_tokens)]
+    outputs = [_output(module(piece[None]))[0] for piece in rows.split(chunk_tokens)]
     return torch.cat(outputs).view(*hidden.shape[:-1], outputs[0].shape[-1])
 
 
 def feed_forward_in_chunks(module: torch.nn.Module, hidden: torch.Tensor,
                            chunk_tokens: int | None = None) -> torch.Tensor:
     """`module(hidden)` for a per-token module (MoE block, MLP) taking (batch, seq, hidden), a chunk of tokens at a
-    time when hidden holds more than two chunks (see the module docstring)."""
+    time when hidden holds more than two chunks (see the module docstring). A module returning a tuple gives its
+    first element, the output."""
     chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     if hidden.numel() // hidden.shape[-1] <= 2 * chunk_tokens:
-        return module(hidden)
+        return _output(module(hidden))
     if not torch.is_grad_enabled():
         return _run_chunks(module, hidden, chunk_tokens)
     params = _trainable(module)

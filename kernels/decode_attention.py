@@ -7,6 +7,9 @@ bool. transformers' SDPA path cannot read such a cache as it is: with a mask it 
 head (repeat_kv) before calling SDPA, because PyTorch's fused kernels take grouped heads only without a mask. At
 Trinity-Mini's decode step those two copies cost more than the attention itself (16 us a layer at batch 1).
 
+Learned attention sinks (gpt-oss: one logit per head that joins the softmax's denominator and weighs no value) enter
+the merge as one more split of that maximum and denominator 1, with nothing to add.
+
 Flash decoding in two launches. The positions are cut into splits; a program takes one (row, kv head, split) and all
 G query heads of that kv head at once (its K and V tiles are read once for the group), keeping the running maximum,
 the softmax denominator and the weighted sum of values in fp32. The second launch merges the splits of each (row,
@@ -28,15 +31,20 @@ MAX_SPLITS = 64
 
 
 def reference_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                               scaling: float) -> torch.Tensor:
-    """Plain PyTorch: query (B, H, 1, D), key/value (B, Hkv, L, D), mask (B, L) bool -> (B, 1, H, D) in query's
-    dtype (transformers' attention functions' layout). Rows whose mask allows nothing get zeros."""
+                               scaling: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch: query (B, H, 1, D), key/value (B, Hkv, L, D), mask (B, L) bool, sinks (H,) logits or None ->
+    (B, 1, H, D) in query's dtype (transformers' attention functions' layout). Rows whose mask allows nothing get
+    zeros."""
     groups = query.shape[1] // key.shape[1]
     k = key.float().repeat_interleave(groups, dim=1)
     v = value.float().repeat_interleave(groups, dim=1)
     scores = scaling * query.float() @ k.transpose(-1, -2)  # (B, H, 1, L)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, 1, 1)
+        weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (weights @ v).transpose(1, 2).to(query.dtype)
 
 
@@ -93,10 +101,11 @@ def _decode_attention_split_kernel(
 
 @triton.jit
 def _decode_attention_merge_kernel(
-    acc_ptr, stat_ptr, out_ptr, stride_ob, stride_oh, heads, num_splits, dim,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    acc_ptr, stat_ptr, sinks_ptr, out_ptr, stride_ob, stride_oh, heads, num_splits, dim,
+    HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[row, 0, head] from the splits' partial sums, each rescaled to the overall maximum."""
+    """out[row, 0, head] from the splits' partial sums, each rescaled to the overall maximum; with HAS_SINKS the
+    head's sink logit joins the denominator."""
     pid = tl.program_id(0)
     row, head = pid // heads, pid % heads
     offs_s = tl.arange(0, BLOCK_S)
@@ -106,11 +115,16 @@ def _decode_attention_merge_kernel(
     split_max = tl.load(stat_ptr + slot * 2, mask=s_mask, other=float("-inf"))
     split_den = tl.load(stat_ptr + slot * 2 + 1, mask=s_mask, other=0.0)
     overall = tl.max(split_max, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        overall = tl.maximum(overall, sink)
     shift = tl.where(overall == float("-inf"), 0.0, overall)
     weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - shift))
     acc = tl.load(acc_ptr + slot[:, None] * dim + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(acc * weight[:, None], axis=0)
     den = tl.sum(split_den * weight, axis=0)
+    if HAS_SINKS:
+        den += tl.exp(sink - shift)
     out = total / tl.where(den > 0, den, 1.0)  # nothing allowed: total is 0, so zeros, as the reference
     tl.store(out_ptr + row * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -123,16 +137,18 @@ def _splits(positions: int) -> tuple[int, int]:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
-    """query (B, H, 1, D) any strides; key, value (B, Hkv, L, D) with unit stride on D; mask (B, L) bool ->
-    (B, 1, H, D) in query's dtype. No autograd (decoding)."""
+                     scaling: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """query (B, H, 1, D) any strides; key, value (B, Hkv, L, D) with unit stride on D; mask (B, L) bool; sinks (H,)
+    per-head sink logits or None -> (B, 1, H, D) in query's dtype. No autograd (decoding)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, positions = key.shape[1], key.shape[2]
     if q_len != 1 or heads % kv_heads or value.shape[:3] != key.shape[:3] or value.shape[-1] != dim:
         raise ValueError(f"decode_attention takes one query per row and grouped heads: query {tuple(query.shape)}, "
                          f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if not use_triton(query, key, value):
-        return reference_decode_attention(query, key, value, mask, scaling)
+    if sinks is not None and sinks.shape != (heads,):
+        raise ValueError(f"decode_attention takes one sink logit per query head ({heads}), got {tuple(sinks.shape)}")
+    if not use_triton(query, key, value, sinks):
+        return reference_decode_attention(query, key, value, mask, scaling, sinks)
     groups = heads // kv_heads
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
@@ -151,7 +167,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         num_warps=4,
     )
     _decode_attention_merge_kernel[(batch * heads,)](
-        acc, stats, out, out.stride(0), out.stride(2), heads, num_splits, dim,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+        acc, stats, sinks.contiguous() if sinks is not None else None, out, out.stride(0), out.stride(2), heads,
+        num_splits, dim, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_warps=4,
     )
     return out

@@ -210,7 +210,7 @@ def test_unsupported_family_loads_as_plain_transformers_with_a_warning(llama_che
 
 def test_unpatch_restores_every_original_and_patching_twice_is_once():
     families = [fastmoe.api.family_model(model_type) for model_type in models.FAMILIES]
-    assert len(families) == 7
+    assert len(families) == 8
     shared = [p for op in models.SHARED_OPS for p in models.shared_patches(op)]
     # An attribute the owner inherits (peft's PeftModel.zero_grad) is recorded as patching._INHERITED: undoing the
     # patch deletes the owner's own, and the inherited one shows again.
@@ -424,9 +424,10 @@ def test_all_linear_is_every_linear_layer_and_expert_but_no_router(tiny_checkpoi
     model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32, max_seq_length=64)
     linear_layers = {name for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Linear) and name != "lm_head" and not _is_router(name)}
-    # SwiGLU stacks (gate_up_proj, down_proj), or JetMoe's expert linears (weight) in both of its mixtures.
-    experts = {name: set(dict(module.named_parameters(recurse=False))) for name, module in model.named_modules()
-               if type(module).__name__.endswith("Experts")}
+    # SwiGLU stacks (gate_up_proj, down_proj), or JetMoe's expert linears (weight) in both of its mixtures: the 3D
+    # weights; gpt-oss's expert biases (experts, features) are no LoRA target.
+    experts = {name: {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+               for name, module in model.named_modules() if type(module).__name__.endswith("Experts")}
     recwarn.clear()
     adapted = _adapted(FastModel.get_peft_model(model, r=2, target_modules="all-linear",
                                                 use_gradient_checkpointing=False))

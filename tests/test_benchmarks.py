@@ -39,6 +39,7 @@ def meta_model(preset: str):
     ("qwen3-30b-a3b", 30.5e9, 3.04e9),  # Qwen: 30.5B total, 3.3B active with the 0.31B input embedding
     ("mixtral-8x7b", 46.7e9, 12.75e9),  # Mistral: 46.7B total, 12.9B active with the 0.13B input embedding
     ("qwen1.5-moe-a2.7b", 14.3e9, 2.38e9),  # Qwen: 14.3B total, 2.7B active with the 0.31B input embedding
+    ("gpt-oss-20b", 20.91e9, 3.61e9),  # OpenAI's model card: 20.91B total, 3.61B active
 ])
 def test_presets_have_their_models_sizes(preset, total, active):
     _, model = meta_model(preset)
@@ -91,7 +92,7 @@ def test_variant_labels_name_the_fields_that_differ():
 
 
 @pytest.mark.parametrize("preset", ["afmoe-tiny", "lfm2-tiny", "jetmoe-tiny", "cohere-tiny", "qwen3-moe-tiny",
-                                    "mixtral-tiny", "qwen2-moe-tiny"])
+                                    "mixtral-tiny", "qwen2-moe-tiny", "gpt-oss-tiny"])
 @pytest.mark.parametrize("which", common.LORA_TARGET_SETS)
 def test_lora_target_sets_name_modules_the_family_has(preset, which):
     config, model = meta_model(preset)

@@ -83,7 +83,7 @@ def assert_graph_steps_equal(model, batch, reference) -> GraphedCheckpoint:
     return graphed
 
 
-FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
+FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from fastmoe import FastModel, generation, models
 
-FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe")
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 PROMPTS = ["<|user|>What is a mixture of experts?\n<|assistant|>", "<|user|>Hi\n<|assistant|>"]
 NEW_TOKENS = 12
 

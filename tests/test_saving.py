@@ -30,6 +30,7 @@ LORA = {
     "qwen3_moe": {"r": 4, "lora_alpha": 8},
     "mixtral": {"r": 4, "lora_alpha": 8},
     "qwen2_moe": {"r": 4, "lora_alpha": 8},
+    "gpt_oss": {"r": 4, "lora_alpha": 8},
 }
 
 
@@ -70,7 +71,7 @@ def saved_tensors(folder) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_merged_checkpoint_loads_plainly_with_the_adapter_models_logits(tiny_checkpoint, tmp_path, model_type):
     model, tokenizer = adapted_model(tiny_checkpoint(model_type), model_type)
     if model_type == "jetmoe":

@@ -50,6 +50,31 @@ def test_chunks_give_the_whole_sequences_outputs_and_gradients(needs_input_grad)
         assert rel_err(token_chunks.feed_forward_in_chunks(module, hidden, 4), whole[0]) < 1e-12
 
 
+class ScoredMLP(PerTokenMLP):
+    """Returns (output, per-token scores), as transformers' GptOssMLP returns its router scores beside its output."""
+
+    def forward(self, x):
+        return super().forward(x), x.sum(-1)
+
+
+def test_a_module_returning_a_tuple_gives_its_output_in_chunks_and_whole():
+    torch.manual_seed(1)
+    module, plain = ScoredMLP(), PerTokenMLP()
+    plain.load_state_dict(module.state_dict())
+    hidden = torch.randn(2, 13, 6, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 13, 6, dtype=torch.float64)
+    for chunk_tokens in (4, 100):  # chunked with autograd, and whole
+        out = token_chunks.feed_forward_in_chunks(module, hidden, chunk_tokens)
+        ref = plain(hidden)
+        assert rel_err(out, ref) < 1e-12
+        grads = torch.autograd.grad(out, (hidden, module.lora_a), grad_out)
+        ref_grads = torch.autograd.grad(ref, (hidden, plain.lora_a), grad_out)
+        for got, want in zip(grads, ref_grads):
+            assert rel_err(got, want) < 1e-12
+    with torch.no_grad():  # chunked without autograd
+        assert rel_err(token_chunks.feed_forward_in_chunks(module, hidden, 4), plain(hidden)) < 1e-12
+
+
 def test_short_sequences_and_frozen_modules_run_whole(monkeypatch):
     module = PerTokenMLP()
     calls = []

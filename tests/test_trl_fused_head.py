@@ -20,7 +20,7 @@ from fastmoe.builtin import builtin_records
 from fastmoe.kernels import dispatch, reference_only
 from fastmoe.kernels import linear_cross_entropy as op
 
-FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe")
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 ALL_FIELDS = trl_fused_head.PER_TOKEN_FIELDS
 
 

@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_moe": "fastmoe.models.qwen3_moe",
     "mixtral": "fastmoe.models.mixtral",
     "qwen2_moe": "fastmoe.models.qwen2_moe",
+    "gpt_oss": "fastmoe.models.gpt_oss",
 }
 
 # op name -> "module:function" returning its patches. Loaded on use: the modules import peft and trl.

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, route_softmax_topk
+from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import swiglu
 from fastmoe.patching import ForwardPatch
@@ -77,6 +77,10 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     `fastmoe.unpatch()`), and peft's wrappers when they apply their LoRA themselves (several active adapters): the
     weights they hand over then already hold it."""
     # transformers' `@use_experts_implementation` records each experts class's layout in these flags.
+    if _is_clamped_swiglu_layout(self):
+        return moe_experts_clamped_swiglu(hidden_states, top_k_index, top_k_weights, self.gate_up_proj,
+                                          self.gate_up_proj_bias, self.down_proj, self.down_proj_bias, self.alpha,
+                                          self.limit)
     layout = dict(has_gate=True, is_concatenated=True, is_transposed=False, has_bias=False, has_post_expert_norm=False)
     # An activation module (AFMoE's SiLUActivation) or the bare function (LFM2-MoE's F.silu).
     act_fn = getattr(self, "act_fn", None)
@@ -88,6 +92,15 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
             "another experts_implementation (eager, grouped_mm, batched_mm)"
         )
     return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+
+def _is_clamped_swiglu_layout(experts: torch.nn.Module) -> bool:
+    """gpt-oss's experts layout: (E, in, out) stacks with biases, gate and up interleaved (not concatenated), the
+    clamped SwiGLU of `alpha` and `limit`."""
+    flags = dict(has_gate=True, is_concatenated=False, is_transposed=True, has_bias=True)
+    return (all(getattr(experts, flag, None) == value for flag, value in flags.items())
+            and not getattr(experts, "has_post_expert_norm", False)
+            and all(hasattr(experts, name) for name in ("alpha", "limit", "gate_up_proj_bias", "down_proj_bias")))
 
 
 def register_experts_implementation() -> None:

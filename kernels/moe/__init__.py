@@ -6,7 +6,8 @@ reference.
 * ``nf4``: the NF4 format of 3D expert weights (``quantize_nf4``, ``dequantize_nf4``, double-quantized absmax) and the
   in-register tile decode the GEMMs use
 * ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad``
-* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``
+* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``; ``moe_experts_clamped_swiglu`` (gpt-oss's
+  layout, biases and activation)
 * ``expert_map_reduce``: ``expert_map``, ``expert_reduce``, ``expert_map_nf4``, ``expert_reduce_nf4``
 """
 
@@ -18,8 +19,17 @@ from .expert_map_reduce import (
     reference_expert_map,
     reference_expert_reduce,
 )
-from .experts import ExpertLora, moe_experts, moe_experts_nf4, reference_moe_experts, reference_moe_experts_nf4
+from .experts import (
+    ExpertLora,
+    moe_experts,
+    moe_experts_clamped_swiglu,
+    moe_experts_nf4,
+    reference_moe_experts,
+    reference_moe_experts_clamped_swiglu,
+    reference_moe_experts_nf4,
+)
 from .grouped_gemm import (
+    ClampedSwiglu,
     GemmWeight,
     gemm_block_m,
     grouped_mm,
@@ -45,6 +55,7 @@ from .routing import (
 )
 
 __all__ = [
+    "ClampedSwiglu",
     "ExpertLora",
     "ExpertSchedule",
     "GemmWeight",
@@ -62,12 +73,14 @@ __all__ = [
     "grouped_mm_swiglu_backward",
     "grouped_wgrad",
     "moe_experts",
+    "moe_experts_clamped_swiglu",
     "moe_experts_nf4",
     "quantize_nf4",
     "reference_dequantize_nf4",
     "reference_expert_map",
     "reference_expert_reduce",
     "reference_moe_experts",
+    "reference_moe_experts_clamped_swiglu",
     "reference_moe_experts_nf4",
     "reference_route_sigmoid_topk",
     "reference_route_softmax_topk",

@@ -45,6 +45,7 @@ from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
 from ..reused_casts import cast
 from .grouped_gemm import (
+    ClampedSwiglu,
     GemmWeight,
     gemm_block_m,
     DECODE_PAIRS,
@@ -119,6 +120,38 @@ def reference_moe_experts_nf4(
                                  reference_dequantize_nf4(down), gate_up_lora, down_lora)
 
 
+def reference_moe_experts_clamped_swiglu(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """(tokens, hidden) -> (tokens, hidden), transformers' GptOssExperts eager loop with LoRA added: weights stored
+    (E, in, out), gate and up interleaved, the clamped activation. LoRA factors are as peft's for those stacks:
+    A (E, r, in), B (E, out, r)."""
+    out = torch.zeros_like(hidden)
+    for expert in range(gate_up_proj.shape[0]):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden[token_idx]
+        gate_up = _reference_expert_linear(x, gate_up_proj.transpose(1, 2), gate_up_lora, expert) + gate_up_bias[expert]
+        gate = gate_up[..., ::2].clamp(min=None, max=limit)
+        up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        y = _reference_expert_linear(h, down_proj.transpose(1, 2), down_lora, expert) + down_bias[expert]
+        y = y * top_k_weights[token_idx, slot, None]
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton path: the forward and backward over grouped_gemm, one differentiable op per kind of expert weights
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +206,13 @@ def _saved_schedule(tensors: list[torch.Tensor], top_k: int) -> tuple[ExpertSche
     return schedule, identity
 
 
+def _row_experts(schedule: ExpertSchedule) -> torch.Tensor:
+    """(S,) int64: the expert of each sorted row."""
+    counts = schedule.expert_offsets.diff().long()
+    experts = torch.arange(schedule.num_experts, device=counts.device)
+    return torch.repeat_interleave(experts, counts, output_size=schedule.num_pairs)
+
+
 def _needs_backward(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will ask for a backward: the forward then keeps what it needs (custom ops see no ctx)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -214,6 +254,9 @@ class DenseExpertWeights:
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    # The plain form: SwiGLU on [gate; up] rows, no biases (ClampedSwigluExpertWeights is the other).
+    gate_up_bias = down_bias = activation = None
+    interleaved = False
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.gate_up, self.down
@@ -225,11 +268,12 @@ class DenseExpertWeights:
     def op_args(self) -> tuple:
         return self.gate_up, self.down
 
-    def weight_grads(self, needs: tuple[bool, bool], gate_up_grad_fn, down_grad_fn, absent: torch.Tensor) -> tuple:
-        """Gradients of tensors(), each written by its grad_fn into a tensor laid out like the weight."""
+    def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
+        """Gradients of tensors(), each written by its grad_fns entry ("gate_up", "down") into a tensor laid out like
+        the weight."""
         needs_gate_up, needs_down = needs
-        return (gate_up_grad_fn(torch.empty_like(self.gate_up)) if needs_gate_up else no_gradient(absent),
-                down_grad_fn(torch.empty_like(self.down)) if needs_down else no_gradient(absent))
+        return (grad_fns["gate_up"](torch.empty_like(self.gate_up)) if needs_gate_up else no_gradient(absent),
+                grad_fns["down"](torch.empty_like(self.down)) if needs_down else no_gradient(absent))
 
     def weight_grad_fakes(self, needs: tuple[bool, bool], absent: torch.Tensor) -> tuple:
         needs_gate_up, needs_down = needs
@@ -254,6 +298,8 @@ class Nf4ExpertWeights:
 
     gate_up: Nf4Weight
     down: Nf4Weight
+    gate_up_bias = down_bias = activation = None
+    interleaved = False
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return *self.gate_up.tensors(), *self.down.tensors()
@@ -278,7 +324,7 @@ class Nf4ExpertWeights:
         return Nf4ExpertWeights(Nf4Weight(*tensors[:2], tuple(shapes[:3]), gate_up_dtype, *tensors[2:4]),
                                 Nf4Weight(*tensors[4:6], tuple(shapes[3:]), down_dtype, *tensors[6:]))
 
-    def weight_grads(self, needs: tuple[bool, bool], gate_up_grad_fn, down_grad_fn, absent: torch.Tensor) -> tuple:
+    def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
         return no_gradient(absent), no_gradient(absent)
 
     def weight_grad_fakes(self, needs: tuple[bool, bool], absent: torch.Tensor) -> tuple:
@@ -293,7 +339,78 @@ class Nf4ExpertWeights:
         return (None,) * 11
 
 
-ExpertWeights = DenseExpertWeights | Nf4ExpertWeights
+@dataclass
+class ClampedSwigluExpertWeights:
+    """16-bit stacks as gpt-oss stores them: gate_up_proj (E, H, 2I) with gate and up columns interleaved (gate
+    column n at 2n, up at 2n + 1) and its bias (E, 2I), down_proj (E, I, H) and its bias (E, H), under the
+    activation ``ClampedSwiglu``. The GEMMs read the (E, in, out) stacks through transposed views (``gate_up`` (E, 2I,
+    H), ``down`` (E, H, I)), never a copy. Op arguments: the four tensors, then alpha and limit. Each tensor gets a
+    gradient when it requires one (full fine-tuning; LoRA leaves them frozen)."""
+
+    gate_up_proj: torch.Tensor
+    gate_up_bias: torch.Tensor
+    down_proj: torch.Tensor
+    down_bias: torch.Tensor
+    alpha: float
+    limit: float
+    interleaved = True
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        return self.gate_up_proj.transpose(1, 2)
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.down_proj.transpose(1, 2)
+
+    @property
+    def activation(self) -> ClampedSwiglu:
+        return ClampedSwiglu(self.alpha, self.limit)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias
+
+    def rebuilder(self):
+        alpha, limit = self.alpha, self.limit
+
+        def rebuild(*tensors):
+            return ClampedSwigluExpertWeights(*tensors, alpha, limit)
+        return rebuild
+
+    def op_args(self) -> tuple:
+        return (*self.tensors(), self.alpha, self.limit)
+
+    def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
+        """Gradients of tensors(), laid out as the stored (E, in, out) stacks: the GEMMs write through the
+        transposed view they read."""
+        needs_gate_up, needs_gate_up_bias, needs_down, needs_down_bias = needs
+
+        def stack_grad(needed, stored, fn):
+            if not needed:
+                return no_gradient(absent)
+            grad = torch.empty_like(stored, memory_format=torch.contiguous_format)
+            fn(grad.transpose(1, 2))
+            return grad
+
+        return (stack_grad(needs_gate_up, self.gate_up_proj, grad_fns["gate_up"]),
+                grad_fns["gate_up_bias"]().to(self.gate_up_bias.dtype) if needs_gate_up_bias else no_gradient(absent),
+                stack_grad(needs_down, self.down_proj, grad_fns["down"]),
+                grad_fns["down_bias"]().to(self.down_bias.dtype) if needs_down_bias else no_gradient(absent))
+
+    def weight_grad_fakes(self, needs: tuple[bool, ...], absent: torch.Tensor) -> tuple:
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need else no_gradient(absent)
+                     for t, need in zip(self.tensors(), needs))
+
+    @staticmethod
+    def needs_weight_grads(needs_op_args: tuple[bool, ...]) -> tuple[bool, ...]:
+        return tuple(needs_op_args[:4])
+
+    @staticmethod
+    def op_arg_grads(*grads: torch.Tensor | None) -> tuple:
+        return (*grads, None, None)
+
+
+ExpertWeights = DenseExpertWeights | Nf4ExpertWeights | ClampedSwigluExpertWeights
 # out, the schedule's five tensors, then what the backward reads: row_weight, (gate | up), the two thin LoRA
 # activations (empty tensors for what is not kept).
 ForwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -332,14 +449,15 @@ def _experts_forward(
         l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
                           identity, out_scale=gu_scaling)
     h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, _cast(experts.gate_up, dtype), schedule, l_gu,
-                                   gu_b_, store_gate_up=store_for_backward)
+                                   gu_b_, store_gate_up=store_for_backward, bias=_cast(experts.gate_up_bias, dtype),
+                                   interleaved=experts.interleaved, activation=experts.activation)
     l_down = None
     if down_a_ is not None:
         l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
                             identity, out_scale=down_scaling)
     y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
     grouped_mm(h, identity, _cast(experts.down, dtype), schedule, y, schedule.sorted_pair, l_down, down_b_,
-               row_scale=row_weight)
+               row_scale=row_weight, bias=_cast(experts.down_bias, dtype))
     kept = (t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
     return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight, *kept)
 
@@ -370,7 +488,7 @@ def _experts_backward(
     needs_hidden, needs_weights, needs_gu_a, needs_gu_b, needs_down_a, needs_down_b, *needs_base = needs
     num_tokens, top_k = top_k_weights.shape
     schedule, identity = _saved_schedule(schedule, top_k)
-    num_rows = schedule.num_pairs
+    num_rows, num_experts = schedule.num_pairs, schedule.num_experts
     dtype = hidden.dtype
     gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
     tok, pair = schedule.sorted_token, schedule.sorted_pair
@@ -384,7 +502,15 @@ def _experts_backward(
     dgu, h, d_row_weight = grouped_mm_swiglu_backward(
         g, tok, _cast(experts.down, dtype), gate_up, row_weight, schedule,
         g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
+        interleaved=experts.interleaved, activation=experts.activation,
     )
+    row_expert = None
+    if experts.gate_up_bias is not None or experts.down_bias is not None:
+        row_expert = _row_experts(schedule)
+    if experts.down_bias is not None:
+        # The bias's share of each row's output before weighting, <d(out)[token], bias[expert]>: a (T, E) product
+        # read at each row's (token, expert).
+        d_row_weight = d_row_weight + (g.float() @ experts.down_bias.float().T)[tok.long(), row_expert]
     grad_weights = no_gradient(hidden)
     if needs_weights:
         grad_weights = torch.empty(num_rows, dtype=torch.float32, device=g.device)
@@ -408,12 +534,17 @@ def _experts_backward(
         grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
     grad_gu_a = _lora_grad(needs_gu_a, gu_a, lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out), g)
     grad_gu_b = _lora_grad(needs_gu_b, gu_b, lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out), g)
-    grad_base = experts.weight_grads(
-        tuple(needs_base),
-        lambda out: grouped_wgrad(dgu, identity, hidden, tok, schedule, out),
-        lambda out: grouped_wgrad(g, tok, h, identity, schedule, out, row_weight),
-        g,
-    )
+    grad_fns = {
+        "gate_up": lambda out: grouped_wgrad(dgu, identity, hidden, tok, schedule, out),
+        "down": lambda out: grouped_wgrad(g, tok, h, identity, schedule, out, row_weight),
+        # Bias gradients, summed over each expert's rows: d(pre-activation) as it is; d(out) weighted by the
+        # routing weights, as a (E, T) @ (T, H) product instead of a gathered (rows, H) copy.
+        "gate_up_bias": lambda: torch.zeros(num_experts, dgu.shape[1], dtype=torch.float32, device=g.device)
+        .index_add_(0, row_expert, dgu.float()),
+        "down_bias": lambda: torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=g.device)
+        .index_put_((tok.long(), row_expert), row_weight, accumulate=True).T @ g.float(),
+    }
+    grad_base = experts.weight_grads(tuple(needs_base), grad_fns, g)
     return grad_hidden, grad_weights, grad_gu_a, grad_gu_b, grad_down_a, grad_down_b, *grad_base
 
 
@@ -457,10 +588,10 @@ def _experts_gradients(ctx, backward, grad_out, *_):
              *experts.needs_weight_grads(needs_input[_COMMON_ARGS:])]
     grads = backward(grad_out, hidden, top_k_weights, gu_a, gu_b, ctx.scalings[0], down_a, down_b, ctx.scalings[1],
                      list(schedule), row_weight, gate_up, l_gu, l_down, needs, *experts.op_args())
-    grad_hidden, grad_weights, grad_gu_a, grad_gu_b, grad_down_a, grad_down_b, grad_gate_up, grad_down = (
+    grad_hidden, grad_weights, grad_gu_a, grad_gu_b, grad_down_a, grad_down_b, *grad_base = (
         grad if need else None for grad, need in zip(grads, needs))
     return (grad_hidden, None, grad_weights, grad_gu_a, grad_gu_b, None, grad_down_a, grad_down_b, None, None,
-            *experts.op_arg_grads(grad_gate_up, grad_down))
+            *experts.op_arg_grads(*grad_base))
 
 
 def _moe_experts_forward(
@@ -589,6 +720,70 @@ _moe_experts_nf4 = KernelOp(
 )
 
 
+# Gradients of hidden, top_k_weights, the four LoRA factors, then gate_up_proj, its bias, down_proj and its bias.
+ClampedSwigluBackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _moe_experts_clamped_swiglu_forward(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
+    alpha: float, limit: float,
+) -> ForwardOutputs:
+    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
+    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                            down_scaling, store_for_backward)
+
+
+def _moe_experts_clamped_swiglu_forward_fake(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
+    alpha: float, limit: float,
+) -> ForwardOutputs:
+    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
+    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
+                                 down_b, down_scaling, store_for_backward)
+
+
+def _moe_experts_clamped_swiglu_backward(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
+    alpha: float, limit: float,
+) -> ClampedSwigluBackwardOutputs:
+    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
+    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                             down_scaling, schedule, row_weight, gate_up, l_gu, l_down, needs)
+
+
+def _moe_experts_clamped_swiglu_backward_fake(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
+    alpha: float, limit: float,
+) -> ClampedSwigluBackwardOutputs:
+    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
+    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                                  down_scaling, schedule, row_weight, gate_up, l_gu, l_down, needs)
+
+
+_moe_experts_clamped_swiglu = KernelOp(
+    "moe_experts_clamped_swiglu", _moe_experts_clamped_swiglu_forward, _moe_experts_clamped_swiglu_forward_fake,
+    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, ClampedSwigluExpertWeights),
+    _experts_gradients, _moe_experts_clamped_swiglu_backward, _moe_experts_clamped_swiglu_backward_fake,
+)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The references as ops: under torch.compile their loops over experts (shapes that depend on the routing) run as
 # one node each
@@ -625,12 +820,26 @@ def _moe_experts_nf4_reference(
                                      _lora(gu_a, gu_b, gu_scaling), _lora(down_a, down_b, down_scaling))
 
 
+def _moe_experts_clamped_swiglu_reference(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
+    alpha: float, limit: float,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+) -> torch.Tensor:
+    return reference_moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights, gate_up_proj, gate_up_bias,
+                                                down_proj, down_bias, alpha, limit, _lora(gu_a, gu_b, gu_scaling),
+                                                _lora(down_a, down_b, down_scaling))
+
+
 def _hidden_like(hidden: torch.Tensor, *args) -> torch.Tensor:
     return hidden.new_empty(hidden.shape)
 
 
 _moe_experts_reference_op = ReferenceOp("moe_experts_reference", _moe_experts_reference, _hidden_like)
 _moe_experts_nf4_reference_op = ReferenceOp("moe_experts_nf4_reference", _moe_experts_nf4_reference, _hidden_like)
+_moe_experts_clamped_swiglu_reference_op = ReferenceOp(
+    "moe_experts_clamped_swiglu_reference", _moe_experts_clamped_swiglu_reference, _hidden_like)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -690,3 +899,33 @@ def moe_experts_nf4(
         return _moe_experts_nf4(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
                                 *experts.op_args())[0]
     return _moe_experts_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)
+
+
+def moe_experts_clamped_swiglu(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """gpt-oss's experts block (transformers' GptOssExperts) with optional LoRA on both expert weights.
+
+    hidden: (tokens, H); top_k_index: (tokens, k) int64; top_k_weights: (tokens, k); gate_up_proj: (E, H, 2I), gate
+    and up columns interleaved; gate_up_bias: (E, 2I); down_proj: (E, I, H); down_bias: (E, H); the activation
+    ``ClampedSwiglu(alpha, limit)``. LoRA as peft puts it on these (E, in, out) stacks: A (E, r, in), B (E, out, r).
+    Returns (tokens, H) in hidden's dtype. Differentiable w.r.t. hidden, top_k_weights, the four base tensors and the
+    LoRA factors. The kernels read the stacks in place (strided), with no copy in another layout.
+    """
+    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, float(alpha), float(limit))
+    gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
+    trained = (hidden, top_k_weights, *experts.tensors(), *gu[:2], *dn[:2])
+    if hidden.shape[0] > 0 and use_triton(*trained):
+        return _moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
+                                           *experts.op_args())[0]
+    return _moe_experts_clamped_swiglu_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)

@@ -15,11 +15,17 @@ caller computed the thin ``L = scaling * x @ A_e^T`` (rows, r) with the same ker
 inside registers (tl.dot's minimum), never in memory, and the delta ``B @ A`` is never formed.
 
 Kernels:
-* ``_grouped_mm_kernel``: out[out_rows[s]] = row_scale[s] * (a[a_rows[s]] @ W_e^T + L[s] @ B_e^T) * out_scale
+* ``_grouped_mm_kernel``: out[out_rows[s]] = row_scale[s] * (a[a_rows[s]] @ W_e^T + L[s] @ B_e^T + bias_e) * out_scale
 * ``_grouped_mm_swiglu_kernel``: the gate and up columns of one tile, SwiGLU in the epilogue; optionally also
   stores the pre-activation (gate | up) for the backward.
 * ``_grouped_mm_swiglu_bwd_kernel``: d(h) = dout @ W_down (+LoRA) with the SwiGLU backward in the epilogue;
   also recomputes h and each row's partial <d(h), h> for the routing-weight gradient.
+
+The SwiGLU kernels also take gpt-oss's form, each part behind a constexpr: a bias per expert on the gate_up
+columns (HAS_BIAS), gate and up interleaved column by column instead of in two halves (INTERLEAVED: one more
+stride pattern for the weight rows, LoRA B rows, bias and stored pre-activation), and the clamped activation
+``ClampedSwiglu`` (CLAMPED). gpt-oss stores its weights (E, in, out), the transpose of the (E, out, in) these
+kernels read: a transposed view, read through its strides, not a copy.
 * ``_grouped_wgrad_kernel`` (16-bit): dW[e] = sum over the rows s of e of g[g_rows[s]]^T x[x_rows[s]].
 * ``_grouped_mm_lora_in_tile_kernel`` (16-bit, decoding): ``_grouped_mm_kernel`` or the SwiGLU forward with the thin
   LoRA product computed in the tile's own pass over K.
@@ -45,6 +51,15 @@ from .nf4 import (
 from .routing import ExpertSchedule
 
 GemmWeight = torch.Tensor | Nf4Weight  # an (E, N, K) expert weight stack as the GEMMs take it
+
+
+@dataclass(frozen=True)
+class ClampedSwiglu:
+    """gpt-oss's gated activation: h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), with
+    g = min(gate, limit). Without one the SwiGLU kernels compute silu(gate) * up."""
+
+    alpha: float
+    limit: float
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers
@@ -100,16 +115,18 @@ def _tile_matmul_gate_up(
     a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, I, K,
     NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
-    W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    W_DTYPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """(gate, up), each (BLOCK_M, BLOCK_N) fp32: a[a_rows] @ W[offs_n]^T and a[a_rows] @ W[I + offs_n]^T for the
-    gate_up weight W (2I, K) of `expert`, in one pass over K: each A tile (gathered rows) is loaded once for both
-    products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a single GEMM tile of that width would."""
+    """(gate, up), each (BLOCK_M, BLOCK_N) fp32: a[a_rows] @ W[gate rows]^T and a[a_rows] @ W[up rows]^T for the
+    gate_up weight W (2I, K) of `expert` (rows _gate_up_rows gives), in one pass over K: each A tile (gathered rows)
+    is loaded once for both products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a single GEMM tile
+    of that width would."""
+    gate_rows, up_rows = _gate_up_rows(offs_n, I, INTERLEAVED)
     if NF4:
-        # Gate row n and up row I + n side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes
+        # Gate row n and its up row side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes
         # and multiplies both, and the interleaved accumulator splits into gate and up without moving columns.
-        w_rows = tl.reshape(tl.join(offs_n, offs_n + I), (2 * BLOCK_N,))
+        w_rows = tl.reshape(tl.join(gate_rows, up_rows), (2 * BLOCK_N,))
         w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
@@ -124,8 +141,12 @@ def _tile_matmul_gate_up(
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        up_offset = I * stride_wn
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + gate_rows[None, :] * stride_wn
+        # Each up row sits a fixed number of rows after its gate row: a scalar offset, not a second pointer tile.
+        if INTERLEAVED:
+            up_offset = stride_wn
+        else:
+            up_offset = I * stride_wn
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -137,6 +158,45 @@ def _tile_matmul_gate_up(
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
     return gate, up
+
+
+@triton.jit
+def _gate_up_rows(offs_n, I, INTERLEAVED: tl.constexpr):
+    """Where gate column n and its up column sit among the 2I gate_up columns (weight rows, LoRA B rows, bias entries,
+    the stored pre-activation): [gate | up] halves (n, I + n), or INTERLEAVED pairs (2n, 2n + 1), as gpt-oss stores
+    them."""
+    if INTERLEAVED:
+        return 2 * offs_n, 2 * offs_n + 1
+    return offs_n, offs_n + I
+
+
+@triton.jit
+def _glu(gate, up, alpha, limit, CLAMPED: tl.constexpr):
+    """h of fp32 gate and up: silu(gate) * up, or CLAMPED (gpt-oss): gate clamped above and up on both sides at
+    limit, (up + 1) * gate * sigmoid(alpha * gate)."""
+    if CLAMPED:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def _glu_backward(dh, gate, up, alpha, limit, CLAMPED: tl.constexpr):
+    """(d gate, d up, h) of fp32 dh, gate and up for _glu. A clamped input gets no gradient where the clamp held it
+    (torch.clamp's: the gradient passes at the limit itself)."""
+    if CLAMPED:
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(alpha * gate_c)
+        glu = gate_c * sig
+        dgate = dh * (up_c + 1.0) * sig * (1.0 + alpha * gate_c * (1.0 - sig))
+        dgate = tl.where(gate <= limit, dgate, 0.0)
+        dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+        return dgate, dup, (up_c + 1.0) * glu
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    return dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * silu, silu * up
 
 
 @triton.jit
@@ -193,9 +253,10 @@ def _grouped_mm_kernel(
     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,
     out_ptr, stride_om, stride_on, out_rows_ptr,
     row_scale_ptr,
+    bias_ptr, stride_bias_e,  # (E, N), when HAS_BIAS
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
-    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -220,6 +281,9 @@ def _grouped_mm_kernel(
             b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
             BLOCK_R, DOT_PRECISION,
         )
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     acc = acc * out_scale
     if HAS_ROW_SCALE:
         acc = acc * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
@@ -235,9 +299,11 @@ def _grouped_mm_swiglu_kernel(
     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,  # L (S, r), B (E, 2I, r)
     h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
     gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
+    bias_ptr, stride_bias_e,  # (E, 2I), when HAS_BIAS
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
-    I, K, R,
-    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr,
+    I, K, R, alpha, limit,
+    HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    CLAMPED: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -254,14 +320,19 @@ def _grouped_mm_swiglu_kernel(
     gate, up = _tile_matmul_gate_up(a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
                                     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
                                     offs_n, n_mask, n0, I, K,
-                                    NF4, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE,
+                                    NF4, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, INTERLEAVED,
                                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    gate_cols, up_cols = _gate_up_rows(offs_n, I, INTERLEAVED)
     if HAS_LORA:
         b_e = b_ptr + expert.to(tl.int64) * stride_be
         gate = _tile_lora(gate, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                          b_e, stride_bn, stride_br, offs_n, n_mask, R, BLOCK_R, DOT_PRECISION)
+                          b_e, stride_bn, stride_br, gate_cols, n_mask, R, BLOCK_R, DOT_PRECISION)
         up = _tile_lora(up, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
-                        b_e, stride_bn, stride_br, offs_n + I, n_mask, R, BLOCK_R, DOT_PRECISION)
+                        b_e, stride_bn, stride_br, up_cols, n_mask, R, BLOCK_R, DOT_PRECISION)
+    if HAS_BIAS:
+        bias_e = bias_ptr + expert.to(tl.int64) * stride_bias_e
+        gate += tl.load(bias_e + gate_cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(bias_e + up_cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     # Round gate/up to the storage dtype first, as eager does (its linear returns bf16): the backward
     # recomputes h from the stored gate/up and must see the same h the down GEMM consumed.
     gate = gate.to(h_ptr.dtype.element_ty)
@@ -269,11 +340,9 @@ def _grouped_mm_swiglu_kernel(
     mask = row_mask[:, None] & n_mask[None, :]
     rows64 = offs_m[:, None].to(tl.int64)
     if STORE_GATE_UP:
-        gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-        tl.store(gu_ptrs, gate, mask=mask)
-        tl.store(gu_ptrs + I * stride_gn, up, mask=mask)
-    gate32 = gate.to(tl.float32)
-    h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+        tl.store(gu_ptr + rows64 * stride_gm + gate_cols[None, :] * stride_gn, gate, mask=mask)
+        tl.store(gu_ptr + rows64 * stride_gm + up_cols[None, :] * stride_gn, up, mask=mask)
+    h = _glu(gate.to(tl.float32), up.to(tl.float32), alpha, limit, CLAMPED)
     tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -288,8 +357,8 @@ def _grouped_mm_swiglu_bwd_kernel(
     h_ptr, stride_hm, stride_hn,  # out: recomputed h (S, I), for the down projection's weight gradients
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
-    S, I, K, R,
-    HAS_LORA: tl.constexpr,
+    S, I, K, R, alpha, limit,
+    HAS_LORA: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -317,20 +386,20 @@ def _grouped_mm_swiglu_bwd_kernel(
     # gradient), and d(gate | up).
     mask = row_mask[:, None] & n_mask[None, :]
     rows64 = offs_m[:, None].to(tl.int64)
-    gu_ptrs = gu_ptr + rows64 * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptrs + I * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    h = (silu * up).to(h_ptr.dtype.element_ty)
+    gate_cols, up_cols = _gate_up_rows(offs_n, I, INTERLEAVED)
+    gate = tl.load(gu_ptr + rows64 * stride_gm + gate_cols[None, :] * stride_gn, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + rows64 * stride_gm + up_cols[None, :] * stride_gn, mask=mask, other=0.0)
+    # d(gate) and d(up) are linear in d(h): the routing weight scales them afterwards.
+    dgate, dup, h = _glu_backward(dh, gate.to(tl.float32), up.to(tl.float32), alpha, limit, CLAMPED)
+    h = h.to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rows64 * stride_hm + offs_n[None, :] * stride_hn, h, mask=mask)
     tl.store(dscale_ptr + pid_n.to(tl.int64) * S + offs_m, tl.sum(dh * h.to(tl.float32), axis=1), mask=row_mask)
-    dh = dh * tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
-    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = dh * silu
-    dgu_ptrs = dgu_ptr + rows64 * stride_dm + offs_n[None, :] * stride_dn
-    tl.store(dgu_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgu_ptrs + I * stride_dn, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
+    row_scale = tl.load(row_scale_ptr + offs_m, mask=row_mask, other=0.0)[:, None]
+    dgate, dup = dgate * row_scale, dup * row_scale
+    tl.store(dgu_ptr + rows64 * stride_dm + gate_cols[None, :] * stride_dn, dgate.to(dgu_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(dgu_ptr + rows64 * stride_dm + up_cols[None, :] * stride_dn, dup.to(dgu_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -577,34 +646,54 @@ def grouped_mm(
     out: torch.Tensor, out_rows: torch.Tensor,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None, out_scale: float = 1.0, transpose: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[out_rows[s]] = row_scale[s] * out_scale * (a[a_rows[s]] @ W[e_s]^T + lora_l[s] @ lora_b[e_s]^T), with W
-    the weight or, when transpose, its transpose.
+    """out[out_rows[s]] = row_scale[s] * out_scale * (a[a_rows[s]] @ W[e_s]^T + lora_l[s] @ lora_b[e_s]^T
+    + bias[e_s]), with W the weight or, when transpose, its transpose.
 
     a: (rows_a, K); a_rows, out_rows: (S,) int32; weight: (E, N, K) (transpose: (E, K, N)), 16-bit with any strides
-    or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32.
-    Rows of out not named by out_rows are left untouched.
+    or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32;
+    bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched.
     """
     operand = _weight_operand(weight, transpose, a.dtype, schedule)
     cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
         _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b,
-        (out, out.stride(0), out.stride(1), out_rows, row_scale),
+        (out, out.stride(0), out.stride(1), out_rows, row_scale, *_bias_args(bias)),
         schedule, (operand.n, operand.k, _rank(lora_l), out_scale), operand.n, block_n, block_k, block_n, options,
-        HAS_ROW_SCALE=row_scale is not None,
+        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
     )
     return out
+
+
+def _bias_args(bias: torch.Tensor | None) -> tuple:
+    """An (E, N) expert bias and its expert stride, or Nones without one."""
+    if bias is None:
+        return None, None
+    if bias.stride(-1) != 1:
+        raise ValueError("expert biases must have unit stride along their features")
+    return bias, bias.stride(0)
+
+
+def _glu_args(activation: ClampedSwiglu | None) -> tuple[float, float]:
+    """The SwiGLU kernels' alpha and limit (unread without CLAMPED)."""
+    return (float(activation.alpha), float(activation.limit)) if activation is not None else (1.0, 0.0)
 
 
 def grouped_mm_swiglu(
     a: torch.Tensor, a_rows: torch.Tensor, gate_up: GemmWeight, schedule: ExpertSchedule,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, store_gate_up: bool = False,
+    bias: torch.Tensor | None = None, interleaved: bool = False, activation: ClampedSwiglu | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h = silu(gate) * up with (gate | up) = a[a_rows[s]] @ gate_up[e_s]^T (+ lora_l[s] @ lora_b[e_s]^T).
+    """h = silu(gate) * up (or `activation`) with (gate, up) the columns of
+    a[a_rows[s]] @ gate_up[e_s]^T (+ lora_l[s] @ lora_b[e_s]^T) (+ bias[e_s]).
 
-    a: (rows_a, H); gate_up: (E, 2I, H), 16-bit or Nf4Weight; lora_l: (S, r); lora_b: (E, 2I, r).
-    Returns h (S, I) in sorted order and, if store_gate_up, (gate | up) (S, 2I), both in a's dtype.
+    a: (rows_a, H); gate_up: (E, 2I, H), 16-bit (any strides) or Nf4Weight, its rows [gate; up] or, interleaved,
+    gate and up alternating (gate row n at 2n, up at 2n + 1; lora_b's rows and the bias's entries alike);
+    lora_l: (S, r); lora_b: (E, 2I, r); bias: (E, 2I).
+    Returns h (S, I) in sorted order and, if store_gate_up, the pre-activation (S, 2I) in gate_up's row order, both
+    in a's dtype.
     """
     operand = _weight_operand(gate_up, False, a.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
@@ -615,9 +704,10 @@ def grouped_mm_swiglu(
     block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
     _launch_row_gemm(
         _grouped_mm_swiglu_kernel, a, a_rows, operand, lora_l, lora_b,
-        (h, h.stride(0), h.stride(1), gu, gu.stride(0), gu.stride(1)),
-        schedule, (inter, hidden, _rank(lora_l)),
-        inter, block_n, block_k, 2 * block_n, options, STORE_GATE_UP=store_gate_up,
+        (h, h.stride(0), h.stride(1), gu, gu.stride(0), gu.stride(1), *_bias_args(bias)),
+        schedule, (inter, hidden, _rank(lora_l), *_glu_args(activation)),
+        inter, block_n, block_k, 2 * block_n, options, STORE_GATE_UP=store_gate_up, HAS_BIAS=bias is not None,
+        INTERLEAVED=interleaved, CLAMPED=activation is not None,
     )
     return h, (gu if store_gate_up else None)
 
@@ -658,13 +748,15 @@ def grouped_mm_swiglu_backward(
     grad_out: torch.Tensor, grad_rows: torch.Tensor, down: GemmWeight,
     gate_up: torch.Tensor, row_scale: torch.Tensor, schedule: ExpertSchedule,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+    interleaved: bool = False, activation: ClampedSwiglu | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through the weighted down projection and SwiGLU.
+    """Backward through the weighted down projection and SwiGLU (or `activation`).
 
     grad_out: (T, H) gathered by grad_rows (S,); down: W_down (E, H, I), 16-bit or Nf4Weight, read transposed;
-    gate_up: stored (S, 2I); row_scale: (S,) fp32 routing weights; lora_l: scaling * grad_out[rows] @ B_down (S, r);
-    lora_b: A_down viewed as (E, I, r). Returns d(gate | up) (S, 2I), h (S, I) and the routing-weight gradient (S,)
-    fp32, all in sorted order.
+    gate_up: stored pre-activation (S, 2I), [gate | up] or interleaved (as grouped_mm_swiglu stored it);
+    row_scale: (S,) fp32 routing weights; lora_l: scaling * grad_out[rows] @ B_down (S, r); lora_b: A_down viewed as
+    (E, I, r). Returns d(pre-activation) (S, 2I) in gate_up's column order, h (S, I) and the part of the
+    routing-weight gradient that excludes a down bias, <d(out), h W_down^T + LoRA> (S,) fp32, all in sorted order.
     """
     operand = _weight_operand(down, True, grad_out.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
@@ -678,8 +770,8 @@ def grouped_mm_swiglu_backward(
         _grouped_mm_swiglu_bwd_kernel, grad_out, grad_rows, operand, lora_l, lora_b,
         (gate_up, gate_up.stride(0), gate_up.stride(1), row_scale, dgu, dgu.stride(0), dgu.stride(1),
          h, h.stride(0), h.stride(1), dscale),
-        schedule, (num_rows, inter, hidden, _rank(lora_l)),
-        inter, block_n, block_k, block_n, options,
+        schedule, (num_rows, inter, hidden, _rank(lora_l), *_glu_args(activation)),
+        inter, block_n, block_k, block_n, options, INTERLEAVED=interleaved, CLAMPED=activation is not None,
     )
     return dgu, h, dscale.sum(0)
 

@@ -27,6 +27,7 @@ from fastmoe.kernels.moe import (
     expert_reduce,
     expert_reduce_nf4,
     moe_experts,
+    moe_experts_clamped_swiglu,
     moe_experts_nf4,
     quantize_nf4,
     route_sigmoid_topk,
@@ -76,6 +77,22 @@ def moe_case(top_k=2, lora=True, train_weights=False):
     def fn(x, w, gate_up, down, *loras):
         return moe_experts(x, index, w, gate_up, down, lora_of(loras[:2]), lora_of(loras[2:]))
     return fn, [randn(tokens, hidden, grad=True), weights, gate_up, down, *(loras if lora else [])]
+
+
+def moe_clamped_swiglu_case():
+    """gpt-oss's experts: (E, in, out) stacks with biases, every one trained beside the LoRA factors (the bias
+    gradients and the stored layout's weight gradients have fakes of their own), a limit the values cross."""
+    tokens, hidden, inter, experts, rank = 7, 12, 10, 5, 3
+    index, weights = routing(tokens, experts, 2)
+    base = [randn(experts, hidden, 2 * inter, grad=True, seed=1, scale=0.5),
+            randn(experts, 2 * inter, grad=True, seed=2),
+            randn(experts, inter, hidden, grad=True, seed=3), randn(experts, hidden, grad=True, seed=4)]
+    loras = lora_factors(experts, rank, 2 * inter, hidden, 3) + lora_factors(experts, rank, hidden, inter, 5)
+
+    def fn(x, w, gate_up, gate_up_bias, down, down_bias, *loras):
+        return moe_experts_clamped_swiglu(x, index, w, gate_up, gate_up_bias, down, down_bias, 1.702, 1.0,
+                                          lora_of(loras[:2]), lora_of(loras[2:]))
+    return fn, [randn(tokens, hidden, grad=True), weights, *base, *loras]
 
 
 def moe_nf4_case():
@@ -191,6 +208,7 @@ CASES = {
     "moe_experts": lambda: moe_case(),
     "moe_experts_top1_trained_weights": lambda: moe_case(top_k=1, lora=False, train_weights=True),
     "moe_experts_nf4": moe_nf4_case,
+    "moe_experts_clamped_swiglu": moe_clamped_swiglu_case,
     "expert_map": expert_map_case,
     "expert_reduce": expert_reduce_case,
     "expert_map_nf4": expert_map_nf4_case,
@@ -201,8 +219,9 @@ CASES = {
     "sort_by_expert": sort_case,
 }
 # Ops whose reference runs as its own op (the MoE loops over experts); the other references are traced as they are.
-REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "expert_map", "expert_reduce", "expert_map_nf4",
-                   "expert_reduce_nf4", "rms_norm_add", "qk_norm_rope", "short_conv", "route_sigmoid_topk"]
+REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "moe_experts_clamped_swiglu", "expert_map", "expert_reduce",
+                   "expert_map_nf4", "expert_reduce_nf4", "rms_norm_add", "qk_norm_rope", "short_conv",
+                   "route_sigmoid_topk"]
 INDUCTOR_CASES = ["rms_norm_add", "qk_norm_rope", "moe_experts"]
 
 

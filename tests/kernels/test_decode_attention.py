@@ -88,3 +88,29 @@ def test_bf16_gpu_matches_fp32_reference(shape):
     got = decode_attention(query, key, value, mask, shape[-1] ** -0.5)
     want = reference_decode_attention(query.float(), key.float(), value.float(), mask, shape[-1] ** -0.5)
     assert rel_err(got.float(), want) < 1e-2
+
+
+def gpt_oss_eager(query, key, value, mask, scaling, sinks):
+    """transformers' gpt-oss eager attention (sinks in the softmax's denominator) under an additive mask."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    attention = torch.nn.Module()
+    attention.num_key_value_groups = query.shape[1] // key.shape[1]
+    attention.sinks = sinks
+    additive = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
+    out, _ = eager_attention_forward(attention.eval(), query, key, value, additive[:, None, None, :], scaling)
+    return out
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]])
+def test_sinks_match_gpt_oss_eager_attention(shape):
+    """Sinks enter the merge of the splits (several splits in the second shape); a sink larger than every score
+    takes most of the weight, so a dropped sink would show."""
+    query, key, value, mask = inputs(*shape)
+    scaling = shape[-1] ** -0.5
+    sinks = torch.randn(shape[1], generator=torch.Generator().manual_seed(5)) * 2 + 8
+    want = gpt_oss_eager(query.double(), key.double(), value.double(), mask, scaling, sinks.double())
+    got = decode_attention(query, key, value, mask, scaling, sinks)
+    assert rel_err(reference_decode_attention(query, key, value, mask, scaling, sinks), want) < 1e-6
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(decode_attention(query, key, value, mask, scaling), want) > 1e-2

@@ -19,7 +19,7 @@ from testing_utils import batch_with_padding, compare_with_transformers, fp32_mo
 
 # LoRA scaling 1 for JetMoe, as in its own test: without QK norm, larger random adapters saturate its attention.
 LORA_ALPHA = {"afmoe": 8, "lfm2_moe": 8, "jetmoe": 4, "cohere": 8, "qwen3_moe": 8, "mixtral": 8,
-              "qwen2_moe": 8}
+              "qwen2_moe": 8, "gpt_oss": 8}
 FAMILY_OPS = [(model_type, op) for model_type in models.FAMILIES for op in models.family(model_type).ops]
 
 

@@ -15,7 +15,7 @@ from testing_utils import (batch_with_padding, compare_with_transformers, forwar
 
 # The LoRA of each family's equivalence test (tests/models/test_<family>.py), on the family's default targets.
 LORA_ALPHA = {"afmoe": 8, "lfm2_moe": 8, "cohere": 8, "jetmoe": 4, "qwen3_moe": 8, "mixtral": 8,
-              "qwen2_moe": 8}
+              "qwen2_moe": 8, "gpt_oss": 8}
 
 
 def lora(model_type: str) -> dict:
@@ -42,7 +42,7 @@ def largest_error(out, ref, positions: torch.Tensor | None = None) -> float:
 
 
 @pytest.mark.parametrize("model_type", [
-    "afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"])
+    "afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_transformers_own_fp32_run_is_within_the_tolerance(tiny_checkpoint, model_type):
     checkpoint = tiny_checkpoint(model_type)
     reference = transformers_training_step(checkpoint, lora(model_type), torch.float64)
