@@ -53,7 +53,7 @@ def flip_free_checkpoint(tmp_path_factory, tiny_tokenizer, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("model_type", [
-    "afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"])
+    "afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_bf16_on_gpu_is_as_close_to_fp32_as_transformers(flip_free_checkpoint, model_type):
     checkpoint = flip_free_checkpoint(model_type)
     lora = lora_kwargs(model_type)
