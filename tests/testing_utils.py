@@ -173,3 +173,45 @@ def check_against_reference(fn, args, params, tol):
     for grad, ref_grad in zip(grads, ref_grads):
         assert grad.shape == ref_grad.shape
         assert rel_err(grad, ref_grad) < tol
+
+
+def assert_packed_documents_train_as_if_alone(model, config, lengths: list[int], seed: int = 7,
+                                              **packed_kwargs) -> None:
+    """Random documents of these lengths packed in one row (position_ids restarting at each, no attention mask,
+    labels -100 at each document's first token) give each document the logits, and the summed loss and LoRA
+    gradients, that it gets alone, within fp32_model_tolerance. packed_kwargs go to the packed forwards."""
+    generator = torch.Generator().manual_seed(seed)
+    documents = [torch.randint(3, config.vocab_size, (1, n), generator=generator) for n in lengths]
+    packed = torch.cat(documents, 1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = packed.clone()
+    labels[0, torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = -100  # no document predicts its first token
+    targets = [n - 1 for n in lengths]
+
+    def lora_gradients() -> dict[str, torch.Tensor]:
+        return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model.zero_grad()
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed, position_ids=position_ids, **packed_kwargs).logits
+    packed_loss = model(input_ids=packed, position_ids=position_ids, labels=labels, **packed_kwargs).loss * sum(targets)
+    packed_loss.backward()
+    packed_grads = lora_gradients()
+
+    model.zero_grad()
+    alone_logits, alone_loss = [], 0.0
+    for document, count in zip(documents, targets):
+        with torch.no_grad():
+            alone_logits.append(model(input_ids=document).logits)
+        if count:
+            loss = model(input_ids=document, labels=document).loss * count
+            loss.backward()
+            alone_loss = alone_loss + loss.detach()
+    alone_grads = lora_gradients()
+
+    tolerance = fp32_model_tolerance(config, 1, sum(lengths))
+    assert rel_err(packed_logits, torch.cat(alone_logits, 1)) < tolerance
+    assert rel_err(packed_loss, alone_loss) < tolerance
+    assert packed_grads.keys() == alone_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        assert rel_err(grad, alone_grads[name]) < tolerance, name

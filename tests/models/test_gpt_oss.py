@@ -13,7 +13,8 @@ from fastmoe import FastGptOssModel, FastModel
 from fastmoe.kernels.dispatch import reference_only
 from fastmoe.kernels.moe import experts as experts_module
 from fastmoe.models import gpt_oss
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, randomize_lora, rel_err
+from testing_utils import (assert_packed_documents_train_as_if_alone, batch_with_padding, compare_with_transformers,
+                           fp32_model_tolerance, randomize_lora, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastGptOssModel.default_target_modules),
@@ -142,45 +143,11 @@ def test_packed_documents_train_as_if_alone(tiny_checkpoint):
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora(model)
-    lengths = [5, 1, 8]  # the last document longer than the sliding window
-    generator = torch.Generator().manual_seed(7)
-    documents = [torch.randint(3, config.vocab_size, (1, n), generator=generator) for n in lengths]
-    packed = torch.cat(documents, 1)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    labels = packed.clone()
-    labels[0, torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = -100  # no document predicts its first token
-    targets = [n - 1 for n in lengths]
-
-    def gradients():
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad()
-        return grads
-
-    model.train().zero_grad()
+    model.train()
     with reference_only():
-        with torch.no_grad():
-            packed_logits = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits
-        # (No cache, as in training: transformers reads documents from position_ids only without one.)
-        packed_loss = model(input_ids=packed, position_ids=position_ids, labels=labels, use_cache=False).loss
-        packed_loss = packed_loss * sum(targets)
-        packed_loss.backward()
-        packed_grads = gradients()
-        alone_logits, alone_loss = [], 0.0
-        for document, count in zip(documents, targets):
-            with torch.no_grad():
-                alone_logits.append(model(input_ids=document).logits)
-            if count:
-                loss = model(input_ids=document, labels=document).loss * count
-                loss.backward()
-                alone_loss = alone_loss + loss.detach()
-        alone_grads = gradients()
-
-    tolerance = fp32_model_tolerance(config, 1, sum(lengths))
-    assert rel_err(packed_logits, torch.cat(alone_logits, 1)) < tolerance
-    assert rel_err(packed_loss, alone_loss) < tolerance
-    assert packed_grads.keys() == alone_grads.keys() and packed_grads
-    for name, grad in packed_grads.items():
-        assert rel_err(grad, alone_grads[name]) < tolerance, name
+        # The last document longer than the sliding window. No cache, as in training: transformers reads documents
+        # from position_ids only without one.
+        assert_packed_documents_train_as_if_alone(model, config, [5, 1, 8], use_cache=False)
 
 
 def _mxfp4_stack(num_experts: int, out_features: int, in_features: int, generator: torch.Generator):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from fastmoe import FastModel
-from testing_utils import fp32_model_tolerance, randomize_lora, rel_err
+from testing_utils import assert_packed_documents_train_as_if_alone, randomize_lora
 
 # gpt-oss's packed rows are checked in tests/models/test_gpt_oss.py on the ops' PyTorch references: under the
 # interpreter this test's dozen passes cost it half a minute, and its kernels are compared there and in tests/kernels.
@@ -24,47 +24,10 @@ def lora_model(checkpoint):
     return FastModel.for_training(model)
 
 
-def lora_gradients(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_packed_documents_train_as_if_alone(tiny_checkpoint, model_type):
     checkpoint = tiny_checkpoint(model_type)
-    config = AutoConfig.from_pretrained(checkpoint)
-    model = lora_model(checkpoint)
-    generator = torch.Generator().manual_seed(7)
-    documents = [torch.randint(3, config.vocab_size, (1, n), generator=generator) for n in LENGTHS]
-    packed = torch.cat(documents, 1)
-    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    labels = packed.clone()
-    labels[0, torch.cumsum(torch.tensor([0] + LENGTHS[:-1]), 0)] = -100  # no document predicts its first token
-    targets = [n - 1 for n in LENGTHS]
-
-    model.zero_grad()
-    with torch.no_grad():
-        packed_logits = model(input_ids=packed, position_ids=position_ids).logits
-    out = model(input_ids=packed, position_ids=position_ids, labels=labels)
-    (out.loss * sum(targets)).backward()
-    packed_grads = lora_gradients(model)
-
-    model.zero_grad()
-    alone_logits, alone_loss = [], 0.0
-    for document, count in zip(documents, targets):
-        with torch.no_grad():
-            alone_logits.append(model(input_ids=document).logits)
-        if count:
-            loss = model(input_ids=document, labels=document).loss * count
-            loss.backward()
-            alone_loss = alone_loss + loss.detach()
-    alone_grads = lora_gradients(model)
-
-    tolerance = fp32_model_tolerance(config, 1, sum(LENGTHS))
-    assert rel_err(packed_logits, torch.cat(alone_logits, 1)) < tolerance
-    assert rel_err(out.loss * sum(targets), alone_loss) < tolerance
-    assert packed_grads.keys() == alone_grads.keys() and packed_grads
-    for name, grad in packed_grads.items():
-        assert rel_err(grad, alone_grads[name]) < tolerance, name
+    assert_packed_documents_train_as_if_alone(lora_model(checkpoint), AutoConfig.from_pretrained(checkpoint), LENGTHS)
 
 
 # Qwen2-MoE's attention is Mixtral's with biased projections: its packed rows are checked above; its trainer run is
