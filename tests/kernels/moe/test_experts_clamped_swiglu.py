@@ -16,15 +16,16 @@ LIMIT = 0.8
 
 
 def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, used_experts=None, lora=True,
-            train_weights=True, seed=0):
+            train_weights=True, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     index, weights = random_routing(num_tokens, num_experts, top_k, used_experts, generator=gen)
-    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype).requires_grad_()
-    weights = weights.requires_grad_()
-    gate_up = (torch.randn(num_experts, hidden, 2 * inter, generator=gen) * 1.5 / hidden**0.5).to(dtype)
-    gate_up_bias = (torch.randn(num_experts, 2 * inter, generator=gen) * 0.3).to(dtype)
-    down = (torch.randn(num_experts, inter, hidden, generator=gen) / inter**0.5).to(dtype)
-    down_bias = (torch.randn(num_experts, hidden, generator=gen) * 0.3).to(dtype)
+    index = index.to(device)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    weights = weights.to(device).requires_grad_()
+    gate_up = (torch.randn(num_experts, hidden, 2 * inter, generator=gen) * 1.5 / hidden**0.5).to(device, dtype)
+    gate_up_bias = (torch.randn(num_experts, 2 * inter, generator=gen) * 0.3).to(device, dtype)
+    down = (torch.randn(num_experts, inter, hidden, generator=gen) / inter**0.5).to(device, dtype)
+    down_bias = (torch.randn(num_experts, hidden, generator=gen) * 0.3).to(device, dtype)
     base = [gate_up, gate_up_bias, down, down_bias]
     for t in base:
         t.requires_grad_(train_weights)
@@ -33,8 +34,8 @@ def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.flo
     if lora:
         torch.manual_seed(seed)
         # peft's factors for (E, in, out) stacks: A (E, r, in), B (E, out, r).
-        gu_lora, gu_params = random_expert_lora(num_experts, rank, 2 * inter, hidden, dtype, "cpu", permuted=True)
-        down_lora, down_params = random_expert_lora(num_experts, rank, hidden, inter, dtype, "cpu", permuted=True)
+        gu_lora, gu_params = random_expert_lora(num_experts, rank, 2 * inter, hidden, dtype, device, permuted=True)
+        down_lora, down_params = random_expert_lora(num_experts, rank, hidden, inter, dtype, device, permuted=True)
         params += gu_params + down_params
     return (x, index, weights, gate_up, gate_up_bias, down, down_bias, ALPHA, LIMIT, gu_lora, down_lora), params
 
@@ -118,8 +119,7 @@ def test_without_gradients_and_empty_input():
     assert moe_experts_clamped_swiglu(*empty).shape == (0, 40)
 
 
-def test_fp16_interpreter():
-    args, params = _inputs(16, 40, 24, 4, 2, 4, dtype=torch.float16, seed=4)
+def _check_against_fp32_reference(args, params):
     out, grads = output_and_grads(moe_experts_clamped_swiglu, args, params)
     x, index, weights, gate_up, gate_up_bias, down, down_bias, alpha, limit, gu_lora, down_lora = args
     up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
@@ -127,6 +127,21 @@ def test_fp16_interpreter():
                 alpha, limit, up(gu_lora), up(down_lora))
     with reference_only():
         ref, ref_grads = output_and_grads(moe_experts_clamped_swiglu, ref_args, params)
-    assert out.dtype == torch.float16 and rel_err(out, ref) < 1e-2
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 7, 1000])
+def test_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
+    """gpt-oss-20b's experts (hidden = inter = 2880, 32 experts, top-4), LoRA trained, bf16 against fp32."""
+    args, params = _inputs(num_tokens, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
+                           device="cuda")
+    _check_against_fp32_reference(args, params)
+
+
+def test_fp16_interpreter():
+    args, params = _inputs(16, 40, 24, 4, 2, 4, dtype=torch.float16, seed=4)
+    _check_against_fp32_reference(args, params)
