@@ -6,7 +6,9 @@ the bar), and
 The sigmoid-routed families (AFMoE, LFM2-MoE) are built with top-k = all experts here: in a tiny random model
 some tokens have near-tied expert scores, and bf16 rounding anywhere upstream flips their selection, which moves
 the output by far more than rounding (transformers' own bf16 run flips differently from fastmoe's). Selection,
-ties included, is tested exactly by the routing kernel tests; here every expert runs and only weights vary."""
+ties included, is tested exactly by the routing kernel tests; here every expert runs and only weights vary. The tiny
+gpt-oss has such a tie too (layer 1: second and third router logits 0.025 apart at a logit scale of 3; transformers'
+bf16 run on the CPU picks another expert for that token), so it also runs every expert."""
 
 import pytest
 import torch
@@ -29,9 +31,13 @@ def lora_kwargs(model_type: str) -> dict:
             "target_parameters": list(family.lora_target_parameters) or None}
 
 
+# Families whose tiny checkpoints have near-tied router scores (see the module docstring).
+ALL_EXPERTS = ("afmoe", "lfm2_moe", "gpt_oss")
+
+
 @pytest.fixture(scope="module")
 def flip_free_checkpoint(tmp_path_factory, tiny_tokenizer, tiny_checkpoint):
-    """tiny_checkpoint, with every expert selected for the sigmoid-routed families (see the module docstring)."""
+    """tiny_checkpoint, with every expert selected for the families in ALL_EXPERTS (see the module docstring)."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     cache = {}
@@ -39,7 +45,7 @@ def flip_free_checkpoint(tmp_path_factory, tiny_tokenizer, tiny_checkpoint):
     def get(model_type: str, softmax_routed_too: bool = False):
         """softmax_routed_too: every family with all experts selected (the 4-bit test compares the NF4 kernels with the
         dequantized references, both bf16, where any routed family may flip near-ties)."""
-        if model_type not in ("afmoe", "lfm2_moe") and not softmax_routed_too:
+        if model_type not in ALL_EXPERTS and not softmax_routed_too:
             return tiny_checkpoint(model_type)
         if model_type not in cache:
             config = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(model_type)).config

@@ -16,7 +16,7 @@ LIMIT = 0.8
 
 
 def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.float32, used_experts=None, lora=True,
-            train_weights=True, seed=0, device="cpu"):
+            train_weights=True, seed=0, device="cpu", limit=LIMIT):
     gen = torch.Generator().manual_seed(seed)
     index, weights = random_routing(num_tokens, num_experts, top_k, used_experts, generator=gen)
     index = index.to(device)
@@ -37,7 +37,7 @@ def _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.flo
         gu_lora, gu_params = random_expert_lora(num_experts, rank, 2 * inter, hidden, dtype, device, permuted=True)
         down_lora, down_params = random_expert_lora(num_experts, rank, hidden, inter, dtype, device, permuted=True)
         params += gu_params + down_params
-    return (x, index, weights, gate_up, gate_up_bias, down, down_bias, ALPHA, LIMIT, gu_lora, down_lora), params
+    return (x, index, weights, gate_up, gate_up_bias, down, down_bias, ALPHA, limit, gu_lora, down_lora), params
 
 
 def _crosses_the_limits(args) -> bool:
@@ -136,9 +136,12 @@ def _check_against_fp32_reference(args, params):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_tokens", [1, 7, 1000])
 def test_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
-    """gpt-oss-20b's experts (hidden = inter = 2880, 32 experts, top-4), LoRA trained, bf16 against fp32."""
+    """gpt-oss-20b's experts (hidden = inter = 2880, 32 experts, top-4), LoRA trained, bf16 against fp32, at
+    gpt-oss's limit (7.0), which these pre-activations (about 1.5 in scale) do not reach. At the fp32 tests' 0.8 the
+    bf16 rounding of the pre-activations moves some across the limit, where the activation's derivative jumps to 0:
+    each such flip changes the input gradient by a whole term, 3-4% of it at these sizes (H200, 2026-12-03)."""
     args, params = _inputs(num_tokens, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
-                           device="cuda")
+                           device="cuda", limit=7.0)
     _check_against_fp32_reference(args, params)
 
 
