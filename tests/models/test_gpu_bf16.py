@@ -8,7 +8,10 @@ some tokens have near-tied expert scores, and bf16 rounding anywhere upstream fl
 the output by far more than rounding (transformers' own bf16 run flips differently from fastmoe's). Selection,
 ties included, is tested exactly by the routing kernel tests; here every expert runs and only weights vary. The tiny
 gpt-oss has such a tie too (layer 1: second and third router logits 0.025 apart at a logit scale of 3; transformers'
-bf16 run on the CPU picks another expert for that token), so it also runs every expert."""
+bf16 run on the CPU picks another expert for that token), so it also runs every expert. Its clamped SwiGLU gets
+gpt-oss's limit (7.0) here, out of the tiny model's reach: the tiny config's 0.15 puts many pre-activations near the
+limit, where the activation's derivative jumps to 0 and bf16 rounding on either side of it changes gradients by whole
+terms (the clamps are tested in fp32, tests/models/test_gpt_oss.py and the kernels' tests)."""
 
 import pytest
 import torch
@@ -31,8 +34,9 @@ def lora_kwargs(model_type: str) -> dict:
             "target_parameters": list(family.lora_target_parameters) or None}
 
 
-# Families whose tiny checkpoints have near-tied router scores (see the module docstring).
-ALL_EXPERTS = ("afmoe", "lfm2_moe", "gpt_oss")
+# Families whose tiny checkpoints have near-tied router scores, and what else their flip-free checkpoint changes
+# (see the module docstring).
+ALL_EXPERTS = {"afmoe": {}, "lfm2_moe": {}, "gpt_oss": {"swiglu_limit": 7.0}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def flip_free_checkpoint(tmp_path_factory, tiny_tokenizer, tiny_checkpoint):
             num_experts = getattr(config, "num_experts", None) or config.num_local_experts
             cache[model_type] = build_tiny_checkpoint(model_type, tmp_path_factory.mktemp(f"{model_type}_all_experts"),
                                                       seed=0, tokenizer=tiny_tokenizer,
-                                                      num_experts_per_tok=num_experts)
+                                                      num_experts_per_tok=num_experts,
+                                                      **ALL_EXPERTS.get(model_type, {}))
         return cache[model_type]
 
     return get
