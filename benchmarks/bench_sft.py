@@ -329,6 +329,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.profile_start = 0.0
             self.profiled_seconds: float | None = None
             self.activities: list[tuple[str, int, int]] = []
+            self.kernels: list[tuple[str, int]] = []
             self.tracer = None
             self.trace = None  # the finished tracing profiler
             self.peak_before_timed = 0  # max_memory_allocated over the warm-up steps
@@ -361,6 +362,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.profiler.stop()
             self.profiled_seconds = now - self.profile_start
             self.activities = common.profiler_activities(self.profiler)
+            self.kernels = common.profiler_kernels(self.profiler)
             self.profiler = None
 
         def _stop_tracer(self) -> None:
@@ -485,7 +487,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
             record.update(gpu_busy_pct=round(100 * busy_ns / 1e9 / clock.profiled_seconds, 1),
                           gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
                           profiled_step_ms=round(1e3 * clock.profiled_seconds / args.profile_steps, 2),
-                          kernels_per_step=round(kernels / args.profile_steps))
+                          kernels_per_step=round(kernels / args.profile_steps),
+                          top_kernels=common.top_kernels(clock.kernels, args.profile_steps))
         if clock.trace is not None and args.trace_dir:
             record["host_gaps"] = trace_summary(clock.trace, case, args.trace_dir)
         if clock.memory_snapshot is not None:
@@ -710,6 +713,8 @@ def main() -> None:
         longest = max(longest, time.perf_counter() - case_start)
         failed |= record["status"] == "error"
         print(summary_line(case, record), flush=True)
+        for name, ms, launches in record.get("top_kernels", []):
+            print(f"    {ms:8.2f} ms/step {launches:7.1f}x  {name}")
         if not args.no_record:
             common.append_record(record, args.jsonl)
     if failed:

@@ -228,6 +228,24 @@ def profiler_activities(profiler) -> list[tuple[str, int, int]]:
             for event in profiler.profiler.kineto_results.events()]
 
 
+def profiler_kernels(profiler) -> list[tuple[str, int]]:
+    """(name, duration ns) of every GPU kernel a finished torch.profiler.profile recorded."""
+    return [(event.name(), event.end_ns() - event.start_ns())
+            for event in profiler.profiler.kineto_results.events() if _activity_type(event) == "kernel"]
+
+
+def top_kernels(kernels: Iterable[tuple[str, int]], steps: int, rows: int = 12) -> list[tuple[str, float, float]]:
+    """The kernels that took the most GPU time, by name: (name cut to 90 characters, ms per step, launches per step),
+    longest first: where a step's GPU time goes."""
+    totals: dict[str, list[int]] = {}
+    for name, ns in kernels:
+        total = totals.setdefault(name, [0, 0])
+        total[0] += ns
+        total[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:rows]
+    return [(name[:90], round(ns / 1e6 / steps, 3), round(count / steps, 1)) for name, (ns, count) in ranked]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Model shapes
 

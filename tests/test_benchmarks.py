@@ -116,6 +116,11 @@ def test_gpu_activity_counts_kernels_and_overlapping_work_once():
     assert common.gpu_activity([]) == (0, 0)
 
 
+def test_top_kernels_rank_names_by_gpu_time_per_step():
+    kernels = [("gemm", 4_000_000), ("norm", 1_000_000), ("gemm", 2_000_000), ("rope", 3_000_000)]
+    assert common.top_kernels(kernels, steps=2, rows=2) == [("gemm", 3.0, 1.0), ("rope", 1.5, 0.5)]
+
+
 def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_launch():
     def span(cat, name, ts, dur, tid=1, correlation=None):
         event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
