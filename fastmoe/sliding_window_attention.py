@@ -154,12 +154,15 @@ def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | N
 
 
 def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, position_ids, past_key_values,
-                        training: bool) -> tuple[FlashCausal, FlashCausal] | None:
+                        training: bool, implementations: tuple[str, ...] = ("sdpa",)
+                        ) -> tuple[FlashCausal, FlashCausal] | None:
     """(full-attention layout, sliding-window layout) for a forward whose layers can skip the dense masks, else
-    None (transformers' masks then): SDPA asked for, flash able to run it, no cache, no attention dropout while
+    None (transformers' masks then): one of `implementations` asked for (the attention implementations whose
+    result the family's flash path computes), flash able to run it, no cache, no attention dropout while
     training, and an attention mask that masks nothing (absent or all ones: one sync). Under torch.compile, None:
     the compiled graph traces transformers' masks (the offsets are read on the host)."""
-    if (torch.compiler.is_compiling() or config._attn_implementation != "sdpa" or past_key_values is not None
+    if (torch.compiler.is_compiling() or config._attn_implementation not in implementations
+            or past_key_values is not None
             or (training and getattr(config, "attention_dropout", 0.0))
             or not flash_supports(config, inputs_embeds.device, inputs_embeds.dtype)):
         return None
@@ -191,11 +194,9 @@ def flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return output.view(batch, seq, *output.shape[1:])
 
 
-def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                     layout: FlashCausal, scale: float) -> torch.Tensor:
-    """SDPA with the dense mask `layout` stands for; the same layouts as flash_causal_attention."""
-    batch, _, seq, _ = query.shape
-    position = torch.arange(batch * seq, device=query.device)
+def _layout_mask(layout: FlashCausal, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """The dense (batch, 1, seq, seq) boolean mask `layout` stands for (True = attend)."""
+    position = torch.arange(batch * seq, device=device)
     if layout.document_offsets is None:
         document = position // seq
     else:
@@ -204,7 +205,14 @@ def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, val
     keep = (distance >= 0) & (document[:, None] == document[None, :])
     if layout.window is not None:
         keep &= distance < layout.window
-    keep = keep.view(batch, seq, batch, seq).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[:, None]  # within each row
+    return keep.view(batch, seq, batch, seq).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[:, None]  # within each row
+
+
+def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                     layout: FlashCausal, scale: float) -> torch.Tensor:
+    """SDPA with the dense mask `layout` stands for; the same layouts as flash_causal_attention."""
+    batch, _, seq, _ = query.shape
+    keep = _layout_mask(layout, batch, seq, query.device)
     groups = query.shape[1] // key.shape[1]
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), attn_mask=keep,
@@ -212,7 +220,89 @@ def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, val
     return output.transpose(1, 2)
 
 
-def _layout_instead(original: Callable, which: int) -> Callable:
+# Attention with sinks (gpt-oss): each head has a learned logit that joins every query's softmax and contributes no
+# value. With o and lse the attention output and log-sum-exp over the keys, the output is
+#     y = o * sigmoid(lse - sink),
+# so the flash kernel computes it unchanged. For the backward, with Q = P * sigmoid(lse - sink) the probabilities
+# with the sink in the denominator, d(score) = Q * (dy . v - dy . y). Flash's backward computes
+# P * (do . v - do . out) from (do, out, lse); given do = dy * sigmoid(lse - sink) and out = y it is exactly that,
+# and d(value) = P^T do = Q^T dy. The sink's gradient is -sum over queries of (1 - sigmoid(lse - sink)) * (dy . y).
+# The kernels are PyTorch's flash forward and backward, called in their variable-length form (a batch without
+# packing is rows of equal length), whose log-sum-exp is (heads, tokens).
+
+def _flash_forward(query, key, value, offsets, longest, scale, window):
+    """PyTorch's flash forward on token-major (tokens, heads, head_dim) inputs: (output, logsumexp (heads, tokens),
+    rng_state, unused)."""
+    output, logsumexp, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        query, key, value, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
+    return output, logsumexp, rng_state, unused
+
+
+def _flash_backward(grad_output, query, key, value, output, logsumexp, offsets, longest, scale, window, rng_state,
+                    unused):
+    """PyTorch's flash backward for _flash_forward: (d query, d key, d value)."""
+    return torch.ops.aten._flash_attention_backward(
+        grad_output, query, key, value, output, logsumexp, offsets, offsets, longest, longest, 0.0, True, rng_state,
+        unused, scale=scale, **window)
+
+
+class _SinkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, sinks, offsets, longest, scale, window):
+        output, logsumexp, rng_state, unused = _flash_forward(query, key, value, offsets, longest, scale, window)
+        if logsumexp.shape != query.shape[1::-1]:
+            raise RuntimeError(f"this PyTorch's flash kernel gives a log-sum-exp of shape {tuple(logsumexp.shape)}, "
+                               f"not (heads, tokens) = {tuple(query.shape[1::-1])}: attention with sinks cannot use it")
+        # fp32 arithmetic for 16-bit inputs (fp64 stays fp64).
+        wide = torch.promote_types(output.dtype, torch.float32)
+        keep = torch.sigmoid(logsumexp.to(wide) - sinks.to(wide)[:, None]).t()[:, :, None]  # (tokens, heads, 1)
+        output = (output.to(wide) * keep).to(output.dtype)
+        ctx.save_for_backward(query, key, value, output, logsumexp, keep, offsets, rng_state, unused)
+        ctx.longest, ctx.scale, ctx.window, ctx.sinks_dtype = longest, scale, window, sinks.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, logsumexp, keep, offsets, rng_state, unused = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        scaled = (grad_output.to(keep.dtype) * keep).to(grad_output.dtype)
+        dq, dk, dv = _flash_backward(scaled, query, key, value, output, logsumexp, offsets, ctx.longest, ctx.scale,
+                                     ctx.window, rng_state, unused)
+        dot = (grad_output.to(keep.dtype) * output.to(keep.dtype)).sum(-1, keepdim=True)  # (tokens, heads, 1)
+        dsinks = -((1.0 - keep) * dot).sum((0, 2))
+        return dq, dk, dv, dsinks.to(ctx.sinks_dtype), None, None, None, None
+
+
+def flash_causal_attention_with_sinks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                      sinks: torch.Tensor, layout: FlashCausal, scale: float) -> torch.Tensor:
+    """flash_causal_attention with a sink logit per head (sinks (heads,), trainable): same layouts."""
+    batch, heads, seq, head_dim = query.shape
+    tokens = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], head_dim) for t in (query, key, value)]
+    if layout.document_offsets is None:
+        offsets = torch.arange(0, batch * seq + 1, seq, device=query.device, dtype=torch.int32)
+        longest = seq
+    else:
+        offsets, longest = layout.document_offsets, layout.longest_document
+    window = {} if layout.window is None else dict(window_size_left=layout.window - 1, window_size_right=0)
+    output = _SinkAttention.apply(*tokens, sinks, offsets, longest, scale, window)
+    return output.view(batch, seq, heads, head_dim)
+
+
+def reference_flash_causal_attention_with_sinks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                                sinks: torch.Tensor, layout: FlashCausal,
+                                                scale: float) -> torch.Tensor:
+    """Eager attention with sinks (transformers' gpt-oss formula) under the dense mask `layout` stands for; the
+    same layouts as flash_causal_attention_with_sinks."""
+    batch, heads, seq, _ = query.shape
+    groups = heads // key.shape[1]
+    logits = query @ key.repeat_interleave(groups, dim=1).transpose(2, 3) * scale
+    logits = logits.masked_fill(~_layout_mask(layout, batch, seq, query.device), float("-inf"))
+    logits = torch.cat([logits, sinks.to(logits.dtype).view(1, heads, 1, 1).expand(batch, heads, seq, 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., :-1].to(value.dtype)
+    return (probs @ value.repeat_interleave(groups, dim=1)).transpose(1, 2)
+
+
+def _layout_instead(original: Callable, which: int, implementations: tuple[str, ...]) -> Callable:
     """transformers' mask function `original`, returning the layout flash_causal_layout gives (its `which`: 0 full,
     1 sliding window) instead of a mask wherever it gives one; custom mask functions, block ids, a cache or padding
     keep the original. Called once per forward, before the layers run."""
@@ -222,7 +312,8 @@ def _layout_instead(original: Callable, which: int) -> Callable:
         custom = any(kwargs.get(name) is not None
                      for name in ("or_mask_function", "and_mask_function", "block_sequence_ids"))
         layouts = None if custom else flash_causal_layout(
-            config, inputs_embeds, attention_mask, position_ids, past_key_values, training=True)
+            config, inputs_embeds, attention_mask, position_ids, past_key_values, training=True,
+            implementations=implementations)
         if layouts is None:
             return original(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             past_key_values=past_key_values, position_ids=position_ids, **kwargs)
@@ -231,12 +322,13 @@ def _layout_instead(original: Callable, which: int) -> Callable:
     return create
 
 
-def mask_layout_patches(modeling: ModuleType) -> list:
+def mask_layout_patches(modeling: ModuleType, implementations: tuple[str, ...] = ("sdpa",)) -> list:
     """ForwardPatches for a family whose model forward (transformers' own) builds its masks with the module-level
     `create_causal_mask` / `create_sliding_window_causal_mask` of `modeling`: those return FlashCausal layouts
     where flash runs the attention. They belong with the family's attention op, whose forward reads the layouts
     (an `isinstance(attention_mask, FlashCausal)` branch), so that switching that op off gives transformers'
-    attention its masks back."""
-    return [ForwardPatch(modeling, name, _layout_instead(getattr(modeling, name), which))
+    attention its masks back. `implementations`: the configured attention implementations that path stands in for
+    (the others, flex attention or a flash kernel the user chose, keep their masks)."""
+    return [ForwardPatch(modeling, name, _layout_instead(getattr(modeling, name), which, implementations))
             for which, name in enumerate(("create_causal_mask", "create_sliding_window_causal_mask"))
             if hasattr(modeling, name)]

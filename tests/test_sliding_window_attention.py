@@ -318,8 +318,13 @@ def test_afmoe_builds_masks_when_its_attention_op_is_off(tmp_path, tiny_tokenize
     fastmoe.unpatch()
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe", "mixtral"])
+# The layout attention each family's forward calls, and the reference that stands in for it on the CPU.
+LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.reference_flash_causal_attention_with_sinks)}
+
+
+@pytest.mark.parametrize("model_type, packed", [
+    (model_type, packed) for model_type in ("lfm2_moe", "qwen3_moe", "mixtral") for packed in (False, True)
+] + [("gpt_oss", True)])  # gpt-oss's packed rows cover its windows and documents (each case costs ~25 s)
 def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_checkpoint, monkeypatch, model_type,
                                                                         packed):
     """Families whose model forward is transformers' own get layouts from its mask functions (patched with their
@@ -337,8 +342,8 @@ def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_che
     else:
         inputs = dict(attention_mask=torch.ones(2, seq, dtype=torch.long))
     taken = []
-    monkeypatch.setattr(family_module, "flash_causal_attention",
-                        lambda *a: taken.append(a[3]) or swa.reference_flash_causal_attention(*a))
+    name, reference = LAYOUT_ATTENTION.get(model_type, ("flash_causal_attention", swa.reference_flash_causal_attention))
+    monkeypatch.setattr(family_module, name, lambda *a: taken.append(a[-2]) or reference(*a))
 
     def loss_and_grads(layouts: bool):
         monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
@@ -350,10 +355,185 @@ def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_che
     model.train()
     layout_loss, layout_grads = loss_and_grads(True)
     assert taken and all((layout.document_offsets is not None) == packed for layout in taken)
+    if model_type == "gpt_oss":  # full and sliding layers alternate
+        assert {layout.window for layout in taken} == {None, model.config.sliding_window}
     taken.clear()
     dense_loss, dense_grads = loss_and_grads(False)
     assert not taken
     assert rel_err(layout_loss, dense_loss) < 1e-5
     for name, grad in dense_grads.items():
         assert rel_err(layout_grads[name], grad) < 1e-5, name
+    fastmoe.unpatch()
+
+
+# Attention with sinks (gpt-oss). Its autograd Function feeds PyTorch's flash backward a scaled gradient and the
+# sink-scaled output; on the CPU these stand in for the CUDA-only flash kernels: flash's contract (variable-length
+# causal attention with a window and grouped-query heads, the log-sum-exp (heads, tokens), and the backward that
+# computes d(score) = P * (do . v - rowsum(do * out))) written out in PyTorch.
+
+
+def _math_flash_mask(offsets, tokens, window):
+    position = torch.arange(tokens)
+    document = torch.searchsorted(offsets[1:-1].to(torch.int64), position, right=True)
+    distance = position[:, None] - position[None, :]
+    keep = (distance >= 0) & (document[:, None] == document[None, :])
+    if window:
+        keep &= distance <= window["window_size_left"]
+    return keep
+
+
+def _math_flash_scores(query, key, offsets, scale, window):
+    groups = query.shape[1] // key.shape[1]
+    scores = torch.einsum("thd,shd->hts", query, key.repeat_interleave(groups, dim=1)) * scale
+    return scores.masked_fill(~_math_flash_mask(offsets, query.shape[0], window), float("-inf")), groups
+
+
+def _math_flash_forward(query, key, value, offsets, longest, scale, window):
+    scores, groups = _math_flash_scores(query, key, offsets, scale, window)
+    logsumexp = scores.logsumexp(-1)
+    probs = (scores - logsumexp[..., None]).exp()
+    output = torch.einsum("hts,shd->thd", probs, value.repeat_interleave(groups, dim=1))
+    return output, logsumexp, None, None
+
+
+def _math_flash_backward(grad_output, query, key, value, output, logsumexp, offsets, longest, scale, window,
+                         rng_state, unused):
+    scores, groups = _math_flash_scores(query, key, offsets, scale, window)
+    probs = (scores - logsumexp[..., None]).exp()
+    values = value.repeat_interleave(groups, dim=1)
+    d_value = torch.einsum("hts,thd->shd", probs, grad_output)
+    d_probs = torch.einsum("thd,shd->hts", grad_output, values)
+    d_scores = probs * (d_probs - (grad_output * output).sum(-1).t()[..., None])
+    d_query = torch.einsum("hts,shd->thd", d_scores, key.repeat_interleave(groups, dim=1)) * scale
+    d_key = torch.einsum("hts,thd->shd", d_scores, query) * scale
+
+    def per_kv_head(grad):
+        return grad.view(grad.shape[0], -1, groups, grad.shape[-1]).sum(2)
+
+    return d_query, per_kv_head(d_key), per_kv_head(d_value)
+
+
+def _sink_inputs(batch, seq, heads, kv_heads, head_dim, dtype, device="cpu", seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, generator=generator, dtype=torch.float32)
+
+    qkv = [rand(batch, seq, heads, head_dim).to(dtype).transpose(1, 2),
+           rand(batch, seq, kv_heads, head_dim).to(dtype).transpose(1, 2),
+           rand(batch, seq, kv_heads, head_dim).to(dtype).transpose(1, 2)]
+    # Sinks about as large as the scores' log-sum-exp, so that they take a real share of each softmax.
+    sinks = (rand(heads) + 2.0).to(dtype)
+    grad_out = rand(batch, seq, heads, head_dim).to(dtype)
+    return qkv, sinks, grad_out
+
+
+def _sink_layout(batch, seq, window, documents, device="cpu"):
+    if documents is None:
+        return swa.FlashCausal(window)
+    positions = torch.cat([torch.arange(n) for n in documents]).view(batch, seq).to(device)
+    return swa.FlashCausal(window, *swa.packed_documents(positions))
+
+
+def _output_and_grads(fn, qkv, sinks, grad_out, layout, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (*qkv, sinks)]
+    out = fn(*leaves, layout, qkv[0].shape[-1] ** -0.5)
+    out.backward(grad_out.to(dtype))
+    return out, [t.grad for t in leaves]
+
+
+SINK_CASES = [
+    pytest.param(2, 13, None, None, id="rows"),
+    pytest.param(1, 17, 5, None, id="window"),
+    pytest.param(1, 19, 4, [7, 1, 11], id="packed-window"),
+]
+
+
+@pytest.mark.parametrize("batch, seq, window, documents", SINK_CASES)
+def test_sink_attention_is_flash_with_the_sinks_folded_in(monkeypatch, batch, seq, window, documents):
+    """The Function's algebra (output scaled by sigmoid(lse - sink), flash's backward given the scaled gradient and
+    that output, the sinks' own gradient) against eager attention with sinks, in fp64, flash's contract in PyTorch."""
+    monkeypatch.setattr(swa, "_flash_forward", _math_flash_forward)
+    monkeypatch.setattr(swa, "_flash_backward", _math_flash_backward)
+    qkv, sinks, grad_out = _sink_inputs(batch, seq, 6, 2, 8, torch.float64)
+    layout = _sink_layout(batch, seq, window, documents)
+    out, grads = _output_and_grads(swa.flash_causal_attention_with_sinks, qkv, sinks, grad_out, layout, torch.float64)
+    ref, ref_grads = _output_and_grads(swa.reference_flash_causal_attention_with_sinks, qkv, sinks, grad_out, layout,
+                                       torch.float64)
+    assert rel_err(out, ref) < 1e-10
+    for name, grad, ref_grad in zip(("query", "key", "value", "sinks"), grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-10, name
+
+
+def test_sink_reference_is_transformers_gpt_oss_eager_attention():
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    qkv, sinks, _ = _sink_inputs(2, 9, 6, 2, 8, torch.float64)
+    layout = swa.FlashCausal(4)
+    mask = torch.zeros(2, 1, 9, 9, dtype=torch.float64).masked_fill(~swa._layout_mask(layout, 2, 9, "cpu"),
+                                                                    float("-inf"))
+    module = SimpleNamespace(num_key_value_groups=3, sinks=sinks, training=False)
+    expected, _ = eager_attention_forward(module, *qkv, mask, scaling=8 ** -0.5)
+    assert rel_err(swa.reference_flash_causal_attention_with_sinks(*qkv, sinks, layout, 8 ** -0.5), expected) < 1e-12
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("batch, seq, window, documents", [
+    (2, 1000, None, None),               # plain causal rows, sizes off every block
+    (1, 4096, 128, None),                # gpt-oss's window
+    (1, 1000, 129, [300, 1, 450, 249]),  # packed, a one-token document, documents longer than the window
+])
+def test_flash_sink_attention_bf16_matches_the_fp32_reference(batch, seq, window, documents):
+    """gpt-oss's heads (64 of dim 64, 8 key/value heads) through PyTorch's flash kernels, bf16 against fp32."""
+    qkv, sinks, grad_out = _sink_inputs(batch, seq, 64, 8, 64, torch.bfloat16, device="cuda")
+    layout = _sink_layout(batch, seq, window, documents, device="cuda")
+    out, grads = _output_and_grads(swa.flash_causal_attention_with_sinks, qkv, sinks, grad_out, layout,
+                                   torch.bfloat16)
+    ref, ref_grads = _output_and_grads(swa.reference_flash_causal_attention_with_sinks, qkv, sinks, grad_out, layout,
+                                       torch.float32)
+    assert rel_err(out, ref) < 1e-2
+    for name, grad, ref_grad in zip(("query", "key", "value", "sinks"), grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2, name
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpt_oss_takes_the_flash_path_and_matches_its_eager_attention(tmp_path, tiny_tokenizer, monkeypatch):
+    """The tiny gpt-oss in bf16 (head_dim 16, which flash needs; every expert selected and the clamps out of reach,
+    so that only the attention kernels differ): flash with sinks against transformers' eager attention."""
+    from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.models import gpt_oss
+
+    checkpoint = build_tiny_checkpoint("gpt_oss", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16,
+                                       num_experts_per_tok=4, swiglu_limit=7.0)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=512)
+    model = FastModel.get_peft_model(model.cuda(), r=4, lora_alpha=4, use_gradient_checkpointing=True)
+    with torch.no_grad():
+        for layer in model.base_model.model.model.layers:
+            layer.self_attn.sinks.normal_(1.0, 1.0)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 5 * model.config.sliding_window + 3), device="cuda")
+    taken = []
+    flash = swa.flash_causal_attention_with_sinks
+    monkeypatch.setattr(gpt_oss, "flash_causal_attention_with_sinks", lambda *a: taken.append(a[-2]) or flash(*a))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    fast_loss, fast_grads = loss_and_grads()
+    assert {layout.window for layout in taken} == {None, model.config.sliding_window}
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: False)
+    taken.clear()
+    eager_loss, eager_grads = loss_and_grads()
+    assert not taken
+    assert rel_err(fast_loss, eager_loss) < 1e-2
+    for name, grad in eager_grads.items():
+        if grad.norm() > 0:
+            assert rel_err(fast_grads[name], grad) < 2e-2, name
     fastmoe.unpatch()

@@ -19,6 +19,7 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
                                    runs_fastmoe_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention_with_sinks, mask_layout_patches
 
 
 def router_forward(self: hf.GptOssTopKRouter, hidden_states: torch.Tensor):
@@ -77,8 +78,12 @@ def attention_forward(self: hf.GptOssAttention, hidden_states, position_embeddin
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
-    # The sinks go to transformers' attention function of the model's implementation (eager, or a flash kernel that
-    # takes them; SDPA cannot: gpt-oss refuses it) and to fastmoe's decode step, never a path that drops them.
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output = flash_causal_attention_with_sinks(query, key, value, self.sinks, attention_mask, self.scaling)
+        return self.o_proj(output.reshape(*input_shape, -1)), None
+    # Otherwise the sinks go to transformers' attention function of the model's implementation (eager, or a flash
+    # kernel that takes them; SDPA cannot: gpt-oss refuses it) and to fastmoe's decode step, never a path that drops
+    # them.
     attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, hf.eager_attention_forward
     )
@@ -136,8 +141,11 @@ FAMILY = Family(
         "router": [ForwardPatch(hf.GptOssTopKRouter, "forward", router_forward)],
         # Experts on the grouped GEMMs: biases, interleaved gate/up and the clamped SwiGLU in the kernels.
         "moe": [ForwardPatch(hf.GptOssMLP, "forward", mlp_forward)],
-        # Projections and RoPE; the attention with its sinks stays the model's attention function.
-        "attention": [ForwardPatch(hf.GptOssAttention, "forward", attention_forward)],
+        # Projections and RoPE; on a GPU without padding or a cache, PyTorch's flash kernel with the sinks applied
+        # to its output, in place of the eager attention (gpt-oss's default, its dense masks never built);
+        # otherwise the model's attention function.
+        "attention": [ForwardPatch(hf.GptOssAttention, "forward", attention_forward),
+                      *mask_layout_patches(hf, implementations=("eager",))],
         # The residual add after attention fused into the norm before the MoE block, and the MoE block in token
         # chunks on long sequences.
         "decoder_layer": [decoder_layer_patch(hf.GptOssDecoderLayer, norm_attention_norm_mlp_forward)],
