@@ -501,39 +501,51 @@ def test_flash_sink_attention_bf16_matches_the_fp32_reference(batch, seq, window
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpt_oss_takes_the_flash_path_and_matches_its_eager_attention(tmp_path, tiny_tokenizer, monkeypatch):
-    """The tiny gpt-oss in bf16 (head_dim 16, which flash needs; every expert selected and the clamps out of reach,
-    so that only the attention kernels differ): flash with sinks against transformers' eager attention."""
+def test_gpt_oss_takes_the_flash_path_as_close_to_fp32_as_its_eager_attention(tmp_path, tiny_tokenizer, monkeypatch):
+    """The tiny gpt-oss (head_dim 16, which flash needs; every expert selected and the clamps out of reach, so that
+    only the attention differs): in bf16 the flash path with sinks must be as close to the fp32 eager model (loss,
+    every LoRA gradient) as transformers' bf16 eager attention is, the bar of tests/models/test_gpu_bf16.py."""
     from fastmoe.builtin import build_tiny_checkpoint
     from fastmoe.models import gpt_oss
 
     checkpoint = build_tiny_checkpoint("gpt_oss", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16,
                                        num_experts_per_tok=4, swiglu_limit=7.0)
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=512)
-    model = FastModel.get_peft_model(model.cuda(), r=4, lora_alpha=4, use_gradient_checkpointing=True)
+    models = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = FastModel.from_pretrained(str(checkpoint), dtype=dtype, max_seq_length=512)
+        model = FastModel.get_peft_model(model.cuda(), r=4, lora_alpha=4, use_gradient_checkpointing=False)
+        with torch.no_grad():
+            for layer in model.base_model.model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 3.0, layer.self_attn.sinks.numel()))
+        models[dtype] = model.train()
     with torch.no_grad():
-        for layer in model.base_model.model.model.layers:
-            layer.self_attn.sinks.normal_(1.0, 1.0)
-    input_ids = torch.randint(3, model.config.vocab_size, (2, 5 * model.config.sliding_window + 3), device="cuda")
+        adapters = dict(models[torch.bfloat16].named_parameters())
+        for name, param in models[torch.float32].named_parameters():
+            if param.requires_grad:
+                param.copy_(adapters[name])
+    config = models[torch.float32].config
+    input_ids = torch.randint(3, config.vocab_size, (2, 5 * config.sliding_window + 3), device="cuda")
     taken = []
     flash = swa.flash_causal_attention_with_sinks
     monkeypatch.setattr(gpt_oss, "flash_causal_attention_with_sinks", lambda *a: taken.append(a[-2]) or flash(*a))
 
-    def loss_and_grads():
+    def loss_and_grads(dtype):
+        model = models[dtype]
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
-    model.train()
-    fast_loss, fast_grads = loss_and_grads()
-    assert {layout.window for layout in taken} == {None, model.config.sliding_window}
+    exact = loss_and_grads(torch.float32)
+    assert not taken  # fp32: flash cannot run it
+    fast = loss_and_grads(torch.bfloat16)
+    assert {layout.window for layout in taken} == {None, config.sliding_window}
     monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: False)
     taken.clear()
-    eager_loss, eager_grads = loss_and_grads()
+    eager = loss_and_grads(torch.bfloat16)
     assert not taken
-    assert rel_err(fast_loss, eager_loss) < 1e-2
-    for name, grad in eager_grads.items():
-        if grad.norm() > 0:
-            assert rel_err(fast_grads[name], grad) < 2e-2, name
+    assert rel_err(fast[0], exact[0]) <= 2 * rel_err(eager[0], exact[0]) + 1e-3
+    for name, truth in exact[1].items():
+        if rel_err(eager[1][name], truth) < 0.05:  # what bf16 can resolve in a tiny random model (test_gpu_bf16.py)
+            assert rel_err(fast[1][name], truth) <= 2 * rel_err(eager[1][name], truth) + 1e-3, name
     fastmoe.unpatch()
