@@ -330,6 +330,10 @@ class FastBaseModel:
             warnings.warn(rewrite, stacklevel=2)
         peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
         exclude_nf4_from_ddp(peft_model)
+        # A model made for training builds no KV cache in its forwards, with or without checkpointing (which turns it
+        # off too): a cache would be discarded, and it keeps the masks from the flash paths (flash_causal_layout).
+        # `generate` asks for its cache itself, and for_inference turns the config's back on.
+        _base_config(peft_model).use_cache = False
         return peft_model
 
     @staticmethod

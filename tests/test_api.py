@@ -239,7 +239,10 @@ def test_unpatch_restores_every_original_and_patching_twice_is_once():
 
 def test_for_inference_and_for_training_toggle_mode_and_cache(tiny_checkpoint):
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), max_seq_length=256)
-    for wrapped in (model, FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)):
+    assert model.config.use_cache
+    adapted = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    assert not adapted.config.use_cache  # made for training: no cache in its forwards, checkpointing or not
+    for wrapped in (model, adapted):
         assert FastModel.for_training(wrapped) is wrapped
         assert wrapped.training and not wrapped.config.use_cache
         assert all(m.training for m in wrapped.modules())
