@@ -12,10 +12,13 @@ The fast path is taken only when the mask transformers built is exactly the plai
 
 Better still is never to build the mask. A dense (query, key) mask costs seq^2 bytes, built and compared on every
 forward: 4 GiB at 65,536 tokens, with several times that in temporaries while transformers builds it. A model whose
-forward fastmoe owns (AFMoE's) hands its layers a `FlashCausal` instead when the batch has no padding and no cache:
-causal attention within each document, with the layer's window. Packed rows (position_ids restarting, trl's
-padding-free batches) become the flash kernel's variable-length form: the documents' token offsets, so no query
-ever looks at another document's keys, and no time is spent on the pairs between documents.
+forward fastmoe owns (AFMoE's), and the mask functions of the families whose forward is transformers', hand the
+layers a `FlashCausal` instead when the batch has no cache and no padding other than on the right: causal attention
+within each document, with the layer's window. Packed rows (position_ids restarting, trl's padding-free batches)
+become the flash kernel's variable-length form: the documents' token offsets, so no query ever looks at another
+document's keys, and no time is spent on the pairs between documents. A right-padded row's padding (trl's collators
+pad on the right) is one more document: the row's tokens never see it, as under the mask, and what the padded
+positions compute goes to no loss.
 """
 
 from __future__ import annotations
@@ -137,20 +140,30 @@ def flash_supports(config, device: torch.device, dtype: torch.dtype) -> bool:
             and _flash_takes_a_window())
 
 
-def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(document offsets, longest document) of a batch whose position_ids restart where a document starts (a new
-    document wherever the position does not follow the previous one by 1: transformers' rule for packed rows), or
-    None when every row is one document. Reads position_ids on the host: one sync."""
-    batch, seq = position_ids.shape
-    positions = position_ids.to("cpu", torch.int64)
-    starts = torch.ones(batch, seq, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | None = None,
+                     device: torch.device | None = None) -> tuple[torch.Tensor, int] | None:
+    """(document offsets on `device` (position_ids' by default), longest document) of a batch whose position_ids
+    restart where a document starts (a new document wherever the position does not follow the previous one by 1:
+    transformers' rule for packed rows), or None when every row is one document. `padding` (batch, seq), boolean on
+    the host, True at the padded tokens of right-padded rows: each row's padded tail is a document of its own, so no
+    token of the row attends to it (the mask's rule), and it attends only to itself (its outputs go to no loss).
+    Reads position_ids on the host: one sync."""
+    # position_ids may be one row for the whole batch (transformers' default, arange): as padding's rows then.
+    batch, seq = (padding if padding is not None else position_ids).shape
+    starts = torch.zeros(batch, seq, dtype=torch.bool)
+    starts[:, 0] = True
+    if position_ids is not None:
+        positions = position_ids.to("cpu", torch.int64).expand(batch, seq)
+        starts[:, 1:] |= positions[:, 1:] - positions[:, :-1] != 1
+    if padding is not None:
+        starts[:, 1:] |= padding[:, 1:] != padding[:, :-1]
     flat_starts = starts.flatten().nonzero().flatten()
     if flat_starts.numel() == batch:
         return None
     offsets = torch.cat([flat_starts, torch.tensor([batch * seq])])
     longest = int((offsets[1:] - offsets[:-1]).max())
-    return offsets.to(device=position_ids.device, dtype=torch.int32), longest
+    device = device if device is not None else position_ids.device
+    return offsets.to(device=device, dtype=torch.int32), longest
 
 
 def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, position_ids, past_key_values,
@@ -159,17 +172,29 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
     """(full-attention layout, sliding-window layout) for a forward whose layers can skip the dense masks, else
     None (transformers' masks then): one of `implementations` asked for (the attention implementations whose
     result the family's flash path computes), flash able to run it, no cache, no attention dropout while
-    training, and an attention mask that masks nothing (absent or all ones: one sync). Under torch.compile, None:
-    the compiled graph traces transformers' masks (the offsets are read on the host)."""
+    training, and an attention mask that is absent, all ones or right padding (each row's tokens, then its padding,
+    as trl's collators pad; one sync). Under torch.compile, None: the compiled graph traces transformers' masks (the
+    offsets are read on the host)."""
     if (torch.compiler.is_compiling() or config._attn_implementation not in implementations
             or past_key_values is not None
             or (training and getattr(config, "attention_dropout", 0.0))
             or not flash_supports(config, inputs_embeds.device, inputs_embeds.dtype)):
         return None
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
-                                       or not bool(attention_mask.all())):
-        return None
-    packed = packed_documents(position_ids) if position_ids is not None else None
+    padding = None
+    if attention_mask is not None:
+        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+                or attention_mask.shape != inputs_embeds.shape[:2]):
+            return None
+        keep = attention_mask.to("cpu", torch.bool)
+        if not bool(keep.all()):
+            # Right padding only: a padded tail, as a document of its own, is never attended by the row's tokens,
+            # as under the mask. Padding before or between tokens keeps transformers' masks.
+            if not bool((keep[:, 1:] <= keep[:, :-1]).all()):
+                return None
+            padding = ~keep
+    packed = None
+    if position_ids is not None or padding is not None:
+        packed = packed_documents(position_ids, padding, device=inputs_embeds.device)
     offsets, longest = packed if packed is not None else (None, None)
     window = getattr(config, "sliding_window", None)
     return FlashCausal(None, offsets, longest), FlashCausal(window, offsets, longest)

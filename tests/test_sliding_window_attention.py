@@ -142,8 +142,22 @@ def test_no_layout_on_the_cpu_or_with_padding_or_a_cache(tiny_checkpoint):
         swa.flash_supports = lambda config, device, dtype: True
         full, sliding = swa.flash_causal_layout(model.config, cuda_like, torch.ones(1, 5), None, None, True)
         assert (full, sliding) == (swa.FlashCausal(None), swa.FlashCausal(model.config.sliding_window))
-        padded = torch.tensor([[0, 1, 1, 1, 1]])
-        assert swa.flash_causal_layout(model.config, cuda_like, padded, None, None, True) is None
+        left_padded = torch.tensor([[0, 1, 1, 1, 1]])
+        assert swa.flash_causal_layout(model.config, cuda_like, left_padded, None, None, True) is None
+        holed = torch.tensor([[1, 0, 1, 1, 1]])
+        assert swa.flash_causal_layout(model.config, cuda_like, holed, None, None, True) is None
+        # Right padding: the padded tail is a document of its own, in every row.
+        two_rows = cuda_like.expand(2, -1, -1)
+        right_padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, None, None, True)
+        assert full.document_offsets.tolist() == [0, 3, 5, 10] and full.longest_document == 5
+        # With packed rows too: both boundaries.
+        positions = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+        full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, positions, None, True)
+        assert full.document_offsets.tolist() == [0, 2, 3, 5, 10] and full.longest_document == 5
+        # transformers' default position_ids: one row for the batch.
+        full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, torch.arange(5)[None], None, True)
+        assert full.document_offsets.tolist() == [0, 3, 5, 10]
         assert swa.flash_causal_layout(model.config, cuda_like, None, None, object(), True) is None
         model.config._attn_implementation = "eager"
         assert swa.flash_causal_layout(model.config, cuda_like, None, None, None, True) is None
@@ -151,11 +165,28 @@ def test_no_layout_on_the_cpu_or_with_padding_or_a_cache(tiny_checkpoint):
         swa.flash_supports = supports
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokenizer, monkeypatch, packed):
+def batch_of_kind(kind: str, vocab_size: int, seq: int, lengths: list[int]) -> dict:
+    """Two rows of `seq` tokens: "rows" with an all-ones attention mask, "packed" with position_ids restarting at
+    each of `lengths` (no mask), "padded" right-padded after lengths[0] and lengths[1] tokens (labels -100 there)."""
+    input_ids = torch.randint(3, vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    if kind == "packed":
+        return dict(input_ids=input_ids, labels=labels,
+                    position_ids=torch.cat([torch.arange(n) for n in lengths]).repeat(2, 1))
+    attention_mask = torch.ones(2, seq, dtype=torch.long)
+    if kind == "padded":
+        for row, length in enumerate(lengths[:2]):
+            attention_mask[row, length:] = 0
+        labels[attention_mask == 0] = -100
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("kind", ["rows", "packed", "padded"])
+def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokenizer, monkeypatch, kind):
     """AFMoE's forward hands its layers layouts, not masks, where flash could run them; with the reference standing
     in for the CUDA-only kernel, loss and every LoRA gradient equal transformers' dense-mask path (fp32): rows with
-    an all-ones attention mask, and packed rows (position_ids restarting, no mask), windows included."""
+    an all-ones attention mask, packed rows (position_ids restarting, no mask) and right-padded rows, windows
+    included."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
@@ -163,12 +194,8 @@ def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokeni
     model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
     window = model.config.sliding_window
     seq = 3 * window + 1
-    input_ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=torch.manual_seed(1))
-    if packed:
-        lengths = [window + 2, 1, seq - window - 3]  # longer than the window, one token, the rest
-        inputs = dict(position_ids=torch.cat([torch.arange(n) for n in lengths]).repeat(2, 1))
-    else:
-        inputs = dict(attention_mask=torch.ones(2, seq, dtype=torch.long))
+    # Packed: longer than the window, one token, the rest. Padded: rows of window + 2 tokens and of one.
+    batch = batch_of_kind(kind, model.config.vocab_size, seq, [window + 2, 1, seq - window - 3])
     taken = []
     monkeypatch.setattr(afmoe, "flash_causal_attention",
                         lambda *a: taken.append(a[3]) or swa.reference_flash_causal_attention(*a))
@@ -176,14 +203,14 @@ def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokeni
     def loss_and_grads(layouts: bool):
         monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
         model.zero_grad(set_to_none=True)
-        loss = model(input_ids=input_ids, labels=input_ids, **inputs).loss
+        loss = model(**batch).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model.train()
     layout_loss, layout_grads = loss_and_grads(True)
     assert {layout.window for layout in taken} == {None, window}
-    assert all((layout.document_offsets is not None) == packed for layout in taken)
+    assert all((layout.document_offsets is not None) == (kind != "rows") for layout in taken)
     taken.clear()
     dense_loss, dense_grads = loss_and_grads(False)
     assert not taken
@@ -322,25 +349,21 @@ def test_afmoe_builds_masks_when_its_attention_op_is_off(tmp_path, tiny_tokenize
 LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.reference_flash_causal_attention_with_sinks)}
 
 
-@pytest.mark.parametrize("model_type, packed", [
-    (model_type, packed) for model_type in ("lfm2_moe", "qwen3_moe", "mixtral") for packed in (False, True)
-] + [("gpt_oss", True)])  # gpt-oss's packed rows cover its windows and documents (each case costs ~25 s)
+# Each case costs ~25 s on two cores: every family once packed, the rest spread over the families.
+@pytest.mark.parametrize("model_type, kind", [
+    ("lfm2_moe", "packed"), ("lfm2_moe", "padded"), ("qwen3_moe", "rows"), ("qwen3_moe", "packed"),
+    ("mixtral", "rows"), ("mixtral", "packed"), ("gpt_oss", "packed"), ("gpt_oss", "padded")])
 def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_checkpoint, monkeypatch, model_type,
-                                                                        packed):
+                                                                        kind):
     """Families whose model forward is transformers' own get layouts from its mask functions (patched with their
     attention op); with the reference standing in for the kernel, loss and every LoRA gradient equal the
-    dense-mask path (fp32), for rows and for packed rows."""
+    dense-mask path (fp32), for rows, packed rows and right-padded rows."""
     import importlib
 
     family_module = importlib.import_module(f"fastmoe.models.{model_type}")
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.float32, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
-    seq = 17
-    input_ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
-    if packed:
-        inputs = dict(position_ids=torch.cat([torch.arange(n) for n in (6, 1, 10)]).repeat(2, 1))
-    else:
-        inputs = dict(attention_mask=torch.ones(2, seq, dtype=torch.long))
+    batch = batch_of_kind(kind, model.config.vocab_size, 17, [6, 1, 10])
     taken = []
     name, reference = LAYOUT_ATTENTION.get(model_type, ("flash_causal_attention", swa.reference_flash_causal_attention))
     monkeypatch.setattr(family_module, name, lambda *a: taken.append(a[-2]) or reference(*a))
@@ -348,13 +371,13 @@ def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_che
     def loss_and_grads(layouts: bool):
         monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
         model.zero_grad(set_to_none=True)
-        loss = model(input_ids=input_ids, labels=input_ids, **inputs).loss
+        loss = model(**batch).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model.train()
     layout_loss, layout_grads = loss_and_grads(True)
-    assert taken and all((layout.document_offsets is not None) == packed for layout in taken)
+    assert taken and all((layout.document_offsets is not None) == (kind != "rows") for layout in taken)
     if model_type == "gpt_oss":  # full and sliding layers alternate
         assert {layout.window for layout in taken} == {None, model.config.sliding_window}
     taken.clear()
