@@ -554,12 +554,25 @@ class GraphedCheckpoint:
                 self.stream = torch.cuda.Stream()
             graphs.prepare([call.leaves[i] for i in call.data_index], self.pool, self.stream if self.capture else None)
         except Exception as error:  # noqa: BLE001 - whatever stops a capture, this signature runs eagerly
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            reason = capture_failure_reason(error)
             self.ungraphable[call.signature] = reason
             _warn_once(type(layer).__name__, reason)
             return None
         self.graphs[(id(layer), call.signature)] = graphs
         return graphs
+
+
+def capture_failure_reason(error: Exception) -> str:
+    """One line on why a capture failed, for the fallback warning. A CUDA error during capture most often comes from
+    the previous step's autograd graph still alive while this step's forward runs (a plain loop's `loss` variable
+    keeps it until reassigned): torch then warns that an AccumulateGrad node's stream does not match, its gradient
+    enters the capture through a stream wait, and the capture fails, for every later capture of the process too.
+    Seen on an H200 (2026-12-03); `del loss` after each step kept the graphs."""
+    reason = f"{type(error).__name__}: {error}".splitlines()[0]
+    if "capture" in reason:
+        reason += ("; if the previous step's loss was still alive during this forward (a loop's `loss` variable), "
+                   "`del loss` after each step keeps the graphs")
+    return reason
 
 
 _warned: set[str] = set()

@@ -14,7 +14,7 @@ from testing_utils import batch_with_padding, randomize_lora, rel_err
 import fastmoe
 from fastmoe import FastModel
 from fastmoe.checkpointing import set_checkpointing_mode
-from fastmoe.graphed_checkpointing import GraphedCheckpoint, layer_of, standard_checkpoint
+from fastmoe.graphed_checkpointing import GraphedCheckpoint, capture_failure_reason, layer_of, standard_checkpoint
 from fastmoe.kernels.dispatch import reference_only
 
 
@@ -243,6 +243,13 @@ def test_signatures_are_capped():
             out.sum().backward()
     assert len(graphed.seen) == 2
     assert {key[1] for key in graphed.graphs} <= set(graphed.seen)
+
+
+def test_capture_failures_name_the_live_loss_as_the_usual_cause():
+    failed = capture_failure_reason(RuntimeError("CUDA error: operation failed due to a previous error during capture\n"
+                                                 "Search for `cudaErrorStreamCaptureInvalidated'"))
+    assert "\n" not in failed and failed.startswith("RuntimeError: CUDA error") and "`del loss`" in failed
+    assert capture_failure_reason(ValueError("no graph here")) == "ValueError: no graph here"
 
 
 def test_layer_of_reads_both_transformers_call_forms():
