@@ -108,12 +108,15 @@ def measure(label: str, variant: common.TrainStepVariant, config_kwargs: dict, b
         if step >= warmup:
             times.append(time.perf_counter() - start)
         loss = out.loss.item()
+        # Not alive during the next forward: a live autograd graph there makes fastmoe's graph capture fail, and
+        # its layers run eagerly (fastmoe.graphed_checkpointing.capture_failure_reason).
+        del out
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     if profile and device == "cuda":
         print(f"--- profile of one {label} step")
         print_host_syncs(model, optimizer, input_ids)
         print_profile(model, optimizer, input_ids, trace=trace and f"{trace}.{label.split()[0]}.json.gz")
-    del model, optimizer, out
+    del model, optimizer
     common.free_memory(device)
     return statistics.median(times), peak, loss
 

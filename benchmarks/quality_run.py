@@ -87,6 +87,7 @@ def train(name: str, config_kwargs: dict, batches: torch.Tensor, device: str, dt
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # one sync per step: a fair cost for both variants
+        del loss  # alive during the next forward it would turn fastmoe's CUDA graphs off (capture_failure_reason)
         if step % 25 == 0 or step == len(batches) - 1:
             print(f"{name} step {step + 1}/{len(batches)}: loss {losses[-1]:.4f}", flush=True)
     seconds = time.perf_counter() - start
