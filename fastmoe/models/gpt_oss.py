@@ -141,9 +141,9 @@ FAMILY = Family(
         "router": [ForwardPatch(hf.GptOssTopKRouter, "forward", router_forward)],
         # Experts on the grouped GEMMs: biases, interleaved gate/up and the clamped SwiGLU in the kernels.
         "moe": [ForwardPatch(hf.GptOssMLP, "forward", mlp_forward)],
-        # Projections and RoPE; on a GPU without padding or a cache, PyTorch's flash kernel with the sinks applied
-        # to its output, in place of the eager attention (gpt-oss's default, its dense masks never built);
-        # otherwise the model's attention function.
+        # Projections and RoPE; on a GPU without a cache (padding on the right only), PyTorch's flash kernel with
+        # the sinks applied to its output, in place of the eager attention (gpt-oss's default, its dense masks never
+        # built); otherwise the model's attention function.
         "attention": [ForwardPatch(hf.GptOssAttention, "forward", attention_forward),
                       *mask_layout_patches(hf, implementations=("eager",))],
         # The residual add after attention fused into the norm before the MoE block, and the MoE block in token
