@@ -121,6 +121,19 @@ def compare_with_transformers(checkpoint, lora_kwargs: dict, seed: int = 0, grad
     return ref_out, fast_out
 
 
+def patched_model_and_unpatched_reference(checkpoint, patched: tuple[type, ...]):
+    """FastModel.from_pretrained(checkpoint) in fp32, checked to have swapped the forwards of the `patched` classes,
+    then fastmoe.unpatch(), checked to have put transformers' back: (the fastmoe model, transformers' model of the
+    checkpoint in eval mode, a padded batch). The patches are off on return."""
+    originals = {cls: cls.__dict__["forward"] for cls in patched}
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32)
+    assert all(cls.__dict__["forward"] is not originals[cls] for cls in patched)
+    fastmoe.unpatch()
+    assert all(cls.__dict__["forward"] is originals[cls] for cls in patched)
+    reference = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    return model, reference, batch_with_padding(reference.config.vocab_size)
+
+
 def lfm2_moe_records_router_logits() -> bool:
     """transformers 5.18 taught LFM2-MoE to return its router logits (output_router_logits); 5.17 returns none."""
     from transformers.models.lfm2_moe import modeling_lfm2_moe

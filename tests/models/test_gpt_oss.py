@@ -14,7 +14,7 @@ from fastmoe.kernels.dispatch import reference_only
 from fastmoe.kernels.moe import experts as experts_module
 from fastmoe.models import gpt_oss
 from testing_utils import (assert_packed_documents_train_as_if_alone, batch_with_padding, compare_with_transformers,
-                           fp32_model_tolerance, randomize_lora, rel_err)
+                           fp32_model_tolerance, patched_model_and_unpatched_reference, randomize_lora, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastGptOssModel.default_target_modules),
@@ -63,15 +63,7 @@ def test_logits_loss_aux_loss_and_every_lora_gradient_match_transformers(tiny_ch
 def test_unpatch_restores_transformers_and_fastmoe_experts_serve_its_forward(tiny_checkpoint, monkeypatch):
     """After unpatch(), transformers' own forwards run; the model still names "fastmoe" as its experts
     implementation, whose entry computes gpt-oss's layout with the kernel."""
-    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
-    checkpoint = str(tiny_checkpoint("gpt_oss"))
-    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
-    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
-
-    fastmoe.unpatch()
-    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    batch = batch_with_padding(reference.config.vocab_size)
+    model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("gpt_oss"), PATCHED)
     monkeypatch.setattr(experts_module, "reference_moe_experts_clamped_swiglu", None)
     with torch.no_grad():
         ref_out = reference(**batch, use_cache=False)

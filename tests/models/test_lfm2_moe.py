@@ -6,10 +6,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
-import fastmoe
 from fastmoe import FastLfm2MoeModel, FastModel
 from testing_utils import (batch_with_padding, compare_with_transformers, fp32_model_tolerance,
-                           lfm2_moe_records_router_logits, rel_err)
+                           lfm2_moe_records_router_logits, patched_model_and_unpatched_reference, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastLfm2MoeModel.default_target_modules),
@@ -38,15 +37,7 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
 
 
 def test_unpatch_restores_transformers(tiny_checkpoint):
-    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
-    checkpoint = str(tiny_checkpoint("lfm2_moe"))
-    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
-    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
-
-    fastmoe.unpatch()
-    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    batch = batch_with_padding(reference.config.vocab_size)
+    model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("lfm2_moe"), PATCHED)
     with torch.no_grad():
         ref_out = reference(**batch, use_cache=False)
         FastLfm2MoeModel.pre_patch()

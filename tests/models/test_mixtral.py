@@ -11,7 +11,8 @@ import fastmoe
 from fastmoe import FastMixtralModel, FastModel
 from fastmoe.models import mixtral
 from fastmoe.models.shared import softmax_topk_router_forward
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from testing_utils import (batch_with_padding, compare_with_transformers, fp32_model_tolerance,
+                           patched_model_and_unpatched_reference, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastMixtralModel.default_target_modules),
@@ -39,15 +40,7 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
 
 
 def test_unpatch_restores_transformers(tiny_checkpoint):
-    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
-    checkpoint = str(tiny_checkpoint("mixtral"))
-    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
-    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
-
-    fastmoe.unpatch()
-    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    batch = batch_with_padding(reference.config.vocab_size)
+    model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("mixtral"), PATCHED)
     with torch.no_grad():
         ref_out = reference(**batch, use_cache=False)
         FastMixtralModel.pre_patch()

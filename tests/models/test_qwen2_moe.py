@@ -10,7 +10,8 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 import fastmoe
 from fastmoe import FastModel, FastQwen2MoeModel
 from fastmoe.models import qwen2_moe
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from testing_utils import (batch_with_padding, compare_with_transformers, fp32_model_tolerance,
+                           patched_model_and_unpatched_reference, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastQwen2MoeModel.default_target_modules),
@@ -49,15 +50,7 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
 
 
 def test_unpatch_restores_transformers(tiny_checkpoint):
-    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
-    checkpoint = str(tiny_checkpoint("qwen2_moe"))
-    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
-    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
-
-    fastmoe.unpatch()
-    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    batch = batch_with_padding(reference.config.vocab_size)
+    model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("qwen2_moe"), PATCHED)
     with torch.no_grad():
         ref_out = reference(**batch, use_cache=False)
         FastQwen2MoeModel.pre_patch()

@@ -9,7 +9,8 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 import fastmoe
 from fastmoe import FastModel, FastQwen3MoeModel
 from fastmoe.models import qwen3_moe
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from testing_utils import (batch_with_padding, compare_with_transformers, fp32_model_tolerance,
+                           patched_model_and_unpatched_reference, rel_err)
 
 TARGETS = dict(
     target_modules=list(FastQwen3MoeModel.default_target_modules),
@@ -38,15 +39,7 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
 
 
 def test_unpatch_restores_transformers(tiny_checkpoint):
-    originals = {cls: cls.__dict__["forward"] for cls in PATCHED}
-    checkpoint = str(tiny_checkpoint("qwen3_moe"))
-    model, _ = FastModel.from_pretrained(checkpoint, dtype=torch.float32)
-    assert all(cls.__dict__["forward"] is not originals[cls] for cls in PATCHED)
-
-    fastmoe.unpatch()
-    assert all(cls.__dict__["forward"] is originals[cls] for cls in PATCHED)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    batch = batch_with_padding(reference.config.vocab_size)
+    model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("qwen3_moe"), PATCHED)
     with torch.no_grad():
         ref_out = reference(**batch, use_cache=False)
         FastQwen3MoeModel.pre_patch()
