@@ -395,20 +395,13 @@ def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_che
 # computes d(score) = P * (do . v - rowsum(do * out))) written out in PyTorch.
 
 
-def _math_flash_mask(offsets, tokens, window):
-    position = torch.arange(tokens)
-    document = torch.searchsorted(offsets[1:-1].to(torch.int64), position, right=True)
-    distance = position[:, None] - position[None, :]
-    keep = (distance >= 0) & (document[:, None] == document[None, :])
-    if window:
-        keep &= distance <= window["window_size_left"]
-    return keep
-
-
 def _math_flash_scores(query, key, offsets, scale, window):
     groups = query.shape[1] // key.shape[1]
     scores = torch.einsum("thd,shd->hts", query, key.repeat_interleave(groups, dim=1)) * scale
-    return scores.masked_fill(~_math_flash_mask(offsets, query.shape[0], window), float("-inf")), groups
+    # Flash's variable-length tokens are one row of documents at `offsets`, keys window_size_left back at most.
+    layout = swa.FlashCausal(window["window_size_left"] + 1 if window else None, offsets)
+    keep = swa._layout_mask(layout, 1, query.shape[0], query.device)[0, 0]
+    return scores.masked_fill(~keep, float("-inf")), groups
 
 
 def _math_flash_forward(query, key, value, offsets, longest, scale, window):
