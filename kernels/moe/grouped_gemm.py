@@ -122,47 +122,25 @@ def _tile_matmul_gate_up(
     gate_up weight W (2I, K) of `expert` (rows _gate_up_rows gives), in one pass over K: each A tile (gathered rows)
     is loaded once for both products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a single GEMM tile
     of that width would."""
-    gate_rows, up_rows = _gate_up_rows(offs_n, I, INTERLEAVED)
-    if NF4 or INTERLEAVED:
-        # Gate row n and its up row side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes
-        # and multiplies both, and the interleaved accumulator splits into gate and up without moving columns.
-        # Stored interleaved, those rows are one contiguous run: a 16-bit tile loads whole, where separate gate and
-        # up tiles would each read every other element (10x slower at gpt-oss-20b's shapes on an H200).
-        if INTERLEAVED:
-            w_rows = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
-            w_mask = w_rows < 2 * I
-        else:
-            w_rows = tl.reshape(tl.join(gate_rows, up_rows), (2 * BLOCK_N,))
-            w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
-                           w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
-                           w_rows, w_mask, n0, 2 * I, K,
-                           NF4, False, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    # Gate row n and its up row side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes (NF4)
+    # and multiplies both in one wide dot, and the accumulator's column pairs split into gate and up in registers.
+    # Stored interleaved (gpt-oss), those rows are one contiguous run: a 16-bit tile loads whole, where separate gate
+    # and up tiles would each read every other element (10x slower at gpt-oss-20b's shapes on an H200). Stored as
+    # [gate; up] halves, each row is still one contiguous run along K. With the GPU configuration below the wide dot
+    # ran 2-14% faster than two dots of BLOCK_N columns a K step (H200, benchmarks/sweep_expert_configs.py).
+    if INTERLEAVED:
+        w_rows = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
+        w_mask = w_rows < 2 * I
     else:
-        # Two contiguous tiles a K step, gate rows and up rows, each into its own accumulator.
-        w_ptr = w_ptr + expert.to(tl.int64) * stride_we
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + gate_rows[None, :] * stride_wn
-        # Each up row sits a fixed number of rows after its gate row: a scalar offset, not a second pointer tile.
-        if INTERLEAVED:
-            up_offset = stride_wn
-        else:
-            up_offset = I * stride_wn
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
-            gate = tl.dot(a, w_gate, gate, input_precision=DOT_PRECISION)
-            up = tl.dot(a, w_up, up, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
+        gate_rows, up_rows = _gate_up_rows(offs_n, I, INTERLEAVED)
+        w_rows = tl.reshape(tl.join(gate_rows, up_rows), (2 * BLOCK_N,))
+        w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                       w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+                       w_rows, w_mask, n0, 2 * I, K,
+                       NF4, False, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     return gate, up
 
 
@@ -571,10 +549,24 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
 
 
-# (BLOCK_N cap, BLOCK_K cap, launch options) per kernel family. On H100 (bf16, the benchmark's shapes) the
-# row GEMMs peak with 128x128x64 tiles, 8 warps, 3 stages (~420-470 TFLOP/s) and the weight-gradient
-# reduction (128x128 output, 32-row steps) with 4 warps, 4 stages.
+# (BLOCK_N cap, BLOCK_K cap, launch options) per kernel family. Measured at 4096 tokens of Trinity-Mini,
+# LFM2-8B-A1B, JetMoe-8B, Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b experts on an H200 (bf16, LoRA r=16,
+# benchmarks/sweep_expert_configs.py, 2026-12-03); the choice is the best or within 5% of it at every shape
+# unless said otherwise:
+# * row GEMMs reading W (the down projection): 128x128x64 tiles, 8 warps, 3 stages, 339-497 TFLOP/s;
+# * row GEMMs reading W^T (d(x) through gate_up): 256 columns, 5-23% faster than 128 (419-604 TFLOP/s); a second
+#   sweep over three of the shapes found 4 stages 1-9% faster than 3 (Trinity-Mini, LFM2, Mixtral), untried elsewhere;
+# * the SwiGLU forward (its BLOCK_N counts h's columns: the weight tile has twice as many rows, gate and up):
+#   128 + 128 columns, 8 warps, 4 stages, 4-29% faster than 64 + 64 with 3 stages (376-459 TFLOP/s);
+# * the SwiGLU backward, whose epilogue holds d(h), gate, up and their gradients: 64 columns, 4 warps, 4 stages,
+#   16-28% faster than 128 columns with 8 warps (184-262 TFLOP/s, bound by the epilogue);
+# * the weight-gradient reduction (128x128 output, 32-row steps): 4 warps, 4 stages, the best or within 3% of it for
+#   LoRA's factor gradients;
+# LoRA's rank-16 row products took 0.05-0.08 ms under every configuration tried: latency, not tiles, bounds them.
 _GPU_ROW_GEMM = (128, 64, {"num_warps": 8, "num_stages": 3})
+_GPU_ROW_GEMM_TRANSPOSED = (256, 64, {"num_warps": 8, "num_stages": 3})
+_GPU_SWIGLU = (128, 64, {"num_warps": 8, "num_stages": 4})
+_GPU_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 4})
 _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
 # The NF4 row GEMMs have their own entries because their budget differs: each K step decodes a weight tile in
 # registers and stores it to shared memory for the wgmma, whose wait leaves the decode of one program to overlap
@@ -582,6 +574,7 @@ _GPU_WGRAD = (128, 128, {"num_warps": 4, "num_stages": 4})
 # the Trinity-Mini expert GEMMs: 4 warps 250-300 TFLOP/s in two runs, 8 warps 266-295 in one and 200-269 in the
 # other; BLOCK_K 128 or BLOCK_N 64 were slower.
 _GPU_NF4_ROW_GEMM = (128, 64, {"num_warps": 4, "num_stages": 3})
+_GPU_NF4_SWIGLU = (64, 64, {"num_warps": 4, "num_stages": 3})
 # The NF4 SwiGLU backward holds a (128 rows, BLOCK_N) d(h) tile and then the stored gate and up tiles of the same
 # size for its epilogue: at BLOCK_N 128 and 4 warps that spills 5.7 KB a thread (ptxas, sm_90) and ran at 65
 # TFLOP/s; half the N block runs at 151, as fast as the bf16 kernel (158), and 8 warps at 135.
@@ -591,19 +584,25 @@ _GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
 # of the touched experts' weights, against 72 / 208 / 493 us with the training tiles' 128-wide columns.
 _GPU_DECODE_ROW_GEMM = (64, 128, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
+_INTERPRETER_SWIGLU = (16, 32, {})
 
 
-def _config(device: torch.device, wgrad: bool = False, nf4: bool = False,
-            swiglu_backward: bool = False, pairs: int | None = None) -> tuple[int, int, dict]:
+def _config(device: torch.device, kernel: str = "row_gemm", nf4: bool = False,
+            pairs: int | None = None) -> tuple[int, int, dict]:
+    """(BLOCK_N cap, BLOCK_K cap, launch options) of kernel: "row_gemm", "row_gemm_transposed", "swiglu",
+    "swiglu_backward" or "wgrad"."""
     if device.type != "cuda":
-        return _INTERPRETER
-    if pairs is not None and pairs <= DECODE_PAIRS and not (wgrad or swiglu_backward or nf4):
-        return _GPU_DECODE_ROW_GEMM
-    if wgrad:
+        return _INTERPRETER_SWIGLU if kernel == "swiglu" else _INTERPRETER
+    decoding = pairs is not None and pairs <= DECODE_PAIRS
+    if decoding and kernel in ("row_gemm", "row_gemm_transposed", "swiglu") and not nf4:
+        cap_n, cap_k, options = _GPU_DECODE_ROW_GEMM
+        return (cap_n // 2 if kernel == "swiglu" else cap_n), cap_k, options
+    if kernel == "wgrad":
         return _GPU_WGRAD
     if nf4:
-        return _GPU_NF4_SWIGLU_BWD if swiglu_backward else _GPU_NF4_ROW_GEMM
-    return _GPU_ROW_GEMM
+        return {"swiglu": _GPU_NF4_SWIGLU, "swiglu_backward": _GPU_NF4_SWIGLU_BWD}.get(kernel, _GPU_NF4_ROW_GEMM)
+    return {"row_gemm": _GPU_ROW_GEMM, "row_gemm_transposed": _GPU_ROW_GEMM_TRANSPOSED, "swiglu": _GPU_SWIGLU,
+            "swiglu_backward": _GPU_SWIGLU_BWD}[kernel]
 
 
 @dataclass
@@ -691,7 +690,8 @@ def grouped_mm(
     bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched.
     """
     operand = _weight_operand(weight, transpose, a.dtype, schedule)
-    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
+    cap_n, cap_k, options = _config(a.device, "row_gemm_transposed" if transpose else "row_gemm",
+                                    nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
         _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b,
@@ -734,9 +734,8 @@ def grouped_mm_swiglu(
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
-    cap_n, cap_k, options = _config(a.device, nf4=operand.layout["NF4"], pairs=num_rows)
-    # Two accumulators (gate and up) per program: half the N block keeps the register budget of one.
-    block_n, block_k = _block(inter, cap_n // 2), _block(hidden, cap_k)
+    cap_n, cap_k, options = _config(a.device, "swiglu", nf4=operand.layout["NF4"], pairs=num_rows)
+    block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     _launch_row_gemm(
         _grouped_mm_swiglu_kernel, a, a_rows, operand, lora_l, lora_b,
         (h, h.stride(0), h.stride(1), gu, gu.stride(0), gu.stride(1), *_bias_args(bias)),
@@ -797,7 +796,7 @@ def grouped_mm_swiglu_backward(
     num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
     dgu = torch.empty(num_rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
     h = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
-    cap_n, cap_k, options = _config(gate_up.device, nf4=operand.layout["NF4"], swiglu_backward=True)
+    cap_n, cap_k, options = _config(gate_up.device, "swiglu_backward", nf4=operand.layout["NF4"])
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     # One partial per N block instead of atomics: deterministic, summed below.
     dscale = torch.zeros(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32, device=gate_up.device)
@@ -821,7 +820,7 @@ def grouped_wgrad(
     (accumulated in fp32). Experts without rows get zeros.
     """
     num_experts, num_n, num_k = out.shape
-    cap_n, cap_k, options = _config(g.device, wgrad=True)
+    cap_n, cap_k, options = _config(g.device, "wgrad")
     block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
     grid = (num_experts * triton.cdiv(num_n, block_n) * triton.cdiv(num_k, block_k),)
     _grouped_wgrad_kernel[grid](
