@@ -488,7 +488,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                           gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
                           profiled_step_ms=round(1e3 * clock.profiled_seconds / args.profile_steps, 2),
                           kernels_per_step=round(kernels / args.profile_steps),
-                          top_kernels=common.top_kernels(clock.kernels, args.profile_steps))
+                          top_kernels=common.top_kernels(clock.kernels, args.profile_steps, args.top_kernels))
         if clock.trace is not None and args.trace_dir:
             record["host_gaps"] = trace_summary(clock.trace, case, args.trace_dir)
         if clock.memory_snapshot is not None:
@@ -667,6 +667,8 @@ def main() -> None:
     parser.add_argument("--trace-steps", type=int, default=0, help="steps after the profiled ones traced with CPU "
                         "activity and Python stacks; with --trace-dir, host_gaps.py's summary of where the GPU waits "
                         "on the host goes into the record")
+    parser.add_argument("--top-kernels", type=int, default=12, help="kernels (by name, longest first) that the "
+                        "profiled steps' record lists with their time and launches per step")
     parser.add_argument("--memory-profile", type=int, choices=[0, 1], default=0, help="1: record the CUDA "
                         "allocator's trace over one more step; memory_peak.py's summary of what is live at its peak "
                         "(by allocating site) goes into the record and --trace-dir (use --fastmoe-without-graphs: a "
