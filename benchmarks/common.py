@@ -324,8 +324,8 @@ PRESETS: dict[str, dict] = {
                               tie_word_embeddings=False),
     # gpt-oss-20b (config.json): 24 layers of hidden 2880, 32 experts of 2880 top-4 with biases and the clamped
     # SwiGLU, 64 query / 8 kv heads of 64 with sinks and biased projections, sliding-window (128) and full layers
-    # alternating, YaRN RoPE (the config's defaults), vocab 201,088. Loaded in 16 bits: the MXFP4 checkpoint
-    # dequantized (load_in_4bit is not supported for gpt_oss yet).
+    # alternating, YaRN RoPE (the config's defaults), vocab 201,088. The benchmarks build it at random in 16 bits (as
+    # the MXFP4 checkpoint loads dequantized); in 4 bits, from such a 16-bit checkpoint.
     "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
                         num_experts_per_tok=4, vocab_size=201088, sliding_window=128, max_position_embeddings=131072,

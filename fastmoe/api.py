@@ -482,8 +482,6 @@ def _linear_suffixes(model) -> list[str]:
 
 def _load_family(family: Family, request: _LoadRequest, config):
     """Patch `family` (request.fast_ops) and load the checkpoint with its forwards."""
-    if request.quantization == "4bit" and family.refuses_4bit is not None:
-        raise ValueError(family.refuses_4bit)
     fast_ops = models.check_ops(family.model_type, request.fast_ops)
     kwargs = _experts_implementation_kwargs(family, request.kwargs, request.quantization == "4bit")
     models.patch(family.model_type, **fast_ops)
@@ -534,6 +532,13 @@ def _load(request: _LoadRequest, config, family: Family | None):
         raise ValueError(f"{request.model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
     load_kwargs = dict(dtype=request.dtype, token=request.token, **request.kwargs)
     quantization_config = None
+    if request.quantization is not None and _quant_method(config) == "mxfp4":
+        # Its experts are MXFP4 blocks under other names, which the bitsandbytes load would not read (they would come
+        # back as missing, randomly initialised weights).
+        raise ValueError(
+            f"load_in_{request.quantization[0]}bit cannot load {request.model_name!r}: its experts are MXFP4. Load a "
+            "16-bit copy of the checkpoint in 4 bits instead (FastModel.from_pretrained of this one with "
+            "load_in_4bit=False, then save_pretrained_merged, writes one), or load this one in 16 bits")
     if request.quantization is not None:
         # Routers stay 16-bit: (experts, hidden) is tiny, and top-k choices flip on 4/8-bit rounding of the logits.
         # Naming any skip replaces transformers' default list, so lm_head is named again.

@@ -76,9 +76,6 @@ class Family:
     # Parameters (name suffixes) that transformers initialises to zero and the tiny checkpoints draw at random, so that
     # the comparisons with transformers see them.
     random_init: tuple[str, ...] = ()
-    # Why load_in_4bit is refused for this family and what to load instead (one line for the user), or None where
-    # 4-bit loading works.
-    refuses_4bit: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", MappingProxyType({op: tuple(patches) for op, patches in self.ops.items()}))

@@ -109,7 +109,7 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
 def nf4_expert_families() -> str:
     """The model types whose experts load_in_4bit turns into NF4, for messages: "afmoe, lfm2_moe"."""
     described = [models.family(model_type) for model_type in models.FAMILIES]
-    return ", ".join(f.model_type for f in described if f.routed_experts and f.refuses_4bit is None)
+    return ", ".join(f.model_type for f in described if f.routed_experts)
 
 
 class ExpertsIn8BitError(ValueError):

@@ -128,11 +128,11 @@ def test_unknown_save_method_names_the_valid_ones(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:bitsandbytes quantization without a CUDA GPU")
-@pytest.mark.parametrize(("model_type", "bits"), [("afmoe", 4), ("jetmoe", 4), ("cohere", 8)])
+@pytest.mark.parametrize(("model_type", "bits"), [("afmoe", 4), ("jetmoe", 4), ("gpt_oss", 4), ("cohere", 8)])
 def test_quantized_model_merges_to_a_dense_checkpoint(tiny_checkpoint, tmp_path, model_type, bits):
     model, tokenizer = adapted_model(tiny_checkpoint(model_type), model_type, **{f"load_in_{bits}bit": True})
-    # 4-bit AFMoE and JetMoe have both kinds of quantized weight: bitsandbytes Linear layers and fastmoe's NF4 experts
-    # (JetMoe's in both mixtures).
+    # 4-bit AFMoE, JetMoe and gpt-oss have both kinds of quantized weight: bitsandbytes Linear layers and fastmoe's
+    # NF4 experts (JetMoe's in both mixtures, gpt-oss's stored (E, in, out)).
     kinds = {type(getattr(m, "weight", None)).__name__ for m in model.modules()} | \
         {"nf4 experts" for m in model.modules() if is_quantized(m)}
     assert kinds >= ({"Params4bit", "nf4 experts"} if bits == 4 else {"Int8Params"})

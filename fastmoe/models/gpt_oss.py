@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from transformers.models.gpt_oss import modeling_gpt_oss as hf
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import moe_experts_clamped_swiglu, route_softmax_topk
+from fastmoe.kernels.moe import moe_experts_clamped_swiglu, moe_experts_clamped_swiglu_nf4, route_softmax_topk
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
                                    runs_fastmoe_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
+from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention_with_sinks, mask_layout_patches
 
 
@@ -43,8 +44,17 @@ def experts_forward(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index:
         return experts(hidden, top_k_index, top_k_weights)
     unwrapped = unwrap_expert_lora(experts)
     if unwrapped is None or not _EXPERT_STACKS.issuperset(unwrapped[1]):
+        if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
+            # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
+            raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped
+    if is_quantized(bare):
+        # load_in_4bit: each stored stack in NF4, read transposed by the kernels.
+        return moe_experts_clamped_swiglu_nf4(hidden, top_k_index, top_k_weights, nf4_weight(bare, "gate_up_proj"),
+                                              bare.gate_up_proj_bias, nf4_weight(bare, "down_proj"),
+                                              bare.down_proj_bias, bare.alpha, bare.limit,
+                                              loras.get("gate_up_proj"), loras.get("down_proj"))
     if not bare.gate_up_proj.is_floating_point():
         raise NotImplementedError(
             "these gpt-oss experts hold MXFP4 blocks, which fastmoe's kernels do not read and transformers cannot "
@@ -159,8 +169,6 @@ FAMILY = Family(
     lora_target_parameters=("experts.gate_up_proj", "experts.down_proj"),
     routers=("mlp.router",),
     routed_experts=SWITCHABLE,
-    refuses_4bit=("load_in_4bit is not supported for gpt_oss yet (its interleaved, transposed experts have no NF4 "
-                  "path): load it in 16 bits (load_in_4bit=False, dtype=torch.bfloat16)"),
     tiny_config=dict(
         hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, max_position_embeddings=512,

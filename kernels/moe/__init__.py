@@ -6,8 +6,8 @@ reference.
 * ``nf4``: the NF4 format of 3D expert weights (``quantize_nf4``, ``dequantize_nf4``, double-quantized absmax) and the
   in-register tile decode the GEMMs use
 * ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad``
-* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``; ``moe_experts_clamped_swiglu`` (gpt-oss's
-  layout, biases and activation)
+* ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``; ``moe_experts_clamped_swiglu`` and
+  ``moe_experts_clamped_swiglu_nf4`` (gpt-oss's layout, biases and activation)
 * ``expert_map_reduce``: ``expert_map``, ``expert_reduce``, ``expert_map_nf4``, ``expert_reduce_nf4``
 """
 
@@ -23,9 +23,11 @@ from .experts import (
     ExpertLora,
     moe_experts,
     moe_experts_clamped_swiglu,
+    moe_experts_clamped_swiglu_nf4,
     moe_experts_nf4,
     reference_moe_experts,
     reference_moe_experts_clamped_swiglu,
+    reference_moe_experts_clamped_swiglu_nf4,
     reference_moe_experts_nf4,
 )
 from .grouped_gemm import (
@@ -39,6 +41,7 @@ from .grouped_gemm import (
 )
 from .nf4 import (
     Nf4Weight,
+    TransposedNf4Weight,
     check_nf4_shape,
     dequantize_absmax,
     dequantize_nf4,
@@ -60,6 +63,7 @@ __all__ = [
     "ExpertSchedule",
     "GemmWeight",
     "Nf4Weight",
+    "TransposedNf4Weight",
     "check_nf4_shape",
     "dequantize_absmax",
     "dequantize_nf4",
@@ -74,6 +78,7 @@ __all__ = [
     "grouped_wgrad",
     "moe_experts",
     "moe_experts_clamped_swiglu",
+    "moe_experts_clamped_swiglu_nf4",
     "moe_experts_nf4",
     "quantize_nf4",
     "reference_dequantize_nf4",
@@ -81,6 +86,7 @@ __all__ = [
     "reference_expert_reduce",
     "reference_moe_experts",
     "reference_moe_experts_clamped_swiglu",
+    "reference_moe_experts_clamped_swiglu_nf4",
     "reference_moe_experts_nf4",
     "reference_route_sigmoid_topk",
     "reference_route_softmax_topk",

@@ -55,7 +55,7 @@ from .grouped_gemm import (
     grouped_mm_swiglu_backward,
     grouped_wgrad,
 )
-from .nf4 import Nf4Weight, reference_dequantize_nf4
+from .nf4 import Nf4Weight, TransposedNf4Weight, reference_dequantize_nf4
 from .routing import ExpertSchedule, sort_by_expert, tile_bound
 
 
@@ -150,6 +150,26 @@ def reference_moe_experts_clamped_swiglu(
         y = y * top_k_weights[token_idx, slot, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out
+
+
+def reference_moe_experts_clamped_swiglu_nf4(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: Nf4Weight,
+    gate_up_bias: torch.Tensor,
+    down_proj: Nf4Weight,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """``reference_moe_experts_clamped_swiglu`` on the dequantized stacks (materialises both: a reference)."""
+    return reference_moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights,
+                                                reference_dequantize_nf4(gate_up_proj), gate_up_bias,
+                                                reference_dequantize_nf4(down_proj), down_bias, alpha, limit,
+                                                gate_up_lora, down_lora)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +430,82 @@ class ClampedSwigluExpertWeights:
         return (*grads, None, None)
 
 
-ExpertWeights = DenseExpertWeights | Nf4ExpertWeights | ClampedSwigluExpertWeights
+@dataclass
+class ClampedSwigluNf4ExpertWeights:
+    """gpt-oss's stacks in NF4 (QLoRA): gate_up_proj stored (E, H, 2I), gate and up columns interleaved, and
+    down_proj stored (E, I, H), each quantized along its stored rows (``quantize_nf4`` of the stored stack), with
+    their 16-bit biases, under ``ClampedSwiglu``. The GEMMs read the stored tiles transposed (``gate_up`` (E, 2I, H),
+    ``down`` (E, H, I): ``TransposedNf4Weight``). The stacks never get a gradient; a bias does when it requires one.
+    Op arguments: each stack's packed, absmax, absmax_scale and absmax_offset (None without double quantization)
+    followed by its bias, both stored shapes as six ints, both dtypes, alpha and limit."""
+
+    gate_up_proj: Nf4Weight
+    gate_up_bias: torch.Tensor
+    down_proj: Nf4Weight
+    down_bias: torch.Tensor
+    alpha: float
+    limit: float
+    interleaved = True
+
+    @property
+    def gate_up(self) -> TransposedNf4Weight:
+        return TransposedNf4Weight(self.gate_up_proj)
+
+    @property
+    def down(self) -> TransposedNf4Weight:
+        return TransposedNf4Weight(self.down_proj)
+
+    @property
+    def activation(self) -> ClampedSwiglu:
+        return ClampedSwiglu(self.alpha, self.limit)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return *self.gate_up_proj.tensors(), self.gate_up_bias, *self.down_proj.tensors(), self.down_bias
+
+    def rebuilder(self):
+        num_gate_up = len(self.gate_up_proj.tensors())
+        rebuild_gate_up, rebuild_down = self.gate_up_proj.rebuilder(), self.down_proj.rebuilder()
+        alpha, limit = self.alpha, self.limit
+
+        def rebuild(*tensors):
+            gate_up, down = tensors[:num_gate_up + 1], tensors[num_gate_up + 1:]
+            return ClampedSwigluNf4ExpertWeights(rebuild_gate_up(*gate_up[:-1]), gate_up[-1],
+                                                 rebuild_down(*down[:-1]), down[-1], alpha, limit)
+        return rebuild
+
+    def op_args(self) -> tuple:
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return (gate_up.packed, gate_up.absmax, gate_up.absmax_scale, gate_up.absmax_offset, self.gate_up_bias,
+                down.packed, down.absmax, down.absmax_scale, down.absmax_offset, self.down_bias,
+                [*gate_up.shape, *down.shape], gate_up.dtype, down.dtype, self.alpha, self.limit)
+
+    @staticmethod
+    def from_op_args(*args) -> ClampedSwigluNf4ExpertWeights:
+        *tensors, shapes, gate_up_dtype, down_dtype, alpha, limit = args
+        return ClampedSwigluNf4ExpertWeights(
+            Nf4Weight(*tensors[:2], tuple(shapes[:3]), gate_up_dtype, *tensors[2:4]), tensors[4],
+            Nf4Weight(*tensors[5:7], tuple(shapes[3:]), down_dtype, *tensors[7:9]), tensors[9], alpha, limit)
+
+    def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
+        """The biases' gradients (the stacks are frozen)."""
+        needs_gate_up_bias, needs_down_bias = needs
+        return (grad_fns["gate_up_bias"]().to(self.gate_up_bias.dtype) if needs_gate_up_bias else no_gradient(absent),
+                grad_fns["down_bias"]().to(self.down_bias.dtype) if needs_down_bias else no_gradient(absent))
+
+    def weight_grad_fakes(self, needs: tuple[bool, ...], absent: torch.Tensor) -> tuple:
+        return tuple(torch.empty_like(bias) if need else no_gradient(absent)
+                     for bias, need in zip((self.gate_up_bias, self.down_bias), needs))
+
+    @staticmethod
+    def needs_weight_grads(needs_op_args: tuple[bool, ...]) -> tuple[bool, ...]:
+        return needs_op_args[4], needs_op_args[9]
+
+    @staticmethod
+    def op_arg_grads(grad_gate_up_bias: torch.Tensor | None, grad_down_bias: torch.Tensor | None) -> tuple:
+        return (None,) * 4 + (grad_gate_up_bias,) + (None,) * 4 + (grad_down_bias,) + (None,) * 5
+
+
+ExpertWeights = DenseExpertWeights | Nf4ExpertWeights | ClampedSwigluExpertWeights | ClampedSwigluNf4ExpertWeights
 # out, the schedule's five tensors, then what the backward reads: row_weight, (gate | up), the two thin LoRA
 # activations (empty tensors for what is not kept).
 ForwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -784,6 +879,86 @@ _moe_experts_clamped_swiglu = KernelOp(
 )
 
 
+def _moe_experts_clamped_swiglu_nf4_forward(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
+    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
+    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
+    limit: float,
+) -> ForwardOutputs:
+    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
+        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
+        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
+    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                            down_scaling, store_for_backward)
+
+
+def _moe_experts_clamped_swiglu_nf4_forward_fake(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
+    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
+    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
+    limit: float,
+) -> ForwardOutputs:
+    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
+        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
+        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
+    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
+                                 down_b, down_scaling, store_for_backward)
+
+
+def _moe_experts_clamped_swiglu_nf4_backward(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
+    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
+    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
+    limit: float,
+) -> BackwardOutputs:
+    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
+        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
+        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
+    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                             down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
+
+
+def _moe_experts_clamped_swiglu_nf4_backward_fake(
+    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
+    l_down: torch.Tensor, needs: list[bool],
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
+    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
+    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
+    limit: float,
+) -> BackwardOutputs:
+    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
+        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
+        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
+    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
+                                  down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
+
+
+_moe_experts_clamped_swiglu_nf4 = KernelOp(
+    "moe_experts_clamped_swiglu_nf4", _moe_experts_clamped_swiglu_nf4_forward,
+    _moe_experts_clamped_swiglu_nf4_forward_fake,
+    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, ClampedSwigluNf4ExpertWeights.from_op_args),
+    _experts_gradients, _moe_experts_clamped_swiglu_nf4_backward, _moe_experts_clamped_swiglu_nf4_backward_fake,
+)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The references as ops: under torch.compile their loops over experts (shapes that depend on the routing) run as
 # one node each
@@ -832,6 +1007,24 @@ def _moe_experts_clamped_swiglu_reference(
                                                 _lora(down_a, down_b, down_scaling))
 
 
+def _moe_experts_clamped_swiglu_nf4_reference(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
+    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
+    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
+    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
+    limit: float,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+) -> torch.Tensor:
+    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
+        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
+        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
+    return reference_moe_experts_clamped_swiglu_nf4(
+        hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.gate_up_bias, experts.down_proj,
+        experts.down_bias, alpha, limit, _lora(gu_a, gu_b, gu_scaling), _lora(down_a, down_b, down_scaling))
+
+
 def _hidden_like(hidden: torch.Tensor, *args) -> torch.Tensor:
     return hidden.new_empty(hidden.shape)
 
@@ -840,6 +1033,8 @@ _moe_experts_reference_op = ReferenceOp("moe_experts_reference", _moe_experts_re
 _moe_experts_nf4_reference_op = ReferenceOp("moe_experts_nf4_reference", _moe_experts_nf4_reference, _hidden_like)
 _moe_experts_clamped_swiglu_reference_op = ReferenceOp(
     "moe_experts_clamped_swiglu_reference", _moe_experts_clamped_swiglu_reference, _hidden_like)
+_moe_experts_clamped_swiglu_nf4_reference_op = ReferenceOp(
+    "moe_experts_clamped_swiglu_nf4_reference", _moe_experts_clamped_swiglu_nf4_reference, _hidden_like)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -929,3 +1124,37 @@ def moe_experts_clamped_swiglu(
         return _moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
                                            *experts.op_args())[0]
     return _moe_experts_clamped_swiglu_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)
+
+
+def moe_experts_clamped_swiglu_nf4(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: Nf4Weight,
+    gate_up_bias: torch.Tensor,
+    down_proj: Nf4Weight,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    gate_up_lora: ExpertLora | None = None,
+    down_lora: ExpertLora | None = None,
+) -> torch.Tensor:
+    """``moe_experts_clamped_swiglu`` with frozen NF4 stacks (QLoRA): gate_up_proj and down_proj are ``quantize_nf4``
+    of the stored (E, H, 2I) and (E, I, H) stacks. Same result as ``moe_experts_clamped_swiglu`` on their
+    dequantization, without a 16-bit copy: the grouped GEMMs decode the stored tiles and read them transposed.
+    Differentiable w.r.t. hidden, top_k_weights, the biases and the LoRA factors."""
+    experts_count, hidden_size, gate_up_width = gate_up_proj.shape
+    if down_proj.shape != (experts_count, gate_up_width // 2, hidden_size) or gate_up_width % 2:
+        raise ValueError(f"NF4 gpt-oss experts shapes do not fit: gate_up_proj {gate_up_proj.shape}, "
+                         f"down_proj {down_proj.shape}")
+    experts = ClampedSwigluNf4ExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, float(alpha),
+                                            float(limit))
+    gu, dn = _lora_tensors(gate_up_lora), _lora_tensors(down_lora)
+    trained = (hidden, top_k_weights, gate_up_bias, down_bias, *gu[:2], *dn[:2])
+    # bf16 weights are rounded to bf16 inside the kernels, which the interpreter cannot be trusted with.
+    interpreted_bf16 = not hidden.is_cuda and torch.bfloat16 in (gate_up_proj.dtype, down_proj.dtype)
+    if hidden.shape[0] > 0 and not interpreted_bf16 and use_triton(*trained, *experts.tensors()):
+        return _moe_experts_clamped_swiglu_nf4(hidden, top_k_index, top_k_weights, *gu, *dn,
+                                               _needs_backward(*trained), *experts.op_args())[0]
+    return _moe_experts_clamped_swiglu_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu,
+                                                        *dn)

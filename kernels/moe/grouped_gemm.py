@@ -41,6 +41,7 @@ import triton.language as tl
 
 from .nf4 import (
     Nf4Weight,
+    TransposedNf4Weight,
     absmax_fp32,
     check_register_decode_layout,
     dequantize_nf4_tile,
@@ -50,7 +51,9 @@ from .nf4 import (
 )
 from .routing import ExpertSchedule
 
-GemmWeight = torch.Tensor | Nf4Weight  # an (E, N, K) expert weight stack as the GEMMs take it
+# An (E, N, K) expert weight stack as the GEMMs take it: 16-bit (any strides), NF4 stored (E, N, K), or NF4 stored
+# (E, K, N) and read transposed.
+GemmWeight = torch.Tensor | Nf4Weight | TransposedNf4Weight
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,16 @@ def _tile_matmul(
 def _tile_matmul_gate_up(
     a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, I, K,
-    NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr,
-    W_DTYPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """(gate, up), each (BLOCK_M, BLOCK_N) fp32: a[a_rows] @ W[gate rows]^T and a[a_rows] @ W[up rows]^T for the
     gate_up weight W (2I, K) of `expert` (rows _gate_up_rows gives), in one pass over K: each A tile (gathered rows)
     is loaded once for both products, so a (BLOCK_M, 2 x BLOCK_N) output costs one A stream, as a single GEMM tile
-    of that width would."""
+    of that width would. TRANSPOSED (NF4 stored (K, 2I), gpt-oss's layout): the tile's rows are stored columns, one
+    contiguous run only when INTERLEAVED."""
+    tl.static_assert(INTERLEAVED or not TRANSPOSED, "a transposed gate_up tile needs gate and up interleaved")
     # Gate row n and its up row side by side in one (2 x BLOCK_N)-row weight tile: one pass over K dequantizes (NF4)
     # and multiplies both in one wide dot, and the accumulator's column pairs split into gate and up in registers.
     # Stored interleaved (gpt-oss), those rows are one contiguous run: a 16-bit tile loads whole, where separate gate
@@ -129,17 +134,19 @@ def _tile_matmul_gate_up(
     # [gate; up] halves, each row is still one contiguous run along K. With the GPU configuration below the wide dot
     # ran 2-14% faster than two dots of BLOCK_N columns a K step (H200, benchmarks/sweep_expert_configs.py).
     if INTERLEAVED:
-        w_rows = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
+        w_row0 = 2 * n0
+        w_rows = w_row0 + tl.arange(0, 2 * BLOCK_N)
         w_mask = w_rows < 2 * I
     else:
+        w_row0 = n0  # unread: only a transposed read takes its rows as one run from w_row0
         gate_rows, up_rows = _gate_up_rows(offs_n, I, INTERLEAVED)
         w_rows = tl.reshape(tl.join(gate_rows, up_rows), (2 * BLOCK_N,))
         w_mask = tl.reshape(tl.join(n_mask, n_mask), (2 * BLOCK_N,))
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
                        w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
-                       w_rows, w_mask, n0, 2 * I, K,
-                       NF4, False, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
+                       w_rows, w_mask, w_row0, 2 * I, K,
+                       NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K, DOT_PRECISION)
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     return gate, up
 
@@ -336,7 +343,7 @@ def _grouped_mm_swiglu_kernel(
     gate, up = _tile_matmul_gate_up(a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
                                     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
                                     offs_n, n_mask, n0, I, K,
-                                    NF4, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, INTERLEAVED,
+                                    NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, INTERLEAVED,
                                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     gate_cols, up_cols = _gate_up_rows(offs_n, I, INTERLEAVED)
     if HAS_LORA:
@@ -619,6 +626,8 @@ def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dt
                     schedule: ExpertSchedule) -> _WeightOperand:
     """weight (E, N, K) read as W or, when transpose, as W^T (E, K, N), by a GEMM in compute_dtype over schedule's
     tiles."""
+    if isinstance(weight, TransposedNf4Weight):
+        weight, transpose = weight.stored, not transpose
     if isinstance(weight, torch.Tensor):
         w = weight.transpose(1, 2) if transpose else weight
         layout = {"NF4": False, "TRANSPOSED": False, "ROWS_ALIGNED": False, "REGISTER_DECODE": False, "W_DTYPE": None}
@@ -660,7 +669,7 @@ def _launch_row_gemm(
         stored_tile = (block_k, tile_rows) if layout["TRANSPOSED"] else (tile_rows, block_k)
         fits = register_decode_fits(*stored_tile, num_warps=options.get("num_warps", 4))
         layout = {**layout, "REGISTER_DECODE": layout["REGISTER_DECODE"] and fits}
-        whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % block_n == 0)
+        whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % tile_rows == 0)
     # 16-bit tiles keep their K and column masks: dropping them paid off in the NF4 loop, bound by instruction issue.
     compiled = kernel[(schedule.max_tiles * triton.cdiv(num_n, block_n),)](
         a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *outputs,

@@ -128,6 +128,28 @@ class Nf4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+@dataclass
+class TransposedNf4Weight:
+    """The transpose (E, K, N) of an Nf4Weight stack stored (E, N, K), with no copy: how the grouped GEMMs take a stack
+    stored (E, in, out) (gpt-oss's experts, quantized along their stored rows) as the (E, out, in) weight they
+    multiply by. The GEMMs decode the stored tiles and read them transposed."""
+
+    stored: Nf4Weight
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        experts, n, k = self.stored.shape
+        return experts, k, n
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stored.dtype
+
+
 def check_nf4_shape(shape: tuple[int, ...]) -> None:
     if len(shape) != 3:
         raise ValueError(f"NF4 expert weights are (experts, N, K) stacks, got shape {tuple(shape)}")

@@ -28,6 +28,7 @@ from fastmoe.kernels.moe import (
     expert_reduce_nf4,
     moe_experts,
     moe_experts_clamped_swiglu,
+    moe_experts_clamped_swiglu_nf4,
     moe_experts_nf4,
     quantize_nf4,
     route_sigmoid_topk,
@@ -93,6 +94,21 @@ def moe_clamped_swiglu_case():
         return moe_experts_clamped_swiglu(x, index, w, gate_up, gate_up_bias, down, down_bias, 1.702, 1.0,
                                           lora_of(loras[:2]), lora_of(loras[2:]))
     return fn, [randn(tokens, hidden, grad=True), weights, *base, *loras]
+
+
+def moe_clamped_swiglu_nf4_case():
+    """gpt-oss's experts in NF4, each stored (E, in, out) stack quantized along its stored rows; the biases trained."""
+    tokens, hidden, inter, experts, rank = 6, 16, 8, 3, 2
+    index, weights = routing(tokens, experts, 2)
+    gate_up = quantize_nf4(randn(experts, hidden, 2 * inter, seed=1, scale=0.5), double_quant=True)
+    down = quantize_nf4(randn(experts, inter, hidden, seed=2))
+    loras = lora_factors(experts, rank, 2 * inter, hidden, 3) + lora_factors(experts, rank, hidden, inter, 5)
+
+    def fn(x, w, gate_up_bias, down_bias, *loras):
+        return moe_experts_clamped_swiglu_nf4(x, index, w, gate_up, gate_up_bias, down, down_bias, 1.702, 1.0,
+                                              lora_of(loras[:2]), lora_of(loras[2:]))
+    return fn, [randn(tokens, hidden, grad=True), weights, randn(experts, 2 * inter, grad=True, seed=6),
+                randn(experts, hidden, grad=True, seed=7), *loras]
 
 
 def moe_nf4_case():
@@ -209,6 +225,7 @@ CASES = {
     "moe_experts_top1_trained_weights": lambda: moe_case(top_k=1, lora=False, train_weights=True),
     "moe_experts_nf4": moe_nf4_case,
     "moe_experts_clamped_swiglu": moe_clamped_swiglu_case,
+    "moe_experts_clamped_swiglu_nf4": moe_clamped_swiglu_nf4_case,
     "expert_map": expert_map_case,
     "expert_reduce": expert_reduce_case,
     "expert_map_nf4": expert_map_nf4_case,
@@ -219,9 +236,9 @@ CASES = {
     "sort_by_expert": sort_case,
 }
 # Ops whose reference runs as its own op (the MoE loops over experts); the other references are traced as they are.
-REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "moe_experts_clamped_swiglu", "expert_map", "expert_reduce",
-                   "expert_map_nf4", "expert_reduce_nf4", "rms_norm_add", "qk_norm_rope", "short_conv",
-                   "route_sigmoid_topk"]
+REFERENCE_CASES = ["moe_experts", "moe_experts_nf4", "moe_experts_clamped_swiglu", "moe_experts_clamped_swiglu_nf4",
+                   "expert_map", "expert_reduce", "expert_map_nf4", "expert_reduce_nf4", "rms_norm_add", "qk_norm_rope",
+                   "short_conv", "route_sigmoid_topk"]
 INDUCTOR_CASES = ["rms_norm_add", "qk_norm_rope", "moe_experts"]
 
 

@@ -78,10 +78,10 @@ def _expert_modules(config) -> int:
 # The family's dense Linear layer that bitsandbytes quantizes, and the router Linear it must leave 16-bit.
 LINEAR_AND_ROUTER = {"afmoe": ("q_proj", "gate"), "lfm2_moe": ("q_proj", "gate"), "qwen3_moe": ("q_proj", "gate"),
                      "mixtral": ("q_proj", "gate"), "jetmoe": ("kv_proj", "layer"),
-                     "qwen2_moe": ("q_proj", "shared_expert_gate")}
+                     "qwen2_moe": ("q_proj", "shared_expert_gate"), "gpt_oss": ("q_proj", "router")}
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "qwen2_moe", "gpt_oss"])
 def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoint, model_type):
     model = _load_4bit(tiny_checkpoint(model_type))
     experts = _quantized_experts(model)
@@ -191,28 +191,57 @@ def _jetmoe_4bit_lora(checkpoint):
     return model
 
 
-def test_qlora_on_jetmoe_nf4_has_the_gradients_of_its_dequantized_model(tiny_checkpoint):
-    """One training step through the NF4 kernels (both mixtures' map, reduce and SwiGLU experts) against the same
-    step with the experts dequantized to fp32 Parameters (the 16-bit kernels, tests/models/test_jetmoe.py checks
-    those against transformers + peft): loss and every LoRA gradient."""
+def _step_on_nf4_and_dequantized(make_model):
+    """(loss, {name: gradient} of every trained parameter) of one step on a padded batch, for the 4-bit model
+    make_model() gives and for another with its experts dequantized to fp32 Parameters."""
     batch = batch_with_padding(512, seed=3, seq=8)
     results = []
     for dense in (False, True):
-        model = _jetmoe_4bit_lora(tiny_checkpoint("jetmoe"))
+        model = make_model()
         if dense:
             for module in _quantized_experts(model.get_base_model()):
                 _dense_again_(module)
         assert bool(_quantized_experts(model.get_base_model())) != dense
         model.train()
         loss = model(**batch).loss
-        lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), dict(zip(lora, torch.autograd.grad(loss, list(lora.values()))))))
-    (loss, grads), (dense_loss, dense_grads) = results
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))))
+    return results
+
+
+def test_qlora_on_jetmoe_nf4_has_the_gradients_of_its_dequantized_model(tiny_checkpoint):
+    """One training step through the NF4 kernels (both mixtures' map, reduce and SwiGLU experts) against the same
+    step with the experts dequantized to fp32 Parameters (the 16-bit kernels, tests/models/test_jetmoe.py checks
+    those against transformers + peft): loss and every LoRA gradient."""
+    (loss, grads), (dense_loss, dense_grads) = _step_on_nf4_and_dequantized(
+        lambda: _jetmoe_4bit_lora(tiny_checkpoint("jetmoe")))
     assert rel_err(loss, dense_loss) < 1e-5
     # LoRA on kv_proj and on every expert stack: both mixtures' input and output projections.
     suffixes = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in grads}
     assert {"kv_proj", "input_linear", "output_linear"} <= suffixes
     assert any("self_attention.experts.input_linear" in name for name in grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grad, dense_grads[name]) < 1e-5, name
+
+
+def test_qlora_on_gpt_oss_nf4_has_the_gradients_of_its_dequantized_model(tiny_checkpoint):
+    """gpt-oss's stacks are stored (E, in, out) and quantized along their stored rows; its kernels read them
+    transposed. One training step against the same step with the experts dequantized to fp32 Parameters (the 16-bit
+    kernels, tests/models/test_gpt_oss.py checks those against transformers + peft): loss, every LoRA gradient and the
+    experts' bias gradients."""
+    def gpt_oss_4bit_lora():
+        model = _load_4bit(tiny_checkpoint("gpt_oss"))
+        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        randomize_lora(model)
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.requires_grad_(True)
+        return model
+
+    (loss, grads), (dense_loss, dense_grads) = _step_on_nf4_and_dequantized(gpt_oss_4bit_lora)
+    assert rel_err(loss, dense_loss) < 1e-5
+    assert any("experts.lora_A" in name for name in grads) and any(name.endswith("down_proj_bias") for name in grads)
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         assert rel_err(grad, dense_grads[name]) < 1e-5, name

@@ -1,7 +1,10 @@
 """gpt-oss: FastModel + LoRA (attention and experts) against transformers + peft, fp32 on CPU against fp64, with the
 tiny model's sliding window shorter than the batch, its clamps acting and the router aux loss on; which kernels ran;
 unpatch() and the "fastmoe" experts implementation under transformers' own forward; generation through the decode
-step (sinks in the decode attention); the router; packed documents; load_in_4bit refused in one line."""
+step (sinks in the decode attention); the router; packed documents; 8-bit, and 4-bit of an MXFP4 checkpoint, refused
+in one line (4-bit: tests/models/test_4bit_experts.py)."""
+
+import json
 
 import pytest
 import torch
@@ -117,13 +120,24 @@ def test_router_matches_transformers():
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
-def test_load_in_4bit_is_refused_in_one_line_and_8bit_does_not_suggest_it(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"^load_in_4bit is not supported for gpt_oss yet .*load it in 16") as info:
-        FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_4bit=True)
-    assert "\n" not in str(info.value)
+def test_8bit_is_refused_in_one_line_and_names_4bit(tiny_checkpoint):
     with pytest.raises(ValueError, match="load_in_8bit quantizes Linear layers only") as info:
         FastModel.from_pretrained(str(tiny_checkpoint("gpt_oss")), load_in_8bit=True)
-    assert "gpt_oss" not in str(info.value) and "qwen3_moe" in str(info.value)
+    assert "\n" not in str(info.value) and "gpt_oss" in str(info.value)
+
+
+def test_load_in_4bit_of_an_mxfp4_checkpoint_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    """An MXFP4 checkpoint's experts are blocks under other names: a 4-bit load would miss them (random experts)."""
+    import shutil
+
+    checkpoint = tmp_path / "mxfp4"
+    shutil.copytree(tiny_checkpoint("gpt_oss"), checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^load_in_4bit cannot load .* its experts are MXFP4") as info:
+        FastModel.from_pretrained(str(checkpoint), load_in_4bit=True)
+    assert "\n" not in str(info.value)
 
 
 def test_packed_documents_train_as_if_alone(tiny_checkpoint):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastmoe.kernels import reference_only
-from fastmoe.kernels.moe import ExpertLora, moe_experts_clamped_swiglu, reference_moe_experts_clamped_swiglu
+from fastmoe.kernels.moe import (ExpertLora, dequantize_nf4, moe_experts_clamped_swiglu,
+                                 moe_experts_clamped_swiglu_nf4, quantize_nf4, reference_moe_experts_clamped_swiglu)
 from testing_utils import check_against_reference, output_and_grads, random_expert_lora, random_routing, rel_err
 
 ALPHA = 1.702
@@ -119,6 +120,53 @@ def test_without_gradients_and_empty_input():
     assert moe_experts_clamped_swiglu(*empty).shape == (0, 40)
 
 
+# NF4 (QLoRA): each stored stack quantized along its stored rows, read transposed by the kernels. (tokens, hidden,
+# inter, experts, top_k, rank, used_experts, double_quant): stored rows off the 64-blocks (the flat-index decode),
+# rows on them (the row-aligned decode), one token, k=1 with idle experts.
+NF4_SHAPES = [
+    pytest.param(13, 40, 24, 6, 2, 3, None, False, id="rows-off-blocks"),
+    pytest.param(11, 64, 32, 4, 2, 4, None, True, id="rows-aligned-double-quant"),
+    pytest.param(1, 40, 24, 6, 2, 1, None, False, id="one-token-r1"),
+    pytest.param(19, 24, 40, 5, 1, 4, 3, False, id="k1-idle-experts"),
+]
+
+
+def _nf4_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used, double_quant, seed=0):
+    """_inputs with both stacks quantized (frozen) and trained biases: (args, params, the dequantized args)."""
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used, seed=seed,
+                           train_weights=False)
+    x, index, weights, gate_up, gate_up_bias, down, down_bias, alpha, limit, gu_lora, down_lora = args
+    gate_up_nf4, down_nf4 = quantize_nf4(gate_up, double_quant), quantize_nf4(down, double_quant)
+    gate_up_bias.requires_grad_(), down_bias.requires_grad_()
+    params = params + [gate_up_bias, down_bias]
+    nf4_args = (x, index, weights, gate_up_nf4, gate_up_bias, down_nf4, down_bias, alpha, limit, gu_lora, down_lora)
+    dense_args = (x, index, weights, dequantize_nf4(gate_up_nf4), gate_up_bias, dequantize_nf4(down_nf4), down_bias,
+                  alpha, limit, gu_lora, down_lora)
+    return nf4_args, params, dense_args
+
+
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used,double_quant", NF4_SHAPES)
+def test_nf4_kernels_match_the_reference_fp32(num_tokens, hidden, inter, num_experts, top_k, rank, used,
+                                              double_quant):
+    args, params, dense_args = _nf4_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used, double_quant)
+    if num_tokens > 1:
+        assert _crosses_the_limits(dense_args)
+    check_against_reference(moe_experts_clamped_swiglu_nf4, args, params, 1e-5)
+    # The same function as the 16-bit block on the dequantized stacks, gradients included.
+    out, grads = output_and_grads(moe_experts_clamped_swiglu_nf4, args, params)
+    dense, dense_grads = output_and_grads(moe_experts_clamped_swiglu, dense_args, params)
+    assert rel_err(out, dense) < 1e-5
+    for grad, dense_grad in zip(grads, dense_grads):
+        assert rel_err(grad, dense_grad) < 1e-5
+
+
+def test_nf4_refuses_stacks_that_do_not_fit():
+    args, _, _ = _nf4_inputs(5, 40, 24, 4, 2, 2, None, False)
+    x, index, weights, gate_up, gate_up_bias, down, *rest = args
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        moe_experts_clamped_swiglu_nf4(x, index, weights, down, gate_up_bias, gate_up, *rest)
+
+
 def _check_against_fp32_reference(args, params):
     out, grads = output_and_grads(moe_experts_clamped_swiglu, args, params)
     x, index, weights, gate_up, gate_up_bias, down, down_bias, alpha, limit, gu_lora, down_lora = args
@@ -143,6 +191,29 @@ def test_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
     args, params = _inputs(num_tokens, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
                            device="cuda", limit=7.0)
     _check_against_fp32_reference(args, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 7, 1000])
+def test_nf4_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
+    """QLoRA at gpt-oss-20b's experts (double-quantized NF4, read transposed, the PTX decode on NVIDIA GPUs): bf16
+    kernels against the fp32 reference on the dequantized stacks, at gpt-oss's limit (see above)."""
+    args, params = _inputs(num_tokens, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
+                           device="cuda", limit=7.0)
+    x, index, weights, gate_up, gate_up_bias, down, down_bias, alpha, limit, gu_lora, down_lora = args
+    gate_up_nf4, down_nf4 = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
+    out, grads = output_and_grads(moe_experts_clamped_swiglu_nf4, (x, index, weights, gate_up_nf4, gate_up_bias,
+                                                                   down_nf4, down_bias, alpha, limit, gu_lora,
+                                                                   down_lora), params)
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+    ref_args = (x.float(), index, weights, dequantize_nf4(gate_up_nf4).float(), gate_up_bias.float(),
+                dequantize_nf4(down_nf4).float(), down_bias.float(), alpha, limit, up(gu_lora), up(down_lora))
+    with reference_only():
+        ref, ref_grads = output_and_grads(moe_experts_clamped_swiglu, ref_args, params)
+    assert out.dtype == x.dtype and rel_err(out, ref) < 1e-2
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-2
 
 
 def test_fp16_interpreter():
