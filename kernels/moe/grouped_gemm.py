@@ -733,8 +733,9 @@ def grouped_mm_swiglu(
     """h = silu(gate) * up (or `activation`) with (gate, up) the columns of
     a[a_rows[s]] @ gate_up[e_s]^T (+ lora_l[s] @ lora_b[e_s]^T) (+ bias[e_s]).
 
-    a: (rows_a, H); gate_up: (E, 2I, H), 16-bit (any strides) or Nf4Weight, its rows [gate; up] or, interleaved,
-    gate and up alternating (gate row n at 2n, up at 2n + 1; lora_b's rows and the bias's entries alike);
+    a: (rows_a, H); gate_up: (E, 2I, H), 16-bit (any strides), Nf4Weight or (interleaved only) TransposedNf4Weight,
+    its rows [gate; up] or, interleaved, gate and up alternating (gate row n at 2n, up at 2n + 1; lora_b's rows and
+    the bias's entries alike);
     lora_l: (S, r); lora_b: (E, 2I, r); bias: (E, 2I).
     Returns h (S, I) in sorted order and, if store_gate_up, the pre-activation (S, 2I) in gate_up's row order, both
     in a's dtype.
