@@ -102,7 +102,7 @@ def test_bf16_on_gpu_is_as_close_to_fp32_as_transformers(flip_free_checkpoint, m
         close_enough(fast[2][name], reference[2][name], exact[2][name], name)
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "qwen2_moe", "gpt_oss"])
 def test_4bit_experts_on_gpu_compute_as_their_dequantized_weights_and_train(flip_free_checkpoint, model_type):
     pytest.importorskip("bitsandbytes")
     from fastmoe.kernels.moe.nf4 import dequantize_nf4
