@@ -64,7 +64,7 @@ def label(config: tuple[int, int, dict]) -> str:
 
 
 def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interleaved: bool, tokens: int,
-                 device: str = "cuda"):
+                 device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     """(kernel, case name, FLOPs, fn) for one model's shapes: fn() launches the kernel and returns its output."""
     index, _ = common.moe_routing(tokens, num_experts, top_k, "balanced", device)
     schedule = sort_by_expert(index, num_experts, gemm_block_m(torch.device(device), index.numel(), num_experts))
@@ -73,7 +73,7 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     token_rows = schedule.sorted_token  # the forward's gathered reads of the (tokens, H) hidden states
 
     def randn(*shape, scale=1.0):
-        return torch.randn(*shape, device=device, dtype=torch.bfloat16) * scale
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
 
     gate_up, down = randn(num_experts, 2 * inter, hidden, scale=hidden**-0.5), randn(num_experts, hidden, inter,
                                                                                        scale=inter**-0.5)
@@ -83,10 +83,10 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     down_b, down_a = randn(num_experts, hidden, RANK, scale=0.02), randn(num_experts, inter, RANK, scale=0.02)
     stored = randn(rows, 2 * inter)
     h = randn(rows, inter)
-    out = torch.empty(rows, hidden, device=device, dtype=torch.bfloat16)
+    out = torch.empty(rows, hidden, device=device, dtype=dtype)
     dgu = randn(rows, 2 * inter)
     gate_up_a = randn(num_experts, RANK, hidden, scale=hidden**-0.5)
-    thin = torch.empty(rows, RANK, device=device, dtype=torch.bfloat16)
+    thin = torch.empty(rows, RANK, device=device, dtype=dtype)
     grad_a = torch.empty(num_experts, RANK, hidden, device=device, dtype=torch.float32)
     grad_b = torch.empty(num_experts, 2 * inter, RANK, device=device, dtype=torch.float32)
     return [

@@ -1,6 +1,7 @@
 """The benchmark harness's own arithmetic and output: FLOP counting of each preset (on meta-device models, so
 nothing is allocated), LoRA target sets, GPU-activity accounting, the page report.py generates (and that the
-committed one is generated), the charts, and the CPU smoke runs of bench_sft.py and bench_short_conv.py."""
+committed one is generated), the charts, the CPU smoke runs of bench_sft.py and bench_short_conv.py, and the cases
+sweep_expert_configs.py times (in the interpreter, at toy sizes)."""
 
 import json
 import sys
@@ -22,6 +23,7 @@ import host_gaps  # noqa: E402
 import memory_peak  # noqa: E402
 import plot_results  # noqa: E402
 import report  # noqa: E402
+import sweep_expert_configs  # noqa: E402
 
 
 def meta_model(preset: str):
@@ -444,3 +446,17 @@ def test_fused_lm_head_benchmark_smoke_run(tmp_path):
         assert record["loss_diff_vs_trl"] < 1e-5 and record["grad_hidden_rel_err_vs_trl"] < 1e-5
     page = report.render(records, include_cpu=True)
     assert "| sft, 37 tokens | 48 / 997 |" in page
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_expert_config_sweep_cases_run_each_kernel_it_names(interleaved):
+    """Every case the sweep times launches under the configuration attribute it sweeps, with outputs of the shapes
+    its FLOP count assumes (toy sizes, the interpreter's configurations)."""
+    cases = sweep_expert_configs.kernel_cases(64, 48, 4, 2, interleaved, 20, device="cpu", dtype=torch.float32)
+    assert {kernel for kernel, *_ in cases} == set(sweep_expert_configs.SWEEP) == set(sweep_expert_configs.ATTRIBUTE)
+    rows = 20 * 2
+    for kernel, case, flops, fn in cases:
+        out = fn()
+        assert torch.isfinite(out).all(), case
+        assert flops > 0 and (out.shape[0] == rows or kernel == "wgrad"), case
+
