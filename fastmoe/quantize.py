@@ -126,6 +126,14 @@ UNREADABLE_LORA_ON_NF4 = (
 )
 
 
+def refuse_peft_forward_on_nf4(experts: torch.nn.Module) -> None:
+    """Raise UNREADABLE_LORA_ON_NF4 where a patched MoE forward is about to hand `experts` (peft's wrapper, or the
+    bare module) to its own forward while they are quantized: that forward would compute with the zero placeholders
+    that replaced the 4-bit weights."""
+    if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
+        raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
+
+
 def _refuse_unpatched_forward(*args, **kwargs):
     raise RuntimeError(
         "these experts hold fastmoe NF4 weights, which only fastmoe's patched MoE forward with its own experts kernel "

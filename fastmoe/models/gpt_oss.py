@@ -19,7 +19,7 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
                                    runs_fastmoe_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
-from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
+from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention_with_sinks, mask_layout_patches
 
 
@@ -44,9 +44,7 @@ def experts_forward(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index:
         return experts(hidden, top_k_index, top_k_weights)
     unwrapped = unwrap_expert_lora(experts)
     if unwrapped is None or not _EXPERT_STACKS.issuperset(unwrapped[1]):
-        if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
-            # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
-            raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
+        refuse_peft_forward_on_nf4(experts)
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped
     if is_quantized(bare):

@@ -30,7 +30,7 @@ from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward
 from fastmoe.patching import FIXED, Family, ForwardPatch
-from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
+from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 
 
 class Routing(NamedTuple):
@@ -59,9 +59,7 @@ def _wrapped_pairs_linear(experts: torch.nn.Module, pairs: torch.Tensor, top_k_i
     """(tokens*k, in) rows in (token, slot) order through the experts module as transformers calls it: grouped by
     expert, with the group sizes on the host. Only for layouts our kernels cannot read the LoRA of (several
     adapters active at once); the module (peft's wrapper) then applies its own adapters."""
-    if is_quantized(experts.get_base_layer()):
-        # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
-        raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
+    refuse_peft_forward_on_nf4(experts)
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     expert_size = torch.bincount(flat, minlength=experts.get_base_layer().num_experts).tolist()

@@ -11,7 +11,7 @@ from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_exp
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import swiglu
 from fastmoe.patching import ForwardPatch
-from fastmoe.quantize import UNREADABLE_LORA_ON_NF4, is_quantized, nf4_weight
+from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 # fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
@@ -119,9 +119,7 @@ def swiglu_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: 
         return experts(hidden, top_k_index, top_k_weights)
     unwrapped = unwrap_expert_lora(experts)
     if unwrapped is None:
-        if is_quantized(experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts):
-            # peft's own forward would compute with the zero placeholders that replaced the 4-bit weights.
-            raise NotImplementedError(UNREADABLE_LORA_ON_NF4)
+        refuse_peft_forward_on_nf4(experts)
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped
     if is_quantized(bare):
