@@ -7,7 +7,12 @@ TFLOP/s counts the (query, key) pairs each mask keeps: 4 x pairs x head_dim x he
 for the backward, the convention of common.attention_flops. Times are CUDA-graph replays (GPU time). One JSON line
 per (layer, implementation) goes to benchmarks/results.jsonl (question "sliding-window-attention").
 
-    python benchmarks/bench_sliding_window_attention.py [--jsonl benchmarks/results.jsonl] [--no-record]
+On Hopper GPUs fastmoe runs both layers on cuDNN's fused attention (the sliding one as causal attention with the
+keys beyond the window masked by an additive bias, while that pays: fastmoe/sliding_window_attention.py); the flash
+kernel given the window is the path it takes elsewhere. `--seq` sets the tokens (4096 by default): where the window
+is a small part of the row, the bias's extra pairs cost more than cuDNN saves.
+
+    python benchmarks/bench_sliding_window_attention.py [--seq 4096] [--jsonl benchmarks/results.jsonl] [--no-record]
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import common
-from fastmoe.sliding_window_attention import flash_sliding_window_attention, sliding_window_causal_mask
+from fastmoe.sliding_window_attention import flash_sliding_window_attention, sliding_window_causal_mask, window_bias
 
-SEQ, HEADS, KV_HEADS, HEAD_DIM, WINDOW = 4096, 32, 4, 128, 2048
+HEADS, KV_HEADS, HEAD_DIM, WINDOW = 32, 4, 128, 2048
+
+
+def cudnn_attention(query, key, value, bias, scale):
+    """PyTorch's cuDNN attention, causal, with an optional additive bias; (batch, seq, heads, head_dim) out."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, bias, torch.is_grad_enabled(), 0.0, True, False, scale=scale)[0].transpose(1, 2)
 
 
 class AttentionShape(torch.nn.Module):
@@ -37,32 +48,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
     parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    parser.add_argument("--seq", type=int, default=4096, help="tokens in the row (4096)")
     args = parser.parse_args()
+    seq = args.seq
     torch.manual_seed(0)
     scale = HEAD_DIM ** -0.5
     module = AttentionShape().eval()
 
     def leaf(heads):
         # (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim), as the AFMoE forward has it.
-        return torch.randn(1, SEQ, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
+        return torch.randn(1, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
             .requires_grad_()
 
     inputs = [leaf(HEADS), leaf(KV_HEADS), leaf(KV_HEADS)]
-    grads = [torch.randn(1, SEQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)]
-    dense_mask = sliding_window_causal_mask(SEQ, WINDOW, "cuda")[None, None]
-    window_pairs = WINDOW * (WINDOW + 1) // 2 + (SEQ - WINDOW) * WINDOW
-    causal_pairs = SEQ * (SEQ + 1) // 2
+    grads = [torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)]
+    dense_mask = sliding_window_causal_mask(seq, WINDOW, "cuda")[None, None]
+    bias = window_bias(seq, WINDOW, torch.device("cuda"), torch.bfloat16)
+    window_pairs = WINDOW * (WINDOW + 1) // 2 + (seq - WINDOW) * WINDOW
+    causal_pairs = seq * (seq + 1) // 2
     sliding, full = f"sliding-window layer (window {WINDOW})", "full causal layer (the yardstick)"
     cases = [  # (case, implementation, detail, attention, (query, key) pairs)
         (sliding, "transformers", "SDPA over the dense mask",
          lambda q, k, v: sdpa_attention_forward(module, q, k, v, dense_mask, scaling=scale)[0], window_pairs),
         (sliding, "fastmoe", "flash kernel given the window",
          lambda q, k, v: flash_sliding_window_attention(q, k, v, WINDOW, scale), window_pairs),
-        (full, "transformers", "SDPA (flash), causal",
+        (sliding, "fastmoe", "cuDNN, causal with the window as an additive bias",
+         lambda q, k, v: cudnn_attention(q, k, v, bias, scale), window_pairs),
+        (full, "transformers", "SDPA, causal (PyTorch's kernel choice)",
          lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=scale)[0], causal_pairs),
+        (full, "fastmoe", "cuDNN, causal",
+         lambda q, k, v: cudnn_attention(q, k, v, None, scale), causal_pairs),
     ]
     peak = common.matmul_peak_tflops("cuda")
-    shared = dict(common.environment("cuda"), question="sliding-window-attention", seq=SEQ, heads=HEADS,
+    shared = dict(common.environment("cuda"), question="sliding-window-attention", seq=seq, heads=HEADS,
                   kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, peak_tflops=round(peak, 1))
     records = []
     for case, impl, detail, fn, pairs in cases:
@@ -74,7 +92,7 @@ def main() -> None:
         records.append(dict(shared, case=case, implementation=impl, detail=detail, fwd_ms=round(forward_ms, 4),
                             fwd_bwd_ms=round(step_ms, 4), fwd_bwd_tflops=round(tflops, 1),
                             mfu_pct=round(100 * tflops / peak, 1), peak_mib=round(common.peak_mib_above(step))))
-    print(f"{shared['gpu']}; bf16, 1 x {SEQ} tokens, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, window {WINDOW}; "
+    print(f"{shared['gpu']}; bf16, 1 x {seq} tokens, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, window {WINDOW}; "
           f"bf16 matmul peak {peak:.0f} TFLOP/s")
     print("| layer | path | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of matmul peak | peak MiB |\n"
           "|---|---|---|---|---|---|---|")

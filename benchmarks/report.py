@@ -384,13 +384,13 @@ def short_conv_section(records: list[dict], sources: Sources) -> list[str]:
 
 def sliding_window_section(records: list[dict], sources: Sources) -> list[str]:
     out = []
-    for (case,), impls in by_case(records):
-        for implementation, r in impls.items():
-            out.append([case, f"{implementation}: {r.get('detail', '')}", value(r, "fwd_ms", ".3f"),
-                        value(r, "fwd_bwd_ms", ".3f"), value(r, "fwd_bwd_tflops", ".0f"), value(r, "mfu_pct", ".0f"),
-                        value(r, "peak_mib", ",.0f"), sources.ref(r)])
-    return table(["layer", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "% of matmul peak", "peak MiB",
-                  "source"], out)
+    latest = newest(records, lambda r: (r.get("seq"), r.get("case"), r.get("implementation"), r.get("detail")))
+    for (seq, case, implementation, detail), r in sorted(latest.items(), key=lambda item: item[0][0] or 0):
+        out.append([f"{seq:,}", case, f"{implementation}: {detail or ''}", value(r, "fwd_ms", ".3f"),
+                    value(r, "fwd_bwd_ms", ".3f"), value(r, "fwd_bwd_tflops", ".0f"), value(r, "mfu_pct", ".0f"),
+                    value(r, "peak_mib", ",.0f"), sources.ref(r)])
+    return table(["tokens", "layer", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "% of matmul peak",
+                  "peak MiB", "source"], out)
 
 
 def multi_gpu_section(records: list[dict], sources: Sources) -> list[str]:
@@ -561,10 +561,11 @@ SECTIONS = [
             "(input gradients only), launched eagerly; GB/s counts the bytes the conv must move.",
             "python benchmarks/bench_short_conv.py", short_conv_section),
     Section("sliding-window-attention", "Sliding-window attention",
-            "bench_sliding_window_attention.py: one AFMoE attention layer at Trinity-Mini's shapes, 1 x 4,096 tokens: "
-            "transformers' SDPA over its dense sliding-window mask against the flash kernel given the window; the "
-            "causal full-attention layer is the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs "
-            "each mask keeps.",
+            "bench_sliding_window_attention.py: one AFMoE attention layer at Trinity-Mini's shapes (window 2,048), "
+            "one row of the given tokens: transformers' SDPA over its dense sliding-window mask against the flash "
+            "kernel given the window and cuDNN's causal attention with the window as an additive bias (fastmoe's "
+            "path on Hopper while it pays); the causal full-attention layer, transformers' flash against cuDNN, is "
+            "the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs each mask keeps.",
             "python benchmarks/bench_sliding_window_attention.py", sliding_window_section),
     Section("multi-gpu", "Several GPUs: DDP and FSDP2",
             "bench_multi_gpu.py: an LFM2-8B-A1B-shaped model, transformers' Trainer (accelerate) with fastmoe's "

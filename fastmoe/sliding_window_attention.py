@@ -25,8 +25,13 @@ fused attention instead on Hopper GPUs: PyTorch's `_scaled_dot_product_cudnn_att
 key/value heads than query heads. On an H200 (cuDNN 9.19, bf16, 32 query heads) its forward + backward took
 1.1 ms against flash's 1.9 at 4,096 tokens (4 or 32 key/value heads, head_dim 128), 0.70 against 1.09 at head_dim
 64, 14.4 against 23.9 at 16,384 tokens and 1.2 against 1.9 for 4 rows of 2,048; at 1,024 tokens it was slower
-(0.41 against 0.32). Both are within the same distance of fp32 (2-3e-3). cuDNN's attention takes no window and
-this path gives it no document offsets, so those layouts stay on flash.
+(0.41 against 0.32). Both are within the same distance of fp32 (2-3e-3). This path gives cuDNN no document
+offsets, so packed layouts stay on flash.
+
+A window at least as long as the row is plain causal attention, and runs the same way (4 x 2,048-token rows of
+Trinity-Mini's 2,048-token window). PyTorch's cuDNN op takes no window, only an additive bias: Trinity-Mini's window
+at 4,096 tokens given to it as a (seq, seq) bias of 0 and -inf took 2.15 ms forward + backward against flash's 1.47
+(benchmarks/bench_sliding_window_attention.py), so shorter windows stay on flash.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastmoe import kept_attention
 from fastmoe.patching import ForwardPatch
 
 # A forward builds its sliding-window mask once and hands the same tensor to every sliding layer, and gradient
@@ -213,10 +219,12 @@ CUDNN_MIN_SEQ = 2048
 
 
 def _cudnn_runs(query: torch.Tensor, layout: FlashCausal) -> bool:
-    """Whether cuDNN's fused attention takes a plain causal batch: a Hopper GPU (where it was measured), cuDNN
-    attention enabled in torch.backends, rows of at least CUDNN_MIN_SEQ tokens and head_dim up to 128."""
-    return (layout.window is None and layout.document_offsets is None and query.is_cuda
-            and query.shape[2] >= CUDNN_MIN_SEQ and query.shape[3] <= 128 and query.shape[3] % 8 == 0
+    """Whether cuDNN's fused attention takes the batch: plain causal rows (no documents, no window shorter than the
+    rows) of at least CUDNN_MIN_SEQ tokens, a Hopper GPU (where it was measured), cuDNN attention enabled in
+    torch.backends and head_dim up to 128."""
+    seq = query.shape[2]
+    return ((layout.window is None or layout.window >= seq) and layout.document_offsets is None and query.is_cuda
+            and seq >= CUDNN_MIN_SEQ and query.shape[3] <= 128 and query.shape[3] % 8 == 0
             and torch.backends.cuda.cudnn_sdp_enabled() and _is_hopper(query.device.index))
 
 
@@ -228,27 +236,48 @@ def _is_hopper(device_index: int | None) -> bool:
 def flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: FlashCausal,
                            scale: float) -> torch.Tensor:
     """Attention as `layout` describes it. query (batch, heads, seq, head_dim); key and value (batch, kv_heads,
-    seq, head_dim). Returns (batch, seq, heads, head_dim), the layout transformers' attention functions return."""
+    seq, head_dim). Returns (batch, seq, heads, head_dim), the layout transformers' attention functions return.
+    Inside graphed checkpointing the recompute reuses the forward's output (fastmoe.kept_attention)."""
     batch, _, seq, _ = query.shape
     if _cudnn_runs(query, layout):
-        # The log-sum-exp is the backward's: skipped where no gradient will be taken (the first, no-grad forward
-        # of a checkpointed layer).
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        output, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            query, key, value, None, needs_grad, 0.0, True, False, scale=scale)
-        return output.transpose(1, 2)
+        def cudnn_forward(keep_lse: bool):
+            # The log-sum-exp is the backward's: skipped where no gradient will be taken (the first, no-grad
+            # forward of a checkpointed layer), unless kept for its recompute.
+            needs_lse = keep_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+            output, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
+                torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, needs_lse, 0.0, True,
+                                                                   False, scale=scale)
+            return output, (lse, seed, offset, cum_q, cum_k, max_q, max_k)
+
+        def cudnn_backward(grad, q, k, v, output, aux):
+            lse, seed, offset, cum_q, cum_k, max_q, max_k = aux
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad, q, k, v, output, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
+
+        return kept_attention.run(query, key, value, cudnn_forward, cudnn_backward).transpose(1, 2)
     window = {} if layout.window is None else dict(window_size_left=layout.window - 1, window_size_right=0)
     if layout.document_offsets is None:
-        output, *_ = torch.ops.aten._flash_attention_forward(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None, seq, seq, 0.0, True,
-            False, scale=scale, **window)
-        return output
-    # Variable-length form: every document a sequence of its own, the rows' tokens end to end.
-    tokens = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3]) for t in (query, key, value)]
-    offsets, longest = layout.document_offsets, layout.longest_document
-    output, *_ = torch.ops.aten._flash_attention_forward(
-        *tokens, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
-    return output.view(batch, seq, *output.shape[1:])
+        # The kernel reads (batch, seq, heads, head_dim) with a unit last stride: transposed views of our layout.
+        tokens = [t.transpose(1, 2) for t in (query, key, value)]
+        offsets, longest = None, seq
+    else:
+        # Variable-length form: every document a sequence of its own, the rows' tokens end to end.
+        tokens = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3]) for t in (query, key, value)]
+        offsets, longest = layout.document_offsets, layout.longest_document
+
+    def flash_forward(keep_lse: bool):
+        output, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            *tokens, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
+        return output, (lse, rng_state, unused)
+
+    def flash_backward(grad, q, k, v, output, aux):
+        lse, rng_state, unused = aux
+        return torch.ops.aten._flash_attention_backward(
+            grad, q, k, v, output, lse, offsets, offsets, longest, longest, 0.0, True, rng_state, unused,
+            scale=scale, **window)
+
+    output = kept_attention.run(*tokens, flash_forward, flash_backward)
+    return output.view(batch, seq, *output.shape[-2:])
 
 
 def _layout_mask(layout: FlashCausal, batch: int, seq: int, device: torch.device) -> torch.Tensor:

@@ -222,15 +222,18 @@ def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokeni
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("batch, seq, window, documents, head_dim", [
-    (2, 1000, None, None, 128),              # plain causal rows, sizes off every block
-    (1, 4096, None, None, 128),              # plain causal rows cuDNN takes on Hopper
-    (2, 2100, None, None, 64),               # the same, a length off every block, head_dim 64
-    (1, 4096, 2048, None, 128),              # Trinity's window
-    (1, 1000, 257, [300, 1, 450, 249], 128),  # packed, a one-token document, documents longer than the window
-    (2, 333, None, [100, 233, 1, 332], 128),  # two packed rows
+@pytest.mark.parametrize("batch, seq, window, documents, head_dim, cudnn_on_hopper", [
+    (2, 1000, None, None, 128, False),              # plain causal rows, sizes off every block
+    (1, 4096, None, None, 128, True),               # plain causal rows cuDNN takes on Hopper
+    (2, 2100, None, None, 64, True),                # the same, a length off every block, head_dim 64
+    (1, 4096, 2048, None, 128, False),              # Trinity's window: flash
+    (2, 2048, 2048, None, 128, True),               # a window as long as the rows: plain causal
+    (2, 2100, 4096, None, 64, True),                # a window longer than the rows
+    (1, 1000, 257, [300, 1, 450, 249], 128, False),  # packed, a one-token document, documents longer than the window
+    (2, 333, None, [100, 233, 1, 332], 128, False),  # two packed rows
 ])
-def test_flash_causal_layouts_match_sdpa_over_the_dense_mask(batch, seq, window, documents, head_dim):
+def test_flash_causal_layouts_match_sdpa_over_the_dense_mask(batch, seq, window, documents, head_dim,
+                                                             cudnn_on_hopper):
     generator = torch.Generator(device="cuda").manual_seed(0)
     heads, kv_heads = 8, 2
 
@@ -254,8 +257,7 @@ def test_flash_causal_layouts_match_sdpa_over_the_dense_mask(batch, seq, window,
         return out, [t.grad for t in leaves]
 
     hopper = torch.cuda.get_device_capability()[0] == 9
-    assert swa._cudnn_runs(inputs[0], layout) == (hopper and seq >= swa.CUDNN_MIN_SEQ and window is None
-                                                  and documents is None)
+    assert swa._cudnn_runs(inputs[0], layout) == (hopper and cudnn_on_hopper)
     out, grads = run(swa.flash_causal_attention, torch.bfloat16)
     ref, ref_grads = run(swa.reference_flash_causal_attention, torch.float32)
     assert rel_err(out, ref) < 1e-2
