@@ -9,10 +9,20 @@ import torch
 from transformers import AutoConfig
 
 from fastmoe import FastModel
+from fastmoe.kernels.dispatch import reference_only
 from testing_utils import assert_packed_documents_train_as_if_alone, randomize_lora
 
-# gpt-oss's packed rows are checked in tests/models/test_gpt_oss.py on the ops' PyTorch references: under the
-# interpreter this test's dozen passes cost it half a minute, and its kernels are compared there and in tests/kernels.
+
+@pytest.fixture(autouse=True)
+def _references():
+    """What these tests check is where documents start and end (the masks or layouts from position_ids, LFM2's
+    convolution restarting); the Triton kernels, packed documents included (tests/kernels/test_short_conv.py), are
+    compared with these PyTorch references elsewhere, and under the interpreter a dozen passes of each family cost
+    minutes of CI's time."""
+    with reference_only():
+        yield
+
+# gpt-oss's packed rows are checked in tests/models/test_gpt_oss.py.
 FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
 LENGTHS = [5, 1, 7, 3]  # a one-token document has no target of its own
 
