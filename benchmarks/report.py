@@ -563,8 +563,8 @@ SECTIONS = [
     Section("sliding-window-attention", "Sliding-window attention",
             "bench_sliding_window_attention.py: one AFMoE attention layer at Trinity-Mini's shapes (window 2,048), "
             "one row of the given tokens: transformers' SDPA over its dense sliding-window mask against the flash "
-            "kernel given the window and cuDNN's causal attention with the window as an additive bias (fastmoe's "
-            "path on Hopper while it pays); the causal full-attention layer, transformers' flash against cuDNN, is "
+            "kernel given the window (fastmoe's path) and cuDNN's causal attention with the window as an additive "
+            "bias; the causal full-attention layer, transformers' SDPA against cuDNN (fastmoe's path on Hopper), is "
             "the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs each mask keeps.",
             "python benchmarks/bench_sliding_window_attention.py", sliding_window_section),
     Section("multi-gpu", "Several GPUs: DDP and FSDP2",
