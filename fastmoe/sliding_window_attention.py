@@ -266,15 +266,11 @@ def flash_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         offsets, longest = layout.document_offsets, layout.longest_document
 
     def flash_forward(keep_lse: bool):
-        output, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            *tokens, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
-        return output, (lse, rng_state, unused)
+        output, *aux = _flash_forward(*tokens, offsets, longest, scale, window)
+        return output, tuple(aux)
 
     def flash_backward(grad, q, k, v, output, aux):
-        lse, rng_state, unused = aux
-        return torch.ops.aten._flash_attention_backward(
-            grad, q, k, v, output, lse, offsets, offsets, longest, longest, 0.0, True, rng_state, unused,
-            scale=scale, **window)
+        return _flash_backward(grad, q, k, v, output, aux[0], offsets, longest, scale, window, *aux[1:])
 
     output = kept_attention.run(*tokens, flash_forward, flash_backward)
     return output.view(batch, seq, *output.shape[-2:])
@@ -317,8 +313,9 @@ def reference_flash_causal_attention(query: torch.Tensor, key: torch.Tensor, val
 # packing is rows of equal length), whose log-sum-exp is (heads, tokens).
 
 def _flash_forward(query, key, value, offsets, longest, scale, window):
-    """PyTorch's flash forward on token-major (tokens, heads, head_dim) inputs: (output, logsumexp (heads, tokens),
-    rng_state, unused)."""
+    """PyTorch's flash forward: (output, logsumexp, rng_state, unused). Variable-length form on token-major
+    (tokens, heads, head_dim) inputs with their offsets (logsumexp (heads, tokens)), or rows (batch, seq, heads,
+    head_dim) with offsets None and longest the rows' length."""
     output, logsumexp, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
         query, key, value, offsets, offsets, longest, longest, 0.0, True, False, scale=scale, **window)
     return output, logsumexp, rng_state, unused
