@@ -2,17 +2,18 @@
 
 Why: a checkpointed layer runs its forward twice, once without autograd and once, in the backward, to rebuild what the
 backward reads. For attention that recompute is a whole flash (or cuDNN) forward, whose result the backward needs only
-as the output and its log-sum-exp: Trinity-Mini's sliding-window layer spends 0.44 ms of its 1.49 ms forward + backward
-there (H200, 4,096 tokens). Keeping those two from the first forward costs the output's size per layer (32 MB at 4,096
-tokens for Trinity-Mini's 32 heads of 128) and the log-sum-exp's (0.5 MB).
+as the output and its log-sum-exp: Trinity-Mini's sliding-window layer spends 0.43 ms of its 1.47 ms forward + backward
+there (H200, 4,096 tokens, benchmarks/bench_sliding_window_attention.py). Keeping those two from the first forward
+costs the output's size per layer (32 MB at 4,096 tokens for Trinity-Mini's 32 heads of 128) and the log-sum-exp's
+(0.5 MB).
 
 How: graphed checkpointing (fastmoe.graphed_checkpointing) runs a layer's forward under `keeping(kept)` and its
 recompute under `reusing(kept)`, with one `KeptAttention` per layer and signature. An attention function hands `run`
 its kernel as two halves: `forward(needs_lse) -> (output, aux)` and `backward(grad, query, key, value, output, aux) ->
 (d query, d key, d value)`. Keeping, run stores (output, aux) in call order; reusing, it returns the stored output
 through an autograd node whose backward is the kernel's. Outside both, run is the kernel's forward with its own
-autograd formula, as before. A forward that finds its layer's outputs already replaced by a later forward (two
-forwards of one layer before their backwards) must not reuse them: `generation` tells the caller.
+autograd formula, as before. A backward whose forward's outputs a later forward of the layer has replaced (two
+forwards before their backwards) must not reuse them: `generation` tells the caller.
 """
 
 from __future__ import annotations

@@ -296,14 +296,14 @@ def test_other_checkpoint_functions_are_kept(tiny_checkpoint):
 def test_captured_graphs_equal_eager_checkpointing_on_gpu(tiny_checkpoint, model_type):
     """The GPU kernels captured: three steps in fp32 (the first takes torch's checkpoint, the next two replay the
     graphs) give torch's checkpoint's loss and LoRA gradients; in bf16 the replays give what the same Function gives
-    without capture (its second call: the first takes torch's checkpoint too). "-router-logits": with the load-balancing loss on, as trl's SFTTrainer sets it, its router
-    logits recorded through the graphs.
+    without capture (its second call: the first takes torch's checkpoint too). "-router-logits": with the
+    load-balancing loss on, as trl's SFTTrainer sets it, its router logits recorded through the graphs.
 
     bf16 is not compared with torch's checkpoint: its first forward runs with autograd on, where the graphed forward
     runs without, and some kernels differ between the two (without autograd, the expert GEMMs at these few rows
-    compute LoRA's thin product inside the tile: kernels/moe/experts.py); the next layers see other roundings, a tie between two experts can
-    go the other way, and the tiny models' gradients then differ by 2-18% (H200, 2026-12-04), while fp32 agrees to
-    1e-5."""
+    compute LoRA's thin product inside the tile: kernels/moe/experts.py); the next layers see other roundings, a tie
+    between two experts can go the other way, and the tiny models' gradients then differ by 2-18% (H200,
+    2026-12-04), while fp32 agrees to 1e-5."""
     model_type, _, recorded = model_type.partition("-")
 
     def prepared(dtype):
