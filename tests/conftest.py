@@ -26,6 +26,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def kernel_references():
+    """On the CPU, every fastmoe op through its PyTorch reference instead of its interpreted Triton kernel: for tests
+    whose subject is not the kernels (tests/kernels and tests/models compare those with the references) and which the
+    interpreter makes slow, minutes of CI's time for some. On a GPU the kernels run."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from fastmoe.kernels.dispatch import reference_only
+
+    with reference_only():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from fastmoe.builtin import build_tokenizer

@@ -10,23 +10,13 @@ from transformers import AutoModelForCausalLM
 import fastmoe
 from fastmoe import FastModel
 from fastmoe import sliding_window_attention as swa
-from fastmoe.kernels.dispatch import reference_only
 from fastmoe.models import afmoe
 from testing_utils import rel_err
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-@pytest.fixture(autouse=True)
-def _references_on_the_cpu():
-    """On the CPU what these tests check is which masks or layouts the layers get; the other ops' Triton kernels are
-    compared with these PyTorch references in tests/kernels and tests/models, and interpreted they cost minutes of
-    CI's time here. On a GPU the kernels run."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with reference_only():
-        yield
+# On the CPU what these tests check is which masks or layouts the layers get, not the other ops' kernels.
+pytestmark = pytest.mark.usefixtures("kernel_references")
 
 
 def masks_seen_by_sliding_layers(model, input_ids, attention_mask):

@@ -7,7 +7,6 @@ from transformers import AutoConfig
 
 import fastmoe
 from fastmoe import FastModel, token_chunks
-from fastmoe.kernels.dispatch import reference_only
 from testing_utils import fp32_model_tolerance, randomize_lora, rel_err
 
 
@@ -88,14 +87,9 @@ def test_short_sequences_and_frozen_modules_run_whole(monkeypatch):
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral"])
-def test_checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, model_type):
-    """The ops' PyTorch references stand in for the Triton kernels (tests/kernels and tests/models compare the two):
-    what is checked is the chunking, and chunks of 5 tokens make the interpreted kernels' launches many and slow."""
-    with reference_only():
-        _checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, model_type)
-
-
-def _checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, model_type):
+def test_checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, kernel_references, model_type):
+    """What is checked is the chunking (the ops' references, kernel_references: chunks of 5 tokens make the
+    interpreted kernels' launches many and slow)."""
     checkpoint = tiny_checkpoint(model_type)
     config = AutoConfig.from_pretrained(checkpoint)
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)

@@ -9,19 +9,12 @@ import trl
 import fastmoe
 from fastmoe import FastModel, trainer_step
 from fastmoe.builtin import builtin_records
-from fastmoe.kernels.dispatch import reference_only
 from testing_utils import randomize_lora
 
 import datasets
 
-
-@pytest.fixture(autouse=True)
-def _references():
-    """What these tests check is the Trainer's own per-step work (parameter counts, clipping, zero_grad); the ops'
-    Triton kernels are compared with these PyTorch references in tests/kernels and tests/models, and interpreted
-    they made a JetMoe case of this file take a minute and a half of CI's time."""
-    with reference_only():
-        yield
+# What these tests check is the Trainer's own per-step work (parameter counts, clipping, zero_grad), not the kernels.
+pytestmark = pytest.mark.usefixtures("kernel_references")
 
 
 def sft_trainer(model, tokenizer, output_dir, max_grad_norm=0.1):

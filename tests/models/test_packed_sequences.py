@@ -9,18 +9,11 @@ import torch
 from transformers import AutoConfig
 
 from fastmoe import FastModel
-from fastmoe.kernels.dispatch import reference_only
 from testing_utils import assert_packed_documents_train_as_if_alone, randomize_lora
 
-
-@pytest.fixture(autouse=True)
-def _references():
-    """What these tests check is where documents start and end (the masks or layouts from position_ids, LFM2's
-    convolution restarting); the Triton kernels, packed documents included (tests/kernels/test_short_conv.py), are
-    compared with these PyTorch references elsewhere, and under the interpreter a dozen passes of each family cost
-    minutes of CI's time."""
-    with reference_only():
-        yield
+# What these tests check is where documents start and end (the masks or layouts from position_ids, LFM2's convolution
+# restarting); the kernels, packed documents included (tests/kernels/test_short_conv.py), are checked elsewhere.
+pytestmark = pytest.mark.usefixtures("kernel_references")
 
 # gpt-oss's packed rows are checked in tests/models/test_gpt_oss.py.
 FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe"]
