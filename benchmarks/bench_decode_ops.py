@@ -105,6 +105,50 @@ def projections(device: str) -> None:
               + f"; rel err to one launch each {err:.1e}", flush=True)
 
 
+# bitsandbytes 4-bit linear layers of a Trinity-Mini decode step as one launch takes them: (name, in, outs, SwiGLU pair).
+NF4_LAUNCHES = [("attention q k v gate", 2048, (4096, 512, 512, 4096), False), ("o_proj", 4096, (2048,), False),
+                ("shared expert gate up", 2048, (1024, 1024), True), ("shared expert down", 1024, (2048,), False),
+                ("dense MLP gate up", 2048, (6144, 6144), True), ("dense MLP down", 6144, (2048,), False)]
+
+
+def few_rows_nf4(device: str) -> None:
+    """The few-rows launches of load_in_4bit's linear layers (NF4, double-quantized absmax, as bitsandbytes stores
+    them) over splits, blocks and warps; rows 1 (the sweep) and 8 (the chosen configuration)."""
+    configs = [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=split, num_warps=w, num_stages=3)
+               for n, k, split, w in itertools.product((32, 64), (128, 256), (1, 2, 4, 8), (4, 8))
+               if w == 4 or (n, k) == (64, 256)]
+    for name, d_in, outs, swiglu in NF4_LAUNCHES:
+        layers = []
+        for n in outs:
+            w = torch.randn(1, n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
+            a = (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16()
+            b = torch.randn(n, RANK, device=device).bfloat16()
+            layers.append(lora_module.Projection(quantize_nf4(w, double_quant=True), None, a, b, 2.0))
+        gbytes = sum(layer.weight.nbytes() for layer in layers) / 1e9
+        n_all = outs[0] if swiglu else sum(outs)
+        for rows in (1, 8):
+            x = torch.randn(rows, d_in, device=device, dtype=torch.bfloat16)
+            with reused_casts(CastCache()):
+                default = lora_module._few_rows_config(rows, n_all, d_in, nf4=True)
+                expected = lora_module._launch_few_rows(x, layers, default, swiglu)
+                chosen = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, default, swiglu))
+                results = []
+                for config in configs if rows == 1 else []:
+                    try:
+                        out = lora_module._launch_few_rows(x, layers, config, swiglu)
+                        ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
+                    except Exception as error:  # a configuration that does not compile (shared memory)
+                        print(f"  {config}: {type(error).__name__}")
+                        continue
+                    err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
+                    results.append((ms, config, err))
+            best = sorted(results, key=lambda r: r[0])[:4]
+            print(f"few-rows nf4 {name} rows {rows} ({gbytes * 1e3:.1f} MB): default {chosen * 1e3:.1f} us "
+                  f"({gbytes / chosen * 1e3:.0f} GB/s) {default}; best "
+                  + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c} err {e:.1e}" for ms, c, e in best)
+                  + (f"; largest err to the default {max(r[2] for r in results):.1e}" if results else ""), flush=True)
+
+
 def moe(device: str, nf4: bool = False) -> None:
     hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
     gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
@@ -118,16 +162,17 @@ def moe(device: str, nf4: bool = False) -> None:
     dn_lora = ExpertLora(A=torch.randn(num_experts, RANK, inter, device=device) * 0.01,
                          B=torch.randn(num_experts, hidden, RANK, device=device) * 0.01, scaling=1.0)
     original_config, original_block_m = grouped_gemm._config, experts.gemm_block_m
-    # NF4 tiles decode in registers, so fewer warps and longer K steps are worth trying there.
-    sweeps = list(itertools.product((16,), (32, 64, 128), (64, 128, 256) if nf4 else (64, 128), (2, 4) if nf4 else (4,),
-                                    (3, 4)))
+    # NF4 tiles decode in registers, so narrower column blocks (more programs), more warps and longer K steps are worth
+    # trying there.
+    sweeps = list(itertools.product((16,), (16, 32, 64) if nf4 else (32, 64, 128), (128, 256) if nf4 else (64, 128),
+                                    (4, 8) if nf4 else (4,), (3, 4)))
     for tokens in ROWS:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
         index = torch.stack([torch.randperm(num_experts, device=device)[:top_k] for _ in range(tokens)])
         weights = torch.rand(tokens, top_k, device=device)
         touched = index.unique().numel()
         gbytes = touched * (2 * inter * hidden + hidden * inter) * bytes_per_weight / 1e9
-        results = []
+        results, expected, largest_err = [], None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
             for sweep in [None, *sweeps]:
                 bm, n, k, w, st = sweep or (None,) * 5
@@ -139,17 +184,22 @@ def moe(device: str, nf4: bool = False) -> None:
                     grouped_gemm._config = config
                     experts.gemm_block_m = lambda device, pairs, num_experts, _bm=bm: _bm
                 try:
+                    out = block(x, index, weights, gate_up, down, gu_lora, dn_lora)
                     ms = common.bench_graph_ms(lambda: block(x, index, weights, gate_up, down, gu_lora, dn_lora))
                 except Exception as error:
-                    print(f"  {(bm, n, k, w, st)}: {type(error).__name__}")
+                    print(f"  {sweep}: {type(error).__name__}")
                     continue
-                results.append((ms, "current" if bm is None else (bm, n, k, w, st)))
+                if expected is None:
+                    expected = out.double()
+                largest_err = max(largest_err, common.rel_err(out.double(), expected))
+                results.append((ms, "current" if bm is None else sweep))
         grouped_gemm._config, experts.gemm_block_m = original_config, original_block_m
         current = results[0]
         best = sorted(results, key=lambda r: r[0])[:4]
         print(f"moe{' nf4' if nf4 else ''} {tokens} tokens ({touched} experts, {gbytes * 1e3:.0f} MB): current {current[0] * 1e3:.1f} us "
               f"({gbytes / current[0] * 1e3:.0f} GB/s); best (block_m, BLOCK_N, BLOCK_K, warps, stages) "
-              + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best), flush=True)
+              + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c}" for ms, c in best)
+            + f"; largest rel err to the current configuration {largest_err:.1e}", flush=True)
 
 
 def schedule(device: str) -> None:
@@ -164,6 +214,7 @@ def schedule(device: str) -> None:
 
 
 if __name__ == "__main__":
-    sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "projections": projections}
+    sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "few-rows-nf4": few_rows_nf4,
+                "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

@@ -92,7 +92,7 @@ def takes_few_rows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
             and use_triton(x, *tensors))
 
 
-def _few_rows_config(rows: int, n: int, k: int) -> dict:
+def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     """Launch configuration of the few-rows kernel on a GPU, for `rows` rows of x (rows, k) and n output columns in
     all (the projections' together; a SwiGLU pair counts its gate's).
 
@@ -106,12 +106,22 @@ def _few_rows_config(rows: int, n: int, k: int) -> dict:
     rows): Trinity-Mini's q, k, v and gate (144 blocks, unsplit) 22.2 us against 28.3-28.9 one launch each (split in
     two, 288 programs, 19.4 us), the shared expert's gate and up 7.9-8.4 us against 13.5-14.0 with the SiLU and the
     product, the dense MLP's 23.1-23.3 us (2.2 TB/s) against 32.4-33.0.
+
+    NF4 weights (bitsandbytes' 4-bit layers, `nf4`) bring a quarter of the bytes per K step and decode them in the
+    program, which one program per SM leaves waiting: their splits keep doubling while there are fewer than 2.5
+    programs per SM, up to 8 splits (bench_decode_ops.py few-rows-nf4, H200, 1 row, double-quantized absmax): the
+    attention's q, k, v and gate 36.8 -> 29.6 us (4 splits instead of 1), the dense MLP's gate and up 43.8 -> 34.1 (4
+    instead of 1), the other launches within 3% of the best tried (the dense down projection 17.2 -> 16.9, 8 instead
+    of 4).
     """
     block_k = 128
     block_n = 64 if n >= 1024 else 16
     blocks = triton.cdiv(n, block_n)
     max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
     split = 1
+    if nf4:
+        while split * 2 <= min(max_split, 8) and blocks * split < 2.5 * _GPU_SMS:
+            split *= 2
     while split * 2 <= max_split and blocks * split * 2 <= _GPU_SMS:
         split *= 2
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
@@ -362,7 +372,8 @@ def lora_linears_few_rows(x: torch.Tensor, projections: Sequence[Projection],
     if swiglu and projections[0].weight.shape != projections[1].weight.shape:
         raise ValueError("a SwiGLU pair's gate and up weights must have the same shape")
     n = _out_features(projections[0]) if swiglu else sum(_out_features(p) for p in projections)
-    config = _few_rows_config(rows, n, k) if x.is_cuda else _few_rows_interpreter_config(k)
+    nf4 = isinstance(projections[0].weight, Nf4Weight)
+    config = _few_rows_config(rows, n, k, nf4) if x.is_cuda else _few_rows_interpreter_config(k)
     outs = _launch_few_rows(x2, projections, config, swiglu)
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 

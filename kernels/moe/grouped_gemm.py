@@ -590,6 +590,11 @@ _GPU_NF4_SWIGLU_BWD = (64, 64, {"num_warps": 4, "num_stages": 3})
 # over Trinity-Mini's 128 experts with LoRA (benchmarks/bench_decode_ops.py, H200): 59 / 186 / 476 us, 1.7-3.5 TB/s
 # of the touched experts' weights, against 72 / 208 / 493 us with the training tiles' 128-wide columns.
 _GPU_DECODE_ROW_GEMM = (64, 128, {"num_warps": 4, "num_stages": 3})
+# NF4 decoding (the SwiGLU forward and the down GEMM): 32 columns (more programs over the few touched experts), 4
+# stages. One token of top-8 over Trinity-Mini's 128 NF4 experts with LoRA (double-quantized absmax, H200,
+# bench_decode_ops.py moe-nf4): 67.1 us for the expert block against 74.5 with the training tiles; 8 tokens 256.7 vs
+# 260.4. 16 columns, 256-wide K steps and 8 warps were slower.
+_GPU_NF4_DECODE_ROW_GEMM = (32, 128, {"num_warps": 4, "num_stages": 4})
 _INTERPRETER = (32, 32, {})
 _INTERPRETER_SWIGLU = (16, 32, {})
 
@@ -601,6 +606,8 @@ def _config(device: torch.device, kernel: str = "row_gemm", nf4: bool = False,
     if device.type != "cuda":
         return _INTERPRETER_SWIGLU if kernel == "swiglu" else _INTERPRETER
     decoding = pairs is not None and pairs <= DECODE_PAIRS
+    if decoding and kernel in ("row_gemm", "swiglu") and nf4:
+        return _GPU_NF4_DECODE_ROW_GEMM
     if decoding and kernel in ("row_gemm", "row_gemm_transposed", "swiglu") and not nf4:
         cap_n, cap_k, options = _GPU_DECODE_ROW_GEMM
         return (cap_n // 2 if kernel == "swiglu" else cap_n), cap_k, options
