@@ -332,6 +332,19 @@ def test_moe_experts_nf4_bf16_gpu(lora):
     _check(args, params, 1e-2)
 
 
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 40])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_moe_experts_nf4_bf16_gpu_at_decoding_sizes(num_tokens, double_quant):
+    """A decode step's handful of tokens (at most DECODE_PAIRS (token, slot) pairs) takes the NF4 GEMMs' decode
+    configuration (grouped_gemm._GPU_NF4_DECODE_ROW_GEMM): forward and backward against the reference, top-8 over 16
+    experts, one of them never chosen."""
+    args, params = _inputs(num_tokens, 256, 192, 16, 8, rank=16, dtype=torch.bfloat16, device="cuda", used_experts=15,
+                           double_quant=double_quant)
+    assert num_tokens * 8 <= grouped_gemm.DECODE_PAIRS
+    _check(args, params, 1e-2)
+
+
 def test_register_decode_needs_ampere_and_16_bit_weights(monkeypatch):
     """The PTX decode's packed conversions are sm_80+: a T4 (sm_75) and fp32 weights take the portable decode."""
     cuda = torch.device("cuda", 0)
