@@ -142,11 +142,14 @@ def few_rows_nf4(device: str) -> None:
                         continue
                     err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
                     results.append((ms, config, err))
-            best = sorted(results, key=lambda r: r[0])[:4]
+            swept = ""
+            if results:  # rows 1
+                best = sorted(results, key=lambda r: r[0])[:4]
+                swept = ("; best " + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c} err {e:.1e}"
+                                               for ms, c, e in best)
+                         + f"; largest err to the default {max(r[2] for r in results):.1e}")
             print(f"few-rows nf4 {name} rows {rows} ({gbytes * 1e3:.1f} MB): default {chosen * 1e3:.1f} us "
-                  f"({gbytes / chosen * 1e3:.0f} GB/s) {default}; best "
-                  + "; ".join(f"{ms * 1e3:.1f} us ({gbytes / ms * 1e3:.0f} GB/s) {c} err {e:.1e}" for ms, c, e in best)
-                  + (f"; largest err to the default {max(r[2] for r in results):.1e}" if results else ""), flush=True)
+                  f"({gbytes / chosen * 1e3:.0f} GB/s) {default}{swept}", flush=True)
 
 
 def moe(device: str, nf4: bool = False) -> None:

@@ -108,7 +108,7 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     product, the dense MLP's 23.1-23.3 us (2.2 TB/s) against 32.4-33.0.
 
     NF4 weights (bitsandbytes' 4-bit layers, `nf4`) bring a quarter of the bytes per K step and decode them in the
-    program, which one program per SM leaves waiting: their splits keep doubling while there are fewer than 2.5
+    program, which one program per SM leaves waiting: their splits also keep doubling while there are fewer than 2.5
     programs per SM, up to 8 splits (bench_decode_ops.py few-rows-nf4, H200, 1 row, double-quantized absmax): the
     attention's q, k, v and gate 36.8 -> 29.6 us (4 splits instead of 1), the dense MLP's gate and up 43.8 -> 34.1 (4
     instead of 1), the other launches within 3% of the best tried (the dense down projection 17.2 -> 16.9, 8 instead
@@ -119,10 +119,8 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     blocks = triton.cdiv(n, block_n)
     max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
     split = 1
-    if nf4:
-        while split * 2 <= min(max_split, 8) and blocks * split < 2.5 * _GPU_SMS:
-            split *= 2
-    while split * 2 <= max_split and blocks * split * 2 <= _GPU_SMS:
+    while split * 2 <= max_split and (blocks * split * 2 <= _GPU_SMS
+                                      or nf4 and split < 8 and blocks * split < 2.5 * _GPU_SMS):
         split *= 2
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
 

@@ -254,8 +254,9 @@ def test_gpu_config_splits_k_into_whole_blocks_and_fills_an_h200(rows, d_in, d_o
 @pytest.mark.parametrize("d_in,d_out", [(2048, 9216), (2048, 6144), (4096, 2048), (2048, 1024), (6144, 2048)])
 def test_gpu_config_for_nf4_runs_more_programs_per_sm(rows, d_in, d_out):
     """NF4 layers (a quarter of the bytes per K step, decoded in the program): the same whole-block power-of-two
-    splits, at most 8, doubled while fewer than 2.5 programs per SM of an H200, so never fewer programs than 16-bit
-    weights get; Trinity-Mini's 4-bit q, k, v and gate (9216 columns) split in 4 (the best measured)."""
+    splits, also doubled while fewer than 2.5 programs per SM of an H200 (up to 8, which these layers' 16-bit splits
+    stay under), so never fewer programs than 16-bit weights get; Trinity-Mini's 4-bit q, k, v and gate (9216
+    columns) split in 4 (the best measured)."""
     config = lora_linear_module._few_rows_config(rows, d_out, d_in, nf4=True)
     split_k, block_k = config["SPLIT_K"], config["BLOCK_K"]
     blocks = -(-d_out // config["BLOCK_N"])
