@@ -1,9 +1,9 @@
 """The ops of a decode step at a handful of rows, with their launch configurations swept: the few-rows LoRA linear
-(kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, several linear layers of one input in one
-few-rows launch against one launch each (attention's q, k, v and gate; a gated MLP's gate and up), the MoE experts
-block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts, in 16 bits and in NF4 (double-quantized absmax, as
-load_in_4bit stores them), and the one-program expert schedule against
-PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
+(kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, its GEMV form at one row against its tl.dot
+form, several linear layers of one input in one few-rows launch against one launch each (attention's q, k, v and
+gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts,
+in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), and the one-program expert schedule
+against PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
 Printed only: the chosen configurations go into the kernels' constants.
@@ -152,6 +152,44 @@ def few_rows_nf4(device: str) -> None:
                   f"({gbytes / chosen * 1e3:.0f} GB/s) {default}{swept}", flush=True)
 
 
+def few_rows_gemv(device: str) -> None:
+    """One row (batch-1 decoding): the few-rows kernel's GEMV form against its tl.dot form, NF4 (double-quantized
+    absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration
+    and with other K steps and splits. Each output is checked against the tl.dot form's."""
+    totals: dict[str, float] = {}
+    for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
+        layers = []
+        for n in outs:
+            w = torch.randn(1, n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
+            a = (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16()
+            b = torch.randn(n, RANK, device=device).bfloat16()
+            layers.append(lora_module.Projection(quantize_nf4(w, double_quant=True) if nf4 else w[0], None, a, b, 2.0))
+        n_all = outs[0] if swiglu else sum(outs)
+        x = torch.randn(1, d_in, device=device, dtype=torch.bfloat16)
+        gemv = lora_module._few_rows_config(1, n_all, d_in, nf4=nf4)
+        variants = {"dot": lora_module._few_rows_config(2, n_all, d_in, nf4=nf4), "gemv": gemv}
+        for block_k, split in itertools.product((64, 128), (2, 4, 8, 16)):
+            if (block_k, split) != (gemv["BLOCK_K"], gemv["SPLIT_K"]) and split * block_k * 2 <= d_in:
+                variants[f"gemv k{block_k} split {split}"] = {**gemv, "BLOCK_K": block_k, "SPLIT_K": split}
+        results, expected = [], None
+        with reused_casts(CastCache()):
+            for label, config in variants.items():
+                out = lora_module._launch_few_rows(x, layers, config, swiglu)
+                ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
+                expected = expected or out
+                err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
+                results.append((ms, label, err))
+        kind = "nf4" if nf4 else "bf16"
+        for ms, label, _ in results[:2]:
+            totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
+        best = sorted(results[2:])[:3]
+        print(f"few-rows {kind} {name} 1 row: tl.dot form {results[0][0] * 1e3:.1f} us {variants['dot']}; "
+              f"GEMV {results[1][0] * 1e3:.1f} us {gemv} (err {results[1][2]:.0e}); other GEMV configurations "
+              + "; ".join(f"{label} {ms * 1e3:.1f} us (err {err:.0e})" for ms, label, err in best), flush=True)
+    print("few-rows one row, the six launches together: "
+          + ", ".join(f"{label} {ms * 1e3:.1f} us" for label, ms in totals.items()))
+
+
 def moe(device: str, nf4: bool = False) -> None:
     hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
     gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
@@ -218,6 +256,7 @@ def schedule(device: str) -> None:
 
 if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "few-rows-nf4": few_rows_nf4,
+                "few-rows-gemv": few_rows_gemv,
                 "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

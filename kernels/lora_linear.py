@@ -32,7 +32,9 @@ takes up to four linear layers of one input (attention's q, k, v and output gate
 after another), or a gated MLP's gate and up as a pair whose programs compute both tiles of a column block and store
 silu(gate) * up: each launch costs some microseconds of ramp-up and drain whatever it reads, a large share at a few
 megabytes. bitsandbytes' 4-bit weights go in as they are stored (NF4 codes and absmax) and are decoded tile by tile,
-so that a decode step never writes a 16-bit copy of them.
+so that a decode step never writes a 16-bit copy of them. At one row (batch-1 decoding) the products are a GEMV on
+the CUDA cores rather than tl.dot's 16-row minimum: no operand staged in shared memory, so more programs run at once
+(about half the time of the tl.dot form, NF4 and bf16; see _few_rows_config).
 
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
@@ -113,6 +115,15 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     attention's q, k, v and gate 36.8 -> 29.6 us (4 splits instead of 1), the dense MLP's gate and up 43.8 -> 34.1 (4
     instead of 1), the other launches within 3% of the best tried (the dense down projection 17.2 -> 16.9, 8 instead
     of 4).
+
+    One row (batch-1 decoding) takes the GEMV form (_split_product): a program then holds no tensor-core operand in
+    shared memory, and more of them fit an SM. Its K steps are 64 wide and its splits double while the programs stay
+    within 5 per SM, each split keeping at least 2 K steps. Trinity-Mini's six few-rows launches of a layer at one row
+    (bench_decode_ops.py few-rows-gemv, H200; 64- and 128-wide K steps in 2 to 16 splits swept), against the tl.dot
+    form: NF4 q, k, v and gate 29.6 -> 14.1 us (4 splits), o_proj 13.0 -> 7.3 (16), the shared expert's gate and up
+    10.2 -> 5.8 (16) and down 6.0 -> 4.1 (8), the dense MLP's gate and up 34.2 -> 16.1 (4) and down 17.0 -> 9.5 (16),
+    110 -> 57 us in all; bf16 22.4 -> 10.1, 8.9 -> 5.7, 7.9 -> 5.1, 5.2 -> 3.6, 23.3 -> 13.4 and 11.3 -> 6.9, 79 ->
+    45 us. Each is the best configuration swept or within 8% of it.
     """
     block_k = 128
     block_n = 64 if n >= 1024 else 16
@@ -122,15 +133,24 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     while split * 2 <= max_split and (blocks * split * 2 <= _GPU_SMS
                                       or nf4 and split < 8 and blocks * split < 2.5 * _GPU_SMS):
         split *= 2
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 3}
+    if rows == 1:
+        block_k = 64
+        max_split = max(1, triton.cdiv(k, block_k) // 2)
+        split = 1
+        while split * 2 <= max_split and blocks * split * 2 <= 5 * _GPU_SMS:
+            split *= 2
+        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": True, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": False, "num_warps": 4, "num_stages": 3}
 
 
-def _few_rows_interpreter_config(k: int) -> dict:
+def _few_rows_interpreter_config(rows: int, k: int) -> dict:
     """Small blocks for the CPU interpreter, and K split into 1-2 iterations a split (at most 4 splits, the last ones
-    short or empty when K is not a multiple), so that the CPU tests go through the split-K fix-up."""
+    short or empty when K is not a multiple), so that the CPU tests go through the split-K fix-up; one row takes the
+    GEMV form, as on a GPU."""
     block_k = 32
     split = min(4, triton.next_power_of_2(triton.cdiv(k, block_k) + 1) // 2)
-    return {"BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split}
+    return {"BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": rows == 1}
 
 
 @triton.jit
@@ -154,25 +174,40 @@ def _out_features(projection: Projection) -> int:
 @triton.jit
 def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc, xa,
                    NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
-    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0)."""
+    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): acc
+    (BLOCK_N, BLOCK_K) and xa (BLOCK_R, BLOCK_K) hold float32 products per k, summed over k by the caller: the weight
+    tile is multiplied where it was loaded or decoded, with no tensor-core operand to stage."""
     k_mask = offs_k < K - k0
-    if NF4:
-        w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
-                                         offs_k.shape[0], W_DTYPE, x.dtype))
-    else:
-        w = tl.load(w_ptr + offs_n[None, :] * K + (k0 + offs_k)[:, None], mask=n_mask[None, :] & k_mask[:, None],
+    if GEMV:
+        if NF4:
+            w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
+                                    offs_k.shape[0], W_DTYPE, x.dtype)
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * K + (k0 + offs_k)[None, :], mask=r_mask[:, None] & k_mask[None, :],
                     other=0.0)
-    a = tl.load(a_ptr + offs_r[None, :] * K + (k0 + offs_k)[:, None], mask=r_mask[None, :] & k_mask[:, None],
-                other=0.0)
-    acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-    xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
+        x_row = x.to(tl.float32)  # (1, BLOCK_K)
+        acc += w.to(tl.float32) * x_row
+        xa += a.to(x.dtype).to(tl.float32) * x_row
+    else:
+        if NF4:
+            w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
+                                             offs_k.shape[0], W_DTYPE, x.dtype))
+        else:
+            w = tl.load(w_ptr + offs_n[None, :] * K + (k0 + offs_k)[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * K + (k0 + offs_k)[:, None], mask=r_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        xa = tl.dot(x, a.to(x.dtype), xa, input_precision=DOT_PRECISION)
     return acc, xa
 
 
 @triton.jit
-def _lora_term(acc, xa, b_ptr, r, scaling, offs_n, offs_r, n_mask, DTYPE: tl.constexpr):
+def _lora_term(acc, xa, b_ptr, r, scaling, offs_n, offs_r, n_mask, DTYPE: tl.constexpr, GEMV: tl.constexpr):
     """acc + scaling (x A^T) B[n block]^T, B (n, r) row-major."""
     b = tl.load(b_ptr + offs_n[None, :] * r + offs_r[:, None], mask=n_mask[None, :] & (offs_r < r)[:, None],
                 other=0.0)
@@ -180,7 +215,12 @@ def _lora_term(acc, xa, b_ptr, r, scaling, offs_n, offs_r, n_mask, DTYPE: tl.con
     # and rounding each part would add one error per split. B is rounded to the activations' dtype as A is, so float32
     # factors and their reused casts (kernels/reused_casts.py) give the same result. ieee, as (rows, r) x (r, BLOCK_N)
     # is too small to cost.
-    return acc + scaling * tl.dot(xa, b.to(DTYPE).to(tl.float32), input_precision="ieee")
+    b = b.to(DTYPE).to(tl.float32)
+    if GEMV:  # one row: tl.dot takes 16 at least
+        term = tl.sum(xa[:, :, None] * b[None, :, :], axis=1)
+    else:
+        term = tl.dot(xa, b, input_precision="ieee")
+    return acc + scaling * term
 
 
 @triton.jit
@@ -193,14 +233,15 @@ def _few_rows_kernel(
     PROJECTIONS: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Up to four linear layers of one input x (M <= BLOCK_M rows, K, row-major): out_i = x W_i^T + bias_i + s_i (x
     A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
     computes the split's K_PER_SPLIT (a multiple of BLOCK_K) share of one block. With SWIGLU, layers 0 and 1 (gate
     and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS) float32 hold
     the splits' sums and arrivals (one int32 per block, zero on entry and on exit) elects the last. With NF4, w_i are
-    packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values)."""
+    packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values). GEMV (one row, BLOCK_M = 1): the products on
+    the CUDA cores instead of tl.dot (see _split_product)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     if SWIGLU:
@@ -218,10 +259,15 @@ def _few_rows_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask = offs_m < M, offs_n < n
     r = _pick(index, r0, r1, r2, r3, PROJECTIONS)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # GEMV: float32 products per k, summed after the K loop.
+    ACC_COLS: tl.constexpr = BLOCK_K if GEMV else BLOCK_N
+    ACC_ROWS: tl.constexpr = BLOCK_N if GEMV else BLOCK_M
+    XA_ROWS: tl.constexpr = BLOCK_R if GEMV else BLOCK_M
+    XA_COLS: tl.constexpr = BLOCK_K if GEMV else BLOCK_R
+    acc = tl.zeros((ACC_ROWS, ACC_COLS), dtype=tl.float32)
+    xa = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
+    up = tl.zeros((ACC_ROWS, ACC_COLS), dtype=tl.float32)
+    xa_up = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
     if NF4:
         code = tl.load(code_ptr + tl.arange(0, 16))
     else:
@@ -231,15 +277,18 @@ def _few_rows_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
                     mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         acc, xa = _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, offs_r < r,
-                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, DOT_PRECISION)
+                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION)
         if SWIGLU:
             up, xa_up = _split_product(x, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask, offs_r < r1, up,
-                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, DOT_PRECISION)
+                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION)
+    if GEMV:  # (1, BLOCK_N) and (1, BLOCK_R), the row the rest of the kernel handles as a block of BLOCK_M = 1
+        acc, xa = tl.sum(acc, axis=1)[None, :], tl.sum(xa, axis=1)[None, :]
+        up, xa_up = tl.sum(up, axis=1)[None, :], tl.sum(xa_up, axis=1)[None, :]
     dtype = x_ptr.dtype.element_ty
     acc = _lora_term(acc, xa, _pick(index, b0, b1, b2, b3, PROJECTIONS), r, _pick(index, s0, s1, s2, s3, PROJECTIONS),
-                     offs_n, offs_r, n_mask, dtype)
+                     offs_n, offs_r, n_mask, dtype, GEMV)
     if SWIGLU:
-        up = _lora_term(up, xa_up, b1, r1, s1, offs_n, offs_r, n_mask, dtype)
+        up = _lora_term(up, xa_up, b1, r1, s1, offs_n, offs_r, n_mask, dtype, GEMV)
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)  # this block's columns in the partials
     up_columns = columns + COLUMNS // 2
     if SPLIT_K > 1:
@@ -303,6 +352,9 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
     dtype, or with swiglu the one (rows, out) silu(gate) * up of the pair (gate, up)."""
     rows, k = x2.shape
     x2 = x2.contiguous()
+    config = {"GEMV": False, **config}
+    if config["GEMV"] and rows != 1:
+        raise ValueError(f"the few-rows kernel's GEMV form takes one row, got {rows}")
     block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
     nf4 = isinstance(projections[0].weight, Nf4Weight)
     # One pointer type per argument across the layers: factors in the first adapted layer's dtypes, and a layer
@@ -345,7 +397,8 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
         PROJECTIONS=len(projections), SWIGLU=swiglu, HAS_BIAS=projections[0].bias is not None,
         NF4=nf4, K_ALIGNED=k % 64 == 0, WHOLE_K=k % block_k == 0,
         W_DTYPE=triton_dtype(projections[0].weight.dtype) if nf4 else None,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
+        BLOCK_M=1 if config["GEMV"] else max(16, triton.next_power_of_2(rows)),
+        BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **config,
     )
     return outs
@@ -371,7 +424,7 @@ def lora_linears_few_rows(x: torch.Tensor, projections: Sequence[Projection],
         raise ValueError("a SwiGLU pair's gate and up weights must have the same shape")
     n = _out_features(projections[0]) if swiglu else sum(_out_features(p) for p in projections)
     nf4 = isinstance(projections[0].weight, Nf4Weight)
-    config = _few_rows_config(rows, n, k, nf4) if x.is_cuda else _few_rows_interpreter_config(k)
+    config = _few_rows_config(rows, n, k, nf4) if x.is_cuda else _few_rows_interpreter_config(rows, k)
     outs = _launch_few_rows(x2, projections, config, swiglu)
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 

@@ -110,7 +110,7 @@ SPLIT_K_SHAPES = [(1, 100, 37, 3), (FEW_ROWS, 129, 21, 5), (1, 75, 130, 12), (FE
 def test_few_rows_split_k_off_every_block_equals_the_reference(rows, d_in, d_out, rank, bias, dtype):
     """The interpreter's configuration splits K (1-2 BLOCK_K iterations a split), so these go through the fix-up:
     partials summed by the last program of each column block, then the bias."""
-    assert lora_linear_module._few_rows_interpreter_config(d_in)["SPLIT_K"] > 1
+    assert lora_linear_module._few_rows_interpreter_config(rows, d_in)["SPLIT_K"] > 1
     x, weight, b, lora_a, lora_b = _inputs((rows,), d_in, d_out, rank, dtype, bias=bias)
     with torch.no_grad():
         out = lora_linear_few_rows(x, weight, b, lora_a, lora_b, 1.7)
@@ -147,6 +147,43 @@ def test_few_rows_unsplit_and_split_k_equal_the_reference(dtype):
     for split_k, out in outs.items():
         assert rel_err(out.double(), exact) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
         assert rel_err(out.double(), outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_gemv_equals_the_reference(nf4, swiglu, split_k, dtype):
+    """One row through the GEMV form (products on the CUDA cores, summed over k after the loop; what the GPU runs for
+    NF4 layers at one row) and through tl.dot's, against the exact layers: odd widths and ranks, K off BLOCK_K, a
+    layer without LoRA, a SwiGLU pair."""
+    d_in = 192 if nf4 else 200
+    shapes = [(37, 3), (37, 5)] if swiglu else [(37, 3), (130, 0), (19, 16)]
+    if nf4:
+        pairs = [_nf4_projection(d_in, d_out, rank, dtype, double_quant=True, bias=not swiglu, seed=i)
+                 for i, (d_out, rank) in enumerate(shapes)]
+        layers, exact_layers = [p for p, _ in pairs], [p._replace(weight=w) for p, w in pairs]
+    else:
+        layers = exact_layers = _projections(d_in, shapes, dtype, bias=not swiglu)
+    x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(4)).to(dtype)
+    exact = [_exact_projection(x, p) for p in exact_layers]
+    if swiglu:
+        exact = [torch.nn.functional.silu(exact[0].to(dtype)).double() * exact[1].to(dtype).double()]
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    with torch.no_grad():
+        for gemv in (True, False):
+            config = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": split_k, "GEMV": gemv}
+            outs = lora_linear_module._launch_few_rows(x, layers, config, swiglu)
+            for out, expected in zip(outs, exact, strict=True):
+                assert rel_err(out.double(), expected) < tol, gemv
+
+
+def test_few_rows_gemv_refuses_more_than_one_row():
+    x, weight, b, lora_a, lora_b = _inputs((2,), 64, 16, 2, torch.float32)
+    config = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "GEMV": True}
+    with pytest.raises(ValueError, match="GEMV form takes one row"):
+        lora_linear_module._launch_few_rows(x.detach(), [lora_linear_module.Projection(weight, b, lora_a, lora_b, 1.0)],
+                                            config)
 
 
 # Layers of one input (out, rank; rank 0: no LoRA): widths off BLOCK_N (16), ranks that are not powers of two.
@@ -234,7 +271,7 @@ def test_arrival_counters_grow_zeroed_and_keep_the_outgrown_ones():
     assert lora_linear_module._arrival_counts_for(device, 1) is grown
 
 
-@pytest.mark.parametrize("rows", [1, 8, FEW_ROWS])
+@pytest.mark.parametrize("rows", [2, 8, FEW_ROWS])
 @pytest.mark.parametrize("d_in,d_out", [(2048, 512), (2048, 4096), (4096, 2048), (2048, 1024), (1024, 2048)])
 def test_gpu_config_splits_k_into_whole_blocks_and_fills_an_h200(rows, d_in, d_out):
     """Trinity-Mini's projections: a power-of-two split of K into whole BLOCK_K iterations, at least 2 of them a
@@ -250,7 +287,25 @@ def test_gpu_config_splits_k_into_whole_blocks_and_fills_an_h200(rows, d_in, d_o
         assert programs >= 0.9 * 132
 
 
-@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("d_in,d_out", [(2048, 9216), (2048, 6144), (4096, 2048), (2048, 1024), (1024, 2048),
+                                        (6144, 2048), (2048, 512)])
+def test_gpu_config_for_one_row_is_the_gemv_form_with_up_to_five_programs_per_sm(nf4, d_in, d_out):
+    """One row: the GEMV form, 64-wide K steps, a power-of-two split of K into whole steps (2 at least a split) that
+    doubles while the programs stay within 5 per SM of an H200, the same for NF4 and 16-bit layers; Trinity-Mini's q,
+    k, v and gate (9216 columns) in 4 splits, its dense MLP's gate and up in 4 (the best measured)."""
+    config = lora_linear_module._few_rows_config(1, d_out, d_in, nf4=nf4)
+    assert config["GEMV"] and not lora_linear_module._few_rows_config(2, d_out, d_in, nf4=nf4)["GEMV"]
+    split_k, steps = config["SPLIT_K"], -(-d_in // config["BLOCK_K"])
+    programs = -(-d_out // config["BLOCK_N"]) * split_k
+    assert config["BLOCK_K"] == 64 and split_k & (split_k - 1) == 0 and steps // split_k >= 2
+    assert programs <= 5 * 132 and (2 * programs > 5 * 132 or steps // (2 * split_k) < 2)
+    assert config == lora_linear_module._few_rows_config(1, d_out, d_in, nf4=not nf4)
+    if d_out in (9216, 6144):
+        assert split_k == 4
+
+
+@pytest.mark.parametrize("rows", [2, 8])
 @pytest.mark.parametrize("d_in,d_out", [(2048, 9216), (2048, 6144), (4096, 2048), (2048, 1024), (6144, 2048)])
 def test_gpu_config_for_nf4_runs_more_programs_per_sm(rows, d_in, d_out):
     """NF4 layers (a quarter of the bytes per K step, decoded in the program): the same whole-block power-of-two
@@ -391,15 +446,22 @@ def test_nf4_and_16_bit_layers_do_not_share_a_launch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant):
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant, swiglu):
+    """bf16 NF4 layers (a SwiGLU pair too) in K splits, against fp64 references on the dequantized weights."""
+    shapes = [(1536, 16), (1536, 8)] if swiglu else [(1536, 16), (256, 0)]
     layers = [_nf4_projection(2048, d_out, rank, torch.bfloat16, double_quant, seed=i)
-              for i, (d_out, rank) in enumerate([(1536, 16), (256, 0)])]
+              for i, (d_out, rank) in enumerate(shapes)]
     layers = [(p._replace(weight=type(p.weight)(*(t.cuda() if isinstance(t, torch.Tensor) else t
                                                    for t in vars(p.weight).values())),
                           lora_a=None if p.lora_a is None else p.lora_a.cuda(),
                           lora_b=None if p.lora_b is None else p.lora_b.cuda()), w.cuda()) for p, w in layers]
     x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    assert lora_linear_module._few_rows_config(rows, 1536 if swiglu else 1792, 2048, nf4=True)["SPLIT_K"] > 1
     with torch.no_grad():
-        outs = lora_linear_module.lora_linears_few_rows(x, [p for p, _ in layers])
-    for out, (p, w) in zip(outs, layers, strict=True):
-        assert rel_err(out.double(), _exact_projection(x, p._replace(weight=w))) < 1e-2
+        outs = lora_linear_module.lora_linears_few_rows(x, [p for p, _ in layers], swiglu=swiglu)
+    exact = [_exact_projection(x, p._replace(weight=w)) for p, w in layers]
+    if swiglu:
+        exact = [torch.nn.functional.silu(exact[0]) * exact[1]]
+    for out, expected in zip(outs, exact, strict=True):
+        assert rel_err(out.double(), expected) < 1e-2
