@@ -105,10 +105,22 @@ def projections(device: str) -> None:
               + f"; rel err to one launch each {err:.1e}", flush=True)
 
 
-# bitsandbytes 4-bit linear layers of a Trinity-Mini decode step as one launch takes them: (name, in, outs, SwiGLU pair).
+# The linear layers of a Trinity-Mini decode step as one few-rows launch takes them: (name, in, outs, SwiGLU pair).
 NF4_LAUNCHES = [("attention q k v gate", 2048, (4096, 512, 512, 4096), False), ("o_proj", 4096, (2048,), False),
                 ("shared expert gate up", 2048, (1024, 1024), True), ("shared expert down", 1024, (2048,), False),
                 ("dense MLP gate up", 2048, (6144, 6144), True), ("dense MLP down", 6144, (2048,), False)]
+
+
+def _launch_layers(device: str, d_in: int, outs: tuple[int, ...], nf4: bool) -> list:
+    """One few-rows launch's layers with LoRA (r=16, bf16 factors): bf16 weights, or NF4 with double-quantized absmax
+    as bitsandbytes stores them."""
+    layers = []
+    for n in outs:
+        w = torch.randn(1, n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
+        a = (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16()
+        b = torch.randn(n, RANK, device=device).bfloat16()
+        layers.append(lora_module.Projection(quantize_nf4(w, double_quant=True) if nf4 else w[0], None, a, b, 2.0))
+    return layers
 
 
 def few_rows_nf4(device: str) -> None:
@@ -118,12 +130,7 @@ def few_rows_nf4(device: str) -> None:
                for n, k, split, w in itertools.product((32, 64), (128, 256), (1, 2, 4, 8), (4, 8))
                if w == 4 or (n, k) == (64, 256)]
     for name, d_in, outs, swiglu in NF4_LAUNCHES:
-        layers = []
-        for n in outs:
-            w = torch.randn(1, n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
-            a = (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16()
-            b = torch.randn(n, RANK, device=device).bfloat16()
-            layers.append(lora_module.Projection(quantize_nf4(w, double_quant=True), None, a, b, 2.0))
+        layers = _launch_layers(device, d_in, outs, nf4=True)
         gbytes = sum(layer.weight.nbytes() for layer in layers) / 1e9
         n_all = outs[0] if swiglu else sum(outs)
         for rows in (1, 8):
@@ -158,12 +165,7 @@ def few_rows_gemv(device: str) -> None:
     and with other K steps and splits. Each output is checked against the tl.dot form's."""
     totals: dict[str, float] = {}
     for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
-        layers = []
-        for n in outs:
-            w = torch.randn(1, n, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
-            a = (torch.randn(RANK, d_in, device=device) * d_in ** -0.5).bfloat16()
-            b = torch.randn(n, RANK, device=device).bfloat16()
-            layers.append(lora_module.Projection(quantize_nf4(w, double_quant=True) if nf4 else w[0], None, a, b, 2.0))
+        layers = _launch_layers(device, d_in, outs, nf4)
         n_all = outs[0] if swiglu else sum(outs)
         x = torch.randn(1, d_in, device=device, dtype=torch.bfloat16)
         gemv = lora_module._few_rows_config(1, n_all, d_in, nf4=nf4)

@@ -125,23 +125,17 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     110 -> 57 us in all; bf16 22.4 -> 10.1, 8.9 -> 5.7, 7.9 -> 5.1, 5.2 -> 3.6, 23.3 -> 13.4 and 11.3 -> 6.9, 79 ->
     45 us. Each is the best configuration swept or within 8% of it.
     """
-    block_k = 128
     block_n = 64 if n >= 1024 else 16
     blocks = triton.cdiv(n, block_n)
+    gemv = rows == 1
+    block_k = 64 if gemv else 128
     max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
     split = 1
-    while split * 2 <= max_split and (blocks * split * 2 <= _GPU_SMS
-                                      or nf4 and split < 8 and blocks * split < 2.5 * _GPU_SMS):
+    while split * 2 <= max_split and (
+            blocks * split * 2 <= 5 * _GPU_SMS if gemv
+            else blocks * split * 2 <= _GPU_SMS or nf4 and split < 8 and blocks * split < 2.5 * _GPU_SMS):
         split *= 2
-    if rows == 1:
-        block_k = 64
-        max_split = max(1, triton.cdiv(k, block_k) // 2)
-        split = 1
-        while split * 2 <= max_split and blocks * split * 2 <= 5 * _GPU_SMS:
-            split *= 2
-        return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": True, "num_warps": 4,
-                "num_stages": 3}
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": False, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": gemv, "num_warps": 4, "num_stages": 3}
 
 
 def _few_rows_interpreter_config(rows: int, k: int) -> dict:

@@ -149,16 +149,22 @@ def test_few_rows_unsplit_and_split_k_equal_the_reference(dtype):
         assert rel_err(out.double(), outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3), split_k
 
 
-@pytest.mark.parametrize("nf4", [False, True])
+# (NF4, K, widths): K off BLOCK_K (64); NF4 rows of whole absmax blocks (K 192, every K step whole) and rows that are
+# not (K 160: gathered codes, a masked last step; widths even, as N * K must be whole 64-blocks).
+GEMV_WEIGHTS = [pytest.param(False, 200, (37, 130, 19), id="16-bit"),
+                pytest.param(True, 192, (37, 130, 19), id="nf4-aligned"),
+                pytest.param(True, 160, (38, 130, 20), id="nf4-unaligned")]
+
+
+@pytest.mark.parametrize("nf4,d_in,widths", GEMV_WEIGHTS)
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_few_rows_gemv_equals_the_reference(nf4, swiglu, split_k, dtype):
-    """One row through the GEMV form (products on the CUDA cores, summed over k after the loop; what the GPU runs for
-    NF4 layers at one row) and through tl.dot's, against the exact layers: odd widths and ranks, K off BLOCK_K, a
-    layer without LoRA, a SwiGLU pair."""
-    d_in = 192 if nf4 else 200
-    shapes = [(37, 3), (37, 5)] if swiglu else [(37, 3), (130, 0), (19, 16)]
+def test_few_rows_gemv_equals_the_reference(nf4, d_in, widths, swiglu, split_k, dtype):
+    """One row through the GEMV form (products on the CUDA cores, summed over k after the loop; what the GPU runs at
+    one row) and through tl.dot's, against the exact layers: odd widths and ranks, a layer without LoRA, a SwiGLU
+    pair."""
+    shapes = [(widths[0], 3), (widths[0], 5)] if swiglu else list(zip(widths, (3, 0, 16)))
     if nf4:
         pairs = [_nf4_projection(d_in, d_out, rank, dtype, double_quant=True, bias=not swiglu, seed=i)
                  for i, (d_out, rank) in enumerate(shapes)]
