@@ -2,8 +2,9 @@
 (kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, its GEMV form at one row against its tl.dot
 form, several linear layers of one input in one few-rows launch against one launch each (attention's q, k, v and
 gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts,
-in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), and the one-program expert schedule
-against PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
+in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one token in its
+GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), and the one-program expert schedule against
+PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
 Printed only: the chosen configurations go into the kernels' constants.
@@ -21,6 +22,7 @@ import torch
 import common
 from fastmoe.kernels import lora_linear as lora_module
 from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, moe_experts_nf4, quantize_nf4
+from fastmoe.kernels.moe import one_token as one_token_module
 from fastmoe.kernels.moe.routing import reference_sort_by_expert, sort_by_expert
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 
@@ -192,18 +194,25 @@ def few_rows_gemv(device: str) -> None:
           + ", ".join(f"{label} {ms * 1e3:.1f} us" for label, ms in totals.items()))
 
 
-def moe(device: str, nf4: bool = False) -> None:
-    hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
+def _experts(device: str, hidden: int, inter: int, num_experts: int, nf4: bool) -> tuple:
+    """(gate_up, down, their LoRAs, bytes per weight, the experts block taking them): bf16 stacks, or NF4 as
+    load_in_4bit stores them (NF4 codes, double-quantized absmax)."""
     gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
     down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
     bytes_per_weight, block = 2, moe_experts
-    if nf4:  # as load_in_4bit stores them: NF4 codes, double-quantized absmax
+    if nf4:
         gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
         bytes_per_weight, block = 0.5 + 1 / 64, moe_experts_nf4
     gu_lora = ExpertLora(A=torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
                          B=torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01, scaling=1.0)
     dn_lora = ExpertLora(A=torch.randn(num_experts, RANK, inter, device=device) * 0.01,
                          B=torch.randn(num_experts, hidden, RANK, device=device) * 0.01, scaling=1.0)
+    return gate_up, down, gu_lora, dn_lora, bytes_per_weight, block
+
+
+def moe(device: str, nf4: bool = False) -> None:
+    hidden, inter, num_experts, top_k = 2048, 1024, 128, 8
+    gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
     original_config, original_block_m = grouped_gemm._config, experts.gemm_block_m
     # NF4 tiles decode in registers, so narrower column blocks (more programs), more warps and longer K steps are worth
     # trying there.
@@ -245,6 +254,49 @@ def moe(device: str, nf4: bool = False) -> None:
             + f"; largest rel err to the current configuration {largest_err:.1e}", flush=True)
 
 
+def one_token(device: str) -> None:
+    """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
+    the grouped GEMMs' decode path, with its column blocks and splits swept, Trinity-Mini's and LFM2-8B-A1B's experts,
+    bf16 and NF4."""
+    shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
+    original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
+        one_token_module._GPU_BLOCK_N
+    for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(), (False, True)):
+        gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
+        x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
+        index = torch.randperm(num_experts, device=device)[:top_k][None]
+        weights = torch.rand(1, top_k, device=device)
+        gbytes = top_k * 3 * inter * hidden * bytes_per_weight / 1e9
+        variants = {"grouped": (False, 64, 1.0)}
+        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale)
+                         for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
+        results, expected, largest_err = {}, None, 0.0
+        with reused_casts(CastCache()), torch.no_grad():
+            for label, (form, block_n, scale) in variants.items():
+                experts._one_token_form = (lambda weights, _form=form: _form and original_form(weights))
+                one_token_module._GPU_BLOCK_N = block_n
+                one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
+                                                                                        * _s)))
+                try:
+                    out = block(x, index, weights, gate_up, down, gu_lora, dn_lora)
+                    ms = common.bench_graph_ms(lambda: block(x, index, weights, gate_up, down, gu_lora, dn_lora))
+                except Exception as error:
+                    print(f"  {label}: {type(error).__name__}: {error}")
+                    continue
+                if expected is None:
+                    expected = out.double()
+                largest_err = max(largest_err, common.rel_err(out.double(), expected))
+                results[label] = ms
+        experts._one_token_form, one_token_module.gemv_split = original_form, original_split
+        one_token_module._GPU_BLOCK_N = original_block_n
+        current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
+        best = sorted(results.items(), key=lambda r: r[1])[:4]
+        print(f"one-token {name} {'nf4' if nf4 else 'bf16'} ({top_k} experts, {gbytes * 1e3:.1f} MB): grouped "
+              f"{results['grouped'] * 1e3:.1f} us, one-token {current * 1e3:.1f} us ({gbytes / current * 1e3:.0f} "
+              "GB/s); best " + "; ".join(f"{label} {ms * 1e3:.1f} us" for label, ms in best)
+              + f"; largest rel err to the grouped path {largest_err:.1e}", flush=True)
+
+
 def schedule(device: str) -> None:
     for tokens in (1, 8, 16, 64):
         index = torch.stack([torch.randperm(128, device=device)[:8] for _ in range(tokens)])
@@ -258,7 +310,7 @@ def schedule(device: str) -> None:
 
 if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "few-rows-nf4": few_rows_nf4,
-                "few-rows-gemv": few_rows_gemv,
+                "few-rows-gemv": few_rows_gemv, "one-token": one_token,
                 "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

@@ -54,6 +54,7 @@ import triton.language as tl
 from .dispatch import use_triton
 from .moe.nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
 from .reused_casts import cast, derived, scope_active
+from .split_k import GEMV_BLOCK_K, GPU_SMS, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -70,8 +71,6 @@ def reference_lora_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | 
 FEW_ROWS = 64
 # Linear layers of one input that one few-rows launch computes at most (attention's q, k, v and output gate).
 MAX_PROJECTIONS = 4
-# SMs of the H200 the few-rows configuration is aimed at; on another GPU it is still correct, only less well fitted.
-_GPU_SMS = 132
 
 
 class Projection(NamedTuple):
@@ -127,24 +126,22 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     """
     block_n = 64 if n >= 1024 else 16
     blocks = triton.cdiv(n, block_n)
-    gemv = rows == 1
-    block_k = 64 if gemv else 128
+    if rows == 1:
+        return {"BLOCK_N": block_n, "BLOCK_K": GEMV_BLOCK_K, "SPLIT_K": gemv_split(blocks, k), "GEMV": True,
+                "num_warps": 4, "num_stages": 3}
+    block_k = 128
     max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
     split = 1
     while split * 2 <= max_split and (
-            blocks * split * 2 <= 5 * _GPU_SMS if gemv
-            else blocks * split * 2 <= _GPU_SMS or nf4 and split < 8 and blocks * split < 2.5 * _GPU_SMS):
+            blocks * split * 2 <= GPU_SMS or nf4 and split < 8 and blocks * split < 2.5 * GPU_SMS):
         split *= 2
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": gemv, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": False, "num_warps": 4, "num_stages": 3}
 
 
 def _few_rows_interpreter_config(rows: int, k: int) -> dict:
-    """Small blocks for the CPU interpreter, and K split into 1-2 iterations a split (at most 4 splits, the last ones
-    short or empty when K is not a multiple), so that the CPU tests go through the split-K fix-up; one row takes the
-    GEMV form, as on a GPU."""
-    block_k = 32
-    split = min(4, triton.next_power_of_2(triton.cdiv(k, block_k) + 1) // 2)
-    return {"BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "GEMV": rows == 1}
+    """Small blocks for the CPU interpreter, K split so that the CPU tests go through the split-K fix-up
+    (split_k.interpreter_split); one row takes the GEMV form, as on a GPU."""
+    return {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": interpreter_split(k, 32), "GEMV": rows == 1}
 
 
 @triton.jit
@@ -290,20 +287,15 @@ def _few_rows_kernel(
         tl.store(rows + columns[None, :], acc, mask=m_mask[:, None])
         if SWIGLU:
             tl.store(rows + up_columns[None, :], up, mask=m_mask[:, None])
-        # Triton's scalar atomic is issued by one thread: the barrier puts every thread's partial before it, and its
-        # release makes them visible to the program whose acquire sees the final count.
-        tl.debug_barrier()
-        is_last = tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLIT_K - 1
+        is_last = last_to_arrive(arrivals_ptr, block, SPLIT_K)
         if is_last:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):  # in split order whichever arrived last: deterministic sums
                 rows = partials_ptr + s * M * COLUMNS + offs_m[:, None] * COLUMNS
-                # .cg: from L2, where the other programs' stores are; this SM's L1 is not kept coherent with them
                 acc += tl.load(rows + columns[None, :], mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
                 if SWIGLU:
                     up += tl.load(rows + up_columns[None, :], mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
-            tl.store(arrivals_ptr + block, 0)
     else:
         is_last = True
     if is_last:
@@ -318,26 +310,6 @@ def _few_rows_kernel(
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         out_ptr = _pick(index, out0, out1, out2, out3, PROJECTIONS)
         tl.store(out_ptr + offs_m[:, None] * n + offs_n[None, :], acc.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
-
-
-# Per device, one int32 arrival count per column block for the split-K fix-up, zero between launches (each block's
-# last program resets its own), so one tensor serves every call and every CUDA graph replay; launches that share it
-# must not run at once (one stream, as decoding runs). Grown, never shrunk, and the outgrown tensors kept alive: a
-# graph captured earlier still points at them.
-_arrival_counts: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counts_for(device: torch.device, blocks: int) -> torch.Tensor:
-    held = _arrival_counts.setdefault(device, [])
-    if not held or held[-1].numel() < blocks:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # Zeros allocated under capture would only be written when the graph replays.
-            raise RuntimeError("lora_linear_few_rows needs more arrival counters than it has: run the layer once "
-                               "before capturing it in a CUDA graph")
-        # 1024 counters to start: more column blocks than a decoder's projections have, so growing is rare.
-        size = max(blocks, 2 * held[-1].numel() if held else 1024)
-        held.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return held[-1]
 
 
 def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config: dict,
@@ -384,7 +356,7 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
     k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
     # Every slot is written whole by its program, empty splits included: no zeroing.
     partials = torch.empty(split_k, rows, columns, dtype=torch.float32, device=x2.device) if split_k > 1 else None
-    arrivals = _arrival_counts_for(x2.device, blocks) if split_k > 1 else None
+    arrivals = arrival_counts(x2.device, blocks) if split_k > 1 else None
     ranks = [p.lora_a.shape[0] for p in projections if p.lora_a is not None]
     _few_rows_kernel[(blocks, split_k)](
         x2, rows, k, k_per_split, partials, arrivals, columns, nf4_code(x2.device) if nf4 else x2, *args,

@@ -56,6 +56,7 @@ from .grouped_gemm import (
     grouped_wgrad,
 )
 from .nf4 import Nf4Weight, TransposedNf4Weight, reference_dequantize_nf4
+from .one_token import one_token_experts
 from .routing import ExpertSchedule, sort_by_expert, tile_bound
 
 
@@ -515,6 +516,12 @@ BackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
                         torch.Tensor, torch.Tensor]
 
 
+def _one_token_form(experts: ExpertWeights) -> bool:
+    """Whether one_token_experts computes these experts: the plain SwiGLU form, 16-bit or NF4 stored (E, N, K)."""
+    return (experts.activation is None and experts.gate_up_bias is None and not experts.interleaved
+            and not any(isinstance(w, TransposedNf4Weight) for w in (experts.gate_up, experts.down)))
+
+
 def _experts_forward(
     experts: ExpertWeights, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
@@ -522,9 +529,15 @@ def _experts_forward(
 ) -> ForwardOutputs:
     num_tokens, top_k = top_k_index.shape
     dtype = hidden.dtype
+    gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
+    if not store_for_backward and num_tokens == 1 and _one_token_form(experts):
+        # Batch-1 decoding: two GEMV launches, no schedule (one_token.py).
+        out = one_token_experts(hidden, top_k_index, top_k_weights, _cast(experts.gate_up, dtype),
+                                _cast(experts.down, dtype), gu_a_, gu_b_, gu_scaling, down_a_, down_b_, down_scaling)
+        return (out, *_schedule_fakes(top_k_index, experts.gate_up.shape[0]),
+                hidden.new_empty(top_k, dtype=torch.float32), *(no_gradient(hidden),) * 3)
     schedule, identity = _schedule(top_k_index, experts.gate_up.shape[0])
     row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
-    gu_a_, gu_b_, down_a_, down_b_ = (_cast(t, dtype) for t in (gu_a, gu_b, down_a, down_b))
     num_rows = schedule.num_pairs
     if (not store_for_backward and num_rows <= DECODE_PAIRS and isinstance(experts, DenseExpertWeights)
             and gu_a_ is not None and down_a_ is not None):

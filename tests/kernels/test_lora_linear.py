@@ -3,6 +3,7 @@
 import pytest
 import torch
 from fastmoe.kernels import lora_linear as lora_linear_module
+from fastmoe.kernels import split_k
 from fastmoe.kernels.lora_linear import FEW_ROWS, lora_linear, lora_linear_few_rows, reference_lora_linear
 from testing_utils import rel_err
 
@@ -123,7 +124,7 @@ def test_few_rows_twice_in_a_row_is_bit_identical_and_leaves_the_counters_at_zer
     """Each column block's last program resets its arrival counter: a second launch (or a CUDA graph replay) elects
     its last programs afresh, and sums the partials in the same order."""
     x, weight, b, lora_a, lora_b = _inputs((5,), 300, 50, 7, torch.float32)
-    counters = lora_linear_module._arrival_counts_for(x.device, 1)
+    counters = split_k.arrival_counts(x.device, 1)
     with torch.no_grad():
         first = lora_linear_few_rows(x, weight, b, lora_a, lora_b, 1.7)
         assert not counters.any()
@@ -264,17 +265,6 @@ def test_several_layers_are_refused_beyond_what_one_launch_takes():
                                                  swiglu=True)
     with pytest.raises(ValueError, match="at most"):
         lora_linear_module.lora_linears_few_rows(torch.randn(FEW_ROWS + 1, 40), layers[:1])
-
-
-def test_arrival_counters_grow_zeroed_and_keep_the_outgrown_ones():
-    """A graph captured before the counters grew still points at the old tensor: it must stay allocated."""
-    device = torch.device("cpu")
-    current = lora_linear_module._arrival_counts_for(device, 1)
-    assert lora_linear_module._arrival_counts_for(device, current.numel()) is current
-    grown = lora_linear_module._arrival_counts_for(device, current.numel() + 1)
-    assert grown.numel() > current.numel() and not grown.any() and grown.dtype == torch.int32
-    assert any(t is current for t in lora_linear_module._arrival_counts[device])
-    assert lora_linear_module._arrival_counts_for(device, 1) is grown
 
 
 @pytest.mark.parametrize("rows", [2, 8, FEW_ROWS])

@@ -1,0 +1,277 @@
+"""The experts block of one token (batch-1 decoding) in two GEMV launches: 16-bit or NF4 experts, LoRA unmerged.
+
+At one token the k selected experts are k different weights of one row each. The grouped GEMMs (``grouped_gemm``)
+would run them as 16-row tiles, tl.dot's minimum: 15 rows of padding, every weight tile staged in shared memory for
+the tensor cores (NF4 ones decoded first), and around them the launches of a sorted schedule, the gather of the
+routing weights, the thin LoRA products and the sum over slots, each some microseconds at this size. Here the block
+is two launches whose products run on the CUDA cores, each program multiplying the weight tile where it was loaded
+or decoded (the GEMV form of ``lora_linear``'s few-rows kernel):
+
+* ``_gate_up_kernel``, program (column block, slot, K split): the gate and up rows of the block of the slot's expert
+  times x, and x A_gu^T over the same K steps; its partial, LoRA term included (linear in x A^T, so the splits' terms
+  sum to the whole), goes to a float32 workspace. The last split of (slot, block) to arrive sums them in split order
+  and stores h = silu(gate) * up, (k, I).
+* ``_down_kernel``, program (column block, slot and K split): h_slot W_down^T and its LoRA term. Slots are split-K
+  partials too: the last of a column block's k x splits programs sums each slot's splits in order, scales it by its
+  routing weight and rounds it to the activations' dtype, then sums the slots in float32, as the grouped path sums
+  its (token, slot) rows; the output (1, H) comes out of the launch whole.
+
+K is split as in the few-rows kernel (``split_k``). The sums are those of the grouped path in another order: the
+routing weight, each projection and h rounded to the activations' dtype where it rounds them; x A^T stays float32
+(the grouped path rounds the thin product to the activations' dtype before B).
+
+The reference is ``experts.reference_moe_experts`` (``reference_moe_experts_nf4``): the same op at any size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..split_k import GEMV_BLOCK_K, arrival_counts, gemv_split, interpreter_split, last_to_arrive
+from .nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
+
+# Output columns of a program on a GPU; gate_up's programs take this many gate and as many up rows.
+_GPU_BLOCK_N = 64
+
+
+@triton.jit
+def _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, NF4: tl.constexpr):
+    """(expert, its weight, its absmax, the NF4 code) of `slot`: expert index[slot] of a stack."""
+    expert = tl.load(index_ptr + slot).to(tl.int64)
+    if NF4:
+        return expert, w_ptr + expert * stride_we, absmax_ptr + expert * stride_me, tl.load(code_ptr + tl.arange(0, 16))
+    return expert, w_ptr + expert * stride_we, absmax_ptr, tl.zeros((16,), dtype=tl.float32)  # no absmax nor code
+
+
+@triton.jit
+def _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, rows, row_mask, k0, K, offs_k,
+                 NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
+                 X_DTYPE: tl.constexpr):
+    """(len(rows), BLOCK_K) float32: W[rows, k0 + offs_k] of one expert's W (N, K), in x's dtype: 16-bit through its
+    strides (already in x's dtype), or NF4 (packed codes and fp32 absmax) decoded."""
+    if NF4:
+        w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, rows, row_mask, k0, K, ROWS_ALIGNED, False, WHOLE_K,
+                                offs_k.shape[0], W_DTYPE, X_DTYPE)
+    else:
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _lora_down_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, xa, X_DTYPE: tl.constexpr):
+    """xa (BLOCK_R, BLOCK_K) += A[:, k0 + offs_k] * x: the float32 products of x A^T for one K step, A (r, K)."""
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                mask=r_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+    return xa + a.to(X_DTYPE).to(tl.float32) * x
+
+
+@triton.jit
+def _lora_up(xa, b_ptr, stride_bn, stride_br, rows, row_mask, offs_r, r_mask, X_DTYPE: tl.constexpr):
+    """(len(rows),) float32: (x A^T) B[rows]^T, xa (BLOCK_R,) the float32 x A^T and B (N, r) rounded to x's dtype."""
+    b = tl.load(b_ptr + rows[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                mask=row_mask[None, :] & r_mask[:, None], other=0.0)
+    return tl.sum(xa[:, None] * b.to(X_DTYPE).to(tl.float32), axis=0)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, index_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # gate_up (E, 2I, H) as [gate; up]
+    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, H), B (E, 2I, r)
+    h_ptr, partials_ptr, arrivals_ptr,
+    I, K, R, K_PER_SPLIT,
+    HAS_LORA: tl.constexpr, NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr,
+    W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """h[slot, block] = silu(gate) * up of x (K,) through the gate_up weight of expert index[slot]; partials
+    (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
+    block, slot, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype = x_ptr.dtype.element_ty
+    expert, w_ptr, absmax_ptr, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me,
+                                                     code_ptr, NF4)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    # float32 products per k, summed after the K loop
+    gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
+        gate += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n, n_mask, k0, K, offs_k,
+                             NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        up += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n + I, n_mask, k0, K, offs_k,
+                           NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        if HAS_LORA:
+            xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
+                                 xa, dtype)
+    gate = tl.sum(gate, axis=1)
+    up = tl.sum(up, axis=1)
+    if HAS_LORA:
+        xa = tl.sum(xa, axis=1)
+        b_e = b_ptr + expert * stride_be
+        gate += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n, n_mask, offs_r, r_mask, dtype)
+        up += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n + I, n_mask, offs_r, r_mask, dtype)
+    if SPLIT_K > 1:
+        partial = partials_ptr + (split * TOP_K + slot) * 2 * I
+        tl.store(partial + offs_n, gate, mask=n_mask)
+        tl.store(partial + I + offs_n, up, mask=n_mask)
+        is_last = last_to_arrive(arrivals_ptr, slot * tl.num_programs(0) + block, SPLIT_K)
+        if is_last:
+            gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # in split order whichever arrived last: deterministic sums
+                partial = partials_ptr + (s * TOP_K + slot) * 2 * I
+                gate += tl.load(partial + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+                up += tl.load(partial + I + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+    else:
+        is_last = True
+    if is_last:
+        # gate and up rounded to the activations' dtype, as the grouped SwiGLU kernel (and eager) round them.
+        gate = gate.to(dtype).to(tl.float32)
+        up = up.to(dtype).to(tl.float32)
+        tl.store(h_ptr + slot * I + offs_n, (gate * tl.sigmoid(gate) * up).to(dtype), mask=n_mask)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, index_ptr, weights_ptr,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # down (E, H, I)
+    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, I), B (E, H, r)
+    out_ptr, partials_ptr, arrivals_ptr,
+    N, K, R, K_PER_SPLIT,
+    HAS_LORA: tl.constexpr, NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr,
+    W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """out[block] = sum over slots of weights[slot] * (h[slot] W_down[index[slot]]^T + LoRA), h (TOP_K, K); program
+    (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block."""
+    block, part = tl.program_id(0), tl.program_id(1)
+    slot = part // SPLIT_K
+    split = part % SPLIT_K
+    dtype = h_ptr.dtype.element_ty
+    expert, w_ptr, absmax_ptr, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me,
+                                                     code_ptr, NF4)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
+        acc += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n, n_mask, k0, K, offs_k,
+                            NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        if HAS_LORA:
+            xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
+                                 xa, dtype)
+    y = tl.sum(acc, axis=1)
+    if HAS_LORA:
+        y += scaling * _lora_up(tl.sum(xa, axis=1), b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
+                                offs_r, r_mask, dtype)
+    if TOP_K * SPLIT_K > 1:
+        tl.store(partials_ptr + part * N + offs_n, y, mask=n_mask)
+        is_last = last_to_arrive(arrivals_ptr, block, TOP_K * SPLIT_K)
+        if is_last:
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(TOP_K):
+                y_slot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for p in tl.static_range(SPLIT_K):
+                    y_slot += tl.load(partials_ptr + (s * SPLIT_K + p) * N + offs_n, mask=n_mask, other=0.0,
+                                      cache_modifier=".cg")
+                # Each slot's row rounded to the activations' dtype, the rows summed in float32: the grouped path's
+                # (token, slot) rows and their sum.
+                y += (y_slot * tl.load(weights_ptr + s).to(tl.float32)).to(dtype).to(tl.float32)
+    else:
+        is_last = True
+        y = (y * tl.load(weights_ptr).to(tl.float32)).to(dtype).to(tl.float32)
+    if is_last:
+        tl.store(out_ptr + offs_n, y.to(dtype), mask=n_mask)
+
+
+def _weight_args(weight: torch.Tensor | Nf4Weight, index: torch.Tensor, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """A weight stack (E, N, K) as the kernels take it: (pointer, its three strides, absmax, its expert stride, NF4
+    code) and the NF4, ROWS_ALIGNED and W_DTYPE constexprs."""
+    if isinstance(weight, Nf4Weight):
+        # Double-quantized absmax decoded to fp32 for the selected experts only.
+        absmax = absmax_fp32(weight, index)
+        args = (weight.packed, weight.packed.stride(0), 0, 0, absmax, absmax.stride(0), nf4_code(weight.device))
+        return args, {"NF4": True, "ROWS_ALIGNED": weight.shape[2] % 64 == 0, "W_DTYPE": triton_dtype(weight.dtype)}
+    if weight.dtype != dtype:
+        raise ValueError(f"one_token_experts takes 16-bit expert weights in the activations' dtype {dtype}, got "
+                         f"{weight.dtype}")
+    args = (weight, weight.stride(0), weight.stride(1), weight.stride(2), None, None, None)
+    return args, {"NF4": False, "ROWS_ALIGNED": False, "W_DTYPE": None}
+
+
+def _lora_args(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> tuple:
+    if lora_a is None:
+        return (None,) * 8 + (0.0,)
+    return (lora_a, *lora_a.stride(), lora_b, *lora_b.stride(), float(scaling))
+
+
+def one_token_experts(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up: torch.Tensor | Nf4Weight, down: torch.Tensor | Nf4Weight,
+    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
+    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
+) -> torch.Tensor:
+    """The SwiGLU experts block (``moe_experts``' forward) of one token, no autograd.
+
+    hidden (1, H); top_k_index (1, k) int; top_k_weights (1, k); gate_up (E, 2I, H) as [gate; up] and down (E, H, I),
+    16-bit in hidden's dtype (any strides) or Nf4Weight; LoRA factors gu_a (E, r, H), gu_b (E, 2I, r), down_a (E, r,
+    I), down_b (E, H, r) (any strides, rounded to hidden's dtype in the kernels), or None. Returns (1, H)."""
+    if hidden.shape[0] != 1 or top_k_index.shape[0] != 1:
+        raise ValueError(f"one_token_experts takes one token, got {hidden.shape[0]}")
+    x = hidden.reshape(-1).contiguous()
+    index = top_k_index.reshape(-1).contiguous()
+    weights = top_k_weights.reshape(-1).contiguous()
+    top_k = index.numel()
+    (_, two_inter, k_gate_up), (_, n_down, k_down) = gate_up.shape, down.shape
+    inter = two_inter // 2
+    dtype, device = hidden.dtype, hidden.device
+    if device.type == "cuda":
+        block_n, block_k, options = _GPU_BLOCK_N, GEMV_BLOCK_K, {"num_warps": 4, "num_stages": 3}
+        gate_up_split = gemv_split(top_k * triton.cdiv(inter, block_n), k_gate_up)
+        down_split = gemv_split(top_k * triton.cdiv(n_down, block_n), k_down)
+    else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-ups
+        block_n, block_k, options = 16, 32, {}
+        gate_up_split, down_split = interpreter_split(k_gate_up, block_k), interpreter_split(k_down, block_k)
+    gate_up_blocks, down_blocks = triton.cdiv(inter, block_n), triton.cdiv(n_down, block_n)
+    arrivals = arrival_counts(device, max(top_k * gate_up_blocks, down_blocks))
+    ranks = [t.shape[1] for t in (gu_a, down_a) if t is not None]
+    block_r = max(16, triton.next_power_of_2(max(ranks, default=1)))
+
+    def k_per_split(k: int, split: int) -> int:
+        return triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+
+    h = torch.empty(top_k, inter, dtype=dtype, device=device)
+    w_args, layout = _weight_args(gate_up, index, dtype)
+    partials = (torch.empty(gate_up_split, top_k, 2, inter, dtype=torch.float32, device=device)
+                if gate_up_split > 1 else None)
+    _gate_up_kernel[(gate_up_blocks, top_k, gate_up_split)](
+        x, index, *w_args, *_lora_args(gu_a, gu_b, gu_scaling), h, partials, arrivals,
+        inter, k_gate_up, gu_a.shape[1] if gu_a is not None else 0, k_per_split(k_gate_up, gate_up_split),
+        HAS_LORA=gu_a is not None, **layout, WHOLE_K=k_gate_up % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, **options,
+    )
+    out = torch.empty(1, n_down, dtype=dtype, device=device)
+    w_args, layout = _weight_args(down, index, dtype)
+    partials = (torch.empty(top_k * down_split, n_down, dtype=torch.float32, device=device)
+                if top_k * down_split > 1 else None)
+    _down_kernel[(down_blocks, top_k * down_split)](
+        h, index, weights, *w_args, *_lora_args(down_a, down_b, down_scaling), out, partials, arrivals,
+        n_down, k_down, down_a.shape[1] if down_a is not None else 0, k_per_split(k_down, down_split),
+        HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, **options,
+    )
+    return out
