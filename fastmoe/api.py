@@ -526,26 +526,24 @@ def _load(request: _LoadRequest, config, family: Family | None):
     from transformers import AutoModelForCausalLM
 
     from fastmoe.quantize import quantize_experts_
-    from fastmoe.quantized_loading import fastmoe_bnb_quantizers
+    from fastmoe.quantized_loading import fastmoe_bnb_quantizers, strip_mxfp4
 
     if _is_adapter_folder(request.model_name):
         raise ValueError(f"{request.model_name!r} is a LoRA adapter folder; load its base model and then the adapter")
     load_kwargs = dict(dtype=request.dtype, token=request.token, **request.kwargs)
     quantization_config = None
-    if request.quantization is not None and _quant_method(config) == "mxfp4":
-        # Its experts are MXFP4 blocks under other names, which the bitsandbytes load would not read (they would come
-        # back as missing, randomly initialised weights).
-        raise ValueError(
-            f"load_in_{request.quantization[0]}bit cannot load {request.model_name!r}: its experts are MXFP4. Load a "
-            "16-bit copy of the checkpoint in 4 bits instead (FastModel.from_pretrained of this one with "
-            "load_in_4bit=False, then save_pretrained_merged, writes one), or load this one in 16 bits")
+    mxfp4_experts = _quant_method(config) == "mxfp4"
+    if request.quantization is not None and mxfp4_experts:
+        # Its MXFP4 experts are dequantized and quantized to NF4 one stack at a time (quantized_loading); 8 bits are
+        # refused for MoE models before any weight is read.
+        config = strip_mxfp4(config)
     if request.quantization is not None:
         # Routers stay 16-bit: (experts, hidden) is tiny, and top-k choices flip on 4/8-bit rounding of the logits.
         # Naming any skip replaces transformers' default list, so lm_head is named again.
         skip = ["lm_head", *(family.routers if family is not None else ())]
         quantization_config = load_kwargs["quantization_config"] = _bnb_config(request.quantization, request.dtype,
                                                                                skip)
-    if "quantization_config" not in load_kwargs and _quant_method(config) == "mxfp4":
+    if "quantization_config" not in load_kwargs and mxfp4_experts:
         # MXFP4 checkpoints (gpt-oss): transformers' MXFP4 experts cannot train (and fastmoe's kernels do not read
         # them), so their experts are dequantized to the model's dtype as they load.
         from transformers import Mxfp4Config
@@ -558,7 +556,7 @@ def _load(request: _LoadRequest, config, family: Family | None):
         load_kwargs["device_map"] = device_map
     if request.attn_implementation is not None:
         load_kwargs["attn_implementation"] = request.attn_implementation
-    with fastmoe_bnb_quantizers() if request.quantization is not None else contextlib.nullcontext():
+    with fastmoe_bnb_quantizers(mxfp4_experts) if request.quantization is not None else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(request.model_name, config=config, **load_kwargs)
     if request.quantization == "4bit":
         quantize_experts_(model, double_quant=quantization_config.bnb_4bit_use_double_quant)

@@ -29,6 +29,13 @@ Two transformers behaviours shape the details:
   (`_move_missing_keys_from_meta_to_device`), so the NF4 codes wait in a plain attribute of the experts module and
   become its buffers in `_process_model_after_weight_loading`, which runs after that.
 
+gpt-oss checkpoints ship their expert stacks in MXFP4 (`<stack>_blocks` and `<stack>_scales`). For load_in_4bit,
+`Mxfp4ExpertsNf4Quantizer` adds one conversion per stack that dequantizes its blocks to the parameter's dtype with
+transformers' own MXFP4 decode, and the NF4 quantize op above takes the result: one stack exists in 16 bits at a time,
+never the model's whole expert set. The checkpoint's own MXFP4 quantization_config is dropped from the config
+transformers loads with (`strip_mxfp4`): transformers refuses a second quantization over a quantized checkpoint, and
+the model becomes an ordinary bitsandbytes 4-bit one.
+
 `fastmoe_bnb_quantizers()` puts these classes in transformers' quantizer table for the duration of one load.
 """
 
@@ -37,8 +44,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import copy
+
 import torch
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.quantizers import auto as auto_quantizers
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
@@ -106,6 +117,51 @@ class Nf4ExpertsBnb4BitHfQuantizer(Bnb4BitHfQuantizer):
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 
+class Mxfp4ExpertsDequantize(ConversionOps):
+    """An MXFP4 expert stack of a gpt-oss checkpoint (`<stack>_blocks`, `<stack>_scales`) -> the stack in its
+    parameter's dtype and layout, as transformers' dequantizing MXFP4 load gives it."""
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        module, name = _owner(model, full_layer_name)
+        blocks, scales = (input_dict[f"{name}_{part}"] for part in ("blocks", "scales"))
+        blocks, scales = (t[0] if isinstance(t, list) else t for t in (blocks, scales))
+        # The loader casts every tensor to the model's dtype first: blocks and scales are bytes, exact in any float
+        # dtype, and the decode takes them back to integers.
+        return {full_layer_name: convert_moe_packed_tensors(blocks, scales, dtype=getattr(module, name).dtype)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError("fastmoe saves NF4 experts dequantized (save_pretrained_merged), never as MXFP4")
+
+
+class Mxfp4ExpertsNf4Quantizer(Nf4ExpertsBnb4BitHfQuantizer):
+    """The 4-bit quantizer for a checkpoint whose experts are MXFP4 (gpt-oss): each stack's blocks and scales are
+    dequantized, then quantized to NF4, as they load."""
+
+    def get_weight_conversions(self):
+        return [*super().get_weight_conversions(), *(
+            WeightConverter(source_patterns=[f"{stack}_blocks", f"{stack}_scales"], target_patterns=stack,
+                            operations=[Mxfp4ExpertsDequantize()])
+            for stack in ("gate_up_proj", "down_proj"))]
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers keeps the conversions a load used and reverses them when the model is saved: the experts, saved
+        # dense (save_pretrained_merged dequantizes them), must keep their names rather than go back to MXFP4's.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is not None:
+            model._weight_conversions = [
+                conversion for conversion in conversions
+                if not any(isinstance(op, Mxfp4ExpertsDequantize) for op in getattr(conversion, "operations", ()))]
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+
+def strip_mxfp4(config):
+    """A copy of `config` without its MXFP4 quantization_config, for a bitsandbytes load of an MXFP4 checkpoint."""
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    return config
+
+
 def nf4_expert_families() -> str:
     """The model types whose experts load_in_4bit turns into NF4, for messages: "afmoe, lfm2_moe"."""
     described = [models.family(model_type) for model_type in models.FAMILIES]
@@ -138,12 +194,13 @@ class ExpertsRefusingBnb8BitHfQuantizer(Bnb8BitHfQuantizer):
 
 
 @contextlib.contextmanager
-def fastmoe_bnb_quantizers() -> Iterator[None]:
-    """Within this block, a BitsAndBytesConfig given to from_pretrained gets fastmoe's quantizers above. transformers
-    picks the quantizer class from this module-level table by quant_method and offers no other way to pass one."""
+def fastmoe_bnb_quantizers(mxfp4_experts: bool = False) -> Iterator[None]:
+    """Within this block, a BitsAndBytesConfig given to from_pretrained gets fastmoe's quantizers above (for a
+    checkpoint whose experts are MXFP4 with `mxfp4_experts`, loaded with strip_mxfp4's config). transformers picks the
+    quantizer class from this module-level table by quant_method and offers no other way to pass one."""
     table = auto_quantizers.AUTO_QUANTIZER_MAPPING
     saved = {key: table[key] for key in ("bitsandbytes_4bit", "bitsandbytes_8bit")}
-    table["bitsandbytes_4bit"] = Nf4ExpertsBnb4BitHfQuantizer
+    table["bitsandbytes_4bit"] = Mxfp4ExpertsNf4Quantizer if mxfp4_experts else Nf4ExpertsBnb4BitHfQuantizer
     table["bitsandbytes_8bit"] = ExpertsRefusingBnb8BitHfQuantizer
     try:
         yield

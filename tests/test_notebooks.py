@@ -22,7 +22,7 @@ NOTEBOOKS = {
     "aya_expanse_8b_lora.ipynb": ("cohere", "aya-expanse-8b"),
     "qwen3_30b_a3b_qlora.ipynb": ("qwen3_moe", "qwen3-30b-a3b"),
     "mixtral_8x7b_qlora.ipynb": ("mixtral", "mixtral-8x7b"),
-    "gpt_oss_20b_lora.ipynb": ("gpt_oss", "gpt-oss-20b"),
+    "gpt_oss_20b_qlora.ipynb": ("gpt_oss", "gpt-oss-20b"),
 }
 
 

@@ -1,8 +1,8 @@
 """gpt-oss: FastModel + LoRA (attention and experts) against transformers + peft, fp32 on CPU against fp64, with the
 tiny model's sliding window shorter than the batch, its clamps acting and the router aux loss on; which kernels ran;
 unpatch() and the "fastmoe" experts implementation under transformers' own forward; generation through the decode
-step (sinks in the decode attention); the router; packed documents; 8-bit, and 4-bit of an MXFP4 checkpoint, refused
-in one line (4-bit: tests/models/test_4bit_experts.py)."""
+step (sinks in the decode attention); the router; packed documents; 8-bit refused in one line; an MXFP4 checkpoint
+loaded dequantized, and in 4 bits (NF4 experts; the rest of 4-bit: tests/models/test_4bit_experts.py)."""
 
 import json
 
@@ -126,20 +126,6 @@ def test_8bit_is_refused_in_one_line_and_names_4bit(tiny_checkpoint):
     assert "\n" not in str(info.value) and "gpt_oss" in str(info.value)
 
 
-def test_load_in_4bit_of_an_mxfp4_checkpoint_is_refused_in_one_line(tiny_checkpoint, tmp_path):
-    """An MXFP4 checkpoint's experts are blocks under other names: a 4-bit load would miss them (random experts)."""
-    import shutil
-
-    checkpoint = tmp_path / "mxfp4"
-    shutil.copytree(tiny_checkpoint("gpt_oss"), checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"^load_in_4bit cannot load .* its experts are MXFP4") as info:
-        FastModel.from_pretrained(str(checkpoint), load_in_4bit=True)
-    assert "\n" not in str(info.value)
-
-
 def test_packed_documents_train_as_if_alone(tiny_checkpoint):
     """Packed rows (position_ids restarting, no attention mask): transformers' GptOssModel builds its masks without
     position_ids, so its documents attend to each other; fastmoe's `model` op hands them over. On the ops' PyTorch
@@ -169,18 +155,15 @@ def _mxfp4_stack(num_experts: int, out_features: int, in_features: int, generato
     return dense.transpose(1, 2).contiguous(), blocks, (exponents + 127).to(torch.uint8)
 
 
-def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_path, tiny_tokenizer, monkeypatch):
-    """gpt-oss ships MXFP4 experts: FastModel loads them dequantized (transformers' MXFP4 experts cannot train), to
-    the weights of the same model saved dense, whose logits transformers gives. (transformers dequantizes by itself
-    where its MXFP4 kernels cannot run, the CPU among them; FastModel asks for it everywhere.)"""
-    import json
-
+def _mxfp4_and_dense_checkpoints(tmp_path, tokenizer):
+    """(dense checkpoint, MXFP4 checkpoint of the same weights, the dense state dict): the tiny gpt-oss model with
+    experts exactly representable in MXFP4, saved both ways."""
     from safetensors.torch import load_file, save_file
 
     from fastmoe.builtin import build_tiny_checkpoint
 
     # MXFP4 blocks are 32 wide: hidden and intermediate sizes multiples of 32.
-    dense_dir = build_tiny_checkpoint("gpt_oss", tmp_path / "dense", tokenizer=tiny_tokenizer, hidden_size=64,
+    dense_dir = build_tiny_checkpoint("gpt_oss", tmp_path / "dense", tokenizer=tokenizer, hidden_size=64,
                                       intermediate_size=32)
     state = load_file(str(dense_dir / "model.safetensors"))
     config = AutoConfig.from_pretrained(dense_dir)
@@ -203,8 +186,15 @@ def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_pa
     config_json["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (mxfp4_dir / "config.json").write_text(json.dumps(config_json))
-    tiny_tokenizer.save_pretrained(mxfp4_dir)
+    tokenizer.save_pretrained(mxfp4_dir)
+    return dense_dir, mxfp4_dir, state
 
+
+def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_path, tiny_tokenizer, monkeypatch):
+    """gpt-oss ships MXFP4 experts: FastModel loads them dequantized (transformers' MXFP4 experts cannot train), to
+    the weights of the same model saved dense, whose logits transformers gives. (transformers dequantizes by itself
+    where its MXFP4 kernels cannot run, the CPU among them; FastModel asks for it everywhere.)"""
+    dense_dir, mxfp4_dir, state = _mxfp4_and_dense_checkpoints(tmp_path, tiny_tokenizer)
     load_kwargs, from_pretrained = [], AutoModelForCausalLM.from_pretrained.__func__
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(
         lambda cls, *args, **kwargs: load_kwargs.append(kwargs) or from_pretrained(cls, *args, **kwargs)))
@@ -224,6 +214,58 @@ def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_pa
         with reference_only():
             logits = model.eval()(**batch, use_cache=False).logits
     assert rel_err(logits, ref_logits) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:bitsandbytes quantization without a CUDA GPU")
+def test_load_in_4bit_of_an_mxfp4_checkpoint_gives_the_nf4_experts_of_its_dense_weights(tmp_path, tiny_tokenizer,
+                                                                                          monkeypatch):
+    """load_in_4bit of an MXFP4 checkpoint: each expert stack dequantized and quantized to NF4 as it loads, never the
+    whole 16-bit expert set at once; the same NF4 experts, bitsandbytes layers and logits as load_in_4bit of the same
+    weights saved dense, and a model that no longer says MXFP4. Then LoRA trains on it and its merged save loads in
+    plain transformers with the trained model's logits. 8 bits are refused as for every MoE model."""
+    from fastmoe import quantized_loading
+    from fastmoe.quantize import is_quantized, nf4_weight
+
+    dense_dir, mxfp4_dir, state = _mxfp4_and_dense_checkpoints(tmp_path, tiny_tokenizer)
+    import bitsandbytes.nn.modules  # its CPU fast path re-lays odd shapes (see tests/models/test_4bit_experts.py)
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False, raising=False)
+    dequantized, convert = [], quantized_loading.Mxfp4ExpertsDequantize.convert
+    monkeypatch.setattr(quantized_loading.Mxfp4ExpertsDequantize, "convert",
+                        lambda self, *args, **kwargs: dequantized.append(1) or convert(self, *args, **kwargs))
+    with pytest.raises(ValueError, match="load_in_8bit quantizes Linear layers only"):  # before any weight is read
+        FastModel.from_pretrained(str(mxfp4_dir), dtype=torch.float32, load_in_8bit=True)
+    model, _ = FastModel.from_pretrained(str(mxfp4_dir), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
+    dense, _ = FastModel.from_pretrained(str(dense_dir), dtype=torch.float32, max_seq_length=64, load_in_4bit=True)
+    assert len(dequantized) == 2 * model.config.num_hidden_layers  # one conversion per stack
+    assert model.config.quantization_config.quant_method == "bitsandbytes"
+    experts = [m for m in model.modules() if is_quantized(m)]
+    dense_experts = [m for m in dense.modules() if is_quantized(m)]
+    assert len(experts) == len(dense_experts) == model.config.num_hidden_layers
+    for module, dense_module in zip(experts, dense_experts):
+        for name in ("gate_up_proj", "down_proj"):
+            got, want = nf4_weight(module, name), nf4_weight(dense_module, name)
+            assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+            assert all(torch.equal(a, b) for a, b in zip(got.tensors(), want.tensors()))
+    batch = batch_with_padding(model.config.vocab_size)
+    with torch.no_grad():
+        logits, dense_logits = (m.eval()(**batch, use_cache=False).logits for m in (model, dense))
+    assert torch.equal(logits, dense_logits)
+
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora(model)
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "experts" in name and p.requires_grad)
+    with torch.no_grad():
+        trained_logits = model.eval()(**batch, use_cache=False).logits
+    model.save_pretrained_merged(str(tmp_path / "merged"), tiny_tokenizer)
+    fastmoe.unpatch()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.model.layers[0].mlp.experts.gate_up_proj.shape == state[
+        "model.layers.0.mlp.experts.gate_up_proj"].shape
+    with torch.no_grad():
+        assert rel_err(merged(**batch, use_cache=False).logits, trained_logits) < 1e-5
 
 
 def test_experts_holding_mxfp4_blocks_are_refused_with_the_way_out():
