@@ -9,6 +9,8 @@ reference.
 * ``experts``: ``moe_experts``, ``moe_experts_nf4`` with ``ExpertLora``; ``moe_experts_clamped_swiglu`` and
   ``moe_experts_clamped_swiglu_nf4`` (gpt-oss's layout, biases and activation)
 * ``expert_map_reduce``: ``expert_map``, ``expert_reduce``, ``expert_map_nf4``, ``expert_reduce_nf4``
+* ``one_token``: ``one_token_experts``, the experts block of one token (batch-1 decoding) in two GEMV launches, which
+  ``moe_experts`` takes at one token when nothing is differentiated
 """
 
 from .expert_map_reduce import (
