@@ -3,8 +3,8 @@
 form, several linear layers of one input in one few-rows launch against one launch each (attention's q, k, v and
 gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts,
 in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one token in its
-GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), and the one-program expert schedule against
-PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
+GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), LFM2's short convolution of a decode step in one
+launch against PyTorch's eight, and the one-program expert schedule against PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
 Printed only: the chosen configurations go into the kernels' constants.
@@ -25,6 +25,7 @@ from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, 
 from fastmoe.kernels.moe import one_token as one_token_module
 from fastmoe.kernels.moe.routing import reference_sort_by_expert, sort_by_expert
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
+from fastmoe.kernels.short_conv import reference_short_conv_decode, short_conv_decode
 
 PROJECTIONS = [("q_proj", 2048, 4096), ("k_proj", 2048, 512), ("o_proj", 4096, 2048), ("shared up", 2048, 1024),
                ("shared down", 1024, 2048)]
@@ -297,6 +298,25 @@ def one_token(device: str) -> None:
               + f"; largest rel err to the grouped path {largest_err:.1e}", flush=True)
 
 
+def short_conv_step(device: str) -> None:
+    """LFM2's gated short convolution of one decode step (kernels/short_conv.py short_conv_decode) against PyTorch's
+    path, LFM2-8B-A1B's 2048 channels and 3 taps, bf16."""
+    hidden, taps = 2048, 3
+    weight = torch.randn(hidden, 1, taps, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(hidden, device=device, dtype=torch.bfloat16)
+    for batch in (1, 8, 64):
+        bcx = torch.randn(batch, 1, 3 * hidden, device=device, dtype=torch.bfloat16)
+        state = torch.randn(batch, hidden, taps, device=device, dtype=torch.bfloat16)
+        expected_state = state.clone()
+        expected = reference_short_conv_decode(bcx, expected_state, weight, bias)
+        out = short_conv_decode(bcx, state, weight, bias)
+        same_state = torch.equal(state, expected_state)
+        fused = common.bench_graph_ms(lambda: short_conv_decode(bcx, state, weight, bias))
+        eager = common.bench_graph_ms(lambda: reference_short_conv_decode(bcx, state, weight, bias))
+        print(f"short-conv decode step, batch {batch}: one launch {fused * 1e3:.1f} us, PyTorch {eager * 1e3:.1f} us; "
+              f"rel err {common.rel_err(out.double(), expected.double()):.1e}, same state {same_state}", flush=True)
+
+
 def schedule(device: str) -> None:
     for tokens in (1, 8, 16, 64):
         index = torch.stack([torch.randperm(128, device=device)[:8] for _ in range(tokens)])
@@ -310,7 +330,7 @@ def schedule(device: str) -> None:
 
 if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "few-rows-nf4": few_rows_nf4,
-                "few-rows-gemv": few_rows_gemv, "one-token": one_token,
+                "few-rows-gemv": few_rows_gemv, "one-token": one_token, "short-conv": short_conv_step,
                 "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

@@ -14,6 +14,12 @@ Forward computes B * x on the fly for each of the L taps (the neighbouring rows 
 the in_proj output. Backward recomputes conv, writes dB, dC, dx into one (batch, seq, 3 * hidden) gradient
 (so autograd needs no concatenation for in_proj), and sums dweight/dbias per program into fp32 partial
 buffers reduced afterwards, so no two programs write one address.
+
+Decoding (``short_conv_decode``: one new token per row against a conv state, the last L values of B * x per
+channel) is one launch: the state shifts by one and takes the new B * x, and y = C * (state . w + bias), where
+PyTorch's path (transformers' causal_conv1d_update without its CUDA kernel) is a product, a concatenation, a copy, a
+product, a sum, an add, a product and a transposing copy, eight launches of a few microseconds each per layer and
+decode step.
 """
 
 from __future__ import annotations
@@ -298,3 +304,68 @@ def short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             doc_offsets = doc_offsets.to(torch.int32).contiguous()
         return _short_conv(bcx, weight, bias, doc_offsets)
     return reference_short_conv(bcx, weight, bias, doc_offsets)
+
+
+def reference_short_conv_decode(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row, as transformers' torch path (causal_conv1d_update) computes it: bcx (batch, 1,
+    3 * hidden); state (batch, hidden, L), the last L values of B * x, shifted left in place to take the new one;
+    weight (hidden, 1, L) or (hidden, L); bias (hidden,) or None -> (batch, 1, hidden)."""
+    b, c, x = bcx.transpose(-1, -2).chunk(3, dim=-2)  # (batch, hidden, 1) each
+    state.copy_(torch.cat((state[:, :, 1:], b * x), dim=-1))
+    conv = (state * weight.reshape(weight.shape[0], -1)).sum(dim=-1, keepdim=True)
+    if bias is not None:
+        conv = conv + bias[:, None]
+    return (c * conv).transpose(-1, -2).contiguous()
+
+
+@triton.jit
+def _short_conv_decode_kernel(BCX, stride_bcx, STATE, stride_sb, stride_sd, stride_sl, W, BIAS, Y, hidden,
+                              L: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Program (row, channel block). Each value is rounded to the dtype where PyTorch's path rounds it: B * x, every
+    # state * w product, their sum (accumulated in float32), the bias add, C * conv.
+    row, block = tl.program_id(0), tl.program_id(1)
+    dtype = Y.dtype.element_ty
+    d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < hidden
+    bcx = BCX + row * stride_bcx
+    b = tl.load(bcx + d, mask=d_mask, other=0.0).to(tl.float32)
+    c = tl.load(bcx + hidden + d, mask=d_mask, other=0.0).to(tl.float32)
+    x = tl.load(bcx + 2 * hidden + d, mask=d_mask, other=0.0).to(tl.float32)
+    bx = (b * x).to(dtype)
+    taps = tl.arange(0, BLOCK_L)
+    state = STATE + row * stride_sb + d[:, None] * stride_sd + taps[None, :] * stride_sl
+    # Tap l takes tap l + 1's value, the last tap the new one: all loads of a program come before its stores.
+    shifted = tl.load(state + stride_sl, mask=d_mask[:, None] & (taps < L - 1)[None, :], other=0.0)
+    new_state = tl.where((taps == L - 1)[None, :], bx[:, None], shifted)
+    tl.store(state, new_state, mask=d_mask[:, None] & (taps < L)[None, :])
+    w = tl.load(W + d[:, None] * L + taps[None, :], mask=d_mask[:, None] & (taps < L)[None, :], other=0.0)
+    products = (new_state.to(tl.float32) * w.to(tl.float32)).to(dtype).to(tl.float32)
+    conv = tl.sum(products, axis=1).to(dtype).to(tl.float32)
+    if HAS_BIAS:
+        conv = (conv + tl.load(BIAS + d, mask=d_mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    tl.store(Y + row * hidden + d, (c * conv).to(dtype), mask=d_mask)
+
+
+def short_conv_decode(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference_short_conv_decode`` in one launch (the state updated in place); no autograd. bcx (batch, 1,
+    3 * hidden) with unit stride on its channels, state (batch, hidden, L) any strides, weight (hidden, 1, L) or
+    (hidden, L), bias (hidden,) or None, all in one dtype (otherwise PyTorch's path, whose type promotions it
+    follows)."""
+    batch, hidden, taps = state.shape
+    if bcx.shape != (batch, 1, 3 * hidden) or weight.numel() != hidden * taps:
+        raise ValueError(f"short_conv_decode takes bcx (batch, 1, 3 * hidden) = {(batch, 1, 3 * hidden)} and a "
+                         f"weight of {hidden} x {taps} for state {tuple(state.shape)}; got bcx {tuple(bcx.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    tensors = (bcx, state, weight, bias)
+    if (not use_triton(*tensors) or len({t.dtype for t in tensors if t is not None}) != 1
+            or bcx.stride(-1) != 1 or not weight.is_contiguous()):
+        return reference_short_conv_decode(bcx, state, weight, bias)
+    y = torch.empty(batch, 1, hidden, dtype=bcx.dtype, device=bcx.device)
+    block_d = min(256, triton.next_power_of_2(hidden))
+    _short_conv_decode_kernel[(batch, triton.cdiv(hidden, block_d))](
+        bcx, bcx.stride(0), state, *state.stride(), weight, bias, y, hidden, L=taps, HAS_BIAS=bias is not None,
+        BLOCK_D=block_d, BLOCK_L=triton.next_power_of_2(taps), num_warps=4,
+    )
+    return y

@@ -15,7 +15,7 @@ from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 from fastmoe.generation import DecodeCache
 from fastmoe.kernels.moe import route_sigmoid_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
-from fastmoe.kernels.short_conv import document_offsets, short_conv
+from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
@@ -114,13 +114,9 @@ def _short_conv_from_start(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tenso
 def _short_conv_decode(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """One new token per row against fastmoe's decode cache: the state (batch, hidden, L) of the last L values of
     B * x shifts left and takes the new one, and the output is C * (state . w + bias), transformers'
-    causal_conv1d_update. No padding mask: a decode step's tokens are never padding."""
-    b, c, x = self.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)  # (batch, hidden, 1) each
-    state.copy_(torch.cat((state[:, :, 1:], b * x), dim=-1))
-    conv = (state * self.conv.weight[:, 0, :]).sum(dim=-1, keepdim=True)
-    if self.conv.bias is not None:
-        conv = conv + self.conv.bias[:, None]
-    return self.out_proj((c * conv).transpose(-1, -2).contiguous())
+    causal_conv1d_update, in one launch (kernels/short_conv.py). No padding mask: a decode step's tokens are never
+    padding."""
+    return self.out_proj(short_conv_decode(self.in_proj(hidden_states), state, self.conv.weight, self.conv.bias))
 
 
 def short_conv_forward(self: hf.Lfm2MoeShortConv, hidden_states: torch.Tensor, past_key_values=None,

@@ -9,7 +9,8 @@ from transformers.models.lfm2_moe import modeling_lfm2_moe as hf  # noqa: E402
 
 from fastmoe.kernels import use_triton  # noqa: E402
 from fastmoe.kernels.dispatch import interpreter_enabled  # noqa: E402
-from fastmoe.kernels.short_conv import document_offsets, reference_short_conv, short_conv  # noqa: E402
+from fastmoe.kernels.short_conv import (document_offsets, reference_short_conv, reference_short_conv_decode,  # noqa: E402
+                                       short_conv, short_conv_decode)
 from fastmoe.models.lfm2_moe import short_conv_forward  # noqa: E402
 from testing_utils import rel_err  # noqa: E402
 
@@ -161,3 +162,36 @@ def test_bf16_gpu_packed_documents():
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         assert rel_err(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("batch,hidden,taps", [(1, 40, 3), (3, 300, 3), (2, 24, 4), (1, 16, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_short_conv_decode_equals_pytorchs_step(batch, hidden, taps, bias, dtype):
+    """One decode step: the state shifted with the new B * x written back, and y, as transformers' torch path gives
+    them; 300 channels take two channel blocks, the second partial; a kernel of one tap keeps only the new value."""
+    gen = torch.Generator().manual_seed(0)
+    bcx = torch.randn(batch, 1, 3 * hidden, generator=gen).to(dtype)
+    state = torch.randn(batch, hidden, taps, generator=gen).to(dtype)
+    weight = torch.randn(hidden, 1, taps, generator=gen).to(dtype)
+    b = torch.randn(hidden, generator=gen).to(dtype) if bias else None
+    expected_state = state.clone()
+    expected = reference_short_conv_decode(bcx, expected_state, weight, b)
+    y = short_conv_decode(bcx, state, weight, b)
+    assert y.shape == (batch, 1, hidden) and y.dtype == dtype
+    assert torch.equal(state, expected_state)
+    assert rel_err(y, expected) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_short_conv_decode_writes_a_strided_state_in_place_and_refuses_mismatched_shapes():
+    gen = torch.Generator().manual_seed(1)
+    bcx = torch.randn(2, 1, 3 * 40, generator=gen)
+    storage = torch.randn(2, 3, 40, generator=gen)
+    state = storage.transpose(1, 2)  # (batch, hidden, L), channels contiguous
+    weight = torch.randn(40, 3, generator=gen)
+    expected_state = state.clone()
+    expected = reference_short_conv_decode(bcx, expected_state, weight)
+    y = short_conv_decode(bcx, state, weight)
+    assert torch.equal(storage.transpose(1, 2), expected_state) and rel_err(y, expected) < 1e-6
+    with pytest.raises(ValueError, match="short_conv_decode takes bcx"):
+        short_conv_decode(bcx[:, :, :-3], state, weight)
