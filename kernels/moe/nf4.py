@@ -351,14 +351,31 @@ def check_register_decode_layout(compiled) -> None:
 
 
 @triton.jit
+def absmax_values(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                  DOUBLE_QUANT: tl.constexpr):
+    """The fp32 absmax of one expert's NF4 blocks `blocks`: stored fp32, or DOUBLE_QUANT: absmax_ptr holds uint8
+    indices into the dynamic code (absmax_code_ptr), each block's absmax dynamic_code[q] * absmax_scale[block // 256]
+    + absmax_offset (the expert's), as dequantize_absmax computes it (256: ABSMAX_BLOCKSIZE)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + blocks // 256, mask=mask, other=0.0)
+        absmax = tl.load(absmax_code_ptr + q) * scale + absmax_offset
+    else:
+        absmax = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
                         ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, COLS_IN_RANGE: tl.constexpr,
-                        COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                        COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                        absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset=0.0,
+                        DOUBLE_QUANT: tl.constexpr = False):
     """Elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C) row-major, dequantized to a
-    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values; absmax: fp32), rounded to the
-    weight's dtype (as bitsandbytes' dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS;
-    COLS_IN_RANGE: col0 + COLS <= C (no column mask). Flat indices stay int32: one expert holds far fewer than 2^31
-    elements."""
+    (len(rows), COLS) tile: code[nibble] * absmax in fp32 (code: the 16 NF4 values; absmax: fp32, or with DOUBLE_QUANT
+    decoded here from its double quantization, see absmax_values), rounded to the weight's dtype (as bitsandbytes'
+    dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS; COLS_IN_RANGE: col0 + COLS <= C (no
+    column mask). Flat indices stay int32: one expert holds far fewer than 2^31 elements."""
     if ROWS_ALIGNED:
         # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
         row_bytes = tl.multiple_of(C // 2, 32)
@@ -372,7 +389,8 @@ def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
             byte_mask = row_mask[:, None] & (byte_cols < row_bytes)[None, :]
             group_mask = row_mask[:, None] & (groups < C // 64)[None, :]
         packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=byte_mask, other=0)
-        absmax = tl.load(absmax_ptr + rows[:, None] * (C // 64) + groups[None, :], mask=group_mask, other=0.0)
+        absmax = absmax_values(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :], group_mask, absmax_code_ptr,
+                               absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
         if REGISTER_DECODE:
             byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
                                      (rows.shape[0], COLS // 2))
@@ -388,7 +406,8 @@ def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
         mask = row_mask[:, None] & (cols < C)[None, :]
         byte = tl.load(q_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nibbles = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-        scale = tl.load(absmax_ptr + (idx >> 6), mask=mask, other=0.0)
+        scale = absmax_values(absmax_ptr, idx >> 6, mask, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                              DOUBLE_QUANT)
     # The lookup is a register gather from the 16 codes, not a load: the pipeliner would turn a load into
     # cp.async copies of every looked-up value into shared memory (4 bytes each, a tile of fp32 per stage).
     flat = tl.gather(code, tl.reshape(nibbles, (nibbles.shape[0] * nibbles.shape[1],)), 0)
@@ -416,9 +435,9 @@ def register_decode_fits(tile_rows: int, tile_cols: int, num_warps: int) -> bool
 
 @triton.jit
 def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offset_ptr, out_ptr, experts_ptr, num_blocks,
-                          SCALE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LISTED: tl.constexpr):
-    # absmax[e, b] = dynamic_code[q[e, b]] * scale[e, b // SCALE_BLOCK] + offset[e], one expert per program_id(1):
-    # expert program_id(1), or when LISTED the expert experts_ptr lists there (-1: none; a repeat writes the same).
+                          BLOCK: tl.constexpr, LISTED: tl.constexpr):
+    # absmax[e, b] decoded by absmax_values, one expert per program_id(1): expert program_id(1), or when LISTED the
+    # expert experts_ptr lists there (-1: none; a repeat writes the same).
     if LISTED:
         expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
         if expert < 0:
@@ -427,9 +446,8 @@ def _decode_absmax_kernel(q_ptr, stride_qe, code_ptr, scale_ptr, stride_se, offs
         expert = tl.program_id(1).to(tl.int64)
     blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = blocks < num_blocks
-    q = tl.load(q_ptr + expert * stride_qe + blocks, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(scale_ptr + expert * stride_se + blocks // SCALE_BLOCK, mask=mask, other=0.0)
-    value = tl.load(code_ptr + q) * scale + tl.load(offset_ptr + expert)
+    value = absmax_values(q_ptr + expert * stride_qe, blocks, mask, code_ptr, scale_ptr + expert * stride_se,
+                          tl.load(offset_ptr + expert), True)
     tl.store(out_ptr + expert * num_blocks + blocks, value, mask=mask)
 
 
@@ -448,8 +466,8 @@ def absmax_fp32(weight: Nf4Weight, experts: torch.Tensor | None = None) -> torch
     rows = num_experts if experts is None else experts.numel()
     _decode_absmax_kernel[(triton.cdiv(num_blocks, block), rows)](
         weight.absmax, weight.absmax.stride(0), dynamic_code(weight.device), weight.absmax_scale,
-        weight.absmax_scale.stride(0), weight.absmax_offset, out, experts, num_blocks, SCALE_BLOCK=ABSMAX_BLOCKSIZE,
-        BLOCK=block, LISTED=experts is not None,
+        weight.absmax_scale.stride(0), weight.absmax_offset, out, experts, num_blocks, BLOCK=block,
+        LISTED=experts is not None,
     )
     return out
 

@@ -16,7 +16,8 @@ or decoded (the GEMV form of ``lora_linear``'s few-rows kernel):
   routing weight and rounds it to the activations' dtype, then sums the slots in float32, as the grouped path sums
   its (token, slot) rows; the output (1, H) comes out of the launch whole.
 
-K is split as in the few-rows kernel (``split_k``). The sums are those of the grouped path in another order: the
+NF4 experts are decoded in the programs, a double-quantized absmax too (``nf4.absmax_values``: the grouped path decodes
+it to an fp32 copy first, one launch per weight). K is split as in the few-rows kernel (``split_k``). The sums are those of the grouped path in another order: the
 routing weight, each projection and h rounded to the activations' dtype where it rounds them; x A^T stays float32
 (the grouped path rounds the thin product to the activations' dtype before B).
 
@@ -30,30 +31,39 @@ import triton
 import triton.language as tl
 
 from ..split_k import GEMV_BLOCK_K, arrival_counts, gemv_split, interpreter_split, last_to_arrive
-from .nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
+from .nf4 import Nf4Weight, dequantize_nf4_tile, dynamic_code, nf4_code, triton_dtype
 
 # Output columns of a program on a GPU; gate_up's programs take this many gate and as many up rows.
 _GPU_BLOCK_N = 64
 
 
 @triton.jit
-def _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, NF4: tl.constexpr):
-    """(expert, its weight, its absmax, the NF4 code) of `slot`: expert index[slot] of a stack."""
+def _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se,
+                   offset_ptr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """(expert, its weight, absmax, absmax scale and offset (double quantization), the NF4 code) of `slot`: expert
+    index[slot] of a stack."""
     expert = tl.load(index_ptr + slot).to(tl.int64)
+    offset = 0.0
     if NF4:
-        return expert, w_ptr + expert * stride_we, absmax_ptr + expert * stride_me, tl.load(code_ptr + tl.arange(0, 16))
-    return expert, w_ptr + expert * stride_we, absmax_ptr, tl.zeros((16,), dtype=tl.float32)  # no absmax nor code
+        absmax_ptr += expert * stride_me
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        if DOUBLE_QUANT:
+            scale_ptr += expert * stride_se
+            offset = tl.load(offset_ptr + expert)
+    else:
+        code = tl.zeros((16,), dtype=tl.float32)  # unused: no absmax nor code
+    return expert, w_ptr + expert * stride_we, absmax_ptr, scale_ptr, offset, code
 
 
 @triton.jit
-def _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, rows, row_mask, k0, K, offs_k,
-                 NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
-                 X_DTYPE: tl.constexpr):
+def _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows, row_mask,
+                 k0, K, offs_k, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+                 WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
     """(len(rows), BLOCK_K) float32: W[rows, k0 + offs_k] of one expert's W (N, K), in x's dtype: 16-bit through its
-    strides (already in x's dtype), or NF4 (packed codes and fp32 absmax) decoded."""
+    strides (already in x's dtype), or NF4 (packed codes, absmax fp32 or double-quantized) decoded."""
     if NF4:
         w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, rows, row_mask, k0, K, ROWS_ALIGNED, False, WHOLE_K,
-                                offs_k.shape[0], W_DTYPE, X_DTYPE)
+                                offs_k.shape[0], W_DTYPE, X_DTYPE, absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
     else:
         w = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
                     mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
@@ -80,10 +90,12 @@ def _lora_up(xa, b_ptr, stride_bn, stride_br, rows, row_mask, offs_r, r_mask, X_
 def _gate_up_kernel(
     x_ptr, index_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # gate_up (E, 2I, H) as [gate; up]
+    absmax_code_ptr, scale_ptr, stride_se, offset_ptr,  # its absmax's double quantization (DOUBLE_QUANT)
     a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, H), B (E, 2I, r)
     h_ptr, partials_ptr, arrivals_ptr,
     I, K, R, K_PER_SPLIT,
-    HAS_LORA: tl.constexpr, NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr,
+    HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -91,8 +103,9 @@ def _gate_up_kernel(
     (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
     block, slot, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = x_ptr.dtype.element_ty
-    expert, w_ptr, absmax_ptr, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me,
-                                                     code_ptr, NF4)
+    expert, w_ptr, absmax_ptr, scale_ptr, offset, code = _expert_weight(
+        index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se, offset_ptr, NF4,
+        DOUBLE_QUANT)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
@@ -105,10 +118,11 @@ def _gate_up_kernel(
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        gate += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n, n_mask, k0, K, offs_k,
-                             NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
-        up += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n + I, n_mask, k0, K, offs_k,
-                           NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        gate += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, offs_n,
+                             n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        up += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                           offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                           dtype) * x
         if HAS_LORA:
             xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
                                  xa, dtype)
@@ -144,10 +158,12 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr, index_ptr, weights_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # down (E, H, I)
+    absmax_code_ptr, scale_ptr, stride_se, offset_ptr,  # its absmax's double quantization (DOUBLE_QUANT)
     a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, I), B (E, H, r)
     out_ptr, partials_ptr, arrivals_ptr,
     N, K, R, K_PER_SPLIT,
-    HAS_LORA: tl.constexpr, NF4: tl.constexpr, ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr,
+    HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -157,8 +173,9 @@ def _down_kernel(
     slot = part // SPLIT_K
     split = part % SPLIT_K
     dtype = h_ptr.dtype.element_ty
-    expert, w_ptr, absmax_ptr, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me,
-                                                     code_ptr, NF4)
+    expert, w_ptr, absmax_ptr, scale_ptr, offset, code = _expert_weight(
+        index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se, offset_ptr, NF4,
+        DOUBLE_QUANT)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -169,8 +186,8 @@ def _down_kernel(
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        acc += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, code, offs_n, n_mask, k0, K, offs_k,
-                            NF4, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        acc += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, offs_n,
+                            n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
         if HAS_LORA:
             xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
                                  xa, dtype)
@@ -198,19 +215,23 @@ def _down_kernel(
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_mask)
 
 
-def _weight_args(weight: torch.Tensor | Nf4Weight, index: torch.Tensor, dtype: torch.dtype) -> tuple[tuple, dict]:
+def _weight_args(weight: torch.Tensor | Nf4Weight, dtype: torch.dtype) -> tuple[tuple, dict]:
     """A weight stack (E, N, K) as the kernels take it: (pointer, its three strides, absmax, its expert stride, NF4
-    code) and the NF4, ROWS_ALIGNED and W_DTYPE constexprs."""
+    code, then the dynamic code, absmax scale, its expert stride and absmax offset of a double-quantized absmax) and
+    the NF4, DOUBLE_QUANT, ROWS_ALIGNED and W_DTYPE constexprs."""
     if isinstance(weight, Nf4Weight):
-        # Double-quantized absmax decoded to fp32 for the selected experts only.
-        absmax = absmax_fp32(weight, index)
-        args = (weight.packed, weight.packed.stride(0), 0, 0, absmax, absmax.stride(0), nf4_code(weight.device))
-        return args, {"NF4": True, "ROWS_ALIGNED": weight.shape[2] % 64 == 0, "W_DTYPE": triton_dtype(weight.dtype)}
+        # A double-quantized absmax is decoded where the tiles read it: no fp32 copy, no launch of its own.
+        double_quant = (dynamic_code(weight.device), weight.absmax_scale, weight.absmax_scale.stride(0),
+                        weight.absmax_offset) if weight.double_quant else (None,) * 4
+        args = (weight.packed, weight.packed.stride(0), 0, 0, weight.absmax, weight.absmax.stride(0),
+                nf4_code(weight.device), *double_quant)
+        return args, {"NF4": True, "DOUBLE_QUANT": weight.double_quant, "ROWS_ALIGNED": weight.shape[2] % 64 == 0,
+                      "W_DTYPE": triton_dtype(weight.dtype)}
     if weight.dtype != dtype:
         raise ValueError(f"one_token_experts takes 16-bit expert weights in the activations' dtype {dtype}, got "
                          f"{weight.dtype}")
-    args = (weight, weight.stride(0), weight.stride(1), weight.stride(2), None, None, None)
-    return args, {"NF4": False, "ROWS_ALIGNED": False, "W_DTYPE": None}
+    args = (weight, weight.stride(0), weight.stride(1), weight.stride(2)) + (None,) * 7
+    return args, {"NF4": False, "DOUBLE_QUANT": False, "ROWS_ALIGNED": False, "W_DTYPE": None}
 
 
 def _lora_args(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> tuple:
@@ -255,7 +276,7 @@ def one_token_experts(
         return triton.cdiv(triton.cdiv(k, block_k), split) * block_k
 
     h = torch.empty(top_k, inter, dtype=dtype, device=device)
-    w_args, layout = _weight_args(gate_up, index, dtype)
+    w_args, layout = _weight_args(gate_up, dtype)
     partials = (torch.empty(gate_up_split, top_k, 2, inter, dtype=torch.float32, device=device)
                 if gate_up_split > 1 else None)
     _gate_up_kernel[(gate_up_blocks, top_k, gate_up_split)](
@@ -265,7 +286,7 @@ def one_token_experts(
         BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, **options,
     )
     out = torch.empty(1, n_down, dtype=dtype, device=device)
-    w_args, layout = _weight_args(down, index, dtype)
+    w_args, layout = _weight_args(down, dtype)
     partials = (torch.empty(top_k * down_split, n_down, dtype=torch.float32, device=device)
                 if top_k * down_split > 1 else None)
     _down_kernel[(down_blocks, top_k * down_split)](
