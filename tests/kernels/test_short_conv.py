@@ -195,3 +195,19 @@ def test_short_conv_decode_writes_a_strided_state_in_place_and_refuses_mismatche
     assert torch.equal(storage.transpose(1, 2), expected_state) and rel_err(y, expected) < 1e-6
     with pytest.raises(ValueError, match="short_conv_decode takes bcx"):
         short_conv_decode(bcx[:, :, :-3], state, weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_short_conv_decode_gpu_bf16(batch):
+    """LFM2-8B-A1B's 2048 channels in bf16 on the GPU: the state bit-exact, y as PyTorch's step rounds it."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bcx = torch.randn(batch, 1, 3 * 2048, generator=gen, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(batch, 2048, 3, generator=gen, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(2048, 1, 3, generator=gen, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(2048, generator=gen, device="cuda", dtype=torch.bfloat16)
+    expected_state = state.clone()
+    expected = reference_short_conv_decode(bcx, expected_state, weight, bias)
+    y = short_conv_decode(bcx, state, weight, bias)
+    assert torch.equal(state, expected_state)
+    assert rel_err(y.float(), expected.float()) < 1e-2

@@ -8,7 +8,7 @@ import torch
 from fastmoe.kernels import reference_only, split_k
 from fastmoe.kernels.moe import experts as experts_module
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, moe_experts_nf4, reference_moe_experts
-from fastmoe.kernels.moe.nf4 import quantize_nf4, reference_dequantize_nf4
+from fastmoe.kernels.moe.nf4 import Nf4Weight, absmax_fp32, quantize_nf4, reference_dequantize_nf4
 from fastmoe.kernels.moe.one_token import one_token_experts
 from testing_utils import random_expert_lora, random_routing, rel_err
 
@@ -80,6 +80,18 @@ def test_one_token_experts_nf4_equal_the_exact_block_on_the_dequantized_weights(
     exact = _exact(x, index, weights, reference_dequantize_nf4(gate_up), reference_dequantize_nf4(down), gu_lora,
                    down_lora)
     assert rel_err(out.double(), exact) < 1e-5
+
+
+def test_a_double_quantized_absmax_decoded_in_the_kernels_equals_its_fp32_copy():
+    """The kernels decode a double-quantized absmax where they read it (nf4.absmax_values), as absmax_fp32's launch
+    decodes the stack: the same block with that fp32 copy as a plain absmax gives bit-identical output."""
+    x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(64, 48, 8, 3, 4, torch.float32)
+    stacks = quantize_nf4(gate_up, True), quantize_nf4(down, True)
+    decoded = [Nf4Weight(w.packed, absmax_fp32(w), w.shape, w.dtype) for w in stacks]
+    assert all(w.double_quant for w in stacks) and not any(w.double_quant for w in decoded)
+    lora = (*_factors(gu_lora), *_factors(down_lora))
+    assert torch.equal(one_token_experts(x, index, weights, *stacks, *lora),
+                       one_token_experts(x, index, weights, *decoded, *lora))
 
 
 def test_one_token_experts_twice_in_a_row_are_bit_identical_and_leave_the_counters_at_zero():
