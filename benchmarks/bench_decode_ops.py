@@ -1,10 +1,11 @@
 """The ops of a decode step at a handful of rows, with their launch configurations swept: the few-rows LoRA linear
 (kernels/lora_linear.py) against cuBLAS's base GEMM + two LoRA GEMMs, its GEMV form at one row against its tl.dot
 form, several linear layers of one input in one few-rows launch against one launch each (attention's q, k, v and
-gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128 experts,
-in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one token in its
-GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), LFM2's short convolution of a decode step in one
-launch against PyTorch's eight, and the one-program expert schedule against PyTorch's. Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
+gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128
+experts, in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one
+token in its GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), LFM2's short convolution of a
+decode step in one launch against PyTorch's eight, and the one-program expert schedule against PyTorch's.
+Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
 Printed only: the chosen configurations go into the kernels' constants.
@@ -329,8 +330,8 @@ def schedule(device: str) -> None:
 
 
 if __name__ == "__main__":
-    sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True), "few-rows": few_rows, "few-rows-nf4": few_rows_nf4,
-                "few-rows-gemv": few_rows_gemv, "one-token": one_token, "short-conv": short_conv_step,
-                "projections": projections}
+    sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True),
+                "few-rows": few_rows, "few-rows-nf4": few_rows_nf4, "few-rows-gemv": few_rows_gemv,
+                "one-token": one_token, "short-conv": short_conv_step, "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

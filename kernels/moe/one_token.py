@@ -16,10 +16,11 @@ or decoded (the GEMV form of ``lora_linear``'s few-rows kernel):
   routing weight and rounds it to the activations' dtype, then sums the slots in float32, as the grouped path sums
   its (token, slot) rows; the output (1, H) comes out of the launch whole.
 
-NF4 experts are decoded in the programs, a double-quantized absmax too (``nf4.absmax_values``: the grouped path decodes
-it to an fp32 copy first, one launch per weight). K is split as in the few-rows kernel (``split_k``). The sums are those of the grouped path in another order: the
-routing weight, each projection and h rounded to the activations' dtype where it rounds them; x A^T stays float32
-(the grouped path rounds the thin product to the activations' dtype before B).
+NF4 experts are decoded in the programs, a double-quantized absmax too (``nf4.absmax_values``: the grouped path
+decodes it to an fp32 copy first, one launch per weight). K is split as in the few-rows kernel (``split_k``). The
+sums are those of the grouped path in another order: the routing weight, each projection and h rounded to the
+activations' dtype where it rounds them; x A^T stays float32 (the grouped path rounds the thin product to the
+activations' dtype before B).
 
 The reference is ``experts.reference_moe_experts`` (``reference_moe_experts_nf4``): the same op at any size.
 """
@@ -91,7 +92,8 @@ def _gate_up_kernel(
     x_ptr, index_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # gate_up (E, 2I, H) as [gate; up]
     absmax_code_ptr, scale_ptr, stride_se, offset_ptr,  # its absmax's double quantization (DOUBLE_QUANT)
-    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, H), B (E, 2I, r)
+    # LoRA: A (E, r, H), B (E, 2I, r)
+    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,
     h_ptr, partials_ptr, arrivals_ptr,
     I, K, R, K_PER_SPLIT,
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
@@ -159,7 +161,8 @@ def _down_kernel(
     h_ptr, index_ptr, weights_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_me, code_ptr,  # down (E, H, I)
     absmax_code_ptr, scale_ptr, stride_se, offset_ptr,  # its absmax's double quantization (DOUBLE_QUANT)
-    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,  # A (E, r, I), B (E, H, r)
+    # LoRA: A (E, r, I), B (E, H, r)
+    a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,
     out_ptr, partials_ptr, arrivals_ptr,
     N, K, R, K_PER_SPLIT,
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
