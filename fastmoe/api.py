@@ -543,7 +543,8 @@ def _load(request: _LoadRequest, config, family: Family | None):
         skip = ["lm_head", *(family.routers if family is not None else ())]
         quantization_config = load_kwargs["quantization_config"] = _bnb_config(request.quantization, request.dtype,
                                                                                skip)
-    if "quantization_config" not in load_kwargs and mxfp4_experts:
+    dequantized_mxfp4 = "quantization_config" not in load_kwargs and mxfp4_experts
+    if dequantized_mxfp4:
         # MXFP4 checkpoints (gpt-oss): transformers' MXFP4 experts cannot train (and fastmoe's kernels do not read
         # them), so their experts are dequantized to the model's dtype as they load.
         from transformers import Mxfp4Config
@@ -558,6 +559,8 @@ def _load(request: _LoadRequest, config, family: Family | None):
         load_kwargs["attn_implementation"] = request.attn_implementation
     with fastmoe_bnb_quantizers(mxfp4_experts) if request.quantization is not None else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(request.model_name, config=config, **load_kwargs)
+    if dequantized_mxfp4:
+        _experts_in_model_dtype(model)
     if request.quantization == "4bit":
         quantize_experts_(model, double_quant=quantization_config.bnb_4bit_use_double_quant)
         exclude_nf4_from_ddp(model)
@@ -572,6 +575,20 @@ def _load(request: _LoadRequest, config, family: Family | None):
         model.requires_grad_(False)
     tokenizer = _load_tokenizer(request.model_name, request.token, request.max_seq_length)
     return model, tokenizer
+
+
+def _experts_in_model_dtype(model) -> None:
+    """Expert stacks in the model's dtype: transformers 5.17 dequantizes MXFP4 experts to bf16 whatever the dtype asked
+    for (5.23 to the parameter's). Exact: MXFP4 values (a 4-bit code times a power of two) are exact in bf16."""
+    from fastmoe.quantize import expert_modules, expert_stack_names, family_of
+
+    family = family_of(model)
+    for module in expert_modules(model, family):
+        for name in expert_stack_names(module, family):
+            stack = getattr(module, name)
+            if stack.is_floating_point() and stack.dtype != model.dtype:
+                setattr(module, name, torch.nn.Parameter(stack.detach().to(model.dtype),
+                                                         requires_grad=stack.requires_grad))
 
 
 class FastModel(FastBaseModel):
