@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .dispatch import use_triton
 from .moe.nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
+from .moe.one_token import gemv_lora_a_step, gemv_weight_tile
 from .reused_casts import cast, derived, scope_active
 from .split_k import GEMV_BLOCK_K, GPU_SMS, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
@@ -172,17 +173,11 @@ def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, off
     tile is multiplied where it was loaded or decoded, with no tensor-core operand to stage."""
     k_mask = offs_k < K - k0
     if GEMV:
-        if NF4:
-            w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
-                                    offs_k.shape[0], W_DTYPE, x.dtype)
-        else:
-            w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * K + (k0 + offs_k)[None, :], mask=r_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        w = gemv_weight_tile(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, NF4, False,
+                             K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype)
         x_row = x.to(tl.float32)  # (1, BLOCK_K)
-        acc += w.to(tl.float32) * x_row
-        xa += a.to(x.dtype).to(tl.float32) * x_row
+        acc += w * x_row
+        xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x_row, xa, x.dtype)
     else:
         if NF4:
             w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,

@@ -57,11 +57,12 @@ def _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, cod
 
 
 @triton.jit
-def _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows, row_mask,
-                 k0, K, offs_k, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-                 WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+def gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows,
+                     row_mask, k0, K, offs_k, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
     """(len(rows), BLOCK_K) float32: W[rows, k0 + offs_k] of one expert's W (N, K), in x's dtype: 16-bit through its
-    strides (already in x's dtype), or NF4 (packed codes, absmax fp32 or double-quantized) decoded."""
+    strides (already in x's dtype), or NF4 (packed codes, absmax fp32 or double-quantized) decoded. The GEMV step of
+    these kernels and of lora_linear's few-rows kernel at one row, which multiply it by x where it lies."""
     if NF4:
         w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, rows, row_mask, k0, K, ROWS_ALIGNED, False, WHOLE_K,
                                 offs_k.shape[0], W_DTYPE, X_DTYPE, absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
@@ -72,7 +73,7 @@ def _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, abs
 
 
 @triton.jit
-def _lora_down_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, xa, X_DTYPE: tl.constexpr):
+def gemv_lora_a_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, xa, X_DTYPE: tl.constexpr):
     """xa (BLOCK_R, BLOCK_K) += A[:, k0 + offs_k] * x: the float32 products of x A^T for one K step, A (r, K)."""
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
                 mask=r_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
@@ -120,14 +121,15 @@ def _gate_up_kernel(
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        gate += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, offs_n,
-                             n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
-        up += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                           offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                           dtype) * x
+        gate += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                                 offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                                 dtype) * x
+        up += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                               offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                               dtype) * x
         if HAS_LORA:
-            xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
-                                 xa, dtype)
+            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                  x, xa, dtype)
     gate = tl.sum(gate, axis=1)
     up = tl.sum(up, axis=1)
     if HAS_LORA:
@@ -189,11 +191,12 @@ def _down_kernel(
     k_start = split * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        acc += _weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, offs_n,
-                            n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype) * x
+        acc += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                                offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                                dtype) * x
         if HAS_LORA:
-            xa = _lora_down_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x,
-                                 xa, dtype)
+            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                  x, xa, dtype)
     y = tl.sum(acc, axis=1)
     if HAS_LORA:
         y += scaling * _lora_up(tl.sum(xa, axis=1), b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
