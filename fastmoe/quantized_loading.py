@@ -42,9 +42,8 @@ the model becomes an ordinary bitsandbytes 4-bit one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 import copy
+from collections.abc import Iterator
 
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
