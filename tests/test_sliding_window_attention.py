@@ -362,7 +362,8 @@ LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.referen
 # Each case costs ~25 s on two cores: every family once packed, the rest spread over the families.
 @pytest.mark.parametrize("model_type, kind", [
     ("lfm2_moe", "packed"), ("lfm2_moe", "padded"), ("qwen3_moe", "rows"), ("qwen3_moe", "packed"),
-    ("mixtral", "rows"), ("mixtral", "packed"), ("gpt_oss", "packed"), ("gpt_oss", "padded")])
+    ("mixtral", "rows"), ("mixtral", "packed"), ("gpt_oss", "packed"), ("gpt_oss", "padded"), ("jetmoe", "packed"),
+    ("cohere", "packed")])
 def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_checkpoint, monkeypatch, model_type,
                                                                         kind):
     """Families whose model forward is transformers' own get layouts from its mask functions (patched with their

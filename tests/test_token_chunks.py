@@ -1,5 +1,5 @@
 """The feed-forward in token chunks (fastmoe.token_chunks): the same outputs and gradients as the whole sequence at
-once, for a module alone (fp64) and inside checkpointed AFMoE, LFM2-MoE and Qwen3-MoE layers (fp32, every LoRA gradient)."""
+once, for a module alone (fp64) and inside checkpointed layers of six families (fp32, every LoRA gradient)."""
 
 import pytest
 import torch
@@ -86,7 +86,7 @@ def test_short_sequences_and_frozen_modules_run_whole(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "mixtral", "jetmoe", "cohere"])
 def test_checkpointed_layers_train_the_same_in_chunks(tiny_checkpoint, monkeypatch, kernel_references, model_type):
     """What is checked is the chunking (the ops' references, kernel_references: chunks of 5 tokens make the
     interpreted kernels' launches many and slow)."""

@@ -14,8 +14,10 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import gated_mlp_forward
+from fastmoe.models.shared import decoder_layer_patch, gated_mlp_forward
 from fastmoe.patching import Family, ForwardPatch
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.token_chunks import feed_forward_in_chunks
 
 
 def layer_norm_forward(self: hf.CohereLayerNorm, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -48,17 +50,31 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **kwargs,
-    )
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        output, attn_weights = flash_causal_attention(query, key, value, attention_mask, self.scaling), None
+    else:
+        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, hf.eager_attention_forward
+        )
+        output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
     output = output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(output), attn_weights
+
+
+def decoder_layer_forward(self: hf.CohereDecoderLayer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """transformers' parallel block, residual + attention(norm(x)) + mlp(norm(x)) added in its order, with the MLP in
+    token chunks on long sequences (fastmoe.token_chunks): at Command R's 22,528-wide MLP its gate, up and SwiGLU
+    outputs and their gradients are over 200 KB a token. transformers calls the layer with the hidden states alone
+    by position; every other argument goes to the attention as it was given."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    attention, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+    return residual + attention + feed_forward_in_chunks(self.mlp, hidden_states)
 
 
 # CohereForCausalLM keeps config.logit_scale as `self.logit_scale`, which fused_loss_forward applies to the fused
@@ -66,17 +82,19 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
 _causal_lm_forward = fused_loss_forward(hf.CohereForCausalLM.forward)
 
 
-# The decoder layer stays transformers': its parallel block is two additions, nothing to fuse for.
 FAMILY = Family(
     model_type="cohere",
     name="Cohere",
     ops={
         # The block norms and the per-head QK norms (one module class).
         "layer_norm": [ForwardPatch(hf.CohereLayerNorm, "forward", layer_norm_forward)],
-        # QK LayerNorm + interleaved RoPE, reading the norms' weights (not calling them).
-        "attention": [ForwardPatch(hf.CohereAttention, "forward", attention_forward)],
+        # QK LayerNorm + interleaved RoPE, reading the norms' weights (not calling them); flash layouts instead of
+        # masks.
+        "attention": [ForwardPatch(hf.CohereAttention, "forward", attention_forward), *mask_layout_patches(hf)],
         # The MLP: gate and up in one launch while decoding.
         "mlp": [ForwardPatch(hf.CohereMLP, "forward", gated_mlp_forward)],
+        # The MLP in token chunks on long sequences.
+        "decoder_layer": [decoder_layer_patch(hf.CohereDecoderLayer, decoder_layer_forward)],
         "loss": [ForwardPatch(hf.CohereForCausalLM, "forward", _causal_lm_forward)],
     },
     lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

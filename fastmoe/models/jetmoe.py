@@ -31,6 +31,8 @@ from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward
 from fastmoe.patching import FIXED, Family, ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.token_chunks import feed_forward_in_chunks
 
 
 class Routing(NamedTuple):
@@ -150,26 +152,35 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    # Tiled (repeat), not interleaved as GQA would, to match that head order; the module's
-    # num_key_value_groups is 1 so the attention functions repeat nothing more.
-    key = key.repeat(1, self.top_k, 1, 1)
-    value = value.repeat(1, self.top_k, 1, 1)
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **kwargs,
-    )
+    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
+        # Flash reads grouped query heads, head h with kv head h // top_k: the (slot, kv head) order becomes (kv head,
+        # slot) for it and back for the output, instead of copying keys and values top_k times.
+        batch, _, seq, head_dim = query.shape
+        grouped = query.view(batch, self.top_k, -1, seq, head_dim).transpose(1, 2).reshape(batch, -1, seq, head_dim)
+        output = flash_causal_attention(grouped, key, value, attention_mask, self.scaling)
+        output, attn_weights = output.view(batch, seq, -1, self.top_k, head_dim).transpose(2, 3), None
+    else:
+        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, hf.eager_attention_forward
+        )
+        # Tiled (repeat), not interleaved as GQA would, to match that head order; the module's
+        # num_key_value_groups is 1 so the attention functions repeat nothing more.
+        key = key.repeat(1, self.top_k, 1, 1)
+        value = value.repeat(1, self.top_k, 1, 1)
+        output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
     output = self.experts.reduce(output.reshape(*input_shape, self.top_k, -1), routing)
     return output.view(*input_shape, -1), attn_weights, router_logits
 
 
 def decoder_layer_forward(self: hf.JetMoeDecoderLayer, hidden_states, attention_mask=None, position_ids=None,
                           past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-    """transformers' JetMoe layer with the residual add after attention and the norm before the MLP in one pass."""
+    """transformers' JetMoe layer with the residual add after attention and the norm before the MLP in one pass, and
+    the mixture of MLP experts in token chunks on long sequences (fastmoe.token_chunks)."""
     residual = hidden_states
     hidden_states, _, _ = self.self_attention(
         hidden_states=self.input_layernorm(hidden_states),
@@ -181,7 +192,7 @@ def decoder_layer_forward(self: hf.JetMoeDecoderLayer, hidden_states, attention_
         **kwargs,
     )
     hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + self.mlp(hidden_states)
+    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
 
 
 _causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)
@@ -201,8 +212,10 @@ FAMILY = Family(
             ForwardPatch(hf.JetMoeMoA, "reduce", moa_reduce),
         ],
         # RoPE on queries and keys; calls the mixture of attention heads through map and reduce, patched or not.
-        "attention": [ForwardPatch(hf.JetMoeAttention, "forward", attention_forward)],
-        # The residual add after attention fused into the norm before the MLP.
+        # Flash layouts instead of masks.
+        "attention": [ForwardPatch(hf.JetMoeAttention, "forward", attention_forward), *mask_layout_patches(hf)],
+        # The residual add after attention fused into the norm before the MLP; the MLP in token chunks on long
+        # sequences.
         # transformers declares JetMoe without checkpointing support (its Trainer then refuses trl's default
         # gradient_checkpointing=True), though the layer is a GradientCheckpointingLayer whose recompute gives the same
         # gradients (tests/models/test_jetmoe.py): with the layer swapped, fastmoe checkpoints it, CUDA graphs
