@@ -519,7 +519,7 @@ def _experts_outputs(model, batch) -> list[torch.Tensor]:
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
 def test_an_explicit_experts_implementation_runs_transformers_experts(tiny_checkpoint, model_type, implementation,
-                                                                      experts_kernel_calls):
+                                                                      experts_kernel_calls, kernel_references):
     checkpoint = str(tiny_checkpoint(model_type))
     batch = batch_with_padding(512, seed=5)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,

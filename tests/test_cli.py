@@ -275,7 +275,7 @@ def test_console_script_error_is_one_line_without_traceback(tmp_path, fastmoe_ca
 def test_eval_split_packing_checkpoints_and_resume(tmp_path, fastmoe_cache):
     output_dir = tmp_path / "run"
     common = ["train", "--output-dir", str(output_dir), "--eval-fraction", "0.1", "--save-steps", "4", "--packing",
-              "--batch-size", "4"]
+              "--batch-size", "4", "--max-seq-length", "256"]
     first = run_cli([*common, "--max-steps", "4"], fastmoe_cache)
     assert first.returncode == 0, first.stderr
     assert (output_dir / "checkpoint-4").is_dir()

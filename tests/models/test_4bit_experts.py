@@ -115,7 +115,7 @@ def test_experts_are_nf4_and_compute_as_their_dequantized_weights(tiny_checkpoin
     assert rel_err(quantized[attended], _logits(model, batch)[attended]) < 1e-5
 
 
-def test_lora_on_nf4_experts_trains(tiny_checkpoint):
+def test_lora_on_nf4_experts_trains(tiny_checkpoint, kernel_references):
     model = _load_4bit(tiny_checkpoint("afmoe"))
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                      target_parameters=EXPERT_TARGETS, use_gradient_checkpointing=False)
@@ -129,7 +129,7 @@ def test_lora_on_nf4_experts_trains(tiny_checkpoint):
     optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
     model.train()
     losses = []
-    for _ in range(3):  # the interpreter runs each step's kernels in Python: ~10 s a step
+    for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
         loss.backward()
@@ -277,7 +277,7 @@ def _linear_4bit_with_dequantized_experts(checkpoint, experts: dict[str, torch.n
     return model
 
 
-def test_jetmoe_qlora_adapters_move_both_ways_with_plain_peft(tiny_checkpoint, tmp_path):
+def test_jetmoe_qlora_adapters_move_both_ways_with_plain_peft(tiny_checkpoint, tmp_path, kernel_references):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     checkpoint = tiny_checkpoint("jetmoe")
@@ -369,7 +369,7 @@ def _afmoe_checkpoint(out_dir, tokenizer, dtype=torch.float32, **sizes):
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe", "qwen3_moe", "jetmoe"])
-def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, model_type):
+def test_streamed_quantization_equals_quantizing_after_loading(tiny_checkpoint, model_type, kernel_references):
     streamed = _load_4bit(tiny_checkpoint(model_type))
     assert quantize_experts_(streamed) == 0  # the fallback after loading found nothing left 16-bit
     reference = _load_4bit_then_quantize_experts(tiny_checkpoint(model_type))

@@ -72,7 +72,7 @@ def test_training_loss_with_logit_scale_padding_and_num_items_in_batch(tiny_chec
     assert rel_err(outputs.loss, ref_loss) < 1e-5
 
 
-def test_greedy_generation_with_cache_matches_transformers(tiny_checkpoint):
+def test_greedy_generation_with_cache_matches_transformers(tiny_checkpoint, kernel_references):
     checkpoint = tiny_checkpoint("cohere")
     prompt = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(5))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

@@ -47,7 +47,7 @@ def test_unpatch_restores_transformers(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("prompt_len", [11, 2])
-def test_generation_with_cache_matches_transformers(tiny_checkpoint, prompt_len):
+def test_generation_with_cache_matches_transformers(tiny_checkpoint, prompt_len, kernel_references):
     """Prefill runs our short conv and leaves the conv state transformers would (a prompt shorter than the kernel
     included); decoding continues from it on transformers' own path."""
     checkpoint = str(tiny_checkpoint("lfm2_moe"))

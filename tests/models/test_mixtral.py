@@ -50,7 +50,7 @@ def test_unpatch_restores_transformers(tiny_checkpoint):
     fastmoe.unpatch()
 
 
-def test_generation_with_cache_matches_transformers(tiny_checkpoint):
+def test_generation_with_cache_matches_transformers(tiny_checkpoint, kernel_references):
     checkpoint = str(tiny_checkpoint("mixtral"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1, :9]
@@ -87,7 +87,7 @@ def test_router_matches_transformers():
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
-def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint):
+def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint, kernel_references):
     checkpoint = tiny_checkpoint("mixtral")
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
         checkpoint, dict(r=4, lora_alpha=8, **TARGETS), call_kwargs=dict(output_router_logits=True))

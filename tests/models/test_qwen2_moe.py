@@ -60,7 +60,7 @@ def test_unpatch_restores_transformers(tiny_checkpoint):
     fastmoe.unpatch()
 
 
-def test_generation_with_cache_matches_transformers(tiny_checkpoint):
+def test_generation_with_cache_matches_transformers(tiny_checkpoint, kernel_references):
     """Past the sliding window (6) of the upper layers: the cache and the window as transformers has them."""
     checkpoint = str(tiny_checkpoint("qwen2_moe"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -99,7 +99,7 @@ def test_router_matches_transformers_with_and_without_renormalising(norm_topk_pr
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
-def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint):
+def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint, kernel_references):
     checkpoint = tiny_checkpoint("qwen2_moe")
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
         checkpoint, dict(r=4, lora_alpha=8, **TARGETS), call_kwargs=dict(output_router_logits=True))

@@ -49,7 +49,7 @@ def test_unpatch_restores_transformers(tiny_checkpoint):
     fastmoe.unpatch()
 
 
-def test_generation_with_cache_matches_transformers(tiny_checkpoint):
+def test_generation_with_cache_matches_transformers(tiny_checkpoint, kernel_references):
     checkpoint = str(tiny_checkpoint("qwen3_moe"))
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompt = batch_with_padding(reference.config.vocab_size)["input_ids"][:1, :7]
@@ -87,7 +87,7 @@ def test_router_matches_transformers_with_and_without_renormalising(norm_topk_pr
     assert rel_err(got[3], ref[3]) < 1e-5
 
 
-def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint):
+def test_router_aux_loss_is_added_as_transformers_adds_it(tiny_checkpoint, kernel_references):
     """output_router_logits=True: the fused loss adds router_aux_loss_coef x the load-balancing loss, as
     transformers' forward does, and the router logits are recorded from fastmoe's router."""
     checkpoint = tiny_checkpoint("qwen3_moe")
