@@ -14,6 +14,49 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+
+def _patch_triton_language_once_per_launch() -> None:
+    """Triton's interpreter patches the language modules a kernel's globals hold (triton.language, or
+    triton.language.core for the language's own @jit functions such as tl.zeros) when the kernel launches, restores
+    them when the launch ends, and patches them again on every call of a @jit function inside the kernel, walking
+    every member of those modules (~2 ms a call) to re-patch what is patched already. fastmoe's kernels are built
+    from small helpers, and that walk was about a fifth of the interpreted kernels' time. Here a launch patches each
+    module once; the kernels compute the same bits. Left as it is when the interpreter's internals are not the ones
+    this was written for (triton 3.9)."""
+    try:
+        import triton.language as tl
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    names = ("_patch_lang", "_LangPatchScope", "GridExecutor", "InterpretedFunction")
+    if not all(hasattr(interpreter, name) for name in names) or \
+            "_patch_lang" not in interpreter.InterpretedFunction.__call__.__code__.co_names:
+        return
+    languages = (tl, tl.core)
+    launch_state = {"running": False, "patched": set()}
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+
+    def patch_lang_once(fn):
+        used = {id(value) for value in fn.__globals__.values() if any(value is lang for lang in languages)}
+        if launch_state["running"] and used <= launch_state["patched"]:
+            return interpreter._LangPatchScope()  # nothing changed, nothing to restore
+        launch_state["patched"] |= used
+        return patch_lang(fn)
+
+    def launch_patching_once(self, *args, **kwargs):
+        launch_state["running"], launch_state["patched"] = True, set()
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launch_state["running"], launch_state["patched"] = False, set()
+
+    interpreter._patch_lang = patch_lang_once
+    interpreter.GridExecutor.__call__ = launch_patching_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_language_once_per_launch()
+
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 
 
