@@ -88,7 +88,8 @@ def test_unpatch_restores_transformers_forwards(tiny_checkpoint):
                  for patch in FastCohereModel.patches()}
     cohere_owners = {owner for owner, _ in originals
                      if isinstance(owner, type) and owner.__module__.startswith("transformers")}
-    assert cohere_owners == {hf.CohereLayerNorm, hf.CohereAttention, hf.CohereMLP, hf.CohereForCausalLM}
+    assert cohere_owners == {hf.CohereLayerNorm, hf.CohereAttention, hf.CohereMLP, hf.CohereDecoderLayer,
+                             hf.CohereForCausalLM}
 
     checkpoint = tiny_checkpoint("cohere")
     model, _ = FastModel.from_pretrained(str(checkpoint), max_seq_length=512, dtype=torch.float32)
