@@ -154,9 +154,11 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
 
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         # Flash reads grouped query heads, head h with kv head h // top_k: the (slot, kv head) order becomes (kv head,
-        # slot) for it and back for the output, instead of copying keys and values top_k times.
+        # slot) for it and back for the output, instead of copying keys and values top_k times. The regrouped copy is
+        # laid out (batch, seq, heads, head_dim), as the other families' queries and flash's token layout are.
         batch, _, seq, head_dim = query.shape
-        grouped = query.view(batch, self.top_k, -1, seq, head_dim).transpose(1, 2).reshape(batch, -1, seq, head_dim)
+        grouped = query.view(batch, self.top_k, -1, seq, head_dim).permute(0, 3, 2, 1, 4)
+        grouped = grouped.reshape(batch, seq, -1, head_dim).transpose(1, 2)
         output = flash_causal_attention(grouped, key, value, attention_mask, self.scaling)
         output, attn_weights = output.view(batch, seq, -1, self.top_k, head_dim).transpose(2, 3), None
     else:
