@@ -3,8 +3,6 @@ RoPE on sliding-window layers only, sigmoid-gated attention output, four norms p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers.models.afmoe import modeling_afmoe as hf
 
@@ -14,7 +12,7 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, gated_mlp_forward, rms_norm_forward,
-                                   swiglu_experts)
+                                   swiglu_experts, transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import (
     FlashCausal,
@@ -80,17 +78,8 @@ def attention_forward(self: hf.AfmoeAttention, hidden_states, position_embedding
         output, attn_weights = flash_sliding_window_attention(query, key, value, self.sliding_window,
                                                               self.scaling), None
     else:
-        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, hf.eager_attention_forward
-        )
-        output, attn_weights = attention_interface(
-            self, query, key, value,
-            attention_mask=attention_mask,
-            dropout=dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
+                                                      sliding_window=self.sliding_window, **kwargs)
     output = attention_gate(output.reshape(*input_shape, -1), gate)
     return self.o_proj(output), attn_weights
 

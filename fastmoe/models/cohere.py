@@ -4,8 +4,6 @@ interleaved RoPE computed in fp32, a parallel attention + MLP block under one in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers.models.cohere import modeling_cohere as hf
 
@@ -14,7 +12,7 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import decoder_layer_patch, gated_mlp_forward
+from fastmoe.models.shared import decoder_layer_patch, gated_mlp_forward, transformers_attention
 from fastmoe.patching import Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -53,15 +51,7 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         output, attn_weights = flash_causal_attention(query, key, value, attention_mask, self.scaling), None
     else:
-        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, hf.eager_attention_forward
-        )
-        output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(output), attn_weights
 

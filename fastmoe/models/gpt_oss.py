@@ -5,8 +5,6 @@ full layers alternating."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from transformers.models.gpt_oss import modeling_gpt_oss as hf
@@ -17,7 +15,7 @@ from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
-                                   runs_fastmoe_experts)
+                                   runs_fastmoe_experts, transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention_with_sinks, mask_layout_patches
@@ -92,17 +90,8 @@ def attention_forward(self: hf.GptOssAttention, hidden_states, position_embeddin
     # Otherwise the sinks go to transformers' attention function of the model's implementation (eager, or a flash
     # kernel that takes them; SDPA cannot: gpt-oss refuses it) and to fastmoe's decode step, never a path that drops
     # them.
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        sliding_window=self.sliding_window,
-        s_aux=self.sinks,
-        **kwargs,
-    )
+    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
+                                                  sliding_window=self.sliding_window, s_aux=self.sinks, **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 

@@ -10,7 +10,6 @@ load_in_4bit every `JetMoeParallelExperts` weight (both mixtures' input and outp
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,7 +27,7 @@ from fastmoe.kernels.moe import (
 )
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward
+from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, transformers_attention
 from fastmoe.patching import FIXED, Family, ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
@@ -162,19 +161,10 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
         output = flash_causal_attention(grouped, key, value, attention_mask, self.scaling)
         output, attn_weights = output.view(batch, seq, -1, self.top_k, head_dim).transpose(2, 3), None
     else:
-        attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, hf.eager_attention_forward
-        )
         # Tiled (repeat), not interleaved as GQA would, to match that head order; the module's
         # num_key_value_groups is 1 so the attention functions repeat nothing more.
-        key = key.repeat(1, self.top_k, 1, 1)
-        value = value.repeat(1, self.top_k, 1, 1)
-        output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        output, attn_weights = transformers_attention(self, hf, query, key.repeat(1, self.top_k, 1, 1),
+                                                      value.repeat(1, self.top_k, 1, 1), attention_mask, **kwargs)
     output = self.experts.reduce(output.reshape(*input_shape, self.top_k, -1), routing)
     return output.view(*input_shape, -1), attn_weights, router_logits
 

@@ -5,7 +5,6 @@ for choosing experts."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,8 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts,
+                                   transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -70,12 +70,8 @@ def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddi
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
         return self.out_proj(output.reshape(*input_shape, -1).contiguous()), None
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs,
-    )
+    # Lfm2MoeAttention has no attention dropout: transformers passes 0.0, as transformers_attention does for it.
+    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask, **kwargs)
     return self.out_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 

@@ -3,8 +3,6 @@ grouped-query attention with RoPE (no QK norm), an optional sliding window."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers.models.mixtral import modeling_mixtral as hf
 
@@ -12,7 +10,7 @@ from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
-                                   routed_moe_forward, softmax_topk_router_forward)
+                                   routed_moe_forward, softmax_topk_router_forward, transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 
@@ -41,16 +39,8 @@ def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddi
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        sliding_window=getattr(self.config, "sliding_window", None),
-        **kwargs,
-    )
+    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
+                                                  sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 

@@ -6,8 +6,6 @@ layer below `max_window_layers` when `use_sliding_window`, and dense MLP layers 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
@@ -15,7 +13,8 @@ from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
-                                   renormalised_router_forward, rms_norm_forward, swiglu_experts)
+                                   renormalised_router_forward, rms_norm_forward, swiglu_experts,
+                                   transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 
@@ -53,15 +52,7 @@ def attention_forward(self: hf.Qwen2MoeAttention, hidden_states, position_embedd
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **kwargs,
-    )
+    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask, **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 

@@ -3,15 +3,14 @@ grouped-query attention, dense MLP layers where `mlp_only_layers` / `decoder_spa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
-                                   renormalised_router_forward, rms_norm_forward, routed_moe_forward)
+                                   renormalised_router_forward, rms_norm_forward, routed_moe_forward,
+                                   transformers_attention)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
 
@@ -38,16 +37,8 @@ def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embedd
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-    attention_interface: Callable = hf.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, hf.eager_attention_forward
-    )
-    output, attn_weights = attention_interface(
-        self, query, key, value, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        sliding_window=self.sliding_window,
-        **kwargs,
-    )
+    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
+                                                  sliding_window=self.sliding_window, **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 

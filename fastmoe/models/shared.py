@@ -37,6 +37,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
     return rms_norm_add(x, residual, norm.weight, norm.variance_epsilon)
 
 
+def transformers_attention(self: torch.nn.Module, modeling, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention function of the model's configured implementation (`modeling`: the family's
+    transformers module, whose eager function is the fallback), called as the family's own attention forward calls it:
+    the module's scaling, and its attention dropout while training (none for a module without one). kwargs go to the
+    function (sliding_window, s_aux, ...). Returns (output (batch, seq, heads, head_dim), attention weights or None)."""
+    attention_interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                        modeling.eager_attention_forward)
+    dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
+    return attention_interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
+                               **kwargs)
+
+
 def decoder_layer_patch(layer_class: type, forward) -> ForwardPatch:
     """A ForwardPatch swapping a decoder layer's forward. transformers 5.18+ wraps the forward of every
     GradientCheckpointingLayer subclass in its checkpointing dispatch when the class is created (5.17 checkpoints in
