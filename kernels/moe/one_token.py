@@ -39,21 +39,20 @@ _GPU_BLOCK_N = 64
 
 
 @triton.jit
-def _expert_weight(index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se,
-                   offset_ptr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """(expert, its weight, absmax, absmax scale and offset (double quantization), the NF4 code) of `slot`: expert
-    index[slot] of a stack."""
+def _expert_weight(index_ptr, slot, w_ptr, stride_we, code_ptr, offset_ptr, NF4: tl.constexpr,
+                   DOUBLE_QUANT: tl.constexpr):
+    """(expert, its weight, absmax offset (double quantization), the NF4 code) of `slot`: expert index[slot] of a
+    stack. The absmax pointers are moved by the kernels themselves: a 16-bit stack has none, and Triton (3.6) cannot
+    return None from a @jit function."""
     expert = tl.load(index_ptr + slot).to(tl.int64)
     offset = 0.0
     if NF4:
-        absmax_ptr += expert * stride_me
         code = tl.load(code_ptr + tl.arange(0, 16))
         if DOUBLE_QUANT:
-            scale_ptr += expert * stride_se
             offset = tl.load(offset_ptr + expert)
     else:
         code = tl.zeros((16,), dtype=tl.float32)  # unused: no absmax nor code
-    return expert, w_ptr + expert * stride_we, absmax_ptr, scale_ptr, offset, code
+    return expert, w_ptr + expert * stride_we, offset, code
 
 
 @triton.jit
@@ -106,9 +105,12 @@ def _gate_up_kernel(
     (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
     block, slot, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = x_ptr.dtype.element_ty
-    expert, w_ptr, absmax_ptr, scale_ptr, offset, code = _expert_weight(
-        index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se, offset_ptr, NF4,
-        DOUBLE_QUANT)
+    expert, w_ptr, offset, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, code_ptr, offset_ptr, NF4,
+                                                 DOUBLE_QUANT)
+    if NF4:
+        absmax_ptr += expert * stride_me
+    if DOUBLE_QUANT:
+        scale_ptr += expert * stride_se
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
@@ -178,9 +180,12 @@ def _down_kernel(
     slot = part // SPLIT_K
     split = part % SPLIT_K
     dtype = h_ptr.dtype.element_ty
-    expert, w_ptr, absmax_ptr, scale_ptr, offset, code = _expert_weight(
-        index_ptr, slot, w_ptr, stride_we, absmax_ptr, stride_me, code_ptr, scale_ptr, stride_se, offset_ptr, NF4,
-        DOUBLE_QUANT)
+    expert, w_ptr, offset, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, code_ptr, offset_ptr, NF4,
+                                                 DOUBLE_QUANT)
+    if NF4:
+        absmax_ptr += expert * stride_me
+    if DOUBLE_QUANT:
+        scale_ptr += expert * stride_se
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
