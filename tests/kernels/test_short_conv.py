@@ -1,18 +1,14 @@
-import os
+import pytest
+import torch
+from transformers import Lfm2MoeConfig
+from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import Lfm2MoeConfig  # noqa: E402
-from transformers.models.lfm2_moe import modeling_lfm2_moe as hf  # noqa: E402
-
-from fastmoe.kernels import use_triton  # noqa: E402
-from fastmoe.kernels.dispatch import interpreter_enabled  # noqa: E402
-from fastmoe.kernels.short_conv import (document_offsets, reference_short_conv, reference_short_conv_decode,  # noqa: E402
+from fastmoe.kernels import use_triton
+from fastmoe.kernels.dispatch import interpreter_enabled
+from fastmoe.kernels.short_conv import (document_offsets, reference_short_conv, reference_short_conv_decode,
                                        short_conv, short_conv_decode)
-from fastmoe.models.lfm2_moe import short_conv_forward  # noqa: E402
-from testing_utils import rel_err  # noqa: E402
+from fastmoe.models.lfm2_moe import short_conv_forward
+from testing_utils import rel_err
 
 # (batch, seq, hidden, kernel size): odd sizes, a sequence shorter than the kernel, several time tiles.
 SHAPES = [(2, 7, 37, 3), (2, 2, 5, 3), (2, 3, 11, 4), (1, 41, 133, 3), (2, 19, 24, 2)]
