@@ -198,7 +198,9 @@ def test_mxfp4_checkpoint_loads_dequantized_and_matches_its_dense_weights(tmp_pa
     load_kwargs, from_pretrained = [], AutoModelForCausalLM.from_pretrained.__func__
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(
         lambda cls, *args, **kwargs: load_kwargs.append(kwargs) or from_pretrained(cls, *args, **kwargs)))
-    model, _ = FastModel.from_pretrained(str(mxfp4_dir), dtype=torch.float32, max_seq_length=64)
+    # On the CPU, where the reference is, on a GPU machine too (FastModel would load to the GPU there).
+    model, _ = FastModel.from_pretrained(str(mxfp4_dir), dtype=torch.float32, max_seq_length=64,
+                                         device_map={"": "cpu"})
     assert load_kwargs[0]["quantization_config"].dequantize
     monkeypatch.undo()
     experts = model.model.layers[1].mlp.experts
