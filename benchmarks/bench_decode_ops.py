@@ -283,7 +283,9 @@ def one_token(device: str) -> None:
                     out = block(x, index, weights, gate_up, down, gu_lora, dn_lora)
                     ms = common.bench_graph_ms(lambda: block(x, index, weights, gate_up, down, gu_lora, dn_lora))
                 except Exception as error:
-                    print(f"  {label}: {type(error).__name__}: {error}")
+                    # A Triton compile error's text is the kernel's source; its cause says what failed.
+                    cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""
+                    print(f"  {label}: {type(error).__name__}: {str(error).strip().splitlines()[0]}{cause}")
                     continue
                 if expected is None:
                     expected = out.double()
@@ -292,6 +294,10 @@ def one_token(device: str) -> None:
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
         one_token_module._GPU_BLOCK_N = original_block_n
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
+        if current is None or "grouped" not in results:
+            print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "
+                  "(above)", flush=True)
+            continue
         best = sorted(results.items(), key=lambda r: r[1])[:4]
         print(f"one-token {name} {'nf4' if nf4 else 'bf16'} ({top_k} experts, {gbytes * 1e3:.1f} MB): grouped "
               f"{results['grouped'] * 1e3:.1f} us, one-token {current * 1e3:.1f} us ({gbytes / current * 1e3:.0f} "
