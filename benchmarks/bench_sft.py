@@ -43,7 +43,9 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
 4. The measurements, by a TrainerCallback that reads the clock at every step's start after a CUDA sync (a step is
    thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
    * tokens/s: batch x seq over the median of --steps timed steps after --warmup untimed ones (the mean too: with
-     logging_steps=10 a logging step may not be the median);
+     logging_steps=10 a logging step may not be the median). fastmoe captures a shape's layer graphs at its second
+     step: when that falls in the timed steps the record says how many graphs were captured there
+     (graphs_captured_while_timed), a warning says to raise --warmup, and RESULTS.md leaves the record out;
    * peak memory: torch.cuda.max_memory_allocated over the training run (peak_gb), and the footprint: the larger of
      the warm-up steps' peak and the timed steps' peak plus the free part of the CUDA graphs' private pools
      (footprint_gb). A replayed graph allocates nothing, so the memory its kernels work in, reserved in its pool,
@@ -325,6 +327,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
         def __init__(self) -> None:
             self.begins: list[float] = []
             self.allocated: list[int] = []
+            self.layer_graphs: list[int] = []  # fastmoe's captured layer graphs at each step's start
             self.profiler = None
             self.profile_start = 0.0
             self.profiled_seconds: float | None = None
@@ -376,6 +379,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
         def on_step_begin(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
+            self.layer_graphs.append(captured_layer_graphs(kwargs.get("model")))
             self.allocated.append(torch.cuda.memory_allocated() if device == "cuda" else 0)
             if device == "cuda" and state.global_step == profile_from - timed_steps:
                 self.peak_before_timed = torch.cuda.max_memory_allocated()
@@ -402,6 +406,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
         def on_train_end(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
+            self.layer_graphs.append(captured_layer_graphs(kwargs.get("model")))
             if self.profiler is not None:
                 self._stop_profiler(now)
             if self.tracer is not None:
@@ -413,6 +418,15 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             return [b - a for a, b in zip(self.begins, self.begins[1:])]
 
     return StepClock()
+
+
+def captured_layer_graphs(model) -> int:
+    """How many layer graphs fastmoe's graphed checkpointing holds for `model` (0 for transformers' models or
+    without graphs). A capture inside the timed steps times the capture, not the step."""
+    if model is None:
+        return 0
+    return sum(len(module.__dict__["_fastmoe_graphed_checkpoint"].graphs) for module in model.modules()
+               if "_fastmoe_graphed_checkpoint" in module.__dict__)
 
 
 def logged(trainer, key: str, which: int) -> float | None:
@@ -457,6 +471,13 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
             trainer.train()
         pool_reserved, pool_allocated = graph_pool_bytes(device)
         timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
+        graphs = clock.layer_graphs
+        captured_while_timed = graphs[args.warmup + args.steps] - graphs[args.warmup]
+        if captured_while_timed:
+            record["graphs_captured_while_timed"] = captured_while_timed
+            print(f"warning: fastmoe captured {captured_while_timed} layer graphs during the timed steps, whose times "
+                  "then include the captures: raise --warmup (graphs are captured at a shape's second step)",
+                  flush=True)
         step_s = statistics.median(timed)
         tokens = case.batch * case.seq
         tflops = flops / step_s / 1e12
