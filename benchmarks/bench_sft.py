@@ -328,6 +328,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.begins: list[float] = []
             self.allocated: list[int] = []
             self.layer_graphs: list[int] = []  # fastmoe's captured layer graphs at each step's start
+            self.graphed: list = []  # the model's graphed checkpointing, found once at the start of training
             self.profiler = None
             self.profile_start = 0.0
             self.profiled_seconds: float | None = None
@@ -373,13 +374,16 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.trace, self.tracer = self.tracer, None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            # Trainer has enabled gradient checkpointing by now; walking the model's modules every step would add
+            # host time to the steps it times.
+            self.graphed = graphed_checkpoints(kwargs.get("model"))
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
-            self.layer_graphs.append(captured_layer_graphs(kwargs.get("model")))
+            self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
             self.allocated.append(torch.cuda.memory_allocated() if device == "cuda" else 0)
             if device == "cuda" and state.global_step == profile_from - timed_steps:
                 self.peak_before_timed = torch.cuda.max_memory_allocated()
@@ -406,7 +410,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
         def on_train_end(self, args, state, control, **kwargs):
             now = self._now()
             self.begins.append(now)
-            self.layer_graphs.append(captured_layer_graphs(kwargs.get("model")))
+            self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
             if self.profiler is not None:
                 self._stop_profiler(now)
             if self.tracer is not None:
@@ -420,13 +424,13 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
     return StepClock()
 
 
-def captured_layer_graphs(model) -> int:
-    """How many layer graphs fastmoe's graphed checkpointing holds for `model` (0 for transformers' models or
-    without graphs). A capture inside the timed steps times the capture, not the step."""
+def graphed_checkpoints(model) -> list:
+    """fastmoe's graphed checkpointing objects of `model` (none for transformers' models or without graphs), whose
+    `graphs` are the layer graphs captured so far. A capture inside the timed steps times the capture, not the step."""
     if model is None:
-        return 0
-    return sum(len(module.__dict__["_fastmoe_graphed_checkpoint"].graphs) for module in model.modules()
-               if "_fastmoe_graphed_checkpoint" in module.__dict__)
+        return []
+    return [module.__dict__["_fastmoe_graphed_checkpoint"] for module in model.modules()
+            if "_fastmoe_graphed_checkpoint" in module.__dict__]
 
 
 def logged(trainer, key: str, which: int) -> float | None:

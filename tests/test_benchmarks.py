@@ -469,7 +469,6 @@ def test_expert_config_sweep_cases_run_each_kernel_it_names(interleaved):
         assert flops > 0 and (out.shape[0] == rows or kernel == "wgrad"), case
 
 
-
 def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
     """bench_sft.py leaves out of the timing question the records whose timed steps captured fastmoe's layer graphs:
     the clock reads the graphed checkpointing's graph count at each step's start and at the end of training."""
@@ -479,9 +478,10 @@ def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0]._fastmoe_graphed_checkpoint = graphed
     clock = bench_sft.make_step_clock("cpu", timed_steps=2, profile_from=3, profile_steps=0)
+    clock.on_train_begin(None, None, None, model=model)
     for step in range(3):
         clock.on_step_begin(None, SimpleNamespace(global_step=step), None, model=model)
         graphed.graphs[step] = object()  # one layer graph captured during each step
     clock.on_train_end(None, None, None, model=model)
     assert clock.layer_graphs == [0, 1, 2, 3]
-    assert bench_sft.captured_layer_graphs(torch.nn.Linear(2, 2)) == 0 and bench_sft.captured_layer_graphs(None) == 0
+    assert bench_sft.graphed_checkpoints(torch.nn.Linear(2, 2)) == [] and bench_sft.graphed_checkpoints(None) == []
