@@ -76,6 +76,12 @@ class Family:
     # Parameters (name suffixes) that transformers initialises to zero and the tiny checkpoints draw at random, so that
     # the comparisons with transformers see them.
     random_init: tuple[str, ...] = ()
+    # The ops that, all switched on, run packed rows (position_ids restarting at each document) on flash layouts
+    # without seq^2 masks wherever flash runs the attention (fastmoe.sliding_window_attention), and the configured
+    # attention implementations those layouts stand in for. With them on, a right-padded training batch drops its
+    # padding (fastmoe.padding_free).
+    packed_row_ops: tuple[str, ...] = ("attention",)
+    layout_implementations: tuple[str, ...] = ("sdpa",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", MappingProxyType({op: tuple(patches) for op, patches in self.ops.items()}))

@@ -17,8 +17,9 @@ layers a `FlashCausal` instead when the batch has no cache and no padding other 
 within each document, with the layer's window. Packed rows (position_ids restarting, trl's padding-free batches)
 become the flash kernel's variable-length form: the documents' token offsets, so no query ever looks at another
 document's keys, and no time is spent on the pairs between documents. A right-padded row's padding (trl's collators
-pad on the right) is one more document: the row's tokens never see it, as under the mask, and what the padded
-positions compute goes to no loss.
+pad on the right) is one more document: the row's tokens never see it, as under the mask. The padded positions
+themselves attend differently (to the padding, where the mask shows them their row's tokens), which no loss sees
+unless its labels score them: the loss forwards then keep the masks for padded batches (`masks_for_scored_padding`).
 
 A `FlashCausal` without window or documents (plain causal rows of at least CUDNN_MIN_SEQ tokens) runs cuDNN's
 fused attention instead on Hopper GPUs: PyTorch's `_scaled_dot_product_cudnn_attention`, which also takes fewer
@@ -36,6 +37,8 @@ at 4,096 tokens given to it as a (seq, seq) bias of 0 and -inf took 2.15 ms forw
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -180,6 +183,32 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
     return offsets.to(device=device, dtype=torch.int32), longest
 
 
+# True while a loss whose labels score padded positions runs (see the module's docstring).
+_padding_is_scored = contextvars.ContextVar("padding_is_scored", default=False)
+
+
+@contextlib.contextmanager
+def masks_for_scored_padding(scored: bool):
+    """While `scored` (the running loss scores padded positions), a right-padded batch gets transformers' masks,
+    not layouts: only the masks give padded positions what transformers computes for them."""
+    token = _padding_is_scored.set(scored)
+    try:
+        yield
+    finally:
+        _padding_is_scored.reset(token)
+
+
+def layouts_replace_masks(config, device: torch.device, dtype: torch.dtype, past_key_values, training: bool,
+                          implementations: tuple[str, ...] = ("sdpa",)) -> bool:
+    """Whether a forward of this model gets flash layouts instead of masks, its attention mask aside (see
+    flash_causal_layout): one of `implementations` asked for, flash able to run it, no cache, no attention dropout
+    while training, not under torch.compile."""
+    return not (torch.compiler.is_compiling() or config._attn_implementation not in implementations
+                or past_key_values is not None
+                or (training and getattr(config, "attention_dropout", 0.0))
+                or not flash_supports(config, device, dtype))
+
+
 def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, position_ids, past_key_values,
                         training: bool, implementations: tuple[str, ...] = ("sdpa",)
                         ) -> tuple[FlashCausal, FlashCausal] | None:
@@ -189,10 +218,8 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
     training, and an attention mask that is absent, all ones or right padding (each row's tokens, then its padding,
     as trl's collators pad; one sync). Under torch.compile, None: the compiled graph traces transformers' masks (the
     offsets are read on the host)."""
-    if (torch.compiler.is_compiling() or config._attn_implementation not in implementations
-            or past_key_values is not None
-            or (training and getattr(config, "attention_dropout", 0.0))
-            or not flash_supports(config, inputs_embeds.device, inputs_embeds.dtype)):
+    if not layouts_replace_masks(config, inputs_embeds.device, inputs_embeds.dtype, past_key_values, training,
+                                 implementations):
         return None
     padding = None
     if attention_mask is not None:
@@ -202,8 +229,8 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
         keep = attention_mask.to("cpu", torch.bool)
         if not bool(keep.all()):
             # Right padding only: a padded tail, as a document of its own, is never attended by the row's tokens,
-            # as under the mask. Padding before or between tokens keeps transformers' masks.
-            if not bool((keep[:, 1:] <= keep[:, :-1]).all()):
+            # as under the mask. Padding before or between tokens, or padding a loss scores, keeps the masks.
+            if not bool((keep[:, 1:] <= keep[:, :-1]).all()) or _padding_is_scored.get():
                 return None
             padding = ~keep
     packed = None

@@ -22,11 +22,14 @@ import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from packaging.version import Version
 
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
+from fastmoe.padding_free import pack_right_padding, scores_padding
+from fastmoe.sliding_window_attention import masks_for_scored_padding
 from fastmoe import patching
 from fastmoe.patching import ForwardPatch
 
@@ -115,18 +118,26 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        backbone_outputs = self.base_model(*args, **kwargs)
-        hidden = backbone_outputs.last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
         head = self.get_output_embeddings()
-        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
-        mask = labels != -100
-        # Only the scored positions go through the head; an all-masked micro-batch scores zero rows and still
-        # returns a loss connected to the model (a differentiable zero), as trl's does.
-        fields = _per_token_fields(hidden[mask], head.weight, head.bias, labels[mask], temperature, logit_scale,
+        # Every position's next-token label, the last one of each row scoring nothing (what trl's shift gives).
+        targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
+        # Right padding that no label scores never reaches the layers (fastmoe.padding_free).
+        packed = None if args else pack_right_padding(self, kwargs, targets)
+        # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
+        with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
+            backbone_outputs = self.base_model(*args, **(kwargs if packed is None else packed.inputs))
+        hidden = backbone_outputs.last_hidden_state
+        if packed is None:
+            hidden, targets = hidden.flatten(0, 1), targets.reshape(-1)
+        else:
+            hidden, targets = hidden[0], packed.take(targets)
+        hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+        # trl's mask: positions (batch, seq - 1) scored by labels[:, 1:], or those of shift_labels.
+        mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(head.weight.device) != -100
+        scored = targets != -100
+        # Only the scored positions go through the head, in the mask's order; an all-masked micro-batch scores zero
+        # rows and still returns a loss connected to the model (a differentiable zero), as trl's does.
+        fields = _per_token_fields(hidden[scored], head.weight, head.bias, targets[scored], temperature, logit_scale,
                                    softcap, cast_lm_head_to_fp32, outputs)
         per_token = {name: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                      for name, x in zip(PER_TOKEN_FIELDS, fields)}
@@ -140,8 +151,10 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
             num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+            # The packed row holds the tokens the attention mask keeps: its router logits are those alone.
+            attention_mask = kwargs.get("attention_mask") if packed is None else None
             aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
-                                                text_config.num_experts_per_tok, kwargs.get("attention_mask"))
+                                                text_config.num_experts_per_tok, attention_mask)
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
 

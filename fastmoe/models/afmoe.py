@@ -189,6 +189,8 @@ FAMILY = Family(
     ),
     routers=("router.gate",),
     routed_experts=SWITCHABLE,
+    # transformers' AfmoeModel gives its masks no position_ids: packed documents need fastmoe's model forward.
+    packed_row_ops=("attention", "model"),
     tiny_config=dict(
         hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=8, num_experts_per_tok=3,

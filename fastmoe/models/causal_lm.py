@@ -8,6 +8,8 @@ import functools
 import torch
 
 from fastmoe.kernels.linear_cross_entropy import linear_cross_entropy, shift_labels
+from fastmoe.padding_free import pack_right_padding, scores_padding
+from fastmoe.sliding_window_attention import masks_for_scored_padding
 
 
 def check_sequence_length(model, input_ids, inputs_embeds) -> None:
@@ -59,13 +61,24 @@ def fused_loss_forward(original_forward):
         check_sequence_length(self, input_ids, inputs_embeds)
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        targets = None if labels is None else shift_labels(labels.to(self.lm_head.weight.device))
+        # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
+        with masks_for_scored_padding(targets is not None and scores_padding(attention_mask, targets)):
+            return loss_forward(self, labels, targets, common, logits_to_keep, kwargs)
+
+    def loss_forward(self, labels, targets, common, logits_to_keep, kwargs):
         # An adapter on lm_head (or a quantized head) is applied by its module's forward, not by its .weight.
         plain_head = type(self.lm_head) is torch.nn.Linear
-        if labels is None or not self.training or not plain_head or not _keeps_all(logits_to_keep):
+        if targets is None or not self.training or not plain_head or not _keeps_all(logits_to_keep):
             return original_forward(self, labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
 
         return_dict = kwargs.pop("return_dict", None)
         num_items_in_batch = kwargs.get("num_items_in_batch")
+        # Right padding that no label scores never reaches the layers (fastmoe.padding_free).
+        packed = pack_right_padding(self, {**common, **kwargs}, targets)
+        if packed is not None:
+            common.update((name, packed.inputs[name]) for name in common)
+            targets = packed.take(targets)
         captured = {}
 
         def keep_last_hidden(module, args, output):
@@ -84,7 +97,7 @@ def fused_loss_forward(original_forward):
         loss = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             self.lm_head.weight,
-            shift_labels(labels.to(hidden.device)),
+            targets.to(hidden.device),
             bias=self.lm_head.bias,
             logit_scale=float(getattr(self, "logit_scale", 1.0)),
             num_items_in_batch=num_items_in_batch,

@@ -129,6 +129,9 @@ def model_forward(self: hf.GptOssModel, input_ids=None, attention_mask=None, pos
 
 _causal_lm_forward = fused_loss_forward(hf.GptOssForCausalLM.forward)
 
+# Eager is gpt-oss's default attention (SDPA cannot take the sinks): the flash layouts stand in for it.
+LAYOUT_IMPLEMENTATIONS = ("eager",)
+
 
 FAMILY = Family(
     model_type="gpt_oss",
@@ -142,7 +145,7 @@ FAMILY = Family(
         # the sinks applied to its output, in place of the eager attention (gpt-oss's default, its dense masks never
         # built); otherwise the model's attention function.
         "attention": [ForwardPatch(hf.GptOssAttention, "forward", attention_forward),
-                      *mask_layout_patches(hf, implementations=("eager",))],
+                      *mask_layout_patches(hf, implementations=LAYOUT_IMPLEMENTATIONS)],
         # The residual add after attention fused into the norm before the MoE block, and the MoE block in token
         # chunks on long sequences.
         "decoder_layer": [decoder_layer_patch(hf.GptOssDecoderLayer, norm_attention_norm_mlp_forward)],
@@ -156,6 +159,9 @@ FAMILY = Family(
     lora_target_parameters=("experts.gate_up_proj", "experts.down_proj"),
     routers=("mlp.router",),
     routed_experts=SWITCHABLE,
+    # transformers' GptOssModel gives its masks no position_ids: packed documents need fastmoe's model forward.
+    packed_row_ops=("attention", "model"),
+    layout_implementations=LAYOUT_IMPLEMENTATIONS,
     tiny_config=dict(
         hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, max_position_embeddings=512,

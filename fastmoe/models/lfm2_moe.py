@@ -190,6 +190,9 @@ FAMILY = Family(
     lora_target_parameters=("experts.gate_up_proj", "experts.down_proj"),
     routers=("feed_forward.gate",),
     routed_experts=SWITCHABLE,
+    # transformers' short convolution runs across packed documents; fastmoe's restarts at each, given the
+    # position_ids that fastmoe's decoder layer passes it.
+    packed_row_ops=("attention", "short_conv", "decoder_layer"),
     tiny_config=dict(
         hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_dense_layers=1,
         num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,

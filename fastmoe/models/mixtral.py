@@ -57,8 +57,8 @@ FAMILY = Family(
         "moe": [ForwardPatch(hf.MixtralSparseMoeBlock, "forward", sparse_moe_forward)],
         # RoPE; the model's masks as flash layouts where flash runs the attention (sliding window, packed rows).
         "attention": [ForwardPatch(hf.MixtralAttention, "forward", attention_forward), *mask_layout_patches(hf)],
-        # The residual add after attention fused into the norm before the MoE block, and the MoE block in token chunks on
-        # long sequences.
+        # The residual add after attention fused into the norm before the MoE block, and the MoE block in token
+        # chunks on long sequences.
         "decoder_layer": [decoder_layer_patch(hf.MixtralDecoderLayer, norm_attention_norm_mlp_forward)],
         "loss": [ForwardPatch(hf.MixtralForCausalLM, "forward", _causal_lm_forward)],
     },

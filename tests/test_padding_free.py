@@ -1,0 +1,230 @@
+"""Right-padded training batches run padding-free (fastmoe/padding_free.py): the layers see one packed row of the
+batch's real tokens, and the loss, the router load-balancing loss, trl's per-token fields and every LoRA gradient are
+those of the padded batch under transformers' masks (fp32).
+
+The packed row runs on the flash layouts, which need CUDA: as in test_sliding_window_attention, `flash_supports` is
+switched on and the layouts' PyTorch reference stands in for the kernel; switched off, the same model takes
+transformers' dense masks on the padded batch, the reference result."""
+
+import importlib
+
+import pytest
+import torch
+from testing_utils import randomize_lora, rel_err
+
+import fastmoe
+from fastmoe import FastModel, trl_fused_head
+from fastmoe import sliding_window_attention as swa
+from fastmoe.padding_free import pack_right_padding
+
+FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
+# The layout attention each family's forward calls, and the reference that stands in for it on the CPU.
+LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.reference_flash_causal_attention_with_sinks)}
+SEQ, LENGTHS = 13, (13, 5, 1)  # a full row, a padded one, a one-token one
+
+# The subject is which tokens the layers see, not the kernels (tests/kernels, tests/models).
+pytestmark = pytest.mark.usefixtures("kernel_references")
+
+
+def padded_batch(vocab_size: int, labels_on_padding: bool = False) -> dict:
+    """Rows of LENGTHS real tokens padded on the right to SEQ (pad id 0), a prompt masked out of the first row's
+    labels; the padding's labels -100 unless `labels_on_padding` (labels copied from input_ids, pads included)."""
+    input_ids = torch.randint(3, vocab_size, (len(LENGTHS), SEQ), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(LENGTHS):
+        attention_mask[row, :length] = 1
+    input_ids[attention_mask == 0] = 0
+    labels = input_ids.clone()
+    if not labels_on_padding:
+        labels[attention_mask == 0] = -100
+    labels[0, :3] = -100
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def lora_model(checkpoint, **load_kwargs):
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, **load_kwargs)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    randomize_lora(model)
+    return model.train()
+
+
+def layout_rows(monkeypatch, model_type: str) -> list[tuple[int, int]]:
+    """Put the layouts' reference in for the family's flash kernel; returns the list of (rows, tokens) of the
+    queries it is called with."""
+    module = importlib.import_module(f"fastmoe.models.{model_type}")
+    name, reference = LAYOUT_ATTENTION.get(model_type, ("flash_causal_attention", swa.reference_flash_causal_attention))
+    calls = []
+    monkeypatch.setattr(module, name, lambda query, *a: calls.append((query.shape[0], query.shape[2]))
+                        or reference(query, *a))
+    return calls
+
+
+def loss_and_grads(model, batch, monkeypatch, layouts: bool, **call_kwargs):
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **call_kwargs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(out, grads, ref, ref_grads, tol=1e-5):
+    assert rel_err(out.loss, ref.loss) < tol
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) < tol, name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_padded_batch_trains_as_one_packed_row(tiny_checkpoint, monkeypatch, model_type):
+    """The layers see one row of the 19 real tokens; loss and every LoRA gradient are the padded batch's."""
+    model = lora_model(tiny_checkpoint(model_type))
+    batch = padded_batch(model.config.vocab_size)
+    rows = layout_rows(monkeypatch, model_type)
+    out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
+    assert rows and set(rows) == {(1, sum(LENGTHS))}
+    rows.clear()
+    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
+    assert not rows
+    assert_same(out, grads, ref, ref_grads)
+    fastmoe.unpatch()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])
+def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, tmp_path, monkeypatch, model_type):
+    """transformers averages the load-balancing loss over the tokens its attention mask keeps: the packed row's."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
+                                       output_router_logits=True)
+    model = lora_model(checkpoint)
+    batch = padded_batch(model.config.vocab_size)
+    rows = layout_rows(monkeypatch, model_type)
+    out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
+    assert set(rows) == {(1, sum(LENGTHS))}
+    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
+    assert out.aux_loss is not None and rel_err(out.aux_loss, ref.aux_loss) < 1e-6
+    assert_same(out, grads, ref, ref_grads)
+    fastmoe.unpatch()
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "mixtral"])
+def test_padding_a_label_scores_keeps_the_masks(tiny_checkpoint, monkeypatch, model_type):
+    """Labels copied from input_ids with the pad tokens left in score the padding, and transformers' loss trains on
+    what its masks give the padded positions (their row's tokens): the batch keeps its padding and its masks, where
+    the layouts would have made the padding a document of its own."""
+    model = lora_model(tiny_checkpoint(model_type))
+    batch = padded_batch(model.config.vocab_size, labels_on_padding=True)
+    rows = layout_rows(monkeypatch, model_type)
+    out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
+    assert not rows
+    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
+    assert_same(out, grads, ref, ref_grads)
+    fastmoe.unpatch()
+
+
+@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe"])
+def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch, model_type):
+    """trl's fused LM head (fastmoe's kernel) on the packed row gives trl's own head on the padded batch under the
+    masks: every per-token field in the padded layout, the label mask, the aux loss and the gradients."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
+                                       output_router_logits=True, router_aux_loss_coef=0.25)
+    model = lora_model(checkpoint)
+    base = model.get_base_model()
+    batch = padded_batch(model.config.vocab_size)
+    rows = layout_rows(monkeypatch, model_type)
+    fields = trl_fused_head.PER_TOKEN_FIELDS
+
+    def fused(add_head, layouts):
+        base.__dict__.pop("forward", None)
+        add_head(base, temperature=0.7, outputs=fields)
+        return loss_and_grads(model, batch, monkeypatch, layouts, fused_lm_head=True, num_items_in_batch=11)
+
+    out, grads = fused(trl_fused_head.add_fused_lm_head, layouts=True)
+    assert set(rows) == {(1, sum(LENGTHS))}
+    _, trls_own = trl_fused_head._trl()
+    ref, ref_grads = fused(trls_own, layouts=False)
+    assert torch.equal(out.label_mask, ref.label_mask)
+    if model_type == "qwen3_moe":  # LFM2-MoE records no router logits on some transformers releases
+        assert rel_err(out.aux_loss, ref.aux_loss) < 1e-6
+    for name in fields:
+        value, expected = getattr(out, name), getattr(ref, name)
+        assert value.shape == expected.shape, name
+        if name == "is_top1":
+            assert torch.equal(value, expected)
+        else:
+            assert rel_err(value, expected) < 1e-5, name
+    assert_same(out, grads, ref, ref_grads)
+    fastmoe.unpatch()
+
+
+def test_which_calls_drop_their_padding(tiny_checkpoint, monkeypatch):
+    model = lora_model(tiny_checkpoint("lfm2_moe")).get_base_model()
+    batch = padded_batch(model.config.vocab_size)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+
+    assert pack_right_padding(model, inputs, targets) is None  # the CPU: no flash layouts
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    packed = pack_right_padding(model, inputs, targets)
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(packed.inputs["input_ids"], batch["input_ids"][keep][None])
+    assert packed.inputs["attention_mask"] is None and packed.inputs["use_cache"] is False
+    assert packed.inputs["position_ids"].tolist() == [[*range(13), *range(5), 0]]
+    assert torch.equal(packed.take(targets), targets[keep])
+    embeds = dict(inputs, input_ids=None, inputs_embeds=model.get_input_embeddings()(batch["input_ids"]))
+    assert torch.equal(pack_right_padding(model, embeds, targets).inputs["inputs_embeds"],
+                       embeds["inputs_embeds"][keep][None])
+
+    left = dict(inputs, attention_mask=batch["attention_mask"].flip(1))
+    continuing = dict(inputs, position_ids=torch.tensor([list(range(SEQ)), list(range(13, 13 + SEQ)),
+                                                         list(range(SEQ))]))
+    kept = [
+        dict(inputs, attention_mask=torch.ones_like(batch["attention_mask"])),  # nothing to drop
+        left,  # padding on the left
+        continuing,  # the second row's positions continue the first's: one document to the layouts
+        dict(inputs, output_hidden_states=True),
+        dict(inputs, token_type_ids=torch.zeros_like(batch["input_ids"])),  # a per-position input it cannot pack
+        dict(inputs, past_key_values=object()),
+    ]
+    for call in kept:
+        assert pack_right_padding(model, call, targets) is None
+    scores_padding = targets.clone()
+    scores_padding[1, 7] = 5
+    assert pack_right_padding(model, inputs, scores_padding) is None
+    fastmoe.unpatch()
+
+    # LFM2's short convolution restarts at packed documents only as fastmoe's op: switched off, no packing.
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("lfm2_moe")), dtype=torch.float32, max_seq_length=64,
+                                         fast_ops={"short_conv": False})
+    assert pack_right_padding(model, inputs, targets) is None
+    fastmoe.unpatch()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type, sizes", [("afmoe", dict(head_dim=16)), ("lfm2_moe", dict(hidden_size=64))])
+def test_gpu_bf16_padded_batch_on_flash_as_under_the_masks(tiny_tokenizer, tmp_path, monkeypatch, model_type, sizes):
+    """On a GPU in bf16 the packed row runs PyTorch's flash kernel (head_dim 16); the padded batch under transformers'
+    masks (SDPA) is the reference: loss and LoRA gradients within bf16's tolerance."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer, **sizes)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    randomize_lora(model)
+    model.train()
+    batch = {name: t.cuda() for name, t in padded_batch(model.config.vocab_size).items()}
+    taken = []
+    module = importlib.import_module(f"fastmoe.models.{model_type}")
+    flash = module.flash_causal_attention
+    monkeypatch.setattr(module, "flash_causal_attention", lambda query, *a: taken.append(query.shape[0])
+                        or flash(query, *a))
+    out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
+    assert taken and set(taken) == {1}
+    taken.clear()
+    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
+    assert not taken
+    assert_same(out, grads, ref, ref_grads, tol=1e-2)
+    fastmoe.unpatch()
