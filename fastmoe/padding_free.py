@@ -1,19 +1,21 @@
-"""Right-padded training batches run padding-free: their tokens end to end, as one packed row.
+"""Padded training batches run padding-free: their tokens end to end, as one packed row.
 
-trl's SFTTrainer pads each batch on the right to its longest row at its defaults (8 rows, `padding_free=False`),
-and every layer then spends its norms, projections, routing and experts on the padding, whose outputs go to no
-loss. Where a family runs packed rows on flash layouts (documents told apart by their position_ids, no seq^2 masks:
-fastmoe.sliding_window_attention), the forwards that compute the loss (fastmoe's fused loss, and trl's fused LM head
-on fastmoe's kernel) hand the backbone the batch's real tokens as one row instead, each padded row a document with
-its own positions, and score each token against its row's shifted label. Every token sees what it saw in its padded
-row: attention within the row, RoPE at its position, LFM2's short convolution from the row's start. transformers'
-router load-balancing loss averages over the tokens its attention mask keeps, which are the packed row's tokens.
-So the loss and every gradient are the padded batch's.
+trl's SFTTrainer pads each batch on the right to its longest row at its defaults (8 rows, `padding_free=False`);
+GRPO and RLOO score left-padded prompts followed by right-padded completions. Every layer then spends its norms,
+projections, routing and experts on the padding, whose outputs go to no loss. Where a family runs packed rows on
+flash layouts (documents told apart by their position_ids, no seq^2 masks: fastmoe.sliding_window_attention), the
+forwards that compute the loss (fastmoe's fused loss, and trl's fused LM head on fastmoe's kernel) hand the backbone
+the batch's real tokens as one row instead, each padded row a document keeping its positions, and score each token
+against its row's shifted label. Every token sees what it saw in its padded row: attention over its row's tokens,
+RoPE at its position, LFM2's short convolution from the row's first token (transformers zeroes the padding before
+it). transformers' router load-balancing loss averages over the tokens its attention mask keeps, which are the
+packed row's tokens. So the loss and every gradient are the padded batch's.
 
-Only padding that no label scores is dropped: a batch whose shifted labels score a padded position (labels copied
-from input_ids with the pad token left in, as transformers' loss would then train on) keeps its padding, and so do
-calls that ask for per-position outputs (hidden states, attentions), carry other per-position inputs, a cache, or
-run under torch.compile, and families whose packed-row ops are switched off (`Family.packed_row_ops`).
+Only padding around one run of tokens per row, which no label scores, is dropped: a batch whose shifted labels score
+a padded position (labels copied from input_ids with the pad token left in, as transformers' loss would then train
+on) keeps its padding, and so do rows with gaps, calls that ask for per-position outputs (hidden states, attentions),
+carry other per-position inputs, a cache, or run under torch.compile, and families whose packed-row ops are switched
+off (`Family.packed_row_ops`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-    """A right-padded batch as one packed row: `inputs` are the backbone's keyword arguments for it (tokens (1,
+    """A padded batch as one packed row: `inputs` are the backbone's keyword arguments for it (tokens (1,
     tokens), position_ids, no attention mask); `kept` (tokens,), on the device, indexes the flattened (batch x seq)
     positions the row holds, in order."""
 
@@ -76,7 +78,7 @@ def scores_padding(attention_mask, shifted_labels: torch.Tensor) -> bool:
     return bool((shifted_labels.to("cpu").reshape(padding.shape)[padding] != IGNORE_INDEX).any())
 
 
-def pack_right_padding(model, inputs: dict, shifted_labels: torch.Tensor) -> PackedRows | None:
+def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> PackedRows | None:
     """The packed row for a call of `model`'s backbone with keyword arguments `inputs`, whose shifted labels
     (batch, seq) or (batch * seq,) score each position's next token; None where the call keeps its padding (see the
     module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each)."""
@@ -98,11 +100,13 @@ def pack_right_padding(model, inputs: dict, shifted_labels: torch.Tensor) -> Pac
         return None
 
     keep = attention_mask.to("cpu", torch.bool)
-    if bool(keep.all()) or not bool(keep.any()) or not bool((keep[:, 1:] <= keep[:, :-1]).all()):
-        return None  # nothing to drop, nothing left, or padding other than on the right
+    run_starts = keep.clone()
+    run_starts[:, 1:] &= ~keep[:, :-1]
+    if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
+        return None  # nothing to drop, nothing left, or a row whose tokens have gaps between them
     if scores_padding(attention_mask, shifted_labels):
         return None  # transformers' loss trains on the padding's outputs
-    if position_ids is None:
+    if position_ids is None:  # transformers' default: the index in the padded row, left padding counted
         positions = torch.arange(seq).expand(batch, seq)
     else:
         positions = position_ids.to("cpu", torch.int64).expand(batch, seq)

@@ -28,7 +28,7 @@ from packaging.version import Version
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
-from fastmoe.padding_free import pack_right_padding, scores_padding
+from fastmoe.padding_free import pack_padded_rows, scores_padding
 from fastmoe.sliding_window_attention import masks_for_scored_padding
 from fastmoe import patching
 from fastmoe.patching import ForwardPatch
@@ -121,8 +121,8 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         head = self.get_output_embeddings()
         # Every position's next-token label, the last one of each row scoring nothing (what trl's shift gives).
         targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
-        # Right padding that no label scores never reaches the layers (fastmoe.padding_free).
-        packed = None if args else pack_right_padding(self, kwargs, targets)
+        # Padding that no label scores never reaches the layers (fastmoe.padding_free).
+        packed = None if args else pack_padded_rows(self, kwargs, targets)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
             backbone_outputs = self.base_model(*args, **(kwargs if packed is None else packed.inputs))

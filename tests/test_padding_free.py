@@ -15,29 +15,32 @@ from testing_utils import randomize_lora, rel_err
 import fastmoe
 from fastmoe import FastModel, trl_fused_head
 from fastmoe import sliding_window_attention as swa
-from fastmoe.padding_free import pack_right_padding
+from fastmoe.padding_free import pack_padded_rows
 
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 # The layout attention each family's forward calls, and the reference that stands in for it on the CPU.
 LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.reference_flash_causal_attention_with_sinks)}
 SEQ, LENGTHS = 13, (13, 5, 1)  # a full row, a padded one, a one-token one
+# Left padding before each row's tokens, as GRPO's left-padded prompts followed by right-padded completions.
+LEFT = {"right": (0, 0, 0), "both": (0, 3, 12)}
 
 # The subject is which tokens the layers see, not the kernels (tests/kernels, tests/models).
 pytestmark = pytest.mark.usefixtures("kernel_references")
 
 
-def padded_batch(vocab_size: int, labels_on_padding: bool = False) -> dict:
-    """Rows of LENGTHS real tokens padded on the right to SEQ (pad id 0), a prompt masked out of the first row's
-    labels; the padding's labels -100 unless `labels_on_padding` (labels copied from input_ids, pads included)."""
+def padded_batch(vocab_size: int, labels_on_padding: bool = False, padding: str = "right") -> dict:
+    """Rows of LENGTHS real tokens after LEFT[padding] pads, padded on the right to SEQ (pad id 0); each row's first
+    tokens a prompt out of the labels; the padding's labels -100 unless `labels_on_padding` (labels copied from
+    input_ids, pads included)."""
     input_ids = torch.randint(3, vocab_size, (len(LENGTHS), SEQ), generator=torch.Generator().manual_seed(2))
     attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(LENGTHS):
-        attention_mask[row, :length] = 1
-    input_ids[attention_mask == 0] = 0
     labels = input_ids.clone()
+    for row, (left, length) in enumerate(zip(LEFT[padding], LENGTHS)):
+        attention_mask[row, left:left + length] = 1
+        labels[row, left:left + 3] = -100
+    input_ids[attention_mask == 0] = 0
     if not labels_on_padding:
         labels[attention_mask == 0] = -100
-    labels[0, :3] = -100
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
@@ -74,11 +77,12 @@ def assert_same(out, grads, ref, ref_grads, tol=1e-5):
         assert rel_err(grads[name], grad) < tol, name
 
 
+@pytest.mark.parametrize("padding", ["right", "both"])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_padded_batch_trains_as_one_packed_row(tiny_checkpoint, monkeypatch, model_type):
+def test_padded_batch_trains_as_one_packed_row(tiny_checkpoint, monkeypatch, model_type, padding):
     """The layers see one row of the 19 real tokens; loss and every LoRA gradient are the padded batch's."""
     model = lora_model(tiny_checkpoint(model_type))
-    batch = padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size, padding=padding)
     rows = layout_rows(monkeypatch, model_type)
     out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
     assert rows and set(rows) == {(1, sum(LENGTHS))}
@@ -122,17 +126,18 @@ def test_padding_a_label_scores_keeps_the_masks(tiny_checkpoint, monkeypatch, mo
     fastmoe.unpatch()
 
 
-@pytest.mark.parametrize("model_type", ["lfm2_moe", "qwen3_moe"])
-def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch, model_type):
-    """trl's fused LM head (fastmoe's kernel) on the packed row gives trl's own head on the padded batch under the
-    masks: every per-token field in the padded layout, the label mask, the aux loss and the gradients."""
+@pytest.mark.parametrize("model_type, padding", [("lfm2_moe", "right"), ("qwen3_moe", "both")])
+def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch, model_type, padding):
+    """trl's fused LM head (fastmoe's) on the packed row gives trl's own head on the padded batch under the masks:
+    every per-token field in the padded layout, the label mask, the aux loss and the gradients; SFT's right padding,
+    and GRPO's left-padded prompts before right-padded completions."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
                                        output_router_logits=True, router_aux_loss_coef=0.25)
     model = lora_model(checkpoint)
     base = model.get_base_model()
-    batch = padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size, padding=padding)
     rows = layout_rows(monkeypatch, model_type)
     fields = trl_fused_head.PER_TOKEN_FIELDS
 
@@ -165,40 +170,48 @@ def test_which_calls_drop_their_padding(tiny_checkpoint, monkeypatch):
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
 
-    assert pack_right_padding(model, inputs, targets) is None  # the CPU: no flash layouts
+    assert pack_padded_rows(model, inputs, targets) is None  # the CPU: no flash layouts
     monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
-    packed = pack_right_padding(model, inputs, targets)
+    packed = pack_padded_rows(model, inputs, targets)
     keep = batch["attention_mask"].bool()
     assert torch.equal(packed.inputs["input_ids"], batch["input_ids"][keep][None])
     assert packed.inputs["attention_mask"] is None and packed.inputs["use_cache"] is False
     assert packed.inputs["position_ids"].tolist() == [[*range(13), *range(5), 0]]
     assert torch.equal(packed.take(targets), targets[keep])
     embeds = dict(inputs, input_ids=None, inputs_embeds=model.get_input_embeddings()(batch["input_ids"]))
-    assert torch.equal(pack_right_padding(model, embeds, targets).inputs["inputs_embeds"],
+    assert torch.equal(pack_padded_rows(model, embeds, targets).inputs["inputs_embeds"],
                        embeds["inputs_embeds"][keep][None])
 
-    left = dict(inputs, attention_mask=batch["attention_mask"].flip(1))
+    both = padded_batch(model.config.vocab_size, padding="both")
+    both_targets = torch.nn.functional.pad(both["labels"][:, 1:], (0, 1), value=-100)
+    left_packed = pack_padded_rows(model, dict(inputs, attention_mask=both["attention_mask"]), both_targets)
+    # transformers' default positions count the left padding.
+    assert left_packed.inputs["position_ids"].tolist() == [[*range(13), *range(3, 8), 12]]
+    gapped_mask, gapped_targets = batch["attention_mask"].clone(), targets.clone()
+    gapped_mask[0, 4] = 0
+    gapped_targets[0, 4] = -100
+    assert pack_padded_rows(model, inputs, gapped_targets) is not None  # each call below keeps it for its own reason
     continuing = dict(inputs, position_ids=torch.tensor([list(range(SEQ)), list(range(13, 13 + SEQ)),
                                                          list(range(SEQ))]))
     kept = [
         dict(inputs, attention_mask=torch.ones_like(batch["attention_mask"])),  # nothing to drop
-        left,  # padding on the left
+        dict(inputs, attention_mask=gapped_mask),  # a row with a gap between its tokens
         continuing,  # the second row's positions continue the first's: one document to the layouts
         dict(inputs, output_hidden_states=True),
         dict(inputs, token_type_ids=torch.zeros_like(batch["input_ids"])),  # a per-position input it cannot pack
         dict(inputs, past_key_values=object()),
     ]
     for call in kept:
-        assert pack_right_padding(model, call, targets) is None
+        assert pack_padded_rows(model, call, gapped_targets) is None
     scores_padding = targets.clone()
     scores_padding[1, 7] = 5
-    assert pack_right_padding(model, inputs, scores_padding) is None
+    assert pack_padded_rows(model, inputs, scores_padding) is None
     fastmoe.unpatch()
 
     # LFM2's short convolution restarts at packed documents only as fastmoe's op: switched off, no packing.
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint("lfm2_moe")), dtype=torch.float32, max_seq_length=64,
                                          fast_ops={"short_conv": False})
-    assert pack_right_padding(model, inputs, targets) is None
+    assert pack_padded_rows(model, inputs, targets) is None
     fastmoe.unpatch()
 
 

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from fastmoe.kernels.linear_cross_entropy import linear_cross_entropy, shift_labels
-from fastmoe.padding_free import pack_right_padding, scores_padding
+from fastmoe.padding_free import pack_padded_rows, scores_padding
 from fastmoe.sliding_window_attention import masks_for_scored_padding
 
 
@@ -74,8 +74,8 @@ def fused_loss_forward(original_forward):
 
         return_dict = kwargs.pop("return_dict", None)
         num_items_in_batch = kwargs.get("num_items_in_batch")
-        # Right padding that no label scores never reaches the layers (fastmoe.padding_free).
-        packed = pack_right_padding(self, {**common, **kwargs}, targets)
+        # Padding that no label scores never reaches the layers (fastmoe.padding_free).
+        packed = pack_padded_rows(self, {**common, **kwargs}, targets)
         if packed is not None:
             common.update((name, packed.inputs[name]) for name in common)
             targets = packed.take(targets)
