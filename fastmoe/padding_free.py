@@ -69,8 +69,9 @@ def _asks_per_position_outputs(config, inputs: dict) -> bool:
 
 def scores_padding(attention_mask, shifted_labels: torch.Tensor) -> bool:
     """Whether a shifted label ((batch, seq) or (batch * seq,)) scores a position a (batch, seq) attention mask pads
-    (one sync each for the mask and, where it pads, the labels)."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+    (one sync each for the mask and, where it pads, the labels). Under torch.compile, False: a compiled forward
+    takes transformers' masks whatever its labels score."""
+    if torch.compiler.is_compiling() or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return False
     padding = attention_mask.to("cpu") == 0
     if shifted_labels.numel() != padding.numel() or not bool(padding.any()):
@@ -82,6 +83,8 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     """The packed row for a call of `model`'s backbone with keyword arguments `inputs`, whose shifted labels
     (batch, seq) or (batch * seq,) score each position's next token; None where the call keeps its padding (see the
     module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each)."""
+    if torch.compiler.is_compiling():  # shapes that depend on the mask's values: the compiled graph keeps the padding
+        return None
     input_ids, inputs_embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
     attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
     tokens = input_ids if input_ids is not None else inputs_embeds

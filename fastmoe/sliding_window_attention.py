@@ -190,8 +190,12 @@ _padding_is_scored = contextvars.ContextVar("padding_is_scored", default=False)
 @contextlib.contextmanager
 def masks_for_scored_padding(scored: bool):
     """While `scored` (the running loss scores padded positions), a right-padded batch gets transformers' masks,
-    not layouts: only the masks give padded positions what transformers computes for them."""
-    token = _padding_is_scored.set(scored)
+    not layouts: only the masks give padded positions what transformers computes for them. Not scored changes
+    nothing (torch.compile cannot trace a context variable's set; compiled forwards take the masks anyway)."""
+    if not scored:
+        yield
+        return
+    token = _padding_is_scored.set(True)
     try:
         yield
     finally:
