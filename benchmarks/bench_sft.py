@@ -32,6 +32,8 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    padding-free collator (position_ids restarting at each document, no attention mask), "padded" feeds the same
    documents one per row, padded to the longest; both take one row's documents per step, in order. tokens/s counts
    the documents' tokens, so the two compare directly; the FLOPs count attention within each document only.
+   --varied-lengths draws each row's lengths anew, so that every step has a layout of its own, as real data has
+   (fastmoe's CUDA graphs are captured for a layout seen twice: with it they do not replay).
 
 3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
    defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
@@ -124,6 +126,9 @@ class Case:
     # "padded" (one document per row, padded to the longest).
     data: str = "rows"
     documents: int = 1
+    # With documents: the same lengths in every row (every step the same shapes), or lengths drawn anew for each row
+    # (every step a new layout, as real data has: CUDA graphs captured for one step's layout do not replay).
+    varied: bool = False
 
     @property
     def config_kwargs(self) -> dict:
@@ -133,7 +138,8 @@ class Case:
         quant = f" {self.quantization}" if self.quantization else ""
         eager = (" (offloaded checkpointing)" if self.offload else "") + ("" if self.cuda_graphs
                                                                         else " (cuda_graphs=False)")
-        data = "" if self.data == "rows" else f" {self.documents} documents {self.data}"
+        varied = " varied" if self.varied else ""
+        data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
         return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
                 f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
 
@@ -259,8 +265,8 @@ def load(case: Case, args, device: str, dtype: torch.dtype):
 
 
 def document_lengths(seq: int, documents: int, seed: int = 2) -> list[int]:
-    """`documents` lengths summing to `seq`, each between a quarter and 1.75x the mean: the same for every row, so
-    every step has the same shapes (and the padded batch the same longest document)."""
+    """`documents` lengths summing to `seq`, each between a quarter and 1.75x the mean: by default the same for every
+    row, so every step has the same shapes (and the padded batch the same longest document); another seed, others."""
     generator = torch.Generator().manual_seed(seed)
     weights = 0.25 + 1.5 * torch.rand(documents, generator=generator, dtype=torch.float64)
     lengths = [max(2, int(w)) for w in (weights / weights.sum() * seq).tolist()]
@@ -268,7 +274,13 @@ def document_lengths(seq: int, documents: int, seed: int = 2) -> list[int]:
     return lengths
 
 
-def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1, data: str = "rows", documents: int = 1):
+def row_document_lengths(rows: int, seq: int, documents: int, varied: bool) -> list[list[int]]:
+    """Each row's document lengths: document_lengths', the same in every row, or drawn anew per row (`varied`)."""
+    return [document_lengths(seq, documents, seed=2 + row if varied else 2) for row in range(rows)]
+
+
+def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1, data: str = "rows", documents: int = 1,
+                   varied: bool = False):
     """`rows` rows of `seq` random token ids, pre-tokenized. "packed": each row carries its documents' lengths
     (`seq_lengths`, which trl's padding-free collator turns into restarting position_ids); "padded": each row's
     documents become consecutive examples, one per row of the batch."""
@@ -278,10 +290,10 @@ def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1, data: st
     ids = torch.randint(0, vocab_size, (rows, seq), generator=generator)
     if data == "rows":
         return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
-    lengths = document_lengths(seq, documents)
+    lengths = row_document_lengths(rows, seq, documents, varied)
     if data == "packed":
-        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "seq_lengths": [lengths] * rows})
-    pieces = [piece.tolist() for row in ids for piece in row.split(lengths)]
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "seq_lengths": lengths})
+    pieces = [piece.tolist() for row, row_lengths in zip(ids, lengths) for piece in row.split(row_lengths)]
     return datasets.Dataset.from_dict({"input_ids": pieces})
 
 
@@ -444,11 +456,12 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
 
     config_kwargs = case.config_kwargs
     flops = common.step_flops(config_kwargs, case.batch, case.seq)
-    if case.data != "rows":  # attention within each document only (padding is not counted either)
+    if case.data != "rows":  # attention within each document only (padding is not counted either); varied: the mean
         config = common.make_config(config_kwargs)
-        flops += case.batch * (sum(common.attention_flops(config, 1, n) for n in document_lengths(case.seq,
-                                                                                               case.documents))
-                               - common.attention_flops(config, 1, case.seq))
+        timed_rows = row_document_lengths((args.warmup + args.steps) * case.batch, case.seq, case.documents,
+                                          case.varied)[args.warmup * case.batch:]
+        within = statistics.fmean(sum(common.attention_flops(config, 1, n) for n in lengths) for lengths in timed_rows)
+        flops += case.batch * (within - common.attention_flops(config, 1, case.seq))
     record = dict(shared, question="sft", family=config_kwargs["model_type"], **dataclasses.asdict(case),
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
@@ -463,7 +476,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         model, tokenizer = load(case, args, device, dtype)
         record["load_s"] = round(time.perf_counter() - start, 1)
         dataset = random_dataset(config_kwargs["vocab_size"], max_steps * case.batch, case.seq, data=case.data,
-                                 documents=case.documents)
+                                 documents=case.documents, varied=case.varied)
         clock = make_step_clock(device, args.steps, args.warmup + args.steps, args.profile_steps, args.trace_steps,
                                 args.memory_profile)
         from trl import SFTTrainer
@@ -638,6 +651,8 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if (data == "rows") != (args.documents == 1):
                 parser.error("--data packed/padded splits each row into --documents (2 or more) documents; rows "
                              "takes --documents 1")
+            if data == "rows" and args.varied_lengths:
+                parser.error("--varied-lengths varies the lengths of --data packed/padded documents; rows have one")
             if data != "rows" and seq < 2 * args.documents:
                 parser.error(f"{args.documents} documents of at least 2 tokens do not fit {seq} tokens")
             if implementation not in IMPLEMENTATIONS:
@@ -657,7 +672,8 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if implementation == "fastmoe":
                 variants += [(False, False)] * args.fastmoe_without_graphs + [(False, True)] * args.fastmoe_offloaded
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs, offload, data, args.documents) for cuda_graphs, offload in variants]
+                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths)
+                      for cuda_graphs, offload in variants]
     return cases
 
 
@@ -678,6 +694,9 @@ def main() -> None:
                         "row --documents documents, position_ids restarting: trl's padding_free), padded (the same "
                         "documents one per row, padded to the longest); tokens/s counts the documents' tokens")
     parser.add_argument("--documents", type=int, default=1, help="documents per row with --data packed/padded")
+    parser.add_argument("--varied-lengths", action="store_true", help="with --data packed/padded, draw each row's "
+                        "document lengths anew (every step a new layout, as real data has) instead of the same in "
+                        "every row")
     parser.add_argument("--memory-limit-gb", type=float, default=None, help="emulate a GPU of this many GiB "
                         "(torch.cuda.set_per_process_memory_fraction): with --shapes 1x16384,1x32768,... the longest "
                         "sequence that trains within it is the last case not recorded as oom")

@@ -123,8 +123,9 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per configuration: fastmoe's newest record beside transformers' of the same run (its newest
     otherwise)."""
     config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load", "data",
-              "documents", "memory_limit_gb")
-    defaults = {"data": "rows", "documents": 1}  # records from before bench_sft.py had --data
+              "documents", "varied", "memory_limit_gb")
+    # records from before bench_sft.py had --data and --varied-lengths
+    defaults = {"data": "rows", "documents": 1, "varied": False}
 
     def field(r: dict, name: str):
         value = r.get(name)
@@ -152,17 +153,17 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     transformers_rows = {key[:-1]: impls["transformers"] for key, impls in rows.items() if "transformers" in impls}
     order = sorted((k for k in rows if "fastmoe" in rows[k] or not k[-1]),
                    key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10] or 0, k[11]))
+                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10], k[11] or 0, k[12]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
-        (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, memory_limit,
-         how_checkpointed) = key
+        (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, varied,
+         memory_limit, how_checkpointed) = key
         model = f"{preset}, {layers} layers{how_checkpointed}"
         if data != "rows":
-            model += f", each row {documents} documents {data}"
+            model += f", each row {documents}{' varied' if varied else ''} documents {data}"
         if memory_limit:
             model += f", GPU limited to {memory_limit:g} GB"
         out.append([model, f"{batch}x{seq}", targets, str(logging_steps),

@@ -370,12 +370,26 @@ def test_sft_benchmark_packed_and_padded_documents_train_alike(tmp_path):
     assert "each row 4 documents packed" in page and "each row 4 documents padded" in page
 
 
+def test_sft_benchmark_varied_lengths_change_every_row():
+    """--varied-lengths: each row's documents have lengths of their own (every step a new layout), still summing to
+    the row; without it every row has the same."""
+    varied = bench_sft.random_dataset(100, 3, 40, data="packed", documents=4, varied=True)["seq_lengths"]
+    assert len({tuple(lengths) for lengths in varied}) == 3 and all(sum(lengths) == 40 for lengths in varied)
+    fixed = bench_sft.random_dataset(100, 3, 40, data="packed", documents=4)["seq_lengths"]
+    assert len({tuple(lengths) for lengths in fixed}) == 1
+    padded = bench_sft.random_dataset(100, 3, 40, data="padded", documents=4, varied=True)["input_ids"]
+    assert [len(piece) for piece in padded] == [n for lengths in varied for n in lengths]
+    case = bench_sft.Case("afmoe-tiny", 3, 1, 40, "fastmoe", data="padded", documents=4, varied=True)
+    assert " 4 varied documents padded " in case.label()
+
+
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
     for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
                           (["--targets", "everything"], "unknown targets"),
                           (["--load", "direct", "--quantization", "4bit"], "use --load checkpoint"),
                           (["--shapes", "4096"], "BATCHxSEQ"),
                           (["--data", "packed"], "splits each row into --documents"),
+                          (["--varied-lengths"], "varies the lengths of --data packed/padded"),
                           (["--data", "stacked", "--documents", "2"], "unknown data"),
                           (["--trace-steps", "1"], "name one"),
                           *([(["--memory-limit-gb", "24"], "needs a CUDA device")]
