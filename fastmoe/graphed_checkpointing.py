@@ -18,7 +18,10 @@ state of the layer (active, disabled, merged), and which of its parameters train
 arguments (attention masks, position ids) can steer Python-side decisions inside the layer (fastmoe's sliding
 window path inspects the mask), so their values are part of the signature too: they are compared with the
 values the graph was captured with (once per tensor object, a host sync), never copied into a captured graph.
-Floating-point arguments are data: they are copied into the graph's input buffers.
+Floating-point arguments are data: they are copied into the graph's input buffers, and so are the integer tensors
+declared with `as_graph_data`: a packed row's position ids and its flash layout's document offsets, which the
+layers only hand to kernels. Packed rows of as many tokens (fastmoe.padding_free rounds them up) and up to as many
+documents (fastmoe.sliding_window_attention pads the offsets) then replay one graph whatever their documents.
 
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and at most `max_signatures` per model are kept: a data set of variable
@@ -88,8 +91,21 @@ def layer_of(function: Callable) -> torch.nn.Module | None:
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
+# Integer tensors declared to steer no host-side decision inside a layer (as_graph_data): copied into the graphs'
+# input buffers like floating-point data, instead of compared with the values a graph was captured with.
+_declared_data = WeakIdKeyDictionary()  # keyed by identity: a tensor's == is elementwise
+
+
+def as_graph_data(*tensors: torch.Tensor | None) -> None:
+    """Declare integer tensors that the layers only hand to kernels (flash layouts' document offsets, packed rows'
+    position ids) as data: a graph captured with one batch's values replays with the next batch's."""
+    for tensor in tensors:
+        if tensor is not None:
+            _declared_data[tensor] = True
+
+
 def _is_data(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point() or tensor.is_complex()
+    return tensor.is_floating_point() or tensor.is_complex() or tensor in _declared_data
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
@@ -217,8 +233,9 @@ def _flatten_call(layer: torch.nn.Module, parts: _LayerParts, args: tuple, kwarg
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             devices.add(leaf.device)
-            (data_index if _is_data(leaf) else control_index).append(index)
-            leaf_keys.append(_tensor_key(leaf))
+            data = _is_data(leaf)
+            (data_index if data else control_index).append(index)
+            leaf_keys.append((*_tensor_key(leaf), data))
         else:
             try:
                 hash(leaf)

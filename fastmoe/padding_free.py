@@ -32,16 +32,18 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-    """A padded batch as one packed row: `inputs` are the backbone's keyword arguments for it (tokens (1,
-    tokens), position_ids, no attention mask); `kept` (tokens,), on the device, indexes the flattened (batch x seq)
-    positions the row holds, in order."""
+    """A padded batch as one packed row: `inputs` are the backbone's keyword arguments for it (tokens (1, length),
+    position_ids, no attention mask); `kept` (tokens,), on the device, indexes the flattened (batch x seq) positions
+    the row holds, in order; `filler` tokens follow them (see filler_for_graphs)."""
 
     inputs: dict
     kept: torch.Tensor
+    filler: int = 0
 
-    def take(self, per_position: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) or (batch * seq,) -> (tokens,): the packed row's entries, e.g. its shifted labels."""
-        return per_position.reshape(-1)[self.kept]
+    def take(self, shifted_labels: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) or (batch * seq,) shifted labels -> the packed row's (length,), the filler scoring nothing."""
+        kept = shifted_labels.reshape(-1)[self.kept]
+        return torch.cat([kept, kept.new_full((self.filler,), IGNORE_INDEX)]) if self.filler else kept
 
 
 def _family_packs_rows(model, device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,6 +58,25 @@ def _family_packs_rows(model, device: torch.device, dtype: torch.dtype) -> bool:
     ops = [patch for op in described.packed_row_ops for patch in described.ops[op]]
     return patching.is_patched(ops) and layouts_replace_masks(config, device, dtype, None, model.training,
                                                               described.layout_implementations)
+
+
+def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
+    """How many filler tokens round a packed row of `tokens` up for fastmoe's graphed checkpointing: to the next
+    multiple of a quarter of the power of two below it (at most 25% more, ~12% on average), so that batches of
+    nearby lengths give the layers one shape and replay the same CUDA graphs (the offsets and position ids are their
+    data, fastmoe.graphed_checkpointing). Zero without those graphs (eager layers would only do more work), beyond
+    their token limit, or where the router's load-balancing loss is asked for (the filler would count in it)."""
+    graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
+    asks_router_logits = inputs.get("output_router_logits")
+    if asks_router_logits is None:
+        asks_router_logits = getattr(model.config, "output_router_logits", False)
+    # transformers 5.23 renamed is_gradient_checkpointing to is_activation_checkpointing (the old name warns).
+    checkpointing = getattr(type(model), "is_activation_checkpointing", None) or type(model).is_gradient_checkpointing
+    if graphed is None or not model.training or asks_router_logits or not checkpointing.fget(model):
+        return 0
+    step = 1 << max(tokens.bit_length() - 3, 0)
+    rounded = -(-tokens // step) * step
+    return rounded - tokens if rounded <= graphed.max_tokens else 0
 
 
 def _asks_per_position_outputs(config, inputs: dict) -> bool:
@@ -79,27 +100,38 @@ def scores_padding(attention_mask, shifted_labels: torch.Tensor) -> bool:
     return bool((shifted_labels.to("cpu").reshape(padding.shape)[padding] != IGNORE_INDEX).any())
 
 
+# trl's padding-free collator also describes its packed row for flash-attention's variable-length kernels (and
+# LFM2's convolution); fastmoe's layouts and convolution read the documents from position_ids alone, and a rounded
+# row would no longer match these.
+VARLEN_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
 def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> PackedRows | None:
     """The packed row for a call of `model`'s backbone with keyword arguments `inputs`, whose shifted labels
-    (batch, seq) or (batch * seq,) score each position's next token; None where the call keeps its padding (see the
-    module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each)."""
+    (batch, seq) or (batch * seq,) score each position's next token: a padded batch's tokens end to end, or a row
+    packed already (trl's padding_free) rounded up for graphed checkpointing; None where the call keeps its rows (see
+    the module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each)."""
     if torch.compiler.is_compiling():  # shapes that depend on the mask's values: the compiled graph keeps the padding
         return None
     input_ids, inputs_embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
     attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
     tokens = input_ids if input_ids is not None else inputs_embeds
-    if tokens is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+    if tokens is None or tokens.dim() < 2:
         return None
-    batch, seq = attention_mask.shape
-    handled = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+    batch, seq = tokens.shape[:2]
+    handled = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", *VARLEN_INPUTS)
     other_tensors = any(isinstance(value, torch.Tensor) and value.dim() > 0
                         for name, value in inputs.items() if name not in handled)
-    if (tokens.shape[:2] != (batch, seq) or shifted_labels.numel() != batch * seq
-            or inputs.get("past_key_values") is not None or other_tensors
+    if (shifted_labels.numel() != batch * seq or inputs.get("past_key_values") is not None or other_tensors
             or _asks_per_position_outputs(model.config, inputs)):
         return None
     embedding = model.get_input_embeddings().weight
     if not _family_packs_rows(model, embedding.device, embedding.dtype):
+        return None
+    if attention_mask is None:
+        return _rounded_packed_row(model, inputs, input_ids, position_ids, embedding.shape[0])
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, seq)
+            or any(inputs.get(name) is not None for name in VARLEN_INPUTS)):
         return None
 
     keep = attention_mask.to("cpu", torch.bool)
@@ -123,9 +155,36 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
 
     device = tokens.device
     kept = keep.flatten().nonzero().flatten().to(device)
+    filler = filler_for_graphs(model, inputs, packed_positions.numel()) if input_ids is not None else 0
+    packed_positions = torch.cat([packed_positions, torch.arange(filler)])
     packed = dict(inputs, attention_mask=None, position_ids=packed_positions[None].to(device))
     if input_ids is not None:
-        packed["input_ids"] = input_ids.reshape(-1)[kept][None]
+        packed["input_ids"] = torch.cat([input_ids.reshape(-1)[kept], _filler_ids(filler, input_ids,
+                                                                                  embedding.shape[0])])[None]
     else:
         packed["inputs_embeds"] = inputs_embeds.reshape(batch * seq, -1)[kept][None]
-    return PackedRows(packed, kept)
+    return PackedRows(packed, kept, filler)
+
+
+def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size: int) -> PackedRows | None:
+    """One row packed already (position_ids restarting, no attention mask), with filler for graphed checkpointing;
+    None where there is none to add."""
+    if (input_ids is None or position_ids is None or input_ids.shape[0] != 1
+            or position_ids.numel() != input_ids.numel()):
+        return None
+    tokens = input_ids.shape[1]
+    filler = filler_for_graphs(model, inputs, tokens)
+    if not filler:
+        return None
+    device = input_ids.device
+    packed = {name: value for name, value in inputs.items() if name not in VARLEN_INPUTS}
+    packed["position_ids"] = torch.cat([position_ids.reshape(-1), torch.arange(filler, device=position_ids.device)
+                                        .to(position_ids.dtype)])[None]
+    packed["input_ids"] = torch.cat([input_ids.reshape(-1), _filler_ids(filler, input_ids, vocab_size)])[None]
+    return PackedRows(packed, torch.arange(tokens, device=device), filler)
+
+
+def _filler_ids(filler: int, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The filler's token ids, a document of its own after the row's (its positions restart at 0): varied, so that
+    the router spreads the filler over the experts as it does text, rather than sending it all to the same few."""
+    return (torch.arange(filler, device=input_ids.device) * 7919 % vocab_size).to(input_ids.dtype)

@@ -49,6 +49,7 @@ import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastmoe import kept_attention
+from fastmoe.graphed_checkpointing import as_graph_data
 from fastmoe.patching import ForwardPatch
 
 # A forward builds its sliding-window mask once and hands the same tensor to every sliding layer, and gradient
@@ -175,12 +176,25 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
     if padding is not None:
         starts[:, 1:] |= padding[:, 1:] != padding[:, :-1]
     flat_starts = starts.flatten().nonzero().flatten()
-    if flat_starts.numel() == batch:
+    documents = flat_starts.numel()
+    if documents == batch:
         return None
-    offsets = torch.cat([flat_starts, torch.tensor([batch * seq])])
-    longest = int((offsets[1:] - offsets[:-1]).max())
+    total = batch * seq
+    longest = int(torch.diff(flat_starts, append=torch.tensor([total])).max())
+    # One form for every batch of as many tokens and up to as many documents, so that a layer's CUDA graph
+    # (fastmoe.graphed_checkpointing, which copies the offsets in as data) replays for the next batch's documents:
+    # the offsets padded with empty documents to a power of two, the longest document rounded up to one (at most
+    # the tokens). Flash reads each document's length from the offsets: the empty documents' blocks, and those past
+    # each document's end, return at once.
+    offsets = torch.full((_power_of_two_above(documents),), total)
+    offsets[:documents] = flat_starts
     device = device if device is not None else position_ids.device
-    return offsets.to(device=device, dtype=torch.int32), longest
+    return offsets.to(device=device, dtype=torch.int32), min(_power_of_two_above(longest - 1), total)
+
+
+def _power_of_two_above(n: int) -> int:
+    """The least power of two greater than n >= 0."""
+    return 1 << n.bit_length()
 
 
 # True while a loss whose labels score padded positions runs (see the module's docstring).
@@ -241,6 +255,8 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
     if position_ids is not None or padding is not None:
         packed = packed_documents(position_ids, padding, device=inputs_embeds.device)
     offsets, longest = packed if packed is not None else (None, None)
+    if packed is not None:  # the layers only hand these to kernels (see packed_documents)
+        as_graph_data(offsets, position_ids)
     window = getattr(config, "sliding_window", None)
     return FlashCausal(None, offsets, longest), FlashCausal(window, offsets, longest)
 

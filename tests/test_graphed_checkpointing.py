@@ -447,3 +447,57 @@ def test_long_calls_take_torch_checkpoint(tiny_checkpoint):
     for _ in range(2):
         loss_and_grads(model, batch)
     assert len(graphed.graphs) == layers
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenizer, monkeypatch, kind):
+    """Padding-free batches (fastmoe.padding_free) under graphed checkpointing: two padded batches with other row
+    lengths (or trl's padding-free rows of those documents, with flash-attention's varlen arguments), whose tokens
+    (29 and 30) round up to one length (32, the rest filler), run as packed rows of one shape with as many offsets,
+    their position ids and document offsets copied in as data: the second batch replays the first one's signature
+    (nothing new seen, no fallback), and each step's loss and every LoRA gradient equal torch's checkpoint on the
+    unrounded row."""
+    from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.models import afmoe
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model = lora_model(checkpoint)
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    rows = []
+    attention = kept_reference_attention([])
+    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
+
+    def padded(lengths, seed):
+        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 20), generator=torch.Generator()
+                                  .manual_seed(seed))
+        attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        if kind == "padded":
+            return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        keep = attention_mask.bool()  # as trl's padding-free collator packs the same documents
+        offsets = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        labels[:, 0] = -100
+        return dict(input_ids=input_ids[keep][None], labels=labels[keep][None],
+                    position_ids=torch.cat([torch.arange(n) for n in lengths])[None], cu_seq_lens_q=offsets,
+                    cu_seq_lens_k=offsets, max_length_q=max(lengths), max_length_k=max(lengths))
+
+    batches = [padded((20, 6, 3), seed=1), padded((11, 1, 18), seed=2)]
+    use_checkpoint_function(model, standard_checkpoint)
+    references = [loss_and_grads(model, batch) for batch in batches]
+    assert set(rows) == {29, 30}  # torch's checkpoint: no graphs, no filler
+
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    model.get_base_model().__dict__["_fastmoe_graphed_checkpoint"] = graphed  # as fastmoe.checkpointing keeps it
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    rows.clear()
+    for step, index in enumerate([0, 0, 1, 0]):
+        loss, grads = loss_and_grads(model, batches[index])
+        assert fallback.calls == layers, f"step {step}: only the first step takes the fallback"
+        reference_loss, reference_grads = references[index]
+        assert rel_err(loss, reference_loss) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, reference_grads[name]) < 1e-5, name
+    assert set(rows) == {32} and len(graphed.seen) == len({key[1] for key in graphed.graphs})
+    assert len(graphed.graphs) == layers

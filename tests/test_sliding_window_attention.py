@@ -107,9 +107,15 @@ def test_flash_sliding_window_matches_sdpa_over_the_dense_mask(seq, window, head
 def test_packed_documents_start_wherever_the_position_does_not_follow_on():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 0, 0, 1, 2, 3]])
     offsets, longest = swa.packed_documents(positions)
-    # Every row starts a document; a repeated 0 is a one-token document.
-    assert offsets.tolist() == [0, 3, 5, 9, 13, 14, 18] and offsets.dtype == torch.int32
+    # Every row starts a document; a repeated 0 is a one-token document. The static form: empty documents up to
+    # 8 offsets, the longest document (4) a power of two already.
+    assert offsets.tolist() == [0, 3, 5, 9, 13, 14, 18, 18] and offsets.dtype == torch.int32
     assert longest == 4
+    # Another batch of as many tokens and documents, a longest of 5 (rounded up to 8): the same form.
+    offsets, longest = swa.packed_documents(torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2], [0, 1, 0, 1, 2, 3, 0, 1, 2]]))
+    assert offsets.tolist() == [0, 5, 6, 9, 11, 15, 18, 18] and longest == 8
+    assert swa.packed_documents(torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))[1] == 4
+    assert swa.packed_documents(torch.tensor([[0, 1, 2, 3, 4, 0]]))[1] == 6  # rounded up, at most the tokens
     assert swa.packed_documents(torch.arange(7).repeat(3, 1)) is None  # each row one document
     assert swa.packed_documents(torch.arange(3, 10)[None]) is None  # an offset row is still one document
 
@@ -153,11 +159,11 @@ def test_no_layout_on_the_cpu_or_with_padding_or_a_cache(tiny_checkpoint):
         two_rows = cuda_like.expand(2, -1, -1)
         right_padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, None, None, True)
-        assert full.document_offsets.tolist() == [0, 3, 5, 10] and full.longest_document == 5
+        assert full.document_offsets.tolist() == [0, 3, 5, 10] and full.longest_document == 8
         # With packed rows too: both boundaries.
         positions = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, positions, None, True)
-        assert full.document_offsets.tolist() == [0, 2, 3, 5, 10] and full.longest_document == 5
+        assert full.document_offsets.tolist() == [0, 2, 3, 5, 10, 10, 10, 10] and full.longest_document == 8
         # transformers' default position_ids: one row for the batch.
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, torch.arange(5)[None], None, True)
         assert full.document_offsets.tolist() == [0, 3, 5, 10]

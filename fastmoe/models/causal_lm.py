@@ -77,7 +77,8 @@ def fused_loss_forward(original_forward):
         # Padding that no label scores never reaches the layers (fastmoe.padding_free).
         packed = pack_padded_rows(self, {**common, **kwargs}, targets)
         if packed is not None:
-            common.update((name, packed.inputs[name]) for name in common)
+            kwargs = {name: value for name, value in packed.inputs.items() if name not in common}
+            common = {name: packed.inputs[name] for name in common}
             targets = packed.take(targets)
         captured = {}
 
