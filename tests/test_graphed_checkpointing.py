@@ -422,6 +422,44 @@ def test_kept_attention_outputs_equal_eager_checkpointing_on_gpu(tmp_path, tiny_
 
 
 @pytest.mark.gpu
+def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_tokenizer):
+    """bf16, flash's variable-length kernels captured: padded batches of other documents (295 and 292 tokens, both
+    rounded up to 320) replay the graphs the first captured, their offsets copied in; loss and gradients equal
+    torch's checkpoint on each batch."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=4096)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora(model)
+    model.cuda().train()
+    graphed = model.get_base_model()._fastmoe_graphed_checkpoint
+
+    def padded(lengths, seed):
+        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 200),
+                                  generator=torch.Generator().manual_seed(seed))
+        attention_mask = (torch.arange(200) < torch.tensor(lengths)[:, None]).long()
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {k: v.cuda() for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+
+    batches = [padded((200, 90, 5), seed=8), padded((150, 1, 141), seed=9)]
+    use_checkpoint_function(model, standard_checkpoint)
+    references = [loss_and_grads(model, batch) for batch in batches]
+    use_checkpoint_function(model, graphed)
+    for step, index in enumerate([0, 0, 1, 0, 1]):
+        loss, grads = loss_and_grads(model, batches[index])
+        if step == 1:
+            captured = len(graphed.graphs)
+        assert rel_err(loss, references[index][0]) < 1e-3
+        for name, grad in grads.items():
+            assert rel_err(grad, references[index][1][name]) < 2e-2, name
+    assert not graphed.ungraphable, graphed.ungraphable
+    assert len(graphed.graphs) == captured == len(decoder_layers(model))
+    assert all(g.backward_graph is not None for g in graphed.graphs.values())
+    fastmoe.unpatch()
+
+
+@pytest.mark.gpu
 def test_get_peft_model_and_trainer_use_graphs_on_gpu(tiny_checkpoint):
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.bfloat16, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
