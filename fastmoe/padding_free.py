@@ -16,6 +16,10 @@ a padded position (labels copied from input_ids with the pad token left in, as t
 on) keeps its padding, and so do rows with gaps, calls that ask for per-position outputs (hidden states, attentions),
 carry other per-position inputs, a cache, or run under torch.compile, and families whose packed-row ops are switched
 off (`Family.packed_row_ops`).
+
+Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, and a row that trl's padding-free
+collator packed already, is rounded up with a filler document that no label scores (`filler_for_graphs`), so that
+batches of nearby lengths give the layers one shape and replay the same CUDA graphs.
 """
 
 from __future__ import annotations
