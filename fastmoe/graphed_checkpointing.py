@@ -24,8 +24,10 @@ layers only hand to kernels. Packed rows of as many tokens (fastmoe.padding_free
 documents (fastmoe.sliding_window_attention pads the offsets) then replay one graph whatever their documents.
 
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
-every Triton kernel for those shapes), and at most `max_signatures` per model are kept: a data set of variable
-lengths would otherwise capture on every step. Anything the graphs cannot honour falls back, call by call, to
+every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
+a data set of variable lengths would otherwise capture on every step. The cap counts shapes, not signatures: the
+layers of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of
+its own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape. Anything the graphs cannot honour falls back, call by call, to
 torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, recording hidden states), torch.compile, a capture
 that fails (a host sync inside the layer).
 
@@ -478,10 +480,10 @@ class GraphedCheckpoint:
 
     capture=False runs the same path without CUDA graphs, on any device (what the CPU tests check)."""
 
-    def __init__(self, fallback: Callable = standard_checkpoint, max_signatures: int = 4, capture: bool = True,
+    def __init__(self, fallback: Callable = standard_checkpoint, max_shapes: int = 4, capture: bool = True,
                  max_tokens: int = MAX_GRAPH_TOKENS):
         self.fallback = fallback
-        self.max_signatures = max_signatures
+        self.max_shapes = max_shapes
         self.max_tokens = max_tokens
         self.capture = capture
         self.pool = None
@@ -489,6 +491,7 @@ class GraphedCheckpoint:
         # signature -> ids of the layers seen with it; a layer seen again means the signature came back (a step
         # calls each layer once).
         self.seen: dict[tuple, set[int]] = {}
+        self.seen_shapes: set[tuple] = set()  # the hidden-state shapes of the signatures in `seen`
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
@@ -505,6 +508,7 @@ class GraphedCheckpoint:
         self.store = _BufferStore()
         self.control_copies = WeakIdKeyDictionary()
         self.seen.clear()
+        self.seen_shapes.clear()
         self.pool = None
         self.stream = None
 
@@ -556,10 +560,12 @@ class GraphedCheckpoint:
 
     def _capture_on_return(self, function: Callable, call: _Call, layer: torch.nn.Module) -> _LayerGraphs | None:
         """Capture a signature the second time a layer is called with it: the first call (torch's checkpoint)
-        compiled every kernel for it. At most max_signatures are followed."""
+        compiled every kernel for it. Signatures of at most max_shapes hidden-state shapes are followed."""
         if call.signature not in self.seen:
-            if len(self.seen) >= self.max_signatures:
+            shape = call.signature[1][0][0]  # the first leaf's: the layer's hidden states
+            if shape not in self.seen_shapes and len(self.seen_shapes) >= self.max_shapes:
                 return None
+            self.seen_shapes.add(shape)
             self.seen[call.signature] = set()
         layers = self.seen[call.signature]
         if id(layer) not in layers:

@@ -230,20 +230,22 @@ def test_hooks_and_dropout_take_the_fallback(tiny_checkpoint):
     assert fallback.calls > before
 
 
-def test_signatures_are_capped():
-    layer = torch.nn.Linear(4, 4)
-    graphed = GraphedCheckpoint(max_signatures=2, capture=False)
+def test_shapes_are_capped_not_layer_kinds():
+    """Signatures of at most max_shapes hidden-state shapes are followed; layers of other kinds (here, other
+    parameters) called with a shape already followed are followed too."""
+    layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False)]
+    graphed = GraphedCheckpoint(max_shapes=2, capture=False)
 
-    def layer_call(rows):
+    def layer_call(layer, rows):
         x = torch.randn(rows, 4, requires_grad=True)
         return graphed(functools.partial(torch.nn.Module.__call__, layer), x)
 
     for _ in range(2):
         for rows in (1, 2, 3):
-            out = layer_call(rows)
-            out.sum().backward()
-    assert len(graphed.seen) == 2
-    assert {key[1] for key in graphed.graphs} <= set(graphed.seen)
+            for layer in layers:
+                layer_call(layer, rows).sum().backward()
+    assert graphed.seen_shapes == {(1, 4), (2, 4)} and len(graphed.seen) == 4
+    assert {key[1] for key in graphed.graphs} == set(graphed.seen)
 
 
 def test_capture_failures_name_the_live_loss_as_the_usual_cause():
