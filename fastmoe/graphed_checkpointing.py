@@ -501,6 +501,12 @@ class GraphedCheckpoint:
         self.control_copies = WeakIdKeyDictionary()
         self.ungraphable: dict[tuple, str] = {}
 
+    def graphs_rows_of(self, tokens: int) -> bool:
+        """Whether layers called with one row of `tokens` tokens can run as graphs: within max_tokens, and a shape
+        followed already or room for one more."""
+        return tokens <= self.max_tokens and (len(self.seen_shapes) < self.max_shapes
+                                              or any(shape[:2] == (1, tokens) for shape in self.seen_shapes))
+
     def release(self) -> None:
         """Drop every graph and buffer; their memory goes back to the caching allocator."""
         self.graphs.clear()

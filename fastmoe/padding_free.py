@@ -68,8 +68,9 @@ def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
     """How many filler tokens round a packed row of `tokens` up for fastmoe's graphed checkpointing: to the next
     multiple of a quarter of the power of two below it (at most 25% more, ~12% on average), so that batches of
     nearby lengths give the layers one shape and replay the same CUDA graphs (the offsets and position ids are their
-    data, fastmoe.graphed_checkpointing). Zero without those graphs (eager layers would only do more work), beyond
-    their token limit, or where the router's load-balancing loss is asked for (the filler would count in it)."""
+    data, fastmoe.graphed_checkpointing). Zero where the layers would not run as graphs (eager layers would only do
+    more work: no graphed checkpointing, a length beyond its limits) or where the router's load-balancing loss is
+    asked for (the filler would count in it)."""
     graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
     asks_router_logits = inputs.get("output_router_logits")
     if asks_router_logits is None:
@@ -80,7 +81,7 @@ def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
         return 0
     step = 1 << max(tokens.bit_length() - 3, 0)
     rounded = -(-tokens // step) * step
-    return rounded - tokens if rounded <= graphed.max_tokens else 0
+    return rounded - tokens if graphed.graphs_rows_of(rounded) else 0
 
 
 def _asks_per_position_outputs(config, inputs: dict) -> bool:

@@ -541,3 +541,12 @@ def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenize
             assert rel_err(grad, reference_grads[name]) < 1e-5, name
     assert set(rows) == {32} and len(graphed.seen) == len({key[1] for key in graphed.graphs})
     assert len(graphed.graphs) == layers
+
+
+def test_graphs_rows_of_the_lengths_it_follows_or_has_room_for():
+    """What padding-free rows are rounded up for (fastmoe.padding_free.filler_for_graphs): a length whose layers
+    could run as graphs, never one beyond max_tokens or a new one once max_shapes are followed."""
+    graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=64)
+    assert graphed.graphs_rows_of(32) and not graphed.graphs_rows_of(65)
+    graphed.seen_shapes |= {(1, 32, 8), (1, 48, 8)}
+    assert graphed.graphs_rows_of(32) and graphed.graphs_rows_of(48) and not graphed.graphs_rows_of(40)
