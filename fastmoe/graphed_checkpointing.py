@@ -27,9 +27,9 @@ A signature is captured the second time it is seen (the first call runs torch's 
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
 a data set of variable lengths would otherwise capture on every step. The cap counts shapes, not signatures: the
 layers of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of
-its own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape. Anything the graphs cannot honour falls back, call by call, to
-torch's checkpoint: CPU tensors, dropout, hooks on the layer (FSDP, recording hidden states), torch.compile, a capture
-that fails (a host sync inside the layer).
+its own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape.
+Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
+layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
 Recorded outputs: transformers collects router logits (and attention weights) with forward hooks that append a
 module's output to the collector of the running forward (`transformers.utils.output_capturing`). trl's SFTTrainer
