@@ -103,9 +103,11 @@ def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, 
     model = lora_model(checkpoint)
     batch = padded_batch(model.config.vocab_size)
     rows = layout_rows(monkeypatch, model_type)
+    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
+    if ref.aux_loss is None:
+        pytest.skip(f"this transformers' {model_type} returns no router logits")
     out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
     assert set(rows) == {(1, sum(LENGTHS))}
-    ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
     assert out.aux_loss is not None and rel_err(out.aux_loss, ref.aux_loss) < 1e-6
     assert_same(out, grads, ref, ref_grads)
     fastmoe.unpatch()
