@@ -33,7 +33,7 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    documents one per row, padded to the longest; both take one row's documents per step, in order. tokens/s counts
    the documents' tokens, so the two compare directly; the FLOPs count attention within each document only.
    --varied-lengths draws each row's lengths anew, so that every step has a layout of its own, as real data has
-   (fastmoe's CUDA graphs are captured for a layout seen twice: with it they do not replay).
+   (whether fastmoe's layer graphs, captured at one step, replay at the next step's layout).
 
 3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
    defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
@@ -126,8 +126,8 @@ class Case:
     # "padded" (one document per row, padded to the longest).
     data: str = "rows"
     documents: int = 1
-    # With documents: the same lengths in every row (every step the same shapes), or lengths drawn anew for each row
-    # (every step a new layout, as real data has: CUDA graphs captured for one step's layout do not replay).
+    # With documents: the same lengths in every row (every step the same layout), or lengths drawn anew for each row
+    # (every step a new layout, as real data has).
     varied: bool = False
 
     @property

@@ -99,7 +99,11 @@ def scores_padding(attention_mask, shifted_labels: torch.Tensor) -> bool:
     takes transformers' masks whatever its labels score."""
     if torch.compiler.is_compiling() or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return False
-    padding = attention_mask.to("cpu") == 0
+    return _labels_score(attention_mask.to("cpu") == 0, shifted_labels)
+
+
+def _labels_score(padding: torch.Tensor, shifted_labels: torch.Tensor) -> bool:
+    """scores_padding for `padding` (batch, seq) on the host, True where padded."""
     if shifted_labels.numel() != padding.numel() or not bool(padding.any()):
         return False
     return bool((shifted_labels.to("cpu").reshape(padding.shape)[padding] != IGNORE_INDEX).any())
@@ -144,7 +148,7 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     run_starts[:, 1:] &= ~keep[:, :-1]
     if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
         return None  # nothing to drop, nothing left, or a row whose tokens have gaps between them
-    if scores_padding(attention_mask, shifted_labels):
+    if _labels_score(~keep, shifted_labels):
         return None  # transformers' loss trains on the padding's outputs
     if position_ids is None:  # transformers' default: the index in the padded row, left padding counted
         positions = torch.arange(seq).expand(batch, seq)

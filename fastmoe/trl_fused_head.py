@@ -22,11 +22,11 @@ import types
 import warnings
 
 import torch
-import torch.nn.functional as F
 from packaging.version import Version
 
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
+from fastmoe.kernels.linear_cross_entropy import shift_labels as next_token_labels
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
 from fastmoe.padding_free import pack_padded_rows, scores_padding
 from fastmoe.sliding_window_attention import masks_for_scored_padding
@@ -120,7 +120,7 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
             kwargs.setdefault("output_router_logits", True)
         head = self.get_output_embeddings()
         # Every position's next-token label, the last one of each row scoring nothing (what trl's shift gives).
-        targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
+        targets = shift_labels if shift_labels is not None else next_token_labels(labels)
         # Padding that no label scores never reaches the layers (fastmoe.padding_free).
         packed = None if args else pack_padded_rows(self, kwargs, targets)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).

@@ -15,6 +15,7 @@ from testing_utils import randomize_lora, rel_err
 import fastmoe
 from fastmoe import FastModel, trl_fused_head
 from fastmoe import sliding_window_attention as swa
+from fastmoe.kernels.linear_cross_entropy import shift_labels
 from fastmoe.padding_free import pack_padded_rows
 
 FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
@@ -170,7 +171,7 @@ def test_which_calls_drop_their_padding(tiny_checkpoint, monkeypatch):
     model = lora_model(tiny_checkpoint("lfm2_moe")).get_base_model()
     batch = padded_batch(model.config.vocab_size)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    targets = shift_labels(batch["labels"]).view_as(batch["labels"])
 
     assert pack_padded_rows(model, inputs, targets) is None  # the CPU: no flash layouts
     monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
@@ -185,7 +186,7 @@ def test_which_calls_drop_their_padding(tiny_checkpoint, monkeypatch):
                        embeds["inputs_embeds"][keep][None])
 
     both = padded_batch(model.config.vocab_size, padding="both")
-    both_targets = torch.nn.functional.pad(both["labels"][:, 1:], (0, 1), value=-100)
+    both_targets = shift_labels(both["labels"]).view_as(both["labels"])
     left_packed = pack_padded_rows(model, dict(inputs, attention_mask=both["attention_mask"]), both_targets)
     # transformers' default positions count the left padding.
     assert left_packed.inputs["position_ids"].tolist() == [[*range(13), *range(3, 8), 12]]
