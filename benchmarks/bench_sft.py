@@ -129,6 +129,10 @@ class Case:
     # With documents: the same lengths in every row (every step the same layout), or lengths drawn anew for each row
     # (every step a new layout, as real data has).
     varied: bool = False
+    # fastmoe's 16-bit expert GEMMs: base products where fastmoe's rule puts them ("auto", the default), always
+    # inside its Triton kernels ("triton") or always by torch's grouped GEMM ("torch"):
+    # fastmoe.kernels.moe.grouped_gemm.base_products
+    base_products: str = "auto"
 
     @property
     def config_kwargs(self) -> dict:
@@ -138,6 +142,7 @@ class Case:
         quant = f" {self.quantization}" if self.quantization else ""
         eager = (" (offloaded checkpointing)" if self.offload else "") + ("" if self.cuda_graphs
                                                                         else " (cuda_graphs=False)")
+        eager += "" if self.base_products == "auto" else f" (base products by {self.base_products})"
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
         return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
@@ -481,11 +486,14 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                                 args.memory_profile)
         from trl import SFTTrainer
 
+        from fastmoe.kernels.moe.grouped_gemm import base_products
+
         with tempfile.TemporaryDirectory() as output_dir:
             config = sft_config(case, output_dir, max_steps, dtype, model.supports_gradient_checkpointing)
             trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config,
                                  callbacks=[clock])
-            trainer.train()
+            with base_products(case.base_products):
+                trainer.train()
         pool_reserved, pool_allocated = graph_pool_bytes(device)
         timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
         graphs = clock.layer_graphs
@@ -661,6 +669,9 @@ def build_cases(args, parser, dtype) -> list[Case]:
                 parser.error(f"unknown targets {targets!r}: choose from {', '.join(common.LORA_TARGET_SETS)}")
             if quantization not in ("none", "4bit"):
                 parser.error(f"unknown quantization {quantization!r}: choose from none, 4bit")
+            for products in args.fastmoe_base_products:
+                if products not in ("triton", "torch"):
+                    parser.error(f"unknown --fastmoe-base-products {products!r}: choose from triton, torch")
             if not logging_steps.isdigit() or int(logging_steps) < 1:
                 parser.error(f"--logging-steps takes positive integers, got {logging_steps!r}")
             quantization = None if quantization == "none" else quantization
@@ -668,12 +679,14 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct":
                 parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
                              "checkpoint (or auto) with --quantization 4bit")
-            variants = [(True, False)]  # (cuda_graphs, offload)
+            variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
-                variants += [(False, False)] * args.fastmoe_without_graphs + [(False, True)] * args.fastmoe_offloaded
+                variants += ([(False, False, "auto")] * args.fastmoe_without_graphs
+                             + [(False, True, "auto")] * args.fastmoe_offloaded
+                             + [(True, False, products) for products in args.fastmoe_base_products])
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths)
-                      for cuda_graphs, offload in variants]
+                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products)
+                      for cuda_graphs, offload, products in variants]
     return cases
 
 
@@ -702,6 +715,10 @@ def main() -> None:
                         "sequence that trains within it is the last case not recorded as oom")
     parser.add_argument("--fastmoe-without-graphs", action="store_true", help="also time fastmoe with "
                         "get_peft_model(cuda_graphs=False): its layers eager, the launches issued from Python")
+    parser.add_argument("--fastmoe-base-products", default="", type=lambda text: [p for p in text.split(",") if p],
+                        help="also time fastmoe with the 16-bit expert GEMMs' base products computed this way, "
+                        "comma-separated: triton (inside fastmoe's kernels), torch (torch's grouped GEMM, the kernels "
+                        "as its epilogue); the default run takes fastmoe's rule (grouped_gemm.products_by_torch)")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")

@@ -134,8 +134,15 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     def checkpointing(r: dict) -> str:
         # How fastmoe checkpoints: CUDA graphs (get_peft_model's default; records from before the field had them),
         # eager, or eager with the layer inputs in host memory.
-        if r["implementation"] != "fastmoe" or r.get("cuda_graphs", True):
+        if r["implementation"] != "fastmoe":
             return ""
+        # Records from before the field computed every expert product in fastmoe's Triton kernels; they stay under
+        # the default's label, which the newer records replace.
+        products = {"auto": "", "triton": " (fastmoe with the expert GEMMs' base products in its Triton kernels)",
+                    "torch": " (fastmoe with the expert GEMMs' base products by torch's grouped GEMM)"}[
+                        r.get("base_products", "auto")]
+        if r.get("cuda_graphs", True):
+            return products
         return " (fastmoe with offloaded checkpointing)" if r.get("offload") else " (fastmoe with cuda_graphs=False)"
 
     def memory(r: dict | None) -> str:

@@ -261,6 +261,21 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "## 5. Training step in a plain loop" in page and "Not measured yet" in page
 
 
+def test_report_keeps_triton_base_products_apart_from_the_default():
+    """bench_sft.py --fastmoe-base-products triton,torch: a row each beside the default's, all against
+    transformers."""
+    records = [sft_record("transformers", 3000, "2026-12-05 10:00 UTC", "a"),
+               sft_record("fastmoe", 6000, "2026-12-05 10:05 UTC", "a", base_products="auto"),
+               sft_record("fastmoe", 5000, "2026-12-05 10:06 UTC", "a", base_products="triton"),
+               sft_record("fastmoe", 7500, "2026-12-05 10:07 UTC", "a", base_products="torch")]
+    sft = report.render(records).split("## 1.")[1].split("## 2.")[0]
+    rows = [line for line in sft.splitlines() if line.startswith("| trinity-mini")]
+    assert len(rows) == 3
+    assert rows[0].startswith("| trinity-mini, 32 layers | 1x4096 |") and "| 3,000 | 6,000 | 2.00x |" in rows[0]
+    assert any("base products in its Triton kernels" in row and "| 3,000 | 5,000 | 1.67x |" in row for row in rows)
+    assert any("base products by torch's grouped GEMM" in row and "| 3,000 | 7,500 | 2.50x |" in row for row in rows)
+
+
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
     def record(implementation, rate, date, cuda_graphs=True, batch=1):
         return {"question": "generate", "preset": "trinity-mini", "layers": 8, "batch": batch, "prompt": 512,

@@ -27,15 +27,23 @@ stride pattern for the weight rows, LoRA B rows, bias and stored pre-activation)
 ``ClampedSwiglu`` (CLAMPED). gpt-oss stores its weights (E, in, out), the transpose of the (E, out, in) these
 kernels read: a transposed view, read through its strides, not a copy.
 * ``_grouped_wgrad_kernel`` (16-bit): dW[e] = sum over the rows s of e of g[g_rows[s]]^T x[x_rows[s]].
+
+The first three also serve as the epilogue of a base product a[a_rows] @ W^T computed before them by torch's grouped
+GEMM (``expert_product``, the PRODUCT_GIVEN constexpr): where each expert has many rows, its CUTLASS kernels run that
+product faster than these kernels' own loop over K, and the kernel then only reads the product's tile and adds the
+rest (see ``products_by_torch``).
 * ``_grouped_mm_lora_in_tile_kernel`` (16-bit, decoding): ``_grouped_mm_kernel`` or the SwiGLU forward with the thin
   LoRA product computed in the tile's own pass over K.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -243,6 +251,28 @@ def _tile_lora(
 
 
 @triton.jit
+def _base_tile(
+    p_ptr, stride_pm, stride_pn, a_ptr, stride_am, stride_ak, a_rows_ptr, offs_m, row_mask, expert,
+    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, N, K,
+    PRODUCT_GIVEN: tl.constexpr, NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    REGISTER_DECODE: tl.constexpr, WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The fp32 tile (offs_m, offs_n) of a[a_rows] @ W^T: read from the product computed before the kernel
+    (PRODUCT_GIVEN, sorted rows), or the tile's own pass over K."""
+    if PRODUCT_GIVEN:
+        ptrs = p_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
+        acc = tl.load(ptrs, mask=row_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+        acc = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, stride_am, stride_ak, a_rows,
+                           row_mask, expert, w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+                           offs_n, n_mask, n0, N, K, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES,
+                           W_DTYPE, BLOCK_K, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _tile_ids(N, BLOCK_N: tl.constexpr):
     """(row tile, N block) of this program. N blocks vary fastest: the programs running together share one
     row tile (gathered activations read once from HBM) and consecutive tiles of an expert share its weight
@@ -274,12 +304,13 @@ def _grouped_mm_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,
+    p_ptr, stride_pm, stride_pn,  # a[a_rows] @ W^T computed already (S, N) in sorted rows, when PRODUCT_GIVEN
     out_ptr, stride_om, stride_on, out_rows_ptr,
     row_scale_ptr,
     bias_ptr, stride_bias_e,  # (E, N), when HAS_BIAS
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     N, K, R, out_scale,
-    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PRODUCT_GIVEN: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -292,12 +323,10 @@ def _grouped_mm_kernel(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _tile_matmul(acc, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
-                       w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0,
-                       N, K, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K,
-                       DOT_PRECISION)
+    acc = _base_tile(p_ptr, stride_pm, stride_pn, a_ptr, stride_am, stride_ak, a_rows_ptr, offs_m, row_mask, expert,
+                     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, N, K,
+                     PRODUCT_GIVEN, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_M,
+                     BLOCK_N, BLOCK_K, DOT_PRECISION)
     if HAS_LORA:
         acc = _tile_lora(
             acc, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
@@ -320,13 +349,14 @@ def _grouped_mm_swiglu_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,  # (E, 2I, K): gate rows, then up rows
     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,  # L (S, r), B (E, 2I, r)
+    p_ptr, stride_pm, stride_pn,  # a[a_rows] @ W^T computed already (S, 2I) in sorted rows, when PRODUCT_GIVEN
     h_ptr, stride_hm, stride_hn,  # (S, I) sorted rows
     gu_ptr, stride_gm, stride_gn,  # (S, 2I) sorted rows, written when STORE_GATE_UP
     bias_ptr, stride_bias_e,  # (E, 2I), when HAS_BIAS
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     I, K, R, alpha, limit,
     HAS_LORA: tl.constexpr, STORE_GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
-    CLAMPED: tl.constexpr,
+    CLAMPED: tl.constexpr, PRODUCT_GIVEN: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -339,12 +369,17 @@ def _grouped_mm_swiglu_kernel(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
-    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
-    gate, up = _tile_matmul_gate_up(a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
-                                    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
-                                    offs_n, n_mask, n0, I, K,
-                                    NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, INTERLEAVED,
-                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if PRODUCT_GIVEN:
+        gate, up = _load_gate_up(p_ptr, stride_pm, stride_pn, offs_m[:, None].to(tl.int64), row_mask, offs_n, n_mask,
+                                 n0, I, INTERLEAVED, BLOCK_M, BLOCK_N)
+        gate, up = gate.to(tl.float32), up.to(tl.float32)
+    else:
+        a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
+        gate, up = _tile_matmul_gate_up(a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
+                                        w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,
+                                        offs_n, n_mask, n0, I, K,
+                                        NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE,
+                                        INTERLEAVED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     gate_cols, up_cols = _gate_up_rows(offs_n, I, INTERLEAVED)
     if HAS_LORA:
         b_e = b_ptr + expert.to(tl.int64) * stride_be
@@ -374,6 +409,7 @@ def _grouped_mm_swiglu_bwd_kernel(
     a_ptr, stride_am, stride_ak, a_rows_ptr,  # d(out) (T, H), gathered by token
     w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr,  # W_down (E, H, I), read as (E, I, H)
     l_ptr, stride_lm, stride_lr, b_ptr, stride_be, stride_bn, stride_br,  # s * d(out) B_down (S, r), A_down (E, I, r)
+    p_ptr, stride_pm, stride_pn,  # d(out)[a_rows] @ W_down computed already (S, I), when PRODUCT_GIVEN
     gu_ptr, stride_gm, stride_gn,  # stored (gate | up) (S, 2I)
     row_scale_ptr,  # routing weight of each sorted row (S,) fp32
     dgu_ptr, stride_dm, stride_dn,  # out: d(gate | up) (S, 2I)
@@ -381,7 +417,7 @@ def _grouped_mm_swiglu_bwd_kernel(
     dscale_ptr,  # out: (num N blocks, S) fp32 partial sums of <d(y), y> per row
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     S, I, K, R, alpha, limit,
-    HAS_LORA: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr,
+    HAS_LORA: tl.constexpr, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, PRODUCT_GIVEN: tl.constexpr,
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -394,13 +430,11 @@ def _grouped_mm_swiglu_bwd_kernel(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
-    a_rows = tl.load(a_rows_ptr + offs_m, mask=row_mask, other=0)
     # Unweighted d(h): y = h @ W^T + ..., out += w * y  =>  d(h) = w * (d(out) @ W + ...), d(w) = <d(out) @ W, h>
-    dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dh = _tile_matmul(dh, a_ptr, stride_am, stride_ak, a_rows, row_mask, expert,
-                      w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0,
-                      I, K, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_K,
-                      DOT_PRECISION)
+    dh = _base_tile(p_ptr, stride_pm, stride_pn, a_ptr, stride_am, stride_ak, a_rows_ptr, offs_m, row_mask, expert,
+                    w_ptr, stride_we, stride_wn, stride_wk, absmax_ptr, stride_ae, code_ptr, offs_n, n_mask, n0, I, K,
+                    PRODUCT_GIVEN, NF4, TRANSPOSED, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_TILES, W_DTYPE, BLOCK_M,
+                    BLOCK_N, BLOCK_K, DOT_PRECISION)
     if HAS_LORA:
         dh = _tile_lora(dh, l_ptr, stride_lm, stride_lr, offs_m, row_mask,
                         b_ptr + expert.to(tl.int64) * stride_be, stride_bn, stride_br, offs_n, n_mask, R,
@@ -595,6 +629,9 @@ _GPU_DECODE_ROW_GEMM = (64, 128, {"num_warps": 4, "num_stages": 3})
 # bench_decode_ops.py moe-nf4): 67.1 us for the expert block against 74.5 with the training tiles; 8 tokens 256.7 vs
 # 260.4. 16 columns, 256-wide K steps and 8 warps were slower.
 _GPU_NF4_DECODE_ROW_GEMM = (32, 128, {"num_warps": 4, "num_stages": 4})
+# The kernels as epilogues of a base product computed before them (expert_product): no K loop, so BLOCK_K is unread
+# and one stage; each program reads its product tile (two for SwiGLU), adds LoRA's rank-r product and stores.
+_GPU_EPILOGUE = (64, 64, {"num_warps": 4, "num_stages": 1})
 _INTERPRETER = (32, 32, {})
 _INTERPRETER_SWIGLU = (16, 32, {})
 
@@ -602,9 +639,11 @@ _INTERPRETER_SWIGLU = (16, 32, {})
 def _config(device: torch.device, kernel: str = "row_gemm", nf4: bool = False,
             pairs: int | None = None) -> tuple[int, int, dict]:
     """(BLOCK_N cap, BLOCK_K cap, launch options) of kernel: "row_gemm", "row_gemm_transposed", "swiglu",
-    "swiglu_backward" or "wgrad"."""
+    "swiglu_backward", "wgrad", or "epilogue" / "swiglu_epilogue" (any of the first four given its product)."""
     if device.type != "cuda":
-        return _INTERPRETER_SWIGLU if kernel == "swiglu" else _INTERPRETER
+        return _INTERPRETER_SWIGLU if kernel in ("swiglu", "swiglu_epilogue") else _INTERPRETER
+    if kernel in ("epilogue", "swiglu_epilogue"):
+        return _GPU_EPILOGUE
     decoding = pairs is not None and pairs <= DECODE_PAIRS
     if decoding and kernel in ("row_gemm", "swiglu") and nf4:
         return _GPU_NF4_DECODE_ROW_GEMM
@@ -664,12 +703,15 @@ def _rank(lora_l: torch.Tensor | None) -> int:
 
 def _launch_row_gemm(
     kernel, a: torch.Tensor, a_rows: torch.Tensor, weight: _WeightOperand,
-    lora_l: torch.Tensor | None, lora_b: torch.Tensor | None, outputs: tuple, schedule: ExpertSchedule, sizes: tuple,
-    num_n: int, block_n: int, block_k: int, tile_rows: int, options: dict, **flags,
+    lora_l: torch.Tensor | None, lora_b: torch.Tensor | None, product: torch.Tensor | None, outputs: tuple,
+    schedule: ExpertSchedule, sizes: tuple, num_n: int, block_n: int, block_k: int, tile_rows: int, options: dict,
+    **flags,
 ) -> None:
     """Launch a row-GEMM kernel over num_n output columns: its arguments are the rows of a, the weight, the LoRA
-    factors, the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows:
-    the weight rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up)."""
+    factors, the base product when it was computed already (the kernel is then its epilogue: see expert_product),
+    the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows: the weight
+    rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up)."""
+    product_args = (product, product.stride(0), product.stride(1)) if product is not None else (None,) * 3
     layout = weight.layout
     whole_tiles = False
     if layout["NF4"]:
@@ -679,10 +721,10 @@ def _launch_row_gemm(
         whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % tile_rows == 0)
     # 16-bit tiles keep their K and column masks: dropping them paid off in the NF4 loop, bound by instruction issue.
     compiled = kernel[(schedule.max_tiles * triton.cdiv(num_n, block_n),)](
-        a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *outputs,
+        a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *product_args, *outputs,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         *sizes,
-        HAS_LORA=lora_l is not None, **flags, **layout, WHOLE_TILES=whole_tiles,
+        HAS_LORA=lora_l is not None, PRODUCT_GIVEN=product is not None, **flags, **layout, WHOLE_TILES=whole_tiles,
         BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(_rank(lora_l), 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
@@ -696,21 +738,22 @@ def grouped_mm(
     out: torch.Tensor, out_rows: torch.Tensor,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None, out_scale: float = 1.0, transpose: bool = False,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, product: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[out_rows[s]] = row_scale[s] * out_scale * (a[a_rows[s]] @ W[e_s]^T + lora_l[s] @ lora_b[e_s]^T
     + bias[e_s]), with W the weight or, when transpose, its transpose.
 
     a: (rows_a, K); a_rows, out_rows: (S,) int32; weight: (E, N, K) (transpose: (E, K, N)), 16-bit with any strides
     or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32;
-    bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched.
+    bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched. product: a[a_rows] @ W^T
+    (S, N) in sorted rows, computed already (expert_product): the kernel then only adds the rest.
     """
     operand = _weight_operand(weight, transpose, a.dtype, schedule)
-    cap_n, cap_k, options = _config(a.device, "row_gemm_transposed" if transpose else "row_gemm",
-                                    nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
+    kernel = "epilogue" if product is not None else "row_gemm_transposed" if transpose else "row_gemm"
+    cap_n, cap_k, options = _config(a.device, kernel, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
-        _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b,
+        _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b, product,
         (out, out.stride(0), out.stride(1), out_rows, row_scale, *_bias_args(bias)),
         schedule, (operand.n, operand.k, _rank(lora_l), out_scale), operand.n, block_n, block_k, block_n, options,
         HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
@@ -736,6 +779,7 @@ def grouped_mm_swiglu(
     a: torch.Tensor, a_rows: torch.Tensor, gate_up: GemmWeight, schedule: ExpertSchedule,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, store_gate_up: bool = False,
     bias: torch.Tensor | None = None, interleaved: bool = False, activation: ClampedSwiglu | None = None,
+    product: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h = silu(gate) * up (or `activation`) with (gate, up) the columns of
     a[a_rows[s]] @ gate_up[e_s]^T (+ lora_l[s] @ lora_b[e_s]^T) (+ bias[e_s]).
@@ -745,16 +789,23 @@ def grouped_mm_swiglu(
     the bias's entries alike);
     lora_l: (S, r); lora_b: (E, 2I, r); bias: (E, 2I).
     Returns h (S, I) in sorted order and, if store_gate_up, the pre-activation (S, 2I) in gate_up's row order, both
-    in a's dtype.
+    in a's dtype. product: a[a_rows] @ gate_up^T (S, 2I) in sorted rows, computed already (expert_product); it becomes
+    the stored pre-activation (each tile is read before it is written).
     """
     operand = _weight_operand(gate_up, False, a.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
-    gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device) if store_gate_up else h
-    cap_n, cap_k, options = _config(a.device, "swiglu", nf4=operand.layout["NF4"], pairs=num_rows)
+    if not store_gate_up:
+        gu = h
+    elif product is not None:
+        gu = product
+    else:
+        gu = torch.empty(num_rows, 2 * inter, dtype=a.dtype, device=a.device)
+    kernel = "swiglu_epilogue" if product is not None else "swiglu"
+    cap_n, cap_k, options = _config(a.device, kernel, nf4=operand.layout["NF4"], pairs=num_rows)
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     _launch_row_gemm(
-        _grouped_mm_swiglu_kernel, a, a_rows, operand, lora_l, lora_b,
+        _grouped_mm_swiglu_kernel, a, a_rows, operand, lora_l, lora_b, product,
         (h, h.stride(0), h.stride(1), gu, gu.stride(0), gu.stride(1), *_bias_args(bias)),
         schedule, (inter, hidden, _rank(lora_l), *_glu_args(activation)),
         inter, block_n, block_k, 2 * block_n, options, STORE_GATE_UP=store_gate_up, HAS_BIAS=bias is not None,
@@ -799,7 +850,7 @@ def grouped_mm_swiglu_backward(
     grad_out: torch.Tensor, grad_rows: torch.Tensor, down: GemmWeight,
     gate_up: torch.Tensor, row_scale: torch.Tensor, schedule: ExpertSchedule,
     lora_l: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-    interleaved: bool = False, activation: ClampedSwiglu | None = None,
+    interleaved: bool = False, activation: ClampedSwiglu | None = None, product: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward through the weighted down projection and SwiGLU (or `activation`).
 
@@ -808,23 +859,80 @@ def grouped_mm_swiglu_backward(
     row_scale: (S,) fp32 routing weights; lora_l: scaling * grad_out[rows] @ B_down (S, r); lora_b: A_down viewed as
     (E, I, r). Returns d(pre-activation) (S, 2I) in gate_up's column order, h (S, I) and the part of the
     routing-weight gradient that excludes a down bias, <d(out), h W_down^T + LoRA> (S,) fp32, all in sorted order.
+    product: grad_out[grad_rows] @ W_down (S, I) in sorted rows, computed already (expert_product); h is written over
+    it (each tile is read before it is written).
     """
     operand = _weight_operand(down, True, grad_out.dtype, schedule)
     num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
     dgu = torch.empty(num_rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
-    h = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
-    cap_n, cap_k, options = _config(gate_up.device, "swiglu_backward", nf4=operand.layout["NF4"])
+    h = product if product is not None else torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    kernel = "epilogue" if product is not None else "swiglu_backward"
+    cap_n, cap_k, options = _config(gate_up.device, kernel, nf4=operand.layout["NF4"])
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     # One partial per N block instead of atomics: deterministic, summed below.
     dscale = torch.zeros(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32, device=gate_up.device)
     _launch_row_gemm(
-        _grouped_mm_swiglu_bwd_kernel, grad_out, grad_rows, operand, lora_l, lora_b,
+        _grouped_mm_swiglu_bwd_kernel, grad_out, grad_rows, operand, lora_l, lora_b, product,
         (gate_up, gate_up.stride(0), gate_up.stride(1), row_scale, dgu, dgu.stride(0), dgu.stride(1),
          h, h.stride(0), h.stride(1), dscale),
         schedule, (num_rows, inter, hidden, _rank(lora_l), *_glu_args(activation)),
         inter, block_n, block_k, block_n, options, INTERLEAVED=interleaved, CLAMPED=activation is not None,
     )
     return dgu, h, dscale.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base products by torch's grouped GEMM
+# ----------------------------------------------------------------------------------------------------------
+# Where each expert has many rows (few, wide experts: Mixtral, JetMoe), torch's grouped GEMM (CUTLASS kernels on
+# Hopper) may run the base product faster than these kernels' K loop (JetMoe-8B's gate_up: 690 against 427 TFLOP/s
+# on an H100, bench_moe_block.py, 2026-11-23), and the kernels become its epilogue: the product (S, N) is written
+# once and read once by a kernel that adds LoRA, the bias, the routing weight and the SwiGLU (forward or backward)
+# and scatters the rows, which costs one pass over (S, N) in HBM and a gathered copy of the input rows.
+# "auto" takes that path on Hopper GPUs from this many rows per expert on; None: nowhere, until it is measured
+# against the fused kernels at the models' shapes (`bench_sft.py --fastmoe-base-products torch,triton`).
+ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS: int | None = None
+_base_products = threading.local()
+
+
+@contextlib.contextmanager
+def base_products(by: str):
+    """Compute the 16-bit expert GEMMs' base products with "triton" (inside fastmoe's kernels), "torch" (torch's
+    grouped GEMM, wherever it takes the weight and dtype) or "auto" (the default: torch's on Hopper GPUs from
+    ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS rows per expert on) inside this block. For tests and benchmarks."""
+    if by not in ("auto", "triton", "torch"):
+        raise ValueError(f'base_products takes "auto", "triton" or "torch", got {by!r}')
+    previous = getattr(_base_products, "by", "auto")
+    _base_products.by = by
+    try:
+        yield
+    finally:
+        _base_products.by = previous
+
+
+def products_by_torch(weights: tuple[GemmWeight, ...], schedule: ExpertSchedule, a: torch.Tensor) -> bool:
+    """Whether the base products of these expert weights (each (E, N, K)) over a's rows come from expert_product."""
+    by = getattr(_base_products, "by", "auto")
+    if by == "triton":
+        return False
+    # torch's grouped GEMM takes 16-bit weights (not NF4) with rows of a multiple of 16 bytes; bf16 on the GPU (its
+    # Hopper kernels), fp32 as well on the CPU (where tests check the epilogues under the interpreter).
+    supported = a.dtype == torch.bfloat16 or (a.device.type == "cpu" and a.dtype == torch.float32)
+    if not supported or not all(isinstance(w, torch.Tensor) and w.dtype == a.dtype
+                                and all(size * w.element_size() % 16 == 0 for size in w.shape[1:]) for w in weights):
+        return False
+    if by == "torch":
+        return True
+    return (ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS is not None and a.is_cuda
+            and torch.cuda.get_device_capability(a.device)[0] == 9
+            and schedule.num_pairs >= ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS * schedule.num_experts)
+
+
+def expert_product(rows: torch.Tensor, weight: torch.Tensor, schedule: ExpertSchedule,
+                   transpose: bool = False) -> torch.Tensor:
+    """rows (S, K), sorted by expert as schedule sorts them, @ weight[e_s]^T ((E, N, K)), or @ weight[e_s] ((E, K, N))
+    when transpose: (S, N) in rows' dtype, by torch's grouped GEMM. The `product` of the row GEMMs above."""
+    return F.grouped_mm(rows, weight if transpose else weight.transpose(1, 2), offs=schedule.expert_offsets[1:])
 
 
 def grouped_wgrad(

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from testing_utils import (check_against_reference, output_and_grads, random_expert_lora, random_routing,
-                           rel_err)
+from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
+                           random_expert_lora, random_routing, rel_err)
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.expert_map_reduce import (
@@ -70,6 +70,26 @@ def test_expert_reduce(num_tokens, hidden, in_features, num_experts, top_k, rank
         adapter, lora_params = random_expert_lora(num_experts, rank, hidden, in_features, torch.float32, "cpu")
         params += lora_params
     check_against_reference(expert_reduce, (x, index, weights, weight, adapter), params, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,features,num_experts,top_k,rank,used", [MAP_SHAPES[0], MAP_SHAPES[3]])
+def test_expert_map_reduce_torch_products(num_tokens, hidden, features, num_experts, top_k, rank, used, monkeypatch):
+    """The base products by torch's grouped GEMM, the kernels adding LoRA and the routing weights and scattering the
+    rows: the same outputs and gradients, all four products (two forward, two backward) taking that path."""
+    from fastmoe.kernels.moe import expert_map_reduce
+
+    (x, index, w_map, lora_map), params = _map_inputs(num_tokens, hidden, features, num_experts, top_k, rank, True,
+                                                      used)
+    weights = torch.rand(num_tokens, top_k).requires_grad_()
+    w_reduce = (torch.randn(num_experts, hidden, features) / features**0.5).requires_grad_()
+    lora_reduce, reduce_params = random_expert_lora(num_experts, rank, hidden, features, torch.float32, "cpu")
+
+    def block(x, index, weights, w_map, w_reduce, lora_map, lora_reduce):
+        return expert_reduce(expert_map(x, index, w_map, lora_map), index, weights, w_reduce, lora_reduce)
+
+    check_torch_products_against_reference(block, (x, index, weights, w_map, w_reduce, lora_map, lora_reduce),
+                                           params + [weights, w_reduce] + reduce_params, 1e-5, expert_map_reduce,
+                                           monkeypatch)
 
 
 def test_map_reduce_references_match_pair_loop():
@@ -175,7 +195,10 @@ def _gpu_check(fn, args, params, ref_args):
 
 @gpu
 @needs_cuda
-def test_expert_map_reduce_gpu_bf16():
+@pytest.mark.parametrize("by", ["triton", "torch"])
+def test_expert_map_reduce_gpu_bf16(by):
+    from fastmoe.kernels.moe.grouped_gemm import base_products
+
     torch.manual_seed(0)
     index, weights = random_routing(2048, 8, 2, device="cuda")
     weights.requires_grad_()
@@ -192,7 +215,8 @@ def test_expert_map_reduce_gpu_bf16():
     params = [x, weights, w_map, w_red] + p_map + p_red
     args = (x, index, weights, w_map, w_red, lora_map, lora_red)
     ref_args = (x.float(), index, weights, w_map.float(), w_red.float(), up(lora_map), up(lora_red))
-    _gpu_check(block, args, params, ref_args)
+    with base_products(by):
+        _gpu_check(block, args, params, ref_args)
 
 
 @gpu

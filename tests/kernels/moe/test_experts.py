@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, reference_moe_experts
-from testing_utils import (check_against_reference, output_and_grads, random_expert_lora, random_routing,
-                           rel_err)
+from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
+                           random_expert_lora, random_routing, rel_err)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -100,6 +100,18 @@ EXPERT_SHAPES = [
 def test_moe_experts_lora(num_tokens, hidden, inter, num_experts, top_k, rank, used):
     args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
     check_against_reference(moe_experts, args, params, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used",
+                         [EXPERT_SHAPES[i] for i in (0, 1, 2, 4)])  # odd sizes, one token, k=1, idle experts
+def test_moe_experts_torch_products(num_tokens, hidden, inter, num_experts, top_k, rank, used, monkeypatch):
+    """The base products by torch's grouped GEMM, the kernels as their epilogues (LoRA, SwiGLU and its backward,
+    routing weights, scattered rows): the same outputs and gradients. All four products (gate_up and down forward,
+    d(h) and d(x) backward) take that path."""
+    from fastmoe.kernels.moe import experts
+
+    args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
+    check_torch_products_against_reference(moe_experts, args, params, 1e-5, experts, monkeypatch)
 
 
 def test_moe_experts_no_lora_full_finetune():
@@ -200,6 +212,12 @@ GPU_SHAPES = [
     pytest.param(512, 256, 128, 16, 4, 1, id="r1"),
     pytest.param(4096, 2048, 1024, 128, 8, 16, id="trinity-mini"),
 ]
+# Few wide experts (Mixtral-8x7B's shapes at 1,024 tokens), and a shape whose rows do not fill the tiles (16-byte
+# rows for torch's GEMM: H and I multiples of 8).
+GPU_PRODUCT_SHAPES = [
+    pytest.param(1024, 4096, 14336, 8, 2, 16, id="mixtral"),
+    pytest.param(600, 264, 136, 8, 2, 8, id="odd"),
+]
 
 
 def _gpu_check(fn, args, params, ref_args):
@@ -237,6 +255,22 @@ def test_moe_experts_gpu_bf16(num_tokens, hidden, inter, num_experts, top_k, ran
     up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
     ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
     _gpu_check(moe_experts, args, params, ref_args)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("by", ["triton", "torch"])
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank", GPU_PRODUCT_SHAPES)
+def test_moe_experts_gpu_bf16_base_products(num_tokens, hidden, inter, num_experts, top_k, rank, by):
+    from fastmoe.kernels.moe.grouped_gemm import base_products
+
+    args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.bfloat16,
+                                   device="cuda", train_weights=False, permuted=True)
+    x, index, weights, gate_up, down, gu_lora, down_lora = args
+    up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
+    ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
+    with base_products(by):
+        _gpu_check(moe_experts, args, params, ref_args)
 
 
 @gpu

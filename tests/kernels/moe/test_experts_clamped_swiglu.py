@@ -9,7 +9,8 @@ import torch
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe import (ExpertLora, dequantize_nf4, moe_experts_clamped_swiglu,
                                  moe_experts_clamped_swiglu_nf4, quantize_nf4, reference_moe_experts_clamped_swiglu)
-from testing_utils import check_against_reference, output_and_grads, random_expert_lora, random_routing, rel_err
+from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
+                           random_expert_lora, random_routing, rel_err)
 
 ALPHA = 1.702
 # Below gpt-oss's 7.0 so that the random pre-activations (about unit scale) cross it often, on both sides for up.
@@ -85,6 +86,17 @@ def test_kernels_match_the_reference_fp32(num_tokens, hidden, inter, num_experts
     if num_tokens > 1:
         assert _crosses_the_limits(args)
     check_against_reference(moe_experts_clamped_swiglu, args, params, 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank,used", SHAPES)
+def test_torch_products_match_the_reference_fp32(num_tokens, hidden, inter, num_experts, top_k, rank, used,
+                                                  monkeypatch):
+    """The base products by torch's grouped GEMM through the (E, in, out) stacks' transposed views, the kernels as
+    their epilogues (interleaved gate and up, biases, the clamped activation and its backward)."""
+    from fastmoe.kernels.moe import experts
+
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
+    check_torch_products_against_reference(moe_experts_clamped_swiglu, args, params, 1e-5, experts, monkeypatch)
 
 
 def test_frozen_base_lora_only():
@@ -191,6 +203,18 @@ def test_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
     args, params = _inputs(num_tokens, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
                            device="cuda", limit=7.0)
     _check_against_fp32_reference(args, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_gpu_torch_products_at_gpt_oss_20b_shapes():
+    """The same with the base products by torch's grouped GEMM (512 rows per expert)."""
+    from fastmoe.kernels.moe.grouped_gemm import base_products
+
+    args, params = _inputs(4096, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
+                           device="cuda", limit=7.0)
+    with base_products("torch"):
+        _check_against_fp32_reference(args, params)
 
 
 @pytest.mark.gpu
