@@ -77,6 +77,8 @@ Several cases in one process, run one after the other, memory freed between them
     python benchmarks/bench_sft.py --preset lfm2-8b-a1b --shapes 1x4096,4x2048 --logging-steps 1,10 --budget-s 540
     python benchmarks/bench_sft.py --preset trinity-mini --layers 8 --shapes 1x8192 --data packed,padded --documents 16
     python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x16384,1x32768,1x65536 --memory-limit-gb 24
+    python benchmarks/bench_sft.py --preset mixtral-8x7b --layers 8 --implementations fastmoe \
+        --fastmoe-base-products triton,torch    # where the expert GEMMs' base products are computed (ablation)
 
 CPU smoke run (tiny model, fp32, Triton kernels in the interpreter):
 
