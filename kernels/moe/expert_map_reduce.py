@@ -32,7 +32,7 @@ from .experts import (
     _sum_slots,
     _thin,
 )
-from .grouped_gemm import GemmWeight, expert_product, grouped_mm, grouped_wgrad, products_by_torch
+from .grouped_gemm import GemmWeight, base_product, grouped_mm, grouped_wgrad
 from .nf4 import Nf4Weight, reference_dequantize_nf4
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,10 +104,7 @@ def _map_forward(
         l = grouped_mm(hidden, tok, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], hidden), identity,
                        out_scale=scaling)
     out = torch.empty(schedule.num_pairs, weight.shape[1], dtype=dtype, device=hidden.device)
-    product = None
-    if products_by_torch((w,), schedule, hidden):
-        product = expert_product(hidden.index_select(0, tok), w, schedule)
-    grouped_mm(hidden, tok, w, schedule, out, pair, l, b_, product=product)
+    grouped_mm(hidden, tok, w, schedule, out, pair, l, b_, product=base_product(hidden, w, schedule, tok))
     return (out.view(num_tokens, top_k, -1), *_schedule_tensors(schedule),
             l if l is not None else no_gradient(hidden))
 
@@ -138,11 +135,8 @@ def _map_backward(
     grad_hidden = no_gradient(hidden)
     if needs_hidden:
         dx = torch.empty(schedule.num_pairs, hidden.shape[1], dtype=hidden.dtype, device=g.device)
-        product = None
-        if products_by_torch((w,), schedule, g):
-            product = expert_product(g.index_select(0, pair), w, schedule, transpose=True)
         grouped_mm(g, pair, w, schedule, dx, pair, g_l, a_.transpose(1, 2) if a_ is not None else None,
-                   transpose=True, product=product)
+                   transpose=True, product=base_product(g, w, schedule, pair, transpose=True))
         grad_hidden = _sum_slots(dx, num_tokens, top_k, hidden.dtype)
     grad_weight = no_gradient(hidden)
     if needs_weight:
@@ -184,10 +178,8 @@ def _reduce_forward(
         l = grouped_mm(x_pairs, pair, a_, schedule, _thin(schedule.num_pairs, a_.shape[1], x), identity,
                        out_scale=scaling)
     y = torch.empty(schedule.num_pairs, weight.shape[1], dtype=dtype, device=x.device)
-    product = None
-    if products_by_torch((w,), schedule, x):
-        product = expert_product(x_pairs.index_select(0, pair), w, schedule)
-    grouped_mm(x_pairs, pair, w, schedule, y, pair, l, b_, row_scale=row_weight, product=product)
+    grouped_mm(x_pairs, pair, w, schedule, y, pair, l, b_, row_scale=row_weight,
+               product=base_product(x_pairs, w, schedule, pair))
     return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight,
             l if l is not None else no_gradient(x))
 
@@ -223,11 +215,8 @@ def _reduce_backward(
     if needs_x or needs_weights:
         # Unweighted d(x) serves both: d(x) = w * gx and d(w) = <gx, x>.
         gx = torch.empty(schedule.num_pairs, x.shape[2], dtype=x.dtype, device=g.device)
-        product = None
-        if products_by_torch((w,), schedule, g):
-            product = expert_product(g.index_select(0, tok), w, schedule, transpose=True)
         grouped_mm(g, tok, w, schedule, gx, pair, g_l, a_.transpose(1, 2) if a_ is not None else None,
-                   transpose=True, product=product)
+                   transpose=True, product=base_product(g, w, schedule, tok, transpose=True))
         gx32 = gx.float()
         if needs_x:
             grad_x = (gx32 * top_k_weights.reshape(-1, 1).float()).to(x.dtype).view_as(x)

@@ -49,13 +49,12 @@ from .grouped_gemm import (
     GemmWeight,
     gemm_block_m,
     DECODE_PAIRS,
-    expert_product,
+    base_product,
     grouped_mm,
     grouped_mm_lora_in_tile,
     grouped_mm_swiglu,
     grouped_mm_swiglu_backward,
     grouped_wgrad,
-    products_by_torch,
 )
 from .nf4 import Nf4Weight, TransposedNf4Weight, reference_dequantize_nf4
 from .one_token import one_token_experts
@@ -555,18 +554,14 @@ def _experts_forward(
                 absent)
 
     gate_up_w, down_w = _cast(experts.gate_up, dtype), _cast(experts.down, dtype)
-    by_torch = products_by_torch((gate_up_w, down_w), schedule, hidden)
     l_gu = None
     if gu_a_ is not None:
         l_gu = grouped_mm(hidden, schedule.sorted_token, gu_a_, schedule, _thin(num_rows, gu_a.shape[1], hidden),
                           identity, out_scale=gu_scaling)
-    gate_up_product = None
-    if by_torch:
-        gate_up_product = expert_product(hidden.index_select(0, schedule.sorted_token), gate_up_w, schedule)
     h, gate_up = grouped_mm_swiglu(hidden, schedule.sorted_token, gate_up_w, schedule, l_gu,
                                    gu_b_, store_gate_up=store_for_backward, bias=_cast(experts.gate_up_bias, dtype),
                                    interleaved=experts.interleaved, activation=experts.activation,
-                                   product=gate_up_product)
+                                   product=base_product(hidden, gate_up_w, schedule, schedule.sorted_token))
     l_down = None
     if down_a_ is not None:
         l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
@@ -574,7 +569,7 @@ def _experts_forward(
     y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
     grouped_mm(h, identity, down_w, schedule, y, schedule.sorted_pair, l_down, down_b_,
                row_scale=row_weight, bias=_cast(experts.down_bias, dtype),
-               product=expert_product(h, down_w, schedule) if by_torch else None)
+               product=base_product(h, down_w, schedule))
     kept = (t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
     return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight, *kept)
 
@@ -611,7 +606,6 @@ def _experts_backward(
     tok, pair = schedule.sorted_token, schedule.sorted_pair
     g = grad_out.to(dtype)
     gate_up_w, down_w = _cast(experts.gate_up, dtype), _cast(experts.down, dtype)
-    by_torch = products_by_torch((gate_up_w, down_w), schedule, g)
 
     # Down projection and SwiGLU.
     g_down = None
@@ -622,7 +616,7 @@ def _experts_backward(
         g, tok, down_w, gate_up, row_weight, schedule,
         g_down, down_a_.transpose(1, 2) if down_a_ is not None else None,
         interleaved=experts.interleaved, activation=experts.activation,
-        product=expert_product(g.index_select(0, tok), down_w, schedule, transpose=True) if by_torch else None,
+        product=base_product(g, down_w, schedule, tok, transpose=True),
     )
     row_expert = None
     if experts.gate_up_bias is not None or experts.down_bias is not None:
@@ -651,7 +645,7 @@ def _experts_backward(
         dx = torch.empty(num_rows, hidden.shape[1], dtype=dtype, device=g.device)
         grouped_mm(dgu, identity, gate_up_w, schedule, dx, pair,
                    g_gu, gu_a_.transpose(1, 2) if gu_a_ is not None else None, transpose=True,
-                   product=expert_product(dgu, gate_up_w, schedule, transpose=True) if by_torch else None)
+                   product=base_product(dgu, gate_up_w, schedule, transpose=True))
         grad_hidden = _sum_slots(dx, num_tokens, top_k, dtype)
     grad_gu_a = _lora_grad(needs_gu_a, gu_a, lambda out: grouped_wgrad(g_gu, identity, hidden, tok, schedule, out), g)
     grad_gu_b = _lora_grad(needs_gu_b, gu_b, lambda out: grouped_wgrad(dgu, identity, l_gu, identity, schedule, out), g)

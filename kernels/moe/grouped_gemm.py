@@ -28,12 +28,13 @@ stride pattern for the weight rows, LoRA B rows, bias and stored pre-activation)
 kernels read: a transposed view, read through its strides, not a copy.
 * ``_grouped_wgrad_kernel`` (16-bit): dW[e] = sum over the rows s of e of g[g_rows[s]]^T x[x_rows[s]].
 
-The first three also serve as the epilogue of a base product a[a_rows] @ W^T computed before them by torch's grouped
-GEMM (``expert_product``, the PRODUCT_GIVEN constexpr): where each expert has many rows, its CUTLASS kernels run that
-product faster than these kernels' own loop over K, and the kernel then only reads the product's tile and adds the
-rest (see ``products_by_torch``).
 * ``_grouped_mm_lora_in_tile_kernel`` (16-bit, decoding): ``_grouped_mm_kernel`` or the SwiGLU forward with the thin
   LoRA product computed in the tile's own pass over K.
+
+The first three also serve as the epilogue of a base product a[a_rows] @ W^T computed before them by torch's grouped
+GEMM (``base_product``, the PRODUCT_GIVEN constexpr): where each expert has many rows, its CUTLASS kernels may run
+that product faster than these kernels' own loop over K, and the kernel then only reads the product's tile and adds
+the rest (see ``products_by_torch``).
 """
 
 from __future__ import annotations
@@ -708,7 +709,7 @@ def _launch_row_gemm(
     **flags,
 ) -> None:
     """Launch a row-GEMM kernel over num_n output columns: its arguments are the rows of a, the weight, the LoRA
-    factors, the base product when it was computed already (the kernel is then its epilogue: see expert_product),
+    factors, the base product when it was computed already (the kernel is then its epilogue: see base_product),
     the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows: the weight
     rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up)."""
     product_args = (product, product.stride(0), product.stride(1)) if product is not None else (None,) * 3
@@ -746,7 +747,7 @@ def grouped_mm(
     a: (rows_a, K); a_rows, out_rows: (S,) int32; weight: (E, N, K) (transpose: (E, K, N)), 16-bit with any strides
     or an Nf4Weight; out: (rows_out, N); lora_l: (S, r) in sorted order; lora_b: (E, N, r); row_scale: (S,) float32;
     bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched. product: a[a_rows] @ W^T
-    (S, N) in sorted rows, computed already (expert_product): the kernel then only adds the rest.
+    (S, N) in sorted rows, computed already (base_product): the kernel then only adds the rest.
     """
     operand = _weight_operand(weight, transpose, a.dtype, schedule)
     kernel = "epilogue" if product is not None else "row_gemm_transposed" if transpose else "row_gemm"
@@ -789,7 +790,7 @@ def grouped_mm_swiglu(
     the bias's entries alike);
     lora_l: (S, r); lora_b: (E, 2I, r); bias: (E, 2I).
     Returns h (S, I) in sorted order and, if store_gate_up, the pre-activation (S, 2I) in gate_up's row order, both
-    in a's dtype. product: a[a_rows] @ gate_up^T (S, 2I) in sorted rows, computed already (expert_product); it becomes
+    in a's dtype. product: a[a_rows] @ gate_up^T (S, 2I) in sorted rows, computed already (base_product); it becomes
     the stored pre-activation (each tile is read before it is written).
     """
     operand = _weight_operand(gate_up, False, a.dtype, schedule)
@@ -859,7 +860,7 @@ def grouped_mm_swiglu_backward(
     row_scale: (S,) fp32 routing weights; lora_l: scaling * grad_out[rows] @ B_down (S, r); lora_b: A_down viewed as
     (E, I, r). Returns d(pre-activation) (S, 2I) in gate_up's column order, h (S, I) and the part of the
     routing-weight gradient that excludes a down bias, <d(out), h W_down^T + LoRA> (S,) fp32, all in sorted order.
-    product: grad_out[grad_rows] @ W_down (S, I) in sorted rows, computed already (expert_product); h is written over
+    product: grad_out[grad_rows] @ W_down (S, I) in sorted rows, computed already (base_product); h is written over
     it (each tile is read before it is written).
     """
     operand = _weight_operand(down, True, grad_out.dtype, schedule)
@@ -910,16 +911,16 @@ def base_products(by: str):
         _base_products.by = previous
 
 
-def products_by_torch(weights: tuple[GemmWeight, ...], schedule: ExpertSchedule, a: torch.Tensor) -> bool:
-    """Whether the base products of these expert weights (each (E, N, K)) over a's rows come from expert_product."""
+def products_by_torch(weight: GemmWeight, schedule: ExpertSchedule, a: torch.Tensor) -> bool:
+    """Whether the base product of this expert weight ((E, N, K)) over a's rows comes from expert_product."""
     by = getattr(_base_products, "by", "auto")
     if by == "triton":
         return False
     # torch's grouped GEMM takes 16-bit weights (not NF4) with rows of a multiple of 16 bytes; bf16 on the GPU (its
     # Hopper kernels), fp32 as well on the CPU (where tests check the epilogues under the interpreter).
     supported = a.dtype == torch.bfloat16 or (a.device.type == "cpu" and a.dtype == torch.float32)
-    if not supported or not all(isinstance(w, torch.Tensor) and w.dtype == a.dtype
-                                and all(size * w.element_size() % 16 == 0 for size in w.shape[1:]) for w in weights):
+    if not (supported and isinstance(weight, torch.Tensor) and weight.dtype == a.dtype
+            and all(size * weight.element_size() % 16 == 0 for size in weight.shape[1:])):
         return False
     if by == "torch":
         return True
@@ -931,8 +932,18 @@ def products_by_torch(weights: tuple[GemmWeight, ...], schedule: ExpertSchedule,
 def expert_product(rows: torch.Tensor, weight: torch.Tensor, schedule: ExpertSchedule,
                    transpose: bool = False) -> torch.Tensor:
     """rows (S, K), sorted by expert as schedule sorts them, @ weight[e_s]^T ((E, N, K)), or @ weight[e_s] ((E, K, N))
-    when transpose: (S, N) in rows' dtype, by torch's grouped GEMM. The `product` of the row GEMMs above."""
+    when transpose: (S, N) in rows' dtype, by torch's grouped GEMM."""
     return F.grouped_mm(rows, weight if transpose else weight.transpose(1, 2), offs=schedule.expert_offsets[1:])
+
+
+def base_product(a: torch.Tensor, weight: GemmWeight, schedule: ExpertSchedule, a_rows: torch.Tensor | None = None,
+                 transpose: bool = False) -> torch.Tensor | None:
+    """The `product` argument of the row GEMMs above for a[a_rows] (a itself, already in sorted order, without
+    a_rows) and weight read as W (W^T when transpose): expert_product of the gathered rows where products_by_torch
+    takes it, else None (the kernel then runs its own loop over K)."""
+    if not products_by_torch(weight, schedule, a):
+        return None
+    return expert_product(a if a_rows is None else a.index_select(0, a_rows), weight, schedule, transpose)
 
 
 def grouped_wgrad(
