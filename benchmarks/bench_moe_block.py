@@ -4,7 +4,9 @@ GPU only. For each model shape and router (balanced: random logits; skewed: a fe
 
 * experts block forward and forward+backward, bf16, LoRA r=16 on gate_up_proj and down_proj, base weights
   frozen, gradients to hidden states, routing weights and LoRA factors;
-  - fastmoe: ``fastmoe.kernels.moe.moe_experts``
+  - fastmoe: ``fastmoe.kernels.moe.moe_experts``, its base products in its own Triton kernels, and again with the
+    row GEMMs' base products by torch's grouped GEMM (``base_products("torch")``: the kernels then add LoRA, the
+    routing weights and SwiGLU as an epilogue), the measurement that sets where ``auto`` takes torch's;
   - transformers: ``AfmoeExperts`` with ``config._experts_implementation = "grouped_mm"``, wrapped by peft
     ``LoraConfig(target_parameters=["gate_up_proj", "down_proj"])`` (the same math for every family here;
     LFM2-MoE and JetMoe shapes are run through the AFMoE experts module);
@@ -16,7 +18,8 @@ forward+backward with frozen weights 12*S*H*I, S = tokens * top_k); peak memory 
 was allocated before the measured call. One JSON line per (case, implementation) goes to benchmarks/results.jsonl
 (question "moe-block").
 
-    python benchmarks/bench_moe_block.py [--tokens 4096] [--jsonl benchmarks/results.jsonl] [--no-record]
+    python benchmarks/bench_moe_block.py [--tokens 4096,16384] [--shapes Mixtral-8x7B,JetMoe-8B]
+        [--jsonl benchmarks/results.jsonl] [--no-record]
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from transformers.models.afmoe.modeling_afmoe import AfmoeExperts
 
 import common
 from fastmoe.kernels.moe import ExpertLora, gemm_block_m, grouped_mm, moe_experts, sort_by_expert
+from fastmoe.kernels.moe.grouped_gemm import base_products
 
 RANK = common.LORA_RANK
 BASELINE = "transformers grouped_mm + peft"
+TORCH_PRODUCTS = "fastmoe, base products by torch"
 
 
 class _Block(torch.nn.Module):
@@ -110,59 +115,76 @@ def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, ki
                   device) -> tuple[list[dict], torch.Tensor]:
     """Forward and forward+backward of the experts block, transformers + peft against fastmoe; (records, index)."""
     ours = fastmoe_fn(model, num_experts)
+    # (implementation, forward, where the expert GEMMs' base products come from, forward and backward)
+    implementations = ((BASELINE, model, "auto"), ("fastmoe", ours, "triton"), (TORCH_PRODUCTS, ours, "torch"))
     index, weights = common.moe_routing(num_tokens, num_experts, top_k, kind, device)
     load = torch.bincount(index.reshape(-1), minlength=num_experts).max().item() / index.numel()
     x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     weights = weights.requires_grad_()
     grad_out = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
-        err = common.rel_err(ours(x, index, weights), model(x, index, weights))
+        reference = model(x, index, weights)
+        errors = {}
+        for impl, fn, products in implementations[1:]:
+            with base_products(products):
+                errors[impl] = common.rel_err(fn(x, index, weights), reference)
     flops_fwd = 6 * num_tokens * top_k * hidden * inter
     records = []
-    for impl, fn in ((BASELINE, model), ("fastmoe", ours)):
+    for impl, fn, products in implementations:
         inputs = (x, index, weights) + tuple(p for p in model.parameters() if p.requires_grad)
         call = (lambda f: lambda x, i, w, *_: f(x, i, w))(fn)
-        fwd_ms, fwd_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=False)
-        all_ms, all_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=True)
-        record = dict(kind="block", model=name, case=f"{name} {kind}", routing=kind, max_expert_load=round(load, 4),
+        with base_products(products):
+            fwd_ms, fwd_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=False)
+            all_ms, all_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=True)
+        record = dict(kind="block", model=name, case=f"{name} {kind}", tokens=num_tokens, routing=kind,
+                      max_expert_load=round(load, 4),
                       implementation=impl, fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(all_ms, 4),
                       fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
                       fwd_bwd_tflops=round(2 * flops_fwd / all_ms / 1e9, 1),
                       fwd_peak_mib=round(fwd_mib), fwd_bwd_peak_mib=round(all_mib))
-        if impl == "fastmoe":
-            record["rel_err"] = float(f"{err:.2e}")
+        if impl in errors:
+            record["rel_err"] = float(f"{errors[impl]:.2e}")
         records.append(record)
     return records, index
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", default="4096", help="comma-separated token counts (e.g. 4096,16384)")
+    parser.add_argument("--shapes", default=",".join(name for name, *_ in common.MOE_SHAPES),
+                        help="comma-separated model shapes, of " + ", ".join(name for name, *_ in common.MOE_SHAPES))
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
     parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_moe_block.py needs a CUDA GPU")
     device = "cuda"
-    shared = dict(common.environment(device), question="moe-block", tokens=args.tokens, rank=RANK)
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    known = {name: shape for name, *shape in common.MOE_SHAPES}
+    unknown = sorted(set(args.shapes.split(",")) - set(known))
+    if unknown:
+        sys.exit(f"unknown --shapes {', '.join(unknown)}; choose from {', '.join(known)}")
+    shared = dict(common.environment(device), question="moe-block", rank=RANK)
     records = []
-    for name, hidden, inter, num_experts, top_k in common.MOE_SHAPES:
+    for name in args.shapes.split(","):
+        hidden, inter, num_experts, top_k = known[name]
         model = peft_block(hidden, inter, num_experts, top_k, device)
         shape = dict(hidden=hidden, intermediate=inter, experts=num_experts, top_k=top_k)
-        for kind in ("balanced", "skewed"):
-            block, index = block_records(model, name, hidden, inter, num_experts, top_k, args.tokens, kind, device)
-            records += [dict(shared, **shape, **r) for r in block]
-            if kind == "balanced":
-                gemms = gemm_records(name, hidden, inter, num_experts, top_k, args.tokens, index, device)
-                records += [dict(shared, **shape, **r) for r in gemms]
+        for num_tokens in token_counts:
+            for kind in ("balanced", "skewed"):
+                block, index = block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind, device)
+                records += [dict(shared, **shape, **r) for r in block]
+                if kind == "balanced":
+                    gemms = gemm_records(name, hidden, inter, num_experts, top_k, num_tokens, index, device)
+                    records += [dict(shared, **shape, tokens=num_tokens, **r) for r in gemms]
         del model
         common.free_memory(device)
 
     print(f"T={args.tokens}, bf16, LoRA r={RANK} on both expert weights, base frozen; {shared['gpu']}")
-    print("| case | implementation | fwd ms | fwd+bwd ms (GEMM: ms) | TFLOP/s | peak MiB fwd+bwd | rel err |")
+    print("| case | tokens | implementation | fwd ms | fwd+bwd ms (GEMM: ms) | TFLOP/s | peak MiB fwd+bwd | rel err |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in records:
-        print(f"| {r['case']} | {r['implementation']} | {r.get('fwd_ms', '')} | {r.get('fwd_bwd_ms', r.get('ms'))} "
+        print(f"| {r['case']} | {r['tokens']} | {r['implementation']} | {r.get('fwd_ms', '')} | {r.get('fwd_bwd_ms', r.get('ms'))} "
               f"| {r.get('fwd_bwd_tflops', r.get('tflops'))} | {r.get('fwd_bwd_peak_mib', '')} "
               f"| {r.get('rel_err', '')} |")
     if not args.no_record:

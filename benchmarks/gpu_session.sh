@@ -54,7 +54,10 @@
 # charts: python benchmarks/plot_results.py on any machine with matplotlib.
 # Other variables: TRAIN_STEP_LIMIT (seconds, default 240), TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8
 # (train-step-8) list bench_train_step.py variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the
-# NF4 GEMMs' launch configuration in nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
+# NF4 GEMMs' launch configuration in nf4-experts; MOE_BLOCK_ARGS adds bench_moe_block.py arguments in moe-block
+# ("--tokens 4096,16384 --shapes Mixtral-8x7B,JetMoe-8B"), MOE_BLOCK_LIMIT its seconds (default 150); GPU_TEST_ARGS
+# adds pytest arguments in gpu-tests ("-n 4 -rfE": four processes, with pytest-xdist among the carried wheels, compile
+# the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240) ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
 # only); FAMILY_* and QUALITY_ARGS below. FASTMOE_BENCH_RUN names the session (default: the start time), so that
 # several calls can share one id.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; -P also
@@ -117,10 +120,12 @@ sft_cases() {
 export -f sft_cases
 
 jsonl=(--jsonl "$out/results.jsonl")
-step gpu-tests 240 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider
+# shellcheck disable=SC2086  # GPU_TEST_ARGS is a list of arguments
+step gpu-tests "${GPU_TESTS_LIMIT:-240}" python3 -P -m pytest -m gpu tests -q -p no:cacheprovider ${GPU_TEST_ARGS:-}
 step sft 590 bash -c sft_cases
 [[ "$steps" == *" sft "* ]] && grep -E "^(sft |--- sft)" "$out/sft.log"
-step moe-block 150 python3 -P benchmarks/bench_moe_block.py "${jsonl[@]}"
+# shellcheck disable=SC2086  # MOE_BLOCK_ARGS is a list of arguments
+step moe-block "${MOE_BLOCK_LIMIT:-150}" python3 -P benchmarks/bench_moe_block.py "${jsonl[@]}" ${MOE_BLOCK_ARGS:-}
 step lora-linear 90 python3 -P benchmarks/bench_lora_linear.py "${jsonl[@]}"
 step generate 150 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset trinity-mini --layers 8 --batches 1,8,64 --implementations fastmoe
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset trinity-mini --layers 8 --batches 1,8,64 --new-tokens 32 --repeats 2 --implementations transformers

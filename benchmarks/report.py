@@ -152,23 +152,30 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     records = [r for r in records if not r.get("memory_limit_gb")]  # those answer long_context_section's question
     # A record whose timed steps include fastmoe's graph captures (too few warm-up steps) times the captures.
     records = [r for r in records if not r.get("graphs_captured_while_timed")]
+    # Speed-ups compare runs on one kind of GPU only: a configuration measured on two kinds gets a row for each.
+    config += ("gpu",)
     latest = newest(records, lambda r: (*(field(r, f) for f in config), checkpointing(r), r["implementation"]))
     same_run = newest(records, lambda r: (*(field(r, f) for f in config), r["implementation"], r.get("run")))
     rows: dict[tuple, dict[str, dict]] = {}
     for key, record in latest.items():
         rows.setdefault(key[:-1], {})[key[-1]] = record
     transformers_rows = {key[:-1]: impls["transformers"] for key, impls in rows.items() if "transformers" in impls}
+    gpus_per_config: dict[tuple, set] = {}
+    for key in rows:
+        gpus_per_config.setdefault(key[:-2], set()).add(key[-2])
     order = sorted((k for k in rows if "fastmoe" in rows[k] or not k[-1]),
                    key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10], k[11] or 0, k[12]))
+                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10], k[11] or 0, k[13], k[12]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
         (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, varied,
-         memory_limit, how_checkpointed) = key
+         memory_limit, gpu, how_checkpointed) = key
         model = f"{preset}, {layers} layers{how_checkpointed}"
+        if len(gpus_per_config[key[:-2]]) > 1:
+            model += f", {gpu}"
         if data != "rows":
             model += f", each row {documents}{' varied' if varied else ''} documents {data}"
         if memory_limit:
@@ -286,28 +293,29 @@ def quality_section(records: list[dict], sources: Sources) -> list[str]:
 
 
 def moe_block_section(records: list[dict], sources: Sources) -> list[str]:
-    hf, ours = "transformers grouped_mm + peft", "fastmoe"
+    hf, ours, torch_products = "transformers grouped_mm + peft", "fastmoe", "fastmoe, base products by torch"
     blocks = []
-    for (case,), impls in by_case([r for r in records if r.get("kind") == "block"]):
-        a, b = impls.get(hf), impls.get(ours)
-        blocks.append([case, value(b or a, "max_expert_load", ".1%"), pair(value(a, "fwd_ms", ".3f"),
-                       value(b, "fwd_ms", ".3f")), ratio(a, b, "fwd_ms"), pair(value(a, "fwd_bwd_ms", ".3f"),
-                       value(b, "fwd_bwd_ms", ".3f")), ratio(a, b, "fwd_bwd_ms"),
+    for (case, tokens), impls in by_case([r for r in records if r.get("kind") == "block"], extra=("tokens",)):
+        a, b, c = impls.get(hf), impls.get(ours), impls.get(torch_products)
+        blocks.append([case, f"{tokens:,}", value(b or a, "max_expert_load", ".1%"),
+                       pair(value(a, "fwd_ms", ".3f"), value(b, "fwd_ms", ".3f")), ratio(a, b, "fwd_ms"),
+                       pair(value(a, "fwd_bwd_ms", ".3f"), value(b, "fwd_bwd_ms", ".3f")), ratio(a, b, "fwd_bwd_ms"),
+                       pair(value(c, "fwd_ms", ".3f"), value(c, "fwd_bwd_ms", ".3f")),
                        pair(value(a, "fwd_bwd_peak_mib", ",.0f"), value(b, "fwd_bwd_peak_mib", ",.0f")),
-                       value(b, "fwd_bwd_tflops", ".0f"), value(b, "rel_err", ".1e"), sources.ref(a, b)])
+                       value(b, "fwd_bwd_tflops", ".0f"), value(b, "rel_err", ".1e"), sources.ref(a, b, c)])
     gemms = []
-    for (case,), impls in by_case([r for r in records if r.get("kind") == "gemm"]):
+    for (case, tokens), impls in by_case([r for r in records if r.get("kind") == "gemm"], extra=("tokens",)):
         a, b = impls.get("torch grouped_mm"), impls.get("fastmoe grouped_mm")
-        gemms.append([case, pair(value(a, "ms", ".3f"), value(b, "ms", ".3f")), ratio(a, b, "ms"),
+        gemms.append([case, f"{tokens:,}", pair(value(a, "ms", ".3f"), value(b, "ms", ".3f")), ratio(a, b, "ms"),
                       pair(value(a, "tflops", ".0f"), value(b, "tflops", ".0f")), value(b, "rel_err", ".1e"),
                       sources.ref(a, b)])
-    return (table(["experts block, router", "max expert load", "fwd ms (tf / fm)", "fwd speed-up",
-                   "fwd+bwd ms (tf / fm)", "fwd+bwd speed-up", "fwd+bwd peak MiB (tf / fm)", "fastmoe fwd+bwd TFLOP/s",
-                   "rel err", "source"], blocks)
+    return (table(["experts block, router", "tokens", "max expert load", "fwd ms (tf / fm)", "fwd speed-up",
+                   "fwd+bwd ms (tf / fm)", "fwd+bwd speed-up", "fm with torch's base products, fwd / fwd+bwd ms",
+                   "fwd+bwd peak MiB (tf / fm)", "fastmoe fwd+bwd TFLOP/s", "rel err", "source"], blocks)
             + ["", "The bare grouped GEMMs (no LoRA, rows sorted by expert), torch's `grouped_mm` against "
                "fastmoe's:", ""]
-            + table(["GEMM", "ms (torch / fastmoe)", "fastmoe speed-up", "TFLOP/s (torch / fastmoe)", "rel err",
-                     "source"], gemms))
+            + table(["GEMM", "tokens", "ms (torch / fastmoe)", "fastmoe speed-up", "TFLOP/s (torch / fastmoe)",
+                     "rel err", "source"], gemms))
 
 
 def nf4_section(records: list[dict], sources: Sources) -> list[str]:
@@ -531,11 +539,12 @@ SECTIONS = [
             "benchmarks/quality_run.json (chart: plot_results.py).",
             "python benchmarks/quality_run.py", quality_section),
     Section("moe-block", "MoE experts block with expert LoRA",
-            "bench_moe_block.py: one experts block, 4,096 tokens, bf16, LoRA r=16 on both expert weights, base frozen: "
-            "fastmoe's grouped-GEMM kernels against transformers' `grouped_mm` experts wrapped by peft. Times are "
-            "do_bench medians; TFLOP/s count the base GEMMs only; rel err is the forward output against the "
-            "baseline.",
-            "python benchmarks/bench_moe_block.py", moe_block_section),
+            "bench_moe_block.py: one experts block, bf16, LoRA r=16 on both expert weights, base frozen: fastmoe's "
+            "grouped-GEMM kernels against transformers' `grouped_mm` experts wrapped by peft, and fastmoe again with "
+            "the base products by torch's grouped GEMM and its kernels as their epilogue (`base_products(\"torch\")`; "
+            "where it is faster sets where fastmoe takes it by default). Times are do_bench medians; TFLOP/s count "
+            "the base GEMMs only; rel err is fastmoe's forward output against the baseline.",
+            "python benchmarks/bench_moe_block.py --tokens 4096,16384", moe_block_section),
     Section("nf4-experts", "NF4 (4-bit) experts against bf16 experts",
             "bench_nf4_experts.py: Trinity-Mini's experts, 4,096 tokens; the bf16 weights are the NF4 weights "
             "dequantized, so both sides compute the same function (double-quant: the absmax re-quantized). Speed as a "

@@ -276,6 +276,21 @@ def test_report_keeps_triton_base_products_apart_from_the_default():
     assert any("base products by torch's grouped GEMM" in row and "| 3,000 | 7,500 | 2.50x |" in row for row in rows)
 
 
+def test_report_compares_runs_on_one_kind_of_gpu_only():
+    """A configuration measured on an H200 (both implementations) and later on an H100 (fastmoe only): a row for
+    each GPU, the H100 row without a speed-up rather than one against the H200's transformers."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    records = [sft_record("transformers", 3000, "2026-12-01 10:00 UTC", "a"),
+               sft_record("fastmoe", 6000, "2026-12-01 10:05 UTC", "a"),
+               sft_record("fastmoe", 5000, "2026-12-05 10:05 UTC", "b", gpu=h100)]
+    sft = report.render(records).split("## 1.")[1].split("## 2.")[0]
+    rows = [line for line in sft.splitlines() if line.startswith("| trinity-mini")]
+    assert len(rows) == 2
+    assert any(row.startswith(f"| trinity-mini, 32 layers, {h100} |") and "| - | 5,000 | - |" in row for row in rows)
+    assert any(row.startswith("| trinity-mini, 32 layers, NVIDIA H200 |") and "| 3,000 | 6,000 | 2.00x |" in row
+               for row in rows)
+
+
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
     def record(implementation, rate, date, cuda_graphs=True, batch=1):
         return {"question": "generate", "preset": "trinity-mini", "layers": 8, "batch": batch, "prompt": 512,

@@ -188,9 +188,9 @@ def check_against_reference(fn, args, params, tol):
         assert rel_err(grad, ref_grad) < tol
 
 
-def check_torch_products_against_reference(fn, args, params, tol, monkeypatch, products: int = 4):
-    """check_against_reference with the expert GEMMs' base products by torch's grouped GEMM (base_products("torch")),
-    and the number of them that took that way (expert_product's calls)."""
+def count_expert_products(monkeypatch) -> list:
+    """The weight shapes of the expert GEMMs' base products that torch's grouped GEMM computes from now on
+    (grouped_gemm.expert_product's calls), appended as they happen, whichever thread autograd runs them on."""
     from fastmoe.kernels.moe import grouped_gemm
 
     calls = []
@@ -201,6 +201,15 @@ def check_torch_products_against_reference(fn, args, params, tol, monkeypatch, p
         return product(*call_args, **call_kwargs)
 
     monkeypatch.setattr(grouped_gemm, "expert_product", counted)
+    return calls
+
+
+def check_torch_products_against_reference(fn, args, params, tol, monkeypatch, products: int = 4):
+    """check_against_reference with the expert GEMMs' base products by torch's grouped GEMM (base_products("torch")),
+    and the number of them that took that way."""
+    from fastmoe.kernels.moe import grouped_gemm
+
+    calls = count_expert_products(monkeypatch)
     with grouped_gemm.base_products("torch"):
         check_against_reference(fn, args, params, tol)
     assert len(calls) == products

@@ -32,15 +32,14 @@ kernels read: a transposed view, read through its strides, not a copy.
   LoRA product computed in the tile's own pass over K.
 
 The first three also serve as the epilogue of a base product a[a_rows] @ W^T computed before them by torch's grouped
-GEMM (``base_product``, the PRODUCT_GIVEN constexpr): where each expert has many rows, its CUTLASS kernels may run
-that product faster than these kernels' own loop over K, and the kernel then only reads the product's tile and adds
-the rest (see ``products_by_torch``).
+GEMM (``base_product``, the PRODUCT_GIVEN constexpr): where each expert's product is large, its CUTLASS kernels run
+it faster than these kernels' own loop over K (1.3-1.4x on Mixtral's experts), and the kernel then only reads the
+product's tile and adds the rest (see ``products_by_torch``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -885,35 +884,43 @@ def grouped_mm_swiglu_backward(
 # ----------------------------------------------------------------------------------------------------------
 # Base products by torch's grouped GEMM
 # ----------------------------------------------------------------------------------------------------------
-# Where each expert has many rows (few, wide experts: Mixtral, JetMoe), torch's grouped GEMM (CUTLASS kernels on
-# Hopper) may run the base product faster than these kernels' K loop (JetMoe-8B's gate_up: 690 against 427 TFLOP/s
-# on an H100, bench_moe_block.py, 2026-11-23), and the kernels become its epilogue: the product (S, N) is written
-# once and read once by a kernel that adds LoRA, the bias, the routing weight and the SwiGLU (forward or backward)
-# and scatters the rows, which costs one pass over (S, N) in HBM and a gathered copy of the input rows.
-# "auto" takes that path on Hopper GPUs from this many rows per expert on; None: nowhere, until it is measured
-# against the fused kernels at the models' shapes (`bench_sft.py --fastmoe-base-products torch,triton`).
-ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS: int | None = None
-_base_products = threading.local()
+# Where each expert's product is large (few, wide experts: Mixtral, JetMoe at long rows), torch's grouped GEMM
+# (CUTLASS kernels on Hopper) runs the base product faster than these kernels' K loop (Mixtral-8x7B's gate_up at
+# 4,096 tokens: 742 against 355 TFLOP/s on an H100, bench_moe_block.py, 2026-12-05), and the kernels become its
+# epilogue: the product (S, N) is written once and read once by a kernel that adds LoRA, the bias, the routing weight
+# and the SwiGLU (forward or backward) and scatters the rows. That costs a gathered copy of the input rows and one
+# pass over (S, N) in HBM, in proportion to S (N + K), while torch's GEMM gains in proportion to S N K and more where
+# each expert has many rows: "auto" takes it on Hopper GPUs from MACS_PER_EXPERT_FOR_TORCH_PRODUCTS multiply-adds
+# per expert (mean rows per expert x the expert weight's elements) on. The experts block with LoRA r=16, forward +
+# backward, on that H100: torch's products made it 1.38x faster at Mixtral's experts at 4,096 tokens (1,024 rows x
+# 58.7M / 117M elements: 6.0e10 / 1.2e11 multiply-adds) and 1.08x at JetMoe-8B's at 16,384 (4.7e10 / 9.4e10); they
+# lost 16% at JetMoe's at 4,096 (2.4e10 for gate_up) and 0-15% at Trinity-Mini's, Qwen3-30B-A3B's and LFM2-8B-A1B's
+# (1.5e10 at most) at 4,096 and 16,384 tokens (`bench_moe_block.py --tokens 4096,16384`).
+MACS_PER_EXPERT_FOR_TORCH_PRODUCTS = 4 * 10**10
+# Process-wide, not thread-local: autograd runs a CUDA graph's backward (and a checkpointed layer's recomputed
+# forward) on its own device thread, which must see the choice made around the forward.
+_base_products_by = "auto"
 
 
 @contextlib.contextmanager
 def base_products(by: str):
     """Compute the 16-bit expert GEMMs' base products with "triton" (inside fastmoe's kernels), "torch" (torch's
-    grouped GEMM, wherever it takes the weight and dtype) or "auto" (the default: torch's on Hopper GPUs from
-    ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS rows per expert on) inside this block. For tests and benchmarks."""
+    grouped GEMM, wherever it takes the weight and dtype) or "auto" (the default: torch's on Hopper GPUs for products
+    of MACS_PER_EXPERT_FOR_TORCH_PRODUCTS per expert or more) inside this block, in every thread (autograd runs the
+    backward in its own). For tests and benchmarks."""
     if by not in ("auto", "triton", "torch"):
         raise ValueError(f'base_products takes "auto", "triton" or "torch", got {by!r}')
-    previous = getattr(_base_products, "by", "auto")
-    _base_products.by = by
+    global _base_products_by
+    previous, _base_products_by = _base_products_by, by
     try:
         yield
     finally:
-        _base_products.by = previous
+        _base_products_by = previous
 
 
 def products_by_torch(weight: GemmWeight, schedule: ExpertSchedule, a: torch.Tensor) -> bool:
     """Whether the base product of this expert weight ((E, N, K)) over a's rows comes from expert_product."""
-    by = getattr(_base_products, "by", "auto")
+    by = _base_products_by
     if by == "triton":
         return False
     # torch's grouped GEMM takes 16-bit weights (not NF4) with rows of a multiple of 16 bytes; bf16 on the GPU (its
@@ -924,9 +931,14 @@ def products_by_torch(weight: GemmWeight, schedule: ExpertSchedule, a: torch.Ten
         return False
     if by == "torch":
         return True
-    return (ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS is not None and a.is_cuda
-            and torch.cuda.get_device_capability(a.device)[0] == 9
-            and schedule.num_pairs >= ROWS_PER_EXPERT_FOR_TORCH_PRODUCTS * schedule.num_experts)
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+            and products_large_enough_for_torch(weight, schedule.num_pairs, schedule.num_experts))
+
+
+def products_large_enough_for_torch(weight: torch.Tensor, num_rows: int, num_experts: int) -> bool:
+    """Whether each expert's share of num_rows @ weight ((E, N, K)) is large enough for torch's grouped GEMM to pay
+    (see MACS_PER_EXPERT_FOR_TORCH_PRODUCTS)."""
+    return num_rows * weight[0].numel() / num_experts >= MACS_PER_EXPERT_FOR_TORCH_PRODUCTS
 
 
 def expert_product(rows: torch.Tensor, weight: torch.Tensor, schedule: ExpertSchedule,

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
-                           random_expert_lora, random_routing, rel_err)
+from testing_utils import (check_against_reference, check_torch_products_against_reference, count_expert_products,
+                           output_and_grads, random_expert_lora, random_routing, rel_err)
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.expert_map_reduce import (
@@ -193,7 +193,7 @@ def _gpu_check(fn, args, params, ref_args):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("by", ["triton", "torch"])
-def test_expert_map_reduce_gpu_bf16(by):
+def test_expert_map_reduce_gpu_bf16(by, monkeypatch):
     from fastmoe.kernels.moe.grouped_gemm import base_products
 
     torch.manual_seed(0)
@@ -212,8 +212,10 @@ def test_expert_map_reduce_gpu_bf16(by):
     params = [x, weights, w_map, w_red] + p_map + p_red
     args = (x, index, weights, w_map, w_red, lora_map, lora_red)
     ref_args = (x.float(), index, weights, w_map.float(), w_red.float(), up(lora_map), up(lora_red))
+    products = count_expert_products(monkeypatch)
     with base_products(by):
         _gpu_check(block, args, params, ref_args)
+    assert len(products) == (4 if by == "torch" else 0)  # forward and backward (autograd's device thread)
 
 
 @gpu

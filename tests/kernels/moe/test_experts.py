@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, reference_moe_experts
-from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
-                           random_expert_lora, random_routing, rel_err)
+from testing_utils import (check_against_reference, check_torch_products_against_reference, count_expert_products,
+                           output_and_grads, random_expert_lora, random_routing, rel_err)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -110,6 +110,22 @@ def test_moe_experts_torch_products(num_tokens, hidden, inter, num_experts, top_
     d(h) and d(x) backward) take that path."""
     args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, used_experts=used)
     check_torch_products_against_reference(moe_experts, args, params, 1e-5, monkeypatch)
+
+
+@pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens,expected", [
+    (4096, 14336, 8, 2, 4096, (True, True)),  # Mixtral-8x7B, 1,024 rows per expert: 1.38x (H100)
+    (2048, 5632, 8, 2, 16384, (True, True)),  # JetMoe-8B at 16k: 1.08x
+    (2048, 5632, 8, 2, 4096, (False, False)),  # JetMoe-8B at 4k: 16% slower with torch's
+    (2048, 1792, 32, 4, 16384, (False, False)),  # LFM2-8B-A1B at 16k: no gain
+    (2048, 1024, 128, 8, 16384, (False, False)),  # Trinity-Mini at 16k: 4% slower
+])
+def test_auto_base_products_where_measured(hidden, inter, num_experts, top_k, tokens, expected):
+    """"auto"'s rule takes torch's products (gate_up, down) where bench_moe_block measured them faster."""
+    from fastmoe.kernels.moe.grouped_gemm import products_large_enough_for_torch
+
+    gate_up, down = (torch.empty(num_experts, 2 * inter, hidden, device="meta"),
+                     torch.empty(num_experts, hidden, inter, device="meta"))
+    assert tuple(products_large_enough_for_torch(w, tokens * top_k, num_experts) for w in (gate_up, down)) == expected
 
 
 def test_moe_experts_no_lora_full_finetune():
@@ -259,7 +275,7 @@ def test_moe_experts_gpu_bf16(num_tokens, hidden, inter, num_experts, top_k, ran
 @needs_cuda
 @pytest.mark.parametrize("by", ["triton", "torch"])
 @pytest.mark.parametrize("num_tokens,hidden,inter,num_experts,top_k,rank", GPU_PRODUCT_SHAPES)
-def test_moe_experts_gpu_bf16_base_products(num_tokens, hidden, inter, num_experts, top_k, rank, by):
+def test_moe_experts_gpu_bf16_base_products(num_tokens, hidden, inter, num_experts, top_k, rank, by, monkeypatch):
     from fastmoe.kernels.moe.grouped_gemm import base_products
 
     args, params = _experts_inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype=torch.bfloat16,
@@ -267,8 +283,11 @@ def test_moe_experts_gpu_bf16_base_products(num_tokens, hidden, inter, num_exper
     x, index, weights, gate_up, down, gu_lora, down_lora = args
     up = lambda lora: ExpertLora(lora.A.float(), lora.B.float(), lora.scaling)  # noqa: E731
     ref_args = (x.float(), index, weights, gate_up.float(), down.float(), up(gu_lora), up(down_lora))
+    products = count_expert_products(monkeypatch)
     with base_products(by):
         _gpu_check(moe_experts, args, params, ref_args)
+    # Forward and backward each (the backward runs on autograd's device thread) take the chosen way.
+    assert len(products) == (4 if by == "torch" else 0)
 
 
 @gpu

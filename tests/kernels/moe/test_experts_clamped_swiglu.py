@@ -9,8 +9,8 @@ import torch
 from fastmoe.kernels import reference_only
 from fastmoe.kernels.moe import (ExpertLora, dequantize_nf4, moe_experts_clamped_swiglu,
                                  moe_experts_clamped_swiglu_nf4, quantize_nf4, reference_moe_experts_clamped_swiglu)
-from testing_utils import (check_against_reference, check_torch_products_against_reference, output_and_grads,
-                           random_expert_lora, random_routing, rel_err)
+from testing_utils import (check_against_reference, check_torch_products_against_reference, count_expert_products,
+                           output_and_grads, random_expert_lora, random_routing, rel_err)
 
 ALPHA = 1.702
 # Below gpt-oss's 7.0 so that the random pre-activations (about unit scale) cross it often, on both sides for up.
@@ -205,14 +205,16 @@ def test_bf16_gpu_at_gpt_oss_20b_shapes(num_tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_gpu_torch_products_at_gpt_oss_20b_shapes():
-    """The same with the base products by torch's grouped GEMM (512 rows per expert)."""
+def test_bf16_gpu_torch_products_at_gpt_oss_20b_shapes(monkeypatch):
+    """The same with the base products by torch's grouped GEMM (512 rows per expert), forward and backward."""
     from fastmoe.kernels.moe.grouped_gemm import base_products
 
     args, params = _inputs(4096, 2880, 2880, 32, 4, 16, dtype=torch.bfloat16, train_weights=False, seed=5,
                            device="cuda", limit=7.0)
+    products = count_expert_products(monkeypatch)
     with base_products("torch"):
         _check_against_fp32_reference(args, params)
+    assert len(products) == 4
 
 
 @pytest.mark.gpu
