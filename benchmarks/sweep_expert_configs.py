@@ -1,6 +1,6 @@
 """Launch configurations of fastmoe's 16-bit expert kernels, timed at real MoE shapes, to choose the defaults in
 fastmoe/kernels/moe/grouped_gemm.py (`_GPU_ROW_GEMM`, `_GPU_ROW_GEMM_TRANSPOSED`, `_GPU_SWIGLU`, `_GPU_SWIGLU_BWD`,
-`_GPU_WGRAD`).
+`_GPU_WGRAD`, `_GPU_EPILOGUE`).
 
 GPU only. For each model's expert shapes (bf16, LoRA r=16 fused as in training, balanced random routing) and each
 kernel of a training step's MoE layer:
@@ -11,6 +11,9 @@ kernel of a training step's MoE layer:
   h A^T, d(gate_up) B);
 * `row_gemm_transposed`: the backward's transposed read of gate_up (d(x): N=H, K=2I);
 * `wgrad`: LoRA's factor gradients, per-expert reductions over rows (d(A): N=r, d(B): K=r);
+* `epilogue`: the SwiGLU forward and backward, the down projection and d(x) given their base products (the form they
+  take where torch's grouped GEMM computes those, `grouped_gemm.base_product`), with torch's product itself timed
+  beside them (`torch product`, not swept) so that product + epilogue can be set against the fused kernel;
 
 every listed configuration (BLOCK_N:BLOCK_K:num_warps:num_stages; the SwiGLU kernels' BLOCK_N counts h's
 columns) is timed (median of triton.testing.do_bench) and checked against the default's output. The table is
@@ -18,7 +21,7 @@ printed, not recorded: the records of what the code runs come from bench_moe_blo
 
     python benchmarks/sweep_expert_configs.py [--tokens 4096] [--models trinity-mini,lfm2-8b-a1b]
         [--swiglu 128:64:8:4,...] [--swiglu-backward 64:64:4:4,...] [--row-gemm 128:64:8:3,...]
-        [--row-gemm-transposed 256:64:8:3,...] [--wgrad ...]
+        [--row-gemm-transposed 256:64:8:3,...] [--wgrad ...] [--epilogue 128:64:8:2,...]
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ SWEEP = {
     "row_gemm": "128:64:4:3,256:64:8:3,128:64:8:4,128:128:8:3",
     "row_gemm_transposed": "128:64:8:3,256:64:8:4,256:32:8:4,256:64:4:3",
     "wgrad": "64:128:4:4,128:64:4:3,128:128:8:3,256:64:8:3,64:64:4:4",
+    "epilogue": "64:64:4:2,128:64:4:1,128:64:8:1,128:64:8:2,256:64:8:1,64:64:8:1",
 }
 ATTRIBUTE = {"swiglu": "_GPU_SWIGLU", "swiglu_backward": "_GPU_SWIGLU_BWD", "row_gemm": "_GPU_ROW_GEMM",
-             "row_gemm_transposed": "_GPU_ROW_GEMM_TRANSPOSED", "wgrad": "_GPU_WGRAD"}
+             "row_gemm_transposed": "_GPU_ROW_GEMM_TRANSPOSED", "wgrad": "_GPU_WGRAD", "epilogue": "_GPU_EPILOGUE"}
 
 
 def parse(spec: str) -> tuple[int, int, dict]:
@@ -65,7 +69,9 @@ def label(config: tuple[int, int, dict]) -> str:
 
 def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interleaved: bool, tokens: int,
                  device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """(kernel, case name, FLOPs, fn) for one model's shapes: fn() launches the kernel and returns its output."""
+    """(kernel, case name, FLOPs, fn, check) for one model's shapes: fn() launches the kernel and returns its output;
+    check() does the same on fresh inputs where fn overwrites its own (an epilogue writes over its product), else
+    None."""
     index, _ = common.moe_routing(tokens, num_experts, top_k, "balanced", device)
     schedule = sort_by_expert(index, num_experts, gemm_block_m(torch.device(device), index.numel(), num_experts))
     rows = schedule.num_pairs
@@ -89,7 +95,7 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     thin = torch.empty(rows, RANK, device=device, dtype=dtype)
     grad_a = torch.empty(num_experts, RANK, hidden, device=device, dtype=torch.float32)
     grad_b = torch.empty(num_experts, 2 * inter, RANK, device=device, dtype=torch.float32)
-    return [
+    cases = [
         ("swiglu", f"SwiGLU fwd N=2x{inter} K={hidden}", 4 * rows * inter * hidden,
          lambda: grouped_mm_swiglu(x, token_rows, gate_up, schedule, lora_l, gate_up_b, store_gate_up=True,
                                    interleaved=interleaved)[1]),
@@ -111,13 +117,46 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
         ("wgrad", f"d(B) N={2 * inter} K={RANK}", 4 * rows * RANK * inter,
          lambda: grouped_wgrad(dgu, identity, lora_l, identity, schedule, grad_b)),
     ]
+    cases = [(kernel, name, flops, fn, None) for kernel, name, flops, fn in cases]
+    # The epilogues, given base products as torch's grouped GEMM computes them (the SwiGLU kernels write over theirs).
+    products = {"gate_up": grouped_gemm.expert_product(x.index_select(0, token_rows), gate_up, schedule),
+                "d(h)": grouped_gemm.expert_product(grad.index_select(0, token_rows), down, schedule, transpose=True),
+                "down": grouped_gemm.expert_product(h, down, schedule),
+                "d(x)": grouped_gemm.expert_product(dgu, gate_up, schedule, transpose=True)}
+    epilogues = {
+        "gate_up": (f"SwiGLU fwd epilogue N=2x{inter}", lambda p: grouped_mm_swiglu(
+            x, token_rows, gate_up, schedule, lora_l, gate_up_b, store_gate_up=True, interleaved=interleaved,
+            product=p)[0]),
+        "d(h)": (f"SwiGLU bwd epilogue N={inter}", lambda p: grouped_mm_swiglu_backward(
+            grad, token_rows, down, stored, scale, schedule, lora_l, down_a, interleaved=interleaved,
+            product=p)[0]),
+        "down": (f"down epilogue N={hidden}", lambda p: grouped_mm(
+            h, identity, down, schedule, out, identity, lora_l, down_b, row_scale=scale, product=p)),
+        "d(x)": (f"d(x) epilogue N={hidden}", lambda p: grouped_mm(
+            dgu, identity, gate_up, schedule, out, identity, transpose=True, product=p)),
+    }
+    product_flops = {"gate_up": 4 * rows * inter * hidden, "d(h)": 2 * rows * inter * hidden,
+                     "down": 2 * rows * inter * hidden, "d(x)": 4 * rows * inter * hidden}
+    for name, (case, epilogue) in epilogues.items():
+        product = products[name]
+        cases.append(("epilogue", case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product),
+                      (lambda e, p: lambda: e(p.clone()).clone())(epilogue, product)))
+    gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
+                "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}
+    for name, (a, a_rows, weight, transpose) in gathered.items():
+        def product(a=a, a_rows=a_rows, weight=weight, transpose=transpose):
+            rows_in_order = a if a_rows is None else a.index_select(0, a_rows)
+            return grouped_gemm.expert_product(rows_in_order, weight, schedule, transpose)
+
+        cases.append(("torch product", f"{name} product by torch", product_flops[name], product, None))
+    return cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--kernels", default=",".join(SWEEP), help="which kernels to time")
+    parser.add_argument("--kernels", default=",".join([*SWEEP, "torch product"]), help="which kernels to time")
     for kernel, configs in SWEEP.items():
         parser.add_argument(f"--{kernel.replace('_', '-')}", dest=kernel, default=configs,
                             help=f"comma-separated BLOCK_N:BLOCK_K:num_warps:num_stages for {kernel}")
@@ -129,18 +168,23 @@ def main() -> None:
     print("| model | kernel | case | config | ms | TFLOP/s | rel err vs default |")
     print("|---|---|---|---|---:|---:|---:|")
     for model in args.models.split(","):
-        for kernel, case, flops, fn in kernel_cases(*MODELS[model], args.tokens):
+        for kernel, case, flops, fn, check in kernel_cases(*MODELS[model], args.tokens):
             if kernel not in args.kernels.split(","):
                 continue
+            if kernel not in ATTRIBUTE:  # timed as it is, beside the kernels it feeds
+                ms = common.bench_ms(fn)
+                print(f"| {model} | {kernel} | {case} | - | {ms:.3f} | {flops / ms / 1e9:.0f} | |", flush=True)
+                continue
+            check = check or fn
             attribute = ATTRIBUTE[kernel]
             default = getattr(grouped_gemm, attribute)
-            reference = fn().float().clone()
+            reference = check().float().clone()
             variants = [(label(default) + " (default)", default)]
             variants += [(spec, parse(spec)) for spec in getattr(args, kernel).split(",") if parse(spec) != default]
             for name, config in variants:
                 setattr(grouped_gemm, attribute, config)
                 try:
-                    result = fn().float()
+                    result = check().float()
                     err = ((result - reference).norm() / reference.norm()).item()
                     ms = common.bench_ms(fn)
                     print(f"| {model} | {kernel} | {case} | {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err:.1e} |",
