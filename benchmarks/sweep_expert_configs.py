@@ -139,7 +139,8 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
                      "down": 2 * rows * inter * hidden, "d(x)": 4 * rows * inter * hidden}
     for name, (case, epilogue) in epilogues.items():
         product = products[name]
-        cases.append(("epilogue", case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product),
+        # fn writes over a working copy again and again; check reads a fresh copy of the untouched product.
+        cases.append(("epilogue", case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product.clone()),
                       (lambda e, p: lambda: e(p.clone()).clone())(epilogue, product)))
     gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
                 "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}

@@ -505,12 +505,17 @@ def test_expert_config_sweep_cases_run_each_kernel_it_names(interleaved):
     """Every case the sweep times launches under the configuration attribute it sweeps, with outputs of the shapes
     its FLOP count assumes (toy sizes, the interpreter's configurations)."""
     cases = sweep_expert_configs.kernel_cases(64, 48, 4, 2, interleaved, 20, device="cpu", dtype=torch.float32)
-    assert {kernel for kernel, *_ in cases} == set(sweep_expert_configs.SWEEP) == set(sweep_expert_configs.ATTRIBUTE)
+    assert set(sweep_expert_configs.SWEEP) == set(sweep_expert_configs.ATTRIBUTE)
+    assert {kernel for kernel, *_ in cases} == {*sweep_expert_configs.SWEEP, "torch product"}
     rows = 20 * 2
-    for kernel, case, flops, fn in cases:
-        out = fn()
-        assert torch.isfinite(out).all(), case
-        assert flops > 0 and (out.shape[0] == rows or kernel == "wgrad"), case
+    for kernel, case, flops, fn, check in cases:
+        for out in (fn(), *([check()] if check else [])):
+            assert torch.isfinite(out).all(), case
+            assert flops > 0 and (out.shape[0] == rows or kernel == "wgrad"), case
+    # The epilogues given torch's products compute what the fused kernels compute.
+    outputs = {case: (check or fn)() for _, case, _, fn, check in cases}
+    assert torch.allclose(outputs["SwiGLU bwd epilogue N=48"], outputs["SwiGLU bwd N=48 K=64"], atol=1e-5)
+    assert torch.allclose(outputs["d(x) epilogue N=64"], outputs["d(x) N=64 K=96"], atol=1e-5)
 
 
 def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
