@@ -56,8 +56,8 @@
 # (train-step-8) list bench_train_step.py variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the
 # NF4 GEMMs' launch configuration in nf4-experts; MOE_BLOCK_ARGS adds bench_moe_block.py arguments in moe-block
 # ("--tokens 4096,16384 --shapes Mixtral-8x7B,JetMoe-8B"), MOE_BLOCK_LIMIT its seconds (default 150); GPU_TEST_ARGS
-# adds pytest arguments in gpu-tests ("-n 4 -rfE": four processes, with pytest-xdist among the carried wheels, compile
-# the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240) ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
+# replaces gpu-tests' pytest arguments ("tests"; e.g. "-n 4 -rfE tests/kernels/moe": four processes, with pytest-xdist
+# among the carried wheels, compile the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240) ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
 # only); FAMILY_* and QUALITY_ARGS below. FASTMOE_BENCH_RUN names the session (default: the start time), so that
 # several calls can share one id.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; -P also
@@ -121,7 +121,7 @@ export -f sft_cases
 
 jsonl=(--jsonl "$out/results.jsonl")
 # shellcheck disable=SC2086  # GPU_TEST_ARGS is a list of arguments
-step gpu-tests "${GPU_TESTS_LIMIT:-240}" python3 -P -m pytest -m gpu tests -q -p no:cacheprovider ${GPU_TEST_ARGS:-}
+step gpu-tests "${GPU_TESTS_LIMIT:-240}" python3 -P -m pytest -m gpu -q -p no:cacheprovider ${GPU_TEST_ARGS:-tests}
 step sft 590 bash -c sft_cases
 [[ "$steps" == *" sft "* ]] && grep -E "^(sft |--- sft)" "$out/sft.log"
 # shellcheck disable=SC2086  # MOE_BLOCK_ARGS is a list of arguments
