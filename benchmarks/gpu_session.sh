@@ -54,11 +54,12 @@
 # charts: python benchmarks/plot_results.py on any machine with matplotlib.
 # Other variables: TRAIN_STEP_LIMIT (seconds, default 240), TRAIN_VARIANTS (train-step, 32 layers) and TRAIN_VARIANTS_8
 # (train-step-8) list bench_train_step.py variants, e.g. "fastmoe-4bit,fastmoe-4bit-adamw8bit"; NF4_CONFIGS sweeps the
-# NF4 GEMMs' launch configuration in nf4-experts; MOE_BLOCK_ARGS adds bench_moe_block.py arguments in moe-block
-# ("--tokens 4096,16384 --shapes Mixtral-8x7B,JetMoe-8B"), MOE_BLOCK_LIMIT its seconds (default 150); GPU_TEST_ARGS
-# replaces gpu-tests' pytest arguments ("tests"; e.g. "-n 4 -rfE tests/kernels/moe": four processes, with pytest-xdist
-# among the carried wheels, compile the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240) ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
-# only); FAMILY_* and QUALITY_ARGS below. FASTMOE_BENCH_RUN names the session (default: the start time), so that
+# NF4 GEMMs' launch configuration in nf4-experts ("128:64:4:3,128:128:8:3": BLOCK_N:BLOCK_K:warps:stages, printed
+# only); MOE_BLOCK_ARGS adds bench_moe_block.py arguments in moe-block ("--tokens 4096,16384 --shapes
+# Mixtral-8x7B,JetMoe-8B"), MOE_BLOCK_LIMIT its seconds (default 150); GPU_TEST_ARGS replaces gpu-tests' pytest
+# arguments ("tests"; e.g. "-n 4 -rfE tests/kernels/moe": four processes, with pytest-xdist among the carried wheels,
+# compile the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240); FAMILY_* and QUALITY_ARGS below.
+# FASTMOE_BENCH_RUN names the session (default: the start time), so that
 # several calls can share one id.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; -P also
 # keeps a script's own folder off it, so benchmarks/ is put on PYTHONPATH for the scripts' `import common`.
