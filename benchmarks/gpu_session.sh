@@ -59,8 +59,7 @@
 # Mixtral-8x7B,JetMoe-8B"), MOE_BLOCK_LIMIT its seconds (default 150); GPU_TEST_ARGS replaces gpu-tests' pytest
 # arguments ("tests"; e.g. "-n 4 -rfE tests/kernels/moe": four processes, with pytest-xdist among the carried wheels,
 # compile the kernels in parallel), GPU_TESTS_LIMIT its seconds (default 240); FAMILY_* and QUALITY_ARGS below.
-# FASTMOE_BENCH_RUN names the session (default: the start time), so that
-# several calls can share one id.
+# FASTMOE_BENCH_RUN names the session (default: the start time), so that several calls can share one id.
 # Python is started with -P so the checkout's root (which has fastmoe/ without kernels/) is not on sys.path; -P also
 # keeps a script's own folder off it, so benchmarks/ is put on PYTHONPATH for the scripts' `import common`.
 set -uo pipefail
