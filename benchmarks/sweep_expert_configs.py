@@ -1,6 +1,6 @@
 """Launch configurations of fastmoe's 16-bit expert kernels, timed at real MoE shapes, to choose the defaults in
 fastmoe/kernels/moe/grouped_gemm.py (`_GPU_ROW_GEMM`, `_GPU_ROW_GEMM_TRANSPOSED`, `_GPU_SWIGLU`, `_GPU_SWIGLU_BWD`,
-`_GPU_WGRAD`, `_GPU_EPILOGUE`).
+`_GPU_WGRAD`, `_GPU_EPILOGUE`, `_GPU_SWIGLU_BWD_EPILOGUE`).
 
 GPU only. For each model's expert shapes (bf16, LoRA r=16 fused as in training, balanced random routing) and each
 kernel of a training step's MoE layer:
@@ -11,7 +11,8 @@ kernel of a training step's MoE layer:
   h A^T, d(gate_up) B);
 * `row_gemm_transposed`: the backward's transposed read of gate_up (d(x): N=H, K=2I);
 * `wgrad`: LoRA's factor gradients, per-expert reductions over rows (d(A): N=r, d(B): K=r);
-* `epilogue`: the SwiGLU forward and backward, the down projection and d(x) given their base products (the form they
+* `epilogue` and `swiglu_backward_epilogue`: the SwiGLU forward, the down projection and d(x), and the SwiGLU
+  backward, given their base products (the form they
   take where torch's grouped GEMM computes those, `grouped_gemm.base_product`), with torch's product itself timed
   beside them (`torch product`, not swept) so that product + epilogue can be set against the fused kernel;
 
@@ -53,9 +54,11 @@ SWEEP = {
     "row_gemm_transposed": "128:64:8:3,256:64:8:4,256:32:8:4,256:64:4:3",
     "wgrad": "64:128:4:4,128:64:4:3,128:128:8:3,256:64:8:3,64:64:4:4",
     "epilogue": "64:64:4:2,128:64:4:1,128:64:8:1,128:64:8:2,256:64:8:1,64:64:8:1",
+    "swiglu_backward_epilogue": "64:64:4:1,64:64:8:2,128:64:8:1,32:64:4:1,32:64:8:1,64:32:8:1",
 }
 ATTRIBUTE = {"swiglu": "_GPU_SWIGLU", "swiglu_backward": "_GPU_SWIGLU_BWD", "row_gemm": "_GPU_ROW_GEMM",
-             "row_gemm_transposed": "_GPU_ROW_GEMM_TRANSPOSED", "wgrad": "_GPU_WGRAD", "epilogue": "_GPU_EPILOGUE"}
+             "row_gemm_transposed": "_GPU_ROW_GEMM_TRANSPOSED", "wgrad": "_GPU_WGRAD", "epilogue": "_GPU_EPILOGUE",
+             "swiglu_backward_epilogue": "_GPU_SWIGLU_BWD_EPILOGUE"}
 
 
 def parse(spec: str) -> tuple[int, int, dict]:
@@ -140,7 +143,8 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     for name, (case, epilogue) in epilogues.items():
         product = products[name]
         # fn writes over a working copy again and again; check reads a fresh copy of the untouched product.
-        cases.append(("epilogue", case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product.clone()),
+        kernel = "swiglu_backward_epilogue" if name == "d(h)" else "epilogue"
+        cases.append((kernel, case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product.clone()),
                       (lambda e, p: lambda: e(p.clone()).clone())(epilogue, product)))
     gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
                 "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}
