@@ -12,9 +12,9 @@ kernel of a training step's MoE layer:
 * `row_gemm_transposed`: the backward's transposed read of gate_up (d(x): N=H, K=2I);
 * `wgrad`: LoRA's factor gradients, per-expert reductions over rows (d(A): N=r, d(B): K=r);
 * `epilogue` and `swiglu_backward_epilogue`: the SwiGLU forward, the down projection and d(x), and the SwiGLU
-  backward, given their base products (the form they
-  take where torch's grouped GEMM computes those, `grouped_gemm.base_product`), with torch's product itself timed
-  beside them (`torch product`, not swept) so that product + epilogue can be set against the fused kernel;
+  backward, given their base products (the form they take where torch's grouped GEMM computes those,
+  `grouped_gemm.base_product`), with torch's product itself timed beside them (`torch product`, not swept) so that
+  product + epilogue can be set against the fused kernel;
 
 every listed configuration (BLOCK_N:BLOCK_K:num_warps:num_stages; the SwiGLU kernels' BLOCK_N counts h's
 columns) is timed (median of triton.testing.do_bench) and checked against the default's output. The table is
@@ -121,11 +121,13 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
          lambda: grouped_wgrad(dgu, identity, lora_l, identity, schedule, grad_b)),
     ]
     cases = [(kernel, name, flops, fn, None) for kernel, name, flops, fn in cases]
-    # The epilogues, given base products as torch's grouped GEMM computes them (the SwiGLU kernels write over theirs).
-    products = {"gate_up": grouped_gemm.expert_product(x.index_select(0, token_rows), gate_up, schedule),
-                "d(h)": grouped_gemm.expert_product(grad.index_select(0, token_rows), down, schedule, transpose=True),
-                "down": grouped_gemm.expert_product(h, down, schedule),
-                "d(x)": grouped_gemm.expert_product(dgu, gate_up, schedule, transpose=True)}
+    # torch's products of each epilogue's rows (gathered into expert order where the kernel reads them gathered).
+    gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
+                "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}
+    torch_products = {name: (lambda a, a_rows, weight, transpose: lambda: grouped_gemm.expert_product(
+        a if a_rows is None else a.index_select(0, a_rows), weight, schedule, transpose))(*operands)
+        for name, operands in gathered.items()}
+    # The epilogues given those products (the SwiGLU kernels write over theirs).
     epilogues = {
         "gate_up": (f"SwiGLU fwd epilogue N=2x{inter}", lambda p: grouped_mm_swiglu(
             x, token_rows, gate_up, schedule, lora_l, gate_up_b, store_gate_up=True, interleaved=interleaved,
@@ -141,19 +143,13 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     product_flops = {"gate_up": 4 * rows * inter * hidden, "d(h)": 2 * rows * inter * hidden,
                      "down": 2 * rows * inter * hidden, "d(x)": 4 * rows * inter * hidden}
     for name, (case, epilogue) in epilogues.items():
-        product = products[name]
+        product = torch_products[name]()
         # fn writes over a working copy again and again; check reads a fresh copy of the untouched product.
         kernel = "swiglu_backward_epilogue" if name == "d(h)" else "epilogue"
         cases.append((kernel, case, product_flops[name], (lambda e, p: lambda: e(p))(epilogue, product.clone()),
                       (lambda e, p: lambda: e(p.clone()).clone())(epilogue, product)))
-    gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
-                "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}
-    for name, (a, a_rows, weight, transpose) in gathered.items():
-        def product(a=a, a_rows=a_rows, weight=weight, transpose=transpose):
-            rows_in_order = a if a_rows is None else a.index_select(0, a_rows)
-            return grouped_gemm.expert_product(rows_in_order, weight, schedule, transpose)
-
-        cases.append(("torch product", f"{name} product by torch", product_flops[name], product, None))
+    for name, fn in torch_products.items():
+        cases.append(("torch product", f"{name} product by torch", product_flops[name], fn, None))
     return cases
 
 
