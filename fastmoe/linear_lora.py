@@ -204,14 +204,22 @@ def project(x: torch.Tensor, *layers: torch.nn.Module) -> tuple[torch.Tensor, ..
 _SILU = tuple(t for t in (torch.nn.SiLU, getattr(transformers.activations, "SiLUActivation", None)) if t is not None)
 
 
+def is_silu(act) -> bool:
+    """Whether the activation a model calls, a function or a module, computes exactly SiLU: F.silu, or one of
+    transformers' SiLU modules with no forward of its own (a kernel from the hub swapped in) and no hooks."""
+    if act is torch.nn.functional.silu:
+        return True
+    return (type(act) in _SILU and not act._forward_hooks and not act._forward_pre_hooks
+            and "forward" not in vars(act))
+
+
 def swiglu(x: torch.Tensor, gate: torch.nn.Module, up: torch.nn.Module,
            act: torch.nn.Module | None = None) -> torch.Tensor:
     """act(gate(x)) * up(x) (act None: SiLU), a gated MLP's hidden activations: while decoding, with a SiLU, in one
     launch when each layer alone would take the few-rows kernel, rounded as PyTorch rounds the three ops; the ops
     otherwise."""
     projections = None
-    if act is None or (type(act) in _SILU and not act._forward_hooks and not act._forward_pre_hooks
-                       and "forward" not in vars(act)):
+    if act is None or is_silu(act):
         projections = _few_rows_projections(x, (gate, up))
     if projections is None or tuple(projections[0].weight.shape) != tuple(projections[1].weight.shape):
         return (torch.nn.functional.silu(gate(x)) if act is None else act(gate(x))) * up(x)

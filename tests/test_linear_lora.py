@@ -225,3 +225,20 @@ def test_4bit_layers_decode_their_nf4_weights_in_one_few_rows_launch(count_launc
         lora.lora_B["default"].weight.t()
     assert rel_err(q, expected_q) < 1e-5 and rel_err(q_alone, expected_q) < 1e-5
     assert rel_err(k, x @ weights[1].t()) < 1e-5
+
+
+def test_is_silu_names_exactly_the_silu_activations():
+    import transformers.activations
+
+    assert linear_lora.is_silu(torch.nn.functional.silu)
+    assert linear_lora.is_silu(torch.nn.SiLU())
+    assert linear_lora.is_silu(transformers.activations.ACT2FN["silu"])
+    assert not linear_lora.is_silu(transformers.activations.ACT2FN["gelu"])
+    assert not linear_lora.is_silu(torch.nn.functional.gelu)
+    assert not linear_lora.is_silu(None)
+    hooked = torch.nn.SiLU()
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    assert not linear_lora.is_silu(hooked)
+    replaced = torch.nn.SiLU()
+    replaced.forward = torch.nn.functional.gelu
+    assert not linear_lora.is_silu(replaced)

@@ -26,6 +26,7 @@ from fastmoe.kernels.moe import (
     route_softmax_topk,
 )
 from fastmoe.kernels.rope import apply_rope
+from fastmoe.linear_lora import is_silu
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, transformers_attention
 from fastmoe.patching import FIXED, Family, ForwardPatch
@@ -104,7 +105,8 @@ def moe_forward(self: hf.JetMoeMoE, layer_input: torch.Tensor) -> torch.Tensor:
     gate_up = unwrap_expert_lora(self.input_linear)
     down = unwrap_expert_lora(self.output_linear)
     # input_linear's rows are [activation half; linear half], the (gate; up) layout of the fused SwiGLU experts.
-    fused = isinstance(self.activation, torch.nn.SiLU) and gate_up is not None and down is not None
+    # Checked with is_silu: JetMoe's "silu" is transformers' SiLUActivation, not torch.nn.SiLU.
+    fused = is_silu(self.activation) and gate_up is not None and down is not None
     if fused and is_quantized(gate_up[0]) and is_quantized(down[0]):
         out = moe_experts_nf4(flat, index, weights, nf4_weight(gate_up[0], "weight"), nf4_weight(down[0], "weight"),
                               gate_up_lora=gate_up[1].get("weight"), down_lora=down[1].get("weight"))

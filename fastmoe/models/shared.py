@@ -9,7 +9,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, route_softmax_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
-from fastmoe.linear_lora import swiglu
+from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -95,10 +95,8 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
                                           self.gate_up_proj_bias, self.down_proj, self.down_proj_bias, self.alpha,
                                           self.limit)
     layout = dict(has_gate=True, is_concatenated=True, is_transposed=False, has_bias=False, has_post_expert_norm=False)
-    # An activation module (AFMoE's SiLUActivation) or the bare function (LFM2-MoE's F.silu).
-    act_fn = getattr(self, "act_fn", None)
-    silu = act_fn is torch.nn.functional.silu or type(act_fn).__name__ in ("SiLU", "SiLUActivation")
-    if not silu or any(getattr(self, flag, value) != value for flag, value in layout.items()):
+    laid_out = all(getattr(self, flag, value) == value for flag, value in layout.items())
+    if not laid_out or not is_silu(getattr(self, "act_fn", None)):
         raise NotImplementedError(
             f"experts_implementation={EXPERTS_IMPLEMENTATION!r} computes SiLU-gated experts stored as gate_up_proj "
             f"(experts, 2 * intermediate, hidden) without bias; {type(self).__name__} is laid out otherwise: pick "
@@ -131,7 +129,10 @@ def swiglu_experts(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: 
     if not runs_fastmoe_experts(experts):
         return experts(hidden, top_k_index, top_k_weights)
     unwrapped = unwrap_expert_lora(experts)
-    if unwrapped is None:
+    # peft's wrapper applies the LoRA our kernels cannot read (several adapters active at once); an activation other
+    # than SiLU (a config's hidden_act) is not the kernels' either: transformers' own forward (with the experts
+    # implementation "fastmoe" that refuses with a message saying what to choose instead).
+    if unwrapped is None or not is_silu(getattr(unwrapped[0], "act_fn", None)):
         refuse_peft_forward_on_nf4(experts)
         return experts(hidden, top_k_index, top_k_weights)
     bare, loras = unwrapped

@@ -38,6 +38,26 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
         assert rel_err(grads[name], ref_grads[name]) < tolerance, name
 
 
+def test_experts_of_another_activation_are_not_computed_as_silu(tmp_path, tiny_tokenizer):
+    """fastmoe's experts kernel computes SiLU-gated experts: a config with another hidden_act gets a message that
+    says what to choose, and with that choice (transformers' experts forward, peft's LoRA) the same training step."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("qwen3_moe", tmp_path, seed=0, tokenizer=tiny_tokenizer, hidden_act="gelu")
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False, **TARGETS)
+    with pytest.raises(NotImplementedError, match="SiLU-gated experts.*grouped_mm"):
+        model(**batch_with_padding(model.config.vocab_size, seq=6))
+    with pytest.warns(UserWarning, match="eager forward"):
+        (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
+            checkpoint, dict(r=4, lora_alpha=8, **TARGETS), experts_implementation="eager")
+    tolerance = fp32_model_tolerance(AutoConfig.from_pretrained(checkpoint), *ref_logits.shape[:2])
+    assert rel_err(loss, ref_loss) < tolerance
+    assert any("mlp.experts" in name for name in grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < tolerance, name
+
+
 def test_unpatch_restores_transformers(tiny_checkpoint):
     model, reference, batch = patched_model_and_unpatched_reference(tiny_checkpoint("qwen3_moe"), PATCHED)
     with torch.no_grad():
