@@ -369,10 +369,13 @@ def reference_sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_
     """sort_by_expert in PyTorch (also what runs beyond ONE_PROGRAM_PAIRS pairs, and under torch.compile)."""
     num_tokens, top_k = top_k_index.shape
     device = top_k_index.device
-    flat = top_k_index.reshape(-1)
+    # Sorted as the narrowest integers the expert ids fit: CUDA's radix sort makes one pass per byte of the key (8 for
+    # the int64 indices topk returns, 1 for uint8).
+    key_dtype = torch.uint8 if num_experts <= 255 else torch.int16 if num_experts < 2**15 else torch.int32
+    flat = top_k_index.reshape(-1).to(key_dtype)
     sorted_expert, sorted_pair = torch.sort(flat, stable=True)
     # searchsorted instead of bincount: bincount syncs on CUDA to size its output.
-    bounds = torch.arange(num_experts + 1, device=device, dtype=sorted_expert.dtype)
+    bounds = torch.arange(num_experts + 1, device=device, dtype=key_dtype)
     expert_offsets = torch.searchsorted(sorted_expert, bounds).to(torch.int32)
     counts = expert_offsets[1:] - expert_offsets[:-1]
     tiles_per_expert = (counts + block_m - 1) // block_m

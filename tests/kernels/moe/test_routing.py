@@ -113,12 +113,15 @@ def test_fp16_logits_under_interpreter():
     _compare(route_softmax_topk, logits, 2, tol=1e-3)
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8)])
+# 255 and 256 experts: the widest uint8 sort key and the first int16 one.
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8),
+                                                                  (90, 255, 4, 8), (70, 256, 8, 16)])
 def test_sort_by_expert(num_tokens, num_experts, top_k, block_m):
     torch.manual_seed(0)
-    # Only the first half of the experts receive tokens: the others must get no tile.
+    # Only the first half of the experts and the last receive tokens: the others must get no tile.
     used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
     index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
+    index[0, 0] = num_experts - 1  # the largest id the key holds
     schedule = sort_by_expert(index, num_experts, block_m)
     flat = index.reshape(-1)
     counts = torch.bincount(flat, minlength=num_experts)
@@ -147,6 +150,7 @@ def test_one_program_schedule_is_the_reference_schedule(num_tokens, num_experts,
     torch.manual_seed(num_tokens)
     used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
     index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
+    index[0, 0] = num_experts - 1  # the largest id the key holds
     assert index.numel() <= ONE_PROGRAM_PAIRS
     got, expected = sort_by_expert(index, num_experts, block_m), reference_sort_by_expert(index, num_experts, block_m)
     for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
