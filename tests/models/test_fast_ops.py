@@ -162,3 +162,38 @@ def test_an_unsupported_family_takes_no_fast_ops(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="fast_ops: fastmoe has no fast path for model_type 'llama'"):
         FastModel.from_pretrained(str(tmp_path), fast_ops={"rms_norm": False})
+
+
+# The module that runs one fused experts op per MoE block, where it is not transformers' "...Experts" module.
+EXPERT_BLOCKS = {"jetmoe": "JetMoeMoE"}
+
+
+@pytest.mark.parametrize("model_type", [t for t in models.FAMILIES if models.family(t).routed_experts is not None])
+def test_every_moe_block_runs_the_fused_experts_op_with_its_lora(tiny_checkpoint, monkeypatch, model_type):
+    """With the default LoRA targets each MoE block's experts run one fused experts op that is handed the LoRA of both
+    expert stacks: no family falls back, with its checkpoints' own settings, to a slower path that still gives the
+    same numbers (JetMoe's "silu" module once sent its MoE through expert_map, activation and expert_reduce;
+    transformers' experts forward under peft's wrappers takes the LoRA merged into the weights)."""
+    from fastmoe.kernels.moe.experts import ExpertLora
+    from fastmoe.models import gpt_oss, jetmoe, shared
+
+    loras_per_call = []
+
+    def recorded(op):
+        def call(*args, **kwargs):
+            loras_per_call.append(sum(isinstance(a, ExpertLora) for a in (*args, *kwargs.values())))
+            return op(*args, **kwargs)
+        return call
+
+    for module in (shared, jetmoe, gpt_oss):
+        for name in ("moe_experts", "moe_experts_clamped_swiglu"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, recorded(getattr(module, name)))
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.float32)
+    model = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    names = [type(m).__name__ for m in model.get_base_model().modules()]
+    blocks = (names.count(EXPERT_BLOCKS[model_type]) if model_type in EXPERT_BLOCKS
+              else sum(name.endswith("Experts") for name in names))
+    with torch.no_grad():
+        model(**batch_with_padding(model.config.vocab_size, seq=6))
+    assert blocks > 0 and loras_per_call == [2] * blocks, (blocks, loras_per_call)
