@@ -72,12 +72,15 @@ def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint,
 
 def test_silu_experts_take_the_fused_swiglu_kernel(tiny_checkpoint, monkeypatch):
     """JetMoe's "silu" is transformers' SiLUActivation module: the MoE block must still take the fused SwiGLU experts
-    (one moe_experts call per layer), not expert_map + activation + expert_reduce."""
+    (one moe_experts call per layer), not expert_map + activation + expert_reduce, and the mixture of attention heads
+    fastmoe's expert_map and expert_reduce with their LoRA."""
     from fastmoe.models import jetmoe
 
     calls = []
     fused = jetmoe.moe_experts
     monkeypatch.setattr(jetmoe, "moe_experts", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    # Nor do the attention heads' projections go through peft's wrappers.
+    monkeypatch.setattr(jetmoe, "_wrapped_pairs_linear", None)
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint("jetmoe")), dtype=torch.float32)
     model = FastModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
     assert type(model.get_base_model().model.layers[0].mlp.activation).__name__ == "SiLUActivation"
