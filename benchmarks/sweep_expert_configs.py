@@ -28,6 +28,7 @@ printed, not recorded: the records of what the code runs come from bench_moe_blo
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -124,9 +125,12 @@ def kernel_cases(hidden: int, inter: int, num_experts: int, top_k: int, interlea
     # torch's products of each epilogue's rows (gathered into expert order where the kernel reads them gathered).
     gathered = {"gate_up": (x, token_rows, gate_up, False), "d(h)": (grad, token_rows, down, True),
                 "down": (h, None, down, False), "d(x)": (dgu, None, gate_up, True)}
-    torch_products = {name: (lambda a, a_rows, weight, transpose: lambda: grouped_gemm.expert_product(
-        a if a_rows is None else a.index_select(0, a_rows), weight, schedule, transpose))(*operands)
-        for name, operands in gathered.items()}
+
+    def torch_product(a, a_rows, weight, transpose):
+        rows_in_order = a if a_rows is None else a.index_select(0, a_rows)
+        return grouped_gemm.expert_product(rows_in_order, weight, schedule, transpose)
+
+    torch_products = {name: functools.partial(torch_product, *operands) for name, operands in gathered.items()}
     # The epilogues given those products (the SwiGLU kernels write over theirs).
     epilogues = {
         "gate_up": (f"SwiGLU fwd epilogue N=2x{inter}", lambda p: grouped_mm_swiglu(
