@@ -35,22 +35,40 @@ import bench_sft
 import common
 
 
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds in memory: 0 for a zero-storage placeholder (a 0-d value expanded to a shape, as
+    fastmoe leaves in place of each expert stack it quantized to NF4: the codes are the experts module's buffers)."""
+    if tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride()):
+        return 0
+    return tensor.numel() * tensor.element_size()
+
+
 def decode_bytes(model, config, batch: int, context: int) -> int:
-    """Bytes one decode step reads at least (see the module docstring)."""
+    """Bytes one decode step reads at least (see the module docstring): the weights as they are stored, parameters
+    and buffers (fastmoe's NF4 expert codes and absmax are buffers), and bitsandbytes' 4-bit quantization statistics."""
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", None)
     touched = num_experts * (1 - (1 - top_k / num_experts) ** batch) if num_experts else None
+    from fastmoe import models
+
+    family = models.family(config.model_type)
+    routers = tuple(f"{router}." for router in family.routers) if family is not None else ()
     total = 0
     seen = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen:
             continue
-        seen.add(id(param))
-        size = param.numel() * param.element_size()
+        seen.add(id(tensor))
+        size = stored_bytes(tensor)
         if "embed_tokens" in name:
-            size = batch * param.shape[-1] * param.element_size()  # only the batch's rows are read
-        elif num_experts and param.dim() >= 2 and param.shape[0] == num_experts and touched is not None:
-            size = size * touched / num_experts  # a stack of experts, or one expert-indexed LoRA factor
+            size = batch * tensor.shape[-1] * tensor.element_size()  # only the batch's rows are read
+        elif (num_experts and tensor.shape and tensor.shape[0] == num_experts and not _in(name, routers)
+              and (tensor.dim() >= 2 or name.endswith("_nf4_absmax_offset"))):
+            # a stack of experts (its NF4 codes and scales), or an expert-indexed LoRA factor; routers read whole
+            size = size * touched / num_experts
+        quant_state = getattr(tensor, "quant_state", None)  # bitsandbytes Params4bit: absmax beside the codes
+        if quant_state is not None:
+            size += sum(stored_bytes(t) for t in _quant_state_tensors(quant_state))
         total += size
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -61,6 +79,17 @@ def decode_bytes(model, config, batch: int, context: int) -> int:
         if kind in ("full_attention", "sliding_attention"):
             total += 2 * batch * kv_heads * keys * head_dim * 2
     return int(total)
+
+
+def _in(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether parameter `name` belongs to a module whose path ends with one of `modules` (each ending in ".")."""
+    return any(f".{module}" in f".{name}" for module in modules)
+
+
+def _quant_state_tensors(quant_state) -> list[torch.Tensor]:
+    """A bitsandbytes QuantState's per-block scales: absmax, and with nested quantization the absmax of those."""
+    nested = getattr(quant_state, "state2", None)
+    return [quant_state.absmax] + ([nested.absmax] if nested is not None else [])
 
 
 def print_profile(fn, rows: int, what: str) -> None:

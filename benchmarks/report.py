@@ -516,7 +516,10 @@ SECTIONS = [
             "alone), medians of 3 calls. Graph replay alone: the captured step replayed back to back (the device "
             "time; the rest of a step is generate's host work). Roofline: the bytes a step must read (weights, the "
             "experts a batch of that size selects on average, adapters, LM head, KV cache) over the measured copy "
-            "bandwidth.",
+            "bandwidth, weights counted as stored (4-bit: NF4 experts' codes and scales, bitsandbytes' packed "
+            "Linear weights with their absmax). The 4-bit fastmoe records before 2026-12-06 counted the NF4 experts "
+            "at their 16-bit size: their bytes and shares were recomputed from the same model shapes "
+            "(`step_bytes_corrected` in the record).",
             "python benchmarks/bench_generate.py --preset trinity-mini --layers 8 --batches 1,8,64", generate_section),
     Section("grpo", "RL rollouts: a trl GRPO step's generation phase without vLLM",
             "bench_grpo.py: the model loaded as for table 1, trained by `trl.GRPOTrainer(use_vllm=False)` at bf16; "

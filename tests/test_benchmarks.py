@@ -464,6 +464,34 @@ def test_generate_benchmark_smoke_run_records_the_same_tokens_both_ways(tmp_path
     assert "| afmoe-tiny, 2 layers | bf16 | 2 | 12 |" in page
 
 
+def test_decode_roofline_counts_4bit_weights_as_they_are_stored(tiny_checkpoint):
+    """A 4-bit model's decode bytes count its experts' NF4 codes and absmax (buffers of the experts module) instead of
+    the zero-storage placeholders left where the 16-bit stacks were, and bitsandbytes' Linear weights packed, with
+    their absmax: against the 16-bit model of the same checkpoint, exactly what the quantization saves."""
+    import bitsandbytes
+
+    from fastmoe import FastModel
+    from fastmoe.quantize import nf4_weight
+
+    path = str(tiny_checkpoint("lfm2_moe"))
+    full, _ = FastModel.from_pretrained(path, max_seq_length=64)
+    quantized, _ = FastModel.from_pretrained(path, max_seq_length=64, load_in_4bit=True)
+    config = full.config
+    read_share = config.num_experts_per_tok / config.num_experts  # the experts one token's decode step reads
+    saved = 0.0
+    modules = dict(full.named_modules())
+    for name, module in quantized.named_modules():
+        if hasattr(module, "gate_up_proj_nf4_packed"):
+            for stack in ("gate_up_proj", "down_proj"):
+                saved += (getattr(modules[name], stack).nbytes - nf4_weight(module, stack).nbytes()) * read_share
+        elif isinstance(module, bitsandbytes.nn.Linear4bit):
+            state = module.weight.quant_state
+            saved += modules[name].weight.nbytes - module.weight.nbytes - state.absmax.nbytes - state.state2.absmax.nbytes
+    assert saved > 0
+    expected = bench_generate.decode_bytes(full, config, 1, 16) - saved
+    assert bench_generate.decode_bytes(quantized, config, 1, 16) == pytest.approx(expected, rel=1e-9, abs=2)
+
+
 def test_grpo_benchmark_smoke_run(tmp_path):
     """bench_grpo.py on the CPU (the ops' references): a GRPO step of each implementation, fastmoe's rollouts through
     its decode path, recorded, and on the page."""
