@@ -113,16 +113,20 @@ def test_fp16_logits_under_interpreter():
     _compare(route_softmax_topk, logits, 2, tol=1e-3)
 
 
-# 255 and 256 experts: the widest uint8 sort key and the first int16 one.
+# 255 and 256 experts: the widest uint8 sort key and the first int16 one. On CUDA (a GPU test) the sort is CUB's
+# radix sort, whose passes depend on the key's width.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
                          [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8), (90, 255, 4, 8), (70, 256, 8, 16)])
-def test_sort_by_expert(num_tokens, num_experts, top_k, block_m):
+def test_sort_by_expert(num_tokens, num_experts, top_k, block_m, device):
     torch.manual_seed(0)
     # Only the first half of the experts and the last receive tokens: the others must get no tile.
     used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
     index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
     index[0, 0] = num_experts - 1  # the largest id the key holds
-    schedule = sort_by_expert(index, num_experts, block_m)
+    schedule = sort_by_expert(index.to(device), num_experts, block_m)
+    schedule = type(schedule)(**{name: value.cpu() if isinstance(value, torch.Tensor) else value
+                                 for name, value in vars(schedule).items()})
     flat = index.reshape(-1)
     counts = torch.bincount(flat, minlength=num_experts)
     assert torch.equal(schedule.expert_offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
