@@ -12,9 +12,9 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import decoder_layer_patch, gated_mlp_forward, transformers_attention
+from fastmoe.models.shared import attend, decoder_layer_patch, gated_mlp_forward
 from fastmoe.patching import Family, ForwardPatch
-from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.sliding_window_attention import mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 
@@ -45,14 +45,7 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
     key = _heads_with_rope(key.view(hidden_shape), k_norm, cos, sin)
     value = value.view(hidden_shape).transpose(1, 2)
 
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-
-    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
-        output, attn_weights = flash_causal_attention(query, key, value, attention_mask, self.scaling), None
-    else:
-        output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask, **kwargs)
-    output = output.reshape(*input_shape, -1).contiguous()
+    output, attn_weights = attend(self, hf, query, key, value, attention_mask, past_key_values, **kwargs)
     return self.o_proj(output), attn_weights
 
 

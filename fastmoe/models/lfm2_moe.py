@@ -17,10 +17,9 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, rms_norm_forward, swiglu_experts,
-                                   transformers_attention)
+from fastmoe.models.shared import add_rms_norm, attend, decoder_layer_patch, rms_norm_forward, swiglu_experts
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
-from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.sliding_window_attention import mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
@@ -64,15 +63,9 @@ def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddi
                        norm="rms")
     value = value.view(hidden_shape).transpose(1, 2)
 
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-
-    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
-        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
-        return self.out_proj(output.reshape(*input_shape, -1).contiguous()), None
     # Lfm2MoeAttention has no attention dropout: transformers passes 0.0, as transformers_attention does for it.
-    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask, **kwargs)
-    return self.out_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+    output, attn_weights = attend(self, hf, query, key, value, attention_mask, past_key_values, **kwargs)
+    return self.out_proj(output), attn_weights
 
 
 def _starts_conv_state(self: hf.Lfm2MoeShortConv, cache) -> bool:

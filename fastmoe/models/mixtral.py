@@ -9,10 +9,10 @@ from transformers.models.mixtral import modeling_mixtral as hf
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
-                                   routed_moe_forward, softmax_topk_router_forward, transformers_attention)
+from fastmoe.models.shared import (attend, decoder_layer_patch, norm_attention_norm_mlp_forward, rms_norm_forward,
+                                   routed_moe_forward, softmax_topk_router_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
-from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.sliding_window_attention import mask_layout_patches
 
 _original_sparse_moe_forward = hf.MixtralSparseMoeBlock.forward
 
@@ -33,15 +33,9 @@ def attention_forward(self: hf.MixtralAttention, hidden_states, position_embeddi
     key = apply_rope(key.view(hidden_shape).transpose(1, 2), cos, sin)
     value = value.view(hidden_shape).transpose(1, 2)
 
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-
-    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
-        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
-                                                  sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
-    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+    output, attn_weights = attend(self, hf, query, key, value, attention_mask, past_key_values,
+                                  sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
+    return self.o_proj(output), attn_weights
 
 
 _causal_lm_forward = fused_loss_forward(hf.MixtralForCausalLM.forward)

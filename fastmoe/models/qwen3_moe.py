@@ -8,11 +8,10 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
-                                   renormalised_router_forward, rms_norm_forward, routed_moe_forward,
-                                   transformers_attention)
+from fastmoe.models.shared import (attend, decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
+                                   renormalised_router_forward, rms_norm_forward, routed_moe_forward)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
-from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
+from fastmoe.sliding_window_attention import mask_layout_patches
 
 _original_router_forward = hf.Qwen3MoeTopKRouter.forward
 # Renormalised over the k chosen (norm_topk_prob, what Qwen3-MoE checkpoints set): fastmoe's softmax top-k routing;
@@ -31,15 +30,9 @@ def attention_forward(self: hf.Qwen3MoeAttention, hidden_states, position_embedd
     key = qk_norm_rope(key.view(hidden_shape), self.k_norm.weight, cos, sin, self.k_norm.variance_epsilon, norm="rms")
     value = value.view(hidden_shape).transpose(1, 2)
 
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-
-    if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
-        output = flash_causal_attention(query, key, value, attention_mask, self.scaling)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-    output, attn_weights = transformers_attention(self, hf, query, key, value, attention_mask,
-                                                  sliding_window=self.sliding_window, **kwargs)
-    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), attn_weights
+    output, attn_weights = attend(self, hf, query, key, value, attention_mask, past_key_values,
+                                  sliding_window=self.sliding_window, **kwargs)
+    return self.o_proj(output), attn_weights
 
 
 _causal_lm_forward = fused_loss_forward(hf.Qwen3MoeForCausalLM.forward)

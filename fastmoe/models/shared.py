@@ -12,6 +12,7 @@ from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
+from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention
 from fastmoe.token_chunks import feed_forward_in_chunks
 
 # fastmoe's experts kernel as one of transformers' experts implementations (`experts_implementation`, beside eager,
@@ -48,6 +49,23 @@ def transformers_attention(self: torch.nn.Module, modeling, query: torch.Tensor,
     dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
     return attention_interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
                                **kwargs)
+
+
+def attend(self: torch.nn.Module, modeling, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask, past_key_values=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention of a patched attention forward between its projections: the cache takes this call's keys and
+    values, then PyTorch's flash kernel runs where the model's mask is a flash layout (no mask was built: see
+    sliding_window_attention.mask_layout_patches; the layout carries any window), else transformers' attention
+    function (transformers_attention; kwargs go to it). query (batch, heads, seq, head_dim), key and value (batch,
+    kv_heads, seq, head_dim). Returns the (batch, seq, heads * head_dim) output, contiguous for the output projection,
+    and the attention weights (None from flash)."""
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    if isinstance(attention_mask, FlashCausal):
+        output, attn_weights = flash_causal_attention(query, key, value, attention_mask, self.scaling), None
+    else:
+        output, attn_weights = transformers_attention(self, modeling, query, key, value, attention_mask, **kwargs)
+    return output.reshape(*output.shape[:2], -1).contiguous(), attn_weights
 
 
 def decoder_layer_patch(layer_class: type, forward) -> ForwardPatch:
