@@ -269,13 +269,17 @@ def one_token(device: str) -> None:
         index = torch.randperm(num_experts, device=device)[:top_k][None]
         weights = torch.rand(1, top_k, device=device)
         gbytes = top_k * 3 * inter * hidden * bytes_per_weight / 1e9
-        variants = {"grouped": (False, 64, 1.0)}
-        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale)
+        variants = {"grouped": (False, 64, 1.0, True)}
+        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True)
                          for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
+        if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
+            variants.update({f"one-token BLOCK_N {n} splits x{scale} portable decode": (True, n, scale, False)
+                             for n, scale in itertools.product((64,), (0.5, 1.0, 2.0))})
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
-            for label, (form, block_n, scale) in variants.items():
+            for label, (form, block_n, scale, register_decode) in variants.items():
                 experts._one_token_form = (lambda weights, _form=form: _form and original_form(weights))
+                one_token_module.GEMV_REGISTER_DECODE = register_decode
                 one_token_module._GPU_BLOCK_N = block_n
                 one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
                                                                                         * _s)))
@@ -292,7 +296,7 @@ def one_token(device: str) -> None:
                 largest_err = max(largest_err, common.rel_err(out.double(), expected))
                 results[label] = ms
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
-        one_token_module._GPU_BLOCK_N = original_block_n
+        one_token_module._GPU_BLOCK_N, one_token_module.GEMV_REGISTER_DECODE = original_block_n, True
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
         if current is None or "grouped" not in results:
             print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "

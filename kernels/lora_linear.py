@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .moe.nf4 import Nf4Weight, absmax_fp32, dequantize_nf4_tile, nf4_code, triton_dtype
-from .moe.one_token import gemv_lora_a_step, gemv_weight_tile
+from .moe.nf4 import Nf4Weight, absmax_fp32, check_register_decode_layout, dequantize_nf4_tile, nf4_code, triton_dtype
+from .moe.one_token import gemv_lora_a_step, gemv_register_decode, gemv_weight_tile
 from .reused_casts import cast, derived, scope_active
 from .split_k import GEMV_BLOCK_K, GPU_SMS, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
@@ -166,15 +166,16 @@ def _out_features(projection: Projection) -> int:
 @triton.jit
 def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc, xa,
                    NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
-                   GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr):
     """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
     packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): acc
     (BLOCK_N, BLOCK_K) and xa (BLOCK_R, BLOCK_K) hold float32 products per k, summed over k by the caller: the weight
-    tile is multiplied where it was loaded or decoded, with no tensor-core operand to stage."""
+    tile is multiplied where it was loaded or decoded, with no tensor-core operand to stage; its NF4 tiles decoded by
+    the PTX register decode with REGISTER_DECODE (one_token.gemv_register_decode)."""
     k_mask = offs_k < K - k0
     if GEMV:
         w = gemv_weight_tile(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, NF4, False,
-                             K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype)
+                             K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE)
         x_row = x.to(tl.float32)  # (1, BLOCK_K)
         acc += w * x_row
         xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x_row, xa, x.dtype)
@@ -211,7 +212,7 @@ def _lora_term(acc, xa, b_ptr, r, scaling, offs_n, offs_r, n_mask, DTYPE: tl.con
 
 @triton.jit
 def _few_rows_kernel(
-    x_ptr, M, K, K_PER_SPLIT, partials_ptr, arrivals_ptr, COLUMNS, code_ptr,
+    x_ptr, M, K, STEPS_PER_SPLIT, partials_ptr, arrivals_ptr, COLUMNS, code_ptr,
     w0, m0, a0, b0, bias0, out0, n0, r0, s0,
     w1, m1, a1, b1, bias1, out1, n1, r1, s1, first1,
     w2, m2, a2, b2, bias2, out2, n2, r2, s2, first2,
@@ -219,12 +220,13 @@ def _few_rows_kernel(
     PROJECTIONS: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_K: tl.constexpr, GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr,
 ):
     """Up to four linear layers of one input x (M <= BLOCK_M rows, K, row-major): out_i = x W_i^T + bias_i + s_i (x
     A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
-    computes the split's K_PER_SPLIT (a multiple of BLOCK_K) share of one block. With SWIGLU, layers 0 and 1 (gate
-    and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS) float32 hold
+    computes the split's STEPS_PER_SPLIT steps of BLOCK_K of one block (whole steps: each k0 is then known to be a
+    multiple of BLOCK_K, so that NF4 rows load 16 bytes at a time for the register decode). With SWIGLU, layers 0 and
+    1 (gate and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS) float32 hold
     the splits' sums and arrivals (one int32 per block, zero on entry and on exit) elects the last. With NF4, w_i are
     packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values). GEMV (one row, BLOCK_M = 1): the products on
     the CUDA cores instead of tl.dot (see _split_product)."""
@@ -258,15 +260,16 @@ def _few_rows_kernel(
         code = tl.load(code_ptr + tl.arange(0, 16))
     else:
         code = tl.zeros((16,), dtype=tl.float32)  # unused
-    k_start = split * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+    k_start = split * STEPS_PER_SPLIT * BLOCK_K
+    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
                     mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         acc, xa = _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, offs_r < r,
-                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION)
+                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION, REGISTER_DECODE)
         if SWIGLU:
             up, xa_up = _split_product(x, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask, offs_r < r1, up,
-                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION)
+                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
+                                       REGISTER_DECODE)
     if GEMV:  # (1, BLOCK_N) and (1, BLOCK_R), the row the rest of the kernel handles as a block of BLOCK_M = 1
         acc, xa = tl.sum(acc, axis=1)[None, :], tl.sum(xa, axis=1)[None, :]
         up, xa_up = tl.sum(up, axis=1)[None, :], tl.sum(xa_up, axis=1)[None, :]
@@ -348,20 +351,24 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
     unused = args[:9] + [1 << 30]  # a block number no program reaches
     args += unused * (MAX_PROJECTIONS - len(projections))
     columns = blocks * block_n * (2 if swiglu else 1)
-    k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    steps_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k)
+    register_decode = (nf4 and config["GEMV"] and gemv_register_decode(
+        projections[0].weight, x2.dtype, block_n, block_k, config.get("num_warps", 4)))
     # Every slot is written whole by its program, empty splits included: no zeroing.
     partials = torch.empty(split_k, rows, columns, dtype=torch.float32, device=x2.device) if split_k > 1 else None
     arrivals = arrival_counts(x2.device, blocks) if split_k > 1 else None
     ranks = [p.lora_a.shape[0] for p in projections if p.lora_a is not None]
-    _few_rows_kernel[(blocks, split_k)](
-        x2, rows, k, k_per_split, partials, arrivals, columns, nf4_code(x2.device) if nf4 else x2, *args,
+    compiled = _few_rows_kernel[(blocks, split_k)](
+        x2, rows, k, steps_per_split, partials, arrivals, columns, nf4_code(x2.device) if nf4 else x2, *args,
         PROJECTIONS=len(projections), SWIGLU=swiglu, HAS_BIAS=projections[0].bias is not None,
         NF4=nf4, K_ALIGNED=k % 64 == 0, WHOLE_K=k % block_k == 0,
         W_DTYPE=triton_dtype(projections[0].weight.dtype) if nf4 else None,
         BLOCK_M=1 if config["GEMV"] else max(16, triton.next_power_of_2(rows)),
         BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
-        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", **config,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", REGISTER_DECODE=register_decode, **config,
     )
+    if register_decode:
+        check_register_decode_layout(compiled)
     return outs
 
 

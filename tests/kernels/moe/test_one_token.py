@@ -9,6 +9,7 @@ from fastmoe.kernels import reference_only, split_k
 from fastmoe.kernels.moe import experts as experts_module
 from fastmoe.kernels.moe.experts import ExpertLora, moe_experts, moe_experts_nf4, reference_moe_experts
 from fastmoe.kernels.moe.nf4 import Nf4Weight, absmax_fp32, quantize_nf4, reference_dequantize_nf4
+from fastmoe.kernels.moe import one_token
 from fastmoe.kernels.moe.one_token import one_token_experts
 from testing_utils import random_expert_lora, random_routing, rel_err
 
@@ -149,14 +150,19 @@ def test_moe_experts_take_the_one_token_form_at_one_token_without_gradients(nf4,
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k", [(2048, 1024, 128, 8), (2048, 1792, 32, 4),
                                                             (200, 72, 8, 1)],
                          ids=["trinity-mini", "lfm2-8b-a1b", "odd-top1"])
-@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
-def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4):
-    """bf16 against the float64 block, at real experts' shapes (the GPU configuration's splits) and an odd one."""
+@pytest.mark.parametrize("nf4,register_decode", [(False, False), (True, False), (True, True)],
+                         ids=["bf16", "nf4", "nf4-register-decode"])
+def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, register_decode, monkeypatch):
+    """bf16 against the float64 block, at real experts' shapes (the GPU configuration's splits) and an odd one; NF4
+    tiles through the portable decode and, where the rows sit on 64-weight blocks, the PTX register decode."""
+    monkeypatch.setattr(one_token, "GEMV_REGISTER_DECODE", register_decode)
     x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(hidden, inter, num_experts, top_k, 16,
                                                                    torch.bfloat16, "cuda", permuted=True)
     if nf4:
         gate_up, down = quantize_nf4(gate_up, True), quantize_nf4(down, True)
         dense = reference_dequantize_nf4(gate_up), reference_dequantize_nf4(down)
+        aligned = hidden % 64 == 0 and inter % 64 == 0
+        assert one_token.gemv_register_decode(gate_up, torch.bfloat16, 64, 64, 4) == (register_decode and aligned)
     else:
         dense = gate_up, down
     out = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
