@@ -441,15 +441,22 @@ def generate_section(records: list[dict], sources: Sources) -> list[str]:
             return "transformers"
         return "fastmoe" if r.get("cuda_graphs", True) else "fastmoe-eager"
 
+    # Speed-ups compare runs on one kind of GPU only (as in the training table): a case measured on two kinds gets a
+    # row for each, named with its GPU.
     latest = newest(records, lambda r: (r["preset"], r["layers"], r.get("quantization") or "bf16", r["batch"],
-                                        r["prompt"], variant(r)))
+                                        r["prompt"], r.get("gpu"), variant(r)))
     rows: dict[tuple, dict[str, dict]] = {}
     for (*case, name), record in latest.items():
         rows.setdefault(tuple(case), {})[name] = record
+    gpus_per_case: dict[tuple, set] = {}
+    for case in rows:
+        gpus_per_case.setdefault(case[:-1], set()).add(case[-1])
     out = []
-    for (preset, layers, weights, batch, prompt), found in sorted(rows.items(), key=lambda item: item[0]):
+    for (preset, layers, weights, batch, prompt, gpu), found in sorted(rows.items(), key=lambda item: (*item[0][:-1], item[0][-1] or "")):
         hf, fm, eager = found.get("transformers"), found.get("fastmoe"), found.get("fastmoe-eager")
-        out.append([f"{preset}, {layers} layers", weights, str(batch), str(prompt),
+        model = f"{preset}, {layers} layers" + (f", {gpu}" if len(gpus_per_case[(preset, layers, weights, batch,
+                                                                                 prompt)]) > 1 else "")
+        out.append([model, weights, str(batch), str(prompt),
                     value(hf, "decode_tokens_per_s", ",.1f"), value(eager, "decode_tokens_per_s", ",.1f"),
                     value(fm, "decode_tokens_per_s", ",.1f"), ratio(fm, hf, "decode_tokens_per_s"),
                     value(fm, "ms_per_step", ".2f"), value(fm, "replay_ms_per_step", ".2f"),

@@ -292,23 +292,29 @@ def test_report_compares_runs_on_one_kind_of_gpu_only():
 
 
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
-    def record(implementation, rate, date, cuda_graphs=True, batch=1):
+    def record(implementation, rate, date, cuda_graphs=True, batch=1, gpu="NVIDIA H200"):
         return {"question": "generate", "preset": "trinity-mini", "layers": 8, "batch": batch, "prompt": 512,
                 "implementation": implementation, "quantization": None, "cuda_graphs": cuda_graphs,
                 "decode_tokens_per_s": rate, "ms_per_step": 1000 / rate, "replay_ms_per_step": None,
                 "roofline_tokens_per_s": 2000.0, "roofline_share": rate / 2000.0, "date": date,
-                "gpu": "NVIDIA H200", "versions": {"torch": "2.11.0"}, "command": "python benchmarks/bench_generate.py"}
+                "gpu": gpu, "versions": {"torch": "2.11.0"}, "command": "python benchmarks/bench_generate.py"}
 
+    h100 = "NVIDIA H100 80GB HBM3"
     records = [record("transformers", 10.0, "2026-12-02 10:00 UTC"), record("fastmoe", 200.0, "2026-12-02 10:00 UTC"),
                record("fastmoe", 400.0, "2026-12-02 11:00 UTC"),
                record("fastmoe", 20.0, "2026-12-02 10:00 UTC", cuda_graphs=False),
-               record("fastmoe", 1500.0, "2026-12-02 11:00 UTC", batch=8)]
+               record("fastmoe", 1500.0, "2026-12-02 11:00 UTC", batch=8),
+               record("fastmoe", 1400.0, "2026-12-03 11:00 UTC", batch=8, gpu=h100),
+               record("transformers", 90.0, "2026-12-01 11:00 UTC", batch=8)]
     page = report.render(records)
     generation = page.split("## 3.")[1].split("## 4.")[0]
     rows = [line for line in generation.splitlines() if line.startswith("| trinity-mini")]
     assert rows[0].startswith("| trinity-mini, 8 layers | bf16 | 1 | 512 | 10.0 | 20.0 | 400.0 | 40.00x | 2.50 | - "
                               "| 2,000 | 20.0% |")
-    assert rows[1].startswith("| trinity-mini, 8 layers | bf16 | 8 | 512 | - | - | 1,500.0 | - |")
+    # Measured on two kinds of GPU: a row each, the speed-up only against transformers on the same kind.
+    assert rows[1].startswith(f"| trinity-mini, 8 layers, {h100} | bf16 | 8 | 512 | - | - | 1,400.0 | - |")
+    assert rows[2].startswith("| trinity-mini, 8 layers, NVIDIA H200 | bf16 | 8 | 512 | 90.0 | - | 1,500.0 | 16.67x |")
+    assert len(rows) == 3
 
 
 def test_long_context_rows_give_the_longest_length_that_trained_and_the_first_out_of_memory():
