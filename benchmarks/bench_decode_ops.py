@@ -165,8 +165,9 @@ def few_rows_nf4(device: str) -> None:
 
 def few_rows_gemv(device: str) -> None:
     """One row (batch-1 decoding): the few-rows kernel's GEMV form against its tl.dot form, NF4 (double-quantized
-    absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration
-    and with other K steps and splits. Each output is checked against the tl.dot form's."""
+    absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration,
+    with other K steps and splits, and for NF4 with the portable decode instead of the PTX register decode. Each
+    output is checked against the tl.dot form's."""
     totals: dict[str, float] = {}
     for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
         layers = _launch_layers(device, d_in, outs, nf4)
@@ -177,21 +178,28 @@ def few_rows_gemv(device: str) -> None:
         for block_k, split in itertools.product((64, 128), (2, 4, 8, 16)):
             if (block_k, split) != (gemv["BLOCK_K"], gemv["SPLIT_K"]) and split * block_k * 2 <= d_in:
                 variants[f"gemv k{block_k} split {split}"] = {**gemv, "BLOCK_K": block_k, "SPLIT_K": split}
+        if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
+            variants["gemv portable decode"] = gemv
         results, expected = [], None
         with reused_casts(CastCache()):
             for label, config in variants.items():
+                one_token_module.GEMV_REGISTER_DECODE = label != "gemv portable decode"
                 out = lora_module._launch_few_rows(x, layers, config, swiglu)
                 ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
                 expected = expected or out
                 err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
                 results.append((ms, label, err))
+        one_token_module.GEMV_REGISTER_DECODE = True
         kind = "nf4" if nf4 else "bf16"
         for ms, label, _ in results[:2]:
             totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
-        best = sorted(results[2:])[:3]
+        portable = [f"; portable decode {ms * 1e3:.1f} us" for ms, label, _ in results
+                    if label == "gemv portable decode"]
+        best = sorted(r for r in results[2:] if r[1] != "gemv portable decode")[:3]
         print(f"few-rows {kind} {name} 1 row: tl.dot form {results[0][0] * 1e3:.1f} us {variants['dot']}; "
-              f"GEMV {results[1][0] * 1e3:.1f} us {gemv} (err {results[1][2]:.0e}); other GEMV configurations "
-              + "; ".join(f"{label} {ms * 1e3:.1f} us (err {err:.0e})" for ms, label, err in best), flush=True)
+              f"GEMV {results[1][0] * 1e3:.1f} us {gemv} (err {results[1][2]:.0e}){''.join(portable)}; other GEMV "
+              "configurations " + "; ".join(f"{label} {ms * 1e3:.1f} us (err {err:.0e})" for ms, label, err in best),
+              flush=True)
     print("few-rows one row, the six launches together: "
           + ", ".join(f"{label} {ms * 1e3:.1f} us" for label, ms in totals.items()))
 
