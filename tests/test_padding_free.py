@@ -6,11 +6,10 @@ The packed row runs on the flash layouts, which need CUDA: as in test_sliding_wi
 switched on and the layouts' PyTorch reference stands in for the kernel; switched off, the same model takes
 transformers' dense masks on the padded batch, the reference result."""
 
-import importlib
 
 import pytest
 import torch
-from testing_utils import randomize_lora, rel_err
+from testing_utils import attention_kernel_caller, randomize_lora, rel_err
 
 import fastmoe
 from fastmoe import FastModel, trl_fused_head
@@ -55,8 +54,8 @@ def lora_model(checkpoint, **load_kwargs):
 def layout_rows(monkeypatch, model_type: str) -> list[tuple[int, int]]:
     """Put the layouts' reference in for the family's flash kernel; returns the list of (rows, tokens) of the
     queries it is called with."""
-    module = importlib.import_module(f"fastmoe.models.{model_type}")
     name, reference = LAYOUT_ATTENTION.get(model_type, ("flash_causal_attention", swa.reference_flash_causal_attention))
+    module = attention_kernel_caller(model_type, name)
     calls = []
     monkeypatch.setattr(module, name, lambda query, *a: calls.append((query.shape[0], query.shape[2]))
                         or reference(query, *a))
@@ -233,7 +232,7 @@ def test_gpu_bf16_padded_batch_on_flash_as_under_the_masks(tiny_tokenizer, tmp_p
     model.train()
     batch = {name: t.cuda() for name, t in padded_batch(model.config.vocab_size).items()}
     taken = []
-    module = importlib.import_module(f"fastmoe.models.{model_type}")
+    module = attention_kernel_caller(model_type, "flash_causal_attention")
     flash = module.flash_causal_attention
     monkeypatch.setattr(module, "flash_causal_attention", lambda query, *a: taken.append(query.shape[0])
                         or flash(query, *a))

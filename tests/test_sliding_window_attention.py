@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 import fastmoe
 from fastmoe import FastModel
 from fastmoe import sliding_window_attention as swa
-from fastmoe.models import afmoe, shared
-from testing_utils import rel_err
+from fastmoe.models import afmoe
+from testing_utils import attention_kernel_caller, rel_err
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -375,17 +375,13 @@ def test_transformers_model_forwards_get_layouts_with_the_masks_results(tiny_che
     """Families whose model forward is transformers' own get layouts from its mask functions (patched with their
     attention op); with the reference standing in for the kernel, loss and every LoRA gradient equal the
     dense-mask path (fp32), for rows, packed rows and right-padded rows."""
-    import importlib
-
-    family_module = importlib.import_module(f"fastmoe.models.{model_type}")
     model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), dtype=torch.float32, max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=4, use_gradient_checkpointing=True)
     batch = batch_of_kind(kind, model.config.vocab_size, 17, [6, 1, 10])
     taken = []
     name, reference = LAYOUT_ATTENTION.get(model_type, ("flash_causal_attention", swa.reference_flash_causal_attention))
-    # The kernel where the family calls it: its own attention forward, or fastmoe.models.shared.attend.
-    caller = family_module if hasattr(family_module, name) else shared
-    monkeypatch.setattr(caller, name, lambda *a: taken.append(a[-2]) or reference(*a))
+    monkeypatch.setattr(attention_kernel_caller(model_type, name), name,
+                        lambda *a: taken.append(a[-2]) or reference(*a))
 
     def loss_and_grads(layouts: bool):
         monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: layouts)

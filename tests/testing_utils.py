@@ -255,3 +255,15 @@ def assert_packed_documents_train_as_if_alone(model, config, lengths: list[int],
     assert packed_grads.keys() == alone_grads.keys() and packed_grads
     for name, grad in packed_grads.items():
         assert rel_err(grad, alone_grads[name]) < tolerance, name
+
+
+def attention_kernel_caller(model_type: str, kernel_name: str):
+    """The module whose global `kernel_name` (a flash attention function) a family's attention forward calls, for
+    tests that put a stand-in there: the family's own module, or fastmoe.models.shared for the families whose
+    attention ends in shared.attend."""
+    import importlib
+
+    from fastmoe.models import shared
+
+    family_module = importlib.import_module(f"fastmoe.models.{model_type}")
+    return family_module if hasattr(family_module, kernel_name) else shared
