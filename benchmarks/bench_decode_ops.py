@@ -180,16 +180,17 @@ def few_rows_gemv(device: str) -> None:
                 variants[f"gemv k{block_k} split {split}"] = {**gemv, "BLOCK_K": block_k, "SPLIT_K": split}
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
             variants["gemv portable decode"] = gemv
+        register_decode = one_token_module.GEMV_REGISTER_DECODE
         results, expected = [], None
         with reused_casts(CastCache()):
             for label, config in variants.items():
-                one_token_module.GEMV_REGISTER_DECODE = label != "gemv portable decode"
+                one_token_module.GEMV_REGISTER_DECODE = register_decode and label != "gemv portable decode"
                 out = lora_module._launch_few_rows(x, layers, config, swiglu)
                 ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
                 expected = expected or out
                 err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
                 results.append((ms, label, err))
-        one_token_module.GEMV_REGISTER_DECODE = True
+        one_token_module.GEMV_REGISTER_DECODE = register_decode
         kind = "nf4" if nf4 else "bf16"
         for ms, label, _ in results[:2]:
             totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
@@ -271,6 +272,7 @@ def one_token(device: str) -> None:
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
         one_token_module._GPU_BLOCK_N
+    original_register_decode = one_token_module.GEMV_REGISTER_DECODE
     for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(), (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
         x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
@@ -287,7 +289,7 @@ def one_token(device: str) -> None:
         with reused_casts(CastCache()), torch.no_grad():
             for label, (form, block_n, scale, register_decode) in variants.items():
                 experts._one_token_form = (lambda weights, _form=form: _form and original_form(weights))
-                one_token_module.GEMV_REGISTER_DECODE = register_decode
+                one_token_module.GEMV_REGISTER_DECODE = original_register_decode and register_decode
                 one_token_module._GPU_BLOCK_N = block_n
                 one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
                                                                                         * _s)))
@@ -304,7 +306,8 @@ def one_token(device: str) -> None:
                 largest_err = max(largest_err, common.rel_err(out.double(), expected))
                 results[label] = ms
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
-        one_token_module._GPU_BLOCK_N, one_token_module.GEMV_REGISTER_DECODE = original_block_n, True
+        one_token_module._GPU_BLOCK_N = original_block_n
+        one_token_module.GEMV_REGISTER_DECODE = original_register_decode
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
         if current is None or "grouped" not in results:
             print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "

@@ -62,7 +62,7 @@ def decode_bytes(model, config, batch: int, context: int) -> int:
         size = stored_bytes(tensor)
         if "embed_tokens" in name:
             size = batch * tensor.shape[-1] * tensor.element_size()  # only the batch's rows are read
-        elif (num_experts and tensor.shape and tensor.shape[0] == num_experts and not _in(name, routers)
+        elif (num_experts and tensor.shape and tensor.shape[0] == num_experts and not _belongs_to(name, routers)
               and (tensor.dim() >= 2 or name.endswith("_nf4_absmax_offset"))):
             # a stack of experts (its NF4 codes and scales), or an expert-indexed LoRA factor; routers read whole
             size = size * touched / num_experts
@@ -81,7 +81,7 @@ def decode_bytes(model, config, batch: int, context: int) -> int:
     return int(total)
 
 
-def _in(name: str, modules: tuple[str, ...]) -> bool:
+def _belongs_to(name: str, modules: tuple[str, ...]) -> bool:
     """Whether parameter `name` belongs to a module whose path ends with one of `modules` (each ending in ".")."""
     return any(f".{module}" in f".{name}" for module in modules)
 

@@ -452,10 +452,10 @@ def generate_section(records: list[dict], sources: Sources) -> list[str]:
     for case in rows:
         gpus_per_case.setdefault(case[:-1], set()).add(case[-1])
     out = []
-    for (preset, layers, weights, batch, prompt, gpu), found in sorted(rows.items(), key=lambda item: (*item[0][:-1], item[0][-1] or "")):
+    for case, found in sorted(rows.items(), key=lambda item: (*item[0][:-1], item[0][-1] or "")):
+        preset, layers, weights, batch, prompt, gpu = case
         hf, fm, eager = found.get("transformers"), found.get("fastmoe"), found.get("fastmoe-eager")
-        model = f"{preset}, {layers} layers" + (f", {gpu}" if len(gpus_per_case[(preset, layers, weights, batch,
-                                                                                 prompt)]) > 1 else "")
+        model = f"{preset}, {layers} layers" + (f", {gpu}" if len(gpus_per_case[case[:-1]]) > 1 else "")
         out.append([model, weights, str(batch), str(prompt),
                     value(hf, "decode_tokens_per_s", ",.1f"), value(eager, "decode_tokens_per_s", ",.1f"),
                     value(fm, "decode_tokens_per_s", ",.1f"), ratio(fm, hf, "decode_tokens_per_s"),

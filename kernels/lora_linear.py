@@ -226,10 +226,10 @@ def _few_rows_kernel(
     A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
     computes the split's STEPS_PER_SPLIT steps of BLOCK_K of one block (whole steps: each k0 is then known to be a
     multiple of BLOCK_K, so that NF4 rows load 16 bytes at a time for the register decode). With SWIGLU, layers 0 and
-    1 (gate and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS) float32 hold
-    the splits' sums and arrivals (one int32 per block, zero on entry and on exit) elects the last. With NF4, w_i are
-    packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values). GEMV (one row, BLOCK_M = 1): the products on
-    the CUDA cores instead of tl.dot (see _split_product)."""
+    1 (gate and up, the same width) share their blocks and out0 = silu(gate) * up. Partials (SPLIT_K, M, COLUMNS)
+    float32 hold the splits' sums and arrivals (one int32 per block, zero on entry and on exit) elects the last. With
+    NF4, w_i are packed codes and m_i their fp32 absmax (code_ptr: the 16 NF4 values). GEMV (one row, BLOCK_M = 1):
+    the products on the CUDA cores instead of tl.dot (see _split_product)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     if SWIGLU:

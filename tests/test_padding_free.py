@@ -6,7 +6,6 @@ The packed row runs on the flash layouts, which need CUDA: as in test_sliding_wi
 switched on and the layouts' PyTorch reference stands in for the kernel; switched off, the same model takes
 transformers' dense masks on the padded batch, the reference result."""
 
-
 import pytest
 import torch
 from testing_utils import attention_kernel_caller, randomize_lora, rel_err

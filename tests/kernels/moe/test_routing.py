@@ -117,7 +117,8 @@ def test_fp16_logits_under_interpreter():
 # radix sort, whose passes depend on the key's width.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
-                         [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8), (90, 255, 4, 8), (70, 256, 8, 16)])
+                         [(1, 8, 2, 4), (37, 12, 4, 4), (64, 6, 6, 16), (20, 16, 1, 8), (90, 255, 4, 8),
+                          (70, 256, 8, 16)])
 def test_sort_by_expert(num_tokens, num_experts, top_k, block_m, device):
     torch.manual_seed(0)
     # Only the first half of the experts and the last receive tokens: the others must get no tile.
