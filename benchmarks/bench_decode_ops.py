@@ -166,8 +166,8 @@ def few_rows_nf4(device: str) -> None:
 def few_rows_gemv(device: str) -> None:
     """One row (batch-1 decoding): the few-rows kernel's GEMV form against its tl.dot form, NF4 (double-quantized
     absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration,
-    with other K steps and splits, and for NF4 with the portable decode instead of the PTX register decode. Each
-    output is checked against the tl.dot form's."""
+    with other K steps and splits, with its K loop pipelined 2-4 steps deep (GEMV_LOOP_STAGES), and for NF4 with the
+    portable decode instead of the PTX register decode. Each output is checked against the tl.dot form's."""
     totals: dict[str, float] = {}
     for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
         layers = _launch_layers(device, d_in, outs, nf4)
@@ -178,6 +178,11 @@ def few_rows_gemv(device: str) -> None:
         for block_k, split in itertools.product((64, 128), (2, 4, 8, 16)):
             if (block_k, split) != (gemv["BLOCK_K"], gemv["SPLIT_K"]) and split * block_k * 2 <= d_in:
                 variants[f"gemv k{block_k} split {split}"] = {**gemv, "BLOCK_K": block_k, "SPLIT_K": split}
+        for loop_stages, split_scale in itertools.product((2, 3, 4), (0.5, 1, 2)):  # the K loop pipelined
+            split = max(1, int(gemv["SPLIT_K"] * split_scale))
+            if split * gemv["BLOCK_K"] * 2 <= d_in:
+                variants[f"gemv loop stages {loop_stages} split {split}"] = {**gemv, "SPLIT_K": split,
+                                                                             "LOOP_STAGES": loop_stages}
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
             variants["gemv portable decode"] = gemv
         register_decode = one_token_module.GEMV_REGISTER_DECODE
@@ -192,8 +197,10 @@ def few_rows_gemv(device: str) -> None:
                 results.append((ms, label, err))
         one_token_module.GEMV_REGISTER_DECODE = register_decode
         kind = "nf4" if nf4 else "bf16"
-        for ms, label, _ in results[:2]:
-            totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
+        for ms, label, _ in results:
+            if label in ("dot", "gemv") or label.endswith(f" split {gemv['SPLIT_K']}") and "loop stages" in label:
+                label = label.split(" split")[0]
+                totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
         portable = [f"; portable decode {ms * 1e3:.1f} us" for ms, label, _ in results
                     if label == "gemv portable decode"]
         best = sorted(r for r in results[2:] if r[1] != "gemv portable decode")[:3]
@@ -267,29 +274,35 @@ def moe(device: str, nf4: bool = False) -> None:
 
 def one_token(device: str) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
-    the grouped GEMMs' decode path, with its column blocks and splits swept, Trinity-Mini's and LFM2-8B-A1B's experts,
-    bf16 and NF4."""
+    the grouped GEMMs' decode path, with its column blocks and splits swept and its K loop pipelined 2-4 steps deep
+    (GEMV_LOOP_STAGES), Trinity-Mini's and LFM2-8B-A1B's experts, bf16 and NF4."""
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
         one_token_module._GPU_BLOCK_N
     original_register_decode = one_token_module.GEMV_REGISTER_DECODE
+    original_stages = one_token_module.GEMV_LOOP_STAGES
     for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(), (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
         x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
         index = torch.randperm(num_experts, device=device)[:top_k][None]
         weights = torch.rand(1, top_k, device=device)
         gbytes = top_k * 3 * inter * hidden * bytes_per_weight / 1e9
-        variants = {"grouped": (False, 64, 1.0, True)}
-        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True)
+        stages = original_stages
+        variants = {"grouped": (False, 64, 1.0, True, stages)}
+        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True, stages)
                          for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
+        # The K loop pipelined (GEMV_LOOP_STAGES): loads issued 2-4 steps ahead
+        variants.update({f"one-token BLOCK_N {n} splits x{scale} loop stages {s}": (True, n, scale, True, s)
+                         for n, scale, s in itertools.product((64, 128), (0.5, 1.0, 2.0), (2, 3, 4)) if s != stages})
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
-            variants.update({f"one-token BLOCK_N {n} splits x{scale} portable decode": (True, n, scale, False)
+            variants.update({f"one-token BLOCK_N {n} splits x{scale} portable decode": (True, n, scale, False, stages)
                              for n, scale in itertools.product((64,), (0.5, 1.0, 2.0))})
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
-            for label, (form, block_n, scale, register_decode) in variants.items():
+            for label, (form, block_n, scale, register_decode, loop_stages) in variants.items():
                 experts._one_token_form = (lambda weights, _form=form: _form and original_form(weights))
                 one_token_module.GEMV_REGISTER_DECODE = original_register_decode and register_decode
+                one_token_module.GEMV_LOOP_STAGES = loop_stages
                 one_token_module._GPU_BLOCK_N = block_n
                 one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
                                                                                         * _s)))
@@ -308,6 +321,7 @@ def one_token(device: str) -> None:
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
         one_token_module._GPU_BLOCK_N = original_block_n
         one_token_module.GEMV_REGISTER_DECODE = original_register_decode
+        one_token_module.GEMV_LOOP_STAGES = original_stages
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
         if current is None or "grouped" not in results:
             print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "

@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .dispatch import use_triton
 from .moe.nf4 import Nf4Weight, absmax_fp32, check_register_decode_layout, dequantize_nf4_tile, nf4_code, triton_dtype
+from .moe import one_token
 from .moe.one_token import gemv_lora_a_step, gemv_register_decode, gemv_weight_tile
 from .reused_casts import cast, derived, scope_active
 from .split_k import GEMV_BLOCK_K, GPU_SMS, arrival_counts, gemv_split, interpreter_split, last_to_arrive
@@ -221,6 +222,7 @@ def _few_rows_kernel(
     NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr, GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     """Up to four linear layers of one input x (M <= BLOCK_M rows, K, row-major): out_i = x W_i^T + bias_i + s_i (x
     A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
@@ -261,7 +263,8 @@ def _few_rows_kernel(
     else:
         code = tl.zeros((16,), dtype=tl.float32)  # unused
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
-    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
+    for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
+                       num_stages=LOOP_STAGES):
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
                     mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         acc, xa = _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, offs_r < r,
@@ -317,6 +320,9 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
     rows, k = x2.shape
     x2 = x2.contiguous()
     config = {"GEMV": False, **config}
+    # The GEMV form's loop pipelined as one_token.GEMV_LOOP_STAGES says; the tl.dot form's as its num_stages (what the
+    # compiler does by itself for loads that feed a tl.dot).
+    config.setdefault("LOOP_STAGES", one_token.GEMV_LOOP_STAGES if config["GEMV"] else config.get("num_stages", 3))
     if config["GEMV"] and rows != 1:
         raise ValueError(f"the few-rows kernel's GEMV form takes one row, got {rows}")
     block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]

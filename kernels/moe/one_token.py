@@ -48,6 +48,10 @@ _GPU_BLOCK_N = 64
 # NF4 tiles decoded by the PTX byte-permute decode where the tile and GPU allow it (gemv_register_decode), else by
 # the portable decode (a code lookup per weight). A switch for bench_decode_ops.py, which times both.
 GEMV_REGISTER_DECODE = True
+# K steps of a GEMV program's loop (these kernels' and lora_linear's few-rows GEMV form) in flight: with more than 1
+# the compiler issues a step's weight, absmax and x loads that many steps ahead (cp.async through shared memory),
+# which it does by itself only for loads that feed a tl.dot; with 1 each step loads its tile and then multiplies it.
+GEMV_LOOP_STAGES = 1
 
 
 @triton.jit
@@ -113,7 +117,7 @@ def _gate_up_kernel(
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """h[slot, block] = silu(gate) * up of x (K,) through the gate_up weight of expert index[slot]; partials
     (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
@@ -137,7 +141,8 @@ def _gate_up_kernel(
     # A split's K range in whole BLOCK_K steps, so that the compiler knows each k0 is a multiple of BLOCK_K: a row's
     # packed NF4 bytes then load 16 at a time, as the register decode takes them.
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
-    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
+    for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
+                       num_stages=LOOP_STAGES):
         x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
         gate += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
                                  offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
@@ -188,7 +193,7 @@ def _down_kernel(
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """out[block] = sum over slots of weights[slot] * (h[slot] W_down[index[slot]]^T + LoRA), h (TOP_K, K); program
     (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block."""
@@ -210,7 +215,8 @@ def _down_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     k_start = split * STEPS_PER_SPLIT * BLOCK_K  # whole BLOCK_K steps, as in _gate_up_kernel
-    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
+    for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
+                       num_stages=LOOP_STAGES):
         x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
         acc += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
                                 offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
@@ -325,7 +331,7 @@ def one_token_experts(
         x, index, *w_args, *_lora_args(gu_a, gu_b, gu_scaling), h, partials, arrivals,
         inter, k_gate_up, gu_a.shape[1] if gu_a is not None else 0, steps_per_split(k_gate_up, gate_up_split),
         HAS_LORA=gu_a is not None, **layout, WHOLE_K=k_gate_up % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, LOOP_STAGES=GEMV_LOOP_STAGES, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)
@@ -338,7 +344,7 @@ def one_token_experts(
         h, index, weights, *w_args, *_lora_args(down_a, down_b, down_scaling), out, partials, arrivals,
         n_down, k_down, down_a.shape[1] if down_a is not None else 0, steps_per_split(k_down, down_split),
         HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)

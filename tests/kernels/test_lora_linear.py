@@ -4,6 +4,7 @@ import pytest
 import torch
 from fastmoe.kernels import lora_linear as lora_linear_module
 from fastmoe.kernels import split_k
+from fastmoe.kernels.moe import one_token
 from fastmoe.kernels.lora_linear import FEW_ROWS, lora_linear, lora_linear_few_rows, reference_lora_linear
 from testing_utils import rel_err
 
@@ -383,7 +384,9 @@ def test_autocast_over_fp32_weights_computes_in_autocast_dtype(bias):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_several_layers_bf16_gpu_match_fp64_references(rows, swiglu):
+@pytest.mark.parametrize("loop_stages", [1, 3], ids=["loop", "pipelined-loop"])
+def test_several_layers_bf16_gpu_match_fp64_references(rows, swiglu, loop_stages, monkeypatch):
+    monkeypatch.setattr(one_token, "GEMV_LOOP_STAGES", loop_stages)
     shapes = [(1536, 16), (1536, 8)] if swiglu else [(2048, 16), (256, 16), (256, 0), (2048, 4)]
     projections = [p._replace(weight=p.weight.cuda(), lora_a=p.lora_a.cuda() if p.lora_a is not None else None,
                               lora_b=p.lora_b.cuda() if p.lora_b is not None else None)
@@ -443,8 +446,11 @@ def test_nf4_and_16_bit_layers_do_not_share_a_launch():
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant, swiglu):
-    """bf16 NF4 layers (a SwiGLU pair too) in K splits, against fp64 references on the dequantized weights."""
+@pytest.mark.parametrize("loop_stages", [1, 3], ids=["loop", "pipelined-loop"])
+def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant, swiglu, loop_stages, monkeypatch):
+    """bf16 NF4 layers (a SwiGLU pair too) in K splits, against fp64 references on the dequantized weights; one row's
+    GEMV form with its K loop as it is and pipelined."""
+    monkeypatch.setattr(one_token, "GEMV_LOOP_STAGES", loop_stages)
     shapes = [(1536, 16), (1536, 8)] if swiglu else [(1536, 16), (256, 0)]
     layers = [_nf4_projection(2048, d_out, rank, torch.bfloat16, double_quant, seed=i)
               for i, (d_out, rank) in enumerate(shapes)]

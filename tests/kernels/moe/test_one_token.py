@@ -152,10 +152,14 @@ def test_moe_experts_take_the_one_token_form_at_one_token_without_gradients(nf4,
                          ids=["trinity-mini", "lfm2-8b-a1b", "odd-top1"])
 @pytest.mark.parametrize("nf4,register_decode", [(False, False), (True, False), (True, True)],
                          ids=["bf16", "nf4", "nf4-register-decode"])
-def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, register_decode, monkeypatch):
+@pytest.mark.parametrize("loop_stages", [1, 3], ids=["loop", "pipelined-loop"])
+def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, register_decode, loop_stages,
+                                    monkeypatch):
     """bf16 against the float64 block, at real experts' shapes (the GPU configuration's splits) and an odd one; NF4
-    tiles through the portable decode and, where the rows sit on 64-weight blocks, the PTX register decode."""
+    tiles through the portable decode and, where the rows sit on 64-weight blocks, the PTX register decode; the K loop
+    as it is and pipelined (its loads in cp.async copies issued steps ahead)."""
     monkeypatch.setattr(one_token, "GEMV_REGISTER_DECODE", register_decode)
+    monkeypatch.setattr(one_token, "GEMV_LOOP_STAGES", loop_stages)
     x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(hidden, inter, num_experts, top_k, 16,
                                                                    torch.bfloat16, "cuda", permuted=True)
     if nf4:
