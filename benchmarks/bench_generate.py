@@ -124,15 +124,34 @@ def replay_ms_per_step(model) -> float | None:
     return common.bench_ms(buffers.graph.replay, warmup=5, rep=50)
 
 
-def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype, bandwidth_gbs: float | None) -> dict:
+def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
+             bandwidth_gbs: float | None) -> list[dict]:
+    """The case's records: one, or for fastmoe one per --gemv-loop-stages value (the model loaded once, its decode
+    graphs captured again for each)."""
     from fastmoe import FastModel
+    from fastmoe.kernels.moe import one_token
 
     model, _ = bench_sft.load(case, args, device, dtype)
-    if case.implementation == "fastmoe":
-        FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
-    else:
+    if case.implementation != "fastmoe":
         model.eval()
         model.get_base_model().config.use_cache = True
+        return [measure(model, case, args, device, bandwidth_gbs)]
+    default_stages, records = one_token.GEMV_LOOP_STAGES, []
+    try:
+        for stages in [int(s) for s in bench_sft.csv(args.gemv_loop_stages)] or [default_stages]:
+            one_token.GEMV_LOOP_STAGES = stages
+            FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
+            record = measure(model, case, args, device, bandwidth_gbs)
+            if stages != default_stages:  # an ablation: the report's table leaves it out
+                record["gemv_loop_stages"] = stages
+            records.append(record)
+            FastModel.for_training(model, keep_decode_graphs=False)
+    finally:
+        one_token.GEMV_LOOP_STAGES = default_stages
+    return records
+
+
+def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float | None) -> dict:
     config = model.get_base_model().config
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (case.batch, args.prompt), generator=generator).to(device)
@@ -197,6 +216,10 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=0,
                         help="print the top kernels (torch.profiler) of 10 replays of the captured decode step, or of "
                         "a prefill and 16 eager decode steps, after the warm-up")
+    parser.add_argument("--gemv-loop-stages", default="",
+                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_LOOP_STAGES (e.g. 1,3: the "
+                        "GEMV kernels' K loops as they are and pipelined 3 steps deep); records of a value other "
+                        "than the default are marked (gemv_loop_stages) and stay out of the report's table")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
@@ -216,23 +239,25 @@ def main() -> None:
                                   quantization=args.quantization, load=args.load,
                                   cuda_graphs=not (args.fastmoe_without_graphs and implementation == "fastmoe"))
             try:
-                record = run_case(case, args, device, dtype, bandwidth)
+                records = run_case(case, args, device, dtype, bandwidth)
             except Exception:
                 traceback.print_exc()
                 failures += 1
                 continue
             finally:
                 common.free_memory(device)
-            record.update(common.environment(device))
-            share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
-            print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
-                  f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}: "
-                  f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "
-                  f"(graph replay alone {record['replay_ms_per_step']} ms), "
-                  f"prefill {record['prefill_s']} s, peak {record['peak_gb']} GB, tokens {record['tokens'][:8]}",
-                  flush=True)
-            if not args.no_record:
-                common.append_record(record, args.jsonl)
+            for record in records:
+                record.update(common.environment(device))
+                share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
+                stages = f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record else ""
+                print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
+                      f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}{stages}: "
+                      f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "
+                      f"(graph replay alone {record['replay_ms_per_step']} ms), "
+                      f"prefill {record['prefill_s']} s, peak {record['peak_gb']} GB, tokens {record['tokens'][:8]}",
+                      flush=True)
+                if not args.no_record:
+                    common.append_record(record, args.jsonl)
     sys.exit(1 if failures else 0)
 
 
