@@ -169,17 +169,16 @@ def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, off
                    NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
                    GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr):
     """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
-    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): acc
-    (BLOCK_N, BLOCK_K) and xa (BLOCK_R, BLOCK_K) hold float32 products per k, summed over k by the caller: the weight
-    tile is multiplied where it was loaded or decoded, with no tensor-core operand to stage; its NF4 tiles decoded by
-    the PTX register decode with REGISTER_DECODE (one_token.gemv_register_decode)."""
+    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): the weight
+    tile is multiplied where it was loaded or decoded and summed over its columns, with no tensor-core operand to
+    stage; its NF4 tiles decoded by the PTX register decode with REGISTER_DECODE (one_token.gemv_register_decode)."""
     k_mask = offs_k < K - k0
     if GEMV:
         w = gemv_weight_tile(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, NF4, False,
                              K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE)
         x_row = x.to(tl.float32)  # (1, BLOCK_K)
-        acc += w * x_row
-        xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x_row, xa, x.dtype)
+        acc += tl.sum(w * x_row, axis=1)[None, :]
+        xa += gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x_row, x.dtype)[None, :]
     else:
         if NF4:
             w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
@@ -249,15 +248,10 @@ def _few_rows_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask = offs_m < M, offs_n < n
     r = _pick(index, r0, r1, r2, r3, PROJECTIONS)
-    # GEMV: float32 products per k, summed after the K loop.
-    ACC_COLS: tl.constexpr = BLOCK_K if GEMV else BLOCK_N
-    ACC_ROWS: tl.constexpr = BLOCK_N if GEMV else BLOCK_M
-    XA_ROWS: tl.constexpr = BLOCK_R if GEMV else BLOCK_M
-    XA_COLS: tl.constexpr = BLOCK_K if GEMV else BLOCK_R
-    acc = tl.zeros((ACC_ROWS, ACC_COLS), dtype=tl.float32)
-    xa = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
-    up = tl.zeros((ACC_ROWS, ACC_COLS), dtype=tl.float32)
-    xa_up = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if NF4:
         code = tl.load(code_ptr + tl.arange(0, 16))
     else:
@@ -273,9 +267,6 @@ def _few_rows_kernel(
             up, xa_up = _split_product(x, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask, offs_r < r1, up,
                                        xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
                                        REGISTER_DECODE)
-    if GEMV:  # (1, BLOCK_N) and (1, BLOCK_R), the row the rest of the kernel handles as a block of BLOCK_M = 1
-        acc, xa = tl.sum(acc, axis=1)[None, :], tl.sum(xa, axis=1)[None, :]
-        up, xa_up = tl.sum(up, axis=1)[None, :], tl.sum(xa_up, axis=1)[None, :]
     dtype = x_ptr.dtype.element_ty
     acc = _lora_term(acc, xa, _pick(index, b0, b1, b2, b3, PROJECTIONS), r, _pick(index, s0, s1, s2, s3, PROJECTIONS),
                      offs_n, offs_r, n_mask, dtype, GEMV)

@@ -90,11 +90,11 @@ def gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset,
 
 
 @triton.jit
-def gemv_lora_a_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, xa, X_DTYPE: tl.constexpr):
-    """xa (BLOCK_R, BLOCK_K) += A[:, k0 + offs_k] * x: the float32 products of x A^T for one K step, A (r, K)."""
+def gemv_lora_a_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, X_DTYPE: tl.constexpr):
+    """(BLOCK_R,) float32: A[:, k0 + offs_k] x, one K step's part of x A^T, A (r, K) rounded to x's dtype."""
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
                 mask=r_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-    return xa + a.to(X_DTYPE).to(tl.float32) * x
+    return tl.sum(a.to(X_DTYPE).to(tl.float32) * x, axis=1)
 
 
 @triton.jit
@@ -134,29 +134,28 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    # float32 products per k, summed after the K loop
-    gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # Each K step's products summed over its columns at once: a row's weights of a step lie in one or two threads, so
+    # the sum costs a shuffle or none, and the accumulators take a register per row instead of one per weight held
+    # (212 -> 128 registers a thread for Trinity's NF4 tiles, ptxas for sm_90: twice the programs an SM holds).
+    gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
     # A split's K range in whole BLOCK_K steps, so that the compiler knows each k0 is a multiple of BLOCK_K: a row's
     # packed NF4 bytes then load 16 at a time, as the register decode takes them.
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
         x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        gate += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                                 offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                                 dtype, REGISTER_DECODE) * x
-        up += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                               offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                               dtype, REGISTER_DECODE) * x
+        gate += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
+                                        code, offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
+                                        W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
+        up += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
+                                      code, offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
+                                      W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
         if HAS_LORA:
-            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
-                                  x, xa, dtype)
-    gate = tl.sum(gate, axis=1)
-    up = tl.sum(up, axis=1)
+            xa += gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                   x, dtype)
     if HAS_LORA:
-        xa = tl.sum(xa, axis=1)
         b_e = b_ptr + expert * stride_be
         gate += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n, n_mask, offs_r, r_mask, dtype)
         up += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n + I, n_mask, offs_r, r_mask, dtype)
@@ -212,21 +211,21 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # each K step summed at once, as in _gate_up_kernel
+    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
     k_start = split * STEPS_PER_SPLIT * BLOCK_K  # whole BLOCK_K steps, as in _gate_up_kernel
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
         x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        acc += gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                                offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                                dtype, REGISTER_DECODE) * x
+        acc += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
+                                       code, offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
+                                       W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
         if HAS_LORA:
-            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
-                                  x, xa, dtype)
-    y = tl.sum(acc, axis=1)
+            xa += gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                   x, dtype)
+    y = acc
     if HAS_LORA:
-        y += scaling * _lora_up(tl.sum(xa, axis=1), b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
+        y += scaling * _lora_up(xa, b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
                                 offs_r, r_mask, dtype)
     if TOP_K * SPLIT_K > 1:
         tl.store(partials_ptr + part * N + offs_n, y, mask=n_mask)
