@@ -54,7 +54,7 @@ import triton.language as tl
 from .dispatch import use_triton
 from .moe.nf4 import Nf4Weight, absmax_fp32, check_register_decode_layout, dequantize_nf4_tile, nf4_code, triton_dtype
 from .moe import one_token
-from .moe.one_token import gemv_lora_a_step, gemv_register_decode, gemv_weight_tile
+from .moe.one_token import gemv_lora_a_step, gemv_register_decode, gemv_tile_sums, gemv_x
 from .reused_casts import cast, derived, scope_active
 from .split_k import GEMV_BLOCK_K, GPU_SMS, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
@@ -165,20 +165,19 @@ def _out_features(projection: Projection) -> int:
 
 
 @triton.jit
-def _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc, xa,
-                   NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
+def _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc,
+                   xa, NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
                    GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr):
     """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
     packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): the weight
     tile is multiplied where it was loaded or decoded and summed over its columns, with no tensor-core operand to
     stage; its NF4 tiles decoded by the PTX register decode with REGISTER_DECODE (one_token.gemv_register_decode)."""
     k_mask = offs_k < K - k0
-    if GEMV:
-        w = gemv_weight_tile(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, NF4, False,
-                             K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE)
-        x_row = x.to(tl.float32)  # (1, BLOCK_K)
-        acc += tl.sum(w * x_row, axis=1)[None, :]
-        xa += gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x_row, x.dtype)[None, :]
+    if GEMV:  # x (1, BLOCK_K), the row at x_ptr; xa (BLOCK_R, BLOCK_K) products, summed by the caller
+        x_tile = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
+        acc += gemv_tile_sums(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, x_tile,
+                              NF4, False, K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE)[None, :]
+        xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x.to(tl.float32), xa, x.dtype)
     else:
         if NF4:
             w = tl.trans(dequantize_nf4_tile(w_ptr, absmax_ptr, code, offs_n, n_mask, k0, K, K_ALIGNED, False, WHOLE_K,
@@ -248,10 +247,13 @@ def _few_rows_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask = offs_m < M, offs_n < n
     r = _pick(index, r0, r1, r2, r3, PROJECTIONS)
+    # GEMV: xa holds float32 products per k (BLOCK_R, BLOCK_K), summed after the K loop.
+    XA_ROWS: tl.constexpr = BLOCK_R if GEMV else BLOCK_M
+    XA_COLS: tl.constexpr = BLOCK_K if GEMV else BLOCK_R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    xa = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    xa_up = tl.zeros((XA_ROWS, XA_COLS), dtype=tl.float32)
     if NF4:
         code = tl.load(code_ptr + tl.arange(0, 16))
     else:
@@ -261,12 +263,15 @@ def _few_rows_kernel(
                        num_stages=LOOP_STAGES):
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
                     mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        acc, xa = _split_product(x, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, offs_r < r,
-                                 acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION, REGISTER_DECODE)
+        acc, xa = _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask,
+                                 offs_r < r, acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
+                                 REGISTER_DECODE)
         if SWIGLU:
-            up, xa_up = _split_product(x, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask, offs_r < r1, up,
-                                       xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
+            up, xa_up = _split_product(x, x_ptr, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask,
+                                       offs_r < r1, up, xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
                                        REGISTER_DECODE)
+    if GEMV:  # (1, BLOCK_R), the row the rest of the kernel handles as a block of BLOCK_M = 1
+        xa, xa_up = tl.sum(xa, axis=1)[None, :], tl.sum(xa_up, axis=1)[None, :]
     dtype = x_ptr.dtype.element_ty
     acc = _lora_term(acc, xa, _pick(index, b0, b1, b2, b3, PROJECTIONS), r, _pick(index, s0, s1, s2, s3, PROJECTIONS),
                      offs_n, offs_r, n_mask, dtype, GEMV)

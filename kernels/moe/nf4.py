@@ -271,6 +271,21 @@ _DECODE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4 + ["r"] * 16
 
 
 @triton.jit
+def nf4_decode_halves(packed, absmax, OUT_DTYPE: tl.constexpr):
+    """``nf4_decode_runs`` before its reordering: (first, second), each shaped like `packed` (rows, bytes), holding
+    weights 0-15 and 16-31 of each run of 16 bytes (32 weights): first[:, 16 i + j] is weight 32 i + j of the
+    run's row, second[:, 16 i + j] weight 32 i + 16 + j. A GEMV that sums products over the columns takes them so,
+    with its x read in the same order (contiguous 16 at a time)."""
+    if OUT_DTYPE == tl.bfloat16:
+        first, second = tl.inline_asm_elementwise(_DECODE_ASM_BF16, _DECODE_CONSTRAINTS, [packed, absmax],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=16)
+    else:
+        first, second = tl.inline_asm_elementwise(_DECODE_ASM_FP16, _DECODE_CONSTRAINTS, [packed, absmax],
+                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=16)
+    return first, second
+
+
+@triton.jit
 def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
     """Packed NF4 bytes (uint8 (rows, bytes), bytes a multiple of 16) and each byte's fp32 absmax -> the weights,
     OUT_DTYPE (bf16 or fp16) (rows, 2 * bytes), decoded in registers by PTX (``_register_decode_asm``): NVIDIA GPUs
@@ -279,13 +294,8 @@ def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
     The PTX takes the 16 consecutive bytes a thread holds with the absmax of the first, so each aligned run of 16
     bytes of a row must lie in one 64-weight block (true of a tile of a 64-aligned row; the loads vectorise to 16
     bytes per thread, and the GPU tests check the result). It returns the run's weights 0-15 and 16-31 as two
-    tensors shaped like `packed`; putting them back in order only renames registers."""
-    if OUT_DTYPE == tl.bfloat16:
-        first, second = tl.inline_asm_elementwise(_DECODE_ASM_BF16, _DECODE_CONSTRAINTS, [packed, absmax],
-                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=16)
-    else:
-        first, second = tl.inline_asm_elementwise(_DECODE_ASM_FP16, _DECODE_CONSTRAINTS, [packed, absmax],
-                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=16)
+    tensors shaped like `packed` (``nf4_decode_halves``); putting them back in order only renames registers."""
+    first, second = nf4_decode_halves(packed, absmax, OUT_DTYPE)
     ROWS: tl.constexpr = packed.shape[0]
     RUNS: tl.constexpr = packed.shape[1] // 16
     weights = tl.join(tl.reshape(first, (ROWS, RUNS, 16)), tl.reshape(second, (ROWS, RUNS, 16)))
@@ -366,6 +376,37 @@ def absmax_values(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, a
 
 
 @triton.jit
+def aligned_nf4_tile(q_ptr, absmax_ptr, rows, row_mask, col0, C, COLS_IN_RANGE: tl.constexpr, COLS: tl.constexpr,
+                     absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset=0.0, DOUBLE_QUANT: tl.constexpr = False):
+    """The packed bytes (len(rows), COLS / 2) of elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C)
+    row-major with C % 64 == 0, and their absmax (len(rows), max(1, COLS / 64)) (see dequantize_nf4_tile)."""
+    # A row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
+    row_bytes = tl.multiple_of(C // 2, 32)
+    byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
+    # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
+    GROUPS: tl.constexpr = (COLS + 63) // 64
+    groups = col0 // 64 + tl.arange(0, GROUPS)
+    if COLS_IN_RANGE:
+        byte_mask, group_mask = row_mask[:, None], row_mask[:, None]
+    else:
+        byte_mask = row_mask[:, None] & (byte_cols < row_bytes)[None, :]
+        group_mask = row_mask[:, None] & (groups < C // 64)[None, :]
+    packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=byte_mask, other=0)
+    absmax = absmax_values(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :], group_mask, absmax_code_ptr,
+                           absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+    return packed, absmax
+
+
+@triton.jit
+def absmax_per_byte(absmax, COLS: tl.constexpr):
+    """aligned_nf4_tile's absmax (rows, groups) repeated for each packed byte: (rows, COLS / 2), as the register
+    decode takes it."""
+    GROUPS: tl.constexpr = (COLS + 63) // 64
+    return tl.reshape(tl.broadcast_to(absmax[:, :, None], (absmax.shape[0], GROUPS, COLS // 2 // GROUPS)),
+                      (absmax.shape[0], COLS // 2))
+
+
+@triton.jit
 def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
                         ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr, COLS_IN_RANGE: tl.constexpr,
                         COLS: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
@@ -377,24 +418,11 @@ def dequantize_nf4_tile(q_ptr, absmax_ptr, code, rows, row_mask, col0, C,
     dequantize_4bit) and then to the GEMM's dtype. col0 is a multiple of COLS; COLS_IN_RANGE: col0 + COLS <= C (no
     column mask). Flat indices stay int32: one expert holds far fewer than 2^31 elements."""
     if ROWS_ALIGNED:
-        # C % 64 == 0, so a row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.
-        row_bytes = tl.multiple_of(C // 2, 32)
-        byte_cols = col0 // 2 + tl.arange(0, COLS // 2)
-        # One absmax per 64 columns of a row; a tile narrower than 64 (col0 a multiple of COLS) sits in one block.
-        GROUPS: tl.constexpr = (COLS + 63) // 64
-        groups = col0 // 64 + tl.arange(0, GROUPS)
-        if COLS_IN_RANGE:
-            byte_mask, group_mask = row_mask[:, None], row_mask[:, None]
-        else:
-            byte_mask = row_mask[:, None] & (byte_cols < row_bytes)[None, :]
-            group_mask = row_mask[:, None] & (groups < C // 64)[None, :]
-        packed = tl.load(q_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=byte_mask, other=0)
-        absmax = absmax_values(absmax_ptr, rows[:, None] * (C // 64) + groups[None, :], group_mask, absmax_code_ptr,
-                               absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+        packed, absmax = aligned_nf4_tile(q_ptr, absmax_ptr, rows, row_mask, col0, C, COLS_IN_RANGE, COLS,
+                                          absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
         if REGISTER_DECODE:
-            byte_absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (rows.shape[0], GROUPS, COLS // 2 // GROUPS)),
-                                     (rows.shape[0], COLS // 2))
-            return nf4_decode_runs(packed, byte_absmax, OUT_DTYPE)
+            return nf4_decode_runs(packed, absmax_per_byte(absmax, COLS), OUT_DTYPE)
+        GROUPS: tl.constexpr = (COLS + 63) // 64
         packed = packed.to(tl.int32)
         # Element 2j is the high nibble of byte j: join puts it first, reshape interleaves the pairs in place.
         nibbles = tl.reshape(tl.join(packed >> 4, packed & 0xF), (rows.shape[0], COLS))

@@ -34,10 +34,13 @@ import triton.language as tl
 from ..split_k import GEMV_BLOCK_K, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 from .nf4 import (
     Nf4Weight,
+    absmax_per_byte,
+    aligned_nf4_tile,
     check_register_decode_layout,
     dequantize_nf4_tile,
     dynamic_code,
     nf4_code,
+    nf4_decode_halves,
     nf4_tile_layout,
     register_decode_fits,
     triton_dtype,
@@ -90,11 +93,59 @@ def gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset,
 
 
 @triton.jit
-def gemv_lora_a_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, X_DTYPE: tl.constexpr):
-    """(BLOCK_R,) float32: A[:, k0 + offs_k] x, one K step's part of x A^T, A (r, K) rounded to x's dtype."""
+def gemv_x(x_ptr, k0, K, offs_k, HALVES: tl.constexpr, WHOLE_K: tl.constexpr):
+    """x[k0 + offs_k] in float32 for gemv_tile_sums, loaded once for the weight tiles of a K step: with HALVES (NF4
+    tiles through the register decode) as the two halves of each run of 32 columns, the order in which that decode
+    leaves the weights (nf4.nf4_decode_halves); else whole, as (x, x)."""
+    if HALVES:
+        j = tl.arange(0, offs_k.shape[0] // 2)
+        cols = k0 + (j // 16) * 32 + j % 16  # the first halves' columns; the second halves' are 16 further
+        if WHOLE_K:
+            first = tl.load(x_ptr + cols).to(tl.float32)
+            second = tl.load(x_ptr + cols + 16).to(tl.float32)
+        else:
+            first = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            second = tl.load(x_ptr + cols + 16, mask=cols + 16 < K, other=0.0).to(tl.float32)
+    else:
+        first = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)
+        second = first
+    return first, second
+
+
+@triton.jit
+def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows, row_mask,
+                   k0, K, offs_k, x, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+                   WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
+                   REGISTER_DECODE: tl.constexpr = False):
+    """(len(rows),) float32: W[rows, k0 + offs_k] x[k0 + offs_k], one K step of W x for one expert's W (N, K) (see
+    gemv_weight_tile), x as gemv_x gives it (HALVES = NF4 and REGISTER_DECODE), each weight multiplied where it was
+    loaded or decoded.
+
+    NF4 tiles through the register decode are multiplied before their weights are put back in order, x read in that
+    order: 16 contiguous values at a time, two 16-byte loads a thread, where x in the tile's order took one 2-byte
+    load per weight a thread holds (the layout the reordering leaves)."""
+    if NF4 and REGISTER_DECODE:
+        COLS: tl.constexpr = offs_k.shape[0]
+        packed, absmax = aligned_nf4_tile(w_ptr, absmax_ptr, rows, row_mask, k0, K, WHOLE_K, COLS, absmax_code_ptr,
+                                          scale_ptr, offset, DOUBLE_QUANT)
+        first, second = nf4_decode_halves(packed, absmax_per_byte(absmax, COLS), X_DTYPE)
+        sums = (tl.sum(first.to(tl.float32) * x[0][None, :], axis=1)
+                + tl.sum(second.to(tl.float32) * x[1][None, :], axis=1))
+    else:
+        w = gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows,
+                             row_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, X_DTYPE,
+                             REGISTER_DECODE)
+        sums = tl.sum(w * x[0][None, :], axis=1)
+    return sums
+
+
+@triton.jit
+def gemv_lora_a_step(a_ptr, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k, x, xa, X_DTYPE: tl.constexpr):
+    """xa (BLOCK_R, BLOCK_K) += A[:, k0 + offs_k] * x: the float32 products of x A^T for one K step, A (r, K),
+    summed over K by the caller after its loop (a sum per step would shuffle across the threads of each A row)."""
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
                 mask=r_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-    return tl.sum(a.to(X_DTYPE).to(tl.float32) * x, axis=1)
+    return xa + a.to(X_DTYPE).to(tl.float32) * x
 
 
 @triton.jit
@@ -139,23 +190,25 @@ def _gate_up_kernel(
     # (212 -> 128 registers a thread for Trinity's NF4 tiles, ptxas for sm_90: twice the programs an SM holds).
     gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     # A split's K range in whole BLOCK_K steps, so that the compiler knows each k0 is a multiple of BLOCK_K: a row's
     # packed NF4 bytes then load 16 at a time, as the register decode takes them.
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
-        x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        gate += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
-                                        code, offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
-                                        W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
-        up += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
-                                      code, offs_n + I, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
-                                      W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
-        if HAS_LORA:
-            xa += gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
-                                   x, dtype)
+        x = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
+        gate += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                               offs_n, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                               dtype, REGISTER_DECODE)
+        up += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                             offs_n + I, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
+                             W_DTYPE, dtype, REGISTER_DECODE)
+        if HAS_LORA:  # x whole again, in the layout of A's tile
+            x_row = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
+            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                  x_row, xa, dtype)
     if HAS_LORA:
+        xa = tl.sum(xa, axis=1)
         b_e = b_ptr + expert * stride_be
         gate += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n, n_mask, offs_r, r_mask, dtype)
         up += scaling * _lora_up(xa, b_e, stride_bn, stride_br, offs_n + I, n_mask, offs_r, r_mask, dtype)
@@ -212,20 +265,21 @@ def _down_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # each K step summed at once, as in _gate_up_kernel
-    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     k_start = split * STEPS_PER_SPLIT * BLOCK_K  # whole BLOCK_K steps, as in _gate_up_kernel
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
-        x = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-        acc += tl.sum(gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr,
-                                       code, offs_n, n_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
-                                       W_DTYPE, dtype, REGISTER_DECODE) * x, axis=1)
+        x = gemv_x(h_ptr + slot * K, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
+        acc += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
+                              offs_n, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
+                              dtype, REGISTER_DECODE)
         if HAS_LORA:
-            xa += gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
-                                   x, dtype)
+            x_row = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
+            xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
+                                  x_row, xa, dtype)
     y = acc
     if HAS_LORA:
-        y += scaling * _lora_up(xa, b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
+        y += scaling * _lora_up(tl.sum(xa, axis=1), b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
                                 offs_r, r_mask, dtype)
     if TOP_K * SPLIT_K > 1:
         tl.store(partials_ptr + part * N + offs_n, y, mask=n_mask)
