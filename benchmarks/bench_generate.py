@@ -183,7 +183,7 @@ def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float
     decode_s = max(whole - prefill, 1e-9)
     tokens_per_s = case.batch * (args.new_tokens - 1) / decode_s
     replay_ms = replay_ms_per_step(model) if case.implementation == "fastmoe" and device == "cuda" else None
-    if replay_ms is not None and 1e3 * decode_s / (args.new_tokens - 1) < 0.9 * replay_ms:
+    if replay_ms is not None and 1e3 * decode_s / (args.new_tokens - 1) < 0.97 * replay_ms:
         # A step cannot take less than its graph's replay: the prefill's host time varied more than the decode took.
         raise RuntimeError(f"decode measured at {1e3 * decode_s / (args.new_tokens - 1):.3f} ms a step, below the "
                            f"graph's replay alone ({replay_ms:.3f} ms): too few --new-tokens for this prefill's noise")
