@@ -166,8 +166,9 @@ def few_rows_nf4(device: str) -> None:
 def few_rows_gemv(device: str) -> None:
     """One row (batch-1 decoding): the few-rows kernel's GEMV form against its tl.dot form, NF4 (double-quantized
     absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration,
-    with other K steps and splits, with its K loop pipelined 2-4 steps deep (GEMV_LOOP_STAGES), and for NF4 with the
-    portable decode instead of the PTX register decode. Each output is checked against the tl.dot form's."""
+    with other K steps and splits, with its K loop unpipelined or pipelined 2-4 steps deep (GEMV_LOOP_STAGES), and for
+    NF4 with the portable decode instead of the PTX register decode. Each output is checked against the tl.dot
+    form's."""
     totals: dict[str, float] = {}
     for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
         layers = _launch_layers(device, d_in, outs, nf4)
@@ -178,9 +179,10 @@ def few_rows_gemv(device: str) -> None:
         for block_k, split in itertools.product((64, 128), (2, 4, 8, 16)):
             if (block_k, split) != (gemv["BLOCK_K"], gemv["SPLIT_K"]) and split * block_k * 2 <= d_in:
                 variants[f"gemv k{block_k} split {split}"] = {**gemv, "BLOCK_K": block_k, "SPLIT_K": split}
-        for loop_stages, split_scale in itertools.product((2, 3, 4), (0.5, 1, 2)):  # the K loop pipelined
+        for loop_stages, split_scale in itertools.product((1, 2, 3, 4), (0.5, 1, 2)):  # the K loop (un)pipelined
             split = max(1, int(gemv["SPLIT_K"] * split_scale))
-            if split * gemv["BLOCK_K"] * 2 <= d_in:
+            default = loop_stages == one_token_module.GEMV_LOOP_STAGES and split == gemv["SPLIT_K"]
+            if split * gemv["BLOCK_K"] * 2 <= d_in and not default:
                 variants[f"gemv loop stages {loop_stages} split {split}"] = {**gemv, "SPLIT_K": split,
                                                                              "LOOP_STAGES": loop_stages}
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
@@ -274,7 +276,7 @@ def moe(device: str, nf4: bool = False) -> None:
 
 def one_token(device: str) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
-    the grouped GEMMs' decode path, with its column blocks and splits swept and its K loop pipelined 2-4 steps deep
+    the grouped GEMMs' decode path, with its column blocks and splits swept and its K loop pipelined 1-4 steps deep
     (GEMV_LOOP_STAGES), Trinity-Mini's and LFM2-8B-A1B's experts, bf16 and NF4."""
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
@@ -291,9 +293,9 @@ def one_token(device: str) -> None:
         variants = {"grouped": (False, 64, 1.0, True, stages)}
         variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True, stages)
                          for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
-        # The K loop pipelined (GEMV_LOOP_STAGES): loads issued 2-4 steps ahead
+        # The K loop as it is (1) and pipelined (GEMV_LOOP_STAGES): loads issued 2-4 steps ahead
         variants.update({f"one-token BLOCK_N {n} splits x{scale} loop stages {s}": (True, n, scale, True, s)
-                         for n, scale, s in itertools.product((64, 128), (0.5, 1.0, 2.0), (2, 3, 4)) if s != stages})
+                         for n, scale, s in itertools.product((64, 128), (0.5, 1.0, 2.0), (1, 2, 3, 4)) if s != stages})
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
             variants.update({f"one-token BLOCK_N {n} splits x{scale} portable decode": (True, n, scale, False, stages)
                              for n, scale in itertools.product((64,), (0.5, 1.0, 2.0))})
