@@ -332,7 +332,8 @@ def gemv_register_decode(weight: torch.Tensor | Nf4Weight, dtype: torch.dtype, b
     weight from the 16 codes and interleaves the two nibbles of each byte (join and reshape). Measured on an H100
     (both ways in one process, the same outputs to bf16 rounding): one token's NF4 experts block with LoRA 42.3 ->
     37.4 us at Trinity-Mini's experts and 38.9 -> 35.5 at LFM2-8B-A1B's; the few-rows NF4 linears at one row 5-22%
-    faster (LFM2-8B-A1B's dense gate/up pair 27.0 -> 21.0 us). Both still read at 0.4-0.7 TB/s, far from HBM's."""
+    faster (LFM2-8B-A1B's dense gate/up pair 27.0 -> 21.0 us). Bound by the decode's instructions (about 4 a weight
+    of 9-11 in the loop), not by HBM: about 1.1-1.3e12 weights a second on an H100."""
     return (GEMV_REGISTER_DECODE and isinstance(weight, Nf4Weight)
             and nf4_tile_layout(weight, dtype)["REGISTER_DECODE"] and register_decode_fits(block_n, block_k, num_warps))
 
