@@ -55,9 +55,10 @@ GEMV_REGISTER_DECODE = True
 # the compiler issues a step's weight, absmax and x loads that many steps ahead (cp.async through shared memory),
 # which it does by itself only for loads that feed a tl.dot; with 1 each step loads its tile and then multiplies it.
 # Measured on an H100 (bench_decode_ops.py one-token; bench_generate.py --gemv-loop-stages 1,3, graph replay): one
-# token's bf16 experts block at Trinity-Mini's shapes 56.8 -> 44.6 us; LFM2-8B-A1B's 4-bit decode step 1.97 -> 1.87 ms
-# at batch 1 (its NF4 gate/up GEMVs 24.1 -> 22.7 us a layer, down 14.8 -> 13.3), Trinity-Mini's 8-layer 4-bit step
-# 1.30 -> 1.26 ms; batch 8 (grouped GEMMs) unchanged. NF4 tiles, bound by their decode's instructions, gain less.
+# token's bf16 experts block at Trinity-Mini's shapes 56.8 -> 44.6 us; the batch-1 bf16 decode step 1.51 -> 1.35 ms
+# (Trinity-Mini, 8 layers) and 2.54 -> 2.09 ms (LFM2-8B-A1B); 4-bit 1.30 -> 1.26 and 1.97 -> 1.87 ms (LFM2's NF4
+# gate/up GEMVs 24.1 -> 22.7 us a layer, down 14.8 -> 13.3); batch 8 (grouped GEMMs) unchanged. NF4 tiles, bound by
+# their decode's instructions rather than by HBM, gain less.
 GEMV_LOOP_STAGES = 3
 
 
