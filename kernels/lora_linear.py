@@ -165,18 +165,20 @@ def _out_features(projection: Projection) -> int:
 
 
 @triton.jit
-def _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, r_mask, acc,
-                   xa, NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
-                   GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr):
-    """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major; with NF4, W's
-    packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): the weight
-    tile is multiplied where it was loaded or decoded and summed over its columns, with no tensor-core operand to
-    stage; its NF4 tiles decoded by the PTX register decode with REGISTER_DECODE (one_token.gemv_register_decode)."""
+def _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask, row0, n, r_mask,
+                   acc, xa, NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
+                   GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr,
+                   MMA: tl.constexpr):
+    """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major, the block's rows
+    row0 + arange; with NF4, W's packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0).
+    GEMV (x one row): the weight tile is multiplied where it was loaded or decoded and summed over its columns, with
+    no tensor-core operand to stage; its NF4 tiles decoded by the PTX register decode with REGISTER_DECODE
+    (one_token.gemv_register_decode), and with MMA multiplied on the tensor cores (one_token.gemv_mma)."""
     k_mask = offs_k < K - k0
     if GEMV:  # x (1, BLOCK_K), the row at x_ptr; xa (BLOCK_R, BLOCK_K) products, summed by the caller
-        x_tile = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
-        acc += gemv_tile_sums(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, k0, K, offs_k, x_tile,
-                              NF4, False, K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE)[None, :]
+        x_tile = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
+        acc += gemv_tile_sums(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, row0, n, k0, K, offs_k,
+                              x_tile, NF4, False, K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE, MMA)[None, :]
         xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x.to(tl.float32), xa, x.dtype)
     else:
         if NF4:
@@ -220,7 +222,7 @@ def _few_rows_kernel(
     NF4: tl.constexpr, K_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr, GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
 ):
     """Up to four linear layers of one input x (M <= BLOCK_M rows, K, row-major): out_i = x W_i^T + bias_i + s_i (x
     A_i^T) B_i^T. Column blocks are numbered across the layers (layer i's from first_i); program (block, split)
@@ -264,12 +266,12 @@ def _few_rows_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :],
                     mask=m_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         acc, xa = _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs_k, offs_r, n_mask,
-                                 offs_r < r, acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
-                                 REGISTER_DECODE)
+                                 (block - first) * BLOCK_N, n, offs_r < r, acc, xa, NF4, K_ALIGNED, WHOLE_K, W_DTYPE,
+                                 GEMV, DOT_PRECISION, REGISTER_DECODE, MMA)
         if SWIGLU:
             up, xa_up = _split_product(x, x_ptr, k0, K, w1, m1, code, a1, offs_n, offs_k, offs_r, n_mask,
-                                       offs_r < r1, up, xa_up, NF4, K_ALIGNED, WHOLE_K, W_DTYPE, GEMV, DOT_PRECISION,
-                                       REGISTER_DECODE)
+                                       (block - first) * BLOCK_N, n, offs_r < r1, up, xa_up, NF4, K_ALIGNED, WHOLE_K,
+                                       W_DTYPE, GEMV, DOT_PRECISION, REGISTER_DECODE, MMA)
     if GEMV:  # (1, BLOCK_R), the row the rest of the kernel handles as a block of BLOCK_M = 1
         xa, xa_up = tl.sum(xa, axis=1)[None, :], tl.sum(xa_up, axis=1)[None, :]
     dtype = x_ptr.dtype.element_ty
@@ -321,8 +323,13 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
     config.setdefault("LOOP_STAGES", one_token.GEMV_LOOP_STAGES if config["GEMV"] else config.get("num_stages", 3))
     if config["GEMV"] and rows != 1:
         raise ValueError(f"the few-rows kernel's GEMV form takes one row, got {rows}")
-    block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
     nf4 = isinstance(projections[0].weight, Nf4Weight)
+    # NF4 tiles multiplied on the tensor cores (one_token.GEMV_MMA) take their own K step.
+    mma = config["GEMV"] and nf4 and one_token.gemv_mma(projections[0].weight, x2.dtype, config["BLOCK_N"],
+                                                         config.get("num_warps", 4))
+    if mma:
+        config["BLOCK_K"] = one_token.GEMV_MMA_BLOCK_K
+    block_n, block_k, split_k = config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
     # One pointer type per argument across the layers: factors in the first adapted layer's dtypes, and a layer
     # without LoRA (rank 0 masks every factor load) passes that layer's factors as stand-ins.
     adapted = next((p for p in projections if p.lora_a is not None), None)
@@ -367,7 +374,8 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
         W_DTYPE=triton_dtype(projections[0].weight.dtype) if nf4 else None,
         BLOCK_M=1 if config["GEMV"] else max(16, triton.next_power_of_2(rows)),
         BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
-        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", REGISTER_DECODE=register_decode, **config,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", REGISTER_DECODE=register_decode, MMA=mma,
+        **config,
     )
     if register_decode:
         check_register_decode_layout(compiled)

@@ -302,6 +302,65 @@ def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
     return tl.reshape(tl.permute(weights, (0, 1, 3, 2)), (ROWS, 32 * RUNS))
 
 
+def _register_decode_mma_asm(pair_type: str, mma_type: str) -> str:
+    """PTX for ``nf4_gemv_mma``: the register decode (``_register_decode_asm``) of two 16-byte runs, rows lo and hi,
+    then 8 ``mma.sync.m16n8k16`` over them and x. Operands: $0-$15 the sums (fp32: $0 lo's, $1 hi's, the rest 0),
+    $16-$19 lo's bytes, $20-$35 lo's absmax (the first read), $36-$39 hi's bytes, $40-$55 hi's absmax, $56-$71 x as
+    16-bit pairs at the run's columns.
+
+    Lane (g, t) = (lane // 4, lane % 4) holds rows lo_g and hi_g at columns [32 t, 32 t + 32) of a 128-column step.
+    mma i takes the lane's weights 4i..4i+3 of each row (decoded pairs 2i and 2i + 1) as its k-slots 2t, 2t + 1,
+    2t + 8, 2t + 9, A's rows g and g + 8 being lo_g and hi_g, and x at the same columns as B; every column of B is x,
+    so D[g][n] is lo_g's dot product with x over the quad's 128 columns, for every n, and D[g + 8][n] hi_g's."""
+    decode = _register_decode_asm(pair_type)
+
+    def renamed(outputs: str, first_byte: int, absmax: int) -> str:
+        def operand(match: re.Match) -> str:
+            n = int(match.group(1))
+            return f"{outputs}{n}" if n < 16 else f"${first_byte + n - 16}" if n < 20 else f"${absmax}"
+        return re.sub(r"\$(\d+)", operand, decode)
+
+    lines = ["{", ".reg .b32 wl<16>, wh<16>;", ".reg .f32 c<4>;", renamed("wl", 16, 20), renamed("wh", 36, 40),
+             "mov.b32 c0, 0;", "mov.b32 c1, 0;", "mov.b32 c2, 0;", "mov.b32 c3, 0;"]
+    for i in range(8):
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{c0, c1, c2, c3}}, "
+                     f"{{wl{2 * i}, wh{2 * i}, wl{2 * i + 1}, wh{2 * i + 1}}}, {{${56 + 2 * i}, ${57 + 2 * i}}}, "
+                     "{c0, c1, c2, c3};")
+    lines += ["mov.b32 $0, c0;", "mov.b32 $1, c2;"] + [f"mov.b32 ${n}, 0;" for n in range(2, 16)] + ["}"]
+    return "\n".join(lines)
+
+
+_GEMV_MMA_ASM_BF16 = tl.constexpr(_register_decode_mma_asm("bf16x2", "bf16"))
+_GEMV_MMA_ASM_FP16 = tl.constexpr(_register_decode_mma_asm("f16x2", "f16"))
+_GEMV_MMA_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 56))
+
+
+@triton.jit
+def nf4_gemv_mma(packed_lo, absmax_lo, packed_hi, absmax_hi, x_pairs, OUT_DTYPE: tl.constexpr):
+    """(lo, hi) float32 (rows,): two NF4 tiles of packed bytes (rows, 64) (128 columns of rows lo and hi; absmax per
+    byte, as for ``nf4_decode_runs``) times x (x_pairs (64,) int32: x's 16-bit values at those columns, two a word),
+    decoded in registers and multiplied on the tensor cores (``_register_decode_mma_asm``): no fp32 conversion of
+    the weights nor of x, no FMA. NVIDIA GPUs from Ampere on; the tiles must give each lane 16 bytes, four lanes a row,
+    which a (32, 64) tile has with 4 warps (``check_register_decode_layout`` checks the compiled kernel)."""
+    ROWS: tl.constexpr = packed_lo.shape[0]
+    BYTES: tl.constexpr = packed_lo.shape[1]
+    x_tile = tl.broadcast_to(x_pairs[None, :], (ROWS, BYTES))
+    if OUT_DTYPE == tl.bfloat16:
+        sums = tl.inline_asm_elementwise(_GEMV_MMA_ASM_BF16, _GEMV_MMA_CONSTRAINTS,
+                                         [packed_lo, absmax_lo, packed_hi, absmax_hi, x_tile], dtype=tl.float32,
+                                         is_pure=True, pack=16)
+    else:
+        sums = tl.inline_asm_elementwise(_GEMV_MMA_ASM_FP16, _GEMV_MMA_CONSTRAINTS,
+                                         [packed_lo, absmax_lo, packed_hi, absmax_hi, x_tile], dtype=tl.float32,
+                                         is_pure=True, pack=16)
+    # Element 0 of a lane's 16 holds lo's sum, element 1 hi's (known per register: the selects fold away); the four
+    # lanes of a row hold the same sums, hence the quarter (exact).
+    place = tl.arange(0, BYTES) % 16
+    lo = tl.sum(tl.where((place == 0)[None, :], sums, 0.0), axis=1) * 0.25
+    hi = tl.sum(tl.where((place == 1)[None, :], sums, 0.0), axis=1) * 0.25
+    return lo, hi
+
+
 def has_register_decode(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``nf4_decode_runs`` can produce `dtype` on `device`: PTX for sm_80 and later (its packed 16-bit
     conversions), so NVIDIA GPUs from Ampere on (not ROCm, not a T4), and 16-bit outputs."""
@@ -319,7 +378,8 @@ _checked_decode_kernels: set[int] = set()
 
 
 def check_register_decode_layout(compiled) -> None:
-    """Raise if a compiled kernel hands ``nf4_decode_runs`` fewer than 16 consecutive bytes per thread.
+    """Raise if a compiled kernel hands ``nf4_decode_runs`` fewer than 16 consecutive bytes per thread (or
+    ``nf4_gemv_mma`` other than 16 bytes a lane and four lanes a row).
 
     The PTX decodes a thread's registers 16 at a time with one absmax, which is right only when they are 16 bytes
     of one row; the layout is the compiler's choice (loads vectorise to 16 bytes when the alignment is known and the
@@ -334,7 +394,12 @@ def check_register_decode_layout(compiled) -> None:
         match = re.search(r"tensor<\d+x(\d+)xi8, (#\w+)>", line)
         definition = match and re.search(rf"^{match.group(2)} = .*sizePerThread = \[(\d+), (\d+)\].*order = \[1, 0\]",
                                           ttgir, re.MULTILINE)
-        if not definition or int(definition.group(2)) % 16:
+        fits = definition and int(definition.group(2)) % 16 == 0
+        if fits and "mma.sync" in line:
+            # nf4_gemv_mma: 16 bytes a lane, four lanes a row (128 columns), the warps over rows.
+            fits = (int(definition.group(2)) == 16 and "threadsPerWarp = [8, 4]" in definition.group(0)
+                    and re.search(r"warpsPerCTA = \[\d+, 1\]", definition.group(0)) is not None)
+        if not fits:
             raise RuntimeError(
                 "fastmoe: the NF4 register decode was compiled with a layout that does not give each thread 16 "
                 f"consecutive bytes ({match.group(0) if match else line[:200]}); this is a fastmoe bug, please report "
@@ -377,7 +442,8 @@ def absmax_values(absmax_ptr, blocks, mask, absmax_code_ptr, absmax_scale_ptr, a
 
 @triton.jit
 def aligned_nf4_tile(q_ptr, absmax_ptr, rows, row_mask, col0, C, COLS_IN_RANGE: tl.constexpr, COLS: tl.constexpr,
-                     absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset=0.0, DOUBLE_QUANT: tl.constexpr = False):
+                     absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset=0.0,
+                     DOUBLE_QUANT: tl.constexpr = False):
     """The packed bytes (len(rows), COLS / 2) of elements (rows, col0 + arange(COLS)) of an NF4 expert stored (R, C)
     row-major with C % 64 == 0, and their absmax (len(rows), max(1, COLS / 64)) (see dequantize_nf4_tile)."""
     # A row holds C / 2 bytes, a multiple of 32: the hint lets row starts vectorise.

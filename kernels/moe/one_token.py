@@ -41,6 +41,7 @@ from .nf4 import (
     dynamic_code,
     nf4_code,
     nf4_decode_halves,
+    nf4_gemv_mma,
     nf4_tile_layout,
     register_decode_fits,
     triton_dtype,
@@ -60,6 +61,12 @@ GEMV_REGISTER_DECODE = True
 # gate/up GEMVs 24.1 -> 22.7 us a layer, down 14.8 -> 13.3); batch 8 (grouped GEMMs) unchanged. NF4 tiles, bound by
 # their decode's instructions rather than by HBM, gain less.
 GEMV_LOOP_STAGES = 3
+# NF4 GEMV tiles of 64 rows through the register decode multiplied on the tensor cores (nf4.nf4_gemv_mma: 128-column
+# K steps, the decoded bf16 pairs as mma.sync's A operand, x as B) instead of converted to fp32 and FMA'd: ptxas for
+# sm_90 counts 307 instructions a K step of a lane's 64 weights against 584 (the one-token gate/up loop), of which
+# the decode is about 250 either way. Not yet timed on a GPU: off until bench_decode_ops.py and bench_generate.py
+# --gemv-mma 0,1 say it is faster; the GPU tests check both.
+GEMV_MMA = False
 
 
 @triton.jit
@@ -98,11 +105,16 @@ def gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset,
 
 
 @triton.jit
-def gemv_x(x_ptr, k0, K, offs_k, HALVES: tl.constexpr, WHOLE_K: tl.constexpr):
-    """x[k0 + offs_k] in float32 for gemv_tile_sums, loaded once for the weight tiles of a K step: with HALVES (NF4
-    tiles through the register decode) as the two halves of each run of 32 columns, the order in which that decode
-    leaves the weights (nf4.nf4_decode_halves); else whole, as (x, x)."""
-    if HALVES:
+def gemv_x(x_ptr, k0, K, offs_k, HALVES: tl.constexpr, WHOLE_K: tl.constexpr, PAIRS: tl.constexpr = False):
+    """x[k0 + offs_k] for gemv_tile_sums, loaded once for the weight tiles of a K step: with PAIRS (its MMA form) as
+    the 16-bit values two to an int32 word, (pairs, pairs); with HALVES (NF4 tiles through the register decode) in
+    float32 as the two halves of each run of 32 columns, the order in which that decode leaves the weights
+    (nf4.nf4_decode_halves); else whole in float32, as (x, x)."""
+    if PAIRS:  # K % 64 == 0 (NF4 rows on 64-weight blocks): whole words
+        words = k0 // 2 + tl.arange(0, offs_k.shape[0] // 2)
+        first = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + words, mask=words < K // 2, other=0)
+        second = first
+    elif HALVES:
         j = tl.arange(0, offs_k.shape[0] // 2)
         cols = k0 + (j // 16) * 32 + j % 16  # the first halves' columns; the second halves' are 16 further
         if WHOLE_K:
@@ -119,17 +131,30 @@ def gemv_x(x_ptr, k0, K, offs_k, HALVES: tl.constexpr, WHOLE_K: tl.constexpr):
 
 @triton.jit
 def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows, row_mask,
-                   k0, K, offs_k, x, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-                   WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
-                   REGISTER_DECODE: tl.constexpr = False):
+                   row0, row_end, k0, K, offs_k, x, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
+                   REGISTER_DECODE: tl.constexpr = False, MMA: tl.constexpr = False):
     """(len(rows),) float32: W[rows, k0 + offs_k] x[k0 + offs_k], one K step of W x for one expert's W (N, K) (see
-    gemv_weight_tile), x as gemv_x gives it (HALVES = NF4 and REGISTER_DECODE), each weight multiplied where it was
-    loaded or decoded.
+    gemv_weight_tile), rows = row0 + arange (valid below row_end), x as gemv_x gives it (HALVES = NF4 and
+    REGISTER_DECODE, PAIRS = MMA), each weight multiplied where it was loaded or decoded.
 
     NF4 tiles through the register decode are multiplied before their weights are put back in order, x read in that
     order: 16 contiguous values at a time, two 16-byte loads a thread, where x in the tile's order took one 2-byte
-    load per weight a thread holds (the layout the reordering leaves)."""
-    if NF4 and REGISTER_DECODE:
+    load per weight a thread holds (the layout the reordering leaves). With MMA (64 rows, 128 columns, 4 warps) the
+    tile's halves go through nf4.nf4_gemv_mma, the products on the tensor cores."""
+    if NF4 and REGISTER_DECODE and MMA:
+        HALF: tl.constexpr = rows.shape[0] // 2
+        COLS: tl.constexpr = offs_k.shape[0]
+        rows_lo = row0 + tl.arange(0, HALF)
+        rows_hi = rows_lo + HALF
+        packed_lo, absmax_lo = aligned_nf4_tile(w_ptr, absmax_ptr, rows_lo, rows_lo < row_end, k0, K, WHOLE_K, COLS,
+                                                absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
+        packed_hi, absmax_hi = aligned_nf4_tile(w_ptr, absmax_ptr, rows_hi, rows_hi < row_end, k0, K, WHOLE_K, COLS,
+                                                absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
+        lo, hi = nf4_gemv_mma(packed_lo, absmax_per_byte(absmax_lo, COLS), packed_hi, absmax_per_byte(absmax_hi, COLS),
+                              x[0], X_DTYPE)
+        sums = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0)), (rows.shape[0],))  # rows lo, then hi
+    elif NF4 and REGISTER_DECODE:
         COLS: tl.constexpr = offs_k.shape[0]
         packed, absmax = aligned_nf4_tile(w_ptr, absmax_ptr, rows, row_mask, k0, K, WHOLE_K, COLS, absmax_code_ptr,
                                           scale_ptr, offset, DOUBLE_QUANT)
@@ -173,7 +198,7 @@ def _gate_up_kernel(
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
 ):
     """h[slot, block] = silu(gate) * up of x (K,) through the gate_up weight of expert index[slot]; partials
     (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
@@ -201,13 +226,13 @@ def _gate_up_kernel(
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
-        x = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
+        x = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
         gate += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                               offs_n, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                               dtype, REGISTER_DECODE)
+                               offs_n, n_mask, block * BLOCK_N, I, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
+                               WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
         up += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                             offs_n + I, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
-                             W_DTYPE, dtype, REGISTER_DECODE)
+                             offs_n + I, n_mask, block * BLOCK_N + I, 2 * I, k0, K, offs_k, x, NF4, DOUBLE_QUANT,
+                             ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
         if HAS_LORA:  # x whole again, in the layout of A's tile
             x_row = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
             xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
@@ -250,7 +275,7 @@ def _down_kernel(
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
 ):
     """out[block] = sum over slots of weights[slot] * (h[slot] W_down[index[slot]]^T + LoRA), h (TOP_K, K); program
     (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block."""
@@ -274,10 +299,10 @@ def _down_kernel(
     k_start = split * STEPS_PER_SPLIT * BLOCK_K  # whole BLOCK_K steps, as in _gate_up_kernel
     for k0 in tl.range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K,
                        num_stages=LOOP_STAGES):
-        x = gemv_x(h_ptr + slot * K, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K)
+        x = gemv_x(h_ptr + slot * K, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
         acc += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                              offs_n, n_mask, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE,
-                              dtype, REGISTER_DECODE)
+                              offs_n, n_mask, block * BLOCK_N, N, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
+                              WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
         if HAS_LORA:
             x_row = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
             xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
@@ -339,6 +364,18 @@ def gemv_register_decode(weight: torch.Tensor | Nf4Weight, dtype: torch.dtype, b
             and nf4_tile_layout(weight, dtype)["REGISTER_DECODE"] and register_decode_fits(block_n, block_k, num_warps))
 
 
+# The K step of nf4_gemv_mma's tiles: four lanes of 16 bytes a row.
+GEMV_MMA_BLOCK_K = 128
+
+
+def gemv_mma(weight: torch.Tensor | Nf4Weight, dtype: torch.dtype, block_n: int, num_warps: int) -> bool:
+    """Whether a GEMV over `weight` multiplies its NF4 tiles on the tensor cores (GEMV_MMA; gemv_tile_sums' MMA
+    form): register-decoded NF4 rows in tiles of 64 rows and GEMV_MMA_BLOCK_K columns over 4 warps, the lane layout
+    nf4.nf4_gemv_mma's fragments take."""
+    return (GEMV_MMA and block_n == 64 and num_warps == 4
+            and gemv_register_decode(weight, dtype, block_n, GEMV_MMA_BLOCK_K, num_warps))
+
+
 def _lora_args(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> tuple:
     if lora_a is None:
         return (None,) * 8 + (0.0,)
@@ -366,11 +403,13 @@ def one_token_experts(
     inter = two_inter // 2
     dtype, device = hidden.dtype, hidden.device
     if device.type == "cuda":
-        block_n, block_k, options = _GPU_BLOCK_N, GEMV_BLOCK_K, {"num_warps": 4, "num_stages": 3}
-        gate_up_split = gemv_split(top_k * triton.cdiv(inter, block_n), k_gate_up)
-        down_split = gemv_split(top_k * triton.cdiv(n_down, block_n), k_down)
+        block_n, options = _GPU_BLOCK_N, {"num_warps": 4, "num_stages": 3}
+        mma = all(gemv_mma(w, dtype, block_n, options["num_warps"]) for w in (gate_up, down))
+        block_k = GEMV_MMA_BLOCK_K if mma else GEMV_BLOCK_K
+        gate_up_split = gemv_split(top_k * triton.cdiv(inter, block_n), k_gate_up, block_k)
+        down_split = gemv_split(top_k * triton.cdiv(n_down, block_n), k_down, block_k)
     else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-ups
-        block_n, block_k, options = 16, 32, {}
+        block_n, block_k, options, mma = 16, 32, {}, False
         gate_up_split, down_split = interpreter_split(k_gate_up, block_k), interpreter_split(k_down, block_k)
     gate_up_blocks, down_blocks = triton.cdiv(inter, block_n), triton.cdiv(n_down, block_n)
     arrivals = arrival_counts(device, max(top_k * gate_up_blocks, down_blocks))
@@ -390,7 +429,7 @@ def one_token_experts(
         x, index, *w_args, *_lora_args(gu_a, gu_b, gu_scaling), h, partials, arrivals,
         inter, k_gate_up, gu_a.shape[1] if gu_a is not None else 0, steps_per_split(k_gate_up, gate_up_split),
         HAS_LORA=gu_a is not None, **layout, WHOLE_K=k_gate_up % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, LOOP_STAGES=GEMV_LOOP_STAGES, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)
@@ -403,7 +442,7 @@ def one_token_experts(
         h, index, weights, *w_args, *_lora_args(down_a, down_b, down_scaling), out, partials, arrivals,
         n_down, k_down, down_a.shape[1] if down_a is not None else 0, steps_per_split(k_down, down_split),
         HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)

@@ -446,11 +446,14 @@ def test_nf4_and_16_bit_layers_do_not_share_a_launch():
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("loop_stages", [1, 3], ids=["loop", "pipelined-loop"])
-def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant, swiglu, loop_stages, monkeypatch):
+@pytest.mark.parametrize("loop_stages,mma", [(1, False), (3, False), (3, True)],
+                         ids=["loop", "pipelined-loop", "pipelined-loop-mma"])
+def test_nf4_layers_bf16_gpu_match_fp64_references(rows, double_quant, swiglu, loop_stages, mma, monkeypatch):
     """bf16 NF4 layers (a SwiGLU pair too) in K splits, against fp64 references on the dequantized weights; one row's
-    GEMV form with its K loop as it is and pipelined."""
+    GEMV form with its K loop as it is and pipelined, its products in fp32 FMAs or on the tensor cores (GEMV_MMA;
+    the layers of one launch share its 64-row blocks and 128-column steps)."""
     monkeypatch.setattr(one_token, "GEMV_LOOP_STAGES", loop_stages)
+    monkeypatch.setattr(one_token, "GEMV_MMA", mma)
     shapes = [(1536, 16), (1536, 8)] if swiglu else [(1536, 16), (256, 0)]
     layers = [_nf4_projection(2048, d_out, rank, torch.bfloat16, double_quant, seed=i)
               for i, (d_out, rank) in enumerate(shapes)]

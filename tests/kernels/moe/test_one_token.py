@@ -150,15 +150,18 @@ def test_moe_experts_take_the_one_token_form_at_one_token_without_gradients(nf4,
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k", [(2048, 1024, 128, 8), (2048, 1792, 32, 4),
                                                             (200, 72, 8, 1)],
                          ids=["trinity-mini", "lfm2-8b-a1b", "odd-top1"])
-@pytest.mark.parametrize("nf4,register_decode", [(False, False), (True, False), (True, True)],
-                         ids=["bf16", "nf4", "nf4-register-decode"])
+@pytest.mark.parametrize("nf4,register_decode,mma", [(False, False, False), (True, False, False), (True, True, False),
+                                                      (True, True, True)],
+                         ids=["bf16", "nf4", "nf4-register-decode", "nf4-register-decode-mma"])
 @pytest.mark.parametrize("loop_stages", [1, 3], ids=["loop", "pipelined-loop"])
-def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, register_decode, loop_stages,
+def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, register_decode, mma, loop_stages,
                                     monkeypatch):
     """bf16 against the float64 block, at real experts' shapes (the GPU configuration's splits) and an odd one; NF4
-    tiles through the portable decode and, where the rows sit on 64-weight blocks, the PTX register decode; the K loop
-    as it is and pipelined (its loads in cp.async copies issued steps ahead)."""
+    tiles through the portable decode and, where the rows sit on 64-weight blocks, the PTX register decode, its
+    products in fp32 FMAs or on the tensor cores (GEMV_MMA); the K loop as it is and pipelined (its loads in cp.async
+    copies issued steps ahead)."""
     monkeypatch.setattr(one_token, "GEMV_REGISTER_DECODE", register_decode)
+    monkeypatch.setattr(one_token, "GEMV_MMA", mma)
     monkeypatch.setattr(one_token, "GEMV_LOOP_STAGES", loop_stages)
     x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(hidden, inter, num_experts, top_k, 16,
                                                                    torch.bfloat16, "cuda", permuted=True)
@@ -167,6 +170,7 @@ def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, regi
         dense = reference_dequantize_nf4(gate_up), reference_dequantize_nf4(down)
         aligned = hidden % 64 == 0 and inter % 64 == 0
         assert one_token.gemv_register_decode(gate_up, torch.bfloat16, 64, 64, 4) == (register_decode and aligned)
+        assert one_token.gemv_mma(gate_up, torch.bfloat16, 64, 4) == (mma and aligned)
     else:
         dense = gate_up, down
     out = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
