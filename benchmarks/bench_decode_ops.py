@@ -167,8 +167,8 @@ def few_rows_gemv(device: str) -> None:
     """One row (batch-1 decoding): the few-rows kernel's GEMV form against its tl.dot form, NF4 (double-quantized
     absmax) and bf16 layers, Trinity-Mini's six launches of a layer; the GEMV form with the default configuration,
     with other K steps and splits, with its K loop unpipelined or pipelined 2-4 steps deep (GEMV_LOOP_STAGES), and for
-    NF4 with the portable decode instead of the PTX register decode. Each output is checked against the tl.dot
-    form's."""
+    NF4 with the portable decode instead of the PTX register decode and with GEMV_MMA the other way. Each output is
+    checked against the tl.dot form's."""
     totals: dict[str, float] = {}
     for nf4, (name, d_in, outs, swiglu) in itertools.product((True, False), NF4_LAUNCHES):
         layers = _launch_layers(device, d_in, outs, nf4)
@@ -185,27 +185,34 @@ def few_rows_gemv(device: str) -> None:
             if split * gemv["BLOCK_K"] * 2 <= d_in and not default:
                 variants[f"gemv loop stages {loop_stages} split {split}"] = {**gemv, "SPLIT_K": split,
                                                                              "LOOP_STAGES": loop_stages}
+        register_decode, mma = one_token_module.GEMV_REGISTER_DECODE, one_token_module.GEMV_MMA
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
             variants["gemv portable decode"] = gemv
-        register_decode = one_token_module.GEMV_REGISTER_DECODE
+            # and their products on the tensor cores or not (GEMV_MMA: 64-row blocks, 128-column steps)
+            variants.update({f"gemv mma {not mma} split {split}": {**gemv, "SPLIT_K": split}
+                             for split in (gemv["SPLIT_K"] // 2, gemv["SPLIT_K"], 2 * gemv["SPLIT_K"]) if split})
         results, expected = [], None
         with reused_casts(CastCache()):
             for label, config in variants.items():
                 one_token_module.GEMV_REGISTER_DECODE = register_decode and label != "gemv portable decode"
+                one_token_module.GEMV_MMA = mma != label.startswith("gemv mma")
                 out = lora_module._launch_few_rows(x, layers, config, swiglu)
                 ms = common.bench_graph_ms(lambda: lora_module._launch_few_rows(x, layers, config, swiglu))
                 expected = expected or out
                 err = max(common.rel_err(a.double(), b.double()) for a, b in zip(out, expected))
                 results.append((ms, label, err))
-        one_token_module.GEMV_REGISTER_DECODE = register_decode
+        one_token_module.GEMV_REGISTER_DECODE, one_token_module.GEMV_MMA = register_decode, mma
         kind = "nf4" if nf4 else "bf16"
         for ms, label, _ in results:
-            if label in ("dot", "gemv") or label.endswith(f" split {gemv['SPLIT_K']}") and "loop stages" in label:
+            if label in ("dot", "gemv") or (label.endswith(f" split {gemv['SPLIT_K']}")
+                                            and ("loop stages" in label or label.startswith("gemv mma"))):
                 label = label.split(" split")[0]
                 totals[f"{kind} {label}"] = totals.get(f"{kind} {label}", 0.0) + ms
         portable = [f"; portable decode {ms * 1e3:.1f} us" for ms, label, _ in results
                     if label == "gemv portable decode"]
-        best = sorted(r for r in results[2:] if r[1] != "gemv portable decode")[:3]
+        portable += [f"; {label} {ms * 1e3:.1f} us (err {err:.0e})" for ms, label, err in results
+                     if label.startswith("gemv mma")]
+        best = sorted(r for r in results[2:] if r[1] != "gemv portable decode" and not r[1].startswith("gemv mma"))[:3]
         print(f"few-rows {kind} {name} 1 row: tl.dot form {results[0][0] * 1e3:.1f} us {variants['dot']}; "
               f"GEMV {results[1][0] * 1e3:.1f} us {gemv} (err {results[1][2]:.0e}){''.join(portable)}; other GEMV "
               "configurations " + "; ".join(f"{label} {ms * 1e3:.1f} us (err {err:.0e})" for ms, label, err in best),
@@ -276,35 +283,40 @@ def moe(device: str, nf4: bool = False) -> None:
 
 def one_token(device: str) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
-    the grouped GEMMs' decode path, with its column blocks and splits swept and its K loop pipelined 1-4 steps deep
-    (GEMV_LOOP_STAGES), Trinity-Mini's and LFM2-8B-A1B's experts, bf16 and NF4."""
+    the grouped GEMMs' decode path, with its column blocks and splits swept, its K loop pipelined 1-4 steps deep
+    (GEMV_LOOP_STAGES) and NF4 products on the tensor cores or not (GEMV_MMA), Trinity-Mini's and LFM2-8B-A1B's
+    experts, bf16 and NF4."""
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
         one_token_module._GPU_BLOCK_N
     original_register_decode = one_token_module.GEMV_REGISTER_DECODE
-    original_stages = one_token_module.GEMV_LOOP_STAGES
+    original_stages, original_mma = one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA
     for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(), (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
         x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
         index = torch.randperm(num_experts, device=device)[:top_k][None]
         weights = torch.rand(1, top_k, device=device)
         gbytes = top_k * 3 * inter * hidden * bytes_per_weight / 1e9
-        stages = original_stages
-        variants = {"grouped": (False, 64, 1.0, True, stages)}
-        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True, stages)
+        stages, mma = original_stages, original_mma
+        variants = {"grouped": (False, 64, 1.0, True, stages, mma)}
+        variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True, stages, mma)
                          for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
         # The K loop as it is (1) and pipelined (GEMV_LOOP_STAGES): loads issued 2-4 steps ahead
-        variants.update({f"one-token BLOCK_N {n} splits x{scale} loop stages {s}": (True, n, scale, True, s)
+        variants.update({f"one-token BLOCK_N {n} splits x{scale} loop stages {s}": (True, n, scale, True, s, mma)
                          for n, scale, s in itertools.product((64, 128), (0.5, 1.0, 2.0), (1, 2, 3, 4)) if s != stages})
         if nf4:  # NF4 tiles through the portable decode (a code lookup per weight) instead of the PTX one
-            variants.update({f"one-token BLOCK_N {n} splits x{scale} portable decode": (True, n, scale, False, stages)
-                             for n, scale in itertools.product((64,), (0.5, 1.0, 2.0))})
+            variants.update({f"one-token BLOCK_N 64 splits x{scale} portable decode":
+                             (True, 64, scale, False, stages, mma) for scale in (0.5, 1.0, 2.0)})
+            # and their products on the tensor cores or not (GEMV_MMA; 64-row tiles only)
+            variants.update({f"one-token BLOCK_N 64 splits x{scale} mma {not mma}": (True, 64, scale, True, s, not mma)
+                             for scale, s in itertools.product((0.5, 1.0, 2.0), (1, 3))})
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
-            for label, (form, block_n, scale, register_decode, loop_stages) in variants.items():
+            for label, (form, block_n, scale, register_decode, loop_stages, mma) in variants.items():
                 experts._one_token_form = (lambda weights, _form=form: _form and original_form(weights))
                 one_token_module.GEMV_REGISTER_DECODE = original_register_decode and register_decode
                 one_token_module.GEMV_LOOP_STAGES = loop_stages
+                one_token_module.GEMV_MMA = mma
                 one_token_module._GPU_BLOCK_N = block_n
                 one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
                                                                                         * _s)))
@@ -323,7 +335,7 @@ def one_token(device: str) -> None:
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
         one_token_module._GPU_BLOCK_N = original_block_n
         one_token_module.GEMV_REGISTER_DECODE = original_register_decode
-        one_token_module.GEMV_LOOP_STAGES = original_stages
+        one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA = original_stages, original_mma
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
         if current is None or "grouped" not in results:
             print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "

@@ -24,6 +24,7 @@ process. One JSON line per case goes to benchmarks/results.jsonl (question "gene
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -126,8 +127,8 @@ def replay_ms_per_step(model) -> float | None:
 
 def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
              bandwidth_gbs: float | None) -> list[dict]:
-    """The case's records: one, or for fastmoe one per --gemv-loop-stages value (the model loaded once, its decode
-    graphs captured again for each)."""
+    """The case's records: one, or for fastmoe one per combination of --gemv-loop-stages and --gemv-mma values (the
+    model loaded once, its decode graphs captured again for each)."""
     from fastmoe import FastModel
     from fastmoe.kernels.moe import one_token
 
@@ -136,18 +137,23 @@ def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
         model.eval()
         model.get_base_model().config.use_cache = True
         return [measure(model, case, args, device, bandwidth_gbs)]
-    default_stages, records = one_token.GEMV_LOOP_STAGES, []
+    default_stages, default_mma, records = one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA, []
+    all_stages = [int(s) for s in bench_sft.csv(args.gemv_loop_stages)] or [default_stages]
+    all_mma = [bool(int(m)) for m in bench_sft.csv(args.gemv_mma)] or [default_mma]
     try:
-        for stages in [int(s) for s in bench_sft.csv(args.gemv_loop_stages)] or [default_stages]:
-            one_token.GEMV_LOOP_STAGES = stages
+        for stages, mma in itertools.product(all_stages, all_mma):
+            one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA = stages, mma
             FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
             record = measure(model, case, args, device, bandwidth_gbs)
-            if stages != default_stages:  # an ablation: the report's table leaves it out
+            # An ablation is marked, and the report's table leaves it out.
+            if stages != default_stages:
                 record["gemv_loop_stages"] = stages
+            if mma != default_mma:
+                record["gemv_mma"] = mma
             records.append(record)
             FastModel.for_training(model, keep_decode_graphs=False)
     finally:
-        one_token.GEMV_LOOP_STAGES = default_stages
+        one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA = default_stages, default_mma
     return records
 
 
@@ -224,6 +230,9 @@ def main() -> None:
                         help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_LOOP_STAGES (e.g. 1,3: the "
                         "GEMV kernels' K loops as they are and pipelined 3 steps deep); records of a value other "
                         "than the default are marked (gemv_loop_stages) and stay out of the report's table")
+    parser.add_argument("--gemv-mma", default="",
+                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_MMA (0,1: NF4 GEMV products "
+                        "in fp32 FMAs and on the tensor cores), combined with --gemv-loop-stages; marked likewise")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
@@ -253,7 +262,8 @@ def main() -> None:
             for record in records:
                 record.update(common.environment(device))
                 share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
-                stages = f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record else ""
+                stages = (f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record else "") + (
+                    f" GEMV MMA {record['gemv_mma']}" if "gemv_mma" in record else "")
                 print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
                       f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}{stages}: "
                       f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "

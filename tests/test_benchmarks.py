@@ -454,25 +454,27 @@ def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
 def test_generate_benchmark_smoke_run_records_the_same_tokens_both_ways(tmp_path):
     """bench_generate.py on the CPU: a tiny model built directly, greedy decoding through transformers + peft and
     through fastmoe's decode path (its ops' PyTorch references), the same tokens, one record each, on the page; fastmoe
-    also with the GEMV loops pipelined (--gemv-loop-stages), a marked record the page leaves out."""
+    also with other GEMV settings (--gemv-loop-stages, --gemv-mma), marked records the page leaves out."""
     from fastmoe.kernels.dispatch import reference_only
     from fastmoe.kernels.moe import one_token
 
     jsonl = tmp_path / "results.jsonl"
     sys.argv = ["bench_generate.py", "--preset", "afmoe-tiny", "--layers", "2", "--batches", "2", "--prompt", "12",
                 "--new-tokens", "5", "--repeats", "1", "--gemv-loop-stages", f"{one_token.GEMV_LOOP_STAGES},4",
-                "--jsonl", str(jsonl)]
+                "--gemv-mma", f"{int(one_token.GEMV_MMA)},{int(not one_token.GEMV_MMA)}", "--jsonl", str(jsonl)]
     with reference_only(), pytest.raises(SystemExit) as exit_status:
         bench_generate.main()
     assert exit_status.value.code == 0
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [(r["implementation"], r.get("gemv_loop_stages")) for r in records] == [
-        ("fastmoe", None), ("fastmoe", 4), ("transformers", None)]
-    assert records[0]["tokens"] == records[1]["tokens"] == records[2]["tokens"] and len(records[0]["tokens"]) == 5
+    other_mma = not one_token.GEMV_MMA
+    assert [(r["implementation"], r.get("gemv_loop_stages"), r.get("gemv_mma")) for r in records] == [
+        ("fastmoe", None, None), ("fastmoe", None, other_mma), ("fastmoe", 4, None), ("fastmoe", 4, other_mma),
+        ("transformers", None, None)]
+    assert all(r["tokens"] == records[0]["tokens"] for r in records) and len(records[0]["tokens"]) == 5
     assert all(r["question"] == "generate" and r["decode_tokens_per_s"] > 0 for r in records)
     page = report.render(records, include_cpu=True)
     assert "| afmoe-tiny, 2 layers | bf16 | 2 | 12 |" in page
-    assert page == report.render([records[0], records[2]], include_cpu=True)
+    assert page == report.render([records[0], records[-1]], include_cpu=True)
 
 
 def test_decode_roofline_counts_4bit_weights_as_they_are_stored(tiny_checkpoint):
