@@ -344,11 +344,14 @@ def test_unpatched_forward_of_nf4_experts_raises_instead_of_using_zero_experts(t
 
 def _load_4bit_then_quantize_experts(checkpoint):
     """The path streaming replaced: transformers + bitsandbytes load the experts 16-bit, quantize_experts_ follows."""
+    from fastmoe.models.shared import register_experts_implementation
     from fastmoe.patching import SWITCHABLE
 
     family = models.family(transformers.AutoConfig.from_pretrained(checkpoint).model_type)
     # NF4 experts run in fastmoe's experts kernel only: the implementation FastModel.from_pretrained loads them with
-    # (JetMoe's experts have no such switch: fastmoe replaces its MoE forwards whole).
+    # (JetMoe's experts have no such switch: fastmoe replaces its MoE forwards whole). transformers accepts the name
+    # once it is registered, which loading through fastmoe does; this test may run before any such load.
+    register_experts_implementation()
     switch = {"experts_implementation": EXPERTS_IMPLEMENTATION} if family.routed_experts == SWITCHABLE else {}
     model, config = _linear_4bit(checkpoint, **switch)
     quantize_experts_(model, double_quant=config.bnb_4bit_use_double_quant)
