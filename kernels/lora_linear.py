@@ -170,15 +170,17 @@ def _split_product(x, x_ptr, k0, K, w_ptr, absmax_ptr, code, a_ptr, offs_n, offs
                    GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr, REGISTER_DECODE: tl.constexpr,
                    MMA: tl.constexpr):
     """acc += x W[n block, k block]^T and xa += x A[:, k block]^T, W (n, K) and A (r, K) row-major, the block's rows
-    row0 + arange; with NF4, W's packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0; WHOLE_K: K % BLOCK_K == 0).
-    GEMV (x one row): the weight tile is multiplied where it was loaded or decoded and summed over its columns, with
-    no tensor-core operand to stage; its NF4 tiles decoded by the PTX register decode with REGISTER_DECODE
-    (one_token.gemv_register_decode), and with MMA multiplied on the tensor cores (one_token.gemv_mma)."""
+    offs_n = row0 + arange (n_mask: below n); with NF4, W's packed codes and fp32 absmax (K_ALIGNED: K % 64 == 0;
+    WHOLE_K: K % BLOCK_K == 0). GEMV (x one row): the weight tile is multiplied where it was loaded or decoded and
+    summed over its columns, with no tensor-core operand to stage; its NF4 tiles decoded by the PTX register decode
+    with REGISTER_DECODE (one_token.gemv_register_decode), and with MMA multiplied on the tensor cores
+    (one_token.gemv_mma)."""
     k_mask = offs_k < K - k0
     if GEMV:  # x (1, BLOCK_K), the row at x_ptr; xa (BLOCK_R, BLOCK_K) products, summed by the caller
         x_tile = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
-        acc += gemv_tile_sums(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, offs_n, n_mask, row0, n, k0, K, offs_k,
-                              x_tile, NF4, False, K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE, MMA)[None, :]
+        acc += gemv_tile_sums(w_ptr, K, 1, absmax_ptr, None, 0.0, None, code, row0, n, k0, K, offs_k, x_tile,
+                              offs_n.shape[0], NF4, False, K_ALIGNED, WHOLE_K, W_DTYPE, x.dtype, REGISTER_DECODE,
+                              MMA)[None, :]
         xa = gemv_lora_a_step(a_ptr, K, 1, offs_r, r_mask, k0, K, offs_k, x.to(tl.float32), xa, x.dtype)
     else:
         if NF4:

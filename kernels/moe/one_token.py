@@ -89,14 +89,12 @@ def _expert_weight(index_ptr, slot, w_ptr, stride_we, code_ptr, offset_ptr, NF4:
 @triton.jit
 def gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows,
                      row_mask, k0, K, offs_k, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
-                     REGISTER_DECODE: tl.constexpr = False):
+                     ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
     """(len(rows), BLOCK_K) float32: W[rows, k0 + offs_k] of one expert's W (N, K), in x's dtype: 16-bit through its
-    strides (already in x's dtype), or NF4 (packed codes, absmax fp32 or double-quantized) decoded, with
-    REGISTER_DECODE by the PTX byte-permute decode (``nf4.nf4_decode_runs``; see ``gemv_register_decode``). The GEMV
-    step of these kernels and of lora_linear's few-rows kernel at one row, which multiply it by x where it lies."""
+    strides (already in x's dtype), or NF4 (packed codes, absmax fp32 or double-quantized) by the portable decode
+    (the register decode's tiles go through gemv_tile_sums' own forms)."""
     if NF4:
-        w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, rows, row_mask, k0, K, ROWS_ALIGNED, REGISTER_DECODE, WHOLE_K,
+        w = dequantize_nf4_tile(w_ptr, absmax_ptr, code, rows, row_mask, k0, K, ROWS_ALIGNED, False, WHOLE_K,
                                 offs_k.shape[0], W_DTYPE, X_DTYPE, absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
     else:
         w = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
@@ -130,12 +128,12 @@ def gemv_x(x_ptr, k0, K, offs_k, HALVES: tl.constexpr, WHOLE_K: tl.constexpr, PA
 
 
 @triton.jit
-def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows, row_mask,
-                   row0, row_end, k0, K, offs_k, x, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, row0, row_end,
+                   k0, K, offs_k, x, ROWS: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                    ROWS_ALIGNED: tl.constexpr, WHOLE_K: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
                    REGISTER_DECODE: tl.constexpr = False, MMA: tl.constexpr = False):
-    """(len(rows),) float32: W[rows, k0 + offs_k] x[k0 + offs_k], one K step of W x for one expert's W (N, K) (see
-    gemv_weight_tile), rows = row0 + arange (valid below row_end), x as gemv_x gives it (HALVES = NF4 and
+    """(ROWS,) float32: W[rows, k0 + offs_k] x[k0 + offs_k], rows = row0 + arange(ROWS) (those from row_end on read
+    as 0), one K step of W x for one expert's W (N, K) (see gemv_weight_tile), x as gemv_x gives it (HALVES = NF4 and
     REGISTER_DECODE, PAIRS = MMA), each weight multiplied where it was loaded or decoded.
 
     NF4 tiles through the register decode are multiplied before their weights are put back in order, x read in that
@@ -143,7 +141,7 @@ def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, a
     load per weight a thread holds (the layout the reordering leaves). With MMA (64 rows, 128 columns, 4 warps) the
     tile's halves go through nf4.nf4_gemv_mma, the products on the tensor cores."""
     if NF4 and REGISTER_DECODE and MMA:
-        HALF: tl.constexpr = rows.shape[0] // 2
+        HALF: tl.constexpr = ROWS // 2
         COLS: tl.constexpr = offs_k.shape[0]
         rows_lo = row0 + tl.arange(0, HALF)
         rows_hi = rows_lo + HALF
@@ -153,18 +151,19 @@ def gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, a
                                                 absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
         lo, hi = nf4_gemv_mma(packed_lo, absmax_per_byte(absmax_lo, COLS), packed_hi, absmax_per_byte(absmax_hi, COLS),
                               x[0], X_DTYPE)
-        sums = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0)), (rows.shape[0],))  # rows lo, then hi
+        sums = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0)), (ROWS,))  # rows lo, then hi
     elif NF4 and REGISTER_DECODE:
         COLS: tl.constexpr = offs_k.shape[0]
-        packed, absmax = aligned_nf4_tile(w_ptr, absmax_ptr, rows, row_mask, k0, K, WHOLE_K, COLS, absmax_code_ptr,
-                                          scale_ptr, offset, DOUBLE_QUANT)
+        rows = row0 + tl.arange(0, ROWS)
+        packed, absmax = aligned_nf4_tile(w_ptr, absmax_ptr, rows, rows < row_end, k0, K, WHOLE_K, COLS,
+                                          absmax_code_ptr, scale_ptr, offset, DOUBLE_QUANT)
         first, second = nf4_decode_halves(packed, absmax_per_byte(absmax, COLS), X_DTYPE)
         sums = (tl.sum(first.to(tl.float32) * x[0][None, :], axis=1)
                 + tl.sum(second.to(tl.float32) * x[1][None, :], axis=1))
     else:
+        rows = row0 + tl.arange(0, ROWS)
         w = gemv_weight_tile(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code, rows,
-                             row_mask, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, X_DTYPE,
-                             REGISTER_DECODE)
+                             rows < row_end, k0, K, offs_k, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K, W_DTYPE, X_DTYPE)
         sums = tl.sum(w * x[0][None, :], axis=1)
     return sums
 
@@ -228,11 +227,11 @@ def _gate_up_kernel(
                        num_stages=LOOP_STAGES):
         x = gemv_x(x_ptr, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
         gate += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                               offs_n, n_mask, block * BLOCK_N, I, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
+                               block * BLOCK_N, I, k0, K, offs_k, x, BLOCK_N, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
                                WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
         up += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                             offs_n + I, n_mask, block * BLOCK_N + I, 2 * I, k0, K, offs_k, x, NF4, DOUBLE_QUANT,
-                             ROWS_ALIGNED, WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
+                             block * BLOCK_N + I, 2 * I, k0, K, offs_k, x, BLOCK_N, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
+                             WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
         if HAS_LORA:  # x whole again, in the layout of A's tile
             x_row = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
             xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
@@ -301,8 +300,8 @@ def _down_kernel(
                        num_stages=LOOP_STAGES):
         x = gemv_x(h_ptr + slot * K, k0, K, offs_k, NF4 and REGISTER_DECODE, WHOLE_K, MMA)
         acc += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
-                              offs_n, n_mask, block * BLOCK_N, N, k0, K, offs_k, x, NF4, DOUBLE_QUANT, ROWS_ALIGNED,
-                              WHOLE_K, W_DTYPE, dtype, REGISTER_DECODE, MMA)
+                              block * BLOCK_N, N, k0, K, offs_k, x, BLOCK_N, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
+                              W_DTYPE, dtype, REGISTER_DECODE, MMA)
         if HAS_LORA:
             x_row = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
             xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
