@@ -188,19 +188,19 @@ def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float
     whole = statistics.median(t for t, _ in runs)
     decode_s = max(whole - prefill, 1e-9)
     tokens_per_s = case.batch * (args.new_tokens - 1) / decode_s
+    ms_per_step = 1e3 * decode_s / (args.new_tokens - 1)
     replay_ms = replay_ms_per_step(model) if case.implementation == "fastmoe" and device == "cuda" else None
-    if replay_ms is not None and 1e3 * decode_s / (args.new_tokens - 1) < 0.97 * replay_ms:
+    if replay_ms is not None and ms_per_step < 0.97 * replay_ms:
         # A step cannot take less than its graph's replay: the prefill's host time varied more than the decode took.
-        raise RuntimeError(f"decode measured at {1e3 * decode_s / (args.new_tokens - 1):.3f} ms a step, below the "
-                           f"graph's replay alone ({replay_ms:.3f} ms): too few --new-tokens for this prefill's noise")
+        raise RuntimeError(f"decode measured at {ms_per_step:.3f} ms a step, below the graph's replay alone "
+                           f"({replay_ms:.3f} ms): too few --new-tokens for this prefill's noise")
     step_bytes = decode_bytes(model, config, case.batch, args.prompt + args.new_tokens // 2)
     roofline = case.batch * bandwidth_gbs * 1e9 / step_bytes if bandwidth_gbs else None
     record = dict(
         question="generate", preset=case.preset, layers=case.layers, batch=case.batch, prompt=args.prompt,
         new_tokens=args.new_tokens, implementation=case.implementation, quantization=case.quantization,
         load=case.load, cuda_graphs=case.cuda_graphs, targets=case.targets,
-        decode_tokens_per_s=common.rounded(tokens_per_s), ms_per_step=common.rounded(1e3 * decode_s
-                                                                                      / (args.new_tokens - 1)),
+        decode_tokens_per_s=common.rounded(tokens_per_s), ms_per_step=common.rounded(ms_per_step),
         replay_ms_per_step=common.rounded(replay_ms), prefill_s=common.rounded(prefill), generate_s=common.rounded(whole),
         step_bytes=step_bytes, bandwidth_gbs=common.rounded(bandwidth_gbs), roofline_tokens_per_s=common.rounded(
             roofline), roofline_share=common.rounded(tokens_per_s / roofline) if roofline else None,
@@ -262,10 +262,10 @@ def main() -> None:
             for record in records:
                 record.update(common.environment(device))
                 share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
-                stages = (f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record else "") + (
-                    f" GEMV MMA {record['gemv_mma']}" if "gemv_mma" in record else "")
+                ablation = (f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record
+                            else "") + (f" GEMV MMA {record['gemv_mma']}" if "gemv_mma" in record else "")
                 print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
-                      f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}{stages}: "
+                      f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}{ablation}: "
                       f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "
                       f"(graph replay alone {record['replay_ms_per_step']} ms), "
                       f"prefill {record['prefill_s']} s, peak {record['peak_gb']} GB, tokens {record['tokens'][:8]}",
