@@ -281,17 +281,19 @@ def moe(device: str, nf4: bool = False) -> None:
             + f"; largest rel err to the current configuration {largest_err:.1e}", flush=True)
 
 
-def one_token(device: str) -> None:
+def one_token(device: str, mma_only: bool = False) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
     the grouped GEMMs' decode path, with its column blocks and splits swept, its K loop pipelined 1-4 steps deep
     (GEMV_LOOP_STAGES) and NF4 products on the tensor cores or not (GEMV_MMA), Trinity-Mini's and LFM2-8B-A1B's
-    experts, bf16 and NF4."""
+    experts, bf16 and NF4. With mma_only (section one-token-mma, a minute where the whole sweep takes several), NF4
+    only, the default configuration against GEMV_MMA's other setting."""
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
         one_token_module._GPU_BLOCK_N
     original_register_decode = one_token_module.GEMV_REGISTER_DECODE
     original_stages, original_mma = one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA
-    for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(), (False, True)):
+    for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(),
+                                                                             (True,) if mma_only else (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
         x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
         index = torch.randperm(num_experts, device=device)[:top_k][None]
@@ -310,6 +312,9 @@ def one_token(device: str) -> None:
             # and their products on the tensor cores or not (GEMV_MMA; 64-row tiles only)
             variants.update({f"one-token BLOCK_N 64 splits x{scale} mma {not mma}": (True, 64, scale, True, s, not mma)
                              for scale, s in itertools.product((0.5, 1.0, 2.0), (1, 3))})
+        if mma_only:
+            variants = {label: v for label, v in variants.items()
+                        if label in ("grouped", f"one-token BLOCK_N {original_block_n} splits x1.0") or " mma " in label}
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
             for label, (form, block_n, scale, register_decode, loop_stages, mma) in variants.items():
@@ -381,6 +386,7 @@ def schedule(device: str) -> None:
 if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True),
                 "few-rows": few_rows, "few-rows-nf4": few_rows_nf4, "few-rows-gemv": few_rows_gemv,
-                "one-token": one_token, "short-conv": short_conv_step, "projections": projections}
+                "one-token": one_token,
+                "one-token-mma": lambda device: one_token(device, mma_only=True), "short-conv": short_conv_step, "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")
