@@ -64,9 +64,10 @@ GEMV_LOOP_STAGES = 3
 # NF4 GEMV tiles of 64 rows through the register decode multiplied on the tensor cores (nf4.nf4_gemv_mma: 128-column
 # K steps, the decoded bf16 pairs as mma.sync's A operand, x as B) instead of converted to fp32 and FMA'd: ptxas for
 # sm_90 counts 307 instructions a K step of a lane's 64 weights against 584 (the one-token gate/up loop), of which
-# the decode is about 250 either way. Not yet timed on a GPU: off until bench_decode_ops.py and bench_generate.py
-# --gemv-mma 0,1 say it is faster; the GPU tests check both.
-GEMV_MMA = False
+# the decode is about 250 either way. Measured on an H100 (bench_generate.py --gemv-mma 0,1, 4-bit, batch 1, graph
+# replay): LFM2-8B-A1B 24 layers 1.853 -> 1.817 ms, Trinity-Mini 8 layers 1.246 -> 1.213 ms; the decode's
+# instructions, not the multiply, bound these kernels.
+GEMV_MMA = True
 
 
 @triton.jit
