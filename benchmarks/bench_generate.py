@@ -142,34 +142,46 @@ def replay_ms_per_step(model) -> float | None:
 
 def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
              bandwidth_gbs: float | None) -> list[dict]:
-    """The case's records: one, or for fastmoe one per combination of --gemv-loop-stages and --gemv-mma values (the
-    model loaded once, its decode graphs captured again for each)."""
+    """The case's records: one, or for fastmoe one per combination of the decode settings' values
+    (--gemv-loop-stages, --gemv-mma, --router-gemv-tokens; the model loaded once, its decode graphs captured again for
+    each)."""
     from fastmoe import FastModel
-    from fastmoe.kernels.moe import one_token
 
     model, _ = bench_sft.load(case, args, device, dtype)
     if case.implementation != "fastmoe":
         model.eval()
         model.get_base_model().config.use_cache = True
         return [measure(model, case, args, device, bandwidth_gbs)]
-    default_stages, default_mma, records = one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA, []
-    all_stages = [int(s) for s in bench_sft.csv(args.gemv_loop_stages)] or [default_stages]
-    all_mma = [bool(int(m)) for m in bench_sft.csv(args.gemv_mma)] or [default_mma]
+    settings = decode_settings()
+    defaults = {key: getattr(module, name) for key, (module, name, _) in settings.items()}
+    values = {key: [parse(v) for v in bench_sft.csv(getattr(args, key))] or [defaults[key]]
+              for key, (_, _, parse) in settings.items()}
+    records = []
     try:
-        for stages, mma in itertools.product(all_stages, all_mma):
-            one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA = stages, mma
+        for combination in itertools.product(*values.values()):
+            chosen = dict(zip(values, combination))
+            for key, (module, name, _) in settings.items():
+                setattr(module, name, chosen[key])
             FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
             record = measure(model, case, args, device, bandwidth_gbs)
             # An ablation is marked, and the report's table leaves it out.
-            if stages != default_stages:
-                record["gemv_loop_stages"] = stages
-            if mma != default_mma:
-                record["gemv_mma"] = mma
+            record.update({key: value for key, value in chosen.items() if value != defaults[key]})
             records.append(record)
             FastModel.for_training(model, keep_decode_graphs=False)
     finally:
-        one_token.GEMV_LOOP_STAGES, one_token.GEMV_MMA = default_stages, default_mma
+        for key, (module, name, _) in settings.items():
+            setattr(module, name, defaults[key])
     return records
+
+
+def decode_settings() -> dict:
+    """The decode path's switches an ablation flips: record key (also the argument's name) -> (module, its
+    constant, how to read a value from the command line)."""
+    from fastmoe.kernels.moe import one_token, routing
+
+    return {"gemv_loop_stages": (one_token, "GEMV_LOOP_STAGES", int),
+            "gemv_mma": (one_token, "GEMV_MMA", lambda v: bool(int(v))),
+            "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int)}
 
 
 def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float | None) -> dict:
@@ -253,6 +265,10 @@ def main() -> None:
     parser.add_argument("--gemv-mma", default="",
                         help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_MMA (0,1: NF4 GEMV products "
                         "in fp32 FMAs and on the tensor cores), combined with --gemv-loop-stages; marked likewise")
+    parser.add_argument("--router-gemv-tokens", default="",
+                        help="fastmoe: decode once per value of kernels.moe.routing.ROUTER_GEMV_TOKENS (0,16: the "
+                        "router as cuBLAS's GEMV and the top-k launch, or both in one launch), combined with the "
+                        "above; marked likewise")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
@@ -284,8 +300,7 @@ def main() -> None:
             for record in records:
                 record.update(common.environment(device))
                 share = f" ({100 * record['roofline_share']:.1f}% of the roofline)" if record["roofline_share"] else ""
-                ablation = (f" GEMV loop stages {record['gemv_loop_stages']}" if "gemv_loop_stages" in record
-                            else "") + (f" GEMV MMA {record['gemv_mma']}" if "gemv_mma" in record else "")
+                ablation = "".join(f" {key} {record[key]}" for key in decode_settings() if key in record)
                 print(f"{case.preset} {case.layers}L batch {batch} prompt {args.prompt} {implementation}"
                       f"{' 4bit' if case.quantization else ''}{'' if case.cuda_graphs else ' eager'}{ablation}: "
                       f"{record['decode_tokens_per_s']:,.1f} decode tok/s, {record['ms_per_step']} ms/step{share} "

@@ -454,22 +454,26 @@ def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
 def test_generate_benchmark_smoke_run_records_the_same_tokens_both_ways(tmp_path):
     """bench_generate.py on the CPU: a tiny model built directly, greedy decoding through transformers + peft and
     through fastmoe's decode path (its ops' PyTorch references), the same tokens, one record each, on the page; fastmoe
-    also with other GEMV settings (--gemv-loop-stages, --gemv-mma), marked records the page leaves out."""
+    also with other decode settings (--gemv-loop-stages, --gemv-mma, --router-gemv-tokens), marked records the page
+    leaves out."""
     from fastmoe.kernels.dispatch import reference_only
-    from fastmoe.kernels.moe import one_token
+    from fastmoe.kernels.moe import one_token, routing
 
     jsonl = tmp_path / "results.jsonl"
     sys.argv = ["bench_generate.py", "--preset", "afmoe-tiny", "--layers", "2", "--batches", "2", "--prompt", "12",
                 "--new-tokens", "5", "--repeats", "1", "--gemv-loop-stages", f"{one_token.GEMV_LOOP_STAGES},4",
-                "--gemv-mma", f"{int(one_token.GEMV_MMA)},{int(not one_token.GEMV_MMA)}", "--jsonl", str(jsonl)]
+                "--gemv-mma", f"{int(one_token.GEMV_MMA)},{int(not one_token.GEMV_MMA)}", "--router-gemv-tokens",
+                f"{routing.ROUTER_GEMV_TOKENS},0", "--jsonl", str(jsonl)]
     with reference_only(), pytest.raises(SystemExit) as exit_status:
         bench_generate.main()
     assert exit_status.value.code == 0
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     other_mma = not one_token.GEMV_MMA
-    assert [(r["implementation"], r.get("gemv_loop_stages"), r.get("gemv_mma")) for r in records] == [
-        ("fastmoe", None, None), ("fastmoe", None, other_mma), ("fastmoe", 4, None), ("fastmoe", 4, other_mma),
-        ("transformers", None, None)]
+    assert [(r["implementation"], r.get("gemv_loop_stages"), r.get("gemv_mma"), r.get("router_gemv_tokens"))
+            for r in records] == [
+        ("fastmoe", None, None, None), ("fastmoe", None, None, 0), ("fastmoe", None, other_mma, None),
+        ("fastmoe", None, other_mma, 0), ("fastmoe", 4, None, None), ("fastmoe", 4, None, 0),
+        ("fastmoe", 4, other_mma, None), ("fastmoe", 4, other_mma, 0), ("transformers", None, None, None)]
     assert all(r["tokens"] == records[0]["tokens"] for r in records) and len(records[0]["tokens"]) == 5
     assert all(r["question"] == "generate" and r["decode_tokens_per_s"] > 0 for r in records)
     page = report.render(records, include_cpu=True)

@@ -7,7 +7,7 @@ import torch
 from transformers.models.afmoe import modeling_afmoe as hf
 
 from fastmoe.kernels.attention_gate import attention_gate
-from fastmoe.kernels.moe import route_sigmoid_topk
+from fastmoe.kernels.moe import route_sigmoid_topk, router_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
@@ -26,7 +26,13 @@ from fastmoe.token_chunks import feed_forward_in_chunks
 
 
 def router_forward(self: hf.AfmoeTokenChoiceRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor):
-    router_logits = self.gate(hidden_states.view(-1, hidden_states.shape[-1])).to(torch.float32)
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    if type(self.gate) is torch.nn.Linear and self.gate.bias is None:  # not wrapped by peft or bitsandbytes
+        router_logits, top_scores, selected_experts = router_topk(
+            flat, self.gate.weight, expert_bias, self.top_k, sigmoid=True, normalize=True, norm_eps=1e-20,
+            scale=self.route_scale)
+        return router_logits.to(torch.float32), top_scores, selected_experts
+    router_logits = self.gate(flat).to(torch.float32)
     top_scores, selected_experts = route_sigmoid_topk(
         router_logits, expert_bias, self.top_k, normalize=True, norm_eps=1e-20, scale=self.route_scale
     )

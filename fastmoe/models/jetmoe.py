@@ -24,6 +24,7 @@ from fastmoe.kernels.moe import (
     moe_experts,
     moe_experts_nf4,
     route_softmax_topk,
+    router_topk,
 )
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import is_silu
@@ -52,6 +53,10 @@ class Routing(NamedTuple):
 
 def top_k_gating_forward(self: hf.JetMoeTopKGating, hidden_states: torch.Tensor) -> Routing:
     """(tokens, hidden) -> Routing."""
+    if type(self.layer) is torch.nn.Linear and self.layer.bias is None:  # not wrapped by peft or bitsandbytes
+        router_logits, top_k_weights, top_k_index = router_topk(hidden_states, self.layer.weight, None, self.top_k,
+                                                                sigmoid=False)
+        return Routing(top_k_index, top_k_weights, None, None, router_logits.float())
     router_logits = self.layer(hidden_states).float()
     top_k_weights, top_k_index = route_softmax_topk(router_logits, self.top_k)
     return Routing(top_k_index, top_k_weights, None, None, router_logits)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf
 
 from fastmoe.generation import DecodeCache
-from fastmoe.kernels.moe import route_sigmoid_topk
+from fastmoe.kernels.moe import router_topk
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
@@ -29,12 +28,8 @@ _original_short_conv_forward = hf.Lfm2MoeShortConv.forward
 
 def router_forward(self: hf.Lfm2MoeTopKRouter, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None):
     # Logits stay in the model dtype, as transformers returns them (and records them for output_router_logits).
-    router_logits = F.linear(hidden_states, self.weight)
-    routing_weights, selected_experts = route_sigmoid_topk(
-        router_logits, expert_bias if self.use_expert_bias else None, self.top_k,
-        normalize=self.norm_topk_prob, norm_eps=1e-6, scale=self.routed_scaling_factor,
-    )
-    return router_logits, routing_weights, selected_experts
+    return router_topk(hidden_states, self.weight, expert_bias if self.use_expert_bias else None, self.top_k,
+                       sigmoid=True, normalize=self.norm_topk_prob, norm_eps=1e-6, scale=self.routed_scaling_factor)
 
 
 def sparse_moe_forward(self: hf.Lfm2MoeSparseMoeBlock, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, route_softmax_topk
+from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, router_topk
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
@@ -167,9 +166,7 @@ def softmax_topk_router_forward(self: torch.nn.Module, hidden_states: torch.Tens
     k, and renormalises over the k: the same weights as a softmax over the k chosen logits, which fastmoe's routing
     kernel computes (Qwen3-MoE with norm_topk_prob, Mixtral). Returns (logits, fp32 weights, expert indices)."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    weights, index = route_softmax_topk(router_logits.float(), self.top_k)
-    return router_logits, weights, index
+    return router_topk(hidden_states, self.weight, None, self.top_k, sigmoid=False)
 
 
 def renormalised_router_forward(original_forward):

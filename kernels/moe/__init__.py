@@ -2,7 +2,8 @@
 experts block and JetMoe's expert map/reduce, each op file with its Triton kernels, custom ops and PyTorch
 reference.
 
-* ``routing``: ``route_sigmoid_topk``, ``route_softmax_topk``, ``sort_by_expert`` -> ``ExpertSchedule``
+* ``routing``: ``route_sigmoid_topk``, ``route_softmax_topk``, ``router_topk`` (linear layer included),
+  ``sort_by_expert`` -> ``ExpertSchedule``
 * ``nf4``: the NF4 format of 3D expert weights (``quantize_nf4``, ``dequantize_nf4``, double-quantized absmax) and the
   in-register tile decode the GEMMs use
 * ``grouped_gemm``: ``grouped_mm``, ``grouped_mm_swiglu``, ``grouped_mm_swiglu_backward``, ``grouped_wgrad``
@@ -54,8 +55,10 @@ from .routing import (
     ExpertSchedule,
     reference_route_sigmoid_topk,
     reference_route_softmax_topk,
+    reference_router_topk,
     route_sigmoid_topk,
     route_softmax_topk,
+    router_topk,
     sort_by_expert,
 )
 
@@ -92,7 +95,9 @@ __all__ = [
     "reference_moe_experts_nf4",
     "reference_route_sigmoid_topk",
     "reference_route_softmax_topk",
+    "reference_router_topk",
     "route_sigmoid_topk",
     "route_softmax_topk",
+    "router_topk",
     "sort_by_expert",
 ]

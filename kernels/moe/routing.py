@@ -7,6 +7,7 @@ Two routers cover the families fastmoe patches:
 * ``route_softmax_topk`` (JetMoe): top-k on the logits, softmax over the k chosen logits.
 
 The Triton forward runs one program per block of tokens and picks the k experts by k rounds of argmax.
+``router_topk`` is the router whole, its linear layer included: at a decode step's few tokens one launch.
 Ties go to the lowest expert index; the references use a stable descending sort so they agree exactly
 (``torch.topk`` gives no tie guarantee). The backward is a few elementwise ops on (tokens, k) plus a
 scatter into (tokens, experts), so it stays in PyTorch.
@@ -22,11 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..custom_op import KernelOp
+from ..custom_op import GraphOp, KernelOp
 from ..dispatch import use_triton
+from ..split_k import arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
 # ----------------------------------------------------------------------------------------------------------
 # References
@@ -70,27 +73,15 @@ def reference_route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tup
 
 
 @triton.jit
-def _topk_select_kernel(
-    logits_ptr, stride_lt, stride_le,
-    bias_ptr,
-    index_ptr, chosen_ptr,  # (T, K) int64, (T, K) float32: the activated score (sigmoid or logit) of each pick
-    weights_ptr,  # (T, K) float32: the routing weights (below)
-    T, E, norm_eps, scale,
-    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The k picks of each token and their weights: with SIGMOID the chosen scores, divided by their sum (+ norm_eps)
-    when NORMALIZE, times scale; otherwise the softmax of the chosen logits. (At a decode step's few tokens these
-    weights were four more launches of their own per MoE layer.)"""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
+def _pick_top_k(logits, rows, row_mask, cols, col_mask, bias_ptr, index_ptr, chosen_ptr, weights_ptr, norm_eps, scale,
+                HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The k picks of each row of a (rows, cols) tile of float32 logits and their weights, stored at index_ptr,
+    chosen_ptr (the activated score of each pick) and weights_ptr, (T, TOP_K) each: with SIGMOID the chosen scores,
+    divided by their sum (+ norm_eps) when NORMALIZE, times scale; otherwise the softmax of the chosen logits. (At a
+    decode step's few tokens these weights were four more launches of their own per MoE layer.)"""
     slots = tl.arange(0, BLOCK_K)
-    row_mask = rows < T
-    col_mask = cols < E
-    mask = row_mask[:, None] & col_mask[None, :]
-    logits = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask, other=0.0)
-    scores = logits.to(tl.float32)
+    scores = logits
     if SIGMOID:
         scores = tl.sigmoid(scores)
     choice = scores
@@ -98,11 +89,11 @@ def _topk_select_kernel(
         choice = choice + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # Padding columns can never win; picked columns are knocked out the same way.
     choice = tl.where(col_mask[None, :], choice, float("-inf"))
-    picked = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    picked = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         best = tl.max(choice, axis=1)
         # Lowest index among the maxima: the tie rule the references share.
-        pick = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        pick = tl.min(tl.where(choice == best[:, None], cols[None, :], cols.shape[0]), axis=1)
         hit = cols[None, :] == pick[:, None]
         picked_score = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         tl.store(index_ptr + rows * TOP_K + k, pick.to(tl.int64), mask=row_mask)
@@ -120,6 +111,28 @@ def _topk_select_kernel(
                        0.0)
         weights = exp / tl.sum(exp, axis=1)[:, None]
     tl.store(weights_ptr + rows[:, None] * TOP_K + slots[None, :], weights, mask=row_mask[:, None] & slot_mask)
+
+
+@triton.jit
+def _topk_select_kernel(
+    logits_ptr, stride_lt, stride_le,
+    bias_ptr,
+    index_ptr, chosen_ptr,  # (T, K) int64, (T, K) float32: the activated score (sigmoid or logit) of each pick
+    weights_ptr,  # (T, K) float32: the routing weights (_pick_top_k)
+    T, E, norm_eps, scale,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The k picks of each token of a block of BLOCK_T tokens and their weights (_pick_top_k)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_mask = rows < T
+    col_mask = cols < E
+    mask = row_mask[:, None] & col_mask[None, :]
+    logits = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask, other=0.0)
+    _pick_top_k(logits.to(tl.float32), rows, row_mask, cols, col_mask, bias_ptr, index_ptr, chosen_ptr, weights_ptr,
+                norm_eps, scale, HAS_BIAS, SIGMOID, NORMALIZE, TOP_K, BLOCK_K)
 
 
 def _topk_select(
@@ -247,6 +260,145 @@ def route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.T
     if use_triton(router_logits):
         return _route_softmax_topk(router_logits, top_k)
     return reference_route_softmax_topk(router_logits, top_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The router's linear layer and the top-k in one launch, for a decode step
+# ----------------------------------------------------------------------------------------------------------
+#
+# At a decode step's few tokens the router's logits are a GEMV over a small weight ((experts, hidden), 128-512 KB),
+# which cuBLAS runs in one or two thread blocks (5 us on an H100 for LFM2-8B-A1B's 32 x 2048, as long as an MoE
+# layer's down projection), followed by the top-k launch. ``router_topk`` spreads the GEMV over the GPU (programs of
+# experts x K splits, as the few-rows linears do) and the last program to arrive sums the splits in split order,
+# writes the logits and picks the top k (``_pick_top_k``): one launch.
+
+# Up to this many tokens (a decode step's batch) the router runs as ``_router_topk_kernel``; more go to the GEMM.
+ROUTER_GEMV_TOKENS = 16
+
+
+@triton.jit
+def _router_topk_kernel(
+    x_ptr, stride_xt, w_ptr, stride_we, stride_wk, bias_ptr,
+    logits_ptr,  # (T, E) in x's dtype, as F.linear returns the logits
+    partials_ptr, arrivals_ptr,  # (SPLIT_K, T, E) float32 partial logits; the arrival counters (split_k)
+    index_ptr, chosen_ptr, weights_ptr,  # (T, TOP_K) each, as in _topk_select_kernel
+    T, E, K, STEPS_PER_SPLIT, norm_eps, scale,
+    HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ALL_E: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+):
+    """Program (expert block, K split): the float32 partial logits of every token for BLOCK_E experts over its K
+    steps; the last of all programs to arrive sums each logit's splits in split order (deterministic), rounds the
+    logits to x's dtype (F.linear's output) and picks from them."""
+    e_block, split = tl.program_id(0), tl.program_id(1)
+    tokens = tl.arange(0, BLOCK_T)
+    t_mask = tokens < T
+    experts = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = experts < E
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    k_start = split * STEPS_PER_SPLIT * BLOCK_K
+    for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k)[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + experts[:, None] * stride_we + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=e_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    tl.store(partials_ptr + (split * T + tokens[:, None]) * E + experts[None, :], acc,
+             mask=t_mask[:, None] & e_mask[None, :])
+    if last_to_arrive(arrivals_ptr, 0, tl.num_programs(0) * SPLIT_K):
+        cols = tl.arange(0, ALL_E)
+        col_mask = cols < E
+        mask = t_mask[:, None] & col_mask[None, :]
+        logits = tl.zeros((BLOCK_T, ALL_E), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            logits += tl.load(partials_ptr + (s * T + tokens[:, None]) * E + cols[None, :], mask=mask, other=0.0,
+                              cache_modifier=".cg")
+        logits = logits.to(logits_ptr.dtype.element_ty)
+        tl.store(logits_ptr + tokens[:, None] * E + cols[None, :], logits, mask=mask)
+        _pick_top_k(logits.to(tl.float32), tokens, t_mask, cols, col_mask, bias_ptr, index_ptr, chosen_ptr,
+                    weights_ptr, norm_eps, scale, HAS_BIAS, SIGMOID, NORMALIZE, TOP_K, BLOCK_SLOTS)
+
+
+def _router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                 sigmoid: bool, normalize: bool, norm_eps: float, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> logits (tokens, experts) in hidden's dtype, fp32 weights and int64 indices (tokens, k): one launch of
+    _router_topk_kernel."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts = weight.shape[0]
+    device = hidden.device
+    logits = torch.empty(num_tokens, num_experts, dtype=hidden.dtype, device=device)
+    index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    chosen = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        block_e, block_k = 16, 64
+        expert_blocks = triton.cdiv(num_experts, block_e)
+        split = gemv_split(expert_blocks, hidden_size, block_k)
+    else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-up
+        block_e, block_k = 8, 32
+        expert_blocks = triton.cdiv(num_experts, block_e)
+        split = interpreter_split(hidden_size, block_k)
+    partials = torch.empty(split, num_tokens, num_experts, dtype=torch.float32, device=device)
+    _router_topk_kernel[(expert_blocks, split)](
+        hidden, hidden.stride(0), weight, weight.stride(0), weight.stride(1),
+        expert_bias if expert_bias is not None else weight,
+        logits, partials, arrival_counts(device, 1), index, chosen, weights,
+        num_tokens, num_experts, hidden_size, triton.cdiv(triton.cdiv(hidden_size, block_k), split),
+        float(norm_eps), float(scale),
+        HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, NORMALIZE=normalize, TOP_K=top_k,
+        BLOCK_T=triton.next_power_of_2(num_tokens), BLOCK_E=block_e, BLOCK_K=block_k, SPLIT_K=split,
+        ALL_E=triton.next_power_of_2(num_experts), BLOCK_SLOTS=triton.next_power_of_2(top_k),
+    )
+    return logits, weights, index
+
+
+def _router_topk_fake(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                      sigmoid: bool, normalize: bool, norm_eps: float, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (hidden.shape[0], top_k)
+    return (hidden.new_empty(hidden.shape[0], weight.shape[0]), hidden.new_empty(shape, dtype=torch.float32),
+            hidden.new_empty(shape, dtype=torch.int64))
+
+
+_router_topk_op = GraphOp("router_topk", _router_topk, _router_topk_fake)
+
+
+def reference_router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                          sigmoid: bool, normalize: bool = False, norm_eps: float = 0.0, scale: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's logits F.linear(hidden, weight) and reference_route_sigmoid_topk (sigmoid) or
+    reference_route_softmax_topk of them: -> (logits in hidden's dtype, fp32 weights, int64 indices)."""
+    logits = F.linear(hidden, weight)
+    if sigmoid:
+        weights, index = reference_route_sigmoid_topk(logits, expert_bias, top_k, normalize, norm_eps, scale)
+    else:
+        weights, index = reference_route_softmax_topk(logits, top_k)
+    return logits, weights, index
+
+
+def router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
+                sigmoid: bool, normalize: bool = False, norm_eps: float = 0.0, scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router: logits = hidden (tokens, hidden) @ weight (experts, hidden)^T, then sigmoid top-k routing (expert_bias
+    used only to choose, weights normalised and scaled as route_sigmoid_topk says) or, without `sigmoid`, the softmax
+    over the k largest logits (route_softmax_topk, expert_bias None). Returns (logits in hidden's dtype, (tokens, k)
+    fp32 weights, (tokens, k) int64 indices).
+
+    Up to ROUTER_GEMV_TOKENS tokens without autograd (decoding) it is one launch (_router_topk_kernel); otherwise the
+    GEMM and the routing kernel, whose weights are differentiable."""
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if (hidden.shape[0] <= ROUTER_GEMV_TOKENS and not needs_grad and weight.dtype == hidden.dtype
+            and use_triton(hidden, weight, expert_bias) and (sigmoid or expert_bias is None)):
+        return _router_topk_op(hidden, weight, expert_bias, top_k, sigmoid, normalize, norm_eps, scale)
+    logits = F.linear(hidden, weight)
+    if sigmoid:
+        weights, index = route_sigmoid_topk(logits, expert_bias, top_k, normalize, norm_eps, scale)
+    else:
+        weights, index = route_softmax_topk(logits.float(), top_k)
+    return logits, weights, index
 
 
 # ----------------------------------------------------------------------------------------------------------

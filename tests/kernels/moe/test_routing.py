@@ -2,9 +2,13 @@ import pytest
 import torch
 
 from fastmoe.kernels import reference_only
+from fastmoe.kernels.custom_op import always_custom_ops
 from fastmoe.kernels.moe import routing
 from fastmoe.kernels.moe.routing import (
     ONE_PROGRAM_PAIRS,
+    ROUTER_GEMV_TOKENS,
+    reference_router_topk,
+    router_topk,
     reference_route_sigmoid_topk,
     reference_route_softmax_topk,
     reference_sort_by_expert,
@@ -113,6 +117,65 @@ def test_fp16_logits_under_interpreter():
     _compare(route_softmax_topk, logits, 2, tol=1e-3)
 
 
+def _router_case(num_tokens, num_experts, hidden_size, sigmoid, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(device, dtype)
+    weight = (torch.randn(num_experts, hidden_size, generator=generator) / hidden_size**0.5).to(device, dtype)
+    bias = (torch.randn(num_experts, generator=generator) * 0.1).to(device) if sigmoid else None
+    return hidden, weight, bias
+
+
+# Decode-sized token counts (1, odd, the limit), experts not a multiple of the program's block, top-1 and top-all,
+# hidden sizes not a multiple of the K step: sigmoid routing with and without bias and normalisation, and softmax.
+@pytest.mark.parametrize("num_tokens", [1, 5, ROUTER_GEMV_TOKENS])
+@pytest.mark.parametrize("num_experts,top_k,hidden_size", [(32, 4, 96), (12, 1, 70), (6, 6, 40), (130, 8, 64)])
+@pytest.mark.parametrize("sigmoid,with_bias,normalize,norm_eps,scale",
+                         [(True, True, True, 1e-20, 2.5), (True, False, False, 1e-6, 1.5), (False, False, False, 0.0, 1.0)])
+def test_router_topk_in_one_launch_matches_reference(num_tokens, num_experts, top_k, hidden_size, sigmoid, with_bias,
+                                                     normalize, norm_eps, scale):
+    hidden, weight, bias = _router_case(num_tokens, num_experts, hidden_size, sigmoid)
+    bias = bias if with_bias else None
+    with torch.no_grad():
+        logits, weights, index = router_topk(hidden, weight, bias, top_k, sigmoid, normalize, norm_eps, scale)
+    ref_logits, ref_weights, ref_index = reference_router_topk(hidden, weight, bias, top_k, sigmoid, normalize,
+                                                               norm_eps, scale)
+    assert logits.dtype == hidden.dtype and weights.dtype == torch.float32 and index.dtype == torch.int64
+    assert weights.grad_fn is None
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert torch.equal(index, ref_index)
+    assert rel_err(weights, ref_weights) < 1e-5
+
+
+def test_router_topk_with_autograd_or_many_tokens_takes_the_gemm_and_routing_kernels():
+    """With autograd (training) the weights are differentiable through the GEMM and the routing op; beyond
+    ROUTER_GEMV_TOKENS tokens the GEMM runs too. Both equal the reference, gradients included."""
+    hidden, weight, bias = _router_case(ROUTER_GEMV_TOKENS + 3, 12, 40, sigmoid=True)
+    with torch.no_grad():
+        logits, weights, index = router_topk(hidden, weight, bias, 4, True, True, 1e-6, 1.0)
+    ref_logits, ref_weights, ref_index = reference_router_topk(hidden, weight, bias, 4, True, True, 1e-6, 1.0)
+    assert rel_err(logits, ref_logits) < 1e-5 and torch.equal(index, ref_index) and rel_err(weights, ref_weights) < 1e-5
+    hidden = hidden[:3].clone().requires_grad_()
+    upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (router_topk, reference_router_topk):
+        logits, weights, index = fn(hidden, weight, bias, 4, True, True, 1e-6, 1.0)
+        grads.append(torch.autograd.grad((weights * upstream).sum() + logits.sum(), hidden)[0])
+    assert rel_err(grads[0], grads[1]) < 1e-5
+
+
+def test_router_topk_custom_op_and_its_fake():
+    """The one-launch router as torch.compile sees it: the custom op's outputs equal the eager call's, and its fake
+    gives their shapes and dtypes."""
+    hidden, weight, bias = _router_case(3, 20, 48, sigmoid=True)
+    with torch.no_grad():
+        expected = router_topk(hidden, weight, bias, 4, True, True, 1e-6, 2.0)
+        with always_custom_ops():
+            got = router_topk(hidden, weight, bias, 4, True, True, 1e-6, 2.0)
+    fake = routing._router_topk_fake(hidden, weight, bias, 4, True, True, 1e-6, 2.0)
+    for g, e, f in zip(got, expected, fake):
+        assert torch.equal(g, e) and g.shape == f.shape and g.dtype == f.dtype
+
+
 # 255 and 256 experts: the widest uint8 sort key and the first int16 one. On CUDA (a GPU test) the sort is CUB's
 # radix sort, whose passes depend on the key's width.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
@@ -193,3 +256,21 @@ def test_one_program_schedule_on_gpu(num_tokens):
     got, expected = sort_by_expert(index, 128, 64), reference_sort_by_expert(index, 128, 64)
     for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 8, ROUTER_GEMV_TOKENS])
+@pytest.mark.parametrize("num_experts,top_k,sigmoid", [(128, 8, True), (32, 4, True), (8, 2, False), (60, 4, False)])
+def test_router_topk_gpu(num_tokens, num_experts, top_k, sigmoid):
+    """bf16 at the routers' real sizes (Trinity-Mini's 128 experts, LFM2-8B-A1B's 32, Mixtral's 8, Qwen1.5-MoE's
+    60; hidden 2048) against the reference's GEMM and routing; indices may differ where two scores round alike."""
+    hidden, weight, bias = _router_case(num_tokens, num_experts, 2048, sigmoid, torch.bfloat16, "cuda", seed=num_tokens)
+    with torch.no_grad():
+        logits, weights, index = router_topk(hidden, weight, bias, top_k, sigmoid, sigmoid, 1e-20, 2.5)
+        ref_logits, ref_weights, ref_index = reference_router_topk(hidden, weight, bias, top_k, sigmoid, sigmoid,
+                                                                   1e-20, 2.5)
+    assert rel_err(logits, ref_logits) < 1e-2
+    same = (index == ref_index).all(dim=-1)
+    assert same.float().mean().item() >= 0.9
+    assert rel_err(weights[same], ref_weights[same]) < 1e-2
