@@ -4,7 +4,8 @@ form, several linear layers of one input in one few-rows launch against one laun
 gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 and 64 tokens of top-8 over 128
 experts, in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one
 token in its GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), LFM2's short convolution of a
-decode step in one launch against PyTorch's eight, and the one-program expert schedule against PyTorch's.
+decode step in one launch against PyTorch's eight, a router's linear layer and top-k in one launch against the GEMM and
+the routing kernel, and the one-program expert schedule against PyTorch's.
 Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
@@ -24,7 +25,8 @@ import common
 from fastmoe.kernels import lora_linear as lora_module
 from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, moe_experts_nf4, quantize_nf4
 from fastmoe.kernels.moe import one_token as one_token_module
-from fastmoe.kernels.moe.routing import reference_sort_by_expert, sort_by_expert
+from fastmoe.kernels.moe import routing as routing_module
+from fastmoe.kernels.moe.routing import reference_router_topk, reference_sort_by_expert, router_topk, sort_by_expert
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 from fastmoe.kernels.short_conv import reference_short_conv_decode, short_conv_decode
 
@@ -337,6 +339,9 @@ def one_token(device: str, mma_only: bool = False) -> None:
                     expected = out.double()
                 largest_err = max(largest_err, common.rel_err(out.double(), expected))
                 results[label] = ms
+                # Each variant as it is timed: compiling the sweep's kernels takes minutes, and a time limit that
+                # stops it still leaves these lines.
+                print(f"  {name} {'nf4' if nf4 else 'bf16'} {label}: {ms * 1e3:.1f} us", flush=True)
         experts._one_token_form, one_token_module.gemv_split = original_form, original_split
         one_token_module._GPU_BLOCK_N = original_block_n
         one_token_module.GEMV_REGISTER_DECODE = original_register_decode
@@ -372,6 +377,32 @@ def short_conv_step(device: str) -> None:
               f"rel err {common.rel_err(out.double(), expected.double()):.1e}, same state {same_state}", flush=True)
 
 
+def router(device: str) -> None:
+    """A router at a decode step's rows: its linear layer and top-k in one launch (kernels/moe/routing.py
+    router_topk) against cuBLAS's GEMM and the routing kernel (the path at more rows or with autograd), at Trinity-Mini's
+    (128 experts, top-8, sigmoid), LFM2-8B-A1B's (32, top-4, sigmoid), Qwen3-30B-A3B's (128, top-8, softmax) and
+    Mixtral-8x7B's (8 experts of 4096, top-2, softmax) routers, bf16."""
+    routers = {"trinity-mini": (2048, 128, 8, True), "lfm2-8b-a1b": (2048, 32, 4, True),
+               "qwen3-30b-a3b": (2048, 128, 8, False), "mixtral-8x7b": (4096, 8, 2, False)}
+    for (name, (hidden_size, num_experts, top_k, sigmoid)), rows in itertools.product(routers.items(), (1, 8)):
+        hidden = torch.randn(rows, hidden_size, device=device, dtype=torch.bfloat16)
+        weight = torch.randn(num_experts, hidden_size, device=device, dtype=torch.bfloat16) / hidden_size**0.5
+        bias = torch.randn(num_experts, device=device) * 0.01 if sigmoid else None
+        args = (hidden, weight, bias, top_k, sigmoid, sigmoid, 1e-20, 1.0)
+        with torch.no_grad():
+            logits, _, index = router_topk(*args)
+            ref_logits, _, ref_index = reference_router_topk(*args)
+            fused = common.bench_graph_ms(lambda: router_topk(*args))
+            routing_module.ROUTER_GEMV_TOKENS, original = 0, routing_module.ROUTER_GEMV_TOKENS
+            try:
+                unfused = common.bench_graph_ms(lambda: router_topk(*args))
+            finally:
+                routing_module.ROUTER_GEMV_TOKENS = original
+        print(f"router {name}, {rows} rows: one launch {fused * 1e3:.1f} us, GEMM + routing kernel "
+              f"{unfused * 1e3:.1f} us; logits rel err {common.rel_err(logits.double(), ref_logits.double()):.1e}, "
+              f"same experts {torch.equal(index, ref_index)}", flush=True)
+
+
 def schedule(device: str) -> None:
     for tokens in (1, 8, 16, 64):
         index = torch.stack([torch.randperm(128, device=device)[:8] for _ in range(tokens)])
@@ -387,6 +418,6 @@ if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True),
                 "few-rows": few_rows, "few-rows-nf4": few_rows_nf4, "few-rows-gemv": few_rows_gemv,
                 "one-token": one_token,
-                "one-token-mma": lambda device: one_token(device, mma_only=True), "short-conv": short_conv_step, "projections": projections}
+                "one-token-mma": lambda device: one_token(device, mma_only=True), "router": router, "short-conv": short_conv_step, "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")
