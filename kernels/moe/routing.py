@@ -280,7 +280,7 @@ ROUTER_GEMV_TOKENS = 16
 
 @triton.jit
 def _router_topk_kernel(
-    x_ptr, stride_xt, w_ptr, stride_we, stride_wk, bias_ptr,
+    x_ptr, stride_xt, stride_xk, w_ptr, stride_we, stride_wk, bias_ptr,
     logits_ptr,  # (T, E) in x's dtype, as F.linear returns the logits
     partials_ptr, arrivals_ptr,  # (SPLIT_K, T, E) float32 partial logits; the arrival counters (split_k)
     index_ptr, chosen_ptr, weights_ptr,  # (T, TOP_K) each, as in _topk_select_kernel
@@ -302,8 +302,8 @@ def _router_topk_kernel(
     k_start = split * STEPS_PER_SPLIT * BLOCK_K
     for k0 in range(k_start, tl.minimum(k_start + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):
         k_mask = offs_k < K - k0
-        x = tl.load(x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k)[None, :], mask=t_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + experts[:, None] * stride_we + (k0 + offs_k)[None, :] * stride_wk,
                     mask=e_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
@@ -345,7 +345,7 @@ def _router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.
         split = interpreter_split(hidden_size, block_k)
     partials = torch.empty(split, num_tokens, num_experts, dtype=torch.float32, device=device)
     _router_topk_kernel[(expert_blocks, split)](
-        hidden, hidden.stride(0), weight, weight.stride(0), weight.stride(1),
+        hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
         expert_bias if expert_bias is not None else weight,
         logits, partials, arrival_counts(device, 1), index, chosen, weights,
         num_tokens, num_experts, hidden_size, triton.cdiv(triton.cdiv(hidden_size, block_k), split),

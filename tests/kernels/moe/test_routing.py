@@ -135,6 +135,9 @@ def test_router_topk_in_one_launch_matches_reference(num_tokens, num_experts, to
                                                      normalize, norm_eps, scale):
     hidden, weight, bias = _router_case(num_tokens, num_experts, hidden_size, sigmoid)
     bias = bias if with_bias else None
+    if num_tokens == 5:  # any strides: hidden a column-major view, the weight a transposed one
+        hidden = hidden.t().contiguous().t()
+        weight = weight.t().contiguous().t()
     with torch.no_grad():
         logits, weights, index = router_topk(hidden, weight, bias, top_k, sigmoid, normalize, norm_eps, scale)
     ref_logits, ref_weights, ref_index = reference_router_topk(hidden, weight, bias, top_k, sigmoid, normalize,
