@@ -23,7 +23,16 @@ import torch
 
 import common
 from fastmoe.kernels import lora_linear as lora_module
-from fastmoe.kernels.moe import ExpertLora, experts, grouped_gemm, moe_experts, moe_experts_nf4, quantize_nf4
+from fastmoe.kernels.moe import (
+    ExpertLora,
+    Nf4Weight,
+    dequantize_absmax,
+    experts,
+    grouped_gemm,
+    moe_experts,
+    moe_experts_nf4,
+    quantize_nf4,
+)
 from fastmoe.kernels.moe import one_token as one_token_module
 from fastmoe.kernels.moe import routing as routing_module
 from fastmoe.kernels.moe.routing import reference_router_topk, reference_sort_by_expert, router_topk, sort_by_expert
@@ -287,8 +296,9 @@ def one_token(device: str, mma_only: bool = False) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
     the grouped GEMMs' decode path, with its column blocks and splits swept, its K loop pipelined 1-4 steps deep
     (GEMV_LOOP_STAGES) and NF4 products on the tensor cores or not (GEMV_MMA), Trinity-Mini's and LFM2-8B-A1B's
-    experts, bf16 and NF4. With mma_only (section one-token-mma, a minute where the whole sweep takes several), NF4
-    only, the default configuration against GEMV_MMA's other setting."""
+    experts, bf16 and NF4, also NF4 with its absmax in fp32 instead of double-quantized, and without LoRA. With
+    mma_only (section one-token-mma, a few minutes where the whole sweep takes many), NF4 only: the default
+    configuration against GEMV_MMA's other setting, fp32 absmax and no LoRA."""
     shapes = {"trinity-mini": (2048, 1024, 128, 8), "lfm2-8b-a1b": (2048, 1792, 32, 4)}
     original_form, original_split, original_block_n = experts._one_token_form, one_token_module.gemv_split, \
         one_token_module._GPU_BLOCK_N
@@ -302,6 +312,10 @@ def one_token(device: str, mma_only: bool = False) -> None:
         weights = torch.rand(1, top_k, device=device)
         gbytes = top_k * 3 * inter * hidden * bytes_per_weight / 1e9
         stages, mma = original_stages, original_mma
+        # The same NF4 codes with their absmax as fp32 instead of double-quantized (1 byte a block plus the decode of
+        # a dependent gather from the 256-entry dynamic code in every K step): whether that gather bounds the GEMVs.
+        fp32_absmax = (tuple(Nf4Weight(w.packed, dequantize_absmax(w), w.shape, w.dtype) for w in (gate_up, down))
+                       if nf4 else None)
         variants = {"grouped": (False, 64, 1.0, True, stages, mma)}
         variants.update({f"one-token BLOCK_N {n} splits x{scale}": (True, n, scale, True, stages, mma)
                          for n, scale in itertools.product((32, 64, 128), (0.5, 1.0, 2.0))})
@@ -314,9 +328,16 @@ def one_token(device: str, mma_only: bool = False) -> None:
             # and their products on the tensor cores or not (GEMV_MMA; 64-row tiles only)
             variants.update({f"one-token BLOCK_N 64 splits x{scale} mma {not mma}": (True, 64, scale, True, s, not mma)
                              for scale, s in itertools.product((0.5, 1.0, 2.0), (1, 3))})
+            variants.update({f"one-token BLOCK_N 64 splits x{scale} fp32 absmax": (True, 64, scale, True, stages, mma)
+                             for scale in (0.5, 1.0, 2.0)})
+        # Without the experts' LoRA: what x A^T (each column block's programs compute it over their K range again)
+        # and the B term cost the block.
+        variants[f"one-token BLOCK_N {original_block_n} splits x1.0 no LoRA"] = (True, original_block_n, 1.0, True,
+                                                                                  stages, mma)
         if mma_only:
             variants = {label: v for label, v in variants.items()
-                        if label in ("grouped", f"one-token BLOCK_N {original_block_n} splits x1.0") or " mma " in label}
+                        if label in ("grouped", f"one-token BLOCK_N {original_block_n} splits x1.0") or " mma " in label
+                        or label.endswith(("fp32 absmax", "no LoRA"))}
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
             for label, (form, block_n, scale, register_decode, loop_stages, mma) in variants.items():
@@ -327,9 +348,11 @@ def one_token(device: str, mma_only: bool = False) -> None:
                 one_token_module._GPU_BLOCK_N = block_n
                 one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
                                                                                         * _s)))
+                gu, dn = fp32_absmax if label.endswith("fp32 absmax") else (gate_up, down)
+                gu_l, dn_l = (None, None) if label.endswith("no LoRA") else (gu_lora, dn_lora)
                 try:
-                    out = block(x, index, weights, gate_up, down, gu_lora, dn_lora)
-                    ms = common.bench_graph_ms(lambda: block(x, index, weights, gate_up, down, gu_lora, dn_lora))
+                    out = block(x, index, weights, gu, dn, gu_l, dn_l)
+                    ms = common.bench_graph_ms(lambda: block(x, index, weights, gu, dn, gu_l, dn_l))
                 except Exception as error:
                     # A Triton compile error's text is the kernel's source; its cause says what failed.
                     cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""
@@ -337,7 +360,8 @@ def one_token(device: str, mma_only: bool = False) -> None:
                     continue
                 if expected is None:
                     expected = out.double()
-                largest_err = max(largest_err, common.rel_err(out.double(), expected))
+                if gu_l is not None:  # a block without LoRA computes another function
+                    largest_err = max(largest_err, common.rel_err(out.double(), expected))
                 results[label] = ms
                 # Each variant as it is timed: compiling the sweep's kernels takes minutes, and a time limit that
                 # stops it still leaves these lines.

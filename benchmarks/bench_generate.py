@@ -181,7 +181,8 @@ def decode_settings() -> dict:
 
     return {"gemv_loop_stages": (one_token, "GEMV_LOOP_STAGES", int),
             "gemv_mma": (one_token, "GEMV_MMA", lambda v: bool(int(v))),
-            "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int)}
+            "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int),
+            "gemv_predecoded_absmax": (one_token, "GEMV_PREDECODED_ABSMAX", lambda v: bool(int(v)))}
 
 
 def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float | None) -> dict:
@@ -252,6 +253,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--implementations", default="fastmoe,transformers")
     parser.add_argument("--quantization", choices=["4bit"], default=None)
+    parser.add_argument("--targets", default="default", choices=common.LORA_TARGET_SETS,
+                        help="the adapter's LoRA targets (attention: none on the experts, to see what their LoRA "
+                        "costs a step); records of other than the default stay out of the report's table")
     parser.add_argument("--load", choices=["checkpoint", "direct"], default="direct")
     parser.add_argument("--fastmoe-without-graphs", action="store_true",
                         help="fastmoe decodes eagerly (for_inference(use_cuda_graphs=False))")
@@ -269,6 +273,10 @@ def main() -> None:
                         help="fastmoe: decode once per value of kernels.moe.routing.ROUTER_GEMV_TOKENS (0,16: the "
                         "router as cuBLAS's GEMV and the top-k launch, or both in one launch), combined with the "
                         "above; marked likewise")
+    parser.add_argument("--gemv-predecoded-absmax", default="",
+                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_PREDECODED_ABSMAX (0,1: a "
+                        "double-quantized absmax decoded in the one-token GEMVs' tiles, or for the chosen experts by "
+                        "a launch first), combined with the above; marked likewise")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
@@ -287,7 +295,7 @@ def main() -> None:
         for batch in (int(b) for b in bench_sft.csv(args.batches)):
             case = bench_sft.Case(preset=args.preset, layers=args.layers, batch=batch,
                                   seq=args.prompt + args.new_tokens, implementation=implementation,
-                                  quantization=args.quantization, load=args.load,
+                                  quantization=args.quantization, load=args.load, targets=args.targets,
                                   cuda_graphs=not (args.fastmoe_without_graphs and implementation == "fastmoe"))
             try:
                 records = run_case(case, args, device, dtype, bandwidth)

@@ -18,9 +18,13 @@
 #     # long context (issue #17): the longest sequence within 24 GB, one or two steps per length
 #     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
 #         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft
-#     # the 4-bit decode's NF4 GEMVs with their products on the tensor cores and not (one_token.GEMV_MMA)
-#     python3 -P benchmarks/bench_generate.py --preset lfm2-8b-a1b --layers 24 --batches 1 --new-tokens 64
-#         --quantization 4bit --load checkpoint --implementations fastmoe --gemv-mma 0,1   (PYTHONPATH as set below)
+#     # the 4-bit decode step with a decode setting each way (--gemv-mma 0,1, --gemv-loop-stages 1,3,
+#     # --router-gemv-tokens 16,0) and without the experts' LoRA (--targets attention)   (PYTHONPATH as set below)
+#     python3 -P benchmarks/bench_generate.py --preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 128
+#         --quantization 4bit --load checkpoint --implementations fastmoe --gemv-mma 0,1
+#     # what bounds the NF4 GEMVs of one token's experts block: tensor cores or not, K splits, fp32 against
+#     # double-quantized absmax, without LoRA (each variant printed as timed; the compiles take minutes)
+#     python3 -P benchmarks/bench_decode_ops.py one-token-mma
 #     # what is live at a step's peak (benchmarks/memory_peak.py), eager layers
 #     SFT_ARGS="--layers 8 --load direct --memory-profile 1 --trace-dir $OUT/traces --fastmoe-without-graphs" ...
 #

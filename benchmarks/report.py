@@ -441,10 +441,11 @@ def generate_section(records: list[dict], sources: Sources) -> list[str]:
             return "transformers"
         return "fastmoe" if r.get("cuda_graphs", True) else "fastmoe-eager"
 
-    # Ablations of the decode path (bench_generate.py --gemv-loop-stages, --gemv-mma, --router-gemv-tokens) stay out
-    # of the table.
-    ablations = ("gemv_loop_stages", "gemv_mma", "router_gemv_tokens")
-    records = [r for r in records if not any(key in r for key in ablations)]
+    # Ablations of the decode path (bench_generate.py's --gemv-* and --router-gemv-tokens settings, LoRA targets other
+    # than the default) stay out of the table.
+    ablations = ("gemv_loop_stages", "gemv_mma", "router_gemv_tokens", "gemv_predecoded_absmax")
+    records = [r for r in records if not any(key in r for key in ablations)
+               and r.get("targets", "default") == "default"]
     # Speed-ups compare runs on one kind of GPU only (as in the training table): a case measured on two kinds gets a
     # row for each, named with its GPU.
     latest = newest(records, lambda r: (r["preset"], r["layers"], r.get("quantization") or "bf16", r["batch"],

@@ -34,6 +34,7 @@ import triton.language as tl
 from ..split_k import GEMV_BLOCK_K, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 from .nf4 import (
     Nf4Weight,
+    absmax_fp32,
     absmax_per_byte,
     aligned_nf4_tile,
     check_register_decode_layout,
@@ -68,6 +69,12 @@ GEMV_LOOP_STAGES = 3
 # replay): LFM2-8B-A1B 24 layers 1.853 -> 1.817 ms, Trinity-Mini 8 layers 1.246 -> 1.213 ms; the decode's
 # instructions, not the multiply, bound these kernels.
 GEMV_MMA = True
+# A double-quantized absmax (load_in_4bit's) decoded by the GEMV tiles in every K step (nf4.absmax_values: a gather
+# from the 256-entry dynamic code that the step's decode then waits on) or, with GEMV_PREDECODED_ABSMAX, for the chosen
+# experts first by one launch a weight (nf4.absmax_fp32; the tiles then read 4 bytes of absmax per 64 weights instead
+# of 1). Bit-identical outputs. Not yet timed on a GPU (bench_decode_ops.py one-token-mma times the tiles on an fp32
+# absmax; bench_generate.py --gemv-predecoded-absmax 0,1 the step): off until measured faster.
+GEMV_PREDECODED_ABSMAX = False
 
 
 @triton.jit
@@ -376,6 +383,14 @@ def gemv_mma(weight: torch.Tensor | Nf4Weight, dtype: torch.dtype, block_n: int,
             and gemv_register_decode(weight, dtype, block_n, GEMV_MMA_BLOCK_K, num_warps))
 
 
+def _with_fp32_absmax(weight: torch.Tensor | Nf4Weight, experts: torch.Tensor) -> torch.Tensor | Nf4Weight:
+    """A double-quantized NF4 stack with the absmax of `experts` decoded to fp32 (the other experts' rows unwritten:
+    the kernels read only the chosen experts); any other weight as it is."""
+    if not (isinstance(weight, Nf4Weight) and weight.double_quant):
+        return weight
+    return Nf4Weight(weight.packed, absmax_fp32(weight, experts), weight.shape, weight.dtype)
+
+
 def _lora_args(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> tuple:
     if lora_a is None:
         return (None,) * 8 + (0.0,)
@@ -397,6 +412,8 @@ def one_token_experts(
         raise ValueError(f"one_token_experts takes one token, got {hidden.shape[0]}")
     x = hidden.reshape(-1).contiguous()
     index = top_k_index.reshape(-1).contiguous()
+    if GEMV_PREDECODED_ABSMAX:
+        gate_up, down = _with_fp32_absmax(gate_up, index), _with_fp32_absmax(down, index)
     weights = top_k_weights.reshape(-1).contiguous()
     top_k = index.numel()
     (_, two_inter, k_gate_up), (_, n_down, k_down) = gate_up.shape, down.shape

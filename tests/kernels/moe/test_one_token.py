@@ -83,16 +83,19 @@ def test_one_token_experts_nf4_equal_the_exact_block_on_the_dequantized_weights(
     assert rel_err(out.double(), exact) < 1e-5
 
 
-def test_a_double_quantized_absmax_decoded_in_the_kernels_equals_its_fp32_copy():
+def test_a_double_quantized_absmax_decoded_in_the_kernels_equals_its_fp32_copy(monkeypatch):
     """The kernels decode a double-quantized absmax where they read it (nf4.absmax_values), as absmax_fp32's launch
-    decodes the stack: the same block with that fp32 copy as a plain absmax gives bit-identical output."""
+    decodes the stack: the same block with that fp32 copy as a plain absmax gives bit-identical output, and so does
+    the block that decodes the chosen experts' absmax first (GEMV_PREDECODED_ABSMAX)."""
     x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(64, 48, 8, 3, 4, torch.float32)
     stacks = quantize_nf4(gate_up, True), quantize_nf4(down, True)
     decoded = [Nf4Weight(w.packed, absmax_fp32(w), w.shape, w.dtype) for w in stacks]
     assert all(w.double_quant for w in stacks) and not any(w.double_quant for w in decoded)
     lora = (*_factors(gu_lora), *_factors(down_lora))
-    assert torch.equal(one_token_experts(x, index, weights, *stacks, *lora),
-                       one_token_experts(x, index, weights, *decoded, *lora))
+    expected = one_token_experts(x, index, weights, *stacks, *lora)
+    assert torch.equal(expected, one_token_experts(x, index, weights, *decoded, *lora))
+    monkeypatch.setattr(one_token, "GEMV_PREDECODED_ABSMAX", True)
+    assert torch.equal(expected, one_token_experts(x, index, weights, *stacks, *lora))
 
 
 def test_one_token_experts_twice_in_a_row_are_bit_identical_and_leave_the_counters_at_zero():
@@ -177,3 +180,7 @@ def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, regi
     assert rel_err(out.double(), _exact(x, index, weights, *dense, gu_lora, down_lora)) < 1e-2
     again = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
     assert torch.equal(out, again)
+    if nf4:  # the chosen experts' absmax decoded by a launch of its own first: the same output
+        monkeypatch.setattr(one_token, "GEMV_PREDECODED_ABSMAX", True)
+        predecoded = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
+        assert torch.equal(out, predecoded)
