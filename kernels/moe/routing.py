@@ -335,8 +335,10 @@ def _router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.
     index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
     chosen = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    block_t = triton.next_power_of_2(num_tokens)
     if device.type == "cuda":
-        block_e, block_k = 16, 64
+        # A K step's products (tokens, experts, K) are summed in registers: at most 8K of them a program.
+        block_e, block_k = 16, min(64, 512 // block_t)
         expert_blocks = triton.cdiv(num_experts, block_e)
         split = gemv_split(expert_blocks, hidden_size, block_k)
     else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-up
@@ -351,7 +353,7 @@ def _router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.
         num_tokens, num_experts, hidden_size, triton.cdiv(triton.cdiv(hidden_size, block_k), split),
         float(norm_eps), float(scale),
         HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, NORMALIZE=normalize, TOP_K=top_k,
-        BLOCK_T=triton.next_power_of_2(num_tokens), BLOCK_E=block_e, BLOCK_K=block_k, SPLIT_K=split,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, SPLIT_K=split,
         ALL_E=triton.next_power_of_2(num_experts), BLOCK_SLOTS=triton.next_power_of_2(top_k),
     )
     return logits, weights, index
