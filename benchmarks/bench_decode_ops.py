@@ -304,6 +304,7 @@ def one_token(device: str, mma_only: bool = False) -> None:
         one_token_module._GPU_BLOCK_N
     original_register_decode = one_token_module.GEMV_REGISTER_DECODE
     original_stages, original_mma = one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA
+    original_down_xa = one_token_module.DOWN_XA_IN_GATE_UP
     for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(),
                                                                              (True,) if mma_only else (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
@@ -334,10 +335,13 @@ def one_token(device: str, mma_only: bool = False) -> None:
         # and the B term cost the block.
         variants[f"one-token BLOCK_N {original_block_n} splits x1.0 no LoRA"] = (True, original_block_n, 1.0, True,
                                                                                   stages, mma)
+        # The down LoRA's h A^T once, from gate_up's per-block partials (DOWN_XA_IN_GATE_UP), not in every down program
+        variants[f"one-token BLOCK_N {original_block_n} splits x1.0 down xa in gate_up"] = (
+            True, original_block_n, 1.0, True, stages, mma)
         if mma_only:
             variants = {label: v for label, v in variants.items()
                         if label in ("grouped", f"one-token BLOCK_N {original_block_n} splits x1.0") or " mma " in label
-                        or label.endswith(("fp32 absmax", "no LoRA"))}
+                        or label.endswith(("fp32 absmax", "no LoRA", "down xa in gate_up"))}
         results, expected, largest_err = {}, None, 0.0
         with reused_casts(CastCache()), torch.no_grad():
             for label, (form, block_n, scale, register_decode, loop_stages, mma) in variants.items():
@@ -350,6 +354,7 @@ def one_token(device: str, mma_only: bool = False) -> None:
                                                                                         * _s)))
                 gu, dn = fp32_absmax if label.endswith("fp32 absmax") else (gate_up, down)
                 gu_l, dn_l = (None, None) if label.endswith("no LoRA") else (gu_lora, dn_lora)
+                one_token_module.DOWN_XA_IN_GATE_UP = label.endswith("down xa in gate_up")
                 try:
                     out = block(x, index, weights, gu, dn, gu_l, dn_l)
                     ms = common.bench_graph_ms(lambda: block(x, index, weights, gu, dn, gu_l, dn_l))
@@ -370,6 +375,7 @@ def one_token(device: str, mma_only: bool = False) -> None:
         one_token_module._GPU_BLOCK_N = original_block_n
         one_token_module.GEMV_REGISTER_DECODE = original_register_decode
         one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA = original_stages, original_mma
+        one_token_module.DOWN_XA_IN_GATE_UP = original_down_xa
         current = results.get(f"one-token BLOCK_N {original_block_n} splits x1.0")
         if current is None or "grouped" not in results:
             print(f"one-token {name} {'nf4' if nf4 else 'bf16'}: the default configuration or the grouped path failed "
@@ -403,9 +409,9 @@ def short_conv_step(device: str) -> None:
 
 def router(device: str) -> None:
     """A router at a decode step's rows: its linear layer and top-k in one launch (kernels/moe/routing.py
-    router_topk) against cuBLAS's GEMM and the routing kernel (the path at more rows or with autograd), at Trinity-Mini's
-    (128 experts, top-8, sigmoid), LFM2-8B-A1B's (32, top-4, sigmoid), Qwen3-30B-A3B's (128, top-8, softmax) and
-    Mixtral-8x7B's (8 experts of 4096, top-2, softmax) routers, bf16."""
+    router_topk) against cuBLAS's GEMM and the routing kernel (the path at more rows or with autograd), at
+    Trinity-Mini's (128 experts, top-8, sigmoid), LFM2-8B-A1B's (32, top-4, sigmoid), Qwen3-30B-A3B's (128, top-8,
+    softmax) and Mixtral-8x7B's (8 experts of 4096, top-2, softmax) routers, bf16."""
     routers = {"trinity-mini": (2048, 128, 8, True), "lfm2-8b-a1b": (2048, 32, 4, True),
                "qwen3-30b-a3b": (2048, 128, 8, False), "mixtral-8x7b": (4096, 8, 2, False)}
     for (name, (hidden_size, num_experts, top_k, sigmoid)), rows in itertools.product(routers.items(), (1, 8)):
@@ -442,6 +448,7 @@ if __name__ == "__main__":
     sections = {"schedule": schedule, "moe": moe, "moe-nf4": lambda device: moe(device, nf4=True),
                 "few-rows": few_rows, "few-rows-nf4": few_rows_nf4, "few-rows-gemv": few_rows_gemv,
                 "one-token": one_token,
-                "one-token-mma": lambda device: one_token(device, mma_only=True), "router": router, "short-conv": short_conv_step, "projections": projections}
+                "one-token-mma": lambda device: one_token(device, mma_only=True), "router": router,
+                "short-conv": short_conv_step, "projections": projections}
     for name in sys.argv[1:] or sections:  # e.g. `bench_decode_ops.py few-rows`; all of them without arguments
         sections[name]("cuda")

@@ -182,7 +182,8 @@ def decode_settings() -> dict:
     return {"gemv_loop_stages": (one_token, "GEMV_LOOP_STAGES", int),
             "gemv_mma": (one_token, "GEMV_MMA", lambda v: bool(int(v))),
             "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int),
-            "gemv_predecoded_absmax": (one_token, "GEMV_PREDECODED_ABSMAX", lambda v: bool(int(v)))}
+            "gemv_predecoded_absmax": (one_token, "GEMV_PREDECODED_ABSMAX", lambda v: bool(int(v))),
+            "down_xa_in_gate_up": (one_token, "DOWN_XA_IN_GATE_UP", lambda v: bool(int(v)))}
 
 
 def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float | None) -> dict:
@@ -277,6 +278,9 @@ def main() -> None:
                         help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_PREDECODED_ABSMAX (0,1: a "
                         "double-quantized absmax decoded in the one-token GEMVs' tiles, or for the chosen experts by "
                         "a launch first), combined with the above; marked likewise")
+    parser.add_argument("--down-xa-in-gate-up", default="",
+                        help="fastmoe: decode once per value of kernels.moe.one_token.DOWN_XA_IN_GATE_UP (0,1: the "
+                        "down LoRA's x A^T in every down program, or once from gate_up's partials); marked likewise")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))

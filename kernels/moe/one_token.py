@@ -75,6 +75,12 @@ GEMV_MMA = True
 # of 1). Bit-identical outputs. Not yet timed on a GPU (bench_decode_ops.py one-token-mma times the tiles on an fp32
 # absmax; bench_generate.py --gemv-predecoded-absmax 0,1 the step): off until measured faster.
 GEMV_PREDECODED_ABSMAX = False
+# The down projection's LoRA x A^T (x = h, A (r, I)): computed by every column block's programs of _down_kernel over
+# their K range again (32 times at a hidden size of 2048), or, with DOWN_XA_IN_GATE_UP, once by the programs that
+# finish h (each its 64 columns of h times those columns of A, a partial the down programs sum in order). Not yet
+# timed on a GPU: off until bench_decode_ops.py (one-token variants) or bench_generate.py --down-xa-in-gate-up 0,1 says
+# it is faster.
+DOWN_XA_IN_GATE_UP = False
 
 
 @triton.jit
@@ -201,14 +207,18 @@ def _gate_up_kernel(
     # LoRA: A (E, r, H), B (E, 2I, r)
     a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,
     h_ptr, partials_ptr, arrivals_ptr,
+    # DOWN_XA: the down LoRA's A (E, r, I) and the (TOP_K, blocks, BLOCK_R) float32 partials of h A^T
+    down_a_ptr, stride_dae, stride_dar, stride_dak, down_xa_ptr, DOWN_R,
     I, K, R, STEPS_PER_SPLIT,
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
+    DOWN_XA: tl.constexpr,
 ):
     """h[slot, block] = silu(gate) * up of x (K,) through the gate_up weight of expert index[slot]; partials
-    (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block)."""
+    (SPLIT_K, TOP_K, 2, I) float32, one arrival counter per (slot, block). With DOWN_XA the program that finishes the
+    block also stores h[slot, block] A_down[:, block]^T, its block's partial of the down LoRA's x A^T."""
     block, slot, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = x_ptr.dtype.element_ty
     expert, w_ptr, offset, code = _expert_weight(index_ptr, slot, w_ptr, stride_we, code_ptr, offset_ptr, NF4,
@@ -267,7 +277,14 @@ def _gate_up_kernel(
         # gate and up rounded to the activations' dtype, as the grouped SwiGLU kernel (and eager) round them.
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
-        tl.store(h_ptr + slot * I + offs_n, (gate * tl.sigmoid(gate) * up).to(dtype), mask=n_mask)
+        h = (gate * tl.sigmoid(gate) * up).to(dtype)
+        tl.store(h_ptr + slot * I + offs_n, h, mask=n_mask)
+        if DOWN_XA:  # h as stored (rounded) times A rounded to h's dtype, as _down_kernel's own product takes them
+            down_r_mask = offs_r < DOWN_R
+            a = tl.load(down_a_ptr + expert * stride_dae + offs_r[:, None] * stride_dar + offs_n[None, :] * stride_dak,
+                        mask=down_r_mask[:, None] & n_mask[None, :], other=0.0)
+            xa_part = tl.sum(a.to(dtype).to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+            tl.store(down_xa_ptr + (slot * tl.num_programs(0) + block) * BLOCK_R + offs_r, xa_part)
 
 
 @triton.jit
@@ -278,14 +295,17 @@ def _down_kernel(
     # LoRA: A (E, r, I), B (E, H, r)
     a_ptr, stride_ae, stride_ar, stride_ak, b_ptr, stride_be, stride_bn, stride_br, scaling,
     out_ptr, partials_ptr, arrivals_ptr,
+    xa_given_ptr, XA_PARTS,  # XA_GIVEN: (TOP_K, XA_PARTS, BLOCK_R) float32 partials of h A^T (_gate_up_kernel's)
     N, K, R, STEPS_PER_SPLIT,
     HAS_LORA: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
+    XA_GIVEN: tl.constexpr,
 ):
     """out[block] = sum over slots of weights[slot] * (h[slot] W_down[index[slot]]^T + LoRA), h (TOP_K, K); program
-    (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block."""
+    (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block. With
+    XA_GIVEN the LoRA's h A^T is the sum of the given partials (in order), its B term added by each slot's split 0."""
     block, part = tl.program_id(0), tl.program_id(1)
     slot = part // SPLIT_K
     split = part % SPLIT_K
@@ -310,12 +330,19 @@ def _down_kernel(
         acc += gemv_tile_sums(w_ptr, stride_wn, stride_wk, absmax_ptr, scale_ptr, offset, absmax_code_ptr, code,
                               block * BLOCK_N, N, k0, K, offs_k, x, BLOCK_N, NF4, DOUBLE_QUANT, ROWS_ALIGNED, WHOLE_K,
                               W_DTYPE, dtype, REGISTER_DECODE, MMA)
-        if HAS_LORA:
+        if HAS_LORA and not XA_GIVEN:
             x_row = tl.load(h_ptr + slot * K + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
             xa = gemv_lora_a_step(a_ptr + expert * stride_ae, stride_ar, stride_ak, offs_r, r_mask, k0, K, offs_k,
                                   x_row, xa, dtype)
     y = acc
-    if HAS_LORA:
+    if HAS_LORA and XA_GIVEN:
+        if split == 0:
+            xa_whole = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for block_of_h in range(XA_PARTS):
+                xa_whole += tl.load(xa_given_ptr + (slot * XA_PARTS + block_of_h) * BLOCK_R + offs_r)
+            y += scaling * _lora_up(xa_whole, b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask, offs_r,
+                                    r_mask, dtype)
+    elif HAS_LORA:
         y += scaling * _lora_up(tl.sum(xa, axis=1), b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask,
                                 offs_r, r_mask, dtype)
     if TOP_K * SPLIT_K > 1:
@@ -438,15 +465,20 @@ def one_token_experts(
 
     num_warps = options.get("num_warps", 4)
     h = torch.empty(top_k, inter, dtype=dtype, device=device)
+    down_xa = DOWN_XA_IN_GATE_UP and down_a is not None
+    down_xa_parts = (torch.empty(top_k, gate_up_blocks, block_r, dtype=torch.float32, device=device) if down_xa
+                     else None)
+    down_a_args = ((down_a, *down_a.stride(), down_xa_parts, down_a.shape[1]) if down_xa else (None,) * 5 + (0,))
     w_args, layout = _weight_args(gate_up, dtype)
     layout["REGISTER_DECODE"] = gemv_register_decode(gate_up, dtype, block_n, block_k, num_warps)
     partials = (torch.empty(gate_up_split, top_k, 2, inter, dtype=torch.float32, device=device)
                 if gate_up_split > 1 else None)
     compiled = _gate_up_kernel[(gate_up_blocks, top_k, gate_up_split)](
-        x, index, *w_args, *_lora_args(gu_a, gu_b, gu_scaling), h, partials, arrivals,
+        x, index, *w_args, *_lora_args(gu_a, gu_b, gu_scaling), h, partials, arrivals, *down_a_args,
         inter, k_gate_up, gu_a.shape[1] if gu_a is not None else 0, steps_per_split(k_gate_up, gate_up_split),
         HAS_LORA=gu_a is not None, **layout, WHOLE_K=k_gate_up % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=gate_up_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma,
+        DOWN_XA=down_xa, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)
@@ -457,9 +489,11 @@ def one_token_experts(
                 if top_k * down_split > 1 else None)
     compiled = _down_kernel[(down_blocks, top_k * down_split)](
         h, index, weights, *w_args, *_lora_args(down_a, down_b, down_scaling), out, partials, arrivals,
-        n_down, k_down, down_a.shape[1] if down_a is not None else 0, steps_per_split(k_down, down_split),
+        down_xa_parts, gate_up_blocks, n_down, k_down, down_a.shape[1] if down_a is not None else 0,
+        steps_per_split(k_down, down_split),
         HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma, **options,
+        BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma,
+        XA_GIVEN=down_xa, **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)

@@ -53,13 +53,18 @@ def _factors(lora):
 
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k,rank", SHAPES)
 @pytest.mark.parametrize("lora,dtype", [("both", torch.float32), ("both", torch.float16), ("gate_up", torch.float32),
-                                        ("none", torch.float32)])
-def test_one_token_experts_equal_the_exact_block(hidden, inter, num_experts, top_k, rank, lora, dtype):
+                                        ("down", torch.float32), ("none", torch.float32)])
+@pytest.mark.parametrize("down_xa_in_gate_up", [False, True], ids=["down-xa-in-down", "down-xa-in-gate-up"])
+def test_one_token_experts_equal_the_exact_block(hidden, inter, num_experts, top_k, rank, lora, dtype,
+                                                 down_xa_in_gate_up, monkeypatch):
     """Both launches split K in the interpreter (1-2 K steps a split), so their fix-ups run: the gate_up partials per
-    (slot, block), and the down partials of every slot and split of a block summed by the last to arrive."""
+    (slot, block), and the down partials of every slot and split of a block summed by the last to arrive. The down
+    LoRA's h A^T in the down programs or from gate_up's per-block partials (DOWN_XA_IN_GATE_UP)."""
+    monkeypatch.setattr(one_token, "DOWN_XA_IN_GATE_UP", down_xa_in_gate_up)
     x, index, weights, gate_up, down, gu_lora, down_lora = _inputs(hidden, inter, num_experts, top_k, rank, dtype,
                                                                    permuted=lora == "both")
-    gu_lora, down_lora = (gu_lora if lora != "none" else None), (down_lora if lora == "both" else None)
+    gu_lora = gu_lora if lora in ("both", "gate_up") else None
+    down_lora = down_lora if lora in ("both", "down") else None
     assert split_k.interpreter_split(hidden, 32) > 1 and top_k * split_k.interpreter_split(inter, 32) > 1
     out = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
     assert out.shape == (1, hidden) and out.dtype == dtype
@@ -184,3 +189,8 @@ def test_one_token_experts_gpu_bf16(hidden, inter, num_experts, top_k, nf4, regi
         monkeypatch.setattr(one_token, "GEMV_PREDECODED_ABSMAX", True)
         predecoded = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
         assert torch.equal(out, predecoded)
+    # the down LoRA's h A^T from gate_up's per-block partials: the same sum in another order
+    monkeypatch.setattr(one_token, "DOWN_XA_IN_GATE_UP", True)
+    down_xa = one_token_experts(x, index, weights, gate_up, down, *_factors(gu_lora), *_factors(down_lora))
+    assert rel_err(down_xa.double(), _exact(x, index, weights, *dense, gu_lora, down_lora)) < 1e-2
+    assert rel_err(down_xa.double(), out.double()) < 1e-2

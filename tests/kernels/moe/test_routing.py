@@ -130,7 +130,8 @@ def _router_case(num_tokens, num_experts, hidden_size, sigmoid, dtype=torch.floa
 @pytest.mark.parametrize("num_tokens", [1, 5, ROUTER_GEMV_TOKENS])
 @pytest.mark.parametrize("num_experts,top_k,hidden_size", [(32, 4, 96), (12, 1, 70), (6, 6, 40), (130, 8, 64)])
 @pytest.mark.parametrize("sigmoid,with_bias,normalize,norm_eps,scale",
-                         [(True, True, True, 1e-20, 2.5), (True, False, False, 1e-6, 1.5), (False, False, False, 0.0, 1.0)])
+                         [(True, True, True, 1e-20, 2.5), (True, False, False, 1e-6, 1.5),
+                          (False, False, False, 0.0, 1.0)])
 def test_router_topk_in_one_launch_matches_reference(num_tokens, num_experts, top_k, hidden_size, sigmoid, with_bias,
                                                      normalize, norm_eps, scale):
     hidden, weight, bias = _router_case(num_tokens, num_experts, hidden_size, sigmoid)
