@@ -43,6 +43,9 @@
 # grpo is bench_grpo.py: one trl GRPO step's generation phase without vLLM (8 completions of 256 tokens after a 512-token
 # prompt), fastmoe's rollouts on its decode path against transformers + peft (~4 min);
 # decode-ops prints bench_decode_ops.py's launch-configuration sweep of the decode step's ops (~2 min).
+# decode-ablations (never by default) times LFM2-8B-A1B's 4-bit decode step (batches 1 and 8) with each switch of the
+# one-token experts block not yet on by default both ways (--gemv-predecoded-absmax, --down-xa-in-gate-up), then
+# without the experts' LoRA, then prints the one-token block's variants (bench_decode_ops.py one-token-mma): ~9 min.
 #
 # fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
 # (120-second limit).
@@ -140,6 +143,12 @@ step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 32 --repeats 2 --implementations transformers
 step grpo 300 python3 -P benchmarks/bench_grpo.py "${jsonl[@]}" --preset trinity-mini --layers 8 --generations 8 --prompt 512 --new-tokens 256
 step decode-ops 300 python3 -P benchmarks/bench_decode_ops.py
+lfm2_4bit=(--preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 128 --quantization 4bit --load checkpoint
+           --implementations fastmoe --keep-checkpoints)
+step decode-ablations 220 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
+    --gemv-predecoded-absmax 0,1 --down-xa-in-gate-up 0,1
+step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" --targets attention
+step decode-ablations 220 python3 -P benchmarks/bench_decode_ops.py one-token-mma
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"
