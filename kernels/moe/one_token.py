@@ -301,11 +301,11 @@ def _down_kernel(
     REGISTER_DECODE: tl.constexpr, WHOLE_K: tl.constexpr,
     W_DTYPE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, LOOP_STAGES: tl.constexpr, MMA: tl.constexpr,
-    XA_GIVEN: tl.constexpr,
+    XA_GIVEN: tl.constexpr, XA_PARTS_BLOCK: tl.constexpr,
 ):
     """out[block] = sum over slots of weights[slot] * (h[slot] W_down[index[slot]]^T + LoRA), h (TOP_K, K); program
     (block, slot * SPLIT_K + split); partials (TOP_K * SPLIT_K, N) float32, one arrival counter per block. With
-    XA_GIVEN the LoRA's h A^T is the sum of the given partials (in order), its B term added by each slot's split 0."""
+    XA_GIVEN the LoRA's h A^T is the sum of the given partials, its B term added by each slot's split 0."""
     block, part = tl.program_id(0), tl.program_id(1)
     slot = part // SPLIT_K
     split = part % SPLIT_K
@@ -336,10 +336,10 @@ def _down_kernel(
                                   x_row, xa, dtype)
     y = acc
     if HAS_LORA and XA_GIVEN:
-        if split == 0:
-            xa_whole = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for block_of_h in range(XA_PARTS):
-                xa_whole += tl.load(xa_given_ptr + (slot * XA_PARTS + block_of_h) * BLOCK_R + offs_r)
+        if split == 0:  # the partials loaded at once and summed in the reduction's fixed order
+            blocks_of_h = tl.arange(0, XA_PARTS_BLOCK)
+            given = xa_given_ptr + (slot * XA_PARTS + blocks_of_h[:, None]) * BLOCK_R + offs_r[None, :]
+            xa_whole = tl.sum(tl.load(given, mask=(blocks_of_h < XA_PARTS)[:, None], other=0.0), axis=0)
             y += scaling * _lora_up(xa_whole, b_ptr + expert * stride_be, stride_bn, stride_br, offs_n, n_mask, offs_r,
                                     r_mask, dtype)
     elif HAS_LORA:
@@ -493,7 +493,7 @@ def one_token_experts(
         steps_per_split(k_down, down_split),
         HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma,
-        XA_GIVEN=down_xa, **options,
+        XA_GIVEN=down_xa, XA_PARTS_BLOCK=triton.next_power_of_2(gate_up_blocks), **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)
