@@ -77,9 +77,10 @@ GEMV_MMA = True
 GEMV_PREDECODED_ABSMAX = False
 # The down projection's LoRA x A^T (x = h, A (r, I)): computed by every column block's programs of _down_kernel over
 # their K range again (32 times at a hidden size of 2048), or, with DOWN_XA_IN_GATE_UP, once by the programs that
-# finish h (each its 64 columns of h times those columns of A, a partial the down programs sum in order). Not yet
-# timed on a GPU: off until bench_decode_ops.py (one-token variants) or bench_generate.py --down-xa-in-gate-up 0,1 says
-# it is faster.
+# finish h (each its 64 columns of h times those columns of A, a partial the down programs sum). ptxas for sm_90 (NF4,
+# MMA, double-quantized absmax): the down kernel 96 -> 64 registers a thread (its (r, BLOCK_K) float32 x A^T
+# accumulator gone), gate_up unchanged at 128 (96 without LoRA). Not yet timed on a GPU: off until bench_decode_ops.py
+# (one-token variants) or bench_generate.py --down-xa-in-gate-up 0,1 says it is faster.
 DOWN_XA_IN_GATE_UP = False
 
 
