@@ -75,12 +75,12 @@ def reference_route_softmax_topk(router_logits: torch.Tensor, top_k: int) -> tup
 @triton.jit
 def _pick_top_k(logits, rows, row_mask, cols, col_mask, bias_ptr, index_ptr, chosen_ptr, weights_ptr, norm_eps, scale,
                 HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_SLOTS: tl.constexpr):
     """The k picks of each row of a (rows, cols) tile of float32 logits and their weights, stored at index_ptr,
     chosen_ptr (the activated score of each pick) and weights_ptr, (T, TOP_K) each: with SIGMOID the chosen scores,
     divided by their sum (+ norm_eps) when NORMALIZE, times scale; otherwise the softmax of the chosen logits. (At a
     decode step's few tokens these weights were four more launches of their own per MoE layer.)"""
-    slots = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, BLOCK_SLOTS)
     scores = logits
     if SIGMOID:
         scores = tl.sigmoid(scores)
@@ -89,7 +89,7 @@ def _pick_top_k(logits, rows, row_mask, cols, col_mask, bias_ptr, index_ptr, cho
         choice = choice + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # Padding columns can never win; picked columns are knocked out the same way.
     choice = tl.where(col_mask[None, :], choice, float("-inf"))
-    picked = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
+    picked = tl.zeros((rows.shape[0], BLOCK_SLOTS), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         best = tl.max(choice, axis=1)
         # Lowest index among the maxima: the tie rule the references share.
