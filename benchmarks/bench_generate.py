@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--implementations", default="fastmoe,transformers")
     parser.add_argument("--quantization", choices=["4bit"], default=None)
     parser.add_argument("--targets", default="default", choices=common.LORA_TARGET_SETS,
-                        help="the adapter's LoRA targets (attention: none on the experts, to see what their LoRA "
+                        help="the adapter's LoRA targets (default-without-experts: to see what the experts' LoRA "
                         "costs a step); records of other than the default stay out of the report's table")
     parser.add_argument("--load", choices=["checkpoint", "direct"], default="direct")
     parser.add_argument("--fastmoe-without-graphs", action="store_true",

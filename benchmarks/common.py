@@ -387,7 +387,7 @@ ATTENTION_AND_EXPERT_TARGETS = {
     "qwen2_moe": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
     "gpt_oss": (("q_proj", "k_proj", "v_proj", "o_proj"), ("experts.gate_up_proj", "experts.down_proj")),
 }
-LORA_TARGET_SETS = ("default", "attention-experts", "attention")
+LORA_TARGET_SETS = ("default", "attention-experts", "attention", "default-without-experts")
 
 
 def make_config(config_kwargs: dict):
@@ -431,14 +431,16 @@ def family(model_type: str):
 def lora_targets(model_type: str, which: str = "default") -> dict:
     """target_modules and target_parameters of a LoRA target set: "default" is the family's own (what
     FastModel.get_peft_model adapts when given no targets), "attention-experts" attention and routed experts,
-    "attention" the attention projections alone (Unsloth's Qwen3-MoE QLoRA memory figure is for those)."""
+    "attention" the attention projections alone (Unsloth's Qwen3-MoE QLoRA memory figure is for those),
+    "default-without-experts" the family's own modules without its expert parameters (what the experts' LoRA costs)."""
     if which == "attention-experts":
         modules, parameters = ATTENTION_AND_EXPERT_TARGETS[model_type]
     elif which == "attention":
         modules, parameters = ATTENTION_AND_EXPERT_TARGETS[model_type][0], ()
-    elif which == "default":
+    elif which in ("default", "default-without-experts"):
         fast = family(model_type)
-        modules, parameters = fast.default_target_modules, fast.default_target_parameters
+        modules = fast.default_target_modules
+        parameters = fast.default_target_parameters if which == "default" else ()
     else:
         raise ValueError(f"LoRA target set {which!r} is not one of {', '.join(LORA_TARGET_SETS)}")
     return dict(target_modules=list(modules), target_parameters=list(parameters) or None)

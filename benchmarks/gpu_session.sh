@@ -19,7 +19,7 @@
 #     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
 #         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft
 #     # the 4-bit decode step with a decode setting each way (--gemv-mma 0,1, --gemv-loop-stages 1,3,
-#     # --router-gemv-tokens 16,0) and without the experts' LoRA (--targets attention)   (PYTHONPATH as set below)
+#     # --router-gemv-tokens 16,0) and without the experts' LoRA (--targets default-without-experts)   (PYTHONPATH below)
 #     python3 -P benchmarks/bench_generate.py --preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 128
 #         --quantization 4bit --load checkpoint --implementations fastmoe --gemv-mma 0,1
 #     # what bounds the NF4 GEMVs of one token's experts block: tensor cores or not, K splits, fp32 against
@@ -147,7 +147,8 @@ lfm2_4bit=(--preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 128 --qua
            --implementations fastmoe --keep-checkpoints)
 step decode-ablations 220 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
     --gemv-predecoded-absmax 0,1 --down-xa-in-gate-up 0,1
-step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" --targets attention
+step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
+    --targets default-without-experts
 step decode-ablations 220 python3 -P benchmarks/bench_decode_ops.py one-token-mma
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"

@@ -113,10 +113,12 @@ def test_lora_target_sets_name_modules_the_family_has(preset, which):
         assert any(name == target or name.endswith("." + target) for name in modules), target
     for target in targets["target_parameters"] or []:
         assert any(name.endswith("." + target) for name in params), target
-    if which != "default" and config.model_type != "jetmoe":
+    if which in ("attention", "attention-experts") and config.model_type != "jetmoe":
         assert not any("mlp" in t or t in ("w1", "w2", "w3", "in_proj") for t in targets["target_modules"])
-    if which == "attention":
+    if which in ("attention", "default-without-experts"):
         assert not targets["target_parameters"]
+    if which == "default-without-experts":
+        assert targets["target_modules"] == common.lora_targets(config.model_type)["target_modules"]
 
 
 def test_gpu_activity_counts_kernels_and_overlapping_work_once():
