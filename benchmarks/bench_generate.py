@@ -142,9 +142,8 @@ def replay_ms_per_step(model) -> float | None:
 
 def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
              bandwidth_gbs: float | None) -> list[dict]:
-    """The case's records: one, or for fastmoe one per combination of the decode settings' values
-    (--gemv-loop-stages, --gemv-mma, --router-gemv-tokens; the model loaded once, its decode graphs captured again for
-    each)."""
+    """The case's records: one, or for fastmoe one per combination of the decode settings' values (decode_settings;
+    the model loaded once, its decode graphs captured again for each)."""
     from fastmoe import FastModel
 
     model, _ = bench_sft.load(case, args, device, dtype)
@@ -153,14 +152,14 @@ def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
         model.get_base_model().config.use_cache = True
         return [measure(model, case, args, device, bandwidth_gbs)]
     settings = decode_settings()
-    defaults = {key: getattr(module, name) for key, (module, name, _) in settings.items()}
+    defaults = {key: getattr(module, name) for key, (module, name, _, _) in settings.items()}
     values = {key: [parse(v) for v in bench_sft.csv(getattr(args, key))] or [defaults[key]]
-              for key, (_, _, parse) in settings.items()}
+              for key, (_, _, parse, _) in settings.items()}
     records = []
     try:
         for combination in itertools.product(*values.values()):
             chosen = dict(zip(values, combination))
-            for key, (module, name, _) in settings.items():
+            for key, (module, name, _, _) in settings.items():
                 setattr(module, name, chosen[key])
             FastModel.for_inference(model, use_cuda_graphs=case.cuda_graphs)
             record = measure(model, case, args, device, bandwidth_gbs)
@@ -169,21 +168,31 @@ def run_case(case: bench_sft.Case, args, device: str, dtype: torch.dtype,
             records.append(record)
             FastModel.for_training(model, keep_decode_graphs=False)
     finally:
-        for key, (module, name, _) in settings.items():
+        for key, (module, name, _, _) in settings.items():
             setattr(module, name, defaults[key])
     return records
 
 
 def decode_settings() -> dict:
     """The decode path's switches an ablation flips: record key (also the argument's name) -> (module, its
-    constant, how to read a value from the command line)."""
+    constant, how to read a value from the command line, what the values choose)."""
     from fastmoe.kernels.moe import one_token, routing
 
-    return {"gemv_loop_stages": (one_token, "GEMV_LOOP_STAGES", int),
-            "gemv_mma": (one_token, "GEMV_MMA", lambda v: bool(int(v))),
-            "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int),
-            "gemv_predecoded_absmax": (one_token, "GEMV_PREDECODED_ABSMAX", lambda v: bool(int(v))),
-            "down_xa_in_gate_up": (one_token, "DOWN_XA_IN_GATE_UP", lambda v: bool(int(v)))}
+    def flag(value: str) -> bool:
+        return bool(int(value))
+
+    return {
+        "gemv_loop_stages": (one_token, "GEMV_LOOP_STAGES", int,
+                             "e.g. 1,3: the GEMV kernels' K loops as they are and pipelined 3 steps deep"),
+        "gemv_mma": (one_token, "GEMV_MMA", flag, "0,1: NF4 GEMV products in fp32 FMAs and on the tensor cores"),
+        "router_gemv_tokens": (routing, "ROUTER_GEMV_TOKENS", int,
+                               "0,16: the router as cuBLAS's GEMV and the top-k launch, or both in one launch"),
+        "gemv_predecoded_absmax": (one_token, "GEMV_PREDECODED_ABSMAX", flag,
+                                   "0,1: a double-quantized absmax decoded in the one-token GEMVs' tiles, or for the "
+                                   "chosen experts by a launch first"),
+        "down_xa_in_gate_up": (one_token, "DOWN_XA_IN_GATE_UP", flag,
+                               "0,1: the down LoRA's x A^T in every down program, or once from gate_up's partials"),
+    }
 
 
 def measure(model, case: bench_sft.Case, args, device: str, bandwidth_gbs: float | None) -> dict:
@@ -263,24 +272,11 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=0,
                         help="print the top kernels (torch.profiler) of 10 replays of the captured decode step, or of "
                         "a prefill and 16 eager decode steps, after the warm-up")
-    parser.add_argument("--gemv-loop-stages", default="",
-                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_LOOP_STAGES (e.g. 1,3: the "
-                        "GEMV kernels' K loops as they are and pipelined 3 steps deep); records of a value other "
-                        "than the default are marked (gemv_loop_stages) and stay out of the report's table")
-    parser.add_argument("--gemv-mma", default="",
-                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_MMA (0,1: NF4 GEMV products "
-                        "in fp32 FMAs and on the tensor cores), combined with --gemv-loop-stages; marked likewise")
-    parser.add_argument("--router-gemv-tokens", default="",
-                        help="fastmoe: decode once per value of kernels.moe.routing.ROUTER_GEMV_TOKENS (0,16: the "
-                        "router as cuBLAS's GEMV and the top-k launch, or both in one launch), combined with the "
-                        "above; marked likewise")
-    parser.add_argument("--gemv-predecoded-absmax", default="",
-                        help="fastmoe: decode once per value of kernels.moe.one_token.GEMV_PREDECODED_ABSMAX (0,1: a "
-                        "double-quantized absmax decoded in the one-token GEMVs' tiles, or for the chosen experts by "
-                        "a launch first), combined with the above; marked likewise")
-    parser.add_argument("--down-xa-in-gate-up", default="",
-                        help="fastmoe: decode once per value of kernels.moe.one_token.DOWN_XA_IN_GATE_UP (0,1: the "
-                        "down LoRA's x A^T in every down program, or once from gate_up's partials); marked likewise")
+    for key, (module, name, _, effect) in decode_settings().items():
+        parser.add_argument(f"--{key.replace('_', '-')}", default="",
+                            help=f"fastmoe: decode once per value of {module.__name__}.{name} ({effect}), each "
+                            "combination of these settings' values in turn; records of a value other than the default "
+                            f"are marked ({key}) and stay out of the report's table")
     parser.add_argument("--checkpoint-dir", default="/tmp/fastmoe-bench-checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL))
