@@ -47,6 +47,8 @@
 # one-token experts block not yet on by default both ways (--gemv-predecoded-absmax, --down-xa-in-gate-up), then
 # without the experts' LoRA, then prints the one-token block's variants (bench_decode_ops.py one-token-mma): ~9 min.
 #
+# ncu-decode (never by default) reads Nsight Compute's counters of the 4-bit decode kernels (~3 min).
+#
 # fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
 # (120-second limit).
 #
@@ -150,6 +152,15 @@ step decode-ablations 220 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" 
 step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
     --targets default-without-experts
 step decode-ablations 220 python3 -P benchmarks/bench_decode_ops.py one-token-mma
+# ncu-decode: Nsight Compute's counters of the 4-bit decode kernels (benchmarks/ncu_decode_kernels.py's cases, in order);
+# the whole report in OUT/ncu-decode.log
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+step ncu-decode 240 "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
+    -k 'regex:gate_up_kernel|down_kernel|few_rows|grouped_mm' --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section InstructionStats \
+    --metrics 'regex:(smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio|sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active)$' \
+    python3 -P benchmarks/ncu_decode_kernels.py
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"

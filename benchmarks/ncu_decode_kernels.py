@@ -1,0 +1,99 @@
+"""The 4-bit decode step's kernels, each launched once inside a profiler range, for Nsight Compute's hardware counters:
+what bounds the NF4 GEMVs and grouped GEMMs (issue slots, an instruction pipe, memory latency, occupancy) where
+timings alone could not say (they decode 1.0-1.3e12 weights a second whichever of those was changed).
+
+LFM2-8B-A1B's shapes (hidden 2048, 32 experts of 1792 top-4; its convolution in_proj 2048 -> 6144), NF4 with a
+double-quantized absmax as load_in_4bit stores it, LoRA r=16, bf16 activations. Cases, in launch order (their kernels
+appear in ncu's report in this order):
+
+1. one token's experts block (one_token: _gate_up_kernel, _down_kernel), with LoRA
+2. the same without LoRA
+3. the same, bf16 experts (the 16-bit GEMVs, near HBM's bandwidth: the yardstick)
+4. a few-rows NF4 linear at one row (_few_rows_kernel, GEMV form), 2048 -> 6144, with LoRA
+5. eight tokens' experts block through the grouped NF4 GEMMs (batch-8 decoding: _grouped_mm_swiglu_kernel,
+   _grouped_mm_kernel), with LoRA
+
+    ncu --clock-control none --profile-from-start off -k regex:"gate_up|down_kernel|few_rows|grouped_mm" \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \\
+        python benchmarks/ncu_decode_kernels.py
+
+Without ncu it prints each case's time (CUDA-graph replay) and weights per second. Printed only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import common
+from fastmoe.kernels import lora_linear as lora_module
+from fastmoe.kernels.moe import ExpertLora, moe_experts, moe_experts_nf4, quantize_nf4
+from fastmoe.kernels.reused_casts import CastCache, reused_casts
+
+HIDDEN, INTER, EXPERTS, TOP_K, RANK = 2048, 1792, 32, 4, 16
+CONV_OUT = 6144
+
+
+def _expert_stacks(device: str, nf4: bool) -> tuple:
+    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=device, dtype=torch.bfloat16) * HIDDEN ** -0.5
+    down = torch.randn(EXPERTS, HIDDEN, INTER, device=device, dtype=torch.bfloat16) * INTER ** -0.5
+    if nf4:
+        gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
+    gu_lora = ExpertLora(A=torch.randn(EXPERTS, RANK, HIDDEN, device=device) * 0.01,
+                         B=torch.randn(EXPERTS, 2 * INTER, RANK, device=device) * 0.01, scaling=1.0)
+    dn_lora = ExpertLora(A=torch.randn(EXPERTS, RANK, INTER, device=device) * 0.01,
+                         B=torch.randn(EXPERTS, HIDDEN, RANK, device=device) * 0.01, scaling=1.0)
+    return gate_up, down, gu_lora, dn_lora
+
+
+def cases(device: str) -> list[tuple[str, float, callable]]:
+    """(name, weights read, the launch) of each case."""
+    nf4_stacks, bf16_stacks = _expert_stacks(device, True), _expert_stacks(device, False)
+    one = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
+    eight = torch.randn(8, HIDDEN, device=device, dtype=torch.bfloat16)
+    index_one = torch.randperm(EXPERTS, device=device)[:TOP_K][None]
+    index_eight = torch.stack([torch.randperm(EXPERTS, device=device)[:TOP_K] for _ in range(8)])
+    weights_one, weights_eight = torch.rand(1, TOP_K, device=device), torch.rand(8, TOP_K, device=device)
+    per_expert = 3 * INTER * HIDDEN
+    conv = quantize_nf4(torch.randn(1, CONV_OUT, HIDDEN, device=device, dtype=torch.bfloat16) * HIDDEN ** -0.5,
+                        double_quant=True)
+    conv_layer = lora_module.Projection(conv, None, (torch.randn(RANK, HIDDEN, device=device) * 0.01).bfloat16(),
+                                        torch.randn(CONV_OUT, RANK, device=device).bfloat16(), 2.0)
+    gu, dn, gu_l, dn_l = nf4_stacks
+    bgu, bdn, bgu_l, bdn_l = bf16_stacks
+    touched = len(set(index_eight.flatten().tolist()))
+    return [
+        ("one token, NF4 experts, LoRA", TOP_K * per_expert,
+         lambda: moe_experts_nf4(one, index_one, weights_one, gu, dn, gu_l, dn_l)),
+        ("one token, NF4 experts, no LoRA", TOP_K * per_expert,
+         lambda: moe_experts_nf4(one, index_one, weights_one, gu, dn, None, None)),
+        ("one token, bf16 experts, LoRA", TOP_K * per_expert,
+         lambda: moe_experts(one, index_one, weights_one, bgu, bdn, bgu_l, bdn_l)),
+        ("few-rows NF4 linear, one row, 2048 -> 6144, LoRA", CONV_OUT * HIDDEN,
+         lambda: lora_module.lora_linears_few_rows(one, [conv_layer])),
+        (f"eight tokens, NF4 experts ({touched} touched), LoRA", touched * per_expert,
+         lambda: moe_experts_nf4(eight, index_eight, weights_eight, gu, dn, gu_l, dn_l)),
+    ]
+
+
+def main() -> None:
+    device = "cuda"
+    torch.manual_seed(0)
+    with reused_casts(CastCache()), torch.no_grad():
+        found = cases(device)
+        for name, _, launch in found:  # compiled and cast before the profiled range
+            launch()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        for index, (name, _, launch) in enumerate(found, 1):
+            with torch.cuda.nvtx.range(f"case {index}"):
+                launch()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        for index, (name, weights, launch) in enumerate(found, 1):
+            ms = common.bench_graph_ms(launch)
+            print(f"case {index}: {name}: {ms * 1e3:.1f} us, {weights / 1e6:.1f}M weights, "
+                  f"{weights / ms * 1e3:.2e} weights/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
