@@ -228,6 +228,28 @@ def reference_dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None
     return values.to(weight.dtype).to(dtype or weight.dtype).view(weight.shape)
 
 
+def _decode_word(word: str, outputs: tuple[str, str, str, str]) -> list[str]:
+    """PTX decoding one 32-bit word of packed codes (4 bytes, 8 weights) into four registers of 16-bit weight pairs,
+    byte j's pair in outputs[j], by byte lookups in the planes l0-l3 (low bytes of the 16 values) and h0-h3 (high
+    bytes) that ``_register_decode_asm`` describes. The word is its own selector: prmt reads the low 16 bits of a
+    selector (bytes 0 and 1's codes, low nibble first), so the high half's selectors are the same masks shifted down.
+    The masks are computed for the whole word at once (5 instructions, where each half on its own took 3 and 4)."""
+    lines = [f"and.b32 s7, {word}, 0x77777777;", f"shr.b32 sel, {word}, 1;",
+             "lop3.b32 sel, sel, 0x44444444, 0x32103210, 0xEA;", "shr.b32 s7h, s7, 16;", "shr.b32 selh, sel, 16;"]
+    for half, (low_bits, pick) in enumerate((("s7", "sel"), ("s7h", "selh"))):
+        lines += [f"prmt.b32 a0, l0, l1, {low_bits};", f"prmt.b32 a1, l2, l3, {low_bits};",
+                  f"prmt.b32 la, a0, a1, {pick};", f"prmt.b32 a0, h0, h1, {low_bits};",
+                  f"prmt.b32 a1, h2, h3, {low_bits};", f"prmt.b32 ha, a0, a1, {pick};",
+                  # la / ha: the low / high bytes of the weights of (lo nibble, hi nibble) of the two bytes; a
+                  # weight pair (hi nibble, lo nibble) of one byte is one output register, in weight order.
+                  f"prmt.b32 {outputs[2 * half]}, la, ha, 0x4051;",
+                  f"prmt.b32 {outputs[2 * half + 1]}, la, ha, 0x6273;"]
+    return lines
+
+
+_DECODE_REGISTERS = ".reg .b32 l<4>, h<4>, s7, sel, s7h, selh, a0, a1, la, ha;"
+
+
 def _register_decode_asm(pair_type: str) -> str:
     """PTX decoding 16 packed NF4 bytes (32 weights, one 64-block) to 16-bit weights in registers, for
     ``nf4_decode_runs``. Operands: $0-$15 the 32 weights in order, two per register (byte j's: high nibble's in the
@@ -239,10 +261,9 @@ def _register_decode_asm(pair_type: str) -> str:
     two byte lookups, and ``prmt`` looks up four at a time: its selector takes 4-bit fields, which is what NF4 codes
     are, but only 3 bits index (8 bytes of two registers) and the 4th asks for sign replication. So each plane is
     looked up with the 3 low bits in entries 0-7 and in entries 8-15, and a third prmt picks per byte by the 4th
-    bit (moved to bit 2 of a selector 0x3210 + 4 * bit). A 32-bit word of packed codes is its own selector: its low
-    16 bits hold the codes of bytes 0 and 1 (low nibble first), its high 16 bits those of bytes 2 and 3. About 3
-    integer instructions per weight, and no shared-memory table, which the tensor cores' operands also need."""
-    lines = ["{", ".reg .f32 p<16>;", ".reg .b32 t<8>, l<4>, h<4>, s, s7, sel, a0, a1, la, ha;"]
+    bit (moved to bit 2 of a selector 0x3210 + 4 * bit) (``_decode_word``). About 3 integer instructions per weight,
+    and no shared-memory table, which the tensor cores' operands also need."""
+    lines = ["{", ".reg .f32 p<16>;", ".reg .b32 t<8>;", _DECODE_REGISTERS]
     for q, c in enumerate(NF4_CODE):
         lines.append(f"mul.rn.f32 p{q}, $20, 0f{struct.unpack('<I', struct.pack('<f', c))[0]:08X};")
     for i in range(8):  # t_i = (entry 2i+1 | entry 2i)
@@ -251,18 +272,19 @@ def _register_decode_asm(pair_type: str) -> str:
         lines.append(f"prmt.b32 l{j}, t{2 * j}, t{2 * j + 1}, 0x6420;")
         lines.append(f"prmt.b32 h{j}, t{2 * j}, t{2 * j + 1}, 0x7531;")
     for word in range(4):
-        for half in range(2):  # bytes 4 word + 2 half and + 1
-            lines.append(f"mov.b32 s, ${16 + word};" if half == 0 else f"shr.b32 s, ${16 + word}, 16;")
-            lines += ["and.b32 s7, s, 0x7777;", "shr.b32 sel, s, 1;", "lop3.b32 sel, sel, 0x4444, 0x3210, 0xEA;",
-                      "prmt.b32 a0, l0, l1, s7;", "prmt.b32 a1, l2, l3, s7;", "prmt.b32 la, a0, a1, sel;",
-                      "prmt.b32 a0, h0, h1, s7;", "prmt.b32 a1, h2, h3, s7;", "prmt.b32 ha, a0, a1, sel;"]
-            # la / ha: the low / high bytes of the weights of (lo nibble, hi nibble) of the two bytes; a weight pair
-            # (hi nibble, lo nibble) of one byte is one output register, in weight order.
-            byte = 4 * word + 2 * half
-            lines.append(f"prmt.b32 ${byte}, la, ha, 0x4051;")
-            lines.append(f"prmt.b32 ${byte + 1}, la, ha, 0x6273;")
+        lines += _decode_word(f"${16 + word}", tuple(f"${4 * word + j}" for j in range(4)))
     lines.append("}")
     return "\n".join(lines)
+
+
+def _code_planes(dtype: torch.dtype) -> list[int]:
+    """The 16 NF4 values rounded to `dtype` (16-bit), as the eight plane registers l0-l3, h0-h3 of ``_decode_word``
+    (byte k of l_j: the low byte of value 4j + k; of h_j: its high byte)."""
+    bits = [b & 0xFFFF for b in torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
+    planes = []
+    for shift in (0, 8):
+        planes += [sum(((bits[4 * j + k] >> shift) & 0xFF) << (8 * k) for k in range(4)) for j in range(4)]
+    return planes
 
 
 _DECODE_ASM_BF16 = tl.constexpr(_register_decode_asm("bf16x2"))
@@ -302,36 +324,49 @@ def nf4_decode_runs(packed, absmax, OUT_DTYPE: tl.constexpr):
     return tl.reshape(tl.permute(weights, (0, 1, 3, 2)), (ROWS, 32 * RUNS))
 
 
-def _register_decode_mma_asm(pair_type: str, mma_type: str) -> str:
-    """PTX for ``nf4_gemv_mma``: the register decode (``_register_decode_asm``) of two 16-byte runs, rows lo and hi,
-    then 8 ``mma.sync.m16n8k16`` over them and x. Operands: $0-$15 the sums (fp32: $0 lo's, $1 hi's, the rest 0),
-    $16-$19 lo's bytes, $20-$35 lo's absmax (the first read), $36-$39 hi's bytes, $40-$55 hi's absmax, $56-$71 x as
-    16-bit pairs at the run's columns.
+def _register_decode_mma_asm(code_dtype: torch.dtype, mma_type: str) -> str:
+    """PTX for ``nf4_gemv_mma``: two 16-byte runs of codes (rows lo and hi) decoded to the 16 NF4 values themselves,
+    unscaled (``_decode_word`` over constant planes of the values rounded to code_dtype), 8 ``mma.sync.m16n8k16``
+    over them and x, and each block's sum then scaled by its absmax. Operands: $0-$15 the sums (fp32: $0 lo's, $1
+    hi's, the rest 0), $16-$19 lo's bytes, $20-$35 lo's absmax (the first read), $36-$39 hi's bytes, $40-$55 hi's
+    absmax, $56-$71 x as 16-bit pairs at the run's columns, zero in the lanes whose B column is unused (below).
 
-    Lane (g, t) = (lane // 4, lane % 4) holds rows lo_g and hi_g at columns [32 t, 32 t + 32) of a 128-column step.
-    mma i takes the lane's weights 4i..4i+3 of each row (decoded pairs 2i and 2i + 1) as its k-slots 2t, 2t + 1,
-    2t + 8, 2t + 9, A's rows g and g + 8 being lo_g and hi_g, and x at the same columns as B; every column of B is x,
-    so D[g][n] is lo_g's dot product with x over the quad's 128 columns, for every n, and D[g + 8][n] hi_g's."""
-    decode = _register_decode_asm(pair_type)
+    Lane (g, t) = (lane // 4, lane % 4) holds rows lo_g and hi_g at columns [32 t, 32 t + 32) of a 128-column step:
+    lanes t = 0, 1 the row's first 64-weight block, t = 2, 3 its second. mma i takes the lane's weights 4i..4i+3 of
+    each row (decoded pairs 2i and 2i + 1) as its k-slots 2t, 2t + 1, 2t + 8, 2t + 9, A's rows g and g + 8 being lo_g
+    and hi_g. B's column n comes from lanes (n, t): column 0 holds x in the first block's k-slots (lanes (0, 0) and
+    (0, 1)) and 0 in the second's, column 4 the reverse, the other columns 0. So D[g][0], which lane (g, 0) holds,
+    is lo_g's unscaled sum over its first block, and D[g][4], in lane (g, 2), over its second: each lane that holds
+    a block's sum holds that block's absmax too, and the row's sum over the step is the sum over its four lanes
+    (the lanes t = 1, 3 hold 0).
 
-    def renamed(outputs: str, first_byte: int, absmax: int) -> str:
-        def operand(match: re.Match) -> str:
-            n = int(match.group(1))
-            return f"{outputs}{n}" if n < 16 else f"${first_byte + n - 16}" if n < 20 else f"${absmax}"
-        return re.sub(r"\$(\d+)", operand, decode)
+    Decoding the unscaled values takes the lookup planes as constants: the 16 values scaled by the block's absmax
+    and rounded (bitsandbytes' order, which ``_register_decode_asm`` keeps) were 32 instructions a run to rebuild.
+    The product sum * absmax rounds each weight's value once less than bitsandbytes' dequantized weight."""
+    planes = _code_planes(code_dtype)
 
-    lines = ["{", ".reg .b32 wl<16>, wh<16>;", ".reg .f32 c<4>;", renamed("wl", 16, 20), renamed("wh", 36, 40),
-             "mov.b32 c0, 0;", "mov.b32 c1, 0;", "mov.b32 c2, 0;", "mov.b32 c3, 0;"]
+    def decode(outputs: str, first_word: int) -> list[str]:
+        lines = []
+        for word in range(4):
+            lines += _decode_word(f"${first_word + word}", tuple(f"{outputs}{4 * word + j}" for j in range(4)))
+        return lines
+
+    lines = ["{", ".reg .b32 wl<16>, wh<16>;", ".reg .f32 c<4>;", _DECODE_REGISTERS]
+    lines += [f"mov.b32 {name}, 0x{value:08X};" for name, value in zip([f"l{j}" for j in range(4)]
+                                                                        + [f"h{j}" for j in range(4)], planes)]
+    lines += decode("wl", 16) + decode("wh", 36)
+    lines += ["mov.b32 c0, 0;", "mov.b32 c1, 0;", "mov.b32 c2, 0;", "mov.b32 c3, 0;"]
     for i in range(8):
         lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{c0, c1, c2, c3}}, "
                      f"{{wl{2 * i}, wh{2 * i}, wl{2 * i + 1}, wh{2 * i + 1}}}, {{${56 + 2 * i}, ${57 + 2 * i}}}, "
                      "{c0, c1, c2, c3};")
-    lines += ["mov.b32 $0, c0;", "mov.b32 $1, c2;"] + [f"mov.b32 ${n}, 0;" for n in range(2, 16)] + ["}"]
+    lines += ["mul.rn.f32 $0, c0, $20;", "mul.rn.f32 $1, c2, $40;"] + [f"mov.b32 ${n}, 0;" for n in range(2, 16)]
+    lines.append("}")
     return "\n".join(lines)
 
 
-_GEMV_MMA_ASM_BF16 = tl.constexpr(_register_decode_mma_asm("bf16x2", "bf16"))
-_GEMV_MMA_ASM_FP16 = tl.constexpr(_register_decode_mma_asm("f16x2", "f16"))
+_GEMV_MMA_ASM_BF16 = tl.constexpr(_register_decode_mma_asm(torch.bfloat16, "bf16"))
+_GEMV_MMA_ASM_FP16 = tl.constexpr(_register_decode_mma_asm(torch.float16, "f16"))
 _GEMV_MMA_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 56))
 
 
@@ -344,7 +379,12 @@ def nf4_gemv_mma(packed_lo, absmax_lo, packed_hi, absmax_hi, x_pairs, OUT_DTYPE:
     which a (32, 64) tile has with 4 warps (``check_register_decode_layout`` checks the compiled kernel)."""
     ROWS: tl.constexpr = packed_lo.shape[0]
     BYTES: tl.constexpr = packed_lo.shape[1]
-    x_tile = tl.broadcast_to(x_pairs[None, :], (ROWS, BYTES))
+    # B's columns 0 and 4 (see _register_decode_mma_asm): x from the lanes of rows 0 and 4 of each 8 (a warp's lanes
+    # g = 0 and 4), over the first half of the columns and the second half; 0 from every other lane.
+    in_row = tl.arange(0, ROWS)[:, None] % 8
+    first_half = (tl.arange(0, BYTES) < BYTES // 2)[None, :]
+    used = ((in_row == 0) & first_half) | ((in_row == 4) & ~first_half)
+    x_tile = tl.where(used, tl.broadcast_to(x_pairs[None, :], (ROWS, BYTES)), 0)
     if OUT_DTYPE == tl.bfloat16:
         sums = tl.inline_asm_elementwise(_GEMV_MMA_ASM_BF16, _GEMV_MMA_CONSTRAINTS,
                                          [packed_lo, absmax_lo, packed_hi, absmax_hi, x_tile], dtype=tl.float32,
@@ -353,11 +393,11 @@ def nf4_gemv_mma(packed_lo, absmax_lo, packed_hi, absmax_hi, x_pairs, OUT_DTYPE:
         sums = tl.inline_asm_elementwise(_GEMV_MMA_ASM_FP16, _GEMV_MMA_CONSTRAINTS,
                                          [packed_lo, absmax_lo, packed_hi, absmax_hi, x_tile], dtype=tl.float32,
                                          is_pure=True, pack=16)
-    # Element 0 of a lane's 16 holds lo's sum, element 1 hi's (known per register: the selects fold away); the four
-    # lanes of a row hold the same sums, hence the quarter (exact).
+    # Element 0 of a lane's 16 holds lo's scaled block sum, element 1 hi's (known per register: the selects fold
+    # away); a row's four lanes hold its two blocks' sums and two zeros.
     place = tl.arange(0, BYTES) % 16
-    lo = tl.sum(tl.where((place == 0)[None, :], sums, 0.0), axis=1) * 0.25
-    hi = tl.sum(tl.where((place == 1)[None, :], sums, 0.0), axis=1) * 0.25
+    lo = tl.sum(tl.where((place == 0)[None, :], sums, 0.0), axis=1)
+    hi = tl.sum(tl.where((place == 1)[None, :], sums, 0.0), axis=1)
     return lo, hi
 
 

@@ -64,23 +64,25 @@ GEMV_REGISTER_DECODE = True
 GEMV_LOOP_STAGES = 3
 # NF4 GEMV tiles of 64 rows through the register decode multiplied on the tensor cores (nf4.nf4_gemv_mma: 128-column
 # K steps, the decoded bf16 pairs as mma.sync's A operand, x as B) instead of converted to fp32 and FMA'd: ptxas for
-# sm_90 counts 307 instructions a K step of a lane's 64 weights against 584 (the one-token gate/up loop), of which
-# the decode is about 250 either way. Measured on an H100 (bench_generate.py --gemv-mma 0,1, 4-bit, batch 1, graph
-# replay): LFM2-8B-A1B 24 layers 1.853 -> 1.817 ms, Trinity-Mini 8 layers 1.246 -> 1.213 ms; the decode's
-# instructions, not the multiply, bound these kernels.
+# sm_90 counts 307 instructions a K step of a lane's 64 weights against 584 (the one-token gate/up loop). Measured on
+# an H100 (bench_generate.py --gemv-mma 0,1, 4-bit, batch 1, graph replay): LFM2-8B-A1B 24 layers 1.853 -> 1.817 ms,
+# Trinity-Mini 8 layers 1.246 -> 1.213 ms. Only 2%: Nsight Compute (benchmarks/ncu_decode_kernels.py) shows these
+# kernels bound by the integer (ALU) pipe, which runs the decode's prmt, lop3 and shifts at half the issue rate (51% of
+# its peak, 1.65 instructions a cycle an SM issued, DRAM at 21%), and the MMA removed FMA-pipe instructions. The MMA
+# form also lets the decode look up unscaled values and scale each block's sum instead (see nf4_gemv_mma).
 GEMV_MMA = True
 # A double-quantized absmax (load_in_4bit's) decoded by the GEMV tiles in every K step (nf4.absmax_values: a gather
 # from the 256-entry dynamic code that the step's decode then waits on) or, with GEMV_PREDECODED_ABSMAX, for the chosen
 # experts first by one launch a weight (nf4.absmax_fp32; the tiles then read 4 bytes of absmax per 64 weights instead
-# of 1). Bit-identical outputs. Not yet timed on a GPU (bench_decode_ops.py one-token-mma times the tiles on an fp32
-# absmax; bench_generate.py --gemv-predecoded-absmax 0,1 the step): off until measured faster.
+# of 1). Bit-identical outputs. Measured on an H100 (bench_generate.py --gemv-predecoded-absmax 0,1, LFM2-8B-A1B 4-bit
+# batch 1, graph replay): 1.780 -> 1.818 ms, the two launches a layer cost more than the gathers they save: off.
 GEMV_PREDECODED_ABSMAX = False
 # The down projection's LoRA x A^T (x = h, A (r, I)): computed by every column block's programs of _down_kernel over
 # their K range again (32 times at a hidden size of 2048), or, with DOWN_XA_IN_GATE_UP, once by the programs that
 # finish h (each its 64 columns of h times those columns of A, a partial the down programs sum). ptxas for sm_90 (NF4,
 # MMA, double-quantized absmax): the down kernel 96 -> 64 registers a thread (its (r, BLOCK_K) float32 x A^T
-# accumulator gone), gate_up unchanged at 128 (96 without LoRA). Not yet timed on a GPU: off until bench_decode_ops.py
-# (one-token variants) or bench_generate.py --down-xa-in-gate-up 0,1 says it is faster.
+# accumulator gone), gate_up unchanged at 128 (96 without LoRA). Measured on an H100 (bench_generate.py
+# --down-xa-in-gate-up 0,1, LFM2-8B-A1B 4-bit batch 1, graph replay): 1.780 -> 1.782 ms, no gain: off.
 DOWN_XA_IN_GATE_UP = False
 
 

@@ -355,6 +355,56 @@ def test_register_decode_needs_ampere_and_16_bit_weights(monkeypatch):
     assert not has_register_decode(torch.device("cpu"), torch.bfloat16)
 
 
+def _run_ptx(lines: list[str], registers: dict[str, int]) -> dict[str, int]:
+    """The integer PTX that the NF4 register decode is made of (mov, and, shr, lop3 with the (a & b) | c table,
+    prmt in its default mode), run on 32-bit values in Python: enough to check its byte lookups without a GPU."""
+    def value(operand: str) -> int:
+        return int(operand, 16) if operand.startswith("0x") else registers[operand]
+
+    for line in lines:
+        op, operands = line.rstrip(";").split(None, 1)
+        dest, *args = [a.strip() for a in operands.split(",")]
+        if op == "mov.b32":
+            registers[dest] = value(args[0])
+        elif op == "and.b32":
+            registers[dest] = value(args[0]) & value(args[1])
+        elif op == "shr.b32":
+            registers[dest] = value(args[0]) >> int(args[1])
+        elif op == "lop3.b32" and args[3] == "0xEA":
+            registers[dest] = (value(args[0]) & value(args[1])) | value(args[2])
+        elif op == "prmt.b32":
+            source = value(args[0]) | value(args[1]) << 32  # bytes 0-3 from a, 4-7 from b
+            selector, out = value(args[2]), 0
+            for i in range(4):
+                nibble = (selector >> 4 * i) & 0xF
+                byte = (source >> 8 * (nibble & 7)) & 0xFF
+                if nibble & 8:  # sign replication
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << 8 * i
+            registers[dest] = out
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+    return registers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_register_decode_word_looks_up_every_code(dtype):
+    """The lookup of one word of packed codes (nf4._decode_word) in the constant planes of the 16 unscaled values
+    (nf4._code_planes, what the tensor-core GEMV decodes with): each byte's pair (high nibble's value in the low half)
+    equals the NF4 value of each code rounded to dtype, for every code in each position."""
+    planes = dict(zip([f"l{j}" for j in range(4)] + [f"h{j}" for j in range(4)], nf4_module._code_planes(dtype)))
+    values = [v & 0xFFFF for v in torch.tensor(nf4_module.NF4_CODE).to(dtype).view(torch.int16).tolist()]
+    lines = nf4_module._decode_word("w", ("o0", "o1", "o2", "o3"))
+    words = [int.from_bytes(bytes([(16 * a + b) for a, b in zip(codes, reversed(codes))]), "little")
+             for codes in ([q, (q + 5) % 16, (q + 11) % 16, 15 - q] for q in range(16))]
+    words += torch.randint(0, 2**32, (32,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist()
+    for word in words:
+        out = _run_ptx(lines, dict(planes, w=word))
+        for j in range(4):
+            byte = (word >> 8 * j) & 0xFF
+            assert out[f"o{j}"] == values[byte >> 4] | values[byte & 0xF] << 16
+
+
 class _Compiled:
     def __init__(self, size_per_thread: str):
         self.asm = {"ttgir": (
