@@ -47,7 +47,8 @@
 # one-token experts block not yet on by default both ways (--gemv-predecoded-absmax, --down-xa-in-gate-up), then
 # without the experts' LoRA, then prints the one-token block's variants (bench_decode_ops.py one-token-mma): ~9 min.
 #
-# ncu-decode (never by default) reads Nsight Compute's counters of the 4-bit decode kernels (~3 min).
+# ncu-decode and ncu-train-moe (never by default) read Nsight Compute's counters of the 4-bit decode kernels and of
+# one training experts block's kernels (~2-4 min each).
 #
 # fused-lm-head (issue #16) times trl's fused LM head against fastmoe's at Trinity-Mini's head, 4k and 16k tokens
 # (120-second limit).
@@ -152,15 +153,17 @@ step decode-ablations 220 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" 
 step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
     --targets default-without-experts
 step decode-ablations 220 python3 -P benchmarks/bench_decode_ops.py one-token-mma
-# ncu-decode: Nsight Compute's counters of the 4-bit decode kernels (benchmarks/ncu_decode_kernels.py's cases, in order);
-# the whole report in OUT/ncu-decode.log
+# ncu-decode / ncu-train-moe: Nsight Compute's counters of the 4-bit decode kernels and of one training experts block's
+# kernels (benchmarks/ncu_kernels.py's cases, in order); the whole report in OUT/ncu-decode.log / ncu-train-moe.log
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-step ncu-decode 240 "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
-    -k 'regex:gate_up_kernel|down_kernel|few_rows|grouped_mm' --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis --section InstructionStats \
-    --metrics 'regex:(smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio|sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active)$' \
-    python3 -P benchmarks/ncu_decode_kernels.py
+ncu_args=(--clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy
+          --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis
+          --section MemoryWorkloadAnalysis --section InstructionStats
+          --metrics 'regex:(smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio|sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active)$')
+step ncu-decode 240 "${ncu_bin:-ncu}" "${ncu_args[@]}" -k 'regex:gate_up_kernel|down_kernel|few_rows|grouped_mm' \
+    python3 -P benchmarks/ncu_kernels.py decode
+step ncu-train-moe 300 "${ncu_bin:-ncu}" "${ncu_args[@]}" -k 'regex:_grouped|_schedule' \
+    python3 -P benchmarks/ncu_kernels.py train-moe
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"

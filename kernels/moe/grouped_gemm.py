@@ -600,7 +600,11 @@ def _block(size: int, cap: int) -> int:
 # * the SwiGLU forward (its BLOCK_N counts h's columns: the weight tile has twice as many rows, gate and up):
 #   128 + 128 columns, 8 warps, 4 stages, 4-29% faster than 64 + 64 with 3 stages (376-459 TFLOP/s);
 # * the SwiGLU backward, whose epilogue holds d(h), gate, up and their gradients: 64 columns, 4 warps, 4 stages,
-#   16-28% faster than 128 columns with 8 warps (184-262 TFLOP/s, bound by the epilogue);
+#   16-28% faster than 128 columns with 8 warps (184-262 TFLOP/s, bound by the epilogue). ptxas spills 1.5 KB a
+#   thread at this configuration (Nsight Compute: 6.9M local-memory requests in Trinity-Mini's block), and 64 columns
+#   with 8 warps do not spill (217 registers), yet they ran 0-22% slower (H100, 2026-12-06: Trinity-Mini 0.788 /
+#   0.789 ms, LFM2-8B-A1B 0.608 / 0.643, JetMoe-8B 0.922 / 0.962, Qwen3-30B-A3B 0.626 / 0.614, gpt-oss-20b 1.134 /
+#   1.380), as did 32 columns with 4 warps: the spills are not what bounds it;
 # * the weight-gradient reduction (128x128 output, 32-row steps): 4 warps, 4 stages, the best or within 3% of it for
 #   LoRA's factor gradients;
 # LoRA's rank-16 row products took 0.05-0.08 ms under every configuration tried: latency, not tiles, bounds them.

@@ -66,7 +66,7 @@ GEMV_LOOP_STAGES = 3
 # K steps, the decoded bf16 pairs as mma.sync's A operand, x as B) instead of converted to fp32 and FMA'd: ptxas for
 # sm_90 counts 307 instructions a K step of a lane's 64 weights against 584 (the one-token gate/up loop). Measured on
 # an H100 (bench_generate.py --gemv-mma 0,1, 4-bit, batch 1, graph replay): LFM2-8B-A1B 24 layers 1.853 -> 1.817 ms,
-# Trinity-Mini 8 layers 1.246 -> 1.213 ms. Only 2%: Nsight Compute (benchmarks/ncu_decode_kernels.py) shows these
+# Trinity-Mini 8 layers 1.246 -> 1.213 ms. Only 2%: Nsight Compute (benchmarks/ncu_kernels.py decode) shows these
 # kernels bound by the integer (ALU) pipe, which runs the decode's prmt, lop3 and shifts at half the issue rate (51% of
 # its peak, 1.65 instructions a cycle an SM issued, DRAM at 21%), and the MMA removed FMA-pipe instructions. The MMA
 # form also lets the decode look up unscaled values and scale each block's sum instead (see nf4_gemv_mma).

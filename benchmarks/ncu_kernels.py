@@ -1,26 +1,31 @@
-"""The 4-bit decode step's kernels, each launched once inside a profiler range, for Nsight Compute's hardware counters:
-what bounds the NF4 GEMVs and grouped GEMMs (issue slots, an instruction pipe, memory latency, occupancy) where
-timings alone could not say (they decode 1.0-1.3e12 weights a second whichever of those was changed).
+"""Kernels of fastmoe's hot paths, each launched once inside a profiler range, for Nsight Compute's hardware counters
+(which instruction pipe, stall reason, occupancy or memory level bounds a kernel), where timings alone cannot say.
 
-LFM2-8B-A1B's shapes (hidden 2048, 32 experts of 1792 top-4; its convolution in_proj 2048 -> 6144), NF4 with a
-double-quantized absmax as load_in_4bit stores it, LoRA r=16, bf16 activations. Cases, in launch order (their kernels
-appear in ncu's report in this order):
+Sets (the first argument; decode without one):
 
-1. one token's experts block (one_token: _gate_up_kernel, _down_kernel), with LoRA
-2. the same without LoRA
-3. the same, bf16 experts (the 16-bit GEMVs, near HBM's bandwidth: the yardstick)
-4. a few-rows NF4 linear at one row (_few_rows_kernel, GEMV form), 2048 -> 6144, with LoRA
-5. eight tokens' experts block through the grouped NF4 GEMMs (batch-8 decoding: _grouped_mm_swiglu_kernel,
-   _grouped_mm_kernel), with LoRA
+* decode: the 4-bit decode step's kernels at LFM2-8B-A1B's shapes (hidden 2048, 32 experts of 1792 top-4; its
+  convolution in_proj 2048 -> 6144), NF4 with a double-quantized absmax as load_in_4bit stores it, LoRA r=16, bf16:
+  1. one token's experts block (one_token: _gate_up_kernel, _down_kernel), with LoRA; 2. the same without LoRA;
+  3. the same with bf16 experts (the 16-bit GEMVs, near HBM's bandwidth: the yardstick); 4. a few-rows NF4 linear at
+  one row (_few_rows_kernel, GEMV form), with LoRA; 5. eight tokens' experts block through the grouped NF4 GEMMs
+  (batch-8 decoding), with LoRA.
+* train-moe: one experts block of training, forward and backward (moe_experts: the grouped SwiGLU and row GEMMs,
+  the SwiGLU backward, the LoRA factors' gradients), Trinity-Mini's experts (hidden 2048, 128 experts of 1024 top-8)
+  at 4,096 tokens with random routing, bf16, LoRA r=16 on both expert weights.
+
+The cases run in order, so their kernels appear in ncu's report in that order:
 
     ncu --clock-control none --profile-from-start off -k regex:"gate_up|down_kernel|few_rows|grouped_mm" \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \\
-        python benchmarks/ncu_decode_kernels.py
+        python benchmarks/ncu_kernels.py [decode | train-moe]
 
-Without ncu it prints each case's time (CUDA-graph replay) and weights per second. Printed only.
+(benchmarks/gpu_session.sh's ncu-decode and ncu-train-moe steps). Without ncu it prints each case's time (CUDA-graph
+replay) and weights per second. Printed only.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -45,8 +50,8 @@ def _expert_stacks(device: str, nf4: bool) -> tuple:
     return gate_up, down, gu_lora, dn_lora
 
 
-def cases(device: str) -> list[tuple[str, float, callable]]:
-    """(name, weights read, the launch) of each case."""
+def decode_cases(device: str) -> list[tuple[str, float, callable]]:
+    """(name, weights read, the launch) of each decode case."""
     nf4_stacks, bf16_stacks = _expert_stacks(device, True), _expert_stacks(device, False)
     one = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
     eight = torch.randn(8, HIDDEN, device=device, dtype=torch.bfloat16)
@@ -75,11 +80,36 @@ def cases(device: str) -> list[tuple[str, float, callable]]:
     ]
 
 
+def train_moe_cases(device: str) -> list[tuple[str, float, callable]]:
+    """(name, weights read once, the launch) of the training experts block: forward and backward."""
+    hidden, inter, num_experts, top_k, tokens = 2048, 1024, 128, 8, 4096
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
+    down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
+    factors = [torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
+               torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01,
+               torch.randn(num_experts, RANK, inter, device=device) * 0.01,
+               torch.randn(num_experts, hidden, RANK, device=device) * 0.01]
+    factors = [f.requires_grad_() for f in factors]  # float32, as peft keeps adapters of a bf16 model
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    index, weights = common.moe_routing(tokens, num_experts, top_k, "balanced", device)
+    weights = weights.requires_grad_()
+    grad = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+
+    def forward_backward():
+        out = moe_experts(x, index, weights, gate_up, down, ExpertLora(factors[0], factors[1], 1.0),
+                          ExpertLora(factors[2], factors[3], 1.0))
+        out.backward(grad)
+
+    return [(f"experts block forward + backward, {tokens} tokens", 3 * num_experts * inter * hidden, forward_backward)]
+
+
 def main() -> None:
     device = "cuda"
     torch.manual_seed(0)
-    with reused_casts(CastCache()), torch.no_grad():
-        found = cases(device)
+    which = sys.argv[1] if len(sys.argv) > 1 else "decode"
+    training = which == "train-moe"
+    with reused_casts(CastCache()), torch.set_grad_enabled(training):
+        found = {"decode": decode_cases, "train-moe": train_moe_cases}[which](device)
         for name, _, launch in found:  # compiled and cast before the profiled range
             launch()
         torch.cuda.synchronize()
@@ -90,7 +120,7 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
         for index, (name, weights, launch) in enumerate(found, 1):
-            ms = common.bench_graph_ms(launch)
+            ms = common.bench_ms(launch) if training else common.bench_graph_ms(launch)
             print(f"case {index}: {name}: {ms * 1e3:.1f} us, {weights / 1e6:.1f}M weights, "
                   f"{weights / ms * 1e3:.2e} weights/s", flush=True)
 
