@@ -38,6 +38,7 @@ from fastmoe.kernels.moe import routing as routing_module
 from fastmoe.kernels.moe.routing import reference_router_topk, reference_sort_by_expert, router_topk, sort_by_expert
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 from fastmoe.kernels.short_conv import reference_short_conv_decode, short_conv_decode
+from fastmoe.kernels.split_k import GEMV_BLOCK_K, gemv_split
 
 PROJECTIONS = [("q_proj", 2048, 4096), ("k_proj", 2048, 512), ("o_proj", 4096, 2048), ("shared up", 2048, 1024),
                ("shared down", 1024, 2048)]
@@ -292,6 +293,15 @@ def moe(device: str, nf4: bool = False) -> None:
             + f"; largest rel err to the current configuration {largest_err:.1e}", flush=True)
 
 
+def scaled_gemv_split(scale: float):
+    """split_k.gemv_split with its count of splits scaled by `scale`, same signature, for the one-token sweep. The K
+    step goes through: a two-argument stand-in once took one_token's block_k (128 for its MMA steps) for the scale and
+    asked for hundreds of splits, whose unrolled fix-ups then kept the compiler busy for many minutes."""
+    def split(programs: int, k: int, block_k: int = GEMV_BLOCK_K) -> int:
+        return max(1, int(gemv_split(programs, k, block_k) * scale))
+    return split
+
+
 def one_token(device: str, mma_only: bool = False) -> None:
     """The experts block of one token (batch-1 decoding): the one-token GEMV form (kernels/moe/one_token.py) against
     the grouped GEMMs' decode path, with its column blocks and splits swept, its K loop pipelined 1-4 steps deep
@@ -305,6 +315,7 @@ def one_token(device: str, mma_only: bool = False) -> None:
     original_register_decode = one_token_module.GEMV_REGISTER_DECODE
     original_stages, original_mma = one_token_module.GEMV_LOOP_STAGES, one_token_module.GEMV_MMA
     original_down_xa = one_token_module.DOWN_XA_IN_GATE_UP
+
     for (name, (hidden, inter, num_experts, top_k)), nf4 in itertools.product(shapes.items(),
                                                                              (True,) if mma_only else (False, True)):
         gate_up, down, gu_lora, dn_lora, bytes_per_weight, block = _experts(device, hidden, inter, num_experts, nf4)
@@ -350,8 +361,7 @@ def one_token(device: str, mma_only: bool = False) -> None:
                 one_token_module.GEMV_LOOP_STAGES = loop_stages
                 one_token_module.GEMV_MMA = mma
                 one_token_module._GPU_BLOCK_N = block_n
-                one_token_module.gemv_split = (lambda programs, k, _s=scale: max(1, int(original_split(programs, k)
-                                                                                        * _s)))
+                one_token_module.gemv_split = scaled_gemv_split(scale)
                 gu, dn = fp32_absmax if label.endswith("fp32 absmax") else (gate_up, down)
                 gu_l, dn_l = (None, None) if label.endswith("no LoRA") else (gu_lora, dn_lora)
                 one_token_module.DOWN_XA_IN_GATE_UP = label.endswith("down xa in gate_up")

@@ -14,6 +14,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_decode_ops  # noqa: E402
 import bench_fused_lm_head  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_grpo  # noqa: E402
@@ -32,6 +33,17 @@ def test_every_benchmark_script_imports(script):
     """Most scripts here need a GPU and run in no CI job: importing them catches a name they import that fastmoe no
     longer has (bench_sliding_window_attention.py imported a removed helper for a day)."""
     importlib.import_module(script)
+
+
+def test_one_token_sweep_scales_splits_with_gemv_splits_signature():
+    """bench_decode_ops' stand-in for gemv_split takes the K step as gemv_split does (one_token passes 128 for its
+    tensor-core steps): at scale 1 it is gemv_split, at 2 twice its splits."""
+    from fastmoe.kernels.split_k import gemv_split
+
+    for programs, k, block_k in [(112, 2048, 128), (128, 1792, 128), (96, 2048, 64)]:
+        assert bench_decode_ops.scaled_gemv_split(1.0)(programs, k, block_k) == gemv_split(programs, k, block_k)
+        assert bench_decode_ops.scaled_gemv_split(2.0)(programs, k, block_k) == 2 * gemv_split(programs, k, block_k)
+    assert bench_decode_ops.scaled_gemv_split(0.5)(112, 2048) == max(1, gemv_split(112, 2048) // 2)
 
 
 def meta_model(preset: str):
