@@ -25,6 +25,7 @@ import host_gaps  # noqa: E402
 import memory_peak  # noqa: E402
 import plot_results  # noqa: E402
 import report  # noqa: E402
+import sass_report  # noqa: E402
 import sweep_expert_configs  # noqa: E402
 
 
@@ -44,6 +45,28 @@ def test_one_token_sweep_scales_splits_with_gemv_splits_signature():
         assert bench_decode_ops.scaled_gemv_split(1.0)(programs, k, block_k) == gemv_split(programs, k, block_k)
         assert bench_decode_ops.scaled_gemv_split(2.0)(programs, k, block_k) == 2 * gemv_split(programs, k, block_k)
     assert bench_decode_ops.scaled_gemv_split(0.5)(112, 2048) == max(1, gemv_split(112, 2048) // 2)
+
+
+def test_sass_report_compiles_a_decode_kernel_for_hopper_without_a_gpu(tmp_path):
+    """sass_report compiles one-token's NF4 down GEMV for sm_90 with the CPU's Triton (its ptxas and cuobjdump; in a
+    process of its own, as the tests' kernels are the interpreter's) and finds its main loop: the tensor-core products
+    and the byte-permute decode in it. Every case's constexprs are arguments of its kernel."""
+    import os
+    import subprocess
+
+    for case in sass_report.one_token_cases() + sass_report.grouped_train_cases():
+        assert set(case.constexprs) <= set(case.kernel.arg_names), case.label
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "sass_report.py"), "one-token", "--only",
+                             "down, NF4, no LoRA", "--sass-dir", str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("one-token down, NF4, no LoRA"))
+    registers = int(line.split(": ")[1].split(" registers")[0])
+    assert 0 < registers <= 255 and "HMMA:" in line and "PRMT:" in line
+    sass = (tmp_path / "one_token_down_NF4_no_LoRA.sass").read_text()
+    body = sass_report.loop_body(sass)
+    assert body and sum(sass_report.opcode(i) == "HMMA" for i in body) > 0
 
 
 def meta_model(preset: str):
