@@ -233,9 +233,14 @@ def _decode_word(word: str, outputs: tuple[str, str, str, str]) -> list[str]:
     byte j's pair in outputs[j], by byte lookups in the planes l0-l3 (low bytes of the 16 values) and h0-h3 (high
     bytes) that ``_register_decode_asm`` describes. The word is its own selector: prmt reads the low 16 bits of a
     selector (bytes 0 and 1's codes, low nibble first), so the high half's selectors are the same masks shifted down.
-    The masks are computed for the whole word at once (5 instructions, where each half on its own took 3 and 4)."""
-    lines = [f"and.b32 s7, {word}, 0x77777777;", f"shr.b32 sel, {word}, 1;",
-             "lop3.b32 sel, sel, 0x44444444, 0x32103210, 0xEA;", "shr.b32 s7h, s7, 16;", "shr.b32 selh, sel, 16;"]
+    The masks are computed for the whole word at once (5 instructions, where each half on its own took 3 and 4), its
+    three right shifts as the high halves of products by powers of two (mul.hi: x >> s = hi(x * 2^(32 - s))): ptxas
+    issues those as IMAD.HI on the FMA pipe, which the decode leaves mostly idle, where shifts go to the integer pipe
+    that bounds it (benchmarks/sass_report.py, Triton 3.6 for sm_90: the one-token gate/up loop with LoRA 448 -> 400
+    integer-pipe instructions; not yet timed on a GPU)."""
+    lines = [f"and.b32 s7, {word}, 0x77777777;", f"mul.hi.u32 sel, {word}, 0x80000000;",
+             "lop3.b32 sel, sel, 0x44444444, 0x32103210, 0xEA;", "mul.hi.u32 s7h, s7, 0x10000;",
+             "mul.hi.u32 selh, sel, 0x10000;"]
     for half, (low_bits, pick) in enumerate((("s7", "sel"), ("s7h", "selh"))):
         lines += [f"prmt.b32 a0, l0, l1, {low_bits};", f"prmt.b32 a1, l2, l3, {low_bits};",
                   f"prmt.b32 la, a0, a1, {pick};", f"prmt.b32 a0, h0, h1, {low_bits};",

@@ -356,8 +356,9 @@ def test_register_decode_needs_ampere_and_16_bit_weights(monkeypatch):
 
 
 def _run_ptx(lines: list[str], registers: dict[str, int]) -> dict[str, int]:
-    """The integer PTX that the NF4 register decode is made of (mov, and, shr, lop3 with the (a & b) | c table,
-    prmt in its default mode), run on 32-bit values in Python: enough to check its byte lookups without a GPU."""
+    """The integer PTX that the NF4 register decode is made of (mov, and, shr, mul.hi, lop3 with the (a & b) | c
+    table, prmt in its default mode), run on 32-bit values in Python: enough to check its byte lookups without a
+    GPU."""
     def value(operand: str) -> int:
         return int(operand, 16) if operand.startswith("0x") else registers[operand]
 
@@ -370,6 +371,8 @@ def _run_ptx(lines: list[str], registers: dict[str, int]) -> dict[str, int]:
             registers[dest] = value(args[0]) & value(args[1])
         elif op == "shr.b32":
             registers[dest] = value(args[0]) >> int(args[1])
+        elif op == "mul.hi.u32":
+            registers[dest] = (value(args[0]) * value(args[1])) >> 32
         elif op == "lop3.b32" and args[3] == "0xEA":
             registers[dest] = (value(args[0]) & value(args[1])) | value(args[2])
         elif op == "prmt.b32":
