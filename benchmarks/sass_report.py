@@ -38,6 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastmoe.kernels.moe import grouped_gemm, one_token
+from fastmoe.kernels.moe.nf4 import check_register_decode_layout
 
 # SASS opcodes by the pipe that issues them on Hopper (sm_90), as Nsight Compute's sm__inst_executed_pipe_* metrics
 # count them: the integer ALU pipe issues at half the rate of the FMA pipe.
@@ -179,6 +180,9 @@ def compile_case(case: Case, sm: int) -> Report:
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32),
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    # The layout the NF4 register decode needs (16 bytes a thread; four lanes a row for the tensor-core GEMV), as the
+    # launchers check it on a GPU: raises otherwise.
+    check_register_decode_layout(compiled)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:

@@ -389,7 +389,11 @@ def nf4_gemv_mma(packed_lo, absmax_lo, packed_hi, absmax_hi, x_pairs, OUT_DTYPE:
     in_row = tl.arange(0, ROWS)[:, None] % 8
     first_half = (tl.arange(0, BYTES) < BYTES // 2)[None, :]
     used = ((in_row == 0) & first_half) | ((in_row == 4) & ~first_half)
-    x_tile = tl.where(used, tl.broadcast_to(x_pairs[None, :], (ROWS, BYTES)), 0)
+    # As x * used (IMAD, FMA pipe) rather than a select (integer pipe, the decode's bound); in PTX, so that the
+    # compiler keeps the multiply.
+    x_tile = tl.inline_asm_elementwise("mul.lo.u32 $0, $1, $2;", "=r,r,r",
+                                       [tl.broadcast_to(x_pairs[None, :], (ROWS, BYTES)), used.to(tl.int32)],
+                                       dtype=tl.int32, is_pure=True, pack=1)
     if OUT_DTYPE == tl.bfloat16:
         sums = tl.inline_asm_elementwise(_GEMV_MMA_ASM_BF16, _GEMV_MMA_CONSTRAINTS,
                                          [packed_lo, absmax_lo, packed_hi, absmax_hi, x_tile], dtype=tl.float32,
