@@ -47,6 +47,9 @@
 # one-token experts block not yet on by default both ways (--gemv-predecoded-absmax, --down-xa-in-gate-up), then
 # without the experts' LoRA, then prints the one-token block's variants (bench_decode_ops.py one-token-mma): ~9 min.
 #
+# generate-ab (never by default; ~6 min) times the 4-bit decode step with an earlier revision's kernels against the
+# checkout's (see the step).
+#
 # ncu-decode and ncu-train-moe (never by default) read Nsight Compute's counters of the 4-bit decode kernels and of
 # one training experts block's kernels (~2-4 min each).
 #
@@ -81,6 +84,7 @@ shift || true
 steps=" ${*:-gpu-tests sft generate grpo decode-ops moe-block lora-linear fused-lm-head short-conv sliding-attention nf4-experts loss norm-rope train-step-8 train-step profile train-families quality} "
 mkdir -p "$out"
 site=${FASTMOE_SITE:-/tmp/fastmoe-site}
+site_dir=$site
 rm -rf "$site" && mkdir -p "$site"
 [ -L fastmoe/kernels ] && rm fastmoe/kernels  # the link below, from an earlier call on this machine
 cp -r fastmoe "$site/fastmoe" && cp -r kernels "$site/fastmoe/kernels"
@@ -92,7 +96,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$site:$PWD/benchmarks" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 # One id for every record of this session, so the summary at the end shows this session's numbers only.
-export FASTMOE_BENCH_RUN="${FASTMOE_BENCH_RUN:-$(date -u +%Y%m%dT%H%M%S)}" out
+export FASTMOE_BENCH_RUN="${FASTMOE_BENCH_RUN:-$(date -u +%Y%m%dT%H%M%S)}" out site_dir
 # A second invocation with the same OUT_DIR (other steps, same device call) appends to what the first wrote.
 [ -e "$out/results.jsonl" ] || cp benchmarks/results.jsonl "$out/results.jsonl"
 status=0
@@ -146,6 +150,33 @@ step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset
 step generate 120 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" --preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 32 --repeats 2 --implementations transformers
 step grpo 300 python3 -P benchmarks/bench_grpo.py "${jsonl[@]}" --preset trinity-mini --layers 8 --generations 8 --prompt 512 --new-tokens 256
 step decode-ops 300 python3 -P benchmarks/bench_decode_ops.py
+# generate-ab: the 4-bit decode step with an earlier revision's kernels against the checkout's, in one call (timings
+# compare only on one machine). The earlier revision travels as .ab-base/ (git-ignored: `rm -rf .ab-base && mkdir
+# .ab-base && git archive REV fastmoe kernels | tar -x -C .ab-base`, then pass it in the device call's carry). Each
+# case runs base, checkout, base, checkout (Trinity-Mini's once each); the records go to OUT/ab-base.jsonl and
+# OUT/ab-checkout.jsonl, not to results.jsonl (the base's are not the code's).
+ab_generate() {
+    [ -d .ab-base/kernels ] || { echo "generate-ab: no .ab-base/ (see gpu_session.sh)"; return 1; }
+    local base_site=/tmp/fastmoe-ab-base rc=0 model tree site
+    rm -rf "$base_site" && mkdir -p "$base_site" && cp -r .ab-base/fastmoe "$base_site/fastmoe" \
+        && cp -r .ab-base/kernels "$base_site/fastmoe/kernels"
+    for model in "lfm2-8b-a1b --layers 24 --batches 1,8" "trinity-mini --layers 8 --batches 1"; do
+        local order="base checkout base checkout"
+        [[ $model == trinity* ]] && order="base checkout"
+        for tree in $order; do
+            site=$site_dir; [ $tree = base ] && site=$base_site:$site_dir
+            echo "--- $tree $model"
+            # shellcheck disable=SC2086  # model is a list of arguments
+            PYTHONPATH=$site:$PWD/benchmarks timeout 150 python3 -P benchmarks/bench_generate.py --preset $model \
+                --new-tokens 128 --quantization 4bit --load checkpoint --implementations fastmoe --keep-checkpoints \
+                --jsonl "$out/ab-$tree.jsonl" 2>&1 | grep -E "tok/s|Error" || rc=1
+        done
+    done
+    return $rc
+}
+export -f ab_generate
+step generate-ab 580 bash -c ab_generate
+[[ "$steps" == *" generate-ab "* ]] && grep -E "^(--- |.*tok/s)" "$out/generate-ab.log"
 lfm2_4bit=(--preset lfm2-8b-a1b --layers 24 --batches 1,8 --new-tokens 128 --quantization 4bit --load checkpoint
            --implementations fastmoe --keep-checkpoints)
 step decode-ablations 220 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "${lfm2_4bit[@]}" \
