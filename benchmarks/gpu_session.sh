@@ -185,7 +185,8 @@ step decode-ablations 90 python3 -P benchmarks/bench_generate.py "${jsonl[@]}" "
     --targets default-without-experts
 step decode-ablations 220 python3 -P benchmarks/bench_decode_ops.py one-token-mma
 # ncu-decode / ncu-train-moe: Nsight Compute's counters of the 4-bit decode kernels and of one training experts block's
-# kernels (benchmarks/ncu_kernels.py's cases, in order); the whole report in OUT/ncu-decode.log / ncu-train-moe.log
+# kernels (benchmarks/ncu_kernels.py's cases, in order); the whole report in OUT/ncu-decode.log / ncu-train-moe.log,
+# one line a kernel printed
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
 ncu_args=(--clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy
           --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis
@@ -195,6 +196,9 @@ step ncu-decode 240 "${ncu_bin:-ncu}" "${ncu_args[@]}" -k 'regex:gate_up_kernel|
     python3 -P benchmarks/ncu_kernels.py decode
 step ncu-train-moe 300 "${ncu_bin:-ncu}" "${ncu_args[@]}" -k 'regex:_grouped|_schedule' \
     python3 -P benchmarks/ncu_kernels.py train-moe
+for report in ncu-decode ncu-train-moe; do  # one line a kernel (benchmarks/ncu_summary.py)
+    [[ "$steps" == *" $report "* && -s "$out/$report.log" ]] && python3 -P benchmarks/ncu_summary.py "$out/$report.log"
+done
 step fused-lm-head 120 python3 -P benchmarks/bench_fused_lm_head.py "${jsonl[@]}"
 step short-conv 90 python3 -P benchmarks/bench_short_conv.py "${jsonl[@]}"
 step sliding-attention 60 python3 -P benchmarks/bench_sliding_window_attention.py "${jsonl[@]}"

@@ -23,6 +23,7 @@ import bench_short_conv  # noqa: E402
 import common  # noqa: E402
 import host_gaps  # noqa: E402
 import memory_peak  # noqa: E402
+import ncu_summary  # noqa: E402
 import plot_results  # noqa: E402
 import report  # noqa: E402
 import sass_report  # noqa: E402
@@ -67,6 +68,41 @@ def test_sass_report_compiles_a_decode_kernel_for_hopper_without_a_gpu(tmp_path)
     sass = (tmp_path / "one_token_down_NF4_no_LoRA.sass").read_text()
     body = sass_report.loop_body(sass)
     assert body and sum(sass_report.opcode(i) == "HMMA" for i in body) > 0
+
+
+_NCU_KERNEL = """
+  _down_kernel (32, 16, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: Command line profiler metrics
+    sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active                  %        46.67
+    sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active                  %        11.95
+    sm__inst_executed_pipe_fma_type_fp16.avg.pct_of_peak_sustained_active        %            0
+    smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio  inst         1.48
+    smsp__average_warps_issue_stalled_selected_per_issue_active.ratio         inst            1
+    smsp__average_warps_issue_stalled_wait_per_issue_active.ratio             inst         0.92
+    Section: GPU Speed Of Light Throughput
+    Elapsed Cycles                cycle       25,794
+    DRAM Throughput                   %        17.60
+    Duration                         us        13.76
+    SM Active Cycles              cycle    18,279.08
+    Executed Ipc Active   inst/cycle         1.86
+    Local Memory Spilling Requests                                0
+    Registers Per Thread             register/thread              96
+    Achieved Active Warps Per SM           warp        13.45
+"""
+
+
+def test_ncu_summary_reads_a_kernel_of_a_text_report():
+    """One line a kernel from ncu's text report: time, DRAM, the SMs' busy share, pipes, the largest stalls (not
+    'selected', which is issuing), registers and warps; kernels split at their headers."""
+    report = "==PROF== Disconnected\n" + _NCU_KERNEL + _NCU_KERNEL.replace("_down_kernel", "_gate_up_kernel")
+    found = ncu_summary.kernels(report)
+    assert [header.split()[0] for header, _ in found] == ["_down_kernel", "_gate_up_kernel"]
+    line = ncu_summary.summarise(*found[0])
+    assert line.startswith("_down_kernel grid (32, 16, 1) block (128, 1, 1): 13.8 us")
+    for part in ("DRAM 18%", "SMs busy 71%", "IPC 1.86", "pipes alu 47% fma 12%",
+                 "stalls long_scoreboard 1.48 wait 0.92", "96 registers", "13.4 warps/SM"):
+        assert part in line, part
+    assert "selected" not in line and "spill" not in line and "fma_type" not in line
 
 
 def meta_model(preset: str):
