@@ -13,9 +13,10 @@ arguments assumed multiples of 16 where real shapes make them so, as Triton's sp
 
 * one-token: the one-token experts block's NF4 GEMVs at LFM2-8B-A1B's shapes (kernels/moe/one_token.py), with and
   without LoRA;
+* grouped-decode: the NF4 grouped GEMMs of a decode step of a few tokens (batch 8), 16-row tiles;
 * grouped-train: the 16-bit grouped GEMMs of a training step at their GPU configurations (kernels/moe/grouped_gemm.py).
 
-    python benchmarks/sass_report.py [one-token] [grouped-train] [--sm 90] [--only TEXT] [--sass-dir DIR]
+    python benchmarks/sass_report.py [one-token] [grouped-decode] [grouped-train] [--sm 90] [--only TEXT] [--sass-dir DIR]
 
 Not under TRITON_INTERPRET=1: the interpreter's kernels do not compile.
 
@@ -131,7 +132,30 @@ def grouped_train_cases() -> list[Case]:
     ]
 
 
-CASES = {"one-token": one_token_cases, "grouped-train": grouped_train_cases}
+def grouped_decode_cases() -> list[Case]:
+    """The NF4 grouped GEMMs of a decode step of a few tokens (16-row tiles, grouped_gemm._GPU_NF4_DECODE_ROW_GEMM):
+    the SwiGLU forward and the down projection, fp32 absmax (decoded for the touched experts first), LoRA r=16,
+    rows on 64-weight blocks (every real model)."""
+    block_n, block_k, options = grouped_gemm._GPU_NF4_DECODE_ROW_GEMM
+    nf4 = dict(NF4=True, TRANSPOSED=False, ROWS_ALIGNED=True, REGISTER_DECODE=True, WHOLE_TILES=True,
+               W_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", PRODUCT_GIVEN=False, HAS_LORA=True, HAS_BIAS=False,
+               BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, stride_ak=1, stride_wn=0, stride_wk=0)
+
+    def types(kernel) -> dict[str, str]:
+        return {**_grouped_types(kernel), "w_ptr": "*u8"}
+
+    return [
+        Case("grouped SwiGLU forward, NF4, 16-row tiles", grouped_gemm._grouped_mm_swiglu_kernel,
+             types(grouped_gemm._grouped_mm_swiglu_kernel),
+             dict(nf4, STORE_GATE_UP=False, INTERLEAVED=False, CLAMPED=False), options["num_warps"],
+             options["num_stages"]),
+        Case("grouped row GEMM (down), NF4, 16-row tiles", grouped_gemm._grouped_mm_kernel,
+             types(grouped_gemm._grouped_mm_kernel), dict(nf4, HAS_ROW_SCALE=True), options["num_warps"],
+             options["num_stages"]),
+    ]
+
+
+CASES = {"one-token": one_token_cases, "grouped-decode": grouped_decode_cases, "grouped-train": grouped_train_cases}
 
 
 def _bin(tool: str) -> str:

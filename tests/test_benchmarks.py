@@ -55,7 +55,7 @@ def test_sass_report_compiles_a_decode_kernel_for_hopper_without_a_gpu(tmp_path)
     import os
     import subprocess
 
-    for case in sass_report.one_token_cases() + sass_report.grouped_train_cases():
+    for case in sass_report.one_token_cases() + sass_report.grouped_decode_cases() + sass_report.grouped_train_cases():
         assert set(case.constexprs) <= set(case.kernel.arg_names), case.label
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, str(BENCHMARKS / "sass_report.py"), "one-token", "--only",
