@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -195,12 +196,16 @@ def compile_case(case: Case, sm: int) -> Report:
     missing = set(case.constexprs) - set(names)
     if missing:
         raise ValueError(f"{case.label}: {sorted(missing)} are not arguments of {case.kernel.__name__}")
-    signature = {name: "constexpr" if name in case.constexprs else case.types.get(name, "i32") for name in names}
+    # Constexpr parameters the case leaves out take their defaults, as a launch that does not pass them does.
+    constexprs = {param.name: param.default for param in case.kernel.params
+                  if param.is_constexpr and param.default is not inspect.Parameter.empty}
+    constexprs.update(case.constexprs)
+    signature = {name: "constexpr" if name in constexprs else case.types.get(name, "i32") for name in names}
     # Pointers 16-byte aligned and integer arguments multiples of 16, as Triton specialises them at real shapes.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
              if signature[name].startswith("*") or signature[name] == "i32"}
     source = ASTSource(fn=case.kernel, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in case.constexprs.items()},
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
                        attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32),
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
