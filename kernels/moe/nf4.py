@@ -252,6 +252,15 @@ def _decode_word(word: str, outputs: tuple[str, str, str, str]) -> list[str]:
     return lines
 
 
+def _decode_run(first_word: int, outputs: str) -> list[str]:
+    """PTX decoding the 16 bytes of operands $first_word .. $first_word + 3 (``_decode_word`` each) into the 16 pair
+    registers {outputs}0 .. {outputs}15, in weight order ("$" for the asm's own outputs $0-$15)."""
+    lines = []
+    for word in range(4):
+        lines += _decode_word(f"${first_word + word}", tuple(f"{outputs}{4 * word + j}" for j in range(4)))
+    return lines
+
+
 _DECODE_REGISTERS = ".reg .b32 l<4>, h<4>, s7, sel, s7h, selh, a0, a1, la, ha;"
 
 
@@ -276,8 +285,7 @@ def _register_decode_asm(pair_type: str) -> str:
     for j in range(4):  # l_j / h_j: low / high bytes of entries 4j .. 4j+3
         lines.append(f"prmt.b32 l{j}, t{2 * j}, t{2 * j + 1}, 0x6420;")
         lines.append(f"prmt.b32 h{j}, t{2 * j}, t{2 * j + 1}, 0x7531;")
-    for word in range(4):
-        lines += _decode_word(f"${16 + word}", tuple(f"${4 * word + j}" for j in range(4)))
+    lines += _decode_run(16, "$")
     lines.append("}")
     return "\n".join(lines)
 
@@ -350,16 +358,10 @@ def _register_decode_mma_asm(code_dtype: torch.dtype, mma_type: str) -> str:
     The product sum * absmax rounds each weight's value once less than bitsandbytes' dequantized weight."""
     planes = _code_planes(code_dtype)
 
-    def decode(outputs: str, first_word: int) -> list[str]:
-        lines = []
-        for word in range(4):
-            lines += _decode_word(f"${first_word + word}", tuple(f"{outputs}{4 * word + j}" for j in range(4)))
-        return lines
-
     lines = ["{", ".reg .b32 wl<16>, wh<16>;", ".reg .f32 c<4>;", _DECODE_REGISTERS]
     lines += [f"mov.b32 {name}, 0x{value:08X};" for name, value in zip([f"l{j}" for j in range(4)]
                                                                         + [f"h{j}" for j in range(4)], planes)]
-    lines += decode("wl", 16) + decode("wh", 36)
+    lines += _decode_run(16, "wl") + _decode_run(36, "wh")
     lines += ["mov.b32 c0, 0;", "mov.b32 c1, 0;", "mov.b32 c2, 0;", "mov.b32 c3, 0;"]
     for i in range(8):
         lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{c0, c1, c2, c3}}, "
