@@ -24,7 +24,6 @@ import torch
 import common
 from fastmoe.kernels import lora_linear as lora_module
 from fastmoe.kernels.moe import (
-    ExpertLora,
     Nf4Weight,
     dequantize_absmax,
     experts,
@@ -235,18 +234,11 @@ def few_rows_gemv(device: str) -> None:
 
 def _experts(device: str, hidden: int, inter: int, num_experts: int, nf4: bool) -> tuple:
     """(gate_up, down, their LoRAs, bytes per weight, the experts block taking them): bf16 stacks, or NF4 as
-    load_in_4bit stores them (NF4 codes, double-quantized absmax)."""
-    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
-    down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
-    bytes_per_weight, block = 2, moe_experts
+    load_in_4bit stores them (NF4 codes, double-quantized absmax) (common.random_expert_stacks)."""
+    stacks = common.random_expert_stacks(device, hidden, inter, num_experts, nf4, RANK)
     if nf4:
-        gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
-        bytes_per_weight, block = 0.5 + 1 / 64, moe_experts_nf4
-    gu_lora = ExpertLora(A=torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
-                         B=torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01, scaling=1.0)
-    dn_lora = ExpertLora(A=torch.randn(num_experts, RANK, inter, device=device) * 0.01,
-                         B=torch.randn(num_experts, hidden, RANK, device=device) * 0.01, scaling=1.0)
-    return gate_up, down, gu_lora, dn_lora, bytes_per_weight, block
+        return *stacks, 0.5 + 1 / 64, moe_experts_nf4
+    return *stacks, 2, moe_experts
 
 
 def moe(device: str, nf4: bool = False) -> None:

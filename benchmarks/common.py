@@ -270,6 +270,24 @@ def moe_routing(num_tokens: int, num_experts: int, top_k: int, kind: str, device
     return index, torch.softmax(top_logits, dim=-1)
 
 
+def random_expert_stacks(device: str, hidden: int, inter: int, num_experts: int, nf4: bool = False,
+                         rank: int = 16) -> tuple:
+    """(gate_up (E, 2I, H), down (E, H, I), gate_up's ExpertLora, down's ExpertLora): random bf16 expert stacks scaled
+    to unit-variance outputs, or NF4 as load_in_4bit stores them (double-quantized absmax), and float32 LoRA factors
+    of rank `rank` (scale 0.01, scaling 1), as the decode and kernel benchmarks take them."""
+    from fastmoe.kernels.moe import ExpertLora, quantize_nf4
+
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
+    down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
+    if nf4:
+        gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
+    gu_lora = ExpertLora(A=torch.randn(num_experts, rank, hidden, device=device) * 0.01,
+                         B=torch.randn(num_experts, 2 * inter, rank, device=device) * 0.01, scaling=1.0)
+    dn_lora = ExpertLora(A=torch.randn(num_experts, rank, inter, device=device) * 0.01,
+                         B=torch.randn(num_experts, hidden, rank, device=device) * 0.01, scaling=1.0)
+    return gate_up, down, gu_lora, dn_lora
+
+
 # LFM2-8B-A1B interleaves 18 gated short-convolution layers with 6 attention layers.
 _LFM2_ATTENTION_LAYERS = {2, 6, 10, 14, 18, 21}
 

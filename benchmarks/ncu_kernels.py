@@ -31,28 +31,17 @@ import torch
 
 import common
 from fastmoe.kernels import lora_linear as lora_module
-from fastmoe.kernels.moe import ExpertLora, moe_experts, moe_experts_nf4, quantize_nf4
+from fastmoe.kernels.moe import moe_experts, moe_experts_nf4, quantize_nf4
 from fastmoe.kernels.reused_casts import CastCache, reused_casts
 
 HIDDEN, INTER, EXPERTS, TOP_K, RANK = 2048, 1792, 32, 4, 16
 CONV_OUT = 6144
 
 
-def _expert_stacks(device: str, nf4: bool) -> tuple:
-    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=device, dtype=torch.bfloat16) * HIDDEN ** -0.5
-    down = torch.randn(EXPERTS, HIDDEN, INTER, device=device, dtype=torch.bfloat16) * INTER ** -0.5
-    if nf4:
-        gate_up, down = quantize_nf4(gate_up, double_quant=True), quantize_nf4(down, double_quant=True)
-    gu_lora = ExpertLora(A=torch.randn(EXPERTS, RANK, HIDDEN, device=device) * 0.01,
-                         B=torch.randn(EXPERTS, 2 * INTER, RANK, device=device) * 0.01, scaling=1.0)
-    dn_lora = ExpertLora(A=torch.randn(EXPERTS, RANK, INTER, device=device) * 0.01,
-                         B=torch.randn(EXPERTS, HIDDEN, RANK, device=device) * 0.01, scaling=1.0)
-    return gate_up, down, gu_lora, dn_lora
-
-
 def decode_cases(device: str) -> list[tuple[str, float, callable]]:
     """(name, weights read, the launch) of each decode case."""
-    nf4_stacks, bf16_stacks = _expert_stacks(device, True), _expert_stacks(device, False)
+    nf4_stacks, bf16_stacks = (common.random_expert_stacks(device, HIDDEN, INTER, EXPERTS, nf4, RANK)
+                               for nf4 in (True, False))
     one = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
     eight = torch.randn(8, HIDDEN, device=device, dtype=torch.bfloat16)
     index_one = torch.randperm(EXPERTS, device=device)[:TOP_K][None]
@@ -83,21 +72,16 @@ def decode_cases(device: str) -> list[tuple[str, float, callable]]:
 def train_moe_cases(device: str) -> list[tuple[str, float, callable]]:
     """(name, weights read once, the launch) of the training experts block: forward and backward."""
     hidden, inter, num_experts, top_k, tokens = 2048, 1024, 128, 8, 4096
-    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) * hidden ** -0.5
-    down = torch.randn(num_experts, hidden, inter, device=device, dtype=torch.bfloat16) * inter ** -0.5
-    factors = [torch.randn(num_experts, RANK, hidden, device=device) * 0.01,
-               torch.randn(num_experts, 2 * inter, RANK, device=device) * 0.01,
-               torch.randn(num_experts, RANK, inter, device=device) * 0.01,
-               torch.randn(num_experts, hidden, RANK, device=device) * 0.01]
-    factors = [f.requires_grad_() for f in factors]  # float32, as peft keeps adapters of a bf16 model
+    gate_up, down, gu_lora, dn_lora = common.random_expert_stacks(device, hidden, inter, num_experts, rank=RANK)
+    for factor in (gu_lora.A, gu_lora.B, dn_lora.A, dn_lora.B):
+        factor.requires_grad_()  # float32, as peft keeps adapters of a bf16 model
     x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     index, weights = common.moe_routing(tokens, num_experts, top_k, "balanced", device)
     weights = weights.requires_grad_()
     grad = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
 
     def forward_backward():
-        out = moe_experts(x, index, weights, gate_up, down, ExpertLora(factors[0], factors[1], 1.0),
-                          ExpertLora(factors[2], factors[3], 1.0))
+        out = moe_experts(x, index, weights, gate_up, down, gu_lora, dn_lora)
         out.backward(grad)
 
     return [(f"experts block forward + backward, {tokens} tokens", 3 * num_experts * inter * hidden, forward_backward)]
