@@ -25,6 +25,13 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    is the same. --load auto (the default) writes a checkpoint when the 16-bit weights take at most
    --max-checkpoint-gb and the disk has room, else builds directly (Trinity-Mini's 32 layers: 52 GB). Checkpoints go
    to --checkpoint-dir, are reused by later processes, and one is kept at a time (lent GPU machines have little disk).
+   --load checkpoint-without-experts writes every weight but the routed experts' stacks (fastmoe.quantize's
+   expert_stack_names, what load_in_4bit turns into NF4), which from_pretrained then initialises as transformers
+   initialises missing weights (normal, the config's initializer_range, as --load direct draws them) and, with
+   load_in_4bit, quantizes right after loading: the user's loader and model, with a checkpoint a few GB in size for
+   models whose 16-bit one does not fit the disk (Qwen3-30B-A3B's 48 layers: 61 GB). While it loads, the model's
+   16-bit experts exist at once on the GPU (the quantized load of a full checkpoint holds one stack at a time); the
+   trained model, and the memory and speed measured from the first step on, are those of a full checkpoint's load.
 
 2. The data: pre-tokenized random token ids, every row `seq` long, so every step has the same shape (no padding).
    With --data packed / padded and --documents N (issue #17's packed batches), each row's `seq` tokens are N
@@ -119,7 +126,9 @@ class Case:
     targets: str = "default"  # common.LORA_TARGET_SETS
     logging_steps: int = 1
     quantization: str | None = None  # None or "4bit"
-    load: str = "checkpoint"  # "checkpoint" (save_pretrained, then from_pretrained) or "direct"
+    # "checkpoint" (save_pretrained, then from_pretrained), "checkpoint-without-experts" (the same, its routed experts
+    # initialised by from_pretrained) or "direct"
+    load: str = "checkpoint"
     cuda_graphs: bool = True  # fastmoe's get_peft_model(cuda_graphs=...): graphed checkpointing (its default) or eager
     # fastmoe's get_peft_model(use_gradient_checkpointing="fastmoe"): layer inputs kept in host memory (eager layers)
     offload: bool = False
@@ -177,7 +186,8 @@ def ensure_checkpoint(case: Case, root: Path, device: str, dtype: torch.dtype, k
     """The case's random-weight checkpoint under `root`, written with save_pretrained unless a finished one is there."""
     import fastmoe
 
-    path = root / f"{case.preset}-{case.layers}layers"
+    without_experts = case.load == "checkpoint-without-experts"
+    path = root / f"{case.preset}-{case.layers}layers{'-without-experts' if without_experts else ''}"
     if (path / CHECKPOINT_MARK).exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
@@ -185,20 +195,31 @@ def ensure_checkpoint(case: Case, root: Path, device: str, dtype: torch.dtype, k
         for other in root.iterdir():
             if (other / CHECKPOINT_MARK).exists() or other.name.endswith(".partial"):
                 shutil.rmtree(other)
-    needed = common.weight_bytes(case.config_kwargs, dtype)
+    needed = common.weight_bytes(case.config_kwargs, dtype, experts=not without_experts)
     if shutil.disk_usage(root).free < 1.1 * needed:
         raise RuntimeError(f"{root} has {shutil.disk_usage(root).free / 1e9:.0f} GB free, the checkpoint needs "
-                           f"{needed / 1e9:.0f} GB: pass --load direct or another --checkpoint-dir")
+                           f"{needed / 1e9:.0f} GB: pass --load direct, --load checkpoint-without-experts or another "
+                           "--checkpoint-dir")
     fastmoe.unpatch()
     model = common.build_random_model(common.make_config(case.config_kwargs), device, dtype)
     partial = path.with_name(path.name + ".partial")
-    model.save_pretrained(partial)
+    if without_experts:
+        experts = expert_stack_keys(model)
+        model.save_pretrained(partial, state_dict={name: tensor for name, tensor in model.state_dict().items()
+                                                   if name not in experts})
+    else:
+        model.save_pretrained(partial)
     builtin_tokenizer(case.seq).save_pretrained(partial)
     (partial / CHECKPOINT_MARK).touch()
     partial.rename(path)
     del model
     common.free_memory(device)
     return path
+
+
+def expert_stack_keys(model) -> set[str]:
+    """The state-dict keys of `model`'s routed expert stacks: the 3D parameters load_in_4bit holds in NF4."""
+    return {f"{name}.{stack}" for name, stacks in common.expert_stacks(model).items() for stack in stacks}
 
 
 def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):
@@ -259,7 +280,7 @@ def load(case: Case, args, device: str, dtype: torch.dtype):
     import fastmoe
 
     fastmoe.unpatch()  # a previous fastmoe case's patches act on the classes; transformers' cases need them gone
-    if case.load == "checkpoint":
+    if case.load in ("checkpoint", "checkpoint-without-experts"):
         path = ensure_checkpoint(case, Path(args.checkpoint_dir), device, dtype, args.keep_checkpoints)
         model, tokenizer = load_checkpoint(case, path, device, dtype)
     else:
@@ -680,7 +701,7 @@ def build_cases(args, parser, dtype) -> list[Case]:
             load_how = choose_load(args.load, config_kwargs, quantization, args, dtype)
             if quantization and load_how == "direct":
                 parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
-                             "checkpoint (or auto) with --quantization 4bit")
+                             "checkpoint, checkpoint-without-experts or auto with --quantization 4bit")
             variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
                 variants += ([(False, False, "auto")] * args.fastmoe_without_graphs
@@ -723,7 +744,8 @@ def main() -> None:
                         "as its epilogue); the default run takes fastmoe's rule (grouped_gemm.products_by_torch)")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
-    parser.add_argument("--load", choices=["auto", "checkpoint", "direct"], default="auto")
+    parser.add_argument("--load", choices=["auto", "checkpoint", "checkpoint-without-experts", "direct"],
+                        default="auto", help="how the model is made (see the module's docstring)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler after the timed ones")

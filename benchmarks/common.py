@@ -735,11 +735,26 @@ def step_flops(config_kwargs: dict, batch: int, seq: int) -> float:
     return 4 * active_params(model) * batch * seq + attention_flops(config, batch, seq)
 
 
-def weight_bytes(config_kwargs: dict, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the model's weights in `dtype` (meta device: nothing allocated)."""
+def weight_bytes(config_kwargs: dict, dtype: torch.dtype = torch.bfloat16, experts: bool = True) -> int:
+    """Bytes of the model's weights in `dtype` (meta device: nothing allocated); without the routed experts' stacks
+    (expert_stacks) unless `experts`."""
     import transformers
 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(make_config(config_kwargs))
     unique = {id(p): p for p in model.parameters()}
+    if not experts:
+        for name, stacks in expert_stacks(model).items():
+            for stack in stacks:
+                unique.pop(id(model.get_parameter(f"{name}.{stack}")))
     return sum(p.numel() for p in unique.values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def expert_stacks(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """{module name: its routed expert stacks' parameter names} of a transformers model: the 3D parameters that
+    load_in_4bit holds in NF4 (fastmoe.quantize)."""
+    from fastmoe.quantize import expert_stack_names, family_of
+
+    family = family_of(model)
+    return {name: expert_stack_names(module, family) for name, module in model.named_modules()
+            if expert_stack_names(module, family)}

@@ -5,6 +5,7 @@ sweep_expert_configs.py times (in the interpreter, at toy sizes)."""
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -453,6 +454,52 @@ def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
     assert (tmp_path / "checkpoints" / "afmoe-tiny-3layers" / bench_sft.CHECKPOINT_MARK).exists()
     page = report.render(records, include_cpu=True)
     assert "| afmoe-tiny, 3 layers | 1x32 | default | 1 | bf16 | checkpoint |" in page
+
+
+@pytest.mark.parametrize("preset", ["qwen3-moe-tiny", "jetmoe-tiny"])
+def test_sft_benchmark_checkpoint_without_experts_loads_the_same_4bit_model(tmp_path, preset):
+    """--load checkpoint-without-experts: the checkpoint holds every weight but the routed experts' stacks (routers
+    included), and load_in_4bit of it leaves the model a full checkpoint's load leaves (every parameter and buffer
+    of the same name, shape and dtype; experts in NF4, with random codes), and SFTTrainer trains it."""
+    import safetensors.torch
+
+    from fastmoe import FastModel, models, unpatch
+    from fastmoe.kernels.dispatch import reference_only
+
+    layouts, saved = {}, {}
+    for load in ("checkpoint", "checkpoint-without-experts"):
+        config_kwargs = bench_sft.common.PRESETS[preset]
+        case = bench_sft.Case(preset, config_kwargs["num_hidden_layers"], 1, 32, "fastmoe", quantization="4bit",
+                              load=load)
+        path = bench_sft.ensure_checkpoint(case, tmp_path / "checkpoints", "cpu", torch.float32, keep_others=True)
+        saved[load] = {}
+        for shard in path.glob("*.safetensors"):
+            saved[load].update({key: tuple(t.shape) for key, t in safetensors.torch.load_file(shard).items()})
+        model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, dtype=torch.float32)
+        layouts[load] = {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
+                                                                          *model.named_buffers()]}
+        codes = [b for name, b in model.named_buffers() if name.endswith("_nf4_packed")]
+        assert codes and all(len(c.unique()) > 16 for c in codes)
+        unpatch()
+    assert layouts["checkpoint"] == layouts["checkpoint-without-experts"]
+    full, without = saved["checkpoint"], saved["checkpoint-without-experts"]
+    dropped = set(full) - set(without)
+    # the experts alone (saved as 3D stacks or, as transformers writes some families, one tensor an expert), routers
+    # kept
+    assert set(without) < set(full)
+    assert all(len(full[key]) == 3 or re.search(r"\.experts\.\d+\.", key) for key in dropped)
+    routers = models.family(bench_sft.common.PRESETS[preset]["model_type"]).routers
+    assert any(f"{router}.weight" in key for key in without for router in routers)
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", preset, "--shapes", "1x32", "--steps", "1", "--warmup", "0",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--quantization", "4bit",
+                "--load", "checkpoint-without-experts", "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                "--keep-checkpoints", "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert (record["status"], record["load"], record["quantization"]) == ("ok", "checkpoint-without-experts", "4bit")
 
 
 def test_sft_benchmark_packed_and_padded_documents_train_alike(tmp_path):
