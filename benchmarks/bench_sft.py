@@ -705,7 +705,8 @@ def build_cases(args, parser, dtype) -> list[Case]:
             variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
                 variants += ([(False, False, "auto")] * args.fastmoe_without_graphs
-                             + [(False, True, "auto")] * args.fastmoe_offloaded
+                             + [(True, True, "auto")] * args.fastmoe_offloaded
+                             + [(False, True, "auto")] * args.fastmoe_offloaded_eager
                              + [(True, False, products) for products in args.fastmoe_base_products])
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
                            load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products)
@@ -744,6 +745,8 @@ def main() -> None:
                         "as its epilogue); the default run takes fastmoe's rule (grouped_gemm.products_by_torch)")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
+    parser.add_argument("--fastmoe-offloaded-eager", action="store_true", help="also time fastmoe with "
+                        "get_peft_model(use_gradient_checkpointing=\"fastmoe\", cuda_graphs=False)")
     parser.add_argument("--load", choices=["auto", "checkpoint", "checkpoint-without-experts", "direct"],
                         default="auto", help="how the model is made (see the module's docstring)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")

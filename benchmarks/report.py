@@ -133,7 +133,7 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
 
     def checkpointing(r: dict) -> str:
         # How fastmoe checkpoints: CUDA graphs (get_peft_model's default; records from before the field had them),
-        # eager, or eager with the layer inputs in host memory.
+        # eager, and either with the layer inputs in host memory (use_gradient_checkpointing="fastmoe").
         if r["implementation"] != "fastmoe":
             return ""
         # Records from before the field computed every expert product in fastmoe's Triton kernels; they stay under
@@ -141,9 +141,10 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         products = {"auto": "", "triton": " (fastmoe with the expert GEMMs' base products in its Triton kernels)",
                     "torch": " (fastmoe with the expert GEMMs' base products by torch's grouped GEMM)"}[
                         r.get("base_products", "auto")]
-        if r.get("cuda_graphs", True):
-            return products
-        return " (fastmoe with offloaded checkpointing)" if r.get("offload") else " (fastmoe with cuda_graphs=False)"
+        graphs = r.get("cuda_graphs", True)
+        if r.get("offload"):
+            return " (fastmoe with offloaded checkpointing" + ("" if graphs else ", cuda_graphs=False") + ")" + products
+        return products if graphs else " (fastmoe with cuda_graphs=False)"
 
     def memory(r: dict | None) -> str:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
@@ -200,9 +201,10 @@ def long_context_section(records: list[dict], sources: Sources) -> list[str]:
     def variant(r: dict) -> str:
         if r["implementation"] != "fastmoe":
             return "transformers + peft"
+        eager = "" if r.get("cuda_graphs", True) else ", cuda_graphs=False"
         if r.get("offload"):
-            return 'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory)'
-        return "fastmoe" if r.get("cuda_graphs", True) else "fastmoe, cuda_graphs=False"
+            return f'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory){eager}'
+        return f"fastmoe{eager}"
 
     def key(r: dict) -> tuple:
         return (r["preset"], r["layers"], r.get("quantization") or "bf16", r["memory_limit_gb"],

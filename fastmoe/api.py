@@ -273,8 +273,8 @@ class FastBaseModel:
 
         use_gradient_checkpointing: True (the default) is transformers' checkpointing, each decoder layer recomputed
         in the backward pass, its input kept on the GPU; "fastmoe" keeps those inputs in host memory meanwhile
-        (`fastmoe.offloaded_checkpointing`: less GPU memory at long sequences, slower, see README); False keeps
-        every activation.
+        (`fastmoe.offloaded_checkpointing`, and with CUDA graphs `graphed_checkpointing.HostInputs`: less GPU
+        memory, see README); False keeps every activation.
 
         cuda_graphs: with checkpointing on a CUDA GPU, each decoder layer's forward and its recompute + backward
         replay CUDA graphs captured on the second step of each input shape (`fastmoe.graphed_checkpointing`): the
@@ -310,9 +310,9 @@ class FastBaseModel:
         )
         if model.supports_gradient_checkpointing:
             # Also what a Trainer installs when its arguments turn checkpointing on (fastmoe.checkpointing).
-            set_checkpointing_mode(
-                model,
-                "offload" if use_gradient_checkpointing == "fastmoe" else "graphs" if cuda_graphs else "standard")
+            offload = use_gradient_checkpointing == "fastmoe"
+            set_checkpointing_mode(model, ("graphs-offload" if offload else "graphs") if cuda_graphs
+                                   else "offload" if offload else "standard")
         if use_gradient_checkpointing and not model.supports_gradient_checkpointing:
             warnings.warn(
                 f"{type(model).__name__} does not support gradient checkpointing in transformers; training without it",

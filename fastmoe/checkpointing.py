@@ -9,7 +9,11 @@ swaps torch's plain non-reentrant checkpoint for the model's mode:
 - "graphs": `fastmoe.graphed_checkpointing.GraphedCheckpoint`, each layer's forward and recompute + backward replayed
   as CUDA graphs (CUDA only; LoRA training, where few parameters train);
 - "offload": `fastmoe.offloaded_checkpointing`, the layer inputs wait in host memory;
+- "graphs-offload": both, the graphs' layer inputs in host memory (`GraphedCheckpoint(offload_inputs=True)`), the
+  calls the graphs leave (long sequences, a signature's first step) offloaded eagerly;
 - "standard": torch's checkpoint, as transformers does.
+
+Without CUDA the graph modes become their eager counterparts ("standard", "offload").
 
 Any other checkpoint function (reentrant checkpointing, transformers' `offload=True`, a function of the user's) is
 used as given.
@@ -24,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("graphs", "offload", "standard")
+MODES = ("graphs", "graphs-offload", "offload", "standard")
 
 
 def _is_plain_checkpoint(function: Callable) -> bool:
@@ -38,18 +42,20 @@ def _is_plain_checkpoint(function: Callable) -> bool:
 def _checkpoint_function(model: torch.nn.Module, given: Callable) -> Callable:
     if not _is_plain_checkpoint(given):
         return given
+    from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
+
     mode = model._fastmoe_checkpointing
     if mode == "offload":
-        from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
-
         return checkpoint_with_offloaded_inputs
-    if mode == "graphs":
+    if mode in ("graphs", "graphs-offload"):
         from fastmoe.graphed_checkpointing import GraphedCheckpoint
 
+        offload = mode == "graphs-offload"
         graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
-        if graphed is None:
-            graphed = model._fastmoe_graphed_checkpoint = GraphedCheckpoint(fallback=given)
-        graphed.fallback = given
+        if graphed is None or (graphed.host_inputs is not None) != offload:
+            release_graphs(model)
+            graphed = model._fastmoe_graphed_checkpoint = GraphedCheckpoint(offload_inputs=offload)
+        graphed.fallback = checkpoint_with_offloaded_inputs if offload else given
         return graphed
     return given
 
@@ -58,9 +64,9 @@ def set_checkpointing_mode(model: torch.nn.Module, mode: str) -> None:
     """Make `mode` what every later enabling of gradient checkpointing on `model` installs."""
     if mode not in MODES:
         raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
-    if mode == "graphs" and not torch.cuda.is_available():
-        mode = "standard"
-    if mode != "graphs":
+    if mode.startswith("graphs") and not torch.cuda.is_available():
+        mode = "offload" if mode == "graphs-offload" else "standard"
+    if not mode.startswith("graphs"):
         release_graphs(model)
     model._fastmoe_checkpointing = mode
     if "_set_gradient_checkpointing" not in model.__dict__:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.checkpoint import checkpoint
 
 from fastmoe.kept_attention import KeptAttention, keeping, reusing
+from fastmoe.offloaded_checkpointing import HostCopy, copy_stream_of, offload_to_host, reload_to_device
 from fastmoe.module_structure import Structure, structure_of
 
 # The default torch checkpoint transformers uses when nothing else is asked for.
@@ -304,9 +306,11 @@ class _LayerGraphs:
     computations run eagerly on the same buffers)."""
 
     def __init__(self, function: Callable, call: _Call, layer: torch.nn.Module, buffers: _SharedBuffers,
-                 control_values: list[torch.Tensor], recorded_keys: tuple[str, ...] = ()):
+                 control_values: list[torch.Tensor], recorded_keys: tuple[str, ...] = (), keep_attention: bool = True):
         # With recorded keys the graphs' outputs are (the layer's output, {key: recorded tensors}).
         self.recorded_keys = recorded_keys
+        # Whether the forward keeps its attention outputs for the recompute (see "Attention" above).
+        self.keep_attention = keep_attention
         self.function = _recording(function, recorded_keys) if recorded_keys else function
         self.memory = _LayerParts.of(layer).memory()
         self.call_spec = call.spec
@@ -342,7 +346,7 @@ class _LayerGraphs:
             return self.function(*args, **kwargs)
 
     def _forward_body(self) -> None:
-        with torch.no_grad(), keeping(self.kept):
+        with torch.no_grad(), (keeping(self.kept) if self.keep_attention else contextlib.nullcontext()):
             outputs, spec = pytree.tree_flatten(self._run())
         if self.output_spec is None:
             if not all(isinstance(o, torch.Tensor) for o in outputs):
@@ -355,7 +359,8 @@ class _LayerGraphs:
                 self.buffers.grad_outputs = [store.like("grad_output", n, o, zeros=True) for n, o in enumerate(outputs)]
         _copy_into(self.buffers.outputs, outputs)
 
-    def _backward_body(self, reuse_attention: bool = True) -> None:
+    def _backward_body(self, reuse_attention: bool | None = None) -> None:
+        reuse_attention = self.keep_attention if reuse_attention is None else reuse_attention
         with torch.enable_grad(), (reusing(self.kept) if reuse_attention else contextlib.nullcontext()):
             outputs = pytree.tree_leaves(self._run())
             pairs = [(o, g) for o, g, data in zip(outputs, self.buffers.grad_outputs, self.output_is_data)
@@ -404,8 +409,8 @@ class _LayerGraphs:
         it kept (two forwards before their backwards), an eager recompute that runs attention again."""
         _copy_into(self.buffers.inputs, data)
         _copy_into(self.buffers.grad_outputs, grad_outputs)
-        reuse = generation == self.kept.generation
-        if self.backward_graph is not None and reuse:
+        reuse = self.keep_attention and generation == self.kept.generation
+        if self.backward_graph is not None and (reuse or not self.keep_attention):
             self.backward_graph.replay()
         else:
             self._backward_body(reuse_attention=reuse)
@@ -454,13 +459,19 @@ def _same_values(tensor: torch.Tensor, captured: torch.Tensor) -> bool:
 
 
 class _GraphedLayer(torch.autograd.Function):
-    """A checkpointed layer: forward without autograd keeping the inputs, backward recomputing with autograd."""
+    """A checkpointed layer: forward without autograd keeping the inputs (the hidden states in host memory when
+    `host_inputs` is given), backward recomputing with autograd."""
 
     @staticmethod
-    def forward(ctx, graphs: _LayerGraphs, num_data: int, *tensors: torch.Tensor):
+    def forward(ctx, graphs: _LayerGraphs, host_inputs: HostInputs | None, num_data: int, *tensors: torch.Tensor):
         data = list(tensors[:num_data])
         ctx.graphs = graphs
-        ctx.save_for_backward(*data)
+        ctx.host_inputs = host_inputs
+        if host_inputs is None:
+            ctx.save_for_backward(*data)
+        else:
+            ctx.hidden = host_inputs.offload(data[0])
+            ctx.save_for_backward(*data[1:])
         outputs = graphs.forward(data)
         ctx.generation = graphs.kept.generation
         for output, is_data in zip(outputs, graphs.output_is_data):
@@ -470,19 +481,77 @@ class _GraphedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor | None):
-        grad_data, grad_params = ctx.graphs.backward(list(ctx.saved_tensors), list(grad_outputs), ctx.generation)
-        return (None, None, *grad_data, *grad_params)
+        data = list(ctx.saved_tensors)
+        if ctx.host_inputs is not None:
+            data.insert(0, ctx.host_inputs.reload(ctx.hidden))
+            del ctx.hidden
+        grad_data, grad_params = ctx.graphs.backward(data, list(grad_outputs), ctx.generation)
+        return (None, None, None, *grad_data, *grad_params)
+
+
+class HostInputs:
+    """The hidden states a graphed step's layers wait with in pinned host memory (fastmoe.offloaded_checkpointing's
+    copies): each goes to the host as its layer's forward returns, on the copy stream, and the backward of a layer
+    starts bringing back the next one it will need (the layer below, whose forward came before) on that stream while
+    the layer's own graphs replay, so the copies overlap the GPU's work instead of waiting in front of it."""
+
+    def __init__(self) -> None:
+        # The inputs offloaded and not yet reloaded, in the order their forwards ran (weak: an autograd graph dropped
+        # without a backward takes its copies with it).
+        self.waiting: list[weakref.ref] = []
+
+    def offload(self, hidden: torch.Tensor) -> HostCopy | torch.Tensor:
+        copy = offload_to_host(hidden)
+        if isinstance(copy, HostCopy):
+            self.waiting.append(weakref.ref(copy))
+        return copy
+
+    def reload(self, copy: HostCopy | torch.Tensor) -> torch.Tensor:
+        if not isinstance(copy, HostCopy):
+            return copy
+        self.waiting = [ref for ref in self.waiting if ref() is not None and ref() is not copy]
+        tensor = self._prefetched(copy) if copy.prefetch is not None else reload_to_device(copy)
+        if self.waiting:
+            self._start_prefetch(self.waiting[-1]())
+        return tensor
+
+    @staticmethod
+    def _start_prefetch(copy: HostCopy) -> None:
+        if copy.prefetch is not None:
+            return
+        compute_stream = torch.cuda.current_stream(copy.device)
+        # Allocated on the compute stream, which reads it; the copy stream writes it after the copy to the host.
+        tensor = torch.empty(copy.host.shape, dtype=copy.host.dtype, device=copy.device)
+        copy_stream = copy_stream_of(copy.device)
+        copy_stream.wait_stream(compute_stream)
+        with torch.cuda.stream(copy_stream):
+            tensor.copy_(copy.host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(copy_stream)
+        tensor.record_stream(copy_stream)
+        copy.prefetch = (tensor, ready)
+
+    @staticmethod
+    def _prefetched(copy: HostCopy) -> torch.Tensor:
+        tensor, ready = copy.prefetch
+        copy.prefetch = None
+        torch.cuda.current_stream(copy.device).wait_event(ready)
+        return tensor
 
 
 class GraphedCheckpoint:
     """`gradient_checkpointing_func` for transformers' decoder layers: CUDA-graphed checkpointing where it can,
     `fallback` (torch's checkpoint) call by call where it cannot.
 
-    capture=False runs the same path without CUDA graphs, on any device (what the CPU tests check)."""
+    capture=False runs the same path without CUDA graphs, on any device (what the CPU tests check).
+    offload_inputs=True (use_gradient_checkpointing="fastmoe" with graphs): each layer's hidden states wait in host
+    memory (HostInputs), and the forward keeps no attention outputs for the recompute (they would stay on the GPU
+    from the forward to the backward, twice the inputs' size for Trinity-Mini or Qwen3-30B-A3B)."""
 
     def __init__(self, fallback: Callable = standard_checkpoint, max_shapes: int = 4, capture: bool = True,
-                 max_tokens: int = MAX_GRAPH_TOKENS):
+                 max_tokens: int = MAX_GRAPH_TOKENS, offload_inputs: bool = False):
         self.fallback = fallback
+        self.host_inputs = HostInputs() if offload_inputs else None
         self.max_shapes = max_shapes
         self.max_tokens = max_tokens
         self.capture = capture
@@ -523,7 +592,7 @@ class GraphedCheckpoint:
         if graphs is None:
             return self.fallback(function, *args, **kwargs)
         data = [call.leaves[i] for i in call.data_index]
-        outputs = _GraphedLayer.apply(graphs, len(data), *data, *graphs.params)
+        outputs = _GraphedLayer.apply(graphs, self.host_inputs, len(data), *data, *graphs.params)
         result = pytree.tree_unflatten(list(outputs), graphs.output_spec)
         if not graphs.recorded_keys:
             return result
@@ -588,7 +657,7 @@ class GraphedCheckpoint:
                 copy = copies[leaf] = leaf.clone()
             control_values.append(copy)
         graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature], control_values,
-                              recorded_keys=call.signature[-1])
+                              recorded_keys=call.signature[-1], keep_attention=self.host_inputs is None)
         try:
             if self.capture and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

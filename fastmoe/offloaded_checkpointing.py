@@ -43,9 +43,12 @@ class HostCopy:
     device: torch.device
     # Recorded on the copy stream after the device-to-host copy; the backward pass waits on it before reading `host`.
     copied: torch.cuda.Event
+    # The copy back to the device started ahead of its use (graphed checkpointing's HostInputs), and the event
+    # recorded after it.
+    prefetch: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
 
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+def copy_stream_of(device: torch.device) -> torch.cuda.Stream:
     if device not in _copy_streams:
         _copy_streams[device] = torch.cuda.Stream(device)
     return _copy_streams[device]
@@ -57,7 +60,7 @@ def offload_to_host(tensor: torch.Tensor) -> torch.Tensor | HostCopy:
     if not tensor.is_cuda:
         return tensor
     compute_stream = torch.cuda.current_stream(tensor.device)
-    copy_stream = _copy_stream(tensor.device)
+    copy_stream = copy_stream_of(tensor.device)
     # The tensor was written on the compute stream; the copy must not start before that.
     copy_stream.wait_stream(compute_stream)
     with torch.cuda.stream(copy_stream):

@@ -68,11 +68,11 @@ class CountingFallback:
         return standard_checkpoint(function, *args, **kwargs)
 
 
-def assert_graph_steps_equal(model, batch, reference) -> GraphedCheckpoint:
+def assert_graph_steps_equal(model, batch, reference, offload_inputs: bool = False) -> GraphedCheckpoint:
     """Three steps through GraphedCheckpoint (capture off): the first takes the fallback, the next two the Function;
     each step's loss and every LoRA gradient equal `reference` (torch's checkpoint on the same weights)."""
     fallback = CountingFallback()
-    graphed = GraphedCheckpoint(fallback=fallback, capture=False)
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False, offload_inputs=offload_inputs)
     use_checkpoint_function(model, graphed)
     layers = len(decoder_layers(model))
     for step in range(3):
@@ -389,6 +389,114 @@ def test_the_recompute_reuses_the_forwards_attention_outputs(tmp_path, tiny_toke
     expected = two_forwards(standard_checkpoint)
     for name, grad in two_forwards(graphed).items():
         assert rel_err(grad, expected[name]) < 1e-5, name
+
+
+def test_offloaded_inputs_keep_no_attention_outputs_and_recompute_attention(tmp_path, tiny_tokenizer, monkeypatch):
+    """offload_inputs (use_gradient_checkpointing="fastmoe" with graphs): the same losses and gradients as torch's
+    checkpoint, with the hidden states handed to HostInputs (on the CPU it keeps them where they are) and no
+    attention output kept from the forward: the recompute runs attention's kernel again, as torch's checkpoint
+    does. Two forwards before their backwards too."""
+    from fastmoe import graphed_checkpointing
+    from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.models import afmoe
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model = lora_model(checkpoint)
+    calls = []
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    monkeypatch.setattr(afmoe, "flash_causal_attention", kept_reference_attention(calls))
+    offloaded = []
+    offload = graphed_checkpointing.offload_to_host
+    monkeypatch.setattr(graphed_checkpointing, "offload_to_host", lambda t: offloaded.append(t) or offload(t))
+    batch = batch_with_padding(model.config.vocab_size, seed=3, seq=3 * model.config.sliding_window + 1)
+    use_checkpoint_function(model, standard_checkpoint)
+    reference = loss_and_grads(model, batch)
+    layers = len(decoder_layers(model))
+
+    graphed = assert_graph_steps_equal(model, batch, reference, offload_inputs=True)
+    assert len(offloaded) == 2 * layers and all(t.shape == offloaded[0].shape for t in offloaded)
+    calls.clear()
+    loss_and_grads(model, batch)
+    assert len(calls) == 2 * layers  # the forward and the recompute
+    assert all(not g.keep_attention and not g.kept.entries for g in graphed.graphs.values())
+
+    def two_forwards(function):
+        use_checkpoint_function(model, function)
+        model.zero_grad(set_to_none=True)
+        second = batch_with_padding(model.config.vocab_size, seed=4, seq=batch["input_ids"].shape[1])
+        (model(**batch).loss + 0.5 * model(**second).loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = two_forwards(standard_checkpoint)
+    for name, grad in two_forwards(graphed).items():
+        assert rel_err(grad, expected[name]) < 1e-5, name
+
+
+def test_fastmoe_checkpointing_offloads_eagerly_without_cuda_and_through_graphs_with_it(tiny_checkpoint):
+    """use_gradient_checkpointing="fastmoe": graphed checkpointing with the inputs in host memory where CUDA is
+    (its fallback the eager offload, for long rows and first steps), the eager offload without CUDA or with
+    cuda_graphs=False."""
+    from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
+
+    for cuda_graphs in (True, False):
+        model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64)
+        model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="fastmoe", cuda_graphs=cuda_graphs)
+        functions = {layer._gradient_checkpointing_func for layer in decoder_layers(model)}
+        assert len(functions) == 1
+        (function,) = functions
+        if cuda_graphs and torch.cuda.is_available():
+            assert isinstance(function, GraphedCheckpoint) and function.host_inputs is not None
+            assert function.fallback is checkpoint_with_offloaded_inputs
+        else:
+            assert function is checkpoint_with_offloaded_inputs
+
+
+@pytest.mark.gpu
+def test_offloaded_inputs_through_graphs_on_gpu(tmp_path, tiny_tokenizer, monkeypatch):
+    """The captured graphs with offload_inputs: fp32 losses and LoRA gradients of torch's checkpoint at every step,
+    each layer's hidden states in pinned host memory, all but the last layer's brought back ahead of its backward,
+    and a step's peak below that of the graphs that keep inputs and attention outputs on the GPU."""
+    from fastmoe import graphed_checkpointing
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    layers, hidden, seq = 6, 512, 1024
+    checkpoint = build_tiny_checkpoint(
+        "afmoe", tmp_path, tokenizer=tiny_tokenizer, num_hidden_layers=layers, hidden_size=hidden,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2), max_position_embeddings=seq)
+    batch = {k: v.cuda() for k, v in batch_with_padding(len(tiny_tokenizer), batch=1, seq=seq).items()}
+    copies, prefetched = [], []
+    offload, take = graphed_checkpointing.offload_to_host, graphed_checkpointing.HostInputs._prefetched
+    monkeypatch.setattr(graphed_checkpointing, "offload_to_host", lambda t: copies.append(offload(t)) or copies[-1])
+    monkeypatch.setattr(graphed_checkpointing.HostInputs, "_prefetched",
+                        staticmethod(lambda copy: prefetched.append(copy) or take(copy)))
+
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=seq)
+    model = FastModel.get_peft_model(model.cuda(), r=4, lora_alpha=8)
+    randomize_lora(model)
+    FastModel.for_training(model)
+    use_checkpoint_function(model, standard_checkpoint)
+    reference = loss_and_grads(model, batch)
+    peaks = {}
+    for offload_inputs in (False, True):
+        graphed = GraphedCheckpoint(offload_inputs=offload_inputs)
+        use_checkpoint_function(model, graphed)
+        for step in range(3):
+            copies.clear(), prefetched.clear()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            loss, grads = loss_and_grads(model, batch)
+            torch.cuda.synchronize()
+            peaks[offload_inputs] = torch.cuda.max_memory_allocated() - start
+            assert rel_err(loss, reference[0]) < 1e-4, (offload_inputs, step)
+            for name, grad in grads.items():
+                assert rel_err(grad, reference[1][name]) < 1e-4, (offload_inputs, step, name)
+        assert all(g.forward_graph is not None and g.backward_graph is not None for g in graphed.graphs.values())
+        if offload_inputs:
+            assert len(copies) == layers and all(c.host.is_pinned() for c in copies)
+            assert len(prefetched) == layers - 1
+        graphed.release()
+    assert peaks[True] < peaks[False], peaks
 
 
 @pytest.mark.gpu
