@@ -53,6 +53,11 @@ Attention: the recompute reuses the output and log-sum-exp of each attention cal
 (fastmoe.kept_attention) instead of running attention's forward kernel again, at the cost of keeping them from the
 forward to the backward (the attention output's size per layer: 32 MB at 4,096 tokens of Trinity-Mini).
 
+Recompute: the backward body's forward only rebuilds what the layer's backward reads; the layer's output values are
+never read (its gradient comes from the caller). Decoder layers whose feed-forward output goes straight into that
+output (fastmoe.models.shared.residual_plus_feed_forward) let their routed experts skip the down projection's product
+there (`recomputing_for_backward`, kernels/moe/experts.py `output_unused`).
+
 Long sequences: a call of more than `max_tokens` tokens (16,384) takes torch's checkpoint. There the GPU is busy
 whatever issues the kernels (Trinity-Mini at 16,384 tokens trains at the same speed either way), and a graph would
 cost memory: its private pool holds a second copy of the layer's working memory beside the one its eager warm-up
@@ -62,6 +67,7 @@ left in the caching allocator (a 24 GB budget then fits 32,768 tokens instead of
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import weakref
 from collections.abc import Callable
@@ -82,6 +88,15 @@ standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
 
 # Longer calls (tokens = batch x seq) run torch's checkpoint: see "Long sequences" above.
 MAX_GRAPH_TOKENS = 16384
+
+# True while a layer's forward runs again for its backward (see "Recompute" above).
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_recomputing", default=False)
+
+
+def recomputing_for_backward() -> bool:
+    """Whether the decoder layer running now is graphed checkpointing's recompute, whose output's value nothing reads
+    (the backward differentiates it, with the gradients it is handed)."""
+    return _RECOMPUTING.get()
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -362,7 +377,11 @@ class _LayerGraphs:
     def _backward_body(self, reuse_attention: bool | None = None) -> None:
         reuse_attention = self.keep_attention if reuse_attention is None else reuse_attention
         with torch.enable_grad(), (reusing(self.kept) if reuse_attention else contextlib.nullcontext()):
-            outputs = pytree.tree_leaves(self._run())
+            token = _RECOMPUTING.set(True)
+            try:
+                outputs = pytree.tree_leaves(self._run())
+            finally:
+                _RECOMPUTING.reset(token)
             pairs = [(o, g) for o, g, data in zip(outputs, self.buffers.grad_outputs, self.output_is_data)
                      if data and o.requires_grad]
             wrt = [t for t in self.buffers.inputs if t.requires_grad] + self.params

@@ -459,11 +459,11 @@ def test_offloaded_inputs_through_graphs_on_gpu(tmp_path, tiny_tokenizer, monkey
     from fastmoe import graphed_checkpointing
     from fastmoe.builtin import build_tiny_checkpoint
 
-    layers, hidden, seq = 6, 512, 1024
+    layers, hidden, seq = 6, 512, 512
     checkpoint = build_tiny_checkpoint(
         "afmoe", tmp_path, tokenizer=tiny_tokenizer, num_hidden_layers=layers, hidden_size=hidden,
         layer_types=["sliding_attention", "full_attention"] * (layers // 2), max_position_embeddings=seq)
-    batch = {k: v.cuda() for k, v in batch_with_padding(len(tiny_tokenizer), batch=1, seq=seq).items()}
+    batch = {k: v.cuda() for k, v in batch_with_padding(len(tiny_tokenizer), batch=2, seq=seq).items()}
     copies, prefetched = [], []
     offload, take = graphed_checkpointing.offload_to_host, graphed_checkpointing.HostInputs._prefetched
     monkeypatch.setattr(graphed_checkpointing, "offload_to_host", lambda t: copies.append(offload(t)) or copies[-1])

@@ -29,11 +29,11 @@ from fastmoe.kernels.moe import (
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import is_silu
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, decoder_layer_patch, rms_norm_forward, transformers_attention
+from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, residual_plus_feed_forward, rms_norm_forward,
+                                   transformers_attention)
 from fastmoe.patching import FIXED, Family, ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention, mask_layout_patches
-from fastmoe.token_chunks import feed_forward_in_chunks
 
 
 class Routing(NamedTuple):
@@ -191,7 +191,7 @@ def decoder_layer_forward(self: hf.JetMoeDecoderLayer, hidden_states, attention_
         **kwargs,
     )
     hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
+    return residual_plus_feed_forward(residual, self.mlp, hidden_states)
 
 
 _causal_lm_forward = fused_loss_forward(hf.JetMoeForCausalLM.forward)

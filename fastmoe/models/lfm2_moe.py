@@ -16,10 +16,10 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import add_rms_norm, attend, decoder_layer_patch, rms_norm_forward, swiglu_experts
+from fastmoe.models.shared import (add_rms_norm, attend, decoder_layer_patch, residual_plus_feed_forward,
+                                   rms_norm_forward, swiglu_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import mask_layout_patches
-from fastmoe.token_chunks import feed_forward_in_chunks
 
 # transformers' own short-conv forward, kept for what our op does not cover: continuing from a conv state
 # (decoding) and packed sequences.
@@ -149,7 +149,7 @@ def decoder_layer_forward(self: hf.Lfm2MoeDecoderLayer, hidden_states, position_
         hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states), past_key_values=past_key_values,
                                   attention_mask=attention_mask, **conv_kwargs)
     normed, hidden_states = add_rms_norm(hidden_states, residual, self.ffn_norm)
-    return hidden_states + feed_forward_in_chunks(self.feed_forward, normed)
+    return residual_plus_feed_forward(hidden_states, self.feed_forward, normed)
 
 
 _causal_lm_forward = fused_loss_forward(hf.Lfm2MoeForCausalLM.forward)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.kernels.moe import moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, router_topk
+from fastmoe.graphed_checkpointing import recomputing_for_backward
+from fastmoe.kernels.moe import (moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, output_unused,
+                                 router_topk)
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
@@ -84,7 +88,16 @@ def norm_attention_norm_mlp_forward(self: torch.nn.Module, hidden_states: torch.
     residual = hidden_states
     hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     hidden_states, residual = add_rms_norm(hidden_states, residual, self.post_attention_layernorm)
-    return residual + feed_forward_in_chunks(self.mlp, hidden_states)
+    return residual_plus_feed_forward(residual, self.mlp, hidden_states)
+
+
+def residual_plus_feed_forward(residual: torch.Tensor, module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """residual + module(hidden) (the MLP or MoE block, in token chunks on long sequences) as a decoder layer's
+    output. In graphed checkpointing's recompute nothing reads that output's value, only its autograd graph: the
+    routed experts then skip their output product (kernels/moe/experts.py output_unused): the down projection, a
+    ninth of the expert GEMMs' work in a layer's forward, recompute and backward."""
+    with output_unused() if recomputing_for_backward() else contextlib.nullcontext():
+        return residual + feed_forward_in_chunks(module, hidden)
 
 
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

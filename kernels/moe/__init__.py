@@ -28,6 +28,7 @@ from .experts import (
     moe_experts_clamped_swiglu,
     moe_experts_clamped_swiglu_nf4,
     moe_experts_nf4,
+    output_unused,
     reference_moe_experts,
     reference_moe_experts_clamped_swiglu,
     reference_moe_experts_clamped_swiglu_nf4,

@@ -36,6 +36,8 @@ The autograd plumbing below (schedule, saving, LoRA gradients) also serves ``exp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -517,6 +519,39 @@ BackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
                         torch.Tensor, torch.Tensor]
 
 
+# Whether the experts' output is read (see output_unused): a context variable, so that autograd's backward thread,
+# which runs graphed checkpointing's recompute, sees what that recompute sets.
+_OUTPUT_READ: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_experts_output_read", default=True)
+
+
+@contextlib.contextmanager
+def output_unused():
+    """Within this block, the experts blocks' forwards skip their output: the down projection's product, its LoRA up
+    -projection, the routing weights and the sum over slots, the largest GEMM of a block after gate_up. What the
+    backward reads is still computed and kept (the pre-activation, h's LoRA thin product, the schedule), and the
+    output is a tensor of the right shape whose values nobody may read: uninitialised on a GPU, NaN elsewhere (the
+    CPU tests then see any use of it). For a checkpointed decoder layer's recompute, whose output value the
+    backward never reads (fastmoe.models.shared.residual_plus_feed_forward)."""
+    token = _OUTPUT_READ.set(False)
+    try:
+        yield
+    finally:
+        _OUTPUT_READ.reset(token)
+
+
+def _unread_output(num_tokens: int, like: torch.Tensor, width: int) -> torch.Tensor:
+    if like.is_cuda:
+        return like.new_empty(num_tokens, width)
+    return like.new_full((num_tokens, width), float("nan"))
+
+
+def _unread(out: torch.Tensor) -> torch.Tensor:
+    """The reference ops' output under output_unused: NaN values (any reader would show them) with out's gradient."""
+    if _OUTPUT_READ.get() or not out.requires_grad:
+        return out
+    return out + (torch.full_like(out, float("nan")) - out).detach()
+
+
 def _one_token_form(experts: ExpertWeights) -> bool:
     """Whether one_token_experts computes these experts: the plain SwiGLU form, 16-bit or NF4 stored (E, N, K)."""
     return (experts.activation is None and experts.gate_up_bias is None and not experts.interleaved
@@ -566,11 +601,14 @@ def _experts_forward(
     if down_a_ is not None:
         l_down = grouped_mm(h, identity, down_a_, schedule, _thin(num_rows, down_a.shape[1], h),
                             identity, out_scale=down_scaling)
+    kept = tuple(t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
+    if store_for_backward and not _OUTPUT_READ.get():
+        return (_unread_output(num_tokens, hidden, experts.down.shape[1]), *_schedule_tensors(schedule), row_weight,
+                *kept)
     y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
     grouped_mm(h, identity, down_w, schedule, y, schedule.sorted_pair, l_down, down_b_,
                row_scale=row_weight, bias=_cast(experts.down_bias, dtype),
                product=base_product(h, down_w, schedule))
-    kept = (t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
     return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight, *kept)
 
 
@@ -1086,7 +1124,8 @@ def moe_experts(
     if hidden.shape[0] > 0 and use_triton(*trained):
         return _moe_experts(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
                             gate_up_proj, down_proj)[0]
-    return _moe_experts_reference_op(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, *gu, *dn)
+    return _unread(_moe_experts_reference_op(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, *gu,
+                                             *dn))
 
 
 def moe_experts_nf4(
@@ -1113,7 +1152,8 @@ def moe_experts_nf4(
     if hidden.shape[0] > 0 and not interpreted_bf16 and use_triton(*trained, *experts.tensors()):
         return _moe_experts_nf4(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
                                 *experts.op_args())[0]
-    return _moe_experts_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)
+    return _unread(_moe_experts_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu,
+                                                 *dn))
 
 
 def moe_experts_clamped_swiglu(
@@ -1143,7 +1183,8 @@ def moe_experts_clamped_swiglu(
     if hidden.shape[0] > 0 and use_triton(*trained):
         return _moe_experts_clamped_swiglu(hidden, top_k_index, top_k_weights, *gu, *dn, _needs_backward(*trained),
                                            *experts.op_args())[0]
-    return _moe_experts_clamped_swiglu_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu, *dn)
+    return _unread(_moe_experts_clamped_swiglu_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(),
+                                                           *gu, *dn))
 
 
 def moe_experts_clamped_swiglu_nf4(
@@ -1176,5 +1217,5 @@ def moe_experts_clamped_swiglu_nf4(
     if hidden.shape[0] > 0 and not interpreted_bf16 and use_triton(*trained, *experts.tensors()):
         return _moe_experts_clamped_swiglu_nf4(hidden, top_k_index, top_k_weights, *gu, *dn,
                                                _needs_backward(*trained), *experts.op_args())[0]
-    return _moe_experts_clamped_swiglu_nf4_reference_op(hidden, top_k_index, top_k_weights, *experts.op_args(), *gu,
-                                                        *dn)
+    return _unread(_moe_experts_clamped_swiglu_nf4_reference_op(hidden, top_k_index, top_k_weights,
+                                                                *experts.op_args(), *gu, *dn))

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,23 @@ def test_moe_experts_under_activation_checkpointing():
     _, ckpt_grads = output_and_grads(lambda *a: checkpoint(moe_experts, *a, use_reentrant=False), args, params)
     for grad, ckpt_grad in zip(grads, ckpt_grads):
         assert rel_err(ckpt_grad, grad) < 1e-6
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+def test_output_unused_skips_the_output_and_keeps_every_gradient(kernels):
+    """Under output_unused (a checkpointed layer's recompute) the output holds NaN on the CPU, not its values, and
+    every gradient (input, routing weights, base weights, LoRA) equals the block's own, on the kernels' path and the
+    reference's; an odd shape with an expert left without tokens."""
+    from fastmoe.kernels.moe import output_unused
+
+    args, params = _experts_inputs(13, 24, 20, 5, 2, 3, used_experts=4)
+    with contextlib.nullcontext() if kernels else reference_only():
+        out, grads = output_and_grads(moe_experts, args, params)
+        with output_unused():
+            unused, unused_grads = output_and_grads(moe_experts, args, params)
+    assert torch.isnan(unused).all() and not torch.isnan(out).any()
+    for grad, unused_grad in zip(grads, unused_grads):
+        assert rel_err(unused_grad, grad) < 1e-6
 
 
 def test_moe_experts_only_gate_up_lora():
