@@ -96,7 +96,9 @@ def residual_plus_feed_forward(residual: torch.Tensor, module: torch.nn.Module, 
     output. In graphed checkpointing's recompute nothing reads that output's value, only its autograd graph: the
     routed experts then skip their output product (kernels/moe/experts.py output_unused): the down projection, a
     ninth of the expert GEMMs' work in a layer's forward, recompute and backward."""
-    with output_unused() if recomputing_for_backward() else contextlib.nullcontext():
+    # Graphed checkpointing leaves compiled layers to torch's checkpoint; dynamo cannot trace the context variable.
+    recomputing = not torch.compiler.is_compiling() and recomputing_for_backward()
+    with output_unused() if recomputing else contextlib.nullcontext():
         return residual + feed_forward_in_chunks(module, hidden)
 
 

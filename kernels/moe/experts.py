@@ -547,7 +547,9 @@ def _unread_output(num_tokens: int, like: torch.Tensor, width: int) -> torch.Ten
 
 def _unread(out: torch.Tensor) -> torch.Tensor:
     """The reference ops' output under output_unused: NaN values (any reader would show them) with out's gradient."""
-    if _OUTPUT_READ.get() or not out.requires_grad:
+    # Under torch.compile nothing sets it (graphed checkpointing leaves compiled layers to torch's checkpoint), and
+    # dynamo cannot trace a context variable.
+    if torch.compiler.is_compiling() or _OUTPUT_READ.get() or not out.requires_grad:
         return out
     return out + (torch.full_like(out, float("nan")) - out).detach()
 
