@@ -84,6 +84,22 @@ def assert_graph_steps_equal(model, batch, reference, offload_inputs: bool = Fal
     return graphed
 
 
+def assert_two_forwards_before_backwards_equal(model, batch, graphed) -> None:
+    """Two forwards before their backwards (the second replaces what the first kept or offloaded): every LoRA gradient
+    equals torch's checkpoint's."""
+
+    def two_forwards(function):
+        use_checkpoint_function(model, function)
+        model.zero_grad(set_to_none=True)
+        second = batch_with_padding(model.config.vocab_size, seed=4, seq=batch["input_ids"].shape[1])
+        (model(**batch).loss + 0.5 * model(**second).loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = two_forwards(standard_checkpoint)
+    for name, grad in two_forwards(graphed).items():
+        assert rel_err(grad, expected[name]) < 1e-5, name
+
+
 FAMILIES = ["afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"]
 
 
@@ -378,17 +394,7 @@ def test_the_recompute_reuses_the_forwards_attention_outputs(tmp_path, tiny_toke
     loss_and_grads(model, batch)
     assert len(calls) == layers
     assert all(len(g.kept.entries) == 1 for g in graphed.graphs.values())
-
-    def two_forwards(function):
-        use_checkpoint_function(model, function)
-        model.zero_grad(set_to_none=True)
-        second = batch_with_padding(model.config.vocab_size, seed=4, seq=batch["input_ids"].shape[1])
-        (model(**batch).loss + 0.5 * model(**second).loss).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    expected = two_forwards(standard_checkpoint)
-    for name, grad in two_forwards(graphed).items():
-        assert rel_err(grad, expected[name]) < 1e-5, name
+    assert_two_forwards_before_backwards_equal(model, batch, graphed)
 
 
 def test_offloaded_inputs_keep_no_attention_outputs_and_recompute_attention(tmp_path, tiny_tokenizer, monkeypatch):
@@ -419,17 +425,7 @@ def test_offloaded_inputs_keep_no_attention_outputs_and_recompute_attention(tmp_
     loss_and_grads(model, batch)
     assert len(calls) == 2 * layers  # the forward and the recompute
     assert all(not g.keep_attention and not g.kept.entries for g in graphed.graphs.values())
-
-    def two_forwards(function):
-        use_checkpoint_function(model, function)
-        model.zero_grad(set_to_none=True)
-        second = batch_with_padding(model.config.vocab_size, seed=4, seq=batch["input_ids"].shape[1])
-        (model(**batch).loss + 0.5 * model(**second).loss).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    expected = two_forwards(standard_checkpoint)
-    for name, grad in two_forwards(graphed).items():
-        assert rel_err(grad, expected[name]) < 1e-5, name
+    assert_two_forwards_before_backwards_equal(model, batch, graphed)
 
 
 def test_fastmoe_checkpointing_offloads_eagerly_without_cuda_and_through_graphs_with_it(tiny_checkpoint):
