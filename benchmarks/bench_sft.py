@@ -204,7 +204,7 @@ def ensure_checkpoint(case: Case, root: Path, device: str, dtype: torch.dtype, k
     model = common.build_random_model(common.make_config(case.config_kwargs), device, dtype)
     partial = path.with_name(path.name + ".partial")
     if without_experts:
-        experts = expert_stack_keys(model)
+        experts = common.expert_stack_keys(model)
         model.save_pretrained(partial, state_dict={name: tensor for name, tensor in model.state_dict().items()
                                                    if name not in experts})
     else:
@@ -215,11 +215,6 @@ def ensure_checkpoint(case: Case, root: Path, device: str, dtype: torch.dtype, k
     del model
     common.free_memory(device)
     return path
-
-
-def expert_stack_keys(model) -> set[str]:
-    """The state-dict keys of `model`'s routed expert stacks: the 3D parameters load_in_4bit holds in NF4."""
-    return {f"{name}.{stack}" for name, stacks in common.expert_stacks(model).items() for stack in stacks}
 
 
 def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):

@@ -744,17 +744,16 @@ def weight_bytes(config_kwargs: dict, dtype: torch.dtype = torch.bfloat16, exper
         model = transformers.AutoModelForCausalLM.from_config(make_config(config_kwargs))
     unique = {id(p): p for p in model.parameters()}
     if not experts:
-        for name, stacks in expert_stacks(model).items():
-            for stack in stacks:
-                unique.pop(id(model.get_parameter(f"{name}.{stack}")))
+        for key in expert_stack_keys(model):
+            unique.pop(id(model.get_parameter(key)))
     return sum(p.numel() for p in unique.values()) * torch.empty((), dtype=dtype).element_size()
 
 
-def expert_stacks(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """{module name: its routed expert stacks' parameter names} of a transformers model: the 3D parameters that
+def expert_stack_keys(model: torch.nn.Module) -> set[str]:
+    """The parameter (state-dict) names of a transformers model's routed expert stacks: the 3D parameters that
     load_in_4bit holds in NF4 (fastmoe.quantize)."""
     from fastmoe.quantize import expert_stack_names, family_of
 
     family = family_of(model)
-    return {name: expert_stack_names(module, family) for name, module in model.named_modules()
-            if expert_stack_names(module, family)}
+    return {f"{name}.{stack}" for name, module in model.named_modules()
+            for stack in expert_stack_names(module, family)}

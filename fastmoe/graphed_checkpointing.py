@@ -424,15 +424,16 @@ class _LayerGraphs:
         return [o.clone() for o in self.buffers.outputs]
 
     def backward(self, data: list[torch.Tensor], grad_outputs: list[torch.Tensor | None], generation: int):
-        """The backward of the forward that kept `generation`: when a later forward of this layer has replaced what
-        it kept (two forwards before their backwards), an eager recompute that runs attention again."""
+        """The backward of the forward that kept `generation`: when the layer keeps attention outputs and a later
+        forward of it has replaced them (two forwards before their backwards), an eager recompute that runs attention
+        again."""
         _copy_into(self.buffers.inputs, data)
         _copy_into(self.buffers.grad_outputs, grad_outputs)
-        reuse = self.keep_attention and generation == self.kept.generation
-        if self.backward_graph is not None and (reuse or not self.keep_attention):
+        own_kept = generation == self.kept.generation
+        if self.backward_graph is not None and (own_kept or not self.keep_attention):
             self.backward_graph.replay()
         else:
-            self._backward_body(reuse_attention=reuse)
+            self._backward_body(reuse_attention=self.keep_attention and own_kept)
         grad_data = [None if g is None else g.clone() for g in self.buffers.grad_inputs]
         grad_params = [None if g is None else g.clone() for g in self.buffers.param_grads]
         return grad_data, grad_params
