@@ -19,7 +19,7 @@ was allocated before the measured call. One JSON line per (case, implementation)
 (question "moe-block").
 
     python benchmarks/bench_moe_block.py [--tokens 4096,16384] [--shapes Mixtral-8x7B,JetMoe-8B]
-        [--jsonl benchmarks/results.jsonl] [--no-record]
+        [--jsonl benchmarks/results.jsonl] [--no-record] [--profile]
 """
 
 from __future__ import annotations
@@ -111,9 +111,10 @@ def gemm_records(name, hidden, inter, num_experts, top_k, num_tokens, index, dev
     return out
 
 
-def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind,
-                  device) -> tuple[list[dict], torch.Tensor]:
-    """Forward and forward+backward of the experts block, transformers + peft against fastmoe; (records, index)."""
+def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind, device,
+                  profile: bool = False) -> tuple[list[dict], torch.Tensor]:
+    """Forward and forward+backward of the experts block, transformers + peft against fastmoe; (records, index).
+    profile: also print each implementation's kernels (print_kernels)."""
     ours = fastmoe_fn(model, num_experts)
     # (implementation, forward, where the expert GEMMs' base products come from, forward and backward)
     implementations = ((BASELINE, model, "auto"), ("fastmoe", ours, "triton"), (TORCH_PRODUCTS, ours, "torch"))
@@ -145,7 +146,30 @@ def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, ki
         if impl in errors:
             record["rel_err"] = float(f"{errors[impl]:.2e}")
         records.append(record)
+        if profile:
+            with base_products(products):
+                print_kernels(f"{name} {kind}, {num_tokens} tokens, {impl}", call, inputs, grad_out)
     return records, index
+
+
+def print_kernels(title: str, call, inputs: tuple, grad_out: torch.Tensor, repeats: int = 5) -> None:
+    """The GPU kernels of one forward + backward (torch.profiler over `repeats` of them): where the block's time goes,
+    kernel by kernel. Printed, not recorded."""
+    def step():
+        out = call(*inputs)
+        torch.autograd.backward(out, grad_out)
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    kernels = common.profiler_kernels(profiler)
+    print(f"kernels of {title} (forward + backward; ms and launches per call; "
+          f"{sum(ns for _, ns in kernels) / 1e6 / repeats:.3f} ms in all):")
+    for kernel, ms, launches in common.top_kernels(kernels, repeats, rows=16):
+        print(f"  {ms:8.3f} ms  {launches:5.1f}x  {kernel}")
 
 
 def main() -> None:
@@ -155,6 +179,8 @@ def main() -> None:
                         help="comma-separated model shapes, of " + ", ".join(name for name, *_ in common.MOE_SHAPES))
     parser.add_argument("--jsonl", default=str(common.RESULTS_JSONL), help="JSON-lines file the records go to")
     parser.add_argument("--no-record", action="store_true", help=common.NO_RECORD_HELP)
+    parser.add_argument("--profile", action="store_true", help="also print each implementation's kernels in one "
+                        "forward + backward of the balanced block (torch.profiler; not recorded)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_moe_block.py needs a CUDA GPU")
@@ -172,7 +198,8 @@ def main() -> None:
         shape = dict(hidden=hidden, intermediate=inter, experts=num_experts, top_k=top_k)
         for num_tokens in token_counts:
             for kind in ("balanced", "skewed"):
-                block, index = block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind, device)
+                block, index = block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind, device,
+                                             profile=args.profile and kind == "balanced")
                 records += [dict(shared, **shape, **r) for r in block]
                 if kind == "balanced":
                     gemms = gemm_records(name, hidden, inter, num_experts, top_k, num_tokens, index, device)

@@ -32,6 +32,10 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    models whose 16-bit one does not fit the disk (Qwen3-30B-A3B's 48 layers: 61 GB). While it loads, the model's
    16-bit experts exist at once on the GPU (the quantized load of a full checkpoint holds one stack at a time); the
    trained model, and the memory and speed measured from the first step on, are those of a full checkpoint's load.
+   Where even that does not fit (Mixtral-8x7B's 32 layers: 90 GB of 16-bit experts), --load direct with
+   --quantization 4bit builds fastmoe's model as load_in_4bit leaves it one decoder layer at a time
+   (common.build_fastmoe_4bit: the same modules, parameters and NF4 buffers; tests/test_benchmarks.py checks it);
+   transformers' 4-bit has no such build (its bitsandbytes load keeps 3D experts 16-bit anyway).
 
 2. The data: pre-tokenized random token ids, every row `seq` long, so every step has the same shape (no padding).
    With --data packed / padded and --documents N (issue #17's packed batches), each row's `seq` tokens are N
@@ -239,6 +243,10 @@ def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):
 
 def build_direct(case: Case, device: str, dtype: torch.dtype):
     """(model, tokenizer) built on the device as from_pretrained would leave them (see the module docstring)."""
+    if case.quantization == "4bit":  # fastmoe's only (main refuses transformers')
+        model = common.build_fastmoe_4bit(case.config_kwargs, device, dtype)
+        model.max_seq_length = case.seq
+        return model, builtin_tokenizer(case.seq)
     config = common.make_config(case.config_kwargs)
     if case.implementation == "fastmoe":
         common.family(config.model_type).pre_patch()
@@ -694,9 +702,9 @@ def build_cases(args, parser, dtype) -> list[Case]:
                 parser.error(f"--logging-steps takes positive integers, got {logging_steps!r}")
             quantization = None if quantization == "none" else quantization
             load_how = choose_load(args.load, config_kwargs, quantization, args, dtype)
-            if quantization and load_how == "direct":
-                parser.error("4-bit loading quantizes while from_pretrained reads the checkpoint: use --load "
-                             "checkpoint, checkpoint-without-experts or auto with --quantization 4bit")
+            if quantization and load_how == "direct" and implementation != "fastmoe":
+                parser.error("transformers' 4-bit loading quantizes while from_pretrained reads the checkpoint: use "
+                             "--load checkpoint or auto with --quantization 4bit")
             variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
                 variants += ([(False, False, "auto")] * args.fastmoe_without_graphs

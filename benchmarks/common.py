@@ -532,13 +532,14 @@ def build_random_model(config, device: str, dtype: torch.dtype, skewed: bool = F
     return model
 
 
-def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace the layer's nn.Linear modules, routers aside, by bitsandbytes NF4 Linear4bit quantized where they are
-    (on the GPU), with load_in_4bit's settings (double quantization, compute in the model's dtype)."""
+def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype, keep: tuple[str, ...]) -> None:
+    """Replace the layer's nn.Linear modules by bitsandbytes NF4 Linear4bit quantized where they are, with
+    load_in_4bit's settings (double quantization, compute in the model's dtype); those whose names end with one of
+    `keep` (the family's routers, which load_in_4bit leaves 16-bit) stay."""
     import bitsandbytes as bnb
 
     for name, linear in list(layer.named_modules()):
-        if type(linear) is not torch.nn.Linear or "router" in name:
+        if type(linear) is not torch.nn.Linear or name.endswith(keep):
             continue
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
@@ -550,34 +551,49 @@ def linear_layers_to_4bit_(layer: torch.nn.Module, compute_dtype: torch.dtype) -
         layer.set_submodule(name, quantized)
 
 
-def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool):
-    """The model as load_in_4bit leaves it, without its 16-bit self ever existing: built on the meta device, then
-    materialised one decoder layer at a time (random weights, Linear layers to bitsandbytes NF4, experts to fastmoe's
-    NF4, both with double-quantized absmax), so memory holds the 4-bit layers so far plus one 16-bit layer.
-    Embeddings, lm_head, norms and routers stay 16-bit. AFMoE only (the modules outside the decoder layers are named
-    as AFMoE names them). On the CPU bitsandbytes uses its CPU backend (bitsandbytes >= 0.46)."""
+def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, skewed: bool = False):
+    """The model as fastmoe's load_in_4bit leaves it, without its 16-bit self ever existing: built on the meta device,
+    then materialised one decoder layer at a time (random weights, Linear layers but the routers to bitsandbytes NF4,
+    expert stacks to fastmoe's NF4, both with double-quantized absmax), so memory holds the 4-bit layers so far plus
+    one 16-bit layer (Mixtral-8x7B's 32 layers: 90 GB of 16-bit experts, never at once). Embeddings, lm_head, norms
+    and routers stay 16-bit. Every family whose decoder layers are `model.model.layers`. On the CPU bitsandbytes uses
+    its CPU backend (bitsandbytes >= 0.46)."""
     import transformers
 
+    from fastmoe import models
     from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
-    from fastmoe.quantize import quantize_experts_
+    from fastmoe.quantize import expert_stack_names, quantize_module_
 
-    model_type = config_kwargs["model_type"]
-    if model_type != "afmoe":
-        raise ValueError(f"the 4-bit training-step variant is built for AFMoE presets, not {model_type}")
-    family(model_type).pre_patch()
     config = make_config(config_kwargs)
+    described = models.family(config.model_type)
+    if described is None or not described.routed_experts:
+        raise ValueError(f"fastmoe has no NF4 experts for {config.model_type}: build it 16-bit")
+    family(config.model_type).pre_patch()
     config._experts_implementation = EXPERTS_IMPLEMENTATION  # NF4 experts run in fastmoe's kernel only
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for index, layer in enumerate(model.model.layers):
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
         layer.to_empty(device=device)
         initialise(layer, skewed, seed=index + 1, config=config)
-        linear_layers_to_4bit_(layer, dtype)
-        quantize_experts_(layer, double_quant=True)  # as load_in_4bit (bnb_4bit_use_double_quant=True) does
-    outside_layers = torch.nn.ModuleList([model.model.embed_tokens, model.model.norm, model.model.rotary_emb,
-                                          model.lm_head])
-    outside_layers.to_empty(device=device)
-    initialise(outside_layers, skewed, seed=0, config=config)
+        linear_layers_to_4bit_(layer, dtype, keep=described.routers)
+        for module in layer.modules():
+            names = expert_stack_names(module, described)
+            if names:  # as load_in_4bit (bnb_4bit_use_double_quant=True) quantizes them
+                quantize_module_(module, names, double_quant=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    # Everything outside the decoder layers (embeddings, final norm, rotary tables, lm_head), named by its path so
+    # that initialise recognises norms, then tied as from_pretrained ties it.
+    in_layers = {id(module) for module in layers.modules()}
+    outside = torch.nn.ModuleDict({
+        name.replace(".", "_"): module for name, module in model.named_modules()
+        if id(module) not in in_layers and any(t.is_meta for t in [*module.parameters(recurse=False),
+                                                                   *module.buffers(recurse=False)])})
+    for module in outside.values():
+        module.to_empty(device=device, recurse=False)
+    model.tie_weights()
+    initialise(outside, skewed, seed=0, config=config)
     model.requires_grad_(False)
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit layers with its 4-bit LoRA
     return model

@@ -502,6 +502,45 @@ def test_sft_benchmark_checkpoint_without_experts_loads_the_same_4bit_model(tmp_
     assert (record["status"], record["load"], record["quantization"]) == ("ok", "checkpoint-without-experts", "4bit")
 
 
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "jetmoe-tiny", "gpt-oss-tiny", "afmoe-tiny"])
+def test_sft_benchmark_direct_4bit_build_is_the_model_load_in_4bit_gives(tmp_path, preset):
+    """--load direct --quantization 4bit (common.build_fastmoe_4bit, one decoder layer at a time): the model a full
+    checkpoint's load_in_4bit gives, module by module (Linear4bit where it has them, routers 16-bit) and tensor by
+    tensor (name, shape, dtype; NF4 codes random, the final norm ones), and SFTTrainer trains it."""
+    from fastmoe import FastModel, unpatch
+    from fastmoe.kernels.dispatch import reference_only
+
+    config_kwargs = bench_sft.common.PRESETS[preset]
+    built, loaded = {}, {}
+    for load in ("checkpoint", "direct"):
+        case = bench_sft.Case(preset, config_kwargs["num_hidden_layers"], 1, 32, "fastmoe", quantization="4bit",
+                              load=load)
+        if load == "checkpoint":
+            path = bench_sft.ensure_checkpoint(case, tmp_path / "checkpoints", "cpu", torch.float32, True)
+            model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, dtype=torch.float32)
+        else:
+            model, _ = bench_sft.build_direct(case, "cpu", torch.float32)
+        layout = built if load == "direct" else loaded
+        layout["modules"] = {name: type(module).__name__ for name, module in model.named_modules()}
+        layout["tensors"] = {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
+                                                                             *model.named_buffers()]}
+        codes = [b for name, b in model.named_buffers() if name.endswith("_nf4_packed")]
+        assert codes and all(len(c.unique()) > 16 for c in codes)
+        assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+        unpatch()
+    assert built == loaded
+    assert "Linear4bit" in built["modules"].values()
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", preset, "--shapes", "1x32", "--steps", "1", "--warmup", "0",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--quantization", "4bit", "--load", "direct",
+                "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert (record["status"], record["load"], record["quantization"]) == ("ok", "direct", "4bit")
+
+
 def test_sft_benchmark_packed_and_padded_documents_train_alike(tmp_path):
     """--data packed,padded: the same documents fed as one padding-free row and as a padded batch give the same
     losses (the patched model keeps packed documents apart), and each has its row on the page."""
