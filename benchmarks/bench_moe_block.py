@@ -13,7 +13,9 @@ GPU only. For each model shape and router (balanced: random logits; skewed: a fe
 * the bare grouped GEMMs (no LoRA, rows already sorted by expert): ``torch.nn.functional.grouped_mm`` vs
   fastmoe's ``grouped_mm`` at equal work, for the gate_up (N=2I, K=H) and down (N=H, K=I) shapes.
 
-Times are medians of ``triton.testing.do_bench``; TFLOP/s count the base-weight GEMMs only (forward 6*S*H*I,
+Times are medians of ``triton.testing.do_bench`` (wall time, the host's launches included) and, for the block
+forward + backward, the sum of its GPU kernels' times (torch.profiler): what a CUDA graph replay of the block costs,
+as the training step runs it (where fastmoe's ``auto`` base products are chosen from). TFLOP/s count the base-weight GEMMs only (forward 6*S*H*I,
 forward+backward with frozen weights 12*S*H*I, S = tokens * top_k); peak memory is the allocator's peak above what
 was allocated before the measured call. One JSON line per (case, implementation) goes to benchmarks/results.jsonl
 (question "moe-block").
@@ -114,7 +116,7 @@ def gemm_records(name, hidden, inter, num_experts, top_k, num_tokens, index, dev
 def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, kind, device,
                   profile: bool = False) -> tuple[list[dict], torch.Tensor]:
     """Forward and forward+backward of the experts block, transformers + peft against fastmoe; (records, index).
-    profile: also print each implementation's kernels (print_kernels)."""
+    profile: also print each implementation's kernels, longest first."""
     ours = fastmoe_fn(model, num_experts)
     # (implementation, forward, where the expert GEMMs' base products come from, forward and backward)
     implementations = ((BASELINE, model, "auto"), ("fastmoe", ours, "triton"), (TORCH_PRODUCTS, ours, "torch"))
@@ -137,9 +139,11 @@ def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, ki
         with base_products(products):
             fwd_ms, fwd_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=False)
             all_ms, all_mib = common.ms_and_peak_mib(call, inputs, grad_out, backward=True)
+            kernels = profile_kernels(call, inputs, grad_out)
         record = dict(kind="block", model=name, case=f"{name} {kind}", tokens=num_tokens, routing=kind,
                       max_expert_load=round(load, 4),
                       implementation=impl, fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(all_ms, 4),
+                      fwd_bwd_kernel_ms=round(sum(ns for _, ns in kernels) / 1e6 / PROFILED_CALLS, 4),
                       fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
                       fwd_bwd_tflops=round(2 * flops_fwd / all_ms / 1e9, 1),
                       fwd_peak_mib=round(fwd_mib), fwd_bwd_peak_mib=round(all_mib))
@@ -147,14 +151,20 @@ def block_records(model, name, hidden, inter, num_experts, top_k, num_tokens, ki
             record["rel_err"] = float(f"{errors[impl]:.2e}")
         records.append(record)
         if profile:
-            with base_products(products):
-                print_kernels(f"{name} {kind}, {num_tokens} tokens, {impl}", call, inputs, grad_out)
+            print(f"kernels of {name} {kind}, {num_tokens} tokens, {impl} (forward + backward; ms and launches per "
+                  f"call; {record['fwd_bwd_kernel_ms']:.3f} ms in all):")
+            for kernel, ms, launches in common.top_kernels(kernels, PROFILED_CALLS, rows=16):
+                print(f"  {ms:8.3f} ms  {launches:5.1f}x  {kernel}")
     return records, index
 
 
-def print_kernels(title: str, call, inputs: tuple, grad_out: torch.Tensor, repeats: int = 5) -> None:
-    """The GPU kernels of one forward + backward (torch.profiler over `repeats` of them): where the block's time goes,
-    kernel by kernel. Printed, not recorded."""
+PROFILED_CALLS = 5
+
+
+def profile_kernels(call, inputs: tuple, grad_out: torch.Tensor) -> list[tuple[str, int]]:
+    """(name, ns) of the GPU kernels of PROFILED_CALLS forward + backward calls (torch.profiler). Their sum is what the
+    block costs where the training step replays it as a CUDA graph (fastmoe's default): do_bench's wall time adds the
+    host's launch time, which a graph removes."""
     def step():
         out = call(*inputs)
         torch.autograd.backward(out, grad_out)
@@ -162,14 +172,10 @@ def print_kernels(title: str, call, inputs: tuple, grad_out: torch.Tensor, repea
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(repeats):
+        for _ in range(PROFILED_CALLS):
             step()
         torch.cuda.synchronize()
-    kernels = common.profiler_kernels(profiler)
-    print(f"kernels of {title} (forward + backward; ms and launches per call; "
-          f"{sum(ns for _, ns in kernels) / 1e6 / repeats:.3f} ms in all):")
-    for kernel, ms, launches in common.top_kernels(kernels, repeats, rows=16):
-        print(f"  {ms:8.3f} ms  {launches:5.1f}x  {kernel}")
+    return common.profiler_kernels(profiler)
 
 
 def main() -> None:

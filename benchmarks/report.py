@@ -303,6 +303,7 @@ def moe_block_section(records: list[dict], sources: Sources) -> list[str]:
                        pair(value(a, "fwd_ms", ".3f"), value(b, "fwd_ms", ".3f")), ratio(a, b, "fwd_ms"),
                        pair(value(a, "fwd_bwd_ms", ".3f"), value(b, "fwd_bwd_ms", ".3f")), ratio(a, b, "fwd_bwd_ms"),
                        pair(value(c, "fwd_ms", ".3f"), value(c, "fwd_bwd_ms", ".3f")),
+                       " / ".join(value(r, "fwd_bwd_kernel_ms", ".3f") for r in (a, b, c)),
                        pair(value(a, "fwd_bwd_peak_mib", ",.0f"), value(b, "fwd_bwd_peak_mib", ",.0f")),
                        value(b, "fwd_bwd_tflops", ".0f"), value(b, "rel_err", ".1e"), sources.ref(a, b, c)])
     gemms = []
@@ -313,6 +314,7 @@ def moe_block_section(records: list[dict], sources: Sources) -> list[str]:
                       sources.ref(a, b)])
     return (table(["experts block, router", "tokens", "max expert load", "fwd ms (tf / fm)", "fwd speed-up",
                    "fwd+bwd ms (tf / fm)", "fwd+bwd speed-up", "fm with torch's base products, fwd / fwd+bwd ms",
+                   "fwd+bwd GPU kernel ms (tf / fm / fm with torch's products)",
                    "fwd+bwd peak MiB (tf / fm)", "fastmoe fwd+bwd TFLOP/s", "rel err", "source"], blocks)
             + ["", "The bare grouped GEMMs (no LoRA, rows sorted by expert), torch's `grouped_mm` against "
                "fastmoe's:", ""]
@@ -561,7 +563,9 @@ SECTIONS = [
             "bench_moe_block.py: one experts block, bf16, LoRA r=16 on both expert weights, base frozen: fastmoe's "
             "grouped-GEMM kernels against transformers' `grouped_mm` experts wrapped by peft, and fastmoe again with "
             "the base products by torch's grouped GEMM and its kernels as their epilogue (`base_products(\"torch\")`; "
-            "where it is faster sets where fastmoe takes it by default). Times are do_bench medians; TFLOP/s count "
+            "where its GPU kernel time is shorter sets where fastmoe takes it by default). Times are do_bench medians "
+            "(wall time, launches included); GPU kernel ms is the sum of the block's kernels (torch.profiler), what "
+            "a CUDA graph replay of it costs, as the training step runs it. TFLOP/s count "
             "the base GEMMs only; rel err is fastmoe's forward output against the baseline.",
             "python benchmarks/bench_moe_block.py --tokens 4096,16384", moe_block_section),
     Section("nf4-experts", "NF4 (4-bit) experts against bf16 experts",

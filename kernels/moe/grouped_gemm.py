@@ -896,19 +896,24 @@ def grouped_mm_swiglu_backward(
 # ----------------------------------------------------------------------------------------------------------
 # Base products by torch's grouped GEMM
 # ----------------------------------------------------------------------------------------------------------
-# Where each expert's product is large (few, wide experts: Mixtral, JetMoe at long rows), torch's grouped GEMM
-# (CUTLASS kernels on Hopper) runs the base product faster than these kernels' K loop (Mixtral-8x7B's gate_up at
-# 4,096 tokens: 742 against 355 TFLOP/s on an H100, bench_moe_block.py, 2026-12-05), and the kernels become its
-# epilogue: the product (S, N) is written once and read once by a kernel that adds LoRA, the bias, the routing weight
-# and the SwiGLU (forward or backward) and scatters the rows. That costs a gathered copy of the input rows and one
-# pass over (S, N) in HBM, in proportion to S (N + K), while torch's GEMM gains in proportion to S N K and more where
-# each expert has many rows: "auto" takes it on Hopper GPUs from MACS_PER_EXPERT_FOR_TORCH_PRODUCTS multiply-adds
-# per expert (mean rows per expert x the expert weight's elements) on. The experts block with LoRA r=16, forward +
-# backward, on that H100: torch's products made it 1.38x faster at Mixtral's experts at 4,096 tokens (1,024 rows x
-# 58.7M / 117M elements: 6.0e10 / 1.2e11 multiply-adds) and 1.08x at JetMoe-8B's at 16,384 (4.7e10 / 9.4e10); they
-# lost 16% at JetMoe's at 4,096 (2.4e10 for gate_up) and 0-15% at Trinity-Mini's, Qwen3-30B-A3B's and LFM2-8B-A1B's
-# (1.5e10 at most) at 4,096 and 16,384 tokens (`bench_moe_block.py --tokens 4096,16384`).
-MACS_PER_EXPERT_FOR_TORCH_PRODUCTS = 4 * 10**10
+# Where each expert's product is large, torch's grouped GEMM (CUTLASS kernels on Hopper) runs the base product faster
+# than these kernels' K loop (Mixtral-8x7B's gate_up at 4,096 tokens: 742 against 355 TFLOP/s on an H100,
+# bench_moe_block.py, 2026-12-05), and the kernels become its epilogue: the product (S, N) is written once and read
+# once by a kernel that adds LoRA, the bias, the routing weight and the SwiGLU (forward or backward) and scatters the
+# rows. That costs a gathered copy of the input rows and one pass over (S, N) in HBM, in proportion to S (N + K),
+# while torch's GEMM gains in proportion to S N K: the gain outweighs the passes where the reduction is long (K) and
+# each expert has rows enough for CUTLASS's tiles. "auto" takes it on Hopper GPUs for products of
+# MACS_PER_EXPERT_FOR_TORCH_PRODUCTS multiply-adds per expert (mean rows per expert x the expert weight's elements)
+# or more whose weight is at least MIN_SIDE_FOR_TORCH_PRODUCTS on both sides (either side is K in one direction).
+# Measured as what the training step pays, the block's GPU kernel time (its layers replay as CUDA graphs, so host
+# launch time does not count; bench_moe_block.py's fwd_bwd_kernel_ms, forward + backward, LoRA r=16, H100,
+# 2026-12-06), torch's products for both weights against none: Mixtral-8x7B 31% / 36% less at 4,096 / 16,384
+# tokens, JetMoe-8B 12% / 16% less, LFM2-8B-A1B 5% / 9%, Trinity-Mini 3% / 3%, and Qwen3-30B-A3B (K = 768 for its down
+# projection, 8e8 multiply-adds per expert for gate_up at 4,096 tokens) 1% more / 1-2% more. In bench_sft.py's
+# step (H100, the same day) all of them on torch's products took JetMoe-8B's 24 layers from 227 to 214 ms of GPU time
+# per step and LFM2-8B-A1B's from 121 to 118; Trinity-Mini and Qwen3-30B-A3B at 8 layers within 1%.
+MACS_PER_EXPERT_FOR_TORCH_PRODUCTS = 10**9
+MIN_SIDE_FOR_TORCH_PRODUCTS = 1024
 # Process-wide, not thread-local: autograd runs a CUDA graph's backward (and a checkpointed layer's recomputed
 # forward) on its own device thread, which must see the choice made around the forward.
 _base_products_by = "auto"
@@ -950,7 +955,8 @@ def products_by_torch(weight: GemmWeight, schedule: ExpertSchedule, a: torch.Ten
 def products_large_enough_for_torch(weight: torch.Tensor, num_rows: int, num_experts: int) -> bool:
     """Whether each expert's share of num_rows @ weight ((E, N, K)) is large enough for torch's grouped GEMM to pay
     (see MACS_PER_EXPERT_FOR_TORCH_PRODUCTS)."""
-    return num_rows * weight[0].numel() / num_experts >= MACS_PER_EXPERT_FOR_TORCH_PRODUCTS
+    return (num_rows * weight[0].numel() / num_experts >= MACS_PER_EXPERT_FOR_TORCH_PRODUCTS
+            and min(weight.shape[1:]) >= MIN_SIDE_FOR_TORCH_PRODUCTS)
 
 
 def expert_product(rows: torch.Tensor, weight: torch.Tensor, schedule: ExpertSchedule,

@@ -115,11 +115,15 @@ def test_moe_experts_torch_products(num_tokens, hidden, inter, num_experts, top_
 
 
 @pytest.mark.parametrize("hidden,inter,num_experts,top_k,tokens,expected", [
-    (4096, 14336, 8, 2, 4096, (True, True)),  # Mixtral-8x7B, 1,024 rows per expert: 1.38x (H100)
-    (2048, 5632, 8, 2, 16384, (True, True)),  # JetMoe-8B at 16k: 1.08x
-    (2048, 5632, 8, 2, 4096, (False, False)),  # JetMoe-8B at 4k: 16% slower with torch's
-    (2048, 1792, 32, 4, 16384, (False, False)),  # LFM2-8B-A1B at 16k: no gain
-    (2048, 1024, 128, 8, 16384, (False, False)),  # Trinity-Mini at 16k: 4% slower
+    # GPU kernel time of the block (forward + backward, H100) with torch's products for both weights against none
+    (4096, 14336, 8, 2, 4096, (True, True)),  # Mixtral-8x7B: 31% less
+    (2048, 5632, 8, 2, 4096, (True, True)),  # JetMoe-8B at 4k: 12% less
+    (2048, 5632, 8, 2, 16384, (True, True)),  # JetMoe-8B at 16k: 16% less
+    (2048, 1792, 32, 4, 4096, (True, True)),  # LFM2-8B-A1B at 4k: 5% less
+    (2048, 1024, 128, 8, 16384, (True, True)),  # Trinity-Mini at 16k: 3% less
+    (2048, 1024, 128, 8, 4096, (True, False)),  # Trinity-Mini at 4k: 3% less; down's 5e8 multiply-adds an expert
+    (2048, 768, 128, 8, 4096, (False, False)),  # Qwen3-30B-A3B at 4k: 1% more
+    (2048, 768, 128, 8, 16384, (True, False)),  # Qwen3-30B-A3B at 16k: 1-2% more with both; down's K is 768
 ])
 def test_auto_base_products_where_measured(hidden, inter, num_experts, top_k, tokens, expected):
     """"auto"'s rule takes torch's products (gate_up, down) where bench_moe_block measured them faster."""
