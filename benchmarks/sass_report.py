@@ -128,7 +128,7 @@ def grouped_train_cases() -> list[Case]:
         case("SwiGLU forward", grouped_gemm._grouped_mm_swiglu_kernel, grouped_gemm._GPU_SWIGLU, STORE_GATE_UP=True,
              HAS_BIAS=False, **swiglu),
         case("row GEMM (down)", grouped_gemm._grouped_mm_kernel, grouped_gemm._GPU_ROW_GEMM, HAS_ROW_SCALE=True,
-             HAS_BIAS=False),
+             HAS_BIAS=False, ROW_SPLIT=1),
         case("SwiGLU backward", grouped_gemm._grouped_mm_swiglu_bwd_kernel, grouped_gemm._GPU_SWIGLU_BWD, **swiglu),
     ]
 
@@ -151,7 +151,7 @@ def grouped_decode_cases() -> list[Case]:
              dict(nf4, STORE_GATE_UP=False, INTERLEAVED=False, CLAMPED=False), options["num_warps"],
              options["num_stages"]),
         Case("grouped row GEMM (down), NF4, 16-row tiles", grouped_gemm._grouped_mm_kernel,
-             types(grouped_gemm._grouped_mm_kernel), dict(nf4, HAS_ROW_SCALE=True), options["num_warps"],
+             types(grouped_gemm._grouped_mm_kernel), dict(nf4, HAS_ROW_SCALE=True, ROW_SPLIT=1), options["num_warps"],
              options["num_stages"]),
     ]
 

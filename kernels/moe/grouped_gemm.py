@@ -283,10 +283,14 @@ def _tile_ids(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr):
-    """(expert, sorted rows, row mask) of row tile pid_m; expert is -1 for a surplus tile."""
-    expert = tl.load(tile_expert_ptr + pid_m)
-    row_start = tl.load(tile_row_start_ptr + pid_m)
+def _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr,
+               ROW_SPLIT: tl.constexpr):
+    """(expert, sorted rows, row mask) of program row pid_m; expert is -1 for a surplus tile. ROW_SPLIT > 1: the
+    schedule's tiles are ROW_SPLIT x BLOCK_M rows, and program row pid_m takes part pid_m % ROW_SPLIT of tile
+    pid_m // ROW_SPLIT."""
+    tile = pid_m // ROW_SPLIT
+    expert = tl.load(tile_expert_ptr + tile)
+    row_start = tl.load(tile_row_start_ptr + tile) + (pid_m % ROW_SPLIT) * BLOCK_M
     row_end = tl.load(expert_offsets_ptr + tl.maximum(expert, 0) + 1)
     offs_m = row_start + tl.arange(0, BLOCK_M)
     return expert, offs_m, offs_m < row_end
@@ -314,10 +318,11 @@ def _grouped_mm_kernel(
     NF4: tl.constexpr, TRANSPOSED: tl.constexpr, ROWS_ALIGNED: tl.constexpr, REGISTER_DECODE: tl.constexpr,
     WHOLE_TILES: tl.constexpr, W_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROW_SPLIT: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(N, BLOCK_N)
-    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M,
+                                          ROW_SPLIT)
     if expert < 0:
         return
     n0 = pid_n * BLOCK_N
@@ -363,7 +368,7 @@ def _grouped_mm_swiglu_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(I, BLOCK_N)
-    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M, 1)
     if expert < 0:
         return
     n0 = pid_n * BLOCK_N
@@ -424,7 +429,7 @@ def _grouped_mm_swiglu_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(I, BLOCK_N)
-    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M, 1)
     if expert < 0:
         return
     n0 = pid_n * BLOCK_N
@@ -517,7 +522,7 @@ def _grouped_mm_lora_in_tile_kernel(
     out[out_rows[s]] = row_scale[s] * (a[a_rows[s]] @ W_e^T + L[s] @ B_e^T), or with SWIGLU silu(gate) * up of the
     gate and up halves. L is rounded to a's dtype before its product with B, as the separate launch stores it."""
     pid_m, pid_n = _tile_ids(N, BLOCK_N)
-    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M)
+    expert, offs_m, row_mask = _tile_rows(pid_m, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, BLOCK_M, 1)
     if expert < 0:
         return
     e64 = expert.to(tl.int64)
@@ -641,6 +646,11 @@ _GPU_EPILOGUE = (64, 64, {"num_warps": 4, "num_stages": 1})
 # experts, 0.536 against 0.823 at gpt-oss-20b's, 0.242 against 0.429 at LFM2-8B-A1B's; the other epilogues gained
 # nothing from 8 warps (the SwiGLU forward's lost 3%) or wider tiles.
 _GPU_SWIGLU_BWD_EPILOGUE = (64, 64, {"num_warps": 8, "num_stages": 1})
+# Thin products (LoRA's x A^T: at most THIN_PRODUCT_COLUMNS columns) in parts of THIN_PRODUCT_ROWS rows of a tile
+# (_thin_row_split): 128-wide K steps, 4 warps for a (32, 16) output tile.
+THIN_PRODUCT_COLUMNS = 32
+THIN_PRODUCT_ROWS = 32
+_GPU_THIN = (32, 128, {"num_warps": 4, "num_stages": 3})
 _INTERPRETER = (32, 32, {})
 _INTERPRETER_SWIGLU = (16, 32, {})
 
@@ -652,6 +662,8 @@ def _config(device: torch.device, kernel: str = "row_gemm", nf4: bool = False,
     given its product)."""
     if device.type != "cuda":
         return _INTERPRETER_SWIGLU if kernel in ("swiglu", "swiglu_epilogue") else _INTERPRETER
+    if kernel == "thin":
+        return _GPU_THIN
     if kernel in ("epilogue", "swiglu_epilogue"):
         return _GPU_EPILOGUE
     if kernel == "swiglu_backward_epilogue":
@@ -717,12 +729,13 @@ def _launch_row_gemm(
     kernel, a: torch.Tensor, a_rows: torch.Tensor, weight: _WeightOperand,
     lora_l: torch.Tensor | None, lora_b: torch.Tensor | None, product: torch.Tensor | None, outputs: tuple,
     schedule: ExpertSchedule, sizes: tuple, num_n: int, block_n: int, block_k: int, tile_rows: int, options: dict,
-    **flags,
+    row_split: int = 1, **flags,
 ) -> None:
     """Launch a row-GEMM kernel over num_n output columns: its arguments are the rows of a, the weight, the LoRA
     factors, the base product when it was computed already (the kernel is then its epilogue: see base_product),
     the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows: the weight
-    rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up)."""
+    rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up). row_split: programs per
+    schedule tile, each on block_m / row_split of its rows (the kernel's ROW_SPLIT, passed among the flags)."""
     product_args = (product, product.stride(0), product.stride(1)) if product is not None else (None,) * 3
     layout = weight.layout
     whole_tiles = False
@@ -732,12 +745,12 @@ def _launch_row_gemm(
         layout = {**layout, "REGISTER_DECODE": layout["REGISTER_DECODE"] and fits}
         whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % tile_rows == 0)
     # 16-bit tiles keep their K and column masks: dropping them paid off in the NF4 loop, bound by instruction issue.
-    compiled = kernel[(schedule.max_tiles * triton.cdiv(num_n, block_n),)](
+    compiled = kernel[(schedule.max_tiles * row_split * triton.cdiv(num_n, block_n),)](
         a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *product_args, *outputs,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         *sizes,
         HAS_LORA=lora_l is not None, PRODUCT_GIVEN=product is not None, **flags, **layout, WHOLE_TILES=whole_tiles,
-        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(_rank(lora_l), 1 << 30),
+        BLOCK_M=schedule.block_m // row_split, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block(_rank(lora_l), 1 << 30),
         DOT_PRECISION=_dot_precision(a.dtype),
         **options,
     )
@@ -761,16 +774,29 @@ def grouped_mm(
     (S, N) in sorted rows, computed already (base_product): the kernel then only adds the rest.
     """
     operand = _weight_operand(weight, transpose, a.dtype, schedule)
-    kernel = "epilogue" if product is not None else "row_gemm_transposed" if transpose else "row_gemm"
+    row_split = _thin_row_split(operand, product, schedule)
+    kernel = ("thin" if row_split > 1 else "epilogue" if product is not None
+              else "row_gemm_transposed" if transpose else "row_gemm")
     cap_n, cap_k, options = _config(a.device, kernel, nf4=operand.layout["NF4"], pairs=schedule.num_pairs)
     block_n, block_k = _block(operand.n, cap_n), _block(operand.k, cap_k)
     _launch_row_gemm(
         _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b, product,
         (out, out.stride(0), out.stride(1), out_rows, row_scale, *_bias_args(bias)),
         schedule, (operand.n, operand.k, _rank(lora_l), out_scale), operand.n, block_n, block_k, block_n, options,
-        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        row_split=row_split, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, ROW_SPLIT=row_split,
     )
     return out
+
+
+def _thin_row_split(operand: _WeightOperand, product: torch.Tensor | None, schedule: ExpertSchedule) -> int:
+    """Into how many parts each schedule tile's rows go for a thin product (LoRA's x A^T, rank columns): one program
+    per (tile, part). Such a product reads every row's K elements for a few columns, so its time is the read's
+    latency spread over the programs that run: a training schedule of few experts has few tiles (JetMoe-8B and
+    Mixtral at 4,096 tokens: 64-72 tiles of 128 rows for 132 SMs), and parts of THIN_PRODUCT_ROWS rows put several
+    programs on every SM."""
+    if product is not None or operand.layout["NF4"] or operand.n > THIN_PRODUCT_COLUMNS:
+        return 1
+    return max(1, schedule.block_m // THIN_PRODUCT_ROWS)
 
 
 def _bias_args(bias: torch.Tensor | None) -> tuple:

@@ -134,6 +134,34 @@ def test_auto_base_products_where_measured(hidden, inter, num_experts, top_k, to
     assert tuple(products_large_enough_for_torch(w, tokens * top_k, num_experts) for w in (gate_up, down)) == expected
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
+@pytest.mark.parametrize("block_m", [32, 64, 128])
+@pytest.mark.parametrize("rank", [1, 16, 32])
+def test_thin_products_in_row_parts(device, block_m, rank):
+    """LoRA's thin products (x A^T, at most THIN_PRODUCT_COLUMNS columns) run one program per part of
+    THIN_PRODUCT_ROWS rows of each tile (_thin_row_split): the same rows as whole tiles, gathered and scattered,
+    including parts past an expert's last row and an expert without rows."""
+    from fastmoe.kernels.moe.grouped_gemm import THIN_PRODUCT_ROWS, _thin_row_split, _weight_operand, grouped_mm
+    from fastmoe.kernels.moe.routing import sort_by_expert
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    num_tokens, top_k, num_experts, k = 150, 2, 5, 200
+    gen = torch.Generator().manual_seed(block_m + rank)
+    index, _ = random_routing(num_tokens, num_experts, top_k, 4, "cpu", gen)  # expert 4 idle
+    index = index.to(device)
+    schedule = sort_by_expert(index, num_experts, block_m)
+    x = torch.randn(num_tokens, k, generator=gen).to(device, dtype)
+    a = torch.randn(num_experts, rank, k, generator=gen).to(device, dtype)
+    rows = torch.arange(schedule.num_pairs, dtype=torch.int32, device=device)
+    out = torch.full((schedule.num_pairs, rank), float("nan"), dtype=dtype, device=device)
+    grouped_mm(x, schedule.sorted_token, a, schedule, out, rows, out_scale=0.5)
+    split = _thin_row_split(_weight_operand(a, False, dtype, schedule), None, schedule)
+    assert split == max(1, block_m // THIN_PRODUCT_ROWS)
+    experts = index.reshape(-1)[schedule.sorted_pair.long()].long()
+    expected = 0.5 * torch.einsum("sk,srk->sr", x[schedule.sorted_token.long()].double(), a[experts].double())
+    assert rel_err(out.double(), expected) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_moe_experts_no_lora_full_finetune():
     args, params = _experts_inputs(17, 40, 24, 5, 2, 1, lora=False)
     check_against_reference(moe_experts, args, params, 1e-5)
