@@ -11,10 +11,13 @@
 #     bash benchmarks/gpu_session.sh "$OUT" sft                                    # Trinity-Mini, 1x4096, ~4 min
 #     SFT_PRESETS="lfm2-8b-a1b jetmoe-8b aya-expanse-8b" bash benchmarks/gpu_session.sh "$OUT" sft   # ~8 min
 #     SFT_PRESETS="qwen3-30b-a3b mixtral-8x7b qwen1.5-moe-a2.7b" SFT_ARGS="--layers 8 --load direct" bash benchmarks/gpu_session.sh "$OUT" sft
-#     # QLoRA (4-bit loading needs a checkpoint): JetMoe-8B at full depth, Qwen3-30B-A3B's attention-only memory
+#     # QLoRA (transformers' 4-bit loading needs a checkpoint; fastmoe's also builds directly, layer by layer):
+#     # JetMoe-8B at full depth, Qwen3-30B-A3B's attention-only memory, Mixtral-8x7B's 32 layers
 #     SFT_PRESETS=jetmoe-8b SFT_ARGS="--quantization 4bit --load checkpoint" bash benchmarks/gpu_session.sh "$OUT" sft
 #     SFT_PRESETS=qwen3-30b-a3b SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 16 --quantization 4bit --load checkpoint
 #         --targets attention" bash benchmarks/gpu_session.sh "$OUT" sft
+#     SFT_PRESETS=mixtral-8x7b SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--quantization 4bit --load direct"
+#         bash benchmarks/gpu_session.sh "$OUT" sft
 #     # long context (issue #17): the longest sequence within 24 GB, one or two steps per length
 #     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
 #         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft
