@@ -731,13 +731,14 @@ def _launch_row_gemm(
     kernel, a: torch.Tensor, a_rows: torch.Tensor, weight: _WeightOperand,
     lora_l: torch.Tensor | None, lora_b: torch.Tensor | None, product: torch.Tensor | None, outputs: tuple,
     schedule: ExpertSchedule, sizes: tuple, num_n: int, block_n: int, block_k: int, tile_rows: int, options: dict,
-    row_split: int = 1, **flags,
+    **flags,
 ) -> None:
     """Launch a row-GEMM kernel over num_n output columns: its arguments are the rows of a, the weight, the LoRA
     factors, the base product when it was computed already (the kernel is then its epilogue: see base_product),
     the kernel's own tensors (outputs), the schedule's tiles and its sizes, then the constexprs. tile_rows: the weight
-    rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up). row_split: programs per
-    schedule tile, each on block_m / row_split of its rows (the kernel's ROW_SPLIT, passed among the flags)."""
+    rows (as read) a program multiplies each K step (BLOCK_N, or 2 x BLOCK_N for gate and up). A ROW_SPLIT flag
+    (_grouped_mm_kernel's) runs that many programs per schedule tile, each on block_m / ROW_SPLIT of its rows."""
+    row_split = flags.get("ROW_SPLIT", 1)
     product_args = (product, product.stride(0), product.stride(1)) if product is not None else (None,) * 3
     layout = weight.layout
     whole_tiles = False
@@ -785,7 +786,7 @@ def grouped_mm(
         _grouped_mm_kernel, a, a_rows, operand, lora_l, lora_b, product,
         (out, out.stride(0), out.stride(1), out_rows, row_scale, *_bias_args(bias)),
         schedule, (operand.n, operand.k, _rank(lora_l), out_scale), operand.n, block_n, block_k, block_n, options,
-        row_split=row_split, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, ROW_SPLIT=row_split,
+        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, ROW_SPLIT=row_split,
     )
     return out
 
