@@ -17,8 +17,8 @@ Times are medians of ``triton.testing.do_bench`` (wall time, the host's launches
 forward + backward, the sum of its GPU kernels' times (torch.profiler): what a CUDA graph replay of the block costs,
 as the training step runs it (where fastmoe's ``auto`` base products are chosen from). TFLOP/s count the base-weight
 GEMMs only (forward 6*S*H*I, forward+backward with frozen weights 12*S*H*I, S = tokens * top_k); peak memory is the
-allocator's peak above what was allocated before the measured call. One JSON line per (case, implementation) goes to benchmarks/results.jsonl
-(question "moe-block").
+allocator's peak above what was allocated before the measured call. One JSON line per (case, implementation) goes
+to benchmarks/results.jsonl (question "moe-block").
 
     python benchmarks/bench_moe_block.py [--tokens 4096,16384] [--shapes Mixtral-8x7B,JetMoe-8B]
         [--jsonl benchmarks/results.jsonl] [--no-record] [--profile]
