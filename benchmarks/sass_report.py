@@ -16,7 +16,8 @@ arguments assumed multiples of 16 where real shapes make them so, as Triton's sp
 * grouped-decode: the NF4 grouped GEMMs of a decode step of a few tokens (batch 8), 16-row tiles;
 * grouped-train: the 16-bit grouped GEMMs of a training step at their GPU configurations (kernels/moe/grouped_gemm.py).
 
-    python benchmarks/sass_report.py [one-token] [grouped-decode] [grouped-train] [--sm 90] [--only TEXT] [--sass-dir DIR]
+    python benchmarks/sass_report.py [one-token] [grouped-decode] [grouped-train] [--sm 90] [--only TEXT]
+        [--sass-dir DIR]
 
 Not under TRITON_INTERPRET=1: the interpreter's kernels do not compile.
 
