@@ -562,7 +562,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
 
     from fastmoe import models
     from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
-    from fastmoe.quantize import expert_stack_names, quantize_module_
+    from fastmoe.quantize import quantize_experts_
 
     config = make_config(config_kwargs)
     described = models.family(config.model_type)
@@ -577,12 +577,7 @@ def build_fastmoe_4bit(config_kwargs: dict, device: str, dtype: torch.dtype, ske
         layer.to_empty(device=device)
         initialise(layer, skewed, seed=index + 1, config=config)
         linear_layers_to_4bit_(layer, dtype, keep=described.routers)
-        for module in layer.modules():
-            names = expert_stack_names(module, described)
-            if names:  # as load_in_4bit (bnb_4bit_use_double_quant=True) quantizes them
-                quantize_module_(module, names, double_quant=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        quantize_experts_(layer, double_quant=True, family=described)  # as load_in_4bit (double quantization)
     # Everything outside the decoder layers (embeddings, final norm, rotary tables, lm_head), named by its path so
     # that initialise recognises norms, then tied as from_pretrained ties it.
     in_layers = {id(module) for module in layers.modules()}

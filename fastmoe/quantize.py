@@ -143,12 +143,13 @@ def _refuse_unpatched_forward(*args, **kwargs):
     )
 
 
-def quantize_experts_(model: torch.nn.Module, double_quant: bool = False) -> int:
+def quantize_experts_(model: torch.nn.Module, double_quant: bool = False, family: Family | None = None) -> int:
     """Quantize every experts module of `model` (SwiGLU stacks, and those its family names) to NF4 in place, layer by
     layer (on a GPU the 16-bit stacks of each module are freed before the next is quantized), with absmax
     double-quantized if double_quant (what BitsAndBytesConfig's bnb_4bit_use_double_quant asks of Linear layers).
+    `family`: the model's, for a part of a model (a decoder layer) without the config it is read from otherwise.
     Returns the bytes saved."""
-    family = family_of(model)
+    family = family or family_of(model)
     saved = 0
     for module in list(model.modules()):
         names = expert_stack_names(module, family)
