@@ -650,7 +650,6 @@ def variant_label(variant: TrainStepVariant) -> str:
 def build_lora_model(variant: TrainStepVariant, config_kwargs: dict, device: str, dtype: torch.dtype,
                      skewed: bool = False, targets: str = "default"):
     """The preset's model on `device`, random weights, wrapped in a LoRA r=16 adapter on `targets`, trainable."""
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     import fastmoe
