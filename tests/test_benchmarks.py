@@ -456,6 +456,14 @@ def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
     assert "| afmoe-tiny, 3 layers | 1x32 | default | 1 | bf16 | checkpoint |" in page
 
 
+def _4bit_tensor_layout(model) -> dict:
+    """Every parameter and buffer of a 4-bit model by name, as (shape, dtype), after checking that it has NF4 expert
+    codes and that they are random (not a constant stand-in)."""
+    codes = [b for name, b in model.named_buffers() if name.endswith("_nf4_packed")]
+    assert codes and all(len(c.unique()) > 16 for c in codes)
+    return {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 @pytest.mark.parametrize("preset", ["qwen3-moe-tiny", "jetmoe-tiny"])
 def test_sft_benchmark_checkpoint_without_experts_loads_the_same_4bit_model(tmp_path, preset):
     """--load checkpoint-without-experts: the checkpoint holds every weight but the routed experts' stacks (routers
@@ -476,10 +484,7 @@ def test_sft_benchmark_checkpoint_without_experts_loads_the_same_4bit_model(tmp_
         for shard in path.glob("*.safetensors"):
             saved[load].update({key: tuple(t.shape) for key, t in safetensors.torch.load_file(shard).items()})
         model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, dtype=torch.float32)
-        layouts[load] = {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
-                                                                          *model.named_buffers()]}
-        codes = [b for name, b in model.named_buffers() if name.endswith("_nf4_packed")]
-        assert codes and all(len(c.unique()) > 16 for c in codes)
+        layouts[load] = _4bit_tensor_layout(model)
         unpatch()
     assert layouts["checkpoint"] == layouts["checkpoint-without-experts"]
     full, without = saved["checkpoint"], saved["checkpoint-without-experts"]
@@ -522,10 +527,7 @@ def test_sft_benchmark_direct_4bit_build_is_the_model_load_in_4bit_gives(tmp_pat
             model, _ = bench_sft.build_direct(case, "cpu", torch.float32)
         layout = built if load == "direct" else loaded
         layout["modules"] = {name: type(module).__name__ for name, module in model.named_modules()}
-        layout["tensors"] = {name: (tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
-                                                                             *model.named_buffers()]}
-        codes = [b for name, b in model.named_buffers() if name.endswith("_nf4_packed")]
-        assert codes and all(len(c.unique()) > 16 for c in codes)
+        layout["tensors"] = _4bit_tensor_layout(model)
         assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
         unpatch()
     assert built == loaded
