@@ -162,6 +162,18 @@ def test_thin_products_in_row_parts(device, block_m, rank):
     assert rel_err(out.double(), expected) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("rank", [1, 16])
+def test_moe_experts_with_thin_products_in_row_parts(rank, monkeypatch):
+    """The whole experts block, forward and backward, with 64-row schedule tiles (as at training sizes on a GPU), so
+    that every LoRA thin product (x A^T forward, d(out) B and d(gate_up) B backward) runs in row parts: against the
+    reference, with an idle expert and tiles past an expert's rows."""
+    from fastmoe.kernels.moe import experts
+
+    monkeypatch.setattr(experts, "gemm_block_m", lambda *args: 64)
+    args, params = _experts_inputs(150, 40, 24, 5, 2, rank, used_experts=4)
+    check_against_reference(moe_experts, args, params, 1e-5)
+
+
 def test_moe_experts_no_lora_full_finetune():
     args, params = _experts_inputs(17, 40, 24, 5, 2, 1, lora=False)
     check_against_reference(moe_experts, args, params, 1e-5)
