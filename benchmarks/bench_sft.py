@@ -707,10 +707,14 @@ def build_cases(args, parser, dtype) -> list[Case]:
                              "--load checkpoint or auto with --quantization 4bit")
             variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
-                variants += ([(False, False, "auto")] * args.fastmoe_without_graphs
-                             + [(True, True, "auto")] * args.fastmoe_offloaded
-                             + [(False, True, "auto")] * args.fastmoe_offloaded_eager
-                             + [(True, False, products) for products in args.fastmoe_base_products])
+                asked = ([(False, False, "auto")] * args.fastmoe_without_graphs
+                         + [(True, True, "auto")] * args.fastmoe_offloaded
+                         + [(False, True, "auto")] * args.fastmoe_offloaded_eager
+                         + [(True, False, products) for products in args.fastmoe_base_products])
+                if args.fastmoe_variants_only and not asked:
+                    parser.error("--fastmoe-variants-only times the variants other --fastmoe-* options ask for: "
+                                 "name one (e.g. --fastmoe-offloaded)")
+                variants = asked if args.fastmoe_variants_only else variants + asked
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
                            load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products)
                       for cuda_graphs, offload, products in variants]
@@ -750,6 +754,9 @@ def main() -> None:
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--fastmoe-offloaded-eager", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\", cuda_graphs=False)")
+    parser.add_argument("--fastmoe-variants-only", action="store_true", help="time only the fastmoe variants the "
+                        "--fastmoe-* options above ask for, not also fastmoe's defaults (a long-sequence probe's "
+                        "step takes minutes)")
     parser.add_argument("--load", choices=["auto", "checkpoint", "checkpoint-without-experts", "direct"],
                         default="auto", help="how the model is made (see the module's docstring)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")

@@ -589,12 +589,33 @@ def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
                           (["--varied-lengths"], "varies the lengths of --data packed/padded"),
                           (["--data", "stacked", "--documents", "2"], "unknown data"),
                           (["--trace-steps", "1"], "name one"),
+                          (["--fastmoe-variants-only"], "times the variants other --fastmoe-* options ask for"),
                           *([(["--memory-limit-gb", "24"], "needs a CUDA device")]
                             if not torch.cuda.is_available() else [])):
         sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", *argv]
         with pytest.raises(SystemExit):
             bench_sft.main()
         assert message in capsys.readouterr().err
+
+
+def test_sft_benchmark_times_only_the_fastmoe_variants_asked_for(monkeypatch):
+    """--fastmoe-variants-only: a fastmoe case per variant option (here offloaded, eager), not also the defaults;
+    transformers' cases unchanged."""
+    timed = []
+
+    def run_case(case, *args):
+        timed.append((case.implementation, case.cuda_graphs, case.offload))
+        return {"status": "ok"}
+
+    monkeypatch.setattr(bench_sft, "run_case", run_case)
+    monkeypatch.setattr(bench_sft, "summary_line", lambda case, record: "")
+    for only, expected in ((False, [("transformers", True, False), ("fastmoe", True, False), ("fastmoe", False, True)]),
+                           (True, [("transformers", True, False), ("fastmoe", False, True)])):
+        timed.clear()
+        sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--no-record", "--fastmoe-offloaded-eager",
+                    *(["--fastmoe-variants-only"] if only else [])]
+        bench_sft.main()
+        assert timed == expected
 
 
 def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
