@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,24 +194,44 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
                   "kernels per step (tf / fm)", "MFU % (tf / fm)", "source"], out)
 
 
+LONG_SEQUENCE = 16384  # tokens per row from which an unlimited run on a whole GPU counts as a long-context probe
+
+
+def whole_gpu_budget(record: dict) -> str | None:
+    """The budget a run without --memory-limit-gb had, where its GPU's name states its memory ("NVIDIA H100 80GB
+    HBM3": "80 GB (the whole GPU)"), for a long row or one that ran out of memory; None otherwise."""
+    found = re.search(r"(\d+)GB", record.get("gpu") or "")
+    if record.get("memory_limit_gb") or not found or record.get("batch") != 1:
+        return None
+    if record.get("seq", 0) < LONG_SEQUENCE and record.get("status") != "oom":
+        return None
+    return f"{found.group(1)} GB (the whole GPU)"
+
+
+def long_context_variant(r: dict) -> str:
+    if r["implementation"] != "fastmoe":
+        return "transformers + peft"
+    eager = "" if r.get("cuda_graphs", True) else ", cuda_graphs=False"
+    if r.get("offload"):
+        return f'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory){eager}'
+    return f"fastmoe{eager}"
+
+
 def long_context_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per (model, GPU budget, allocator setting, implementation and checkpointing): the longest sequence
-    that trained, the shortest that ran out of memory above it, and the speed and footprint at the longest."""
-    records = [r for r in records if r.get("memory_limit_gb") and r.get("status") in ("ok", "oom")]
+    that trained, the shortest that ran out of memory above it, and the speed and footprint at the longest. Then
+    the memory of both implementations at each long length measured both ways."""
+    probes = [r for r in records if r.get("status") in ("ok", "oom")
+              and (r.get("memory_limit_gb") or whole_gpu_budget(r))]
 
-    def variant(r: dict) -> str:
-        if r["implementation"] != "fastmoe":
-            return "transformers + peft"
-        eager = "" if r.get("cuda_graphs", True) else ", cuda_graphs=False"
-        if r.get("offload"):
-            return f'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory){eager}'
-        return f"fastmoe{eager}"
+    def budget(r: dict) -> str:
+        return f"{r['memory_limit_gb']:g} GB" if r.get("memory_limit_gb") else whole_gpu_budget(r)
 
     def key(r: dict) -> tuple:
-        return (r["preset"], r["layers"], r.get("quantization") or "bf16", r["memory_limit_gb"],
-                r.get("alloc_conf") or "default", variant(r))
+        return (r["preset"], r["layers"], r.get("quantization") or "bf16", budget(r),
+                r.get("alloc_conf") or "default", long_context_variant(r))
 
-    latest = newest(records, lambda r: (*key(r), r["batch"], r["seq"]))
+    latest = newest(probes, lambda r: (*key(r), r["batch"], r["seq"]))
     groups: dict[tuple, list[dict]] = {}
     for record in latest.values():
         groups.setdefault(key(record), []).append(record)
@@ -223,14 +244,45 @@ def long_context_section(records: list[dict], sources: Sources) -> list[str]:
         reach = longest["batch"] * longest["seq"] if longest else 0
         failed = [r for r in groups[group_key] if r["status"] == "oom" and r["batch"] * r["seq"] > reach]
         first_oom = min(failed, key=lambda r: r["batch"] * r["seq"], default=None)
-        out.append([f"{preset}, {layers} layers", weights, f"{limit:g} GB", alloc, name,
+        out.append([f"{preset}, {layers} layers", weights, limit, alloc, name,
                     f"{longest['batch']}x{longest['seq']}" if longest else "none measured",
                     f"{first_oom['batch']}x{first_oom['seq']}" if first_oom else "-",
                     value(longest, "tokens_per_s", ",.0f"), value(longest, "footprint_gb", ".1f"),
                     sources.ref(longest, first_oom)])
     return table(["model", "weights", "GPU budget", "PYTORCH_CUDA_ALLOC_CONF", "implementation",
                   "longest trained", "out of memory at", "tokens/s at the longest", "peak GB at the longest",
-                  "source"], out)
+                  "source"], out) + ["", *long_context_memory(records, sources)]
+
+
+def long_context_memory(records: list[dict], sources: Sources) -> list[str]:
+    """Each long length (batch 1) that both implementations trained in one model: the footprint, and the part of it
+    above what stays allocated between steps (weights, adapters, optimizer state: both implementations hold the
+    same), each fastmoe variant against transformers' newest record of that length."""
+    trained = [r for r in records if r.get("question") == "sft" and r.get("status") == "ok" and r.get("batch") == 1
+               and r.get("seq", 0) >= LONG_SEQUENCE and r.get("data", "rows") == "rows"
+               and r.get("footprint_gb") is not None and r.get("step_start_gb") is not None]
+
+    def length(r: dict) -> tuple:
+        return r["preset"], r["layers"], r.get("quantization") or "bf16", r["seq"], r.get("targets", "default")
+
+    theirs = newest([r for r in trained if r["implementation"] == "transformers"], length)
+    ours = newest([r for r in trained if r["implementation"] == "fastmoe"], lambda r: (*length(r),
+                                                                                      long_context_variant(r)))
+    out = []
+    for key in sorted(ours, key=lambda k: (k[0], -k[1], k[2], k[3], k[5])):
+        hf, fm = theirs.get(key[:-1]), ours[key]
+        if hf is None:
+            continue
+        above = [r["footprint_gb"] - r["step_start_gb"] for r in (hf, fm)]
+        preset, layers, weights, seq, _, variant = key
+        out.append([f"{preset}, {layers} layers", weights, f"{seq:,}", variant,
+                    pair(value(hf, "footprint_gb", ".1f"), value(fm, "footprint_gb", ".1f")),
+                    f"{fm['footprint_gb'] / hf['footprint_gb']:.2f}x",
+                    f"{above[0]:.1f} / {above[1]:.1f}", f"{above[1] / above[0]:.2f}x", sources.ref(hf, fm)])
+    return ["Memory at each long length both trained (footprints, any budget; \"above the step start\": the footprint "
+            "less what stays allocated between steps, the weights, adapters and optimizer state both hold):", "",
+            *table(["model", "weights", "tokens", "fastmoe", "peak GB (tf / fm)", "fm / tf",
+                    "above the step start GB (tf / fm)", "fm / tf above the step start", "source"], out)]
 
 
 def train_step_rows(records: list[dict], sources: Sources, quantized: bool) -> list[list[str]]:
@@ -518,9 +570,11 @@ SECTIONS = [
             "bench_sft.py --memory-limit-gb N --shapes 1xS,...: the same SFTTrainer step as above, batch 1, with the "
             "process limited to N GiB (torch.cuda.set_per_process_memory_fraction, which caps reserved memory, so "
             "the allocator's fragmentation counts); one or two steps per length. A row gives the longest length "
-            "that trained and the shortest that then ran out of memory. The allocator setting is part of the row: "
-            "expandable segments (what `import fastmoe` sets unless the user chose a setting) waste less to "
-            "fragmentation.",
+            "that trained and the shortest that then ran out of memory. Runs without a limit on a GPU whose name "
+            "states its memory (an H100 80GB) are that budget's rows, \"the whole GPU\" (rows of 16,384 tokens or "
+            "more, or out of memory). The allocator setting is part of the row: expandable segments (what `import "
+            "fastmoe` sets unless the user chose a setting) waste less to fragmentation. Below it, the memory of "
+            "both implementations at each long length both trained.",
             "python benchmarks/bench_sft.py --preset trinity-mini --layers 8 --memory-limit-gb 24 "
             "--shapes 1x16384,1x32768,1x65536", long_context_section),
     Section("generate", "Generation with an adapter attached: decode tokens/s",

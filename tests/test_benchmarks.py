@@ -412,6 +412,33 @@ def test_long_context_rows_give_the_longest_length_that_trained_and_the_first_ou
     assert "5,000" in page.split("## 1.")[1].split("## 2.")[0] and "5,000" not in long_context
 
 
+def test_long_context_counts_a_whole_gpu_that_names_its_memory_and_compares_memory_at_each_length():
+    """Long rows run without --memory-limit-gb on a GPU whose name states its memory are that budget's probes (short
+    rows and GPUs without the figure are not); lengths both implementations trained get their footprints side by
+    side, whole and above the step start."""
+    h100 = "NVIDIA H100 80GB HBM3"
+
+    def at(implementation, seq, status, gpu=h100, **changes):
+        return sft_record(implementation, 1000.0 if status == "ok" else None, "2026-12-02 12:00 UTC", "c",
+                          **dict(dict(gpu=gpu, seq=seq, shape=f"1x{seq}", status=status, footprint_gb=20.0 + seq / 4096,
+                                      step_start_gb=20.0), **changes))
+
+    records = [at("transformers", 4096, "ok"), at("transformers", 16384, "ok"), at("transformers", 32768, "oom"),
+               at("fastmoe", 16384, "ok", footprint_gb=22.0), at("fastmoe", 131072, "ok"),
+               at("fastmoe", 262144, "ok", gpu="NVIDIA H200"),  # no budget in its name: no probe
+               at("fastmoe", 65536, "ok", offload=True, cuda_graphs=False)]
+    long_context = report.render(records).split("## 2.")[1].split("## 3.")[0]
+    rows = [line for line in long_context.splitlines() if line.startswith("| trinity-mini")]
+    whole = "| trinity-mini, 32 layers | bf16 | 80 GB (the whole GPU) | default |"
+    offloaded = 'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory), cuda_graphs=False'
+    assert rows[:3] == [f"{whole} transformers + peft | 1x16384 | 1x32768 | 1,000 | 24.0 | [1] |",
+                        f"{whole} fastmoe | 1x131072 | - | 1,000 | 52.0 | [2] |",
+                        f"{whole} {offloaded} | 1x65536 | - | 1,000 | 36.0 | [2] |"]
+    # The memory table: fastmoe at 16,384 against transformers at 16,384 (24 GB, 4 above the start; 22 and 2).
+    assert rows[3:] == ["| trinity-mini, 32 layers | bf16 | 16,384 | fastmoe | 24.0 / 22.0 | 0.92x | 4.0 / 2.0 "
+                        "| 0.50x | [1] [2] |"]
+
+
 def test_committed_page_is_generated_from_the_committed_records():
     """benchmarks/RESULTS.md is report.py's output: regenerate it (python benchmarks/report.py) after adding records."""
     records = report.load_records(BENCHMARKS / "results.jsonl")
