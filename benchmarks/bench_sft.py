@@ -53,6 +53,11 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    checkpointing flag stays at trl's default (on) except for JetMoe, whose transformers model has no checkpointing
    and makes the Trainer raise with it on.
 
+   The allocator: a user's script imports fastmoe before it first uses CUDA, and the import sets the caching
+   allocator to expandable segments unless the user chose a setting (fastmoe.allocator); a process of fastmoe cases
+   only does the same before its first CUDA call. transformers' cases, and a process that mixes both, keep
+   PyTorch's default. The record's alloc_conf says which a case ran with.
+
 4. The measurements, by a TrainerCallback that reads the clock at every step's start after a CUDA sync (a step is
    thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
    * tokens/s: batch x seq over the median of --steps timed steps after --warmup untimed ones (the mean too: with
@@ -790,6 +795,11 @@ def main() -> None:
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = build_cases(args, parser, dtype)
+    if {case.implementation for case in cases} == {"fastmoe"}:
+        # What `import fastmoe` does at the top of a user's script, before anything here first uses CUDA.
+        from fastmoe.allocator import prefer_expandable_segments
+
+        prefer_expandable_segments()
     if args.memory_profile and device != "cuda":
         parser.error("--memory-profile reads the CUDA allocator's trace: it needs a CUDA device")
     if args.memory_limit_gb is not None:

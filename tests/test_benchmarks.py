@@ -5,6 +5,7 @@ sweep_expert_configs.py times (in the interpreter, at toy sizes)."""
 
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -643,6 +644,19 @@ def test_sft_benchmark_times_only_the_fastmoe_variants_asked_for(monkeypatch):
                     *(["--fastmoe-variants-only"] if only else [])]
         bench_sft.main()
         assert timed == expected
+
+
+def test_sft_benchmark_sets_fastmoes_allocator_in_a_process_of_fastmoe_cases_only(monkeypatch):
+    """As `import fastmoe` at the top of a user's script would, before the first CUDA call: a process that times
+    fastmoe only asks for expandable segments; one that also times transformers keeps PyTorch's default."""
+    monkeypatch.setattr(bench_sft, "run_case", lambda case, *args: {"status": "ok"})
+    monkeypatch.setattr(bench_sft, "summary_line", lambda case, record: "")
+    for implementations, expected in (("transformers,fastmoe", None), ("fastmoe", "expandable_segments:True")):
+        for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+        sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--no-record", "--implementations", implementations]
+        bench_sft.main()
+        assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
 
 
 def test_short_conv_benchmark_smoke_run_matches_transformers(tmp_path):
