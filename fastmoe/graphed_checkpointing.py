@@ -58,10 +58,13 @@ never read (its gradient comes from the caller). Decoder layers whose feed-forwa
 output (fastmoe.models.shared.residual_plus_feed_forward) let their routed experts skip the down projection's product
 there (`recomputing_for_backward`, kernels/moe/experts.py `output_unused`).
 
-Long sequences: a call of more than `max_tokens` tokens (16,384) takes torch's checkpoint. There the GPU is busy
-whatever issues the kernels (Trinity-Mini at 16,384 tokens trains at the same speed either way), and a graph would
-cost memory: its private pool holds a second copy of the layer's working memory beside the one its eager warm-up
-left in the caching allocator (a 24 GB budget then fits 32,768 tokens instead of 49,152).
+Long sequences: a call of more than `max_tokens` tokens (8,192) takes torch's checkpoint. There the GPU is busy
+whatever issues the kernels (Trinity-Mini's 8 layers at 16,384 tokens: 44.0k tokens/s eager, 44.4k graphed, H200),
+and graphs cost memory that grows with the tokens: their private pool holds the layer's working memory beside what
+the eager warm-up left in the caching allocator (a 24 GB budget fitted 32,768 tokens instead of 49,152 with graphs),
+and every layer's forward graph keeps its attention output. Trinity-Mini's 32 layers at 16,384 tokens held an 8.1
+GiB pool and 4.5 GiB more between steps than eager layers, and the step's footprint was 64.2 GB, above
+transformers' 61.7 and above fastmoe's own eager step at 24,576 tokens (56.8; H100, benchmarks/results.jsonl).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ from fastmoe.module_structure import Structure, structure_of
 standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
 
 # Longer calls (tokens = batch x seq) run torch's checkpoint: see "Long sequences" above.
-MAX_GRAPH_TOKENS = 16384
+MAX_GRAPH_TOKENS = 8192
 
 # True while a layer's forward runs again for its backward (see "Recompute" above).
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_recomputing", default=False)
