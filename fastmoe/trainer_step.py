@@ -7,7 +7,7 @@ gradients, and `model.zero_grad()` walks them again. A LoRA model of an MoE fami
 those walks take 15-45 ms per step, time in which the GPU, done with the step's work, waits
 (benchmarks/host_gaps.py over bench_sft.py's traces). The shared op ``trainer_step`` (fastmoe.models.SHARED_OPS)
 replaces the three with ones that, for a model of a patched family, give the same results from what they computed
-on the first step:
+on the first step, and one check of accelerate's, for any model, with one that gives its answer from the first call:
 
 * ``floating_point_ops``: 6 x tokens x ``num_parameters(exclude_embeddings=True)``, the count taken once per
   model and optimizer (a new `train()` call creates a new optimizer, so a model changed between two calls is
@@ -19,12 +19,18 @@ on the first step:
   arithmetic without its grouping passes (``clip_one_group``);
 * peft's ``PeftModel.zero_grad`` (torch's ``Module.zero_grad``): the same loop over every parameter, through the
   model's parameters as fastmoe.module_structure keeps them (walked again after any module, parameter or buffer is
-  registered).
+  registered);
+* accelerate's ``is_lomo_available`` as its optimizer wrapper calls it, twice per ``step``: each call searches
+  sys.path for the `lomo_optim` package (``importlib.util.find_spec``), 0.6 ms of host time per step on an H100
+  machine (benchmarks/host_gaps.py over an LFM2-8B-A1B step), in which the GPU, drained by the Trainer's loss check,
+  waits. Asked once per process instead: whether a package is installed does not change while it trains.
 
 Any other model, and every case not named here, runs the Trainer's own methods.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -34,13 +40,25 @@ from fastmoe.patching import ForwardPatch, original
 
 
 def trainer_step_patches() -> list[ForwardPatch]:
+    import accelerate.optimizer
     from peft import PeftModel
     from transformers import Trainer
 
     track_registrations()
-    return [ForwardPatch(Trainer, "_clip_grad_norm", clip_grad_norm),
-            ForwardPatch(Trainer, "floating_point_ops", floating_point_ops),
-            ForwardPatch(PeftModel, "zero_grad", zero_grad)]
+    patches = [ForwardPatch(Trainer, "_clip_grad_norm", clip_grad_norm),
+               ForwardPatch(Trainer, "floating_point_ops", floating_point_ops),
+               ForwardPatch(PeftModel, "zero_grad", zero_grad)]
+    if hasattr(accelerate.optimizer, "is_lomo_available"):  # the accelerate versions that check at every step
+        patches.append(ForwardPatch(accelerate.optimizer, "is_lomo_available", is_lomo_available))
+    return patches
+
+
+@functools.cache
+def is_lomo_available() -> bool:
+    """accelerate's is_lomo_available, its answer taken once per process."""
+    import accelerate.optimizer
+
+    return original(accelerate.optimizer, "is_lomo_available")()
 
 
 def zero_grad(self, set_to_none: bool = True) -> None:

@@ -144,3 +144,25 @@ def test_zero_grad_follows_new_modules_and_unpatches(tiny_checkpoint):
 
     fastmoe.unpatch()
     assert "zero_grad" not in PeftModel.__dict__ and model.zero_grad.__func__ is torch.nn.Module.zero_grad
+
+
+def test_accelerates_lomo_check_searches_the_path_once_and_unpatches(monkeypatch):
+    """accelerate's optimizer wrapper asks whether lomo_optim is installed twice per step, each time a search of
+    sys.path; with the op on, the first answer serves every later call, the same answer; unpatched, accelerate's own
+    function is back."""
+    import importlib.util
+
+    import accelerate.optimizer
+
+    own = accelerate.optimizer.is_lomo_available
+    expected = own()
+    searches = []
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: searches.append(name) or find_spec(name, *args))
+    trainer_step.is_lomo_available.cache_clear()
+    fastmoe.patch("afmoe")
+    assert [accelerate.optimizer.is_lomo_available() for _ in range(4)] == [expected] * 4
+    assert searches.count("lomo_optim") == 1
+    fastmoe.unpatch()
+    assert accelerate.optimizer.is_lomo_available is own
