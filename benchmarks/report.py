@@ -197,11 +197,14 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
 LONG_SEQUENCE = 16384  # tokens per row from which an unlimited run on a whole GPU counts as a long-context probe
 
 
-def whole_gpu_budget(record: dict) -> str | None:
-    """The budget a run without --memory-limit-gb had, where its GPU's name states its memory ("NVIDIA H100 80GB
-    HBM3": "80 GB (the whole GPU)"), for a long row or one that ran out of memory; None otherwise."""
+def probe_budget(record: dict) -> str | None:
+    """The GPU budget a long-context probe ran within: its --memory-limit-gb, or, without one, the memory its GPU's
+    name states ("NVIDIA H100 80GB HBM3": "80 GB (the whole GPU)") for a long row or one that ran out of memory;
+    None for a record that is no such probe."""
+    if record.get("memory_limit_gb"):
+        return f"{record['memory_limit_gb']:g} GB"
     found = re.search(r"(\d+)GB", record.get("gpu") or "")
-    if record.get("memory_limit_gb") or not found or record.get("batch") != 1:
+    if not found or record.get("batch") != 1:
         return None
     if record.get("seq", 0) < LONG_SEQUENCE and record.get("status") != "oom":
         return None
@@ -221,14 +224,10 @@ def long_context_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per (model, GPU budget, allocator setting, implementation and checkpointing): the longest sequence
     that trained, the shortest that ran out of memory above it, and the speed and footprint at the longest. Then
     the memory of both implementations at each long length measured both ways."""
-    probes = [r for r in records if r.get("status") in ("ok", "oom")
-              and (r.get("memory_limit_gb") or whole_gpu_budget(r))]
-
-    def budget(r: dict) -> str:
-        return f"{r['memory_limit_gb']:g} GB" if r.get("memory_limit_gb") else whole_gpu_budget(r)
+    probes = [r for r in records if r.get("status") in ("ok", "oom") and probe_budget(r)]
 
     def key(r: dict) -> tuple:
-        return (r["preset"], r["layers"], r.get("quantization") or "bf16", budget(r),
+        return (r["preset"], r["layers"], r.get("quantization") or "bf16", probe_budget(r),
                 r.get("alloc_conf") or "default", long_context_variant(r))
 
     latest = newest(probes, lambda r: (*key(r), r["batch"], r["seq"]))
