@@ -25,6 +25,15 @@ on the first step, and one check of accelerate's, for any model, with one that g
   machine (benchmarks/host_gaps.py over an LFM2-8B-A1B step), in which the GPU, drained by the Trainer's loss check,
   waits. Asked once per process instead: whether a package is installed does not change while it trains.
 
+* the Trainer's nan/inf loss filter (``logging_nan_inf_filter``, on by default): after every training step the
+  loop asks whether the step's loss is nan or inf, a sync that waits for the backward just queued, so that clipping,
+  AdamW, zero_grad, logging and the next batch's host work all run while the GPU has nothing left to do (about 6 ms
+  of a 143 ms LFM2-8B-A1B step on an H100, benchmarks/host_gaps.py). For a fastmoe model the filter runs on the
+  device instead: while an epoch runs, the step's loss reaches the loop as ``where(isfinite(loss), loss, the mean of
+  the losses since the last log)``, the value the loop would have added, and the loop's own check is off
+  (``args.logging_nan_inf_filter`` reads False inside the epoch loop only; logging, evaluation and checkpoint saving
+  see the user's setting).
+
 Any other model, and every case not named here, runs the Trainer's own methods.
 """
 
@@ -50,6 +59,9 @@ def trainer_step_patches() -> list[ForwardPatch]:
                ForwardPatch(PeftModel, "zero_grad", zero_grad)]
     if hasattr(accelerate.optimizer, "is_lomo_available"):  # the accelerate versions that check at every step
         patches.append(ForwardPatch(accelerate.optimizer, "is_lomo_available", is_lomo_available))
+    if hasattr(Trainer, "_run_epoch") and hasattr(Trainer, "_maybe_log_save_evaluate"):  # transformers >= 5.4
+        patches += [ForwardPatch(Trainer, "_run_epoch", run_epoch),
+                    ForwardPatch(Trainer, "_maybe_log_save_evaluate", maybe_log_save_evaluate)]
     return patches
 
 
@@ -182,3 +194,69 @@ def clip_one_group(parameters: list, max_norm: float) -> torch.Tensor:
                 g.mul_(coefficient)
     return total_norm
 
+
+
+# Set on a trainer while its epoch loop runs with the nan/inf filter on the device.
+_FILTERING = "_fastmoe_filters_loss_on_device"
+
+
+def _filters_loss_on_device(trainer) -> bool:
+    from transformers.utils import is_torch_xla_available
+
+    return (trainer.args.logging_nan_inf_filter and not is_torch_xla_available()
+            and hasattr(trainer, "_tr_loss") and _is_fastmoe_model(trainer.model))
+
+
+def run_epoch(self, *args, **kwargs):
+    """transformers' Trainer._run_epoch with its nan/inf loss filter on the device for a fastmoe model (module
+    docstring): the step's loss as the loop would add it, and no sync on it."""
+    from transformers import Trainer
+
+    run = original(Trainer, "_run_epoch")
+    if not _filters_loss_on_device(self):
+        return run(self, *args, **kwargs)
+    # The outermost training_step, whichever trainer subclass defines it: what the loop adds is what it returns.
+    own_step = self.__dict__.get("training_step")
+    step = self.training_step
+
+    def training_step(*step_args, **step_kwargs):
+        return nan_inf_filtered(self, step(*step_args, **step_kwargs))
+
+    self.training_step = training_step
+    self.__dict__[_FILTERING] = True
+    self.args.logging_nan_inf_filter = False
+    try:
+        return run(self, *args, **kwargs)
+    finally:
+        self.args.logging_nan_inf_filter = True
+        del self.__dict__[_FILTERING]
+        if own_step is None:
+            del self.__dict__["training_step"]
+        else:
+            self.training_step = own_step
+
+
+def nan_inf_filtered(trainer, loss: torch.Tensor) -> torch.Tensor:
+    """What transformers' loop adds to its running loss for this step's loss with logging_nan_inf_filter on: the
+    loss, or where it is nan or inf, the mean of the running loss over the steps since the last log. Computed on the
+    loss's device: the same operations on the same values, without reading the loss on the host."""
+    running = trainer._tr_loss
+    if not isinstance(loss, torch.Tensor) or loss.device != running.device:
+        return loss  # the loop's own device check says what is wrong
+    steps = 1 + trainer.state.global_step - trainer._globalstep_last_logged
+    return torch.where(torch.isfinite(loss), loss, running / steps)
+
+
+def maybe_log_save_evaluate(self, *args, **kwargs):
+    """transformers' Trainer._maybe_log_save_evaluate, run with the user's logging_nan_inf_filter: evaluation filters
+    its losses by it and checkpoints save the arguments."""
+    from transformers import Trainer
+
+    run = original(Trainer, "_maybe_log_save_evaluate")
+    if not self.__dict__.get(_FILTERING):
+        return run(self, *args, **kwargs)
+    self.args.logging_nan_inf_filter = True
+    try:
+        return run(self, *args, **kwargs)
+    finally:
+        self.args.logging_nan_inf_filter = False

@@ -166,3 +166,69 @@ def test_accelerates_lomo_check_searches_the_path_once_and_unpatches(monkeypatch
     assert searches.count("lomo_optim") == 1
     fastmoe.unpatch()
     assert accelerate.optimizer.is_lomo_available is own
+
+
+class NanAtSecondStep(trl.SFTTrainer):
+    """The second training step's loss is nan, its gradients those of the plain loss."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.model.training and self.state.global_step == 1:
+            loss = loss + float("nan")
+        return loss
+
+
+class FilterSettingSeen(__import__("transformers").TrainerCallback):
+    """args.logging_nan_inf_filter as each callback event sees it."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def record(self, event, args):
+        self.seen.setdefault(event, set()).add(args.logging_nan_inf_filter)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.record("step_end", args)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.record("evaluate", args)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.record("save", args)
+
+
+def train_with_a_nan_step(model, tokenizer, output_dir):
+    records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:8]]
+    config = trl.SFTConfig(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=4, per_device_train_batch_size=2,
+        optim="sgd", learning_rate=0.1, logging_steps=2, report_to="none", save_strategy="steps", save_steps=2,
+        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2, gradient_checkpointing=False, seed=0,
+        data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    seen = FilterSettingSeen()
+    trainer = NanAtSecondStep(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
+                              eval_dataset=datasets.Dataset.from_list(records[:2]), processing_class=tokenizer,
+                              callbacks=[seen])
+    trainer.train()
+    saved = torch.load(output_dir / "checkpoint-2" / "training_args.bin", weights_only=False)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, seen.seen, trainer, saved
+
+
+def test_nan_inf_filter_on_the_device_adds_what_the_loop_would(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """The loop's nan/inf check, a sync per step, is off inside the epoch for a fastmoe model; the filtered loss
+    reaches it instead: the same logged losses as transformers' own filter, bit for bit, with a nan step among them.
+    Evaluation, checkpoints and the arguments after training keep the user's setting."""
+    checkpoint = tiny_checkpoint("afmoe")
+    expected, expected_seen, _, _ = train_with_a_nan_step(lora_model(checkpoint, trainer_step_op=False),
+                                                          tiny_tokenizer, tmp_path / "reference")
+    fastmoe.unpatch()
+    losses, seen, trainer, saved = train_with_a_nan_step(lora_model(checkpoint), tiny_tokenizer, tmp_path / "fast")
+    assert len(losses) == 2 and all(loss == loss for loss in losses)  # the nan step was filtered, not logged
+    assert losses == expected
+    assert expected_seen == {"step_end": {True}, "evaluate": {True}, "save": {True}}
+    assert seen == {"step_end": {False}, "evaluate": {True}, "save": {True}}
+    assert saved.logging_nan_inf_filter and trainer.args.logging_nan_inf_filter
+    assert "training_step" not in trainer.__dict__ and trainer_step._FILTERING not in trainer.__dict__
+    fastmoe.unpatch()
+    from transformers import Trainer
+    assert Trainer._run_epoch.__module__ == Trainer._maybe_log_save_evaluate.__module__ == "transformers.trainer"
