@@ -123,22 +123,22 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         targets = shift_labels if shift_labels is not None else next_token_labels(labels)
         # Padding that no label scores never reaches the layers (fastmoe.padding_free).
         packed = None if args else pack_padded_rows(self, kwargs, targets)
+        # The scored positions of the backbone's output rows, found before the backbone is queued: finding them
+        # reads their count on the host, which afterwards would wait for the whole forward and leave the GPU idle
+        # while the head is launched.
+        row_targets = (targets.reshape(-1) if packed is None else packed.take(targets)).to(head.weight.device)
+        scored = (row_targets != -100).nonzero().squeeze(1)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
             backbone_outputs = self.base_model(*args, **(kwargs if packed is None else packed.inputs))
         hidden = backbone_outputs.last_hidden_state
-        if packed is None:
-            hidden, targets = hidden.flatten(0, 1), targets.reshape(-1)
-        else:
-            hidden, targets = hidden[0], packed.take(targets)
-        hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+        hidden = (hidden.flatten(0, 1) if packed is None else hidden[0]).to(head.weight.device)
         # trl's mask: positions (batch, seq - 1) scored by labels[:, 1:], or those of shift_labels.
         mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(head.weight.device) != -100
-        scored = targets != -100
         # Only the scored positions go through the head, in the mask's order; an all-masked micro-batch scores zero
         # rows and still returns a loss connected to the model (a differentiable zero), as trl's does.
-        fields = _per_token_fields(hidden[scored], head.weight, head.bias, targets[scored], temperature, logit_scale,
-                                   softcap, cast_lm_head_to_fp32, outputs)
+        fields = _per_token_fields(hidden[scored], head.weight, head.bias, row_targets[scored], temperature,
+                                   logit_scale, softcap, cast_lm_head_to_fp32, outputs)
         per_token = {name: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                      for name, x in zip(PER_TOKEN_FIELDS, fields)}
         divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
