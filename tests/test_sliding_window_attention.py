@@ -581,3 +581,24 @@ def test_gpt_oss_takes_the_flash_path_as_close_to_fp32_as_its_eager_attention(tm
         if rel_err(eager[1][name], truth) < 0.05:  # what bf16 can resolve in a tiny random model (test_gpu_bf16.py)
             assert rel_err(fast[1][name], truth) <= 2 * rel_err(eager[1][name], truth) + 1e-3, name
     fastmoe.unpatch()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,strided", [((6, 2, 3, 16), False), ((5, 3, 2, 8), True), ((4, 2, 5, 3), False)])
+def test_jetmoe_head_regrouping_moves_the_values_torch_moves(dtype, shape, strided):
+    """JetMoe's (slot, kv head) <-> (kv head, slot) regrouping, copied as 8-byte words where the rows allow (head_dim
+    a multiple of the words, any strides with a unit last one) and element by element otherwise (head_dim 3): the
+    values and gradients of torch's transpose + contiguous, exactly."""
+    from fastmoe.models.jetmoe import swap_middle_axes
+
+    generator = torch.Generator().manual_seed(0)
+    rows, a, b, d = shape
+    base = torch.randn(rows, b, a, d, generator=generator).to(dtype)
+    x = (base.transpose(1, 2) if strided else base.reshape(rows, a, b, d)).requires_grad_()
+    grad = torch.randn(rows, b, a, d, generator=generator).to(dtype)
+    expected = x.transpose(1, 2).contiguous()
+    out = swap_middle_axes(x)
+    assert out.is_contiguous() and torch.equal(out, expected)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (ref,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(got, ref)
