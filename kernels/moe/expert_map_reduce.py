@@ -14,6 +14,8 @@ and in the weight gradient, which NF4 weights never get.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
@@ -217,11 +219,12 @@ def _reduce_backward(
         gx = torch.empty(schedule.num_pairs, x.shape[2], dtype=x.dtype, device=g.device)
         grouped_mm(g, tok, w, schedule, gx, pair, g_l, a_.transpose(1, 2) if a_ is not None else None,
                    transpose=True, product=base_product(g, w, schedule, tok, transpose=True))
-        gx32 = gx.float()
+        grad_pairs, grad_pair_weights = _weighted_pair_grads(gx, x_pairs, top_k_weights.reshape(-1), needs_x,
+                                                             needs_weights)
         if needs_x:
-            grad_x = (gx32 * top_k_weights.reshape(-1, 1).float()).to(x.dtype).view_as(x)
+            grad_x = grad_pairs.view_as(x)
         if needs_weights:
-            grad_weights = (gx32 * x_pairs.float()).sum(-1).view(num_tokens, top_k).to(top_k_weights.dtype)
+            grad_weights = grad_pair_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
     grad_weight = no_gradient(x)
     if needs_weight:
         grad_weight = grouped_wgrad(g, tok, x_pairs, pair, schedule, torch.empty_like(weight), row_weight)
@@ -230,6 +233,49 @@ def _reduce_backward(
     grad_b = _lora_grad(needs_b, lora_b,
                         lambda out: grouped_wgrad(g, tok, l, identity, schedule, out, row_weight), g)
     return grad_x, grad_weights, grad_weight, grad_a, grad_b
+
+
+def _weighted_pair_grads(gx: torch.Tensor, x_pairs: torch.Tensor, pair_weights: torch.Tensor, needs_x: bool,
+                         needs_weights: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From the unweighted d(rows) gx (S, N) of the (token, slot) rows x_pairs (S, N) weighted by pair_weights (S,):
+    d(x) = w * gx in x's dtype and d(w) = <gx, x> in fp32, each where asked (else None), both computed in fp32.
+
+    One pass of a Triton kernel where it runs; in torch, fp32 copies of gx and x and their products made seven
+    passes over (S, N) (about 0.3 ms a layer for JetMoe-8B's 8,192 rows of 2,048, H100)."""
+    if use_triton(gx, x_pairs):
+        gx, x_pairs = gx.contiguous(), x_pairs.contiguous()
+        rows, width = gx.shape
+        grad_x = torch.empty_like(x_pairs) if needs_x else None
+        grad_w = torch.empty(rows, dtype=torch.float32, device=gx.device) if needs_weights else None
+        pair_weights = pair_weights.contiguous()
+        # What is not asked for is never written: any tensor stands in for its pointer.
+        _weighted_pair_grads_kernel[(rows,)](gx, x_pairs, pair_weights, gx if grad_x is None else grad_x,
+                                             pair_weights if grad_w is None else grad_w, width,
+                                             NEEDS_X=needs_x, NEEDS_WEIGHTS=needs_weights,
+                                             BLOCK_N=min(triton.next_power_of_2(width), 2048))
+        return grad_x, grad_w
+    gx32 = gx.float()
+    grad_x = (gx32 * pair_weights.reshape(-1, 1).float()).to(x_pairs.dtype) if needs_x else None
+    grad_w = (gx32 * x_pairs.float()).sum(-1) if needs_weights else None
+    return grad_x, grad_w
+
+
+@triton.jit
+def _weighted_pair_grads_kernel(gx_ptr, x_ptr, weights_ptr, grad_x_ptr, grad_w_ptr, N, NEEDS_X: tl.constexpr,
+                                NEEDS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    weight = tl.load(weights_ptr + row).to(tl.float32)
+    dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        g = tl.load(gx_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        if NEEDS_X:
+            tl.store(grad_x_ptr + row * N + cols, (g * weight).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if NEEDS_WEIGHTS:
+            dot += g * tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if NEEDS_WEIGHTS:
+        tl.store(grad_w_ptr + row, tl.sum(dot, axis=0))
 
 
 def _reduce_backward_fake(

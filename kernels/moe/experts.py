@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
@@ -249,10 +251,31 @@ def _cast(t: GemmWeight | None, dtype: torch.dtype) -> GemmWeight | None:
 
 
 def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """(T*K, N) rows in (token, slot) order -> (T, N), summed in fp32 like transformers' grouped_mm path."""
+    """(T*K, N) rows in (token, slot) order -> (T, N), summed in fp32 like transformers' grouped_mm path.
+
+    One pass of a Triton kernel where it runs: torch's sum over the middle dimension of (T, K, N) read JetMoe-8B's
+    4,096 x 2 x 2,048 bf16 pairs at about 1.2 TB/s (42 us, five per layer and step, H100)."""
     if top_k == 1:
         return pairs.to(dtype)
-    return pairs.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(dtype)
+    if not (use_triton(pairs) and pairs.is_contiguous()):
+        return pairs.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(dtype)
+    width = pairs.shape[1]
+    out = torch.empty(num_tokens, width, dtype=dtype, device=pairs.device)
+    block = min(triton.next_power_of_2(width), 1024)
+    _sum_slots_kernel[(num_tokens, triton.cdiv(width, block))](pairs, out, width, TOP_K=top_k, BLOCK_N=block)
+    return out
+
+
+@triton.jit
+def _sum_slots_kernel(pairs_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    rows = pairs_ptr + token * TOP_K * N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):  # in slot order, as torch's fp32 sum adds them
+        total += tl.load(rows + slot * N + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * N + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _thin(rows: int, rank: int, like: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,26 @@ def test_expert_map_reduce_nf4_gpu_bf16(double_quant):
     assert rel_err(out, ref) < 1e-2
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) < 1e-2
+
+
+@pytest.mark.parametrize("needs_x, needs_weights", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("rows, width, dtype", [(7, 37, torch.float32), (3, 2100, torch.float32),
+                                                (5, 64, torch.float16)])
+def test_weighted_pair_grads_kernel_matches_torch(needs_x, needs_weights, rows, width, dtype):
+    """expert_reduce's backward from the unweighted row gradients: d(x) = w * gx and d(w) = <gx, x>, by the Triton
+    kernel (one column block, two, fp16 rows) against the torch computation it replaces; what is not asked for is
+    None."""
+    from fastmoe.kernels.moe.expert_map_reduce import _weighted_pair_grads
+
+    gen = torch.Generator().manual_seed(0)
+    gx, x = (torch.randn(rows, width, generator=gen).to(dtype) for _ in range(2))
+    pair_weights = torch.rand(rows, generator=gen)
+    got = _weighted_pair_grads(gx, x, pair_weights, needs_x, needs_weights)
+    with reference_only():
+        expected = _weighted_pair_grads(gx, x, pair_weights, needs_x, needs_weights)
+    for got_grad, expected_grad, needed in zip(got, expected, (needs_x, needs_weights)):
+        if not needed:
+            assert got_grad is None and expected_grad is None
+            continue
+        assert got_grad.dtype == expected_grad.dtype and got_grad.shape == expected_grad.shape
+        assert rel_err(got_grad, expected_grad) < 1e-6
