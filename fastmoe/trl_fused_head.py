@@ -128,18 +128,21 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         # while the head is launched.
         row_targets = (targets.reshape(-1) if packed is None else packed.take(targets)).to(head.weight.device)
         scored = (row_targets != -100).nonzero().squeeze(1)
+        # trl's mask: positions (batch, seq - 1) scored by labels[:, 1:], or those of shift_labels; the same
+        # positions as scored, in the same order. Its indices, found here too, place the per-token values without
+        # masked_scatter, whose backward (masked_select) reads its count on the host at the backward's start.
+        mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(head.weight.device) != -100
+        mask_index = mask.reshape(-1).nonzero().squeeze(1)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
             backbone_outputs = self.base_model(*args, **(kwargs if packed is None else packed.inputs))
         hidden = backbone_outputs.last_hidden_state
         hidden = (hidden.flatten(0, 1) if packed is None else hidden[0]).to(head.weight.device)
-        # trl's mask: positions (batch, seq - 1) scored by labels[:, 1:], or those of shift_labels.
-        mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(head.weight.device) != -100
         # Only the scored positions go through the head, in the mask's order; an all-masked micro-batch scores zero
         # rows and still returns a loss connected to the model (a differentiable zero), as trl's does.
         fields = _per_token_fields(hidden[scored], head.weight, head.bias, row_targets[scored], temperature,
                                    logit_scale, softcap, cast_lm_head_to_fp32, outputs)
-        per_token = {name: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+        per_token = {name: None if x is None else x.new_zeros(mask.numel()).index_copy(0, mask_index, x).view_as(mask)
                      for name, x in zip(PER_TOKEN_FIELDS, fields)}
         divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -per_token["log_probs"].sum() / divisor
