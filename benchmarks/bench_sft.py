@@ -138,7 +138,9 @@ class Case:
     # "checkpoint" (save_pretrained, then from_pretrained), "checkpoint-without-experts" (the same, its routed experts
     # initialised by from_pretrained) or "direct"
     load: str = "checkpoint"
-    cuda_graphs: bool = True  # fastmoe's get_peft_model(cuda_graphs=...): graphed checkpointing (its default) or eager
+    # fastmoe's get_peft_model(cuda_graphs=...): None is its default, the family's choice (graphed checkpointing for
+    # MoE families, eager layers for dense Cohere: Family.graphed_layers); True graphed, False eager.
+    cuda_graphs: bool | None = None
     # fastmoe's get_peft_model(use_gradient_checkpointing="fastmoe"): layer inputs kept in host memory (eager layers)
     offload: bool = False
     # "rows": every row one document of `seq` tokens. With `documents` > 1, each row's tokens are that many documents
@@ -160,8 +162,8 @@ class Case:
 
     def label(self) -> str:
         quant = f" {self.quantization}" if self.quantization else ""
-        eager = (" (offloaded checkpointing)" if self.offload else "") + ("" if self.cuda_graphs
-                                                                        else " (cuda_graphs=False)")
+        graphs = {None: "", True: " (cuda_graphs=True)", False: " (cuda_graphs=False)"}[self.cuda_graphs]
+        eager = (" (offloaded checkpointing)" if self.offload else "") + graphs
         eager += "" if self.base_products == "auto" else f" (base products by {self.base_products})"
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
@@ -710,12 +712,13 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct" and implementation != "fastmoe":
                 parser.error("transformers' 4-bit loading quantizes while from_pretrained reads the checkpoint: use "
                              "--load checkpoint or auto with --quantization 4bit")
-            variants = [(True, False, "auto")]  # (cuda_graphs, offload, base_products)
+            variants = [(None, False, "auto")]  # (cuda_graphs, offload, base_products)
             if implementation == "fastmoe":
                 asked = ([(False, False, "auto")] * args.fastmoe_without_graphs
-                         + [(True, True, "auto")] * args.fastmoe_offloaded
+                         + [(True, False, "auto")] * args.fastmoe_with_graphs
+                         + [(None, True, "auto")] * args.fastmoe_offloaded
                          + [(False, True, "auto")] * args.fastmoe_offloaded_eager
-                         + [(True, False, products) for products in args.fastmoe_base_products])
+                         + [(None, False, products) for products in args.fastmoe_base_products])
                 if args.fastmoe_variants_only and not asked:
                     parser.error("--fastmoe-variants-only times the variants other --fastmoe-* options ask for: "
                                  "name one (e.g. --fastmoe-offloaded)")
@@ -751,6 +754,8 @@ def main() -> None:
                         "sequence that trains within it is the last case not recorded as oom")
     parser.add_argument("--fastmoe-without-graphs", action="store_true", help="also time fastmoe with "
                         "get_peft_model(cuda_graphs=False): its layers eager, the launches issued from Python")
+    parser.add_argument("--fastmoe-with-graphs", action="store_true", help="also time fastmoe with "
+                        "get_peft_model(cuda_graphs=True), for families whose default is eager layers (Cohere)")
     parser.add_argument("--fastmoe-base-products", default="", type=lambda text: [p for p in text.split(",") if p],
                         help="also time fastmoe with the 16-bit expert GEMMs' base products computed this way, "
                         "comma-separated: triton (inside fastmoe's kernels), torch (torch's grouped GEMM, the kernels "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -133,8 +134,8 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         return defaults.get(name) if value is None else value
 
     def checkpointing(r: dict) -> str:
-        # How fastmoe checkpoints: CUDA graphs (get_peft_model's default; records from before the field had them),
-        # eager, and either with the layer inputs in host memory (use_gradient_checkpointing="fastmoe").
+        # How fastmoe checkpoints: its family's default (graphs_label), CUDA graphs or eager layers where that is
+        # not the default, and either with the layer inputs in host memory (use_gradient_checkpointing="fastmoe").
         if r["implementation"] != "fastmoe":
             return ""
         # Records from before the field computed every expert product in fastmoe's Triton kernels; they stay under
@@ -142,10 +143,10 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         products = {"auto": "", "triton": " (fastmoe with the expert GEMMs' base products in its Triton kernels)",
                     "torch": " (fastmoe with the expert GEMMs' base products by torch's grouped GEMM)"}[
                         r.get("base_products", "auto")]
-        graphs = r.get("cuda_graphs", True)
+        graphs = graphs_label(r)
         if r.get("offload"):
-            return " (fastmoe with offloaded checkpointing" + ("" if graphs else ", cuda_graphs=False") + ")" + products
-        return products if graphs else " (fastmoe with cuda_graphs=False)"
+            return " (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
+        return products + (f" (fastmoe with {graphs})" if graphs else "")
 
     def memory(r: dict | None) -> str:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
@@ -211,10 +212,29 @@ def probe_budget(record: dict) -> str | None:
     return f"{found.group(1)} GB (the whole GPU)"
 
 
+@functools.cache
+def graphed_by_default(model_type: str | None) -> bool:
+    """Whether get_peft_model graphs the layers of this family by default (fastmoe's Family.graphed_layers)."""
+    from fastmoe.models import family
+
+    described = family(model_type) if model_type else None
+    return described is None or described.graphed_layers
+
+
+def graphs_label(r: dict) -> str:
+    """'' where a fastmoe record's layers ran as its family's default does, else the cuda_graphs setting they ran
+    with. Records say what was asked: None is the default; records from before the field ran graphs, and those from
+    before eager Cohere said True for the default of the time."""
+    default = graphed_by_default(r.get("family"))
+    asked = r.get("cuda_graphs", True)
+    graphed = default if asked is None else asked
+    return "" if graphed == default else f"cuda_graphs={graphed}"
+
+
 def long_context_variant(r: dict) -> str:
     if r["implementation"] != "fastmoe":
         return "transformers + peft"
-    eager = "" if r.get("cuda_graphs", True) else ", cuda_graphs=False"
+    eager = f", {graphs_label(r)}" if graphs_label(r) else ""
     if r.get("offload"):
         return f'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory){eager}'
     return f"fastmoe{eager}"

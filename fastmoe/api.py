@@ -259,7 +259,7 @@ class FastBaseModel:
         bias: str = "none",
         use_rslora: bool = False,
         use_gradient_checkpointing: bool | str = True,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool | None = None,
         random_state: int = 3407,
         **lora_kwargs: Any,
     ):
@@ -278,7 +278,9 @@ class FastBaseModel:
 
         cuda_graphs: with checkpointing on a CUDA GPU, each decoder layer's forward and its recompute + backward
         replay CUDA graphs captured on the second step of each input shape (`fastmoe.graphed_checkpointing`): the
-        same kernels on the same data, launched without the host in the way. False runs them eagerly."""
+        same kernels on the same data, launched without the host in the way. False runs them eagerly. None (the
+        default) is the family's choice (`Family.graphed_layers`): graphs for MoE families, eager layers for dense
+        Cohere, whose GPU is busy without them; graphs for a model type fastmoe has no fast path for."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
         from fastmoe.checkpointing import set_checkpointing_mode
@@ -292,8 +294,10 @@ class FastBaseModel:
         if use_gradient_checkpointing not in (True, False, "fastmoe"):
             raise ValueError(
                 f'use_gradient_checkpointing must be "fastmoe", True or False, got {use_gradient_checkpointing!r}')
-        target_modules, target_parameters = _resolve_targets(
-            models.family(model.config.model_type), target_modules, target_parameters, model)
+        family = models.family(model.config.model_type)
+        if cuda_graphs is None:
+            cuda_graphs = family is None or family.graphed_layers
+        target_modules, target_parameters = _resolve_targets(family, target_modules, target_parameters, model)
         _check_targets(model, target_modules, target_parameters)
 
         torch.manual_seed(random_state)

@@ -82,6 +82,10 @@ class Family:
     # padding (fastmoe.padding_free).
     packed_row_ops: tuple[str, ...] = ("attention",)
     layout_implementations: tuple[str, ...] = ("sdpa",)
+    # What get_peft_model's cuda_graphs defaults to: graphed checkpointing (fastmoe.graphed_checkpointing) where
+    # Python issuing a layer's few hundred launches keeps the GPU waiting (MoE layers), eager layers where the GPU
+    # is busy without graphs and their private pool and kept attention would cost more memory than they save time.
+    graphed_layers: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", MappingProxyType({op: tuple(patches) for op, patches in self.ops.items()}))

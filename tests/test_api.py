@@ -97,6 +97,18 @@ def test_get_peft_model_refuses_a_bad_lora_alpha(tiny_checkpoint, alpha):
         FastModel.get_peft_model(model, r=4, lora_alpha=alpha)
 
 
+@pytest.mark.parametrize("model_type, cuda_graphs, expected", [
+    ("afmoe", None, "graphs"), ("cohere", None, "standard"), ("cohere", True, "graphs"), ("afmoe", False, "standard")])
+def test_cuda_graphs_default_is_the_familys_choice(tiny_checkpoint, monkeypatch, model_type, cuda_graphs, expected):
+    """get_peft_model(cuda_graphs=None), its default, graphs MoE families' layers and leaves dense Cohere's eager
+    (Family.graphed_layers); an explicit setting wins. The mode is what a CUDA machine would install (without CUDA
+    the graph modes fall back to their eager counterparts)."""
+    model, _ = FastModel.from_pretrained(str(tiny_checkpoint(model_type)), max_seq_length=256)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    FastModel.get_peft_model(model, r=4, cuda_graphs=cuda_graphs)
+    assert model._fastmoe_checkpointing == expected
+
+
 def _checkpointing_deprecations(caught) -> list[str]:
     return [str(w.message) for w in caught
             if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]

@@ -637,8 +637,9 @@ def test_sft_benchmark_times_only_the_fastmoe_variants_asked_for(monkeypatch):
 
     monkeypatch.setattr(bench_sft, "run_case", run_case)
     monkeypatch.setattr(bench_sft, "summary_line", lambda case, record: "")
-    for only, expected in ((False, [("transformers", True, False), ("fastmoe", True, False), ("fastmoe", False, True)]),
-                           (True, [("transformers", True, False), ("fastmoe", False, True)])):
+    # cuda_graphs None: get_peft_model's default, the family's choice.
+    for only, expected in ((False, [("transformers", None, False), ("fastmoe", None, False), ("fastmoe", False, True)]),
+                           (True, [("transformers", None, False), ("fastmoe", False, True)])):
         timed.clear()
         sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--no-record", "--fastmoe-offloaded-eager",
                     *(["--fastmoe-variants-only"] if only else [])]
@@ -803,3 +804,17 @@ def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
     clock.on_train_end(None, None, None, model=model)
     assert clock.layer_graphs == [0, 1, 2, 3]
     assert bench_sft.graphed_checkpoints(torch.nn.Linear(2, 2)) == [] and bench_sft.graphed_checkpoints(None) == []
+
+
+def test_report_labels_fastmoe_rows_by_whether_their_layers_ran_as_the_family_default():
+    """A record says which cuda_graphs was asked for (None: get_peft_model's default, the family's choice; records
+    from before the field ran graphs). Rows that ran as the family's default carry no label, others say how they
+    ran: Cohere's records from when its default was graphs read cuda_graphs=True."""
+    def label(family, **fields):
+        return report.graphs_label({"family": family, "implementation": "fastmoe", **fields})
+
+    assert [label("afmoe"), label("afmoe", cuda_graphs=None), label("afmoe", cuda_graphs=True)] == ["", "", ""]
+    assert label("afmoe", cuda_graphs=False) == "cuda_graphs=False"
+    assert [label("cohere", cuda_graphs=None), label("cohere", cuda_graphs=False)] == ["", ""]
+    assert label("cohere", cuda_graphs=True) == label("cohere") == "cuda_graphs=True"
+    assert label("llama", cuda_graphs=None) == "" and label(None) == ""
