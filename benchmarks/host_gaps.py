@@ -11,7 +11,11 @@ tracer's `python_function` events). Output, for the traced window:
   the time goes) and inclusive (every frame on the stack, which says in which phase: forward, backward, optimizer,
   logging, data);
 * the CUDA runtime calls that block the host (synchronize, blocking copies), with count and time: after each one
-  the GPU is empty and the host must launch the next kernel before anything runs again.
+  the GPU is empty and the host must launch the next kernel before anything runs again;
+* the GPU time of each kernel by the Python functions that launched it (its launch's innermost frames): which line
+  of the model issues the copies and elementwise kernels a profile's top list names only by their CUDA names. Kernels
+  replayed from a CUDA graph are all the graph launch's: trace an eager step (bench_sft.py --fastmoe-without-graphs)
+  to see them one by one.
 
     python benchmarks/host_gaps.py TRACE.json[.gz] [--top 25]
 
@@ -88,11 +92,49 @@ def _innermost_segments(frames: list[dict]) -> list[tuple[float, float, str]]:
     return segments
 
 
-def _callers(frames: list[dict], time: float, depth: int = 3) -> str:
-    """The innermost `depth` Python functions (builtins left out) running at `time`, innermost first."""
-    covering = sorted((f for f in frames if f["ts"] <= time < f["ts"] + f["dur"]), key=lambda f: (f["ts"], -f["dur"]))
-    names = [f["name"] for f in covering if not f["name"].startswith("<built-in")]
-    return " < ".join(reversed(names[-depth:])) or "?"
+def _stacks_at(frames: list[dict], times: list[float], depth: int = 4) -> list[str]:
+    """For each time, the innermost `depth` Python functions (builtins left out) of one thread's nested frames running
+    then, innermost first ("?" where none): one sweep over the frames and the sorted times."""
+    frames = sorted(frames, key=lambda e: (e["ts"], -e["dur"]))
+    stacks: list[str] = [""] * len(times)
+    stack: list[dict] = []
+    i = 0
+    for k in sorted(range(len(times)), key=times.__getitem__):
+        time = times[k]
+        while i < len(frames) and frames[i]["ts"] <= time:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= frames[i]["ts"]:
+                stack.pop()
+            stack.append(frames[i])
+            i += 1
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] <= time:
+            stack.pop()
+        names = [f["name"] for f in stack if not f["name"].startswith("<built-in")]
+        stacks[k] = " < ".join(reversed(names[-depth:])) or "?"
+    return stacks
+
+
+def kernel_sources(events: list[dict], depth: int = 4) -> dict[str, dict]:
+    """'kernel name from innermost < ... frames' -> {"ms": GPU time, "count": launches}, largest first: each kernel
+    by the Python running where its launch (runtime call of the same correlation id) was made."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    frames_of: dict = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "python_function":
+            frames_of[e.get("tid")].append(e)
+    kernels_of: dict = collections.defaultdict(list)  # launching thread -> [(kernel, launch time)]
+    for e in events:
+        launch = launches.get(e.get("args", {}).get("correlation")) if e.get("cat") == "kernel" else None
+        if launch is not None:
+            kernels_of[launch.get("tid")].append((e, launch["ts"]))
+    totals: dict = collections.defaultdict(lambda: [0.0, 0])
+    for tid, kernels in kernels_of.items():
+        for (kernel, _), callers in zip(kernels, _stacks_at(frames_of.get(tid, []), [t for _, t in kernels], depth)):
+            entry = totals[f"{kernel['name'][:70]} from {callers}"]
+            entry[0] += kernel["dur"]
+            entry[1] += 1
+    return {key: {"ms": us / 1e3, "count": count}
+            for key, (us, count) in sorted(totals.items(), key=lambda item: -item[1][0])}
 
 
 def summarize(events: list[dict], min_gap_us: float = MIN_GAP_US) -> dict:
@@ -147,11 +189,15 @@ def summarize(events: list[dict], min_gap_us: float = MIN_GAP_US) -> dict:
 
     blocking = collections.defaultdict(lambda: [0, 0.0])
     blocking_callers: collections.Counter = collections.Counter()  # the Python frame that made each blocking call
+    calls_of: dict = collections.defaultdict(list)
     for e in runtime:
         if e["name"] in BLOCKING_CALLS:
             blocking[e["name"]][0] += 1
             blocking[e["name"]][1] += e["dur"]
-            blocking_callers[f"{e['name']} from {_callers(frames_of.get(e.get('tid'), []), e['ts'])}"] += 1
+            calls_of[e.get("tid")].append(e)
+    for tid, calls in calls_of.items():
+        for e, callers in zip(calls, _stacks_at(frames_of.get(tid, []), [e["ts"] for e in calls], depth=3)):
+            blocking_callers[f"{e['name']} from {callers}"] += 1
     wall = window[1] - window[0]
     return {
         "window_ms": wall / 1e3,
@@ -164,6 +210,7 @@ def summarize(events: list[dict], min_gap_us: float = MIN_GAP_US) -> dict:
         "inclusive_ms": {k: v / 1e3 for k, v in inclusive.most_common()},
         "blocking_calls": {k: {"count": c, "ms": t / 1e3} for k, (c, t) in blocking.items()},
         "blocking_callers": dict(blocking_callers.most_common()),
+        "kernel_sources": kernel_sources(events),
     }
 
 
@@ -179,6 +226,9 @@ def report(summary: dict, top: int = 25) -> str:
     calls = ", ".join(f"{name} x{v['count']} ({v['ms']:.1f} ms)" for name, v in summary["blocking_calls"].items())
     lines.append(f"blocking runtime calls: {calls or 'none'}")
     lines += [f"  {count:5d} x {caller}" for caller, count in list(summary["blocking_callers"].items())[:top]]
+    lines.append("GPU time by kernel and the Python that launched it:")
+    lines += [f"  {v['ms']:8.2f} ms {v['count']:5d} x {source}"
+              for source, v in list(summary.get("kernel_sources", {}).items())[:top]]
     return "\n".join(lines)
 
 

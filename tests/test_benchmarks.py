@@ -236,6 +236,32 @@ def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_
     assert "host-bound 0.1 ms" in host_gaps.report(summary)
 
 
+def test_host_gaps_attribute_each_kernels_gpu_time_to_the_python_that_launched_it():
+    """Kernels summed by (name, the innermost frames running at their launch): two launches of one kernel from one
+    place add up, the same kernel from another place is its own entry, the autograd thread's launches get its
+    frames, a kernel without a launch in the trace (before the window) is left out."""
+    def span(cat, name, ts, dur, tid=1, correlation=None):
+        event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+        if correlation is not None:
+            event["args"] = {"correlation": correlation}
+        return event
+
+    launches = [("copy", 12, 1, 5), ("copy", 14, 1, 7), ("copy", 32, 1, 3), ("gemm", 41, 3, 40), ("gemm", 60, 1, 2)]
+    events = [span("kernel", name, 100 + i, dur, tid=7, correlation=i)
+              for i, (name, _, _, dur) in enumerate(launches)]
+    events += [span("cuda_runtime", "cudaLaunchKernel", ts, 1, tid=tid, correlation=i)
+               for i, (_, ts, tid, _) in enumerate(launches)]
+    events += [span("kernel", "earlier", 90, 4, tid=7, correlation=99),
+               span("python_function", "step", 0, 100), span("python_function", "attention", 10, 10),
+               span("python_function", "<built-in method copy_>", 11, 5), span("python_function", "mlp", 30, 5),
+               span("python_function", "backward", 40, 5, tid=3)]
+    assert host_gaps.kernel_sources(events) == {
+        "gemm from backward": {"ms": pytest.approx(0.04), "count": 1},
+        "copy from attention < step": {"ms": pytest.approx(0.012), "count": 2},
+        "copy from mlp < step": {"ms": pytest.approx(0.003), "count": 1},
+        "gemm from step": {"ms": pytest.approx(0.002), "count": 1}}
+
+
 def test_memory_peak_groups_the_blocks_live_at_the_peak_by_the_model_code_that_allocated_them():
     def frames(*sites):
         return [{"filename": "/usr/lib/python3/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"}] + [
