@@ -37,7 +37,8 @@
 # (default "transformers fastmoe"), SFT_CASE_LIMIT (seconds per case, default 240; the step stops at 590 s, so name
 # at most 590 / SFT_CASE_LIMIT cases per call), SFT_ARGS (more bench_sft.py arguments, e.g. "--logging-steps 10",
 # "--layers 8 --quantization 4bit", "--load direct", "--trace-steps 1 --trace-dir /tmp/traces": where the GPU waits
-# on the host, benchmarks/host_gaps.py's summary printed per case). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
+# on the host, benchmarks/host_gaps.py's summary printed per case, with each kernel's GPU time by the Python that
+# launched it: one by one with "--fastmoe-without-graphs --fastmoe-variants-only"). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
 # process instead (imports and Triton compilation paid once; memory freed between cases; cases that would end after
 # SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it.
 #
