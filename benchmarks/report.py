@@ -234,7 +234,8 @@ def graphs_label(r: dict) -> str:
 def long_context_variant(r: dict) -> str:
     if r["implementation"] != "fastmoe":
         return "transformers + peft"
-    eager = f", {graphs_label(r)}" if graphs_label(r) else ""
+    graphs = graphs_label(r)
+    eager = f", {graphs}" if graphs else ""
     if r.get("offload"):
         return f'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory){eager}'
     return f"fastmoe{eager}"

@@ -206,23 +206,26 @@ def test_top_kernels_rank_names_by_gpu_time_per_step():
     assert common.top_kernels(kernels, steps=2, rows=2) == [("gemm", 3.0, 1.0), ("rope", 1.5, 0.5)]
 
 
-def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_launch():
-    def span(cat, name, ts, dur, tid=1, correlation=None):
-        event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
-        if correlation is not None:
-            event["args"] = {"correlation": correlation}
-        return event
+def trace_span(cat, name, ts, dur, tid=1, correlation=None):
+    """One complete ("X") event of a torch.profiler Chrome trace."""
+    event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+    if correlation is not None:
+        event["args"] = {"correlation": correlation}
+    return event
 
+
+def test_host_gaps_attribute_idle_gpu_time_to_the_python_running_until_the_next_launch():
     kernels = [(0, 10, -5), (20, 10, 15), (30, 10, 16), (100, 10, 90), (200, 10, 105)]  # (start, length, launched)
-    events = [span("kernel", f"k{i}", ts, dur, tid=7, correlation=i) for i, (ts, dur, _) in enumerate(kernels)]
-    events += [span("cuda_runtime", "cudaLaunchKernel", launched, 1, correlation=i)
+    events = [trace_span("kernel", f"k{i}", ts, dur, tid=7, correlation=i) for i, (ts, dur, _) in enumerate(kernels)]
+    events += [trace_span("cuda_runtime", "cudaLaunchKernel", launched, 1, correlation=i)
                for i, (_, _, launched) in enumerate(kernels)]
-    events += [span("cuda_runtime", "cudaStreamSynchronize", 52, 3),
-               span("python_function", "step", -10, 230), span("python_function", "forward", 10, 40),
-               span("python_function", "slow", 12, 3), span("python_function", "optimizer", 60, 35),
-               span("python_function", "other thread", 0, 200, tid=2),
+    events += [trace_span("cuda_runtime", "cudaStreamSynchronize", 52, 3),
+               trace_span("python_function", "step", -10, 230), trace_span("python_function", "forward", 10, 40),
+               trace_span("python_function", "slow", 12, 3), trace_span("python_function", "optimizer", 60, 35),
+               trace_span("python_function", "other thread", 0, 200, tid=2),
                # autograd's device thread launches too (the backward): its frames count, labelled with the thread
-               span("cuda_runtime", "cudaGraphLaunch", 45, 1, tid=3), span("python_function", "backward", 42, 6, tid=3)]
+               trace_span("cuda_runtime", "cudaGraphLaunch", 45, 1, tid=3),
+               trace_span("python_function", "backward", 42, 6, tid=3)]
     summary = host_gaps.summarize(events)
     # Gaps [10, 20) and [40, 100) wait on launches at 15 and 90; [110, 200) ends with a kernel launched at 105.
     assert summary["gaps"] == 3 and summary["gaps_ms"] == pytest.approx(0.16)
@@ -240,21 +243,16 @@ def test_host_gaps_attribute_each_kernels_gpu_time_to_the_python_that_launched_i
     """Kernels summed by (name, the innermost frames running at their launch): two launches of one kernel from one
     place add up, the same kernel from another place is its own entry, the autograd thread's launches get its
     frames, a kernel without a launch in the trace (before the window) is left out."""
-    def span(cat, name, ts, dur, tid=1, correlation=None):
-        event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
-        if correlation is not None:
-            event["args"] = {"correlation": correlation}
-        return event
-
     launches = [("copy", 12, 1, 5), ("copy", 14, 1, 7), ("copy", 32, 1, 3), ("gemm", 41, 3, 40), ("gemm", 60, 1, 2)]
-    events = [span("kernel", name, 100 + i, dur, tid=7, correlation=i)
+    events = [trace_span("kernel", name, 100 + i, dur, tid=7, correlation=i)
               for i, (name, _, _, dur) in enumerate(launches)]
-    events += [span("cuda_runtime", "cudaLaunchKernel", ts, 1, tid=tid, correlation=i)
+    events += [trace_span("cuda_runtime", "cudaLaunchKernel", ts, 1, tid=tid, correlation=i)
                for i, (_, ts, tid, _) in enumerate(launches)]
-    events += [span("kernel", "earlier", 90, 4, tid=7, correlation=99),
-               span("python_function", "step", 0, 100), span("python_function", "attention", 10, 10),
-               span("python_function", "<built-in method copy_>", 11, 5), span("python_function", "mlp", 30, 5),
-               span("python_function", "backward", 40, 5, tid=3)]
+    events += [trace_span("kernel", "earlier", 90, 4, tid=7, correlation=99),
+               trace_span("python_function", "step", 0, 100), trace_span("python_function", "attention", 10, 10),
+               trace_span("python_function", "<built-in method copy_>", 11, 5),
+               trace_span("python_function", "mlp", 30, 5),
+               trace_span("python_function", "backward", 40, 5, tid=3)]
     assert host_gaps.kernel_sources(events) == {
         "gemm from backward": {"ms": pytest.approx(0.04), "count": 1},
         "copy from attention < step": {"ms": pytest.approx(0.012), "count": 2},
