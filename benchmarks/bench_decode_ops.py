@@ -5,7 +5,8 @@ gate; a gated MLP's gate and up), the MoE experts block (kernels/moe) at 1, 8 an
 experts, in 16 bits and in NF4 (double-quantized absmax, as load_in_4bit stores them), the experts block of one
 token in its GEMV form against the grouped GEMMs (also at LFM2-8B-A1B's experts), LFM2's short convolution of a
 decode step in one launch against PyTorch's eight, a router's linear layer and top-k in one launch against the GEMM and
-the routing kernel, and the one-program expert schedule against PyTorch's.
+the routing kernel, and the expert schedule (one program at decoding sizes, three launches at training
+sizes) against PyTorch's.
 Trinity-Mini's shapes, bf16 activations, float32 LoRA factors (r=16) cast once as decoding does
 (kernels/reused_casts.py). Times: device time of the op replayed from a CUDA graph (as the decode step runs it;
 triton's do_bench_cudagraph medians); GB/s: the bytes the op must read (the weights it touches) over the time.
@@ -436,14 +437,20 @@ def router(device: str) -> None:
 
 
 def schedule(device: str) -> None:
-    for tokens in (1, 8, 16, 64):
-        index = torch.stack([torch.randperm(128, device=device)[:8] for _ in range(tokens)])
-        kernel = common.bench_ms(lambda: sort_by_expert(index, 128, 16))
-        reference = common.bench_ms(lambda: reference_sort_by_expert(index, 128, 16))
-        graph_kernel = common.bench_graph_ms(lambda: sort_by_expert(index, 128, 16))
-        graph_reference = common.bench_graph_ms(lambda: reference_sort_by_expert(index, 128, 16))
-        print(f"schedule {tokens * 8} pairs: one program {kernel * 1e3:.1f} us (graphed {graph_kernel * 1e3:.1f}), "
-              f"PyTorch {reference * 1e3:.1f} us (graphed {graph_reference * 1e3:.1f})", flush=True)
+    # Decoding (Trinity-Mini's 128 experts, top-8, one program) and training sizes (4,096 tokens of Trinity-Mini's,
+    # LFM2-8B-A1B's and JetMoe-8B's routing, three launches), as the grouped GEMMs ask for them.
+    cases = [(tokens, 128, 8) for tokens in (1, 8, 16, 64)] + [(4096, 128, 8), (4096, 32, 4), (4096, 8, 2)]
+    for tokens, num_experts, top_k in cases:
+        index = torch.rand(tokens, num_experts, device=device).topk(top_k, dim=1).indices
+        block_m = grouped_gemm.gemm_block_m(index.device, index.numel(), num_experts)
+        builder = "one program" if index.numel() <= routing_module.ONE_PROGRAM_PAIRS else "three launches"
+        kernel = common.bench_ms(lambda: sort_by_expert(index, num_experts, block_m))
+        reference = common.bench_ms(lambda: reference_sort_by_expert(index, num_experts, block_m))
+        graph_kernel = common.bench_graph_ms(lambda: sort_by_expert(index, num_experts, block_m))
+        graph_reference = common.bench_graph_ms(lambda: reference_sort_by_expert(index, num_experts, block_m))
+        print(f"schedule {tokens * top_k} pairs over {num_experts} experts: {builder} {kernel * 1e3:.1f} us (graphed "
+              f"{graph_kernel * 1e3:.1f}), PyTorch {reference * 1e3:.1f} us (graphed {graph_reference * 1e3:.1f})",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ Ties go to the lowest expert index; the references use a stable descending sort 
 scatter into (tokens, experts), so it stays in PyTorch.
 
 ``sort_by_expert`` turns ``top_k_index`` into the schedule the grouped GEMMs of ``moe_experts`` use, on the
-device and without a host sync. In PyTorch that is about twenty small launches (sort, searchsorted, cumsum,
-gathers), nothing next to a training step's GEMMs but most of an MoE layer's launches when decoding a few tokens;
-up to ``ONE_PROGRAM_PAIRS`` (token, slot) pairs one Triton program (``_schedule_kernel``) builds the same schedule.
+device and without a host sync. In PyTorch that is about thirty small launches (a radix sort, searchsorted, cumsum,
+gathers, casts), most of an MoE layer's launches when decoding a few tokens and, at a few microseconds each, a few
+percent of a training step that builds three schedules per layer and recomputes them (JetMoe). Up to
+``ONE_PROGRAM_PAIRS`` (token, slot) pairs one Triton program (``_schedule_kernel``) builds the same schedule; beyond,
+three launches (``_schedule_in_chunks``: a counting sort over chunks of pairs).
 """
 
 from __future__ import annotations
@@ -508,6 +510,107 @@ def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: 
                           num_experts, top_k)
 
 
+# Past ONE_PROGRAM_PAIRS, three launches build the schedule: each chunk of pairs counts its experts, one program
+# turns the counts into every chunk's first row per expert and the tiles, each chunk places its pairs. A chunk's
+# (pairs, experts) one-hot matrix holds at most this many elements (registers, not spills).
+_CHUNK_ELEMENTS = 8192
+CHUNKED_SCHEDULE_MAX_EXPERTS = 512
+
+
+@triton.jit
+def _chunk_expert_counts_kernel(index_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr,
+                                BLOCK_E: tl.constexpr):
+    """chunk_counts[chunk, e] = how many of the chunk's pairs chose expert e."""
+    chunk = tl.program_id(0)
+    offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_e = tl.arange(0, BLOCK_E)
+    expert = tl.load(index_ptr + offs_p, mask=offs_p < num_pairs, other=-1).to(tl.int32)
+    counts = tl.sum((expert[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + chunk * BLOCK_E + offs_e, counts)
+
+
+@triton.jit
+def _chunk_starts_and_tiles_kernel(
+    chunk_counts_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
+    num_chunks, num_pairs, num_experts, max_tiles, block_m,
+    BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: the experts' row offsets, each chunk's first sorted row per expert (written over its counts),
+    and the row tiles."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, BLOCK_C)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        rows = c0 + offs_c
+        block = tl.load(chunk_counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :], mask=rows[:, None] < num_chunks,
+                        other=0)
+        counts += tl.sum(block, axis=0)
+    starts = tl.cumsum(counts, axis=0) - counts
+    tl.store(expert_offsets_ptr + offs_e, starts, mask=offs_e < num_experts)
+    tl.store(expert_offsets_ptr + num_experts, num_pairs)
+    # Each chunk's rows of expert e begin after the earlier chunks' (a stable sort: by pair within an expert).
+    # Every program reads its block before writing it: no barrier needed.
+    running = starts
+    for c0 in range(0, num_chunks, BLOCK_C):
+        rows = c0 + offs_c
+        pointers = chunk_counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :]
+        block = tl.load(pointers, mask=rows[:, None] < num_chunks, other=0)
+        tl.store(pointers, running[None, :] + tl.cumsum(block, axis=0) - block, mask=rows[:, None] < num_chunks)
+        running += tl.sum(block, axis=0)
+    tiles = (counts + block_m - 1) // block_m  # experts past num_experts count no pairs: no tiles
+    tile_end = tl.cumsum(tiles, axis=0)
+    first_tile = tile_end - tiles
+    for t0 in range(0, max_tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        # The expert whose tiles hold tile t: how many experts' tiles end at or before it (searchsorted, right).
+        expert = tl.sum((tile_end[None, :] <= offs_t[:, None]).to(tl.int32), axis=1)
+        mine = offs_e[None, :] == expert[:, None]
+        row_start = (tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
+                     + (offs_t - tl.sum(tl.where(mine, first_tile[None, :], 0), axis=1)) * block_m)
+        valid = expert < num_experts
+        tl.store(tile_expert_ptr + offs_t, tl.where(valid, expert, -1), mask=offs_t < max_tiles)
+        tl.store(tile_row_start_ptr + offs_t, tl.where(valid, row_start, 0), mask=offs_t < max_tiles)
+
+
+@triton.jit
+def _place_pairs_kernel(index_ptr, chunk_starts_ptr, sorted_pair_ptr, sorted_token_ptr, num_pairs,
+                        TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each pair at its chunk's first row of its expert plus its rank among the chunk's earlier pairs of it."""
+    chunk = tl.program_id(0)
+    offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_e = tl.arange(0, BLOCK_E)
+    valid = offs_p < num_pairs
+    expert = tl.load(index_ptr + offs_p, mask=valid, other=-1).to(tl.int32)
+    one_hot = (expert[:, None] == offs_e[None, :]).to(tl.int32)
+    rank = tl.sum((tl.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
+    position = tl.load(chunk_starts_ptr + chunk * BLOCK_E + expert, mask=valid, other=0) + rank
+    tl.store(sorted_pair_ptr + position, offs_p, mask=valid)
+    tl.store(sorted_token_ptr + position, offs_p // TOP_K, mask=valid)
+
+
+def _schedule_in_chunks(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertSchedule:
+    num_tokens, top_k = top_k_index.shape
+    num_pairs = num_tokens * top_k
+    max_tiles = tile_bound(num_pairs, num_experts, block_m)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_p = min(1024, max(16, _CHUNK_ELEMENTS // block_e))
+    num_chunks = triton.cdiv(num_pairs, block_p)
+    index = top_k_index.reshape(-1).contiguous()
+    sorted_pair, sorted_token = (index.new_empty(num_pairs, dtype=torch.int32) for _ in range(2))
+    expert_offsets = index.new_empty(num_experts + 1, dtype=torch.int32)
+    tile_expert, tile_row_start = (index.new_empty(max_tiles, dtype=torch.int32) for _ in range(2))
+    chunk_counts = index.new_empty(num_chunks, block_e, dtype=torch.int32)  # then each chunk's first rows
+    _chunk_expert_counts_kernel[(num_chunks,)](index, chunk_counts, num_pairs, BLOCK_P=block_p, BLOCK_E=block_e)
+    _chunk_starts_and_tiles_kernel[(1,)](
+        chunk_counts, expert_offsets, tile_expert, tile_row_start, num_chunks, num_pairs, num_experts, max_tiles,
+        block_m, BLOCK_C=min(max(16, _CHUNK_ELEMENTS // block_e), max(16, triton.next_power_of_2(num_chunks))),
+        BLOCK_E=block_e, BLOCK_T=64)
+    _place_pairs_kernel[(num_chunks,)](index, chunk_counts, sorted_pair, sorted_token, num_pairs, TOP_K=top_k,
+                                       BLOCK_P=block_p, BLOCK_E=block_e)
+    return ExpertSchedule(sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m,
+                          num_experts, top_k)
+
+
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 64) -> ExpertSchedule:
     """(tokens, k) expert indices -> ExpertSchedule with row tiles of block_m rows.
 
@@ -515,9 +618,11 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int = 6
     in memory. The number of tiles is only known on the device; the grid is sized by its bound
     tile_bound(T*K, E, block_m) and surplus tiles carry expert -1 and exit at once.
     """
-    if (top_k_index.numel() <= ONE_PROGRAM_PAIRS and not torch.compiler.is_compiling()
-            and use_triton(top_k_index)):
-        return _schedule_one_program(top_k_index, num_experts, block_m)
+    if not torch.compiler.is_compiling() and use_triton(top_k_index):
+        if top_k_index.numel() <= ONE_PROGRAM_PAIRS:
+            return _schedule_one_program(top_k_index, num_experts, block_m)
+        if num_experts <= CHUNKED_SCHEDULE_MAX_EXPERTS:
+            return _schedule_in_chunks(top_k_index, num_experts, block_m)
     return reference_sort_by_expert(top_k_index, num_experts, block_m)
 
 

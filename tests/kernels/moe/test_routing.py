@@ -230,14 +230,40 @@ def test_one_program_schedule_is_the_reference_schedule(num_tokens, num_experts,
         assert getattr(got, name).dtype == torch.int32
 
 
-def test_the_one_program_schedule_runs_only_up_to_its_pair_count(monkeypatch):
+# Chunks of 512 pairs at 8 experts, of 64 at 128 (the second: 75 chunks, two blocks of chunks in the middle
+# program); 37 experts round up to 64 columns; top-k 1; 5 experts all used.
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
+                         [(1000, 8, 2, 128), (600, 128, 8, 16), (300, 37, 4, 64), (700, 5, 1, 16), (65, 8, 2, 4)])
+def test_chunked_schedule_is_the_reference_schedule(num_tokens, num_experts, top_k, block_m):
+    """Past ONE_PROGRAM_PAIRS three launches build the schedule (chunk counts, offsets and tiles, placement):
+    exactly PyTorch's, experts without tokens included."""
+    torch.manual_seed(num_tokens)
+    used = max(1, num_experts // 2) if top_k <= num_experts // 2 else num_experts
+    index = torch.stack([torch.randperm(used)[:top_k] for _ in range(num_tokens)])
+    index[0, 0] = num_experts - 1
+    assert index.numel() > ONE_PROGRAM_PAIRS
+    got = routing._schedule_in_chunks(index, num_experts, block_m)
+    expected = reference_sort_by_expert(index, num_experts, block_m)
+    for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        assert getattr(got, name).dtype == torch.int32
+
+
+def test_each_schedule_builder_runs_at_its_sizes(monkeypatch):
+    """One program up to ONE_PROGRAM_PAIRS pairs, the chunked kernels beyond up to CHUNKED_SCHEDULE_MAX_EXPERTS
+    experts, PyTorch past that."""
     calls = []
-    monkeypatch.setattr(routing, "_schedule_one_program", lambda *a: calls.append(1) or reference_sort_by_expert(*a))
+    for builder in ("_schedule_one_program", "_schedule_in_chunks"):
+        monkeypatch.setattr(routing, builder,
+                            lambda *a, name=builder: calls.append(name) or reference_sort_by_expert(*a))
+    monkeypatch.setattr(routing, "reference_sort_by_expert",
+                        lambda *a, original=reference_sort_by_expert: calls.append("torch") or original(*a))
     small = torch.randint(0, 8, (ONE_PROGRAM_PAIRS // 2, 2))
     large = torch.randint(0, 8, (ONE_PROGRAM_PAIRS // 2 + 1, 2))
     sort_by_expert(small, 8, 16)
     sort_by_expert(large, 8, 16)
-    assert len(calls) == 1
+    sort_by_expert(large, routing.CHUNKED_SCHEDULE_MAX_EXPERTS + 1, 16)
+    assert calls == ["_schedule_one_program", "_schedule_in_chunks", "torch"]
 
 
 @gpu
@@ -258,6 +284,21 @@ def test_one_program_schedule_on_gpu(num_tokens):
     torch.manual_seed(num_tokens)
     index = torch.stack([torch.randperm(128)[:8] for _ in range(num_tokens)]).cuda()
     got, expected = sort_by_expert(index, 128, 64), reference_sort_by_expert(index, 128, 64)
+    for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(4096, 128, 8, 128), (4096, 32, 4, 128),
+                                                                  (4096, 8, 2, 128), (16384, 8, 2, 128), (333, 60, 4, 64)])
+def test_chunked_schedule_on_gpu(num_tokens, num_experts, top_k, block_m):
+    """The training sizes (Trinity-Mini's, LFM2-8B-A1B's, JetMoe's routing of 4,096 and 16,384 tokens) exactly as
+    PyTorch sorts them."""
+    torch.manual_seed(num_tokens)
+    index = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=1).indices
+    got = sort_by_expert(index, num_experts, block_m)
+    expected = reference_sort_by_expert(index, num_experts, block_m)
     for name in ("sorted_pair", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
