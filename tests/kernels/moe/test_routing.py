@@ -290,8 +290,9 @@ def test_one_program_schedule_on_gpu(num_tokens):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(4096, 128, 8, 128), (4096, 32, 4, 128),
-                                                                  (4096, 8, 2, 128), (16384, 8, 2, 128), (333, 60, 4, 64)])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
+                         [(4096, 128, 8, 128), (4096, 32, 4, 128), (4096, 8, 2, 128), (16384, 8, 2, 128),
+                          (333, 60, 4, 64)])
 def test_chunked_schedule_on_gpu(num_tokens, num_experts, top_k, block_m):
     """The training sizes (Trinity-Mini's, LFM2-8B-A1B's, JetMoe's routing of 4,096 and 16,384 tokens) exactly as
     PyTorch sorts them."""
