@@ -4,6 +4,10 @@ Each element pairs with one partner: (j, j + dim/2) for half rotation, (2j, 2j +
 contiguous rows and de-interleaved in registers). Both members of every pair are in registers, so one program
 rotates a whole (batch, position) row of heads. The pair helpers here are shared with qk_norm_rope.
 Backward is the transposed rotation, the same kernel with BACKWARD set; it needs only cos and sin, not x.
+
+``apply_rope_swapping_heads`` is RoPE on heads that come as (a, b) pairs, written in (b, a) order: JetMoe's queries,
+(slot, kv head) from its attention experts, read by grouped-query attention as (kv head, slot). The rotation and the
+regrouping then make one pass over the queries instead of two.
 """
 
 from __future__ import annotations
@@ -194,6 +198,68 @@ def _gradients(ctx, backward, dy):
 
 
 _rope = KernelOp("rope", _rope_forward, _rope_fake, _setup_context, _gradients, _rope_backward, _rope_fake)
+
+
+def reference_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                  interleaved: bool) -> torch.Tensor:
+    """x (batch, seq, a, b, head_dim), cos/sin (batch or 1, seq, head_dim) -> RoPE'd (batch, seq, b, a, head_dim)
+    contiguous, in x's dtype."""
+    batch, seq, a, b, dim = x.shape
+    heads = x.reshape(batch, seq, a * b, dim).transpose(1, 2)
+    rotated = reference_rope(heads, cos, sin, interleaved).transpose(1, 2).reshape(batch, seq, a, b, dim)
+    return rotated.transpose(2, 3).contiguous()
+
+
+def _launch_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                                backward: bool) -> torch.Tensor:
+    """x (batch, seq, a, b, dim) -> (batch, seq, b, a, dim) contiguous: the rope kernel over tokens (its batch axis),
+    a (its sequence axis: every a of a token has the token's angle) and b (its heads)."""
+    batch, seq, a, b, dim = x.shape
+    if x.stride(-1) != 1 or x.stride(0) != seq * x.stride(1):  # tokens one stride apart
+        x = x.contiguous()
+    cos, sin = broadcast_cos_sin(cos, sin, batch)
+    if batch > 1 and cos.stride(0) != seq * cos.stride(1):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = x.new_empty(batch, seq, b, a, dim)
+    block_h, block_half, num_warps = rope_tile(b, dim)
+    _rope_kernel[(batch * seq * a, triton.cdiv(b, block_h))](
+        x, cos, sin, y,
+        x.stride(1), x.stride(3), x.stride(2), y.stride(1), y.stride(2), y.stride(3), cos.stride(1), 0,
+        a, b, dim, dim // 2,
+        INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    return y
+
+
+def _rope_swapping_heads_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                 interleaved: bool) -> torch.Tensor:
+    return _launch_rope_swapping_heads(x, cos, sin, interleaved, backward=False)
+
+
+def _rope_swapping_heads_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                  interleaved: bool) -> torch.Tensor:
+    # dy is laid out (batch, seq, b, a, dim): the same swap takes it back to x's (a, b) order.
+    return _launch_rope_swapping_heads(dy, cos, sin, interleaved, backward=True)
+
+
+def _swapped_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    batch, seq, a, b, dim = x.shape
+    return x.new_empty(batch, seq, b, a, dim)
+
+
+_rope_swapping_heads = KernelOp("rope_swapping_heads", _rope_swapping_heads_forward, _swapped_fake, _setup_context,
+                                _gradients, _rope_swapping_heads_backward, _swapped_fake)
+
+
+def apply_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              interleaved: bool = False) -> torch.Tensor:
+    """x (batch, seq, a, b, head_dim): heads as (a, b) pairs, cos/sin (batch or 1, seq, head_dim)
+    -> RoPE'd (batch, seq, b, a, head_dim) contiguous. head_dim must be even; cos and sin receive no gradient."""
+    if x.shape[-1] % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    if use_triton(x, cos, sin):
+        return _rope_swapping_heads(x, cos, sin, interleaved)
+    return reference_rope_swapping_heads(x, cos, sin, interleaved)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ from fastmoe.kernels.moe import (
     route_softmax_topk,
     router_topk,
 )
-from fastmoe.kernels.rope import apply_rope
+from fastmoe.kernels.rope import apply_rope, apply_rope_swapping_heads
 from fastmoe.linear_lora import is_silu
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (add_rms_norm, decoder_layer_patch, residual_plus_feed_forward, rms_norm_forward,
@@ -171,8 +171,8 @@ class _SwapMiddleAxes(torch.autograd.Function):
 
 
 def swap_middle_axes(x: torch.Tensor) -> torch.Tensor:
-    """(rows, a, b, d) -> (rows, b, a, d) contiguous, differentiable: JetMoe's (slot, kv head) query heads into the
-    (kv head, slot) order grouped-query attention reads, and its output back."""
+    """(rows, a, b, d) -> (rows, b, a, d) contiguous, differentiable: JetMoe's attention output from the (kv head, slot)
+    order of grouped-query attention back to (slot, kv head)."""
     return _SwapMiddleAxes.apply(x)
 
 
@@ -184,26 +184,25 @@ def attention_forward(self: hf.JetMoeAttention, hidden_states, attention_mask=No
     query, router_logits, routing = self.experts.map(hidden_states)
     key, value = self.kv_proj(hidden_states).chunk(2, dim=-1)
     cos, sin = position_embeddings
-    # Query heads are (slot, kv head) flattened: slot k's expert query sees kv head h as head k * kv_heads + h.
-    query = apply_rope(query.view(hidden_shape).transpose(1, 2), cos, sin)
     key = apply_rope(key.view(hidden_shape).transpose(1, 2), cos, sin)
     value = value.view(hidden_shape).transpose(1, 2)
 
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
 
+    # Query heads are (slot, kv head) flattened: slot k's expert query sees kv head h as head k * kv_heads + h.
     if isinstance(attention_mask, FlashCausal):  # no mask was built: see mask_layout_patches
         # Flash reads grouped query heads, head h with kv head h // top_k: the (slot, kv head) order becomes (kv head,
-        # slot) for it and back for the output, instead of copying keys and values top_k times. The regrouped copy is
-        # laid out (batch, seq, heads, head_dim), as the other families' queries and flash's token layout are.
-        batch, _, seq, head_dim = query.shape
-        # query is laid out (batch, seq, slot, kv head, head_dim) (apply_rope keeps its input's layout).
-        grouped = swap_middle_axes(query.transpose(1, 2).reshape(batch * seq, self.top_k, -1, head_dim))
-        grouped = grouped.view(batch, seq, -1, head_dim).transpose(1, 2)
+        # slot) for it (in the rotation's pass) and back for the output, instead of copying keys and values top_k
+        # times. Both are laid out (batch, seq, heads, head_dim), as the other families' queries and flash's tokens.
+        batch, seq = input_shape
+        grouped = apply_rope_swapping_heads(query.view(batch, seq, self.top_k, -1, self.head_dim), cos, sin)
+        grouped = grouped.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         output = flash_causal_attention(grouped, key, value, attention_mask, self.scaling)
-        output = swap_middle_axes(output.reshape(batch * seq, -1, self.top_k, head_dim))
-        output, attn_weights = output.view(batch, seq, self.top_k, -1, head_dim), None
+        output = swap_middle_axes(output.reshape(batch * seq, -1, self.top_k, self.head_dim))
+        output, attn_weights = output.view(batch, seq, self.top_k, -1, self.head_dim), None
     else:
+        query = apply_rope(query.view(hidden_shape).transpose(1, 2), cos, sin)
         # Tiled (repeat), not interleaved as GQA would, to match that head order; the module's
         # num_key_value_groups is 1 so the attention functions repeat nothing more.
         output, attn_weights = transformers_attention(self, hf, query, key.repeat(1, self.top_k, 1, 1),

@@ -37,7 +37,7 @@ from fastmoe.kernels.moe import (
 )
 from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
-from fastmoe.kernels.rope import apply_rope
+from fastmoe.kernels.rope import apply_rope, apply_rope_swapping_heads
 from fastmoe.kernels.short_conv import short_conv
 from testing_utils import rel_err
 
@@ -177,6 +177,12 @@ def rope_case(interleaved):
     return (lambda x: apply_rope(x.transpose(1, 2), cos, sin, interleaved)), [randn(2, 5, 3, 8, grad=True)]
 
 
+def rope_swapping_heads_case():
+    cos, sin = randn(1, 5, 8, seed=2), randn(1, 5, 8, seed=3)
+    # (batch, seq, a, b, dim): JetMoe's (slot, kv head) queries
+    return (lambda x: apply_rope_swapping_heads(x, cos, sin)), [randn(2, 5, 2, 3, 8, grad=True)]
+
+
 def short_conv_case(bias):
     return short_conv, [randn(2, 7, 30, grad=True), randn(10, 1, 3, grad=True, seed=1),
                         randn(10, grad=True, seed=2) if bias else None]
@@ -212,6 +218,7 @@ CASES = {
                                     [randn(2, 3, 4, 10, grad=True), randn(4, 10, grad=True)]),
     "rope": lambda: rope_case(False),
     "rope_interleaved": lambda: rope_case(True),
+    "rope_swapping_heads": rope_swapping_heads_case,
     "qk_norm_rope": lambda: qk_norm_rope_case("rms", False, False),
     "qk_layer_norm_rope_interleaved": lambda: qk_norm_rope_case("layer", True, True),
     "qk_norm_without_rope": lambda: qk_norm_rope_case("rms", False, True, rope=False),

@@ -4,7 +4,8 @@ from transformers import AfmoeConfig, CohereConfig
 from transformers.models.afmoe import modeling_afmoe
 from transformers.models.cohere import modeling_cohere
 
-from fastmoe.kernels.rope import apply_rope, reference_rope
+from fastmoe.kernels.rope import (apply_rope, apply_rope_swapping_heads, reference_rope,
+                                  reference_rope_swapping_heads)
 from testing_utils import rel_err
 
 # (batch, q heads, kv heads, seq, head_dim): odd seq, GQA-like kv heads, head_dim not a power of two.
@@ -124,3 +125,23 @@ def test_bf16_gpu(shape, interleaved):
     )
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("batch,seq,a,b,dim,cos_batch",
+                         [(1, 7, 2, 3, 40, 1), (2, 5, 3, 2, 24, 2), (2, 3, 1, 20, 130, 1)])
+def test_rope_swapping_heads(batch, seq, a, b, dim, cos_batch, interleaved):
+    """RoPE with (a, b) heads written in (b, a) order (JetMoe's queries): values and gradients of the reference
+    (RoPE, then the transpose), for per-batch and broadcast cos/sin; 20 heads of 130 span two head blocks."""
+    torch.manual_seed(seq * a)
+    x = torch.randn(batch, seq, a * b * dim).view(batch, seq, a, b, dim)
+    cos, sin = torch.randn(cos_batch, seq, dim), torch.randn(cos_batch, seq, dim)
+    dy = torch.randn(batch, seq, b, a, dim)
+    got = run(lambda t: (apply_rope_swapping_heads(t, cos, sin, interleaved),), [x], [dy])
+    want = run(lambda t: (reference_rope_swapping_heads(t, cos, sin, interleaved),), [x], [dy])
+    heads = x.reshape(batch, seq, a * b, dim).transpose(1, 2)
+    plain = reference_rope(heads, cos, sin, interleaved).transpose(1, 2).reshape(batch, seq, a, b, dim)
+    assert torch.equal(want[0], plain.transpose(2, 3).contiguous())
+    assert got[0].shape == (batch, seq, b, a, dim) and got[0].is_contiguous()
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
