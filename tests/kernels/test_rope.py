@@ -145,3 +145,17 @@ def test_rope_swapping_heads(batch, seq, a, b, dim, cos_batch, interleaved):
     assert got[0].shape == (batch, seq, b, a, dim) and got[0].is_contiguous()
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rope_swapping_heads_bf16_gpu():
+    """JetMoe-8B's queries (2 slots of 16 kv heads of 128) in bf16 against the fp32 reference."""
+    x = torch.randn(1, 1023, 2, 16, 128, device="cuda")
+    cos, sin = hf_cos_sin(False, 1, 32, 1023, 128, device="cuda")
+    dy = torch.randn(1, 1023, 16, 2, 128, device="cuda")
+    want = run(lambda t: (reference_rope_swapping_heads(t, cos, sin, False),), [x], [dy])
+    got = run(lambda t: (apply_rope_swapping_heads(t, cos.bfloat16(), sin.bfloat16(), False),), [x.bfloat16()],
+              [dy.bfloat16()])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-2
