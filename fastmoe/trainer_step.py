@@ -34,12 +34,16 @@ on the first step, and one check of accelerate's, for any model, with one that g
   evaluation and checkpoint saving see the user's setting). With it (and the fused LM head's syncs moved before the
   forward, fastmoe.trl_fused_head), LFM2-8B-A1B's traced step on an H100 went from 143 to 133 ms and its host-bound
   time from 14.5 to 7.8 ms (benchmarks/host_gaps.py over bench_sft.py's traces).
+* accelerate's batch copies: its loader moves each batch to the GPU with non_blocking=False unless the user's
+  `accelerator_config` asks otherwise, a copy and a stream sync that wait for the previous step's work; for a
+  fastmoe model it copies from pinned memory without the sync while an epoch runs.
 
 Any other model, and every case not named here, runs the Trainer's own methods.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -208,32 +212,67 @@ def _filters_loss_on_device(trainer) -> bool:
 
 
 def run_epoch(self, *args, **kwargs):
-    """transformers' Trainer._run_epoch with its nan/inf loss filter on the device for a fastmoe model (module
-    docstring): the step's loss as the loop would add it, and no sync on it."""
+    """transformers' Trainer._run_epoch for a fastmoe model with its nan/inf loss filter on the device and its
+    batches copied to the GPU without waiting for it (module docstring)."""
     from transformers import Trainer
 
     run = original(Trainer, "_run_epoch")
-    if not _filters_loss_on_device(self):
+    train_dataloader = kwargs.get("train_dataloader", args[2] if len(args) > 2 else None)
+    with _loss_filtered_on_device(self), _batches_copied_asynchronously(self, train_dataloader):
         return run(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _loss_filtered_on_device(trainer):
+    """While the epoch runs, the loop receives each step's loss through nan_inf_filtered and its own check is off."""
+    if not _filters_loss_on_device(trainer):
+        yield
+        return
     # The outermost training_step, whichever trainer subclass defines it: what the loop adds is what it returns.
-    own_step = self.__dict__.get("training_step")
-    step = self.training_step
+    own_step = trainer.__dict__.get("training_step")
+    step = trainer.training_step
 
     def training_step(*step_args, **step_kwargs):
-        return nan_inf_filtered(self, step(*step_args, **step_kwargs))
+        return nan_inf_filtered(trainer, step(*step_args, **step_kwargs))
 
-    self.training_step = training_step
-    self.__dict__[_FILTERING] = True
-    self.args.logging_nan_inf_filter = False
+    trainer.training_step = training_step
+    trainer.__dict__[_FILTERING] = True
+    trainer.args.logging_nan_inf_filter = False
     try:
-        return run(self, *args, **kwargs)
+        yield
     finally:
-        self.args.logging_nan_inf_filter = True
-        del self.__dict__[_FILTERING]
+        trainer.args.logging_nan_inf_filter = True
+        del trainer.__dict__[_FILTERING]
         if own_step is None:
-            del self.__dict__["training_step"]
+            del trainer.__dict__["training_step"]
         else:
-            self.training_step = own_step
+            trainer.training_step = own_step
+
+
+def _copies_batches_asynchronously(trainer, dataloader) -> bool:
+    """Whether the epoch's batches can be copied to the GPU without a sync: accelerate's loader that moves them
+    (`_non_blocking`), from pinned memory (whose blocks torch's host allocator keeps until their copy has run), to a
+    CUDA device, for a fastmoe model."""
+    return (dataloader is not None and hasattr(dataloader, "_non_blocking") and not dataloader._non_blocking
+            and getattr(dataloader, "pin_memory", False) and getattr(dataloader, "device", None) is not None
+            and torch.device(dataloader.device).type == "cuda" and _is_fastmoe_model(trainer.model))
+
+
+@contextlib.contextmanager
+def _batches_copied_asynchronously(trainer, dataloader):
+    """accelerate's loader copies each batch with non_blocking=False unless asked (`accelerator_config`'s
+    non_blocking): from pinned memory that is a copy followed by a stream sync, so every step's first batch copy
+    waits for the previous step's backward, clipping and optimizer to finish, and the GPU then idles while the host
+    collates the next batch and runs the forward's Python up to its first kernels. While the epoch runs, a fastmoe
+    model's loader copies them asynchronously: the same values, queued behind the previous step's work."""
+    if not _copies_batches_asynchronously(trainer, dataloader):
+        yield
+        return
+    dataloader._non_blocking = True
+    try:
+        yield
+    finally:
+        dataloader._non_blocking = False
 
 
 def nan_inf_filtered(trainer, loss: torch.Tensor) -> torch.Tensor:

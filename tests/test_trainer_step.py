@@ -232,3 +232,46 @@ def test_nan_inf_filter_on_the_device_adds_what_the_loop_would(tiny_checkpoint, 
     fastmoe.unpatch()
     from transformers import Trainer
     assert Trainer._run_epoch.__module__ == Trainer._maybe_log_save_evaluate.__module__ == "transformers.trainer"
+
+
+def test_batches_copied_without_waiting_for_the_gpu_while_the_epoch_runs(tiny_checkpoint, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """For a fastmoe model on a GPU accelerate's loader copies each batch with non_blocking=True while the epoch
+    runs (pinned memory); its own setting is back afterwards. On the CPU machine the device check is stood in for:
+    what is checked is that every batch the loop gets went through a non-blocking copy."""
+    import accelerate.data_loader
+
+    model = lora_model(tiny_checkpoint("afmoe"))
+    trainer = sft_trainer(model, tiny_tokenizer, tmp_path)
+    copies = []
+    send = accelerate.data_loader.send_to_device
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device",
+                        lambda batch, device, non_blocking=False, **kw: copies.append(non_blocking)
+                        or send(batch, device, non_blocking=non_blocking, **kw))
+    loaders = []
+    monkeypatch.setattr(trainer_step, "_copies_batches_asynchronously",
+                        lambda trainer, dataloader: loaders.append(dataloader) or True)
+    trainer.train()
+    assert len(copies) >= 2 and all(copies)
+    assert loaders and not any(loader._non_blocking for loader in loaders)
+
+
+def test_which_loaders_copy_asynchronously(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """accelerate's loader of pinned memory to a CUDA device, for a fastmoe model only; a loader already
+    non-blocking, of pageable memory, to the CPU, or for another model keeps its setting."""
+    from types import SimpleNamespace
+
+    model = lora_model(tiny_checkpoint("afmoe"))
+    trainer = SimpleNamespace(model=model)
+
+    def loader(**changes):
+        fields = dict(_non_blocking=False, pin_memory=True, device=torch.device("cuda", 0))
+        return SimpleNamespace(**{**fields, **changes})
+
+    assert trainer_step._copies_batches_asynchronously(trainer, loader())
+    assert not trainer_step._copies_batches_asynchronously(trainer, loader(pin_memory=False))
+    assert not trainer_step._copies_batches_asynchronously(trainer, loader(device=torch.device("cpu")))
+    assert not trainer_step._copies_batches_asynchronously(trainer, loader(_non_blocking=True))
+    assert not trainer_step._copies_batches_asynchronously(trainer, SimpleNamespace(pin_memory=True))
+    assert not trainer_step._copies_batches_asynchronously(SimpleNamespace(model=torch.nn.Linear(2, 2)), loader())
+    fastmoe.unpatch()
