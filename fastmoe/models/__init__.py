@@ -41,6 +41,8 @@ SHARED_OPS: dict[str, str] = {
     "trl_generation": "fastmoe.trl_generation:generation_patches",
     # The Trainer's per-step parameter count and gradient clipping, without walking every module of a fastmoe model.
     "trainer_step": "fastmoe.trainer_step:trainer_step_patches",
+    # trl's SFTTrainer metrics (entropy, token accuracy, tokens seen) read at logging steps, not after every forward.
+    "trl_sft_metrics": "fastmoe.trl_sft_metrics:sft_metrics_patches",
 }
 
 # shared op -> the model types patched with that op on.

@@ -1,0 +1,122 @@
+"""trl's SFTTrainer metrics read on the host at logging steps instead of at every step, for fastmoe models.
+
+trl's ``SFTTrainer.compute_loss`` logs the entropy and the mean token accuracy of every training step (and the number
+of tokens seen, and the router's aux loss where it is on) as Python floats: five host reads of GPU values right after
+the forward is queued (``num_valid > 0``, two ``.item()``, the attention mask's sum, and for the token count a
+gather's ``.item()``). Each waits for the forward to finish, and the GPU then idles while the host launches the
+backward (about 2.7 ms of LFM2-8B-A1B's 133 ms H100 step; benchmarks/host_gaps.py over bench_sft.py's traces).
+
+The shared op ``trl_sft_metrics`` (fastmoe.models.SHARED_OPS) runs trl's training branch of ``compute_loss`` for a
+fastmoe model with the same operations on the same values, and keeps each metric as a 0-d tensor on its device;
+``SFTTrainer.log`` reads them all in one transfer before trl averages them, where the Trainer reads its own loss
+anyway. The logged numbers are trl's, bit for bit. Evaluation, ``return_outputs``, a ``compute_loss_func``, label
+smoothing, Ulysses sequence parallelism, other loss types and other models run trl's own method.
+"""
+
+from __future__ import annotations
+
+import torch
+from packaging.version import Version
+
+from fastmoe.patching import ForwardPatch, original
+from fastmoe.trl_fused_head import TESTED_TRL
+
+# Token counts of the steps since the last log, on their device, per trainer.
+_PENDING_TOKENS = "_fastmoe_pending_token_counts"
+
+
+def sft_metrics_patches() -> list[ForwardPatch]:
+    """SFTTrainer's compute_loss and log -> the ones below (none without a tested trl)."""
+    try:
+        import trl
+        from trl import SFTTrainer
+    except ImportError:
+        return []
+    if not TESTED_TRL[0] <= Version(trl.__version__) < TESTED_TRL[1]:
+        return []
+    return [ForwardPatch(SFTTrainer, "compute_loss", compute_loss), ForwardPatch(SFTTrainer, "log", log)]
+
+
+def _keeps_metrics_on_device(trainer, return_outputs: bool) -> bool:
+    from fastmoe.trainer_step import _is_fastmoe_model
+
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    ulysses = (parallelism is not None and getattr(parallelism, "sp_enabled", False)
+               and getattr(parallelism, "sp_backend", None) == "deepspeed")
+    return (trainer.model.training and not return_outputs and trainer.compute_loss_func is None
+            and trainer.label_smoother is None and trainer.args.loss_type in ("nll", "dft") and not ulysses
+            and _is_fastmoe_model(trainer.model))
+
+
+def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """trl's SFTTrainer.compute_loss (1.16) in training, its metrics kept on the device (module docstring)."""
+    from trl import SFTTrainer
+
+    if not _keeps_metrics_on_device(self, return_outputs):
+        return original(SFTTrainer, "compute_loss")(self, model, inputs, return_outputs=return_outputs,
+                                                    num_items_in_batch=num_items_in_batch)
+    inputs["use_cache"] = False
+    if self.aux_loss_enabled:
+        inputs["output_router_logits"] = True
+    outputs = model(**inputs, fused_lm_head=True)
+    per_token_loss = -outputs.log_probs  # zero on ignored positions
+    if self.args.loss_type == "dft":
+        per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
+    num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    weighted_aux_loss = self.router_aux_loss_coef * outputs.aux_loss if self.aux_loss_enabled else None
+    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+    if weighted_aux_loss is not None:
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + weighted_aux_loss / steps
+
+    gather = self.accelerator.gather_for_metrics
+    metrics = self._metrics["train"]
+    num_valid = gather(outputs.label_mask.sum()).sum()
+    entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+    num_correct = gather(outputs.is_top1.sum()).sum()
+    # trl: (sum / num_valid).item() if num_valid > 0 else 0.0; the division's value where it is taken.
+    any_valid = num_valid > 0
+    metrics["entropy"].append(torch.where(any_valid, entropy_sum / num_valid, 0.0))
+    metrics["mean_token_accuracy"].append(torch.where(any_valid, num_correct / num_valid, 0.0))
+    if "attention_mask" in inputs:
+        count = gather(inputs["attention_mask"].sum()).sum()
+    elif "position_ids" in inputs:
+        local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        count = gather(local).sum()
+    else:
+        raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+    self.__dict__.setdefault(_PENDING_TOKENS, []).append(count // self._tp_size)
+    metrics["num_tokens"] = [self._total_train_tokens]  # in trl's key order; the total is read at the log
+    if self.aux_loss_enabled:
+        metrics["aux_loss"].append(gather(outputs.aux_loss.detach()).mean())
+    return loss
+
+
+def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    """trl's SFTTrainer.log, after the metrics kept on the device are read (one transfer)."""
+    from trl import SFTTrainer
+
+    read_device_metrics(self)
+    return original(SFTTrainer, "log")(self, logs, start_time)
+
+
+def read_device_metrics(trainer) -> None:
+    """The metrics compute_loss kept as tensors -> the Python numbers trl would have appended, and the pending token
+    counts into trl's running total (its "num_tokens" metric)."""
+    metrics = trainer._metrics["train"]
+    pending = trainer.__dict__.pop(_PENDING_TOKENS, [])
+    kept = [(key, i) for key, values in metrics.items() for i, value in enumerate(values)
+            if isinstance(value, torch.Tensor)]
+    if not kept and not pending:
+        return
+    # float64 holds every fp32 value and every count below 2**53 exactly: one transfer for all of them.
+    numbers = torch.stack([metrics[key][i].double() for key, i in kept]
+                          + [count.double() for count in pending]).tolist()
+    for (key, i), number in zip(kept, numbers):
+        metrics[key][i] = number
+    for number in numbers[len(kept):]:
+        trainer._total_train_tokens += int(number)
+    if pending:
+        metrics["num_tokens"] = [trainer._total_train_tokens]
