@@ -93,15 +93,21 @@ def test_logged_history_is_trls_without_host_reads_in_compute_loss(tiny_checkpoi
     assert trl.SFTTrainer.compute_loss.__module__ == "trl.trainer.sft_trainer"
 
 
-def test_other_models_and_calls_run_trls_compute_loss(tiny_checkpoint, tiny_tokenizer, tmp_path):
-    """A model of no patched family, evaluation and return_outputs take trl's own method."""
+def training_afmoe(tiny_checkpoint, tiny_tokenizer, output_dir):
+    """(model, SFTTrainer) of a tiny AFMoE with the op on, the model in training mode."""
     model = lora_model(tiny_checkpoint("afmoe"), metrics_op=True)
     records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:2]]
-    config = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+    config = trl.SFTConfig(output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none",
                            gradient_checkpointing=False, per_device_train_batch_size=2)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
                              processing_class=tiny_tokenizer)
     model.train()
+    return model, trainer
+
+
+def test_other_models_and_calls_run_trls_compute_loss(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """A model of no patched family, evaluation and return_outputs take trl's own method."""
+    model, trainer = training_afmoe(tiny_checkpoint, tiny_tokenizer, tmp_path)
     assert trl_sft_metrics._keeps_metrics_on_device(trainer, return_outputs=False)
     assert not trl_sft_metrics._keeps_metrics_on_device(trainer, return_outputs=True)
     model.eval()
@@ -119,13 +125,7 @@ def test_metrics_of_given_outputs_are_trls(tiny_checkpoint, tiny_tokenizer, tmp_
     read the metrics and tokens seen, are trl's."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    model = lora_model(tiny_checkpoint("afmoe"), metrics_op=True)
-    records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:2]]
-    config = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
-                           gradient_checkpointing=False, per_device_train_batch_size=2)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
-                             processing_class=tiny_tokenizer)
-    model.train()
+    model, trainer = training_afmoe(tiny_checkpoint, tiny_tokenizer, tmp_path)
     generator = torch.Generator().manual_seed(3)
     label_mask = torch.rand(2, 7, generator=generator) > (1.0 if case == "none valid" else 0.3)
     log_probs = -torch.rand(2, 7, generator=generator, requires_grad=True)
