@@ -275,3 +275,38 @@ def test_which_loaders_copy_asynchronously(tiny_checkpoint, tiny_tokenizer, tmp_
     assert not trainer_step._copies_batches_asynchronously(trainer, SimpleNamespace(pin_memory=True))
     assert not trainer_step._copies_batches_asynchronously(SimpleNamespace(model=torch.nn.Linear(2, 2)), loader())
     fastmoe.unpatch()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batches_copied_asynchronously_train_as_before(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    """On the GPU the loader's own check lets a fastmoe model's batches go non-blocking (pinned memory, the Trainer's
+    default), and the logged losses are those of blocking copies."""
+    import accelerate.data_loader
+    import trl
+
+    def run(op_on: bool, output_dir):
+        model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.float32, max_seq_length=64,
+                                             device_map="cuda", fast_ops={"trainer_step": op_on})
+        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        randomize_lora(model)
+        records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:6]]
+        config = trl.SFTConfig(output_dir=str(output_dir), bf16=False, max_steps=3, per_device_train_batch_size=2,
+                               optim="sgd", learning_rate=0.1, logging_steps=1, report_to="none", save_strategy="no",
+                               gradient_checkpointing=False, seed=0, data_seed=0, disable_tqdm=True)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
+                                 processing_class=tiny_tokenizer)
+        copies = []
+        send = accelerate.data_loader.send_to_device
+        with monkeypatch.context() as patches:
+            patches.setattr(accelerate.data_loader, "send_to_device",
+                            lambda batch, device, non_blocking=False, **kw: copies.append(non_blocking)
+                            or send(batch, device, non_blocking=non_blocking, **kw))
+            trainer.train()
+        fastmoe.unpatch()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], copies
+
+    expected, blocking = run(False, tmp_path / "blocking")
+    losses, copies = run(True, tmp_path / "fast")
+    assert blocking and not any(blocking) and copies and all(copies)
+    assert losses == pytest.approx(expected, rel=1e-5)

@@ -14,8 +14,8 @@ from testing_utils import randomize_lora
 pytestmark = pytest.mark.usefixtures("kernel_references")
 
 
-def lora_model(checkpoint, metrics_op: bool):
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64,
+def lora_model(checkpoint, metrics_op: bool, device: str = "cpu"):
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64, device_map=device,
                                          fast_ops={"trl_sft_metrics": metrics_op})
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora(model)
@@ -48,10 +48,10 @@ class HostReads:
         return counted
 
 
-def train(model, tokenizer, output_dir, monkeypatch, loss_type="nll"):
+def train(model, tokenizer, output_dir, monkeypatch, loss_type="nll", device="cpu"):
     records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:10]]
     config = trl.SFTConfig(
-        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=4, per_device_train_batch_size=2,
+        output_dir=str(output_dir), use_cpu=device == "cpu", bf16=False, max_steps=4, per_device_train_batch_size=2,
         optim="sgd", learning_rate=0.1, logging_steps=2, report_to="none", save_strategy="no",
         eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2, gradient_checkpointing=False, seed=0,
         data_seed=0, disable_tqdm=True, dataloader_num_workers=0, loss_type=loss_type)
@@ -150,4 +150,25 @@ def test_metrics_of_given_outputs_are_trls(tiny_checkpoint, tiny_tokenizer, tmp_
     assert torch.equal(got[0], expected[0])
     assert got[1:] == expected[1:] and list(got[1]) == list(expected[1])
     assert case == "none valid" or 0 < expected[1]["mean_token_accuracy"][0] < 1
+    fastmoe.unpatch()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_logged_history_is_trls(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    """On the GPU (fp32, graphed layers off: checkpointing off), the op's logged history against trl's own, to
+    fp32 tolerance (the grouped GEMMs' sums may run in another order between two runs)."""
+    checkpoint = tiny_checkpoint("qwen3_moe")
+    with monkeypatch.context() as patches:
+        expected, expected_reads, _ = train(lora_model(checkpoint, False, "cuda"), tiny_tokenizer, tmp_path / "trl",
+                                            patches, device="cuda")
+    fastmoe.unpatch()
+    with monkeypatch.context() as patches:
+        history, reads, trainer = train(lora_model(checkpoint, True, "cuda"), tiny_tokenizer, tmp_path / "fast",
+                                        patches, device="cuda")
+    assert [list(entry) for entry in history] == [list(entry) for entry in expected]
+    for got, want in zip(history, expected):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert reads == expected_reads - 4 * (5 + trainer.aux_loss_enabled)
     fastmoe.unpatch()
