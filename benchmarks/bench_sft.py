@@ -95,6 +95,8 @@ Several cases in one process, run one after the other, memory freed between them
     python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x16384,1x32768,1x65536 --memory-limit-gb 24
     python benchmarks/bench_sft.py --preset mixtral-8x7b --layers 8 --implementations fastmoe \
         --fastmoe-base-products triton,torch    # where the expert GEMMs' base products are computed (ablation)
+    python benchmarks/bench_sft.py --preset lfm2-8b-a1b --implementations fastmoe --logging-steps 1,10 \
+        --fastmoe-without-ops trainer_step,trl_sft_metrics    # the host-side ops' share of the step (ablation)
 
 CPU smoke run (tiny model, fp32, Triton kernels in the interpreter):
 
@@ -155,6 +157,9 @@ class Case:
     # inside its Triton kernels ("triton") or always by torch's grouped GEMM ("torch"):
     # fastmoe.kernels.moe.grouped_gemm.base_products
     base_products: str = "auto"
+    # fastmoe ops switched off (fastmoe.patch(model_type, op=False)), e.g. ("trainer_step", "trl_sft_metrics"): the
+    # host-side ops' share of a step, measured against the default in the same run
+    ops_off: tuple[str, ...] = ()
 
     @property
     def config_kwargs(self) -> dict:
@@ -165,6 +170,7 @@ class Case:
         graphs = {None: "", True: " (cuda_graphs=True)", False: " (cuda_graphs=False)"}[self.cuda_graphs]
         eager = (" (offloaded checkpointing)" if self.offload else "") + graphs
         eager += "" if self.base_products == "auto" else f" (base products by {self.base_products})"
+        eager += f" (without {', '.join(self.ops_off)})" if self.ops_off else ""
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
         return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
@@ -237,7 +243,8 @@ def load_checkpoint(case: Case, path: Path, device: str, dtype: torch.dtype):
     placement = {"device_map": {"": torch.cuda.current_device()}} if device == "cuda" else {}
     if case.implementation == "fastmoe":
         return FastModel.from_pretrained(str(path), max_seq_length=case.seq, dtype=dtype,
-                                         load_in_4bit=case.quantization == "4bit", **placement)
+                                         load_in_4bit=case.quantization == "4bit",
+                                         fast_ops={op: False for op in case.ops_off}, **placement)
     kwargs = dict(dtype=dtype, **placement)
     if case.config_kwargs["model_type"] in common.GROUPED_MM_FAMILIES:
         kwargs["experts_implementation"] = "grouped_mm"
@@ -256,7 +263,7 @@ def build_direct(case: Case, device: str, dtype: torch.dtype):
         return model, builtin_tokenizer(case.seq)
     config = common.make_config(case.config_kwargs)
     if case.implementation == "fastmoe":
-        common.family(config.model_type).pre_patch()
+        common.family(config.model_type).pre_patch(**{op: False for op in case.ops_off})
         from fastmoe.models.shared import EXPERTS_IMPLEMENTATION
 
         config._experts_implementation = EXPERTS_IMPLEMENTATION  # as FastModel.from_pretrained loads it
@@ -712,20 +719,26 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct" and implementation != "fastmoe":
                 parser.error("transformers' 4-bit loading quantizes while from_pretrained reads the checkpoint: use "
                              "--load checkpoint or auto with --quantization 4bit")
-            variants = [(None, False, "auto")]  # (cuda_graphs, offload, base_products)
+            variants = [(None, False, "auto", ())]  # (cuda_graphs, offload, base_products, ops_off)
             if implementation == "fastmoe":
-                asked = ([(False, False, "auto")] * args.fastmoe_without_graphs
-                         + [(True, False, "auto")] * args.fastmoe_with_graphs
-                         + [(None, True, "auto")] * args.fastmoe_offloaded
-                         + [(False, True, "auto")] * args.fastmoe_offloaded_eager
-                         + [(None, False, products) for products in args.fastmoe_base_products])
+                known_ops = common.op_names(config_kwargs["model_type"])
+                unknown = [op for op in args.fastmoe_without_ops if op not in known_ops]
+                if unknown:
+                    parser.error(f"--fastmoe-without-ops: {', '.join(unknown)} not among "
+                                 f"{config_kwargs['model_type']}'s ops: {', '.join(known_ops)}")
+                asked = ([(False, False, "auto", ())] * args.fastmoe_without_graphs
+                         + [(True, False, "auto", ())] * args.fastmoe_with_graphs
+                         + [(None, True, "auto", ())] * args.fastmoe_offloaded
+                         + [(False, True, "auto", ())] * args.fastmoe_offloaded_eager
+                         + [(None, False, products, ()) for products in args.fastmoe_base_products]
+                         + [(None, False, "auto", tuple(args.fastmoe_without_ops))] * bool(args.fastmoe_without_ops))
                 if args.fastmoe_variants_only and not asked:
                     parser.error("--fastmoe-variants-only times the variants other --fastmoe-* options ask for: "
                                  "name one (e.g. --fastmoe-offloaded)")
                 variants = asked if args.fastmoe_variants_only else variants + asked
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products)
-                      for cuda_graphs, offload, products in variants]
+                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products, ops_off)
+                      for cuda_graphs, offload, products, ops_off in variants]
     return cases
 
 
@@ -760,6 +773,10 @@ def main() -> None:
                         help="also time fastmoe with the 16-bit expert GEMMs' base products computed this way, "
                         "comma-separated: triton (inside fastmoe's kernels), torch (torch's grouped GEMM, the kernels "
                         "as its epilogue); the default run takes fastmoe's rule (grouped_gemm.products_by_torch)")
+    parser.add_argument("--fastmoe-without-ops", default="", type=lambda text: [o for o in text.split(",") if o],
+                        help="also time fastmoe with these ops switched off, comma-separated (fastmoe.models.op_names; "
+                        "e.g. trainer_step,trl_sft_metrics: the Trainer's and trl's per-step host work as they "
+                        "ship)")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--fastmoe-offloaded-eager", action="store_true", help="also time fastmoe with "

@@ -446,6 +446,13 @@ def family(model_type: str):
     return family_model(model_type)
 
 
+def op_names(model_type: str) -> tuple[str, ...]:
+    """The fastmoe ops a model type's family patches, shared ones included (what fast_ops switches)."""
+    from fastmoe.models import op_names as family_op_names
+
+    return family_op_names(model_type)
+
+
 def lora_targets(model_type: str, which: str = "default") -> dict:
     """target_modules and target_parameters of a LoRA target set: "default" is the family's own (what
     FastModel.get_peft_model adapts when given no targets), "attention-experts" attention and routed experts,

@@ -144,9 +144,11 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
                     "torch": " (fastmoe with the expert GEMMs' base products by torch's grouped GEMM)"}[
                         r.get("base_products", "auto")]
         graphs = graphs_label(r)
+        ops_off = f" (fastmoe without {', '.join(r['ops_off'])})" if r.get("ops_off") else ""
         if r.get("offload"):
-            return " (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
-        return products + (f" (fastmoe with {graphs})" if graphs else "")
+            return (" (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
+                    + ops_off)
+        return products + (f" (fastmoe with {graphs})" if graphs else "") + ops_off
 
     def memory(r: dict | None) -> str:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.

@@ -671,6 +671,38 @@ def test_sft_benchmark_times_only_the_fastmoe_variants_asked_for(monkeypatch):
         assert timed == expected
 
 
+def test_sft_benchmark_times_fastmoe_without_the_ops_named(tmp_path, monkeypatch, capsys):
+    """--fastmoe-without-ops: a fastmoe case with those ops switched off while it trains (trl's own compute_loss
+    runs), recorded with ops_off and shown on a row of its own; an op the family lacks is refused in one line."""
+    import trl
+
+    from fastmoe.kernels.dispatch import reference_only
+
+    trained_with = []
+    train = trl.SFTTrainer.train
+    monkeypatch.setattr(trl.SFTTrainer, "train", lambda self, *a, **k: trained_with.append(
+        type(self).compute_loss.__module__) or train(self, *a, **k))
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "1x32", "--steps", "1", "--warmup", "0",
+                "--profile-steps", "0", "--load", "direct", "--implementations", "transformers,fastmoe",
+                "--fastmoe-without-ops", "trainer_step,trl_sft_metrics", "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["implementation"], r["ops_off"]) for r in records] == [
+        ("transformers", []), ("fastmoe", []), ("fastmoe", ["trainer_step", "trl_sft_metrics"])]
+    assert all(r["status"] == "ok" for r in records)
+    # what trained: trl's compute_loss for transformers and the case without the ops, fastmoe's for the default
+    assert trained_with == ["trl.trainer.sft_trainer", "fastmoe.trl_sft_metrics", "trl.trainer.sft_trainer"]
+    rows = [line for line in report.render(records, include_cpu=True).split("## 1.")[1].split("## 2.")[0].splitlines()
+            if line.startswith("| afmoe-tiny")]
+    assert len(rows) == 2 and "(fastmoe without trainer_step, trl_sft_metrics)" in rows[1]
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--no-record", "--fastmoe-without-ops", "short_conv"]
+    with pytest.raises(SystemExit):
+        bench_sft.main()
+    assert "short_conv not among afmoe's ops" in capsys.readouterr().err
+
+
 def test_sft_benchmark_sets_fastmoes_allocator_in_a_process_of_fastmoe_cases_only(monkeypatch):
     """As `import fastmoe` at the top of a user's script would, before the first CUDA call: a process that times
     fastmoe only asks for expandable segments; one that also times transformers keeps PyTorch's default."""
