@@ -28,6 +28,9 @@
 #     # what bounds the NF4 GEMVs of one token's experts block: tensor cores or not, K splits, fp32 against
 #     # double-quantized absmax, without LoRA (each variant printed as timed; the compiles take minutes)
 #     python3 -P benchmarks/bench_decode_ops.py one-token-mma
+#     # the Trainer's and trl's per-step host work as fastmoe ships it, against those ops off, in one run
+#     SFT_ONE_PROCESS=1 SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct --logging-steps 1,10
+#         --fastmoe-without-ops trainer_step,trl_sft_metrics" bash benchmarks/gpu_session.sh "$OUT" sft
 #     # what is live at a step's peak (benchmarks/memory_peak.py), eager layers
 #     SFT_ARGS="--layers 8 --load direct --memory-profile 1 --trace-dir $OUT/traces --fastmoe-without-graphs" ...
 #
