@@ -2,9 +2,9 @@
 
 trl's ``SFTTrainer.compute_loss`` logs the entropy and the mean token accuracy of every training step (and the number
 of tokens seen, and the router's aux loss where it is on) as Python floats: five host reads of GPU values right after
-the forward is queued (``num_valid > 0``, two ``.item()``, the attention mask's sum, and for the token count a
-gather's ``.item()``). Each waits for the forward to finish, and the GPU then idles while the host launches the
-backward (about 2.7 ms of LFM2-8B-A1B's 133 ms H100 step; benchmarks/host_gaps.py over bench_sft.py's traces).
+the forward is queued (``num_valid > 0`` twice, the two metrics' ``.item()`` and the token count's; six with the aux
+loss). The first waits for the forward to finish, and the GPU then idles while the host launches the backward
+(about 2.7 ms of LFM2-8B-A1B's 133 ms H100 step; benchmarks/host_gaps.py over bench_sft.py's traces).
 
 The shared op ``trl_sft_metrics`` (fastmoe.models.SHARED_OPS) runs trl's training branch of ``compute_loss`` for a
 fastmoe model with the same operations on the same values, and keeps each metric as a 0-d tensor on its device;
