@@ -25,6 +25,7 @@ from .rms_norm import backward_programs, reference_rms_norm
 from .rope import (
     apply_rope,
     broadcast_cos_sin,
+    check_even_head_dim,
     load_pairs,
     pair_masks,
     reference_rope,
@@ -313,8 +314,8 @@ def qk_norm_rope(
     """
     if norm not in ("rms", "layer", None):
         raise ValueError(f"norm must be 'rms', 'layer' or None, got {norm!r}")
-    if cos is not None and x.shape[-1] % 2 != 0:
-        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    if cos is not None:
+        check_even_head_dim(x.shape[-1])
     if weight is not None and tuple(weight.shape) not in ((x.shape[-1],), tuple(x.shape[-2:])):
         raise ValueError(
             f"weight {tuple(weight.shape)} must be (head_dim,) or (heads, head_dim) for x {tuple(x.shape)}"

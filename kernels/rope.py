@@ -200,6 +200,12 @@ def _gradients(ctx, backward, dy):
 _rope = KernelOp("rope", _rope_forward, _rope_fake, _setup_context, _gradients, _rope_backward, _rope_fake)
 
 
+def check_even_head_dim(head_dim: int) -> None:
+    """RoPE rotates pairs of a head's elements: an odd head_dim has one left over."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+
+
 def reference_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                   interleaved: bool) -> torch.Tensor:
     """x (batch, seq, a, b, head_dim), cos/sin (batch or 1, seq, head_dim) -> RoPE'd (batch, seq, b, a, head_dim)
@@ -255,8 +261,7 @@ def apply_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
                               interleaved: bool = False) -> torch.Tensor:
     """x (batch, seq, a, b, head_dim): heads as (a, b) pairs, cos/sin (batch or 1, seq, head_dim)
     -> RoPE'd (batch, seq, b, a, head_dim) contiguous. head_dim must be even; cos and sin receive no gradient."""
-    if x.shape[-1] % 2 != 0:
-        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    check_even_head_dim(x.shape[-1])
     if use_triton(x, cos, sin):
         return _rope_swapping_heads(x, cos, sin, interleaved)
     return reference_rope_swapping_heads(x, cos, sin, interleaved)
@@ -268,8 +273,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
     head_dim must be even. cos and sin receive no gradient.
     """
-    if x.shape[-1] % 2 != 0:
-        raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
+    check_even_head_dim(x.shape[-1])
     if use_triton(x, cos, sin):
         return _rope(x, cos, sin, interleaved)
     return reference_rope(x, cos, sin, interleaved)

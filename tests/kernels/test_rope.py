@@ -93,6 +93,8 @@ def test_output_keeps_input_layout():
 def test_odd_head_dim_rejected():
     with pytest.raises(ValueError):
         apply_rope(torch.randn(1, 1, 2, 5), torch.randn(1, 2, 5), torch.randn(1, 2, 5), False)
+    with pytest.raises(ValueError, match="even head_dim"):
+        apply_rope_swapping_heads(torch.randn(1, 2, 2, 3, 5), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
