@@ -197,6 +197,136 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
                   "kernels per step (tf / fm)", "MFU % (tf / fm)", "source"], out)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One of the user's training step's targets: a figure of fastmoe's SFTTrainer record at one configuration
+    (bf16 or 4-bit, 1x4096 unless said, the family's default LoRA targets), or its tokens/s over transformers' of the
+    same run ("speed-up"), and the least value that meets it."""
+
+    what: str
+    preset: str
+    layers: int
+    least: float
+    figure: str = "speed-up"  # or a field of the record: "mfu_pct", "gpu_busy_pct"
+    quantization: str | None = None
+    shape: str = "1x4096"
+
+
+TRAINING_TARGETS = (
+    Target("Trinity-Mini at full depth: speed-up >= 3x (the goal: 4x)", "trinity-mini", 32, 3.0),
+    Target("Trinity-Mini at full depth: MFU >= 35%", "trinity-mini", 32, 35.0, "mfu_pct"),
+    Target("LFM2-8B-A1B: speed-up >= 2.5x", "lfm2-8b-a1b", 24, 2.5),
+    Target("JetMoe-8B: speed-up >= 2.5x", "jetmoe-8b", 24, 2.5),
+    Target("Command-R layers: speed-up >= 2x", "command-r-layers", 8, 2.0),
+    *(Target(f"load_in_4bit, {preset} {layers} layers: speed-up >= 2x over transformers' 4-bit + peft", preset,
+             layers, 2.0, quantization="4bit")
+      for preset, layers in (("trinity-mini", 8), ("lfm2-8b-a1b", 24), ("jetmoe-8b", 24))),
+    *(Target(f"GPU busy >= 90% of the step, {preset} {layers} layers", preset, layers, 90.0, "gpu_busy_pct")
+      for preset, layers in (("trinity-mini", 32), ("trinity-mini", 8), ("lfm2-8b-a1b", 24), ("jetmoe-8b", 24),
+                             ("aya-expanse-8b", 32), ("command-r-layers", 8))),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """What a kernel of a profiled step computes, by its name (cut to 90 characters): torch's grouped GEMM is
+    CUTLASS's sm90 kernel, cuBLAS's dense GEMMs are nvjet's."""
+    if "grouped" in name or "enable_3x_kernel_for_sm9x" in name or "nf4" in name.lower():
+        return "expert GEMMs"
+    if any(word in name for word in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    if any(word in name for word in ("nvjet", "gemm", "xmma")):
+        return "dense GEMMs"
+    return "other kernels"
+
+
+def where_the_step_goes(record: dict | None) -> str:
+    """A profiled record's step by what its GPU does: the largest kernels by kind, the rest of the kernels, and the
+    time the GPU waits (on the host or a sync)."""
+    if not record or not record.get("top_kernels") or not record.get("profiled_step_ms"):
+        return "-"
+    step, busy = record["profiled_step_ms"], record.get("gpu_busy_ms_per_step") or 0.0
+    kinds: dict[str, float] = {}
+    for name, ms, _ in record["top_kernels"]:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    kinds["other kernels"] = kinds.get("other kernels", 0.0) + max(busy - sum(kinds.values()), 0.0)
+    kinds["GPU idle"] = max(step - busy, 0.0)
+    parts = [f"{kind} {ms:.0f} ms" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1]) if ms >= 0.5]
+    return f"{step:.0f} ms: " + ", ".join(parts)
+
+
+def targets_section(records: list[dict], sources: Sources) -> list[str]:
+    """One row per (target, GPU kind): the newest measurement of it, met or by how much not, and where fastmoe's
+    profiled step spends its time. A speed-up comes from one run of both implementations where there is one, else
+    from the newest transformers record on that kind of GPU (said in the row). Then peak memory against
+    transformers' at every configuration measured both ways in one run, and tokens/s at logging_steps 10 against 1."""
+    usable = [r for r in records if r.get("status") == "ok" and not r.get("graphs_captured_while_timed")
+              and not r.get("memory_limit_gb") and not r.get("ops_off") and not r.get("offload")
+              and r.get("base_products", "auto") == "auto" and r.get("data", "rows") == "rows"
+              and r.get("targets", "default") == "default"
+              and (r["implementation"] != "fastmoe" or not graphs_label(r))]
+
+    def config(r: dict) -> tuple:
+        return r["preset"], r["layers"], r.get("shape"), r.get("quantization"), r.get("logging_steps", 1), r.get("gpu")
+
+    transformers_run = newest([r for r in usable if r["implementation"] == "transformers"],
+                              lambda r: (r.get("run"), *config(r)))
+    transformers_newest = newest([r for r in usable if r["implementation"] == "transformers"], config)
+    out = []
+    for target in TRAINING_TARGETS:
+        found: dict[str, tuple[float, dict, dict | None, bool]] = {}
+        for ours in sorted((r for r in usable if r["implementation"] == "fastmoe"
+                            and config(r)[:5] == (target.preset, target.layers, target.shape, target.quantization, 1)),
+                           key=lambda r: r.get("date", "")):
+            theirs, one_run, figure = None, True, ours.get(target.figure)
+            if target.figure == "speed-up":
+                theirs = transformers_run.get((ours.get("run"), *config(ours)))
+                # A later fastmoe record of another run does not displace one compared within its own run.
+                if theirs is None and ours.get("gpu") in found and found[ours.get("gpu")][3]:
+                    continue
+                theirs, one_run = theirs or transformers_newest.get(config(ours)), theirs is not None
+                figure = ours["tokens_per_s"] / theirs["tokens_per_s"] if theirs else None
+            if figure is not None:
+                found[ours.get("gpu", "")] = (figure, ours, theirs, one_run)
+        if not found:
+            out.append([target.what, "-", "not measured", "-", "-", "-", "-"])
+        for gpu, (figure, ours, theirs, one_run) in sorted(found.items()):
+            speed_up = target.figure == "speed-up"
+            shown = f"{figure:.2f}x" + ("" if one_run else " (two runs)") if speed_up else f"{figure:.1f}%"
+            short = "-" if figure >= target.least else (
+                f"{target.least / figure - 1:.0%} more tokens/s" if speed_up else f"{target.least - figure:.1f} points")
+            out.append([target.what, gpu, shown, "met" if figure >= target.least else "missed", short,
+                        where_the_step_goes(ours), sources.ref(theirs, ours)])
+    return table(["target", "GPU", "measured", "", "short by", "fastmoe's profiled step: where its time goes",
+                  "source"], out) + ["", *memory_and_logging_targets(usable, config, transformers_run, sources)]
+
+
+def memory_and_logging_targets(usable: list[dict], config: Callable[[dict], tuple],
+                               transformers_run: dict[tuple, dict], sources: Sources) -> list[str]:
+    """Peak memory (footprints) against transformers' at each configuration's newest run of both, and fastmoe's
+    tokens/s at logging_steps=10 over logging_steps=1 of the same run."""
+    compared = newest([r for r in usable if r["implementation"] == "fastmoe" and r.get("footprint_gb") is not None
+                       and (transformers_run.get((r.get("run"), *config(r))) or {}).get("footprint_gb") is not None],
+                      config)
+    above = []
+    for ours in compared.values():
+        theirs = transformers_run[(ours.get("run"), *config(ours))]
+        if ours["footprint_gb"] > theirs["footprint_gb"]:
+            weights = ours.get("quantization") or "bf16"
+            above.append(f"{ours['preset']} {ours['layers']} layers {ours['shape']} {weights} "
+                         f"({ours['footprint_gb']:.2f} / {theirs['footprint_gb']:.2f} GB) " + sources.ref(theirs, ours))
+    fastmoe_run = newest([r for r in usable if r["implementation"] == "fastmoe"], lambda r: (r.get("run"), *config(r)))
+    logging = newest([(tens, ones) for (run, *case), tens in fastmoe_run.items() if case[4] == 10
+                      for ones in [fastmoe_run.get((run, *case[:4], 1, case[5]))] if ones],
+                     lambda found: config(found[0]))
+    return [f"Peak memory never above transformers': fastmoe's footprint above transformers' in {len(above)} of the "
+            f"{len(compared)} configurations measured both ways in one run (each its newest)"
+            + (": " + "; ".join(above) if above else "") + ".", "",
+            "tokens/s independent of logging_steps (fastmoe's at 10 over its tokens/s at 1, same run): "
+            + ("; ".join(f"{tens['preset']} {tens['layers']} layers {tens['shape']}, {tens.get('gpu')}: "
+                         f"{tens['tokens_per_s'] / ones['tokens_per_s']:.3f} {sources.ref(ones, tens)}"
+                         for tens, ones in logging.values()) or "not measured") + "."]
+
+
 LONG_SEQUENCE = 16384  # tokens per row from which an unlimited run on a whole GPU counts as a long-context probe
 
 
@@ -588,6 +718,16 @@ SECTIONS = [
             "same process. `loaded`: `checkpoint` is the user's path, `direct` the same random model built on the "
             "GPU (what differs: bench_sft.py's docstring). This table is README's headline.",
             "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096", sft_section),
+    Section("sft", "The user's training step against its targets",
+            "Each target of the training step (the user's path as in table 1, one row per kind of GPU measured): "
+            "the newest measurement, a speed-up only from one run of both implementations, met or by how much not. "
+            "Where the time goes: fastmoe's step from its profiled steps (torch.profiler, one or more steps after "
+            "the timed ones), kernel time by kind for the twelve longest kernels (expert GEMMs: fastmoe's Triton "
+            "grouped GEMMs and torch's; attention: flash, cuDNN and SDPA kernels; dense GEMMs: cuBLAS), the rest "
+            "of the kernels, and the time the GPU waits on the host. The step counts recomputation (gradient "
+            "checkpointing) where MFU does not: model FLOPs are 4 x active parameters x tokens, the GPU runs about "
+            "6 x.",
+            "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096 --profile-steps 1", targets_section),
     Section("sft", "Long context: the longest sequence that trains within a GPU budget",
             "bench_sft.py --memory-limit-gb N --shapes 1xS,...: the same SFTTrainer step as above, batch 1, with the "
             "process limited to N GiB (torch.cuda.set_per_process_memory_fraction, which caps reserved memory, so "

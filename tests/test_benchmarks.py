@@ -357,7 +357,7 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "| - | 12,000 | - |" in rows[1]
     assert "2026-12-02 10:05 UTC · NVIDIA H200 · torch 2.11.0+cu130" in sft
     assert "2026-12-01" not in sft and "9,999" not in page
-    assert "## 5. Training step in a plain loop" in page and "Not measured yet" in page
+    assert "## 6. Training step in a plain loop" in page and "Not measured yet" in page
 
 
 def test_report_keeps_triton_base_products_apart_from_the_default():
@@ -390,6 +390,33 @@ def test_report_compares_runs_on_one_kind_of_gpu_only():
                for row in rows)
 
 
+def test_targets_compare_within_one_run_and_say_where_fastmoe_s_step_goes():
+    """A speed-up target from transformers' record of the same run (not a later, faster fastmoe run with no
+    transformers beside it), from two runs only where no run has both; a miss says by how much; the profile column
+    sorts the step's kernels by kind; memory and logging_steps below the table."""
+    profile = dict(profiled_step_ms=100.0, gpu_busy_ms_per_step=90.0,
+                   top_kernels=[["_grouped_mm_kernel", 50.0, 9.0], ["void pytorch_flash::flash_fwd_kernel<", 10.0, 2.0],
+                                ["nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 20.0, 4.0]])
+    records = [sft_record("transformers", 3000, "2026-12-01 10:00 UTC", "a", footprint_gb=50.0),
+               sft_record("fastmoe", 8400, "2026-12-01 10:05 UTC", "a", footprint_gb=51.0, mfu_pct=20.0, **profile),
+               sft_record("fastmoe", 9900, "2026-12-02 10:05 UTC", "b"),
+               sft_record("transformers", 2000, "2026-12-01 10:00 UTC", "c", preset="jetmoe-8b", layers=24),
+               sft_record("fastmoe", 6000, "2026-12-01 11:00 UTC", "d", preset="jetmoe-8b", layers=24),
+               sft_record("fastmoe", 6000, "2026-12-01 11:00 UTC", "e", logging_steps=10)]
+    targets = report.render(records).split("## 2.")[1].split("## 3.")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in targets.splitlines() if line.startswith("| ")}
+    trinity = rows["Trinity-Mini at full depth: speed-up >= 3x (the goal: 4x)"]
+    assert "| NVIDIA H200 | 2.80x | missed | 7% more tokens/s |" in trinity
+    assert ("| 100 ms: expert GEMMs 50 ms, dense GEMMs 20 ms, attention 10 ms, other kernels 10 ms, GPU idle 10 ms |"
+            in trinity)
+    # Other figures: the newest record's (run b's, unprofiled).
+    assert "| 30.0% | missed | 5.0 points | - |" in rows["Trinity-Mini at full depth: MFU >= 35%"]
+    assert "| 3.00x (two runs) | met | - |" in rows["JetMoe-8B: speed-up >= 2.5x"]
+    assert "| - | not measured |" in rows["LFM2-8B-A1B: speed-up >= 2.5x"]
+    assert "above transformers' in 1 of the 1 configurations" in targets and "(51.00 / 50.00 GB)" in targets
+    assert "logging_steps (fastmoe's at 10 over its tokens/s at 1, same run): not measured." in targets
+
+
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
     def record(implementation, rate, date, cuda_graphs=True, batch=1, gpu="NVIDIA H200"):
         return {"question": "generate", "preset": "trinity-mini", "layers": 8, "batch": batch, "prompt": 512,
@@ -406,7 +433,7 @@ def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share
                record("fastmoe", 1400.0, "2026-12-03 11:00 UTC", batch=8, gpu=h100),
                record("transformers", 90.0, "2026-12-01 11:00 UTC", batch=8)]
     page = report.render(records)
-    generation = page.split("## 3.")[1].split("## 4.")[0]
+    generation = page.split("## 4.")[1].split("## 5.")[0]
     rows = [line for line in generation.splitlines() if line.startswith("| trinity-mini")]
     assert rows[0].startswith("| trinity-mini, 8 layers | bf16 | 1 | 512 | 10.0 | 20.0 | 400.0 | 40.00x | 2.50 | - "
                               "| 2,000 | 20.0% |")
@@ -427,7 +454,7 @@ def test_long_context_rows_give_the_longest_length_that_trained_and_the_first_ou
                at("fastmoe", 98304, "ok", alloc_conf="expandable_segments:True"),
                sft_record("fastmoe", 5000, "2026-12-02 12:00 UTC", "c")]  # no budget: the first table's
     page = report.render(records)
-    long_context = page.split("## 2.")[1].split("## 3.")[0]
+    long_context = page.split("## 3.")[1].split("## 4.")[0]
     rows = [line for line in long_context.splitlines() if line.startswith("| trinity-mini")]
     assert rows == [
         "| trinity-mini, 32 layers | bf16 | 24 GB | default | transformers + peft | 1x16384 | 1x24576 | 1,000 | 4.0 | [1] |",
@@ -452,7 +479,7 @@ def test_long_context_counts_a_whole_gpu_that_names_its_memory_and_compares_memo
                at("fastmoe", 16384, "ok", footprint_gb=22.0), at("fastmoe", 131072, "ok"),
                at("fastmoe", 262144, "ok", gpu="NVIDIA H200"),  # no budget in its name: no probe
                at("fastmoe", 65536, "ok", offload=True, cuda_graphs=False)]
-    long_context = report.render(records).split("## 2.")[1].split("## 3.")[0]
+    long_context = report.render(records).split("## 3.")[1].split("## 4.")[0]
     rows = [line for line in long_context.splitlines() if line.startswith("| trinity-mini")]
     whole = "| trinity-mini, 32 layers | bf16 | 80 GB (the whole GPU) | default |"
     offloaded = 'fastmoe, use_gradient_checkpointing="fastmoe" (inputs in host memory), cuda_graphs=False'
