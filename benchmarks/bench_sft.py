@@ -770,9 +770,10 @@ def main() -> None:
     parser.add_argument("--fastmoe-with-graphs", action="store_true", help="also time fastmoe with "
                         "get_peft_model(cuda_graphs=True), for families whose default is eager layers (Cohere)")
     parser.add_argument("--fastmoe-base-products", default="", type=lambda text: [p for p in text.split(",") if p],
-                        help="also time fastmoe with the 16-bit expert GEMMs' base products computed this way, "
-                        "comma-separated: triton (inside fastmoe's kernels), torch (torch's grouped GEMM, the kernels "
-                        "as its epilogue); the default run takes fastmoe's rule (grouped_gemm.products_by_torch)")
+                        help="also time fastmoe with the expert GEMMs' base products computed this way, "
+                        "comma-separated: triton (inside fastmoe's kernels), torch (torch's grouped GEMM, NF4 stacks "
+                        "dequantized first, the kernels as its epilogue); the default run takes fastmoe's rule "
+                        "(grouped_gemm.products_by_torch)")
     parser.add_argument("--fastmoe-without-ops", default="", type=lambda text: [o for o in text.split(",") if o],
                         help="also time fastmoe with these ops switched off, comma-separated (fastmoe.models.op_names; "
                         "e.g. trainer_step,trl_sft_metrics: the Trainer's and trl's per-step host work as they "

@@ -52,6 +52,7 @@ from .nf4 import (
     TransposedNf4Weight,
     absmax_fp32,
     check_register_decode_layout,
+    dequantize_nf4,
     dequantize_nf4_tile,
     nf4_code,
     nf4_tile_layout,
@@ -695,9 +696,9 @@ class _WeightOperand:
 
 
 def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dtype,
-                    schedule: ExpertSchedule) -> _WeightOperand:
+                    schedule: ExpertSchedule, product_given: bool = False) -> _WeightOperand:
     """weight (E, N, K) read as W or, when transpose, as W^T (E, K, N), by a GEMM in compute_dtype over schedule's
-    tiles."""
+    tiles (product_given: by an epilogue of its base product, which reads no weight tile)."""
     if isinstance(weight, TransposedNf4Weight):
         weight, transpose = weight.stored, not transpose
     if isinstance(weight, torch.Tensor):
@@ -710,7 +711,8 @@ def _weight_operand(weight: GemmWeight, transpose: bool, compute_dtype: torch.dt
     # Double-quantized absmax is decoded here (see the note above nf4.dequantize_nf4_tile): for the whole stack, or at
     # decoding sizes for the experts the tiles hold (the GEMM reads no other expert's).
     _, n, k = weight.shape
-    absmax = absmax_fp32(weight, schedule.tile_expert if schedule.num_pairs <= DECODE_PAIRS else None)
+    absmax = weight.absmax if product_given else absmax_fp32(
+        weight, schedule.tile_expert if schedule.num_pairs <= DECODE_PAIRS else None)
     args = (weight.packed, weight.packed.stride(0), None, None, absmax, absmax.stride(0), nf4_code(weight.device))
     layout = {"NF4": True, "TRANSPOSED": transpose, **nf4_tile_layout(weight, compute_dtype)}
     return _WeightOperand(args, layout, (k if transpose else n), (n if transpose else k))
@@ -776,7 +778,7 @@ def grouped_mm(
     bias: (E, N), unit stride along N. Rows of out not named by out_rows are left untouched. product: a[a_rows] @ W^T
     (S, N) in sorted rows, computed already (base_product): the kernel then only adds the rest.
     """
-    operand = _weight_operand(weight, transpose, a.dtype, schedule)
+    operand = _weight_operand(weight, transpose, a.dtype, schedule, product is not None)
     row_split = _thin_row_split(operand, product, schedule)
     kernel = ("thin" if row_split > 1 else "epilogue" if product is not None
               else "row_gemm_transposed" if transpose else "row_gemm")
@@ -833,7 +835,7 @@ def grouped_mm_swiglu(
     in a's dtype. product: a[a_rows] @ gate_up^T (S, 2I) in sorted rows, computed already (base_product); it becomes
     the stored pre-activation (each tile is read before it is written).
     """
-    operand = _weight_operand(gate_up, False, a.dtype, schedule)
+    operand = _weight_operand(gate_up, False, a.dtype, schedule, product is not None)
     num_rows, inter, hidden = schedule.num_pairs, operand.n // 2, operand.k
     h = torch.empty(num_rows, inter, dtype=a.dtype, device=a.device)
     if not store_gate_up:
@@ -903,7 +905,7 @@ def grouped_mm_swiglu_backward(
     product: grad_out[grad_rows] @ W_down (S, I) in sorted rows, computed already (base_product); h is written over
     it (each tile is read before it is written).
     """
-    operand = _weight_operand(down, True, grad_out.dtype, schedule)
+    operand = _weight_operand(down, True, grad_out.dtype, schedule, product is not None)
     num_rows, inter, hidden = schedule.num_pairs, operand.n, operand.k
     dgu = torch.empty(num_rows, 2 * inter, dtype=gate_up.dtype, device=gate_up.device)
     h = product if product is not None else torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
@@ -943,6 +945,18 @@ def grouped_mm_swiglu_backward(
 # per step and LFM2-8B-A1B's from 121 to 118; Trinity-Mini and Qwen3-30B-A3B at 8 layers within 1%.
 MACS_PER_EXPERT_FOR_TORCH_PRODUCTS = 10**9
 MIN_SIDE_FOR_TORCH_PRODUCTS = 1024
+# An NF4 stack (load_in_4bit) takes torch's products by being dequantized whole first (nf4.dequantize_nf4, one pass
+# at HBM speed, the 16-bit copy freed after the product). That costs in proportion to the stack's elements (the copy
+# written, then read by the GEMM in place of the 4-bit codes: some 4 bytes an element, ~1.2 ps on an H100), while the
+# products gain in proportion to the rows: fastmoe's NF4 kernels decode each weight tile in registers for every tile
+# of rows, which held JetMoe-8B's 4-bit step's expert GEMMs at 185 ms against 135 for its bf16 ones (bench_sft.py's
+# profiles, H200, 2026-12-03 and -06: some 275 against 375 TFLOP/s), 2 fs a row and element, so the copy breaks even
+# at 600-700 rows per expert. "auto" dequantizes where the 16-bit rule above holds and each expert has
+# ROWS_PER_EXPERT_FOR_DEQUANTIZED_PRODUCTS rows or more on average (JetMoe-8B's and Mixtral's 4,096-token steps),
+# for stacks of at most DEQUANTIZED_STACK_MAX_BYTES in 16 bits (the copy lives only for its product, but it is memory
+# a 4-bit run does not otherwise need: Mixtral-8x7B's gate_up is 1.9 GB).
+ROWS_PER_EXPERT_FOR_DEQUANTIZED_PRODUCTS = 1024
+DEQUANTIZED_STACK_MAX_BYTES = 2 << 30
 # Process-wide, not thread-local: autograd runs a CUDA graph's backward (and a checkpointed layer's recomputed
 # forward) on its own device thread, which must see the choice made around the forward.
 _base_products_by = "auto"
@@ -950,10 +964,10 @@ _base_products_by = "auto"
 
 @contextlib.contextmanager
 def base_products(by: str):
-    """Compute the 16-bit expert GEMMs' base products with "triton" (inside fastmoe's kernels), "torch" (torch's
-    grouped GEMM, wherever it takes the weight and dtype) or "auto" (the default: torch's on Hopper GPUs for products
-    of MACS_PER_EXPERT_FOR_TORCH_PRODUCTS per expert or more) inside this block, in every thread (autograd runs the
-    backward in its own). For tests and benchmarks."""
+    """Compute the expert GEMMs' base products with "triton" (inside fastmoe's kernels), "torch" (torch's grouped
+    GEMM wherever it takes the weight's dtype, NF4 stacks dequantized first) or "auto" (the default: torch's on Hopper
+    GPUs where products_by_torch's rule holds) inside this block, in every thread (autograd runs the backward in its
+    own). For tests and benchmarks."""
     if by not in ("auto", "triton", "torch"):
         raise ValueError(f'base_products takes "auto", "triton" or "torch", got {by!r}')
     global _base_products_by
@@ -965,27 +979,38 @@ def base_products(by: str):
 
 
 def products_by_torch(weight: GemmWeight, schedule: ExpertSchedule, a: torch.Tensor) -> bool:
-    """Whether the base product of this expert weight ((E, N, K)) over a's rows comes from expert_product."""
+    """Whether the base product of this expert weight ((E, N, K)) over a's rows comes from expert_product (an NF4
+    stack dequantized first)."""
     by = _base_products_by
-    if by == "triton":
+    if by == "triton" or isinstance(weight, TransposedNf4Weight):
         return False
-    # torch's grouped GEMM takes 16-bit weights (not NF4) with rows of a multiple of 16 bytes; bf16 on the GPU (its
-    # Hopper kernels), fp32 as well on the CPU (where tests check the epilogues under the interpreter).
+    # torch's grouped GEMM takes 16-bit weights with rows of a multiple of 16 bytes; bf16 on the GPU (its Hopper
+    # kernels), fp32 as well on the CPU (where tests check the epilogues under the interpreter).
     supported = a.dtype == torch.bfloat16 or (a.device.type == "cpu" and a.dtype == torch.float32)
-    if not (supported and isinstance(weight, torch.Tensor) and weight.dtype == a.dtype
-            and all(size * weight.element_size() % 16 == 0 for size in weight.shape[1:])):
+    if not (supported and weight.dtype == a.dtype
+            and all(size * a.element_size() % 16 == 0 for size in weight.shape[1:])):
         return False
     if by == "torch":
         return True
-    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
-            and products_large_enough_for_torch(weight, schedule.num_pairs, schedule.num_experts))
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+            and products_large_enough_for_torch(weight.shape, schedule.num_pairs, schedule.num_experts)):
+        return False
+    return isinstance(weight, torch.Tensor) or dequantized_products_pay(weight.shape, schedule.num_pairs, a)
 
 
-def products_large_enough_for_torch(weight: torch.Tensor, num_rows: int, num_experts: int) -> bool:
-    """Whether each expert's share of num_rows @ weight ((E, N, K)) is large enough for torch's grouped GEMM to pay
-    (see MACS_PER_EXPERT_FOR_TORCH_PRODUCTS)."""
-    return (num_rows * weight[0].numel() / num_experts >= MACS_PER_EXPERT_FOR_TORCH_PRODUCTS
-            and min(weight.shape[1:]) >= MIN_SIDE_FOR_TORCH_PRODUCTS)
+def products_large_enough_for_torch(shape: tuple[int, ...], num_rows: int, num_experts: int) -> bool:
+    """Whether each expert's share of num_rows @ a weight of this shape ((E, N, K)) is large enough for torch's
+    grouped GEMM to pay (see MACS_PER_EXPERT_FOR_TORCH_PRODUCTS)."""
+    return (num_rows * shape[1] * shape[2] / num_experts >= MACS_PER_EXPERT_FOR_TORCH_PRODUCTS
+            and min(shape[1:]) >= MIN_SIDE_FOR_TORCH_PRODUCTS)
+
+
+def dequantized_products_pay(shape: tuple[int, int, int], num_rows: int, a: torch.Tensor) -> bool:
+    """Whether an NF4 stack of this shape is worth dequantizing whole for torch's products over num_rows rows (see
+    ROWS_PER_EXPERT_FOR_DEQUANTIZED_PRODUCTS), within DEQUANTIZED_STACK_MAX_BYTES."""
+    num_experts, n, k = shape
+    return (num_rows / num_experts >= ROWS_PER_EXPERT_FOR_DEQUANTIZED_PRODUCTS
+            and num_experts * n * k * a.element_size() <= DEQUANTIZED_STACK_MAX_BYTES)
 
 
 def expert_product(rows: torch.Tensor, weight: torch.Tensor, schedule: ExpertSchedule,
@@ -999,10 +1024,12 @@ def base_product(a: torch.Tensor, weight: GemmWeight, schedule: ExpertSchedule, 
                  transpose: bool = False) -> torch.Tensor | None:
     """The `product` argument of the row GEMMs above for a[a_rows] (a itself, already in sorted order, without
     a_rows) and weight read as W (W^T when transpose): expert_product of the gathered rows where products_by_torch
-    takes it, else None (the kernel then runs its own loop over K)."""
+    takes it, else None (the kernel then runs its own loop over K). An NF4 stack is dequantized to a's dtype for it,
+    the 16-bit copy freed once the product is computed."""
     if not products_by_torch(weight, schedule, a):
         return None
-    return expert_product(a if a_rows is None else a.index_select(0, a_rows), weight, schedule, transpose)
+    dense = dequantize_nf4(weight, a.dtype) if isinstance(weight, Nf4Weight) else weight
+    return expert_product(a if a_rows is None else a.index_select(0, a_rows), dense, schedule, transpose)
 
 
 def grouped_wgrad(

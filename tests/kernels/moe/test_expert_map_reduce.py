@@ -160,6 +160,33 @@ def test_expert_reduce_nf4(num_tokens, hidden, in_features, num_experts, top_k, 
     _check_nf4(expert_reduce_nf4, expert_reduce, (x, index, weights, nf4, adapter), 3, params, 1e-5)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_expert_map_reduce_nf4_torch_products(double_quant, monkeypatch):
+    """NF4 stacks dequantized whole for torch's grouped GEMM, the kernels as its epilogues: map and reduce with LoRA,
+    forward and backward, against the reference on the dequantized stacks; all four products take that path."""
+    from fastmoe.kernels.moe.grouped_gemm import base_products
+
+    (x, index, weight, lora_map), params = _map_inputs(13, 128, 64, 4, 2, 3, True, 3)
+    w_map = quantize_nf4(weight.detach(), double_quant)
+    w_reduce = quantize_nf4(torch.randn(4, 128, 64) / 8, double_quant)
+    weights = torch.rand(13, 2).requires_grad_()
+    lora_reduce, reduce_params = random_expert_lora(4, 3, 128, 64, torch.float32, "cpu")
+    params = [x, *params[2:], weights, *reduce_params]
+
+    def block(x, index, weights, w_map, w_reduce, lora_map, lora_reduce):
+        return expert_reduce_nf4(expert_map_nf4(x, index, w_map, lora_map), index, weights, w_reduce, lora_reduce)
+
+    args = (x, index, weights, w_map, w_reduce, lora_map, lora_reduce)
+    calls = count_expert_products(monkeypatch)
+    with base_products("torch"):
+        out, grads = output_and_grads(block, args, params)
+    assert len(calls) == 4
+    with reference_only():
+        ref, ref_grads = output_and_grads(block, args, params)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert rel_err(got, want) < 1e-5
+
+
 def test_nf4_map_reduce_run_the_kernels_not_the_reference(monkeypatch):
     """The comparisons above would pass trivially if the NF4 ops fell back to their reference."""
     from fastmoe.kernels.moe import expert_map_reduce

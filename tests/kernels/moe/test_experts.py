@@ -131,7 +131,8 @@ def test_auto_base_products_where_measured(hidden, inter, num_experts, top_k, to
 
     gate_up, down = (torch.empty(num_experts, 2 * inter, hidden, device="meta"),
                      torch.empty(num_experts, hidden, inter, device="meta"))
-    assert tuple(products_large_enough_for_torch(w, tokens * top_k, num_experts) for w in (gate_up, down)) == expected
+    assert tuple(products_large_enough_for_torch(w.shape, tokens * top_k, num_experts)
+                 for w in (gate_up, down)) == expected
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])

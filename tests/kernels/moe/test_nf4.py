@@ -229,6 +229,45 @@ def test_moe_experts_nf4_double_quant(num_tokens, hidden, inter, num_experts, to
     _check(args, params, 1e-5)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(("num_tokens", "hidden", "inter", "num_experts", "top_k", "used_experts"), [
+    (37, 40, 24, 6, 2, 5),  # N, K not multiples of the GEMM blocks; expert 5 gets no token
+    (21, 256, 64, 3, 1, None),  # top_k = 1; two whole 256-blocks of absmax per gate_up expert
+])
+def test_moe_experts_nf4_torch_products(monkeypatch, double_quant, num_tokens, hidden, inter, num_experts, top_k,
+                                         used_experts):
+    """The NF4 stacks dequantized whole for torch's grouped GEMM, the kernels as its epilogues: the same outputs and
+    gradients as the reference and as moe_experts on the dequantized stacks, all four products taking that path."""
+    from testing_utils import count_expert_products
+
+    args, params = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank=3, used_experts=used_experts,
+                           double_quant=double_quant)
+    calls = count_expert_products(monkeypatch)
+    with grouped_gemm.base_products("torch"):
+        _check(args, params, 1e-5)
+    # moe_experts_nf4 (gate_up, down, d(h), d(x)), then _check's moe_experts on the dequantized stacks as many
+    assert len(calls) == 8
+
+
+@pytest.mark.parametrize(("hidden", "inter", "num_experts", "top_k", "tokens", "expected"), [
+    (2048, 5632, 8, 2, 4096, (True, True)),  # JetMoe-8B: 1,024 rows an expert
+    (4096, 14336, 8, 2, 4096, (True, True)),  # Mixtral-8x7B: gate_up's 16-bit copy 1.9 GB
+    (4096, 14336, 8, 2, 2048, (False, False)),  # Mixtral-8x7B at 2,048 tokens: 512 rows an expert
+    (2048, 1792, 32, 4, 4096, (False, False)),  # LFM2-8B-A1B: 512 rows an expert
+    (2048, 1792, 32, 4, 16384, (True, True)),  # LFM2-8B-A1B at 16k
+    (2048, 1024, 128, 8, 4096, (False, False)),  # Trinity-Mini: 256 rows an expert
+])
+def test_auto_dequantizes_nf4_stacks_where_rows_pay_for_the_copy(hidden, inter, num_experts, top_k, tokens,
+                                                                  expected):
+    """"auto"'s rule for NF4 stacks (on a Hopper GPU): torch's rule for 16-bit products, and rows enough an expert
+    for the 16-bit copy to pay, within the copy's size limit."""
+    a = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    rows = tokens * top_k
+    assert tuple(grouped_gemm.products_large_enough_for_torch(shape, rows, num_experts)
+                 and grouped_gemm.dequantized_products_pay(shape, rows, a)
+                 for shape in ((num_experts, 2 * inter, hidden), (num_experts, hidden, inter))) == expected
+
+
 # Interpreter block caps (BLOCK_N, BLOCK_K): the default 32s, blocks wider than an absmax block (two per row
 # segment, and a masked one past the end of a row), and tiles narrower than one.
 INTERPRETER_BLOCKS = [(32, 32), (128, 128), (16, 64)]
@@ -330,6 +369,21 @@ def test_moe_experts_nf4_bf16_gpu(lora):
     args, params = _inputs(1000, 256, 192, 8, 2, rank=16, dtype=torch.bfloat16, device="cuda", used_experts=7,
                            lora=lora)
     _check(args, params, 1e-2)
+
+
+@gpu
+def test_moe_experts_nf4_bf16_gpu_dequantized_products(monkeypatch):
+    """On a Hopper GPU "auto" dequantizes stacks whose experts have rows enough (here 1,024 each) for torch's
+    products: the same outputs and gradients as the reference, all four products (and the 16-bit comparison's
+    four) taking that path."""
+    from testing_utils import count_expert_products
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("auto takes torch's products on Hopper GPUs only")
+    args, params = _inputs(4096, 1024, 1024, 8, 2, rank=16, dtype=torch.bfloat16, device="cuda", double_quant=True)
+    calls = count_expert_products(monkeypatch)
+    _check(args, params, 1e-2)
+    assert len(calls) == 8
 
 
 @gpu
