@@ -19,7 +19,8 @@ which builds 144 schedules (three per layer, forward and recompute) of 8,192 pai
 Up to ``ONE_PROGRAM_PAIRS`` (token, slot) pairs one Triton program (``_schedule_kernel``) builds the same schedule;
 beyond, three launches (``_schedule_in_chunks``, a counting sort over chunks of pairs: 10 us there, 9 us for
 LFM2-8B-A1B's 16,384 pairs over 32 experts, 55 us against PyTorch's 70 for Trinity-Mini's 32,768 over 128, whose
-one-program middle step walks 512 chunks; bench_decode_ops.py schedule).
+one-program middle step walks 512 chunks; bench_decode_ops.py schedule, graphed, H100; measured with a middle step
+that read the chunks' counts twice, once now).
 """
 
 from __future__ import annotations
@@ -537,28 +538,22 @@ def _chunk_starts_and_tiles_kernel(
     num_chunks, num_pairs, num_experts, max_tiles, block_m,
     BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One program: the experts' row offsets, each chunk's first sorted row per expert (written over its counts),
-    and the row tiles."""
+    """One program, one pass over the chunks' counts: each chunk's first row per expert counted from the expert's
+    first row (written over its counts; placement adds the expert's offset), the experts' row offsets and the row
+    tiles."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c0 in range(0, num_chunks, BLOCK_C):
-        rows = c0 + offs_c
-        block = tl.load(chunk_counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :], mask=rows[:, None] < num_chunks,
-                        other=0)
-        counts += tl.sum(block, axis=0)
-    starts = tl.cumsum(counts, axis=0) - counts
-    tl.store(expert_offsets_ptr + offs_e, starts, mask=offs_e < num_experts)
-    tl.store(expert_offsets_ptr + num_experts, num_pairs)
     # Each chunk's rows of expert e begin after the earlier chunks' (a stable sort: by pair within an expert).
-    # Every program reads its block before writing it: no barrier needed.
-    running = starts
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, num_chunks, BLOCK_C):
         rows = c0 + offs_c
         pointers = chunk_counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :]
         block = tl.load(pointers, mask=rows[:, None] < num_chunks, other=0)
-        tl.store(pointers, running[None, :] + tl.cumsum(block, axis=0) - block, mask=rows[:, None] < num_chunks)
-        running += tl.sum(block, axis=0)
+        tl.store(pointers, counts[None, :] + tl.cumsum(block, axis=0) - block, mask=rows[:, None] < num_chunks)
+        counts += tl.sum(block, axis=0)
+    starts = tl.cumsum(counts, axis=0) - counts
+    tl.store(expert_offsets_ptr + offs_e, starts, mask=offs_e < num_experts)
+    tl.store(expert_offsets_ptr + num_experts, num_pairs)
     tiles = (counts + block_m - 1) // block_m  # experts past num_experts count no pairs: no tiles
     tile_end = tl.cumsum(tiles, axis=0)
     first_tile = tile_end - tiles
@@ -575,9 +570,10 @@ def _chunk_starts_and_tiles_kernel(
 
 
 @triton.jit
-def _place_pairs_kernel(index_ptr, chunk_starts_ptr, sorted_pair_ptr, sorted_token_ptr, num_pairs,
-                        TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Each pair at its chunk's first row of its expert plus its rank among the chunk's earlier pairs of it."""
+def _place_pairs_kernel(index_ptr, chunk_starts_ptr, expert_offsets_ptr, sorted_pair_ptr, sorted_token_ptr,
+                        num_pairs, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each pair at its expert's first row, plus its chunk's first row within the expert, plus its rank among the
+    chunk's earlier pairs of it."""
     chunk = tl.program_id(0)
     offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_e = tl.arange(0, BLOCK_E)
@@ -585,7 +581,8 @@ def _place_pairs_kernel(index_ptr, chunk_starts_ptr, sorted_pair_ptr, sorted_tok
     expert = tl.load(index_ptr + offs_p, mask=valid, other=-1).to(tl.int32)
     one_hot = (expert[:, None] == offs_e[None, :]).to(tl.int32)
     rank = tl.sum((tl.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
-    position = tl.load(chunk_starts_ptr + chunk * BLOCK_E + expert, mask=valid, other=0) + rank
+    position = (tl.load(expert_offsets_ptr + expert, mask=valid, other=0)
+                + tl.load(chunk_starts_ptr + chunk * BLOCK_E + expert, mask=valid, other=0) + rank)
     tl.store(sorted_pair_ptr + position, offs_p, mask=valid)
     tl.store(sorted_token_ptr + position, offs_p // TOP_K, mask=valid)
 
@@ -607,8 +604,8 @@ def _schedule_in_chunks(top_k_index: torch.Tensor, num_experts: int, block_m: in
         chunk_counts, expert_offsets, tile_expert, tile_row_start, num_chunks, num_pairs, num_experts, max_tiles,
         block_m, BLOCK_C=min(max(16, _CHUNK_ELEMENTS // block_e), max(16, triton.next_power_of_2(num_chunks))),
         BLOCK_E=block_e, BLOCK_T=64)
-    _place_pairs_kernel[(num_chunks,)](index, chunk_counts, sorted_pair, sorted_token, num_pairs, TOP_K=top_k,
-                                       BLOCK_P=block_p, BLOCK_E=block_e)
+    _place_pairs_kernel[(num_chunks,)](index, chunk_counts, expert_offsets, sorted_pair, sorted_token, num_pairs,
+                                       TOP_K=top_k, BLOCK_P=block_p, BLOCK_E=block_e)
     return ExpertSchedule(sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m,
                           num_experts, top_k)
 
