@@ -14,6 +14,9 @@
 #     # QLoRA (transformers' 4-bit loading needs a checkpoint; fastmoe's also builds directly, layer by layer):
 #     # JetMoe-8B at full depth, Qwen3-30B-A3B's attention-only memory, Mixtral-8x7B's 32 layers
 #     SFT_PRESETS=jetmoe-8b SFT_ARGS="--quantization 4bit --load checkpoint" bash benchmarks/gpu_session.sh "$OUT" sft
+#     # the NF4 stacks dequantized for torch's products (the default where rows pay) against fastmoe's NF4 kernels alone
+#     SFT_ONE_PROCESS=1 SFT_PRESETS=jetmoe-8b SFT_ARGS="--quantization 4bit --load checkpoint --fastmoe-base-products
+#         triton" bash benchmarks/gpu_session.sh "$OUT" sft
 #     SFT_PRESETS=qwen3-30b-a3b SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 16 --quantization 4bit --load checkpoint
 #         --targets attention" bash benchmarks/gpu_session.sh "$OUT" sft
 #     SFT_PRESETS=mixtral-8x7b SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--quantization 4bit --load direct"
