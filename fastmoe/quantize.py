@@ -14,7 +14,8 @@ through `install_nf4_`) or on a loaded model (`quantize_experts_`):
 * the Parameter itself becomes a zero-storage placeholder of the same shape, dtype and device (a 0-d zero expanded
   to (E, N, K)), so peft's `target_parameters` still wraps it and creates LoRA factors of the right shapes;
 * `experts._fastmoe_nf4` names the quantized parameters; the family's patched MoE forward then runs the NF4 kernels
-  (`moe_experts_nf4`, `expert_map_nf4`, `expert_reduce_nf4`), which dequantize tiles inside the grouped GEMMs.
+  (`moe_experts_nf4`, `expert_map_nf4`, `expert_reduce_nf4`), which dequantize tiles inside the grouped GEMMs (or a
+  stack whole for one product by torch's grouped GEMM, where each expert has rows enough).
 
 DDP cannot broadcast into the placeholders: `fastmoe.distributed.exclude_nf4_from_ddp` lists them for it to skip.
 

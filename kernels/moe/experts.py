@@ -1164,8 +1164,10 @@ def moe_experts_nf4(
 ) -> torch.Tensor:
     """``moe_experts`` with frozen NF4 expert weights (QLoRA): gate_up (E, 2I, H), down (E, H, I) as Nf4Weight.
 
-    Same result as ``moe_experts`` on ``dequantize_nf4`` of both, without a 16-bit copy of either stack: the
-    grouped GEMMs dequantize tiles in registers. Differentiable w.r.t. hidden, top_k_weights and the LoRA factors.
+    Same result as ``moe_experts`` on ``dequantize_nf4`` of both, without keeping a 16-bit copy of either stack: the
+    grouped GEMMs dequantize tiles in registers, or, where each expert has rows enough, a product dequantizes its
+    stack whole for torch's grouped GEMM and frees the copy after it (grouped_gemm.products_by_torch).
+    Differentiable w.r.t. hidden, top_k_weights and the LoRA factors.
     """
     if gate_up.shape[0] != down.shape[0] or gate_up.shape[2] != down.shape[1] or gate_up.shape[1] != 2 * down.shape[2]:
         raise ValueError(f"NF4 experts shapes do not fit: gate_up {gate_up.shape}, down {down.shape}")

@@ -25,8 +25,8 @@ whole stack's absmax to fp32 first (``absmax_fp32``: 4 bytes per 64 weights, for
 
 The grouped GEMMs of ``moe_experts_nf4`` (``grouped_gemm``) dequantize weight tiles in registers with
 ``dequantize_nf4_tile``; this file holds the quantizer, that tile decode and the PTX decode of packed codes it uses on
-NVIDIA GPUs (``nf4_decode_runs``), the whole-tensor dequantization (for merging LoRA or a dense fallback) and its
-reference.
+NVIDIA GPUs (``nf4_decode_runs``), the whole-tensor dequantization (for merging LoRA, a dense fallback, and the
+products that torch's grouped GEMM computes where each expert has rows enough) and its reference.
 """
 
 from __future__ import annotations
@@ -673,8 +673,9 @@ _dequantize_nf4_op = GraphOp("dequantize_nf4", _dequantize_nf4, _dequantize_nf4_
 
 
 def dequantize_nf4(weight: Nf4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Nf4Weight -> (E, N, K) in `dtype` (default: the quantized weight's dtype). Materialises the whole stack:
-    for merging adapters or a dense fallback, not for training (``moe_experts_nf4`` dequantizes tiles)."""
+    """Nf4Weight -> (E, N, K) in `dtype` (default: the quantized weight's dtype). Materialises the whole stack: for
+    merging adapters, a dense fallback, or one product by torch's grouped GEMM where each expert has rows enough
+    (grouped_gemm.products_by_torch; elsewhere the GEMMs dequantize tiles)."""
     dtype = dtype or weight.dtype
     # The interpreter cannot be trusted with bf16 (see dispatch.use_triton), as output or as intermediate rounding.
     interpreted_bf16 = weight.device.type != "cuda" and torch.bfloat16 in (weight.dtype, dtype)
