@@ -297,9 +297,11 @@ def targets_section(records: list[dict], sources: Sources) -> list[str]:
             if speed_up and figure < target.least and ours.get("mfu_pct"):
                 # A speed-up is met only at this model-FLOPs utilisation: where it is out of reach, that shows it.
                 short += f" (fastmoe at {ours['mfu_pct'] * target.least / figure:.0f}% MFU; {ours['mfu_pct']:.0f}% now)"
-            out.append([target.what, gpu, shown, "met" if figure >= target.least else "missed", short,
-                        where_the_step_goes(ours), sources.ref(theirs, ours)])
-    return table(["target", "GPU", "measured", "", "short by", "fastmoe's profiled step: where its time goes",
+            # The day beside the GPU: a target's newest record on a kind of GPU may predate much of the code.
+            out.append([target.what, f"{gpu}, {ours.get('date', '')[:10]}", shown,
+                        "met" if figure >= target.least else "missed", short, where_the_step_goes(ours),
+                        sources.ref(theirs, ours)])
+    return table(["target", "GPU, day", "measured", "", "short by", "fastmoe's profiled step: where its time goes",
                   "source"], out) + ["", *memory_and_logging_targets(usable, config, transformers_run, sources)]
 
 

@@ -406,7 +406,7 @@ def test_targets_compare_within_one_run_and_say_where_fastmoe_s_step_goes():
     targets = report.render(records).split("## 2.")[1].split("## 3.")[0]
     rows = {line.split(" | ")[0][2:]: line for line in targets.splitlines() if line.startswith("| ")}
     trinity = rows["Trinity-Mini at full depth: speed-up >= 3x (the goal: 4x)"]
-    assert "| NVIDIA H200 | 2.80x | missed | 7% more tokens/s (fastmoe at 21% MFU; 20% now) |" in trinity
+    assert "| NVIDIA H200, 2026-12-01 | 2.80x | missed | 7% more tokens/s (fastmoe at 21% MFU; 20% now) |" in trinity
     assert ("| 100 ms: expert GEMMs 50 ms, dense GEMMs 20 ms, attention 10 ms, other kernels 10 ms, GPU idle 10 ms |"
             in trinity)
     # Other figures: the newest record's (run b's, unprofiled).
