@@ -247,7 +247,8 @@ def where_the_step_goes(record: dict | None) -> str:
     step, busy = record["profiled_step_ms"], record.get("gpu_busy_ms_per_step") or 0.0
     kinds: dict[str, float] = {}
     for name, ms, _ in record["top_kernels"]:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     kinds["other kernels"] = kinds.get("other kernels", 0.0) + max(busy - sum(kinds.values()), 0.0)
     kinds["GPU idle"] = max(step - busy, 0.0)
     parts = [f"{kind} {ms:.0f} ms" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1]) if ms >= 0.5]
@@ -320,16 +321,20 @@ def memory_and_logging_targets(usable: list[dict], config: Callable[[dict], tupl
             above.append(f"{ours['preset']} {ours['layers']} layers {ours['shape']} {weights} "
                          f"({ours['footprint_gb']:.2f} / {theirs['footprint_gb']:.2f} GB) " + sources.ref(theirs, ours))
     fastmoe_run = newest([r for r in usable if r["implementation"] == "fastmoe"], lambda r: (r.get("run"), *config(r)))
-    logging = newest([(tens, ones) for (run, *case), tens in fastmoe_run.items() if case[4] == 10
-                      for ones in [fastmoe_run.get((run, *case[:4], 1, case[5]))] if ones],
-                     lambda found: config(found[0]))
+
+    def at_one_logging_step(r: dict) -> dict | None:
+        preset, layers, shape, quantization, _, gpu = config(r)
+        return fastmoe_run.get((r.get("run"), preset, layers, shape, quantization, 1, gpu))
+
+    tens = newest([r for r in fastmoe_run.values() if r.get("logging_steps") == 10 and at_one_logging_step(r)], config)
+    logging = [(r, at_one_logging_step(r)) for r in tens.values()]
     return [f"Peak memory never above transformers': fastmoe's footprint above transformers' in {len(above)} of the "
             f"{len(compared)} configurations measured both ways in one run (each its newest)"
             + (": " + "; ".join(above) if above else "") + ".", "",
             "tokens/s independent of logging_steps (fastmoe's at 10 over its tokens/s at 1, same run): "
             + ("; ".join(f"{tens['preset']} {tens['layers']} layers {tens['shape']}, {tens.get('gpu')}: "
                          f"{tens['tokens_per_s'] / ones['tokens_per_s']:.3f} {sources.ref(ones, tens)}"
-                         for tens, ones in logging.values()) or "not measured") + "."]
+                         for tens, ones in logging) or "not measured") + "."]
 
 
 LONG_SEQUENCE = 16384  # tokens per row from which an unlimited run on a whole GPU counts as a long-context probe

@@ -415,6 +415,12 @@ def test_targets_compare_within_one_run_and_say_where_fastmoe_s_step_goes():
     assert "| - | not measured |" in rows["LFM2-8B-A1B: speed-up >= 2.5x"]
     assert "above transformers' in 1 of the 1 configurations" in targets and "(51.00 / 50.00 GB)" in targets
     assert "logging_steps (fastmoe's at 10 over its tokens/s at 1, same run): not measured." in targets
+    # Two runs of both logging settings on one GPU: the newer pair.
+    records += [sft_record("fastmoe", 6000, "2026-12-02 12:00 UTC", run, logging_steps=steps)
+                for run in ("f", "g") for steps in (1, 10)]
+    records[-1]["tokens_per_s"] = 5400
+    targets = report.render(records).split("## 2.")[1].split("## 3.")[0]
+    assert "same run): trinity-mini 32 layers 1x4096, NVIDIA H200: 0.900 [" in targets
 
 
 def test_generation_rows_set_transformers_beside_fastmoe_with_the_roofline_share():
