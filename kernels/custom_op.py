@@ -99,9 +99,19 @@ class KernelOp:
         def eager_forward(ctx, *inputs):
             output = forward(*inputs)
             setup_context(ctx, inputs, output)
+            # The outputs after the first are what the backward keeps (the experts' pre-activations, a norm's rstd),
+            # marked non-differentiable, or a second result often unused: autograd would fill each one's gradient
+            # with zeros (a launch each, and a write as large as the output: the experts' (rows, 2 x intermediate)
+            # pre-activations), which no backward reads. They arrive as None; the first output's stays a tensor.
+            ctx.set_materialize_grads(False)
+            if isinstance(output, tuple):
+                ctx.first_output = (output[0].shape, output[0].dtype, output[0].device)
             return output
 
         def eager_gradients(ctx, *grads):
+            if grads[0] is None and len(grads) > 1:  # only a later output was used
+                shape, dtype, device = ctx.first_output
+                grads = (torch.zeros(shape, dtype=dtype, device=device), *grads[1:])
             return gradients(ctx, backward, *grads)
 
         self.forward_op.register_autograd(op_gradients, setup_context=setup_context)

@@ -363,3 +363,50 @@ def test_inductor_equals_eager(case, reference, tmp_path, monkeypatch):
     with reference_only() if reference else contextlib.nullcontext():
         assert_same(forward_backward(compiled(fn, backend="inductor"), inputs), forward_backward(fn, inputs),
                     tol=1e-5)
+
+
+class RecordZeroFills(TorchDispatchMode):
+    """The shapes of the tensors filled with zeros while active."""
+
+    FILLS = {torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default, torch.ops.aten.zeros_like.default,
+             torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FILLS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_backward_fills_no_zero_gradients_for_kept_outputs():
+    # What an op returns beside its result for its backward (the experts' pre-activations and LoRA row products, a
+    # norm's rstd) gets no gradient: autograd must not fill one with zeros per call (a launch each, and a write the
+    # size of the experts' (rows, 2 x intermediate) pre-activations).
+    x, weight = randn(9, 12, grad=True), randn(12, grad=True, seed=1)
+    out = rms_norm(x, weight, 1e-6)
+    with RecordZeroFills() as fills:
+        out.backward(randn(9, 12, seed=2))
+    assert fills.shapes == []
+
+    fn, inputs = moe_case()
+    out = fn(*inputs)
+    rows, inter, rank = 7 * 2, 10, 3
+    with RecordZeroFills() as fills:
+        out.backward(randn(*out.shape, seed=3))
+    assert not {(rows, 2 * inter), (rows, rank), (rows,)} & set(fills.shapes), fills.shapes
+
+
+def test_a_later_output_used_alone_gets_its_gradient():
+    # With the normalised output unused, autograd gives its gradient as None; the backward takes it as zeros.
+    x, residual = randn(9, 12, grad=True), randn(9, 12, grad=True, seed=1)
+    weight = randn(12, grad=True, seed=2)
+    upstream = randn(9, 12, seed=3)
+    _, total = rms_norm_add(x, residual, weight, 1e-6)
+    grads = torch.autograd.grad((total * upstream).sum(), (x, residual))
+    for grad in grads:
+        assert rel_err(grad, upstream) < 1e-6
+    assert weight.grad is None
