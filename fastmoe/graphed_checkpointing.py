@@ -53,6 +53,10 @@ Attention: the recompute reuses the output and log-sum-exp of each attention cal
 (fastmoe.kept_attention) instead of running attention's forward kernel again, at the cost of keeping them from the
 forward to the backward (the attention output's size per layer: 32 MB at 4,096 tokens of Trinity-Mini).
 
+Casts: the layer's ops cast peft's float32 LoRA factors to the activations' dtype where they use them, some fifty
+small copy kernels per layer and step for Trinity-Mini; each body instead casts them all by one multi-tensor copy and
+the ops take views of those (kernels/reused_casts.py layer_casts): the same values, two launches per layer.
+
 Recompute: the backward body's forward only rebuilds what the layer's backward reads; the layer's output values are
 never read (its gradient comes from the caller). Decoder layers whose feed-forward output goes straight into that
 output (fastmoe.models.shared.residual_plus_feed_forward) let their routed experts skip the down projection's product
@@ -82,6 +86,7 @@ import torch.utils._pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.checkpoint import checkpoint
 
+from fastmoe.kernels.reused_casts import layer_casts
 from fastmoe.kept_attention import KeptAttention, keeping, reusing
 from fastmoe.offloaded_checkpointing import HostCopy, copy_stream_of, offload_to_host, reload_to_device
 from fastmoe.module_structure import Structure, structure_of
@@ -345,6 +350,14 @@ class _LayerGraphs:
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.buffers = buffers
         self.autocast = call.signature[3]
+        # The trainable tensors the layer's ops cast to the activations' dtype (peft's float32 LoRA factors): cast
+        # together once per body (kernels/reused_casts.py layer_casts).
+        enabled, autocast_dtype = self.autocast
+        self.compute_dtype = autocast_dtype if enabled else next(
+            (t.dtype for t in buffers.inputs if t.is_floating_point()), None)
+        self.cast_sources = [p for p in self.params if type(p.detach()) is torch.Tensor and p.is_floating_point()
+                             and p.dtype != self.compute_dtype and p.is_contiguous()
+                             ] if self.compute_dtype is not None else []
         self.output_spec: pytree.TreeSpec | None = None
         self.output_is_data: list[bool] = []
         self.forward_graph: torch.cuda.CUDAGraph | None = None
@@ -363,8 +376,11 @@ class _LayerGraphs:
         with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
             return self.function(*args, **kwargs)
 
+    def _casts(self):
+        return layer_casts(self.cast_sources, self.compute_dtype) if self.cast_sources else contextlib.nullcontext()
+
     def _forward_body(self) -> None:
-        with torch.no_grad(), (keeping(self.kept) if self.keep_attention else contextlib.nullcontext()):
+        with torch.no_grad(), (keeping(self.kept) if self.keep_attention else contextlib.nullcontext()), self._casts():
             outputs, spec = pytree.tree_flatten(self._run())
         if self.output_spec is None:
             if not all(isinstance(o, torch.Tensor) for o in outputs):
@@ -379,7 +395,8 @@ class _LayerGraphs:
 
     def _backward_body(self, reuse_attention: bool | None = None) -> None:
         reuse_attention = self.keep_attention if reuse_attention is None else reuse_attention
-        with torch.enable_grad(), (reusing(self.kept) if reuse_attention else contextlib.nullcontext()):
+        with (torch.enable_grad(), (reusing(self.kept) if reuse_attention else contextlib.nullcontext()),
+              self._casts()):
             token = _RECOMPUTING.set(True)
             try:
                 outputs = pytree.tree_leaves(self._run())

@@ -6,6 +6,12 @@ layer's factors are ~15M values), which costs more than the step's own matrix pr
 the first forward casts and later forwards get the same tensor back; a source changed in place since (an optimizer
 step between two `generate` calls: its version counter moved) is cast again into the same tensor, so a CUDA graph
 that captured the cast's address reads the new values. Outside a scope (training), a plain `.to`.
+
+Training casts each factor where an op uses it: a Trinity-Mini layer's forward and its recompute + backward cast some
+fifty small tensors one launch each (1,507 bf16 copy kernels in a 32-layer step, H200 profile in
+benchmarks/results.jsonl). Inside a `layer_casts` scope (graphed checkpointing opens one around each layer's forward
+and around its recompute + backward) the layer's float32 trainable tensors are cast together by one multi-tensor copy,
+and `cast` hands out views of those casts: the same values (round to nearest even either way), one launch.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import contextvars
 import torch
 
 _ACTIVE: contextvars.ContextVar[CastCache | None] = contextvars.ContextVar("fastmoe_reused_casts", default=None)
+# Process-wide, not a context variable: autograd runs the backward of a layer's recompute on its own device thread,
+# whose casts the scope must serve too.
+_layer_casts: LayerCasts | None = None
 
 
 class CastCache:
@@ -57,6 +66,45 @@ class CastCache:
         return value
 
 
+class LayerCasts:
+    """sources (contiguous tensors of one dtype) cast to `dtype` by one multi-tensor copy; `lookup` gives the cast of
+    a source or of any view of one."""
+
+    def __init__(self, sources: list[torch.Tensor], dtype: torch.dtype):
+        self.dtype = dtype
+        casts = [torch.empty(s.shape, dtype=dtype, device=s.device) for s in sources]
+        if casts:
+            torch._foreach_copy_(casts, sources)
+        self._by_storage: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for s, c in zip(sources, casts):
+            self._by_storage.setdefault((s.device, s.untyped_storage().data_ptr()), []).append((s, c))
+
+    def lookup(self, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if dtype != self.dtype:
+            return None
+        for whole, cast in self._by_storage.get((source.device, source.untyped_storage().data_ptr()), ()):
+            offset = source.storage_offset() - whole.storage_offset()
+            last = offset + sum((size - 1) * stride for size, stride in zip(source.shape, source.stride()))
+            if whole.dtype == source.dtype and 0 <= offset and last < whole.numel() and source.numel():
+                # Both contiguous, one shape: a view's strides and offset address the same elements of either.
+                return cast.as_strided(source.shape, source.stride(), offset)
+        return None
+
+
+@contextlib.contextmanager
+def layer_casts(sources: list[torch.Tensor], dtype: torch.dtype):
+    """Within: `cast(t, dtype)` of any of `sources` (or a view of one) returns a view of their casts, made here by
+    one multi-tensor copy. sources: a layer's trainable tensors in another floating dtype (peft's LoRA factors),
+    contiguous, not changed in place within (their values are read once, here)."""
+    global _layer_casts
+    previous = _layer_casts
+    _layer_casts = LayerCasts([s.detach() for s in sources], dtype)
+    try:
+        yield
+    finally:
+        _layer_casts = previous
+
+
 @contextlib.contextmanager
 def reused_casts(cache: CastCache):
     """Within: `cast` reuses `cache`'s casts."""
@@ -77,8 +125,14 @@ def cast(source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     plain cast)."""
     if torch.compiler.is_compiling():
         return source.to(dtype)
+    if source.requires_grad and torch.is_grad_enabled():  # autograd must see the cast
+        return source.to(dtype)
+    if _layer_casts is not None and source.dtype != dtype:
+        found = _layer_casts.lookup(source, dtype)
+        if found is not None:
+            return found
     cache = _ACTIVE.get()
-    if cache is None or source.requires_grad and torch.is_grad_enabled():
+    if cache is None:
         return source.to(dtype)
     return cache.cast(source, dtype)
 

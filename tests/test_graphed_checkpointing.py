@@ -5,10 +5,12 @@ On the CPU the same Function runs without capturing (`GraphedCheckpoint(capture=
 is exactly checkpointing (losses and every LoRA gradient equal torch's checkpoint), when a signature is captured
 and when a call takes the fallback. The GPU tests check the captured graphs against eager checkpointing."""
 
+import contextlib
 import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from testing_utils import batch_with_padding, randomize_lora, rel_err
 
 import fastmoe
@@ -146,6 +148,50 @@ def test_gradient_accumulation_adds_into_grad(tiny_checkpoint):
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert rel_err(param.grad, expected[name]) < 1e-5, name
+
+
+class CountCasts(TorchDispatchMode):
+    """float32 -> bf16 copies: one tensor at a time (aten._to_copy) or many at once (aten._foreach_copy_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.single = self.multi = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                and (kwargs or {}).get("dtype") == torch.bfloat16:
+            self.single += 1
+        if func is torch.ops.aten._foreach_copy_.default:
+            self.multi += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
+def test_each_body_casts_the_layers_lora_factors_at_once(tiny_checkpoint, model_type, monkeypatch):
+    """bf16 activations, float32 LoRA factors: each layer's forward and its recompute + backward cast the layer's
+    factors by one multi-tensor copy, and the ops take views of those casts: the same losses and gradients, bit for
+    bit, as casting where each op needs a factor."""
+    model = lora_model(tiny_checkpoint(model_type), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    batch = batch_with_padding(model.config.vocab_size, seed=3)
+    layers = len(decoder_layers(model))
+
+    def steps(graphed):
+        use_checkpoint_function(model, graphed)
+        results = [loss_and_grads(model, batch) for _ in range(2)]  # the second runs every layer through the Function
+        with CountCasts() as counts:
+            loss_and_grads(model, batch)
+        return results[-1], counts
+
+    (loss, grads), counts = steps(GraphedCheckpoint(capture=False))
+    assert counts.multi == 2 * layers
+    with monkeypatch.context() as patched:
+        patched.setattr("fastmoe.graphed_checkpointing._LayerGraphs._casts", lambda self: contextlib.nullcontext())
+        (ref_loss, ref_grads), ref_counts = steps(GraphedCheckpoint(capture=False))
+    assert ref_counts.multi == 0 and counts.single < ref_counts.single - 2 * layers
+    assert torch.equal(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_changed_mask_adapter_state_or_weights_leave_the_graphs(tiny_checkpoint):
