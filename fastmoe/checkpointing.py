@@ -11,7 +11,8 @@ swaps torch's plain non-reentrant checkpoint for the model's mode:
 - "offload": `fastmoe.offloaded_checkpointing`, the layer inputs wait in host memory;
 - "graphs-offload": both, the graphs' layer inputs in host memory (`GraphedCheckpoint(offload_inputs=True)`), the
   calls the graphs leave (long sequences, a signature's first step) offloaded eagerly;
-- "standard": torch's checkpoint, as transformers does.
+- "standard": torch's checkpoint, as transformers does, its recompute marked (graphed_checkpointing.marking_recompute)
+  so that the layers skip the products whose output nobody reads there.
 
 Without CUDA the graph modes become their eager counterparts ("standard", "offload").
 
@@ -44,6 +45,8 @@ def _checkpoint_function(model: torch.nn.Module, given: Callable) -> Callable:
         return given
     from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
 
+    from fastmoe.graphed_checkpointing import marking_recompute
+
     mode = model._fastmoe_checkpointing
     if mode == "offload":
         return checkpoint_with_offloaded_inputs
@@ -55,9 +58,10 @@ def _checkpoint_function(model: torch.nn.Module, given: Callable) -> Callable:
         if graphed is None or (graphed.host_inputs is not None) != offload:
             release_graphs(model)
             graphed = model._fastmoe_graphed_checkpoint = GraphedCheckpoint(offload_inputs=offload)
-        graphed.fallback = checkpoint_with_offloaded_inputs if offload else given
+        graphed.fallback = checkpoint_with_offloaded_inputs if offload else marking_recompute(given)
         return graphed
-    return given
+    # The recompute marked, so that the layers skip the products whose output nobody reads there.
+    return marking_recompute(given)
 
 
 def set_checkpointing_mode(model: torch.nn.Module, mode: str) -> None:

@@ -59,8 +59,11 @@ the ops take views of those (kernels/reused_casts.py layer_casts): the same valu
 
 Recompute: the backward body's forward only rebuilds what the layer's backward reads; the layer's output values are
 never read (its gradient comes from the caller). Decoder layers whose feed-forward output goes straight into that
-output (fastmoe.models.shared.residual_plus_feed_forward) let their routed experts skip the down projection's product
-there (`recomputing_for_backward`, kernels/moe/experts.py `output_unused`).
+output (fastmoe.models.shared.residual_plus_feed_forward; Cohere's parallel block, its attention's output too) let
+those blocks skip their output products there (`recomputing_for_backward`, fastmoe.models.shared
+`unread_in_recompute`): the routed experts' down projection (kernels/moe/experts.py `output_unused`), a dense MLP's
+down projection and Cohere's output projection (kernels/lora_linear.py `output_unused`). torch's checkpoint, where
+fastmoe installs it, marks its recompute the same way (`marking_recompute`).
 
 Long sequences: a call of more than `max_tokens` tokens (8,192) takes torch's checkpoint. There the GPU is busy
 whatever issues the kernels (Trinity-Mini's 8 layers at 16,384 tokens: 44.0k tokens/s eager, 44.4k graphed, H200),
@@ -102,9 +105,35 @@ _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_rec
 
 
 def recomputing_for_backward() -> bool:
-    """Whether the decoder layer running now is graphed checkpointing's recompute, whose output's value nothing reads
-    (the backward differentiates it, with the gradients it is handed)."""
+    """Whether the decoder layer running now is a checkpointed layer's recompute (graphed checkpointing's, or torch's
+    through marking_recompute), whose output's value nothing reads (the backward differentiates it, with the
+    gradients it is handed)."""
     return _RECOMPUTING.get()
+
+
+def marking_recompute(checkpoint_function: Callable) -> Callable:
+    """checkpoint_function (torch's non-reentrant checkpoint) with the recompute marked: the checkpointed function's
+    first call is the forward, every later one a recompute for a backward, run with recomputing_for_backward() true.
+    torch's checkpoint keeps nothing from the recompute but the tensors autograd saves, and the layers' skipped
+    outputs save none (see "Recompute" above)."""
+
+    def checkpointed(function: Callable, *args: Any, **kwargs: Any):
+        calls = 0
+
+        def run(*inner_args: Any, **inner_kwargs: Any):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*inner_args, **inner_kwargs)
+            token = _RECOMPUTING.set(True)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                _RECOMPUTING.reset(token)
+
+        return checkpoint_function(run, *args, **kwargs)
+
+    return checkpointed
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:

@@ -36,6 +36,12 @@ so that a decode step never writes a 16-bit copy of them. At one row (batch-1 de
 the CUDA cores rather than tl.dot's 16-row minimum: no operand staged in shared memory, so more programs run at once
 (about half the time of the tl.dot form, NF4 and bf16; see _few_rows_config).
 
+A layer whose output nobody reads (a decoder layer's last projection in checkpointing's recompute, whose output's
+value the backward never reads: fastmoe.models.shared) skips it inside `output_unused()`: the base product and
+LoRA's up-projection, the largest GEMM of Command R's layer (its 22,528 -> 8,192 down projection) among them. The
+forward then computes and keeps only what the backward reads (x and x A^T) and returns a tensor of the output's shape
+whose values nobody may read: uninitialised on a GPU, NaN elsewhere (where the tests would see any use of it).
+
 Unlike the Triton ops, this one is not a torch.library custom op: its body is plain PyTorch, which torch.compile
 traces, the Function's hand-written backward included (dynamo traces autograd Functions), so inductor sees the GEMMs
 and the casts around them; and a custom op could not take the dequantizing callable.
@@ -43,6 +49,8 @@ and the casts around them; and a custom op could not take the dequantizing calla
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -415,15 +423,40 @@ def lora_linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return lora_linears_few_rows(x, [Projection(weight, bias, lora_a, lora_b, scaling)])[0]
 
 
+# Whether the output of the lora_linear calls now running is read (see output_unused): a context variable, so that
+# autograd's backward thread, which runs a checkpointed layer's recompute, sees what that recompute sets.
+_OUTPUT_READ: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_lora_linear_output_read", default=True)
+
+
+@contextlib.contextmanager
+def output_unused():
+    """Within this block, lora_linear's autograd forward skips its output (the base product and LoRA's
+    up-projection) and keeps what its backward reads; the output is a tensor of its shape whose values nobody may
+    read (uninitialised on a GPU, NaN elsewhere). For a decoder layer's last projection in a checkpointed recompute
+    (fastmoe.models.shared.unread_projection)."""
+    token = _OUTPUT_READ.set(False)
+    try:
+        yield
+    finally:
+        _OUTPUT_READ.reset(token)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        w = weight() if callable(weight) else weight
         x2 = x.reshape(-1, x.shape[-1])
         a, b = cast(lora_a, x.dtype), cast(lora_b, x.dtype)  # reused across forwards while decoding
-        out = F.linear(x2, w, bias)
         xa = x2 @ a.t()
-        out.addmm_(xa, b.t(), alpha=scaling)
+        # Under torch.compile nothing sets it (graphed checkpointing leaves compiled layers to torch's checkpoint), and
+        # dynamo cannot trace a context variable.
+        if torch.compiler.is_compiling() or _OUTPUT_READ.get():
+            w = weight() if callable(weight) else weight
+            out = F.linear(x2, w, bias)
+            out.addmm_(xa, b.t(), alpha=scaling)
+        elif x.is_cuda:
+            out = x2.new_empty(x2.shape[0], lora_b.shape[0])
+        else:
+            out = x2.new_full((x2.shape[0], lora_b.shape[0]), float("nan"))
         ctx.weight = None if isinstance(weight, torch.Tensor) else weight
         ctx.save_for_backward(x2, xa, a, b, weight if isinstance(weight, torch.Tensor) else None)
         ctx.scaling = scaling

@@ -12,7 +12,8 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rope import apply_rope
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import attend, decoder_layer_patch, gated_mlp_forward
+from fastmoe.models.shared import (attend, decoder_layer_patch, gated_mlp_forward, last_projection,
+                                   unread_in_recompute)
 from fastmoe.patching import Family, ForwardPatch
 from fastmoe.sliding_window_attention import mask_layout_patches
 from fastmoe.token_chunks import feed_forward_in_chunks
@@ -46,18 +47,21 @@ def attention_forward(self: hf.CohereAttention, hidden_states, position_embeddin
     value = value.view(hidden_shape).transpose(1, 2)
 
     output, attn_weights = attend(self, hf, query, key, value, attention_mask, past_key_values, **kwargs)
-    return self.o_proj(output), attn_weights
+    return last_projection(self.o_proj, output), attn_weights
 
 
 def decoder_layer_forward(self: hf.CohereDecoderLayer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """transformers' parallel block, residual + attention(norm(x)) + mlp(norm(x)) added in its order, with the MLP in
     token chunks on long sequences (fastmoe.token_chunks): at Command R's 22,528-wide MLP its gate, up and SwiGLU
-    outputs and their gradients are over 200 KB a token. transformers calls the layer with the hidden states alone
-    by position; every other argument goes to the attention as it was given."""
+    outputs and their gradients are over 200 KB a token. Only the sum reads the attention's and the MLP's outputs:
+    in a recompute their last projections are skipped (unread_in_recompute), Command R's down projection, the
+    layer's largest GEMM, and its output projection. transformers calls the layer with the hidden states alone by
+    position; every other argument goes to the attention as it was given."""
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    attention, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
-    return residual + attention + feed_forward_in_chunks(self.mlp, hidden_states)
+    with unread_in_recompute():
+        attention, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+        return residual + attention + feed_forward_in_chunks(self.mlp, hidden_states)
 
 
 # CohereForCausalLM keeps config.logit_scale as `self.logit_scale`, which fused_loss_forward applies to the fused

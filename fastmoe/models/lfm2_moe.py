@@ -16,8 +16,8 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.short_conv import document_offsets, short_conv, short_conv_decode
 from fastmoe.linear_lora import project, swiglu
 from fastmoe.models.causal_lm import fused_loss_forward
-from fastmoe.models.shared import (add_rms_norm, attend, decoder_layer_patch, residual_plus_feed_forward,
-                                   rms_norm_forward, swiglu_experts)
+from fastmoe.models.shared import (add_rms_norm, attend, decoder_layer_patch, last_projection,
+                                   residual_plus_feed_forward, rms_norm_forward, swiglu_experts)
 from fastmoe.patching import SWITCHABLE, Family, ForwardPatch
 from fastmoe.sliding_window_attention import mask_layout_patches
 
@@ -43,7 +43,7 @@ def sparse_moe_forward(self: hf.Lfm2MoeSparseMoeBlock, hidden_states: torch.Tens
 
 
 def mlp_forward(self: hf.Lfm2MoeMLP, x: torch.Tensor) -> torch.Tensor:
-    return self.w2(swiglu(x, self.w1, self.w3))
+    return last_projection(self.w2, swiglu(x, self.w1, self.w3))
 
 
 def attention_forward(self: hf.Lfm2MoeAttention, hidden_states, position_embeddings, attention_mask,

@@ -10,6 +10,7 @@ import torch
 from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
 from fastmoe.kernels.rope import apply_rope
+from fastmoe.kernels.moe import output_read
 from fastmoe.linear_lora import project
 from fastmoe.models.causal_lm import fused_loss_forward
 from fastmoe.models.shared import (attend, decoder_layer_patch, gated_mlp_forward, norm_attention_norm_mlp_forward,
@@ -31,7 +32,8 @@ def sparse_moe_forward(self: hf.Qwen2MoeSparseMoeBlock, hidden_states: torch.Ten
     # Called as a module so the router-logits recorder (output_router_logits) still sees its output.
     _, routing_weights, selected_experts = self.gate(flat)
     routed = swiglu_experts(self.experts, flat, selected_experts, routing_weights)
-    shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+    with output_read():  # the gate's gradient reads the shared expert's output
+        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
     return (routed + shared).view(batch_size, seq_len, hidden_dim)
 
 

@@ -9,8 +9,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
 from fastmoe.graphed_checkpointing import recomputing_for_backward
-from fastmoe.kernels.moe import (moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, output_unused,
-                                 router_topk)
+from fastmoe.kernels import lora_linear
+from fastmoe.kernels.moe import (moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, output_is_read,
+                                 output_unused, router_topk)
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
@@ -91,21 +92,38 @@ def norm_attention_norm_mlp_forward(self: torch.nn.Module, hidden_states: torch.
     return residual_plus_feed_forward(residual, self.mlp, hidden_states)
 
 
+def unread_in_recompute():
+    """A block for the parts of a decoder layer whose outputs only the layer's output sum takes: in checkpointing's
+    recompute (graphed, or torch's through fastmoe.checkpointing) nothing reads that output's value, only its autograd
+    graph, so they skip their output products (the routed experts' down projection: kernels/moe/experts.py
+    output_unused; the last linear layer of an MLP or attention block: last_projection)."""
+    # dynamo cannot trace the context variable; compiled layers take torch's checkpoint without fastmoe's marking.
+    recomputing = not torch.compiler.is_compiling() and recomputing_for_backward()
+    return output_unused() if recomputing else contextlib.nullcontext()
+
+
 def residual_plus_feed_forward(residual: torch.Tensor, module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """residual + module(hidden) (the MLP or MoE block, in token chunks on long sequences) as a decoder layer's
-    output. In graphed checkpointing's recompute nothing reads that output's value, only its autograd graph: the
-    routed experts then skip their output product (kernels/moe/experts.py output_unused): the down projection, a
-    ninth of the expert GEMMs' work in a layer's forward, recompute and backward."""
-    # Graphed checkpointing leaves compiled layers to torch's checkpoint; dynamo cannot trace the context variable.
-    recomputing = not torch.compiler.is_compiling() and recomputing_for_backward()
-    with output_unused() if recomputing else contextlib.nullcontext():
+    output, the block's output products skipped in a recompute (unread_in_recompute): the experts' down projection, a
+    ninth of the expert GEMMs' work in a layer's forward, recompute and backward, and a dense MLP's."""
+    with unread_in_recompute():
         return residual + feed_forward_in_chunks(module, hidden)
+
+
+def last_projection(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a block's last linear layer (an MLP's down projection, attention's output projection), whose
+    output's value nobody reads inside unread_in_recompute: there a fused LoRA linear skips its base product and
+    LoRA's up-projection (kernels/lora_linear.py output_unused) and keeps what its backward reads."""
+    if torch.compiler.is_compiling() or output_is_read():
+        return layer(x)
+    with lora_linear.output_unused():
+        return layer(x)
 
 
 def gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' gated MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)), with gate and up in one launch while
     decoding (fastmoe.linear_lora.swiglu)."""
-    return self.down_proj(swiglu(x, self.gate_proj, self.up_proj, self.act_fn))
+    return last_projection(self.down_proj, swiglu(x, self.gate_proj, self.up_proj, self.act_fn))
 
 
 def runs_fastmoe_experts(experts: torch.nn.Module) -> bool:

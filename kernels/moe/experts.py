@@ -562,6 +562,22 @@ def output_unused():
         _OUTPUT_READ.reset(token)
 
 
+@contextlib.contextmanager
+def output_read():
+    """Inside an output_unused block, a part whose output is read after all (Qwen2-MoE's shared expert, scaled by a
+    gate whose gradient reads it)."""
+    token = _OUTPUT_READ.set(True)
+    try:
+        yield
+    finally:
+        _OUTPUT_READ.reset(token)
+
+
+def output_is_read() -> bool:
+    """False inside output_unused (and not in a nested output_read)."""
+    return _OUTPUT_READ.get()
+
+
 def _unread_output(num_tokens: int, like: torch.Tensor, width: int) -> torch.Tensor:
     if like.is_cuda:
         return like.new_empty(num_tokens, width)

@@ -59,6 +59,32 @@ def test_callable_weight_is_dequantized_in_forward_and_backward_only():
         assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_unused_output_skips_its_products_and_keeps_the_backward(quantized):
+    # A recompute's last projection (output_unused): no base product, no LoRA up-projection, the weight not even
+    # dequantized; NaN where the output would be (on the CPU), and the same gradients for the same upstream one.
+    x, weight, b, lora_a, lora_b = _inputs((3, 5), 24, 10, 2, torch.float32)
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return weight
+
+    base = dequantize if quantized else weight
+    expected = _forward_backward(lora_linear, x, base, b, lora_a, lora_b, scaling=0.5)
+    calls.clear()
+    with lora_linear_module.output_unused():
+        out = lora_linear(x, base, b, lora_a, lora_b, 0.5)
+    assert out.shape == expected[0].shape and out.isnan().all()
+    assert len(calls) == 0
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    x.grad = lora_a.grad = lora_b.grad = None
+    out.backward(upstream)
+    assert len(calls) == (1 if quantized else 0)  # the input gradient's
+    for got, want in zip((x.grad, lora_a.grad, lora_b.grad), expected[1:]):
+        assert torch.equal(got, want)
+
+
 def test_no_input_gradient_skips_the_weight():
     x, weight, b, lora_a, lora_b = _inputs((4,), 16, 12, 2, torch.float32)
     x = x.detach()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.cohere import modeling_cohere as hf
@@ -9,6 +10,7 @@ from transformers.models.cohere import modeling_cohere as hf
 import fastmoe
 from fastmoe import FastCohereModel, FastModel
 from fastmoe.builtin import build_tiny_checkpoint
+from fastmoe.graphed_checkpointing import standard_checkpoint
 
 TARGETS = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -106,3 +108,53 @@ def test_unpatch_restores_transformers_forwards(tiny_checkpoint):
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     with torch.no_grad():
         assert rel_err(patched_logits, reference(**inputs).logits) < 1e-5
+
+
+class CountProducts(TorchDispatchMode):
+    """Matrix products (mm, addmm and its in-place form) while active."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_recompute_skips_the_products_only_the_sum_reads(tiny_checkpoint):
+    """With checkpointing, the parallel block's recompute (torch's checkpoint, its recompute marked by
+    fastmoe.checkpointing) skips the output projection's and the down projection's base products and LoRA
+    up-projections: two products each, four a layer, fewer in the backward. Every gradient stays transformers +
+    peft's, and equals an unmarked checkpoint's."""
+    checkpoint = tiny_checkpoint("cohere")
+    (ref_logits, ref_loss, ref_grads), (_, loss, grads) = compare_with_transformers(
+        checkpoint, dict(r=4, lora_alpha=8, **TARGETS), gradient_checkpointing=True)
+    tolerance = fp32_model_tolerance(AutoConfig.from_pretrained(checkpoint), *ref_logits.shape[:2])
+    assert rel_err(loss, ref_loss) < tolerance
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < tolerance, name
+
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.float32, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, **TARGETS)
+    model.train()
+    layers = model.get_base_model().model.layers
+    batch = batch_with_padding(model.config.vocab_size, seed=2)
+
+    def backward_products(checkpoint_function=None):
+        for layer in layers:
+            if checkpoint_function is not None:
+                layer._gradient_checkpointing_func = checkpoint_function
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        with CountProducts() as products:
+            loss.backward()
+        return products.count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    marked, marked_grads = backward_products()
+    unmarked, unmarked_grads = backward_products(standard_checkpoint)
+    assert unmarked - marked == 4 * len(layers)
+    for name, grad in unmarked_grads.items():
+        assert torch.equal(marked_grads[name], grad), name

@@ -20,11 +20,12 @@ PATCHED = (hf.Lfm2MoeRMSNorm, hf.Lfm2MoeTopKRouter, hf.Lfm2MoeSparseMoeBlock, hf
 
 # Rank 1 with scaling 8 (alpha 8) makes this tiny model ill-conditioned: transformers' own fp32 gradients are
 # then 1.5e-5 away from its fp64 ones, so rank 1 runs at scaling 1 (fp32 vs fp64: 1.4e-6).
-@pytest.mark.parametrize("rank, alpha", [(4, 8), (1, 1)])
-def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, rank, alpha):
+# Checkpointed, the recompute skips the dense MLP's and the experts' down projections (unread_in_recompute).
+@pytest.mark.parametrize("rank, alpha, gradient_checkpointing", [(4, 8, False), (1, 1, False), (4, 8, True)])
+def test_logits_loss_and_every_lora_gradient_match_transformers(tiny_checkpoint, rank, alpha, gradient_checkpointing):
     checkpoint = tiny_checkpoint("lfm2_moe")
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = compare_with_transformers(
-        checkpoint, dict(r=rank, lora_alpha=alpha, **TARGETS))
+        checkpoint, dict(r=rank, lora_alpha=alpha, **TARGETS), gradient_checkpointing=gradient_checkpointing)
     tolerance = fp32_model_tolerance(AutoConfig.from_pretrained(checkpoint), *ref_logits.shape[:2])
     assert rel_err(logits, ref_logits) < tolerance
     assert rel_err(loss, ref_loss) < tolerance
