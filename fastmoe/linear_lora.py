@@ -25,6 +25,7 @@ from fastmoe.kernels.lora_linear import (MAX_PROJECTIONS, Projection, lora_linea
                                          takes_few_rows)
 from fastmoe.kernels.moe.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE, Nf4Weight
 from fastmoe.kernels.reused_casts import cast, scope_active
+from fastmoe.kernels.swiglu import swiglu as fused_swiglu
 from fastmoe.patching import ForwardPatch
 
 try:  # peft defines its bitsandbytes wrappers only when bitsandbytes is installed
@@ -216,13 +217,18 @@ def is_silu(act) -> bool:
 def swiglu(x: torch.Tensor, gate: torch.nn.Module, up: torch.nn.Module,
            act: torch.nn.Module | None = None) -> torch.Tensor:
     """act(gate(x)) * up(x) (act None: SiLU), a gated MLP's hidden activations: while decoding, with a SiLU, in one
-    launch when each layer alone would take the few-rows kernel, rounded as PyTorch rounds the three ops; the ops
-    otherwise."""
-    projections = None
-    if act is None or is_silu(act):
-        projections = _few_rows_projections(x, (gate, up))
+    launch when each layer alone would take the few-rows kernel, rounded as PyTorch rounds the three ops; otherwise
+    the two layers, then a SiLU's product in one pass forward and one backward (kernels/swiglu.py), any other
+    activation as PyTorch's ops."""
+    silu = act is None or is_silu(act)
+    projections = _few_rows_projections(x, (gate, up)) if silu else None
     if projections is None or tuple(projections[0].weight.shape) != tuple(projections[1].weight.shape):
-        return (torch.nn.functional.silu(gate(x)) if act is None else act(gate(x))) * up(x)
+        if not silu:
+            return act(gate(x)) * up(x)
+        gated, upped = gate(x), up(x)
+        if gated.shape != upped.shape or gated.dtype != upped.dtype:
+            return torch.nn.functional.silu(gated) * upped
+        return fused_swiglu(gated, upped)
     return lora_linears_few_rows(x, projections, swiglu=True)[0]
 
 

@@ -39,6 +39,7 @@ from fastmoe.kernels.qk_norm_rope import qk_norm_rope
 from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.kernels.rope import apply_rope, apply_rope_swapping_heads
 from fastmoe.kernels.short_conv import short_conv
+from fastmoe.kernels.swiglu import swiglu
 from testing_utils import rel_err
 
 
@@ -223,6 +224,7 @@ CASES = {
     "qk_layer_norm_rope_interleaved": lambda: qk_norm_rope_case("layer", True, True),
     "qk_norm_without_rope": lambda: qk_norm_rope_case("rms", False, True, rope=False),
     "attention_gate": lambda: (attention_gate, [randn(2, 5, 12, grad=True), randn(2, 5, 12, grad=True, seed=1)]),
+    "swiglu": lambda: (swiglu, [randn(2, 5, 12, grad=True, scale=3.0), randn(2, 5, 12, grad=True, seed=1)]),
     "short_conv": lambda: short_conv_case(bias=True),
     "short_conv_without_bias": lambda: short_conv_case(bias=False),
     "route_sigmoid_topk": lambda: ((lambda logits, bias: route_sigmoid_topk(logits, bias, 3, True, 1e-20, 1.5)),
