@@ -43,9 +43,8 @@ def _is_plain_checkpoint(function: Callable) -> bool:
 def _checkpoint_function(model: torch.nn.Module, given: Callable) -> Callable:
     if not _is_plain_checkpoint(given):
         return given
-    from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
-
     from fastmoe.graphed_checkpointing import marking_recompute
+    from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
 
     mode = model._fastmoe_checkpointing
     if mode == "offload":
