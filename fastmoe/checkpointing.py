@@ -8,10 +8,10 @@ swaps torch's plain non-reentrant checkpoint for the model's mode:
 
 - "graphs": `fastmoe.graphed_checkpointing.GraphedCheckpoint`, each layer's forward and recompute + backward replayed
   as CUDA graphs (CUDA only; LoRA training, where few parameters train);
-- "offload": `fastmoe.offloaded_checkpointing`, the layer inputs wait in host memory;
+- "offload": `fastmoe.offloaded_checkpointing`, the layer inputs wait in host memory (its recompute marked as below);
 - "graphs-offload": both, the graphs' layer inputs in host memory (`GraphedCheckpoint(offload_inputs=True)`), the
   calls the graphs leave (long sequences, a signature's first step) offloaded eagerly;
-- "standard": torch's checkpoint, as transformers does, its recompute marked (graphed_checkpointing.marking_recompute)
+- "standard": torch's checkpoint, as transformers does, its recompute marked (fastmoe.recompute.marking_recompute)
   so that the layers skip the products whose output nobody reads there.
 
 Without CUDA the graph modes become their eager counterparts ("standard", "offload").
@@ -43,8 +43,8 @@ def _is_plain_checkpoint(function: Callable) -> bool:
 def _checkpoint_function(model: torch.nn.Module, given: Callable) -> Callable:
     if not _is_plain_checkpoint(given):
         return given
-    from fastmoe.graphed_checkpointing import marking_recompute
     from fastmoe.offloaded_checkpointing import checkpoint_with_offloaded_inputs
+    from fastmoe.recompute import marking_recompute
 
     mode = model._fastmoe_checkpointing
     if mode == "offload":

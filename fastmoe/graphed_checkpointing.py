@@ -60,10 +60,10 @@ the ops take views of those (kernels/reused_casts.py layer_casts): the same valu
 Recompute: the backward body's forward only rebuilds what the layer's backward reads; the layer's output values are
 never read (its gradient comes from the caller). Decoder layers whose feed-forward output goes straight into that
 output (fastmoe.models.shared.residual_plus_feed_forward; Cohere's parallel block, its attention's output too) let
-those blocks skip their output products there (`recomputing_for_backward`, fastmoe.models.shared
+those blocks skip their output products there (fastmoe.recompute `recomputing_for_backward`, fastmoe.models.shared
 `unread_in_recompute`): the routed experts' down projection (kernels/moe/experts.py `output_unused`), a dense MLP's
 down projection and Cohere's output projection (kernels/lora_linear.py `output_unused`). torch's checkpoint, where
-fastmoe installs it, marks its recompute the same way (`marking_recompute`).
+fastmoe installs it, marks its recompute the same way (fastmoe.recompute `marking_recompute`).
 
 Long sequences: a call of more than `max_tokens` tokens (8,192) takes torch's checkpoint. There the GPU is busy
 whatever issues the kernels (Trinity-Mini's 8 layers at 16,384 tokens: 44.0k tokens/s eager, 44.4k graphed, H200),
@@ -77,7 +77,6 @@ transformers' 61.7 and above fastmoe's own eager step at 24,576 tokens (56.8; H1
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import weakref
 from collections.abc import Callable
@@ -92,6 +91,7 @@ from torch.utils.checkpoint import checkpoint
 from fastmoe.kernels.reused_casts import layer_casts
 from fastmoe.kept_attention import KeptAttention, keeping, reusing
 from fastmoe.offloaded_checkpointing import HostCopy, copy_stream_of, offload_to_host, reload_to_device
+from fastmoe.recompute import recomputing
 from fastmoe.module_structure import Structure, structure_of
 
 # The default torch checkpoint transformers uses when nothing else is asked for.
@@ -99,42 +99,6 @@ standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
 
 # Longer calls (tokens = batch x seq) run torch's checkpoint: see "Long sequences" above.
 MAX_GRAPH_TOKENS = 8192
-
-# True while a layer's forward runs again for its backward (see "Recompute" above).
-_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmoe_recomputing", default=False)
-
-
-def recomputing_for_backward() -> bool:
-    """Whether the decoder layer running now is a checkpointed layer's recompute (graphed checkpointing's, or torch's
-    through marking_recompute), whose output's value nothing reads (the backward differentiates it, with the
-    gradients it is handed)."""
-    return _RECOMPUTING.get()
-
-
-def marking_recompute(checkpoint_function: Callable) -> Callable:
-    """checkpoint_function (torch's non-reentrant checkpoint) with the recompute marked: the checkpointed function's
-    first call is the forward, every later one a recompute for a backward, run with recomputing_for_backward() true.
-    torch's checkpoint keeps nothing from the recompute but the tensors autograd saves, and the layers' skipped
-    outputs save none (see "Recompute" above)."""
-
-    def checkpointed(function: Callable, *args: Any, **kwargs: Any):
-        calls = 0
-
-        def run(*inner_args: Any, **inner_kwargs: Any):
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                return function(*inner_args, **inner_kwargs)
-            token = _RECOMPUTING.set(True)
-            try:
-                return function(*inner_args, **inner_kwargs)
-            finally:
-                _RECOMPUTING.reset(token)
-
-        return checkpoint_function(run, *args, **kwargs)
-
-    return checkpointed
-
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
     """The decoder layer behind transformers' checkpointed call: `partial(forward, layer, **kwargs)` (transformers
@@ -426,11 +390,8 @@ class _LayerGraphs:
         reuse_attention = self.keep_attention if reuse_attention is None else reuse_attention
         with (torch.enable_grad(), (reusing(self.kept) if reuse_attention else contextlib.nullcontext()),
               self._casts()):
-            token = _RECOMPUTING.set(True)
-            try:
+            with recomputing():
                 outputs = pytree.tree_leaves(self._run())
-            finally:
-                _RECOMPUTING.reset(token)
             pairs = [(o, g) for o, g, data in zip(outputs, self.buffers.grad_outputs, self.output_is_data)
                      if data and o.requires_grad]
             wrt = [t for t in self.buffers.inputs if t.requires_grad] + self.params

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from fastmoe.recompute import marked
+
 # One copy stream per GPU, made on first use: the device-to-host copies queue there, behind the compute that wrote
 # each tensor, and never in front of the next layer's kernels.
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -93,4 +95,5 @@ def checkpoint_with_offloaded_inputs(function: Callable[..., Any], *args: Any) -
 
     `offload_to_host` and `reload_to_device` are looked up on every call, so a test can watch what is saved."""
     with torch.autograd.graph.saved_tensors_hooks(offload_to_host, reload_to_device):
-        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
+        # The recompute marked, so that the layers skip the products whose output nobody reads there.
+        return checkpoint(marked(function), *args, use_reentrant=False, preserve_rng_state=True)

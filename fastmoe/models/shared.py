@@ -8,7 +8,6 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from fastmoe.expert_lora import unwrap_expert_lora
-from fastmoe.graphed_checkpointing import recomputing_for_backward
 from fastmoe.kernels import lora_linear
 from fastmoe.kernels.moe import (moe_experts, moe_experts_clamped_swiglu, moe_experts_nf4, output_is_read,
                                  output_unused, router_topk)
@@ -16,6 +15,7 @@ from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.linear_lora import is_silu, swiglu
 from fastmoe.patching import ForwardPatch
 from fastmoe.quantize import is_quantized, nf4_weight, refuse_peft_forward_on_nf4
+from fastmoe.recompute import recomputing_for_backward
 from fastmoe.sliding_window_attention import FlashCausal, flash_causal_attention
 from fastmoe.token_chunks import feed_forward_in_chunks
 
