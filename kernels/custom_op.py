@@ -65,6 +65,14 @@ def no_gradient(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+def unread_output(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, width) output in like's dtype that an op skipped because nobody reads it (a checkpointed layer's
+    recompute): uninitialised on a GPU, NaN elsewhere, so that the CPU tests see any use of it."""
+    if like.is_cuda:
+        return like.new_empty(rows, width)
+    return like.new_full((rows, width), float("nan"))
+
+
 class KernelOp:
     """A differentiable op: ``torch.autograd.Function`` in eager mode, torch.library custom ops under torch.compile.
 

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .custom_op import unread_output
 from .dispatch import use_triton
 from .moe.nf4 import Nf4Weight, absmax_fp32, check_register_decode_layout, dequantize_nf4_tile, nf4_code, triton_dtype
 from .moe import one_token
@@ -433,7 +434,7 @@ def output_unused():
     """Within this block, lora_linear's autograd forward skips its output (the base product and LoRA's
     up-projection) and keeps what its backward reads; the output is a tensor of its shape whose values nobody may
     read (uninitialised on a GPU, NaN elsewhere). For a decoder layer's last projection in a checkpointed recompute
-    (fastmoe.models.shared.unread_projection)."""
+    (fastmoe.models.shared.last_projection)."""
     token = _OUTPUT_READ.set(False)
     try:
         yield
@@ -453,10 +454,8 @@ class _LoraLinear(torch.autograd.Function):
             w = weight() if callable(weight) else weight
             out = F.linear(x2, w, bias)
             out.addmm_(xa, b.t(), alpha=scaling)
-        elif x.is_cuda:
-            out = x2.new_empty(x2.shape[0], lora_b.shape[0])
         else:
-            out = x2.new_full((x2.shape[0], lora_b.shape[0]), float("nan"))
+            out = unread_output(x2.shape[0], lora_b.shape[0], x2)
         ctx.weight = None if isinstance(weight, torch.Tensor) else weight
         ctx.save_for_backward(x2, xa, a, b, weight if isinstance(weight, torch.Tensor) else None)
         ctx.scaling = scaling

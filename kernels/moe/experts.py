@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..custom_op import KernelOp, ReferenceOp, no_gradient
+from ..custom_op import KernelOp, ReferenceOp, no_gradient, unread_output
 from ..dispatch import use_triton
 from ..reused_casts import cast
 from .grouped_gemm import (
@@ -578,12 +578,6 @@ def output_is_read() -> bool:
     return _OUTPUT_READ.get()
 
 
-def _unread_output(num_tokens: int, like: torch.Tensor, width: int) -> torch.Tensor:
-    if like.is_cuda:
-        return like.new_empty(num_tokens, width)
-    return like.new_full((num_tokens, width), float("nan"))
-
-
 def _unread(out: torch.Tensor) -> torch.Tensor:
     """The reference ops' output under output_unused: NaN values (any reader would show them) with out's gradient."""
     # Under torch.compile nothing sets it (graphed checkpointing leaves compiled layers to torch's checkpoint), and
@@ -644,7 +638,7 @@ def _experts_forward(
                             identity, out_scale=down_scaling)
     kept = tuple(t if t is not None else no_gradient(hidden) for t in (gate_up, l_gu, l_down))
     if store_for_backward and not _OUTPUT_READ.get():
-        return (_unread_output(num_tokens, hidden, experts.down.shape[1]), *_schedule_tensors(schedule), row_weight,
+        return (unread_output(num_tokens, experts.down.shape[1], hidden), *_schedule_tensors(schedule), row_weight,
                 *kept)
     y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
     grouped_mm(h, identity, down_w, schedule, y, schedule.sorted_pair, l_down, down_b_,
