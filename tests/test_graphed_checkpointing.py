@@ -10,8 +10,7 @@ import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from testing_utils import batch_with_padding, randomize_lora, rel_err
+from testing_utils import RecordOps, batch_with_padding, randomize_lora, rel_err
 
 import fastmoe
 from fastmoe import FastModel, kept_attention
@@ -150,20 +149,16 @@ def test_gradient_accumulation_adds_into_grad(tiny_checkpoint):
             assert rel_err(param.grad, expected[name]) < 1e-5, name
 
 
-class CountCasts(TorchDispatchMode):
+def is_cast(func, args, kwargs) -> bool:
     """float32 -> bf16 copies: one tensor at a time (aten._to_copy) or many at once (aten._foreach_copy_)."""
+    return (func is torch.ops.aten._foreach_copy_.default
+            or func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+            and kwargs.get("dtype") == torch.bfloat16)
 
-    def __init__(self):
-        super().__init__()
-        self.single = self.multi = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
-                and (kwargs or {}).get("dtype") == torch.bfloat16:
-            self.single += 1
-        if func is torch.ops.aten._foreach_copy_.default:
-            self.multi += 1
-        return func(*args, **(kwargs or {}))
+def single_and_multi(record: RecordOps) -> tuple[int, int]:
+    multi = sum(func is torch.ops.aten._foreach_copy_.default for func, *_ in record.calls)
+    return len(record.calls) - multi, multi
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "jetmoe"])
@@ -179,16 +174,16 @@ def test_each_body_casts_the_layers_lora_factors_at_once(tiny_checkpoint, model_
     def steps(graphed):
         use_checkpoint_function(model, graphed)
         results = [loss_and_grads(model, batch) for _ in range(2)]  # the second runs every layer through the Function
-        with CountCasts() as counts:
+        with RecordOps(is_cast) as casts:
             loss_and_grads(model, batch)
-        return results[-1], counts
+        return results[-1], single_and_multi(casts)
 
     (loss, grads), counts = steps(GraphedCheckpoint(capture=False))
-    assert counts.multi == 2 * layers
+    assert counts[1] == 2 * layers
     with monkeypatch.context() as patched:
         patched.setattr("fastmoe.graphed_checkpointing._LayerGraphs._casts", lambda self: contextlib.nullcontext())
         (ref_loss, ref_grads), ref_counts = steps(GraphedCheckpoint(capture=False))
-    assert ref_counts.multi == 0 and counts.single < ref_counts.single - 2 * layers
+    assert ref_counts[1] == 0 and counts[0] < ref_counts[0] - 2 * layers
     assert torch.equal(loss, ref_loss)
     for name, grad in ref_grads.items():
         assert torch.equal(grads[name], grad), name

@@ -7,10 +7,28 @@ import math
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import fastmoe
 from fastmoe import FastModel
+
+
+class RecordOps(TorchDispatchMode):
+    """The ops run while active (aten's and custom ops) for which `keep(func, args, kwargs)` holds, as
+    (func, args, kwargs, output) in `calls`."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.keep(func, args, kwargs):
+            self.calls.append((func, args, kwargs, out))
+        return out
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,7 +11,6 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from fastmoe.kernels import reference_only
@@ -40,7 +39,7 @@ from fastmoe.kernels.rms_norm import rms_norm, rms_norm_add
 from fastmoe.kernels.rope import apply_rope, apply_rope_swapping_heads
 from fastmoe.kernels.short_conv import short_conv
 from fastmoe.kernels.swiglu import swiglu
-from testing_utils import rel_err
+from testing_utils import RecordOps, rel_err
 
 
 # The kernels run on a GPU where there is one, in the interpreter otherwise.
@@ -284,18 +283,9 @@ def assert_same(got, want, tol):
                 assert torch.equal(g, w)
 
 
-class RecordFastmoeOps(TorchDispatchMode):
+def record_fastmoe_ops() -> RecordOps:
     """Records every call of a fastmoe custom op (forward and backward ops) with its arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastmoe":
-            self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
+    return RecordOps(lambda func, args, kwargs: func.namespace == "fastmoe")
 
 
 def without_grad_if_backward(func, args, kwargs):
@@ -314,12 +304,12 @@ def compiled(fn, backend="aot_eager", dynamic=False):
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith(("lora_linear", "sort_by_expert"))])
 def test_every_custom_op_agrees_with_its_fake(case):
     fn, inputs = CASES[case]()
-    recorder = RecordFastmoeOps()
+    recorder = record_fastmoe_ops()
     with always_custom_ops(), recorder:
         forward_backward(fn, inputs)
-    ops = {func.name() for func, _, _ in recorder.calls}
+    ops = {func.name() for func, *_ in recorder.calls}
     assert ops, "the case called no fastmoe custom op"
-    for func, args, kwargs in recorder.calls:
+    for func, args, kwargs, _ in recorder.calls:
         torch.library.opcheck(func, *without_grad_if_backward(func, args, kwargs))
 
 
@@ -345,13 +335,13 @@ def test_references_compile_without_graph_break(case):
 @pytest.mark.parametrize("case", ["moe_experts", "expert_reduce", "expert_reduce_nf4"])
 def test_reference_ops_agree_with_their_fakes(case):
     fn, inputs = CASES[case]()
-    recorder = RecordFastmoeOps()
+    recorder = record_fastmoe_ops()
     # Forward only: the backward op's vjp (torch.func) does not run under a Python dispatch mode; opcheck's
     # aot_dispatch test runs it, against its fake, from the forward op's inputs that require grad.
     with reference_only(), always_custom_ops(), recorder:
         fn(*inputs)
-    assert {func.name() for func, _, _ in recorder.calls} >= {f"fastmoe::{case}_reference"}
-    for func, args, kwargs in recorder.calls:
+    assert {func.name() for func, *_ in recorder.calls} >= {f"fastmoe::{case}_reference"}
+    for func, args, kwargs, _ in recorder.calls:
         torch.library.opcheck(func, *without_grad_if_backward(func, args, kwargs))
 
 
@@ -367,21 +357,12 @@ def test_inductor_equals_eager(case, reference, tmp_path, monkeypatch):
                     tol=1e-5)
 
 
-class RecordZeroFills(TorchDispatchMode):
-    """The shapes of the tensors filled with zeros while active."""
+ZERO_FILLS = {torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default, torch.ops.aten.zeros_like.default,
+              torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar}
 
-    FILLS = {torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default, torch.ops.aten.zeros_like.default,
-             torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar}
 
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in self.FILLS:
-            self.shapes.append(tuple(out.shape))
-        return out
+def zero_fill_shapes(record: RecordOps) -> list[tuple[int, ...]]:
+    return [tuple(out.shape) for *_, out in record.calls]
 
 
 def test_backward_fills_no_zero_gradients_for_kept_outputs():
@@ -390,16 +371,16 @@ def test_backward_fills_no_zero_gradients_for_kept_outputs():
     # size of the experts' (rows, 2 x intermediate) pre-activations).
     x, weight = randn(9, 12, grad=True), randn(12, grad=True, seed=1)
     out = rms_norm(x, weight, 1e-6)
-    with RecordZeroFills() as fills:
+    with RecordOps(lambda func, *_: func in ZERO_FILLS) as fills:
         out.backward(randn(9, 12, seed=2))
-    assert fills.shapes == []
+    assert zero_fill_shapes(fills) == []
 
     fn, inputs = moe_case()
     out = fn(*inputs)
     rows, inter, rank = 7 * 2, 10, 3
-    with RecordZeroFills() as fills:
+    with RecordOps(lambda func, *_: func in ZERO_FILLS) as fills:
         out.backward(randn(*out.shape, seed=3))
-    assert not {(rows, 2 * inter), (rows, rank), (rows,)} & set(fills.shapes), fills.shapes
+    assert not {(rows, 2 * inter), (rows, rank), (rows,)} & set(zero_fill_shapes(fills)), zero_fill_shapes(fills)
 
 
 def test_a_later_output_used_alone_gets_its_gradient():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from testing_utils import batch_with_padding, compare_with_transformers, fp32_model_tolerance, rel_err
+from testing_utils import (RecordOps, batch_with_padding, compare_with_transformers, fp32_model_tolerance,
+                           rel_err)
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.cohere import modeling_cohere as hf
 
@@ -110,18 +110,7 @@ def test_unpatch_restores_transformers_forwards(tiny_checkpoint):
         assert rel_err(patched_logits, reference(**inputs).logits) < 1e-5
 
 
-class CountProducts(TorchDispatchMode):
-    """Matrix products (mm, addmm and its in-place form) while active."""
-
-    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.PRODUCTS
-        return func(*args, **(kwargs or {}))
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
 
 
 def test_the_recompute_skips_the_products_only_the_sum_reads(tiny_checkpoint):
@@ -149,9 +138,9 @@ def test_the_recompute_skips_the_products_only_the_sum_reads(tiny_checkpoint):
                 layer._gradient_checkpointing_func = checkpoint_function
         model.zero_grad(set_to_none=True)
         loss = model(**batch).loss
-        with CountProducts() as products:
+        with RecordOps(lambda func, *_: func in PRODUCTS) as products:
             loss.backward()
-        return products.count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return len(products.calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     marked, marked_grads = backward_products()
     unmarked, unmarked_grads = backward_products(standard_checkpoint)
