@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -299,6 +300,9 @@ class DenseExpertWeights:
     """16-bit stacks gate_up (E, 2I, H) as [gate; up] and down (E, H, I), trained with the block (full
     fine-tuning) when they require grad. Op arguments: the two tensors."""
 
+    OP_PARAMETERS = (("gate_up_proj", torch.Tensor), ("down_proj", torch.Tensor))
+    WEIGHT_GRADIENTS = 2
+
     gate_up: torch.Tensor
     down: torch.Tensor
     # The plain form: SwiGLU on [gate; up] rows, no biases (ClampedSwigluExpertWeights is the other).
@@ -314,6 +318,10 @@ class DenseExpertWeights:
 
     def op_args(self) -> tuple:
         return self.gate_up, self.down
+
+    @classmethod
+    def from_op_args(cls, *args) -> DenseExpertWeights:
+        return cls(*args)
 
     def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
         """Gradients of tensors(), each written by its grad_fns entry ("gate_up", "down") into a tensor laid out like
@@ -342,6 +350,15 @@ class Nf4ExpertWeights:
     weight tiles in registers, reading them transposed for the backward. Never a weight gradient. Op arguments:
     each stack's packed, absmax, absmax_scale and absmax_offset (None without double quantization), both shapes as
     six ints, both dtypes (no lists of tensors: autograd.Function and custom ops disagree on their gradients)."""
+
+    OP_PARAMETERS = (
+        ("gate_up_packed", torch.Tensor), ("gate_up_absmax", torch.Tensor),
+        ("gate_up_absmax_scale", torch.Tensor | None), ("gate_up_absmax_offset", torch.Tensor | None),
+        ("down_packed", torch.Tensor), ("down_absmax", torch.Tensor),
+        ("down_absmax_scale", torch.Tensor | None), ("down_absmax_offset", torch.Tensor | None),
+        ("shapes", list[int]), ("gate_up_dtype", torch.dtype), ("down_dtype", torch.dtype),
+    )
+    WEIGHT_GRADIENTS = 2
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -394,6 +411,10 @@ class ClampedSwigluExpertWeights:
     H), ``down`` (E, H, I)), never a copy. Op arguments: the four tensors, then alpha and limit. Each tensor gets a
     gradient when it requires one (full fine-tuning; LoRA leaves them frozen)."""
 
+    OP_PARAMETERS = (("gate_up_proj", torch.Tensor), ("gate_up_bias", torch.Tensor), ("down_proj", torch.Tensor),
+                     ("down_bias", torch.Tensor), ("alpha", float), ("limit", float))
+    WEIGHT_GRADIENTS = 4
+
     gate_up_proj: torch.Tensor
     gate_up_bias: torch.Tensor
     down_proj: torch.Tensor
@@ -426,6 +447,10 @@ class ClampedSwigluExpertWeights:
 
     def op_args(self) -> tuple:
         return (*self.tensors(), self.alpha, self.limit)
+
+    @classmethod
+    def from_op_args(cls, *args) -> ClampedSwigluExpertWeights:
+        return cls(*args)
 
     def weight_grads(self, needs: tuple[bool, ...], grad_fns: dict, absent: torch.Tensor) -> tuple:
         """Gradients of tensors(), laid out as the stored (E, in, out) stacks: the GEMMs write through the
@@ -465,6 +490,16 @@ class ClampedSwigluNf4ExpertWeights:
     ``down`` (E, H, I): ``TransposedNf4Weight``). The stacks never get a gradient; a bias does when it requires one.
     Op arguments: each stack's packed, absmax, absmax_scale and absmax_offset (None without double quantization)
     followed by its bias, both stored shapes as six ints, both dtypes, alpha and limit."""
+
+    OP_PARAMETERS = (
+        ("gate_up_packed", torch.Tensor), ("gate_up_absmax", torch.Tensor),
+        ("gate_up_absmax_scale", torch.Tensor | None), ("gate_up_absmax_offset", torch.Tensor | None),
+        ("gate_up_bias", torch.Tensor), ("down_packed", torch.Tensor), ("down_absmax", torch.Tensor),
+        ("down_absmax_scale", torch.Tensor | None), ("down_absmax_offset", torch.Tensor | None),
+        ("down_bias", torch.Tensor), ("shapes", list[int]), ("gate_up_dtype", torch.dtype),
+        ("down_dtype", torch.dtype), ("alpha", float), ("limit", float),
+    )
+    WEIGHT_GRADIENTS = 2
 
     gate_up_proj: Nf4Weight
     gate_up_bias: torch.Tensor
@@ -537,9 +572,9 @@ ExpertWeights = DenseExpertWeights | Nf4ExpertWeights | ClampedSwigluExpertWeigh
 # activations (empty tensors for what is not kept).
 ForwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# Gradients of hidden, top_k_weights, the four LoRA factors and the two base weights (empty where not asked for).
-BackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                        torch.Tensor, torch.Tensor]
+# Gradients of hidden, top_k_weights and the four LoRA factors, then the weights' WEIGHT_GRADIENTS (empty where not
+# asked for).
+BackwardOutputs = tuple[torch.Tensor, ...]
 
 
 # Whether the experts' output is read (see output_unused): a context variable, so that autograd's backward thread,
@@ -750,14 +785,27 @@ def _experts_backward_fake(
             *experts.weight_grad_fakes(tuple(needs_base), hidden))
 
 
-# The ops' arguments: (hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
-# store_for_backward), then the weights' op_args(). One autograd glue serves both kinds of weights.
-_COMMON_ARGS = 10
+# The ops' arguments before the weights' (op_args()), with the types the custom ops' schemas are read from. One autograd
+# glue serves every kind of weights.
+_FORWARD_PARAMETERS = (
+    ("hidden", torch.Tensor), ("top_k_index", torch.Tensor), ("top_k_weights", torch.Tensor),
+    ("gu_a", torch.Tensor | None), ("gu_b", torch.Tensor | None), ("gu_scaling", float),
+    ("down_a", torch.Tensor | None), ("down_b", torch.Tensor | None), ("down_scaling", float),
+    ("store_for_backward", bool),
+)
+_BACKWARD_PARAMETERS = (
+    ("grad_out", torch.Tensor), ("hidden", torch.Tensor), ("top_k_weights", torch.Tensor),
+    ("gu_a", torch.Tensor | None), ("gu_b", torch.Tensor | None), ("gu_scaling", float),
+    ("down_a", torch.Tensor | None), ("down_b", torch.Tensor | None), ("down_scaling", float),
+    ("schedule", list[torch.Tensor]), ("row_weight", torch.Tensor), ("gate_up", torch.Tensor),
+    ("l_gu", torch.Tensor), ("l_down", torch.Tensor), ("needs", list[bool]),
+)
+_COMMON_ARGS = len(_FORWARD_PARAMETERS)
 
 
 def _experts_setup_context(ctx, inputs, output, kind):
     hidden, _, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, _ = inputs[:_COMMON_ARGS]
-    experts = kind(*inputs[_COMMON_ARGS:])
+    experts = kind.from_op_args(*inputs[_COMMON_ARGS:])
     kept = output[1:]
     # Everything through save_for_backward, never as ctx attributes: saved-tensor hooks (activation checkpointing,
     # CPU offload) only see what goes through it.
@@ -782,274 +830,43 @@ def _experts_gradients(ctx, backward, grad_out, *_):
             *experts.op_arg_grads(*grad_base))
 
 
-def _moe_experts_forward(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-) -> ForwardOutputs:
-    return _experts_forward(DenseExpertWeights(gate_up_proj, down_proj), hidden, top_k_index, top_k_weights,
-                            gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, store_for_backward)
+def _experts_op(name: str, kind) -> KernelOp:
+    """The experts block over `kind`'s weights as a KernelOp: forward, backward and their fakes take the common
+    arguments (_FORWARD_PARAMETERS, _BACKWARD_PARAMETERS), then kind.OP_PARAMETERS, the weights' op_args(). The
+    functions are built here, each with the signature torch.library reads its schema from."""
+    num_forward, num_backward = len(_FORWARD_PARAMETERS), len(_BACKWARD_PARAMETERS)
+
+    def forward(*args) -> ForwardOutputs:
+        return _experts_forward(kind.from_op_args(*args[num_forward:]), *args[:num_forward])
+
+    def forward_fake(*args) -> ForwardOutputs:
+        return _experts_forward_fake(kind.from_op_args(*args[num_forward:]), *args[:num_forward])
+
+    def backward(*args) -> BackwardOutputs:
+        return _experts_backward(kind.from_op_args(*args[num_backward:]), *args[:num_backward])
+
+    def backward_fake(*args) -> BackwardOutputs:
+        return _experts_backward_fake(kind.from_op_args(*args[num_backward:]), *args[:num_backward])
+
+    forward.__signature__ = forward_fake.__signature__ = _signature(
+        _FORWARD_PARAMETERS + kind.OP_PARAMETERS, ForwardOutputs)
+    # Gradients of hidden, top_k_weights and the four LoRA factors, then the weights' (empty where not asked for).
+    backward.__signature__ = backward_fake.__signature__ = _signature(
+        _BACKWARD_PARAMETERS + kind.OP_PARAMETERS, tuple[(torch.Tensor,) * (6 + kind.WEIGHT_GRADIENTS)])
+    return KernelOp(name, forward, forward_fake,
+                    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, kind),
+                    _experts_gradients, backward, backward_fake)
 
 
-def _moe_experts_forward_fake(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-) -> ForwardOutputs:
-    return _experts_forward_fake(DenseExpertWeights(gate_up_proj, down_proj), hidden, top_k_index, top_k_weights,
-                                 gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling, store_for_backward)
+def _signature(parameters: tuple[tuple[str, object], ...], returns: object) -> inspect.Signature:
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+                              for name, annotation in parameters], return_annotation=returns)
 
 
-def _moe_experts_backward(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-) -> BackwardOutputs:
-    return _experts_backward(DenseExpertWeights(gate_up_proj, down_proj), grad_out, hidden, top_k_weights,
-                             gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
-                             schedule, row_weight, gate_up, l_gu, l_down, needs)
-
-
-def _moe_experts_backward_fake(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool], gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-) -> BackwardOutputs:
-    return _experts_backward_fake(DenseExpertWeights(gate_up_proj, down_proj), grad_out, hidden, top_k_weights,
-                                  gu_a, gu_b, gu_scaling, down_a, down_b, down_scaling,
-                                  schedule, row_weight, gate_up, l_gu, l_down, needs)
-
-
-_moe_experts = KernelOp(
-    "moe_experts", _moe_experts_forward, _moe_experts_forward_fake,
-    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, DenseExpertWeights),
-    _experts_gradients, _moe_experts_backward, _moe_experts_backward_fake,
-)
-
-
-def _moe_experts_nf4_forward(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
-    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
-    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
-) -> ForwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
-                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
-                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
-    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                            down_scaling, store_for_backward)
-
-
-def _moe_experts_nf4_forward_fake(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
-    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
-    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
-) -> ForwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
-                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
-                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
-    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
-                                 down_b, down_scaling, store_for_backward)
-
-
-def _moe_experts_nf4_backward(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
-    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
-    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
-) -> BackwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
-                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
-                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
-    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                             down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
-
-
-def _moe_experts_nf4_backward_fake(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, down_packed: torch.Tensor, down_absmax: torch.Tensor,
-    down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None, shapes: list[int],
-    gate_up_dtype: torch.dtype, down_dtype: torch.dtype,
-) -> BackwardOutputs:
-    experts = Nf4ExpertWeights.from_op_args(gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
-                                            gate_up_absmax_offset, down_packed, down_absmax, down_absmax_scale,
-                                            down_absmax_offset, shapes, gate_up_dtype, down_dtype)
-    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                                  down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
-
-
-_moe_experts_nf4 = KernelOp(
-    "moe_experts_nf4", _moe_experts_nf4_forward, _moe_experts_nf4_forward_fake,
-    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, Nf4ExpertWeights.from_op_args),
-    _experts_gradients, _moe_experts_nf4_backward, _moe_experts_nf4_backward_fake,
-)
-
-
-# Gradients of hidden, top_k_weights, the four LoRA factors, then gate_up_proj, its bias, down_proj and its bias.
-ClampedSwigluBackwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _moe_experts_clamped_swiglu_forward(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
-    alpha: float, limit: float,
-) -> ForwardOutputs:
-    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
-    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                            down_scaling, store_for_backward)
-
-
-def _moe_experts_clamped_swiglu_forward_fake(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
-    alpha: float, limit: float,
-) -> ForwardOutputs:
-    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
-    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
-                                 down_b, down_scaling, store_for_backward)
-
-
-def _moe_experts_clamped_swiglu_backward(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
-    alpha: float, limit: float,
-) -> ClampedSwigluBackwardOutputs:
-    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
-    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                             down_scaling, schedule, row_weight, gate_up, l_gu, l_down, needs)
-
-
-def _moe_experts_clamped_swiglu_backward_fake(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor,
-    alpha: float, limit: float,
-) -> ClampedSwigluBackwardOutputs:
-    experts = ClampedSwigluExpertWeights(gate_up_proj, gate_up_bias, down_proj, down_bias, alpha, limit)
-    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                                  down_scaling, schedule, row_weight, gate_up, l_gu, l_down, needs)
-
-
-_moe_experts_clamped_swiglu = KernelOp(
-    "moe_experts_clamped_swiglu", _moe_experts_clamped_swiglu_forward, _moe_experts_clamped_swiglu_forward_fake,
-    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, ClampedSwigluExpertWeights),
-    _experts_gradients, _moe_experts_clamped_swiglu_backward, _moe_experts_clamped_swiglu_backward_fake,
-)
-
-
-def _moe_experts_clamped_swiglu_nf4_forward(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
-    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
-    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
-    limit: float,
-) -> ForwardOutputs:
-    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
-        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
-        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
-    return _experts_forward(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                            down_scaling, store_for_backward)
-
-
-def _moe_experts_clamped_swiglu_nf4_forward_fake(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float, store_for_backward: bool,
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
-    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
-    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
-    limit: float,
-) -> ForwardOutputs:
-    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
-        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
-        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
-    return _experts_forward_fake(experts, hidden, top_k_index, top_k_weights, gu_a, gu_b, gu_scaling, down_a,
-                                 down_b, down_scaling, store_for_backward)
-
-
-def _moe_experts_clamped_swiglu_nf4_backward(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
-    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
-    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
-    limit: float,
-) -> BackwardOutputs:
-    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
-        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
-        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
-    return _experts_backward(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                             down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
-
-
-def _moe_experts_clamped_swiglu_nf4_backward_fake(
-    grad_out: torch.Tensor, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-    gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
-    down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scaling: float,
-    schedule: list[torch.Tensor], row_weight: torch.Tensor, gate_up_act: torch.Tensor, l_gu: torch.Tensor,
-    l_down: torch.Tensor, needs: list[bool],
-    gate_up_packed: torch.Tensor, gate_up_absmax: torch.Tensor, gate_up_absmax_scale: torch.Tensor | None,
-    gate_up_absmax_offset: torch.Tensor | None, gate_up_bias: torch.Tensor, down_packed: torch.Tensor,
-    down_absmax: torch.Tensor, down_absmax_scale: torch.Tensor | None, down_absmax_offset: torch.Tensor | None,
-    down_bias: torch.Tensor, shapes: list[int], gate_up_dtype: torch.dtype, down_dtype: torch.dtype, alpha: float,
-    limit: float,
-) -> BackwardOutputs:
-    experts = ClampedSwigluNf4ExpertWeights.from_op_args(
-        gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset, gate_up_bias, down_packed,
-        down_absmax, down_absmax_scale, down_absmax_offset, down_bias, shapes, gate_up_dtype, down_dtype, alpha, limit)
-    return _experts_backward_fake(experts, grad_out, hidden, top_k_weights, gu_a, gu_b, gu_scaling, down_a, down_b,
-                                  down_scaling, schedule, row_weight, gate_up_act, l_gu, l_down, needs)
-
-
-_moe_experts_clamped_swiglu_nf4 = KernelOp(
-    "moe_experts_clamped_swiglu_nf4", _moe_experts_clamped_swiglu_nf4_forward,
-    _moe_experts_clamped_swiglu_nf4_forward_fake,
-    lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, ClampedSwigluNf4ExpertWeights.from_op_args),
-    _experts_gradients, _moe_experts_clamped_swiglu_nf4_backward, _moe_experts_clamped_swiglu_nf4_backward_fake,
-)
+_moe_experts = _experts_op("moe_experts", DenseExpertWeights)
+_moe_experts_nf4 = _experts_op("moe_experts_nf4", Nf4ExpertWeights)
+_moe_experts_clamped_swiglu = _experts_op("moe_experts_clamped_swiglu", ClampedSwigluExpertWeights)
+_moe_experts_clamped_swiglu_nf4 = _experts_op("moe_experts_clamped_swiglu_nf4", ClampedSwigluNf4ExpertWeights)
 
 
 # ----------------------------------------------------------------------------------------------------------
