@@ -301,7 +301,6 @@ class DenseExpertWeights:
     fine-tuning) when they require grad. Op arguments: the two tensors."""
 
     OP_PARAMETERS = (("gate_up_proj", torch.Tensor), ("down_proj", torch.Tensor))
-    WEIGHT_GRADIENTS = 2
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -358,7 +357,6 @@ class Nf4ExpertWeights:
         ("down_absmax_scale", torch.Tensor | None), ("down_absmax_offset", torch.Tensor | None),
         ("shapes", list[int]), ("gate_up_dtype", torch.dtype), ("down_dtype", torch.dtype),
     )
-    WEIGHT_GRADIENTS = 2
 
     gate_up: Nf4Weight
     down: Nf4Weight
@@ -413,7 +411,6 @@ class ClampedSwigluExpertWeights:
 
     OP_PARAMETERS = (("gate_up_proj", torch.Tensor), ("gate_up_bias", torch.Tensor), ("down_proj", torch.Tensor),
                      ("down_bias", torch.Tensor), ("alpha", float), ("limit", float))
-    WEIGHT_GRADIENTS = 4
 
     gate_up_proj: torch.Tensor
     gate_up_bias: torch.Tensor
@@ -499,7 +496,6 @@ class ClampedSwigluNf4ExpertWeights:
         ("down_bias", torch.Tensor), ("shapes", list[int]), ("gate_up_dtype", torch.dtype),
         ("down_dtype", torch.dtype), ("alpha", float), ("limit", float),
     )
-    WEIGHT_GRADIENTS = 2
 
     gate_up_proj: Nf4Weight
     gate_up_bias: torch.Tensor
@@ -572,8 +568,8 @@ ExpertWeights = DenseExpertWeights | Nf4ExpertWeights | ClampedSwigluExpertWeigh
 # activations (empty tensors for what is not kept).
 ForwardOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# Gradients of hidden, top_k_weights and the four LoRA factors, then the weights' WEIGHT_GRADIENTS (empty where not
-# asked for).
+# Gradients of hidden, top_k_weights and the four LoRA factors, then the weights' (needs_weight_grads says which; empty
+# where not asked for).
 BackwardOutputs = tuple[torch.Tensor, ...]
 
 
@@ -785,18 +781,18 @@ def _experts_backward_fake(
             *experts.weight_grad_fakes(tuple(needs_base), hidden))
 
 
-# The ops' arguments before the weights' (op_args()), with the types the custom ops' schemas are read from. One autograd
-# glue serves every kind of weights.
-_FORWARD_PARAMETERS = (
-    ("hidden", torch.Tensor), ("top_k_index", torch.Tensor), ("top_k_weights", torch.Tensor),
+# The ops' arguments before the weights' (op_args()), with the types the custom ops' schemas are read from. One
+# autograd glue serves every kind of weights.
+_LORA_PARAMETERS = (
     ("gu_a", torch.Tensor | None), ("gu_b", torch.Tensor | None), ("gu_scaling", float),
     ("down_a", torch.Tensor | None), ("down_b", torch.Tensor | None), ("down_scaling", float),
+)
+_FORWARD_PARAMETERS = (
+    ("hidden", torch.Tensor), ("top_k_index", torch.Tensor), ("top_k_weights", torch.Tensor), *_LORA_PARAMETERS,
     ("store_for_backward", bool),
 )
 _BACKWARD_PARAMETERS = (
-    ("grad_out", torch.Tensor), ("hidden", torch.Tensor), ("top_k_weights", torch.Tensor),
-    ("gu_a", torch.Tensor | None), ("gu_b", torch.Tensor | None), ("gu_scaling", float),
-    ("down_a", torch.Tensor | None), ("down_b", torch.Tensor | None), ("down_scaling", float),
+    ("grad_out", torch.Tensor), ("hidden", torch.Tensor), ("top_k_weights", torch.Tensor), *_LORA_PARAMETERS,
     ("schedule", list[torch.Tensor]), ("row_weight", torch.Tensor), ("gate_up", torch.Tensor),
     ("l_gu", torch.Tensor), ("l_down", torch.Tensor), ("needs", list[bool]),
 )
@@ -834,7 +830,8 @@ def _experts_op(name: str, kind) -> KernelOp:
     """The experts block over `kind`'s weights as a KernelOp: forward, backward and their fakes take the common
     arguments (_FORWARD_PARAMETERS, _BACKWARD_PARAMETERS), then kind.OP_PARAMETERS, the weights' op_args(). The
     functions are built here, each with the signature torch.library reads its schema from."""
-    num_forward, num_backward = len(_FORWARD_PARAMETERS), len(_BACKWARD_PARAMETERS)
+    num_forward, num_backward = _COMMON_ARGS, len(_BACKWARD_PARAMETERS)
+    weight_gradients = len(kind.needs_weight_grads((False,) * len(kind.OP_PARAMETERS)))
 
     def forward(*args) -> ForwardOutputs:
         return _experts_forward(kind.from_op_args(*args[num_forward:]), *args[:num_forward])
@@ -852,7 +849,7 @@ def _experts_op(name: str, kind) -> KernelOp:
         _FORWARD_PARAMETERS + kind.OP_PARAMETERS, ForwardOutputs)
     # Gradients of hidden, top_k_weights and the four LoRA factors, then the weights' (empty where not asked for).
     backward.__signature__ = backward_fake.__signature__ = _signature(
-        _BACKWARD_PARAMETERS + kind.OP_PARAMETERS, tuple[(torch.Tensor,) * (6 + kind.WEIGHT_GRADIENTS)])
+        _BACKWARD_PARAMETERS + kind.OP_PARAMETERS, tuple[(torch.Tensor,) * (6 + weight_gradients)])
     return KernelOp(name, forward, forward_fake,
                     lambda ctx, inputs, output: _experts_setup_context(ctx, inputs, output, kind),
                     _experts_gradients, backward, backward_fake)
