@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from fastmoe import patching
+from fastmoe.host_copies import on_host, to_device
 from fastmoe.sliding_window_attention import layouts_replace_masks
 
 IGNORE_INDEX = -100
@@ -45,8 +46,10 @@ class PackedRows:
     filler: int = 0
 
     def take(self, shifted_labels: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) or (batch * seq,) shifted labels -> the packed row's (length,), the filler scoring nothing."""
-        kept = shifted_labels.reshape(-1)[self.kept]
+        """(batch, seq) or (batch * seq,) shifted labels -> the packed row's (length,), the filler scoring nothing.
+        Labels on the host are taken there (by `kept`'s host copy where it has one)."""
+        kept_index = self.kept if shifted_labels.device == self.kept.device else on_host(self.kept)
+        kept = shifted_labels.reshape(-1)[kept_index]
         return torch.cat([kept, kept.new_full((self.filler,), IGNORE_INDEX)]) if self.filler else kept
 
 
@@ -94,19 +97,20 @@ def _asks_per_position_outputs(config, inputs: dict) -> bool:
 
 
 def scores_padding(attention_mask, shifted_labels: torch.Tensor) -> bool:
-    """Whether a shifted label ((batch, seq) or (batch * seq,)) scores a position a (batch, seq) attention mask pads
-    (one sync each for the mask and, where it pads, the labels). Under torch.compile, False: a compiled forward
-    takes transformers' masks whatever its labels score."""
+    """Whether a shifted label ((batch, seq) or (batch * seq,)) scores a position a (batch, seq) attention mask pads,
+    read on the host (fastmoe.host_copies: one sync each for the mask and, where it pads, the labels, unless they
+    have host copies). Under torch.compile, False: a compiled forward takes transformers' masks whatever its labels
+    score."""
     if torch.compiler.is_compiling() or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return False
-    return _labels_score(attention_mask.to("cpu") == 0, shifted_labels)
+    return _labels_score(on_host(attention_mask) == 0, shifted_labels)
 
 
 def _labels_score(padding: torch.Tensor, shifted_labels: torch.Tensor) -> bool:
     """scores_padding for `padding` (batch, seq) on the host, True where padded."""
     if shifted_labels.numel() != padding.numel() or not bool(padding.any()):
         return False
-    return bool((shifted_labels.to("cpu").reshape(padding.shape)[padding] != IGNORE_INDEX).any())
+    return bool((on_host(shifted_labels).reshape(padding.shape)[padding] != IGNORE_INDEX).any())
 
 
 # trl's padding-free collator also describes its packed row for flash-attention's variable-length kernels (and
@@ -119,7 +123,9 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     """The packed row for a call of `model`'s backbone with keyword arguments `inputs`, whose shifted labels
     (batch, seq) or (batch * seq,) score each position's next token: a padded batch's tokens end to end, or a row
     packed already (trl's padding_free) rounded up for graphed checkpointing; None where the call keeps its rows (see
-    the module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each)."""
+    the module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each,
+    none for those with host copies: fastmoe.host_copies), and hands the row's index tensors to the device without
+    waiting for it."""
     if torch.compiler.is_compiling():  # shapes that depend on the mask's values: the compiled graph keeps the padding
         return None
     input_ids, inputs_embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
@@ -143,7 +149,7 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
             or any(inputs.get(name) is not None for name in VARLEN_INPUTS)):
         return None
 
-    keep = attention_mask.to("cpu", torch.bool)
+    keep = on_host(attention_mask).to(torch.bool)
     run_starts = keep.clone()
     run_starts[:, 1:] &= ~keep[:, :-1]
     if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
@@ -153,7 +159,7 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     if position_ids is None:  # transformers' default: the index in the padded row, left padding counted
         positions = torch.arange(seq).expand(batch, seq)
     else:
-        positions = position_ids.to("cpu", torch.int64).expand(batch, seq)
+        positions = on_host(position_ids).to(torch.int64).expand(batch, seq)
     packed_positions = positions[keep]
     # The layouts start a document wherever a position does not follow the one before by 1: each row's first token
     # must not continue the row before it (position_ids passed in that happen to).
@@ -163,10 +169,10 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
         return None
 
     device = tokens.device
-    kept = keep.flatten().nonzero().flatten().to(device)
+    kept = to_device(keep.flatten().nonzero().flatten(), device)
     filler = filler_for_graphs(model, inputs, packed_positions.numel()) if input_ids is not None else 0
     packed_positions = torch.cat([packed_positions, torch.arange(filler)])
-    packed = dict(inputs, attention_mask=None, position_ids=packed_positions[None].to(device))
+    packed = dict(inputs, attention_mask=None, position_ids=to_device(packed_positions[None], device))
     if input_ids is not None:
         packed["input_ids"] = torch.cat([input_ids.reshape(-1)[kept], _filler_ids(filler, input_ids,
                                                                                   embedding.shape[0])])[None]
@@ -187,10 +193,11 @@ def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size
         return None
     device = input_ids.device
     packed = {name: value for name, value in inputs.items() if name not in VARLEN_INPUTS}
-    packed["position_ids"] = torch.cat([position_ids.reshape(-1), torch.arange(filler, device=position_ids.device)
-                                        .to(position_ids.dtype)])[None]
+    # Built on the host, where the layouts read them (fastmoe.host_copies).
+    positions = torch.cat([on_host(position_ids).reshape(-1), torch.arange(filler, dtype=position_ids.dtype)])
+    packed["position_ids"] = to_device(positions[None], position_ids.device)
     packed["input_ids"] = torch.cat([input_ids.reshape(-1), _filler_ids(filler, input_ids, vocab_size)])[None]
-    return PackedRows(packed, torch.arange(tokens, device=device), filler)
+    return PackedRows(packed, to_device(torch.arange(tokens), device), filler)
 
 
 def _filler_ids(filler: int, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastmoe import kept_attention
 from fastmoe.graphed_checkpointing import as_graph_data
+from fastmoe.host_copies import on_host, to_device
 from fastmoe.patching import ForwardPatch
 
 # A forward builds its sliding-window mask once and hands the same tensor to every sliding layer, and gradient
@@ -165,13 +166,13 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
     transformers' rule for packed rows), or None when every row is one document. `padding` (batch, seq), boolean on
     the host, True at the padded tokens of right-padded rows: each row's padded tail is a document of its own, so no
     token of the row attends to it (the mask's rule), and it attends only to itself (its outputs go to no loss).
-    Reads position_ids on the host: one sync."""
+    Reads position_ids on the host: one sync, none where they have a host copy (fastmoe.host_copies)."""
     # position_ids may be one row for the whole batch (transformers' default, arange): as padding's rows then.
     batch, seq = (padding if padding is not None else position_ids).shape
     starts = torch.zeros(batch, seq, dtype=torch.bool)
     starts[:, 0] = True
     if position_ids is not None:
-        positions = position_ids.to("cpu", torch.int64).expand(batch, seq)
+        positions = on_host(position_ids).to(torch.int64).expand(batch, seq)
         starts[:, 1:] |= positions[:, 1:] - positions[:, :-1] != 1
     if padding is not None:
         starts[:, 1:] |= padding[:, 1:] != padding[:, :-1]
@@ -189,7 +190,7 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
     offsets = torch.full((_power_of_two_above(documents),), total)
     offsets[:documents] = flat_starts
     device = device if device is not None else position_ids.device
-    return offsets.to(device=device, dtype=torch.int32), min(_power_of_two_above(longest - 1), total)
+    return to_device(offsets.to(torch.int32), device), min(_power_of_two_above(longest - 1), total)
 
 
 def _power_of_two_above(n: int) -> int:
@@ -234,8 +235,8 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
     None (transformers' masks then): one of `implementations` asked for (the attention implementations whose
     result the family's flash path computes), flash able to run it, no cache, no attention dropout while
     training, and an attention mask that is absent, all ones or right padding (each row's tokens, then its padding,
-    as trl's collators pad; one sync). Under torch.compile, None: the compiled graph traces transformers' masks (the
-    offsets are read on the host)."""
+    as trl's collators pad; read on the host, one sync unless it has a host copy: fastmoe.host_copies). Under
+    torch.compile, None: the compiled graph traces transformers' masks (the offsets are read on the host)."""
     if not layouts_replace_masks(config, inputs_embeds.device, inputs_embeds.dtype, past_key_values, training,
                                  implementations):
         return None
@@ -244,7 +245,7 @@ def flash_causal_layout(config, inputs_embeds: torch.Tensor, attention_mask, pos
         if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
                 or attention_mask.shape != inputs_embeds.shape[:2]):
             return None
-        keep = attention_mask.to("cpu", torch.bool)
+        keep = on_host(attention_mask).to(torch.bool)
         if not bool(keep.all()):
             # Right padding only: a padded tail, as a document of its own, is never attended by the row's tokens,
             # as under the mask. Padding before or between tokens, or padding a loss scores, keeps the masks.

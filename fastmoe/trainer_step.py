@@ -36,7 +36,9 @@ on the first step, and one check of accelerate's, for any model, with one that g
   time from 14.5 to 7.8 ms (benchmarks/host_gaps.py over bench_sft.py's traces).
 * accelerate's batch copies: its loader moves each batch to the GPU with non_blocking=False unless the user's
   `accelerator_config` asks otherwise, a copy and a stream sync that wait for the previous step's work; for a
-  fastmoe model it copies from pinned memory without the sync while an epoch runs.
+  fastmoe model it copies from pinned memory without the sync while an epoch runs, remembering each tensor's host
+  tensor (fastmoe.host_copies): the forward reads the attention mask and labels there, so a step between two logging
+  steps need not wait for the GPU at all.
 
 Any other model, and every case not named here, runs the Trainer's own methods.
 """
@@ -45,9 +47,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
 
 import torch
 
+from fastmoe import host_copies
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
 from fastmoe.module_structure import structure_of, track_registrations
 from fastmoe.patching import ForwardPatch, original
@@ -264,15 +268,44 @@ def _batches_copied_asynchronously(trainer, dataloader):
     non_blocking): from pinned memory that is a copy followed by a stream sync, so every step's first batch copy
     waits for the previous step's backward, clipping and optimizer to finish, and the GPU then idles while the host
     collates the next batch and runs the forward's Python up to its first kernels. While the epoch runs, a fastmoe
-    model's loader copies them asynchronously: the same values, queued behind the previous step's work."""
+    model's loader copies them asynchronously: the same values, queued behind the previous step's work; and each
+    copied tensor's host tensor is remembered (fastmoe.host_copies), so that the forward reads the attention mask
+    and labels on the host without waiting for the GPU either."""
     if not _copies_batches_asynchronously(trainer, dataloader):
         yield
         return
+    import accelerate.data_loader
+
+    send_to_device = accelerate.data_loader.send_to_device
     dataloader._non_blocking = True
+    accelerate.data_loader.send_to_device = remembering_host_copies(send_to_device)
     try:
         yield
     finally:
         dataloader._non_blocking = False
+        accelerate.data_loader.send_to_device = send_to_device
+
+
+def remembering_host_copies(send_to_device):
+    """accelerate's send_to_device(batch, device, ...), remembering each moved tensor of a batch (a mapping of names to
+    tensors) as a copy of the host tensor it came from (fastmoe.host_copies)."""
+
+    def send(batch, *args, **kwargs):
+        host = dict(_tensors_by_key(batch))  # first: a BatchEncoding's .to() replaces its tensors in place
+        moved = send_to_device(batch, *args, **kwargs)
+        for key, tensor in _tensors_by_key(moved):
+            if key in host and tensor is not host[key]:
+                host_copies.remember(tensor, host[key])
+        return moved
+
+    return send
+
+
+def _tensors_by_key(batch) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a batch as a loader yields it (a mapping of names to tensors), by name; none otherwise."""
+    if isinstance(batch, Mapping):
+        return [(key, value) for key, value in batch.items() if isinstance(value, torch.Tensor)]
+    return []
 
 
 def nan_inf_filtered(trainer, loss: torch.Tensor) -> torch.Tensor:

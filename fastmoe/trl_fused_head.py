@@ -24,11 +24,12 @@ import warnings
 import torch
 from packaging.version import Version
 
+from fastmoe.host_copies import on_host, remember, to_device, with_host_copy
 from fastmoe.kernels.dispatch import use_triton
 from fastmoe.kernels.linear_cross_entropy import linear_log_probs
 from fastmoe.kernels.linear_cross_entropy import shift_labels as next_token_labels
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
-from fastmoe.padding_free import pack_padded_rows, scores_padding
+from fastmoe.padding_free import PackedRows, pack_padded_rows, scores_padding
 from fastmoe.sliding_window_attention import masks_for_scored_padding
 from fastmoe import patching
 from fastmoe.patching import ForwardPatch
@@ -119,25 +120,17 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         head = self.get_output_embeddings()
+        device = head.weight.device
         # Every position's next-token label, the last one of each row scoring nothing (what trl's shift gives).
-        targets = shift_labels if shift_labels is not None else next_token_labels(labels)
+        targets = shift_labels if shift_labels is not None else with_host_copy(next_token_labels, labels)
         # Padding that no label scores never reaches the layers (fastmoe.padding_free).
         packed = None if args else pack_padded_rows(self, kwargs, targets)
-        # The scored positions of the backbone's output rows, found before the backbone is queued: finding them
-        # reads their count on the host, which afterwards would wait for the whole forward and leave the GPU idle
-        # while the head is launched.
-        row_targets = (targets.reshape(-1) if packed is None else packed.take(targets)).to(head.weight.device)
-        scored = (row_targets != -100).nonzero().squeeze(1)
-        # trl's mask: positions (batch, seq - 1) scored by labels[:, 1:], or those of shift_labels; the same
-        # positions as scored, in the same order. Its indices, found here too, place the per-token values without
-        # masked_scatter, whose backward (masked_select) reads its count on the host at the backward's start.
-        mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(head.weight.device) != -100
-        mask_index = mask.reshape(-1).nonzero().squeeze(1)
+        row_targets, scored, mask, mask_index = scored_positions(labels, shift_labels, targets, packed, device)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
             backbone_outputs = self.base_model(*args, **(kwargs if packed is None else packed.inputs))
         hidden = backbone_outputs.last_hidden_state
-        hidden = (hidden.flatten(0, 1) if packed is None else hidden[0]).to(head.weight.device)
+        hidden = (hidden.flatten(0, 1) if packed is None else hidden[0]).to(device)
         # Only the scored positions go through the head, in the mask's order; an all-masked micro-batch scores zero
         # rows and still returns a loss connected to the model (a differentiable zero), as trl's does.
         fields = _per_token_fields(hidden[scored], head.weight, head.bias, row_targets[scored], temperature,
@@ -162,6 +155,29 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
 
     return forward
+
+
+def scored_positions(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, targets: torch.Tensor,
+                     packed: PackedRows | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What the fused head scores, on `device`: (each backbone output row's target (rows,), the scored rows'
+    indices, trl's label mask (batch, seq - 1) or shift_labels' shape, the indices of its True positions).
+
+    targets: labels shifted for next-token scoring (or shift_labels), packed: the backbone's packed row if any. The
+    indices are found on the host, from the labels' host copies where they have them (fastmoe.host_copies: no sync
+    where the Trainer copied the batch), and before the backbone is queued: read from the GPU after it, their counts
+    would wait for the whole forward and leave the GPU idle while the head is launched. The mask's indices place the
+    per-token values without masked_scatter, whose backward (masked_select) reads its count on the host at the
+    backward's start. Both index the same positions in the same order."""
+    row_targets = with_host_copy(_flattened if packed is None else packed.take, targets).to(device)
+    scored = to_device((on_host(row_targets) != -100).nonzero().squeeze(1), device)
+    mask = (labels[:, 1:] if shift_labels is None else shift_labels).to(device) != -100
+    host_mask = (on_host(labels)[:, 1:] if shift_labels is None else on_host(shift_labels)) != -100
+    remember(mask, host_mask)
+    return row_targets, scored, mask, to_device(host_mask.reshape(-1).nonzero().squeeze(1), device)
+
+
+def _flattened(labels: torch.Tensor) -> torch.Tensor:
+    return labels.reshape(-1)
 
 
 def _per_token_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,

@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from fastmoe.host_copies import with_host_copy
 from fastmoe.kernels.linear_cross_entropy import linear_cross_entropy, shift_labels
 from fastmoe.padding_free import pack_padded_rows, scores_padding
 from fastmoe.sliding_window_attention import masks_for_scored_padding
@@ -61,7 +62,8 @@ def fused_loss_forward(original_forward):
         check_sequence_length(self, input_ids, inputs_embeds)
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        targets = None if labels is None else shift_labels(labels.to(self.lm_head.weight.device))
+        # Its host copy, where the batch's labels have one, is what the padding checks read (fastmoe.host_copies).
+        targets = None if labels is None else with_host_copy(shift_labels, labels.to(self.lm_head.weight.device))
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(targets is not None and scores_padding(attention_mask, targets)):
             return loss_forward(self, labels, targets, common, logits_to_keep, kwargs)
