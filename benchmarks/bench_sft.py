@@ -58,8 +58,11 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    only does the same before its first CUDA call. transformers' cases, and a process that mixes both, keep
    PyTorch's default. The record's alloc_conf says which a case ran with.
 
-4. The measurements, by a TrainerCallback that reads the clock at every step's start after a CUDA sync (a step is
-   thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging):
+4. The measurements, by a TrainerCallback that marks every step's start on the GPU's stream with a CUDA event (a
+   step is thus everything between two optimizer steps: data, forward, backward, clipping, AdamW, logging). The
+   events are read after training: no sync per step, so the host runs ahead of the GPU as far as the Trainer and
+   the model let it, as in a user's run (records from 2026-12-07 on, `timing: cuda-events`; before, the clock was
+   read after a sync at every step's start, which drained the GPU at every step for both implementations);
    * tokens/s: batch x seq over the median of --steps timed steps after --warmup untimed ones (the mean too: with
      logging_steps=10 a logging step may not be the median). fastmoe captures a shape's layer graphs at its second
      step: when that falls in the timed steps the record says how many graphs were captured there
@@ -71,8 +74,10 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    * what stays allocated between steps (step_start_gb: weights, adapters, optimizer state, graph buffers) and the
      trainable parameter count;
    * GPU busy and kernels per step: torch.profiler (CUDA activity only) over --profile-steps steps after the timed
-     ones: the union of kernel, memcpy and memset intervals over the wall time of those steps, and the number of
-     kernels launched per step;
+     ones: the union of kernel, memcpy and memset intervals over the span from the first such interval's start to
+     the last one's end (the profiler starts after a sync, so the first step starts from a drained GPU, which no
+     user's step does; with 2 or more steps the span holds the gaps between steps), and the number of kernels
+     launched per step;
    * TFLOP/s and MFU: common.step_flops (4 x active parameters x tokens + attention over the (query, key) pairs the
      masks keep; not trl's compute_flops_per_token, which counts 3x the forward as for full fine-tuning and knows
      neither AFMoE's shared experts, dense layers and sliding windows nor JetMoe's attention experts) over the median
@@ -367,7 +372,8 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
 
 def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_steps: int, trace_steps: int = 0,
                     memory_steps: int = 0):
-    """A TrainerCallback: the synced clock at every step's start (and at the end of training), peak memory from the
+    """A TrainerCallback: every step's start (and the end of training) marked on the GPU's stream by a CUDA event,
+    read after training (on the CPU, the clock), peak memory from the
     start of training (and over the timed steps, those before profile_from), the memory allocated at each step's
     start, torch.profiler's CUDA activities over steps
     [profile_from, profile_from + profile_steps), with trace_steps, a CPU + CUDA trace with Python stacks over
@@ -382,7 +388,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.begins: list[float] = []
+            self.begins: list = []  # CUDA events recorded at each step's start (on the CPU, clock readings)
             self.allocated: list[int] = []
             self.layer_graphs: list[int] = []  # fastmoe's captured layer graphs at each step's start
             self.graphed: list = []  # the model's graphed checkpointing, found once at the start of training
@@ -419,6 +425,14 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             common.synchronize(device)
             return time.perf_counter()
 
+        def _mark(self) -> None:
+            if device != "cuda":
+                self.begins.append(time.perf_counter())
+                return
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.begins.append(event)
+
         def _stop_profiler(self, now: float) -> None:
             self.profiler.stop()
             self.profiled_seconds = now - self.profile_start
@@ -438,8 +452,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            now = self._now()
-            self.begins.append(now)
+            self._mark()
             self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
             self.allocated.append(torch.cuda.memory_allocated() if device == "cuda" else 0)
             if device == "cuda" and state.global_step == profile_from - timed_steps:
@@ -448,7 +461,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             if device == "cuda" and state.global_step == profile_from:
                 self.timed_peak = torch.cuda.max_memory_allocated()
             if self.profiler is not None and state.global_step == trace_from:
-                self._stop_profiler(now)
+                self._stop_profiler(self._now())
             if self.tracer is not None and state.global_step == trace_from + trace_steps:
                 self._stop_tracer()
             if self.recording_memory and state.global_step == memory_from + memory_steps:
@@ -465,18 +478,20 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
                 self._start_memory()
 
         def on_train_end(self, args, state, control, **kwargs):
-            now = self._now()
-            self.begins.append(now)
+            self._mark()
             self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
             if self.profiler is not None:
-                self._stop_profiler(now)
+                self._stop_profiler(self._now())
             if self.tracer is not None:
                 self._stop_tracer()
             if self.recording_memory:
                 self._stop_memory()
 
         def step_seconds(self) -> list[float]:
-            return [b - a for a, b in zip(self.begins, self.begins[1:])]
+            if device != "cuda":
+                return [b - a for a, b in zip(self.begins, self.begins[1:])]
+            common.synchronize(device)
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.begins, self.begins[1:])]
 
     return StepClock()
 
@@ -546,7 +561,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         step_s = statistics.median(timed)
         tokens = case.batch * case.seq
         tflops = flops / step_s / 1e12
-        record.update(status="ok", tokens_per_s=round(tokens / step_s, 1),
+        record.update(status="ok", timing="cuda-events" if device == "cuda" else "clock",
+                      tokens_per_s=round(tokens / step_s, 1),
                       tokens_per_s_mean=round(tokens * len(timed) / sum(timed), 1), step_ms=round(1e3 * step_s, 2),
                       step_ms_all=[round(1e3 * s, 2) for s in timed], tflops=round(tflops, 2),
                       mfu_pct=common.rounded(100 * tflops / peak_tflops if peak_tflops else None, 2),
@@ -569,10 +585,10 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                       entropy_last=logged(trainer, "entropy", -1),
                       token_accuracy_last=logged(trainer, "mean_token_accuracy", -1))
         if device == "cuda" and clock.profiled_seconds:
-            busy_ns, kernels = common.gpu_activity(clock.activities)
-            record.update(gpu_busy_pct=round(100 * busy_ns / 1e9 / clock.profiled_seconds, 1),
+            busy_ns, kernels, span_ns = common.gpu_activity(clock.activities)
+            record.update(gpu_busy_pct=round(100 * busy_ns / span_ns, 1) if span_ns else None,
                           gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
-                          profiled_step_ms=round(1e3 * clock.profiled_seconds / args.profile_steps, 2),
+                          profiled_step_ms=round(span_ns / 1e6 / args.profile_steps, 2),
                           kernels_per_step=round(kernels / args.profile_steps),
                           top_kernels=common.top_kernels(clock.kernels, args.profile_steps, args.top_kernels))
         if clock.trace is not None and args.trace_dir:

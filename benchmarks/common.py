@@ -190,8 +190,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def gpu_activity(events: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
-    """(nanoseconds the GPU was busy, kernels launched) from profiler activities (activity type, start ns, end ns).
+def gpu_activity(events: Iterable[tuple[str, int, int]]) -> tuple[int, int, int]:
+    """(nanoseconds the GPU was busy, kernels launched, nanoseconds from the first busy interval's start to the last
+    one's end) from profiler activities (activity type, start ns, end ns).
 
     Busy time is the union of kernel, memcpy and memset intervals, so work overlapping on two streams (fastmoe's
     offloaded checkpointing copies on a side stream) counts once."""
@@ -209,7 +210,8 @@ def gpu_activity(events: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
         elif end > reach:
             busy += end - reach
             reach = end
-    return busy, kernels
+    span = reach - min(start for start, _ in intervals) if intervals else 0
+    return busy, kernels, span
 
 
 def _activity_type(event) -> str:

@@ -194,11 +194,13 @@ def test_lora_target_sets_name_modules_the_family_has(preset, which):
         assert targets["target_modules"] == common.lora_targets(config.model_type)["target_modules"]
 
 
-def test_gpu_activity_counts_kernels_and_overlapping_work_once():
-    events = [("kernel", 0, 10), ("kernel", 5, 15), ("gpu_memcpy", 20, 30), ("cuda_runtime", 0, 100),
+def test_gpu_activity_counts_kernels_and_overlapping_work_once_over_its_span():
+    events = [("kernel", 2, 10), ("kernel", 5, 15), ("gpu_memcpy", 20, 30), ("cuda_runtime", 0, 100),
               ("kernel", 40, 41), ("gpu_memset", 40, 45), ("cpu_op", 0, 1000)]
-    assert common.gpu_activity(events) == (15 + 10 + 5, 3)
-    assert common.gpu_activity([]) == (0, 0)
+    # busy: 2-15, 20-30, 40-45; the span runs from the first GPU interval's start to the last one's end, host
+    # activities aside
+    assert common.gpu_activity(events) == (13 + 10 + 5, 3, 45 - 2)
+    assert common.gpu_activity([]) == (0, 0, 0)
 
 
 def test_top_kernels_rank_names_by_gpu_time_per_step():
@@ -302,7 +304,7 @@ def test_profiler_activities_read_what_the_profiler_recorded():
     activities = common.profiler_activities(prof)
     assert activities and all(end >= start for _, start, end in activities)
     assert {kind for kind, _, _ in activities} >= {"cpu_op"}
-    assert common.gpu_activity(activities) == (0, 0)
+    assert common.gpu_activity(activities) == (0, 0, 0)
 
     class OlderTorchEvent:  # a _KinetoEvent without activity_type()
         def __init__(self, device, name):
@@ -532,7 +534,7 @@ def test_sft_benchmark_smoke_run_records_both_implementations(tmp_path):
     assert [r["implementation"] for r in records] == ["transformers", "fastmoe"]
     for record in records:
         assert record["status"] == "ok" and record["question"] == "sft" and record["load"] == "checkpoint"
-        assert record["tokens_per_s"] > 0 and len(record["step_ms_all"]) == 2
+        assert record["tokens_per_s"] > 0 and len(record["step_ms_all"]) == 2 and record["timing"] == "clock"
         assert record["versions"]["trl"] and record["command"].startswith("python benchmarks/bench_sft.py")
     # the same weights, adapters and data both ways: the same first loss (fp32, references)
     assert records[0]["loss_first"] == pytest.approx(records[1]["loss_first"], abs=1e-3)
