@@ -39,6 +39,8 @@ on the first step, and one check of accelerate's, for any model, with one that g
   fastmoe model it copies from pinned memory without the sync while an epoch runs, remembering each tensor's host
   tensor (fastmoe.host_copies): the forward reads the attention mask and labels there, so a step between two logging
   steps need not wait for the GPU at all.
+* the log of a logging step: its values are copied to the host without waiting and the log is written at the next
+  step's log call, once that step's work is queued, where nothing but the time can tell (fastmoe.deferred_log).
 
 Any other model, and every case not named here, runs the Trainer's own methods.
 """
@@ -47,11 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Mapping
 
 import torch
 
-from fastmoe import host_copies
+from fastmoe import deferred_log, host_copies
 from fastmoe.models.causal_lm import is_fastmoe_causal_lm
 from fastmoe.module_structure import structure_of, track_registrations
 from fastmoe.patching import ForwardPatch, original
@@ -216,14 +219,39 @@ def _filters_loss_on_device(trainer) -> bool:
 
 
 def run_epoch(self, *args, **kwargs):
-    """transformers' Trainer._run_epoch for a fastmoe model with its nan/inf loss filter on the device and its
-    batches copied to the GPU without waiting for it (module docstring)."""
+    """transformers' Trainer._run_epoch for a fastmoe model with its nan/inf loss filter on the device, its batches
+    copied to the GPU without waiting for it and its logs written a step later (module docstring)."""
     from transformers import Trainer
 
     run = original(Trainer, "_run_epoch")
     train_dataloader = kwargs.get("train_dataloader", args[2] if len(args) > 2 else None)
-    with _loss_filtered_on_device(self), _batches_copied_asynchronously(self, train_dataloader):
+    with (_loss_filtered_on_device(self), _batches_copied_asynchronously(self, train_dataloader),
+          _logs_deferred(self)):
         return run(self, *args, **kwargs)
+
+
+# Set on a trainer while its epoch loop may write logs a step later (fastmoe.deferred_log).
+_DEFERRING = "_fastmoe_defers_logs"
+
+
+@contextlib.contextmanager
+def _logs_deferred(trainer):
+    """While the epoch runs, a fastmoe model's logging steps may write their log at the next step's log call
+    (fastmoe.deferred_log); one still pending is written when the loop ends."""
+    if not _is_fastmoe_model(trainer.model):
+        yield
+        return
+    trainer.__dict__[_DEFERRING] = True
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the loop's own error is the one to see
+            deferred_log.write_pending(trainer)
+        raise
+    else:
+        deferred_log.write_pending(trainer)
+    finally:
+        del trainer.__dict__[_DEFERRING]
 
 
 @contextlib.contextmanager
@@ -320,11 +348,19 @@ def nan_inf_filtered(trainer, loss: torch.Tensor) -> torch.Tensor:
 
 
 def maybe_log_save_evaluate(self, *args, **kwargs):
-    """transformers' Trainer._maybe_log_save_evaluate, run with the user's logging_nan_inf_filter: evaluation filters
-    its losses by it and checkpoints save the arguments."""
+    """transformers' Trainer._maybe_log_save_evaluate inside a fastmoe model's epoch loop: the previous step's log
+    first if it is pending, this step's left for the next call where it may be (fastmoe.deferred_log), else
+    transformers' method, run with the user's logging_nan_inf_filter (evaluation filters its losses by it and
+    checkpoints save the arguments)."""
     from transformers import Trainer
 
     run = original(Trainer, "_maybe_log_save_evaluate")
+    if self.__dict__.get(_DEFERRING):
+        deferred_log.write_pending(self)
+        call = inspect.signature(run).bind(self, *args, **kwargs).arguments
+        tr_loss, grad_norm = call.get("tr_loss"), call.get("grad_norm")
+        if deferred_log.defers(self, tr_loss, grad_norm):
+            return deferred_log.defer(self, tr_loss, grad_norm, call.get("learning_rate"), call.get("start_time"))
     if not self.__dict__.get(_FILTERING):
         return run(self, *args, **kwargs)
     self.args.logging_nan_inf_filter = True

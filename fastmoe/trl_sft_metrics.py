@@ -15,6 +15,9 @@ smoothing, Ulysses sequence parallelism, other loss types and other models run t
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 from packaging.version import Version
 
@@ -120,3 +123,72 @@ def read_device_metrics(trainer) -> None:
         trainer._total_train_tokens += int(number)
     if pending:
         metrics["num_tokens"] = [trainer._total_train_tokens]
+
+
+@dataclasses.dataclass
+class TakenMetrics:
+    """trl's training metrics and the token counts not yet read, taken out of a trainer for a log written later
+    (fastmoe.deferred_log): what its next log would have read."""
+
+    metrics: dict[str, list]  # trl's, in its key order: numbers, or 0-d tensors kept on the device
+    counts: list[torch.Tensor]  # the token counts of the steps since the last log, on the device
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The values still on the device, in the order metrics_in_place takes their numbers."""
+        return [v for values in self.metrics.values() for v in values if isinstance(v, torch.Tensor)] + self.counts
+
+
+def logs_like_sft_trainer(trainer) -> bool:
+    """Whether the trainer's log is transformers' Trainer.log or trl's SFTTrainer.log (fastmoe's or trl's own): one
+    that logs what it is given and trl's averaged metrics, nothing kept per step besides (as GRPO's tables are)."""
+    from transformers import Trainer
+
+    logs = {Trainer.log, log}
+    try:
+        from trl import SFTTrainer
+
+        logs.add(original(SFTTrainer, "log"))
+    except ImportError:
+        pass
+    return type(trainer).log in logs
+
+
+def take_metrics(trainer) -> TakenMetrics | None:
+    """The trainer's training metrics and pending token counts, moved out (its next log starts from none, as after
+    trl's log); None for a trainer without trl's metrics."""
+    store = getattr(trainer, "_metrics", None)
+    if not isinstance(store, dict) or "train" not in store:
+        return None
+    train = store["train"]
+    taken = TakenMetrics({key: list(values) for key, values in train.items()}, trainer.__dict__.pop(_PENDING_TOKENS, []))
+    train.clear()
+    return taken
+
+
+@contextlib.contextmanager
+def metrics_in_place(trainer, taken: TakenMetrics | None, numbers: list[float]):
+    """While a log taken earlier is written: its metrics, with `numbers` for the values that were on the device (in
+    `taken.tensors`' order), in the trainer's place and its token counts added to the running total, as
+    read_device_metrics would have done at its step; the trainer's own metrics since then back afterwards."""
+    if taken is None:
+        yield
+        return
+    values = iter(numbers)
+    metrics = {key: [next(values) if isinstance(v, torch.Tensor) else v for v in entries]
+               for key, entries in taken.metrics.items()}
+    counts = [int(next(values)) for _ in taken.counts]
+    train = trainer._metrics["train"]
+    current, current_counts = dict(train), trainer.__dict__.pop(_PENDING_TOKENS, None)
+    train.clear()
+    train.update(metrics)
+    if counts:
+        trainer._total_train_tokens += sum(counts)
+        train["num_tokens"] = [trainer._total_train_tokens]
+    try:
+        yield
+    finally:
+        train.clear()
+        train.update(current)
+        if current_counts is not None:
+            trainer.__dict__[_PENDING_TOKENS] = current_counts

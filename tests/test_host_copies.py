@@ -4,6 +4,8 @@ On the CPU the batch's "device" tensors are meta tensors: they have shapes and n
 host raises, and a result computed from their host copies is the one computed from the values themselves. The GPU
 test runs SFTTrainer steps with CUDA's sync check raising."""
 
+import math
+
 import pytest
 import torch
 from testing_utils import randomize_lora
@@ -131,9 +133,10 @@ def test_packed_rows_and_their_layouts_from_host_copies(tiny_checkpoint, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_steps_between_logging_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokenizer, tmp_path):
     """SFTTrainer at trl's defaults (fused head with its metrics, checkpointing, fused AdamW, clipping) on a fastmoe
-    model, batches of four uneven rows padded (and packed by fastmoe), the same four at every step so that the
-    layer graphs, captured at the second step, replay from the third: from there on every step up to its optimizer
-    runs under CUDA's sync check set to raise."""
+    model, logging every step (each log written at the next step's log call: fastmoe/deferred_log.py), batches of
+    four uneven rows padded (and packed by fastmoe), the same four at every step so that the layer graphs, captured
+    at the second step, replay from the third: from there on every step up to its optimizer runs under CUDA's sync
+    check set to raise, and every step's log is written with finite values."""
     import datasets
     import transformers
     import trl
@@ -156,7 +159,7 @@ def test_gpu_steps_between_logging_steps_never_wait_for_the_gpu(tiny_checkpoint,
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.set_sync_debug_mode("default")
 
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=100,
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
                            report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
                              processing_class=tiny_tokenizer, callbacks=[SyncCheck()])
@@ -167,3 +170,6 @@ def test_gpu_steps_between_logging_steps_never_wait_for_the_gpu(tiny_checkpoint,
         torch.cuda.set_sync_debug_mode("default")
         fastmoe.unpatch()
     assert checked == [2, 3, 4, 5]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logged)

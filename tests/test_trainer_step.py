@@ -310,3 +310,68 @@ def test_gpu_batches_copied_asynchronously_train_as_before(tiny_checkpoint, tiny
     losses, copies = run(True, tmp_path / "fast")
     assert blocking and not any(blocking) and copies and all(copies)
     assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def train_logging_every_step(model, tokenizer, output_dir, callbacks=()):
+    """Five steps of SFTTrainer logging every step, with clipping, trl's metrics and an evaluation at step 3; returns
+    (the log history, the number of log entries at each step's start, the trainer)."""
+    config = trl.SFTConfig(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=5, per_device_train_batch_size=2,
+        optim="sgd", learning_rate=0.1, max_grad_norm=0.1, logging_steps=1, eval_strategy="steps", eval_steps=3,
+        per_device_eval_batch_size=2, report_to="none", save_strategy="no", gradient_checkpointing=False, seed=0,
+        data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    records = [{"text": f"{r['instruction']} {r['response']}"} for r in builtin_records()[:14]]
+    entries_at_start = []
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            entries_at_start.append(len(state.log_history))
+
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records[:10]),
+                             eval_dataset=datasets.Dataset.from_list(records[10:]), processing_class=tokenizer,
+                             callbacks=[Watch(), *callbacks])
+    trainer.train()
+    return trainer.state.log_history, entries_at_start, trainer
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+              "eval_samples_per_second", "eval_steps_per_second")
+    return [{key: value for key, value in entry.items() if key not in timing} for entry in history]
+
+
+def test_logs_written_a_step_later_are_transformers_logs(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    """Each logging step's log is written at the next step's log call (fastmoe/deferred_log.py), so the step's values
+    are read once the next step's work is queued: the same log history as transformers' own logging, entry for
+    entry (values, key order, steps, the evaluation between them, the final training metrics), each entry one step
+    later. A callback of the user's with on_log, which could act on a log, keeps transformers' timing."""
+    from transformers import TrainerCallback
+
+    from fastmoe import deferred_log
+
+    checkpoint = tiny_checkpoint("afmoe")
+    with monkeypatch.context() as patches:
+        patches.setattr(deferred_log, "defers", lambda trainer, tr_loss, grad_norm: False)
+        expected, expected_entries, _ = train_logging_every_step(lora_model(checkpoint), tiny_tokenizer,
+                                                                 tmp_path / "reference")
+    fastmoe.unpatch()
+    history, entries, trainer = train_logging_every_step(lora_model(checkpoint), tiny_tokenizer, tmp_path / "fast")
+    fastmoe.unpatch()
+    assert comparable(history) == comparable(expected)
+    assert [list(entry) for entry in history] == [list(entry) for entry in expected]  # key order too
+    assert sum("loss" in entry for entry in history) == 5 and any("eval_loss" in entry for entry in history)
+    # transformers' logs are in the history at the next step's start; the deferred ones one step later (the
+    # evaluation at step 3 writes step 3's log first, so step 4 starts with it)
+    assert expected_entries == [0, 1, 2, 4, 5]
+    assert entries == [0, 0, 1, 4, 4]
+    assert deferred_log._PENDING not in trainer.__dict__ and trainer_step._DEFERRING not in trainer.__dict__
+
+    class ActsOnLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    history, entries, _ = train_logging_every_step(lora_model(checkpoint), tiny_tokenizer, tmp_path / "user",
+                                                   callbacks=[ActsOnLogs()])
+    fastmoe.unpatch()
+    assert comparable(history) == comparable(expected) and entries == expected_entries
