@@ -131,7 +131,7 @@ def test_packed_rows_and_their_layouts_from_host_copies(tiny_checkpoint, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_steps_between_logging_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokenizer, tmp_path):
+def test_gpu_training_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokenizer, tmp_path):
     """SFTTrainer at trl's defaults (fused head with its metrics, checkpointing, fused AdamW, clipping) on a fastmoe
     model, logging every step (each log written at the next step's log call: fastmoe/deferred_log.py), batches of
     four uneven rows padded (and packed by fastmoe), the same four at every step so that the layer graphs, captured
