@@ -12,7 +12,8 @@ values, the same entry in `state.log_history` (its step and epoch those of the l
 evaluates or saves, and at the end of the epoch loop.
 
 Only where nothing can tell the difference but the time: every callback's `on_log` is transformers' own (its
-printers, progress bars and reporting integrations only record what they are given) or not overridden, the
+printers, progress bars and reporting integrations only record what they are given), fastmoe's (`fastmoe train`'s
+progress bar) or not overridden, the
 trainer's `log` transformers' or trl's SFTTrainer's (GRPO's, say, keeps tables per step besides), a single process,
 no input-token counting (its speed figures read the clock at the log), a transformers release whose
 `_maybe_log_save_evaluate` this was written against (TESTED_TRANSFORMERS). Anything else logs as transformers does.
@@ -60,7 +61,8 @@ def _passive_on_log(callback) -> bool:
     from transformers import TrainerCallback
 
     on_log = type(callback).on_log
-    return on_log is TrainerCallback.on_log or on_log.__module__.startswith("transformers.")
+    # transformers' printers, progress bars and reporting integrations, and fastmoe's own (`fastmoe train`'s bar)
+    return on_log is TrainerCallback.on_log or on_log.__module__.startswith(("transformers.", "fastmoe."))
 
 
 def defers(trainer, tr_loss, grad_norm) -> bool:
