@@ -13,9 +13,9 @@ evaluates or saves, and at the end of the epoch loop.
 
 Only where nothing can tell the difference but the time: every callback's `on_log` is transformers' own (its
 printers, progress bars and reporting integrations only record what they are given), fastmoe's (`fastmoe train`'s
-progress bar) or not overridden, the
-trainer's `log` transformers' or trl's SFTTrainer's (GRPO's, say, keeps tables per step besides), a single process,
-no input-token counting (its speed figures read the clock at the log), a transformers release whose
+progress bar) or not overridden (a callback of the user's could act on a log: stop, evaluate, save); the trainer's
+`log` transformers' or trl's SFTTrainer's (GRPO's, say, keeps tables per step besides); a single process; no
+input-token counting (its speed figures read the clock at the log); a transformers release whose
 `_maybe_log_save_evaluate` this was written against (TESTED_TRANSFORMERS). Anything else logs as transformers does.
 """
 
