@@ -131,7 +131,7 @@ def test_packed_rows_and_their_layouts_from_host_copies(tiny_checkpoint, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_training_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokenizer, tmp_path):
+def test_gpu_training_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
     """SFTTrainer at trl's defaults (fused head with its metrics, checkpointing, fused AdamW, clipping) on a fastmoe
     model, logging every step (each log written at the next step's log call: fastmoe/deferred_log.py), batches of
     four uneven rows padded (and packed by fastmoe), the same four at every step so that the layer graphs, captured
@@ -141,10 +141,13 @@ def test_gpu_training_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokeniz
     import transformers
     import trl
 
-    from fastmoe.builtin import builtin_records
+    from fastmoe.builtin import build_tiny_checkpoint, builtin_records
 
-    model, _ = FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=torch.bfloat16, max_seq_length=64,
-                                         device_map="cuda")
+    # head_dim 16: flash's layouts replace transformers' masks, whose construction reads the attention mask on the
+    # host (the tiny config's 12 keeps the masks)
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path / "checkpoint", seed=3, tokenizer=tiny_tokenizer, head_dim=16)
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64, device_map="cuda")
+    assert swa.flash_supports(model.config, torch.device("cuda"), torch.bfloat16)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
     records = [{"text": f"{r['instruction']} {r['response']}"[:length]}
                for r, length in zip(builtin_records()[:4], (200, 120, 60, 30))] * 10
@@ -159,7 +162,7 @@ def test_gpu_training_steps_never_wait_for_the_gpu(tiny_checkpoint, tiny_tokeniz
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.set_sync_debug_mode("default")
 
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
+    config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
                            report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
                              processing_class=tiny_tokenizer, callbacks=[SyncCheck()])
