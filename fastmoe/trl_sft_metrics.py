@@ -161,7 +161,8 @@ def take_metrics(trainer) -> TakenMetrics | None:
     if not isinstance(store, dict) or "train" not in store:
         return None
     train = store["train"]
-    taken = TakenMetrics({key: list(values) for key, values in train.items()}, trainer.__dict__.pop(_PENDING_TOKENS, []))
+    taken = TakenMetrics({key: list(values) for key, values in train.items()},
+                         trainer.__dict__.pop(_PENDING_TOKENS, []))
     train.clear()
     return taken
 

@@ -162,8 +162,8 @@ def test_gpu_training_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.set_sync_debug_mode("default")
 
-    config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
-                           report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
+                           logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
                              processing_class=tiny_tokenizer, callbacks=[SyncCheck()])
     trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
