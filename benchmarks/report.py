@@ -739,7 +739,7 @@ SECTIONS = [
             "of the kernels, and the time the GPU waits on the host. The step counts recomputation (gradient "
             "checkpointing) where MFU does not: model FLOPs are 4 x active parameters x tokens, the GPU runs about "
             "6 x.",
-            "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096 --profile-steps 1", targets_section),
+            "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096 --profile-steps 2", targets_section),
     Section("sft", "Long context: the longest sequence that trains within a GPU budget",
             "bench_sft.py --memory-limit-gb N --shapes 1xS,...: the same SFTTrainer step as above, batch 1, with the "
             "process limited to N GiB (torch.cuda.set_per_process_memory_fraction, which caps reserved memory, so "
