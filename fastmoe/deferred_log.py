@@ -65,7 +65,7 @@ def _passive_on_log(callback) -> bool:
     return on_log is TrainerCallback.on_log or on_log.__module__.startswith(("transformers.", "fastmoe."))
 
 
-def defers(trainer, tr_loss, grad_norm) -> bool:
+def defers(trainer, tr_loss) -> bool:
     """Whether this call of _maybe_log_save_evaluate logs, and may do so one step later (module docstring)."""
     from transformers.utils import is_torch_xla_available
 

@@ -357,10 +357,10 @@ def maybe_log_save_evaluate(self, *args, **kwargs):
     run = original(Trainer, "_maybe_log_save_evaluate")
     if self.__dict__.get(_DEFERRING):
         deferred_log.write_pending(self)
-        call = inspect.signature(run).bind(self, *args, **kwargs).arguments
-        tr_loss, grad_norm = call.get("tr_loss"), call.get("grad_norm")
-        if deferred_log.defers(self, tr_loss, grad_norm):
-            return deferred_log.defer(self, tr_loss, grad_norm, call.get("learning_rate"), call.get("start_time"))
+        call = inspect.signature(run).bind(self, *args, **kwargs).arguments if self.control.should_log else {}
+        if call and deferred_log.defers(self, call.get("tr_loss")):
+            return deferred_log.defer(self, call["tr_loss"], call.get("grad_norm"), call.get("learning_rate"),
+                                      call.get("start_time"))
     if not self.__dict__.get(_FILTERING):
         return run(self, *args, **kwargs)
     self.args.logging_nan_inf_filter = True

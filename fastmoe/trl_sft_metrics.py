@@ -170,26 +170,26 @@ def take_metrics(trainer) -> TakenMetrics | None:
 @contextlib.contextmanager
 def metrics_in_place(trainer, taken: TakenMetrics | None, numbers: list[float]):
     """While a log taken earlier is written: its metrics, with `numbers` for the values that were on the device (in
-    `taken.tensors`' order), in the trainer's place and its token counts added to the running total, as
-    read_device_metrics would have done at its step; the trainer's own metrics since then back afterwards."""
+    `taken.tensors`' order), and its token counts, as host tensors for read_device_metrics to add at the log (no
+    device read), in the trainer's place; the trainer's own metrics since then back afterwards."""
     if taken is None:
         yield
         return
     values = iter(numbers)
     metrics = {key: [next(values) if isinstance(v, torch.Tensor) else v for v in entries]
                for key, entries in taken.metrics.items()}
-    counts = [int(next(values)) for _ in taken.counts]
+    counts = [torch.tensor(next(values), dtype=torch.float64) for _ in taken.counts]
     train = trainer._metrics["train"]
     current, current_counts = dict(train), trainer.__dict__.pop(_PENDING_TOKENS, None)
     train.clear()
     train.update(metrics)
     if counts:
-        trainer._total_train_tokens += sum(counts)
-        train["num_tokens"] = [trainer._total_train_tokens]
+        trainer.__dict__[_PENDING_TOKENS] = counts
     try:
         yield
     finally:
         train.clear()
         train.update(current)
+        trainer.__dict__.pop(_PENDING_TOKENS, None)
         if current_counts is not None:
             trainer.__dict__[_PENDING_TOKENS] = current_counts
