@@ -393,8 +393,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.layer_graphs: list[int] = []  # fastmoe's captured layer graphs at each step's start
             self.graphed: list = []  # the model's graphed checkpointing, found once at the start of training
             self.profiler = None
-            self.profile_start = 0.0
-            self.profiled_seconds: float | None = None
+            self.profiled = False  # whether the profiler ran over its steps
             self.activities: list[tuple[str, int, int]] = []
             self.kernels: list[tuple[str, int]] = []
             self.tracer = None
@@ -421,10 +420,6 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.no_early_stop.__exit__(None, None, None)
             self.recording_memory = False
 
-        def _now(self) -> float:
-            common.synchronize(device)
-            return time.perf_counter()
-
         def _mark(self) -> None:
             if device != "cuda":
                 self.begins.append(time.perf_counter())
@@ -433,9 +428,10 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             event.record()
             self.begins.append(event)
 
-        def _stop_profiler(self, now: float) -> None:
+        def _stop_profiler(self) -> None:
+            common.synchronize(device)  # the profiled steps' kernels all run before the profiler stops
             self.profiler.stop()
-            self.profiled_seconds = now - self.profile_start
+            self.profiled = True
             self.activities = common.profiler_activities(self.profiler)
             self.kernels = common.profiler_kernels(self.profiler)
             self.profiler = None
@@ -461,16 +457,16 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             if device == "cuda" and state.global_step == profile_from:
                 self.timed_peak = torch.cuda.max_memory_allocated()
             if self.profiler is not None and state.global_step == trace_from:
-                self._stop_profiler(self._now())
+                self._stop_profiler()
             if self.tracer is not None and state.global_step == trace_from + trace_steps:
                 self._stop_tracer()
             if self.recording_memory and state.global_step == memory_from + memory_steps:
                 self._stop_memory()
             if profile_steps and state.global_step == profile_from:
                 kind = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+                common.synchronize(device)  # the profiler records this step's kernels on, not the previous step's
                 self.profiler = profile(activities=[kind])
                 self.profiler.start()
-                self.profile_start = self._now()
             if trace_steps and state.global_step == trace_from:
                 self.tracer = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
                 self.tracer.start()
@@ -481,7 +477,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self._mark()
             self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
             if self.profiler is not None:
-                self._stop_profiler(self._now())
+                self._stop_profiler()
             if self.tracer is not None:
                 self._stop_tracer()
             if self.recording_memory:
@@ -584,7 +580,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                       loss_first=logged(trainer, "loss", 0), loss_last=logged(trainer, "loss", -1),
                       entropy_last=logged(trainer, "entropy", -1),
                       token_accuracy_last=logged(trainer, "mean_token_accuracy", -1))
-        if device == "cuda" and clock.profiled_seconds:
+        if device == "cuda" and clock.profiled:
             busy_ns, kernels, span_ns = common.gpu_activity(clock.activities)
             record.update(gpu_busy_pct=round(100 * busy_ns / span_ns, 1) if span_ns else None,
                           gpu_busy_ms_per_step=round(busy_ns / 1e6 / args.profile_steps, 2),
