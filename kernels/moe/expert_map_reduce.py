@@ -52,7 +52,9 @@ def reference_expert_map(
         token_idx, slot = torch.where(top_k_index == expert)
         if token_idx.numel() == 0:
             continue
-        out = out.index_put((token_idx, slot), _reference_expert_linear(hidden[token_idx], weight, lora, expert))
+        # In out's dtype: under autocast F.linear returns autocast's
+        y = _reference_expert_linear(hidden[token_idx], weight, lora, expert)
+        out = out.index_put((token_idx, slot), y.to(out.dtype))
     return out
 
 

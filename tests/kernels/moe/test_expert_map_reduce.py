@@ -105,6 +105,24 @@ def test_map_reduce_references_match_pair_loop():
         assert rel_err(reduced[t], total) < 1e-5
 
 
+def test_references_under_autocast_compute_as_autocast_and_keep_the_inputs_dtype():
+    """An fp32 model trained under autocast (trl's default bf16, also on the CPU): the references, like transformers'
+    loops over experts, run their products as autocast runs F.linear, in bf16, and return the inputs' dtype."""
+    (x, index, weight, adapter), _ = _map_inputs(13, 40, 24, 4, 2, 3, lora=True)
+    weights = torch.rand(13, 2)
+    back = torch.randn(4, 40, 24) / 24**0.5
+    with torch.no_grad(), reference_only(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mapped = expert_map(x, index, weight, adapter)
+        reduced = expert_reduce(mapped, index, weights, back)
+    assert mapped.dtype == reduced.dtype == torch.float32
+    bf16 = ExpertLora(adapter.A.bfloat16(), adapter.B.bfloat16(), adapter.scaling)
+    with torch.no_grad():
+        expected = reference_expert_map(x.bfloat16(), index, weight.bfloat16(), bf16).float()
+        assert torch.equal(mapped, expected)
+        expected = reference_expert_reduce(mapped.bfloat16(), index, weights, back.bfloat16(), None)
+        assert rel_err(reduced, expected.float()) < 1e-2
+
+
 # --------------------------------------------------------------------------------------------------------
 # NF4 weights: Triton (interpreter) vs the reference on the dequantized stack, and vs the 16-bit op on the Triton
 # dequantization (the semantics the NF4 ops promise)
