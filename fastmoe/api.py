@@ -70,11 +70,46 @@ def _load_request(model_name: Any, max_seq_length: Any, dtype: Any, load_in_4bit
             import bitsandbytes  # noqa: F401
         except ImportError as error:
             raise ImportError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from error
+    _check_device_map(device_map)
     if fast_ops is not None and not isinstance(fast_ops, dict):
         raise ValueError(f"fast_ops must be a dict of op name -> True/False (e.g. {{'rms_norm': False}}), got "
                          f"{fast_ops!r}")
     return _LoadRequest(str(model_name), max_seq_length, _resolve_dtype(dtype), quantization, full_finetuning,
                         device_map, attn_implementation, token, dict(fast_ops or {}), kwargs)
+
+
+def _gpu_index(device: Any) -> int | None:
+    """The accelerator index a device_map entry names (an int, "cuda", "cuda:1", a cuda torch.device), else None
+    ("cpu", "disk", "meta", "auto", "balanced", ...)."""
+    if isinstance(device, bool):
+        return None
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str) and device.startswith("cuda"):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            return None
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return device.index or 0
+    return None
+
+
+def _check_device_map(device_map: Any) -> None:
+    """A device_map naming a GPU this machine does not have fails here, in one line, instead of inside torch's CUDA
+    initialisation (an AssertionError on a CPU build) after the checkpoint has started loading."""
+    entries = device_map.values() if isinstance(device_map, dict) else [device_map]
+    indices = [index for index in map(_gpu_index, entries) if index is not None]
+    if not indices:
+        return
+    available = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    if available == 0:
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device_map={device_map!r} places the model on a GPU, but {why}: run on a machine with a "
+                         "GPU, or leave device_map out (the model then loads on the CPU)")
+    if max(indices) >= available:
+        raise ValueError(f"device_map={device_map!r} names GPU {max(indices)}, but this machine has {available} "
+                         f"(0 to {available - 1})")
 
 
 def check_lora_size(r: Any, lora_alpha: Any, r_name: str = "LoRA rank r", alpha_name: str = "lora_alpha") -> None:

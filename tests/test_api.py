@@ -70,6 +70,29 @@ def test_unsupported_dtype_is_refused(tiny_checkpoint, dtype):
         FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), dtype=dtype)
 
 
+MISSING_GPUS = [(0, "cuda"), (0, 0), (0, {"": 0}), (0, {"": "cuda:0", "lm_head": "cpu"}), (0, torch.device("cuda")),
+                (1, "cuda:1"), (1, {"": 1})]
+
+
+@pytest.mark.parametrize("gpus,device_map", MISSING_GPUS)
+def test_device_map_naming_a_missing_gpu_is_refused_before_loading(tiny_checkpoint, monkeypatch, gpus, device_map):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: gpus)
+    loads = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match="names GPU 1, but this machine has 1" if gpus else "but no GPU|has no CUDA"):
+        FastModel.from_pretrained(str(tiny_checkpoint("afmoe")), device_map=device_map)
+    assert loads == []
+
+
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0", 0, {"": 0, "lm_head": "cpu"}, "auto", "cpu", None,
+                                        {"": "cpu"}])
+def test_device_map_naming_gpus_the_machine_has_is_accepted(monkeypatch, device_map):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    fastmoe.api._check_device_map(device_map)
+
+
 def test_missing_path_names_the_path(tmp_path):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(FileNotFoundError, match="no_such_model") as error:
