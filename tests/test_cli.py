@@ -285,7 +285,31 @@ def test_eval_split_packing_checkpoints_and_resume(tmp_path, fastmoe_cache):
     assert history[-1]["step"] == 6
     assert any("eval_loss" in entry for entry in history)
     # The resumed run trained steps 5 and 6 only; steps 1-4 come from the checkpoint's state.
-    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    losses = {e["step"]: e["loss"] for e in history if "loss" in e}
+    assert list(losses) == [1, 2, 3, 4, 5, 6]
+    # Its summary speaks of those two steps: their losses, and their tokens (trl's count restarts with the run).
+    assert "fastmoe train: 4 steps in" in first.stdout
+    summary = re.search(r"fastmoe train: (\d+) steps in ([\d.]+)s, ([\d,]+) tokens/s.* loss ([\d.]+) -> ([\d.]+);",
+                        resumed.stdout)
+    assert summary is not None, resumed.stdout
+    steps, seconds, rate, first_loss, final_loss = summary.groups()
+    assert steps == "2" and (first_loss, final_loss) == (f"{losses[5]:.4f}", f"{losses[6]:.4f}")
+    tokens = [e["num_tokens"] for e in history if "num_tokens" in e and "loss" in e]
+    assert tokens[4] < tokens[3]  # counted afresh from step 5
+    # tokens/s over this run's tokens, within the printed seconds' rounding
+    rate, seconds = int(rate.replace(",", "")), float(seconds)
+    assert tokens[5] / (seconds + 0.05) * 0.99 <= rate <= tokens[5] / max(seconds - 0.05, 1e-9) * 1.01 + 1
+
+
+def test_logs_are_written_a_step_later_so_steps_never_drain_the_gpu(tmp_path):
+    """`fastmoe train` logs every step: its trainer must meet fastmoe.deferred_log's conditions (no input-token
+    counting, whose per-step count reads the mask on the device; callbacks that only record logs), or every step
+    would wait for the GPU at its log."""
+    from fastmoe import deferred_log
+
+    trainer, _, _ = sft.prepare(TrainOptions(output_dir=str(tmp_path / "out"), max_steps=2))
+    trainer.control.should_log, trainer.state.global_step, trainer._globalstep_last_logged = True, 1, 0
+    assert deferred_log.defers(trainer, torch.tensor(0.0))
 
 
 def test_optim_reaches_the_trainer(tmp_path):

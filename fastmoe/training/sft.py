@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from fastmoe.builtin import builtin_model_path
 from fastmoe.training.data import load_records, record_format, to_sft_dataset
@@ -47,6 +48,18 @@ class TrainSummary:
         return (f"fastmoe train: {self.steps} steps in {self.seconds:.1f}s, {throughput}, "
                 f"peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB ({self.memory_kind}), "
                 f"loss {self.first_loss:.4f} -> {self.final_loss:.4f}; adapter saved to {self.output_dir}")
+
+
+class SessionStart(TrainerCallback):
+    """Where this `train()` call starts: a run resumed from a checkpoint holds the steps and logs before it, which
+    the summary leaves out."""
+
+    step = 0
+    logs = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Called once the checkpoint's state is loaded.
+        self.step, self.logs = state.global_step, len(state.log_history)
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -121,7 +134,6 @@ def prepare(options: TrainOptions):
         use_cpu=not on_gpu,
         # get_peft_model has already set checkpointing up (or not); the trainer must not redo or undo it.
         **_no_trainer_checkpointing(SFTConfig),
-        include_num_input_tokens_seen="non_padding",
         **({"optim": options.optim} if options.optim is not None else {}),
         seed=options.seed,
         data_seed=options.seed,
@@ -142,6 +154,7 @@ def prepare(options: TrainOptions):
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LossProgressBar())
+    trainer.add_callback(SessionStart())
     try:
         _check_examples_left(trainer, options, len(train_dataset))
         _check_distributed_setup(trainer)
@@ -225,11 +238,14 @@ def run(options: TrainOptions, trainer) -> TrainSummary:
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(str(output / "trainer_state.json"))
 
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    start = next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, SessionStart))
+    logs = trainer.state.log_history[start.logs:]
+    losses = [entry["loss"] for entry in logs if "loss" in entry]
     return TrainSummary(
-        steps=trainer.state.global_step,
+        steps=trainer.state.global_step - start.step,
         seconds=seconds,
-        tokens=int(trainer.state.num_input_tokens_seen),
+        # trl's own count of this call's non-padding tokens, all processes', as its logs carry it
+        tokens=int(max((entry["num_tokens"] for entry in logs if "num_tokens" in entry), default=0)),
         peak_memory_bytes=peak,
         memory_kind=kind,
         first_loss=losses[0] if losses else float("nan"),
