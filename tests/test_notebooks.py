@@ -97,6 +97,7 @@ def test_notebook_trains_on_replies_reports_and_saves(executed):
     assert loss_on.startswith("loss on: '") and "<|user|>" not in loss_on and "<|eos|>" in loss_on
     train_output = executed.printed_by("trainer.train()")
     assert "5 steps" in train_output and "tokens/s" in train_output and "peak RSS" in train_output
+    assert re.search(r"5 steps, [1-9][\d,]* tokens in", train_output), train_output  # trl's count, never 0
 
     for file in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"):
         assert (executed.adapter / file).is_file(), file
