@@ -104,7 +104,7 @@ def _check_device_map(device_map: Any) -> None:
         return
     available = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
     if available == 0:
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        why = "no GPU is visible" if torch.version.cuda or torch.version.hip else "this torch build has no CUDA"
         raise ValueError(f"device_map={device_map!r} places the model on a GPU, but {why}: run on a machine with a "
                          "GPU, or leave device_map out (the model then loads on the CPU)")
     if max(indices) >= available:
