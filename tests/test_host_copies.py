@@ -129,28 +129,20 @@ def test_packed_rows_and_their_layouts_from_host_copies(tiny_checkpoint, monkeyp
     fastmoe.unpatch()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_training_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
-    """SFTTrainer at trl's defaults (fused head with its metrics, checkpointing, fused AdamW, clipping) on a fastmoe
-    model, logging every step (each log written at the next step's log call: fastmoe/deferred_log.py), batches of
-    four uneven rows padded (and packed by fastmoe), the same four at every step so that the layer graphs, captured
-    at the second step, replay from the third: from there on every step up to its optimizer runs under CUDA's sync
-    check set to raise, and every step's log is written with finite values."""
-    import datasets
+def uneven_records(repeats: int = 10) -> list[dict]:
+    """Four rows of uneven lengths, padded into one batch of four (and packed by fastmoe), the same at every step."""
+    from fastmoe.builtin import builtin_records
+
+    return [{"text": f"{r['instruction']} {r['response']}"[:length]}
+            for r, length in zip(builtin_records()[:4], (200, 120, 60, 30))] * repeats
+
+
+def train_under_sync_check(trainer, train) -> list[int]:
+    """train() with the batches in order (the same four rows at every step, so that the layer graphs, captured at the
+    second step, replay from the third) and CUDA's sync check set to raise from the third step's start to each step's
+    end (its optimizer included). Returns the steps checked."""
     import transformers
-    import trl
 
-    from fastmoe.builtin import build_tiny_checkpoint, builtin_records
-
-    # head_dim 16: flash's layouts replace transformers' masks, whose construction reads the attention mask on the
-    # host (the tiny config's 12 keeps the masks)
-    checkpoint = build_tiny_checkpoint("afmoe", tmp_path / "checkpoint", seed=3, tokenizer=tiny_tokenizer, head_dim=16)
-    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64, device_map="cuda")
-    assert swa.flash_supports(model.config, torch.device("cuda"), torch.bfloat16)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
-    records = [{"text": f"{r['instruction']} {r['response']}"[:length]}
-               for r, length in zip(builtin_records()[:4], (200, 120, 60, 30))] * 10
     checked = []
 
     class SyncCheck(transformers.TrainerCallback):
@@ -162,17 +154,65 @@ def test_gpu_training_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.set_sync_debug_mode("default")
 
-    config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
-                           logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
-                             processing_class=tiny_tokenizer, callbacks=[SyncCheck()])
+    trainer.add_callback(SyncCheck())
     trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
     try:
-        trainer.train()
+        train()
     finally:
         torch.cuda.set_sync_debug_mode("default")
         fastmoe.unpatch()
-    assert checked == [2, 3, 4, 5]
+    return checked
+
+
+def tiny_flash_checkpoint(tiny_tokenizer, folder):
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    # head_dim 16: flash's layouts replace transformers' masks, whose construction reads the attention mask on the
+    # host (the tiny config's 12 keeps the masks)
+    return build_tiny_checkpoint("afmoe", folder, seed=3, tokenizer=tiny_tokenizer, head_dim=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
+    """SFTTrainer at trl's defaults (fused head with its metrics, checkpointing, fused AdamW, clipping) on a fastmoe
+    model, logging every step (each log written at the next step's log call: fastmoe/deferred_log.py), batches of
+    uneven rows: from the third step on every step runs under CUDA's sync check set to raise, and every step's log is
+    written with finite values."""
+    import datasets
+    import trl
+
+    checkpoint = tiny_flash_checkpoint(tiny_tokenizer, tmp_path / "checkpoint")
+    model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=64, device_map="cuda")
+    assert swa.flash_supports(model.config, torch.device("cuda"), torch.bfloat16)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
+                           logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, max_length=64)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(uneven_records()),
+                             processing_class=tiny_tokenizer)
+    assert train_under_sync_check(trainer, trainer.train) == [2, 3, 4, 5]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]) for entry in logged)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fastmoe_train_steps_never_wait_for_the_gpu(tiny_tokenizer, tmp_path):
+    """README's main job, `fastmoe train` (its trainer as fastmoe.training.sft builds it: logging every step, its
+    progress bar, trl's token count for the summary), under the same check."""
+    import json
+
+    from fastmoe.training import sft
+    from fastmoe.training.options import TrainOptions
+
+    checkpoint = tiny_flash_checkpoint(tiny_tokenizer, tmp_path / "checkpoint")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in uneven_records()))
+    options = TrainOptions(output_dir=str(tmp_path / "run"), model=str(checkpoint), dataset=str(data), max_steps=6,
+                           batch_size=4, max_seq_length=64)
+    trainer, model, _ = sft.prepare(options)
+    assert next(model.parameters()).is_cuda
+    summaries = []
+    assert train_under_sync_check(trainer, lambda: summaries.append(sft.run(options, trainer))) == [2, 3, 4, 5]
+    assert summaries[0].steps == 6 and summaries[0].tokens > 0 and math.isfinite(summaries[0].final_loss)
