@@ -45,6 +45,11 @@ One case is one (preset, layers, batch x seq, implementation, LoRA targets, logg
    the documents' tokens, so the two compare directly; the FLOPs count attention within each document only.
    --varied-lengths draws each row's lengths anew, so that every step has a layout of its own, as real data has
    (whether fastmoe's layer graphs, captured at one step, replay at the next step's layout).
+   --data examples is an SFT data set as users have it: every example its own document, of a length drawn
+   log-uniformly between seq / 16 and seq (example_lengths), `batch` examples a step, in order, padded by trl's
+   collator to the longest of the batch (fastmoe drops the padding, transformers computes it): every step another
+   number of tokens, so whatever shapes fastmoe's layer graphs follow, the others run eager layers. tokens/s is then
+   the timed steps' tokens over their time, and the FLOPs those of the mean step.
 
 3. The trainer: `trl.SFTTrainer(model, processing_class=tokenizer, train_dataset, args=SFTConfig(...))` with trl's
    defaults (its fused LM head with the entropy and token-accuracy metrics, AdamW fused, lr schedule, grad clipping,
@@ -152,7 +157,8 @@ class Case:
     offload: bool = False
     # "rows": every row one document of `seq` tokens. With `documents` > 1, each row's tokens are that many documents
     # of unequal lengths (document_lengths), fed "packed" (one row, position_ids restarting: trl's padding_free) or
-    # "padded" (one document per row, padded to the longest).
+    # "padded" (one document per row, padded to the longest). "examples": `batch` examples of varied lengths a step,
+    # padded (example_lengths).
     data: str = "rows"
     documents: int = 1
     # With documents: the same lengths in every row (every step the same layout), or lengths drawn anew for each row
@@ -178,6 +184,7 @@ class Case:
         eager += f" (without {', '.join(self.ops_off)})" if self.ops_off else ""
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
+        data = " examples of varied lengths" if self.data == "examples" else data
         return (f"{self.preset} {self.layers}L {self.batch}x{self.seq}{data} {self.implementation}{quant}{eager} "
                 f"[targets={self.targets} logging_steps={self.logging_steps} load={self.load}]")
 
@@ -329,17 +336,30 @@ def row_document_lengths(rows: int, seq: int, documents: int, varied: bool) -> l
     return [document_lengths(seq, documents, seed=2 + row if varied else 2) for row in range(rows)]
 
 
+def example_lengths(count: int, seq: int, seed: int = 3) -> list[int]:
+    """`count` example lengths drawn log-uniformly between seq // 16 (at least 2) and seq: most examples short, a
+    long tail, as instruction and chat data sets have; the same draw for every implementation."""
+    generator = torch.Generator().manual_seed(seed)
+    low = max(2, seq // 16)
+    draws = torch.rand(count, generator=generator, dtype=torch.float64)
+    return [min(seq, int(low * (seq / low) ** u)) for u in draws.tolist()]
+
+
 def random_dataset(vocab_size: int, rows: int, seq: int, seed: int = 1, data: str = "rows", documents: int = 1,
                    varied: bool = False):
     """`rows` rows of `seq` random token ids, pre-tokenized. "packed": each row carries its documents' lengths
     (`seq_lengths`, which trl's padding-free collator turns into restarting position_ids); "padded": each row's
-    documents become consecutive examples, one per row of the batch."""
+    documents become consecutive examples, one per row of the batch; "examples": `rows` examples of
+    example_lengths."""
     import datasets
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (rows, seq), generator=generator)
     if data == "rows":
         return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    if data == "examples":
+        return datasets.Dataset.from_dict({"input_ids": [row[:length].tolist() for row, length
+                                                         in zip(ids, example_lengths(rows, seq))]})
     lengths = row_document_lengths(rows, seq, documents, varied)
     if data == "packed":
         return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "seq_lengths": lengths})
@@ -358,6 +378,7 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     # Documents: each step takes one row's documents, in order (the same shapes every step); packed rows go through
     # trl's padding-free collator, whose max_length must be None (the rows are seq long already).
+    # Examples: each step the next `batch` examples, padded by trl's collator.
     documents = {} if case.data == "rows" else dict(train_sampling_strategy="sequential")
     if case.data == "packed":
         documents.update(padding_free=True)
@@ -512,12 +533,20 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
 
     config_kwargs = case.config_kwargs
     flops = common.step_flops(config_kwargs, case.batch, case.seq)
-    if case.data != "rows":  # attention within each document only (padding is not counted either); varied: the mean
+    if case.data in ("packed", "padded"):  # attention within each document only (padding neither); varied: the mean
         config = common.make_config(config_kwargs)
         timed_rows = row_document_lengths((args.warmup + args.steps) * case.batch, case.seq, case.documents,
                                           case.varied)[args.warmup * case.batch:]
         within = statistics.fmean(sum(common.attention_flops(config, 1, n) for n in lengths) for lengths in timed_rows)
         flops += case.batch * (within - common.attention_flops(config, 1, case.seq))
+    timed_tokens = None  # each timed step's tokens where they differ from step to step
+    if case.data == "examples":  # the mean timed step's FLOPs: linear in its tokens, attention within each example
+        config = common.make_config(config_kwargs)
+        lengths = example_lengths((args.warmup + args.steps) * case.batch, case.seq)[args.warmup * case.batch:]
+        timed_tokens = [sum(lengths[i:i + case.batch]) for i in range(0, len(lengths), case.batch)]
+        linear = flops - common.attention_flops(config, case.batch, case.seq)
+        flops = (linear * statistics.fmean(timed_tokens) / (case.batch * case.seq)
+                 + sum(common.attention_flops(config, 1, n) for n in lengths) / args.steps)
     record = dict(shared, question="sft", family=config_kwargs["model_type"], **dataclasses.asdict(case),
                   shape=f"{case.batch}x{case.seq}", lora_rank=common.LORA_RANK, steps=args.steps, warmup=args.warmup,
                   profile_steps=args.profile_steps, flops_per_step=flops,
@@ -556,10 +585,14 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                   flush=True)
         step_s = statistics.median(timed)
         tokens = case.batch * case.seq
-        tflops = flops / step_s / 1e12
+        # Steps of different tokens: the timed steps' tokens over their time (a median step means nothing there).
+        per_step_s = step_s if timed_tokens is None else statistics.fmean(timed)
+        tflops = flops / per_step_s / 1e12
+        tokens_per_s = tokens / step_s if timed_tokens is None else sum(timed_tokens) / sum(timed)
         record.update(status="ok", timing="cuda-events" if device == "cuda" else "clock",
-                      tokens_per_s=round(tokens / step_s, 1),
-                      tokens_per_s_mean=round(tokens * len(timed) / sum(timed), 1), step_ms=round(1e3 * step_s, 2),
+                      tokens_per_s=round(tokens_per_s, 1),
+                      tokens_per_s_mean=round(sum(timed_tokens or [tokens] * len(timed)) / sum(timed), 1),
+                      step_ms=round(1e3 * step_s, 2),
                       step_ms_all=[round(1e3 * s, 2) for s in timed], tflops=round(tflops, 2),
                       mfu_pct=common.rounded(100 * tflops / peak_tflops if peak_tflops else None, 2),
                       peak_gb=common.rounded(max(clock.peak_before_timed, clock.timed_peak,
@@ -580,6 +613,9 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                       loss_first=logged(trainer, "loss", 0), loss_last=logged(trainer, "loss", -1),
                       entropy_last=logged(trainer, "entropy", -1),
                       token_accuracy_last=logged(trainer, "mean_token_accuracy", -1))
+        if timed_tokens is not None:
+            # trl's own count over every step trained, against which example_lengths' can be checked
+            record.update(tokens_per_step=timed_tokens, trl_num_tokens=logged(trainer, "num_tokens", -1))
         if device == "cuda" and clock.profiled:
             busy_ns, kernels, span_ns = common.gpu_activity(clock.activities)
             record.update(gpu_busy_pct=round(100 * busy_ns / span_ns, 1) if span_ns else None,
@@ -706,13 +742,14 @@ def build_cases(args, parser, dtype) -> list[Case]:
         grid = itertools.product(csv(args.quantization), csv(args.targets), csv(args.logging_steps), csv(args.data),
                                  shapes, csv(args.implementations))
         for quantization, targets, logging_steps, data, (batch, seq), implementation in grid:
-            if data not in ("rows", "packed", "padded"):
-                parser.error(f"unknown data {data!r}: choose from rows, packed, padded")
-            if (data == "rows") != (args.documents == 1):
-                parser.error("--data packed/padded splits each row into --documents (2 or more) documents; rows "
-                             "takes --documents 1")
-            if data == "rows" and args.varied_lengths:
-                parser.error("--varied-lengths varies the lengths of --data packed/padded documents; rows have one")
+            if data not in ("rows", "packed", "padded", "examples"):
+                parser.error(f"unknown data {data!r}: choose from rows, packed, padded, examples")
+            if (data in ("rows", "examples")) != (args.documents == 1):
+                parser.error("--data packed/padded splits each row into --documents (2 or more) documents; rows and "
+                             "examples take --documents 1")
+            if data in ("rows", "examples") and args.varied_lengths:
+                parser.error("--varied-lengths varies the lengths of --data packed/padded documents; rows have one "
+                             "and examples vary already")
             if data != "rows" and seq < 2 * args.documents:
                 parser.error(f"{args.documents} documents of at least 2 tokens do not fit {seq} tokens")
             if implementation not in IMPLEMENTATIONS:
@@ -769,7 +806,8 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", help="comma-separated: none, 4bit")
     parser.add_argument("--data", default="rows", help="comma-separated: rows (each row one document), packed (each "
                         "row --documents documents, position_ids restarting: trl's padding_free), padded (the same "
-                        "documents one per row, padded to the longest); tokens/s counts the documents' tokens")
+                        "documents one per row, padded to the longest), examples (batch examples of varied lengths "
+                        "a step, padded: an SFT data set); tokens/s counts the documents' tokens")
     parser.add_argument("--documents", type=int, default=1, help="documents per row with --data packed/padded")
     parser.add_argument("--varied-lengths", action="store_true", help="with --data packed/padded, draw each row's "
                         "document lengths anew (every step a new layout, as real data has) instead of the same in "

@@ -181,7 +181,9 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         model = f"{preset}, {layers} layers{how_checkpointed}"
         if len(gpus_per_config[key[:-2]]) > 1:
             model += f", {gpu}"
-        if data != "rows":
+        if data == "examples":
+            model += ", examples of varied lengths padded (an SFT data set)"
+        elif data != "rows":
             model += f", each row {documents}{' varied' if varied else ''} documents {data}"
         if memory_limit:
             model += f", GPU limited to {memory_limit:g} GB"

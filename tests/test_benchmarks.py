@@ -667,6 +667,34 @@ def test_sft_benchmark_varied_lengths_change_every_row():
     assert " 4 varied documents padded " in case.label()
 
 
+def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
+    """--data examples: batches of examples of long-tailed lengths, padded, in order: each timed step's tokens are its
+    examples' lengths, tokens/s their sum over the steps' time, the FLOPs those of the mean step (attention within
+    each example), and the row says so on the page."""
+    from fastmoe.kernels.dispatch import reference_only
+
+    lengths = bench_sft.example_lengths(400, 64)
+    assert min(lengths) >= 4 and max(lengths) <= 64 and len(set(lengths)) > 20
+    assert sorted(lengths)[200] < 24  # log-uniform: most examples short
+    assert [len(ids) for ids in bench_sft.random_dataset(100, 12, 64, data="examples")["input_ids"]] == \
+        bench_sft.example_lengths(12, 64)
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "4x64", "--steps", "3", "--warmup", "1",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--data", "examples",
+                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    with reference_only():
+        bench_sft.main()
+    (record,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert record["status"] == "ok" and record["data"] == "examples"
+    timed = bench_sft.example_lengths(16, 64)[4:]
+    assert record["tokens_per_step"] == [sum(timed[i:i + 4]) for i in range(0, 12, 4)]
+    assert record["trl_num_tokens"] == sum(bench_sft.example_lengths(16, 64))  # the steps trained what was counted
+    assert record["tokens_per_s"] == pytest.approx(sum(record["tokens_per_step"]) / sum(record["step_ms_all"]) * 1e3,
+                                                   rel=1e-2)
+    assert record["flops_per_step"] < bench_sft.common.step_flops(bench_sft.common.PRESETS["afmoe-tiny"], 4, 64)
+    assert "examples of varied lengths padded" in report.render([record], include_cpu=True)
+
+
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
     for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
                           (["--targets", "everything"], "unknown targets"),
@@ -674,6 +702,7 @@ def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
                           (["--shapes", "4096"], "BATCHxSEQ"),
                           (["--data", "packed"], "splits each row into --documents"),
                           (["--varied-lengths"], "varies the lengths of --data packed/padded"),
+                          (["--data", "examples", "--documents", "2"], "rows and examples take --documents 1"),
                           (["--data", "stacked", "--documents", "2"], "unknown data"),
                           (["--trace-steps", "1"], "name one"),
                           (["--fastmoe-variants-only"], "times the variants other --fastmoe-* options ask for"),
