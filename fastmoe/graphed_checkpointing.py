@@ -25,7 +25,8 @@ documents (fastmoe.sliding_window_attention pads the offsets) then replay one gr
 
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
-a data set of variable lengths would otherwise capture on every step. The cap counts shapes, not signatures: the
+a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes back,
+so that a length seen once holds none. The cap counts shapes, not signatures: the
 layers of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of
 its own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
@@ -590,7 +591,7 @@ class GraphedCheckpoint:
         # signature -> ids of the layers seen with it; a layer seen again means the signature came back (a step
         # calls each layer once).
         self.seen: dict[tuple, set[int]] = {}
-        self.seen_shapes: set[tuple] = set()  # the hidden-state shapes of the signatures in `seen`
+        self.seen_shapes: set[tuple] = set()  # the hidden-state shapes followed: those that came back
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
@@ -665,17 +666,23 @@ class GraphedCheckpoint:
 
     def _capture_on_return(self, function: Callable, call: _Call, layer: torch.nn.Module) -> _LayerGraphs | None:
         """Capture a signature the second time a layer is called with it: the first call (torch's checkpoint)
-        compiled every kernel for it. Signatures of at most max_shapes hidden-state shapes are followed."""
+        compiled every kernel for it. Signatures of at most max_shapes hidden-state shapes are followed, a shape
+        taking its place when it comes back: with data of varied lengths, a length seen once (the first batch's, an
+        outlier) would otherwise hold one of the few places for good while lengths that recur ran eagerly."""
+        shape = call.signature[1][0][0]  # the first leaf's: the layer's hidden states
+        followed = shape in self.seen_shapes
         if call.signature not in self.seen:
-            shape = call.signature[1][0][0]  # the first leaf's: the layer's hidden states
-            if shape not in self.seen_shapes and len(self.seen_shapes) >= self.max_shapes:
+            if not followed and len(self.seen_shapes) >= self.max_shapes:
                 return None
-            self.seen_shapes.add(shape)
             self.seen[call.signature] = set()
         layers = self.seen[call.signature]
         if id(layer) not in layers:
             layers.add(id(layer))
             return None
+        if not followed:
+            if len(self.seen_shapes) >= self.max_shapes:
+                return None
+            self.seen_shapes.add(shape)
         if call.signature not in self.buffers:
             self.buffers[call.signature] = _SharedBuffers.like(call, self.store)
         copies = self.control_copies
