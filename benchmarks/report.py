@@ -741,8 +741,9 @@ SECTIONS = [
             "(a row dated before another GPU's measured the code of its day: lent GPUs come unevenly, and a target "
             "is not re-measured on every kind). Where the time goes: fastmoe's step from its profiled steps "
             "(torch.profiler, one or more steps after the timed ones), kernel time by kind for the twelve longest "
-            "kernels (expert GEMMs: fastmoe's Triton grouped GEMMs and torch's; attention: flash, cuDNN and SDPA kernels; dense GEMMs: cuBLAS), the rest "
-            "of the kernels, and the time the GPU waits on the host. The step counts recomputation (gradient "
+            "kernels (expert GEMMs: fastmoe's Triton grouped GEMMs and torch's; attention: flash, cuDNN and SDPA "
+            "kernels; dense GEMMs: cuBLAS), the rest of the kernels, and the time the GPU waits on the host. The "
+            "step counts recomputation (gradient "
             "checkpointing) where MFU does not: model FLOPs are 4 x active parameters x tokens, the GPU runs about "
             "6 x.",
             "python benchmarks/bench_sft.py --preset trinity-mini --shapes 1x4096 --profile-steps 2", targets_section),
