@@ -171,6 +171,9 @@ class Case:
     # fastmoe ops switched off (fastmoe.patch(model_type, op=False)), e.g. ("trainer_step", "trl_sft_metrics"): the
     # host-side ops' share of a step, measured against the default in the same run
     ops_off: tuple[str, ...] = ()
+    # fastmoe's graphed checkpointing: how many hidden-state shapes run as graphs (None: its default,
+    # fastmoe.graphed_checkpointing.MAX_GRAPH_SHAPES; beyond KEPT_ATTENTION_SHAPES they keep no attention outputs)
+    graph_shapes: int | None = None
 
     @property
     def config_kwargs(self) -> dict:
@@ -182,6 +185,7 @@ class Case:
         eager = (" (offloaded checkpointing)" if self.offload else "") + graphs
         eager += "" if self.base_products == "auto" else f" (base products by {self.base_products})"
         eager += f" (without {', '.join(self.ops_off)})" if self.ops_off else ""
+        eager += f" ({self.graph_shapes} graph shapes)" if self.graph_shapes else ""
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
         data = " examples of varied lengths" if self.data == "examples" else data
@@ -556,7 +560,12 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
     extra = args.profile_steps + args.trace_steps + args.memory_profile
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = None
+    from fastmoe import graphed_checkpointing
+
+    default_shapes = graphed_checkpointing.MAX_GRAPH_SHAPES
     try:
+        # Whatever graphed checkpoint the case's model gets (at get_peft_model or when the trainer enables it)
+        graphed_checkpointing.MAX_GRAPH_SHAPES = case.graph_shapes or default_shapes
         start = time.perf_counter()
         model, tokenizer = load(case, args, device, dtype)
         record["load_s"] = round(time.perf_counter() - start, 1)
@@ -632,6 +641,8 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
     except Exception as error:  # one broken case must not cost the others their measurement
         traceback.print_exc()
         record.update(status="error", error=f"{type(error).__name__}: {error}"[:300])
+    finally:
+        graphed_checkpointing.MAX_GRAPH_SHAPES = default_shapes
     # Here, not in the except blocks, whose traceback still holds the failed model.
     del trainer, model
     fastmoe.unpatch()
@@ -758,6 +769,8 @@ def build_cases(args, parser, dtype) -> list[Case]:
                 parser.error(f"unknown targets {targets!r}: choose from {', '.join(common.LORA_TARGET_SETS)}")
             if quantization not in ("none", "4bit"):
                 parser.error(f"unknown quantization {quantization!r}: choose from none, 4bit")
+            if any(shapes < 1 for shapes in args.fastmoe_graph_shapes):
+                parser.error("--fastmoe-graph-shapes takes positive counts")
             for products in args.fastmoe_base_products:
                 if products not in ("triton", "torch"):
                     parser.error(f"unknown --fastmoe-base-products {products!r}: choose from triton, torch")
@@ -768,26 +781,29 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct" and implementation != "fastmoe":
                 parser.error("transformers' 4-bit loading quantizes while from_pretrained reads the checkpoint: use "
                              "--load checkpoint or auto with --quantization 4bit")
-            variants = [(None, False, "auto", ())]  # (cuda_graphs, offload, base_products, ops_off)
+            variants = [(None, False, "auto", (), None)]  # (cuda_graphs, offload, base_products, ops_off, shapes)
             if implementation == "fastmoe":
                 known_ops = common.op_names(config_kwargs["model_type"])
                 unknown = [op for op in args.fastmoe_without_ops if op not in known_ops]
                 if unknown:
                     parser.error(f"--fastmoe-without-ops: {', '.join(unknown)} not among "
                                  f"{config_kwargs['model_type']}'s ops: {', '.join(known_ops)}")
-                asked = ([(False, False, "auto", ())] * args.fastmoe_without_graphs
-                         + [(True, False, "auto", ())] * args.fastmoe_with_graphs
-                         + [(None, True, "auto", ())] * args.fastmoe_offloaded
-                         + [(False, True, "auto", ())] * args.fastmoe_offloaded_eager
-                         + [(None, False, products, ()) for products in args.fastmoe_base_products]
-                         + [(None, False, "auto", tuple(args.fastmoe_without_ops))] * bool(args.fastmoe_without_ops))
+                asked = ([(False, False, "auto", (), None)] * args.fastmoe_without_graphs
+                         + [(True, False, "auto", (), None)] * args.fastmoe_with_graphs
+                         + [(None, True, "auto", (), None)] * args.fastmoe_offloaded
+                         + [(False, True, "auto", (), None)] * args.fastmoe_offloaded_eager
+                         + [(None, False, products, (), None) for products in args.fastmoe_base_products]
+                         + [(None, False, "auto", tuple(args.fastmoe_without_ops), None)]
+                         * bool(args.fastmoe_without_ops)
+                         + [(None, False, "auto", (), shapes) for shapes in args.fastmoe_graph_shapes])
                 if args.fastmoe_variants_only and not asked:
                     parser.error("--fastmoe-variants-only times the variants other --fastmoe-* options ask for: "
                                  "name one (e.g. --fastmoe-offloaded)")
                 variants = asked if args.fastmoe_variants_only else variants + asked
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
-                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products, ops_off)
-                      for cuda_graphs, offload, products, ops_off in variants]
+                           load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products, ops_off,
+                           shapes)
+                      for cuda_graphs, offload, products, ops_off, shapes in variants]
     return cases
 
 
@@ -828,6 +844,10 @@ def main() -> None:
                         help="also time fastmoe with these ops switched off, comma-separated (fastmoe.models.op_names; "
                         "e.g. trainer_step,trl_sft_metrics: the Trainer's and trl's per-step host work as they "
                         "ship)")
+    parser.add_argument("--fastmoe-graph-shapes", default="", type=lambda text: [int(n) for n in text.split(",") if n],
+                        help="also time fastmoe with its graphed checkpointing following this many hidden-state "
+                        "shapes (comma-separated counts, e.g. 8; those beyond its kept-attention ones recompute "
+                        "attention): with --data examples, how many of a data set's lengths are worth graphs")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--fastmoe-offloaded-eager", action="store_true", help="also time fastmoe with "

@@ -145,6 +145,7 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
                         r.get("base_products", "auto")]
         graphs = graphs_label(r)
         ops_off = f" (fastmoe without {', '.join(r['ops_off'])})" if r.get("ops_off") else ""
+        ops_off += f" (fastmoe with {r['graph_shapes']} graph shapes)" if r.get("graph_shapes") else ""
         if r.get("offload"):
             return (" (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
                     + ops_off)

@@ -100,6 +100,11 @@ standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
 
 # Longer calls (tokens = batch x seq) run torch's checkpoint: see "Long sequences" above.
 MAX_GRAPH_TOKENS = 8192
+# Hidden-state shapes whose layers run as graphs, and those of them whose graphs keep the attention outputs (the
+# first to come back). A shape's kept outputs cost each layer its attention output's size (Trinity-Mini: 32 MB at
+# 4,096 tokens), a shape without them only its shared buffers; its recompute then runs attention's forward again.
+MAX_GRAPH_SHAPES = 4
+KEPT_ATTENTION_SHAPES = 4
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
     """The decoder layer behind transformers' checkpointed call: `partial(forward, layer, **kwargs)` (transformers
@@ -579,11 +584,14 @@ class GraphedCheckpoint:
     memory (HostInputs), and the forward keeps no attention outputs for the recompute (they would stay on the GPU
     from the forward to the backward, twice the inputs' size for Trinity-Mini or Qwen3-30B-A3B)."""
 
-    def __init__(self, fallback: Callable = standard_checkpoint, max_shapes: int = 4, capture: bool = True,
-                 max_tokens: int = MAX_GRAPH_TOKENS, offload_inputs: bool = False):
+    def __init__(self, fallback: Callable = standard_checkpoint, max_shapes: int | None = None, capture: bool = True,
+                 max_tokens: int = MAX_GRAPH_TOKENS, offload_inputs: bool = False,
+                 kept_attention_shapes: int | None = None):
         self.fallback = fallback
         self.host_inputs = HostInputs() if offload_inputs else None
-        self.max_shapes = max_shapes
+        self.max_shapes = MAX_GRAPH_SHAPES if max_shapes is None else max_shapes
+        self.kept_attention_shapes = KEPT_ATTENTION_SHAPES if kept_attention_shapes is None else kept_attention_shapes
+        self.kept_shapes: set[tuple] = set()  # the followed shapes whose graphs keep attention outputs
         self.max_tokens = max_tokens
         self.capture = capture
         self.pool = None
@@ -615,6 +623,7 @@ class GraphedCheckpoint:
         self.control_copies = WeakIdKeyDictionary()
         self.seen.clear()
         self.seen_shapes.clear()
+        self.kept_shapes.clear()
         self.pool = None
         self.stream = None
 
@@ -683,6 +692,8 @@ class GraphedCheckpoint:
             if len(self.seen_shapes) >= self.max_shapes:
                 return None
             self.seen_shapes.add(shape)
+            if len(self.kept_shapes) < self.kept_attention_shapes:
+                self.kept_shapes.add(shape)
         if call.signature not in self.buffers:
             self.buffers[call.signature] = _SharedBuffers.like(call, self.store)
         copies = self.control_copies
@@ -694,7 +705,8 @@ class GraphedCheckpoint:
                 copy = copies[leaf] = leaf.clone()
             control_values.append(copy)
         graphs = _LayerGraphs(function, call, layer, self.buffers[call.signature], control_values,
-                              recorded_keys=call.signature[-1], keep_attention=self.host_inputs is None)
+                              recorded_keys=call.signature[-1],
+                              keep_attention=self.host_inputs is None and shape in self.kept_shapes)
         try:
             if self.capture and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

@@ -695,6 +695,36 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
     assert "examples of varied lengths padded" in report.render([record], include_cpu=True)
 
 
+def test_sft_benchmark_graph_shapes_variant(tmp_path):
+    """--fastmoe-graph-shapes N: a fastmoe case whose graphed checkpointing follows N shapes (set for the case only),
+    beside the default, each with its row."""
+    from fastmoe import graphed_checkpointing
+    from fastmoe.kernels.dispatch import reference_only
+
+    default = graphed_checkpointing.MAX_GRAPH_SHAPES
+    seen = []
+    original = bench_sft.load
+
+    def load(case, *args):
+        seen.append((case.graph_shapes, graphed_checkpointing.MAX_GRAPH_SHAPES))
+        return original(case, *args)
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--fastmoe-graph-shapes", "7",
+                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    bench_sft.load = load
+    try:
+        with reference_only():
+            bench_sft.main()
+    finally:
+        bench_sft.load = original
+    assert seen == [(None, default), (7, 7)] and graphed_checkpointing.MAX_GRAPH_SHAPES == default
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["graph_shapes"] for r in records] == [None, 7] and all(r["status"] == "ok" for r in records)
+    assert "(fastmoe with 7 graph shapes)" in report.render(records, include_cpu=True)
+
+
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
     for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
                           (["--targets", "everything"], "unknown targets"),
@@ -703,6 +733,7 @@ def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
                           (["--data", "packed"], "splits each row into --documents"),
                           (["--varied-lengths"], "varies the lengths of --data packed/padded"),
                           (["--data", "examples", "--documents", "2"], "rows and examples take --documents 1"),
+                          (["--fastmoe-graph-shapes", "0"], "takes positive counts"),
                           (["--data", "stacked", "--documents", "2"], "unknown data"),
                           (["--trace-steps", "1"], "name one"),
                           (["--fastmoe-variants-only"], "times the variants other --fastmoe-* options ask for"),

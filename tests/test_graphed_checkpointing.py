@@ -460,6 +460,41 @@ def test_the_recompute_reuses_the_forwards_attention_outputs(tmp_path, tiny_toke
     assert_two_forwards_before_backwards_equal(model, batch, graphed)
 
 
+def test_shapes_beyond_the_kept_attention_ones_recompute_attention(tmp_path, tiny_tokenizer, monkeypatch):
+    """kept_attention_shapes: the graphs of the first shapes to come back keep their attention outputs, those of later
+    shapes run attention's kernel again in the recompute (no kept outputs to hold per layer); both give torch's
+    checkpoint's losses and gradients."""
+    from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.models import afmoe
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model = lora_model(checkpoint)
+    calls = []
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    monkeypatch.setattr(afmoe, "flash_causal_attention", kept_reference_attention(calls))
+    window = model.config.sliding_window
+    batches = [batch_with_padding(model.config.vocab_size, seed=3, seq=seq) for seq in (3 * window + 1, 2 * window)]
+    use_checkpoint_function(model, standard_checkpoint)
+    references = [loss_and_grads(model, batch) for batch in batches]
+    graphed = GraphedCheckpoint(fallback=CountingFallback(), capture=False, max_shapes=2, kept_attention_shapes=1)
+    use_checkpoint_function(model, graphed)
+    for _ in range(2):
+        for batch in batches:
+            loss_and_grads(model, batch)
+    assert len(graphed.seen_shapes) == 2 and len(graphed.kept_shapes) == 1
+    layers = len(decoder_layers(model))
+    for batch, reference, kept in zip(batches, references, (True, False)):
+        calls.clear()
+        loss, grads = loss_and_grads(model, batch)
+        assert len(calls) == layers * (1 if kept else 2)  # a kept forward's output serves its recompute
+        assert rel_err(loss, reference[0]) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, reference[1][name]) < 1e-5, name
+    for (_, signature), graphs in graphed.graphs.items():
+        kept = signature[1][0][0] in graphed.kept_shapes
+        assert graphs.keep_attention == kept and len(graphs.kept.entries) == kept
+
+
 def test_offloaded_inputs_keep_no_attention_outputs_and_recompute_attention(tmp_path, tiny_tokenizer, monkeypatch):
     """offload_inputs (use_gradient_checkpointing="fastmoe" with graphs): the same losses and gradients as torch's
     checkpoint, with the hidden states handed to HostInputs (on the CPU it keeps them where they are) and no
