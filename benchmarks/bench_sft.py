@@ -398,10 +398,9 @@ def sft_config(case: Case, output_dir: str, max_steps: int, dtype: torch.dtype, 
 def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_steps: int, trace_steps: int = 0,
                     memory_steps: int = 0):
     """A TrainerCallback: every step's start (and the end of training) marked on the GPU's stream by a CUDA event,
-    read after training (on the CPU, the clock), peak memory from the
-    start of training (and over the timed steps, those before profile_from), the memory allocated at each step's
-    start, torch.profiler's CUDA activities over steps
-    [profile_from, profile_from + profile_steps), with trace_steps, a CPU + CUDA trace with Python stacks over
+    read after training (on the CPU, the clock), peak memory from the start of training (and over the timed steps,
+    those before profile_from), the memory allocated at each step's start, torch.profiler's CUDA activities over
+    steps [profile_from, profile_from + profile_steps), with trace_steps, a CPU + CUDA trace with Python stacks over
     the trace_steps steps after those (host_gaps.py reads it; the Python tracer slows the host, so these steps are
     neither timed nor counted in the GPU-busy share), and with memory_steps, the CUDA allocator's trace with Python
     stacks over the steps after those (memory_peak.py reads it)."""
@@ -769,8 +768,6 @@ def build_cases(args, parser, dtype) -> list[Case]:
                 parser.error(f"unknown targets {targets!r}: choose from {', '.join(common.LORA_TARGET_SETS)}")
             if quantization not in ("none", "4bit"):
                 parser.error(f"unknown quantization {quantization!r}: choose from none, 4bit")
-            if any(shapes < 1 for shapes in args.fastmoe_graph_shapes):
-                parser.error("--fastmoe-graph-shapes takes positive counts")
             for products in args.fastmoe_base_products:
                 if products not in ("triton", "torch"):
                     parser.error(f"unknown --fastmoe-base-products {products!r}: choose from triton, torch")
@@ -884,6 +881,8 @@ def main() -> None:
         parser.error("--steps must be at least 1, --warmup, --profile-steps and --trace-steps at least 0")
     if (args.trace_steps or args.memory_profile) and not args.trace_dir:
         parser.error("--trace-steps and --memory-profile write their summaries to --trace-dir: name one")
+    if any(shapes < 1 for shapes in args.fastmoe_graph_shapes):
+        parser.error("--fastmoe-graph-shapes takes positive counts")
 
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -144,12 +144,12 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
                     "torch": " (fastmoe with the expert GEMMs' base products by torch's grouped GEMM)"}[
                         r.get("base_products", "auto")]
         graphs = graphs_label(r)
-        ops_off = f" (fastmoe without {', '.join(r['ops_off'])})" if r.get("ops_off") else ""
-        ops_off += f" (fastmoe with {r['graph_shapes']} graph shapes)" if r.get("graph_shapes") else ""
+        others = f" (fastmoe without {', '.join(r['ops_off'])})" if r.get("ops_off") else ""
+        others += f" (fastmoe with {r['graph_shapes']} graph shapes)" if r.get("graph_shapes") else ""
         if r.get("offload"):
             return (" (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
-                    + ops_off)
-        return products + (f" (fastmoe with {graphs})" if graphs else "") + ops_off
+                    + others)
+        return products + (f" (fastmoe with {graphs})" if graphs else "") + others
 
     def memory(r: dict | None) -> str:
         # The footprint (graph pools included) where the record has it; earlier records have the allocated peak only.
@@ -726,8 +726,8 @@ SECTIONS = [
             "tokens. tokens/s: median step after warm-up, steps timed by CUDA events on the GPU's stream with no "
             "sync between them, as a user's run goes (records before 2026-12-07: the clock read after a sync at "
             "every step's start, which drained the GPU at every step; records whose timed steps include fastmoe's "
-            "graph captures are left out, except on examples of varied lengths, where the timed steps' tokens over "
-            "their time count captures of lengths that come later as a run does); peak GB: the footprint, the "
+            "graph captures are left out; rows on examples of varied lengths give the timed steps' tokens over their "
+            "time, captures of lengths that come later included, as a run goes); peak GB: the footprint, the "
             "allocated peak plus the free part of CUDA graphs' private pools (a replayed graph allocates nothing, so "
             "the memory its kernels work in is never counted as allocated; rows without it give the allocated "
             "peak); GPU busy: kernel time over "

@@ -26,9 +26,9 @@ documents (fastmoe.sliding_window_attention pads the offsets) then replay one gr
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
 a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes back,
-so that a length seen once holds none. The cap counts shapes, not signatures: the
-layers of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of
-its own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape.
+so that a length seen once holds none. The cap counts shapes, not signatures: the layers of one model differ in kind
+(dense and MoE layers, sliding-window and full attention), each kind a signature of its own for the same batch, and
+the buffers, which cost the memory, are shared by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
 layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
@@ -105,6 +105,7 @@ MAX_GRAPH_TOKENS = 8192
 # 4,096 tokens), a shape without them only its shared buffers; its recompute then runs attention's forward again.
 MAX_GRAPH_SHAPES = 4
 KEPT_ATTENTION_SHAPES = 4
+
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
     """The decoder layer behind transformers' checkpointed call: `partial(forward, layer, **kwargs)` (transformers

@@ -695,7 +695,7 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
     assert "examples of varied lengths padded" in report.render([record], include_cpu=True)
 
 
-def test_sft_benchmark_graph_shapes_variant(tmp_path):
+def test_sft_benchmark_graph_shapes_variant(tmp_path, monkeypatch):
     """--fastmoe-graph-shapes N: a fastmoe case whose graphed checkpointing follows N shapes (set for the case only),
     beside the default, each with its row."""
     from fastmoe import graphed_checkpointing
@@ -713,12 +713,9 @@ def test_sft_benchmark_graph_shapes_variant(tmp_path):
     sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0",
                 "--profile-steps", "0", "--implementations", "fastmoe", "--fastmoe-graph-shapes", "7",
                 "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
-    bench_sft.load = load
-    try:
-        with reference_only():
-            bench_sft.main()
-    finally:
-        bench_sft.load = original
+    monkeypatch.setattr(bench_sft, "load", load)
+    with reference_only():
+        bench_sft.main()
     assert seen == [(None, default), (7, 7)] and graphed_checkpointing.MAX_GRAPH_SHAPES == default
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["graph_shapes"] for r in records] == [None, 7] and all(r["status"] == "ok" for r in records)
