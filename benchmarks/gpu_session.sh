@@ -51,7 +51,8 @@
 # on the host, benchmarks/host_gaps.py's summary printed per case, with each kernel's GPU time by the Python that
 # launched it: one by one with "--fastmoe-without-graphs --fastmoe-variants-only"). SFT_ONE_PROCESS=1 runs all the cases in one bench_sft.py
 # process instead (imports and Triton compilation paid once; memory freed between cases; cases that would end after
-# SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it.
+# SFT_BUDGET seconds, default 560, are skipped), at the price of one crash costing the cases after it; there
+# SFT_WRAPPER=benchmarks/triton_compiles.py prints every Triton compile as it happens and a summary per kernel.
 #
 # generate (issue #18) is bench_generate.py: decode tokens/s with the adapter attached, fastmoe against transformers
 # + peft, Trinity-Mini at 8 layers (batches 1, 8, 64) and LFM2-8B-A1B (batches 1, 8), prompt 512 (~4 min);
@@ -131,7 +132,7 @@ sft_cases() {
     local rc=0 preset shape impl
     if [ -n "${SFT_ONE_PROCESS:-}" ]; then
         # shellcheck disable=SC2086  # SFT_ARGS is a list of arguments
-        python3 -P benchmarks/bench_sft.py --preset "$(echo ${SFT_PRESETS:-trinity-mini} | tr ' ' ,)" \
+        python3 -P ${SFT_WRAPPER:-} benchmarks/bench_sft.py --preset "$(echo ${SFT_PRESETS:-trinity-mini} | tr ' ' ,)" \
             --shapes "$(echo ${SFT_SHAPES:-1x4096} | tr ' ' ,)" \
             --implementations "$(echo ${SFT_IMPLEMENTATIONS:-transformers fastmoe} | tr ' ' ,)" \
             --budget-s "${SFT_BUDGET:-560}" --jsonl "$out/results.jsonl" ${SFT_ARGS:-}

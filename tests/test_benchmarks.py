@@ -27,6 +27,7 @@ import host_gaps  # noqa: E402
 import memory_peak  # noqa: E402
 import ncu_summary  # noqa: E402
 import plot_results  # noqa: E402
+import triton_compiles  # noqa: E402
 import report  # noqa: E402
 import sass_report  # noqa: E402
 import sweep_expert_configs  # noqa: E402
@@ -966,3 +967,23 @@ def test_report_labels_fastmoe_rows_by_whether_their_layers_ran_as_the_family_de
     assert [label("cohere", cuda_graphs=None), label("cohere", cuda_graphs=False)] == ["", ""]
     assert label("cohere", cuda_graphs=True) == label("cohere") == "cuda_graphs=True"
     assert label("llama", cuda_graphs=None) == "" and label(None) == ""
+
+
+def test_triton_compiles_names_the_arguments_whose_specialization_made_a_new_compile(capsys):
+    """The hooks' calls as Triton makes them (keyword arguments; `compile` with the signature, the constants and the
+    arguments' attributes): each compile is printed with what changed from the nearest earlier one, and the summary
+    names the arguments that varied."""
+    log = triton_compiles.CompileLog()
+    kernel = type("JitFunctionInfo", (), {"name": "_grouped_mm_kernel"})()
+    signature = {"a": "*bf16", "M": "i32", "BLOCK_M": "constexpr"}
+    for key, m_attributes, block in [(1, [], 64), (2, [], 64), (3, [["tt.divisibility", 16]], 64), (4, [], 128)]:
+        compile = {"signature": signature, "constants": {(2,): block}, "configs": [{(1,): m_attributes}]}
+        assert log.before(key=key, fn=kernel, compile=compile) is False  # Triton goes on compiling
+        log.after(key=key, fn=kernel, compile=compile)
+    printed = capsys.readouterr().out.splitlines()
+    assert "#1" in printed[0] and printed[0].endswith(" s")
+    assert printed[2].endswith("(M: i32 -> i32 tt.divisibility=16)")
+    assert printed[3].endswith("(BLOCK_M: constexpr=64 -> constexpr=128)")
+    summary = log.summary().splitlines()
+    assert summary[1].startswith("  _grouped_mm_kernel: 4, ") and summary[1].endswith(", BLOCK_M, M")
+    assert summary[-1].startswith("  total: 4 compiles")
