@@ -102,9 +102,17 @@ standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
 MAX_GRAPH_TOKENS = 8192
 # Hidden-state shapes whose layers run as graphs, and those of them whose graphs keep the attention outputs (the
 # first to come back). A shape's kept outputs cost each layer its attention output's size (Trinity-Mini: 32 MB at
-# 4,096 tokens), a shape without them only its shared buffers; its recompute then runs attention's forward again.
-MAX_GRAPH_SHAPES = 4
-KEPT_ATTENTION_SHAPES = 4
+# 4,096 tokens, 1 GB over 32 layers) for a few percent of a step, a shape without them only its shared buffers; its
+# recompute then runs attention's forward again. With four shapes keeping them, Trinity-Mini's 32 layers on examples
+# of varied lengths (8 x 1,024) held 4.2 GB more than transformers between steps and peaked above it (H100). Eight
+# shapes rather than four: those examples' steps at 8 layers ran 21.4k tokens/s instead of 13.7k (4 x 2,048: 16.7k,
+# 14.6k), the rest of the steps on eager layers; at 32 layers 0.4 GB more, below transformers' peak.
+MAX_GRAPH_SHAPES = 8
+KEPT_ATTENTION_SHAPES = 1
+# Once every place is taken, a packed row of another length is padded up to a followed one of at most this many times
+# its tokens rather than run eager layers, which cost more than that: a step of eager layers at 2,000-4,500 tokens
+# took 3-4x as long as a graphed one (Trinity-Mini 8 layers, bound by the host; 1.9x at 32 layers at 4,096 tokens).
+PAD_UP_TO_GRAPHS = 2
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -610,11 +618,19 @@ class GraphedCheckpoint:
         self.control_copies = WeakIdKeyDictionary()
         self.ungraphable: dict[tuple, str] = {}
 
-    def graphs_rows_of(self, tokens: int) -> bool:
-        """Whether layers called with one row of `tokens` tokens can run as graphs: within max_tokens, and a shape
-        followed already or room for one more."""
-        return tokens <= self.max_tokens and (len(self.seen_shapes) < self.max_shapes
-                                              or any(shape[:2] == (1, tokens) for shape in self.seen_shapes))
+    def row_tokens_for_graphs(self, tokens: int) -> int | None:
+        """The length a packed row of `tokens` tokens is padded to so that its layers run as graphs
+        (fastmoe.padding_free.filler_for_graphs): its own where that shape is followed already or a place is free
+        (the first call runs eagerly; the shape takes its place when it comes back); once every place is taken, the
+        shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
+        length) or beyond max_tokens."""
+        if tokens > self.max_tokens:
+            return None
+        followed = sorted(shape[1] for shape in self.seen_shapes if shape[0] == 1)
+        if tokens in followed or len(self.seen_shapes) < self.max_shapes:
+            return tokens
+        longer = [length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens]
+        return longer[0] if longer else None
 
     def release(self) -> None:
         """Drop every graph and buffer; their memory goes back to the caching allocator."""

@@ -67,13 +67,22 @@ def _family_packs_rows(model, device: torch.device, dtype: torch.dtype) -> bool:
                                                               described.layout_implementations)
 
 
+# Triton specializes a kernel's integer arguments by whether they divide by 16 (and equal 1), so the token counts
+# of rows of any length would compile each kernel taking them once for every combination: ~8 s of compiles on one
+# step of Trinity-Mini's 8 layers at 3,797 tokens (H100, benchmarks/triton_compiles.py). Rows that no graph runs are
+# rounded to this multiple, as graphed lengths of 128 tokens or more are.
+EAGER_ROW_MULTIPLE = 16
+
+
 def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
     """How many filler tokens round a packed row of `tokens` up for fastmoe's graphed checkpointing: to the next
     multiple of a quarter of the power of two below it (at most 25% more, ~12% on average), so that batches of
     nearby lengths give the layers one shape and replay the same CUDA graphs (the offsets and position ids are their
-    data, fastmoe.graphed_checkpointing). Zero where the layers would not run as graphs (eager layers would only do
-    more work: no graphed checkpointing, a length beyond its limits) or where the router's load-balancing loss is
-    asked for (the filler would count in it)."""
+    data, fastmoe.graphed_checkpointing); once the graphs' places are all taken by other lengths, up to the
+    shortest of them within twice its own (GraphedCheckpoint.row_tokens_for_graphs). A row whose layers run eagerly
+    all the same (no followed length near enough, beyond max_tokens) is rounded up to a multiple of 16 only. Zero
+    without graphed checkpointing or where the router's load-balancing loss is asked for (the filler would count
+    in it)."""
     graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
     asks_router_logits = inputs.get("output_router_logits")
     if asks_router_logits is None:
@@ -83,8 +92,10 @@ def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
     if graphed is None or not model.training or asks_router_logits or not checkpointing.fget(model):
         return 0
     step = 1 << max(tokens.bit_length() - 3, 0)
-    rounded = -(-tokens // step) * step
-    return rounded - tokens if graphed.graphs_rows_of(rounded) else 0
+    length = graphed.row_tokens_for_graphs(-(-tokens // step) * step)
+    if length is None:  # eager layers: a multiple of EAGER_ROW_MULTIPLE
+        length = -(-tokens // EAGER_ROW_MULTIPLE) * EAGER_ROW_MULTIPLE
+    return length - tokens
 
 
 def _asks_per_position_outputs(config, inputs: dict) -> bool:

@@ -318,7 +318,7 @@ def test_a_shape_seen_once_takes_no_place():
         graphed(functools.partial(torch.nn.Module.__call__, layer), x).sum().backward()
 
     step(5)  # the outlier
-    assert graphed.seen_shapes == set() and graphed.graphs_rows_of(3)
+    assert graphed.seen_shapes == set() and graphed.row_tokens_for_graphs(3) == 3
     step(3)
     step(3)
     assert graphed.seen_shapes == {(3, 4)} and [key[1][1][0][0] for key in graphed.graphs] == [(3, 4)]
@@ -745,10 +745,55 @@ def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenize
     assert len(graphed.graphs) == layers
 
 
-def test_graphs_rows_of_the_lengths_it_follows_or_has_room_for():
-    """What padding-free rows are rounded up for (fastmoe.padding_free.filler_for_graphs): a length whose layers
-    could run as graphs, never one beyond max_tokens or a new one once max_shapes are followed."""
+def test_row_tokens_for_graphs_are_a_followed_length_or_one_with_room():
+    """What padding-free rows are padded to (fastmoe.padding_free.filler_for_graphs): their own length while it is
+    followed or a place is free; once the places are taken, the shortest followed length within PAD_UP_TO_GRAPHS
+    times theirs; none beyond max_tokens or with no followed length near enough."""
     graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=64)
-    assert graphed.graphs_rows_of(32) and not graphed.graphs_rows_of(65)
-    graphed.seen_shapes |= {(1, 32, 8), (1, 48, 8)}
-    assert graphed.graphs_rows_of(32) and graphed.graphs_rows_of(48) and not graphed.graphs_rows_of(40)
+    assert graphed.row_tokens_for_graphs(32) == 32 and graphed.row_tokens_for_graphs(65) is None
+    graphed.seen_shapes |= {(1, 32, 8)}
+    assert graphed.row_tokens_for_graphs(10) == 10  # a place is free
+    graphed.seen_shapes |= {(1, 48, 8)}
+    assert [graphed.row_tokens_for_graphs(t) for t in (32, 48)] == [32, 48]
+    assert [graphed.row_tokens_for_graphs(t) for t in (16, 20, 40, 15, 56)] == [32, 32, 48, None, None]
+
+
+def test_a_length_without_a_place_is_padded_up_to_a_followed_one(tmp_path, tiny_tokenizer, monkeypatch):
+    """Once every place is taken, a padded batch whose packed row (20 tokens) has no graphs of its own is padded up
+    to the followed length (32) with filler, replays its graphs instead of running eager layers, and keeps torch's
+    checkpoint's loss and LoRA gradients on the unpadded row."""
+    from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.models import afmoe
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    model = lora_model(checkpoint).double()  # 12 filler tokens of 32 change the order of fp32 sums
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    rows = []
+    attention = kept_reference_attention([])
+    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
+
+    def padded(lengths, seed):
+        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 20), generator=torch.Generator()
+                                  .manual_seed(seed))
+        attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
+        return dict(input_ids=input_ids, attention_mask=attention_mask,
+                    labels=input_ids.masked_fill(attention_mask == 0, -100))
+
+    # both longest documents round up to 32 (the layouts' maximum length, part of the signature)
+    batches = [padded((20, 6, 3), seed=1), padded((17, 2, 1), seed=2)]
+    use_checkpoint_function(model, standard_checkpoint)
+    references = [loss_and_grads(model, batch) for batch in batches]
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=1)
+    model.get_base_model().__dict__["_fastmoe_graphed_checkpoint"] = graphed
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    rows.clear()
+    for index in [0, 0, 1, 1]:
+        loss, grads = loss_and_grads(model, batches[index])
+        reference_loss, reference_grads = references[index]
+        assert rel_err(loss, reference_loss) < 1e-12
+        for name, grad in grads.items():
+            assert rel_err(grad, reference_grads[name]) < 1e-10, name
+    assert fallback.calls == layers  # the first step only
+    assert set(rows) == {32} and len(graphed.graphs) == layers
