@@ -415,6 +415,8 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             self.begins: list = []  # CUDA events recorded at each step's start (on the CPU, clock readings)
             self.allocated: list[int] = []
             self.layer_graphs: list[int] = []  # fastmoe's captured layer graphs at each step's start
+            self.eager_layers: list[int] = []  # layer calls that took graphed checkpointing's fallback, likewise
+            self.eager_calls = 0
             self.graphed: list = []  # the model's graphed checkpointing, found once at the start of training
             self.profiler = None
             self.profiled = False  # whether the profiler ran over its steps
@@ -468,12 +470,25 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
             # Trainer has enabled gradient checkpointing by now; walking the model's modules every step would add
             # host time to the steps it times.
             self.graphed = graphed_checkpoints(kwargs.get("model"))
+            for graphed in self.graphed:
+                graphed.fallback = self._counting(graphed.fallback)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
+        def _counting(self, fallback):
+            """fallback, counting its calls: layers that ran eagerly (torch's checkpoint) instead of graphs."""
+            def counted(*args, **kwargs):
+                self.eager_calls += 1
+                return fallback(*args, **kwargs)
+            return counted
+
+        def _count_graphs(self) -> None:
+            self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
+            self.eager_layers.append(self.eager_calls)
+
         def on_step_begin(self, args, state, control, **kwargs):
             self._mark()
-            self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
+            self._count_graphs()
             self.allocated.append(torch.cuda.memory_allocated() if device == "cuda" else 0)
             if device == "cuda" and state.global_step == profile_from - timed_steps:
                 self.peak_before_timed = torch.cuda.max_memory_allocated()
@@ -499,7 +514,7 @@ def make_step_clock(device: str, timed_steps: int, profile_from: int, profile_st
 
         def on_train_end(self, args, state, control, **kwargs):
             self._mark()
-            self.layer_graphs.append(sum(len(graphed.graphs) for graphed in self.graphed))
+            self._count_graphs()
             if self.profiler is not None:
                 self._stop_profiler()
             if self.tracer is not None:
@@ -523,6 +538,20 @@ def graphed_checkpoints(model) -> list:
         return []
     return [module.__dict__["_fastmoe_graphed_checkpoint"] for module in model.modules()
             if "_fastmoe_graphed_checkpoint" in module.__dict__]
+
+
+def replayed_steps(layer_graphs: list[int], eager_layers: list[int], first: int, seconds: list[float],
+                   tokens: list[int]) -> dict:
+    """Of the timed steps (step `first` on, `seconds` and `tokens` each), those whose every layer replayed a graph
+    (no capture, no layer on the fallback): how many, and their tokens over their time, what a long run on such data
+    approaches once its lengths have their graphs. layer_graphs and eager_layers are the counts at each step's start
+    (and the end)."""
+    replayed = [i for i in range(len(seconds))
+                if layer_graphs[first + i + 1] == layer_graphs[first + i]
+                and eager_layers[first + i + 1] == eager_layers[first + i]]
+    time_s = sum(seconds[i] for i in replayed)
+    return dict(replayed_steps=len(replayed),
+                tokens_per_s_replayed=round(sum(tokens[i] for i in replayed) / time_s, 1) if replayed else None)
 
 
 def logged(trainer, key: str, which: int) -> float | None:
@@ -624,6 +653,9 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         if timed_tokens is not None:
             # trl's own count over every step trained, against which example_lengths' can be checked
             record.update(tokens_per_step=timed_tokens, trl_num_tokens=logged(trainer, "num_tokens", -1))
+            if clock.graphed:
+                record.update(replayed_steps(clock.layer_graphs, clock.eager_layers, args.warmup, timed,
+                                             timed_tokens))
         if device == "cuda" and clock.profiled:
             busy_ns, kernels, span_ns = common.gpu_activity(clock.activities)
             record.update(gpu_busy_pct=round(100 * busy_ns / span_ns, 1) if span_ns else None,
@@ -716,7 +748,9 @@ def summary_line(case: Case, record: dict) -> str:
             f"mean {record['tokens_per_s_mean']:,.0f}), {figure('peak_gb', '.1f', ' GB')}, GPU busy "
             f"{figure('gpu_busy_pct', '.0f', '%')}, {figure('kernels_per_step', ',')} kernels/step, "
             f"{record['tflops']:.1f} TFLOP/s (MFU {figure('mfu_pct', '.1f', '%')}), loss "
-            f"{record['loss_first']} -> {record['loss_last']}, loaded in {record['load_s']} s")
+            f"{record['loss_first']} -> {record['loss_last']}, loaded in {record['load_s']} s"
+            + (f"; {record['replayed_steps']} steps all graph replays ({figure('tokens_per_s_replayed', ',.0f')} "
+               "tokens/s over them)" if "replayed_steps" in record else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -185,6 +185,10 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
             model += f", {gpu}"
         if data == "examples":
             model += ", examples of varied lengths padded (an SFT data set)"
+            if ours and ours.get("replayed_steps") is not None:
+                model += (f"; fastmoe's steps all on graph replays (no capture, no eager layer): "
+                          f"{ours['replayed_steps']} of {len(ours['step_ms_all'])}, "
+                          f"{value(ours, 'tokens_per_s_replayed', ',.0f')} tokens/s")
         elif data != "rows":
             model += f", each row {documents}{' varied' if varied else ''} documents {data}"
         if memory_limit:

@@ -67,10 +67,11 @@ def _family_packs_rows(model, device: torch.device, dtype: torch.dtype) -> bool:
                                                               described.layout_implementations)
 
 
-# Triton specializes a kernel's integer arguments by whether they divide by 16 (and equal 1), so the token counts
-# of rows of any length would compile each kernel taking them once for every combination: ~8 s of compiles on one
-# step of Trinity-Mini's 8 layers at 3,797 tokens (H100, benchmarks/triton_compiles.py). Rows that no graph runs are
-# rounded to this multiple, as graphed lengths of 128 tokens or more are.
+# Triton specializes a kernel's integer arguments by whether they divide by 16 (and equal 1), so rows of any length
+# compile each kernel taking token counts once more for each new combination: an eager step of Trinity-Mini's 8
+# layers at 3,797 tokens took 7.2 s, ~8 s of compiles printed around it (H100, benchmarks/triton_compiles.py), and
+# 0.8 s once rounded. Rows that no graph runs are rounded to this multiple, as graphed lengths of 128 tokens or more
+# are.
 EAGER_ROW_MULTIPLE = 16
 
 

@@ -694,6 +694,21 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
                                                    rel=1e-2)
     assert record["flops_per_step"] < bench_sft.common.step_flops(bench_sft.common.PRESETS["afmoe-tiny"], 4, 64)
     assert "examples of varied lengths padded" in report.render([record], include_cpu=True)
+    record.update(replayed_steps=2, tokens_per_s_replayed=1234.5)  # what a GPU run's graphed checkpointing adds
+    assert "steps all on graph replays (no capture, no eager layer): 2 of 3, 1,234 tokens/s" in \
+        report.render([record], include_cpu=True)
+
+
+def test_replayed_steps_are_those_without_a_capture_or_an_eager_layer():
+    """The timed steps (from the warm-up's end) whose layers all replayed graphs: none captured (the graph count
+    unchanged over the step) and none took the fallback; their tokens over their time."""
+    # counts at each step's start and the end: step 0 warm-up; timed 1 captures, 2 replays, 3 eager, 4 replays
+    layer_graphs = [0, 0, 4, 4, 4, 4]
+    eager_layers = [0, 2, 2, 2, 3, 3]
+    figure = bench_sft.replayed_steps(layer_graphs, eager_layers, 1, [0.5, 0.1, 0.4, 0.3], [100, 200, 300, 400])
+    assert figure == {"replayed_steps": 2, "tokens_per_s_replayed": 1500.0}
+    assert bench_sft.replayed_steps([0, 1, 2], [0, 0, 0], 0, [0.1, 0.1], [5, 5]) == \
+        {"replayed_steps": 0, "tokens_per_s_replayed": None}
 
 
 def test_sft_benchmark_graph_shapes_variant(tmp_path, monkeypatch):
