@@ -954,10 +954,13 @@ def test_expert_config_sweep_cases_run_each_kernel_it_names(interleaved):
 
 def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
     """bench_sft.py leaves out of the timing question the records whose timed steps captured fastmoe's layer graphs:
-    the clock reads the graphed checkpointing's graph count at each step's start and at the end of training."""
+    the clock reads the graphed checkpointing's graph count at each step's start and at the end of training, and
+    likewise how many layer calls took its fallback (eager layers) so far."""
     from types import SimpleNamespace
 
-    graphed = SimpleNamespace(graphs={})
+    fallback_calls = []
+    graphed = SimpleNamespace(graphs={},
+                              fallback=lambda function, *args: fallback_calls.append(args) or function(*args))
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0]._fastmoe_graphed_checkpoint = graphed
     clock = bench_sft.make_step_clock("cpu", timed_steps=2, profile_from=3, profile_steps=0)
@@ -965,8 +968,10 @@ def test_sft_step_clock_counts_fastmoes_layer_graphs_at_each_step():
     for step in range(3):
         clock.on_step_begin(None, SimpleNamespace(global_step=step), None, model=model)
         graphed.graphs[step] = object()  # one layer graph captured during each step
+        for _ in range(step):  # and `step` layers run eagerly, through the (counted) fallback
+            assert graphed.fallback(abs, -1) == 1
     clock.on_train_end(None, None, None, model=model)
-    assert clock.layer_graphs == [0, 1, 2, 3]
+    assert clock.layer_graphs == [0, 1, 2, 3] and clock.eager_layers == [0, 0, 1, 3] and len(fallback_calls) == 3
     assert bench_sft.graphed_checkpoints(torch.nn.Linear(2, 2)) == [] and bench_sft.graphed_checkpoints(None) == []
 
 
