@@ -26,9 +26,11 @@ documents (fastmoe.sliding_window_attention pads the offsets) then replay one gr
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
 a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes back,
-so that a length seen once holds none. The cap counts shapes, not signatures: the layers of one model differ in kind
-(dense and MoE layers, sliding-window and full attention), each kind a signature of its own for the same batch, and
-the buffers, which cost the memory, are shared by the signatures of one shape.
+so that a length seen once holds none; a packed row's length asked for far more often than the rarest followed
+one takes that one's place (`row_tokens_for_graphs`, which also pads rows up to followed lengths). The cap counts
+shapes, not signatures: the layers of one model differ in kind (dense and MoE layers, sliding-window and full
+attention), each kind a signature of its own for the same batch, and the buffers, which cost the memory, are shared
+by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
 layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
@@ -77,6 +79,7 @@ transformers' 61.7 and above fastmoe's own eager step at 24,576 tokens (56.8; H1
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import weakref
@@ -609,6 +612,7 @@ class GraphedCheckpoint:
         # calls each layer once).
         self.seen: dict[tuple, set[int]] = {}
         self.seen_shapes: set[tuple] = set()  # the hidden-state shapes followed: those that came back
+        self.row_requests: collections.Counter[int] = collections.Counter()  # packed rows' lengths asked for
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
@@ -623,14 +627,37 @@ class GraphedCheckpoint:
         (fastmoe.padding_free.filler_for_graphs): its own where that shape is followed already or a place is free
         (the first call runs eagerly; the shape takes its place when it comes back); once every place is taken, the
         shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
-        length) or beyond max_tokens."""
+        length) or beyond max_tokens. A length asked for more than twice as often as the followed length asked for
+        least (and twice more) takes that one's place."""
         if tokens > self.max_tokens:
             return None
         followed = sorted(shape[1] for shape in self.seen_shapes if shape[0] == 1)
+        self.row_requests[tokens] += 1
         if tokens in followed or len(self.seen_shapes) < self.max_shapes:
+            return tokens
+        rarest = min(followed, key=self.row_requests.__getitem__, default=None)
+        if rarest is not None and self.row_requests[tokens] > 2 * self.row_requests[rarest] + 2:
+            # The first lengths to come back need not be the data's common ones: the rarest gives its place up.
+            self._drop_shape(next(shape for shape in self.seen_shapes if shape[:2] == (1, rarest)))
             return tokens
         longer = [length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens]
         return longer[0] if longer else None
+
+    def _drop_shape(self, shape: tuple) -> None:
+        """Stop following a hidden-state shape: its signatures' graphs and the buffers only they used go (a graph an
+        unfinished backward still holds lives until that backward is done), and its place is free."""
+        self.seen_shapes.discard(shape)
+        self.kept_shapes.discard(shape)
+        signatures = {signature for signature in self.seen if signature[1][0][0] == shape}
+        for signature in signatures:
+            del self.seen[signature]
+            self.buffers.pop(signature, None)
+        for key in [key for key in self.graphs if key[1] in signatures]:
+            del self.graphs[key]
+        used = {id(tensor) for buffers in self.buffers.values()
+                for tensor in (*buffers.inputs, *buffers.grad_inputs, *buffers.outputs, *buffers.grad_outputs,
+                               *(buffers.param_grads or ())) if tensor is not None}
+        self.store.tensors = {key: tensor for key, tensor in self.store.tensors.items() if id(tensor) in used}
 
     def release(self) -> None:
         """Drop every graph and buffer; their memory goes back to the caching allocator."""
@@ -641,6 +668,7 @@ class GraphedCheckpoint:
         self.seen.clear()
         self.seen_shapes.clear()
         self.kept_shapes.clear()
+        self.row_requests.clear()
         self.pool = None
         self.stream = None
 

@@ -758,42 +758,86 @@ def test_row_tokens_for_graphs_are_a_followed_length_or_one_with_room():
     assert [graphed.row_tokens_for_graphs(t) for t in (16, 20, 40, 15, 56)] == [32, 32, 48, None, None]
 
 
-def test_a_length_without_a_place_is_padded_up_to_a_followed_one(tmp_path, tiny_tokenizer, monkeypatch):
-    """Once every place is taken, a padded batch whose packed row (20 tokens) has no graphs of its own is padded up
-    to the followed length (32) with filler, replays its graphs instead of running eager layers, and keeps torch's
-    checkpoint's loss and LoRA gradients on the unpadded row."""
-    from fastmoe.builtin import build_tiny_checkpoint
+def test_a_length_asked_for_often_takes_the_place_of_the_rarest_followed_one():
+    """The first lengths to come back keep no place for good: once a length without one has been asked for more than
+    twice as often as the followed length asked for least (plus two), that one's graphs and buffers go and the
+    length gets its place (its layers run eagerly once more, then capture)."""
+    graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=64)
+    for tokens in (32, 48, 32, 48):
+        assert graphed.row_tokens_for_graphs(tokens) == tokens
+    graphed.seen_shapes |= {(1, 32, 8), (1, 48, 8)}
+    for tokens in (32, 32, 32):
+        assert graphed.row_tokens_for_graphs(tokens) == 32
+    other_signature = ("signature", (((1, 48, 8),),))
+    graphed.seen[other_signature] = {1}
+    graphed.graphs[(1, other_signature)] = object()
+    # 56: beyond every followed length, so eager, until asked for a 7th time (> 2 x 2 requests of 48, + 2)
+    assert [graphed.row_tokens_for_graphs(56) for _ in range(7)] == [None] * 6 + [56]
+    assert graphed.seen_shapes == {(1, 32, 8)} and not graphed.graphs and not graphed.seen
+    assert graphed.row_tokens_for_graphs(48) == 48  # a place is free again
+
+
+def train_padded_batches(checkpoint, monkeypatch, lengths: list[tuple[int, ...]], order: list[int],
+                         max_shapes: int) -> tuple[GraphedCheckpoint, int, set[int], int]:
+    """Padded batches of rows of `lengths` (documents padded to 20), trained in `order` under graphed checkpointing
+    (capture=False) with max_shapes places: each step's loss and LoRA gradients checked against torch's checkpoint on
+    the unpadded rows (fp64: filler tokens change the order of fp32 sums). Returns the graphed checkpoint, its
+    fallback's calls, the packed rows' lengths the attention saw, and the number of layers."""
     from fastmoe.models import afmoe
 
-    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
-    model = lora_model(checkpoint).double()  # 12 filler tokens of 32 change the order of fp32 sums
+    model = lora_model(checkpoint).double()
     monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
     rows = []
     attention = kept_reference_attention([])
     monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
 
-    def padded(lengths, seed):
-        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 20), generator=torch.Generator()
+    def padded(row_lengths, seed):
+        input_ids = torch.randint(3, model.config.vocab_size, (len(row_lengths), 20), generator=torch.Generator()
                                   .manual_seed(seed))
-        attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
+        attention_mask = (torch.arange(20) < torch.tensor(row_lengths)[:, None]).long()
         return dict(input_ids=input_ids, attention_mask=attention_mask,
                     labels=input_ids.masked_fill(attention_mask == 0, -100))
 
-    # both longest documents round up to 32 (the layouts' maximum length, part of the signature)
-    batches = [padded((20, 6, 3), seed=1), padded((17, 2, 1), seed=2)]
+    batches = [padded(row_lengths, seed) for seed, row_lengths in enumerate(lengths)]
     use_checkpoint_function(model, standard_checkpoint)
     references = [loss_and_grads(model, batch) for batch in batches]
     fallback = CountingFallback()
-    graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=1)
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=max_shapes)
     model.get_base_model().__dict__["_fastmoe_graphed_checkpoint"] = graphed
     use_checkpoint_function(model, graphed)
-    layers = len(decoder_layers(model))
     rows.clear()
-    for index in [0, 0, 1, 1]:
+    for step, index in enumerate(order):
         loss, grads = loss_and_grads(model, batches[index])
         reference_loss, reference_grads = references[index]
-        assert rel_err(loss, reference_loss) < 1e-12
+        assert rel_err(loss, reference_loss) < 1e-12, step
         for name, grad in grads.items():
-            assert rel_err(grad, reference_grads[name]) < 1e-10, name
-    assert fallback.calls == layers  # the first step only
-    assert set(rows) == {32} and len(graphed.graphs) == layers
+            assert rel_err(grad, reference_grads[name]) < 1e-10, (step, name)
+    return graphed, fallback.calls, set(rows), len(decoder_layers(model))
+
+
+def test_a_length_without_a_place_is_padded_up_to_a_followed_one(tmp_path, tiny_tokenizer, monkeypatch):
+    """Once every place is taken, a padded batch whose packed row (20 tokens) has no graphs of its own is padded up
+    to the followed length (32) with filler, replays its graphs instead of running eager layers, and keeps torch's
+    checkpoint's loss and LoRA gradients on the unpadded row."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    # both longest documents round up to 32 (the layouts' maximum length, part of the signature)
+    graphed, fallback_calls, rows, layers = train_padded_batches(checkpoint, monkeypatch, [(20, 6, 3), (17, 2, 1)],
+                                                                 [0, 0, 1, 1], max_shapes=1)
+    assert fallback_calls == layers  # the first step only
+    assert rows == {32} and len(graphed.graphs) == layers
+
+
+def test_a_length_asked_for_often_replaces_the_first_followed_one_on_a_model(tmp_path, tiny_tokenizer, monkeypatch):
+    """The only place taken by a 20-token row (two steps), a 32-token row (longer: no padding up) runs eagerly until
+    asked for a seventh time, then takes the place: eager once more, captured, replayed; every step with torch's
+    checkpoint's loss and gradients."""
+    from fastmoe.builtin import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
+    graphed, fallback_calls, rows, layers = train_padded_batches(checkpoint, monkeypatch, [(10, 6, 3), (20, 6, 3)],
+                                                                 [0, 0] + [1] * 9, max_shapes=1)
+    assert fallback_calls == (1 + 7) * layers  # the first 20-token step, the 32-token steps before the capture
+    assert rows == {20, 32} and [shape[1] for shape in graphed.seen_shapes] == [32]
+    assert len(graphed.graphs) == layers and graphed.row_requests == {20: 2, 32: 9}
