@@ -691,6 +691,27 @@ def test_long_calls_take_torch_checkpoint(tiny_checkpoint):
     assert len(graphed.graphs) == layers
 
 
+def flash_layout_model(checkpoint, monkeypatch) -> tuple[torch.nn.Module, list[int]]:
+    """A LoRA AFMoE model whose packed rows take flash layouts on the CPU (its attention the reference on them), and
+    the list every attention call appends its row's length to."""
+    from fastmoe.models import afmoe
+
+    model = lora_model(checkpoint)
+    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
+    rows = []
+    attention = kept_reference_attention([])
+    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
+    return model, rows
+
+
+def right_padded(vocab_size: int, lengths: tuple[int, ...], seed: int) -> dict:
+    """Rows of `lengths` random tokens right-padded to 20, padding out of the labels."""
+    input_ids = torch.randint(3, vocab_size, (len(lengths), 20), generator=torch.Generator().manual_seed(seed))
+    attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
+    return dict(input_ids=input_ids, attention_mask=attention_mask,
+                labels=input_ids.masked_fill(attention_mask == 0, -100))
+
+
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenizer, monkeypatch, kind):
     """Padding-free batches (fastmoe.padding_free) under graphed checkpointing: two padded batches with other row
@@ -700,23 +721,16 @@ def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenize
     (nothing new seen, no fallback), and each step's loss and every LoRA gradient equal torch's checkpoint on the
     unrounded row."""
     from fastmoe.builtin import build_tiny_checkpoint
-    from fastmoe.models import afmoe
 
     checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
-    model = lora_model(checkpoint)
-    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
-    rows = []
-    attention = kept_reference_attention([])
-    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
+    model, rows = flash_layout_model(checkpoint, monkeypatch)
 
     def padded(lengths, seed):
-        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 20), generator=torch.Generator()
-                                  .manual_seed(seed))
-        attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        batch = right_padded(model.config.vocab_size, lengths, seed)
         if kind == "padded":
-            return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        keep = attention_mask.bool()  # as trl's padding-free collator packs the same documents
+            return batch
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        keep = batch["attention_mask"].bool()  # as trl's padding-free collator packs the same documents
         offsets = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
         labels[:, 0] = -100
         return dict(input_ids=input_ids[keep][None], labels=labels[keep][None],
@@ -783,22 +797,9 @@ def train_padded_batches(checkpoint, monkeypatch, lengths: list[tuple[int, ...]]
     (capture=False) with max_shapes places: each step's loss and LoRA gradients checked against torch's checkpoint on
     the unpadded rows (fp64: filler tokens change the order of fp32 sums). Returns the graphed checkpoint, its
     fallback's calls, the packed rows' lengths the attention saw, and the number of layers."""
-    from fastmoe.models import afmoe
-
-    model = lora_model(checkpoint).double()
-    monkeypatch.setattr(swa, "flash_supports", lambda config, device, dtype: True)
-    rows = []
-    attention = kept_reference_attention([])
-    monkeypatch.setattr(afmoe, "flash_causal_attention", lambda q, *a: rows.append(q.shape[2]) or attention(q, *a))
-
-    def padded(row_lengths, seed):
-        input_ids = torch.randint(3, model.config.vocab_size, (len(row_lengths), 20), generator=torch.Generator()
-                                  .manual_seed(seed))
-        attention_mask = (torch.arange(20) < torch.tensor(row_lengths)[:, None]).long()
-        return dict(input_ids=input_ids, attention_mask=attention_mask,
-                    labels=input_ids.masked_fill(attention_mask == 0, -100))
-
-    batches = [padded(row_lengths, seed) for seed, row_lengths in enumerate(lengths)]
+    model, rows = flash_layout_model(checkpoint, monkeypatch)
+    model.double()
+    batches = [right_padded(model.config.vocab_size, row_lengths, seed) for seed, row_lengths in enumerate(lengths)]
     use_checkpoint_function(model, standard_checkpoint)
     references = [loss_and_grads(model, batch) for batch in batches]
     fallback = CountingFallback()
