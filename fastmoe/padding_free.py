@@ -92,11 +92,17 @@ def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
     checkpointing = getattr(type(model), "is_activation_checkpointing", None) or type(model).is_gradient_checkpointing
     if graphed is None or not model.training or asks_router_logits or not checkpointing.fget(model):
         return 0
+    return row_length_for_graphs(graphed, tokens) - tokens
+
+
+def row_length_for_graphs(graphed, tokens: int) -> int:
+    """The length a packed row of `tokens` tokens trains at under `graphed` (a GraphedCheckpoint): see
+    filler_for_graphs."""
     step = 1 << max(tokens.bit_length() - 3, 0)
     length = graphed.row_tokens_for_graphs(-(-tokens // step) * step)
     if length is None:  # eager layers: a multiple of EAGER_ROW_MULTIPLE
         length = -(-tokens // EAGER_ROW_MULTIPLE) * EAGER_ROW_MULTIPLE
-    return length - tokens
+    return length
 
 
 def _asks_per_position_outputs(config, inputs: dict) -> bool:

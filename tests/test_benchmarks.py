@@ -24,6 +24,7 @@ import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
 import common  # noqa: E402
 import host_gaps  # noqa: E402
+import graph_places  # noqa: E402
 import memory_peak  # noqa: E402
 import ncu_summary  # noqa: E402
 import plot_results  # noqa: E402
@@ -697,6 +698,23 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
     record.update(replayed_steps=2, tokens_per_s_replayed=1234.5)  # what a GPU run's graphed checkpointing adds
     assert "steps all on graph replays (no capture, no eager layer): 2 of 3, 1,234 tokens/s" in \
         report.render([record], include_cpu=True)
+
+
+def test_graph_places_simulation_follows_graphed_checkpointing():
+    """graph_places.py through the real GraphedCheckpoint: with places for every length, each rounded length runs
+    eagerly at its first step, captures at its second and replays after; with one place most steps cannot replay."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+    from fastmoe.padding_free import row_length_for_graphs
+
+    lengths = bench_sft.example_lengths(2 * 60, 64)
+    rounding = GraphedCheckpoint(capture=False, max_shapes=1000)
+    rows = [row_length_for_graphs(rounding, sum(lengths[i:i + 2])) for i in range(0, 120, 2)]
+    every = graph_places.simulate(2, 64, 60, places=1000)
+    assert (every.eager, every.captured) == (len(set(rows)), sum(rows.count(n) > 1 for n in set(rows)))
+    assert every.replayed == 60 - every.eager - every.captured and every.trained == sum(rows)
+    assert every.tokens == sum(lengths) and every.modeled_ms > every.ideal_ms
+    one = graph_places.simulate(2, 64, 60, places=1)
+    assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
 
 
 def test_replayed_steps_are_those_without_a_capture_or_an_eager_layer():

@@ -1,0 +1,103 @@
+"""How many steps on an SFT data set of varied lengths would replay fastmoe's layer graphs, on the CPU.
+
+fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
+row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
+once the places are taken, a length asked for far more often than the rarest followed one taking its place. Which
+steps then replay graphs, capture them or run eager layers depends only on the sequence of lengths. This drives the
+real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the layer's bodies run eagerly)
+and padding_free's rounding with one tiny layer, over batches of bench_sft.example_lengths, and prints per shape and
+number of places: the share of steps that replayed, captured or ran eager layers, the filler's share of the tokens
+trained, and a modeled step time over an ideal run (every step graphed, no filler): graphed steps cost
+--fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost times that.
+
+    python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
+
+The defaults model Trinity-Mini's 8 layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager
+steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is recorded: bench_sft --data examples measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import torch
+
+from bench_sft import example_lengths
+
+
+@dataclasses.dataclass
+class Placement:
+    steps: int = 0
+    replayed: int = 0
+    captured: int = 0
+    eager: int = 0
+    tokens: int = 0  # the examples' tokens
+    trained: int = 0  # with the filler
+    modeled_ms: float = 0.0
+    ideal_ms: float = 0.0
+
+
+def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed_ms: float = 12.0,
+             ms_per_token: float = 0.0185, eager_cost: float = 3.0) -> Placement:
+    """`steps` batches of `batch` examples of example_lengths(seq) through a GraphedCheckpoint with `places`
+    places: how each step's layer ran, and the modeled time."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+    from fastmoe.padding_free import row_length_for_graphs
+
+    eager_calls = []
+
+    def fallback(function, *args):
+        eager_calls.append(1)
+        return function(*args)
+
+    graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=places)
+    layer = torch.nn.Linear(4, 4)
+    call = functools.partial(torch.nn.Module.__call__, layer)
+    lengths = example_lengths(batch * steps, seq, seed=seed)
+    result = Placement()
+    for step in range(steps):
+        tokens = sum(lengths[step * batch:(step + 1) * batch])
+        length = row_length_for_graphs(graphed, tokens)
+        eager_before, graphs_before = len(eager_calls), len(graphed.graphs)
+        graphed(call, torch.zeros(1, length, 4, requires_grad=True)).sum().backward()
+        graphed_ms = fixed_ms + ms_per_token * length
+        if len(eager_calls) > eager_before:
+            result.eager += 1
+            result.modeled_ms += eager_cost * graphed_ms
+        elif len(graphed.graphs) > graphs_before:
+            result.captured += 1
+            result.modeled_ms += eager_cost * graphed_ms
+        else:
+            result.replayed += 1
+            result.modeled_ms += graphed_ms
+        result.steps += 1
+        result.tokens += tokens
+        result.trained += length
+        result.ideal_ms += fixed_ms + ms_per_token * tokens
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="8x1024,4x2048,2x4096,16x512", help="batch x max length, comma-separated")
+    parser.add_argument("--places", default="4,8,12", help="numbers of graph places, comma-separated")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=3, help="example_lengths' draw (bench_sft uses 3)")
+    parser.add_argument("--fixed-ms", type=float, default=12.0, help="a graphed step's time: this plus ...")
+    parser.add_argument("--ms-per-token", type=float, default=0.0185, help="... this per token")
+    parser.add_argument("--eager-cost", type=float, default=3.0, help="an eager or capturing step over a graphed one")
+    args = parser.parse_args()
+    print("shape     places  replayed  captured  eager  filler  step time / ideal")
+    for shape in args.shapes.split(","):
+        batch, seq = (int(part) for part in shape.split("x"))
+        for places in (int(p) for p in args.places.split(",")):
+            r = simulate(batch, seq, args.steps, places, args.seed, args.fixed_ms, args.ms_per_token,
+                         args.eager_cost)
+            print(f"{shape:9s} {places:6d}  {r.replayed / r.steps:8.1%}  {r.captured / r.steps:8.1%}  "
+                  f"{r.eager / r.steps:5.1%}  {1 - r.tokens / r.trained:6.1%}  {r.modeled_ms / r.ideal_ms:17.2f}")
+
+
+if __name__ == "__main__":
+    main()
