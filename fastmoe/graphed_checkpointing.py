@@ -116,6 +116,9 @@ KEPT_ATTENTION_SHAPES = 1
 # its tokens rather than run eager layers, which cost more than that: a step of eager layers at 2,000-4,500 tokens
 # took 3-4x as long as a graphed one (Trinity-Mini 8 layers, bound by the host; 1.9x at 32 layers at 4,096 tokens).
 PAD_UP_TO_GRAPHS = 2
+# A packed row's length asked for more than this many times as often as the followed length asked for least (plus
+# two) takes that one's place.
+TAKING_PLACE_RATIO = 2
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -636,7 +639,7 @@ class GraphedCheckpoint:
         if tokens in followed or len(self.seen_shapes) < self.max_shapes:
             return tokens
         rarest = min(followed, key=self.row_requests.__getitem__, default=None)
-        if rarest is not None and self.row_requests[tokens] > 2 * self.row_requests[rarest] + 2:
+        if rarest is not None and self.row_requests[tokens] > TAKING_PLACE_RATIO * self.row_requests[rarest] + 2:
             # The first lengths to come back need not be the data's common ones: the rarest gives its place up.
             self._drop_shape(next(shape for shape in self.seen_shapes if shape[:2] == (1, rarest)))
             return tokens
