@@ -19,7 +19,9 @@ off (`Family.packed_row_ops`).
 
 Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, and a row that trl's padding-free
 collator packed already, is rounded up with a filler document that no label scores (`filler_for_graphs`), so that
-batches of nearby lengths give the layers one shape and replay the same CUDA graphs.
+batches of nearby lengths give the layers one shape and replay the same CUDA graphs. Where the router's
+load-balancing loss is asked for, only trl's fused head (fastmoe.trl_fused_head) rounds rows: it computes that loss
+itself, the filler masked out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class PackedRows:
     inputs: dict
     kept: torch.Tensor
     filler: int = 0
+
+    def filler_mask(self) -> torch.Tensor:
+        """(1, length) on the device: 1 for the row's tokens, 0 for the filler; as an attention mask, what
+        transformers' load-balancing loss averages over."""
+        length = self.kept.numel() + self.filler
+        return (torch.arange(length, device=self.kept.device) < self.kept.numel()).long()[None]
 
     def take(self, shifted_labels: torch.Tensor) -> torch.Tensor:
         """(batch, seq) or (batch * seq,) shifted labels -> the packed row's (length,), the filler scoring nothing.
@@ -75,22 +83,24 @@ def _family_packs_rows(model, device: torch.device, dtype: torch.dtype) -> bool:
 EAGER_ROW_MULTIPLE = 16
 
 
-def filler_for_graphs(model, inputs: dict, tokens: int) -> int:
+def filler_for_graphs(model, inputs: dict, tokens: int, aux_loss_masks_filler: bool = False) -> int:
     """How many filler tokens round a packed row of `tokens` up for fastmoe's graphed checkpointing: to the next
     multiple of a quarter of the power of two below it (at most 25% more, ~12% on average), so that batches of
     nearby lengths give the layers one shape and replay the same CUDA graphs (the offsets and position ids are their
     data, fastmoe.graphed_checkpointing); once the graphs' places are all taken by other lengths, up to the
     shortest of them within twice its own (GraphedCheckpoint.row_tokens_for_graphs). A row whose layers run eagerly
     all the same (no followed length near enough, beyond max_tokens) is rounded up to a multiple of 16 only. Zero
-    without graphed checkpointing or where the router's load-balancing loss is asked for (the filler would count
-    in it)."""
+    without graphed checkpointing, and where the router's load-balancing loss is asked for unless the caller leaves
+    the filler out of it (`aux_loss_masks_filler`: trl's fused head, fastmoe.trl_fused_head; transformers' forwards
+    average it over every token of a row without an attention mask)."""
     graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
     asks_router_logits = inputs.get("output_router_logits")
     if asks_router_logits is None:
         asks_router_logits = getattr(model.config, "output_router_logits", False)
     # transformers 5.23 renamed is_gradient_checkpointing to is_activation_checkpointing (the old name warns).
     checkpointing = getattr(type(model), "is_activation_checkpointing", None) or type(model).is_gradient_checkpointing
-    if graphed is None or not model.training or asks_router_logits or not checkpointing.fget(model):
+    if (graphed is None or not model.training or (asks_router_logits and not aux_loss_masks_filler)
+            or not checkpointing.fget(model)):
         return 0
     return row_length_for_graphs(graphed, tokens) - tokens
 
@@ -137,13 +147,15 @@ def _labels_score(padding: torch.Tensor, shifted_labels: torch.Tensor) -> bool:
 VARLEN_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> PackedRows | None:
+def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
+                     aux_loss_masks_filler: bool = False) -> PackedRows | None:
     """The packed row for a call of `model`'s backbone with keyword arguments `inputs`, whose shifted labels
     (batch, seq) or (batch * seq,) score each position's next token: a padded batch's tokens end to end, or a row
     packed already (trl's padding_free) rounded up for graphed checkpointing; None where the call keeps its rows (see
     the module's docstring). Reads the attention mask, the labels and any position_ids on the host (one sync each,
     none for those with host copies: fastmoe.host_copies), and hands the row's index tensors to the device without
-    waiting for it."""
+    waiting for it. `aux_loss_masks_filler`: the caller computes the router's load-balancing loss with the filler
+    masked out (PackedRows.filler_mask), so rows are rounded up for the graphs also where it is asked for."""
     if torch.compiler.is_compiling():  # shapes that depend on the mask's values: the compiled graph keeps the padding
         return None
     input_ids, inputs_embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
@@ -162,7 +174,7 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     if not _family_packs_rows(model, embedding.device, embedding.dtype):
         return None
     if attention_mask is None:
-        return _rounded_packed_row(model, inputs, input_ids, position_ids, embedding.shape[0])
+        return _rounded_packed_row(model, inputs, input_ids, position_ids, embedding.shape[0], aux_loss_masks_filler)
     if (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, seq)
             or any(inputs.get(name) is not None for name in VARLEN_INPUTS)):
         return None
@@ -188,7 +200,8 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
 
     device = tokens.device
     kept = to_device(keep.flatten().nonzero().flatten(), device)
-    filler = filler_for_graphs(model, inputs, packed_positions.numel()) if input_ids is not None else 0
+    filler = (filler_for_graphs(model, inputs, packed_positions.numel(), aux_loss_masks_filler)
+              if input_ids is not None else 0)
     packed_positions = torch.cat([packed_positions, torch.arange(filler)])
     packed = dict(inputs, attention_mask=None, position_ids=to_device(packed_positions[None], device))
     if input_ids is not None:
@@ -199,14 +212,15 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor) -> Packe
     return PackedRows(packed, kept, filler)
 
 
-def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size: int) -> PackedRows | None:
+def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size: int,
+                        aux_loss_masks_filler: bool) -> PackedRows | None:
     """One row packed already (position_ids restarting, no attention mask), with filler for graphed checkpointing;
     None where there is none to add."""
     if (input_ids is None or position_ids is None or input_ids.shape[0] != 1
             or position_ids.numel() != input_ids.numel()):
         return None
     tokens = input_ids.shape[1]
-    filler = filler_for_graphs(model, inputs, tokens)
+    filler = filler_for_graphs(model, inputs, tokens, aux_loss_masks_filler)
     if not filler:
         return None
     device = input_ids.device

@@ -124,7 +124,7 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
         # Every position's next-token label, the last one of each row scoring nothing (what trl's shift gives).
         targets = shift_labels if shift_labels is not None else with_host_copy(next_token_labels, labels)
         # Padding that no label scores never reaches the layers (fastmoe.padding_free).
-        packed = None if args else pack_padded_rows(self, kwargs, targets)
+        packed = None if args else pack_padded_rows(self, kwargs, targets, aux_loss_masks_filler=True)
         row_targets, scored, mask, mask_index = scored_positions(labels, shift_labels, targets, packed, device)
         # A loss over padded positions needs what transformers' masks give them (fastmoe.sliding_window_attention).
         with masks_for_scored_padding(packed is None and scores_padding(kwargs.get("attention_mask"), targets)):
@@ -147,8 +147,10 @@ def fused_lm_head_forward(model, temperature: float, cast_lm_head_to_fp32: bool,
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
             num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
-            # The packed row holds the tokens the attention mask keeps: its router logits are those alone.
-            attention_mask = kwargs.get("attention_mask") if packed is None else None
+            # The packed row holds the tokens the attention mask keeps, and the filler that rounds it up for the
+            # graphs, which the mask leaves out.
+            attention_mask = kwargs.get("attention_mask") if packed is None else (
+                packed.filler_mask() if packed.filler else None)
             aux_loss = load_balancing_loss_func(backbone_outputs.router_logits, num_experts,
                                                 text_config.num_experts_per_tok, attention_mask)
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss

@@ -127,17 +127,24 @@ def test_padding_a_label_scores_keeps_the_masks(tiny_checkpoint, monkeypatch, mo
     fastmoe.unpatch()
 
 
-@pytest.mark.parametrize("model_type, padding", [("lfm2_moe", "right"), ("qwen3_moe", "both")])
-def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch, model_type, padding):
+@pytest.mark.parametrize("model_type, padding, graphed", [("lfm2_moe", "right", False), ("qwen3_moe", "both", False),
+                                                            ("qwen3_moe", "right", True)])
+def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch, model_type, padding, graphed):
     """trl's fused LM head (fastmoe's) on the packed row gives trl's own head on the padded batch under the masks:
     every per-token field in the padded layout, the label mask, the aux loss and the gradients; SFT's right padding,
-    and GRPO's left-padded prompts before right-padded completions."""
+    and GRPO's left-padded prompts before right-padded completions. Under graphed checkpointing the row is rounded
+    up (19 tokens to 20) with filler that the load-balancing loss leaves out."""
     from fastmoe.builtin import build_tiny_checkpoint
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
 
     checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
                                        output_router_logits=True, router_aux_loss_coef=0.25)
     model = lora_model(checkpoint)
     base = model.get_base_model()
+    if graphed:  # as get_peft_model installs it on a GPU (capture=False: the same path, run eagerly)
+        base.__dict__["_fastmoe_graphed_checkpoint"] = checkpointing = GraphedCheckpoint(capture=False)
+        for layer in base.model.layers:
+            layer._gradient_checkpointing_func = checkpointing
     batch = padded_batch(model.config.vocab_size, padding=padding)
     rows = layout_rows(monkeypatch, model_type)
     fields = trl_fused_head.PER_TOKEN_FIELDS
@@ -148,7 +155,7 @@ def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch
         return loss_and_grads(model, batch, monkeypatch, layouts, fused_lm_head=True, num_items_in_batch=11)
 
     out, grads = fused(trl_fused_head.add_fused_lm_head, layouts=True)
-    assert set(rows) == {(1, sum(LENGTHS))}
+    assert set(rows) == {(1, sum(LENGTHS) + graphed)}
     _, trls_own = trl_fused_head._trl()
     ref, ref_grads = fused(trls_own, layouts=False)
     assert torch.equal(out.label_mask, ref.label_mask)
