@@ -20,8 +20,8 @@ off (`Family.packed_row_ops`).
 Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, and a row that trl's padding-free
 collator packed already, is rounded up with a filler document that no label scores (`filler_for_graphs`), so that
 batches of nearby lengths give the layers one shape and replay the same CUDA graphs. Where the router's
-load-balancing loss is asked for, only trl's fused head (fastmoe.trl_fused_head) rounds rows: it computes that loss
-itself, the filler masked out.
+load-balancing loss is asked for, the callers that leave the filler out of it round rows: trl's fused head
+(fastmoe.trl_fused_head) and fastmoe's loss forward (fastmoe.models.causal_lm), both with `PackedRows.filler_mask`.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def filler_for_graphs(model, inputs: dict, tokens: int, aux_loss_masks_filler: b
     shortest of them within twice its own (GraphedCheckpoint.row_tokens_for_graphs). A row whose layers run eagerly
     all the same (no followed length near enough, beyond max_tokens) is rounded up to a multiple of 16 only. Zero
     without graphed checkpointing, and where the router's load-balancing loss is asked for unless the caller leaves
-    the filler out of it (`aux_loss_masks_filler`: trl's fused head, fastmoe.trl_fused_head; transformers' forwards
-    average it over every token of a row without an attention mask)."""
+    the filler out of it (`aux_loss_masks_filler`; transformers' forwards average it over every token of a row
+    without an attention mask)."""
     graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
     asks_router_logits = inputs.get("output_router_logits")
     if asks_router_logits is None:

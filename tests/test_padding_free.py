@@ -92,21 +92,37 @@ def test_padded_batch_trains_as_one_packed_row(tiny_checkpoint, monkeypatch, mod
     fastmoe.unpatch()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])
-def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, tmp_path, monkeypatch, model_type):
-    """transformers averages the load-balancing loss over the tokens its attention mask keeps: the packed row's."""
+def use_graphed_checkpointing(model) -> None:
+    """Graphed checkpointing on `model`'s layers, as get_peft_model installs it on a GPU (capture=False: the same
+    path, run eagerly): packed rows are rounded up with filler (19 tokens to 20)."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+
+    base = model.get_base_model()
+    base.__dict__["_fastmoe_graphed_checkpoint"] = checkpointing = GraphedCheckpoint(capture=False)
+    for layer in base.model.layers:
+        layer._gradient_checkpointing_func = checkpointing
+
+
+@pytest.mark.parametrize("model_type, graphed", [("qwen3_moe", False), ("jetmoe", False), ("qwen3_moe", True),
+                                                 ("jetmoe", True)])
+def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, tmp_path, monkeypatch, model_type,
+                                                               graphed):
+    """transformers averages the load-balancing loss over the tokens its attention mask keeps: the packed row's;
+    under graphed checkpointing the row's filler is left out of it."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
                                        output_router_logits=True)
     model = lora_model(checkpoint)
+    if graphed:
+        use_graphed_checkpointing(model)
     batch = padded_batch(model.config.vocab_size)
     rows = layout_rows(monkeypatch, model_type)
     ref, ref_grads = loss_and_grads(model, batch, monkeypatch, layouts=False)
     if ref.aux_loss is None:
         pytest.skip(f"this transformers' {model_type} returns no router logits")
     out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
-    assert set(rows) == {(1, sum(LENGTHS))}
+    assert set(rows) == {(1, sum(LENGTHS) + graphed)}
     assert out.aux_loss is not None and rel_err(out.aux_loss, ref.aux_loss) < 1e-6
     assert_same(out, grads, ref, ref_grads)
     fastmoe.unpatch()
@@ -135,16 +151,13 @@ def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch
     and GRPO's left-padded prompts before right-padded completions. Under graphed checkpointing the row is rounded
     up (19 tokens to 20) with filler that the load-balancing loss leaves out."""
     from fastmoe.builtin import build_tiny_checkpoint
-    from fastmoe.graphed_checkpointing import GraphedCheckpoint
 
     checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
                                        output_router_logits=True, router_aux_loss_coef=0.25)
     model = lora_model(checkpoint)
     base = model.get_base_model()
-    if graphed:  # as get_peft_model installs it on a GPU (capture=False: the same path, run eagerly)
-        base.__dict__["_fastmoe_graphed_checkpoint"] = checkpointing = GraphedCheckpoint(capture=False)
-        for layer in base.model.layers:
-            layer._gradient_checkpointing_func = checkpointing
+    if graphed:
+        use_graphed_checkpointing(model)
     batch = padded_batch(model.config.vocab_size, padding=padding)
     rows = layout_rows(monkeypatch, model_type)
     fields = trl_fused_head.PER_TOKEN_FIELDS

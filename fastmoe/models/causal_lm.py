@@ -4,6 +4,7 @@ computes its loss with fastmoe's chunked linear cross-entropy instead of materia
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -45,6 +46,15 @@ def _check_head_unsharded(weight: torch.Tensor) -> None:
             )
 
 
+def _load_balancing_loss(model):
+    """The router load-balancing loss transformers' forward of `model`'s class computes (its modeling module's
+    `load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)`, which the forward calls with the
+    model's num_experts and num_experts_per_tok), or None."""
+    function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    has_counts = hasattr(model, "num_experts") and hasattr(model, "num_experts_per_tok")
+    return function if callable(function) and has_counts else None
+
+
 def is_fastmoe_causal_lm(model) -> bool:
     """Whether ``model``'s class forward is fastmoe's (``fused_loss_forward``): its family is patched."""
     return getattr(type(model).forward, "fastmoe_fused_loss", False)
@@ -76,8 +86,10 @@ def fused_loss_forward(original_forward):
 
         return_dict = kwargs.pop("return_dict", None)
         num_items_in_batch = kwargs.get("num_items_in_batch")
-        # Padding that no label scores never reaches the layers (fastmoe.padding_free).
-        packed = pack_padded_rows(self, {**common, **kwargs}, targets)
+        # Padding that no label scores never reaches the layers (fastmoe.padding_free); a row rounded up for the
+        # graphs has its filler left out of the load-balancing loss, recomputed below.
+        balance = _load_balancing_loss(self)
+        packed = pack_padded_rows(self, {**common, **kwargs}, targets, aux_loss_masks_filler=balance is not None)
         if packed is not None:
             kwargs = {name: value for name, value in packed.inputs.items() if name not in common}
             common = {name: packed.inputs[name] for name in common}
@@ -106,6 +118,10 @@ def fused_loss_forward(original_forward):
             num_items_in_batch=num_items_in_batch,
         )
         aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None and packed is not None and packed.filler:
+            # transformers averaged it over every token of the row, the filler's included
+            aux_loss = outputs.aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                                                  packed.filler_mask())
         if aux_loss is not None:
             # JetMoe names the coefficient aux_loss_coef, Qwen3-MoE router_aux_loss_coef.
             coefficient = getattr(self, "aux_loss_coef", None)
