@@ -23,9 +23,10 @@
 #         bash benchmarks/gpu_session.sh "$OUT" sft
 #     # an SFT data set as users have it: 8 examples of long-tailed lengths a step, padded by trl's collator (fastmoe
 #     # packs them: every step another number of tokens, so whether the layer graphs' shapes cover the steps shows)
-#     # (--fastmoe-graph-shapes 8: also with graphs for 8 lengths, those beyond the first 4 without kept attention)
-#     SFT_ONE_PROCESS=1 SFT_SHAPES=8x1024 SFT_ARGS="--layers 8 --load direct --data examples --warmup 10 --steps 20
-#         --profile-steps 2 --fastmoe-graph-shapes 8" bash benchmarks/gpu_session.sh "$OUT" sft
+#     # (--fastmoe-graph-shapes 12: also with graphs for 12 lengths; the records' replayed_steps and
+#     # tokens_per_s_replayed give the steps that replayed graphs only, what a long run approaches)
+#     SFT_ONE_PROCESS=1 SFT_SHAPES="8x1024 2x4096" SFT_ARGS="--layers 8 --load direct --data examples --warmup 30
+#         --steps 40 --profile-steps 1 --fastmoe-graph-shapes 12" bash benchmarks/gpu_session.sh "$OUT" sft
 #     # long context (issue #17): the longest sequence within 24 GB, one or two steps per length
 #     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
 #         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft
