@@ -630,8 +630,8 @@ class GraphedCheckpoint:
         (fastmoe.padding_free.filler_for_graphs): its own where that shape is followed already or a place is free
         (the first call runs eagerly; the shape takes its place when it comes back); once every place is taken, the
         shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
-        length) or beyond max_tokens. A length asked for more than twice as often as the followed length asked for
-        least (and twice more) takes that one's place."""
+        length) or beyond max_tokens. A length asked for more than TAKING_PLACE_RATIO times as often as the followed
+        length asked for least, plus two, takes that one's place."""
         if tokens > self.max_tokens:
             return None
         followed = sorted(shape[1] for shape in self.seen_shapes if shape[0] == 1)
