@@ -885,7 +885,7 @@ def main() -> None:
                         "ship)")
     parser.add_argument("--fastmoe-graph-shapes", default="", type=lambda text: [int(n) for n in text.split(",") if n],
                         help="also time fastmoe with its graphed checkpointing following this many hidden-state "
-                        "shapes (comma-separated counts, e.g. 8; those beyond its kept-attention ones recompute "
+                        "shapes (comma-separated counts, e.g. 12; those beyond its kept-attention ones recompute "
                         "attention): with --data examples, how many of a data set's lengths are worth graphs")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")

@@ -634,17 +634,16 @@ class GraphedCheckpoint:
         length asked for least, plus two, takes that one's place."""
         if tokens > self.max_tokens:
             return None
-        followed = sorted(shape[1] for shape in self.seen_shapes if shape[0] == 1)
+        followed = {shape[1]: shape for shape in self.seen_shapes if shape[0] == 1}  # one-row shapes by length
         self.row_requests[tokens] += 1
         if tokens in followed or len(self.seen_shapes) < self.max_shapes:
             return tokens
         rarest = min(followed, key=self.row_requests.__getitem__, default=None)
         if rarest is not None and self.row_requests[tokens] > TAKING_PLACE_RATIO * self.row_requests[rarest] + 2:
             # The first lengths to come back need not be the data's common ones: the rarest gives its place up.
-            self._drop_shape(next(shape for shape in self.seen_shapes if shape[:2] == (1, rarest)))
+            self._drop_shape(followed[rarest])
             return tokens
-        longer = [length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens]
-        return longer[0] if longer else None
+        return min((length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens), default=None)
 
     def _drop_shape(self, shape: tuple) -> None:
         """Stop following a hidden-state shape: its signatures' graphs and the buffers only they used go (a graph an
