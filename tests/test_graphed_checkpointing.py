@@ -625,28 +625,34 @@ def test_kept_attention_outputs_equal_eager_checkpointing_on_gpu(tmp_path, tiny_
     assert all(g.backward_graph is not None and len(g.kept.entries) == 1 for g in graphed.graphs.values())
 
 
-@pytest.mark.gpu
-def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_tokenizer):
-    """bf16, flash's variable-length kernels captured: padded batches of other documents (295 and 292 tokens, both
-    rounded up to 320) replay the graphs the first captured, their offsets copied in; loss and gradients equal
-    torch's checkpoint on each batch."""
+def flash_gpu_model(tmp_path, tiny_tokenizer):
+    """A bf16 LoRA AFMoE on the GPU whose padded batches take flash's variable-length kernels."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
     model, _ = FastModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, max_seq_length=4096)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8)
     randomize_lora(model)
-    model.cuda().train()
+    return model.cuda().train()
+
+
+def cuda_padded(vocab_size: int, lengths: tuple[int, ...], width: int, seed: int) -> dict:
+    """Rows of `lengths` random tokens right-padded to `width` on the GPU, padding out of the labels."""
+    input_ids = torch.randint(3, vocab_size, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {k: v.cuda() for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+
+
+@pytest.mark.gpu
+def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_tokenizer):
+    """bf16, flash's variable-length kernels captured: padded batches of other documents (295 and 292 tokens, both
+    rounded up to 320) replay the graphs the first captured, their offsets copied in; loss and gradients equal
+    torch's checkpoint on each batch."""
+    model = flash_gpu_model(tmp_path, tiny_tokenizer)
     graphed = model.get_base_model()._fastmoe_graphed_checkpoint
-
-    def padded(lengths, seed):
-        input_ids = torch.randint(3, model.config.vocab_size, (len(lengths), 200),
-                                  generator=torch.Generator().manual_seed(seed))
-        attention_mask = (torch.arange(200) < torch.tensor(lengths)[:, None]).long()
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {k: v.cuda() for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
-
-    batches = [padded((200, 90, 5), seed=8), padded((150, 1, 141), seed=9)]
+    batches = [cuda_padded(model.config.vocab_size, lengths, 200, seed)
+               for seed, lengths in ((8, (200, 90, 5)), (9, (150, 1, 141)))]
     use_checkpoint_function(model, standard_checkpoint)
     references = [loss_and_grads(model, batch) for batch in batches]
     use_checkpoint_function(model, graphed)
@@ -660,6 +666,34 @@ def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_token
     assert not graphed.ungraphable, graphed.ungraphable
     assert len(graphed.graphs) == captured == len(decoder_layers(model))
     assert all(g.backward_graph is not None for g in graphed.graphs.values())
+    fastmoe.unpatch()
+
+
+@pytest.mark.gpu
+def test_a_length_taking_a_place_recaptures_in_the_shared_pool_on_gpu(tmp_path, tiny_tokenizer):
+    """bf16, graphs captured for real in the one pool all layers share: the only place taken by a 105-token batch
+    (its row 112), a 200-token batch (224) runs eagerly until asked for a seventh time, then takes the place (the
+    first batch's graphs dropped), is captured where they were and replayed; the first batch then pads up to 224 and
+    replays those graphs. Every step's loss and gradients equal torch's checkpoint on that batch."""
+    model = flash_gpu_model(tmp_path, tiny_tokenizer)
+    batches = [cuda_padded(model.config.vocab_size, lengths, 100, seed)
+               for seed, lengths in ((8, (60, 40, 5)), (9, (100, 90, 10)))]
+    use_checkpoint_function(model, standard_checkpoint)
+    references = [loss_and_grads(model, batch) for batch in batches]
+    fallback = CountingFallback()
+    graphed = GraphedCheckpoint(fallback=fallback, max_shapes=1)
+    model.get_base_model().__dict__["_fastmoe_graphed_checkpoint"] = graphed
+    use_checkpoint_function(model, graphed)
+    layers = len(decoder_layers(model))
+    for step, index in enumerate([0, 0] + [1] * 9 + [0, 1, 0]):
+        loss, grads = loss_and_grads(model, batches[index])
+        assert rel_err(loss, references[index][0]) < 1e-3, step
+        for name, grad in grads.items():
+            assert rel_err(grad, references[index][1][name]) < 2e-2, (step, name)
+    assert fallback.calls == (1 + 7) * layers  # the first 105-token step, the 200-token steps before the capture
+    assert [shape[1] for shape in graphed.seen_shapes] == [224] and graphed.row_requests == {112: 4, 224: 10}
+    assert not graphed.ungraphable, graphed.ungraphable
+    assert len(graphed.graphs) == layers and all(g.backward_graph is not None for g in graphed.graphs.values())
     fastmoe.unpatch()
 
 
