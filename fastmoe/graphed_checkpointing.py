@@ -755,9 +755,11 @@ class GraphedCheckpoint:
                               recorded_keys=call.signature[-1],
                               keep_attention=self.host_inputs is None and shape in self.kept_shapes)
         try:
-            if self.capture and self.pool is None:
+            if self.capture and (self.pool is None or not self.graphs):
+                # A pool lives while a graph captured into it does: once the last is gone (its shape dropped, a
+                # failed capture's), torch releases it and refuses further captures into it.
                 self.pool = torch.cuda.graph_pool_handle()
-                self.stream = torch.cuda.Stream()
+                self.stream = self.stream or torch.cuda.Stream()
             graphs.prepare([call.leaves[i] for i in call.data_index], self.pool, self.stream if self.capture else None)
         except Exception as error:  # noqa: BLE001 - whatever stops a capture, this signature runs eagerly
             reason = capture_failure_reason(error)
