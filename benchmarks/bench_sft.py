@@ -587,7 +587,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     extra = args.profile_steps + args.trace_steps + args.memory_profile
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
-    trainer = model = None
+    trainer = model = clock = None
     from fastmoe import graphed_checkpointing
 
     default_shapes = graphed_checkpointing.MAX_GRAPH_SHAPES
@@ -674,13 +674,14 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         record.update(status="error", error=f"{type(error).__name__}: {error}"[:300])
     finally:
         graphed_checkpointing.MAX_GRAPH_SHAPES = default_shapes
-    # Here, not in the except blocks, whose traceback still holds the failed model.
-    del trainer, model
+    # Here, not in the except blocks, whose traceback still holds the failed model; the clock too, which holds the
+    # model's graphed checkpointing (and through its layer graphs, the layers): kept, it kept the whole model
+    # allocated until a later collection (a second 32-layer Trinity-Mini case then ran out of memory at load).
+    del trainer, model, clock
     fastmoe.unpatch()
     common.free_memory(device)
     if device == "cuda":
-        # What the case left behind counts in the next case's memory (two 32-layer Trinity-Mini fastmoe cases in one
-        # process: the second ran out of memory at load, alone it fits).
+        # What the case left behind counts in the next case's memory.
         record.update(allocated_after_gb=round(torch.cuda.memory_allocated() / 2**30, 2),
                       reserved_after_gb=round(torch.cuda.memory_reserved() / 2**30, 2))
         if record["reserved_after_gb"] > 1:
