@@ -2,7 +2,8 @@
 
 fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
 row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
-once the places are taken, a length asked for far more often than the rarest followed one taking its place. Which
+at its first request and once the places are taken, a length asked for far more often than the rarest followed one
+taking its place. Which
 steps then replay graphs, capture them or run eager layers depends only on the sequence of lengths. This drives the
 real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the layer's bodies run eagerly)
 and padding_free's rounding with one tiny layer, over batches of bench_sft.example_lengths, and prints per shape and
