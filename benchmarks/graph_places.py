@@ -3,13 +3,13 @@
 fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
 row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
 at its first request and once the places are taken, a length asked for far more often than the rarest followed one
-taking its place. Which
-steps then replay graphs, capture them or run eager layers depends only on the sequence of lengths. This drives the
-real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the layer's bodies run eagerly)
-and padding_free's rounding with one tiny layer, over batches of bench_sft.example_lengths, and prints per shape and
-number of places: the share of steps that replayed, captured or ran eager layers, the filler's share of the tokens
-trained, and a modeled step time over an ideal run (every step graphed, no filler): graphed steps cost
---fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost times that.
+taking its place. Which steps then replay graphs, capture them or run eager layers depends only on the sequence of
+lengths. This drives the real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the
+layer's bodies run eagerly) and padding_free's rounding with one tiny layer, over batches of
+bench_sft.example_lengths, and prints per shape and number of places: the share of steps that replayed, captured or
+ran eager layers, the filler's share of the tokens trained, and a modeled step time over an ideal run (every step
+graphed, no filler): graphed steps cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost
+times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
 

@@ -24,14 +24,13 @@ layers only hand to kernels. Packed rows of as many tokens (fastmoe.padding_free
 documents (fastmoe.sliding_window_attention pads the offsets) then replay one graph whatever their documents.
 
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
-every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are kept:
-a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes back,
-so that a length seen once holds none; a packed row's length asked for far more often than the rarest followed
+every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are
+kept: a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes
+back, so that a length seen once holds none; a packed row's length asked for far more often than the rarest followed
 one takes that one's place (`row_tokens_for_graphs`, which also pads rows up to followed lengths: a length's first
-request while places are free, every request once they are taken). The cap counts
-shapes, not signatures: the layers of one model differ in kind (dense and MoE layers, sliding-window and full
-attention), each kind a signature of its own for the same batch, and the buffers, which cost the memory, are shared
-by the signatures of one shape.
+request while places are free, every request once they are taken). The cap counts shapes, not signatures: the layers
+of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of its
+own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
 layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
