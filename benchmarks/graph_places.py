@@ -2,19 +2,22 @@
 
 fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
 row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
-at its first request and once the places are taken, a length asked for far more often than the rarest followed one
-taking its place. Which steps then replay graphs, capture them or run eager layers depends only on the sequence of
-lengths. This drives the real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the
-layer's bodies run eagerly) and padding_free's rounding with one tiny layer, over batches of
-bench_sft.example_lengths, and prints per shape and number of places: the share of steps that replayed, captured or
-ran eager layers, the filler's share of the tokens trained, and a modeled step time over an ideal run (every step
-graphed, no filler): graphed steps cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost
-times that.
+once the places are taken, a length asked for far more often than the rarest followed one taking its place; a
+length's graphs are per signature, which holds the row's flash layout too (its offsets' count and its longest
+document, rounded up to a power of two). Which steps then replay graphs, capture them or run eager layers depends
+only on the sequence of lengths. This drives the real GraphedCheckpoint (capture=False: the same admission, padding
+and place-taking, the layer's bodies run eagerly), padding_free's rounding and the layouts with one tiny layer, over
+batches of bench_sft.example_lengths, and prints per shape and number of places: the share of steps that replayed,
+captured or ran eager layers, the filler's share of the tokens trained, and a modeled step time over an ideal run
+(every step graphed, no filler): graphed steps cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps
+--eager-cost times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
 
-The defaults model Trinity-Mini's 8 layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager
-steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is recorded: bench_sft --data examples measures.
+Counted this way, the timed steps 30-69 of bench_sft's H100 runs of 2026-12-07 (stop 55's placement) are what the
+runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096. The defaults model Trinity-Mini's 8 layers on an
+H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager steps 2-4x, bench_sft --data examples, 2026-12-07).
+Nothing is recorded: bench_sft --data examples measures.
 """
 
 from __future__ import annotations
@@ -40,12 +43,30 @@ class Placement:
     ideal_ms: float = 0.0
 
 
+class _LayerWithLayout(torch.nn.Module):
+    """A decoder layer's call as graphed checkpointing sees it: the hidden states, and the packed row's document
+    offsets (data) and longest document (a value: part of the signature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden: torch.Tensor, offsets: torch.Tensor, longest: int) -> torch.Tensor:
+        return self.linear(hidden)
+
+
+def _row_positions(examples: list[int], filler: int) -> torch.Tensor:
+    """A packed row's position ids: each example's from 0, then the filler's (a document of its own)."""
+    return torch.cat([torch.arange(n) for n in [*examples, filler] if n])[None]
+
+
 def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed_ms: float = 12.0,
              ms_per_token: float = 0.0185, eager_cost: float = 3.0) -> Placement:
     """`steps` batches of `batch` examples of example_lengths(seq) through a GraphedCheckpoint with `places`
     places: how each step's layer ran, and the modeled time."""
-    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint, as_graph_data
     from fastmoe.padding_free import row_length_for_graphs
+    from fastmoe.sliding_window_attention import packed_documents
 
     eager_calls = []
 
@@ -54,13 +75,17 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
         return function(*args)
 
     graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=places)
-    layer = torch.nn.Linear(4, 4)
-    call = functools.partial(torch.nn.Module.__call__, layer)
+    layer = _LayerWithLayout()
     lengths = example_lengths(batch * steps, seq, seed=seed)
     result = Placement()
     for step in range(steps):
-        tokens = sum(lengths[step * batch:(step + 1) * batch])
+        examples = lengths[step * batch:(step + 1) * batch]
+        tokens = sum(examples)
         length = row_length_for_graphs(graphed, tokens)
+        # The packed row's flash layout, as the attention layers get it: part of their call's signature
+        offsets, longest = packed_documents(_row_positions(examples, length - tokens))
+        as_graph_data(offsets)
+        call = functools.partial(torch.nn.Module.__call__, layer, offsets=offsets, longest=longest)
         eager_before, graphs_before = len(eager_calls), len(graphed.graphs)
         graphed(call, torch.zeros(1, length, 4, requires_grad=True)).sum().backward()
         graphed_ms = fixed_ms + ms_per_token * length

@@ -27,10 +27,10 @@ A signature is captured the second time it is seen (the first call runs torch's 
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are
 kept: a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes
 back, so that a length seen once holds none; a packed row's length asked for far more often than the rarest followed
-one takes that one's place (`row_tokens_for_graphs`, which also pads rows up to followed lengths: a length's first
-request while places are free, every request once they are taken). The cap counts shapes, not signatures: the layers
-of one model differ in kind (dense and MoE layers, sliding-window and full attention), each kind a signature of its
-own for the same batch, and the buffers, which cost the memory, are shared by the signatures of one shape.
+one takes that one's place (`row_tokens_for_graphs`, which also pads rows up to followed lengths once the places
+are taken). The cap counts shapes, not signatures: the layers of one model differ in kind (dense and MoE layers,
+sliding-window and full attention), each kind a signature of its own for the same batch, and the buffers, which cost
+the memory, are shared by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
 layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
@@ -628,28 +628,22 @@ class GraphedCheckpoint:
     def row_tokens_for_graphs(self, tokens: int) -> int | None:
         """The length a packed row of `tokens` tokens is padded to so that its layers run as graphs
         (fastmoe.padding_free.filler_for_graphs): its own where that shape is followed already or a place is free
-        (the first call runs eagerly; the shape takes its place when it comes back), except at its first request,
-        which pads up to a followed length if one is near; once every place is taken, the shortest followed length
-        up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own length) or beyond
-        max_tokens. A length asked for more than TAKING_PLACE_RATIO times as often as the followed length asked for
-        least, plus two, takes that one's place."""
+        (the first call runs eagerly; the shape takes its place when it comes back); once every place is taken, the
+        shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
+        length) or beyond max_tokens. A length asked for more than TAKING_PLACE_RATIO times as often as the followed
+        length asked for least, plus two, takes that one's place."""
         if tokens > self.max_tokens:
             return None
         followed = {shape[1]: shape for shape in self.seen_shapes if shape[0] == 1}  # one-row shapes by length
         self.row_requests[tokens] += 1
-        if tokens in followed:
+        if tokens in followed or len(self.seen_shapes) < self.max_shapes:
             return tokens
-        near = min((length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens), default=None)
-        if len(self.seen_shapes) < self.max_shapes:
-            # Its own length would run eager layers now and capture only if it comes back, which much of a data
-            # set's long tail never does: the first request replays a near followed length's graphs instead.
-            return near if near is not None and self.row_requests[tokens] == 1 else tokens
         rarest = min(followed, key=self.row_requests.__getitem__, default=None)
         if rarest is not None and self.row_requests[tokens] > TAKING_PLACE_RATIO * self.row_requests[rarest] + 2:
             # The first lengths to come back need not be the data's common ones: the rarest gives its place up.
             self._drop_shape(followed[rarest])
             return tokens
-        return near
+        return min((length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens), default=None)
 
     def _drop_shape(self, shape: tuple) -> None:
         """Stop following a hidden-state shape: its signatures' graphs and the buffers only they used go (a graph an

@@ -3,7 +3,6 @@ nothing is allocated), LoRA target sets, GPU-activity accounting, the page repor
 committed one is generated), the charts, the CPU smoke runs of bench_sft.py and bench_short_conv.py, and the cases
 sweep_expert_configs.py times (in the interpreter, at toy sizes)."""
 
-import collections
 import importlib
 import json
 import os
@@ -702,31 +701,27 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
 
 
 def test_graph_places_simulation_follows_graphed_checkpointing():
-    """graph_places.py through the real GraphedCheckpoint: with places for every length, a rounded length runs eagerly
-    the first time it trains at its own length, captures the second and replays after, except that its first request
-    replays the shortest followed length within twice its own where there is one; with one place most steps cannot
-    replay."""
-    from fastmoe.graphed_checkpointing import PAD_UP_TO_GRAPHS, GraphedCheckpoint
+    """graph_places.py through the real GraphedCheckpoint: with places for every length, each signature (the rounded
+    length and the packed row's flash layout: its offsets' count and longest document) runs eagerly at its first
+    step, captures at its second and replays after; with one place most steps cannot replay."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
     from fastmoe.padding_free import row_length_for_graphs
+    from fastmoe.sliding_window_attention import packed_documents
 
     lengths = bench_sft.example_lengths(2 * 60, 64)
-    rounding = GraphedCheckpoint(capture=False, max_shapes=1000)  # follows nothing: rounds only
-    rows = [row_length_for_graphs(rounding, sum(lengths[i:i + 2])) for i in range(0, 120, 2)]
-    followed, ran, requested, counts, trained = set(), set(), set(), collections.Counter(), 0
-    for row in rows:
-        near = min((n for n in followed if row < n <= PAD_UP_TO_GRAPHS * row), default=None)
-        if row not in followed and row not in requested and near is not None:
-            counts["replayed"] += 1
-            trained += near
-        else:
-            kind = "replayed" if row in followed else "captured" if row in ran else "eager"
-            counts[kind] += 1
-            (followed if kind == "captured" else ran).add(row)
-            trained += row
-        requested.add(row)
+    rounding = GraphedCheckpoint(capture=False, max_shapes=1000)
+    signatures, rows = [], []
+    for i in range(0, 120, 2):
+        examples = lengths[i:i + 2]
+        row = row_length_for_graphs(rounding, sum(examples))
+        offsets, longest = packed_documents(graph_places._row_positions(examples, row - sum(examples)))
+        signatures.append((row, offsets.numel(), longest))
+        rows.append(row)
     every = graph_places.simulate(2, 64, 60, places=1000)
-    assert (every.replayed, every.captured, every.eager) == (counts["replayed"], counts["captured"], counts["eager"])
-    assert every.trained == trained and 0 < counts["replayed"] < 60
+    distinct = set(signatures)
+    assert (every.eager, every.captured) == (len(distinct), sum(signatures.count(s) > 1 for s in distinct))
+    assert len(distinct) > len(set(rows))  # the layouts' part shows: more signatures than lengths
+    assert every.replayed == 60 - every.eager - every.captured and every.trained == sum(rows)
     assert every.tokens == sum(lengths) and every.modeled_ms > every.ideal_ms
     one = graph_places.simulate(2, 64, 60, places=1)
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed

@@ -795,14 +795,12 @@ def test_batches_of_other_documents_replay_one_signature(tmp_path, tiny_tokenize
 
 def test_row_tokens_for_graphs_are_a_followed_length_or_one_with_room():
     """What padding-free rows are padded to (fastmoe.padding_free.filler_for_graphs): their own length while it is
-    followed or a place is free, but at a length's first request the shortest followed length within
-    PAD_UP_TO_GRAPHS times its own if there is one; once the places are taken, that length at every request; none
-    beyond max_tokens or with no followed length near enough."""
+    followed or a place is free; once the places are taken, the shortest followed length within PAD_UP_TO_GRAPHS
+    times theirs; none beyond max_tokens or with no followed length near enough."""
     graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=64)
     assert graphed.row_tokens_for_graphs(32) == 32 and graphed.row_tokens_for_graphs(65) is None
     graphed.seen_shapes |= {(1, 32, 8)}
-    assert graphed.row_tokens_for_graphs(10) == 10  # a place is free, no followed length near
-    assert [graphed.row_tokens_for_graphs(20) for _ in range(2)] == [32, 20]  # the first request replays 32's graphs
+    assert graphed.row_tokens_for_graphs(10) == 10  # a place is free
     graphed.seen_shapes |= {(1, 48, 8)}
     assert [graphed.row_tokens_for_graphs(t) for t in (32, 48)] == [32, 48]
     assert [graphed.row_tokens_for_graphs(t) for t in (16, 20, 40, 15, 56)] == [32, 32, 48, None, None]
