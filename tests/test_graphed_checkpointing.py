@@ -637,11 +637,8 @@ def flash_gpu_model(tmp_path, tiny_tokenizer):
 
 
 def cuda_padded(vocab_size: int, lengths: tuple[int, ...], width: int, seed: int) -> dict:
-    """Rows of `lengths` random tokens right-padded to `width` on the GPU, padding out of the labels."""
-    input_ids = torch.randint(3, vocab_size, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
-    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {k: v.cuda() for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+    """right_padded's batch on the GPU."""
+    return {k: v.cuda() for k, v in right_padded(vocab_size, lengths, seed, width).items()}
 
 
 @pytest.mark.gpu
@@ -738,10 +735,10 @@ def flash_layout_model(checkpoint, monkeypatch) -> tuple[torch.nn.Module, list[i
     return model, rows
 
 
-def right_padded(vocab_size: int, lengths: tuple[int, ...], seed: int) -> dict:
-    """Rows of `lengths` random tokens right-padded to 20, padding out of the labels."""
-    input_ids = torch.randint(3, vocab_size, (len(lengths), 20), generator=torch.Generator().manual_seed(seed))
-    attention_mask = (torch.arange(20) < torch.tensor(lengths)[:, None]).long()
+def right_padded(vocab_size: int, lengths: tuple[int, ...], seed: int, width: int = 20) -> dict:
+    """Rows of `lengths` random tokens right-padded to `width`, padding out of the labels."""
+    input_ids = torch.randint(3, vocab_size, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask,
                 labels=input_ids.masked_fill(attention_mask == 0, -100))
 
