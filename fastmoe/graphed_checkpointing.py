@@ -153,6 +153,11 @@ def _tensor_key(tensor: torch.Tensor) -> tuple:
     return (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device, tensor.requires_grad)
 
 
+def _hidden_shape(signature: tuple) -> tuple:
+    """A call signature's hidden-state shape: its first leaf's, the layer's hidden states (what the places count)."""
+    return signature[1][0][0]
+
+
 def _adapter_state(modules: tuple[torch.nn.Module, ...]) -> tuple:
     """What peft decides per call: which adapters run, and whether they are disabled or merged."""
     state = []
@@ -650,7 +655,7 @@ class GraphedCheckpoint:
         unfinished backward still holds lives until that backward is done), and its place is free."""
         self.seen_shapes.discard(shape)
         self.kept_shapes.discard(shape)
-        signatures = {signature for signature in self.seen if signature[1][0][0] == shape}
+        signatures = {signature for signature in self.seen if _hidden_shape(signature) == shape}
         for signature in signatures:
             del self.seen[signature]
             self.buffers.pop(signature, None)
@@ -725,7 +730,7 @@ class GraphedCheckpoint:
         compiled every kernel for it. Signatures of at most max_shapes hidden-state shapes are followed, a shape
         taking its place when it comes back: with data of varied lengths, a length seen once (the first batch's, an
         outlier) would otherwise hold one of the few places for good while lengths that recur ran eagerly."""
-        shape = call.signature[1][0][0]  # the first leaf's: the layer's hidden states
+        shape = _hidden_shape(call.signature)
         followed = shape in self.seen_shapes
         if call.signature not in self.seen:
             if not followed and len(self.seen_shapes) >= self.max_shapes:
