@@ -181,16 +181,29 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
     if documents == batch:
         return None
     total = batch * seq
-    longest = int(torch.diff(flat_starts, append=torch.tensor([total])).max())
     # One form for every batch of as many tokens and up to as many documents, so that a layer's CUDA graph
     # (fastmoe.graphed_checkpointing, which copies the offsets in as data) replays for the next batch's documents:
-    # the offsets padded with empty documents to a power of two, the longest document rounded up to one (at most
+    # the offsets padded with empty documents to a power of two, and the longest document given as the row's
+    # length where there are at most ROW_AS_LONGEST_MAX_OFFSETS offsets, else rounded up to a power of two (at most
     # the tokens). Flash reads each document's length from the offsets: the empty documents' blocks, and those past
     # each document's end, return at once.
-    offsets = torch.full((_power_of_two_above(documents),), total)
+    count = _power_of_two_above(documents)
+    offsets = torch.full((count,), total)
     offsets[:documents] = flat_starts
+    if count <= ROW_AS_LONGEST_MAX_OFFSETS:
+        longest = total
+    else:
+        longest = int(torch.diff(flat_starts, append=torch.tensor([total])).max())
+        longest = min(_power_of_two_above(longest - 1), total)
     device = device if device is not None else position_ids.device
-    return to_device(offsets.to(torch.int32), device), min(_power_of_two_above(longest - 1), total)
+    return to_device(offsets.to(torch.int32), device), longest
+
+
+# The flash kernels' grid spans offsets x longest document: a longest document that changes from batch to batch
+# (trl's padded batches of a few examples of varied lengths: 4 x 2,048 and 2 x 4,096 pack into 4 or 8 offsets) makes
+# one row length need graphs per longest. Given as the row's length it is one signature per length, for at most
+# this many times the blocks of the row's tokens in the grid, the extra ones empty.
+ROW_AS_LONGEST_MAX_OFFSETS = 8
 
 
 def _power_of_two_above(n: int) -> int:

@@ -22,6 +22,7 @@ import bench_generate  # noqa: E402
 import bench_grpo  # noqa: E402
 import bench_sft  # noqa: E402
 import bench_short_conv  # noqa: E402
+import bench_sliding_window_attention  # noqa: E402
 import common  # noqa: E402
 import host_gaps  # noqa: E402
 import graph_places  # noqa: E402
@@ -700,14 +701,19 @@ def test_sft_benchmark_examples_of_varied_lengths(tmp_path):
         report.render([record], include_cpu=True)
 
 
-def test_graph_places_simulation_follows_graphed_checkpointing():
+@pytest.mark.parametrize("row_as_longest_max_offsets", [8, 2])
+def test_graph_places_simulation_follows_graphed_checkpointing(row_as_longest_max_offsets, monkeypatch):
     """graph_places.py through the real GraphedCheckpoint: with places for every length, each signature (the rounded
     length and the packed row's flash layout: its offsets' count and longest document) runs eagerly at its first
-    step, captures at its second and replays after; with one place most steps cannot replay."""
+    step, captures at its second and replays after; with one place most steps cannot replay. Two examples a step
+    pack into 4 offsets: by default the longest document is the row's length, one signature per length; with fewer
+    offsets allowed that, the longest document rounded up varies within a length."""
+    from fastmoe import sliding_window_attention
     from fastmoe.graphed_checkpointing import GraphedCheckpoint
     from fastmoe.padding_free import row_length_for_graphs
     from fastmoe.sliding_window_attention import packed_documents
 
+    monkeypatch.setattr(sliding_window_attention, "ROW_AS_LONGEST_MAX_OFFSETS", row_as_longest_max_offsets)
     lengths = bench_sft.example_lengths(2 * 60, 64)
     rounding = GraphedCheckpoint(capture=False, max_shapes=1000)
     signatures, rows = [], []
@@ -720,11 +726,32 @@ def test_graph_places_simulation_follows_graphed_checkpointing():
     every = graph_places.simulate(2, 64, 60, places=1000)
     distinct = set(signatures)
     assert (every.eager, every.captured) == (len(distinct), sum(signatures.count(s) > 1 for s in distinct))
-    assert len(distinct) > len(set(rows))  # the layouts' part shows: more signatures than lengths
+    if row_as_longest_max_offsets >= 4:
+        assert len(distinct) == len(set(rows))
+    else:
+        assert len(distinct) > len(set(rows))  # the layouts' part shows: more signatures than lengths
     assert every.replayed == 60 - every.eager - every.captured and every.trained == sum(rows)
     assert every.tokens == sum(lengths) and every.modeled_ms > every.ideal_ms
     one = graph_places.simulate(2, 64, 60, places=1)
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
+
+
+def test_packed_attention_rows_are_bench_sfts_examples_rounded_as_graphs_round_them():
+    """bench_sliding_window_attention --packed: each row holds its batch's examples in bench_sft's draw, then the
+    filler up to the length graphed checkpointing trains the row at; the pairs count causal attention within each
+    document, keys at most the window back."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+    from fastmoe.padding_free import row_length_for_graphs
+
+    rows = bench_sliding_window_attention.packed_rows(4, 2048, 3)
+    lengths = bench_sft.example_lengths(12, 2048)
+    rounding = GraphedCheckpoint(capture=False, max_shapes=3)
+    for row, documents in enumerate(rows):
+        examples = lengths[4 * row:4 * row + 4]
+        assert documents[:4] == examples and sum(documents) == row_length_for_graphs(rounding, sum(examples))
+        assert len(documents) <= 5
+    pairs = bench_sliding_window_attention.causal_pairs_within
+    assert pairs([3, 1], None) == 6 + 1 and pairs([3, 1], 2) == 1 + 2 + 2 + 1
 
 
 def test_replayed_steps_are_those_without_a_capture_or_an_eager_layer():

@@ -104,18 +104,25 @@ def test_flash_sliding_window_matches_sdpa_over_the_dense_mask(seq, window, head
         assert rel_err(grad, ref_grad) < 1e-2
 
 
-def test_packed_documents_start_wherever_the_position_does_not_follow_on():
+def test_packed_documents_start_wherever_the_position_does_not_follow_on(monkeypatch):
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 0, 0, 1, 2, 3]])
     offsets, longest = swa.packed_documents(positions)
     # Every row starts a document; a repeated 0 is a one-token document. The static form: empty documents up to
-    # 8 offsets, the longest document (4) a power of two already.
+    # 8 offsets, and with that few offsets the row's length as the longest document.
     assert offsets.tolist() == [0, 3, 5, 9, 13, 14, 18, 18] and offsets.dtype == torch.int32
-    assert longest == 4
-    # Another batch of as many tokens and documents, a longest of 5 (rounded up to 8): the same form.
-    offsets, longest = swa.packed_documents(torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2], [0, 1, 0, 1, 2, 3, 0, 1, 2]]))
-    assert offsets.tolist() == [0, 5, 6, 9, 11, 15, 18, 18] and longest == 8
+    assert longest == 18
+    another = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2], [0, 1, 0, 1, 2, 3, 0, 1, 2]])
+    offsets, longest = swa.packed_documents(another)
+    assert offsets.tolist() == [0, 5, 6, 9, 11, 15, 18, 18] and longest == 18
+    assert swa.packed_documents(torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))[1] == 7
+    # More offsets than ROW_AS_LONGEST_MAX_OFFSETS: the longest document rounded up to a power of two, at most the
+    # tokens, so that batches of as many tokens and documents share a form.
+    monkeypatch.setattr(swa, "ROW_AS_LONGEST_MAX_OFFSETS", 2)
+    assert swa.packed_documents(positions)[1] == 4  # a power of two already
+    offsets, longest = swa.packed_documents(another)
+    assert offsets.tolist() == [0, 5, 6, 9, 11, 15, 18, 18] and longest == 8  # 5, rounded up
     assert swa.packed_documents(torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))[1] == 4
-    assert swa.packed_documents(torch.tensor([[0, 1, 2, 3, 4, 0]]))[1] == 6  # rounded up, at most the tokens
+    assert swa.packed_documents(torch.tensor([[0, 1, 2, 3, 4, 0, 0]]))[1] == 7  # 5: 8, at most the tokens
     assert swa.packed_documents(torch.arange(7).repeat(3, 1)) is None  # each row one document
     assert swa.packed_documents(torch.arange(3, 10)[None]) is None  # an offset row is still one document
 
@@ -159,11 +166,11 @@ def test_no_layout_on_the_cpu_or_with_padding_or_a_cache(tiny_checkpoint):
         two_rows = cuda_like.expand(2, -1, -1)
         right_padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, None, None, True)
-        assert full.document_offsets.tolist() == [0, 3, 5, 10] and full.longest_document == 8
+        assert full.document_offsets.tolist() == [0, 3, 5, 10] and full.longest_document == 10
         # With packed rows too: both boundaries.
         positions = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, positions, None, True)
-        assert full.document_offsets.tolist() == [0, 2, 3, 5, 10, 10, 10, 10] and full.longest_document == 8
+        assert full.document_offsets.tolist() == [0, 2, 3, 5, 10, 10, 10, 10] and full.longest_document == 10
         # transformers' default position_ids: one row for the batch.
         full, _ = swa.flash_causal_layout(model.config, two_rows, right_padded, torch.arange(5)[None], None, True)
         assert full.document_offsets.tolist() == [0, 3, 5, 10]
@@ -231,18 +238,22 @@ def test_afmoe_layouts_give_the_masks_losses_and_gradients(tmp_path, tiny_tokeni
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("batch, seq, window, documents, head_dim, cudnn_on_hopper", [
-    (2, 1000, None, None, 128, False),              # plain causal rows, sizes off every block
-    (1, 4096, None, None, 128, True),               # plain causal rows cuDNN takes on Hopper
-    (2, 2100, None, None, 64, True),                # the same, a length off every block, head_dim 64
-    (1, 4096, 2048, None, 128, False),              # Trinity's window: flash
-    (2, 2048, 2048, None, 128, True),               # a window as long as the rows: plain causal
-    (2, 2100, 4096, None, 64, True),                # a window longer than the rows
-    (1, 1000, 257, [300, 1, 450, 249], 128, False),  # packed, a one-token document, documents longer than the window
-    (2, 333, None, [100, 233, 1, 332], 128, False),  # two packed rows
+@pytest.mark.parametrize("batch, seq, window, documents, head_dim, cudnn_on_hopper, row_as_longest", [
+    (2, 1000, None, None, 128, False, True),              # plain causal rows, sizes off every block
+    (1, 4096, None, None, 128, True, True),               # plain causal rows cuDNN takes on Hopper
+    (2, 2100, None, None, 64, True, True),                # the same, a length off every block, head_dim 64
+    (1, 4096, 2048, None, 128, False, True),              # Trinity's window: flash
+    (2, 2048, 2048, None, 128, True, True),               # a window as long as the rows: plain causal
+    (2, 2100, 4096, None, 64, True, True),                # a window longer than the rows
+    (1, 1000, 257, [300, 1, 450, 249], 128, False, True),   # packed, a one-token document, longer than the window
+    (1, 1000, 257, [300, 1, 450, 249], 128, False, False),  # the same, the longest document rounded up (to 512)
+    (2, 333, None, [100, 233, 1, 332], 128, False, True),   # two packed rows
+    (2, 333, None, [100, 233, 1, 332], 128, False, False),  # the same, the longest document rounded up (to 512)
 ])
 def test_flash_causal_layouts_match_sdpa_over_the_dense_mask(batch, seq, window, documents, head_dim,
-                                                             cudnn_on_hopper):
+                                                             cudnn_on_hopper, row_as_longest, monkeypatch):
+    if not row_as_longest:
+        monkeypatch.setattr(swa, "ROW_AS_LONGEST_MAX_OFFSETS", 0)
     generator = torch.Generator(device="cuda").manual_seed(0)
     heads, kv_heads = 8, 2
 
