@@ -117,6 +117,8 @@ def bench_packed(batch: int, seq: int, rows: int) -> tuple[list[dict], str]:
                     forward_ms = common.bench_graph_ms(lambda: attention(*inputs))
                 step_ms = common.bench_graph_ms(common.fwd_bwd(attention, inputs, grads))
                 times.setdefault((window, rule), []).append((forward_ms, step_ms, longest))
+                print(f"row of {tokens} tokens ({offsets.numel()} offsets), window {window}, longest {longest}: "
+                      f"fwd {forward_ms:.3f} ms, fwd+bwd {step_ms:.3f} ms", flush=True)
     peak = common.matmul_peak_tflops("cuda")
     mean_tokens = round(statistics.mean(sum(lengths) for lengths in documents))
     shared = dict(common.environment("cuda"), question="sliding-window-attention", seq=mean_tokens, heads=HEADS,
