@@ -848,7 +848,11 @@ SECTIONS = [
             "one row of the given tokens: transformers' SDPA over its dense sliding-window mask against the flash "
             "kernel given the window (fastmoe's path) and cuDNN's causal attention with the window as an additive "
             "bias; the causal full-attention layer, transformers' SDPA against cuDNN (fastmoe's path on Hopper), is "
-            "the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs each mask keeps.",
+            "the yardstick. CUDA-graph replays; TFLOP/s over the (query, key) pairs each mask keeps. Rows named "
+            "\"packed rows of B examples\" (`--packed BxS`): trl-style batches of bench_sft's example lengths packed "
+            "into one row as fastmoe trains them (tokens: the rows' mean), flash given the row's length as the longest "
+            "document (fastmoe's layouts of at most 8 offsets) or that document rounded up to a power of two (more "
+            "offsets); the two are one computation where the rounding reaches the row's length.",
             "python benchmarks/bench_sliding_window_attention.py", sliding_window_section),
     Section("multi-gpu", "Several GPUs: DDP and FSDP2",
             "bench_multi_gpu.py: an LFM2-8B-A1B-shaped model, transformers' Trainer (accelerate) with fastmoe's "
