@@ -202,7 +202,10 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
 # The flash kernels' grid spans offsets x longest document: a longest document that changes from batch to batch
 # (trl's padded batches of a few examples of varied lengths: 4 x 2,048 and 2 x 4,096 pack into 4 or 8 offsets) makes
 # one row length need graphs per longest. Given as the row's length it is one signature per length, for at most
-# this many times the blocks of the row's tokens in the grid, the extra ones empty.
+# this many times the blocks of the row's tokens in the grid, the extra ones empty. Trinity-Mini's 8 layers on trl's
+# padded batches (H100, bench_sft.py --data examples, 2026-12-07): 2 x 4096 +21-26% tokens/s, 4 x 2048 +5-8%, the
+# replays both rules ran within 0.7% of each other; at 8 x 1024's 16 offsets the row's length took flash 9% longer
+# (bench_sliding_window_attention.py --packed 8x1024) for one step in 40 more on graphs (graph_places.py), so 8.
 ROW_AS_LONGEST_MAX_OFFSETS = 8
 
 
