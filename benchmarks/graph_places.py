@@ -15,9 +15,10 @@ of the tokens trained, and a modeled step time over an ideal run (every step gra
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
 
 Counted this way, the timed steps 30-69 of bench_sft's H100 runs of 2026-12-07 (stop 55's placement, every longest
-document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096. The defaults
-model Trinity-Mini's 8 layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager steps 2-4x,
-bench_sft --data examples, 2026-12-07). Nothing is recorded: bench_sft --data examples measures.
+document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096; and with the
+row's length as the longest up to ROW_AS_LONGEST_MAX_OFFSETS offsets, the later runs' 38 at 4 x 2048 and 30 at 2 x
+4096. The defaults model Trinity-Mini's 8 layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager
+steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is recorded: bench_sft --data examples measures.
 """
 
 from __future__ import annotations
