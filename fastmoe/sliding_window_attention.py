@@ -159,14 +159,25 @@ def flash_supports(config, device: torch.device, dtype: torch.dtype) -> bool:
             and _flash_takes_a_window())
 
 
+# The flash kernels' grid spans offsets x longest document: a longest document that changes from batch to batch
+# (trl's padded batches of a few examples of varied lengths: 4 x 2,048 and 2 x 4,096 pack into 4 or 8 offsets) makes
+# one row length need graphs per longest. Given as the row's length it is one signature per length, for at most
+# this many times the blocks of the row's tokens in the grid, the extra ones empty. Trinity-Mini's 8 layers on trl's
+# padded batches (H100, bench_sft.py --data examples, 2026-12-07): 2 x 4096 +21-26% tokens/s, 4 x 2048 +5-8%, the
+# replays both rules ran within 0.7% of each other; at 8 x 1024's 16 offsets the row's length took flash 9% longer
+# (bench_sliding_window_attention.py --packed 8x1024) for one step in 40 more on graphs (graph_places.py), so 8.
+ROW_AS_LONGEST_MAX_OFFSETS = 8
+
+
 def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | None = None,
                      device: torch.device | None = None) -> tuple[torch.Tensor, int] | None:
-    """(document offsets on `device` (position_ids' by default), longest document) of a batch whose position_ids
-    restart where a document starts (a new document wherever the position does not follow the previous one by 1:
-    transformers' rule for packed rows), or None when every row is one document. `padding` (batch, seq), boolean on
-    the host, True at the padded tokens of right-padded rows: each row's padded tail is a document of its own, so no
-    token of the row attends to it (the mask's rule), and it attends only to itself (its outputs go to no loss).
-    Reads position_ids on the host: one sync, none where they have a host copy (fastmoe.host_copies)."""
+    """(document offsets on `device` (position_ids' by default), a bound on the longest document, flash's maximum
+    length: see below) of a batch whose position_ids restart where a document starts (a new document wherever the
+    position does not follow the previous one by 1: transformers' rule for packed rows), or None when every row is
+    one document. `padding` (batch, seq), boolean on the host, True at the padded tokens of right-padded rows: each
+    row's padded tail is a document of its own, so no token of the row attends to it (the mask's rule), and it
+    attends only to itself (its outputs go to no loss). Reads position_ids on the host: one sync, none where they
+    have a host copy (fastmoe.host_copies)."""
     # position_ids may be one row for the whole batch (transformers' default, arange): as padding's rows then.
     batch, seq = (padding if padding is not None else position_ids).shape
     starts = torch.zeros(batch, seq, dtype=torch.bool)
@@ -197,16 +208,6 @@ def packed_documents(position_ids: torch.Tensor | None, padding: torch.Tensor | 
         longest = min(_power_of_two_above(longest - 1), total)
     device = device if device is not None else position_ids.device
     return to_device(offsets.to(torch.int32), device), longest
-
-
-# The flash kernels' grid spans offsets x longest document: a longest document that changes from batch to batch
-# (trl's padded batches of a few examples of varied lengths: 4 x 2,048 and 2 x 4,096 pack into 4 or 8 offsets) makes
-# one row length need graphs per longest. Given as the row's length it is one signature per length, for at most
-# this many times the blocks of the row's tokens in the grid, the extra ones empty. Trinity-Mini's 8 layers on trl's
-# padded batches (H100, bench_sft.py --data examples, 2026-12-07): 2 x 4096 +21-26% tokens/s, 4 x 2048 +5-8%, the
-# replays both rules ran within 0.7% of each other; at 8 x 1024's 16 offsets the row's length took flash 9% longer
-# (bench_sliding_window_attention.py --packed 8x1024) for one step in 40 more on graphs (graph_places.py), so 8.
-ROW_AS_LONGEST_MAX_OFFSETS = 8
 
 
 def _power_of_two_above(n: int) -> int:
