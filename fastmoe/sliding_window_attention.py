@@ -133,7 +133,8 @@ class FlashCausal:
     """What a layer's attention mask would say for a batch with no padding and no cache, without the mask: causal
     within each document, keys limited to `window` positions back (None: no limit). `document_offsets`, for packed
     rows only, holds where each document starts in the flattened (batch x seq) tokens and, last, their total (int32,
-    on the device); `longest_document` its longest. Unpacked, each row is one document and both are None."""
+    on the device); `longest_document` bounds their longest (flash's maximum length, see packed_documents). Unpacked,
+    each row is one document and both are None."""
 
     window: int | None = None
     document_offsets: torch.Tensor | None = None
