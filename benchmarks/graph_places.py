@@ -13,6 +13,10 @@ of the tokens trained, and a modeled step time over an ideal run (every step gra
 --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
+    python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 8 --steps 70   # bench_sft's window
+
+The last column counts the steps of --timed (30-69 by default: bench_sft --data examples --warmup 30 --steps 40)
+that replayed.
 
 Counted this way, the timed steps 30-69 of bench_sft's H100 runs of 2026-12-07 (stop 55's placement, every longest
 document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096; and with the
@@ -42,6 +46,7 @@ class Placement:
     trained: int = 0  # with the filler
     modeled_ms: float = 0.0
     ideal_ms: float = 0.0
+    replayed_steps: list[int] = dataclasses.field(default_factory=list)  # the steps (from 0) that replayed
 
 
 class _LayerWithLayout(torch.nn.Module):
@@ -98,6 +103,7 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
             result.modeled_ms += eager_cost * graphed_ms
         else:
             result.replayed += 1
+            result.replayed_steps.append(step)
             result.modeled_ms += graphed_ms
         result.steps += 1
         result.tokens += tokens
@@ -115,15 +121,20 @@ def main() -> None:
     parser.add_argument("--fixed-ms", type=float, default=12.0, help="a graphed step's time: this plus ...")
     parser.add_argument("--ms-per-token", type=float, default=0.0185, help="... this per token")
     parser.add_argument("--eager-cost", type=float, default=3.0, help="an eager or capturing step over a graphed one")
+    parser.add_argument("--timed", default="30,70", help="START,END: also count the replays of steps START to END - 1 "
+                        "(bench_sft --data examples --warmup 30 --steps 40 times steps 30-69)")
     args = parser.parse_args()
-    print("shape     places  replayed  captured  eager  filler  step time / ideal")
+    first, end = (int(part) for part in args.timed.split(","))
+    print(f"shape     places  replayed  captured  eager  filler  step time / ideal  replayed of steps {first}-{end - 1}")
     for shape in args.shapes.split(","):
         batch, seq = (int(part) for part in shape.split("x"))
         for places in (int(p) for p in args.places.split(",")):
             r = simulate(batch, seq, args.steps, places, args.seed, args.fixed_ms, args.ms_per_token,
                          args.eager_cost)
+            timed = sum(first <= step < end for step in r.replayed_steps)
             print(f"{shape:9s} {places:6d}  {r.replayed / r.steps:8.1%}  {r.captured / r.steps:8.1%}  "
-                  f"{r.eager / r.steps:5.1%}  {1 - r.tokens / r.trained:6.1%}  {r.modeled_ms / r.ideal_ms:17.2f}")
+                  f"{r.eager / r.steps:5.1%}  {1 - r.tokens / r.trained:6.1%}  {r.modeled_ms / r.ideal_ms:17.2f}  "
+                  f"{timed} of {min(end, r.steps) - first}")
 
 
 if __name__ == "__main__":

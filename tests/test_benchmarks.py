@@ -731,6 +731,7 @@ def test_graph_places_simulation_follows_graphed_checkpointing(row_as_longest_ma
     else:
         assert len(distinct) > len(set(rows))  # the layouts' part shows: more signatures than lengths
     assert every.replayed == 60 - every.eager - every.captured and every.trained == sum(rows)
+    assert len(every.replayed_steps) == every.replayed and every.replayed_steps == sorted(set(every.replayed_steps))
     assert every.tokens == sum(lengths) and every.modeled_ms > every.ideal_ms
     one = graph_places.simulate(2, 64, 60, places=1)
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
