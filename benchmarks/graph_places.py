@@ -2,15 +2,16 @@
 
 fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
 row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
-once the places are taken, a length asked for far more often than the rarest followed one taking its place; a
-length's graphs are per signature, which holds the row's flash layout too (its offsets' count and, above
-ROW_AS_LONGEST_MAX_OFFSETS offsets, its longest document rounded up to a power of two). Which steps then replay
-graphs, capture them or run eager layers depends only on the sequence of lengths. This drives the real
-GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the layer's bodies run eagerly),
-padding_free's rounding and the layouts with one tiny layer, over batches of bench_sft.example_lengths, and prints
-per shape and number of places: the share of steps that replayed, captured or ran eager layers, the filler's share
-of the tokens trained, and a modeled step time over an ideal run (every step graphed, no filler): graphed steps cost
---fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost times that.
+once the places are taken, a length taking a followed one's place where the rows asked for so far would have cost
+less that way (GraphedCheckpoint.row_tokens_for_graphs); a length's graphs are per signature, which holds the row's
+flash layout too (its offsets' count and, above ROW_AS_LONGEST_MAX_OFFSETS offsets, its longest document rounded up
+to a power of two). Which steps then replay graphs, capture them or run eager layers depends only on the sequence of
+lengths. This drives the real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the
+layer's bodies run eagerly), padding_free's rounding and the layouts with one tiny layer, over batches of
+bench_sft.example_lengths, and prints per shape and number of places: the share of steps that replayed, captured or
+ran eager layers, the filler's share of the tokens trained, and a modeled step time over an ideal run (every step
+graphed, no filler): graphed steps cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost
+times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 8 --steps 70   # bench_sft's window
@@ -21,8 +22,10 @@ that replayed.
 Counted this way, the timed steps 30-69 of bench_sft's H100 runs of 2026-12-07 (stop 55's placement, every longest
 document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096; and with the
 row's length as the longest up to ROW_AS_LONGEST_MAX_OFFSETS offsets, the later runs' 38 at 4 x 2048 and 30 at 2 x
-4096. The defaults model Trinity-Mini's 8 layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager
-steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is recorded: bench_sft --data examples measures.
+4096 (a length then took a followed one's place when asked for more than twice as often; with the cost-based
+rule it counts 35 / 38 / 33, not yet run on a GPU). The defaults model Trinity-Mini's 8 layers on an H100 (graphed:
+52 ms at ~2,300 tokens, 87 ms at 4,096; eager steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is
+recorded: bench_sft --data examples measures.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ documents (fastmoe.sliding_window_attention pads the offsets) then replay one gr
 A signature is captured the second time it is seen (the first call runs torch's checkpoint, which also compiles
 every Triton kernel for those shapes), and signatures of at most `max_shapes` hidden-state shapes per model are
 kept: a data set of variable lengths would otherwise capture on every step. A shape takes its place when it comes
-back, so that a length seen once holds none; a packed row's length asked for far more often than the rarest followed
-one takes that one's place (`row_tokens_for_graphs`, which also pads rows up to followed lengths once the places
-are taken). The cap counts shapes, not signatures: the layers of one model differ in kind (dense and MoE layers,
-sliding-window and full attention), each kind a signature of its own for the same batch, and the buffers, which cost
-the memory, are shared by the signatures of one shape.
+back, so that a length seen once holds none; once the places are taken, a packed row's length takes a followed one's
+place where the rows asked for so far would have cost less that way (`row_tokens_for_graphs`, which also pads rows
+up to followed lengths). The cap counts shapes, not signatures: the layers of one model differ in kind (dense and
+MoE layers, sliding-window and full attention), each kind a signature of its own for the same batch, and the
+buffers, which cost the memory, are shared by the signatures of one shape.
 Anything the graphs cannot honour falls back, call by call, to torch's checkpoint: CPU tensors, dropout, hooks on the
 layer (FSDP, recording hidden states), torch.compile, a capture that fails (a host sync inside the layer).
 
@@ -79,6 +79,7 @@ transformers' 61.7 and above fastmoe's own eager step at 24,576 tokens (56.8; H1
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import functools
@@ -116,9 +117,21 @@ KEPT_ATTENTION_SHAPES = 1
 # its tokens rather than run eager layers, which cost more than that: a step of eager layers at 2,000-4,500 tokens
 # took 3-4x as long as a graphed one (Trinity-Mini 8 layers, bound by the host; 1.9x at 32 layers at 4,096 tokens).
 PAD_UP_TO_GRAPHS = 2
-# A packed row's length asked for more than this many times as often as the followed length asked for least (plus
-# two) takes that one's place.
-TAKING_PLACE_RATIO = 2
+# Once every place is taken, a packed row's length takes a followed one's place where the lengths asked for so far
+# would have cost less that way by more than PLACE_SWAP_STEPS eager steps of its own (its capture and the dropped
+# length's, should it come back), counted as: a graphed step GRAPHED_STEP_FIXED_TOKENS + its (padded) tokens, an eager
+# one EAGER_STEP_COST times its own length's graphed one. A length asked for often takes the place of one asked for
+# little, and a row longer than every followed length takes one where the long rows together (each rare, but padding
+# up to it) cost more eagerly than the place's length saves. The fixed part: Trinity-Mini's 8 layers on an H100 took
+# 12 ms + 18.5 us a token graphed (bench_sft --data examples, 2026-12-07); the eager cost the lower end of what was
+# measured (above). benchmarks/graph_places.py, over 2,000 steps of bench_sft's example lengths with eight places:
+# modeled time over an ideal run 1.39 -> 1.18 at 2 x 4,096 (replays 91.5% -> 98.0%), 1.16 -> 1.12 at 4 x 2,048, 1.11
+# at 8 x 1,024 either way, against a rule that let a length take the rarest followed one's place when asked for more
+# than twice as often; a best set of eight chosen with hindsight: 1.13, 1.10, 1.08. Insensitive to the constants
+# (eager cost 2 or 3, 1 to 4 steps: 1.18-1.20 at 2 x 4,096).
+GRAPHED_STEP_FIXED_TOKENS = 650
+EAGER_STEP_COST = 2
+PLACE_SWAP_STEPS = 2
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -635,20 +648,43 @@ class GraphedCheckpoint:
         (fastmoe.padding_free.filler_for_graphs): its own where that shape is followed already or a place is free
         (the first call runs eagerly; the shape takes its place when it comes back); once every place is taken, the
         shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
-        length) or beyond max_tokens. A length asked for more than TAKING_PLACE_RATIO times as often as the followed
-        length asked for least, plus two, takes that one's place."""
+        length) or beyond max_tokens. A length takes a followed one's place where the lengths asked for so far would
+        have cost less that way (see PLACE_SWAP_STEPS)."""
         if tokens > self.max_tokens:
             return None
         followed = {shape[1]: shape for shape in self.seen_shapes if shape[0] == 1}  # one-row shapes by length
         self.row_requests[tokens] += 1
         if tokens in followed or len(self.seen_shapes) < self.max_shapes:
             return tokens
-        rarest = min(followed, key=self.row_requests.__getitem__, default=None)
-        if rarest is not None and self.row_requests[tokens] > TAKING_PLACE_RATIO * self.row_requests[rarest] + 2:
-            # The first lengths to come back need not be the data's common ones: the rarest gives its place up.
-            self._drop_shape(followed[rarest])
+        replaced = self._length_to_replace(sorted(followed), tokens)
+        if replaced is not None:
+            # The first lengths to come back need not be those that pay: the least useful gives its place up.
+            self._drop_shape(followed[replaced])
             return tokens
         return min((length for length in followed if tokens < length <= PAD_UP_TO_GRAPHS * tokens), default=None)
+
+    def _length_to_replace(self, followed: list[int], tokens: int) -> int | None:
+        """The followed length (of `followed`, sorted) whose place `tokens` takes, if any (see PLACE_SWAP_STEPS)."""
+        swap_cost = PLACE_SWAP_STEPS * EAGER_STEP_COST * (GRAPHED_STEP_FIXED_TOKENS + tokens)
+        now = self._requests_cost(followed)
+        best, replaced = swap_cost, None
+        for length in followed:
+            saving = now - self._requests_cost(sorted({*followed, tokens} - {length}))
+            if saving > best:
+                best, replaced = saving, length
+        return replaced
+
+    def _requests_cost(self, followed: list[int]) -> float:
+        """What the rows asked for so far cost with graphs for these lengths (sorted), in tokens: a row replays the
+        shortest followed length within PAD_UP_TO_GRAPHS times its own, or runs eager layers."""
+        cost = 0.0
+        for length, count in self.row_requests.items():
+            index = bisect.bisect_left(followed, length)
+            if index < len(followed) and followed[index] <= PAD_UP_TO_GRAPHS * length:
+                cost += count * (GRAPHED_STEP_FIXED_TOKENS + followed[index])
+            else:
+                cost += count * EAGER_STEP_COST * (GRAPHED_STEP_FIXED_TOKENS + length)
+        return cost
 
     def _drop_shape(self, shape: tuple) -> None:
         """Stop following a hidden-state shape: its signatures' graphs and the buffers only they used go (a graph an

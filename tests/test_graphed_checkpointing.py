@@ -669,7 +669,7 @@ def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_token
 @pytest.mark.gpu
 def test_a_length_taking_a_place_recaptures_in_the_shared_pool_on_gpu(tmp_path, tiny_tokenizer):
     """bf16, graphs captured for real in the one pool all layers share: the only place taken by a 105-token batch
-    (its row 112), a 200-token batch (224) runs eagerly until asked for a seventh time, then takes the place (the
+    (its row 112), a 200-token batch (224) runs eagerly until asked for a fifth time, then takes the place (the
     first batch's graphs dropped), is captured where they were and replayed; the first batch then pads up to 224 and
     replays those graphs. Every step's loss and gradients equal torch's checkpoint on that batch."""
     model = flash_gpu_model(tmp_path, tiny_tokenizer)
@@ -687,7 +687,7 @@ def test_a_length_taking_a_place_recaptures_in_the_shared_pool_on_gpu(tmp_path, 
         assert rel_err(loss, references[index][0]) < 1e-3, step
         for name, grad in grads.items():
             assert rel_err(grad, references[index][1][name]) < 2e-2, (step, name)
-    assert fallback.calls == (1 + 7) * layers  # the first 105-token step, the 200-token steps before the capture
+    assert fallback.calls == (1 + 5) * layers  # the first 105-token step, the 200-token steps before the capture
     assert [shape[1] for shape in graphed.seen_shapes] == [224] and graphed.row_requests == {112: 4, 224: 10}
     assert not graphed.ungraphable, graphed.ungraphable
     assert len(graphed.graphs) == layers and all(g.backward_graph is not None for g in graphed.graphs.values())
@@ -803,10 +803,14 @@ def test_row_tokens_for_graphs_are_a_followed_length_or_one_with_room():
     assert [graphed.row_tokens_for_graphs(t) for t in (16, 20, 40, 15, 56)] == [32, 32, 48, None, None]
 
 
-def test_a_length_asked_for_often_takes_the_place_of_the_rarest_followed_one():
-    """The first lengths to come back keep no place for good: once a length without one has been asked for more than
-    twice as often as the followed length asked for least (plus two), that one's graphs and buffers go and the
-    length gets its place (its layers run eagerly once more, then capture)."""
+def test_a_length_takes_the_place_of_the_followed_one_it_saves_most_against():
+    """The first lengths to come back keep no place for good: once a length without one would have made the rows
+    asked for so far cheaper (a graphed step GRAPHED_STEP_FIXED_TOKENS + its tokens, an eager one EAGER_STEP_COST times
+    that) by more than PLACE_SWAP_STEPS eager steps of its own, it takes the place of the followed length whose loss
+    costs least; that one's graphs and buffers go (its rows now pad up to the new length) and the length gets its place
+    (its layers run eagerly once more, then capture)."""
+    from fastmoe.graphed_checkpointing import EAGER_STEP_COST, GRAPHED_STEP_FIXED_TOKENS, PLACE_SWAP_STEPS
+
     graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=64)
     for tokens in (32, 48, 32, 48):
         assert graphed.row_tokens_for_graphs(tokens) == tokens
@@ -816,10 +820,37 @@ def test_a_length_asked_for_often_takes_the_place_of_the_rarest_followed_one():
     other_signature = ("signature", (((1, 48, 8),),))
     graphed.seen[other_signature] = {1}
     graphed.graphs[(1, other_signature)] = object()
-    # 56: beyond every followed length, so eager, until asked for a 7th time (> 2 x 2 requests of 48, + 2)
-    assert [graphed.row_tokens_for_graphs(56) for _ in range(7)] == [None] * 6 + [56]
+    # 56: beyond every followed length, so eager. Its n-th request: with 56 in 48's place, 48's two rows pad up to 56
+    # (8 tokens more each) and n eager rows replay, which saves more than two eager steps of 56 from n = 5 on (in 32's
+    # place, 32's five rows would pad up to 48: a smaller saving).
+    fixed, eager = GRAPHED_STEP_FIXED_TOKENS, EAGER_STEP_COST
+    saving = [n * (eager - 1) * (fixed + 56) - 2 * 8 for n in range(1, 8)]
+    first = next(n for n, s in enumerate(saving, 1) if s > PLACE_SWAP_STEPS * eager * (fixed + 56))
+    assert first == 5
+    assert [graphed.row_tokens_for_graphs(56) for _ in range(first)] == [None] * (first - 1) + [56]
     assert graphed.seen_shapes == {(1, 32, 8)} and not graphed.graphs and not graphed.seen
     assert graphed.row_tokens_for_graphs(48) == 48  # a place is free again
+
+
+def test_a_row_longer_than_every_followed_length_takes_a_place_for_the_long_rows_together():
+    """Long rows each rare but together worth a place: the length they can all pad up to takes the place of a followed
+    length whose rows pad up to another, where no long length's own requests would have earned one."""
+    graphed = GraphedCheckpoint(max_shapes=2, capture=False, max_tokens=4096)
+    for tokens in (1024, 1280, 1024, 1280):
+        graphed.row_tokens_for_graphs(tokens)
+    graphed.seen_shapes |= {(1, 1024, 8), (1, 1280, 8)}
+    for _ in range(20):
+        assert graphed.row_tokens_for_graphs(1024) == 1024
+        assert graphed.row_tokens_for_graphs(1280) == 1280
+    # Rows of 2,560, 3,072 and 3,584 tokens, each asked for once a round, nothing followed within twice them: eager,
+    # until in the third round 3,584 (which all three pad up to) takes 1,024's place (1,024's rows pad up to 1,280;
+    # 1,280's could not pad up to 3,584, more than twice theirs).
+    results = [graphed.row_tokens_for_graphs(tokens) for _ in range(3) for tokens in (2560, 3072, 3584)]
+    assert results == [None] * 8 + [3584]
+    assert {shape[1] for shape in graphed.seen_shapes} == {1280}
+    assert graphed.row_tokens_for_graphs(3584) == 3584  # a place is free: its own length, followed when it comes back
+    graphed.seen_shapes |= {(1, 3584, 8)}
+    assert [graphed.row_tokens_for_graphs(t) for t in (1024, 2560, 3072)] == [1280, 3584, 3584]
 
 
 def train_padded_batches(checkpoint, monkeypatch, lengths: list[tuple[int, ...]], order: list[int],
@@ -863,13 +894,13 @@ def test_a_length_without_a_place_is_padded_up_to_a_followed_one(tmp_path, tiny_
 
 def test_a_length_asked_for_often_replaces_the_first_followed_one_on_a_model(tmp_path, tiny_tokenizer, monkeypatch):
     """The only place taken by a 20-token row (two steps), a 32-token row (longer: no padding up) runs eagerly until
-    asked for a seventh time, then takes the place: eager once more, captured, replayed; every step with torch's
-    checkpoint's loss and gradients."""
+    asked for a fifth time, then takes the place (the 20-token rows then pad up to it): eager once more, captured,
+    replayed; every step with torch's checkpoint's loss and gradients."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("afmoe", tmp_path, seed=0, tokenizer=tiny_tokenizer, head_dim=16)
     graphed, fallback_calls, rows, layers = train_padded_batches(checkpoint, monkeypatch, [(10, 6, 3), (20, 6, 3)],
                                                                  [0, 0] + [1] * 9, max_shapes=1)
-    assert fallback_calls == (1 + 7) * layers  # the first 20-token step, the 32-token steps before the capture
+    assert fallback_calls == (1 + 5) * layers  # the first 20-token step, the 32-token steps before the capture
     assert rows == {20, 32} and [shape[1] for shape in graphed.seen_shapes] == [32]
     assert len(graphed.graphs) == layers and graphed.row_requests == {20: 2, 32: 9}
