@@ -91,9 +91,11 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
         examples = lengths[step * batch:(step + 1) * batch]
         tokens = sum(examples)
         length = row_length_for_graphs(graphed, tokens)
-        # The packed row's flash layout, as the attention layers get it: part of their call's signature
-        offsets, longest = packed_documents(_row_positions(examples, length - tokens))
-        as_graph_data(offsets)
+        # The packed row's flash layout, as the attention layers get it: part of their call's signature (none for a
+        # row of one example and no filler)
+        offsets, longest = packed_documents(_row_positions(examples, length - tokens)) or (None, None)
+        if offsets is not None:
+            as_graph_data(offsets)
         call = functools.partial(torch.nn.Module.__call__, layer, offsets=offsets, longest=longest)
         eager_before, graphs_before = len(eager_calls), len(graphed.graphs)
         graphed(call, torch.zeros(1, length, 4, requires_grad=True)).sum().backward()
