@@ -126,9 +126,9 @@ PAD_UP_TO_GRAPHS = 2
 # 12 ms + 18.5 us a token graphed (bench_sft --data examples, 2026-12-07); the eager cost the lower end of what was
 # measured (above). benchmarks/graph_places.py, over 2,000 steps of bench_sft's example lengths with eight places:
 # modeled time over an ideal run 1.39 -> 1.18 at 2 x 4,096 (replays 91.5% -> 98.0%), 1.16 -> 1.12 at 4 x 2,048, 1.11
-# at 8 x 1,024 either way, against a rule that let a length take the rarest followed one's place when asked for more
-# than twice as often; a best set of eight chosen with hindsight: 1.13, 1.10, 1.08. Insensitive to the constants
-# (eager cost 2 or 3, 1 to 4 steps: 1.18-1.20 at 2 x 4,096).
+# at 8 x 1,024 either way, 1.74 -> 1.17 at one example a step (1 x 4,096), against a rule that let a length take the
+# rarest followed one's place when asked for more than twice as often; a best set of eight chosen with hindsight:
+# 1.13, 1.10, 1.08. Insensitive to the constants (eager cost 2 or 3, 1 to 4 steps: 1.18-1.20 at 2 x 4,096).
 GRAPHED_STEP_FIXED_TOKENS = 650
 EAGER_STEP_COST = 2
 PLACE_SWAP_STEPS = 2

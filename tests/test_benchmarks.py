@@ -735,6 +735,8 @@ def test_graph_places_simulation_follows_graphed_checkpointing(row_as_longest_ma
     assert every.tokens == sum(lengths) and every.modeled_ms > every.ideal_ms
     one = graph_places.simulate(2, 64, 60, places=1)
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
+    single = graph_places.simulate(1, 64, 30, places=1000)  # one example a step: rows without filler have no layout
+    assert single.replayed + single.captured + single.eager == 30 and single.replayed > 0
 
 
 def test_packed_attention_rows_are_bench_sfts_examples_rounded_as_graphs_round_them():
