@@ -171,6 +171,11 @@ def _hidden_shape(signature: tuple) -> tuple:
     return signature[1][0][0]
 
 
+def _tokens(shape: tuple) -> int:
+    """The tokens of a hidden-state shape (batch, seq, hidden)."""
+    return shape[0] * shape[1]
+
+
 def _adapter_state(modules: tuple[torch.nn.Module, ...]) -> tuple:
     """What peft decides per call: which adapters run, and whether they are disabled or merged."""
     state = []
@@ -625,6 +630,10 @@ class GraphedCheckpoint:
         self.max_shapes = MAX_GRAPH_SHAPES if max_shapes is None else max_shapes
         self.kept_attention_shapes = KEPT_ATTENTION_SHAPES if kept_attention_shapes is None else kept_attention_shapes
         self.kept_shapes: set[tuple] = set()  # the followed shapes whose graphs keep attention outputs
+        # Once a kept shape is dropped, the most tokens a kept shape had: a shape taking its kept place keeps attention
+        # outputs only up to as many (a length that took a place by cost may be the long rows' catch-all, whose kept
+        # outputs would hold the most memory). None until then.
+        self.kept_tokens_bound: int | None = None
         self.max_tokens = max_tokens
         self.capture = capture
         self.pool = None
@@ -690,7 +699,9 @@ class GraphedCheckpoint:
         """Stop following a hidden-state shape: its signatures' graphs and the buffers only they used go (a graph an
         unfinished backward still holds lives until that backward is done), and its place is free."""
         self.seen_shapes.discard(shape)
-        self.kept_shapes.discard(shape)
+        if shape in self.kept_shapes:
+            self.kept_tokens_bound = max(self.kept_tokens_bound or 0, *map(_tokens, self.kept_shapes))
+            self.kept_shapes.discard(shape)
         signatures = {signature for signature in self.seen if _hidden_shape(signature) == shape}
         for signature in signatures:
             del self.seen[signature]
@@ -711,6 +722,7 @@ class GraphedCheckpoint:
         self.seen.clear()
         self.seen_shapes.clear()
         self.kept_shapes.clear()
+        self.kept_tokens_bound = None
         self.row_requests.clear()
         self.pool = None
         self.stream = None
@@ -780,7 +792,8 @@ class GraphedCheckpoint:
             if len(self.seen_shapes) >= self.max_shapes:
                 return None
             self.seen_shapes.add(shape)
-            if len(self.kept_shapes) < self.kept_attention_shapes:
+            if len(self.kept_shapes) < self.kept_attention_shapes and (
+                    self.kept_tokens_bound is None or _tokens(shape) <= self.kept_tokens_bound):
                 self.kept_shapes.add(shape)
         if call.signature not in self.buffers:
             self.buffers[call.signature] = _SharedBuffers.like(call, self.store)

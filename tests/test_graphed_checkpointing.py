@@ -495,6 +495,41 @@ def test_shapes_beyond_the_kept_attention_ones_recompute_attention(tmp_path, tin
         assert graphs.keep_attention == kept and len(graphs.kept.entries) == kept
 
 
+def test_a_shape_taking_a_dropped_kept_shapes_place_keeps_attention_only_up_to_its_tokens():
+    """Once a shape whose graphs keep attention outputs gives its place up, a shape followed after it keeps them only
+    if it has no more tokens than the kept shapes had: a length that takes a place by cost may be the long rows'
+    catch-all, whose kept outputs would hold the most memory."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden):
+            return self.linear(hidden)
+
+    layer = Layer()
+    graphed = GraphedCheckpoint(capture=False, max_shapes=2, kept_attention_shapes=1)
+
+    def steps(tokens, count=2):
+        for _ in range(count):
+            call = functools.partial(torch.nn.Module.__call__, layer)
+            graphed(call, torch.randn(1, tokens, 4, requires_grad=True)).sum().backward()
+
+    steps(16)
+    steps(24)
+    assert graphed.seen_shapes == {(1, 16, 4), (1, 24, 4)} and graphed.kept_shapes == {(1, 16, 4)}
+    graphed._drop_shape((1, 16, 4))
+    steps(32)  # followed in the free place, but longer than the dropped kept shape
+    assert graphed.seen_shapes == {(1, 24, 4), (1, 32, 4)} and not graphed.kept_shapes
+    graphed._drop_shape((1, 24, 4))
+    steps(8)
+    assert graphed.kept_shapes == {(1, 8, 4)}
+    graphed.release()
+    steps(40)
+    assert graphed.kept_shapes == {(1, 40, 4)}  # a fresh start: the first shape to come back keeps them
+
+
 def test_offloaded_inputs_keep_no_attention_outputs_and_recompute_attention(tmp_path, tiny_tokenizer, monkeypatch):
     """offload_inputs (use_gradient_checkpointing="fastmoe" with graphs): the same losses and gradients as torch's
     checkpoint, with the hidden states handed to HostInputs (on the CPU it keeps them where they are) and no
