@@ -15,6 +15,7 @@ times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 8 --steps 70   # bench_sft's window
+    python benchmarks/graph_places.py --shapes 4x2048 --places 8 --then 1x4096   # a shift in the data's lengths
 
 The last column counts the steps of --timed (30-69 by default: bench_sft --data examples --warmup 30 --steps 40)
 that replayed.
@@ -47,9 +48,23 @@ class Placement:
     eager: int = 0
     tokens: int = 0  # the examples' tokens
     trained: int = 0  # with the filler
-    modeled_ms: float = 0.0
-    ideal_ms: float = 0.0
     replayed_steps: list[int] = dataclasses.field(default_factory=list)  # the steps (from 0) that replayed
+    step_ms: list[float] = dataclasses.field(default_factory=list)  # each step's modeled time
+    step_ideal_ms: list[float] = dataclasses.field(default_factory=list)  # graphed, without filler
+
+    @property
+    def modeled_ms(self) -> float:
+        return sum(self.step_ms)
+
+    @property
+    def ideal_ms(self) -> float:
+        return sum(self.step_ideal_ms)
+
+    def window(self, start: int, end: int) -> tuple[float, float]:
+        """Steps start to end - 1: the share that replayed, and their modeled time over the ideal."""
+        replayed = sum(start <= step < end for step in self.replayed_steps)
+        return (replayed / len(self.step_ms[start:end]),
+                sum(self.step_ms[start:end]) / sum(self.step_ideal_ms[start:end]))
 
 
 class _LayerWithLayout(torch.nn.Module):
@@ -70,9 +85,10 @@ def _row_positions(examples: list[int], filler: int) -> torch.Tensor:
 
 
 def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed_ms: float = 12.0,
-             ms_per_token: float = 0.0185, eager_cost: float = 3.0) -> Placement:
+             ms_per_token: float = 0.0185, eager_cost: float = 3.0, then: tuple[int, int] | None = None) -> Placement:
     """`steps` batches of `batch` examples of example_lengths(seq) through a GraphedCheckpoint with `places`
-    places: how each step's layer ran, and the modeled time."""
+    places: how each step's layer ran, and the modeled time. `then` (batch, seq): a shift in the data, `steps` more
+    batches of that shape (another draw) after them."""
     from fastmoe.graphed_checkpointing import GraphedCheckpoint, as_graph_data
     from fastmoe.padding_free import row_length_for_graphs
     from fastmoe.sliding_window_attention import packed_documents
@@ -86,9 +102,12 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
     graphed = GraphedCheckpoint(fallback=fallback, capture=False, max_shapes=places)
     layer = _LayerWithLayout()
     lengths = example_lengths(batch * steps, seq, seed=seed)
+    batches = [lengths[step * batch:(step + 1) * batch] for step in range(steps)]
+    if then is not None:
+        lengths = example_lengths(then[0] * steps, then[1], seed=seed + 1)
+        batches += [lengths[step * then[0]:(step + 1) * then[0]] for step in range(steps)]
     result = Placement()
-    for step in range(steps):
-        examples = lengths[step * batch:(step + 1) * batch]
+    for step, examples in enumerate(batches):
         tokens = sum(examples)
         length = row_length_for_graphs(graphed, tokens)
         # The packed row's flash layout, as the attention layers get it: part of their call's signature (none for a
@@ -102,18 +121,18 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
         graphed_ms = fixed_ms + ms_per_token * length
         if len(eager_calls) > eager_before:
             result.eager += 1
-            result.modeled_ms += eager_cost * graphed_ms
+            result.step_ms.append(eager_cost * graphed_ms)
         elif len(graphed.graphs) > graphs_before:
             result.captured += 1
-            result.modeled_ms += eager_cost * graphed_ms
+            result.step_ms.append(eager_cost * graphed_ms)
         else:
             result.replayed += 1
             result.replayed_steps.append(step)
-            result.modeled_ms += graphed_ms
+            result.step_ms.append(graphed_ms)
         result.steps += 1
         result.tokens += tokens
         result.trained += length
-        result.ideal_ms += fixed_ms + ms_per_token * tokens
+        result.step_ideal_ms.append(fixed_ms + ms_per_token * tokens)
     return result
 
 
@@ -128,18 +147,26 @@ def main() -> None:
     parser.add_argument("--eager-cost", type=float, default=3.0, help="an eager or capturing step over a graphed one")
     parser.add_argument("--timed", default="30,70", help="START,END: also count the replays of steps START to END - 1 "
                         "(bench_sft --data examples --warmup 30 --steps 40 times steps 30-69)")
+    parser.add_argument("--then", metavar="BxS", help="a shift in the data: after --steps steps of each shape, --steps "
+                        "more of this one; also prints the steps after the shift by windows")
     args = parser.parse_args()
     first, end = (int(part) for part in args.timed.split(","))
+    then = tuple(int(part) for part in args.then.split("x")) if args.then else None
     print(f"shape     places  replayed  captured  eager  filler  step time / ideal  replayed of steps {first}-{end - 1}")
     for shape in args.shapes.split(","):
         batch, seq = (int(part) for part in shape.split("x"))
         for places in (int(p) for p in args.places.split(",")):
             r = simulate(batch, seq, args.steps, places, args.seed, args.fixed_ms, args.ms_per_token,
-                         args.eager_cost)
+                         args.eager_cost, then)
             timed = sum(first <= step < end for step in r.replayed_steps)
             print(f"{shape:9s} {places:6d}  {r.replayed / r.steps:8.1%}  {r.captured / r.steps:8.1%}  "
                   f"{r.eager / r.steps:5.1%}  {1 - r.tokens / r.trained:6.1%}  {r.modeled_ms / r.ideal_ms:17.2f}  "
                   f"{timed} of {min(end, r.steps) - first}")
+            if then is not None:
+                windows = [(0, 200), (200, 500), (500, args.steps)]
+                print(f"   then {args.then}, replayed and time / ideal over the steps after the shift: " + ", ".join(
+                    "{}-{}: {:.1%} {:.2f}".format(a, b - 1, *r.window(args.steps + a, args.steps + b))
+                    for a, b in windows if a < args.steps))
 
 
 if __name__ == "__main__":

@@ -737,6 +737,12 @@ def test_graph_places_simulation_follows_graphed_checkpointing(row_as_longest_ma
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
     single = graph_places.simulate(1, 64, 30, places=1000)  # one example a step: rows without filler have no layout
     assert single.replayed + single.captured + single.eager == 30 and single.replayed > 0
+    # a shift in the data: the same first steps, then as many of the other shape's draw
+    shifted = graph_places.simulate(2, 64, 60, places=1000, then=(1, 64))
+    assert shifted.steps == 120 and shifted.replayed_steps[:every.replayed] == every.replayed_steps
+    assert shifted.tokens == sum(lengths) + sum(bench_sft.example_lengths(60, 64, seed=4))
+    share, time_over_ideal = shifted.window(60, 120)
+    assert share == sum(step >= 60 for step in shifted.replayed_steps) / 60 and time_over_ideal > 1
 
 
 def test_packed_attention_rows_are_bench_sfts_examples_rounded_as_graphs_round_them():
