@@ -17,9 +17,10 @@ on) keeps its padding, and so do rows with gaps, calls that ask for per-position
 carry other per-position inputs, a cache, or run under torch.compile, and families whose packed-row ops are switched
 off (`Family.packed_row_ops`).
 
-Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, and a row that trl's padding-free
-collator packed already, is rounded up with a filler document that no label scores (`filler_for_graphs`), so that
-batches of nearby lengths give the layers one shape and replay the same CUDA graphs. Where the router's
+Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, a row that trl's padding-free collator
+packed already, and a batch of one row without padding (one example a step) are rounded up with a filler document
+that no label scores (`filler_for_graphs`), so that batches of nearby lengths give the layers one shape and replay
+the same CUDA graphs. Where the router's
 load-balancing loss is asked for, the callers that leave the filler out of it round rows: trl's fused head
 (fastmoe.trl_fused_head) and fastmoe's loss forward (fastmoe.models.causal_lm), both with `PackedRows.filler_mask`.
 """
@@ -180,6 +181,9 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
         return None
 
     keep = on_host(attention_mask).to(torch.bool)
+    if batch == 1 and bool(keep.all()):  # one example a step (trl's collator pads nothing): rounded up all the same
+        return _rounded_packed_row(model, dict(inputs, attention_mask=None), input_ids, position_ids,
+                                   embedding.shape[0], aux_loss_masks_filler)
     run_starts = keep.clone()
     run_starts[:, 1:] &= ~keep[:, :-1]
     if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
@@ -214,10 +218,11 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
 
 def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size: int,
                         aux_loss_masks_filler: bool) -> PackedRows | None:
-    """One row packed already (position_ids restarting, no attention mask), with filler for graphed checkpointing;
-    None where there is none to add."""
-    if (input_ids is None or position_ids is None or input_ids.shape[0] != 1
-            or position_ids.numel() != input_ids.numel()):
+    """One row without padding, packed already (position_ids restarting) or a single example (position_ids None:
+    0, 1, ...), with filler for graphed checkpointing; None where there is none to add. `inputs` hold no attention
+    mask."""
+    if (input_ids is None or input_ids.shape[0] != 1
+            or (position_ids is not None and position_ids.numel() != input_ids.numel())):
         return None
     tokens = input_ids.shape[1]
     filler = filler_for_graphs(model, inputs, tokens, aux_loss_masks_filler)
@@ -226,8 +231,9 @@ def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size
     device = input_ids.device
     packed = {name: value for name, value in inputs.items() if name not in VARLEN_INPUTS}
     # Built on the host, where the layouts read them (fastmoe.host_copies).
-    positions = torch.cat([on_host(position_ids).reshape(-1), torch.arange(filler, dtype=position_ids.dtype)])
-    packed["position_ids"] = to_device(positions[None], position_ids.device)
+    positions = torch.arange(tokens) if position_ids is None else on_host(position_ids).reshape(-1)
+    positions = torch.cat([positions, torch.arange(filler, dtype=positions.dtype)])
+    packed["position_ids"] = to_device(positions[None], device)
     packed["input_ids"] = torch.cat([input_ids.reshape(-1), _filler_ids(filler, input_ids, vocab_size)])[None]
     return PackedRows(packed, to_device(torch.arange(tokens), device), filler)
 

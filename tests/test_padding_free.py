@@ -103,6 +103,27 @@ def use_graphed_checkpointing(model) -> None:
         layer._gradient_checkpointing_func = checkpointing
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+def test_one_example_a_step_is_rounded_up_for_the_graphs(tiny_checkpoint, monkeypatch, model_type, with_mask):
+    """A batch of one row without padding (trl's collator at one example a step pads nothing; a plain loop may pass
+    no attention mask) trains under graphed checkpointing as the row and a filler document up to the rounded length
+    (13 tokens to 14), so that steps of nearby lengths replay the same graphs; loss and every LoRA gradient are the
+    row's alone."""
+    model = lora_model(tiny_checkpoint(model_type))
+    one = {name: value[:1] for name, value in padded_batch(model.config.vocab_size).items()}  # 13 tokens, no padding
+    assert bool(one["attention_mask"].all())
+    if not with_mask:
+        del one["attention_mask"]
+    rows = layout_rows(monkeypatch, model_type)
+    ref, ref_grads = loss_and_grads(model, one, monkeypatch, layouts=False)
+    use_graphed_checkpointing(model)
+    out, grads = loss_and_grads(model, one, monkeypatch, layouts=True)
+    assert rows and set(rows) == {(1, 14)}
+    assert_same(out, grads, ref, ref_grads)
+    fastmoe.unpatch()
+
+
 @pytest.mark.parametrize("model_type, graphed", [("qwen3_moe", False), ("jetmoe", False), ("qwen3_moe", True),
                                                  ("jetmoe", True)])
 def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, tmp_path, monkeypatch, model_type,
