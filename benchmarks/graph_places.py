@@ -21,12 +21,15 @@ The last column counts the steps of --timed (30-69 by default: bench_sft --data 
 that replayed.
 
 Counted this way, the timed steps 30-69 of bench_sft's H100 runs of 2026-12-07 (stop 55's placement, every longest
-document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096; and with the
-row's length as the longest up to ROW_AS_LONGEST_MAX_OFFSETS offsets, the later runs' 38 at 4 x 2048 and 30 at 2 x
-4096 (a length then took a followed one's place when asked for more than twice as often; with the cost-based
-rule it counts 35 / 38 / 33, not yet run on a GPU). The defaults model Trinity-Mini's 8 layers on an H100 (graphed:
-52 ms at ~2,300 tokens, 87 ms at 4,096; eager steps 2-4x, bench_sft --data examples, 2026-12-07). Nothing is
-recorded: bench_sft --data examples measures.
+document rounded up) are what the runs had: 35 of 40 all replays at 8 x 1024, 24 of 40 at 2 x 4096; and with the row's
+length as the longest up to ROW_AS_LONGEST_MAX_OFFSETS offsets, the later runs' 38 at 4 x 2048 and 30 at 2 x 4096 (a
+length then took a followed one's place when asked for more than twice as often; with the cost-based rule it counts 35
+/ 38 / 33, and an H100 had 38 and 34 at 4 x 2048 and 2 x 4096; over 200 timed steps after 10 (--steps 210 --timed
+10,210) at 2 x 4096 181 against the earlier rule's 173, the H100 182 against 174). The defaults model Trinity-Mini's 8
+layers on an H100 (graphed: 52 ms at ~2,300 tokens, 87 ms at 4,096; eager steps 2-4x, bench_sft --data examples,
+2026-12-07). Nothing is recorded: bench_sft --data examples measures. Batches of one example (1 x 4096) are rounded
+like packed rows as the simulation assumes since 2026-12-07; before, they kept their exact lengths and an H100
+replayed no step of 200.
 """
 
 from __future__ import annotations
