@@ -651,6 +651,7 @@ class GraphedCheckpoint:
         # packed rows' lengths asked for, each request weighed by how recent it is (see REQUESTS_HALF_LIFE)
         self.row_requests: dict[int, float] = {}
         self.request_weight = 1.0  # the next request's weight
+        self.rows_asked = 0  # rows asked for (fastmoe.padding_free rounds the first ones coarser)
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
@@ -667,6 +668,7 @@ class GraphedCheckpoint:
         shortest followed length up to PAD_UP_TO_GRAPHS times its own; None where none is (eager layers at its own
         length) or beyond max_tokens. A length takes a followed one's place where the lengths asked for so far (the
         recent ones weighing more: REQUESTS_HALF_LIFE) would have cost less that way (see PLACE_SWAP_STEPS)."""
+        self.rows_asked += 1
         if tokens > self.max_tokens:
             return None
         followed = {shape[1]: shape for shape in self.seen_shapes if shape[0] == 1}  # one-row shapes by length
@@ -744,6 +746,7 @@ class GraphedCheckpoint:
         self.kept_tokens_bound = None
         self.row_requests.clear()
         self.request_weight = 1.0
+        self.rows_asked = 0
         self.pool = None
         self.stream = None
 

@@ -86,7 +86,8 @@ EAGER_ROW_MULTIPLE = 16
 
 def filler_for_graphs(model, inputs: dict, tokens: int, aux_loss_masks_filler: bool = False) -> int:
     """How many filler tokens round a packed row of `tokens` up for fastmoe's graphed checkpointing: to the next
-    multiple of a quarter of the power of two below it (at most 25% more, ~12% on average), so that batches of
+    multiple of a quarter of the power of two below it (at most 25% more, ~12% on average; half of it, at most 50%,
+    for rows of up to 4,096 tokens while the places fill: COARSE_ROUNDING_ROWS), so that batches of
     nearby lengths give the layers one shape and replay the same CUDA graphs (the offsets and position ids are their
     data, fastmoe.graphed_checkpointing); once the graphs' places are all taken by other lengths, up to the
     shortest of them within twice its own (GraphedCheckpoint.row_tokens_for_graphs). A row whose layers run eagerly
@@ -106,10 +107,28 @@ def filler_for_graphs(model, inputs: dict, tokens: int, aux_loss_masks_filler: b
     return row_length_for_graphs(graphed, tokens) - tokens
 
 
+# While the graphs' places fill (a graphed checkpoint's first COARSE_ROUNDING_ROWS rows), rows of up to
+# COARSE_ROUNDING_MAX_TOKENS round up to a multiple of half the power of two below them instead of a quarter (at most
+# 50% filler instead of 25%), so that fewer lengths need graphs: each costs an eager step and a capture (Trinity-Mini's
+# 8 layers on an H100: ~170 and ~330 ms against a replay's 18 ms + 16 us a token, fitted to bench_sft --data examples'
+# steps of 2026-12-07), which a short run (fastmoe's notebooks and `fastmoe train` stop at 60 steps) pays for most of
+# its places. Later rows round to a quarter, and their lengths take places from the coarse ones where the cost rule
+# finds the filler saved worth it (GraphedCheckpoint.row_tokens_for_graphs). Rows of up to 4,096 tokens round up to
+# at most 4,096 either way, so the longest rows of a run, and its peak memory, stay as they were wherever its longest
+# row is 3,585 tokens or more. Modeled with those costs by graph_places.py's placement (time over an ideal run, quarter
+# rounding throughout -> this; 60 / 200 / 1,000 / 3,000 steps): 2 x 2,048 (the notebooks') 3.31 -> 2.58, 1.78 -> 1.55,
+# 1.28 -> 1.22, 1.15 -> 1.13; 8 x 1,024 2.24 -> 1.96, 1.56 -> 1.41, 1.18 -> 1.20, 1.11 -> 1.11; 2 x 4,096 2.58 ->
+# 2.15, 1.55 -> 1.45, 1.22 -> 1.21, 1.15 -> 1.15; 1 x 4,096 3.24 -> 2.86, 1.77 -> 1.58, 1.29 -> 1.21, 1.17 -> 1.15;
+# 16 x 512 1.86 -> 1.87, 1.36 -> 1.36, 1.15 -> 1.19, 1.10 -> 1.11.
+COARSE_ROUNDING_ROWS = 300
+COARSE_ROUNDING_MAX_TOKENS = 4096
+
+
 def row_length_for_graphs(graphed, tokens: int) -> int:
     """The length a packed row of `tokens` tokens trains at under `graphed` (a GraphedCheckpoint): see
-    filler_for_graphs."""
-    step = 1 << max(tokens.bit_length() - 3, 0)
+    filler_for_graphs and COARSE_ROUNDING_ROWS."""
+    coarse = graphed.rows_asked < COARSE_ROUNDING_ROWS and tokens <= COARSE_ROUNDING_MAX_TOKENS
+    step = 1 << max(tokens.bit_length() - (2 if coarse else 3), 0)
     length = graphed.row_tokens_for_graphs(-(-tokens // step) * step)
     if length is None:  # eager layers: a multiple of EAGER_ROW_MULTIPLE
         length = -(-tokens // EAGER_ROW_MULTIPLE) * EAGER_ROW_MULTIPLE

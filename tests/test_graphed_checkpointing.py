@@ -14,7 +14,7 @@ import torch
 from testing_utils import RecordOps, batch_with_padding, randomize_lora, rel_err
 
 import fastmoe
-from fastmoe import FastModel, kept_attention
+from fastmoe import FastModel, kept_attention, padding_free
 from fastmoe import sliding_window_attention as swa
 from fastmoe.checkpointing import set_checkpointing_mode
 from fastmoe.graphed_checkpointing import GraphedCheckpoint, capture_failure_reason, layer_of, standard_checkpoint
@@ -680,7 +680,7 @@ def cuda_padded(vocab_size: int, lengths: tuple[int, ...], width: int, seed: int
 @pytest.mark.gpu
 def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_tokenizer):
     """bf16, flash's variable-length kernels captured: padded batches of other documents (295 and 292 tokens, both
-    rounded up to 320) replay the graphs the first captured, their offsets copied in; loss and gradients equal
+    rounded up to 384) replay the graphs the first captured, their offsets copied in; loss and gradients equal
     torch's checkpoint on each batch."""
     model = flash_gpu_model(tmp_path, tiny_tokenizer)
     graphed = model.get_base_model()._fastmoe_graphed_checkpoint
@@ -703,11 +703,13 @@ def test_batches_of_other_documents_replay_one_graph_on_gpu(tmp_path, tiny_token
 
 
 @pytest.mark.gpu
-def test_a_length_taking_a_place_recaptures_in_the_shared_pool_on_gpu(tmp_path, tiny_tokenizer):
+def test_a_length_taking_a_place_recaptures_in_the_shared_pool_on_gpu(tmp_path, tiny_tokenizer, monkeypatch):
     """bf16, graphs captured for real in the one pool all layers share: the only place taken by a 105-token batch
     (its row 112), a 200-token batch (224) runs eagerly until asked for a fifth time, then takes the place (the
     first batch's graphs dropped), is captured where they were and replayed; the first batch then pads up to 224 and
-    replays those graphs. Every step's loss and gradients equal torch's checkpoint on that batch."""
+    replays those graphs. Every step's loss and gradients equal torch's checkpoint on that batch. Rows round to a
+    quarter octave from the first."""
+    monkeypatch.setattr(padding_free, "COARSE_ROUNDING_ROWS", 0)
     model = flash_gpu_model(tmp_path, tiny_tokenizer)
     batches = [cuda_padded(model.config.vocab_size, lengths, 100, seed)
                for seed, lengths in ((8, (60, 40, 5)), (9, (100, 90, 10)))]
@@ -919,7 +921,9 @@ def train_padded_batches(checkpoint, monkeypatch, lengths: list[tuple[int, ...]]
     """Padded batches of rows of `lengths` (documents padded to 20), trained in `order` under graphed checkpointing
     (capture=False) with max_shapes places: each step's loss and LoRA gradients checked against torch's checkpoint on
     the unpadded rows (fp64: filler tokens change the order of fp32 sums). Returns the graphed checkpoint, its
-    fallback's calls, the packed rows' lengths the attention saw, and the number of layers."""
+    fallback's calls, the packed rows' lengths the attention saw, and the number of layers. Rows round to a quarter
+    octave from the first (the lengths are the subject)."""
+    monkeypatch.setattr(padding_free, "COARSE_ROUNDING_ROWS", 0)
     model, rows = flash_layout_model(checkpoint, monkeypatch)
     model.double()
     batches = [right_padded(model.config.vocab_size, row_lengths, seed) for seed, row_lengths in enumerate(lengths)]

@@ -20,6 +20,9 @@ FAMILIES = ("afmoe", "lfm2_moe", "jetmoe", "cohere", "qwen3_moe", "mixtral", "qw
 # The layout attention each family's forward calls, and the reference that stands in for it on the CPU.
 LAYOUT_ATTENTION = {"gpt_oss": ("flash_causal_attention_with_sinks", swa.reference_flash_causal_attention_with_sinks)}
 SEQ, LENGTHS = 13, (13, 5, 1)  # a full row, a padded one, a one-token one
+# Under graphed checkpointing the packed row's 19 tokens round up to 24: a multiple of half the power of two below,
+# as the first rows of a run do (fastmoe.padding_free.COARSE_ROUNDING_ROWS).
+GRAPHED_ROW = 24
 # Left padding before each row's tokens, as GRPO's left-padded prompts followed by right-padded completions.
 LEFT = {"right": (0, 0, 0), "both": (0, 3, 12)}
 
@@ -94,7 +97,7 @@ def test_padded_batch_trains_as_one_packed_row(tiny_checkpoint, monkeypatch, mod
 
 def use_graphed_checkpointing(model) -> None:
     """Graphed checkpointing on `model`'s layers, as get_peft_model installs it on a GPU (capture=False: the same
-    path, run eagerly): packed rows are rounded up with filler (19 tokens to 20)."""
+    path, run eagerly): packed rows are rounded up with filler (19 tokens to GRAPHED_ROW)."""
     from fastmoe.graphed_checkpointing import GraphedCheckpoint
 
     base = model.get_base_model()
@@ -108,7 +111,7 @@ def use_graphed_checkpointing(model) -> None:
 def test_one_example_a_step_is_rounded_up_for_the_graphs(tiny_checkpoint, monkeypatch, model_type, with_mask):
     """A batch of one row without padding (trl's collator at one example a step pads nothing; a plain loop may pass
     no attention mask) trains under graphed checkpointing as the row and a filler document up to the rounded length
-    (13 tokens to 14), so that steps of nearby lengths replay the same graphs; loss and every LoRA gradient are the
+    (13 tokens to 16), so that steps of nearby lengths replay the same graphs; loss and every LoRA gradient are the
     row's alone."""
     model = lora_model(tiny_checkpoint(model_type))
     one = {name: value[:1] for name, value in padded_batch(model.config.vocab_size).items()}  # 13 tokens, no padding
@@ -119,7 +122,7 @@ def test_one_example_a_step_is_rounded_up_for_the_graphs(tiny_checkpoint, monkey
     ref, ref_grads = loss_and_grads(model, one, monkeypatch, layouts=False)
     use_graphed_checkpointing(model)
     out, grads = loss_and_grads(model, one, monkeypatch, layouts=True)
-    assert rows and set(rows) == {(1, 14)}
+    assert rows and set(rows) == {(1, 16)}
     assert_same(out, grads, ref, ref_grads)
     fastmoe.unpatch()
 
@@ -143,7 +146,7 @@ def test_router_aux_loss_of_the_packed_row_is_the_padded_batchs(tiny_tokenizer, 
     if ref.aux_loss is None:
         pytest.skip(f"this transformers' {model_type} returns no router logits")
     out, grads = loss_and_grads(model, batch, monkeypatch, layouts=True)
-    assert set(rows) == {(1, sum(LENGTHS) + graphed)}
+    assert set(rows) == {(1, GRAPHED_ROW if graphed else sum(LENGTHS))}
     assert out.aux_loss is not None and rel_err(out.aux_loss, ref.aux_loss) < 1e-6
     assert_same(out, grads, ref, ref_grads)
     fastmoe.unpatch()
@@ -170,7 +173,7 @@ def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch
     """trl's fused LM head (fastmoe's) on the packed row gives trl's own head on the padded batch under the masks:
     every per-token field in the padded layout, the label mask, the aux loss and the gradients; SFT's right padding,
     and GRPO's left-padded prompts before right-padded completions. Under graphed checkpointing the row is rounded
-    up (19 tokens to 20) with filler that the load-balancing loss leaves out."""
+    up (19 tokens to GRAPHED_ROW) with filler that the load-balancing loss leaves out."""
     from fastmoe.builtin import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint(model_type, tmp_path, seed=3, tokenizer=tiny_tokenizer,
@@ -189,7 +192,7 @@ def test_trls_fused_head_on_a_padded_batch(tiny_tokenizer, tmp_path, monkeypatch
         return loss_and_grads(model, batch, monkeypatch, layouts, fused_lm_head=True, num_items_in_batch=11)
 
     out, grads = fused(trl_fused_head.add_fused_lm_head, layouts=True)
-    assert set(rows) == {(1, sum(LENGTHS) + graphed)}
+    assert set(rows) == {(1, GRAPHED_ROW if graphed else sum(LENGTHS))}
     _, trls_own = trl_fused_head._trl()
     ref, ref_grads = fused(trls_own, layouts=False)
     assert torch.equal(out.label_mask, ref.label_mask)
@@ -283,3 +286,20 @@ def test_gpu_bf16_padded_batch_on_flash_as_under_the_masks(tiny_tokenizer, tmp_p
     assert not taken
     assert_same(out, grads, ref, ref_grads, tol=1e-2)
     fastmoe.unpatch()
+
+
+def test_rows_round_coarser_while_the_graphs_places_fill():
+    """A run's first COARSE_ROUNDING_ROWS rows of up to COARSE_ROUNDING_MAX_TOKENS round up to a multiple of half the
+    power of two below them (fewer lengths to capture while the places fill), longer ones and later rows to a quarter;
+    release() starts a run afresh."""
+    from fastmoe.graphed_checkpointing import GraphedCheckpoint
+    from fastmoe.padding_free import COARSE_ROUNDING_MAX_TOKENS, COARSE_ROUNDING_ROWS, row_length_for_graphs
+
+    graphed = GraphedCheckpoint(capture=False, max_tokens=8192)
+    assert COARSE_ROUNDING_MAX_TOKENS == 4096
+    assert [row_length_for_graphs(graphed, t) for t in (13, 19, 2049, 3073, 4096, 4097)] == [
+        16, 24, 3072, 4096, 4096, 5120]
+    graphed.rows_asked = COARSE_ROUNDING_ROWS
+    assert [row_length_for_graphs(graphed, t) for t in (13, 19, 2049, 3073, 4097)] == [14, 20, 2560, 3584, 5120]
+    graphed.release()
+    assert graphed.rows_asked == 0 and row_length_for_graphs(graphed, 2049) == 3072
