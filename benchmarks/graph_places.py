@@ -1,21 +1,23 @@
 """How many steps on an SFT data set of varied lengths would replay fastmoe's layer graphs, on the CPU.
 
-fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES
-row lengths: a padded batch trains as one packed row rounded up to a quarter octave, padded up to a followed length
-once the places are taken, a length taking a followed one's place where the rows asked for so far would have cost
-less that way (GraphedCheckpoint.row_tokens_for_graphs); a length's graphs are per signature, which holds the row's
-flash layout too (its offsets' count and, above ROW_AS_LONGEST_MAX_OFFSETS offsets, its longest document rounded up
-to a power of two). Which steps then replay graphs, capture them or run eager layers depends only on the sequence of
-lengths. This drives the real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the
-layer's bodies run eagerly), padding_free's rounding and the layouts with one tiny layer, over batches of
-bench_sft.example_lengths, and prints per shape and number of places: the share of steps that replayed, captured or
-ran eager layers, the filler's share of the tokens trained, and a modeled step time over an ideal run (every step
-graphed, no filler): graphed steps cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost
-times that.
+fastmoe's graphed checkpointing (fastmoe/graphed_checkpointing.py) keeps CUDA graphs for at most MAX_GRAPH_SHAPES row
+lengths: a padded batch trains as one packed row rounded up to a quarter octave (half an octave for a run's first rows
+of up to 4,096 tokens: padding_free.COARSE_ROUNDING_ROWS), padded up to a followed length once the places are taken, a
+length taking a followed one's place where the rows asked for so far would have cost less that way
+(GraphedCheckpoint.row_tokens_for_graphs); a length's graphs are per signature, which holds the row's flash layout too
+(its offsets' count and, above ROW_AS_LONGEST_MAX_OFFSETS offsets, its longest document rounded up to a power of two).
+Which steps then replay graphs, capture them or run eager layers depends only on the sequence of lengths. This drives
+the real GraphedCheckpoint (capture=False: the same admission, padding and place-taking, the layer's bodies run
+eagerly), padding_free's rounding and the layouts with one tiny layer, over batches of bench_sft.example_lengths, and
+prints per shape and number of places: the share of steps that replayed, captured or ran eager layers, the filler's
+share of the tokens trained, and a modeled step time over an ideal run (every step graphed, no filler): graphed steps
+cost --fixed-ms + --ms-per-token x tokens, eager and capturing steps --eager-cost times that.
 
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 4,8,12 --steps 2000
     python benchmarks/graph_places.py --shapes 8x1024,4x2048,2x4096 --places 8 --steps 70   # bench_sft's window
     python benchmarks/graph_places.py --shapes 4x2048 --places 8 --then 1x4096   # a shift in the data's lengths
+    python benchmarks/graph_places.py --shapes 2x2048 --places 8 --steps 60 \
+        --step-costs 17.8,0.0162,166,0.0105,324,0.0342   # each kind of step's cost as fitted (FITTED_STEP_COSTS)
 
 The last column counts the steps of --timed (30-69 by default: bench_sft --data examples --warmup 30 --steps 40)
 that replayed.
@@ -88,10 +90,12 @@ def _row_positions(examples: list[int], filler: int) -> torch.Tensor:
 
 
 def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed_ms: float = 12.0,
-             ms_per_token: float = 0.0185, eager_cost: float = 3.0, then: tuple[int, int] | None = None) -> Placement:
+             ms_per_token: float = 0.0185, eager_cost: float = 3.0, then: tuple[int, int] | None = None,
+             step_costs: tuple[float, ...] | None = None) -> Placement:
     """`steps` batches of `batch` examples of example_lengths(seq) through a GraphedCheckpoint with `places`
     places: how each step's layer ran, and the modeled time. `then` (batch, seq): a shift in the data, `steps` more
-    batches of that shape (another draw) after them."""
+    batches of that shape (another draw) after them. `step_costs` (replay, eager, capture: each ms fixed, ms a token)
+    model each kind of step on its own instead of fixed_ms, ms_per_token and eager_cost."""
     from fastmoe.graphed_checkpointing import GraphedCheckpoint, as_graph_data
     from fastmoe.padding_free import row_length_for_graphs
     from fastmoe.sliding_window_attention import packed_documents
@@ -122,21 +126,32 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
         eager_before, graphs_before = len(eager_calls), len(graphed.graphs)
         graphed(call, torch.zeros(1, length, 4, requires_grad=True)).sum().backward()
         graphed_ms = fixed_ms + ms_per_token * length
+        replay_ms, eager_ms, capture_ms = ((graphed_ms, eager_cost * graphed_ms, eager_cost * graphed_ms)
+                                           if step_costs is None else
+                                           [step_costs[i] + step_costs[i + 1] * length for i in (0, 2, 4)])
         if len(eager_calls) > eager_before:
             result.eager += 1
-            result.step_ms.append(eager_cost * graphed_ms)
+            result.step_ms.append(eager_ms)
         elif len(graphed.graphs) > graphs_before:
             result.captured += 1
-            result.step_ms.append(eager_cost * graphed_ms)
+            result.step_ms.append(capture_ms)
         else:
             result.replayed += 1
             result.replayed_steps.append(step)
-            result.step_ms.append(graphed_ms)
+            result.step_ms.append(replay_ms)
         result.steps += 1
         result.tokens += tokens
         result.trained += length
-        result.step_ideal_ms.append(fixed_ms + ms_per_token * tokens)
+        result.step_ideal_ms.append(fixed_ms + ms_per_token * tokens if step_costs is None
+                                    else step_costs[0] + step_costs[1] * tokens)
     return result
+
+
+# Trinity-Mini's 8 layers on H100s, each kind of step fitted to bench_sft --data examples' steps (2026-12-07; 340
+# steps of 2 x 4096, 4 x 2048 and 1 x 4096, their kinds from this simulation): a replay 17.8 ms + 16.2 us a token, an
+# eager step 166 ms + 10.5 us, a capture 324 ms + 34.2 us (eager steps wait on the host, whose speed differs between
+# lent machines: 100-410 ms measured).
+FITTED_STEP_COSTS = "17.8,0.0162,166,0.0105,324,0.0342"
 
 
 def main() -> None:
@@ -152,15 +167,19 @@ def main() -> None:
                         "(bench_sft --data examples --warmup 30 --steps 40 times steps 30-69)")
     parser.add_argument("--then", metavar="BxS", help="a shift in the data: after --steps steps of each shape, --steps "
                         "more of this one; also prints the steps after the shift by windows")
+    parser.add_argument("--step-costs", metavar="R0,R1,E0,E1,C0,C1",
+                        help="each kind of step its own cost, ms fixed and ms a token: replay, eager, capture "
+                        f"(instead of the three above; fitted to the H100 runs of 2026-12-07: {FITTED_STEP_COSTS})")
     args = parser.parse_args()
     first, end = (int(part) for part in args.timed.split(","))
+    step_costs = tuple(float(part) for part in args.step_costs.split(",")) if args.step_costs else None
     then = tuple(int(part) for part in args.then.split("x")) if args.then else None
     print(f"shape     places  replayed  captured  eager  filler  step time / ideal  replayed of steps {first}-{end - 1}")
     for shape in args.shapes.split(","):
         batch, seq = (int(part) for part in shape.split("x"))
         for places in (int(p) for p in args.places.split(",")):
             r = simulate(batch, seq, args.steps, places, args.seed, args.fixed_ms, args.ms_per_token,
-                         args.eager_cost, then)
+                         args.eager_cost, then, step_costs)
             timed = sum(first <= step < end for step in r.replayed_steps)
             print(f"{shape:9s} {places:6d}  {r.replayed / r.steps:8.1%}  {r.captured / r.steps:8.1%}  "
                   f"{r.eager / r.steps:5.1%}  {1 - r.tokens / r.trained:6.1%}  {r.modeled_ms / r.ideal_ms:17.2f}  "

@@ -109,17 +109,18 @@ def filler_for_graphs(model, inputs: dict, tokens: int, aux_loss_masks_filler: b
 
 # While the graphs' places fill (a graphed checkpoint's first COARSE_ROUNDING_ROWS rows), rows of up to
 # COARSE_ROUNDING_MAX_TOKENS round up to a multiple of half the power of two below them instead of a quarter (at most
-# 50% filler instead of 25%), so that fewer lengths need graphs: each costs an eager step and a capture (Trinity-Mini's
-# 8 layers on an H100: ~170 and ~330 ms against a replay's 18 ms + 16 us a token, fitted to bench_sft --data examples'
-# steps of 2026-12-07), which a short run (fastmoe's notebooks and `fastmoe train` stop at 60 steps) pays for most of
-# its places. Later rows round to a quarter, and their lengths take places from the coarse ones where the cost rule
-# finds the filler saved worth it (GraphedCheckpoint.row_tokens_for_graphs). Rows of up to 4,096 tokens round up to
-# at most 4,096 either way, so the longest rows of a run, and its peak memory, stay as they were wherever its longest
-# row is 3,585 tokens or more. Modeled with those costs by graph_places.py's placement (time over an ideal run, quarter
-# rounding throughout -> this; 60 / 200 / 1,000 / 3,000 steps): 2 x 2,048 (the notebooks') 3.31 -> 2.58, 1.78 -> 1.55,
-# 1.28 -> 1.22, 1.15 -> 1.13; 8 x 1,024 2.24 -> 1.96, 1.56 -> 1.41, 1.18 -> 1.20, 1.11 -> 1.11; 2 x 4,096 2.58 ->
-# 2.15, 1.55 -> 1.45, 1.22 -> 1.21, 1.15 -> 1.15; 1 x 4,096 3.24 -> 2.86, 1.77 -> 1.58, 1.29 -> 1.21, 1.17 -> 1.15;
-# 16 x 512 1.86 -> 1.87, 1.36 -> 1.36, 1.15 -> 1.19, 1.10 -> 1.11.
+# 50% filler instead of 25%), so that fewer lengths need graphs: each costs an eager step and a capture
+# (Trinity-Mini's 8 layers on an H100: ~170 and ~330 ms against a replay's 18 ms + 16 us a token, fitted to bench_sft
+# --data examples' steps of 2026-12-07), which a short run (fastmoe's notebooks and `fastmoe train` stop at 60 steps)
+# pays for most of its places. Later rows round to a quarter, and their lengths take places from the coarse ones where
+# the cost rule finds the filler saved worth it (GraphedCheckpoint.row_tokens_for_graphs). Rows of up to 4,096 tokens
+# round up to at most 4,096 either way, so the longest rows of a run, and its peak memory, stay as they were wherever
+# its longest row is 3,585 tokens or more. Modeled with those costs (benchmarks/graph_places.py --step-costs,
+# FITTED_STEP_COSTS there; time over an ideal run, quarter rounding throughout -> this; 60 / 200 / 1,000 / 3,000
+# steps): 2 x 2,048 (the notebooks') 3.31 -> 2.58, 1.78 -> 1.55, 1.28 -> 1.22, 1.15 -> 1.13; 8 x 1,024 2.24 -> 1.96,
+# 1.56 -> 1.41, 1.18 -> 1.20, 1.11 -> 1.11; 2 x 4,096 2.58 -> 2.15, 1.55 -> 1.45, 1.22 -> 1.21, 1.15 -> 1.15; 1 x
+# 4,096 3.24 -> 2.86, 1.77 -> 1.58, 1.29 -> 1.21, 1.17 -> 1.15; 16 x 512 1.86 -> 1.87, 1.36 -> 1.36, 1.15 -> 1.19,
+# 1.10 -> 1.11.
 COARSE_ROUNDING_ROWS = 300
 COARSE_ROUNDING_MAX_TOKENS = 4096
 

@@ -737,6 +737,11 @@ def test_graph_places_simulation_follows_graphed_checkpointing(row_as_longest_ma
     assert one.replayed + one.captured + one.eager == 60 and one.replayed < every.replayed
     single = graph_places.simulate(1, 64, 30, places=1000)  # one example a step: rows without filler have no layout
     assert single.replayed + single.captured + single.eager == 30 and single.replayed > 0
+    # each kind of step its own cost (fixed, a token): per token only, the rows trained; fixed only, the kinds counted
+    tokens_only = graph_places.simulate(2, 64, 60, places=1, step_costs=(0, 1, 0, 1, 0, 1))
+    assert tokens_only.modeled_ms == tokens_only.trained and tokens_only.ideal_ms == tokens_only.tokens
+    fixed = graph_places.simulate(2, 64, 60, places=1, step_costs=(1, 0, 10, 0, 100, 0))
+    assert fixed.modeled_ms == one.replayed + 10 * one.eager + 100 * one.captured and fixed.ideal_ms == 60
     # a shift in the data: the same first steps, then as many of the other shape's draw
     shifted = graph_places.simulate(2, 64, 60, places=1000, then=(1, 64))
     assert shifted.steps == 120 and shifted.replayed_steps[:every.replayed] == every.replayed_steps
