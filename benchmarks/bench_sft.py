@@ -174,6 +174,9 @@ class Case:
     # fastmoe's graphed checkpointing: how many hidden-state shapes run as graphs (None: its default,
     # fastmoe.graphed_checkpointing.MAX_GRAPH_SHAPES; beyond KEPT_ATTENTION_SHAPES they keep no attention outputs)
     graph_shapes: int | None = None
+    # fastmoe's padding-free rows: how many of a run's first rows round coarser while the graphs' places fill (None:
+    # its default, fastmoe.padding_free.COARSE_ROUNDING_ROWS; 0: a quarter octave from the first row)
+    coarse_rounding_rows: int | None = None
 
     @property
     def config_kwargs(self) -> dict:
@@ -186,6 +189,8 @@ class Case:
         eager += "" if self.base_products == "auto" else f" (base products by {self.base_products})"
         eager += f" (without {', '.join(self.ops_off)})" if self.ops_off else ""
         eager += f" ({self.graph_shapes} graph shapes)" if self.graph_shapes else ""
+        eager += (f" ({self.coarse_rounding_rows} rows rounded coarser)"
+                  if self.coarse_rounding_rows is not None else "")
         varied = " varied" if self.varied else ""
         data = "" if self.data == "rows" else f" {self.documents}{varied} documents {self.data}"
         data = " examples of varied lengths" if self.data == "examples" else data
@@ -588,12 +593,14 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
     extra = args.profile_steps + args.trace_steps + args.memory_profile
     max_steps = args.warmup + args.steps + extra + (1 if extra else 0)
     trainer = model = clock = None
-    from fastmoe import graphed_checkpointing
+    from fastmoe import graphed_checkpointing, padding_free
 
-    default_shapes = graphed_checkpointing.MAX_GRAPH_SHAPES
+    default_shapes, default_coarse_rows = graphed_checkpointing.MAX_GRAPH_SHAPES, padding_free.COARSE_ROUNDING_ROWS
     try:
         # Whatever graphed checkpoint the case's model gets (at get_peft_model or when the trainer enables it)
         graphed_checkpointing.MAX_GRAPH_SHAPES = case.graph_shapes or default_shapes
+        if case.coarse_rounding_rows is not None:
+            padding_free.COARSE_ROUNDING_ROWS = case.coarse_rounding_rows
         start = time.perf_counter()
         model, tokenizer = load(case, args, device, dtype)
         record["load_s"] = round(time.perf_counter() - start, 1)
@@ -674,6 +681,7 @@ def run_case(case: Case, args, shared: dict, peak_tflops: float | None, device: 
         record.update(status="error", error=f"{type(error).__name__}: {error}"[:300])
     finally:
         graphed_checkpointing.MAX_GRAPH_SHAPES = default_shapes
+        padding_free.COARSE_ROUNDING_ROWS = default_coarse_rows
     # Here, not in the except blocks, whose traceback still holds the failed model; the clock too, which holds the
     # model's graphed checkpointing (and through its layer graphs, the layers): kept, it kept the whole model
     # allocated until a later collection (a second 32-layer Trinity-Mini case then ran out of memory at load).
@@ -821,29 +829,31 @@ def build_cases(args, parser, dtype) -> list[Case]:
             if quantization and load_how == "direct" and implementation != "fastmoe":
                 parser.error("transformers' 4-bit loading quantizes while from_pretrained reads the checkpoint: use "
                              "--load checkpoint or auto with --quantization 4bit")
-            variants = [(None, False, "auto", (), None)]  # (cuda_graphs, offload, base_products, ops_off, shapes)
+            # (cuda_graphs, offload, base_products, ops_off, shapes, coarse_rounding_rows)
+            variants = [(None, False, "auto", (), None, None)]
             if implementation == "fastmoe":
                 known_ops = common.op_names(config_kwargs["model_type"])
                 unknown = [op for op in args.fastmoe_without_ops if op not in known_ops]
                 if unknown:
                     parser.error(f"--fastmoe-without-ops: {', '.join(unknown)} not among "
                                  f"{config_kwargs['model_type']}'s ops: {', '.join(known_ops)}")
-                asked = ([(False, False, "auto", (), None)] * args.fastmoe_without_graphs
-                         + [(True, False, "auto", (), None)] * args.fastmoe_with_graphs
-                         + [(None, True, "auto", (), None)] * args.fastmoe_offloaded
-                         + [(False, True, "auto", (), None)] * args.fastmoe_offloaded_eager
-                         + [(None, False, products, (), None) for products in args.fastmoe_base_products]
-                         + [(None, False, "auto", tuple(args.fastmoe_without_ops), None)]
+                asked = ([(False, False, "auto", (), None, None)] * args.fastmoe_without_graphs
+                         + [(True, False, "auto", (), None, None)] * args.fastmoe_with_graphs
+                         + [(None, True, "auto", (), None, None)] * args.fastmoe_offloaded
+                         + [(False, True, "auto", (), None, None)] * args.fastmoe_offloaded_eager
+                         + [(None, False, products, (), None, None) for products in args.fastmoe_base_products]
+                         + [(None, False, "auto", tuple(args.fastmoe_without_ops), None, None)]
                          * bool(args.fastmoe_without_ops)
-                         + [(None, False, "auto", (), shapes) for shapes in args.fastmoe_graph_shapes])
+                         + [(None, False, "auto", (), shapes, None) for shapes in args.fastmoe_graph_shapes]
+                         + [(None, False, "auto", (), None, rows) for rows in args.fastmoe_coarse_rounding_rows])
                 if args.fastmoe_variants_only and not asked:
                     parser.error("--fastmoe-variants-only times the variants other --fastmoe-* options ask for: "
                                  "name one (e.g. --fastmoe-offloaded)")
                 variants = asked if args.fastmoe_variants_only else variants + asked
             cases += [Case(preset, layers, batch, seq, implementation, targets, int(logging_steps), quantization,
                            load_how, cuda_graphs, offload, data, args.documents, args.varied_lengths, products, ops_off,
-                           shapes)
-                      for cuda_graphs, offload, products, ops_off, shapes in variants]
+                           shapes, coarse_rows)
+                      for cuda_graphs, offload, products, ops_off, shapes, coarse_rows in variants]
     return cases
 
 
@@ -888,6 +898,11 @@ def main() -> None:
                         help="also time fastmoe with its graphed checkpointing following this many hidden-state "
                         "shapes (comma-separated counts, e.g. 12; those beyond its kept-attention ones recompute "
                         "attention): with --data examples, how many of a data set's lengths are worth graphs")
+    parser.add_argument("--fastmoe-coarse-rounding-rows", default="",
+                        type=lambda text: [int(n) for n in text.split(",") if n],
+                        help="also time fastmoe with this many of a run's first rows rounded coarser while the graphs' "
+                        "places fill (comma-separated counts; 0: a quarter octave from the first; the default: "
+                        "fastmoe.padding_free.COARSE_ROUNDING_ROWS): with --data examples, what it saves a short run")
     parser.add_argument("--fastmoe-offloaded", action="store_true", help="also time fastmoe with "
                         "get_peft_model(use_gradient_checkpointing=\"fastmoe\"): layer inputs in host memory")
     parser.add_argument("--fastmoe-offloaded-eager", action="store_true", help="also time fastmoe with "
@@ -926,6 +941,8 @@ def main() -> None:
         parser.error("--trace-steps and --memory-profile write their summaries to --trace-dir: name one")
     if any(shapes < 1 for shapes in args.fastmoe_graph_shapes):
         parser.error("--fastmoe-graph-shapes takes positive counts")
+    if any(rows < 0 for rows in args.fastmoe_coarse_rounding_rows):
+        parser.error("--fastmoe-coarse-rounding-rows takes counts of 0 or more")
 
     device = common.default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

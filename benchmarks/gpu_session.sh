@@ -27,6 +27,10 @@
 #     # tokens_per_s_replayed give the steps that replayed graphs only, what a long run approaches)
 #     SFT_ONE_PROCESS=1 SFT_SHAPES="8x1024 2x4096" SFT_ARGS="--layers 8 --load direct --data examples --warmup 30
 #         --steps 40 --profile-steps 1 --fastmoe-graph-shapes 12" bash benchmarks/gpu_session.sh "$OUT" sft
+#     # a short run from its first step (as the notebooks' 60 steps): the first rows rounded coarser while the graphs'
+#     # places fill (the default) against a quarter octave from the first row (0), same process
+#     SFT_ONE_PROCESS=1 SFT_IMPLEMENTATIONS=fastmoe SFT_SHAPES="2x2048 8x1024" SFT_ARGS="--layers 8 --load direct
+#         --data examples --warmup 0 --steps 60 --profile-steps 0 --fastmoe-coarse-rounding-rows 0" bash benchmarks/gpu_session.sh "$OUT" sft
 #     # long context (issue #17): the longest sequence within 24 GB, one or two steps per length
 #     SFT_SHAPES="1x65536 1x98304 1x131072" SFT_IMPLEMENTATIONS=fastmoe SFT_ARGS="--layers 8 --load direct
 #         --memory-limit-gb 24 --warmup 1 --steps 1 --profile-steps 0 --fastmoe-offloaded" bash benchmarks/gpu_session.sh "$OUT" sft

@@ -146,6 +146,8 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         graphs = graphs_label(r)
         others = f" (fastmoe without {', '.join(r['ops_off'])})" if r.get("ops_off") else ""
         others += f" (fastmoe with {r['graph_shapes']} graph shapes)" if r.get("graph_shapes") else ""
+        others += (f" (fastmoe with {r['coarse_rounding_rows']} rows rounded coarser)"
+                   if r.get("coarse_rounding_rows") is not None else "")
         if r.get("offload"):
             return (" (fastmoe with offloaded checkpointing" + (f", {graphs}" if graphs else "") + ")" + products
                     + others)
@@ -271,7 +273,7 @@ def targets_section(records: list[dict], sources: Sources) -> list[str]:
     usable = [r for r in records if r.get("status") == "ok" and not r.get("graphs_captured_while_timed")
               and not r.get("memory_limit_gb") and not r.get("ops_off") and not r.get("offload")
               and r.get("base_products", "auto") == "auto" and r.get("data", "rows") == "rows"
-              and r.get("targets", "default") == "default"
+              and r.get("targets", "default") == "default" and r.get("coarse_rounding_rows") is None
               and (r["implementation"] != "fastmoe" or not graphs_label(r))]
 
     def config(r: dict) -> tuple:

@@ -807,6 +807,33 @@ def test_sft_benchmark_graph_shapes_variant(tmp_path, monkeypatch):
     assert "(fastmoe with 7 graph shapes)" in report.render(records, include_cpu=True)
 
 
+def test_sft_benchmark_coarse_rounding_rows_variant(tmp_path, monkeypatch):
+    """--fastmoe-coarse-rounding-rows N: a fastmoe case whose run rounds its first N rows coarser (set for the case
+    only), beside the default, each with its row."""
+    from fastmoe import padding_free
+    from fastmoe.kernels.dispatch import reference_only
+
+    default = padding_free.COARSE_ROUNDING_ROWS
+    seen = []
+    original = bench_sft.load
+
+    def load(case, *args):
+        seen.append((case.coarse_rounding_rows, padding_free.COARSE_ROUNDING_ROWS))
+        return original(case, *args)
+
+    jsonl = tmp_path / "results.jsonl"
+    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0",
+                "--profile-steps", "0", "--implementations", "fastmoe", "--fastmoe-coarse-rounding-rows", "0",
+                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
+    monkeypatch.setattr(bench_sft, "load", load)
+    with reference_only():
+        bench_sft.main()
+    assert seen == [(None, default), (0, 0)] and padding_free.COARSE_ROUNDING_ROWS == default
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["coarse_rounding_rows"] for r in records] == [None, 0] and all(r["status"] == "ok" for r in records)
+    assert "(fastmoe with 0 rows rounded coarser)" in report.render(records, include_cpu=True)
+
+
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
     for argv, message in ((["--implementations", "unsloth"], "unknown implementation"),
                           (["--targets", "everything"], "unknown targets"),
