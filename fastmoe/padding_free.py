@@ -20,9 +20,9 @@ off (`Family.packed_row_ops`).
 Under graphed checkpointing (fastmoe.graphed_checkpointing) the packed row, a row that trl's padding-free collator
 packed already, and a batch of one row without padding (one example a step) are rounded up with a filler document
 that no label scores (`filler_for_graphs`), so that batches of nearby lengths give the layers one shape and replay
-the same CUDA graphs. Where the router's
-load-balancing loss is asked for, the callers that leave the filler out of it round rows: trl's fused head
-(fastmoe.trl_fused_head) and fastmoe's loss forward (fastmoe.models.causal_lm), both with `PackedRows.filler_mask`.
+the same CUDA graphs. Where the router's load-balancing loss is asked for, the callers that leave the filler out of
+it round rows: trl's fused head (fastmoe.trl_fused_head) and fastmoe's loss forward (fastmoe.models.causal_lm), both
+with `PackedRows.filler_mask`.
 """
 
 from __future__ import annotations
