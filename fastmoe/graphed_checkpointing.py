@@ -652,6 +652,7 @@ class GraphedCheckpoint:
         self.row_requests: dict[int, float] = {}
         self.request_weight = 1.0  # the next request's weight
         self.rows_asked = 0  # rows asked for (fastmoe.padding_free rounds the first ones coarser)
+        self.last_example_tokens: int | None = None  # the last batch of one unpadded row's (fastmoe.padding_free)
         self.graphs: dict[tuple[int, tuple], _LayerGraphs] = {}
         self.buffers: dict[tuple, _SharedBuffers] = {}
         self.store = _BufferStore()
@@ -747,6 +748,7 @@ class GraphedCheckpoint:
         self.row_requests.clear()
         self.request_weight = 1.0
         self.rows_asked = 0
+        self.last_example_tokens = None
         self.pool = None
         self.stream = None
 

@@ -195,6 +195,8 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
     if not _family_packs_rows(model, embedding.device, embedding.dtype):
         return None
     if attention_mask is None:
+        if position_ids is None and batch == 1:  # one example, as a plain loop passes it
+            return _one_example(model, inputs, input_ids, None, embedding.shape[0], aux_loss_masks_filler)
         return _rounded_packed_row(model, inputs, input_ids, position_ids, embedding.shape[0], aux_loss_masks_filler)
     if (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, seq)
             or any(inputs.get(name) is not None for name in VARLEN_INPUTS)):
@@ -202,8 +204,8 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
 
     keep = on_host(attention_mask).to(torch.bool)
     if batch == 1 and bool(keep.all()):  # one example a step (trl's collator pads nothing): rounded up all the same
-        return _rounded_packed_row(model, dict(inputs, attention_mask=None), input_ids, position_ids,
-                                   embedding.shape[0], aux_loss_masks_filler)
+        return _one_example(model, dict(inputs, attention_mask=None), input_ids, position_ids, embedding.shape[0],
+                            aux_loss_masks_filler)
     run_starts = keep.clone()
     run_starts[:, 1:] &= ~keep[:, :-1]
     if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
@@ -234,6 +236,20 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
     else:
         packed["inputs_embeds"] = inputs_embeds.reshape(batch * seq, -1)[kept][None]
     return PackedRows(packed, kept, filler)
+
+
+def _one_example(model, inputs: dict, input_ids, position_ids, vocab_size: int,
+                 aux_loss_masks_filler: bool) -> PackedRows | None:
+    """A batch of one row without padding (`inputs` without an attention mask): rounded up with filler like a packed
+    row, so that examples of nearby lengths replay the same graphs; None (its exact length) where the batch before was
+    one row of as many tokens, as data of one fixed length has, whose own length then takes graphs without filler."""
+    graphed = model.__dict__.get("_fastmoe_graphed_checkpoint")
+    if input_ids is None or graphed is None:
+        return None
+    repeated = graphed.last_example_tokens == input_ids.shape[1]
+    graphed.last_example_tokens = input_ids.shape[1]
+    return None if repeated else _rounded_packed_row(model, inputs, input_ids, position_ids, vocab_size,
+                                                     aux_loss_masks_filler)
 
 
 def _rounded_packed_row(model, inputs: dict, input_ids, position_ids, vocab_size: int,

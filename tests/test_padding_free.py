@@ -111,8 +111,8 @@ def use_graphed_checkpointing(model) -> None:
 def test_one_example_a_step_is_rounded_up_for_the_graphs(tiny_checkpoint, monkeypatch, model_type, with_mask):
     """A batch of one row without padding (trl's collator at one example a step pads nothing; a plain loop may pass
     no attention mask) trains under graphed checkpointing as the row and a filler document up to the rounded length
-    (13 tokens to 16), so that steps of nearby lengths replay the same graphs; loss and every LoRA gradient are the
-    row's alone."""
+    (13 tokens to 16), so that steps of nearby lengths replay the same graphs, and after a batch of as many tokens at
+    its own length (data of one fixed length); loss and every LoRA gradient are the row's alone."""
     model = lora_model(tiny_checkpoint(model_type))
     one = {name: value[:1] for name, value in padded_batch(model.config.vocab_size).items()}  # 13 tokens, no padding
     assert bool(one["attention_mask"].all())
@@ -124,6 +124,14 @@ def test_one_example_a_step_is_rounded_up_for_the_graphs(tiny_checkpoint, monkey
     out, grads = loss_and_grads(model, one, monkeypatch, layouts=True)
     assert rows and set(rows) == {(1, 16)}
     assert_same(out, grads, ref, ref_grads)
+    # One example of the same length again, as data of one fixed length has: its own length from then on, no filler.
+    rows.clear()
+    out, grads = loss_and_grads(model, one, monkeypatch, layouts=True)
+    assert rows and set(rows) == {(1, 13)}
+    assert_same(out, grads, ref, ref_grads)
+    rows.clear()
+    loss_and_grads(model, {name: value[:, :11] for name, value in one.items()}, monkeypatch, layouts=True)
+    assert set(rows) == {(1, 12)}  # another length: rounded again
     fastmoe.unpatch()
 
 
