@@ -780,58 +780,40 @@ def test_replayed_steps_are_those_without_a_capture_or_an_eager_layer():
         {"replayed_steps": 0, "tokens_per_s_replayed": None}
 
 
-def test_sft_benchmark_graph_shapes_variant(tmp_path, monkeypatch):
-    """--fastmoe-graph-shapes N: a fastmoe case whose graphed checkpointing follows N shapes (set for the case only),
-    beside the default, each with its row."""
-    from fastmoe import graphed_checkpointing
+@pytest.mark.parametrize("flag, value, module, constant, field, label", [
+    ("--fastmoe-graph-shapes", 7, "graphed_checkpointing", "MAX_GRAPH_SHAPES", "graph_shapes",
+     "(fastmoe with 7 graph shapes)"),
+    ("--fastmoe-coarse-rounding-rows", 0, "padding_free", "COARSE_ROUNDING_ROWS", "coarse_rounding_rows",
+     "(fastmoe with 0 rows rounded coarser)"),
+])
+def test_sft_benchmark_fastmoe_setting_variant(tmp_path, monkeypatch, flag, value, module, constant, field, label):
+    """--fastmoe-graph-shapes N (graphed checkpointing following N shapes) and --fastmoe-coarse-rounding-rows N (a
+    run's first N rows rounded coarser): a fastmoe case with fastmoe's setting changed for the case only, beside the
+    default, each with its row."""
+    import importlib
+
     from fastmoe.kernels.dispatch import reference_only
 
-    default = graphed_checkpointing.MAX_GRAPH_SHAPES
+    owner = importlib.import_module(f"fastmoe.{module}")
+    default = getattr(owner, constant)
     seen = []
     original = bench_sft.load
 
     def load(case, *args):
-        seen.append((case.graph_shapes, graphed_checkpointing.MAX_GRAPH_SHAPES))
+        seen.append((getattr(case, field), getattr(owner, constant)))
         return original(case, *args)
 
     jsonl = tmp_path / "results.jsonl"
     sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0",
-                "--profile-steps", "0", "--implementations", "fastmoe", "--fastmoe-graph-shapes", "7",
+                "--profile-steps", "0", "--implementations", "fastmoe", flag, str(value),
                 "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
     monkeypatch.setattr(bench_sft, "load", load)
     with reference_only():
         bench_sft.main()
-    assert seen == [(None, default), (7, 7)] and graphed_checkpointing.MAX_GRAPH_SHAPES == default
+    assert seen == [(None, default), (value, value)] and getattr(owner, constant) == default
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["graph_shapes"] for r in records] == [None, 7] and all(r["status"] == "ok" for r in records)
-    assert "(fastmoe with 7 graph shapes)" in report.render(records, include_cpu=True)
-
-
-def test_sft_benchmark_coarse_rounding_rows_variant(tmp_path, monkeypatch):
-    """--fastmoe-coarse-rounding-rows N: a fastmoe case whose run rounds its first N rows coarser (set for the case
-    only), beside the default, each with its row."""
-    from fastmoe import padding_free
-    from fastmoe.kernels.dispatch import reference_only
-
-    default = padding_free.COARSE_ROUNDING_ROWS
-    seen = []
-    original = bench_sft.load
-
-    def load(case, *args):
-        seen.append((case.coarse_rounding_rows, padding_free.COARSE_ROUNDING_ROWS))
-        return original(case, *args)
-
-    jsonl = tmp_path / "results.jsonl"
-    sys.argv = ["bench_sft.py", "--preset", "afmoe-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0",
-                "--profile-steps", "0", "--implementations", "fastmoe", "--fastmoe-coarse-rounding-rows", "0",
-                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--jsonl", str(jsonl)]
-    monkeypatch.setattr(bench_sft, "load", load)
-    with reference_only():
-        bench_sft.main()
-    assert seen == [(None, default), (0, 0)] and padding_free.COARSE_ROUNDING_ROWS == default
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["coarse_rounding_rows"] for r in records] == [None, 0] and all(r["status"] == "ok" for r in records)
-    assert "(fastmoe with 0 rows rounded coarser)" in report.render(records, include_cpu=True)
+    assert [r[field] for r in records] == [None, value] and all(r["status"] == "ok" for r in records)
+    assert label in report.render(records, include_cpu=True)
 
 
 def test_sft_benchmark_refuses_bad_cases_in_one_line(capsys):
