@@ -624,6 +624,12 @@ def _one_token_form(experts: ExpertWeights) -> bool:
             and not any(isinstance(w, TransposedNf4Weight) for w in (experts.gate_up, experts.down)))
 
 
+def _absent_outputs(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept (gate_up, l_gu, l_down) of a forward that keeps nothing: three tensors, since a custom op's outputs
+    may not alias each other (torch.library checks it whenever the op runs, compiled or through always_custom_ops)."""
+    return no_gradient(hidden), no_gradient(hidden), no_gradient(hidden)
+
+
 def _experts_forward(
     experts: ExpertWeights, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gu_a: torch.Tensor | None, gu_b: torch.Tensor | None, gu_scaling: float,
@@ -637,7 +643,7 @@ def _experts_forward(
         out = one_token_experts(hidden, top_k_index, top_k_weights, _cast(experts.gate_up, dtype),
                                 _cast(experts.down, dtype), gu_a_, gu_b_, gu_scaling, down_a_, down_b_, down_scaling)
         return (out, *_schedule_fakes(top_k_index, experts.gate_up.shape[0]),
-                hidden.new_empty(top_k, dtype=torch.float32), *(no_gradient(hidden),) * 3)
+                hidden.new_empty(top_k, dtype=torch.float32), *_absent_outputs(hidden))
     schedule, identity = _schedule(top_k_index, experts.gate_up.shape[0])
     row_weight = top_k_weights.reshape(-1).float()[schedule.sorted_pair]
     num_rows = schedule.num_pairs
@@ -650,9 +656,8 @@ def _experts_forward(
         y = torch.empty(num_rows, experts.down.shape[1], dtype=dtype, device=hidden.device)
         grouped_mm_lora_in_tile(h, identity, _cast(experts.down, dtype), down_a_, down_b_, down_scaling, schedule, y,
                                 schedule.sorted_pair, row_scale=row_weight)
-        absent = no_gradient(hidden)
-        return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight, absent, absent,
-                absent)
+        return (_sum_slots(y, num_tokens, top_k, dtype), *_schedule_tensors(schedule), row_weight,
+                *_absent_outputs(hidden))
 
     gate_up_w, down_w = _cast(experts.gate_up, dtype), _cast(experts.down, dtype)
     l_gu = None
