@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # read by triton when the kernels are defined: before fastmoe is imported
@@ -29,20 +30,17 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import common  # noqa: E402
-from fastmoe.kernels import attention_gate, qk_norm_rope, rms_norm, rope  # noqa: E402
-from fastmoe.kernels.moe import ExpertLora, grouped_gemm, moe_experts, nf4, routing  # noqa: E402
+from fastmoe.kernels import attention_gate, qk_norm_rope, rms_norm  # noqa: E402
+from fastmoe.kernels.moe import ExpertLora, moe_experts, routing  # noqa: E402
 
 try:  # fastmoe before its ops were custom ops has no custom-op path to measure
     from fastmoe.kernels.custom_op import always_custom_ops
 except ImportError:
     always_custom_ops = None
 
-KERNEL_MODULES = (attention_gate, qk_norm_rope, rms_norm, rope, routing, grouped_gemm, nf4)
-
-
 class _NoLaunch:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) only zeroes its int64 tensors (the router's expert
-    indices), so that the PyTorch code after it indexes in bounds."""
+    """Stands in for a @triton.jit kernel: kernel[grid](...) only zeroes its integer tensors (the router's expert
+    indices, the experts' schedule), so that the PyTorch code after it indexes in bounds."""
 
     def __getitem__(self, grid):
         return self.launch
@@ -50,12 +48,14 @@ class _NoLaunch:
     @staticmethod
     def launch(*args, **kwargs):
         for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dtype == torch.int64:
+            if isinstance(arg, torch.Tensor) and not arg.dtype.is_floating_point and arg.dtype != torch.bool:
                 arg.zero_()
 
 
 def stub_kernels() -> None:
-    for module in KERNEL_MODULES:
+    """Every @triton.jit kernel that fastmoe's kernel modules hold, whichever module launches it."""
+    modules = [module for name, module in list(sys.modules.items()) if name.startswith("fastmoe.kernels")]
+    for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.KernelInterface):
                 setattr(module, name, _NoLaunch())

@@ -96,6 +96,26 @@ _NCU_KERNEL = """
 """
 
 
+def test_op_overhead_times_every_op_with_its_kernels_stubbed(tmp_path):
+    """bench_op_overhead replaces every kernel launch of fastmoe's kernel modules by a no-op (kernels launched from a
+    module it did not name ran in the interpreter, and a schedule left uninitialised indexed out of bounds) and
+    records each op's host time on both paths."""
+    import subprocess
+
+    jsonl = tmp_path / "overhead.jsonl"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_op_overhead.py"), "--calls", "10", "--jsonl",
+                             str(jsonl)], env={**os.environ, "PYTHONPATH": str(BENCHMARKS)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert {(r["op"], r["path"]) for r in records} == {
+        (op, path) for op in ("rms_norm", "qk_norm_rope", "attention_gate", "route_sigmoid_topk", "moe_experts")
+        for path in ("eager", "custom_op")}
+    # With its kernels stubbed an op's host time is tens of microseconds; one kernel left in the interpreter takes
+    # milliseconds.
+    assert all(0 < r["fwd_us"] < 5000 for r in records), records
+
+
 def test_ncu_summary_reads_a_kernel_of_a_text_report():
     """One line a kernel from ncu's text report: time, DRAM, the SMs' busy share, pipes, the largest stalls (not
     'selected', which is issuing), registers and warps; kernels split at their headers."""
