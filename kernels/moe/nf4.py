@@ -287,7 +287,7 @@ def _register_decode_asm(pair_type: str) -> str:
         lines.append(f"prmt.b32 h{j}, t{2 * j}, t{2 * j + 1}, 0x7531;")
     lines += _decode_run(16, "$")
     lines.append("}")
-    return "\n".join(lines)
+    return " ".join(lines)  # one line: inductor embeds kernel sources (with this constant's repr) in a string literal
 
 
 def _code_planes(dtype: torch.dtype) -> list[int]:
@@ -369,7 +369,7 @@ def _register_decode_mma_asm(code_dtype: torch.dtype, mma_type: str) -> str:
                      "{c0, c1, c2, c3};")
     lines += ["mul.rn.f32 $0, c0, $20;", "mul.rn.f32 $1, c2, $40;"] + [f"mov.b32 ${n}, 0;" for n in range(2, 16)]
     lines.append("}")
-    return "\n".join(lines)
+    return " ".join(lines)  # one line: inductor embeds kernel sources (with this constant's repr) in a string literal
 
 
 _GEMV_MMA_ASM_BF16 = tl.constexpr(_register_decode_mma_asm(torch.bfloat16, "bf16"))

@@ -334,6 +334,38 @@ def test_decoding_forms_run_as_custom_ops_and_compiled(case, tokens):
         assert rel_err(compiled(fn)(*inputs), eager) <= 1e-6
 
 
+EMBEDDED_SOURCES = """
+import importlib, pkgutil, triton
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+import fastmoe.kernels
+kernels = 0
+for info in pkgutil.walk_packages(fastmoe.kernels.__path__, "fastmoe.kernels."):
+    module = importlib.import_module(info.name)
+    for name, value in vars(module).items():
+        if isinstance(value, triton.runtime.JITFunction) and value.__module__ == module.__name__:
+            kernels += 1
+            embedded = eval("'''" + closure(value) + "'''")  # async_compile.triton(name, '''source''')
+            compile(embedded, f"{info.name}.{name}", "exec")
+print(kernels)
+"""
+
+
+def test_every_kernel_source_survives_inductors_embedding():
+    """A kernel that dynamo traces (lora_linear's few-rows launch, under a compiled decode) goes to inductor as its
+    source with everything it reaches, which inductor's wrapper embeds in a triple-quoted string literal: a constant
+    whose repr holds an escape (a newline in the NF4 decode's PTX) becomes a raw newline inside a string there, and
+    the kernel fails to compile (a SyntaxError on a GPU). Each kernel module's @jit functions, embedded so, compile as
+    Python. In a process of its own with Triton's JIT, as the tests' kernels are the interpreter's."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", EMBEDDED_SOURCES], env={**os.environ, "TRITON_INTERPRET": "0"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 50  # every module's kernels were found
+
+
 @pytest.mark.parametrize("case", ["rms_norm", "moe_experts", "route_softmax_topk"])
 def test_compiles_with_dynamic_shapes(case):
     fn, inputs = CASES[case]()
