@@ -125,11 +125,15 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
     """One row per configuration: fastmoe's newest record beside transformers' of the same run (its newest
     otherwise)."""
     config = ("preset", "layers", "batch", "seq", "targets", "logging_steps", "quantization", "load", "data",
-              "documents", "varied", "memory_limit_gb")
+              "documents", "varied", "memory_limit_gb", "window")
     # records from before bench_sft.py had --data and --varied-lengths
     defaults = {"data": "rows", "documents": 1, "varied": False}
 
     def field(r: dict, name: str):
+        if name == "window":
+            # On data of varied lengths, steps timed from a run's first step (no warm-up) answer another question
+            # than a window after warm-up: what a short run costs, every kernel compile and graph capture included.
+            return "from the first step" if r.get("data") == "examples" and r.get("warmup") == 0 else ""
         value = r.get(name)
         return defaults.get(name) if value is None else value
 
@@ -174,19 +178,22 @@ def sft_section(records: list[dict], sources: Sources) -> list[str]:
         gpus_per_config.setdefault(key[:-2], set()).add(key[-2])
     order = sorted((k for k in rows if "fastmoe" in rows[k] or not k[-1]),
                    key=lambda k: (family_rank(next(iter(rows[k].values()))), k[0], -k[1], k[2] * k[3], k[2],
-                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10], k[11] or 0, k[13], k[12]))
+                                  k[4], k[5], str(k[6]), k[7], k[8], k[9], k[10], k[11] or 0, k[12], k[14],
+                                  k[13]))
     out = []
     for key in order:
         ours = rows[key].get("fastmoe")
         hf = same_run.get((*key[:-1], "transformers", ours.get("run"))) if ours else None
         hf = hf or transformers_rows.get(key[:-1])
         (preset, layers, batch, seq, targets, logging_steps, quantization, load, data, documents, varied,
-         memory_limit, gpu, how_checkpointed) = key
+         memory_limit, window, gpu, how_checkpointed) = key
         model = f"{preset}, {layers} layers{how_checkpointed}"
         if len(gpus_per_config[key[:-2]]) > 1:
             model += f", {gpu}"
         if data == "examples":
             model += ", examples of varied lengths padded (an SFT data set)"
+            if window:
+                model += f", {len(ours['step_ms_all']) if ours else '-'} steps timed {window}"
             if ours and ours.get("replayed_steps") is not None:
                 model += (f"; fastmoe's steps all on graph replays (no capture, no eager layer): "
                           f"{ours['replayed_steps']} of {len(ours['step_ms_all'])}, "

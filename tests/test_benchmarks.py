@@ -385,6 +385,21 @@ def test_report_shows_the_newest_record_of_each_configuration_with_its_source():
     assert "## 6. Training step in a plain loop" in page and "Not measured yet" in page
 
 
+def test_report_keeps_runs_timed_from_their_first_step_apart_from_windows_after_warm_up():
+    """On data of varied lengths, 60 steps from a run's first step (compiles and captures included) answer what a
+    short run costs: a row of their own, which neither replaces the window after warm-up nor pairs with it."""
+    examples = dict(data="examples", shape="2x4096", batch=2, step_ms_all=[100.0] * 40)
+    records = [sft_record("transformers", 8000, "2026-12-01 10:00 UTC", "a", warmup=30, **examples),
+               sft_record("fastmoe", 38000, "2026-12-01 10:05 UTC", "a", warmup=30, **examples),
+               sft_record("fastmoe", 21000, "2026-12-02 10:05 UTC", "b", warmup=0,
+                          **dict(examples, step_ms_all=[100.0] * 60))]
+    sft = report.render(records).split("## 1.")[1].split("## 2.")[0]
+    rows = [line for line in sft.splitlines() if line.startswith("| trinity-mini")]
+    assert len(rows) == 2
+    assert "| 8,000 | 38,000 | 4.75x |" in rows[0] and "timed from the first step" not in rows[0]
+    assert "60 steps timed from the first step" in rows[1] and "| - | 21,000 | - |" in rows[1]
+
+
 def test_report_keeps_triton_base_products_apart_from_the_default():
     """bench_sft.py --fastmoe-base-products triton,torch: a row each beside the default's, all against
     transformers."""
