@@ -98,8 +98,10 @@ class Projection(NamedTuple):
 
 def takes_few_rows(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether a forward of x (..., in) with these tensors (weights, biases, LoRA factors; None for absent ones) is
-    one the few-rows kernel serves: at most FEW_ROWS rows, nothing autograd would differentiate, Triton on them."""
-    return (x.numel() <= FEW_ROWS * x.shape[-1]
+    one the few-rows kernel serves: at most FEW_ROWS rows, nothing autograd would differentiate, Triton on them. Not
+    under torch.compile, as for several layers (fastmoe.linear_lora): dynamo would trace the launch into inductor's
+    graph as a kernel of its own, while the plain path's matmuls compile as PyTorch's."""
+    return (not torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)))
             and use_triton(x, *tensors))
 
@@ -388,8 +390,7 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", REGISTER_DECODE=register_decode, MMA=mma,
         **config,
     )
-    # Traced by dynamo (a compiled decode), the launch is a graph node, not a compiled kernel to inspect.
-    if register_decode and not torch.compiler.is_compiling():
+    if register_decode:
         check_register_decode_layout(compiled)
     return outs
 

@@ -56,18 +56,25 @@ def test_static_cache_generation_compiles_once_as_one_graph_with_the_eager_token
     assert_same_generations(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_static_cache_generation_compiles_with_the_kernels_in_the_interpreter(tiny_checkpoint, tmp_path, monkeypatch):
+    """The same with fastmoe's Triton kernels (Triton's interpreter), custom ops in the compiled graph: none of their
+    launches is traced (dynamo stopped at the few-rows projections' launch while they were)."""
+    # A cache of its own: inductor's CPU cache does not key its kernels on ATEN_CPU_CAPABILITY.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    checkpoint = tiny_checkpoint("afmoe")
+    model = FastModel.for_inference(adapted(checkpoint, "afmoe", dtype=torch.float32))
+    compiled, eager = compiled_and_eager(model, prompts(AutoTokenizer.from_pretrained(checkpoint)), True)
+    assert_same_generations(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("model_type, load_in_4bit", [("afmoe", False), ("lfm2_moe", False), ("afmoe", True)],
-                         ids=["afmoe", "lfm2_moe", "afmoe-4bit"])
-def test_static_cache_generation_compiles_with_the_kernels_on_gpu(tiny_checkpoint, model_type, load_in_4bit):
-    """The same with fastmoe's Triton kernels in the compiled graph, as custom ops (the experts' decoding forms: one
-    token's GEMVs, LoRA inside the GEMM tiles) and as kernels dynamo traces (lora_linear's few-rows launch, whose
-    source inductor embeds); in 4 bits (bf16) the NF4 decode's PTX too."""
+@pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
+def test_static_cache_generation_compiles_with_the_kernels_on_gpu(tiny_checkpoint, model_type):
+    """The same with fastmoe's Triton kernels in the compiled graph, as custom ops (the experts' decoding forms among
+    them: one token's GEMVs, LoRA inside the GEMM tiles). (transformers compiles no bitsandbytes 4-bit model.)"""
     checkpoint = tiny_checkpoint(model_type)
-    dtype = torch.bfloat16 if load_in_4bit else torch.float32
-    model = FastModel.for_inference(adapted(checkpoint, model_type, dtype=dtype, load_in_4bit=load_in_4bit,
-                                            device_map={"": 0}))
+    model = FastModel.for_inference(adapted(checkpoint, model_type, dtype=torch.float32, device_map={"": 0}))
     first = {k: v.cuda() for k, v in prompts(AutoTokenizer.from_pretrained(checkpoint)).items()}
     compiled, eager = compiled_and_eager(model, first, False)
-    assert_same_generations(compiled, eager, rtol=1e-2 if load_in_4bit else 1e-3, atol=1e-2 if load_in_4bit else 1e-4)
+    assert_same_generations(compiled, eager, rtol=1e-3, atol=1e-4)

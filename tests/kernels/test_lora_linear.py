@@ -122,6 +122,16 @@ def test_few_rows_without_gradients_take_one_kernel_equal_to_the_reference(token
     assert rel_err(out.double(), expected) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_few_rows_stay_out_of_torch_compile(monkeypatch):
+    """Under torch.compile a few rows take the plain matmuls, which dynamo traces as PyTorch ops, not a Triton launch
+    that inductor would embed with its own layout of x."""
+    x, weight, b, lora_a, lora_b = _inputs((2,), 40, 21, 4, torch.float32, bias=True)
+    with torch.no_grad():
+        assert lora_linear_module.takes_few_rows(x, weight, b, lora_a, lora_b)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not lora_linear_module.takes_few_rows(x, weight, b, lora_a, lora_b)
+
+
 def _exact(x, weight, b, lora_a, lora_b, scaling):
     return reference_lora_linear(*(t.double() if t is not None else None for t in (x, weight, b, lora_a, lora_b)),
                                  scaling)
