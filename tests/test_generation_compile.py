@@ -46,7 +46,11 @@ def assert_same_generations(compiled, eager, rtol: float, atol: float) -> None:
 
 
 @pytest.mark.parametrize("model_type", ["afmoe", "lfm2_moe"])
-def test_static_cache_generation_compiles_once_as_one_graph_with_the_eager_tokens(tiny_checkpoint, model_type):
+def test_static_cache_generation_compiles_once_as_one_graph_with_the_eager_tokens(tiny_checkpoint, model_type, tmp_path,
+                                                                                  monkeypatch):
+    # A cache of its own: inductor's CPU cache does not key its kernels on ATEN_CPU_CAPABILITY (a kernel built for
+    # another instruction set on this machine would be loaded).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     checkpoint = tiny_checkpoint(model_type)
     model = FastModel.for_inference(adapted(checkpoint, model_type, dtype=torch.float32))
     # The ops' PyTorch references (their kernels' compile support: tests/kernels/test_custom_op.py): Triton's
@@ -59,7 +63,6 @@ def test_static_cache_generation_compiles_once_as_one_graph_with_the_eager_token
 def test_static_cache_generation_compiles_with_the_kernels_in_the_interpreter(tiny_checkpoint, tmp_path, monkeypatch):
     """The same with fastmoe's Triton kernels (Triton's interpreter), custom ops in the compiled graph: none of their
     launches is traced (dynamo stopped at the few-rows projections' launch while they were)."""
-    # A cache of its own: inductor's CPU cache does not key its kernels on ATEN_CPU_CAPABILITY.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     checkpoint = tiny_checkpoint("afmoe")
     model = FastModel.for_inference(adapted(checkpoint, "afmoe", dtype=torch.float32))
