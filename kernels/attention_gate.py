@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp
 from .dispatch import use_triton
+from .grid import cdiv
 
 _BLOCK = 1024
 
@@ -47,7 +48,7 @@ def _attention_gate_forward(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     o, g = o.contiguous(), g.contiguous()
     out = torch.empty_like(o)
     n = o.numel()
-    _attention_gate_fwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, out, n, BLOCK=_BLOCK, num_warps=4)
+    _attention_gate_fwd_kernel[(cdiv(n, _BLOCK),)](o, g, out, n, BLOCK=_BLOCK, num_warps=4)
     return out
 
 
@@ -59,7 +60,7 @@ def _attention_gate_backward(dout: torch.Tensor, o: torch.Tensor, g: torch.Tenso
     o, g, dout = o.contiguous(), g.contiguous(), dout.contiguous()
     do, dg = torch.empty_like(o), torch.empty_like(g)
     n = o.numel()
-    _attention_gate_bwd_kernel[(triton.cdiv(n, _BLOCK),)](o, g, dout, do, dg, n, BLOCK=_BLOCK, num_warps=4)
+    _attention_gate_bwd_kernel[(cdiv(n, _BLOCK),)](o, g, dout, do, dg, n, BLOCK=_BLOCK, num_warps=4)
     return do, dg
 
 

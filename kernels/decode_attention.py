@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 
 # Positions per program tile; a split is a whole number of tiles, and at most MAX_SPLITS splits are made.
 BLOCK_L = 64
@@ -131,9 +132,9 @@ def _decode_attention_merge_kernel(
 
 def _splits(positions: int) -> tuple[int, int]:
     """(positions per split, splits): whole tiles per split, at most MAX_SPLITS splits."""
-    tiles = triton.cdiv(positions, BLOCK_L)
-    split_len = triton.cdiv(tiles, MAX_SPLITS) * BLOCK_L
-    return split_len, triton.cdiv(positions, split_len)
+    tiles = cdiv(positions, BLOCK_L)
+    split_len = cdiv(tiles, MAX_SPLITS) * BLOCK_L
+    return split_len, cdiv(positions, split_len)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -157,18 +158,18 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     acc = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=query.device)
     stats = torch.empty(batch, heads, num_splits, 2, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_d = max(16, next_power_of_2(dim))
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     _decode_attention_split_kernel[(batch * kv_heads, num_splits)](
         query, query.stride(0), query.stride(1), query.stride(3), key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2), mask.view(torch.uint8), mask.stride(0), acc, stats,
         kv_heads, groups, positions, split_len, num_splits, dim, float(scaling),
-        BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_L=BLOCK_L, BLOCK_D=block_d, DOT_PRECISION=precision,
+        BLOCK_G=max(16, next_power_of_2(groups)), BLOCK_L=BLOCK_L, BLOCK_D=block_d, DOT_PRECISION=precision,
         num_warps=4,
     )
     _decode_attention_merge_kernel[(batch * heads,)](
         acc, stats, sinks.contiguous() if sinks is not None else None, out, out.stride(0), out.stride(2), heads,
-        num_splits, dim, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_splits, dim, HAS_SINKS=sinks is not None, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
         num_warps=4,
     )
     return out

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
+from .grid import cdiv
 from .rms_norm import backward_programs, row_tile
 
 
@@ -109,7 +110,7 @@ def _layer_norm_forward(
     mean = torch.empty(t * h, dtype=torch.float32, device=x.device)
     rstd = torch.empty(t * h, dtype=torch.float32, device=x.device)
     block_m, block_d, num_warps = row_tile(d)
-    _layer_norm_fwd_kernel[(triton.cdiv(t, block_m), h)](
+    _layer_norm_fwd_kernel[(cdiv(t, block_m), h)](
         x3, w, y, mean, rstd, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), t, h, d, eps,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )

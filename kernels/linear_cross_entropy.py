@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 
 # Bytes of one chunk's logits buffer. On an H100 (8k tokens, 200k-256k bf16 vocabularies) chunks of 256 rows
 # made the whole step 15-20% slower than 1024+ rows, where the chunk GEMMs run near peak; 512 MiB gives 1024-1280
@@ -251,7 +252,7 @@ def _chunk_rows(vocab: int, element_size: int, device: torch.device) -> int:
 
 def _block(vocab: int, device: torch.device) -> tuple[int, int]:
     """Columns per block and warps of the row kernels."""
-    block_v = min(triton.next_power_of_2(vocab), _CUDA_BLOCK_V if device.type == "cuda" else _CPU_BLOCK_V)
+    block_v = min(next_power_of_2(vocab), _CUDA_BLOCK_V if device.type == "cuda" else _CPU_BLOCK_V)
     # 16 fp32 columns per thread: enough work per warp without spilling registers.
     return block_v, min(32, max(4, block_v // 512))
 
@@ -368,7 +369,7 @@ def _recomputed_grads(
         chunk_logits = logits[: end - start]
         _chunk_logits(hidden[start:end], weight, bias, chunk_logits)
         rows = slice(start, end)
-        _logit_grad_kernel[(end - start, triton.cdiv(vocab, block_v))](
+        _logit_grad_kernel[(end - start, cdiv(vocab, block_v))](
             chunk_logits, chunk_logits.stride(0), labels[rows], lse[rows], entropy[rows], grad_nll[rows],
             grad_entropy[rows], vocab, float(scale), ignore_index, BLOCK_V=block_v, num_warps=num_warps,
         )

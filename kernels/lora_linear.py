@@ -61,6 +61,7 @@ import triton.language as tl
 
 from .custom_op import unread_output
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 from .moe.nf4 import Nf4Weight, absmax_fp32, check_register_decode_layout, dequantize_nf4_tile, nf4_code, triton_dtype
 from .moe import one_token
 from .moe.one_token import gemv_lora_a_step, gemv_register_decode, gemv_tile_sums, gemv_x
@@ -138,12 +139,12 @@ def _few_rows_config(rows: int, n: int, k: int, nf4: bool = False) -> dict:
     45 us. Each is the best configuration swept or within 8% of it.
     """
     block_n = 64 if n >= 1024 else 16
-    blocks = triton.cdiv(n, block_n)
+    blocks = cdiv(n, block_n)
     if rows == 1:
         return {"BLOCK_N": block_n, "BLOCK_K": GEMV_BLOCK_K, "SPLIT_K": gemv_split(blocks, k), "GEMV": True,
                 "num_warps": 4, "num_stages": 3}
     block_k = 128
-    max_split = max(1, min(triton.cdiv(k, block_k) // 2, k // (8 * rows)))
+    max_split = max(1, min(cdiv(k, block_k) // 2, k // (8 * rows)))
     split = 1
     while split * 2 <= max_split and (
             blocks * split * 2 <= GPU_SMS or nf4 and split < 8 and blocks * split < 2.5 * GPU_SMS):
@@ -368,12 +369,12 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
             outs.append(out)
         args += [weight, absmax, lora_a.contiguous(), lora_b.contiguous(), bias if bias is not None else weight,
                  out, n, rank, float(scaling)] + ([first] if i else [])
-        first += 0 if swiglu else triton.cdiv(n, block_n)
-    blocks = triton.cdiv(_out_features(projections[0]), block_n) if swiglu else first
+        first += 0 if swiglu else cdiv(n, block_n)
+    blocks = cdiv(_out_features(projections[0]), block_n) if swiglu else first
     unused = args[:9] + [1 << 30]  # a block number no program reaches
     args += unused * (MAX_PROJECTIONS - len(projections))
     columns = blocks * block_n * (2 if swiglu else 1)
-    steps_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k)
+    steps_per_split = cdiv(cdiv(k, block_k), split_k)
     register_decode = (nf4 and config["GEMV"] and gemv_register_decode(
         projections[0].weight, x2.dtype, block_n, block_k, config.get("num_warps", 4)))
     # Every slot is written whole by its program, empty splits included: no zeroing.
@@ -385,8 +386,8 @@ def _launch_few_rows(x2: torch.Tensor, projections: Sequence[Projection], config
         PROJECTIONS=len(projections), SWIGLU=swiglu, HAS_BIAS=projections[0].bias is not None,
         NF4=nf4, K_ALIGNED=k % 64 == 0, WHOLE_K=k % block_k == 0,
         W_DTYPE=triton_dtype(projections[0].weight.dtype) if nf4 else None,
-        BLOCK_M=1 if config["GEMV"] else max(16, triton.next_power_of_2(rows)),
-        BLOCK_R=max(16, triton.next_power_of_2(max(ranks, default=1))),
+        BLOCK_M=1 if config["GEMV"] else max(16, next_power_of_2(rows)),
+        BLOCK_R=max(16, next_power_of_2(max(ranks, default=1))),
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", REGISTER_DECODE=register_decode, MMA=mma,
         **config,
     )

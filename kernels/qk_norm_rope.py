@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 from .layer_norm import reference_layer_norm
 from .rms_norm import backward_programs, reference_rms_norm
 from .rope import (
@@ -170,8 +171,8 @@ def _qk_norm_rope_bwd_kernel(
 def _tile(heads: int, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps): all heads of a few tokens per tile, about 2K pairs in all;
     several tokens per tile keep a few kv heads from leaving most lanes idle."""
-    block_half = triton.next_power_of_2((head_dim + 1) // 2)
-    block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
+    block_half = next_power_of_2((head_dim + 1) // 2)
+    block_h = min(next_power_of_2(heads), max(1, 2048 // block_half))
     block_t = max(1, 2048 // (block_h * block_half))
     num_warps = min(8, max(1, block_t * block_h * block_half // 256))
     return block_t, block_h, block_half, num_warps
@@ -195,7 +196,7 @@ def _qk_norm_rope_forward(
     w = weight.contiguous() if weight is not None else None
     y = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
     block_t, block_h, block_half, num_warps = _tile(heads, dim)
-    _qk_norm_rope_fwd_kernel[(triton.cdiv(batch * seq, block_t), triton.cdiv(heads, block_h))](
+    _qk_norm_rope_fwd_kernel[(cdiv(batch * seq, block_t), cdiv(heads, block_h))](
         x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, y,
         x.stride(0), x.stride(1), x.stride(2),
         # A (head_dim,) weight is shared by all heads: head stride 0.
@@ -247,7 +248,7 @@ def _qk_norm_rope_backward(
     tokens = batch * seq
     programs, toks_per_program = backward_programs(x.device, tokens, block_t)
     dw_partial = torch.empty((programs, heads, dim), dtype=torch.float32, device=x.device) if w is not None else None
-    _qk_norm_rope_bwd_kernel[(programs, triton.cdiv(heads, block_h))](
+    _qk_norm_rope_bwd_kernel[(programs, cdiv(heads, block_h))](
         x, w if w is not None else x, cos if has_rope else x, sin if has_rope else x, dy, dx,
         dw_partial if w is not None else dx,
         x.stride(0), x.stride(1), x.stride(2),

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,7 +27,7 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def row_tile(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels: about 4K elements per tile keeps registers in check."""
-    block_d = triton.next_power_of_2(hidden)
+    block_d = next_power_of_2(hidden)
     block_m = max(1, min(32, 4096 // block_d))
     num_warps = min(8, max(1, block_m * block_d // 512))
     return block_m, block_d, num_warps
@@ -42,10 +43,10 @@ def backward_programs(device: torch.device, rows: int, block_m: int) -> tuple[in
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
-    tiles = triton.cdiv(rows, block_m)
+    tiles = cdiv(rows, block_m)
     programs = max(1, min(tiles, target))
-    rows_per_program = triton.cdiv(tiles, programs) * block_m
-    return triton.cdiv(rows, rows_per_program), rows_per_program
+    rows_per_program = cdiv(tiles, programs) * block_m
+    return cdiv(rows, rows_per_program), rows_per_program
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def _rms_norm_forward(
     r = _rows(residual) if residual is not None else x2
     total = torch.empty_like(y) if residual is not None else x2
     block_m, block_d, num_warps = row_tile(d)
-    _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
         x2, r, total, w, y, rstd, x2.stride(0), r.stride(0), total.stride(0), y.stride(0), m, d, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )

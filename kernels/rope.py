@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 
 
 def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -134,8 +135,8 @@ def _rope_kernel(
 
 def rope_tile(heads: int, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_HALF, num_warps): all heads of one position per program, capped near 2K pairs."""
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
+    block_half = next_power_of_2(head_dim // 2)
+    block_h = min(next_power_of_2(heads), max(1, 2048 // block_half))
     num_warps = min(8, max(1, block_h * block_half // 256))
     return block_h, block_half, num_warps
 
@@ -161,7 +162,7 @@ def _launch_rope(
     # empty_like keeps a transposed (batch, seq, heads, dim) layout, so the output matches what SDPA is given.
     y = torch.empty_like(x)
     block_h, block_half, num_warps = rope_tile(heads, dim)
-    _rope_kernel[(batch * seq, triton.cdiv(heads, block_h))](
+    _rope_kernel[(batch * seq, cdiv(heads, block_h))](
         x, cos, sin, y,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0), cos.stride(1),
         seq, heads, dim, dim // 2,
@@ -228,7 +229,7 @@ def _launch_rope_swapping_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         cos, sin = cos.contiguous(), sin.contiguous()
     y = x.new_empty(batch, seq, b, a, dim)
     block_h, block_half, num_warps = rope_tile(b, dim)
-    _rope_kernel[(batch * seq * a, triton.cdiv(b, block_h))](
+    _rope_kernel[(batch * seq * a, cdiv(b, block_h))](
         x, cos, sin, y,
         x.stride(1), x.stride(3), x.stride(2), y.stride(1), y.stride(2), y.stride(3), cos.stride(1), 0,
         a, b, dim, dim // 2,

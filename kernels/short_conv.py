@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp, no_gradient
 from .dispatch import use_triton
+from .grid import cdiv, next_power_of_2
 
 
 def reference_short_conv(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -75,7 +76,7 @@ def document_offsets(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
 def _tile(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): 128 channels give 512-byte rows in fp32 (fully coalesced), 16 time steps
     keep the L shifted re-reads of each tile in L1."""
-    block_d = min(128, triton.next_power_of_2(hidden))
+    block_d = min(128, next_power_of_2(hidden))
     block_t = 16
     num_warps = 4 if block_d * block_t >= 2048 else 2
     return block_t, block_d, num_warps
@@ -190,14 +191,14 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _time_chunks(device: torch.device, batch: int, seq_len: int, block_t: int, channel_blocks: int) -> tuple[int, int]:
     """(chunks per sequence, rows per chunk) for the backward: a few programs per SM, so the per-program
     dweight partials (programs, L, hidden) stay small while the GPU is still full."""
-    tiles = triton.cdiv(seq_len, block_t)
+    tiles = cdiv(seq_len, block_t)
     if device.type == "cuda":
         target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 2
     chunks = max(1, min(tiles, target // max(1, batch * channel_blocks)))
-    chunk_len = triton.cdiv(tiles, chunks) * block_t
-    return triton.cdiv(seq_len, chunk_len), chunk_len
+    chunk_len = cdiv(tiles, chunks) * block_t
+    return cdiv(seq_len, chunk_len), chunk_len
 
 
 def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -209,7 +210,7 @@ def _short_conv_forward(bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     kernel_size = w.shape[1]
     y = torch.empty((batch, seq_len, hidden), dtype=bcx.dtype, device=bcx.device)
     block_t, block_d, num_warps = _tile(hidden)
-    grid = (triton.cdiv(seq_len, block_t), triton.cdiv(hidden, block_d), batch)
+    grid = (cdiv(seq_len, block_t), cdiv(hidden, block_d), batch)
     _short_conv_fwd_kernel[grid](
         bcx, w, bias if bias is not None else w, doc_offsets if doc_offsets is not None else w, y,
         bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
@@ -237,7 +238,7 @@ def _short_conv_backward(
     w = weight.reshape(-1, weight.shape[-1])
     hidden, kernel_size = w.shape
     block_t, block_d, num_warps = _tile(hidden)
-    channel_blocks = triton.cdiv(hidden, block_d)
+    channel_blocks = cdiv(hidden, block_d)
     chunks, chunk_len = _time_chunks(bcx.device, batch, seq_len, block_t, channel_blocks)
     programs = batch * chunks
     dbcx = torch.empty_like(bcx)
@@ -250,7 +251,7 @@ def _short_conv_backward(
         bcx.stride(0), bcx.stride(1), w.stride(0), w.stride(1), dy.stride(0), dy.stride(1),
         dbcx.stride(0), dbcx.stride(1),
         seq_len, hidden, chunks, chunk_len,
-        L=kernel_size, BLOCK_L=triton.next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
+        L=kernel_size, BLOCK_L=next_power_of_2(kernel_size), HAS_BIAS=bias is not None,
         HAS_OFFSETS=doc_offsets is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
     dweight = dw_partial.sum(0).t().contiguous().to(w.dtype).view(weight.shape) if weight_grad else no_gradient(weight)
@@ -363,9 +364,9 @@ def short_conv_decode(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tens
             or bcx.stride(-1) != 1 or not weight.is_contiguous()):
         return reference_short_conv_decode(bcx, state, weight, bias)
     y = torch.empty(batch, 1, hidden, dtype=bcx.dtype, device=bcx.device)
-    block_d = min(256, triton.next_power_of_2(hidden))
-    _short_conv_decode_kernel[(batch, triton.cdiv(hidden, block_d))](
+    block_d = min(256, next_power_of_2(hidden))
+    _short_conv_decode_kernel[(batch, cdiv(hidden, block_d))](
         bcx, bcx.stride(0), state, *state.stride(), weight, bias, y, hidden, L=taps, HAS_BIAS=bias is not None,
-        BLOCK_D=block_d, BLOCK_L=triton.next_power_of_2(taps), num_warps=4,
+        BLOCK_D=block_d, BLOCK_L=next_power_of_2(taps), num_warps=4,
     )
     return y

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 # SMs of the H200 the GEMV configurations are aimed at; on another GPU they are still correct, only less well fitted.
 GPU_SMS = 132
 # A GEMV's K step on a GPU: 64 weights a row (one NF4 absmax block).
@@ -25,7 +27,7 @@ def gemv_split(programs: int, k: int, block_k: int = GEMV_BLOCK_K) -> int:
     within 5 per SM (a GEMV program stages no tensor-core operand in shared memory, so several fit an SM) and each
     split keeps at least 2 K steps for its pipeline. Measured on the few-rows linear layers (see
     lora_linear._few_rows_config) and the one-token experts block (moe/one_token.py), H200."""
-    max_split = max(1, triton.cdiv(k, block_k) // 2)
+    max_split = max(1, cdiv(k, block_k) // 2)
     split = 1
     while split * 2 <= max_split and programs * split * 2 <= 5 * GPU_SMS:
         split *= 2
@@ -35,7 +37,7 @@ def gemv_split(programs: int, k: int, block_k: int = GEMV_BLOCK_K) -> int:
 def interpreter_split(k: int, block_k: int) -> int:
     """Splits of K for the CPU interpreter: 1-2 K steps a split (at most 4 splits, the last ones short or empty when
     K is not a multiple), so that the CPU tests go through the split-K fix-up."""
-    return min(4, triton.next_power_of_2(triton.cdiv(k, block_k) + 1) // 2)
+    return min(4, next_power_of_2(cdiv(k, block_k) + 1) // 2)
 
 
 @triton.jit

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .custom_op import KernelOp
 from .dispatch import use_triton
+from .grid import cdiv
 
 _BLOCK = 1024
 
@@ -55,7 +56,7 @@ def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     h = torch.empty_like(gate)
     n = gate.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK, num_warps=4)
     return h
 
 
@@ -67,7 +68,7 @@ def _swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> 
     dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4)
+    _swiglu_bwd_kernel[(cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=4)
     return dgate, dup
 
 

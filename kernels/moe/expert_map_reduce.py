@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient
 from ..dispatch import use_triton
+from ..grid import next_power_of_2
 from .experts import (
     ExpertLora,
     _cast,
@@ -255,7 +256,7 @@ def _weighted_pair_grads(gx: torch.Tensor, x_pairs: torch.Tensor, pair_weights: 
         _weighted_pair_grads_kernel[(rows,)](gx, x_pairs, pair_weights, gx if grad_x is None else grad_x,
                                              pair_weights if grad_w is None else grad_w, width,
                                              NEEDS_X=needs_x, NEEDS_WEIGHTS=needs_weights,
-                                             BLOCK_N=min(triton.next_power_of_2(width), 2048))
+                                             BLOCK_N=min(next_power_of_2(width), 2048))
         return grad_x, grad_w
     gx32 = gx.float()
     grad_x = (gx32 * pair_weights.reshape(-1, 1).float()).to(x_pairs.dtype) if needs_x else None

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from ..custom_op import KernelOp, ReferenceOp, no_gradient, unread_output
 from ..dispatch import use_triton
+from ..grid import cdiv, next_power_of_2
 from ..reused_casts import cast
 from .grouped_gemm import (
     ClampedSwiglu,
@@ -262,8 +263,8 @@ def _sum_slots(pairs: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dt
         return pairs.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(dtype)
     width = pairs.shape[1]
     out = torch.empty(num_tokens, width, dtype=dtype, device=pairs.device)
-    block = min(triton.next_power_of_2(width), 1024)
-    _sum_slots_kernel[(num_tokens, triton.cdiv(width, block))](pairs, out, width, TOP_K=top_k, BLOCK_N=block)
+    block = min(next_power_of_2(width), 1024)
+    _sum_slots_kernel[(num_tokens, cdiv(width, block))](pairs, out, width, TOP_K=top_k, BLOCK_N=block)
     return out
 
 

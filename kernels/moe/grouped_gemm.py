@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..grid import cdiv, next_power_of_2
 from .nf4 import (
     Nf4Weight,
     TransposedNf4Weight,
@@ -593,7 +594,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+    return max(16, min(cap, next_power_of_2(max(size, 1))))
 
 
 # (BLOCK_N cap, BLOCK_K cap, launch options) per kernel family. Measured at 4096 tokens of Trinity-Mini,
@@ -750,7 +751,7 @@ def _launch_row_gemm(
         layout = {**layout, "REGISTER_DECODE": layout["REGISTER_DECODE"] and fits}
         whole_tiles = weight.k % block_k == 0 and (not layout["TRANSPOSED"] or weight.n % tile_rows == 0)
     # 16-bit tiles keep their K and column masks: dropping them paid off in the NF4 loop, bound by instruction issue.
-    compiled = kernel[(schedule.max_tiles * row_split * triton.cdiv(num_n, block_n),)](
+    compiled = kernel[(schedule.max_tiles * row_split * cdiv(num_n, block_n),)](
         a, a.stride(0), a.stride(1), a_rows, *weight.args, *_lora_args(lora_l, lora_b), *product_args, *outputs,
         schedule.tile_expert, schedule.tile_row_start, schedule.expert_offsets,
         *sizes,
@@ -874,7 +875,7 @@ def grouped_mm_lora_in_tile(
     cap_n, cap_k, options = _config(a.device, pairs=schedule.num_pairs)
     # With SwiGLU two accumulators (gate and up) per program: half the N block keeps the register budget of one.
     block_n, block_k = _block(n, cap_n // 2 if swiglu else cap_n), _block(k, cap_k)
-    _grouped_mm_lora_in_tile_kernel[(schedule.max_tiles * triton.cdiv(n, block_n),)](
+    _grouped_mm_lora_in_tile_kernel[(schedule.max_tiles * cdiv(n, block_n),)](
         a, a.stride(0), a.stride(1), a_rows,
         weight, weight.stride(0), weight.stride(1), weight.stride(2),
         lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
@@ -913,7 +914,7 @@ def grouped_mm_swiglu_backward(
     cap_n, cap_k, options = _config(gate_up.device, kernel, nf4=operand.layout["NF4"])
     block_n, block_k = _block(inter, cap_n), _block(hidden, cap_k)
     # One partial per N block instead of atomics: deterministic, summed below.
-    dscale = torch.zeros(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32, device=gate_up.device)
+    dscale = torch.zeros(cdiv(inter, block_n), num_rows, dtype=torch.float32, device=gate_up.device)
     _launch_row_gemm(
         _grouped_mm_swiglu_bwd_kernel, grad_out, grad_rows, operand, lora_l, lora_b, product,
         (gate_up, gate_up.stride(0), gate_up.stride(1), row_scale, dgu, dgu.stride(0), dgu.stride(1),
@@ -1044,7 +1045,7 @@ def grouped_wgrad(
     num_experts, num_n, num_k = out.shape
     cap_n, cap_k, options = _config(g.device, "wgrad")
     block_n, block_k = _block(num_n, cap_n), _block(num_k, cap_k)
-    grid = (num_experts * triton.cdiv(num_n, block_n) * triton.cdiv(num_k, block_k),)
+    grid = (num_experts * cdiv(num_n, block_n) * cdiv(num_k, block_k),)
     _grouped_wgrad_kernel[grid](
         g, g.stride(0), g.stride(1), g_rows, x, x.stride(0), x.stride(1), x_rows,
         row_scale if row_scale is not None else g,

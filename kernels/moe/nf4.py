@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..custom_op import GraphOp
 from ..dispatch import use_triton
+from ..grid import cdiv
 
 BLOCKSIZE = 64
 # Absmax per block of double quantization (bitsandbytes' quantize_4bit uses 256 for its compressed statistics).
@@ -184,7 +185,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False) -> Nf4Weight:
     absmax_scale = absmax_offset = None
     if double_quant:
         absmax = torch.empty(num_experts, num_blocks, dtype=torch.uint8, device=weight.device)
-        absmax_scale = torch.empty(num_experts, triton.cdiv(num_blocks, ABSMAX_BLOCKSIZE), dtype=torch.float32,
+        absmax_scale = torch.empty(num_experts, cdiv(num_blocks, ABSMAX_BLOCKSIZE), dtype=torch.float32,
                                    device=weight.device)
         absmax_offset = torch.empty(num_experts, dtype=torch.float32, device=weight.device)
     else:
@@ -609,7 +610,7 @@ def absmax_fp32(weight: Nf4Weight, experts: torch.Tensor | None = None) -> torch
     out = torch.empty(num_experts, num_blocks, dtype=torch.float32, device=weight.device)
     block = 1024
     rows = num_experts if experts is None else experts.numel()
-    _decode_absmax_kernel[(triton.cdiv(num_blocks, block), rows)](
+    _decode_absmax_kernel[(cdiv(num_blocks, block), rows)](
         weight.absmax, weight.absmax.stride(0), dynamic_code(weight.device), weight.absmax_scale,
         weight.absmax_scale.stride(0), weight.absmax_offset, out, experts, num_blocks, BLOCK=block,
         LISTED=experts is not None,
@@ -655,7 +656,7 @@ def _dequantize_nf4(tensors: list[torch.Tensor], shape: list[int], weight_dtype:
     # a program are 16 bytes for each of its 128 threads, what the PTX decodes at a time.
     register_decode = has_register_decode(weight.device, weight.dtype)
     block = 4096 if register_decode else 1024
-    compiled = _dequantize_nf4_kernel[(triton.cdiv(n * k, block), num_experts)](
+    compiled = _dequantize_nf4_kernel[(cdiv(n * k, block), num_experts)](
         weight.packed, absmax_fp32(weight), nf4_code(weight.device), out, n * k,
         REGISTER_DECODE=register_decode, W_DTYPE=triton_dtype(weight.dtype), BLOCK=block, num_warps=4,
     )

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grid import cdiv, next_power_of_2
 from ..split_k import GEMV_BLOCK_K, arrival_counts, gemv_split, interpreter_split, last_to_arrive
 from .nf4 import (
     Nf4Weight,
@@ -453,18 +454,18 @@ def one_token_experts(
         block_n, options = _GPU_BLOCK_N, {"num_warps": 4, "num_stages": 3}
         mma = all(gemv_mma(w, dtype, block_n, options["num_warps"]) for w in (gate_up, down))
         block_k = GEMV_MMA_BLOCK_K if mma else GEMV_BLOCK_K
-        gate_up_split = gemv_split(top_k * triton.cdiv(inter, block_n), k_gate_up, block_k)
-        down_split = gemv_split(top_k * triton.cdiv(n_down, block_n), k_down, block_k)
+        gate_up_split = gemv_split(top_k * cdiv(inter, block_n), k_gate_up, block_k)
+        down_split = gemv_split(top_k * cdiv(n_down, block_n), k_down, block_k)
     else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-ups
         block_n, block_k, options, mma = 16, 32, {}, False
         gate_up_split, down_split = interpreter_split(k_gate_up, block_k), interpreter_split(k_down, block_k)
-    gate_up_blocks, down_blocks = triton.cdiv(inter, block_n), triton.cdiv(n_down, block_n)
+    gate_up_blocks, down_blocks = cdiv(inter, block_n), cdiv(n_down, block_n)
     arrivals = arrival_counts(device, max(top_k * gate_up_blocks, down_blocks))
     ranks = [t.shape[1] for t in (gu_a, down_a) if t is not None]
-    block_r = max(16, triton.next_power_of_2(max(ranks, default=1)))
+    block_r = max(16, next_power_of_2(max(ranks, default=1)))
 
     def steps_per_split(k: int, split: int) -> int:
-        return triton.cdiv(triton.cdiv(k, block_k), split)
+        return cdiv(cdiv(k, block_k), split)
 
     num_warps = options.get("num_warps", 4)
     h = torch.empty(top_k, inter, dtype=dtype, device=device)
@@ -496,7 +497,7 @@ def one_token_experts(
         steps_per_split(k_down, down_split),
         HAS_LORA=down_a is not None, **layout, WHOLE_K=k_down % block_k == 0, TOP_K=top_k, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=down_split, LOOP_STAGES=GEMV_LOOP_STAGES, MMA=mma,
-        XA_GIVEN=down_xa, XA_PARTS_BLOCK=triton.next_power_of_2(gate_up_blocks), **options,
+        XA_GIVEN=down_xa, XA_PARTS_BLOCK=next_power_of_2(gate_up_blocks), **options,
     )
     if layout["REGISTER_DECODE"]:
         check_register_decode_layout(compiled)

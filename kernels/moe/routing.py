@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..custom_op import GraphOp, KernelOp
 from ..dispatch import use_triton
+from ..grid import cdiv, next_power_of_2
 from ..split_k import arrival_counts, gemv_split, interpreter_split, last_to_arrive
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,16 +152,16 @@ def _topk_select(
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     if num_tokens == 0:
         return index, chosen, weights
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     # Keep a program's (tokens x experts) tile around 4K elements: registers on GPU, numpy size in the interpreter.
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(num_tokens)))
-    _topk_select_kernel[(triton.cdiv(num_tokens, block_t),)](
+    block_t = max(1, min(64, 4096 // block_e, next_power_of_2(num_tokens)))
+    _topk_select_kernel[(cdiv(num_tokens, block_t),)](
         router_logits, router_logits.stride(0), router_logits.stride(1),
         expert_bias if expert_bias is not None else router_logits,
         index, chosen, weights,
         num_tokens, num_experts, float(norm_eps), float(scale),
         HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, NORMALIZE=normalize, TOP_K=top_k,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_power_of_2(top_k),
     )
     return index, chosen, weights
 
@@ -340,26 +341,26 @@ def _router_topk(hidden: torch.Tensor, weight: torch.Tensor, expert_bias: torch.
     index = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
     chosen = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
-    block_t = triton.next_power_of_2(num_tokens)
+    block_t = next_power_of_2(num_tokens)
     if device.type == "cuda":
         # A K step's products (tokens, experts, K) are summed in registers: at most 8K of them a program.
         block_e, block_k = 16, min(64, 512 // block_t)
-        expert_blocks = triton.cdiv(num_experts, block_e)
+        expert_blocks = cdiv(num_experts, block_e)
         split = gemv_split(expert_blocks, hidden_size, block_k)
     else:  # the interpreter: small blocks, and K split so that the CPU tests go through the fix-up
         block_e, block_k = 8, 32
-        expert_blocks = triton.cdiv(num_experts, block_e)
+        expert_blocks = cdiv(num_experts, block_e)
         split = interpreter_split(hidden_size, block_k)
     partials = torch.empty(split, num_tokens, num_experts, dtype=torch.float32, device=device)
     _router_topk_kernel[(expert_blocks, split)](
         hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
         expert_bias if expert_bias is not None else weight,
         logits, partials, arrival_counts(device, 1), index, chosen, weights,
-        num_tokens, num_experts, hidden_size, triton.cdiv(triton.cdiv(hidden_size, block_k), split),
+        num_tokens, num_experts, hidden_size, cdiv(cdiv(hidden_size, block_k), split),
         float(norm_eps), float(scale),
         HAS_BIAS=expert_bias is not None, SIGMOID=sigmoid, NORMALIZE=normalize, TOP_K=top_k,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, SPLIT_K=split,
-        ALL_E=triton.next_power_of_2(num_experts), BLOCK_SLOTS=triton.next_power_of_2(top_k),
+        ALL_E=next_power_of_2(num_experts), BLOCK_SLOTS=next_power_of_2(top_k),
     )
     return logits, weights, index
 
@@ -445,7 +446,7 @@ def tile_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     """The most row tiles num_pairs (token, slot) pairs can make over num_experts experts (tiles of block_m rows that
     never span two experts): each expert's partial tile beyond the full ones, and no tile without a row. Decoding one
     token over 128 experts: 8 tiles (not 129), so the grouped GEMMs launch no programs that would only exit."""
-    return max(1, min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts))
+    return max(1, min(num_pairs, cdiv(num_pairs, block_m) + num_experts))
 
 
 # (token, slot) pairs up to which one program builds the schedule. Measured on an H200 (bench_decode_ops.py, 128
@@ -505,8 +506,8 @@ def _schedule_one_program(top_k_index: torch.Tensor, num_experts: int, block_m: 
     _schedule_kernel[(1,)](
         top_k_index.reshape(-1).contiguous(), sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start,
         num_pairs, num_experts, max_tiles, block_m,
-        TOP_K=top_k, BLOCK_P=max(16, triton.next_power_of_2(num_pairs)),
-        BLOCK_E=max(16, triton.next_power_of_2(num_experts)), BLOCK_T=max(16, triton.next_power_of_2(max_tiles)),
+        TOP_K=top_k, BLOCK_P=max(16, next_power_of_2(num_pairs)),
+        BLOCK_E=max(16, next_power_of_2(num_experts)), BLOCK_T=max(16, next_power_of_2(max_tiles)),
         CHUNK=64 if top_k_index.is_cuda else 16,
     )
     return ExpertSchedule(sorted_pair, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m,
@@ -591,9 +592,9 @@ def _schedule_in_chunks(top_k_index: torch.Tensor, num_experts: int, block_m: in
     num_tokens, top_k = top_k_index.shape
     num_pairs = num_tokens * top_k
     max_tiles = tile_bound(num_pairs, num_experts, block_m)
-    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_e = max(16, next_power_of_2(num_experts))
     block_p = min(1024, max(16, _CHUNK_ELEMENTS // block_e))
-    num_chunks = triton.cdiv(num_pairs, block_p)
+    num_chunks = cdiv(num_pairs, block_p)
     index = top_k_index.reshape(-1).contiguous()
     sorted_pair, sorted_token = (index.new_empty(num_pairs, dtype=torch.int32) for _ in range(2))
     expert_offsets = index.new_empty(num_experts + 1, dtype=torch.int32)
@@ -602,7 +603,7 @@ def _schedule_in_chunks(top_k_index: torch.Tensor, num_experts: int, block_m: in
     _chunk_expert_counts_kernel[(num_chunks,)](index, chunk_counts, num_pairs, BLOCK_P=block_p, BLOCK_E=block_e)
     _chunk_starts_and_tiles_kernel[(1,)](
         chunk_counts, expert_offsets, tile_expert, tile_row_start, num_chunks, num_pairs, num_experts, max_tiles,
-        block_m, BLOCK_C=min(max(16, _CHUNK_ELEMENTS // block_e), max(16, triton.next_power_of_2(num_chunks))),
+        block_m, BLOCK_C=min(max(16, _CHUNK_ELEMENTS // block_e), max(16, next_power_of_2(num_chunks))),
         BLOCK_E=block_e, BLOCK_T=64)
     _place_pairs_kernel[(num_chunks,)](index, chunk_counts, expert_offsets, sorted_pair, sorted_token, num_pairs,
                                        TOP_K=top_k, BLOCK_P=block_p, BLOCK_E=block_e)
