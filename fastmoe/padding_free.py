@@ -203,12 +203,13 @@ def pack_padded_rows(model, inputs: dict, shifted_labels: torch.Tensor,
         return None
 
     keep = on_host(attention_mask).to(torch.bool)
-    if batch == 1 and bool(keep.all()):  # one example a step (trl's collator pads nothing): rounded up all the same
+    nothing_padded = bool(keep.all())
+    if batch == 1 and nothing_padded:  # one example a step (trl's collator pads nothing): rounded up all the same
         return _one_example(model, dict(inputs, attention_mask=None), input_ids, position_ids, embedding.shape[0],
                             aux_loss_masks_filler)
     run_starts = keep.clone()
     run_starts[:, 1:] &= ~keep[:, :-1]
-    if bool(keep.all()) or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
+    if nothing_padded or not bool(keep.any()) or bool((run_starts.sum(1) > 1).any()):
         return None  # nothing to drop, nothing left, or a row whose tokens have gaps between them
     if _labels_score(~keep, shifted_labels):
         return None  # transformers' loss trains on the padding's outputs
