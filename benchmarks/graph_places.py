@@ -113,6 +113,9 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
     if then is not None:
         lengths = example_lengths(then[0] * steps, then[1], seed=seed + 1)
         batches += [lengths[step * then[0]:(step + 1) * then[0]] for step in range(steps)]
+    if step_costs is None:  # a replay fixed_ms + ms_per_token a token, an eager step and a capture eager_cost times it
+        step_costs = (fixed_ms, ms_per_token) + (eager_cost * fixed_ms, eager_cost * ms_per_token) * 2
+    replay_ms, eager_ms, capture_ms = ((lambda n, i=i: step_costs[i] + step_costs[i + 1] * n) for i in (0, 2, 4))
     result = Placement()
     for step, examples in enumerate(batches):
         tokens = sum(examples)
@@ -125,25 +128,20 @@ def simulate(batch: int, seq: int, steps: int, places: int, seed: int = 3, fixed
         call = functools.partial(torch.nn.Module.__call__, layer, offsets=offsets, longest=longest)
         eager_before, graphs_before = len(eager_calls), len(graphed.graphs)
         graphed(call, torch.zeros(1, length, 4, requires_grad=True)).sum().backward()
-        graphed_ms = fixed_ms + ms_per_token * length
-        replay_ms, eager_ms, capture_ms = ((graphed_ms, eager_cost * graphed_ms, eager_cost * graphed_ms)
-                                           if step_costs is None else
-                                           [step_costs[i] + step_costs[i + 1] * length for i in (0, 2, 4)])
         if len(eager_calls) > eager_before:
             result.eager += 1
-            result.step_ms.append(eager_ms)
+            result.step_ms.append(eager_ms(length))
         elif len(graphed.graphs) > graphs_before:
             result.captured += 1
-            result.step_ms.append(capture_ms)
+            result.step_ms.append(capture_ms(length))
         else:
             result.replayed += 1
             result.replayed_steps.append(step)
-            result.step_ms.append(replay_ms)
+            result.step_ms.append(replay_ms(length))
         result.steps += 1
         result.tokens += tokens
         result.trained += length
-        result.step_ideal_ms.append(fixed_ms + ms_per_token * tokens if step_costs is None
-                                    else step_costs[0] + step_costs[1] * tokens)
+        result.step_ideal_ms.append(replay_ms(tokens))
     return result
 
 
